@@ -1,0 +1,159 @@
+"""Typed, frozen configs for the VLM and its draft path.
+
+A checkpoint stores `VLMConfig.to_dict()` as JSON; `VLMConfig.from_dict` reads it
+back and rejects unknown keys so a mismatched config fails loudly instead of
+silently building a different model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Literal
+
+VisionKind = Literal["clip", "siglip"]
+ImitationKind = Literal["ffn", "layer"]
+SelectStrategy = Literal["default", "full"]
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or inconsistent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """A ViT image encoder (CLIP or SigLIP flavour)."""
+
+    kind: VisionKind = "clip"
+    image_size: int = 336
+    patch_size: int = 14
+    num_channels: int = 3
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_heads: int = 16
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def has_class_token(self) -> bool:
+        # CLIP prepends a learned CLS token and normalises before the encoder; SigLIP does neither.
+        return self.kind == "clip"
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """A LLaMA-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU."""
+
+    vocab_size: int = 32064
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    attention_bias: bool = False  # bias on q, k, v and o (LLaMA's option)
+    qkv_bias: bool = False  # bias on q, k, v only (Qwen2-style)
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftConfig:
+    """The draft path: decoder layers [0, exit_layer) + imitation network + shared head.
+
+    kind="ffn": one gated-FFN residual block (cheap, no cache of its own).
+    kind="layer": one full decoder layer with its own KV cache.
+    hidden_size: the FFN width of the imitation network (0 -> the decoder's intermediate size).
+    """
+
+    exit_layer: int = 2
+    kind: ImitationKind = "ffn"
+    hidden_size: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class VLMConfig:
+    """A LLaVA-style VLM: vision tower -> 2-layer projector -> decoder, plus the draft path."""
+
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    text: TextConfig = dataclasses.field(default_factory=TextConfig)
+    draft: DraftConfig = dataclasses.field(default_factory=DraftConfig)
+    vision_feature_layer: int | tuple[int, ...] = -2
+    vision_feature_select_strategy: SelectStrategy = "default"
+    projector_hidden_act: str = "gelu"
+    projector_bias: bool = True
+    image_token_id: int = 32000
+    model_type: str = "llava"
+
+    def __post_init__(self):
+        if isinstance(self.vision_feature_layer, list):
+            object.__setattr__(self, "vision_feature_layer", tuple(self.vision_feature_layer))
+        if not 1 <= self.draft.exit_layer < self.text.num_layers:
+            raise ConfigError(
+                f"draft.exit_layer={self.draft.exit_layer} must be in [1, {self.text.num_layers - 1}] "
+                f"for a decoder of {self.text.num_layers} layers"
+            )
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ConfigError(
+                f"vision_feature_select_strategy={self.vision_feature_select_strategy!r}: "
+                "use 'default' or 'full'"
+            )
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        layers = self.vision_feature_layer
+        return (layers,) if isinstance(layers, int) else tuple(layers)
+
+    @property
+    def num_image_tokens(self) -> int:
+        tokens = self.vision.num_patches + (1 if self.vision.has_class_token else 0)
+        if self.vision_feature_select_strategy == "default":
+            tokens -= 1  # HF drops the first token (CLS for CLIP) under 'default'
+        return tokens
+
+    def replace(self, **changes) -> "VLMConfig":
+        return dataclasses.replace(self, **changes)
+
+    def with_draft(self, **changes) -> "VLMConfig":
+        return dataclasses.replace(self, draft=dataclasses.replace(self.draft, **changes))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "VLMConfig":
+        data = dict(data)
+        sub = {"vision": VisionConfig, "text": TextConfig, "draft": DraftConfig}
+        for key, sub_cls in sub.items():
+            if key in data:
+                data[key] = _build(sub_cls, data[key], key)
+        return _build(cls, data, "model")
+
+
+def _build(cls, data: dict[str, Any], where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown {where} config keys {unknown}; known: {sorted(names)}")
+    return cls(**data)

@@ -1,0 +1,220 @@
+"""Building blocks shared by the vision tower, the decoder and the imitation network.
+
+Parameters carry logical axis names (see `fastvlm_jax.sharding`), so the same
+modules run on one device or sharded over a Mesh.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fastvlm_jax.config import TextConfig
+
+Array = jax.Array
+DType = Any
+
+INIT_STD = 0.02
+
+
+def activation(name: str):
+    """Maps a Hugging Face activation name to a JAX function."""
+    table = {
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+        "silu": jax.nn.silu,
+        "swish": jax.nn.silu,
+        "relu": jax.nn.relu,
+    }
+    if name not in table:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(table)}")
+    return table[name]
+
+
+def dense(features: int, axes: tuple[str, str], *, use_bias: bool, dtype: DType,
+          name: str, zero_init: bool = False) -> nn.Dense:
+    """A Dense layer whose kernel and bias carry logical axis names."""
+    kernel_init = nn.initializers.zeros if zero_init else nn.initializers.normal(INIT_STD)
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
+        name=name,
+    )
+
+
+class RMSNorm(nn.Module):
+    """LLaMA RMSNorm: normalise in float32, scale in the input dtype (as HF does)."""
+
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],)
+        )
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return jnp.asarray(scale, x.dtype) * normed.astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with logical axis names on its parameters."""
+
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        return nn.LayerNorm(
+            epsilon=self.eps,
+            dtype=x.dtype,
+            scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+            name="norm",
+        )(x)
+
+
+def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary embedding in HF's half-split layout.
+
+    x: [batch, seq, heads, head_dim]; positions: [batch, seq] absolute positions.
+    """
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, head_dim/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    half = head_dim // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+def attend(query: Array, keys: Array, values: Array, mask: Array) -> Array:
+    """Grouped-query softmax attention.
+
+    query: [batch, q_len, heads, head_dim]; keys/values: [batch, k_len, kv_heads, head_dim];
+    mask: [batch, q_len, k_len] (True = may attend). Returns [batch, q_len, heads, head_dim].
+    """
+    batch, q_len, heads, head_dim = query.shape
+    kv_heads = keys.shape[2]
+    query = query.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+    logits = jnp.einsum("bqkgd,btkd->bkgqt", query, keys).astype(jnp.float32)
+    logits = logits * (head_dim ** -0.5)
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
+    out = jnp.einsum("bkgqt,btkd->bqkgd", probs, values)
+    return out.reshape(batch, q_len, heads, head_dim)
+
+
+def write_kv(cache: Array, new: Array, positions: Array) -> Array:
+    """Scatters new entries into a cache at per-row positions.
+
+    cache: [batch, capacity, kv_heads, head_dim]; new: [batch, seq, kv_heads, head_dim];
+    positions: [batch, seq]. Positions past the capacity are dropped (callers size the
+    cache so that only masked, never-accepted slots can fall there).
+    """
+    rows = jnp.arange(cache.shape[0])[:, None]
+    return cache.at[rows, positions].set(new.astype(cache.dtype), mode="drop")
+
+
+class TextAttention(nn.Module):
+    """Causal GQA self-attention with RoPE and an optional external KV cache."""
+
+    config: TextConfig
+    dtype: DType = jnp.float32
+    zero_init_out: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, kv: tuple[Array, Array] | None = None,
+                 key_mask: Array | None = None):
+        """x: [batch, seq, embed]; positions: [batch, seq].
+
+        With kv=(keys, values) of shape [batch, capacity, kv_heads, head_dim], the new
+        keys/values are written at `positions` and the queries attend to every cache
+        slot at or before their own position. Returns (out, kv or None).
+        key_mask: [batch, seq] valid keys, only for the cache-free path.
+        """
+        cfg = self.config
+        head_dim = cfg.resolved_head_dim
+        qkv_bias = cfg.attention_bias or cfg.qkv_bias
+        batch, seq, _ = x.shape
+        q = dense(cfg.num_heads * head_dim, ("embed", "heads"), use_bias=qkv_bias,
+                  dtype=self.dtype, name="q_proj")(x)
+        k = dense(cfg.num_kv_heads * head_dim, ("embed", "kv_heads"), use_bias=qkv_bias,
+                  dtype=self.dtype, name="k_proj")(x)
+        v = dense(cfg.num_kv_heads * head_dim, ("embed", "kv_heads"), use_bias=qkv_bias,
+                  dtype=self.dtype, name="v_proj")(x)
+        q = apply_rope(q.reshape(batch, seq, cfg.num_heads, head_dim), positions, cfg.rope_theta)
+        k = apply_rope(k.reshape(batch, seq, cfg.num_kv_heads, head_dim), positions, cfg.rope_theta)
+        v = v.reshape(batch, seq, cfg.num_kv_heads, head_dim)
+
+        if kv is None:
+            mask = positions[:, None, :] <= positions[:, :, None]
+            if key_mask is not None:
+                mask = mask & key_mask[:, None, :].astype(bool)
+            out = attend(q, k, v, mask)
+        else:
+            keys = write_kv(kv[0], k, positions)
+            values = write_kv(kv[1], v, positions)
+            slots = jnp.arange(keys.shape[1])
+            # Every slot at or before the query's own position holds a committed token;
+            # stale slots (rejected drafts, prompt padding) lie beyond it and stay hidden.
+            mask = slots[None, None, :] <= positions[:, :, None]
+            out = attend(q, keys.astype(self.dtype), values.astype(self.dtype), mask)
+            kv = (keys, values)
+        out = out.reshape(batch, seq, cfg.num_heads * head_dim)
+        out = dense(cfg.hidden_size, ("heads", "embed"), use_bias=cfg.attention_bias,
+                    dtype=self.dtype, name="o_proj", zero_init=self.zero_init_out)(out)
+        return out, kv
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU feed-forward: down(act(gate(x)) * up(x))."""
+
+    hidden_size: int
+    intermediate_size: int
+    act: str = "silu"
+    dtype: DType = jnp.float32
+    zero_init_out: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        gate = dense(self.intermediate_size, ("embed", "mlp"), use_bias=False, dtype=self.dtype,
+                     name="gate_proj")(x)
+        up = dense(self.intermediate_size, ("embed", "mlp"), use_bias=False, dtype=self.dtype,
+                   name="up_proj")(x)
+        return dense(self.hidden_size, ("mlp", "embed"), use_bias=False, dtype=self.dtype,
+                     name="down_proj", zero_init=self.zero_init_out)(activation(self.act)(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm LLaMA decoder layer.
+
+    zero_init_out zero-initialises the two output projections, so that a fresh layer is
+    the identity map (used by the imitation network).
+    """
+
+    config: TextConfig
+    dtype: DType = jnp.float32
+    intermediate_size: int | None = None
+    zero_init_out: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, kv=None, key_mask=None):
+        """x: [batch, seq, embed] -> ([batch, seq, embed], kv)."""
+        cfg = self.config
+        attn_out, kv = TextAttention(cfg, self.dtype, self.zero_init_out, name="self_attn")(
+            RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x), positions, kv, key_mask)
+        x = x + attn_out
+        mlp = GatedMLP(cfg.hidden_size, self.intermediate_size or cfg.intermediate_size,
+                       cfg.hidden_act, self.dtype, self.zero_init_out, name="mlp")
+        x = x + mlp(RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")(x))
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        return x, kv

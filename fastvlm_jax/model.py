@@ -1,0 +1,266 @@
+"""The LLaVA-style VLM and its draft path, as Flax modules with a functional API.
+
+Decoder layers are first-class: `run_layers(hidden, positions, start, stop, cache)`
+runs layers [start, stop) from given hidden states, optionally with the KV cache, and
+can return the hidden states after chosen layers. The full forward, the draft path
+(layers [0, exit_layer) -> imitation network -> shared head) and verification (layers
+[exit_layer, L) -> head) are all compositions of it.
+
+Hidden-state indexing: state k is the output of layer k-1 (the input of layer k);
+state 0 is the token embeddings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fastvlm_jax.config import DraftConfig, TextConfig, VLMConfig
+from fastvlm_jax.kv_cache import KVCache
+from fastvlm_jax.layers import INIT_STD, DecoderLayer, GatedMLP, RMSNorm, activation, dense
+from fastvlm_jax.vision import VisionTower
+
+Array = jax.Array
+Params = Any
+
+
+class TextDecoder(nn.Module):
+    """Token embedding, decoder layers, final norm and LM head."""
+
+    config: TextConfig
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD),
+                                                        ("vocab", "embed")))
+        self.layers = [DecoderLayer(cfg, self.dtype) for _ in range(cfg.num_layers)]
+        self.norm = RMSNorm(cfg.rms_norm_eps)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False,
+                                 dtype=self.dtype, name="lm_head")
+
+    def embed(self, input_ids: Array) -> Array:
+        """input_ids: [batch, seq] -> [batch, seq, embed]."""
+        return self.embed_tokens(input_ids)
+
+    def run_layers(self, hidden: Array, positions: Array, start: int, stop: int,
+                   cache: KVCache | None = None, key_mask: Array | None = None,
+                   collect: tuple[int, ...] = ()):
+        """Runs layers [start, stop).
+
+        hidden: [batch, seq, embed] (state `start`); positions: [batch, seq] absolute.
+        cache: KV cache written at `positions` for these layers (others untouched).
+        collect: state indices in (start, stop] to return.
+        Returns (state `stop`, cache, {index: [batch, seq, embed]}).
+        """
+        collected = {}
+        for index in range(start, stop):
+            kv = cache.layer(index) if cache is not None else None
+            hidden, kv = self.layers[index](hidden, positions, kv, key_mask)
+            if cache is not None:
+                cache = cache.with_layer(index, kv)
+            if index + 1 in collect:
+                collected[index + 1] = hidden
+        return hidden, cache, collected
+
+    def logits(self, hidden: Array) -> Array:
+        """Final norm + LM head: [batch, seq, embed] -> [batch, seq, vocab] (float32)."""
+        normed = self.norm(hidden)
+        if self.config.tie_word_embeddings:
+            out = self.embed_tokens.attend(normed)
+        else:
+            out = self.lm_head(normed)
+        return out.astype(jnp.float32)
+
+    def __call__(self, input_ids: Array, positions: Array) -> Array:
+        hidden, _, _ = self.run_layers(self.embed(input_ids), positions, 0, self.config.num_layers)
+        return self.logits(hidden)
+
+
+class ImitationNetwork(nn.Module):
+    """Maps exit-layer states to what the deep layers would produce.
+
+    Its output projections start at zero, so an untrained network is the identity and
+    the untrained draft path is exactly the plain early exit at `exit_layer`.
+    """
+
+    text: TextConfig
+    draft: DraftConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden: Array, positions: Array, kv=None, key_mask=None):
+        """hidden: [batch, seq, embed] (state exit_layer) -> ([batch, seq, embed], kv)."""
+        width = self.draft.hidden_size or self.text.intermediate_size
+        if self.draft.kind == "ffn":
+            mlp = GatedMLP(self.text.hidden_size, width, self.text.hidden_act, self.dtype,
+                           zero_init_out=True, name="mlp")
+            return hidden + mlp(RMSNorm(self.text.rms_norm_eps, name="norm")(hidden)), kv
+        if self.draft.kind == "layer":
+            layer = DecoderLayer(self.text, self.dtype, intermediate_size=width,
+                                 zero_init_out=True, name="layer")
+            return layer(hidden, positions, kv, key_mask)
+        raise ValueError(f"unknown imitation network kind {self.draft.kind!r}: use 'ffn' or 'layer'")
+
+
+class Projector(nn.Module):
+    """LLaVA's 2-layer MLP from vision features to text embeddings."""
+
+    config: VLMConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: Array) -> Array:
+        cfg = self.config
+        h = dense(cfg.text.hidden_size, ("vision_embed", "embed"), use_bias=cfg.projector_bias,
+                  dtype=self.dtype, name="linear_1")(features)
+        h = activation(cfg.projector_hidden_act)(h)
+        return dense(cfg.text.hidden_size, ("embed", "embed_out"), use_bias=cfg.projector_bias,
+                     dtype=self.dtype, name="linear_2")(h)
+
+
+class VLMModule(nn.Module):
+    """Vision tower + projector + decoder + imitation network."""
+
+    config: VLMConfig
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        self.vision_tower = VisionTower(cfg.vision, self.dtype)
+        self.projector = Projector(cfg, self.dtype)
+        self.language_model = TextDecoder(cfg.text, self.dtype)
+        self.imitation = ImitationNetwork(cfg.text, cfg.draft, self.dtype)
+
+    def encode_images(self, pixels: Array) -> Array:
+        """pixels: [batch, height, width, 3] -> image tokens [batch, num_image_tokens, embed]."""
+        states = self.vision_tower(pixels, self.config.feature_layers)
+        if self.config.vision_feature_select_strategy == "default":
+            states = [s[:, 1:] for s in states]
+        return self.projector(jnp.concatenate(states, axis=-1))
+
+    def embed(self, input_ids: Array, image_features: Array | None = None) -> Array:
+        """Token embeddings with image placeholder tokens replaced, in order, by image tokens.
+
+        input_ids: [batch, seq]; image_features: [batch, num_image_tokens, embed].
+        """
+        embeds = self.language_model.embed(input_ids)
+        if image_features is None:
+            return embeds
+        is_image = input_ids == self.config.image_token_id
+        slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image_features.shape[1] - 1)
+        gathered = jnp.take_along_axis(image_features.astype(embeds.dtype), slot[..., None], axis=1)
+        return jnp.where(is_image[..., None], gathered, embeds)
+
+    def run_layers(self, hidden, positions, start, stop, cache=None, key_mask=None, collect=()):
+        return self.language_model.run_layers(hidden, positions, start, stop, cache, key_mask, collect)
+
+    def logits(self, hidden: Array) -> Array:
+        return self.language_model.logits(hidden)
+
+    def imitate(self, hidden: Array, positions: Array, kv=None, key_mask=None):
+        return self.imitation(hidden, positions, kv, key_mask)
+
+    def __call__(self, input_ids: Array, pixels: Array, positions: Array | None = None):
+        """Full and draft logits without a cache (used for init and checks)."""
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        hidden = self.embed(input_ids, self.encode_images(pixels))
+        exit_layer = self.config.draft.exit_layer
+        h_exit, _, _ = self.run_layers(hidden, positions, 0, exit_layer)
+        h_last, _, _ = self.run_layers(h_exit, positions, exit_layer, self.config.text.num_layers)
+        draft_hidden, _ = self.imitate(h_exit, positions)
+        return self.logits(h_last), self.logits(draft_hidden)
+
+
+class VLM:
+    """Functional handle on a VLM: every method is pure in `params`.
+
+    params is the plain (unboxed) pytree {'vision_tower', 'projector', 'language_model',
+    'imitation'}; pass it explicitly so these calls compose under jax.jit.
+    """
+
+    def __init__(self, config: VLMConfig, dtype=jnp.float32):
+        self.config = config
+        self.dtype = dtype
+        self.module = VLMModule(config, dtype)
+
+    # --- parameters -------------------------------------------------------------------
+    def _dummy_inputs(self):
+        cfg = self.config
+        ids = jnp.full((1, cfg.num_image_tokens + 1), cfg.image_token_id, jnp.int32)
+        pixels = jnp.zeros((1, cfg.vision.image_size, cfg.vision.image_size,
+                            cfg.vision.num_channels), jnp.float32)
+        return ids, pixels
+
+    def init_boxed(self, rng: Array) -> Params:
+        """Parameters with their logical axis metadata (nn.LogicallyPartitioned leaves)."""
+        ids, pixels = self._dummy_inputs()
+        return self.module.init(rng, ids, pixels)["params"]
+
+    def init(self, rng: Array) -> Params:
+        return nn.meta.unbox(self.init_boxed(rng))
+
+    def abstract_params(self) -> Params:
+        """Shapes and logical axes of the parameters, without allocating them."""
+        return jax.eval_shape(self.init_boxed, jax.random.key(0))
+
+    # --- pure pieces --------------------------------------------------------------------
+    def _apply(self, params, method, *args, **kwargs):
+        return self.module.apply({"params": params}, *args, method=method, **kwargs)
+
+    def encode_images(self, params, pixels):
+        return self._apply(params, VLMModule.encode_images, pixels)
+
+    def embed(self, params, input_ids, image_features=None):
+        return self._apply(params, VLMModule.embed, input_ids, image_features)
+
+    def run_layers(self, params, hidden, positions, start, stop, cache=None, key_mask=None,
+                   collect=()):
+        return self._apply(params, VLMModule.run_layers, hidden, positions, start, stop, cache,
+                           key_mask, tuple(collect))
+
+    def logits(self, params, hidden):
+        return self._apply(params, VLMModule.logits, hidden)
+
+    def imitate(self, params, hidden, positions, kv=None, key_mask=None):
+        return self._apply(params, VLMModule.imitate, hidden, positions, kv, key_mask)
+
+    def forward(self, params, input_ids, pixels=None, positions=None, key_mask=None):
+        """Full-model logits without a cache: [batch, seq] -> [batch, seq, vocab]."""
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        features = None if pixels is None else self.encode_images(params, pixels)
+        hidden = self.embed(params, input_ids, features)
+        hidden, _, _ = self.run_layers(params, hidden, positions, 0, self.config.text.num_layers,
+                                       key_mask=key_mask)
+        return self.logits(params, hidden)
+
+    # --- caches -------------------------------------------------------------------------
+    def init_cache(self, batch: int, capacity: int, dtype=None) -> KVCache:
+        text = self.config.text
+        return KVCache.zeros(text.num_layers, batch, capacity, text.num_kv_heads,
+                             text.resolved_head_dim, dtype or self.dtype)
+
+    def init_draft_cache(self, batch: int, capacity: int, dtype=None) -> KVCache | None:
+        """The imitation network's own one-layer cache (kind 'layer'), else None."""
+        if self.config.draft.kind != "layer":
+            return None
+        text = self.config.text
+        return KVCache.zeros(1, batch, capacity, text.num_kv_heads, text.resolved_head_dim,
+                             dtype or self.dtype)
+
+
+def param_count(params: Params) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+def param_bytes(params: Params) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+

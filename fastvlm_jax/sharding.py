@@ -1,0 +1,121 @@
+"""Logical-axis sharding: a Mesh with named axes and a table mapping logical names to them.
+
+Parameters are annotated with logical axes where they are defined (see layers.py);
+this module turns those names into `NamedSharding`s for a given Mesh, the way
+MaxText's `logical_axis_rules` do. An axis whose size the mesh axes do not divide is
+replicated instead of failing, so any model config runs on any mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes. Parameters shard over fsdp (their 'embed' dim) and tensor
+# (heads / mlp / vocab); activations shard their batch over data and fsdp.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("activation_batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("vision_embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed_out", None),
+    ("norm", None),
+    ("positions", None),
+    ("length", None),
+    ("activation_length", None),
+    ("activation_embed", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh shape; -1 on one axis takes the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        known = math.prod(s for s in sizes if s != -1)
+        if sizes.count(-1) > 1:
+            raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
+        if -1 in sizes:
+            if num_devices % known:
+                raise ValueError(f"{num_devices} devices do not divide into mesh {sizes}")
+            sizes[sizes.index(-1)] = num_devices // known
+        if math.prod(sizes) != num_devices:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                             f"but {num_devices} are in use")
+        return tuple(sizes)
+
+
+def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') Mesh over the given (default: all) devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = config.shape(len(devices))
+    return Mesh(np.array(devices).reshape(shape), MESH_AXES)
+
+
+def _mesh_axes_size(mesh: Mesh, axes) -> int:
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def logical_to_sharding(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                        rules=DEFAULT_RULES) -> NamedSharding:
+    """NamedSharding for one array from its logical axis names; indivisible dims replicate."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(logical, shape):
+        axes = table.get(name) if name is not None else None
+        axes_tuple = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        # A mesh axis may appear once per array; drop repeats and axes that don't divide.
+        axes_tuple = tuple(a for a in axes_tuple if a not in used and a in mesh.shape)
+        if axes_tuple and dim % _mesh_axes_size(mesh, axes_tuple) == 0:
+            used.update(axes_tuple)
+            spec.append(axes_tuple if len(axes_tuple) > 1 else axes_tuple[0])
+        else:
+            spec.append(None)
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def param_shardings(abstract_boxed_params, mesh: Mesh, rules=DEFAULT_RULES):
+    """Shardings for an (abstract) boxed param tree; returns a tree shaped like the unboxed one."""
+
+    def one(leaf):
+        if isinstance(leaf, nn.LogicallyPartitioned):
+            return logical_to_sharding(leaf.names, leaf.value.shape, mesh, rules)
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, abstract_boxed_params,
+                        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def data_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Batch-major arrays: shard the leading axis over (data, fsdp)."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def axis_rules(rules=DEFAULT_RULES):
+    """Context manager that activates the rules for `nn.with_logical_constraint`."""
+    return nn.logical_axis_rules(rules)
