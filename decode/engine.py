@@ -1,0 +1,347 @@
+"""The decoding engine: plain autoregressive (AR) and self-speculative (SSD) generation.
+
+Each mode is one jitted program, prefill to last token, built around a
+`lax.while_loop`; nothing returns to the host per token or per round. Shapes are
+fixed by (batch, prompt bucket, new-token capacity, draft_len), while the actual
+`max_new_tokens` is a traced scalar, so one compiled program serves any budget up to
+the capacity.
+
+SSD round, per batch row (all rows in lockstep, each with its own position):
+  1. draft: up to `draft_len` tokens with the draft path (layers [0, exit_layer) ->
+     imitation network -> shared head). The shallow layers write the shared KV cache
+     and the exit-layer state of every drafted token is kept.
+  2. verify: layers [exit_layer, L) score the draft_len + 1 kept states in one pass;
+     the shallow layers are not run again.
+  3. accept the longest agreeing prefix (greedy) or apply speculative sampling, append
+     the full model's own next token, advance the row by accepted + 1. Rejected cache
+     slots lie past the row's position: masked now, overwritten later.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Literal
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from decode.sampling import SamplingConfig, accept_greedy, accept_speculative, next_token, warp
+from fastvlm_jax.kv_cache import KVCache
+from fastvlm_jax.model import VLM
+
+Array = jax.Array
+Mode = Literal["ar", "ssd"]
+
+# Counts traces of the generation programs, keyed by mode: a test asserts that calls
+# with the same shapes reuse one compiled program.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftPolicy:
+    """How many tokens each SSD round drafts.
+
+    draft_len: the static maximum (gamma_max); verification always scores draft_len + 1.
+    min_confidence: a row stops drafting once the draft's top probability falls below it.
+    schedule: 'static' drafts draft_len every round; 'context' starts at `start_len` and
+      grows by one every `grow_every` generated tokens (acceptance rises with context).
+    """
+
+    draft_len: int = 4
+    min_confidence: float = 0.0
+    schedule: Literal["static", "context"] = "static"
+    start_len: int = 1
+    grow_every: int = 16
+
+    def __post_init__(self):
+        if self.draft_len < 1:
+            raise ValueError(f"draft_len must be >= 1, got {self.draft_len}")
+        if self.schedule not in ("static", "context"):
+            raise ValueError(f"unknown draft schedule {self.schedule!r}: use 'static' or 'context'")
+
+    def limit(self, generated: Array) -> Array:
+        """Per-row draft length for this round: generated [batch] -> [batch] in [1, draft_len]."""
+        if self.schedule == "static":
+            return jnp.full_like(generated, self.draft_len)
+        grown = self.start_len + generated // max(self.grow_every, 1)
+        return jnp.clip(grown, 1, self.draft_len).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+    """Everything static about a generation program."""
+
+    mode: Mode = "ssd"
+    capacity: int = 64  # the most new tokens a call may ask for
+    sampling: SamplingConfig = SamplingConfig()
+    policy: DraftPolicy = DraftPolicy()
+    eos_ids: tuple[int, ...] = (2,)
+
+    def __post_init__(self):
+        if self.mode not in ("ar", "ssd"):
+            raise ValueError(f"unknown decoding mode {self.mode!r}: use 'ar' or 'ssd'")
+
+    @property
+    def lookahead(self) -> int:
+        """Cache slots a round may write past the row's position."""
+        return self.policy.draft_len + 1 if self.mode == "ssd" else 1
+
+    def cache_capacity(self, prompt_len: int) -> int:
+        return prompt_len + self.capacity + self.lookahead
+
+
+@flax.struct.dataclass
+class Prompts:
+    """A batch of prompts, right-padded to a bucket length.
+
+    input_ids: [batch, prompt_len] int32; lengths: [batch] int32 true lengths;
+    pixels: [batch, height, width, 3] float32 or None (text-only prompts).
+    """
+
+    input_ids: Array
+    lengths: Array
+    pixels: Array | None = None
+
+
+@flax.struct.dataclass
+class DecodeOutput:
+    """tokens: [batch, capacity] generated ids (prompt excluded), -1 past num_tokens.
+
+    Per row: num_tokens, rounds (full-model calls after prefill), drafted, accepted.
+    Per draft position j: position_attempts[j] rows that proposed a j-th token and
+    position_accepts[j] how many of those the full model accepted.
+    """
+
+    tokens: Array
+    num_tokens: Array
+    rounds: Array
+    drafted: Array
+    accepted: Array
+    position_attempts: Array
+    position_accepts: Array
+
+
+@flax.struct.dataclass
+class _LoopState:
+    cache: KVCache
+    draft_cache: KVCache | None
+    last_token: Array  # [batch] generated but not yet in the cache
+    tokens: Array  # [batch, capacity]
+    num_tokens: Array  # [batch]
+    done: Array  # [batch] bool
+    rng: Array
+    rounds: Array
+    drafted: Array
+    accepted: Array
+    position_attempts: Array
+    position_accepts: Array
+
+
+def _is_eos(tokens: Array, eos_ids: tuple[int, ...]) -> Array:
+    if not eos_ids:
+        return jnp.zeros(tokens.shape, bool)
+    return jnp.isin(tokens, jnp.asarray(eos_ids, tokens.dtype))
+
+
+def _emit(state: _LoopState, new_tokens: Array, count: Array, max_new: Array, eos_ids) -> _LoopState:
+    """Appends up to `count` [batch] of new_tokens [batch, n] per live row, stopping at EOS."""
+    width = new_tokens.shape[1]
+    slot = jnp.arange(width)[None]
+    eos_at = jnp.where(_is_eos(new_tokens, eos_ids) & (slot < count[:, None]), slot, width)
+    first_eos = jnp.min(eos_at, axis=1)
+    count = jnp.minimum(count, first_eos + 1)
+    count = jnp.minimum(count, max_new - state.num_tokens)
+    count = jnp.where(state.done, 0, count)
+    index = jnp.where(slot < count[:, None], state.num_tokens[:, None] + slot, state.tokens.shape[1])
+    rows = jnp.arange(new_tokens.shape[0])[:, None]
+    tokens = state.tokens.at[rows, index].set(new_tokens, mode="drop")
+    num_tokens = state.num_tokens + count
+    done = state.done | (first_eos < count) | (num_tokens >= max_new)
+    last = jnp.take_along_axis(new_tokens, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
+    return state.replace(tokens=tokens, num_tokens=num_tokens, done=done,
+                         last_token=jnp.where(count > 0, last, state.last_token))
+
+
+def _prefill(model: VLM, params, prompts: Prompts, spec: DecodeSpec, rng: Array, max_new: Array
+             ) -> _LoopState:
+    cfg = model.config
+    batch, prompt_len = prompts.input_ids.shape
+    capacity = spec.cache_capacity(prompt_len)
+    cache = model.init_cache(batch, capacity)
+    draft_cache = model.init_draft_cache(batch, capacity) if spec.mode == "ssd" else None
+    features = None if prompts.pixels is None else model.encode_images(params, prompts.pixels)
+    hidden = model.embed(params, prompts.input_ids, features)
+    positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
+    exit_layer = cfg.draft.exit_layer
+    h_exit, cache, _ = model.run_layers(params, hidden, positions, 0, exit_layer, cache)
+    if draft_cache is not None:
+        _, kv = model.imitate(params, h_exit, positions, draft_cache.layer(0))
+        draft_cache = draft_cache.with_layer(0, kv)
+    h_last, cache, _ = model.run_layers(params, h_exit, positions, exit_layer, cfg.text.num_layers, cache)
+    last_index = (prompts.lengths - 1)[:, None, None]
+    logits = model.logits(params, jnp.take_along_axis(h_last, last_index, axis=1))[:, 0]
+    rng, step_rng = jax.random.split(rng)
+    first = next_token(step_rng, logits, spec.sampling)
+    cache = cache.replace(pos=prompts.lengths.astype(jnp.int32))
+    if draft_cache is not None:
+        draft_cache = draft_cache.replace(pos=cache.pos)
+    gamma = spec.policy.draft_len
+    state = _LoopState(
+        cache=cache, draft_cache=draft_cache, last_token=first,
+        tokens=jnp.full((batch, spec.capacity), -1, jnp.int32),
+        num_tokens=jnp.zeros((batch,), jnp.int32), done=jnp.zeros((batch,), bool), rng=rng,
+        rounds=jnp.zeros((batch,), jnp.int32), drafted=jnp.zeros((batch,), jnp.int32),
+        accepted=jnp.zeros((batch,), jnp.int32),
+        position_attempts=jnp.zeros((gamma,), jnp.int32),
+        position_accepts=jnp.zeros((gamma,), jnp.int32))
+    state = state.replace(done=jnp.broadcast_to(max_new <= 0, (batch,)))
+    return _emit(state, first[:, None], jnp.ones((batch,), jnp.int32), max_new, spec.eos_ids)
+
+
+def _ar_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new: Array) -> _LoopState:
+    """One full-model step for every live row."""
+    pos = state.cache.pos
+    hidden = model.embed(params, state.last_token[:, None])
+    hidden, cache, _ = model.run_layers(params, hidden, pos[:, None], 0, model.config.text.num_layers,
+                                        state.cache)
+    rng, step_rng = jax.random.split(state.rng)
+    token = next_token(step_rng, model.logits(params, hidden)[:, 0], spec.sampling)
+    live = ~state.done
+    state = state.replace(cache=cache.replace(pos=pos + live), rng=rng,
+                          rounds=state.rounds + live)
+    return _emit(state, token[:, None], jnp.ones_like(pos), max_new, spec.eos_ids)
+
+
+def _draft(model: VLM, params, spec: DecodeSpec, state: _LoopState, rng: Array):
+    """Drafts up to draft_len tokens per live row with the draft path.
+
+    Returns (tokens [batch, gamma + 1] with the round's first token at 0,
+    exit-layer states [batch, gamma + 1, embed], draft probs [batch, gamma, vocab] or
+    None when greedy, draft lengths [batch], cache, draft cache).
+    """
+    cfg = model.config
+    exit_layer = cfg.draft.exit_layer
+    gamma = spec.policy.draft_len
+    batch = state.last_token.shape[0]
+    pos = state.cache.pos
+
+    def shallow(token, slot, cache):
+        positions = (pos + slot)[:, None]
+        h, cache, _ = model.run_layers(params, model.embed(params, token[:, None]), positions, 0,
+                                       exit_layer, cache)
+        return h[:, 0], cache
+
+    tokens = jnp.zeros((batch, gamma + 1), jnp.int32).at[:, 0].set(state.last_token)
+    h0, cache = shallow(state.last_token, 0, state.cache)
+    states = jnp.zeros((batch, gamma + 1, cfg.text.hidden_size), h0.dtype).at[:, 0].set(h0)
+    probs = None if spec.sampling.greedy else jnp.zeros((batch, gamma, cfg.text.vocab_size), jnp.float32)
+    limit = spec.policy.limit(state.num_tokens)
+    drafting = ~state.done
+    draft_lens = jnp.zeros((batch,), jnp.int32)
+
+    def cond(carry):
+        slot, _, _, _, drafting, _, _, _, _ = carry
+        return (slot < gamma) & jnp.any(drafting)
+
+    def body(carry):
+        slot, tokens, states, probs, drafting, draft_lens, cache, draft_cache, rng = carry
+        h = jax.lax.dynamic_index_in_dim(states, slot, axis=1, keepdims=True)
+        positions = (pos + slot)[:, None]
+        kv = draft_cache.layer(0) if draft_cache is not None else None
+        draft_hidden, kv = model.imitate(params, h, positions, kv)
+        if draft_cache is not None:
+            draft_cache = draft_cache.with_layer(0, kv)
+        logits = model.logits(params, draft_hidden)[:, 0]
+        rng, step_rng = jax.random.split(rng)
+        if spec.sampling.greedy:
+            token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            confidence = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
+        else:
+            step_probs = warp(logits, spec.sampling)
+            token = jax.random.categorical(step_rng, jnp.log(jnp.maximum(step_probs, 1e-30))).astype(jnp.int32)
+            confidence = jnp.max(step_probs, axis=-1)
+            probs = jax.lax.dynamic_update_index_in_dim(probs, step_probs, slot, axis=1)
+        confident = (slot == 0) | (confidence >= spec.policy.min_confidence)
+        propose = drafting & (slot < limit) & confident
+        draft_lens = draft_lens + propose
+        tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, slot + 1, axis=1)
+        h_next, cache = shallow(token, slot + 1, cache)
+        states = jax.lax.dynamic_update_index_in_dim(states, h_next, slot + 1, axis=1)
+        return slot + 1, tokens, states, probs, propose, draft_lens, cache, draft_cache, rng
+
+    carry = (jnp.int32(0), tokens, states, probs, drafting, draft_lens, cache, state.draft_cache, rng)
+    _, tokens, states, probs, _, draft_lens, cache, draft_cache, _ = jax.lax.while_loop(cond, body, carry)
+    return tokens, states, probs, draft_lens, cache, draft_cache
+
+
+def _ssd_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new: Array) -> _LoopState:
+    cfg = model.config
+    gamma = spec.policy.draft_len
+    rng, draft_rng, accept_rng = jax.random.split(state.rng, 3)
+    tokens, states, draft_probs, draft_lens, cache, draft_cache = _draft(model, params, spec, state, draft_rng)
+
+    # Verification: only layers [exit_layer, L), from the kept exit-layer states.
+    pos = state.cache.pos
+    positions = pos[:, None] + jnp.arange(gamma + 1, dtype=jnp.int32)[None]
+    h_last, cache, _ = model.run_layers(params, states, positions, cfg.draft.exit_layer,
+                                        cfg.text.num_layers, cache)
+    if draft_cache is not None:
+        # Re-run the one-layer imitation network on all kept states so its cache also
+        # holds the last drafted slot (drafting only wrote slots it predicted from).
+        _, kv = model.imitate(params, states, positions, draft_cache.layer(0))
+        draft_cache = draft_cache.with_layer(0, kv)
+    logits = model.logits(params, h_last)  # [batch, gamma + 1, vocab]
+    drafted_tokens = tokens[:, 1:]
+    if spec.sampling.greedy:
+        target = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        accepted = accept_greedy(target[:, :gamma], drafted_tokens, draft_lens)
+        final = jnp.take_along_axis(target, accepted[:, None], axis=1)[:, 0]
+    else:
+        accepted, final = accept_speculative(accept_rng, warp(logits, spec.sampling), draft_probs,
+                                             drafted_tokens, draft_lens)
+
+    live = ~state.done
+    rows = jnp.arange(tokens.shape[0])
+    # Emitted this round: the accepted draft tokens, then the full model's own token.
+    new_tokens = jnp.concatenate([drafted_tokens, jnp.zeros_like(final)[:, None]], axis=1)
+    new_tokens = new_tokens.at[rows, accepted].set(final)
+    slot = jnp.arange(gamma)[None]
+    attempts = jnp.sum((slot < draft_lens[:, None]) & live[:, None], axis=0)
+    accepts = jnp.sum((slot < accepted[:, None]) & live[:, None], axis=0)
+    advance = jnp.where(live, accepted + 1, 0)
+    if draft_cache is not None:
+        draft_cache = draft_cache.replace(pos=pos + advance)
+    state = state.replace(
+        cache=cache.replace(pos=pos + advance), draft_cache=draft_cache, rng=rng,
+        rounds=state.rounds + live, drafted=state.drafted + jnp.where(live, draft_lens, 0),
+        accepted=state.accepted + jnp.where(live, accepted, 0),
+        position_attempts=state.position_attempts + attempts,
+        position_accepts=state.position_accepts + accepts)
+    return _emit(state, new_tokens, accepted + 1, max_new, spec.eos_ids)
+
+
+def _generate(model: VLM, spec: DecodeSpec, params, prompts: Prompts, max_new: Array, rng: Array
+              ) -> DecodeOutput:
+    TRACE_COUNTS[spec.mode] += 1
+    max_new = jnp.minimum(jnp.asarray(max_new, jnp.int32), spec.capacity)
+    state = _prefill(model, params, prompts, spec, rng, max_new)
+    round_fn = _ssd_round if spec.mode == "ssd" else _ar_round
+    state = jax.lax.while_loop(lambda s: jnp.any(~s.done),
+                               lambda s: round_fn(model, params, spec, s, max_new), state)
+    return DecodeOutput(tokens=state.tokens, num_tokens=state.num_tokens, rounds=state.rounds,
+                        drafted=state.drafted, accepted=state.accepted,
+                        position_attempts=state.position_attempts,
+                        position_accepts=state.position_accepts)
+
+
+_generate_jit = jax.jit(_generate, static_argnums=(0, 1))
+
+
+def generate(model: VLM, params, prompts: Prompts, spec: DecodeSpec, max_new_tokens: int | Array,
+             rng: Array | None = None) -> DecodeOutput:
+    """Generates up to `max_new_tokens` (<= spec.capacity) tokens per row; see DecodeSpec."""
+    if rng is None:
+        rng = jax.random.key(0)
+    return _generate_jit(model, spec, params, prompts, jnp.asarray(max_new_tokens, jnp.int32), rng)

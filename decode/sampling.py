@@ -1,0 +1,101 @@
+"""Token distributions, sampling and the speculative acceptance rule.
+
+Temperature, top-k and top-p are applied identically to the draft and the full
+distributions, so speculative sampling reproduces the full model's *warped*
+distribution exactly (that is what plain sampling with the same settings draws from).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """temperature 0 means greedy decoding (argmax); top_k 0 and top_p 1 disable them."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+def warp(logits: Array, config: SamplingConfig) -> Array:
+    """Logits [..., vocab] -> probabilities [..., vocab] after temperature / top-k / top-p."""
+    logits = logits.astype(jnp.float32) / max(config.temperature, 1e-6)
+    neg = jnp.finfo(jnp.float32).min
+    if config.top_k > 0:
+        kth = jax.lax.top_k(logits, config.top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if config.top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the token crossing it included).
+        mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+        keep = mass_before < config.top_p
+        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, neg, logits)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def sample(rng: Array, probs: Array) -> Array:
+    """Draws one token per row: probs [..., vocab] -> [...] int32."""
+    return jax.random.categorical(rng, jnp.log(jnp.maximum(probs, 1e-30)), axis=-1).astype(jnp.int32)
+
+
+def next_token(rng: Array, logits: Array, config: SamplingConfig) -> Array:
+    """Greedy argmax or a sample from the warped distribution: logits [..., vocab] -> [...]."""
+    if config.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return sample(rng, warp(logits, config))
+
+
+def accept_greedy(target_tokens: Array, draft_tokens: Array, draft_lens: Array) -> Array:
+    """Number of leading draft tokens equal to the full model's argmax.
+
+    target_tokens: [batch, gamma] full-model argmax after each prefix; draft_tokens:
+    [batch, gamma]; draft_lens: [batch] proposed tokens per row. Returns [batch] int32.
+    """
+    gamma = draft_tokens.shape[1]
+    ok = (target_tokens == draft_tokens) & (jnp.arange(gamma)[None] < draft_lens[:, None])
+    return jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
+
+
+def accept_speculative(rng: Array, target_probs: Array, draft_probs: Array, draft_tokens: Array,
+                       draft_lens: Array) -> tuple[Array, Array]:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023).
+
+    target_probs: [batch, gamma + 1, vocab] full-model distributions after each prefix;
+    draft_probs: [batch, gamma, vocab]; draft_tokens: [batch, gamma]; draft_lens: [batch].
+    Draft token j is accepted with probability min(1, p_j(x) / q_j(x)); at the first
+    rejection the replacement is drawn from norm(max(0, p_j - q_j)); when every proposed
+    token is accepted, the bonus token is drawn from p at the next position.
+    Returns (accepted [batch], next_token [batch]).
+    """
+    batch, gamma = draft_tokens.shape
+    accept_rng, resample_rng = jax.random.split(rng)
+    p_x = jnp.take_along_axis(target_probs[:, :gamma], draft_tokens[..., None], axis=-1)[..., 0]
+    q_x = jnp.take_along_axis(draft_probs, draft_tokens[..., None], axis=-1)[..., 0]
+    uniform = jax.random.uniform(accept_rng, (batch, gamma))
+    ok = (uniform * q_x < p_x) & (jnp.arange(gamma)[None] < draft_lens[:, None])
+    accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
+
+    rows = jnp.arange(batch)
+    p_next = target_probs[rows, accepted]  # [batch, vocab]
+    padded_q = jnp.concatenate([draft_probs, jnp.zeros_like(draft_probs[:, :1])], axis=1)
+    q_next = padded_q[rows, accepted]
+    rejected = (accepted < draft_lens)[:, None]
+    residual = jnp.maximum(p_next - q_next, 0.0)
+    residual_mass = jnp.sum(residual, axis=-1, keepdims=True)
+    # p == q makes the residual empty; then rejection had probability 0, so fall back to p.
+    residual = jnp.where(residual_mass > 0, residual / jnp.maximum(residual_mass, 1e-30), p_next)
+    final = jnp.where(rejected, residual, p_next)
+    return accepted.astype(jnp.int32), sample(resample_rng, final)
