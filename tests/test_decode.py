@@ -1,0 +1,250 @@
+"""The decoding engine: greedy SSD == AR exactly, lossless sampling, structure, compilation."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from decode import engine
+from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
+from decode.sampling import SamplingConfig
+from fastvlm_jax.model import VLM
+from tests.tiny import tiny_config
+
+
+def _near_identity_deep_layers(params, config, scale):
+    """Scales the deep layers' residual branches so the draft path agrees often but not always."""
+    params = jax.tree.map(lambda x: x, params)
+    for index in range(config.draft.exit_layer, config.text.num_layers):
+        layer = params["language_model"][f"layers_{index}"]
+        layer["self_attn"]["o_proj"]["kernel"] = layer["self_attn"]["o_proj"]["kernel"] * scale
+        layer["mlp"]["down_proj"]["kernel"] = layer["mlp"]["down_proj"]["kernel"] * scale
+    return params
+
+
+def _prompts(config, lengths, seed=0, with_image=True):
+    """Right-padded prompts of different lengths, each [bos, image tokens, text...]."""
+    rng = np.random.RandomState(seed)
+    n_image = config.num_image_tokens if with_image else 0
+    width = max(lengths)
+    ids = np.zeros((len(lengths), width), np.int32)
+    for row, length in enumerate(lengths):
+        text = rng.randint(3, config.image_token_id, length - 1 - n_image)
+        ids[row, :length] = [1] + [config.image_token_id] * n_image + list(text)
+    pixels = None
+    if with_image:
+        size = config.vision.image_size
+        pixels = jnp.asarray(rng.randn(len(lengths), size, size, 3).astype(np.float32))
+    return Prompts(jnp.asarray(ids), jnp.asarray(lengths, jnp.int32), pixels)
+
+
+def _tokens(output):
+    return [list(np.asarray(row[: int(n)])) for row, n in zip(output.tokens, output.num_tokens)]
+
+
+# Each exit layer with each imitation kind, every draft length 1..8 at least once.
+CASES = [
+    (1, "ffn", 1), (2, "ffn", 3), (3, "ffn", 8), (1, "layer", 5), (2, "layer", 2),
+    (3, "layer", 4), (2, "ffn", 6), (1, "ffn", 7),
+]
+
+
+@pytest.mark.parametrize("exit_layer,kind,draft_len", CASES)
+def test_greedy_ssd_equals_ar(exit_layer, kind, draft_len):
+    config = tiny_config(num_layers=4, exit_layer=exit_layer, kind=kind)
+    model = VLM(config)
+    params = model.init(jax.random.key(exit_layer * 10 + draft_len))
+    params = _near_identity_deep_layers(params, config, 0.3)
+    n = config.num_image_tokens
+    prompts = _prompts(config, [n + 3, n + 9, n + 5], seed=draft_len)
+    ar = generate(model, params, prompts, DecodeSpec("ar", capacity=24, eos_ids=()), 24)
+    # An EOS that the greedy output reaches mid-way in some rows.
+    eos = int(ar.tokens[0, 6])
+    ar_spec = DecodeSpec("ar", capacity=24, eos_ids=(eos,))
+    ssd_spec = DecodeSpec("ssd", capacity=24, eos_ids=(eos,), policy=DraftPolicy(draft_len=draft_len))
+    ar = generate(model, params, prompts, ar_spec, 24)
+    ssd = generate(model, params, prompts, ssd_spec, 24)
+    assert _tokens(ssd) == _tokens(ar)
+    assert int(ar.num_tokens[0]) <= 7 and int(ar.tokens[0, int(ar.num_tokens[0]) - 1]) == eos
+    assert int(ssd.accepted.sum()) > 0, "the near-identity draft should get some tokens accepted"
+    assert int(ssd.rounds.sum()) < int(ar.rounds.sum())
+
+
+def test_greedy_ssd_policies_equal_ar():
+    """Confidence early-stop and the context-length schedule never change greedy output."""
+    config = tiny_config(num_layers=4, exit_layer=1)
+    model = VLM(config)
+    params = _near_identity_deep_layers(model.init(jax.random.key(7)), config, 0.5)
+    n = config.num_image_tokens
+    prompts = _prompts(config, [n + 4, n + 2], seed=3)
+    ar = generate(model, params, prompts, DecodeSpec("ar", capacity=32, eos_ids=()), 32)
+    for policy in [DraftPolicy(draft_len=4, min_confidence=0.3),
+                   DraftPolicy(draft_len=5, schedule="context", start_len=1, grow_every=6)]:
+        ssd = generate(model, params, prompts, DecodeSpec("ssd", capacity=32, eos_ids=(), policy=policy), 32)
+        assert _tokens(ssd) == _tokens(ar)
+        assert int(ssd.drafted.sum()) < int(ssd.rounds.sum()) * policy.draft_len  # policy drafted less
+
+
+def test_draft_identical_to_full_model_accepts_everything():
+    config = tiny_config(num_layers=4, exit_layer=2)
+    model = VLM(config)
+    params = _near_identity_deep_layers(model.init(jax.random.key(8)), config, 0.0)
+    prompts = _prompts(config, [config.num_image_tokens + 4] * 2)
+    spec = DecodeSpec("ssd", capacity=21, eos_ids=(), policy=DraftPolicy(draft_len=4))
+    out = generate(model, params, prompts, spec, 21)
+    assert np.all(np.asarray(out.accepted) == np.asarray(out.drafted))
+    assert np.all(np.asarray(out.rounds) == 4)  # 1 prefill token + 4 rounds of 5 tokens
+    assert np.all(np.asarray(out.position_accepts) == np.asarray(out.position_attempts))
+
+
+class _RecordingVLM(VLM):
+    """Records (start, stop, tokens per row) of every decoder layer-range call at trace time."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.calls = []
+
+    def run_layers(self, params, hidden, positions, start, stop, *args, **kwargs):
+        self.calls.append((start, stop, hidden.shape[1]))
+        return super().run_layers(params, hidden, positions, start, stop, *args, **kwargs)
+
+
+def test_verification_runs_only_the_deep_layers_for_drafted_tokens():
+    config = tiny_config(num_layers=4, exit_layer=3)
+    model = _RecordingVLM(config)
+    params = model.init(jax.random.key(9))
+    prompts = _prompts(config, [config.num_image_tokens + 3])
+    draft_len = 5
+    generate(model, params, prompts, DecodeSpec("ssd", capacity=8, policy=DraftPolicy(draft_len)), 8)
+    prompt_len = prompts.input_ids.shape[1]
+    after_prefill = [c for c in model.calls if c[2] != prompt_len]
+    # Shallow layers only ever see one new token at a time (drafting); the multi-token
+    # verification pass starts at the exit layer.
+    assert set(after_prefill) == {(0, 3, 1), (3, 4, draft_len + 1)}
+
+
+def test_same_bucket_reuses_the_compiled_program():
+    config = tiny_config(num_layers=2, exit_layer=1)
+    model = VLM(config)
+    params = model.init(jax.random.key(10))
+    spec = DecodeSpec("ssd", capacity=16, policy=DraftPolicy(draft_len=3))
+    n = config.num_image_tokens
+    generate(model, params, _prompts(config, [n + 4, n + 6], seed=1), spec, 16)
+    before = engine.TRACE_COUNTS["ssd"]
+    # Same shapes, different prompts, lengths, budgets and seeds: no new trace.
+    for seed, max_new in [(2, 5), (3, 16), (4, 1)]:
+        out = generate(model, params, _prompts(config, [n + 6, n + 2], seed=seed), spec, max_new,
+                       jax.random.key(seed))
+        assert int(np.max(np.asarray(out.num_tokens))) <= max_new
+    assert engine.TRACE_COUNTS["ssd"] == before
+    generate(model, params, _prompts(config, [n + 9, n + 2], seed=5), spec, 4)  # new bucket
+    assert engine.TRACE_COUNTS["ssd"] == before + 1
+
+
+def test_greedy_ssd_equals_ar_on_converted_hf_model(tmp_path):
+    import json
+
+    from fastvlm_jax import convert
+    from tests.hf_models import build_tiny_llava, random_prompt_ids
+
+    hf_model = build_tiny_llava(tmp_path, seed=3, num_kv_heads=2)
+    config = convert.config_from_hf(json.loads((tmp_path / "config.json").read_text()), exit_layer=2)
+    params = convert.convert_params(convert.SafetensorsFolder(tmp_path), config, jax.random.key(0),
+                                    progress=False)
+    model = VLM(config)
+    rng = np.random.RandomState(1)
+    rows = [random_prompt_ids(hf_model.config, rng, text_len=t) for t in (3, 8)]
+    width = max(map(len, rows))
+    ids = np.zeros((2, width), np.int32)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+    size = config.vision.image_size
+    prompts = Prompts(jnp.asarray(ids), jnp.asarray([len(r) for r in rows], jnp.int32),
+                      jnp.asarray(rng.randn(2, size, size, 3).astype(np.float32)))
+    ar = generate(model, params, prompts, DecodeSpec("ar", capacity=20, eos_ids=(2,)), 20)
+    ssd = generate(model, params, prompts, DecodeSpec("ssd", capacity=20, eos_ids=(2,),
+                                                      policy=DraftPolicy(draft_len=3)), 20)
+    assert _tokens(ssd) == _tokens(ar)
+
+
+# --- sampling is lossless ---------------------------------------------------------------
+
+def _exact_joint(model, params, prompt, vocab, steps, sampling):
+    """P(t1..t_steps | prompt) by enumeration, under the warped distributions: [vocab]*steps."""
+    from decode.sampling import warp
+
+    joint = np.zeros((vocab,) * steps)
+    for prefix in itertools.product(range(vocab), repeat=steps - 1):
+        ids = jnp.asarray([list(prompt) + list(prefix)], jnp.int32)
+        probs = np.asarray(warp(model.forward(params, ids)[0, len(prompt) - 1:], sampling), np.float64)
+        p = 1.0
+        for i, token in enumerate(prefix):
+            p *= probs[i, token]
+        joint[prefix] = p * probs[steps - 1]
+    return joint
+
+
+def _chi_square_pvalue(samples, joint):
+    from scipy import stats
+
+    vocab, steps = joint.shape[0], joint.ndim
+    flat = np.ravel_multi_index(tuple(samples[:, i] for i in range(steps)), joint.shape)
+    observed = np.bincount(flat, minlength=joint.size).astype(np.float64)
+    expected = joint.ravel() * len(samples)
+    # Pool cells with tiny expectation so the chi-square approximation holds.
+    small = expected < 5
+    obs = np.append(observed[~small], observed[small].sum())
+    exp = np.append(expected[~small], expected[small].sum())
+    keep = exp > 0
+    return stats.chisquare(obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum()).pvalue
+
+
+def _sampling_setup():
+    config = tiny_config(vocab_size=6, num_layers=3, exit_layer=1, hidden_size=32)
+    model = VLM(config)
+    params = model.init(jax.random.key(11))
+    # Bigger logits than the 0.02 init gives, so distributions are far from uniform.
+    params["language_model"]["lm_head"]["kernel"] = params["language_model"]["lm_head"]["kernel"] * 12
+    return config, model, params
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(temperature=1.0),
+                                      SamplingConfig(temperature=0.7, top_k=4, top_p=0.9)])
+def test_speculative_sampling_matches_exact_distribution(sampling):
+    config, model, params = _sampling_setup()
+    prompt, samples, steps = [1, 3, 4], 6000, 3
+    joint = _exact_joint(model, params, prompt, config.text.vocab_size, steps, sampling)
+    prompts = Prompts(jnp.asarray([prompt] * samples, jnp.int32), jnp.full((samples,), 3, jnp.int32))
+    ssd = generate(model, params, prompts, DecodeSpec("ssd", capacity=steps, sampling=sampling, eos_ids=(),
+                                                      policy=DraftPolicy(draft_len=2)), steps,
+                   jax.random.key(0))
+    ar = generate(model, params, prompts, DecodeSpec("ar", capacity=steps, sampling=sampling, eos_ids=()),
+                  steps, jax.random.key(1))
+    assert int(ssd.accepted.sum()) > samples // 10  # speculation really happened
+    assert _chi_square_pvalue(np.asarray(ssd.tokens), joint) > 1e-3
+    assert _chi_square_pvalue(np.asarray(ar.tokens), joint) > 1e-3
+
+
+def test_broken_acceptance_rule_is_detected(monkeypatch):
+    """The chi-square check has power: always accepting the draft fails it."""
+    from decode import sampling as sampling_lib
+
+    config, model, params = _sampling_setup()
+    sampling = SamplingConfig(temperature=1.0)
+    prompt, samples, steps = [1, 3, 4], 6000, 3
+    joint = _exact_joint(model, params, prompt, config.text.vocab_size, steps, sampling)
+    original = sampling_lib.accept_speculative
+
+    def always_accept(rng, target_probs, draft_probs, draft_tokens, draft_lens):
+        return original(rng, jnp.maximum(target_probs, 0) * 0 + jnp.pad(
+            draft_probs, ((0, 0), (0, 1), (0, 0)), constant_values=1.0 / draft_probs.shape[-1]),
+            draft_probs, draft_tokens, draft_lens)
+
+    monkeypatch.setattr(engine, "accept_speculative", always_accept)
+    jax.clear_caches()
+    prompts = Prompts(jnp.asarray([prompt] * samples, jnp.int32), jnp.full((samples,), 3, jnp.int32))
+    spec = DecodeSpec("ssd", capacity=steps, sampling=sampling, eos_ids=(), policy=DraftPolicy(draft_len=2))
+    broken = engine._generate(model, spec, params, prompts, jnp.int32(steps), jax.random.key(0))
+    assert _chi_square_pvalue(np.asarray(broken.tokens), joint) < 1e-6
