@@ -13,7 +13,7 @@ Array = jax.Array
 class KVCache:
     """Keys and values for a stack of attention layers, with a position per batch row.
 
-    keys/values: one [batch, capacity, kv_heads, head_dim] array per layer (absolute
+    keys/values: one [batch, kv_heads, capacity, head_dim] array per layer (absolute
       layer index), so the draft path and verification touch only their own layers.
     pos: [batch] int32, the number of committed tokens of each row. Slots at or past
       `pos` may hold stale entries (prompt padding, rejected drafts); attention masks by
@@ -27,7 +27,7 @@ class KVCache:
     @classmethod
     def zeros(cls, num_layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int,
               dtype=jnp.float32) -> "KVCache":
-        shape = (batch, capacity, kv_heads, head_dim)
+        shape = (batch, kv_heads, capacity, head_dim)
         return cls(
             keys=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
             values=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
@@ -36,7 +36,7 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return self.keys[0].shape[1]
+        return self.keys[0].shape[2]
 
     @property
     def num_layers(self) -> int:

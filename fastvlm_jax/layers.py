@@ -99,29 +99,32 @@ def apply_rope(x: Array, positions: Array, theta: float) -> Array:
 def attend(query: Array, keys: Array, values: Array, mask: Array) -> Array:
     """Grouped-query softmax attention.
 
-    query: [batch, q_len, heads, head_dim]; keys/values: [batch, k_len, kv_heads, head_dim];
+    query: [batch, q_len, heads, head_dim]; keys/values: [batch, kv_heads, k_len, head_dim]
+    (heads-major, so both einsums are plain batched matmuls over (batch, kv_head));
     mask: [batch, q_len, k_len] (True = may attend). Returns [batch, q_len, heads, head_dim].
     """
     batch, q_len, heads, head_dim = query.shape
-    kv_heads = keys.shape[2]
+    kv_heads = keys.shape[1]
     query = query.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-    logits = jnp.einsum("bqkgd,btkd->bkgqt", query, keys).astype(jnp.float32)
+    logits = jnp.einsum("bqkgd,bktd->bkgqt", query, keys).astype(jnp.float32)
     logits = logits * (head_dim ** -0.5)
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
-    out = jnp.einsum("bkgqt,btkd->bqkgd", probs, values)
+    out = jnp.einsum("bkgqt,bktd->bqkgd", probs, values)
     return out.reshape(batch, q_len, heads, head_dim)
 
 
 def write_kv(cache: Array, new: Array, positions: Array) -> Array:
     """Scatters new entries into a cache at per-row positions.
 
-    cache: [batch, capacity, kv_heads, head_dim]; new: [batch, seq, kv_heads, head_dim];
+    cache: [batch, kv_heads, capacity, head_dim]; new: [batch, seq, kv_heads, head_dim];
     positions: [batch, seq]. Positions past the capacity are dropped (callers size the
     cache so that only masked, never-accepted slots can fall there).
     """
-    rows = jnp.arange(cache.shape[0])[:, None]
-    return cache.at[rows, positions].set(new.astype(cache.dtype), mode="drop")
+    rows = jnp.arange(cache.shape[0])[:, None, None]
+    heads = jnp.arange(cache.shape[1])[None, :, None]
+    new = jnp.swapaxes(new, 1, 2).astype(cache.dtype)  # [batch, kv_heads, seq, head_dim]
+    return cache.at[rows, heads, positions[:, None, :]].set(new, mode="drop")
 
 
 class TextAttention(nn.Module):
@@ -136,7 +139,7 @@ class TextAttention(nn.Module):
                  key_mask: Array | None = None):
         """x: [batch, seq, embed]; positions: [batch, seq].
 
-        With kv=(keys, values) of shape [batch, capacity, kv_heads, head_dim], the new
+        With kv=(keys, values) of shape [batch, kv_heads, capacity, head_dim], the new
         keys/values are written at `positions` and the queries attend to every cache
         slot at or before their own position. Returns (out, kv or None).
         key_mask: [batch, seq] valid keys, only for the cache-free path.
@@ -159,11 +162,11 @@ class TextAttention(nn.Module):
             mask = positions[:, None, :] <= positions[:, :, None]
             if key_mask is not None:
                 mask = mask & key_mask[:, None, :].astype(bool)
-            out = attend(q, k, v, mask)
+            out = attend(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask)
         else:
             keys = write_kv(kv[0], k, positions)
             values = write_kv(kv[1], v, positions)
-            slots = jnp.arange(keys.shape[1])
+            slots = jnp.arange(keys.shape[2])
             # Every slot at or before the query's own position holds a committed token;
             # stale slots (rejected drafts, prompt padding) lie beyond it and stay hidden.
             mask = slots[None, None, :] <= positions[:, :, None]
