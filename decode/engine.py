@@ -172,8 +172,8 @@ def _prefill(model: VLM, params, prompts: Prompts, spec: DecodeSpec, rng: Array,
     cache = model.init_cache(batch, capacity)
     draft_cache = model.init_draft_cache(batch, capacity) if spec.mode == "ssd" else None
     features = None if prompts.pixels is None else model.encode_images(params, prompts.pixels)
-    hidden = model.embed(params, prompts.input_ids, features)
     positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
+    hidden = model.embed(params, prompts.input_ids, features, positions)
     exit_layer = cfg.draft.exit_layer
     h_exit, cache, _ = model.run_layers(params, hidden, positions, 0, exit_layer, cache)
     if draft_cache is not None:
@@ -203,7 +203,7 @@ def _prefill(model: VLM, params, prompts: Prompts, spec: DecodeSpec, rng: Array,
 def _ar_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new: Array) -> _LoopState:
     """One full-model step for every live row."""
     pos = state.cache.pos
-    hidden = model.embed(params, state.last_token[:, None])
+    hidden = model.embed(params, state.last_token[:, None], None, pos[:, None])
     hidden, cache, _ = model.run_layers(params, hidden, pos[:, None], 0, model.config.text.num_layers,
                                         state.cache)
     rng, step_rng = jax.random.split(state.rng)
@@ -229,7 +229,7 @@ def _draft(model: VLM, params, spec: DecodeSpec, state: _LoopState, rng: Array):
 
     def shallow(token, slot, cache):
         positions = (pos + slot)[:, None]
-        h, cache, _ = model.run_layers(params, model.embed(params, token[:, None]), positions, 0,
+        h, cache, _ = model.run_layers(params, model.embed(params, token[:, None], None, positions), positions, 0,
                                        exit_layer, cache)
         return h[:, 0], cache
 

@@ -145,11 +145,15 @@ class VLMModule(nn.Module):
             states = [s[:, 1:] for s in states]
         return self.projector(jnp.concatenate(states, axis=-1))
 
-    def embed(self, input_ids: Array, image_features: Array | None = None) -> Array:
+    def embed(self, input_ids: Array, image_features: Array | None = None,
+              positions: Array | None = None) -> Array:
         """Token embeddings with image placeholder tokens replaced, in order, by image tokens.
 
-        input_ids: [batch, seq]; image_features: [batch, num_image_tokens, embed].
+        input_ids: [batch, seq]; image_features: [batch, num_image_tokens, embed];
+        positions: [batch, seq], unused here (RoPE acts inside attention) but part of the
+        shared interface: decoders with learned positions (OPT) add them at embedding time.
         """
+        del positions
         embeds = self.language_model.embed(input_ids)
         if image_features is None:
             return embeds
@@ -171,7 +175,7 @@ class VLMModule(nn.Module):
         """Full and draft logits without a cache (used for init and checks)."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-        hidden = self.embed(input_ids, self.encode_images(pixels))
+        hidden = self.embed(input_ids, self.encode_images(pixels), positions)
         exit_layer = self.config.draft.exit_layer
         h_exit, _, _ = self.run_layers(hidden, positions, 0, exit_layer)
         h_last, _, _ = self.run_layers(h_exit, positions, exit_layer, self.config.text.num_layers)
@@ -218,8 +222,8 @@ class VLM:
     def encode_images(self, params, pixels):
         return self._apply(params, VLMModule.encode_images, pixels)
 
-    def embed(self, params, input_ids, image_features=None):
-        return self._apply(params, VLMModule.embed, input_ids, image_features)
+    def embed(self, params, input_ids, image_features=None, positions=None):
+        return self._apply(params, VLMModule.embed, input_ids, image_features, positions)
 
     def run_layers(self, params, hidden, positions, start, stop, cache=None, key_mask=None,
                    collect=()):
@@ -237,7 +241,7 @@ class VLM:
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         features = None if pixels is None else self.encode_images(params, pixels)
-        hidden = self.embed(params, input_ids, features)
+        hidden = self.embed(params, input_ids, features, positions)
         hidden, _, _ = self.run_layers(params, hidden, positions, 0, self.config.text.num_layers,
                                        key_mask=key_mask)
         return self.logits(params, hidden)
