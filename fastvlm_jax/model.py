@@ -195,6 +195,15 @@ class VLM:
         self.dtype = dtype
         self.module = VLMModule(config, dtype)
 
+    # Equal configs give equal handles, so jitted programs that take the model as a static
+    # argument are shared between handles instead of compiled once per object.
+    def __eq__(self, other):
+        return (type(other) is type(self) and other.config == self.config
+                and jnp.dtype(other.dtype) == jnp.dtype(self.dtype))
+
+    def __hash__(self):
+        return hash((type(self), self.config, jnp.dtype(self.dtype).name))
+
     # --- parameters -------------------------------------------------------------------
     def _dummy_inputs(self):
         cfg = self.config

@@ -1,0 +1,361 @@
+"""Batch captioning on top of the decoding engine: checkpoint in, captions and statistics out.
+
+    captioner = Captioner("/path/to/ckpt", batch_size=8)
+    results = captioner.caption(["a.jpg", "b.png"], max_new_tokens=64, mode="ssd")
+    results[0].caption, results[0].token_ids
+
+Shapes are kept to a few so that a long run compiles a handful of programs:
+- every batch has exactly `batch_size` rows: a short batch is filled with dummy rows whose
+  token budget is 0 (they finish at prefill, add nothing to the statistics, and are dropped);
+- prompts are right-padded to a multiple of `prompt_bucket` tokens;
+- the engine's token capacity is `max_new_tokens` rounded up to a power of two (at least
+  16), so different budgets share programs (the budget itself is a traced value).
+
+Timing: the first batch of each new program shape is preceded by a warm-up call with every
+token budget 0 (it compiles and runs a prefill); its time is reported as `compile_seconds`,
+never in `seconds`, so tokens/s measures decoding, not XLA.
+
+Statistics (`BatchStats`, `summarize`): tokens counts every generated id (EOS included);
+a "round" is one full-model call after the prefill (AR: one token; SSD: one verification
+of up to draft_len drafted tokens, emitting accepted + 1 tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
+from decode.sampling import SamplingConfig
+from fastvlm_jax.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from fastvlm_jax.image_processing import ImageSource, preprocess_image
+from fastvlm_jax.model import VLM
+from fastvlm_jax.tokenizer import build_llava_input_ids
+
+# The question asked for a caption: the same one the training recipe uses
+# (train.config's default `question`), so a model trained here answers with a caption.
+DEFAULT_PROMPT = "Describe the image."
+DEFAULT_MAX_NEW_TOKENS = 64
+MIN_CAPACITY = 16
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-int(value) // int(multiple)) * int(multiple)
+
+
+def capacity_bucket(max_new_tokens: int) -> int:
+    """Engine capacity for a token budget: the next power of two, at least MIN_CAPACITY."""
+    return max(MIN_CAPACITY, 1 << max(int(max_new_tokens) - 1, 0).bit_length())
+
+
+@functools.lru_cache(maxsize=8)
+def shared_model(config, dtype=jnp.float32) -> VLM:
+    """One VLM object per (config, dtype).
+
+    The engine's jit takes the model as a static argument, hashed by identity: reusing the
+    object lets a second Captioner of the same model (e.g. decode.run called again in one
+    process) reuse the compiled programs instead of compiling them again.
+    """
+    return VLM(config, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionResult:
+    """One image's caption.
+
+    token_ids: the generated ids (prompt excluded, EOS included when reached).
+    stop: "eos" (the model ended the caption) or "length" (max_new_tokens reached).
+    rounds: full-model calls after the prefill; drafted / accepted: SSD draft tokens proposed
+      and accepted by the full model (0 in AR mode).
+    seconds: wall time of the whole batch this image was decoded in (compilation excluded).
+    """
+
+    caption: str
+    token_ids: tuple[int, ...]
+    num_tokens: int
+    stop: str
+    rounds: int
+    drafted: int
+    accepted: int
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchStats:
+    """Counts of one or more batches (real rows only); add them with `+`.
+
+    first_tokens: rows that got at least one token (each image's first token comes from the
+      prefill, not from a round).
+    position_attempts[j] / position_accepts[j]: SSD draft tokens proposed at draft position j
+      and accepted there.
+    """
+
+    images: int = 0
+    tokens: int = 0
+    first_tokens: int = 0
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    seconds: float = 0.0
+    compile_seconds: float = 0.0
+    position_attempts: tuple[int, ...] = ()
+    position_accepts: tuple[int, ...] = ()
+
+    def __add__(self, other: "BatchStats") -> "BatchStats":
+        def add_lists(a, b):
+            width = max(len(a), len(b))
+            a, b = list(a) + [0] * (width - len(a)), list(b) + [0] * (width - len(b))
+            return tuple(x + y for x, y in zip(a, b))
+
+        return BatchStats(
+            images=self.images + other.images, tokens=self.tokens + other.tokens,
+            first_tokens=self.first_tokens + other.first_tokens,
+            rounds=self.rounds + other.rounds, drafted=self.drafted + other.drafted,
+            accepted=self.accepted + other.accepted, seconds=self.seconds + other.seconds,
+            compile_seconds=self.compile_seconds + other.compile_seconds,
+            position_attempts=add_lists(self.position_attempts, other.position_attempts),
+            position_accepts=add_lists(self.position_accepts, other.position_accepts))
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return float(numerator) / float(denominator) if denominator else None
+
+
+def summarize(stats: BatchStats | Iterable[BatchStats]) -> dict[str, Any]:
+    """Derived statistics (JSON-ready; None where undefined, e.g. acceptance in AR mode).
+
+    tokens_per_s: tokens / seconds (seconds exclude compilation).
+    mean_accepted_length: tokens per full-model call including the full model's own (bonus /
+      correction) token: (tokens - first tokens) / rounds. 1.0 for AR.
+    mean_accepted_length_no_bonus: accepted draft tokens per round (the other convention).
+    acceptance_rate: accepted / drafted.
+    full_model_calls: rounds + one prefill per image.
+    acceptance_per_position[j]: acceptance rate of the j-th drafted token of a round.
+    """
+    if not isinstance(stats, BatchStats):
+        stats = sum(stats, BatchStats())
+    return {
+        "images": stats.images,
+        "tokens": stats.tokens,
+        "seconds": stats.seconds,
+        "compile_seconds": stats.compile_seconds,
+        "tokens_per_s": _ratio(stats.tokens, stats.seconds),
+        "images_per_s": _ratio(stats.images, stats.seconds),
+        "mean_tokens_per_image": _ratio(stats.tokens, stats.images),
+        "mean_accepted_length": _ratio(stats.tokens - stats.first_tokens, stats.rounds),
+        "mean_accepted_length_no_bonus": _ratio(stats.accepted, stats.rounds),
+        "acceptance_rate": _ratio(stats.accepted, stats.drafted),
+        "full_model_calls": stats.rounds + stats.images,
+        "rounds": stats.rounds,
+        "drafted": stats.drafted,
+        "accepted": stats.accepted,
+        "acceptance_per_position": [_ratio(a, n) for a, n in
+                                    zip(stats.position_accepts, stats.position_attempts)],
+        "position_attempts": list(stats.position_attempts),
+        "position_accepts": list(stats.position_accepts),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchResult:
+    results: list[CaptionResult]
+    stats: BatchStats
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationOptions:
+    """How to decode: everything but the images and prompts.
+
+    mode: 'ssd' (self-speculative) or 'ar' (plain autoregressive with the full model).
+    sampling: temperature 0 (default) is greedy; SSD output then equals AR output exactly.
+    policy: SSD draft length and early stopping (ignored in AR mode).
+    """
+
+    mode: str = "ssd"
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    sampling: SamplingConfig = SamplingConfig()
+    policy: DraftPolicy = DraftPolicy()
+
+    def __post_init__(self):
+        if self.mode not in ("ssd", "ar"):
+            raise ValueError(f"unknown mode {self.mode!r}: use 'ssd' or 'ar'")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+def describe_device() -> str:
+    """e.g. "cpu (cpu) x8" or "gpu (NVIDIA H100 80GB HBM3) x1"."""
+    devices = jax.devices()
+    return f"{devices[0].platform} ({devices[0].device_kind}) x{len(devices)}"
+
+
+class Captioner:
+    """A loaded checkpoint that captions images in fixed-shape batches.
+
+    Args:
+      checkpoint: a checkpoint directory or an already loaded `Checkpoint`.
+      batch_size: rows per engine call (short batches are padded with dummy rows).
+      prompt_bucket: prompts are right-padded to a multiple of this many tokens.
+      mesh, dtype: passed to `load_checkpoint` when loading from a path.
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike | Checkpoint, *, batch_size: int = 8,
+                 prompt_bucket: int = 32, mesh=None, dtype=None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not isinstance(checkpoint, Checkpoint):
+            checkpoint = load_checkpoint(checkpoint, mesh=mesh, dtype=dtype)
+        config = checkpoint.config
+        if checkpoint.tokenizer is None:
+            raise CheckpointError("the checkpoint has no tokenizer/ folder: captioning needs one")
+        if checkpoint.image_config is None:
+            raise CheckpointError("the checkpoint has no preprocessor.json: captioning needs it")
+        tokenizer = checkpoint.tokenizer
+        if tokenizer.image_token is None or tokenizer.image_token_id != config.image_token_id:
+            got = tokenizer.image_token_id if tokenizer.image_token is not None else None
+            raise CheckpointError(f"the tokenizer's image token id ({got}) differs from the model's "
+                                  f"image_token_id ({config.image_token_id})")
+        size = (config.vision.image_size, config.vision.image_size)
+        if checkpoint.image_config.output_size != size:
+            raise CheckpointError(f"preprocessor.json makes {checkpoint.image_config.output_size} images "
+                                  f"but the vision tower takes {size}")
+        self.checkpoint = checkpoint
+        self.config = config
+        self.params = checkpoint.params
+        self.tokenizer = tokenizer
+        self.image_config = checkpoint.image_config
+        self.model = shared_model(config)
+        self.batch_size = int(batch_size)
+        self.prompt_bucket = int(prompt_bucket)
+        self._warm: set[tuple] = set()  # program shapes already compiled (see _warm_up)
+
+    # -- inputs ------------------------------------------------------------------------------
+
+    def prompt_ids(self, prompt: str = DEFAULT_PROMPT) -> list[int]:
+        """LLaVA prompt ids for one image and `prompt` (the user's question)."""
+        return build_llava_input_ids(self.tokenizer, prompt, self.config.num_image_tokens)
+
+    def preprocess(self, image: ImageSource, *, fast_decode: bool = False) -> np.ndarray:
+        """One image (path, bytes, PIL, array) -> float32 pixels [H, W, 3]; raises ImageLoadError."""
+        return preprocess_image(image, self.image_config, fast_decode=fast_decode)
+
+    # -- decoding ----------------------------------------------------------------------------
+
+    def spec(self, options: GenerationOptions) -> DecodeSpec:
+        # AR ignores the draft policy: keep it at the default so AR runs with different SSD
+        # settings share one program.
+        policy = options.policy if options.mode == "ssd" else DraftPolicy()
+        return DecodeSpec(mode=options.mode, capacity=capacity_bucket(options.max_new_tokens),
+                          sampling=options.sampling, policy=policy,
+                          eos_ids=(self.tokenizer.eos_id,))
+
+    def _prompts(self, pixels: np.ndarray, prompt_ids: Sequence[Sequence[int]]
+                 ) -> tuple[Prompts, int]:
+        """Pads n rows to batch_size rows and prompts to the bucket: returns (Prompts, n)."""
+        n = len(prompt_ids)
+        if not 1 <= n <= self.batch_size:
+            raise ValueError(f"a batch holds 1..{self.batch_size} images, got {n}")
+        if pixels.shape[0] != n:
+            raise ValueError(f"{pixels.shape[0]} images but {n} prompts")
+        width = round_up(max(len(p) for p in prompt_ids), self.prompt_bucket)
+        ids = np.full((self.batch_size, width), self.tokenizer.pad_id, np.int32)
+        lengths = np.zeros((self.batch_size,), np.int32)
+        for row in range(self.batch_size):
+            # Dummy rows repeat the first prompt: any valid prompt works, their budget is 0.
+            p = prompt_ids[row] if row < n else prompt_ids[0]
+            ids[row, : len(p)] = p
+            lengths[row] = len(p)
+        full = np.zeros((self.batch_size,) + pixels.shape[1:], np.float32)
+        full[:n] = pixels
+        return Prompts(jnp.asarray(ids), jnp.asarray(lengths), jnp.asarray(full)), n
+
+    def _warm_up(self, prompts: Prompts, spec: DecodeSpec) -> float:
+        """Compiles the program for these shapes (if new) with every budget 0; returns seconds."""
+        key = (spec, prompts.input_ids.shape, prompts.pixels.shape)
+        if key in self._warm:
+            return 0.0
+        start = time.perf_counter()
+        out = generate(self.model, self.params, prompts, spec,
+                       jnp.zeros((self.batch_size,), jnp.int32), jax.random.key(0))
+        jax.block_until_ready(out)
+        self._warm.add(key)
+        return time.perf_counter() - start
+
+    def generate_batch(self, pixels: np.ndarray, prompt_ids: Sequence[Sequence[int]],
+                       options: GenerationOptions = GenerationOptions(), rng: jax.Array | None = None
+                       ) -> BatchResult:
+        """Captions up to batch_size preprocessed images.
+
+        pixels: [n, H, W, 3] float32 (from `preprocess`); prompt_ids: n prompts (`prompt_ids`).
+        rng: sampling key (unused when greedy).
+        """
+        prompts, n = self._prompts(np.asarray(pixels, np.float32), prompt_ids)
+        spec = self.spec(options)
+        compile_seconds = self._warm_up(prompts, spec)
+        # Per-row budgets: the real rows get max_new_tokens, dummy rows 0 (done at prefill).
+        budget = np.where(np.arange(self.batch_size) < n, options.max_new_tokens, 0).astype(np.int32)
+        if rng is None:
+            rng = jax.random.key(0)
+        start = time.perf_counter()
+        out = generate(self.model, self.params, prompts, spec, jnp.asarray(budget), rng)
+        out = jax.device_get(out)  # waits for the device, one transfer
+        seconds = time.perf_counter() - start
+
+        results = []
+        eos = set(spec.eos_ids)
+        for row in range(n):
+            count = int(out.num_tokens[row])
+            token_ids = tuple(int(t) for t in out.tokens[row, :count])
+            results.append(CaptionResult(
+                caption=self.tokenizer.decode(token_ids).strip(), token_ids=token_ids,
+                num_tokens=count, stop="eos" if token_ids and token_ids[-1] in eos else "length",
+                rounds=int(out.rounds[row]), drafted=int(out.drafted[row]),
+                accepted=int(out.accepted[row]), seconds=seconds))
+        stats = BatchStats(
+            images=n, tokens=sum(r.num_tokens for r in results),
+            first_tokens=sum(r.num_tokens > 0 for r in results),
+            rounds=sum(r.rounds for r in results), drafted=sum(r.drafted for r in results),
+            accepted=sum(r.accepted for r in results), seconds=seconds,
+            compile_seconds=compile_seconds,
+            # Dummy rows are done from the start, so these engine-wide sums count real rows only.
+            position_attempts=tuple(int(x) for x in out.position_attempts),
+            position_accepts=tuple(int(x) for x in out.position_accepts))
+        return BatchResult(results, stats)
+
+    def caption_batches(self, images: Sequence[ImageSource], prompt: str | Sequence[str] = DEFAULT_PROMPT,
+                        options: GenerationOptions = GenerationOptions(), *, seed: int = 0,
+                        fast_decode: bool = False) -> Iterator[BatchResult]:
+        """Captions `images` batch by batch (in order); raises ImageLoadError on a bad image.
+
+        prompt: one question for all images, or one per image. Batch i samples with
+        fold_in(key(seed), i).
+        """
+        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        ids_of = {p: self.prompt_ids(p) for p in set(prompts)}
+        base = jax.random.key(seed)
+        for index, start in enumerate(range(0, len(images), self.batch_size)):
+            chunk = slice(start, start + self.batch_size)
+            pixels = np.stack([self.preprocess(im, fast_decode=fast_decode) for im in images[chunk]])
+            yield self.generate_batch(pixels, [ids_of[p] for p in prompts[chunk]], options,
+                                      jax.random.fold_in(base, index))
+
+    def caption(self, images: Sequence[ImageSource], prompt: str | Sequence[str] = DEFAULT_PROMPT,
+                max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, mode: str = "ssd", *,
+                sampling: SamplingConfig = SamplingConfig(), policy: DraftPolicy = DraftPolicy(),
+                seed: int = 0, fast_decode: bool = False) -> list[CaptionResult]:
+        """Captions for `images` (paths, bytes, PIL images, uint8 arrays), in order."""
+        options = GenerationOptions(mode=mode, max_new_tokens=max_new_tokens, sampling=sampling,
+                                    policy=policy)
+        return [result for batch in self.caption_batches(images, prompt, options, seed=seed,
+                                                         fast_decode=fast_decode)
+                for result in batch.results]

@@ -1,0 +1,523 @@
+"""Batch captioning CLI: ``python -m decode.run --ckpt CKPT --images PATH... --out OUT.jsonl``.
+
+Writes one JSON line per image as batches finish (flushed per batch), e.g.
+
+    {"image": "photos/cat.jpg", "caption": "A cat on a sofa.", "token_ids": [319, ...],
+     "num_tokens": 9, "stop": "eos", "mode": "ssd", "rounds": 4, "drafted": 12, "accepted": 5}
+
+An image that cannot be used (missing, empty, not an image, truncated, corrupt) gets a line
+{"image": ..., "error": "..."} instead, a one-line message on stderr, and the run goes on.
+See EPILOG (`--help`) for resuming and exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+PROG = "python -m decode.run"
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+EPILOG = """\
+PATH may be an image file, a folder (recursive; image extensions, case-insensitive; hidden
+files skipped), a glob (quote it: 'imgs/**/*.jpg'), a text file (.txt/.lst/.list) listing one
+PATH per line relative to itself (# comments), or tfds:NAME[/CONFIG][:SPLIT] (default split
+"test", read from --data-dir).
+
+Output: one JSON line per image, written as batches finish: image, caption, token_ids (the
+generated ids, prompt excluded, EOS included if reached), num_tokens, stop ("eos"|"length"),
+mode, rounds, drafted, accepted. An unusable image (missing, empty, not an image, truncated,
+corrupt) is reported on stderr and gets a line {"image": ..., "error": ...}; the run goes on.
+
+Resuming: rerunning with the same --out skips every image that already has a caption line
+(matched by the "image" id: run from the same folder, or pass absolute paths). Error lines
+are not "done": their images are tried again (the old error line is removed and a new line
+written). A last line cut short by a killed run is dropped (the file is rewritten cleanly
+first), so no image is captioned twice and none is lost.
+
+Timing (--stats): seconds and tokens_per_s cover decoding only; each new program shape is
+compiled by a warm-up call first, reported as compile_seconds. wall_seconds is the whole run.
+
+Exit status:
+  0    every image is captioned (this run or an earlier one)
+  1    some images failed (see the error lines) but others were captioned
+  2    usage error (bad flag or value, unusable --ckpt or --out, no images found), no image
+       at all could be captioned, or the device ran out of memory
+  130  interrupted (Ctrl-C): finished batches are in --out; rerun to continue
+"""
+
+
+class UsageError(Exception):
+    """A problem with the command line, reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        self.exit(EXIT_USAGE, f"{PROG}: error: {message} (see `{PROG} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from decode.captioner import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
+
+    parser = _Parser(prog=PROG, description="Caption images with a fastvlm-jax checkpoint "
+                     "(self-speculative or plain autoregressive decoding).",
+                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     allow_abbrev=False)
+    parser.add_argument("--ckpt", required=True, metavar="CKPT_DIR|demo",
+                        help="checkpoint directory (python -m fastvlm_jax.convert / train.run), "
+                             "or `demo` for the built-in demo model")
+    parser.add_argument("--images", required=True, nargs="+", metavar="PATH",
+                        help="image files, folders, globs, list files or tfds:NAME[:SPLIT]")
+    parser.add_argument("--out", required=True, metavar="OUT.jsonl", help="JSONL output (resumed if present)")
+    parser.add_argument("--mode", choices=("ssd", "ar"), default="ssd",
+                        help="ssd: self-speculative decoding (default); ar: plain autoregressive")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                        help=f"caption length limit in tokens (default {DEFAULT_MAX_NEW_TOKENS})")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT,
+                        help=f"the question asked about each image (default {DEFAULT_PROMPT!r})")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0 = off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (batch i uses fold_in(seed, i))")
+    parser.add_argument("--draft-len", type=int, default=4, help="SSD: most tokens drafted per round")
+    parser.add_argument("--min-confidence", type=float, default=0.0,
+                        help="SSD: stop drafting when the draft's top probability is below this")
+    parser.add_argument("--draft-schedule", choices=("static", "context"), default="static",
+                        help="SSD: fixed draft length, or growing with the caption length")
+    parser.add_argument("--draft-start-len", type=int, default=1, help="SSD context schedule: first length")
+    parser.add_argument("--draft-grow-every", type=int, default=16,
+                        help="SSD context schedule: +1 draft token every this many tokens")
+    parser.add_argument("--stats", metavar="STATS.json", help="write run statistics here")
+    parser.add_argument("--data-dir", help="TFDS data dir for tfds: inputs (default $TFDS_DATA_DIR)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="image loading threads (they prefetch the next batch during decoding)")
+    parser.add_argument("--fast-decode", action="store_true",
+                        help="decode very large images at reduced size first (faster, not "
+                             "bit-exact with Hugging Face preprocessing)")
+    parser.add_argument("--prompt-bucket", type=int, default=32,
+                        help="pad prompts to a multiple of this many tokens (fewer compilations)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    checks = [
+        (args.batch_size >= 1, "--batch-size must be >= 1"),
+        (args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+        (args.temperature >= 0, "--temperature must be >= 0 (0 = greedy)"),
+        (args.top_k >= 0, "--top-k must be >= 0 (0 = off)"),
+        (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
+        (args.draft_len >= 1, "--draft-len must be >= 1"),
+        (0 <= args.min_confidence <= 1, "--min-confidence must be in [0, 1]"),
+        (args.draft_start_len >= 1, "--draft-start-len must be >= 1"),
+        (args.draft_grow_every >= 1, "--draft-grow-every must be >= 1"),
+        (args.workers >= 1, "--workers must be >= 1"),
+        (args.prompt_bucket >= 1, "--prompt-bucket must be >= 1"),
+        (bool(args.prompt.strip()), "--prompt must not be empty"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    if os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a folder; pass a file name such as {args.out.rstrip('/')}/captions.jsonl")
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoint
+
+
+def resolve_checkpoint(ckpt: str) -> str:
+    """`demo` -> the demo checkpoint's folder; a path is checked to be a checkpoint folder."""
+    from fastvlm_jax.checkpoint import CheckpointError, load_config
+
+    if ckpt == "demo":
+        try:
+            from fastvlm_jax.demo import demo_checkpoint
+        except ImportError as e:
+            if e.name != "fastvlm_jax.demo":
+                raise UsageError(f"--ckpt demo: cannot import the demo ({e})") from None
+            raise UsageError("--ckpt demo: the demo checkpoint is not available in this installation "
+                             "(fastvlm_jax.demo is missing); pass a checkpoint folder instead") from None
+        return os.fspath(demo_checkpoint(progress=True))
+    if not os.path.exists(ckpt):
+        raise UsageError(f"--ckpt {ckpt}: no such folder (pass a fastvlm-jax checkpoint folder, "
+                         "or `demo`)")
+    if not os.path.isdir(ckpt):
+        raise UsageError(f"--ckpt {ckpt}: not a folder (a checkpoint is a folder with config.json "
+                         "and params/)")
+    if _looks_like_hf(Path(ckpt)):
+        raise UsageError(f"--ckpt {ckpt} is a Hugging Face model folder; convert it first: "
+                         f"python -m fastvlm_jax.convert --hf {ckpt} --out CKPT_DIR, then pass --ckpt CKPT_DIR")
+    try:
+        load_config(ckpt)  # cheap: fails fast on a Hugging Face folder or a wrong path
+    except CheckpointError as e:
+        message = str(e)
+        if "convert" not in message:  # (a Hugging Face folder already gets the convert hint)
+            inner = sorted(p.name for p in Path(ckpt).iterdir()
+                           if (p / "config.json").is_file() and (p / "params").is_dir())
+            hint = (f"did you mean {os.path.join(ckpt, inner[0])}?" if inner else
+                    "pass a folder written by fastvlm_jax.convert or train.run, or `demo`")
+            message = f"{message} ({hint})"
+        raise UsageError(f"--ckpt: {message}") from None
+    except ValueError as e:  # e.g. an unknown config key
+        raise UsageError(f"--ckpt {ckpt}: bad config.json ({' '.join(str(e).split())})") from None
+    return ckpt
+
+
+def _looks_like_hf(path: Path) -> bool:
+    """Weights in Hugging Face layout, or a config.json written by transformers."""
+    if (path / "params").is_dir():
+        return False
+    if any(path.glob("*.safetensors")) or (path / "pytorch_model.bin").exists() \
+            or (path / "model.safetensors.index.json").exists():
+        return True
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and any(k in config for k in ("architectures", "transformers_version"))
+
+
+# ------------------------------------------------------------------------------------------
+# Output file (resume)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreviousOutput:
+    """What an earlier run left in --out.
+
+    lines: the parsed JSON lines, in order (unparsable ones left out); done: images with a
+    caption line; dropped: line numbers that were not valid JSON (normally just a last line
+    cut short by a kill); clean: the file ends with a newline and every line parsed.
+    """
+
+    lines: list[Any]
+    done: frozenset[str]
+    dropped: tuple[int, ...]
+    clean: bool
+
+
+def is_caption_line(line: Any) -> bool:
+    return (isinstance(line, dict) and isinstance(line.get("image"), str)
+            and isinstance(line.get("caption"), str) and line.get("error") is None)
+
+
+def is_error_line(line: Any) -> bool:
+    return isinstance(line, dict) and isinstance(line.get("image"), str) and line.get("error") is not None
+
+
+def read_previous(path: str) -> PreviousOutput:
+    if not os.path.exists(path):
+        return PreviousOutput([], frozenset(), (), True)
+    with open(path, "rb") as f:
+        data = f.read()
+    lines, dropped = [], []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            lines.append(json.loads(raw.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            dropped.append(number)
+    done = frozenset(line["image"] for line in lines if is_caption_line(line))
+    clean = not dropped and (not data or data.endswith(b"\n"))
+    return PreviousOutput(lines, done, tuple(dropped), clean)
+
+
+def json_line(record: dict[str, Any]) -> str:
+    text = json.dumps(record, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A file name that is not valid UTF-8 (lone surrogates): \u-escape it; JSON readers
+        # get the same string back, so resuming still matches it.
+        text = json.dumps(record)
+    return text + "\n"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------
+# Image loading (threads; overlaps with decoding)
+
+
+def _reason(item, error: BaseException) -> str:
+    """One-line reason without the file name prefix load_image puts first (we add the id)."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    for prefix in ([f"{item.path}: "] if item.path is not None else []):
+        if message.startswith(prefix):
+            return message[len(prefix):]
+    return re.sub(r"^<\d+ bytes>: ", "", message)
+
+
+def _load(captioner, item, fast_decode: bool):
+    """(pixels [H, W, 3], None) or (None, reason)."""
+    from fastvlm_jax.image_processing import ImageLoadError
+
+    try:
+        return captioner.preprocess(item.load(), fast_decode=fast_decode), None
+    except ImageLoadError as e:
+        return None, _reason(item, e)
+    except MemoryError:
+        return None, "out of memory while decoding (try --fast-decode or fewer --workers)"
+    except Exception as e:  # anything else a strange file triggers must not stop the run
+        return None, f"cannot load image ({type(e).__name__}: {_reason(item, e)})"
+
+
+def load_in_background(captioner, items: Sequence, workers: int, window: int, fast_decode: bool
+                       ) -> Iterator[tuple[Any, Any, str | None]]:
+    """Yields (item, pixels or None, error or None) in order, loading up to `window` ahead.
+
+    The threads keep decoding while the caller runs the model (PIL and XLA release the GIL),
+    so the next batch is usually ready when the current one finishes.
+    """
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="load")
+    pending: collections.deque = collections.deque()
+    upcoming = iter(items)
+    try:
+        for item in upcoming:
+            pending.append((item, pool.submit(_load, captioner, item, fast_decode)))
+            if len(pending) >= window:
+                break
+        while pending:
+            item, future = pending.popleft()
+            following = next(upcoming, None)
+            if following is not None:
+                pending.append((following, pool.submit(_load, captioner, following, fast_decode)))
+            pixels, error = future.result()
+            yield item, pixels, error
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------------------------
+# Main
+
+
+def _say(message: str, progress=None) -> None:
+    """A line on stderr that does not break the progress bar."""
+    if progress is not None:
+        progress.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _write_stats(path: str, stats: dict[str, Any]) -> None:
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    _write_atomic(path, json.dumps(stats, indent=2) + "\n")
+
+
+def main(argv: Sequence[str | os.PathLike] | None = None) -> int:
+    """Runs the CLI; returns the exit status (see EPILOG) instead of exiting."""
+    started = time.perf_counter()
+    parser = build_parser()
+    if argv is not None:
+        argv = [os.fspath(a) for a in argv]  # in-process callers may pass Path objects
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) and argparse errors (2): return, do not exit
+        return int(e.code or 0)
+    try:
+        _check_args(args)
+        ckpt = resolve_checkpoint(args.ckpt)
+        return _run(args, ckpt, started)
+    except UsageError as e:
+        _say(f"{PROG}: error: {e}")
+        return EXIT_USAGE
+
+
+def _run(args: argparse.Namespace, ckpt: str, started: float) -> int:
+    from decode.inputs import expand_inputs
+
+    items, input_errors = expand_inputs(args.images, args.data_dir)
+    for error in input_errors:
+        _say(f"{PROG}: error: {error.spec}: {error.message}")
+    if not items:
+        raise UsageError("no images found in --images" + (" (see the errors above)" if input_errors else ""))
+
+    try:
+        previous = read_previous(args.out)
+    except OSError as e:
+        raise UsageError(f"--out {args.out}: cannot read the existing file ({e.strerror or e})") from None
+    pending = [item for item in items if item.id not in previous.done]
+    skipped = len(items) - len(pending)
+    # Error lines of this run's images go: they are retried now (or were superseded by a
+    # caption line). Error lines of images not named this time stay.
+    named = {item.id for item in items} | {error.spec for error in input_errors}
+    kept = [line for line in previous.lines if not (is_error_line(line) and line["image"] in named)]
+    if previous.dropped:
+        _say(f"{PROG}: {args.out}: dropping {len(previous.dropped)} unreadable line(s) "
+             f"(line {', '.join(map(str, previous.dropped[:5]))}; a run killed while writing)")
+    if not previous.clean or len(kept) != len(previous.lines):
+        _write_atomic(args.out, "".join(json_line(line) for line in kept))
+    modes = collections.Counter(line.get("mode") for line in kept if is_caption_line(line))
+    other = {m: n for m, n in modes.items() if m is not None and m != args.mode}
+    if other:
+        _say(f"{PROG}: note: {args.out} already holds captions made with "
+             + ", ".join(f"--mode {m} ({n})" for m, n in other.items())
+             + "; they are kept and skipped. Use another --out to compare modes.")
+    if skipped:
+        _say(f"{PROG}: {skipped} of {len(items)} images already captioned in {args.out}, skipping them")
+
+    try:
+        parent = os.path.dirname(args.out)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        out = open(args.out, "a", encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"--out {args.out}: cannot write ({e.strerror or e})") from None
+    with out:
+        for error in input_errors:
+            out.write(json_line({"image": error.spec, "error": error.message}))
+        out.flush()
+        return _caption_all(args, ckpt, pending, skipped, input_errors, out, started)
+
+
+def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: list, out: TextIO,
+                 started: float) -> int:
+    import jax
+    import numpy as np
+    from tqdm import tqdm
+
+    from decode.captioner import BatchStats, Captioner, GenerationOptions, describe_device, summarize
+    from decode.engine import DraftPolicy
+    from decode.sampling import SamplingConfig
+
+    options = GenerationOptions(
+        mode=args.mode, max_new_tokens=args.max_new_tokens,
+        sampling=SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
+        policy=DraftPolicy(draft_len=args.draft_len, min_confidence=args.min_confidence,
+                           schedule=args.draft_schedule, start_len=args.draft_start_len,
+                           grow_every=args.draft_grow_every))
+    failures = [{"image": error.spec, "error": error.message} for error in input_errors]
+    totals = BatchStats()
+    interrupted = out_of_memory = False
+    captioner = None
+    if pending:
+        try:
+            captioner = Captioner(ckpt, batch_size=args.batch_size, prompt_bucket=args.prompt_bucket)
+        except ValueError as e:  # CheckpointError (a ValueError) or a config the loader rejects
+            raise UsageError(f"--ckpt {args.ckpt}: {' '.join(str(e).split())}") from None
+        try:
+            prompt_ids = captioner.prompt_ids(args.prompt)
+        except ValueError as e:  # e.g. the prompt contains the image placeholder
+            raise UsageError(f"--prompt: {e}") from None
+
+        progress = tqdm(total=len(pending), unit="img", dynamic_ncols=True,
+                        disable=True if args.no_progress else None)
+        batch_items: list = []
+        batch_pixels: list = []
+        base_rng = jax.random.key(args.seed)
+        batches = 0
+
+        def run_batch():
+            nonlocal totals, batches
+            result = captioner.generate_batch(np.stack(batch_pixels), [prompt_ids] * len(batch_items),
+                                              options, jax.random.fold_in(base_rng, batches))
+            batches += 1
+            out.write("".join(json_line({
+                "image": item.id, "caption": r.caption, "token_ids": list(r.token_ids),
+                "num_tokens": r.num_tokens, "stop": r.stop, "mode": args.mode, "rounds": r.rounds,
+                "drafted": r.drafted, "accepted": r.accepted,
+            }) for item, r in zip(batch_items, result.results)))
+            out.flush()  # a killed run keeps every finished batch
+            totals = totals + result.stats
+            summary = summarize(totals)
+            postfix = {"tok/s": f"{summary['tokens_per_s'] or 0:.1f}"}
+            if args.mode == "ssd":
+                postfix["acc"] = f"{summary['acceptance_rate'] or 0:.2f}"
+                postfix["len"] = f"{summary['mean_accepted_length'] or 0:.2f}"
+            progress.set_postfix(postfix, refresh=False)
+            progress.update(len(batch_items))
+            batch_items.clear()
+            batch_pixels.clear()
+
+        stream = load_in_background(captioner, pending, args.workers, 2 * args.batch_size, args.fast_decode)
+        try:
+            for item, pixels, error in stream:
+                if error is not None:
+                    _say(f"{PROG}: error: {item.id}: {error} (skipped)", progress)
+                    failures.append({"image": item.id, "error": error})
+                    out.write(json_line({"image": item.id, "error": error}))
+                    out.flush()
+                    progress.update(1)
+                    continue
+                batch_items.append(item)
+                batch_pixels.append(pixels)
+                if len(batch_items) == args.batch_size:
+                    run_batch()
+            if batch_items:
+                run_batch()
+        except KeyboardInterrupt:
+            interrupted = True
+            _say(f"{PROG}: interrupted; finished batches are in {args.out}, rerun the same "
+                 "command to continue", progress)
+        except Exception as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            out_of_memory = True
+            _say(f"{PROG}: error: the device ran out of memory at --batch-size {args.batch_size}; "
+                 f"rerun with a smaller --batch-size (finished batches are kept in {args.out})",
+                 progress)
+        finally:
+            stream.close()
+            progress.close()
+
+    failed = len(failures)
+    captioned = totals.images
+    if args.stats:
+        stats = summarize(totals)
+        stats.update({
+            "mode": args.mode, "failed": failed, "skipped_done": skipped,
+            "images_total": captioned + skipped + failed, "interrupted": interrupted,
+            "out_of_memory": out_of_memory, "wall_seconds": time.perf_counter() - started,
+            "timing": ("seconds and tokens_per_s exclude compilation: each new program shape is "
+                       "compiled by a warm-up call, timed separately as compile_seconds"),
+            "device": describe_device(), "batch_size": args.batch_size,
+            "max_new_tokens": args.max_new_tokens, "prompt": args.prompt,
+            "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+            "seed": args.seed, "draft_len": args.draft_len if args.mode == "ssd" else None,
+            "min_confidence": args.min_confidence, "draft_schedule": args.draft_schedule,
+            "checkpoint": os.fspath(ckpt), "out": args.out,
+            "failures": failures,
+        })
+        _write_stats(args.stats, stats)
+
+    if interrupted:
+        return EXIT_INTERRUPTED
+    if out_of_memory:
+        return EXIT_USAGE
+    if failed == 0:
+        if not pending:
+            _say(f"{PROG}: nothing to do: every image is already captioned in {args.out}")
+        return EXIT_OK
+    _say(f"{PROG}: {failed} image(s) failed (error lines in {args.out}); "
+         f"{captioned + skipped} captioned")
+    return EXIT_SOME_FAILED if captioned + skipped > 0 else EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
