@@ -1,7 +1,7 @@
 """Our checkpoint format: one directory per model.
 
     CKPT_DIR/
-      config.json        VLMConfig.to_dict()
+      config.json        VLMConfig.to_dict() (or Blip2Config.to_dict(), model_type 'blip-2')
       params/            the parameter pytree, saved with orbax
       tokenizer/         sentencepiece model + added special tokens (fastvlm_jax.tokenizer)
       preprocessor.json  image preprocessing (fastvlm_jax.image_processing)
@@ -57,6 +57,7 @@ def save_checkpoint(path: str | os.PathLike, config: VLMConfig, params, tokenize
 
 
 def load_config(path: str | os.PathLike) -> VLMConfig:
+    """config.json -> VLMConfig, or fastvlm_jax.blip2.Blip2Config for model_type 'blip-2'."""
     path = Path(path)
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
@@ -65,7 +66,12 @@ def load_config(path: str | os.PathLike) -> VLMConfig:
                 if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists()
                 else "")
         raise CheckpointError(f"{path} is not a fastvlm-jax checkpoint: {CONFIG_FILE} is missing{hint}")
-    return VLMConfig.from_dict(json.loads(config_file.read_text()))
+    data = json.loads(config_file.read_text())
+    if data.get("model_type") == "blip-2":
+        from fastvlm_jax.blip2 import Blip2Config
+
+        return Blip2Config.from_dict(data)
+    return VLMConfig.from_dict(data)
 
 
 def load_checkpoint(path: str | os.PathLike, mesh=None, rules=None, dtype=None) -> Checkpoint:

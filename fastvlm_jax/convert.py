@@ -1,4 +1,4 @@
-"""Hugging Face LLaVA checkpoint (a local folder) -> fastvlm-jax checkpoint.
+"""Hugging Face LLaVA or BLIP-2 checkpoint (a local folder) -> fastvlm-jax checkpoint.
 
     python -m fastvlm_jax.convert --hf HF_DIR --out CKPT_DIR [--exit-layer K]
 
@@ -7,7 +7,8 @@ the HF tensor it comes from plus a small transform (transpose a Linear, reorder 
 conv kernel). Both HF key layouts are accepted: the on-disk one
 (`language_model.model.*`, `vision_tower.vision_model.*`) and the one newer
 transformers use in memory (`model.language_model.*`, `model.vision_tower.*`).
-Never touches the network.
+BLIP-2 (OPT) folders (config.json model_type 'blip-2') are handed to
+`fastvlm_jax.convert_blip2`. Never touches the network.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def config_from_hf(hf: dict, exit_layer: int | None = None, draft_kind: str = "f
     """Builds our config from a HF LLaVA config.json dict."""
     model_type = hf.get("model_type")
     if model_type != "llava":
-        hint = " (BLIP-2 support is planned)" if model_type == "blip-2" else ""
+        hint = " (BLIP-2: use fastvlm_jax.convert_blip2)" if model_type == "blip-2" else ""
         raise ConversionError(f"model type {model_type!r} is not supported: this converter reads "
                               f"LLaVA checkpoints (model_type 'llava'){hint}")
     text = text_config_from_hf(hf.get("text_config") or {})
@@ -208,7 +209,7 @@ def hf_source_for(path: str) -> tuple[str, Callable]:
 class SafetensorsFolder:
     """Random access to tensors of a (possibly sharded) safetensors checkpoint, by canonical name."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, canonical: Callable[[str], str | None] = canonical_name):
         from safetensors import safe_open
 
         index_file = folder / "model.safetensors.index.json"
@@ -233,9 +234,9 @@ class SafetensorsFolder:
             handle = safe_open(str(folder / file), framework="flax")
             self._handles[file] = handle
             for key in handle.keys():
-                canonical = canonical_name(key)
-                if canonical is not None:
-                    self._where[canonical] = (file, key)
+                name = canonical(key)
+                if name is not None:
+                    self._where[name] = (file, key)
 
     def names(self) -> set[str]:
         return set(self._where)
@@ -284,7 +285,7 @@ def convert_params(folder: SafetensorsFolder, config: VLMConfig, rng, dtype=jnp.
 def convert(hf_dir: str | Path, out_dir: str | Path, exit_layer: int | None = None,
             draft_kind: str = "ffn", draft_hidden: int = 0, dtype: str = "float32",
             seed: int = 0, progress: bool = True) -> Path:
-    """Converts a HF LLaVA folder into our checkpoint directory; returns its path."""
+    """Converts a HF LLaVA (or BLIP-2 OPT) folder into our checkpoint directory; returns its path."""
     from fastvlm_jax.checkpoint import save_checkpoint
     from fastvlm_jax.image_processing import ImageProcessorConfig
     from fastvlm_jax.tokenizer import Tokenizer
@@ -295,7 +296,13 @@ def convert(hf_dir: str | Path, out_dir: str | Path, exit_layer: int | None = No
     config_file = hf_dir / "config.json"
     if not config_file.is_file():
         raise ConversionError(f"{config_file} is missing: is {hf_dir} a Hugging Face checkpoint folder?")
-    config = config_from_hf(json.loads(config_file.read_text()), exit_layer, draft_kind, draft_hidden)
+    hf_config = json.loads(config_file.read_text())
+    if hf_config.get("model_type") == "blip-2":
+        from fastvlm_jax import convert_blip2
+
+        return convert_blip2.convert(hf_dir, out_dir, exit_layer, draft_kind, draft_hidden, dtype,
+                                     seed, progress)
+    config = config_from_hf(hf_config, exit_layer, draft_kind, draft_hidden)
     preprocessor_file = hf_dir / "preprocessor_config.json"
     if not preprocessor_file.is_file():
         raise ConversionError(f"{preprocessor_file} is missing: copy the image processor config "
@@ -309,7 +316,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, exit_layer: int | None = No
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastvlm_jax.convert", description=__doc__.split("\n")[0])
-    parser.add_argument("--hf", required=True, help="local Hugging Face LLaVA folder")
+    parser.add_argument("--hf", required=True, help="local Hugging Face LLaVA or BLIP-2 (OPT) folder")
     parser.add_argument("--out", required=True, help="output checkpoint folder")
     parser.add_argument("--exit-layer", type=int, default=None,
                         help="draft path exit layer (default: a quarter of the decoder depth)")

@@ -183,17 +183,27 @@ class VLMModule(nn.Module):
         return self.logits(h_last), self.logits(draft_hidden)
 
 
+def build_module(config, dtype=jnp.float32) -> nn.Module:
+    """The Flax module for a config: `VLMModule` (LLaVA) or `Blip2Module` (model_type 'blip-2')."""
+    if getattr(config, "model_type", "llava") == "blip-2":
+        from fastvlm_jax.blip2 import Blip2Module
+
+        return Blip2Module(config, dtype)
+    return VLMModule(config, dtype)
+
+
 class VLM:
     """Functional handle on a VLM: every method is pure in `params`.
 
     params is the plain (unboxed) pytree {'vision_tower', 'projector', 'language_model',
-    'imitation'}; pass it explicitly so these calls compose under jax.jit.
+    'imitation'} (BLIP-2 adds 'qformer'); pass it explicitly so these calls compose under
+    jax.jit. A `Blip2Config` (fastvlm_jax.blip2) builds the BLIP-2 module instead.
     """
 
     def __init__(self, config: VLMConfig, dtype=jnp.float32):
         self.config = config
         self.dtype = dtype
-        self.module = VLMModule(config, dtype)
+        self.module = build_module(config, dtype)
 
     # Equal configs give equal handles, so jitted programs that take the model as a static
     # argument are shared between handles instead of compiled once per object.
@@ -225,25 +235,26 @@ class VLM:
         return jax.eval_shape(self.init_boxed, jax.random.key(0))
 
     # --- pure pieces --------------------------------------------------------------------
-    def _apply(self, params, method, *args, **kwargs):
+    def _apply(self, params, method: str, *args, **kwargs):
+        # By name: the LLaVA and BLIP-2 modules share these method names.
         return self.module.apply({"params": params}, *args, method=method, **kwargs)
 
     def encode_images(self, params, pixels):
-        return self._apply(params, VLMModule.encode_images, pixels)
+        return self._apply(params, "encode_images", pixels)
 
     def embed(self, params, input_ids, image_features=None, positions=None):
-        return self._apply(params, VLMModule.embed, input_ids, image_features, positions)
+        return self._apply(params, "embed", input_ids, image_features, positions)
 
     def run_layers(self, params, hidden, positions, start, stop, cache=None, key_mask=None,
                    collect=()):
-        return self._apply(params, VLMModule.run_layers, hidden, positions, start, stop, cache,
+        return self._apply(params, "run_layers", hidden, positions, start, stop, cache,
                            key_mask, tuple(collect))
 
     def logits(self, params, hidden):
-        return self._apply(params, VLMModule.logits, hidden)
+        return self._apply(params, "logits", hidden)
 
     def imitate(self, params, hidden, positions, kv=None, key_mask=None):
-        return self._apply(params, VLMModule.imitate, hidden, positions, kv, key_mask)
+        return self._apply(params, "imitate", hidden, positions, kv, key_mask)
 
     def forward(self, params, input_ids, pixels=None, positions=None, key_mask=None):
         """Full-model logits without a cache: [batch, seq] -> [batch, seq, vocab]."""
