@@ -89,7 +89,7 @@ def with_exit_layer(bench: BenchModel, exit_layer: int) -> tuple[VLMConfig, obje
     if exit_layer == bench.config.draft.exit_layer:
         return bench.config, bench.params, False
     config = bench.config.with_draft(exit_layer=exit_layer)
-    fresh = VLM(config).init(jax.random.key(0))["imitation"]
+    fresh = VLM(config).init_imitation(jax.random.key(0))
     return config, {**bench.params, "imitation": fresh}, True
 
 

@@ -258,7 +258,7 @@ def convert_params(folder: SafetensorsFolder, config: VLMConfig, rng, dtype=jnp.
 
     model = VLM(config)
     abstract = jax.eval_shape(model.init, rng)
-    fresh_imitation = model.init(rng)["imitation"]
+    fresh_imitation = model.init_imitation(rng)
     flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     tied = config.text.tie_word_embeddings
     out = []

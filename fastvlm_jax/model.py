@@ -230,6 +230,19 @@ class VLM:
     def init(self, rng: Array) -> Params:
         return nn.meta.unbox(self.init_boxed(rng))
 
+    def init_imitation(self, rng: Array) -> Params:
+        """Fresh imitation-network params alone (the identity draft), without building the
+        rest of the model: converting a 7B checkpoint must not allocate a random 7B copy."""
+        if getattr(self.config, "model_type", "llava") == "blip-2":
+            from fastvlm_jax.blip2 import init_imitation
+
+            return init_imitation(self.config, rng, self.dtype)
+        text = self.config.text
+        hidden = jnp.zeros((1, 1, text.hidden_size), self.dtype)
+        positions = jnp.zeros((1, 1), jnp.int32)
+        net = ImitationNetwork(text, self.config.draft, self.dtype)
+        return nn.meta.unbox(net.init(rng, hidden, positions)["params"])
+
     def abstract_params(self) -> Params:
         """Shapes and logical axes of the parameters, without allocating them."""
         return jax.eval_shape(self.init_boxed, jax.random.key(0))
