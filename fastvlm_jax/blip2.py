@@ -21,14 +21,13 @@ untrained draft is the plain early exit at `exit_layer`.
 from __future__ import annotations
 
 import dataclasses
-import json
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastvlm_jax.config import ConfigError, DraftConfig, _build
+from fastvlm_jax.config import ConfigError, DraftConfig, ModelConfigMixin
 from fastvlm_jax.kv_cache import KVCache
 from fastvlm_jax.layers import INIT_STD, activation, attend, dense, write_kv
 
@@ -127,7 +126,7 @@ class OPTConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class Blip2Config:
+class Blip2Config(ModelConfigMixin):
     """BLIP-2 with an OPT language model, plus the draft path."""
 
     vision: Blip2VisionConfig = dataclasses.field(default_factory=Blip2VisionConfig)
@@ -137,6 +136,9 @@ class Blip2Config:
     num_query_tokens: int = 32
     image_token_id: int = 50265
     model_type: str = "blip-2"
+
+    SUB_CONFIGS: ClassVar[dict[str, type]] = {"vision": Blip2VisionConfig, "qformer": QFormerConfig,
+                                              "text": OPTConfig, "draft": DraftConfig}
 
     def __post_init__(self):
         if self.model_type != "blip-2":
@@ -158,27 +160,6 @@ class Blip2Config:
     def num_image_tokens(self) -> int:
         return self.num_query_tokens
 
-    def replace(self, **changes) -> "Blip2Config":
-        return dataclasses.replace(self, **changes)
-
-    def with_draft(self, **changes) -> "Blip2Config":
-        return dataclasses.replace(self, draft=dataclasses.replace(self.draft, **changes))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Blip2Config":
-        data = dict(data)
-        sub = {"vision": Blip2VisionConfig, "qformer": QFormerConfig, "text": OPTConfig,
-               "draft": DraftConfig}
-        for key, sub_cls in sub.items():
-            if key in data:
-                data[key] = _build(sub_cls, data[key], key)
-        return _build(cls, data, "model")
 
 
 # --- shared pieces --------------------------------------------------------------------------
@@ -572,10 +553,9 @@ class Blip2Module(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         embeds = self.language_model.token_embeddings(input_ids)
         if image_features is not None:
-            is_image = input_ids == self.config.image_token_id
-            slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image_features.shape[1] - 1)
-            gathered = jnp.take_along_axis(image_features.astype(embeds.dtype), slot[..., None], axis=1)
-            embeds = jnp.where(is_image[..., None], gathered, embeds)
+            from fastvlm_jax.model import merge_image_features
+
+            embeds = merge_image_features(embeds, input_ids, image_features, self.config.image_token_id)
         return self.language_model.input_states(embeds, positions)
 
     def run_layers(self, hidden, positions, start, stop, cache=None, key_mask=None, collect=()):
@@ -588,12 +568,6 @@ class Blip2Module(nn.Module):
         return self.imitation(hidden, positions, kv, key_mask)
 
     def __call__(self, input_ids: Array, pixels: Array, positions: Array | None = None):
-        """Full and draft logits without a cache (used for init and checks)."""
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-        hidden = self.embed(input_ids, self.encode_images(pixels), positions)
-        exit_layer = self.config.draft.exit_layer
-        h_exit, _, _ = self.run_layers(hidden, positions, 0, exit_layer)
-        h_last, _, _ = self.run_layers(h_exit, positions, exit_layer, self.config.text.num_layers)
-        draft_hidden, _ = self.imitate(h_exit, positions)
-        return self.logits(h_last), self.logits(draft_hidden)
+        from fastvlm_jax.model import full_and_draft_logits
+
+        return full_and_draft_logits(self, input_ids, pixels, positions)

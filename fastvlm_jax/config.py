@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 VisionKind = Literal["clip", "siglip"]
 ImitationKind = Literal["ffn", "layer"]
@@ -89,8 +89,33 @@ class DraftConfig:
     hidden_size: int = 0
 
 
+class ModelConfigMixin:
+    """replace / with_draft / JSON for the top-level model configs (LLaVA, BLIP-2)."""
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def with_draft(self, **changes):
+        return dataclasses.replace(self, draft=dataclasses.replace(self.draft, **changes))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """Builds the config, sub-configs included; unknown keys raise ConfigError."""
+        data = dict(data)
+        for key, sub_cls in cls.SUB_CONFIGS.items():
+            if key in data:
+                data[key] = _build(sub_cls, data[key], key)
+        return _build(cls, data, "model")
+
+
 @dataclasses.dataclass(frozen=True)
-class VLMConfig:
+class VLMConfig(ModelConfigMixin):
     """A LLaVA-style VLM: vision tower -> 2-layer projector -> decoder, plus the draft path."""
 
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
@@ -102,6 +127,9 @@ class VLMConfig:
     projector_bias: bool = True
     image_token_id: int = 32000
     model_type: str = "llava"
+
+    SUB_CONFIGS: ClassVar[dict[str, type]] = {"vision": VisionConfig, "text": TextConfig,
+                                              "draft": DraftConfig}
 
     def __post_init__(self):
         if isinstance(self.vision_feature_layer, list):
@@ -128,27 +156,6 @@ class VLMConfig:
         if self.vision_feature_select_strategy == "default":
             tokens -= 1  # HF drops the first token (CLS for CLIP) under 'default'
         return tokens
-
-    def replace(self, **changes) -> "VLMConfig":
-        return dataclasses.replace(self, **changes)
-
-    def with_draft(self, **changes) -> "VLMConfig":
-        return dataclasses.replace(self, draft=dataclasses.replace(self.draft, **changes))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "VLMConfig":
-        data = dict(data)
-        sub = {"vision": VisionConfig, "text": TextConfig, "draft": DraftConfig}
-        for key, sub_cls in sub.items():
-            if key in data:
-                data[key] = _build(sub_cls, data[key], key)
-        return _build(cls, data, "model")
 
 
 def _build(cls, data: dict[str, Any], where: str):

@@ -147,8 +147,9 @@ _PREFIXES = (  # (HF prefix, canonical prefix); the first match wins
 )
 
 
-def canonical_name(hf_name: str) -> str | None:
-    for prefix, canonical in _PREFIXES:
+def canonical_name(hf_name: str, prefixes=_PREFIXES) -> str | None:
+    """HF tensor name -> our canonical name ('text.', 'vision.', ...), or None if unused."""
+    for prefix, canonical in prefixes:
         if hf_name.startswith(prefix):
             return canonical + hf_name[len(prefix):]
     return None

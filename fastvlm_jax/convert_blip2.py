@@ -35,7 +35,8 @@ import numpy as np
 from fastvlm_jax.blip2 import (Blip2Config, Blip2VisionConfig, OPTConfig, OPTDecoder, QFormerConfig,
                                init_imitation)
 from fastvlm_jax.config import ConfigError, DraftConfig
-from fastvlm_jax.convert import ConversionError, SafetensorsFolder
+from fastvlm_jax.convert import ConversionError, SafetensorsFolder, _conv, _identity, _linear
+from fastvlm_jax.convert import canonical_name as _canonical_name
 
 # --- HF config -> Blip2Config ---------------------------------------------------------------
 
@@ -152,22 +153,7 @@ _PREFIXES = (  # (HF prefix, canonical prefix); the first match wins
 
 
 def canonical_name(hf_name: str) -> str | None:
-    for prefix, canonical in _PREFIXES:
-        if hf_name.startswith(prefix):
-            return canonical + hf_name[len(prefix):]
-    return None
-
-
-def _identity(x):
-    return x
-
-
-def _linear(x):  # torch Linear [out, in] -> our kernel [in, out]
-    return np.transpose(x)
-
-
-def _conv(x):  # torch Conv2d [out, in, h, w] -> flax [h, w, in, out]
-    return np.transpose(x, (2, 3, 1, 0))
+    return _canonical_name(hf_name, _PREFIXES)
 
 
 def _drop_leading_ones(x):  # [1, 1, D] / [1, N, D] -> [D] / [N, D]

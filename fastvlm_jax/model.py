@@ -157,10 +157,7 @@ class VLMModule(nn.Module):
         embeds = self.language_model.embed(input_ids)
         if image_features is None:
             return embeds
-        is_image = input_ids == self.config.image_token_id
-        slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image_features.shape[1] - 1)
-        gathered = jnp.take_along_axis(image_features.astype(embeds.dtype), slot[..., None], axis=1)
-        return jnp.where(is_image[..., None], gathered, embeds)
+        return merge_image_features(embeds, input_ids, image_features, self.config.image_token_id)
 
     def run_layers(self, hidden, positions, start, stop, cache=None, key_mask=None, collect=()):
         return self.language_model.run_layers(hidden, positions, start, stop, cache, key_mask, collect)
@@ -172,15 +169,35 @@ class VLMModule(nn.Module):
         return self.imitation(hidden, positions, kv, key_mask)
 
     def __call__(self, input_ids: Array, pixels: Array, positions: Array | None = None):
-        """Full and draft logits without a cache (used for init and checks)."""
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-        hidden = self.embed(input_ids, self.encode_images(pixels), positions)
-        exit_layer = self.config.draft.exit_layer
-        h_exit, _, _ = self.run_layers(hidden, positions, 0, exit_layer)
-        h_last, _, _ = self.run_layers(h_exit, positions, exit_layer, self.config.text.num_layers)
-        draft_hidden, _ = self.imitate(h_exit, positions)
-        return self.logits(h_last), self.logits(draft_hidden)
+        return full_and_draft_logits(self, input_ids, pixels, positions)
+
+
+def merge_image_features(embeds: Array, input_ids: Array, image_features: Array,
+                         image_token_id: int) -> Array:
+    """Replaces the image placeholder tokens, in order, by the image features.
+
+    embeds: [batch, seq, embed]; input_ids: [batch, seq];
+    image_features: [batch, num_image_tokens, embed]. Returns [batch, seq, embed].
+    """
+    is_image = input_ids == image_token_id
+    slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image_features.shape[1] - 1)
+    gathered = jnp.take_along_axis(image_features.astype(embeds.dtype), slot[..., None], axis=1)
+    return jnp.where(is_image[..., None], gathered, embeds)
+
+
+def full_and_draft_logits(module, input_ids: Array, pixels: Array, positions: Array | None = None):
+    """Full and draft logits of a VLM module without a cache (used for init and checks).
+
+    The shallow layers run once; their exit-layer states feed both paths, as in decoding.
+    """
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+    hidden = module.embed(input_ids, module.encode_images(pixels), positions)
+    exit_layer = module.config.draft.exit_layer
+    h_exit, _, _ = module.run_layers(hidden, positions, 0, exit_layer)
+    h_last, _, _ = module.run_layers(h_exit, positions, exit_layer, module.config.text.num_layers)
+    draft_hidden, _ = module.imitate(h_exit, positions)
+    return module.logits(h_last), module.logits(draft_hidden)
 
 
 def build_module(config, dtype=jnp.float32) -> nn.Module:
