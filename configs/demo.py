@@ -1,0 +1,81 @@
+"""The offline `demo` model: a tiny LLaVA-style VLM trained from scratch on synthetic captions.
+
+Three stages, one config each (ARG = "stage[,ROOT]", ROOT default workdirs/demo):
+
+    python -m train.run --config configs/demo.py:base        # -> ROOT/base/export
+    python -m train.run --config configs/demo.py:imitation   # -> ROOT/imitation/export
+    python -m train.run --config configs/demo.py:refine      # -> ROOT/refine/export (the demo)
+
+or all three in one process: `python -m train.demo_recipe --root ROOT`.
+
+Sizes: 64x64 images with 16x16 patches (16 image tokens: a 4x4 grid over the scenes' 3x3
+cells, at full pixel resolution inside each patch), a 4-layer ViT, and an 8-layer decoder
+of width 256 whose draft path exits after layer 2: the draft costs about a third of the
+full model per token (2 of 8 layers + the imitation FFN), so self-speculative decoding
+has room to win even on CPU. The word-level tokenizer (510 sentencepiece pieces +
+<image> + <pad> = 512 ids) is trained on the synthetic caption corpus.
+
+Compute is bfloat16 with float32 master weights and optimizer state: on the 2-core AVX-512
+CPUs this was tuned on, bf16 matmuls (oneDNN) made a step 2.4x faster than float32 at
+the same loss curve (measured: 0.95 s vs 2.3 s per step of 32 x 96 tokens).
+"""
+
+from fastvlm_jax.config import DraftConfig, TextConfig, VisionConfig, VLMConfig
+from fastvlm_jax.sharding import MeshConfig
+from train.config import (CheckpointConfig, DataConfig, LossConfig, OptimConfig, TokenizerConfig,
+                          TrainConfig)
+
+DEFAULT_ROOT = "workdirs/demo"
+
+
+def demo_model() -> VLMConfig:
+    return VLMConfig(
+        vision=VisionConfig(kind="clip", image_size=64, patch_size=16, hidden_size=128,
+                            intermediate_size=256, num_layers=4, num_heads=4),
+        text=TextConfig(vocab_size=0, hidden_size=256, intermediate_size=512, num_layers=8,
+                        num_heads=4, num_kv_heads=2, max_position_embeddings=512),
+        draft=DraftConfig(exit_layer=2, kind="ffn", hidden_size=512),
+        vision_feature_layer=-2,
+        image_token_id=-1,  # vocab_size 0: both come from the tokenizer
+    )
+
+
+def get_config(arg: str = "base") -> TrainConfig:
+    stage, _, root = arg.partition(",")
+    root = root or DEFAULT_ROOT
+    previous = {"imitation": "base", "refine": "imitation"}.get(stage)
+    common = dict(
+        stage=stage,
+        workdir=f"{root}/{stage}",
+        init_from=f"{root}/{previous}/export" if previous else None,
+        model=demo_model() if stage == "base" else None,
+        # 20000 training scenes; the run sees well under one epoch.
+        data=DataConfig(name="synthetic_captions/default", read_threads=4),
+        tokenizer=TokenizerConfig(train_vocab_size=510, byte_fallback=True, train_corpus_size=20000),
+        seq_len=96,  # 27-token prompt + the longest caption with its EOS (64 tokens)
+        compute_dtype="bfloat16",
+        mesh=MeshConfig(data=-1),
+        checkpoint=CheckpointConfig(save_every=100, keep=2),
+        log_every=10,
+        seed=0,
+    )
+    if stage == "base":
+        return TrainConfig(
+            batch_size=32, steps=240,
+            optim=OptimConfig(learning_rate=2e-3, warmup_steps=30, end_lr_factor=0.05,
+                              weight_decay=0.01, grad_clip_norm=1.0),
+            **common)
+    if stage == "imitation":
+        return TrainConfig(
+            batch_size=32, steps=150,
+            optim=OptimConfig(learning_rate=2e-3, warmup_steps=10, end_lr_factor=0.1),
+            loss=LossConfig(cos=1.0, kd=1.0, ce=0.1, temperature=1.0),
+            **common)
+    if stage == "refine":
+        return TrainConfig(
+            batch_size=32, steps=50,
+            optim=OptimConfig(learning_rate=5e-4, warmup_steps=5, end_lr_factor=0.1),
+            loss=LossConfig(cos=1.0, kd=1.0, ce=0.1, temperature=1.0, refine_disagreement_weight=4.0),
+            refine_max_new_tokens=64,
+            **common)
+    raise ValueError(f"unknown demo stage {stage!r}: use base, imitation or refine")

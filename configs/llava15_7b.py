@@ -1,0 +1,58 @@
+"""LLaVA-1.5-7B: train the draft (imitation network) on COCO captions, on a TPU pod slice.
+
+Inputs, prepared once:
+
+    python -m fastvlm_jax.convert --hf llava-hf/llava-1.5-7b-hf(local folder) \
+        --out checkpoints/llava-1.5-7b --exit-layer 8 --dtype bfloat16
+    # COCO files under MANUAL_DIR (see fastvlm_jax/data/tfds_builders.py), then
+    python -c "from fastvlm_jax.data.tfds_builders import build_dataset; \
+               build_dataset('coco_captions/karpathy', manual_dir='MANUAL_DIR')"
+
+Run on every host of the slice (JAX finds the other hosts by itself on Cloud TPU):
+
+    python -m train.run --config configs/llava15_7b.py            # imitation stage
+    python -m train.run --config configs/llava15_7b.py:refine     # then imitation learning
+
+The VLM stays frozen (bf16, FSDP-sharded over 8 chips: ~1.7 GB each); only the
+imitation network (one SwiGLU block of width 11008 after layer 8 of 32, 135M params)
+has float32 master weights and Adam moments. Layers 0-7 run once per step and feed
+both the frozen layers 8-31 (the teacher) and the imitation network.
+"""
+
+from fastvlm_jax.sharding import MeshConfig
+from train.config import CheckpointConfig, DataConfig, LossConfig, OptimConfig, TrainConfig
+
+CHECKPOINT = "checkpoints/llava-1.5-7b"
+WORKDIR = "workdirs/llava15_7b"
+# LLaVA-1.5's own short-caption instruction for COCO.
+QUESTION = "Provide a one-sentence caption for the provided image."
+
+
+def get_config(arg: str = "imitation", *, checkpoint: str = CHECKPOINT, workdir: str = WORKDIR,
+               batch_size: int = 256, mesh: MeshConfig = MeshConfig(data=-1, fsdp=8, tensor=1)
+               ) -> TrainConfig:
+    stage = arg or "imitation"
+    common = dict(
+        stage=stage,
+        workdir=f"{workdir}/{stage}",
+        init_from=checkpoint if stage == "imitation" else f"{workdir}/imitation/export",
+        data=DataConfig(name="coco_captions/karpathy", split="train", question=QUESTION,
+                        worker_count=8, read_threads=16),
+        batch_size=batch_size,
+        seq_len=640,  # 576 image tokens + ~20 prompt tokens + captions (COCO: < 40 tokens)
+        compute_dtype="bfloat16",
+        mesh=mesh,
+        checkpoint=CheckpointConfig(save_every=500, keep=3, async_save=True),
+        log_every=20,
+    )
+    if stage == "imitation":
+        return TrainConfig(steps=6000, optim=OptimConfig(learning_rate=3e-4, warmup_steps=300,
+                                                         end_lr_factor=0.05, weight_decay=0.0),
+                           loss=LossConfig(cos=1.0, kd=1.0, ce=0.1, temperature=1.0), **common)
+    if stage == "refine":
+        return TrainConfig(steps=1500, optim=OptimConfig(learning_rate=1e-4, warmup_steps=100,
+                                                         end_lr_factor=0.1),
+                           loss=LossConfig(cos=1.0, kd=1.0, ce=0.1, temperature=1.0,
+                                           refine_disagreement_weight=4.0),
+                           refine_max_new_tokens=48, **common)
+    raise ValueError(f"stage {stage!r}: this config trains the draft ('imitation' or 'refine')")

@@ -1,0 +1,257 @@
+"""Training: config overrides, losses, input pipeline, sharded steps, stages.
+
+In-process tests on the 8 CPU devices of conftest; the multi-process and kill/resume
+tests are in test_train_distributed.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from tests import train_helpers as th
+from train import config as config_lib
+from train import input as input_lib
+from train import losses
+from train import params as param_lib
+from train.refine import compose_sequences
+from train.run import train
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("train_data")
+    th.build_tiny_data(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------
+
+
+def test_overrides_convert_types_and_reject_unknown_keys():
+    cfg = th.tiny_config("base")
+    new = config_lib.apply_overrides(cfg, {
+        "steps": "7", "optim.learning_rate": "3e-4", "checkpoint.async_save": "false",
+        "data.data_dir": "/x", "init_from": "none", "trainable": "imitation/.*,projector/.*",
+        "model.text.num_layers": "3", "model.draft.exit_layer": "2", "mesh.tensor": "2",
+        "compute_dtype": "bfloat16"})
+    assert new.steps == 7 and new.optim.learning_rate == 3e-4 and new.checkpoint.async_save is False
+    assert new.data.data_dir == "/x" and new.init_from is None
+    assert new.trainable == ("imitation/.*", "projector/.*")
+    assert new.model.text.num_layers == 3 and new.model.draft.exit_layer == 2 and new.mesh.tensor == 2
+    with pytest.raises(config_lib.ConfigError, match="unknown config key 'optim.lr'"):
+        config_lib.apply_overrides(cfg, {"optim.lr": "1"})
+    with pytest.raises(config_lib.ConfigError, match="not int"):
+        config_lib.apply_overrides(cfg, {"steps": "many"})
+    with pytest.raises(config_lib.ConfigError, match="choose one of"):
+        config_lib.apply_overrides(cfg, {"stage": "pretrain"})
+    with pytest.raises(config_lib.ConfigError, match="group of settings"):
+        config_lib.apply_overrides(cfg, {"optim": "1"})
+    # Validated together: exit_layer 3 needs num_layers > 3.
+    with pytest.raises(config_lib.ConfigError, match="exit_layer"):
+        config_lib.apply_overrides(cfg, {"model.draft.exit_layer": "3"})
+
+
+@pytest.mark.parametrize("spec", ["demo.py:base", "demo.py:imitation", "demo.py:refine",
+                                  "llava15_7b.py", "llava15_13b.py"])
+def test_config_files_load(spec):
+    cfg = config_lib.load_config_file(str(th.REPO / "configs" / spec))
+    assert isinstance(cfg, config_lib.TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------
+
+
+def test_losses_reference_values():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(2, 3, 5)), jnp.float32)
+    other = jnp.asarray(rng.normal(size=(2, 3, 5)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 5, size=(2, 3)), jnp.int32)
+    mask = jnp.asarray([[1, 1, 0], [0, 1, 1]], jnp.float32)
+
+    log_p = jax.nn.log_softmax(logits)
+    want_ce = -sum(log_p[b, t, targets[b, t]] * mask[b, t] for b in range(2) for t in range(3))
+    np.testing.assert_allclose(losses.cross_entropy(logits, targets, mask), want_ce, rtol=1e-6)
+
+    # KL is zero against itself, positive otherwise, and scales as T^2 * KL(p_T || q_T).
+    assert abs(float(losses.kl_distillation(logits, logits, mask, 2.0))) < 1e-6
+    t = 2.0
+    p, q = jax.nn.softmax(other / t), jax.nn.softmax(logits / t)
+    want_kl = t * t * jnp.sum(jnp.sum(p * (jnp.log(p) - jnp.log(q)), -1) * mask)
+    np.testing.assert_allclose(losses.kl_distillation(logits, other, mask, t), want_kl, rtol=1e-5)
+
+    h = jnp.asarray(rng.normal(size=(2, 3, 4)), jnp.float32)
+    assert abs(float(losses.cosine_distance(h, 3.0 * h, mask))) < 1e-6
+    np.testing.assert_allclose(losses.cosine_distance(h, -h, mask), 2.0 * mask.sum(), rtol=1e-6)
+
+    assert float(losses.top1_agreement(logits, logits, mask)) == float(mask.sum())
+    w = losses.disagreement_weights(logits, other, mask, 4.0)
+    differs = jnp.argmax(logits, -1) != jnp.argmax(other, -1)
+    np.testing.assert_array_equal(w, mask * jnp.where(differs, 4.0, 1.0))
+
+
+# ---------------------------------------------------------------------------------------
+# Input
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from train.run import make_tokenizer
+
+    return make_tokenizer(th.tiny_config("base"), None)
+
+
+def test_text_format_masks_exactly_the_caption(tokenizer):
+    fmt = input_lib.TextFormat(tokenizer, "Describe the image.", num_image_tokens=4, seq_len=40)
+    caption = "a small red circle on a plain blue background."
+    ex = fmt(caption)
+    answer = tokenizer.encode(caption, add_bos=False) + [tokenizer.eos_id]
+    n = fmt.prompt_len + len(answer)
+    assert list(ex["input_ids"][:n]) == fmt.prompt + answer
+    assert (ex["input_ids"][n:] == tokenizer.pad_id).all()
+    np.testing.assert_array_equal(ex["targets"][:-1], ex["input_ids"][1:])
+    # Trained positions are those whose next token is a caption token or EOS.
+    trained = ex["targets"][ex["loss_mask"] > 0]
+    assert list(trained) == answer
+    assert list(ex["input_ids"][: fmt.prompt_len]).count(tokenizer.image_token_id) == 4
+    # Too long: cut at seq_len, the mask stays inside.
+    short = input_lib.TextFormat(tokenizer, "Describe the image.", 4, fmt.prompt_len + 3)(caption)
+    assert short["loss_mask"].sum() == 3 and short["input_ids"].shape == (fmt.prompt_len + 3,)
+
+
+def test_global_order_does_not_depend_on_host_count():
+    one = input_lib.GlobalBatchSampler(10, 4, (0, 4), seed=3)
+    halves = [input_lib.GlobalBatchSampler(10, 4, rows, seed=3) for rows in ((0, 2), (2, 4))]
+    for step in range(6):  # crosses epoch boundaries (10 records, 4 per batch)
+        full = [one[step * 4 + r] for r in range(4)]
+        split = [halves[r // 2][step * 2 + r % 2] for r in range(4)]
+        assert [m.record_key for m in full] == [m.record_key for m in split]
+        draws = [m.rng.integers(1 << 30) for m in full]
+        assert draws == [m.rng.integers(1 << 30) for m in split]
+    # Each epoch visits every record once, in a seeded order that changes per epoch.
+    epoch0 = [one[i].record_key for i in range(10)]
+    epoch1 = [one[i].record_key for i in range(10, 20)]
+    assert sorted(epoch0) == sorted(epoch1) == list(range(10)) and epoch0 != epoch1
+    assert [input_lib.GlobalBatchSampler(10, 4, (0, 4), seed=4)[i].record_key for i in range(10)] != epoch0
+
+
+def test_loader_resumes_from_saved_state(data_dir, tokenizer):
+    from fastvlm_jax.data import tfds_builders
+
+    source = tfds_builders.open_split("synthetic_captions/tiny", "train", str(data_dir), decode=False)
+    image_config = input_lib.default_image_config("clip", 16)
+    transform = input_lib.CaptionExample(tokenizer, image_config, "Describe the image.", 4, 48)
+    loader = input_lib.make_loader(source, transform, 8, (0, 8), seed=1)
+    it = iter(loader)
+    first = [next(it) for _ in range(3)]
+    state = it.get_state()
+    after = [next(it) for _ in range(2)]
+    again = iter(loader)
+    again.set_state(state)
+    for want in after:
+        got = next(again)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+    assert first[0]["pixels"].shape == (8, 16, 16, 3) and first[0]["input_ids"].shape == (8, 48)
+    # The transform pickles (grain worker processes) with its tokenizer.
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(transform))
+    record = source[0]
+    a = clone.random_map(record, np.random.default_rng(0))
+    b = transform.random_map(record, np.random.default_rng(0))
+    np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+
+
+def test_compose_refine_sequences():
+    ids = jnp.asarray([[1, 5, 6, 7, 8, 9], [1, 5, 6, 7, 8, 9]], jnp.int32)
+    plen = jnp.asarray([2, 3], jnp.int32)
+    gen = jnp.asarray([[20, 21, 2, -1], [30, 31, 32, 33]], jnp.int32)
+    num = jnp.asarray([3, 4], jnp.int32)
+    out = compose_sequences(ids, plen, gen, num, pad_id=0)
+    np.testing.assert_array_equal(out["input_ids"], [[1, 5, 20, 21, 2, 0], [1, 5, 6, 30, 31, 32]])
+    np.testing.assert_array_equal(out["targets"], [[5, 20, 21, 2, 0, 0], [5, 6, 30, 31, 32, 0]])
+    np.testing.assert_array_equal(out["loss_mask"], [[0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0]])
+
+
+def test_split_and_merge_params():
+    tree = {"a": {"x": 1, "y": 2}, "b": {"z": 3}}
+    paths = param_lib.trainable_paths(tree, ["a/x", "b/.*"])
+    assert paths == {"a/x", "b/z"}
+    chosen, rest = param_lib.split(tree, paths)
+    assert chosen == {"a": {"x": 1}, "b": {"z": 3}} and rest == {"a": {"y": 2}}
+    assert param_lib.merge(chosen, rest) == tree
+    with pytest.raises(ValueError, match="matches no parameter"):
+        param_lib.trainable_paths(tree, ["c/.*"])
+
+
+# ---------------------------------------------------------------------------------------
+# Sharded training
+# ---------------------------------------------------------------------------------------
+
+
+def test_same_losses_on_one_and_eight_devices(data_dir, tmp_path):
+    """20 steps on 1 device and on 8 with data/fsdp/tensor meshes; one run also
+    accumulates gradients over 2 micro-batches. float32: relative 1e-5."""
+    common = {"data.data_dir": data_dir, "steps": 20, "checkpoint.save_final": False}
+    runs = {
+        "1dev": dict(num_devices=1, **{"mesh.data": 1}),
+        "data8": {"mesh.data": 8},
+        "data2_tensor4_accum2": {"mesh.data": 2, "mesh.tensor": 4, "grad_accum": 2},
+        "fsdp4_tensor2": {"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2},
+    }
+    curves = {}
+    for name, overrides in runs.items():
+        cfg = th.tiny_config("base", **common, **overrides)
+        result = train(cfg, tmp_path / name, progress=False)
+        assert result.status == "done" and result.step == 20
+        curves[name] = th.losses(tmp_path / name)
+    reference = curves.pop("1dev")
+    assert sorted(reference) == list(range(1, 21))
+    assert reference[20] < reference[1]  # it learns
+    for name, curve in curves.items():
+        np.testing.assert_allclose([curve[s] for s in range(1, 21)],
+                                   [reference[s] for s in range(1, 21)], rtol=1e-5, err_msg=name)
+
+
+def _flat(params):
+    return {param_lib.path_str(p): np.asarray(v)
+            for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def test_draft_stages_leave_the_base_model_bit_identical(data_dir, tmp_path):
+    from fastvlm_jax.checkpoint import load_checkpoint
+
+    # One device: the property does not depend on sharding (the tests above cover that),
+    # and single-device programs compile several times faster.
+    common = {"data.data_dir": data_dir, "checkpoint.export": True, "num_devices": 1, "mesh.data": 1}
+    base = train(th.tiny_config("base", steps=3, **common), tmp_path / "base", progress=False)
+    imitation = train(th.tiny_config("imitation", steps=4, init_from=base.export_dir, **common),
+                      tmp_path / "imitation", progress=False)
+    refine = train(th.tiny_config("refine", steps=3, init_from=imitation.export_dir,
+                                  refine_max_new_tokens=8, **common),
+                   tmp_path / "refine", progress=False)
+    before = _flat(load_checkpoint(base.export_dir).params)
+    middle = _flat(load_checkpoint(imitation.export_dir).params)
+    after = load_checkpoint(refine.export_dir)
+    assert after.tokenizer is not None and after.image_config is not None
+    after = _flat(after.params)
+    assert before.keys() == after.keys()
+    for key in before:
+        if key.startswith("imitation/"):
+            continue
+        assert before[key].dtype == after[key].dtype and np.array_equal(before[key], after[key]), key
+    # ...while the imitation network did train in both draft stages.
+    moved = [k for k in before if k.startswith("imitation/") and not np.array_equal(before[k], middle[k])]
+    assert moved
+    assert any(not np.array_equal(middle[k], after[k]) for k in moved)
+    records = th.losses(tmp_path / "refine")
+    assert len(records) == 3 and all(np.isfinite(list(records.values())))

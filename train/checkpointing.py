@@ -1,0 +1,140 @@
+"""Training checkpoints (orbax CheckpointManager), preemption, and the final export.
+
+A training checkpoint holds what the run cannot recompute:
+
+    workdir/checkpoints/<step>/
+      state/   TrainState: step, *trainable* params, optimizer state, rng (sharded arrays)
+      data/    the grain iterator position, one JSON file per process
+      meta/    {"stage", "init_from", "config"}: what the frozen params come from
+
+Frozen parameters are not saved: they are a pure function of `init_from` (a checkpoint
+in our format) or of the seed (from-scratch init), and for a draft stage on a 7B model
+they are >99% of the bytes. Resuming re-reads them from the same source; `meta` records
+that source and a resume from a different one fails loudly. The full model is written
+once, at the end, by `export` (fastvlm_jax.checkpoint format).
+
+Preemption: `PreemptionFlag` catches SIGTERM and only sets a flag; the loop saves at the
+next step boundary and exits, so a save never races a half-done update.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from fastvlm_jax.checkpoint import save_checkpoint
+
+
+class _FrozenIteratorState:
+    """The data position captured at save time.
+
+    orbax may run item handlers after `save()` returns (async checkpointing) while
+    training already consumes the next batches; grain's handler calls get_state() when it
+    runs, so it gets this snapshot instead of the live iterator.
+    """
+
+    def __init__(self, state: bytes):
+        self._state = state
+
+    def get_state(self) -> bytes:
+        return self._state
+
+
+class Checkpointer:
+    """Save / restore TrainState + data iterator + metadata under `directory`."""
+
+    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(
+            Path(directory).absolute(),
+            item_names=("state", "data", "meta"),
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": grain.checkpoint.CheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()},
+            options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iterator: Any, meta: dict[str, Any]) -> None:
+        snapshot = _FrozenIteratorState(data_iterator.get_state())
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(snapshot),
+            meta=ocp.args.JsonSave(meta)), force=True)
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The metadata alone (checked before restoring arrays into a target)."""
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
+        """Restores the state into `abstract_state` (ShapeDtypeStructs carrying shardings)
+        and moves `data_iterator` to the saved position."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        return restored["state"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+class PreemptionFlag:
+    """Set by SIGTERM (TPU preemption notice, `kill`); polled at step boundaries.
+
+    With several processes, all must stop at the same step to join the final save, so the
+    local flags are combined by an all-gather. That is a host-device sync, so it runs only
+    every `sync_every` steps (the loop syncs there anyway to log metrics); a single
+    process checks its flag every step for free.
+    """
+
+    def __init__(self, sync_every: int = 1, signals=(signal.SIGTERM,)):
+        self._event = threading.Event()
+        self._previous = {}
+        self.sync_every = max(1, sync_every)
+        if threading.current_thread() is threading.main_thread():
+            for sig in signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self._event.set()
+
+    def should_stop(self, step: int) -> bool:
+        local = self._event.is_set()
+        if jax.process_count() == 1:
+            return local
+        if step % self.sync_every:
+            return False
+        flags = multihost_utils.process_allgather(np.array([local], np.int32))
+        return bool(np.any(flags))
+
+    def restore_handlers(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def export(path: str | Path, model_config, params, tokenizer=None, image_config=None) -> Path:
+    """Writes the whole model (frozen + trained params) in our checkpoint format.
+
+    Every process takes part in writing the sharded params; only process 0 writes the
+    tokenizer and preprocessor files (same content, one writer).
+    """
+    primary = jax.process_index() == 0
+    return save_checkpoint(path, model_config, params,
+                           tokenizer=tokenizer if primary else None,
+                           image_config=image_config if primary else None)

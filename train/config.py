@@ -1,0 +1,310 @@
+"""Typed, frozen training configs and `key=value` overrides.
+
+A config file is Python in configs/ that defines `get_config(arg: str | None)` and
+returns a `TrainConfig`. The CLI applies dotted overrides on top of it, converting each
+value to the type of the field it replaces:
+
+    python -m train.run --config configs/demo.py:imitation steps=50 optim.learning_rate=3e-4 \
+        model.text.num_layers=4 mesh.tensor=2 trainable=imitation/.*,projector/.*
+
+Unknown keys fail with the list of keys that exist, so a typo never trains a different
+model silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import types
+import typing
+from typing import Any, Literal
+
+from fastvlm_jax.config import VLMConfig
+from fastvlm_jax.sharding import MeshConfig
+
+Stage = Literal["base", "imitation", "refine"]
+STAGES: tuple[str, ...] = ("base", "imitation", "refine")
+
+# Which parameters each stage trains by default (regexes over '/'-joined param paths).
+# The draft stages leave the VLM frozen, so the full model's outputs never change.
+DEFAULT_TRAINABLE: dict[str, tuple[str, ...]] = {
+    "base": ("vision_tower/.*", "projector/.*", "language_model/.*"),
+    "imitation": ("imitation/.*",),
+    "refine": ("imitation/.*",),
+}
+
+
+class ConfigError(ValueError):
+    """A training config or override is invalid."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where examples come from and how they become prompts.
+
+    name: a TFDS dataset of ours, "name[/config][:version]" (see fastvlm_jax.data.tfds_builders).
+    synthetic_num_train: for synthetic_captions only: when > 0, generate a build with this many
+      training images (if missing) instead of reading a pre-built config.
+    question: the user turn of the LLaVA prompt; the caption is the assistant's answer.
+    worker_count: grain worker processes (0 reads in the training process).
+    read_threads: grain reader threads (record fetching, not transforms).
+    """
+
+    name: str = "synthetic_captions/tiny"
+    split: str = "train"
+    data_dir: str | None = None
+    synthetic_num_train: int = 0
+    synthetic_image_size: int = 64
+    question: str = "Describe the image."
+    worker_count: int = 0
+    read_threads: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    """path: a tokenizer folder. Empty: take the init_from checkpoint's; with no checkpoint,
+    train a sentencepiece model on the synthetic caption corpus (deterministic), which is
+    how the from-scratch demo gets its tokenizer."""
+
+    path: str = ""
+    train_vocab_size: int = 512
+    train_corpus_size: int = 20000
+    byte_fallback: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup + cosine decay to `end_lr_factor * learning_rate`."""
+
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    end_lr_factor: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.98
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Weights of the draft-stage losses (the base stage uses plain cross-entropy).
+
+    cos: 1 - cos(imitation(h_exit), h_last); kd: T^2 * KL(full/T || draft/T);
+    ce: cross-entropy of the draft logits on the labels. refine_disagreement_weight: in the
+    refine stage, positions where the draft's argmax differs from the full model's count
+    this many times (1 disables the reweighting).
+    """
+
+    cos: float = 1.0
+    kd: float = 1.0
+    ce: float = 0.1
+    temperature: float = 1.0
+    refine_disagreement_weight: float = 4.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    save_every: int = 1000  # steps; 0 saves only at the end and on SIGTERM
+    save_final: bool = True  # also save at the last step (a finished run then resumes as done)
+    keep: int = 3
+    async_save: bool = True
+    export: bool = True  # write workdir/export in our checkpoint format at the end
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run: a stage of the recipe.
+
+    model: the VLM to build from scratch (seeded), or None with `init_from` set.
+      model.text.vocab_size == 0 means "the tokenizer's size, rounded up to a multiple of
+      128", and then image_token_id is taken from the tokenizer too.
+    init_from: a checkpoint in our format (fastvlm_jax.checkpoint) to start from. Frozen
+      parameters always come from here (or from the seed), never from a training checkpoint.
+    trainable: regexes over '/'-joined param paths ("language_model/layers_3/.*"); empty ->
+      DEFAULT_TRAINABLE[stage].
+    batch_size: global batch (all hosts), split into grad_accum micro-batches per step.
+    seq_len: prompt (with image tokens) + caption + EOS, right-padded / truncated.
+    compute_dtype: "float32" or "bfloat16" (master weights and optimizer state stay float32).
+    num_devices: use the first N devices (0: all), e.g. to run a 1-device reference.
+    refine_max_new_tokens: refine stage: most tokens the full model generates per example
+      (0: fill seq_len).
+    """
+
+    stage: Stage = "base"
+    model: VLMConfig | None = None
+    init_from: str | None = None
+    trainable: tuple[str, ...] = ()
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    image_preset: str = "clip"
+    batch_size: int = 32
+    grad_accum: int = 1
+    seq_len: int = 128
+    steps: int = 1000
+    optim: OptimConfig = OptimConfig()
+    loss: LossConfig = LossConfig()
+    mesh: MeshConfig = MeshConfig()
+    num_devices: int = 0
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    seed: int = 0
+    compute_dtype: str = "float32"
+    log_every: int = 10
+    workdir: str = ""
+    refine_max_new_tokens: int = 0
+    debug_step_delay_s: float = 0.0  # sleep after each step (tests interrupt runs mid-way)
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ConfigError(f"stage={self.stage!r}: use one of {STAGES}")
+        if self.model is None and not self.init_from:
+            raise ConfigError("set `model` (train from scratch) or `init_from` (a checkpoint)")
+        if self.stage != "base" and not self.init_from:
+            raise ConfigError(f"stage {self.stage!r} trains the draft of a trained VLM: set init_from")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"compute_dtype={self.compute_dtype!r}: use 'float32' or 'bfloat16'")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch_size={self.batch_size} is not a multiple of grad_accum={self.grad_accum}")
+        if self.image_preset not in ("clip", "siglip"):
+            raise ConfigError(f"image_preset={self.image_preset!r}: use 'clip' or 'siglip'")
+
+    @property
+    def trainable_patterns(self) -> tuple[str, ...]:
+        return self.trainable or DEFAULT_TRAINABLE[self.stage]
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+# ---------------------------------------------------------------------------------------
+# Config files and overrides
+# ---------------------------------------------------------------------------------------
+
+
+def load_config_file(spec: str) -> TrainConfig:
+    """"path/to/config.py[:arg]" -> get_config(arg) (big_vision's convention)."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_train_config", path)
+    if module_spec is None or module_spec.loader is None:
+        raise ConfigError(f"cannot load config file {path!r}")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} does not define get_config()")
+    config = module.get_config(arg) if arg else module.get_config()
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, not TrainConfig")
+    return config
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    out = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {arg!r} is not of the form key=value")
+        out[key.strip()] = value
+    return out
+
+
+def apply_overrides(config: Any, overrides: dict[str, str]) -> Any:
+    """Returns `config` with dotted `key=value` overrides applied (values are strings).
+
+    All overrides are applied at once, bottom-up, so fields that are validated together
+    (num_layers and exit_layer) may change together.
+    """
+    tree: dict[str, Any] = {}
+    for key, value in overrides.items():
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r} conflicts with another override")
+        node[parts[-1]] = value
+    return _apply(config, tree, "")
+
+
+def _apply(config: Any, tree: dict[str, Any], prefix: str) -> Any:
+    if not dataclasses.is_dataclass(config):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} is {config!r}: it has no fields to override")
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    hints = typing.get_type_hints(type(config))
+    changes = {}
+    for name, value in tree.items():
+        if name not in fields:
+            where = f"keys of {prefix.rstrip('.')}" if prefix else "top-level keys"
+            raise ConfigError(f"unknown config key {prefix + name!r}; {where} are: {sorted(fields)}")
+        current = getattr(config, name)
+        if isinstance(value, dict):
+            changes[name] = _apply(current, value, f"{prefix}{name}.")
+        else:
+            if dataclasses.is_dataclass(current):
+                raise ConfigError(f"{prefix + name!r} is a group of settings; set its fields, e.g. "
+                                  f"{prefix + name}.{dataclasses.fields(current)[0].name}=...")
+            changes[name] = convert(value, hints[name], prefix + name)
+    try:
+        return dataclasses.replace(config, **changes)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"overrides of {prefix.rstrip('.') or 'the config'} are invalid: {e}") from None
+
+
+_NONE = ("none", "null", "")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def convert(text: str, annotation: Any, key: str = "value") -> Any:
+    """Parses `text` as a value of type `annotation` (bool/int/float/str, Optional, Union,
+    Literal, tuple[X, ...] as comma-separated items)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and text.strip().lower() in _NONE:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return convert(text, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}={text!r} matches none of {annotation}: {'; '.join(errors)}")
+    if origin is Literal:
+        for choice in args:
+            if str(choice) == text:
+                return choice
+        raise ConfigError(f"{key}={text!r}: choose one of {list(args)}")
+    if origin is tuple:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(convert(t, args[0], key) for t in items)
+        if len(items) != len(args):
+            raise ConfigError(f"{key}={text!r}: expected {len(args)} comma-separated values")
+        return tuple(convert(t, a, key) for t, a in zip(items, args))
+    if annotation is bool:
+        low = text.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ConfigError(f"{key}={text!r} is not a boolean (true/false)")
+    if annotation in (int, float):
+        try:
+            value = float(text) if annotation is float else int(text, 0)
+        except ValueError:
+            raise ConfigError(f"{key}={text!r} is not {annotation.__name__}") from None
+        return value
+    if annotation is str:
+        return text
+    if annotation is Any:
+        return text
+    raise ConfigError(f"{key}: cannot parse values of type {annotation}")

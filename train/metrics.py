@@ -1,0 +1,87 @@
+"""Metric logging: workdir/metrics.jsonl, a tqdm bar, and TensorBoard when installed.
+
+Only process 0 writes. JSONL lines are appended, so a resumed run continues the same
+file (lines past the restored step are dropped first: they belong to work that the
+checkpoint does not contain and will be redone).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _tensorboard_writer(directory: Path):
+    """A SummaryWriter from tensorboardX, or torch's when tensorboard is installed; else None.
+
+    Probed with find_spec first: importing torch only to find tensorboard missing costs
+    seconds at every start.
+    """
+    try:
+        if importlib.util.find_spec("tensorboardX"):
+            from tensorboardX import SummaryWriter
+        elif importlib.util.find_spec("tensorboard") and importlib.util.find_spec("torch"):
+            from torch.utils.tensorboard import SummaryWriter
+        else:
+            return None
+        return SummaryWriter(str(directory))
+    except Exception:  # a broken install must not stop training
+        return None
+
+
+def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
+    path = Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsLogger:
+    def __init__(self, workdir: str | Path, total_steps: int, start_step: int = 0,
+                 progress: bool = True, tensorboard: bool = True):
+        self.primary = jax.process_index() == 0
+        self.path = Path(workdir) / METRICS_FILE
+        self._bar = None
+        self._tb = None
+        if not self.primary:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [m for m in read_metrics(workdir) if m.get("step", 0) <= start_step]
+        self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        if tensorboard:
+            self._tb = _tensorboard_writer(Path(workdir) / "tensorboard")
+
+    def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Writes one record {"step": step, **metrics} (device arrays are fetched)."""
+        if not self.primary:
+            return {}
+        values = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+        record = {"step": int(step), **values}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._bar is not None:
+            self._bar.n = step
+            shown = {k: f"{values[k]:.4g}" for k in ("loss", "draft_agreement", "tokens_per_s") if k in values}
+            self._bar.set_postfix(shown, refresh=False)
+            self._bar.refresh()
+        if self._tb is not None:
+            for key, value in values.items():
+                self._tb.add_scalar(key, value, step)
+        return record
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()

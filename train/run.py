@@ -1,0 +1,344 @@
+"""Training CLI and loop: `python -m train.run --config configs/NAME.py[:ARG] [--workdir DIR] [k=v ...]`.
+
+One loop serves the three stages (base / imitation / refine); they differ in which
+parameters are trainable and in the loss (train/step.py). The run resumes from the
+latest checkpoint in the workdir automatically, saves every `checkpoint.save_every`
+steps and on SIGTERM, and exports the final model to workdir/export in our checkpoint
+format (with tokenizer and preprocessor), loadable by `python -m decode.run --ckpt`.
+
+Multi-host: pass --coordinator/--num-processes/--process-id, or set
+JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID, or run on a cluster JAX
+detects by itself (Cloud TPU pod, SLURM, Open MPI); then `jax.distributed.initialize()`
+is called before anything touches the devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from fastvlm_jax import checkpoint as ckpt_lib
+from fastvlm_jax import sharding
+from fastvlm_jax.config import VLMConfig
+from fastvlm_jax.model import VLM
+from fastvlm_jax.tokenizer import Tokenizer
+from train import checkpointing, input as input_lib, metrics as metrics_lib
+from train import params as param_lib
+from train import step as step_lib
+from train.config import ConfigError, TrainConfig, apply_overrides, load_config_file, parse_overrides
+
+EXPORT_DIR = "export"
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "train_config.json"
+
+
+# ---------------------------------------------------------------------------------------
+# Setup pieces
+# ---------------------------------------------------------------------------------------
+
+
+def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                                 process_id: int | None = None) -> None:
+    """jax.distributed.initialize() when flags, our env vars or a known cluster ask for it."""
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
+        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+    if process_id is None and os.environ.get("JAX_PROCESS_ID"):
+        process_id = int(os.environ["JAX_PROCESS_ID"])
+    if coordinator or num_processes:
+        if num_processes == 1:
+            return
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+        return
+    # Clusters JAX auto-detects: several TPU hosts, SLURM tasks or MPI ranks.
+    multi = (len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+             or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+             or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+    if multi:
+        jax.distributed.initialize()
+
+
+def make_tokenizer(cfg: TrainConfig, init_ckpt_tokenizer) -> Tokenizer:
+    """The configured tokenizer folder, else the init checkpoint's, else one trained on the
+    synthetic caption corpus (deterministic, so every host trains the same one)."""
+    if cfg.tokenizer.path:
+        return Tokenizer.load(cfg.tokenizer.path)
+    if init_ckpt_tokenizer is not None:
+        return init_ckpt_tokenizer
+    if cfg.init_from:
+        raise ConfigError(f"{cfg.init_from} has no tokenizer/ folder: set tokenizer.path")
+    from fastvlm_jax.data import synthetic
+
+    corpus = synthetic.caption_corpus(cfg.tokenizer.train_corpus_size)
+    return input_lib.train_caption_tokenizer(corpus, cfg.tokenizer.train_vocab_size,
+                                             cfg.tokenizer.byte_fallback,
+                                             prompt_lines=[input_lib.prompt_text(cfg.data.question)])
+
+
+def resolve_model_config(model: VLMConfig, tokenizer: Tokenizer) -> VLMConfig:
+    """vocab_size 0 -> the tokenizer's size rounded up to 128 (and its image token id)."""
+    if model.text.vocab_size == 0:
+        vocab = -(-tokenizer.vocab_size // 128) * 128
+        model = model.replace(text=dataclasses.replace(model.text, vocab_size=vocab),
+                              image_token_id=tokenizer.image_token_id)
+    if tokenizer.vocab_size > model.text.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
+                          f"{model.text.vocab_size}")
+    if tokenizer.image_token_id != model.image_token_id:
+        raise ConfigError(f"the tokenizer's image token id is {tokenizer.image_token_id}, the model's "
+                          f"image_token_id is {model.image_token_id}")
+    return model
+
+
+def open_source(cfg: TrainConfig):
+    """The training split as a random-access source (synthetic data is built if missing).
+
+    Process 0 builds first; the others wait at a barrier and then only find the files,
+    so no two processes write one dataset.
+    """
+    from jax.experimental import multihost_utils
+
+    from fastvlm_jax.data import tfds_builders
+
+    data = cfg.data
+    if tfds_builders.parse_dataset_name(data.name)[0] != "synthetic_captions":
+        return tfds_builders.open_split(data.name, data.split, data.data_dir, decode=False)
+    kwargs = {}
+    if data.synthetic_num_train > 0:
+        kwargs = dict(num_train=data.synthetic_num_train, num_validation=0, num_test=0,
+                      image_size=data.synthetic_image_size)
+    if jax.process_index() == 0:
+        tfds_builders.build_dataset(data.name, data.data_dir, **kwargs)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("train data ready")
+    # Reuses what process 0 wrote; resolves the folder of custom-size builds by their name.
+    builder = tfds_builders.build_dataset(data.name, data.data_dir, **kwargs)
+    return tfds_builders.CaptionSource(builder.data_dir, data.split, decode=False)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_init(config: VLMConfig, dtype) -> Callable:
+    return jax.jit(VLM(config, dtype).init)
+
+
+def init_params(model: VLM, seed: int, shardings) -> Any:
+    """Seeded from-scratch parameters, placed with `shardings`.
+
+    Initialised on one local device and then distributed: identical values on every
+    mesh and host count (each host computes the same tree and hands out its shards),
+    and one compiled init per model config rather than one per mesh (compiling a
+    flax init is slow on CPU). Models too big for one device start from `init_from`.
+    """
+    host = jax.device_get(_jitted_init(model.config, model.dtype)(jax.random.key(seed)))
+    return jax.tree.map(
+        lambda x, sh: jax.make_array_from_callback(x.shape, sh, lambda index: x[index]), host, shardings)
+
+
+# ---------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunResult:
+    status: str  # "done" | "preempted" | "stopped"
+    step: int
+    workdir: Path
+    export_dir: Path | None
+    last_metrics: dict[str, Any]
+
+
+def build_model(cfg: TrainConfig, mesh):
+    """(model, tokenizer, image config, init checkpoint params or None), from `init_from`
+    where it has them, else from the config."""
+    init = None
+    if cfg.init_from:
+        if cfg.model is not None:
+            raise ConfigError("set either model (from scratch) or init_from (its config is used)")
+        init = ckpt_lib.load_checkpoint(cfg.init_from, mesh=mesh)
+    tokenizer = make_tokenizer(cfg, init.tokenizer if init else None)
+    model_config = resolve_model_config(init.config if init else cfg.model, tokenizer)
+    image_config = (init.image_config if init and init.image_config is not None
+                    else input_lib.default_image_config(cfg.image_preset, model_config.vision.image_size))
+    dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
+    return VLM(model_config, dtype), tokenizer, image_config, (init.params if init else None)
+
+
+def build_data(cfg: TrainConfig, model: VLM, tokenizer, image_config, shardings):
+    """(iterator over this host's rows of each global batch, the prompt length)."""
+    source = open_source(cfg)
+    transform = input_lib.CaptionExample(tokenizer, image_config, cfg.data.question,
+                                         model.config.num_image_tokens, cfg.seq_len)
+    rows = input_lib.host_rows(shardings.batch["input_ids"], cfg.batch_size)
+    loader = input_lib.make_loader(source, transform, cfg.batch_size, rows, cfg.seed,
+                                   cfg.data.worker_count, cfg.data.read_threads)
+    return iter(loader), transform.text.prompt_len
+
+
+def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progress: bool = True,
+          stop_after: int | None = None) -> RunResult:
+    """Runs (or resumes) `cfg` in `workdir`; returns when done, when preempted (SIGTERM),
+    or after `stop_after` steps in this call."""
+    if not (workdir or cfg.workdir):
+        raise ConfigError("no workdir: pass --workdir or set workdir in the config")
+    workdir = Path(workdir or cfg.workdir).absolute()
+    primary = jax.process_index() == 0
+    if primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / CONFIG_FILE).write_text(cfg.to_json())
+    devices = jax.devices()[: cfg.num_devices] if cfg.num_devices else jax.devices()
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    model, tokenizer, image_config, params = build_model(cfg, mesh)
+
+    # Parameters: placed by logical axes, split into trainable (optimized) and frozen.
+    abstract = param_lib.unbox(model.abstract_params())
+    trainable_paths = param_lib.trainable_paths(abstract, cfg.trainable_patterns)
+    if cfg.stage != "base" and any(not p.startswith("imitation/") for p in trainable_paths):
+        # The draft stages promise an untouched full model (the head is shared with it).
+        raise ConfigError(f"stage {cfg.stage!r} may only train imitation/* parameters; "
+                          f"trainable={cfg.trainable_patterns} selects others too")
+    tx = step_lib.make_optimizer(cfg.optim, cfg.steps)
+    schedule = step_lib.make_schedule(cfg.optim, cfg.steps)
+    shardings = step_lib.make_shardings(model, mesh, trainable_paths, tx)
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (cfg.batch_size // cfg.grad_accum) % data_parallel:
+        raise ConfigError(f"micro-batch {cfg.batch_size // cfg.grad_accum} is not divisible by the "
+                          f"{data_parallel} data-parallel shards of mesh {dict(mesh.shape)}")
+    if params is None:
+        params = init_params(model, cfg.seed, param_lib.merge(shardings.state.params, shardings.frozen))
+    trainable, frozen = param_lib.split(params, trainable_paths)
+    del params
+    # float32 master weights for what we train, whatever the checkpoint's dtype; the
+    # export casts them back so the checkpoint keeps its dtype.
+    saved_dtypes = jax.tree.map(lambda x: x.dtype, trainable)
+    trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
+
+    data_iter, prompt_len = build_data(cfg, model, tokenizer, image_config, shardings)
+
+    # State: resume from the workdir, or start fresh.
+    checkpointer = checkpointing.Checkpointer(workdir / CHECKPOINT_DIR, cfg.checkpoint.keep,
+                                              cfg.checkpoint.async_save)
+    meta = {"stage": cfg.stage, "init_from": cfg.init_from, "seed": cfg.seed,
+            "process_count": jax.process_count()}
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        saved_meta = checkpointer.read_meta(latest)
+        for key in ("stage", "init_from", "seed", "process_count"):
+            if saved_meta.get(key) != meta[key]:
+                raise ConfigError(f"{workdir} holds a checkpoint with {key}={saved_meta.get(key)!r}, "
+                                  f"this run has {key}={meta[key]!r}: use a fresh workdir")
+        target = step_lib.abstract_state(shardings, param_lib.split(abstract, trainable_paths)[0], tx)
+        state = checkpointer.restore(latest, target, data_iter)
+    else:
+        state = step_lib.init_state(trainable, tx, cfg.seed, shardings)
+    del trainable
+    start_step = int(state.step)
+
+    train_step = step_lib.jit_train_step(model, step_lib.StepSpec(cfg.stage, cfg.loss, cfg.grad_accum),
+                                         tx, schedule, shardings, mesh)
+    refine_fn = None
+    if cfg.stage == "refine":
+        from train.refine import make_refine_fn
+
+        max_new = cfg.refine_max_new_tokens or (cfg.seq_len - prompt_len)
+        refine_fn = make_refine_fn(model, shardings, mesh, prompt_len, max_new, tokenizer.eos_id,
+                                   tokenizer.pad_id)
+
+    logger = metrics_lib.MetricsLogger(workdir, cfg.steps, start_step, progress=progress and primary)
+    preemption = checkpointing.PreemptionFlag(sync_every=cfg.log_every)
+    status, step, last, saved_step = "done", start_step, {}, latest
+    tokens_per_batch = cfg.batch_size * cfg.seq_len
+    window_start, window_steps = time.perf_counter(), 0
+    try:
+        while step < cfg.steps:
+            batch = input_lib.to_global(next(data_iter), shardings.batch, cfg.batch_size)
+            if refine_fn is not None:
+                batch = refine_fn(state.params, frozen, batch)
+            state, metrics = train_step(state, frozen, batch)
+            step += 1
+            window_steps += 1
+            if cfg.debug_step_delay_s:
+                time.sleep(cfg.debug_step_delay_s)
+            if step % cfg.log_every == 0 or step == cfg.steps or step == start_step + 1:
+                metrics = jax.device_get(metrics)  # waits for the step: the timings are real
+                elapsed = time.perf_counter() - window_start
+                metrics.update(step_time_s=elapsed / window_steps,
+                               tokens_per_s=tokens_per_batch * window_steps / elapsed)
+                if step == start_step + 1:
+                    metrics["compile_and_first_step_s"] = elapsed
+                last = logger.log(step, metrics) or last
+                window_start, window_steps = time.perf_counter(), 0
+            if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < cfg.steps:
+                checkpointer.save(step, state, data_iter, meta)
+                saved_step = step
+            if preemption.should_stop(step):
+                status = "preempted"
+                break
+            if stop_after is not None and step - start_step >= stop_after and step < cfg.steps:
+                status = "stopped"
+                break
+        if saved_step != step and (status != "done" or cfg.checkpoint.save_final):
+            checkpointer.save(step, state, data_iter, meta)
+        checkpointer.wait()
+        export_dir = None
+        if status == "done" and cfg.checkpoint.export:
+            trained = jax.tree.map(lambda x, dtype: x.astype(dtype), state.params, saved_dtypes)
+            export_dir = checkpointing.export(workdir / EXPORT_DIR, model.config,
+                                              param_lib.merge(trained, frozen), tokenizer, image_config)
+    finally:
+        logger.close()
+        checkpointer.close()
+        preemption.restore_handlers()
+    return RunResult(status, step, workdir, export_dir, last)
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.run", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Overrides are dotted key=value pairs, e.g. steps=100 optim.learning_rate=3e-4 "
+               "mesh.tensor=2 model.text.num_layers=4 trainable='imitation/.*'.")
+    parser.add_argument("--config", required=True, help="configs/NAME.py[:ARG] (ARG goes to get_config)")
+    parser.add_argument("--workdir", default=None, help="run folder (default: the config's workdir)")
+    parser.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-host)")
+    parser.add_argument("--num-processes", type=int, default=None)
+    parser.add_argument("--process-id", type=int, default=None)
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = apply_overrides(load_config_file(args.config), parse_overrides(args.overrides))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    result = train(cfg, args.workdir, progress=not args.no_progress)
+    if jax.process_index() == 0:
+        print(json.dumps({"status": result.status, "step": result.step, "workdir": str(result.workdir),
+                          "export": str(result.export_dir) if result.export_dir else None,
+                          "metrics": result.last_metrics}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""The sharded train step: losses per stage, AdamW, gradient accumulation, pjit.
+
+    state, metrics = train_step(state, frozen, batch)
+
+`state` (TrainState: step, trainable params, optimizer state, rng) is donated and comes
+back with the same shardings; `frozen` (the rest of the VLM) is read only. The batch
+is a dict of global arrays sharded over ('data', 'fsdp') on its leading axis:
+
+    pixels     [batch, height, width, 3] float32
+    input_ids  [batch, seq] int32     prompt (with image tokens) + caption + EOS + padding
+    targets    [batch, seq] int32     input_ids shifted left by one
+    loss_mask  [batch, seq] float32   1 where targets[t] is a caption token or EOS
+    prompt_len [batch] int32          prompt length (the caption starts there)
+
+Stages (all share one forward: the shallow layers run once and feed both paths):
+  base:       CE of the full model on the captions (+ draft metrics, no gradient).
+  imitation:  the VLM is frozen (stop_gradient teacher); the imitation network learns
+              w_cos * (1 - cos(IN(h_k), h_L)) + w_kd * T^2 KL(full || draft) + w_ce * CE(draft).
+  refine:     the same on sequences the full model generated itself, with the positions
+              where the draft's argmax disagreed weighted up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from fastvlm_jax import sharding
+from fastvlm_jax.model import VLM
+from train import losses
+from train import params as param_lib
+from train.config import LossConfig, OptimConfig
+
+Array = jax.Array
+Params = Any
+Batch = dict[str, Array]
+
+BATCH_KEYS = ("pixels", "input_ids", "targets", "loss_mask", "prompt_len")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training checkpoint holds besides the data position.
+
+    params: the trainable parameters only (float32 master copy).
+    rng: a raw uint32[2] key (typed keys do not serialize); unused by the deterministic
+      losses today, kept so sampling-based stages resume exactly.
+    """
+
+    step: Array
+    params: Params
+    opt_state: Any
+    rng: Array
+
+
+# ---------------------------------------------------------------------------------------
+# Optimizer
+# ---------------------------------------------------------------------------------------
+
+
+def make_schedule(optim: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0, then cosine decay to end_lr_factor * peak at total_steps."""
+    warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=optim.learning_rate, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=optim.learning_rate * optim.end_lr_factor)
+
+
+def make_optimizer(optim: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW; no weight decay on vectors (norms, biases)."""
+    decay_mask = lambda tree: jax.tree.map(lambda x: x.ndim >= 2, tree)  # noqa: E731
+    parts = []
+    if optim.grad_clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
+    parts.append(optax.adamw(make_schedule(optim, total_steps), b1=optim.b1, b2=optim.b2,
+                             eps=optim.eps, weight_decay=optim.weight_decay, mask=decay_mask))
+    return optax.chain(*parts)
+
+
+# ---------------------------------------------------------------------------------------
+# Losses per stage
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Static settings of the step (hashable: part of the jitted function)."""
+
+    stage: str
+    loss: LossConfig
+    grad_accum: int = 1
+
+
+def forward_losses(model: VLM, spec: StepSpec, trainable: Params, frozen: Params, batch: Batch,
+                   num_text: Array) -> tuple[Array, dict[str, Array]]:
+    """(loss, metrics) of one (micro-)batch, both normalised by `num_text`, the number of
+    text positions of the whole global batch (so micro-batch values add up exactly)."""
+    params = param_lib.merge(trainable, frozen)
+    cfg = model.config
+    exit_layer, num_layers = cfg.draft.exit_layer, cfg.text.num_layers
+    ids, targets, mask = batch["input_ids"], batch["targets"], batch["loss_mask"]
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+
+    hidden = model.embed(params, ids, model.encode_images(params, batch["pixels"]))
+    h_exit, _, _ = model.run_layers(params, hidden, positions, 0, exit_layer)
+    h_last, _, _ = model.run_layers(params, h_exit, positions, exit_layer, num_layers)
+    full_logits = model.logits(params, h_last)
+
+    if spec.stage == "base":
+        # The draft path is only measured here (untrained imitation = plain early exit).
+        draft_hidden, _ = model.imitate(params, jax.lax.stop_gradient(h_exit), positions)
+        draft_logits = jax.lax.stop_gradient(model.logits(params, draft_hidden))
+        ce = losses.cross_entropy(full_logits, targets, mask)
+        loss = ce
+        metrics = {"ce": ce}
+    else:
+        # Online teacher: the frozen deep layers' outputs, computed in this same pass.
+        teacher_hidden = jax.lax.stop_gradient(h_last)
+        teacher_logits = jax.lax.stop_gradient(full_logits)
+        draft_hidden, _ = model.imitate(params, jax.lax.stop_gradient(h_exit), positions)
+        draft_logits = model.logits(params, draft_hidden)
+        weights = mask
+        if spec.stage == "refine":
+            weights = losses.disagreement_weights(draft_logits, teacher_logits, mask,
+                                                  spec.loss.refine_disagreement_weight)
+        cos = losses.cosine_distance(draft_hidden, teacher_hidden, weights)
+        kd = losses.kl_distillation(draft_logits, teacher_logits, weights, spec.loss.temperature)
+        ce = losses.cross_entropy(draft_logits, targets, weights)
+        loss = spec.loss.cos * cos + spec.loss.kd * kd + spec.loss.ce * ce
+        metrics = {"cos": cos, "kd": kd, "draft_ce": ce}
+        draft_logits = jax.lax.stop_gradient(draft_logits)
+
+    metrics.update(
+        draft_agreement=losses.top1_agreement(draft_logits, full_logits, mask),
+        draft_acc=losses.top1_accuracy(draft_logits, targets, mask),
+        full_acc=losses.top1_accuracy(jax.lax.stop_gradient(full_logits), targets, mask),
+    )
+    metrics = {k: v / num_text for k, v in metrics.items()}
+    return loss / num_text, metrics
+
+
+def _micro_batches(batch: Batch, num: int) -> Batch:
+    """[batch, ...] -> [num, batch // num, ...]; micro-batch j takes rows j, j + num, ...
+
+    Strided rather than contiguous so that each device's rows split evenly into the
+    micro-batches and the data sharding of the leading axis survives the reshape.
+    """
+    def one(x):
+        x = x.reshape((x.shape[0] // num, num) + x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    return jax.tree.map(one, batch)
+
+
+def train_step(model: VLM, spec: StepSpec, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, state: TrainState, frozen: Params, batch: Batch
+               ) -> tuple[TrainState, dict[str, Array]]:
+    """One optimizer update from one global batch (pure; jit it with `jit_train_step`)."""
+    num_text = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+    grad_fn = jax.value_and_grad(forward_losses, argnums=2, has_aux=True)
+
+    if spec.grad_accum == 1:
+        (loss, metrics), grads = grad_fn(model, spec, state.params, frozen, batch, num_text)
+    else:
+        def micro_step(grads, micro):
+            (loss, metrics), micro_grads = grad_fn(model, spec, state.params, frozen, micro, num_text)
+            return jax.tree.map(jnp.add, grads, micro_grads), (loss, metrics)
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, (loss, metrics) = jax.lax.scan(micro_step, zeros,
+                                              _micro_batches(batch, spec.grad_accum))
+        # Each micro-batch term is already divided by the global count: sums are exact.
+        loss, metrics = jnp.sum(loss), jax.tree.map(jnp.sum, metrics)
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                   learning_rate=schedule(state.step), text_tokens=num_text)
+    new_state = state.replace(step=state.step + 1, params=new_params, opt_state=opt_state)
+    return new_state, metrics
+
+
+# ---------------------------------------------------------------------------------------
+# Shardings and jit
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Shardings:
+    """Where every input and output of the step lives on the mesh."""
+
+    state: TrainState
+    frozen: Params
+    batch: dict[str, NamedSharding]
+    replicated: NamedSharding
+
+
+def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
+    ndims = {"pixels": 4, "input_ids": 2, "targets": 2, "loss_mask": 2, "prompt_len": 1}
+    return {k: sharding.data_sharding(mesh, n) for k, n in ndims.items()}
+
+
+def make_shardings(model: VLM, mesh: Mesh, trainable: set[str], tx: optax.GradientTransformation,
+                   rules=sharding.DEFAULT_RULES) -> Shardings:
+    """Params by their logical axes; optimizer moments like their params; scalars replicated."""
+    boxed = model.abstract_params()
+    param_sh = sharding.param_shardings(boxed, mesh, rules)
+    trainable_sh, frozen_sh = param_lib.split(param_sh, trainable)
+    abstract_trainable, _ = param_lib.split(param_lib.unbox(boxed), trainable)
+    abstract_opt = jax.eval_shape(tx.init, abstract_trainable)
+    replicated = sharding.replicated(mesh)
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, s: s, abstract_opt, trainable_sh,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, NamedSharding))
+    state_sh = TrainState(step=replicated, params=trainable_sh, opt_state=opt_sh, rng=replicated)
+    return Shardings(state=state_sh, frozen=frozen_sh, batch=batch_shardings(mesh),
+                     replicated=replicated)
+
+
+def jit_train_step(model: VLM, spec: StepSpec, tx: optax.GradientTransformation,
+                   schedule: optax.Schedule, shardings: Shardings, mesh: Mesh,
+                   rules=sharding.DEFAULT_RULES) -> Callable:
+    """`step(state, frozen, batch) -> (state, metrics)` compiled with explicit shardings;
+    the state's buffers are donated (updated in place)."""
+    fn = jax.jit(
+        lambda state, frozen, batch: train_step(model, spec, tx, schedule, state, frozen, batch),
+        in_shardings=(shardings.state, shardings.frozen, shardings.batch),
+        out_shardings=(shardings.state, shardings.replicated),
+        donate_argnums=(0,))
+
+    def step(state, frozen, batch):
+        # The mesh and logical rules must be active while tracing, for the activation
+        # sharding constraints inside the model.
+        with jax.set_mesh(mesh), sharding.axis_rules(rules):
+            return fn(state, frozen, batch)
+
+    return step
+
+
+def init_state(trainable: Params, tx: optax.GradientTransformation, seed: int,
+               shardings: Shardings) -> TrainState:
+    """A fresh TrainState for already-placed trainable params (optimizer state sharded)."""
+    def build(params):
+        rng = jax.random.key_data(jax.random.key(seed))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          rng=rng)
+
+    return jax.jit(build, in_shardings=(shardings.state.params,), out_shardings=shardings.state)(trainable)
+
+
+def abstract_state(shardings: Shardings, abstract_trainable: Params,
+                   tx: optax.GradientTransformation) -> TrainState:
+    """ShapeDtypeStructs with shardings: the restore target of a training checkpoint."""
+    def build(params):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          rng=jax.random.key_data(jax.random.key(0)))
+
+    shapes = jax.eval_shape(build, abstract_trainable)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, shardings.state)
