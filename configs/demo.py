@@ -50,7 +50,9 @@ def get_config(arg: str = "base") -> TrainConfig:
         init_from=f"{root}/{previous}/export" if previous else None,
         model=demo_model() if stage == "base" else None,
         # 20000 training scenes; the run sees well under one epoch.
-        data=DataConfig(name="synthetic_captions/default", read_threads=4),
+        # One answer style for the question: the long multi-sentence description
+        # (reference 1: a count sentence, then one sentence per object and its position).
+        data=DataConfig(name="synthetic_captions/default", read_threads=4, caption_index=1),
         tokenizer=TokenizerConfig(train_vocab_size=510, byte_fallback=True, train_corpus_size=20000),
         seq_len=96,  # 27-token prompt + the longest caption with its EOS (64 tokens)
         compute_dtype="bfloat16",
@@ -61,7 +63,7 @@ def get_config(arg: str = "base") -> TrainConfig:
     )
     if stage == "base":
         return TrainConfig(
-            batch_size=32, steps=240,
+            batch_size=32, steps=600,
             optim=OptimConfig(learning_rate=2e-3, warmup_steps=30, end_lr_factor=0.05,
                               weight_decay=0.01, grad_clip_norm=1.0),
             **common)

@@ -38,11 +38,12 @@ from decode.sampling import SamplingConfig
 from fastvlm_jax.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from fastvlm_jax.image_processing import ImageSource, preprocess_image
 from fastvlm_jax.model import VLM
-from fastvlm_jax.tokenizer import build_llava_input_ids
+from fastvlm_jax.prompts import DEFAULT_QUESTIONS, build_prompt_ids, default_question, stop_ids
 
-# The question asked for a caption: the same one the training recipe uses
-# (train.config's default `question`), so a model trained here answers with a caption.
-DEFAULT_PROMPT = "Describe the image."
+# LLaVA's question for a caption: the same one the training recipe uses (train.config's
+# default `question`), so a model trained here answers with a caption. A prompt of None means
+# the model family's default (fastvlm_jax.prompts: this for LLaVA, no question for BLIP-2).
+DEFAULT_PROMPT = DEFAULT_QUESTIONS["llava"]
 DEFAULT_MAX_NEW_TOKENS = 64
 MIN_CAPACITY = 16
 
@@ -239,9 +240,21 @@ class Captioner:
 
     # -- inputs ------------------------------------------------------------------------------
 
-    def prompt_ids(self, prompt: str = DEFAULT_PROMPT) -> list[int]:
-        """LLaVA prompt ids for one image and `prompt` (the user's question)."""
-        return build_llava_input_ids(self.tokenizer, prompt, self.config.num_image_tokens)
+    @property
+    def default_prompt(self) -> str:
+        """The question asked when none is given ("" for BLIP-2: plain captioning)."""
+        return default_question(self.config.model_type)
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Ids that end a caption (fastvlm_jax.prompts.stop_ids)."""
+        return stop_ids(self.config, self.tokenizer)
+
+    def prompt_ids(self, prompt: str | None = None) -> list[int]:
+        """Prompt ids for one image and `prompt` (the user's question; None: `default_prompt`),
+        in the model family's layout (fastvlm_jax.prompts)."""
+        question = self.default_prompt if prompt is None else prompt
+        return build_prompt_ids(self.config, self.tokenizer, question)
 
     def preprocess(self, image: ImageSource, *, fast_decode: bool = False) -> np.ndarray:
         """One image (path, bytes, PIL, array) -> float32 pixels [H, W, 3]; raises ImageLoadError."""
@@ -255,7 +268,7 @@ class Captioner:
         policy = options.policy if options.mode == "ssd" else DraftPolicy()
         return DecodeSpec(mode=options.mode, capacity=capacity_bucket(options.max_new_tokens),
                           sampling=options.sampling, policy=policy,
-                          eos_ids=(self.tokenizer.eos_id,))
+                          eos_ids=self.eos_ids)
 
     def _prompts(self, pixels: np.ndarray, prompt_ids: Sequence[Sequence[int]]
                  ) -> tuple[Prompts, int]:
@@ -330,15 +343,15 @@ class Captioner:
             position_accepts=tuple(int(x) for x in out.position_accepts))
         return BatchResult(results, stats)
 
-    def caption_batches(self, images: Sequence[ImageSource], prompt: str | Sequence[str] = DEFAULT_PROMPT,
+    def caption_batches(self, images: Sequence[ImageSource], prompt: str | Sequence[str] | None = None,
                         options: GenerationOptions = GenerationOptions(), *, seed: int = 0,
                         fast_decode: bool = False) -> Iterator[BatchResult]:
         """Captions `images` batch by batch (in order); raises ImageLoadError on a bad image.
 
-        prompt: one question for all images, or one per image. Batch i samples with
-        fold_in(key(seed), i).
+        prompt: one question for all images, or one per image (None: `default_prompt`). Batch i
+        samples with fold_in(key(seed), i).
         """
-        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+        prompts = [prompt] * len(images) if prompt is None or isinstance(prompt, str) else list(prompt)
         if len(prompts) != len(images):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         ids_of = {p: self.prompt_ids(p) for p in set(prompts)}
@@ -349,7 +362,7 @@ class Captioner:
             yield self.generate_batch(pixels, [ids_of[p] for p in prompts[chunk]], options,
                                       jax.random.fold_in(base, index))
 
-    def caption(self, images: Sequence[ImageSource], prompt: str | Sequence[str] = DEFAULT_PROMPT,
+    def caption(self, images: Sequence[ImageSource], prompt: str | Sequence[str] | None = None,
                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, mode: str = "ssd", *,
                 sampling: SamplingConfig = SamplingConfig(), policy: DraftPolicy = DraftPolicy(),
                 seed: int = 0, fast_decode: bool = False) -> list[CaptionResult]:

@@ -257,13 +257,14 @@ def _draft(model: VLM, params, spec: DecodeSpec, state: _LoopState, rng: Array):
         rng, step_rng = jax.random.split(rng)
         if spec.sampling.greedy:
             token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            confidence = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
+            confidence = (jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
+                          if spec.policy.min_confidence > 0 else None)
         else:
             step_probs = warp(logits, spec.sampling)
             token = jax.random.categorical(step_rng, jnp.log(jnp.maximum(step_probs, 1e-30))).astype(jnp.int32)
             confidence = jnp.max(step_probs, axis=-1)
             probs = jax.lax.dynamic_update_index_in_dim(probs, step_probs, slot, axis=1)
-        confident = (slot == 0) | (confidence >= spec.policy.min_confidence)
+        confident = True if confidence is None else (slot == 0) | (confidence >= spec.policy.min_confidence)
         propose = drafting & (slot < limit) & confident
         draft_lens = draft_lens + propose
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, slot + 1, axis=1)

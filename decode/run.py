@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                         help=f"caption length limit in tokens (default {DEFAULT_MAX_NEW_TOKENS})")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT,
-                        help=f"the question asked about each image (default {DEFAULT_PROMPT!r})")
+    parser.add_argument("--prompt", default=None,
+                        help=f"the question asked about each image (default: {DEFAULT_PROMPT!r} for "
+                             "LLaVA; none for BLIP-2, which captions from the image alone)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0 = off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
@@ -127,7 +128,7 @@ def _check_args(args: argparse.Namespace) -> None:
         (args.draft_grow_every >= 1, "--draft-grow-every must be >= 1"),
         (args.workers >= 1, "--workers must be >= 1"),
         (args.prompt_bucket >= 1, "--prompt-bucket must be >= 1"),
-        (bool(args.prompt.strip()), "--prompt must not be empty"),
+        (args.prompt is None or bool(args.prompt.strip()), "--prompt must not be empty"),
     ]
     for ok, message in checks:
         if not ok:
@@ -416,6 +417,7 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
     totals = BatchStats()
     interrupted = out_of_memory = False
     captioner = None
+    prompt = args.prompt  # the question actually asked (the model's default when None)
     if pending:
         try:
             captioner = Captioner(ckpt, batch_size=args.batch_size, prompt_bucket=args.prompt_bucket)
@@ -423,6 +425,7 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
             raise UsageError(f"--ckpt {args.ckpt}: {' '.join(str(e).split())}") from None
         try:
             prompt_ids = captioner.prompt_ids(args.prompt)
+            prompt = captioner.default_prompt if args.prompt is None else args.prompt
         except ValueError as e:  # e.g. the prompt contains the image placeholder
             raise UsageError(f"--prompt: {e}") from None
 
@@ -497,7 +500,7 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
             "timing": ("seconds and tokens_per_s exclude compilation: each new program shape is "
                        "compiled by a warm-up call, timed separately as compile_seconds"),
             "device": describe_device(), "batch_size": args.batch_size,
-            "max_new_tokens": args.max_new_tokens, "prompt": args.prompt,
+            "max_new_tokens": args.max_new_tokens, "prompt": prompt,
             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
             "seed": args.seed, "draft_len": args.draft_len if args.mode == "ssd" else None,
             "min_confidence": args.min_confidence, "draft_schedule": args.draft_schedule,

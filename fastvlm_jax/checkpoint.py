@@ -3,7 +3,8 @@
     CKPT_DIR/
       config.json        VLMConfig.to_dict() (or Blip2Config.to_dict(), model_type 'blip-2')
       params/            the parameter pytree, saved with orbax
-      tokenizer/         sentencepiece model + added special tokens (fastvlm_jax.tokenizer)
+      tokenizer/         sentencepiece model + added special tokens (fastvlm_jax.tokenizer), or
+                         a byte-level BPE tokenizer.json (fastvlm_jax.bpe_tokenizer, BLIP-2 OPT)
       preprocessor.json  image preprocessing (fastvlm_jax.image_processing)
 
 Loading can restore straight onto a Mesh: each array lands with the sharding its
@@ -36,7 +37,7 @@ class CheckpointError(ValueError):
 class Checkpoint(NamedTuple):
     config: VLMConfig
     params: Any
-    tokenizer: Any  # fastvlm_jax.tokenizer.Tokenizer or None
+    tokenizer: Any  # fastvlm_jax.tokenizer.Tokenizer, fastvlm_jax.bpe_tokenizer.BPETokenizer or None
     image_config: Any  # fastvlm_jax.image_processing.ImageProcessorConfig or None
 
 
@@ -129,9 +130,9 @@ def _check_saved_shapes(params_dir: Path, abstract) -> None:
 def _load_tokenizer(path: Path):
     if not (path / TOKENIZER_DIR).is_dir():
         return None
-    from fastvlm_jax.tokenizer import Tokenizer
+    from fastvlm_jax.tokenizer import load_tokenizer
 
-    return Tokenizer.load(path / TOKENIZER_DIR)
+    return load_tokenizer(path / TOKENIZER_DIR)
 
 
 def _load_image_config(path: Path):

@@ -14,9 +14,11 @@ The map is declarative: our module path -> HF module name, plus a generic rule f
 leaf (kernel <- weight transposed, scale <- weight, bias <- bias, embedding <- weight)
 and a few whole-tensor rules with their own transform.
 
-Tokenizer: BLIP-2 OPT uses a GPT-2 byte-level BPE tokenizer, which
-`fastvlm_jax.tokenizer` (sentencepiece) cannot represent yet; the converted checkpoint
-has no tokenizer/ folder (a note says so).
+Tokenizer: BLIP-2 OPT uses a GPT-2 byte-level BPE tokenizer (tokenizer.json, or vocab.json +
+merges.txt, with "<image>" added after the vocabulary); it is saved as a
+`fastvlm_jax.bpe_tokenizer.BPETokenizer`. A folder without tokenizer files converts without
+one (a note says so; decode.run then refuses the checkpoint). processor_config.json's
+num_query_tokens, when present, must equal the model's.
 """
 
 from __future__ import annotations
@@ -318,8 +320,39 @@ def convert(hf_dir: str | Path, out_dir: str | Path, exit_layer: int | None = No
     if image_config.output_size != (config.vision.image_size, config.vision.image_size):
         raise ConversionError(f"the image processor makes {image_config.output_size} images but the "
                               f"vision model wants {config.vision.image_size}px")
+    tokenizer = load_hf_tokenizer(hf_dir, config)
     params = convert_params(open_safetensors(hf_dir), config, jax.random.key(seed), jnp.dtype(dtype),
                             progress)
-    print("note: BLIP-2 OPT uses a GPT-2 BPE tokenizer, which fastvlm_jax.tokenizer does not support "
-          "yet: the checkpoint has no tokenizer/ (decode.run needs one)", file=sys.stderr)
-    return save_checkpoint(out_dir, config, params, None, image_config)
+    if tokenizer is None:
+        print(f"note: {hf_dir} has no tokenizer files (tokenizer.json or vocab.json + merges.txt): the "
+              "checkpoint has no tokenizer/ (decode.run needs one)", file=sys.stderr)
+    return save_checkpoint(out_dir, config, params, tokenizer, image_config)
+
+
+def load_hf_tokenizer(hf_dir: str | Path, config: Blip2Config):
+    """The folder's GPT-2 BPE tokenizer checked against `config`, or None when it has none."""
+    from fastvlm_jax.bpe_tokenizer import BPETokenizer
+
+    hf_dir = Path(hf_dir)
+    has_files = (hf_dir / "tokenizer.json").is_file() or (
+        (hf_dir / "vocab.json").is_file() and (hf_dir / "merges.txt").is_file())
+    if not has_files:
+        return None
+    try:
+        tokenizer = BPETokenizer.from_hf_dir(hf_dir)
+    except (ValueError, KeyError) as err:
+        raise ConversionError(f"{hf_dir}: cannot read the tokenizer: {err}") from None
+    if tokenizer.image_token is None or tokenizer.image_token_id != config.image_token_id:
+        got = tokenizer.image_token_id if tokenizer.image_token is not None else None
+        raise ConversionError(f"the tokenizer's image token id ({got}) differs from config.json's "
+                              f"image_token_index ({config.image_token_id})")
+    if tokenizer.vocab_size > config.text.vocab_size:
+        raise ConversionError(f"the tokenizer has {tokenizer.vocab_size} ids but the language model "
+                              f"only {config.text.vocab_size}")
+    processor_file = hf_dir / "processor_config.json"
+    if processor_file.is_file():
+        queries = json.loads(processor_file.read_text()).get("num_query_tokens")
+        if queries is not None and int(queries) != config.num_query_tokens:
+            raise ConversionError(f"processor_config.json puts {queries} image tokens in a prompt but "
+                                  f"the model has {config.num_query_tokens} queries")
+    return tokenizer

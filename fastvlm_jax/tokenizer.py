@@ -18,8 +18,9 @@ sentencepiece file). Its behaviour, which we reproduce on top of the sentencepie
   per byte), concatenate, strip one leading space. Ids outside the vocabulary are skipped.
 
 We encode with a copy of the sentencepiece model whose normalizer is switched to "identity"
-without dummy prefix; the prefix rule above is applied by us. Only LLaMA-style (sentencepiece)
-tokenizers are supported for now.
+without dummy prefix; the prefix rule above is applied by us. This class covers LLaMA-style
+(sentencepiece) tokenizers; GPT-2 style byte-level BPE (BLIP-2 OPT) is
+`fastvlm_jax.bpe_tokenizer.BPETokenizer`, and `load_tokenizer(dir)` picks the class a folder needs.
 """
 
 from __future__ import annotations
@@ -31,9 +32,12 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sentencepiece as spm
+
+if TYPE_CHECKING:
+    from fastvlm_jax.bpe_tokenizer import BPETokenizer
 
 SP_MODEL_FILE = "tokenizer.model"
 CONFIG_FILE = "tokenizer_config.json"
@@ -407,9 +411,9 @@ class Tokenizer:
         model_path = folder / SP_MODEL_FILE
         if not model_path.is_file():
             raise FileNotFoundError(
-                f"{folder}: no {SP_MODEL_FILE}. Only sentencepiece (LLaMA-style) tokenizers are "
-                "supported for now; a folder with only tokenizer.json (byte-level BPE, e.g. "
-                "Qwen2/GPT-2 style) cannot be used yet."
+                f"{folder}: no {SP_MODEL_FILE}: not a sentencepiece (LLaMA-style) tokenizer. GPT-2 "
+                "style byte-level BPE folders load with fastvlm_jax.bpe_tokenizer.BPETokenizer "
+                "(`load_tokenizer` picks the class)."
             )
         config = _read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else {}
         special_map = (
@@ -496,6 +500,33 @@ def _added_from_hf(entry: Mapping[str, Any], idx: int) -> AddedToken:
     )
 
 
+def load_tokenizer(directory: str | os.PathLike) -> "Tokenizer | BPETokenizer":
+    """The tokenizer saved in `directory`, of the class its files call for.
+
+    Our own folders carry a format tag (sentencepiece `Tokenizer` or byte-level BPE
+    `BPETokenizer`); a Hugging Face folder is sentencepiece when it has tokenizer.model, else
+    byte-level BPE when it has tokenizer.json or vocab.json + merges.txt.
+    """
+    from fastvlm_jax import bpe_tokenizer
+
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"tokenizer folder not found: {folder}")
+    config_path = folder / CONFIG_FILE
+    tag = _read_json(config_path).get("format") if config_path.is_file() else None
+    if tag == FORMAT_TAG:
+        return Tokenizer.load(folder)
+    if tag == bpe_tokenizer.FORMAT_TAG:
+        return bpe_tokenizer.BPETokenizer.load(folder)
+    if (folder / SP_MODEL_FILE).is_file():
+        return Tokenizer.from_hf_dir(folder)
+    if (folder / "tokenizer.json").is_file() or (
+            (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
+        return bpe_tokenizer.BPETokenizer.from_hf_dir(folder)
+    raise FileNotFoundError(f"{folder}: no tokenizer files (tokenizer.model, tokenizer.json or "
+                            "vocab.json + merges.txt)")
+
+
 # ------------------------------------------------------------------------------------------
 # LLaVA prompts
 
@@ -550,5 +581,6 @@ __all__ = [
     "Tokenizer",
     "build_llava_input_ids",
     "format_llava_prompt",
+    "load_tokenizer",
     "num_image_tokens",
 ]

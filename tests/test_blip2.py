@@ -170,7 +170,7 @@ def _tokens(output):
 def test_converted_checkpoint(converted):
     checkpoint, prompts, *_, path = converted
     assert isinstance(checkpoint.config, Blip2Config)
-    assert checkpoint.tokenizer is None  # GPT-2 BPE: not converted yet
+    assert checkpoint.tokenizer is None  # the HF folder has no tokenizer files
     assert checkpoint.image_config.kind == "blip" and checkpoint.image_config.output_size == (32, 32)
 
     # Restored onto a mesh by logical axes, the sharded forward pass gives the same logits.

@@ -4,7 +4,6 @@ All runs share one tiny checkpoint and the same shapes (batch 4, prompt bucket 3
 16), so the whole file compiles one SSD and one AR program.
 """
 
-import importlib.util
 import io
 import json
 import os
@@ -257,13 +256,6 @@ def test_usage_errors_exit_2_with_one_line(ckpt, mixed, tmp_path, capsys):
     # Every image fails: nothing could be captioned.
     assert _main(ckpt, bad, out) == run.EXIT_USAGE
     assert not out.exists() or all("error" in line for line in _read_jsonl(out))
-
-
-@pytest.mark.skipif(importlib.util.find_spec("fastvlm_jax.demo") is not None,
-                    reason="the demo exists (building it is too slow for this file)")
-def test_demo_checkpoint_missing_is_a_usage_error(tmp_path, capsys):
-    assert run.main(["--ckpt", "demo", "--images", str(tmp_path), "--out", str(tmp_path / "o.jsonl")]) == 2
-    assert "demo" in capsys.readouterr().err
 
 
 def test_captioner_api_sources_buckets_and_stats(ckpt):

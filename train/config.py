@@ -47,6 +47,9 @@ class DataConfig:
     synthetic_num_train: for synthetic_captions only: when > 0, generate a build with this many
       training images (if missing) instead of reading a pre-built config.
     question: the user turn of the LLaVA prompt; the caption is the assistant's answer.
+    caption_index: -1 trains on a random reference caption per example per epoch; k >= 0
+      always on reference k, so the question gets one consistent answer style (the demo
+      uses the synthetic set's long multi-sentence description, where SSD pays off most).
     worker_count: grain worker processes (0 reads in the training process).
     read_threads: grain reader threads (record fetching, not transforms).
     """
@@ -57,6 +60,7 @@ class DataConfig:
     synthetic_num_train: int = 0
     synthetic_image_size: int = 64
     question: str = "Describe the image."
+    caption_index: int = -1
     worker_count: int = 0
     read_threads: int = 4
 

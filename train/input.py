@@ -32,7 +32,8 @@ import numpy as np
 import sentencepiece as spm
 
 from fastvlm_jax.image_processing import ImageProcessorConfig, preprocess_image
-from fastvlm_jax.tokenizer import Tokenizer, build_llava_input_ids, format_llava_prompt
+from fastvlm_jax.prompts import answer_ids, prompt_ids_for
+from fastvlm_jax.tokenizer import Tokenizer, format_llava_prompt, load_tokenizer
 
 # Large enough to never run out; grain needs a length for its sampler dataset.
 _ENDLESS = 2**62
@@ -72,15 +73,19 @@ def train_caption_tokenizer(corpus: Sequence[str], vocab_size: int = 512, byte_f
 class TextFormat:
     """Prompt + caption -> fixed-length ids, targets and loss mask.
 
-    The prompt is LLaVA-1.5's "USER: <image>*N\\n{question} ASSISTANT:" (with BOS); the
-    caption follows as the assistant's answer, then EOS. Loss positions are those whose
+    The prompt is the model family's (fastvlm_jax.prompts): LLaVA-1.5's
+    "USER: <image>*N\\n{question} ASSISTANT:" (with BOS), or BLIP-2's "<image>*N" + BOS +
+    question; the caption follows as the answer, then EOS. Loss positions are those whose
     *target* (next token) is a caption token or the EOS.
     """
 
-    def __init__(self, tokenizer: Tokenizer, question: str, num_image_tokens: int, seq_len: int):
+    def __init__(self, tokenizer: Tokenizer, question: str, num_image_tokens: int, seq_len: int,
+                 model_type: str = "llava"):
         self.tokenizer = tokenizer
         self.seq_len = seq_len
-        self.prompt = build_llava_input_ids(tokenizer, question, num_image_tokens)
+        self.question = question
+        self.model_type = model_type
+        self.prompt = prompt_ids_for(model_type, tokenizer, question, num_image_tokens)
         if len(self.prompt) + 2 > seq_len:
             raise ValueError(f"seq_len={seq_len} leaves no room for a caption after the "
                              f"{len(self.prompt)}-token prompt")
@@ -91,7 +96,7 @@ class TextFormat:
 
     def __call__(self, caption: str) -> dict[str, np.ndarray]:
         """caption -> input_ids, targets [seq_len] int32, loss_mask [seq_len] float32, prompt_len []."""
-        answer = self.tokenizer.encode(caption.strip(), add_bos=False) + [self.tokenizer.eos_id]
+        answer = answer_ids(self.model_type, self.tokenizer, self.question, caption) + [self.tokenizer.eos_id]
         ids = (self.prompt + answer)[: self.seq_len]  # long captions are cut (EOS lost)
         n = len(ids)
         input_ids = np.full((self.seq_len,), self.tokenizer.pad_id, np.int32)
@@ -111,15 +116,15 @@ class CaptionExample(grain.transforms.RandomMap):
     """
 
     def __init__(self, tokenizer: Tokenizer, image_config: ImageProcessorConfig, question: str,
-                 num_image_tokens: int, seq_len: int):
-        self._args = (image_config, question, num_image_tokens, seq_len)
+                 num_image_tokens: int, seq_len: int, caption_index: int = -1, model_type: str = "llava"):
+        self._args = (image_config, question, num_image_tokens, seq_len, caption_index, model_type)
         self._setup(tokenizer)
 
     def _setup(self, tokenizer: Tokenizer) -> None:
-        image_config, question, num_image_tokens, seq_len = self._args
+        image_config, question, num_image_tokens, seq_len, self.caption_index, model_type = self._args
         self.tokenizer = tokenizer
         self.image_config = image_config
-        self.text = TextFormat(tokenizer, question, num_image_tokens, seq_len)
+        self.text = TextFormat(tokenizer, question, num_image_tokens, seq_len, model_type)
 
     def __getstate__(self):
         with tempfile.TemporaryDirectory() as tmp:
@@ -132,12 +137,13 @@ class CaptionExample(grain.transforms.RandomMap):
         with tempfile.TemporaryDirectory() as tmp:
             for name, data in state["tokenizer_files"].items():
                 (Path(tmp) / name).write_bytes(data)
-            tokenizer = Tokenizer.load(tmp)
+            tokenizer = load_tokenizer(tmp)
         self._setup(tokenizer)
 
     def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         captions = record["captions"]
-        caption = captions[int(rng.integers(len(captions)))]
+        index = int(rng.integers(len(captions)))  # drawn always, so the rng stream is the same
+        caption = captions[self.caption_index if self.caption_index >= 0 else index]
         example = self.text(caption)
         example["pixels"] = preprocess_image(record["image"], self.image_config)
         return example

@@ -31,7 +31,7 @@ from fastvlm_jax import checkpoint as ckpt_lib
 from fastvlm_jax import sharding
 from fastvlm_jax.config import VLMConfig
 from fastvlm_jax.model import VLM
-from fastvlm_jax.tokenizer import Tokenizer
+from fastvlm_jax.tokenizer import Tokenizer, load_tokenizer
 from train import checkpointing, input as input_lib, metrics as metrics_lib
 from train import params as param_lib
 from train import step as step_lib
@@ -73,7 +73,7 @@ def make_tokenizer(cfg: TrainConfig, init_ckpt_tokenizer) -> Tokenizer:
     """The configured tokenizer folder, else the init checkpoint's, else one trained on the
     synthetic caption corpus (deterministic, so every host trains the same one)."""
     if cfg.tokenizer.path:
-        return Tokenizer.load(cfg.tokenizer.path)
+        return load_tokenizer(cfg.tokenizer.path)
     if init_ckpt_tokenizer is not None:
         return init_ckpt_tokenizer
     if cfg.init_from:
@@ -179,7 +179,8 @@ def build_data(cfg: TrainConfig, model: VLM, tokenizer, image_config, shardings)
     """(iterator over this host's rows of each global batch, the prompt length)."""
     source = open_source(cfg)
     transform = input_lib.CaptionExample(tokenizer, image_config, cfg.data.question,
-                                         model.config.num_image_tokens, cfg.seq_len)
+                                         model.config.num_image_tokens, cfg.seq_len,
+                                         cfg.data.caption_index, model.config.model_type)
     rows = input_lib.host_rows(shardings.batch["input_ids"], cfg.batch_size)
     loader = input_lib.make_loader(source, transform, cfg.batch_size, rows, cfg.seed,
                                    cfg.data.worker_count, cfg.data.read_threads)
