@@ -49,7 +49,7 @@ class DraftPolicy:
       grows by one every `grow_every` generated tokens (acceptance rises with context).
     """
 
-    draft_len: int = 4
+    draft_len: int = 5
     min_confidence: float = 0.0
     schedule: Literal["static", "context"] = "static"
     start_len: int = 1

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0 = off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (batch i uses fold_in(seed, i))")
-    parser.add_argument("--draft-len", type=int, default=4, help="SSD: most tokens drafted per round")
+    parser.add_argument("--draft-len", type=int, default=5, help="SSD: most tokens drafted per round")
     parser.add_argument("--min-confidence", type=float, default=0.0,
                         help="SSD: stop drafting when the draft's top probability is below this")
     parser.add_argument("--draft-schedule", choices=("static", "context"), default="static",
