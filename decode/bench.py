@@ -228,7 +228,7 @@ def _runner(model, params, prompt_sets, spec, max_new):
     return call
 
 
-def _mode_report(out, times, compile_and_first, mode):
+def _mode_report(out, times, compile_and_first, mode, sets: int = 1):
     tokens = int(np.sum(np.asarray(out.num_tokens)))
     median = statistics.median(times)
     rounds = int(np.sum(np.asarray(out.rounds)))
@@ -237,8 +237,9 @@ def _mode_report(out, times, compile_and_first, mode):
         "tokens": tokens, "seconds_median": median, "seconds_min": min(times),
         "seconds_all": times,
         "tokens_per_s": tokens / median, "tokens_per_s_best": tokens / min(times),
-        # Wall time per generated token of one row (rows decode in lockstep).
-        "latency_ms_per_token": 1000 * median / max(tokens / rows, 1),
+        # Wall time per generated token of one row (rows decode in lockstep; with several
+        # prompt sets the time is theirs together): batch / tokens_per_s.
+        "latency_ms_per_token": 1000 * median / max(tokens / rows, 1) / sets,
         "full_model_calls": rounds + rows, "first_call_seconds": compile_and_first,
     }
     if mode == "ssd":
@@ -367,6 +368,24 @@ class CostModel:
             carry = (model.init_cache(batch, capacity), model.init_draft_cache(batch, capacity), jnp.int32(0))
             return _loop_seconds(step, params, carry, self.iters, self.repeats)
         return self._get(("verify", batch, exit_layer, gamma), measure)
+
+    def layer_scaling(self, batch: int = 1) -> list[dict]:
+        """Cost of one cached decode step through layers [0, n) for growing n: it should grow
+        linearly in n; where it does not, the compiled step, not the arithmetic, is the cost."""
+        model, params, capacity, pos, _ = self._setup(batch, self.bench.config.draft.exit_layer, 1)
+        positions = jnp.full((batch, 1), pos, jnp.int32)
+        h = 0.5 * jax.random.normal(jax.random.key(0), (batch, 1, model.config.text.hidden_size))
+        out = []
+        layers = model.config.text.num_layers
+        for n in sorted({1, 2, layers // 2, (3 * layers) // 4, layers} - {0}):
+            def step(p, carry, n=n):
+                cache, acc = carry
+                hidden, cache, _ = model.run_layers(p, h + 0 * acc, positions, 0, n, cache)
+                return cache, acc + 0 * jnp.sum(hidden)
+            t = _loop_seconds(step, params, (model.init_cache(batch, capacity), jnp.float32(0)),
+                              self.iters, self.repeats)
+            out.append({"layers": n, "ms_min": 1000 * t["min"], "ms_per_layer": 1000 * t["min"] / n})
+        return out
 
     def predict(self, batch: int, exit_layer: int, gamma: int, tokens_per_round: float,
                 drafted_per_round: float, measured_speedup: float) -> dict:
@@ -543,8 +562,8 @@ def bench_one(bench: BenchModel, prompt_sets: list[Prompts], exit_layer: int, po
         "ssd_prefill": _runner(model, params, prompt_sets, ssd_spec, 1),
     }, repeats)
     ar_out, ssd_out = timed["ar"][0], timed["ssd"][0]
-    ar = _mode_report(*timed["ar"], "ar")
-    ssd = _mode_report(*timed["ssd"], "ssd")
+    ar = _mode_report(*timed["ar"], "ar", len(prompt_sets))
+    ssd = _mode_report(*timed["ssd"], "ssd", len(prompt_sets))
     rows_total = len(np.asarray(ar_out.num_tokens))
     for report, name in ((ar, "ar"), (ssd, "ssd")):
         prefill = statistics.median(timed[f"{name}_prefill"][1])
@@ -674,6 +693,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cost-model", action="store_true",
                         help="time the primitives and report ideal speedup + engine efficiency")
     parser.add_argument("--cost-iters", type=int, default=32)
+    parser.add_argument("--layer-scaling", action="store_true",
+                        help="time one cached step through layers [0, n) for several n (batch 1)")
     parser.add_argument("--context-acceptance", action="store_true",
                         help="replay AR outputs with teacher forcing: acceptance vs context length")
     parser.add_argument("--replay-rows", type=int, default=16,
@@ -735,6 +756,14 @@ def main(argv=None) -> int:
                                "mean_accepted_length", "acceptance_rate", "memory")},
         "runs": runs,
     }
+    if args.layer_scaling:
+        prompt_len = make_prompts(bench, 1, args.images, args.prompt, args.seed).input_ids.shape[1]
+        scaling_cost = cost or CostModel(bench, prompt_len, args.max_new_tokens, args.cost_iters,
+                                         max(args.repeats, 3))
+        report["layer_scaling"] = scaling_cost.layer_scaling(1)
+        for row in report["layer_scaling"]:
+            print(f"layers [0, {row['layers']}): {row['ms_min']:.3f} ms per step "
+                  f"({row['ms_per_layer']:.3f} ms per layer)")
     if args.context_acceptance and sampling.greedy:
         report["context_acceptance"] = context_acceptance_report(bench, exit_layers, args, sampling)
     try:

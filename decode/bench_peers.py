@@ -1,7 +1,7 @@
 """Our engine against Hugging Face transformers on the same weights, side by side in one run.
 
     python -m decode.bench_peers [--size 134m|tiny] [--exit-layer K] [--draft-len G] \
-        [--batch-size 1 8] [--max-new-tokens N] [--repeats R] --json OUT.json
+        [--batch-size 1 8] [--max-new-tokens N] [--repeats R] [--deep-scale S] --json OUT.json
 
 Builds a random LLaVA-shaped model in transformers (LlavaForConditionalGeneration with a
 LLaMA text model), converts its weights with our converter (`convert.config_from_hf` +
@@ -22,7 +22,9 @@ language model alone.) Every system makes exactly N new tokens (no EOS: HF's
 eos_token_id=None, ours eos_ids=()), greedy; the runs are interleaved (each repeat runs
 every system once) and the median and min are reported; torch uses --threads threads
 (default: all cores, which is what XLA's CPU client uses). Token equality between all
-four is checked per batch.
+four is checked per batch. With plain random weights an early exit is almost never
+accepted; --deep-scale S < 1 shrinks the deep layers' output projections so that it is
+(see `build_models`), the same weights for all four systems.
 """
 
 from __future__ import annotations
@@ -68,8 +70,14 @@ class StateDictSource:
         return self._tensors[canonical].detach().float().numpy()
 
 
-def build_models(size: str, exit_layer: int, seed: int = 0):
-    """(HF LlamaForCausalLM, our VLM, our params, hf LlavaConfig) on the same random weights."""
+def build_models(size: str, exit_layer: int, seed: int = 0, deep_scale: float = 1.0):
+    """(HF LlamaForCausalLM, our VLM, our params, hf LlavaConfig) on the same random weights.
+
+    deep_scale < 1 multiplies the output projections (o_proj, down_proj) of the layers at
+    and past the exit layer: the deep layers then refine the shallow ones' prediction
+    instead of overturning it, as in a trained model, so the early-exit draft is accepted
+    often (with plain random weights it almost never is, and both speculative decoders
+    only pay for drafting)."""
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
@@ -89,6 +97,9 @@ def build_models(size: str, exit_layer: int, seed: int = 0):
         for name, param in llava.named_parameters():
             if "norm" in name:
                 param.add_(0.1 * torch.randn_like(param))
+            if deep_scale != 1.0 and (".o_proj." in name or ".down_proj." in name) and ".layers." in name:
+                if int(name.split(".layers.")[1].split(".")[0]) >= exit_layer:
+                    param.mul_(deep_scale)
     state = llava.state_dict()
     ours_config = config_from_hf(config.to_dict(), exit_layer=exit_layer)
     params = convert_params(StateDictSource(state), ours_config, jax.random.key(seed), progress=False)
@@ -110,7 +121,7 @@ def _timed(fn):
 
 def run(size: str = "134m", exit_layer: int = 3, draft_len: int = 4, batch_sizes=(1, 8),
         max_new_tokens: int = 64, prompt_len: int = 32, repeats: int = 5, threads: int | None = None,
-        seed: int = 0) -> dict:
+        seed: int = 0, deep_scale: float = 1.0) -> dict:
     import torch
     import transformers
 
@@ -120,7 +131,7 @@ def run(size: str = "134m", exit_layer: int = 3, draft_len: int = 4, batch_sizes
 
     threads = threads or os.cpu_count()
     torch.set_num_threads(threads)
-    llama, model, params, hf_config = build_models(size, exit_layer, seed)
+    llama, model, params, hf_config = build_models(size, exit_layer, seed, deep_scale)
     vocab = hf_config.text_config.vocab_size
     n = max_new_tokens
     ar_spec = DecodeSpec("ar", capacity=n, eos_ids=())
@@ -218,7 +229,8 @@ def run(size: str = "134m", exit_layer: int = 3, draft_len: int = 4, batch_sizes
                   "hidden_size": text.hidden_size, "num_layers": text.num_hidden_layers,
                   "intermediate_size": text.intermediate_size, "vocab_size": text.vocab_size,
                   "num_heads": text.num_attention_heads, "num_kv_heads": text.num_key_value_heads},
-        "exit_layer": exit_layer, "draft_len": draft_len, "max_new_tokens": n, "prompt_len": prompt_len,
+        "exit_layer": exit_layer, "draft_len": draft_len, "deep_scale": deep_scale,
+        "max_new_tokens": n, "prompt_len": prompt_len,
         "repeats": repeats, "results": results, "ratios": ratios, "identical": identical,
         "ours_ssd_acceptance": acceptance, "first_call_seconds": first_calls,
     }
@@ -235,11 +247,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--deep-scale", type=float, default=1.0,
+                        help="scale of the deep layers' output projections (see build_models)")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
     report = run(args.size, args.exit_layer, args.draft_len, tuple(args.batch_size), args.max_new_tokens,
-                 args.prompt_len, args.repeats, args.threads, args.seed)
+                 args.prompt_len, args.repeats, args.threads, args.seed, args.deep_scale)
     for r in report["results"]:
         print(f"{r['system']:>14s} batch {r['batch_size']:3d}: {r['tokens_per_s']:8.1f} tok/s "
               f"(best {r['tokens_per_s_best']:8.1f})")

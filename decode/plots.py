@@ -169,7 +169,8 @@ def plot_peers(report: dict, json_path: Path) -> list[Path]:
     ax.set_ylabel("generated tokens/s (all rows, median)")
     m = report.get("model", {})
     ax.set_title(f"same weights, text-only prompts: {m.get('params', 0) / 1e6:.1f}M-param LLaMA, "
-                 f"exit {report.get('exit_layer')}, gamma {report.get('draft_len')}", fontsize=9)
+                 f"exit {report.get('exit_layer')}, gamma {report.get('draft_len')}, "
+                 f"deep scale {report.get('deep_scale', 1.0)}", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
