@@ -673,7 +673,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1])
     parser.add_argument("--exit-layer", type=int, nargs="+", default=None,
                         help="exit layers to try (default: the checkpoint's)")
-    parser.add_argument("--draft-len", type=int, nargs="+", default=[4])
+    parser.add_argument("--draft-len", type=int, nargs="+", default=[5])
     parser.add_argument("--policy", nargs="+", choices=POLICIES, default=None,
                         help="draft-length policies to sweep (default: one policy from "
                         "--min-confidence / --draft-schedule)")

@@ -44,12 +44,14 @@ def compose_sequences(input_ids: Array, prompt_len: Array, generated: Array, num
 
 
 def make_refine_fn(model: VLM, shardings: Shardings, mesh, prompt_bucket: int, max_new_tokens: int,
-                   eos_id: int, pad_id: int) -> Callable[[object, object, Batch], Batch]:
+                   eos_ids: tuple[int, ...], pad_id: int) -> Callable[[object, object, Batch], Batch]:
     """`fn(trainable, frozen, batch) -> batch` with captions replaced by greedy generations.
 
     prompt_bucket: static prompt width (every prompt fits in it).
+    eos_ids: the tokens that end a generation (fastvlm_jax.prompts.stop_ids: BLIP-2 OPT
+      also stops at its configured "\n").
     """
-    spec = DecodeSpec(mode="ar", capacity=max_new_tokens, eos_ids=(eos_id,))
+    spec = DecodeSpec(mode="ar", capacity=max_new_tokens, eos_ids=tuple(eos_ids))
 
     def refine(trainable, frozen, batch):
         params = param_lib.merge(trainable, frozen)

@@ -250,11 +250,12 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
                                          tx, schedule, shardings, mesh)
     refine_fn = None
     if cfg.stage == "refine":
+        from fastvlm_jax.prompts import stop_ids
         from train.refine import make_refine_fn
 
         max_new = cfg.refine_max_new_tokens or (cfg.seq_len - prompt_len)
-        refine_fn = make_refine_fn(model, shardings, mesh, prompt_len, max_new, tokenizer.eos_id,
-                                   tokenizer.pad_id)
+        refine_fn = make_refine_fn(model, shardings, mesh, prompt_len, max_new,
+                                   stop_ids(model.config, tokenizer), tokenizer.pad_id)
 
     logger = metrics_lib.MetricsLogger(workdir, cfg.steps, start_step, progress=progress and primary)
     preemption = checkpointing.PreemptionFlag(sync_every=cfg.log_every)
