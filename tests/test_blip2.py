@@ -34,7 +34,8 @@ def _hf_logits(hf_model, ids, pixels):
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_logits_match_hf(tmp_path, name):
-    hf_model = build_tiny_blip2(tmp_path, seed=len(name), text_init_std=0.15, **CONFIGS[name])
+    hf_model = build_tiny_blip2(tmp_path, seed=len(name), text_init_std=0.15, vision_init_std=0.2,
+                                projection_std=0.5, **CONFIGS[name])
     config = convert_blip2.config_from_hf(json.loads((tmp_path / "config.json").read_text()), exit_layer=2)
     params = convert_blip2.convert_params(convert_blip2.open_safetensors(tmp_path), config,
                                           jax.random.key(0), progress=False)
