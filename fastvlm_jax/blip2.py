@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from fastvlm_jax.config import ConfigError, DraftConfig, ModelConfigMixin
 from fastvlm_jax.kv_cache import KVCache
-from fastvlm_jax.layers import INIT_STD, activation, attend, dense, write_kv
+from fastvlm_jax.layers import INIT_STD, activation, causal_attention, dense
 
 Array = jax.Array
 DType = Any
@@ -339,18 +339,7 @@ class OPTAttention(nn.Module):
             return _heads(out, cfg.num_heads)
 
         q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
-        if kv is None:
-            mask = positions[:, None, :] <= positions[:, :, None]
-            if key_mask is not None:
-                mask = mask & key_mask[:, None, :].astype(bool)
-            out = attend(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask)
-        else:
-            keys = write_kv(kv[0], k, positions)
-            values = write_kv(kv[1], v, positions)
-            slots = jnp.arange(keys.shape[2])
-            mask = slots[None, None, :] <= positions[:, :, None]
-            out = attend(q, keys.astype(self.dtype), values.astype(self.dtype), mask)
-            kv = (keys, values)
+        out, kv = causal_attention(q, k, v, positions, kv, key_mask, self.dtype)
         out = out.reshape(*x.shape[:2], cfg.hidden_size)
         out = dense(cfg.hidden_size, ("heads", "embed"), use_bias=cfg.enable_bias, dtype=self.dtype,
                     name="out_proj", zero_init=self.zero_init_out)(out)

@@ -127,6 +127,30 @@ def write_kv(cache: Array, new: Array, positions: Array) -> Array:
     return cache.at[rows, heads, positions[:, None, :]].set(new, mode="drop")
 
 
+def causal_attention(q: Array, k: Array, v: Array, positions: Array, kv=None,
+                     key_mask: Array | None = None, dtype: DType = jnp.float32):
+    """Causal attention by absolute position, with or without an external KV cache.
+
+    q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim];
+    positions: [batch, seq]. Without kv the queries attend to these keys (key_mask
+    [batch, seq] drops padding); with kv=(keys, values) [batch, kv_heads, capacity,
+    head_dim] the new entries are written at `positions` and each query attends to every
+    cache slot at or before its own position. Returns (out [batch, seq, heads, head_dim], kv).
+    """
+    if kv is None:
+        mask = positions[:, None, :] <= positions[:, :, None]
+        if key_mask is not None:
+            mask = mask & key_mask[:, None, :].astype(bool)
+        return attend(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask), None
+    keys = write_kv(kv[0], k, positions)
+    values = write_kv(kv[1], v, positions)
+    slots = jnp.arange(keys.shape[2])
+    # Every slot at or before the query's own position holds a committed token; stale
+    # slots (rejected drafts, prompt padding) lie beyond it and stay hidden.
+    mask = slots[None, None, :] <= positions[:, :, None]
+    return attend(q, keys.astype(dtype), values.astype(dtype), mask), (keys, values)
+
+
 class TextAttention(nn.Module):
     """Causal GQA self-attention with RoPE and an optional external KV cache."""
 
@@ -158,20 +182,7 @@ class TextAttention(nn.Module):
         k = apply_rope(k.reshape(batch, seq, cfg.num_kv_heads, head_dim), positions, cfg.rope_theta)
         v = v.reshape(batch, seq, cfg.num_kv_heads, head_dim)
 
-        if kv is None:
-            mask = positions[:, None, :] <= positions[:, :, None]
-            if key_mask is not None:
-                mask = mask & key_mask[:, None, :].astype(bool)
-            out = attend(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask)
-        else:
-            keys = write_kv(kv[0], k, positions)
-            values = write_kv(kv[1], v, positions)
-            slots = jnp.arange(keys.shape[2])
-            # Every slot at or before the query's own position holds a committed token;
-            # stale slots (rejected drafts, prompt padding) lie beyond it and stay hidden.
-            mask = slots[None, None, :] <= positions[:, :, None]
-            out = attend(q, keys.astype(self.dtype), values.astype(self.dtype), mask)
-            kv = (keys, values)
+        out, kv = causal_attention(q, k, v, positions, kv, key_mask, self.dtype)
         out = out.reshape(batch, seq, cfg.num_heads * head_dim)
         out = dense(cfg.hidden_size, ("heads", "embed"), use_bias=cfg.attention_bias,
                     dtype=self.dtype, name="o_proj", zero_init=self.zero_init_out)(out)
