@@ -234,7 +234,11 @@ def _draft(model: VLM, params, spec: DecodeSpec, state: _LoopState, rng: Array):
         return h[:, 0], cache
 
     tokens = jnp.zeros((batch, gamma + 1), jnp.int32).at[:, 0].set(state.last_token)
-    h0, cache = shallow(state.last_token, 0, state.cache)
+    # The loop carries only the shallow layers' cache: carrying the deep layers' buffers
+    # through a while loop they never touch costs copies on every draft step.
+    full_cache = state.cache
+    h0, cache = shallow(state.last_token, 0, full_cache.replace(keys=full_cache.keys[:exit_layer],
+                                                                values=full_cache.values[:exit_layer]))
     states = jnp.zeros((batch, gamma + 1, cfg.text.hidden_size), h0.dtype).at[:, 0].set(h0)
     probs = None if spec.sampling.greedy else jnp.zeros((batch, gamma, cfg.text.vocab_size), jnp.float32)
     limit = spec.policy.limit(state.num_tokens)
@@ -274,6 +278,8 @@ def _draft(model: VLM, params, spec: DecodeSpec, state: _LoopState, rng: Array):
 
     carry = (jnp.int32(0), tokens, states, probs, drafting, draft_lens, cache, state.draft_cache, rng)
     _, tokens, states, probs, _, draft_lens, cache, draft_cache, _ = jax.lax.while_loop(cond, body, carry)
+    cache = full_cache.replace(keys=cache.keys + full_cache.keys[exit_layer:],
+                               values=cache.values + full_cache.values[exit_layer:])
     return tokens, states, probs, draft_lens, cache, draft_cache
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fastvlm_jax import checkpoint, sharding
+from fastvlm_jax import model as model_lib
 from fastvlm_jax.model import VLM
 from tests.tiny import tiny_config
 
@@ -41,6 +42,28 @@ def test_cached_incremental_decoding_equals_full_forward(kind):
         out, cache, _ = model.run_layers(params, hidden[:, start:stop], positions[:, start:stop], 0, 4, cache)
         steps.append(model.logits(params, out))
     np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(full), atol=1e-5)
+
+
+def test_scanned_cached_layers_equal_unrolled_layers(monkeypatch):
+    """Small caches run the layers as one lax.scan; large ones unrolled: same numbers."""
+    config = tiny_config(num_layers=5, exit_layer=2)
+    model = VLM(config)
+    params = model.init(jax.random.key(3))
+    ids, pixels = _inputs(config)
+    batch, seq = ids.shape
+    hidden = model.embed(params, ids, model.encode_images(params, pixels))
+    positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+    cache = model.init_cache(batch, seq + 4)
+    assert model._scan_layers(hidden, 2, 5, cache, None, ())
+    scanned = model.run_layers(params, hidden, positions, 2, 5, cache)
+    monkeypatch.setattr(model_lib, "SCAN_MAX_LAYER_CACHE_BYTES", 0)
+    assert not model._scan_layers(hidden, 2, 5, cache, None, ())
+    unrolled = model.run_layers(params, hidden, positions, 2, 5, cache)
+    np.testing.assert_allclose(np.asarray(scanned[0]), np.asarray(unrolled[0]), atol=1e-5)
+    for got, want in zip(scanned[1].keys + scanned[1].values, unrolled[1].keys + unrolled[1].values):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    # Layers outside [2, 5) are the input cache's own buffers, untouched.
+    assert scanned[1].keys[0] is cache.keys[0] and scanned[1].values[1] is cache.values[1]
 
 
 def test_layer_ranges_compose_and_collect_states():
