@@ -369,6 +369,36 @@ class CostModel:
             return _loop_seconds(step, params, carry, self.iters, self.repeats)
         return self._get(("verify", batch, exit_layer, gamma), measure)
 
+    def ssd_round(self, batch: int, exit_layer: int, gamma: int) -> dict:
+        """One engine round (draft gamma tokens, verify, accept, emit), timed as a jitted loop
+        of rounds from a text-only prefill. Against the sum of the primitives above it shows
+        what running them together in one program costs (weights evicted between the draft
+        and the verification, loop carries), which timing each alone cannot."""
+        def measure():
+            from decode import engine
+
+            config, params, _ = with_exit_layer(self.bench, exit_layer)
+            model = VLM(config)
+            rounds = self.iters
+            # No stop id and room for every round: all rows draft gamma tokens every round.
+            capacity = rounds * (gamma + 1) + 1
+            spec = DecodeSpec(mode="ssd", capacity=capacity, eos_ids=(),
+                              policy=DraftPolicy(draft_len=gamma))
+            prompts = Prompts(jnp.full((batch, self.prompt_len), 1, jnp.int32),
+                              jnp.full((batch,), self.prompt_len, jnp.int32))
+            max_new = jnp.int32(capacity)
+            start = jax.jit(lambda p: engine._prefill(model, p, prompts, spec, jax.random.key(0), max_new))(params)
+            loop = jax.jit(lambda p, s: jax.lax.fori_loop(
+                0, rounds, lambda i, s: engine._ssd_round(model, p, spec, s, max_new), s))
+            jax.block_until_ready(loop(params, start))
+            times = []
+            for _ in range(self.repeats):
+                begin = time.perf_counter()
+                jax.block_until_ready(loop(params, start))
+                times.append((time.perf_counter() - begin) / rounds)
+            return {"min": min(times), "median": statistics.median(times)}
+        return self._get(("round", batch, exit_layer, gamma), measure)
+
     def layer_scaling(self, batch: int = 1) -> list[dict]:
         """Cost of one cached decode step through layers [0, n) for growing n: it should grow
         linearly in n; where it does not, the compiled step, not the arithmetic, is the cost."""
@@ -395,7 +425,11 @@ class CostModel:
         verify = self.verify(batch, exit_layer, gamma)["min"]
         round_cost = drafted_per_round * draft + shallow + verify
         ideal = tokens_per_round * ar / round_cost
+        engine_round = self.ssd_round(batch, exit_layer, gamma)["min"]
         return {
+            # A full round (gamma drafted) as the engine runs it, against its parts.
+            "t_round_ms": 1000 * engine_round,
+            "round_over_parts": engine_round / (gamma * draft + shallow + verify),
             "t_ar_step_ms": 1000 * ar, "t_draft_step_ms": 1000 * draft, "t_shallow_ms": 1000 * shallow,
             "t_verify_ms": 1000 * verify, "draft_over_ar": draft / ar, "verify_over_ar": verify / ar,
             "tokens_per_round": tokens_per_round, "drafted_per_round": drafted_per_round,
@@ -740,6 +774,7 @@ def main(argv=None) -> int:
                         eff = result["cost"]["engine_efficiency"]
                         extra = (f"  ideal {result['cost']['ideal_speedup']:.2f}x  efficiency "
                                  f"{eff:.2f}" if eff is not None else "  efficiency n/a")
+                        extra += f"  round/parts {result['cost']['round_over_parts']:.2f}"
                     print(f"batch {batch:3d} exit {exit_layer:2d} {policy_name:>10s} draft {draft_len:2d}: "
                           f"AR {result['ar']['tokens_per_s']:8.1f} tok/s  SSD {result['ssd']['tokens_per_s']:8.1f} "
                           f"tok/s  speedup {result['speedup']:.2f}x  tokens/round "

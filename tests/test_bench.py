@@ -24,6 +24,7 @@ def test_bench_sweep_writes_json_keys_and_plots(tmp_path):
         assert len(run["acceptance_per_position"]) == run["draft_len"]
         assert run["ssd"]["latency_ms_per_token"] > 0
         assert run["cost"]["ideal_speedup"] > 0
+        assert run["cost"]["t_round_ms"] > 0 and run["cost"]["round_over_parts"] > 0
         # The host-side replay of the greedy rounds reproduces the engine's round count.
         assert run["replay"]["matches_engine"], run["replay"]
     context = report["context_acceptance"][str(report["exit_layer"])]
