@@ -19,8 +19,9 @@ draft path exits after layer 2 into a one-layer imitation network (kind "layer":
 attention can read the image tokens' exit-layer states): about 3 of 8 layers per drafted
 token. On the six example images, `decode.bench` measured draft acceptance 0.57-0.69
 (draft lengths 2-5) with the one-FFN imitation network of the previous demo (150 + 50
-steps) and 0.65-0.72 (draft lengths 3-6) with this one (600 + 150 steps). The word-level tokenizer (510 sentencepiece pieces + <image> + <pad> = 512 ids) is
-trained on the synthetic caption corpus.
+steps) and 0.65-0.72 (draft lengths 3-6) with this one (600 + 150 steps). The word-level
+tokenizer (510 sentencepiece pieces + <image> + <pad> = 512 ids) is trained on the
+synthetic caption corpus.
 
 Compute is bfloat16 with float32 master weights and optimizer state: on the 2-core AVX-512
 CPUs this was tuned on, bf16 matmuls (oneDNN) made a step 2.4x faster than float32 at
