@@ -27,20 +27,23 @@ def test_cached_incremental_decoding_equals_full_forward(kind):
     model = VLM(config)
     params = model.init(jax.random.key(1))
     ids, pixels = _inputs(config)
-    full = model.forward(params, ids, pixels)
+    full = jax.jit(model.forward)(params, ids, pixels)
 
     batch, seq = ids.shape
-    hidden = model.embed(params, ids, model.encode_images(params, pixels))
+    hidden = jax.jit(lambda p: model.embed(p, ids, model.encode_images(p, pixels)))(params)
     positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
     cache = model.init_cache(batch, seq + 8)
     prefix = seq - 5
-    out, cache, _ = model.run_layers(params, hidden[:, :prefix], positions[:, :prefix], 0, 4, cache)
-    steps = [model.logits(params, out)]
+    # Jitted (as in decoding): op-by-op dispatch of the whole model is slow on CPU.
+    run = jax.jit(lambda p, h, pos, c: model.run_layers(p, h, pos, 0, 4, c)[:2])
+    logits = jax.jit(model.logits)
+    out, cache = run(params, hidden[:, :prefix], positions[:, :prefix], cache)
+    steps = [logits(params, out)]
     # Then two tokens at once, then one at a time: chunks of any size must agree.
     for start, stop in [(prefix, prefix + 2), (prefix + 2, prefix + 3), (prefix + 3, prefix + 4),
                         (prefix + 4, seq)]:
-        out, cache, _ = model.run_layers(params, hidden[:, start:stop], positions[:, start:stop], 0, 4, cache)
-        steps.append(model.logits(params, out))
+        out, cache = run(params, hidden[:, start:stop], positions[:, start:stop], cache)
+        steps.append(logits(params, out))
     np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(full), atol=1e-5)
 
 
