@@ -1,12 +1,13 @@
 """The offline `demo` model: a tiny LLaVA-style VLM trained from scratch on synthetic captions.
 
-Three stages, one config each (ARG = "stage[,ROOT]", ROOT default workdirs/demo):
+Four stages, one config each (ARG = "stage[,ROOT]", ROOT default workdirs/demo):
 
-    python -m train.run --config configs/demo.py:base        # -> ROOT/base/export
+    python -m train.run --config configs/demo.py:base        # -> ROOT/base/export (8 layers)
+    python -m train.run --config configs/demo.py:deepen      # -> ROOT/deepen/export (16 layers)
     python -m train.run --config configs/demo.py:imitation   # -> ROOT/imitation/export
     python -m train.run --config configs/demo.py:refine      # -> ROOT/refine/export (the demo)
 
-or all three in one process: `python -m train.demo_recipe --root ROOT`.
+or all four in one process: `python -m train.demo_recipe --root ROOT`.
 
 Sizes: the 64x64 scenes are resized to 96x96 and cut into 16x16 patches, a 6x6 grid
 aligned with the scenes' 3x3 cells (2x2 patches per cell), so every image token belongs
@@ -14,14 +15,18 @@ to exactly one cell: 36 image tokens from a 4-layer ViT of width 192. Coarser gr
 trained worse: with 16 tokens over the 3x3 cells (64 px, patch 16, 600 steps) the decoder
 learned the background and little else, and one 32-pixel patch per cell was still at the
 same loss after 400 steps. This grid gets colours, counts and positions; shapes and sizes
-are still at chance after 1500 steps. The decoder has 8 layers of width 256 and its
+are still at chance after 1500 steps.
+
+Depth: the decoder (width 256) is trained with 8 layers, then grown to 16 (`deepen`:
+train.deepen inserts 8 identity-initialised layers among layers 2-7, so training resumes
+from exactly the 8-layer model, and trains all 16 for DEEPEN_STEPS more steps). The
 draft path exits after layer 2 into a one-layer imitation network (kind "layer": its own
-attention can read the image tokens' exit-layer states): about 3 of 8 layers per drafted
-token. On the six example images, `decode.bench` measured draft acceptance 0.57-0.69
-(draft lengths 2-5) with the one-FFN imitation network of the previous demo (150 + 50
-steps) and 0.65-0.72 (draft lengths 3-6) with this one (600 + 150 steps). The word-level
-tokenizer (510 sentencepiece pieces + <image> + <pad> = 512 ids) is trained on the
-synthetic caption corpus.
+attention can read the image tokens' exit-layer states), about 3 of 16 layers per drafted
+token. Depth is what self-speculative decoding trades on: with 8 layers the draft cost 3
+of 8 layers, and on a 2-core CPU a verification pass of 6 tokens cost about twice a
+one-token step, which held the batch-1 speedup near 1.1x (BENCHMARKS.md, section 0).
+The word-level tokenizer (510 sentencepiece pieces + <image> + <pad> = 512 ids) is
+trained on the synthetic caption corpus.
 
 Compute is bfloat16 with float32 master weights and optimizer state: on the 2-core AVX-512
 CPUs this was tuned on, bf16 matmuls (oneDNN) made a step 2.4x faster than float32 at
@@ -34,6 +39,8 @@ from train.config import (CheckpointConfig, DataConfig, LossConfig, OptimConfig,
                           TrainConfig)
 
 DEFAULT_ROOT = "workdirs/demo"
+DEEP_LAYERS = 16
+DEEPEN_STEPS = 600
 
 
 def demo_model() -> VLMConfig:
@@ -51,9 +58,8 @@ def demo_model() -> VLMConfig:
 def get_config(arg: str = "base") -> TrainConfig:
     stage, _, root = arg.partition(",")
     root = root or DEFAULT_ROOT
-    previous = {"imitation": "base", "refine": "imitation"}.get(stage)
+    previous = {"deepen": "base", "imitation": "deepen", "refine": "imitation"}.get(stage)
     common = dict(
-        stage=stage,
         workdir=f"{root}/{stage}",
         init_from=f"{root}/{previous}/export" if previous else None,
         model=demo_model() if stage == "base" else None,
@@ -71,21 +77,27 @@ def get_config(arg: str = "base") -> TrainConfig:
     )
     if stage == "base":
         return TrainConfig(
-            batch_size=32, steps=1500,
+            stage="base", batch_size=32, steps=1500,
             optim=OptimConfig(learning_rate=2e-3, warmup_steps=30, end_lr_factor=0.05,
+                              weight_decay=0.01, grad_clip_norm=1.0),
+            **common)
+    if stage == "deepen":
+        return TrainConfig(
+            stage="base", deepen_to=DEEP_LAYERS, batch_size=32, steps=DEEPEN_STEPS,
+            optim=OptimConfig(learning_rate=1e-3, warmup_steps=20, end_lr_factor=0.05,
                               weight_decay=0.01, grad_clip_norm=1.0),
             **common)
     if stage == "imitation":
         return TrainConfig(
-            batch_size=32, steps=600,
+            stage="imitation", batch_size=32, steps=600,
             optim=OptimConfig(learning_rate=2e-3, warmup_steps=10, end_lr_factor=0.1),
             loss=LossConfig(cos=1.0, kd=1.0, ce=0.1, temperature=1.0),
             **common)
     if stage == "refine":
         return TrainConfig(
-            batch_size=32, steps=150,
+            stage="refine", batch_size=32, steps=150,
             optim=OptimConfig(learning_rate=5e-4, warmup_steps=5, end_lr_factor=0.1),
             loss=LossConfig(cos=1.0, kd=1.0, ce=0.1, temperature=1.0, refine_disagreement_weight=4.0),
             refine_max_new_tokens=64,
             **common)
-    raise ValueError(f"unknown demo stage {stage!r}: use base, imitation or refine")
+    raise ValueError(f"unknown demo stage {stage!r}: use base, deepen, imitation or refine")

@@ -358,14 +358,11 @@ class CostModel:
             states = 0.02 * jax.random.normal(jax.random.key(1), (batch, gamma + 1, model.config.text.hidden_size))
 
             def step(p, carry):
-                cache, draft_cache, acc = carry
+                cache, acc = carry
                 h, cache, _ = model.run_layers(p, states, positions, exit_layer, num_layers, cache)
-                if draft_cache is not None:  # the one-layer imitation network refills its cache
-                    _, kv = model.imitate(p, states, positions, draft_cache.layer(0))
-                    draft_cache = draft_cache.with_layer(0, kv)
-                return cache, draft_cache, acc + jnp.sum(jnp.argmax(model.logits(p, h), -1))
+                return cache, acc + jnp.sum(jnp.argmax(model.logits(p, h), -1))
 
-            carry = (model.init_cache(batch, capacity), model.init_draft_cache(batch, capacity), jnp.int32(0))
+            carry = (model.init_cache(batch, capacity), jnp.int32(0))
             return _loop_seconds(step, params, carry, self.iters, self.repeats)
         return self._get(("verify", batch, exit_layer, gamma), measure)
 

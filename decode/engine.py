@@ -139,6 +139,14 @@ class _LoopState:
     position_accepts: Array
 
 
+def _split(rng: Array, spec: DecodeSpec, num: int = 2):
+    """jax.random.split, except under greedy decoding, which draws nothing: the key is
+    passed through (a threefry split per step is measurable next to a small model's step)."""
+    if spec.sampling.greedy:
+        return (rng,) * num
+    return tuple(jax.random.split(rng, num))
+
+
 def _is_eos(tokens: Array, eos_ids: tuple[int, ...]) -> Array:
     if not eos_ids:
         return jnp.zeros(tokens.shape, bool)
@@ -182,7 +190,7 @@ def _prefill(model: VLM, params, prompts: Prompts, spec: DecodeSpec, rng: Array,
     h_last, cache, _ = model.run_layers(params, h_exit, positions, exit_layer, cfg.text.num_layers, cache)
     last_index = (prompts.lengths - 1)[:, None, None]
     logits = model.logits(params, jnp.take_along_axis(h_last, last_index, axis=1))[:, 0]
-    rng, step_rng = jax.random.split(rng)
+    rng, step_rng = _split(rng, spec)
     first = next_token(step_rng, logits, spec.sampling)
     cache = cache.replace(pos=prompts.lengths.astype(jnp.int32))
     if draft_cache is not None:
@@ -206,7 +214,7 @@ def _ar_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new: 
     hidden = model.embed(params, state.last_token[:, None], None, pos[:, None])
     hidden, cache, _ = model.run_layers(params, hidden, pos[:, None], 0, model.config.text.num_layers,
                                         state.cache)
-    rng, step_rng = jax.random.split(state.rng)
+    rng, step_rng = _split(state.rng, spec)
     token = next_token(step_rng, model.logits(params, hidden)[:, 0], spec.sampling)
     live = ~state.done
     state = state.replace(cache=cache.replace(pos=pos + live), rng=rng,
@@ -258,7 +266,7 @@ def _draft(model: VLM, params, spec: DecodeSpec, state: _LoopState, rng: Array):
         if draft_cache is not None:
             draft_cache = draft_cache.with_layer(0, kv)
         logits = model.logits(params, draft_hidden)[:, 0]
-        rng, step_rng = jax.random.split(rng)
+        rng, step_rng = _split(rng, spec)
         if spec.sampling.greedy:
             token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
             confidence = (jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
@@ -277,7 +285,15 @@ def _draft(model: VLM, params, spec: DecodeSpec, state: _LoopState, rng: Array):
         return slot + 1, tokens, states, probs, propose, draft_lens, cache, draft_cache, rng
 
     carry = (jnp.int32(0), tokens, states, probs, drafting, draft_lens, cache, state.draft_cache, rng)
-    _, tokens, states, probs, _, draft_lens, cache, draft_cache, _ = jax.lax.while_loop(cond, body, carry)
+    last_slot, tokens, states, probs, _, draft_lens, cache, draft_cache, _ = jax.lax.while_loop(
+        cond, body, carry)
+    if draft_cache is not None:
+        # The imitation network's cache now holds every slot it drafted from; the state of
+        # the last drafted token (slot `last_slot`) is still missing, and the next round may
+        # need it (when every draft is accepted). One one-token pass writes it.
+        h = jax.lax.dynamic_index_in_dim(states, last_slot, axis=1, keepdims=True)
+        _, kv = model.imitate(params, h, (pos + last_slot)[:, None], draft_cache.layer(0))
+        draft_cache = draft_cache.with_layer(0, kv)
     cache = full_cache.replace(keys=cache.keys + full_cache.keys[exit_layer:],
                                values=cache.values + full_cache.values[exit_layer:])
     return tokens, states, probs, draft_lens, cache, draft_cache
@@ -286,7 +302,7 @@ def _draft(model: VLM, params, spec: DecodeSpec, state: _LoopState, rng: Array):
 def _ssd_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new: Array) -> _LoopState:
     cfg = model.config
     gamma = spec.policy.draft_len
-    rng, draft_rng, accept_rng = jax.random.split(state.rng, 3)
+    rng, draft_rng, accept_rng = _split(state.rng, spec, 3)
     tokens, states, draft_probs, draft_lens, cache, draft_cache = _draft(model, params, spec, state, draft_rng)
 
     # Verification: only layers [exit_layer, L), from the kept exit-layer states.
@@ -294,11 +310,6 @@ def _ssd_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new:
     positions = pos[:, None] + jnp.arange(gamma + 1, dtype=jnp.int32)[None]
     h_last, cache, _ = model.run_layers(params, states, positions, cfg.draft.exit_layer,
                                         cfg.text.num_layers, cache)
-    if draft_cache is not None:
-        # Re-run the one-layer imitation network on all kept states so its cache also
-        # holds the last drafted slot (drafting only wrote slots it predicted from).
-        _, kv = model.imitate(params, states, positions, draft_cache.layer(0))
-        draft_cache = draft_cache.with_layer(0, kv)
     logits = model.logits(params, h_last)  # [batch, gamma + 1, vocab]
     drafted_tokens = tokens[:, 1:]
     if spec.sampling.greedy:

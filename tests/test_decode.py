@@ -99,6 +99,50 @@ def test_draft_identical_to_full_model_accepts_everything():
     assert np.all(np.asarray(out.position_accepts) == np.asarray(out.position_attempts))
 
 
+def test_caches_after_ssd_rounds_equal_a_cache_free_pass():
+    """After SSD rounds, every committed slot of all three caches (shallow and deep layers,
+    imitation network) holds what one pass over the committed tokens writes: none is
+    missing (e.g. the last drafted slot when every draft was accepted) or stale."""
+    config = tiny_config(num_layers=4, exit_layer=2, kind="layer")
+    model = VLM(config)
+    params = model.init(jax.random.key(3))
+    # Deep layers off and a fresh (identity) imitation network: the draft equals the full
+    # model, so whole drafts get accepted. Its cache still holds real keys and values.
+    params = _near_identity_deep_layers(params, config, 0.0)
+    prompts = _prompts(config, [config.num_image_tokens + 4, config.num_image_tokens + 2])
+    spec = DecodeSpec("ssd", capacity=20, eos_ids=(), policy=DraftPolicy(draft_len=3))
+
+    @jax.jit
+    def three_rounds(params):
+        state = engine._prefill(model, params, prompts, spec, jax.random.key(0), jnp.int32(20))
+        for _ in range(3):
+            state = engine._ssd_round(model, params, spec, state, jnp.int32(20))
+        return state
+
+    state = three_rounds(params)
+    assert int(state.accepted.sum()) > 0 and int(np.max(state.accepted)) == 3 * 3  # whole drafts taken
+    capacity = state.cache.capacity
+    for row in range(2):
+        length = int(prompts.lengths[row])
+        committed = int(state.cache.pos[row])
+        ids = np.concatenate([np.asarray(prompts.input_ids[row, :length]),
+                              np.asarray(state.tokens[row, :committed - length])])[None]
+        positions = jnp.arange(committed)[None]
+        pixels = prompts.pixels[row:row + 1]
+        hidden = model.embed(params, jnp.asarray(ids), model.encode_images(params, pixels), positions)
+        fresh = model.init_cache(1, capacity)
+        h_exit, fresh, _ = model.run_layers(params, hidden, positions, 0, config.draft.exit_layer, fresh)
+        _, fresh, _ = model.run_layers(params, h_exit, positions, config.draft.exit_layer,
+                                       config.text.num_layers, fresh)
+        _, draft_kv = model.imitate(params, h_exit, positions, model.init_draft_cache(1, capacity).layer(0))
+        pairs = [(state.cache.keys[i][row], fresh.keys[i][0]) for i in range(config.text.num_layers)]
+        pairs += [(state.cache.values[i][row], fresh.values[i][0]) for i in range(config.text.num_layers)]
+        pairs += [(state.draft_cache.keys[0][row], draft_kv[0][0]),
+                  (state.draft_cache.values[0][row], draft_kv[1][0])]
+        for got, want in pairs:
+            np.testing.assert_allclose(got[:, :committed], want[:, :committed], rtol=1e-4, atol=1e-5)
+
+
 class _RecordingVLM(VLM):
     """Records (start, stop, tokens per row) of every decoder layer-range call at trace time."""
 

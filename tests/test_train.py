@@ -57,7 +57,7 @@ def test_overrides_convert_types_and_reject_unknown_keys():
         config_lib.apply_overrides(cfg, {"model.draft.exit_layer": "3"})
 
 
-@pytest.mark.parametrize("spec", ["demo.py:base", "demo.py:imitation", "demo.py:refine",
+@pytest.mark.parametrize("spec", ["demo.py:base", "demo.py:deepen", "demo.py:imitation", "demo.py:refine",
                                   "llava15_7b.py", "llava15_13b.py"])
 def test_config_files_load(spec):
     cfg = config_lib.load_config_file(str(th.REPO / "configs" / spec))
@@ -194,6 +194,55 @@ def test_split_and_merge_params():
 
 
 # ---------------------------------------------------------------------------------------
+# Deepening a trained decoder
+# ---------------------------------------------------------------------------------------
+
+
+def test_deepened_model_computes_the_same_function():
+    from fastvlm_jax.model import VLM
+    from tests.tiny import tiny_config
+    from train import deepen
+
+    config = tiny_config(num_layers=3, exit_layer=1, kind="layer")
+    assert deepen.layer_sources(3, 7, 1) == [0, 1, None, None, 2, None, None]
+    params = jax.jit(VLM(config).init)(jax.random.key(0))
+    grown_config = deepen.deepened_config(config, 7)
+    grown = deepen.deepen_params(params, jax.jit(VLM(grown_config).init)(jax.random.key(1)), 1)
+    assert sorted(k for k in grown["language_model"] if k.startswith("layers_")) == \
+        sorted(f"layers_{i}" for i in range(7))
+
+    ids = jax.random.randint(jax.random.key(2), (2, 9), 0, config.text.vocab_size - 1)
+    ids = ids.at[:, 1:1 + config.num_image_tokens].set(config.image_token_id)
+    pixels = jax.random.normal(jax.random.key(3), (2, 16, 16, 3))
+    model, grown_model = VLM(config), VLM(grown_config)
+
+    def exit_state_and_logits(m, p):
+        positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
+        hidden = m.embed(p, ids, None, positions)
+        exit_state, _, _ = m.run_layers(p, hidden, positions, 0, 1)
+        return exit_state, m.forward(p, ids, pixels)
+
+    want_exit, want_logits = exit_state_and_logits(model, params)
+    got_exit, got_logits = exit_state_and_logits(grown_model, grown)
+    np.testing.assert_array_equal(got_exit, want_exit)
+    np.testing.assert_allclose(got_logits, want_logits, rtol=1e-6, atol=1e-6)
+    # The new layers are in the path: once their output projection is not zero, the logits move.
+    nudged = jax.tree.map(lambda x: x, grown)
+    down = nudged["language_model"]["layers_5"]["mlp"]["down_proj"]
+    down["kernel"] = down["kernel"] + 0.05
+    assert float(jnp.max(jnp.abs(grown_model.forward(nudged, ids, pixels) - want_logits))) > 1e-3
+    with pytest.raises(ValueError, match="must exceed"):
+        deepen.deepened_config(config, 3)
+
+
+def test_deepen_to_is_only_for_the_base_stage_from_a_checkpoint():
+    with pytest.raises(config_lib.ConfigError, match="deepen_to"):
+        th.tiny_config("base", deepen_to=4)
+    with pytest.raises(config_lib.ConfigError, match="deepen_to"):
+        th.tiny_config("imitation", init_from="/x", deepen_to=4)
+
+
+# ---------------------------------------------------------------------------------------
 # Sharded training
 # ---------------------------------------------------------------------------------------
 
@@ -234,6 +283,14 @@ def test_draft_stages_leave_the_base_model_bit_identical(data_dir, tmp_path):
     # and single-device programs compile several times faster.
     common = {"data.data_dir": data_dir, "checkpoint.export": True, "num_devices": 1, "mesh.data": 1}
     base = train(th.tiny_config("base", steps=3, **common), tmp_path / "base", progress=False)
+    # Growing the trained decoder starts from exactly its function: the first step's loss
+    # (before any update) equals the un-grown model's on the same batch.
+    from_base = th.tiny_config("base", steps=1, **common).replace(model=None, init_from=str(base.export_dir))
+    same = train(from_base, tmp_path / "same", progress=False)
+    deeper = train(from_base.replace(deepen_to=4), tmp_path / "deeper", progress=False)
+    assert same.status == deeper.status == "done"
+    assert load_checkpoint(deeper.export_dir).config.text.num_layers == 4
+    assert th.losses(tmp_path / "deeper")[1] == pytest.approx(th.losses(tmp_path / "same")[1], rel=1e-6)
     imitation = train(th.tiny_config("imitation", steps=4, init_from=base.export_dir, **common),
                       tmp_path / "imitation", progress=False)
     refine = train(th.tiny_config("refine", steps=3, init_from=imitation.export_dir,

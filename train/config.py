@@ -134,6 +134,8 @@ class TrainConfig:
     num_devices: use the first N devices (0: all), e.g. to run a 1-device reference.
     refine_max_new_tokens: refine stage: most tokens the full model generates per example
       (0: fill seq_len).
+    deepen_to: base stage from init_from only: first grow the decoder to this many layers
+      with new layers that start as the identity (train.deepen), then train (0: off).
     """
 
     stage: Stage = "base"
@@ -157,6 +159,7 @@ class TrainConfig:
     log_every: int = 10
     workdir: str = ""
     refine_max_new_tokens: int = 0
+    deepen_to: int = 0
     debug_step_delay_s: float = 0.0  # sleep after each step (tests interrupt runs mid-way)
 
     def __post_init__(self):
@@ -166,6 +169,9 @@ class TrainConfig:
             raise ConfigError("set `model` (train from scratch) or `init_from` (a checkpoint)")
         if self.stage != "base" and not self.init_from:
             raise ConfigError(f"stage {self.stage!r} trains the draft of a trained VLM: set init_from")
+        if self.deepen_to and (self.stage != "base" or not self.init_from):
+            raise ConfigError("deepen_to grows a trained checkpoint in the base stage: set init_from "
+                              "and stage='base'")
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"compute_dtype={self.compute_dtype!r}: use 'float32' or 'bfloat16'")
         if self.batch_size % self.grad_accum:

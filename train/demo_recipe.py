@@ -1,4 +1,4 @@
-"""Trains the offline `demo` checkpoint: base -> imitation -> refine, in one process.
+"""Trains the offline `demo` checkpoint: base -> deepen -> imitation -> refine, in one process.
 
     python -m train.demo_recipe --root DIR [--data-dir TFDS_DIR] [key=value ...]
 
@@ -23,7 +23,7 @@ from train.metrics import read_metrics
 from train.run import train
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "demo.py")
-STAGES = ("base", "imitation", "refine")
+STAGES = ("base", "deepen", "imitation", "refine")
 
 
 def _first_last(workdir: Path, key: str):
@@ -58,7 +58,7 @@ def run_recipe(root: str | Path, overrides: dict[str, str] | None = None, progre
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.demo_recipe", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", default="workdirs/demo", help="folder for the three stage workdirs")
+    parser.add_argument("--root", default="workdirs/demo", help="folder for the stage workdirs")
     parser.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every stage")

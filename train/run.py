@@ -32,7 +32,7 @@ from fastvlm_jax import sharding
 from fastvlm_jax.config import VLMConfig
 from fastvlm_jax.model import VLM
 from fastvlm_jax.tokenizer import Tokenizer, load_tokenizer
-from train import checkpointing, input as input_lib, metrics as metrics_lib
+from train import checkpointing, deepen, input as input_lib, metrics as metrics_lib
 from train import params as param_lib
 from train import step as step_lib
 from train.config import ConfigError, TrainConfig, apply_overrides, load_config_file, parse_overrides
@@ -169,6 +169,11 @@ def build_model(cfg: TrainConfig, mesh):
         init = ckpt_lib.load_checkpoint(cfg.init_from, mesh=mesh)
     tokenizer = make_tokenizer(cfg, init.tokenizer if init else None)
     model_config = resolve_model_config(init.config if init else cfg.model, tokenizer)
+    if cfg.deepen_to:
+        try:
+            model_config = deepen.deepened_config(model_config, cfg.deepen_to)
+        except ValueError as err:
+            raise ConfigError(f"{cfg.init_from}: {err}") from None
     image_config = (init.image_config if init and init.image_config is not None
                     else input_lib.default_image_config(cfg.image_preset, model_config.vision.image_size))
     dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
@@ -216,8 +221,12 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
     if (cfg.batch_size // cfg.grad_accum) % data_parallel:
         raise ConfigError(f"micro-batch {cfg.batch_size // cfg.grad_accum} is not divisible by the "
                           f"{data_parallel} data-parallel shards of mesh {dict(mesh.shape)}")
+    placement = param_lib.merge(shardings.state.params, shardings.frozen)
     if params is None:
-        params = init_params(model, cfg.seed, param_lib.merge(shardings.state.params, shardings.frozen))
+        params = init_params(model, cfg.seed, placement)
+    elif cfg.deepen_to:
+        params = deepen.deepen_params(params, init_params(model, cfg.seed, placement),
+                                      model.config.draft.exit_layer)
     trainable, frozen = param_lib.split(params, trainable_paths)
     del params
     # float32 master weights for what we train, whatever the checkpoint's dtype; the
