@@ -18,7 +18,7 @@ same loss after 400 steps. This grid gets colours, counts and positions; shapes 
 are still at chance after 1500 steps.
 
 Depth: the decoder (width 256) is trained with 8 layers, then grown to 16 (`deepen`:
-train.deepen inserts 8 identity-initialised layers among layers 2-7, so training resumes
+train.deepen puts 8 identity-initialised layers between and after layers 2-7, so training resumes
 from exactly the 8-layer model, and trains all 16 for DEEPEN_STEPS more steps). The
 draft path exits after layer 2 into a one-layer imitation network (kind "layer": its own
 attention can read the image tokens' exit-layer states), about 3 of 16 layers per drafted
