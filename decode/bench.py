@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decode.engine import DecodeOutput, DecodeSpec, DraftPolicy, Prompts, generate
+from decode.engine import DecodeOutput, DecodeSpec, DraftPolicy, Prompts, generate, prepare_params
 from decode.sampling import SamplingConfig
 from fastvlm_jax.config import DraftConfig, TextConfig, VisionConfig, VLMConfig
 from fastvlm_jax.model import VLM, param_bytes, param_count
@@ -294,6 +294,7 @@ class CostModel:
     def _setup(self, batch, exit_layer, lookahead):
         config, params, _ = with_exit_layer(self.bench, exit_layer)
         model = VLM(config)
+        params = prepare_params(model, params)
         capacity = self.prompt_len + self.max_new + lookahead
         pos = self.prompt_len + self.max_new // 2
         token = jnp.full((batch,), 5, jnp.int32)
@@ -376,6 +377,7 @@ class CostModel:
 
             config, params, _ = with_exit_layer(self.bench, exit_layer)
             model = VLM(config)
+            params = prepare_params(model, params)
             rounds = self.iters
             # No stop id and room for every round: all rows draft gamma tokens every round.
             capacity = rounds * (gamma + 1) + 1
@@ -586,11 +588,13 @@ def bench_one(bench: BenchModel, prompt_sets: list[Prompts], exit_layer: int, po
     ssd_spec = DecodeSpec("ssd", capacity=max_new, sampling=sampling, eos_ids=eos, policy=policy)
     # The same compiled programs with max_new_tokens=1 time the prefill alone (the budget
     # is a traced scalar), so the decode phase can be told apart from the prefill.
+    # Both modes get their layers stacked once, as decode.run does (engine.prepare_params).
+    ar_params, ssd_params = prepare_params(ar_model, bench.params), prepare_params(model, params)
     timed = _time_interleaved({
-        "ar": _runner(ar_model, bench.params, prompt_sets, ar_spec, max_new),
-        "ssd": _runner(model, params, prompt_sets, ssd_spec, max_new),
-        "ar_prefill": _runner(ar_model, bench.params, prompt_sets, ar_spec, 1),
-        "ssd_prefill": _runner(model, params, prompt_sets, ssd_spec, 1),
+        "ar": _runner(ar_model, ar_params, prompt_sets, ar_spec, max_new),
+        "ssd": _runner(model, ssd_params, prompt_sets, ssd_spec, max_new),
+        "ar_prefill": _runner(ar_model, ar_params, prompt_sets, ar_spec, 1),
+        "ssd_prefill": _runner(model, ssd_params, prompt_sets, ssd_spec, 1),
     }, repeats)
     ar_out, ssd_out = timed["ar"][0], timed["ssd"][0]
     ar = _mode_report(*timed["ar"], "ar", len(prompt_sets))

@@ -357,9 +357,31 @@ def _generate(model: VLM, spec: DecodeSpec, params, prompts: Prompts, max_new: A
 _generate_jit = jax.jit(_generate, static_argnums=(0, 1))
 
 
+def prepare_params(model: VLM, params, max_copy_bytes: int = 1 << 30):
+    """params for repeated `generate` calls, in either mode: adds a stacked copy of the
+    layers that the prefill (both modes) and SSD verification run as one scan,
+    [exit_layer, num_layers), so that scan reads them in place instead of stacking every
+    layer's weights inside each call (model.VLM.stack_layers). The copy costs the memory of
+    those layers once more, so it is skipped when it would exceed `max_copy_bytes` (large
+    models, whose caches are mostly too big for the scanned path anyway)."""
+    from fastvlm_jax import model as model_lib
+
+    cfg = model.config
+    start, stop = cfg.draft.exit_layer, cfg.text.num_layers
+    if getattr(cfg, "model_type", "llava") != "llava" or stop - start < 2:
+        return params
+    copy_bytes = sum(model_lib.layer_weight_bytes(params, index) for index in range(start, stop))
+    if copy_bytes > max_copy_bytes:
+        return params
+    return model.stack_layers(params, start, stop)
+
+
 def generate(model: VLM, params, prompts: Prompts, spec: DecodeSpec, max_new_tokens: int | Array,
              rng: Array | None = None) -> DecodeOutput:
-    """Generates up to `max_new_tokens` (<= spec.capacity) tokens per row; see DecodeSpec."""
+    """Generates up to `max_new_tokens` (<= spec.capacity) tokens per row; see DecodeSpec.
+
+    params: the model's params, or `prepare_params(model, params)` when calling many times
+    (same outputs, less work per call)."""
     if rng is None:
         rng = jax.random.key(0)
     return _generate_jit(model, spec, params, prompts, jnp.asarray(max_new_tokens, jnp.int32), rng)

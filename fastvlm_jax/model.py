@@ -29,6 +29,12 @@ Params = Any
 # Cached decoding scans over the layers while one layer's keys + values take at most this
 # many bytes (batch 1-4 of the demo model; never a 7B model's cache): see VLM._scan_layers.
 SCAN_MAX_LAYER_CACHE_BYTES = 1 << 20
+# Without a stacked copy from VLM.stack_layers, the scan stacks the layers' weights inside
+# the program on every call: only done while a layer's weights are this small (the bench's
+# random 150m preset: 28 MB; a 7B layer: 800 MB).
+SCAN_MAX_LAYER_WEIGHT_BYTES = 32 << 20
+# The params entry where VLM.stack_layers keeps stacked copies of decoder layers.
+STACKED_LAYERS = "stacked_decoder_layers"
 
 
 class TextDecoder(nn.Module):
@@ -270,8 +276,25 @@ class VLM:
 
     # --- pure pieces --------------------------------------------------------------------
     def _apply(self, params, method: str, *args, **kwargs):
+        if STACKED_LAYERS in params:  # a decoding-time copy, not a module parameter
+            params = {name: value for name, value in params.items() if name != STACKED_LAYERS}
         # By name: the LLaVA and BLIP-2 modules share these method names.
         return self.module.apply({"params": params}, *args, method=method, **kwargs)
+
+    def stack_layers(self, params, start: int, stop: int) -> Params:
+        """params plus a copy of decoder layers [start, stop) stacked into one tree of
+        [stop - start, ...] arrays, which cached multi-token calls through exactly those
+        layers then scan over (see _scan_layers) instead of stacking the weights inside
+        every call; costs the memory of those layers once more. Only for LLaVA models."""
+        if getattr(self.config, "model_type", "llava") != "llava":
+            return params
+        if not 0 <= start < stop <= self.config.text.num_layers:
+            raise ValueError(f"cannot stack layers [{start}, {stop}) of a "
+                             f"{self.config.text.num_layers}-layer decoder")
+        decoder = params["language_model"]
+        stacked = jax.jit(lambda *layers: jax.tree.map(lambda *xs: jnp.stack(xs), *layers))(
+            *(decoder[f"layers_{index}"] for index in range(start, stop)))
+        return {**params, STACKED_LAYERS: {**params.get(STACKED_LAYERS, {}), f"{start}:{stop}": stacked}}
 
     def encode_images(self, params, pixels):
         return self._apply(params, "encode_images", pixels)
@@ -281,34 +304,41 @@ class VLM:
 
     def run_layers(self, params, hidden, positions, start, stop, cache=None, key_mask=None,
                    collect=()):
-        if self._scan_layers(hidden, start, stop, cache, key_mask, collect):
+        if self._scan_layers(params, hidden, start, stop, cache, key_mask, collect):
             return self._run_layers_scanned(params, hidden, positions, start, stop, cache)
         return self._apply(params, "run_layers", hidden, positions, start, stop, cache,
                            key_mask, tuple(collect))
 
-    def _scan_layers(self, hidden, start, stop, cache, key_mask, collect) -> bool:
+    def _scan_layers(self, params, hidden, start, stop, cache, key_mask, collect) -> bool:
         """Whether cached decoding through layers [start, stop) runs as one lax.scan.
 
         XLA compiles every unrolled layer into its own kernels, and on CPU a step through
         many small layers then costs far more than the sum of its layers (measured on the
         demo model, 2-core CPU, batch 1: 5 tokens through 6 layers 5.6 ms unrolled, 2.5 ms
         scanned). The scan stacks the layers' caches in and out on every call, so it is
-        kept to small caches, where that copy is cheap next to the per-kernel cost.
+        kept to small caches, where that copy is cheap next to the per-kernel cost; the
+        weights it takes from `stack_layers` when present, else it stacks them per call too.
         """
         if cache is None or key_mask is not None or collect or stop - start < 2 or hidden.shape[1] < 2:
             return False
         if getattr(self.config, "model_type", "llava") != "llava":
             return False
-        layer_bytes = 2 * cache.keys[start].size * cache.keys[start].dtype.itemsize
-        return layer_bytes <= SCAN_MAX_LAYER_CACHE_BYTES
+        cache_bytes = 2 * cache.keys[start].size * cache.keys[start].dtype.itemsize
+        if cache_bytes > SCAN_MAX_LAYER_CACHE_BYTES:
+            return False
+        if f"{start}:{stop}" in params.get(STACKED_LAYERS, {}):
+            return True
+        return layer_weight_bytes(params, start) <= SCAN_MAX_LAYER_WEIGHT_BYTES
 
     def _run_layers_scanned(self, params, hidden, positions, start, stop, cache):
         """run_layers with a cache, as a scan over layers [start, stop): the same layers and
         parameters as the module path, stacked into one [stop - start, ...] tree."""
         layer = DecoderLayer(self.config.text, self.dtype)
-        decoder = params["language_model"]
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
-                               *(decoder[f"layers_{index}"] for index in range(start, stop)))
+        stacked = params.get(STACKED_LAYERS, {}).get(f"{start}:{stop}")
+        if stacked is None:
+            decoder = params["language_model"]
+            stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
+                                   *(decoder[f"layers_{index}"] for index in range(start, stop)))
 
         def one_layer(h, layer_inputs):
             layer_params, keys, values = layer_inputs
@@ -351,6 +381,12 @@ class VLM:
         text = self.config.text
         return KVCache.zeros(1, batch, capacity, text.num_kv_heads, text.resolved_head_dim,
                              dtype or self.dtype)
+
+
+def layer_weight_bytes(params: Params, index: int) -> int:
+    """Bytes of decoder layer `index`'s weights."""
+    layer = params["language_model"][f"layers_{index}"]
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(layer))
 
 
 def param_count(params: Params) -> int:

@@ -72,6 +72,26 @@ def test_greedy_ssd_equals_ar(exit_layer, kind, draft_len):
     assert int(ssd.rounds.sum()) < int(ar.rounds.sum())
 
 
+def test_prepared_params_decode_the_same():
+    """engine.prepare_params (deep layers stacked once) changes no output of either mode,
+    and is skipped where the copy would be too big."""
+    from fastvlm_jax import model as model_lib
+
+    config = tiny_config(num_layers=5, exit_layer=2)
+    model = VLM(config)
+    params = _near_identity_deep_layers(model.init(jax.random.key(5)), config, 0.4)
+    prepared = engine.prepare_params(model, params)
+    assert list(prepared[model_lib.STACKED_LAYERS]) == ["2:5"]
+    n = config.num_image_tokens
+    prompts = _prompts(config, [n + 6, n + 3], seed=4)
+    for spec in (DecodeSpec("ar", capacity=20, eos_ids=()),
+                 DecodeSpec("ssd", capacity=20, eos_ids=(), policy=DraftPolicy(draft_len=3))):
+        raw, fast = generate(model, params, prompts, spec, 20), generate(model, prepared, prompts, spec, 20)
+        for field in ("tokens", "num_tokens", "rounds", "drafted", "accepted", "position_accepts"):
+            np.testing.assert_array_equal(np.asarray(getattr(fast, field)), np.asarray(getattr(raw, field)))
+    assert engine.prepare_params(model, params, max_copy_bytes=1024) is params
+
+
 def test_greedy_ssd_policies_equal_ar():
     """Confidence early-stop and the context-length schedule never change greedy output."""
     config = tiny_config(num_layers=4, exit_layer=1)

@@ -57,16 +57,52 @@ def test_scanned_cached_layers_equal_unrolled_layers(monkeypatch):
     hidden = model.embed(params, ids, model.encode_images(params, pixels))
     positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
     cache = model.init_cache(batch, seq + 4)
-    assert model._scan_layers(hidden, 2, 5, cache, None, ())
+    assert model._scan_layers(params, hidden, 2, 5, cache, None, ())
     scanned = model.run_layers(params, hidden, positions, 2, 5, cache)
+    # The same scan over a stacked copy made once (what decoding passes in).
+    stacked_params = model.stack_layers(params, 2, 5)
+    prestacked = model.run_layers(stacked_params, hidden, positions, 2, 5, cache)
     monkeypatch.setattr(model_lib, "SCAN_MAX_LAYER_CACHE_BYTES", 0)
-    assert not model._scan_layers(hidden, 2, 5, cache, None, ())
+    assert not model._scan_layers(params, hidden, 2, 5, cache, None, ())
     unrolled = model.run_layers(params, hidden, positions, 2, 5, cache)
-    np.testing.assert_allclose(np.asarray(scanned[0]), np.asarray(unrolled[0]), atol=1e-5)
-    for got, want in zip(scanned[1].keys + scanned[1].values, unrolled[1].keys + unrolled[1].values):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    for result in (scanned, prestacked):
+        np.testing.assert_allclose(np.asarray(result[0]), np.asarray(unrolled[0]), atol=1e-5)
+        for got, want in zip(result[1].keys + result[1].values, unrolled[1].keys + unrolled[1].values):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
     # Layers outside [2, 5) are the input cache's own buffers, untouched.
     assert scanned[1].keys[0] is cache.keys[0] and scanned[1].values[1] is cache.values[1]
+
+
+def test_scan_reads_the_stacked_copy_and_modules_ignore_it(monkeypatch):
+    """With a stacked copy present the scanned path reads it (a changed copy changes the
+    result), every other call ignores it, and without one big layers are not scanned."""
+    config = tiny_config(num_layers=5, exit_layer=2)
+    model = VLM(config)
+    params = model.init(jax.random.key(3))
+    ids, pixels = _inputs(config)
+    batch, seq = ids.shape
+    hidden = model.embed(params, ids, model.encode_images(params, pixels))
+    positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+    cache = model.init_cache(batch, seq + 4)
+    stacked_params = model.stack_layers(params, 2, 5)
+    np.testing.assert_array_equal(
+        np.asarray(stacked_params[model_lib.STACKED_LAYERS]["2:5"]["mlp"]["down_proj"]["kernel"][1]),
+        np.asarray(params["language_model"]["layers_3"]["mlp"]["down_proj"]["kernel"]))
+    doubled = jax.tree.map(lambda x: 2 * x, stacked_params[model_lib.STACKED_LAYERS])
+    changed = {**stacked_params, model_lib.STACKED_LAYERS: doubled}
+    base = model.run_layers(params, hidden, positions, 2, 5, cache)[0]
+    assert not np.allclose(np.asarray(model.run_layers(changed, hidden, positions, 2, 5, cache)[0]),
+                           np.asarray(base), atol=1e-3)
+    # Uncached and other ranges use the module's own layers.
+    np.testing.assert_array_equal(np.asarray(model.forward(changed, ids, pixels)),
+                                  np.asarray(model.forward(params, ids, pixels)))
+    np.testing.assert_array_equal(np.asarray(model.run_layers(changed, hidden, positions, 0, 2, cache)[0]),
+                                  np.asarray(model.run_layers(params, hidden, positions, 0, 2, cache)[0]))
+    monkeypatch.setattr(model_lib, "SCAN_MAX_LAYER_WEIGHT_BYTES", 0)
+    assert not model._scan_layers(params, hidden, 2, 5, cache, None, ())
+    assert model._scan_layers(stacked_params, hidden, 2, 5, cache, None, ())
+    with pytest.raises(ValueError, match=r"cannot stack layers \[3, 7\)"):
+        model.stack_layers(params, 3, 7)
 
 
 def test_layer_ranges_compose_and_collect_states():
