@@ -73,8 +73,9 @@ def test_greedy_ssd_equals_ar(exit_layer, kind, draft_len):
 
 
 def test_prepared_params_decode_the_same():
-    """engine.prepare_params (deep layers stacked once) changes no output of either mode,
-    and is skipped where the copy would be too big."""
+    """engine.prepare_params (deep layers stacked once) changes no output (SSD covers the
+    prefill both modes share and the verification), and is skipped where the copy would
+    be too big."""
     from fastvlm_jax import model as model_lib
 
     config = tiny_config(num_layers=5, exit_layer=2)
@@ -84,11 +85,11 @@ def test_prepared_params_decode_the_same():
     assert list(prepared[model_lib.STACKED_LAYERS]) == ["2:5"]
     n = config.num_image_tokens
     prompts = _prompts(config, [n + 6, n + 3], seed=4)
-    for spec in (DecodeSpec("ar", capacity=20, eos_ids=()),
-                 DecodeSpec("ssd", capacity=20, eos_ids=(), policy=DraftPolicy(draft_len=3))):
-        raw, fast = generate(model, params, prompts, spec, 20), generate(model, prepared, prompts, spec, 20)
-        for field in ("tokens", "num_tokens", "rounds", "drafted", "accepted", "position_accepts"):
-            np.testing.assert_array_equal(np.asarray(getattr(fast, field)), np.asarray(getattr(raw, field)))
+    spec = DecodeSpec("ssd", capacity=20, eos_ids=(), policy=DraftPolicy(draft_len=3))
+    raw, fast = generate(model, params, prompts, spec, 20), generate(model, prepared, prompts, spec, 20)
+    assert int(raw.accepted.sum()) > 0
+    for field in ("tokens", "num_tokens", "rounds", "drafted", "accepted", "position_accepts"):
+        np.testing.assert_array_equal(np.asarray(getattr(fast, field)), np.asarray(getattr(raw, field)))
     assert engine.prepare_params(model, params, max_copy_bytes=1024) is params
 
 
