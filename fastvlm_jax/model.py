@@ -291,10 +291,8 @@ class VLM:
         if not 0 <= start < stop <= self.config.text.num_layers:
             raise ValueError(f"cannot stack layers [{start}, {stop}) of a "
                              f"{self.config.text.num_layers}-layer decoder")
-        decoder = params["language_model"]
-        stacked = jax.jit(lambda *layers: jax.tree.map(lambda *xs: jnp.stack(xs), *layers))(
-            *(decoder[f"layers_{index}"] for index in range(start, stop)))
-        return {**params, STACKED_LAYERS: {**params.get(STACKED_LAYERS, {}), f"{start}:{stop}": stacked}}
+        stacked = jax.jit(_stack_decoder_layers, static_argnums=(1, 2))(params["language_model"], start, stop)
+        return {**params, STACKED_LAYERS: {**params.get(STACKED_LAYERS, {}), _stacked_key(start, stop): stacked}}
 
     def encode_images(self, params, pixels):
         return self._apply(params, "encode_images", pixels)
@@ -326,7 +324,7 @@ class VLM:
         cache_bytes = 2 * cache.keys[start].size * cache.keys[start].dtype.itemsize
         if cache_bytes > SCAN_MAX_LAYER_CACHE_BYTES:
             return False
-        if f"{start}:{stop}" in params.get(STACKED_LAYERS, {}):
+        if _stacked_key(start, stop) in params.get(STACKED_LAYERS, {}):
             return True
         return layer_weight_bytes(params, start) <= SCAN_MAX_LAYER_WEIGHT_BYTES
 
@@ -334,11 +332,9 @@ class VLM:
         """run_layers with a cache, as a scan over layers [start, stop): the same layers and
         parameters as the module path, stacked into one [stop - start, ...] tree."""
         layer = DecoderLayer(self.config.text, self.dtype)
-        stacked = params.get(STACKED_LAYERS, {}).get(f"{start}:{stop}")
+        stacked = params.get(STACKED_LAYERS, {}).get(_stacked_key(start, stop))
         if stacked is None:
-            decoder = params["language_model"]
-            stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
-                                   *(decoder[f"layers_{index}"] for index in range(start, stop)))
+            stacked = _stack_decoder_layers(params["language_model"], start, stop)
 
         def one_layer(h, layer_inputs):
             layer_params, keys, values = layer_inputs
@@ -381,6 +377,16 @@ class VLM:
         text = self.config.text
         return KVCache.zeros(1, batch, capacity, text.num_kv_heads, text.resolved_head_dim,
                              dtype or self.dtype)
+
+
+def _stacked_key(start: int, stop: int) -> str:
+    """The key of layers [start, stop) under params[STACKED_LAYERS]."""
+    return f"{start}:{stop}"
+
+
+def _stack_decoder_layers(decoder: Params, start: int, stop: int) -> Params:
+    """Decoder layers [start, stop) as one tree of [stop - start, ...] arrays."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *(decoder[f"layers_{index}"] for index in range(start, stop)))
 
 
 def layer_weight_bytes(params: Params, index: int) -> int:

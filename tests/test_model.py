@@ -47,8 +47,9 @@ def test_cached_incremental_decoding_equals_full_forward(kind):
     np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(full), atol=1e-5)
 
 
-def test_scanned_cached_layers_equal_unrolled_layers(monkeypatch):
-    """Small caches run the layers as one lax.scan; large ones unrolled: same numbers."""
+def _scan_inputs():
+    """A 5-layer model (exit 2), its params, inputs, embedded hidden states [batch, seq,
+    embed], positions and an empty cache small enough for the scanned path."""
     config = tiny_config(num_layers=5, exit_layer=2)
     model = VLM(config)
     params = model.init(jax.random.key(3))
@@ -56,7 +57,12 @@ def test_scanned_cached_layers_equal_unrolled_layers(monkeypatch):
     batch, seq = ids.shape
     hidden = model.embed(params, ids, model.encode_images(params, pixels))
     positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
-    cache = model.init_cache(batch, seq + 4)
+    return model, params, ids, pixels, hidden, positions, model.init_cache(batch, seq + 4)
+
+
+def test_scanned_cached_layers_equal_unrolled_layers(monkeypatch):
+    """Small caches run the layers as one lax.scan; large ones unrolled: same numbers."""
+    model, params, _, _, hidden, positions, cache = _scan_inputs()
     assert model._scan_layers(params, hidden, 2, 5, cache, None, ())
     scanned = model.run_layers(params, hidden, positions, 2, 5, cache)
     # The same scan over a stacked copy made once (what decoding passes in).
@@ -76,14 +82,7 @@ def test_scanned_cached_layers_equal_unrolled_layers(monkeypatch):
 def test_scan_reads_the_stacked_copy_and_modules_ignore_it(monkeypatch):
     """With a stacked copy present the scanned path reads it (a changed copy changes the
     result), every other call ignores it, and without one big layers are not scanned."""
-    config = tiny_config(num_layers=5, exit_layer=2)
-    model = VLM(config)
-    params = model.init(jax.random.key(3))
-    ids, pixels = _inputs(config)
-    batch, seq = ids.shape
-    hidden = model.embed(params, ids, model.encode_images(params, pixels))
-    positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
-    cache = model.init_cache(batch, seq + 4)
+    model, params, ids, pixels, hidden, positions, cache = _scan_inputs()
     stacked_params = model.stack_layers(params, 2, 5)
     np.testing.assert_array_equal(
         np.asarray(stacked_params[model_lib.STACKED_LAYERS]["2:5"]["mlp"]["down_proj"]["kernel"][1]),
