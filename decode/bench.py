@@ -46,10 +46,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decode.engine import DecodeOutput, DecodeSpec, DraftPolicy, Prompts, generate, prepare_params
+from decode.engine import DecodeOutput, DecodeSpec, DraftPolicy, Prompts, generate
 from decode.sampling import SamplingConfig
 from fastvlm_jax.config import DraftConfig, TextConfig, VisionConfig, VLMConfig
-from fastvlm_jax.model import VLM, param_bytes, param_count
+from fastvlm_jax.model import VLM, cast_params, param_bytes, param_count, params_dtype
 from fastvlm_jax.prompts import stop_ids
 
 # Random-weight presets for speed measurements (acceptance of an untrained draft is low).
@@ -83,9 +83,22 @@ class BenchModel:
     image_config: object = None
     source: str = ""
 
+    @property
+    def dtype(self):
+        """The compute dtype: the params' own (see load_bench_model's dtype)."""
+        return params_dtype(self.params)
 
-def load_bench_model(spec: str, seed: int = 0) -> BenchModel:
-    """`random:PRESET`, `demo`, or a checkpoint directory."""
+
+def load_bench_model(spec: str, seed: int = 0, dtype=None) -> BenchModel:
+    """`random:PRESET`, `demo`, or a checkpoint directory; dtype: cast the params (None: keep
+    the checkpoint's own dtype; random presets are float32)."""
+    bench = _load_bench_model(spec, seed)
+    if dtype is not None:
+        bench.params = cast_params(bench.params, dtype)
+    return bench
+
+
+def _load_bench_model(spec: str, seed: int) -> BenchModel:
     if spec.startswith("random:"):
         preset = spec.split(":", 1)[1]
         if preset not in RANDOM_PRESETS:
@@ -97,9 +110,12 @@ def load_bench_model(spec: str, seed: int = 0) -> BenchModel:
 
     path = spec
     if spec == "demo":
-        from fastvlm_jax.demo import demo_checkpoint
+        from fastvlm_jax.demo import DemoMissingError, demo_checkpoint
 
-        path = demo_checkpoint(progress=True)
+        try:
+            path = demo_checkpoint()
+        except DemoMissingError as err:
+            raise SystemExit(f"error: {err}")
     try:
         ckpt = load_checkpoint(path)
     except CheckpointError as err:
@@ -114,10 +130,10 @@ def with_exit_layer(bench: BenchModel, exit_layer: int) -> tuple[VLMConfig, obje
         return bench.config, bench.params, False
     config = bench.config.with_draft(exit_layer=exit_layer)
     if exit_layer not in _FRESH_IMITATION:
-        _FRESH_IMITATION[exit_layer] = (config, jax.jit(VLM(config).init_imitation)(jax.random.key(0)))
+        _FRESH_IMITATION[exit_layer] = (config, cast_params(jax.jit(VLM(config).init_imitation)(jax.random.key(0)), bench.dtype))
     cached_config, fresh = _FRESH_IMITATION[exit_layer]
     if cached_config != config:
-        fresh = jax.jit(VLM(config).init_imitation)(jax.random.key(0))
+        fresh = cast_params(jax.jit(VLM(config).init_imitation)(jax.random.key(0)), bench.dtype)
         _FRESH_IMITATION[exit_layer] = (config, fresh)
     return config, {**bench.params, "imitation": fresh}, True
 
@@ -293,8 +309,7 @@ class CostModel:
 
     def _setup(self, batch, exit_layer, lookahead):
         config, params, _ = with_exit_layer(self.bench, exit_layer)
-        model = VLM(config)
-        params = prepare_params(model, params)
+        model = VLM(config, self.bench.dtype)
         capacity = self.prompt_len + self.max_new + lookahead
         pos = self.prompt_len + self.max_new // 2
         token = jnp.full((batch,), 5, jnp.int32)
@@ -330,10 +345,7 @@ class CostModel:
             def draft(p, carry):
                 cache, draft_cache, token = carry
                 h, cache = shallow(p, token, cache)
-                kv = draft_cache.layer(0) if draft_cache is not None else None
-                d, kv = model.imitate(p, h, positions, kv)
-                if draft_cache is not None:
-                    draft_cache = draft_cache.with_layer(0, kv)
+                d, draft_cache = model.imitate(p, h, positions, draft_cache)
                 return cache, draft_cache, jnp.argmax(model.logits(p, d)[:, 0], -1).astype(jnp.int32)
 
             def shallow_only(p, carry):
@@ -376,8 +388,7 @@ class CostModel:
             from decode import engine
 
             config, params, _ = with_exit_layer(self.bench, exit_layer)
-            model = VLM(config)
-            params = prepare_params(model, params)
+            model = VLM(config, self.bench.dtype)
             rounds = self.iters
             # No stop id and room for every round: all rows draft gamma tokens every round.
             capacity = rounds * (gamma + 1) + 1
@@ -481,7 +492,7 @@ class Replay:
 
 def replay(bench: BenchModel, prompt_sets: list[Prompts], ar_out: DecodeOutput, exit_layer: int) -> Replay:
     config, params, _ = with_exit_layer(bench, exit_layer)
-    run = _replay_fn(VLM(config))
+    run = _replay_fn(VLM(config, bench.dtype))
     tokens = np.asarray(ar_out.tokens)
     num_tokens = np.asarray(ar_out.num_tokens)
     cap = tokens.shape[1]
@@ -579,17 +590,16 @@ def bench_one(bench: BenchModel, prompt_sets: list[Prompts], exit_layer: int, po
               policy: DraftPolicy, max_new: int, repeats: int, sampling: SamplingConfig,
               cost: CostModel | None = None, replays: dict | None = None, bucket: int = 8) -> dict:
     config, params, reset = with_exit_layer(bench, exit_layer)
-    model = VLM(config)
+    model = VLM(config, bench.dtype)
     # AR does not depend on the exit layer: one program (compiled once per batch shape)
     # on the checkpoint's own config serves every sweep point.
-    ar_model = VLM(bench.config)
+    ar_model = VLM(bench.config, bench.dtype)
     eos = stop_ids(bench.config, bench.tokenizer) if bench.tokenizer is not None else ()
     ar_spec = DecodeSpec("ar", capacity=max_new, sampling=sampling, eos_ids=eos)
     ssd_spec = DecodeSpec("ssd", capacity=max_new, sampling=sampling, eos_ids=eos, policy=policy)
     # The same compiled programs with max_new_tokens=1 time the prefill alone (the budget
     # is a traced scalar), so the decode phase can be told apart from the prefill.
-    # Both modes get their layers stacked once, as decode.run does (engine.prepare_params).
-    ar_params, ssd_params = prepare_params(ar_model, bench.params), prepare_params(model, params)
+    ar_params, ssd_params = bench.params, params
     timed = _time_interleaved({
         "ar": _runner(ar_model, ar_params, prompt_sets, ar_spec, max_new),
         "ssd": _runner(model, ssd_params, prompt_sets, ssd_spec, max_new),
@@ -610,9 +620,9 @@ def bench_one(bench: BenchModel, prompt_sets: list[Prompts], exit_layer: int, po
                                          if decode_seconds > 0.2 * report["seconds_median"] else None)
     batch, prompt_len = prompt_sets[0].input_ids.shape
     base = {k: v for k, v in params.items() if k != "imitation"}
-    ar_cache = model.init_cache(batch, ar_spec.cache_capacity(prompt_len))
-    ssd_cache = model.init_cache(batch, ssd_spec.cache_capacity(prompt_len))
-    draft_cache = model.init_draft_cache(batch, ssd_spec.cache_capacity(prompt_len))
+    ar_cache = model.init_cache(batch, ar_spec.cache_slots(prompt_len))
+    ssd_cache = model.init_cache(batch, ssd_spec.cache_slots(prompt_len))
+    draft_cache = model.init_draft_cache(batch, ssd_spec.cache_slots(prompt_len))
     identical = bool(np.array_equal(np.asarray(ar_out.tokens), np.asarray(ssd_out.tokens)))
     speedup = ssd["tokens_per_s"] / ar["tokens_per_s"]
     result = {
@@ -683,7 +693,7 @@ def context_acceptance_report(bench: BenchModel, exit_layers, args, sampling) ->
     eos = stop_ids(bench.config, bench.tokenizer) if bench.tokenizer is not None else ()
     prompts = make_prompts(bench, args.replay_rows, args.images, args.prompt, args.seed, offset=1000)
     spec = DecodeSpec("ar", capacity=args.max_new_tokens, sampling=SamplingConfig(), eos_ids=eos)
-    ar_out = _concat_outputs([generate(VLM(bench.config), bench.params, prompts, spec, args.max_new_tokens)])
+    ar_out = _concat_outputs([generate(VLM(bench.config, bench.dtype), bench.params, prompts, spec, args.max_new_tokens)])
     out = {}
     for exit_layer in exit_layers:
         rep = replay(bench, [prompts], ar_out, exit_layer)
@@ -725,6 +735,8 @@ def main(argv=None) -> int:
                         "steadier acceptance)")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="params and compute dtype (default: the checkpoint's own)")
     parser.add_argument("--cost-model", action="store_true",
                         help="time the primitives and report ideal speedup + engine efficiency")
     parser.add_argument("--cost-iters", type=int, default=32)
@@ -739,7 +751,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", required=True, help="output JSON file")
     args = parser.parse_args(argv)
 
-    bench = load_bench_model(args.ckpt, args.seed)
+    bench = load_bench_model(args.ckpt, args.seed, args.dtype)
     exit_layers = args.exit_layer or [bench.config.draft.exit_layer]
     for layer in exit_layers:
         if not 1 <= layer < bench.config.text.num_layers:
@@ -785,6 +797,7 @@ def main(argv=None) -> int:
     report = {
         "device": device_name(), "machine": info, "model": bench.source,
         "params": param_count(bench.params), "num_layers": bench.config.text.num_layers,
+        "dtype": bench.dtype.name, "param_bytes": param_bytes(bench.params),
         "checkpoint_exit_layer": bench.config.draft.exit_layer,
         "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "prompt_sets": args.prompt_sets,
         "temperature": args.temperature, "argv": sys.argv[1:] if argv is None else list(argv),

@@ -51,25 +51,6 @@ PRESETS = {
 }
 
 
-class StateDictSource:
-    """`convert.SafetensorsFolder`'s interface over an in-memory torch state dict."""
-
-    def __init__(self, state_dict):
-        from fastvlm_jax.convert import canonical_name
-
-        self._tensors = {}
-        for key, value in state_dict.items():
-            name = canonical_name(key)
-            if name is not None:
-                self._tensors[name] = value
-
-    def names(self) -> set[str]:
-        return set(self._tensors)
-
-    def get(self, canonical: str) -> np.ndarray:
-        return self._tensors[canonical].detach().float().numpy()
-
-
 def build_models(size: str, exit_layer: int, seed: int = 0, deep_scale: float = 1.0):
     """(HF LlamaForCausalLM, our VLM, our params, hf LlavaConfig) on the same random weights.
 
@@ -81,7 +62,7 @@ def build_models(size: str, exit_layer: int, seed: int = 0, deep_scale: float = 
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
-    from fastvlm_jax.convert import config_from_hf, convert_params
+    from fastvlm_jax.convert_llava import config_from_hf, convert_params, state_dict_source
     from fastvlm_jax.model import VLM
 
     preset = dict(PRESETS[size])
@@ -102,7 +83,7 @@ def build_models(size: str, exit_layer: int, seed: int = 0, deep_scale: float = 
                     param.mul_(deep_scale)
     state = llava.state_dict()
     ours_config = config_from_hf(config.to_dict(), exit_layer=exit_layer)
-    params = convert_params(StateDictSource(state), ours_config, jax.random.key(seed), progress=False)
+    params = convert_params(state_dict_source(state), ours_config, jax.random.key(seed), progress=False)
 
     llama = LlamaForCausalLM(config.text_config).eval()
     llama.model.load_state_dict(llava.model.language_model.state_dict())

@@ -33,11 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate, prepare_params
+from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
 from decode.sampling import SamplingConfig
 from fastvlm_jax.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from fastvlm_jax.image_processing import ImageSource, preprocess_image
-from fastvlm_jax.model import VLM
+from fastvlm_jax.model import VLM, cast_params, param_bytes, params_dtype
 from fastvlm_jax.prompts import DEFAULT_QUESTIONS, build_prompt_ids, default_question, stop_ids
 
 # LLaVA's question for a caption: the same one the training recipe uses (train.config's
@@ -205,7 +205,9 @@ class Captioner:
       checkpoint: a checkpoint directory or an already loaded `Checkpoint`.
       batch_size: rows per engine call (short batches are padded with dummy rows).
       prompt_bucket: prompts are right-padded to a multiple of this many tokens.
-      mesh, dtype: passed to `load_checkpoint` when loading from a path.
+      mesh: passed to `load_checkpoint` when loading from a path.
+      dtype: the params' and compute dtype (e.g. 'bfloat16'); None: the checkpoint's own.
+        Activations and the KV cache follow it; logits and acceptance stay float32.
     """
 
     def __init__(self, checkpoint: str | os.PathLike | Checkpoint, *, batch_size: int = 8,
@@ -214,6 +216,8 @@ class Captioner:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not isinstance(checkpoint, Checkpoint):
             checkpoint = load_checkpoint(checkpoint, mesh=mesh, dtype=dtype)
+        elif dtype is not None:
+            checkpoint = checkpoint._replace(params=cast_params(checkpoint.params, dtype))
         config = checkpoint.config
         if checkpoint.tokenizer is None:
             raise CheckpointError("the checkpoint has no tokenizer/ folder: captioning needs one")
@@ -233,9 +237,8 @@ class Captioner:
         self.params = checkpoint.params
         self.tokenizer = tokenizer
         self.image_config = checkpoint.image_config
-        self.model = shared_model(config)
-        # What generate() takes: the params plus the deep layers stacked once (not per call).
-        self.decode_params = prepare_params(self.model, self.params)
+        self.dtype = params_dtype(self.params)
+        self.model = shared_model(config, self.dtype)
         self.batch_size = int(batch_size)
         self.prompt_bucket = int(prompt_bucket)
         self._warm: set[tuple] = set()  # program shapes already compiled (see _warm_up)
@@ -298,7 +301,7 @@ class Captioner:
         if key in self._warm:
             return 0.0
         start = time.perf_counter()
-        out = generate(self.model, self.decode_params, prompts, spec,
+        out = generate(self.model, self.params, prompts, spec,
                        jnp.zeros((self.batch_size,), jnp.int32), jax.random.key(0))
         jax.block_until_ready(out)
         self._warm.add(key)
@@ -320,7 +323,7 @@ class Captioner:
         if rng is None:
             rng = jax.random.key(0)
         start = time.perf_counter()
-        out = generate(self.model, self.decode_params, prompts, spec, jnp.asarray(budget), rng)
+        out = generate(self.model, self.params, prompts, spec, jnp.asarray(budget), rng)
         out = jax.device_get(out)  # waits for the device, one transfer
         seconds = time.perf_counter() - start
 

@@ -26,6 +26,7 @@ from typing import Literal
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from decode.sampling import SamplingConfig, accept_greedy, accept_speculative, next_token, warp
 from fastvlm_jax.kv_cache import KVCache
@@ -88,7 +89,8 @@ class DecodeSpec:
         """Cache slots a round may write past the row's position."""
         return self.policy.draft_len + 1 if self.mode == "ssd" else 1
 
-    def cache_capacity(self, prompt_len: int) -> int:
+    def cache_slots(self, prompt_len: int) -> int:
+        """KV cache slots per row: the prompt bucket, the new tokens and a round's lookahead."""
         return prompt_len + self.capacity + self.lookahead
 
 
@@ -109,9 +111,11 @@ class Prompts:
 class DecodeOutput:
     """tokens: [batch, capacity] generated ids (prompt excluded), -1 past num_tokens.
 
-    Per row: num_tokens, rounds (full-model calls after prefill), drafted, accepted.
+    Per row: num_tokens, rounds (full-model calls after prefill), drafted (tokens the
+    draft proposed), accepted (drafted tokens the full model accepted *and* that were
+    emitted: drafts past an EOS or past the row's budget are not counted).
     Per draft position j: position_attempts[j] rows that proposed a j-th token and
-    position_accepts[j] how many of those the full model accepted.
+    position_accepts[j] how many of those were accepted and emitted.
     """
 
     tokens: Array
@@ -176,17 +180,16 @@ def _prefill(model: VLM, params, prompts: Prompts, spec: DecodeSpec, rng: Array,
              ) -> _LoopState:
     cfg = model.config
     batch, prompt_len = prompts.input_ids.shape
-    capacity = spec.cache_capacity(prompt_len)
-    cache = model.init_cache(batch, capacity)
-    draft_cache = model.init_draft_cache(batch, capacity) if spec.mode == "ssd" else None
+    slots = spec.cache_slots(prompt_len)
+    cache = model.init_cache(batch, slots)
+    draft_cache = model.init_draft_cache(batch, slots) if spec.mode == "ssd" else None
     features = None if prompts.pixels is None else model.encode_images(params, prompts.pixels)
     positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
     hidden = model.embed(params, prompts.input_ids, features, positions)
     exit_layer = cfg.draft.exit_layer
     h_exit, cache, _ = model.run_layers(params, hidden, positions, 0, exit_layer, cache)
     if draft_cache is not None:
-        _, kv = model.imitate(params, h_exit, positions, draft_cache.layer(0))
-        draft_cache = draft_cache.with_layer(0, kv)
+        _, draft_cache = model.imitate(params, h_exit, positions, draft_cache)
     h_last, cache, _ = model.run_layers(params, h_exit, positions, exit_layer, cfg.text.num_layers, cache)
     last_index = (prompts.lengths - 1)[:, None, None]
     logits = model.logits(params, jnp.take_along_axis(h_last, last_index, axis=1))[:, 0]
@@ -242,11 +245,9 @@ def _draft(model: VLM, params, spec: DecodeSpec, state: _LoopState, rng: Array):
         return h[:, 0], cache
 
     tokens = jnp.zeros((batch, gamma + 1), jnp.int32).at[:, 0].set(state.last_token)
-    # The loop carries only the shallow layers' cache: carrying the deep layers' buffers
-    # through a while loop they never touch costs copies on every draft step.
-    full_cache = state.cache
-    h0, cache = shallow(state.last_token, 0, full_cache.replace(keys=full_cache.keys[:exit_layer],
-                                                                values=full_cache.values[:exit_layer]))
+    # The loop carries the whole stacked cache; the shallow layers write their slices of it
+    # in place, and the deep layers' entries are neither read nor copied.
+    h0, cache = shallow(state.last_token, 0, state.cache)
     states = jnp.zeros((batch, gamma + 1, cfg.text.hidden_size), h0.dtype).at[:, 0].set(h0)
     probs = None if spec.sampling.greedy else jnp.zeros((batch, gamma, cfg.text.vocab_size), jnp.float32)
     limit = spec.policy.limit(state.num_tokens)
@@ -261,10 +262,7 @@ def _draft(model: VLM, params, spec: DecodeSpec, state: _LoopState, rng: Array):
         slot, tokens, states, probs, drafting, draft_lens, cache, draft_cache, rng = carry
         h = jax.lax.dynamic_index_in_dim(states, slot, axis=1, keepdims=True)
         positions = (pos + slot)[:, None]
-        kv = draft_cache.layer(0) if draft_cache is not None else None
-        draft_hidden, kv = model.imitate(params, h, positions, kv)
-        if draft_cache is not None:
-            draft_cache = draft_cache.with_layer(0, kv)
+        draft_hidden, draft_cache = model.imitate(params, h, positions, draft_cache)
         logits = model.logits(params, draft_hidden)[:, 0]
         rng, step_rng = _split(rng, spec)
         if spec.sampling.greedy:
@@ -292,10 +290,7 @@ def _draft(model: VLM, params, spec: DecodeSpec, state: _LoopState, rng: Array):
         # the last drafted token (slot `last_slot`) is still missing, and the next round may
         # need it (when every draft is accepted). One one-token pass writes it.
         h = jax.lax.dynamic_index_in_dim(states, last_slot, axis=1, keepdims=True)
-        _, kv = model.imitate(params, h, (pos + last_slot)[:, None], draft_cache.layer(0))
-        draft_cache = draft_cache.with_layer(0, kv)
-    cache = full_cache.replace(keys=cache.keys + full_cache.keys[exit_layer:],
-                               values=cache.values + full_cache.values[exit_layer:])
+        _, draft_cache = model.imitate(params, h, (pos + last_slot)[:, None], draft_cache)
     return tokens, states, probs, draft_lens, cache, draft_cache
 
 
@@ -325,19 +320,23 @@ def _ssd_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new:
     # Emitted this round: the accepted draft tokens, then the full model's own token.
     new_tokens = jnp.concatenate([drafted_tokens, jnp.zeros_like(final)[:, None]], axis=1)
     new_tokens = new_tokens.at[rows, accepted].set(final)
-    slot = jnp.arange(gamma)[None]
-    attempts = jnp.sum((slot < draft_lens[:, None]) & live[:, None], axis=0)
-    accepts = jnp.sum((slot < accepted[:, None]) & live[:, None], axis=0)
     advance = jnp.where(live, accepted + 1, 0)
     if draft_cache is not None:
         draft_cache = draft_cache.replace(pos=pos + advance)
-    state = state.replace(
-        cache=cache.replace(pos=pos + advance), draft_cache=draft_cache, rng=rng,
+    before = state.num_tokens
+    state = _emit(state.replace(cache=cache.replace(pos=pos + advance), draft_cache=draft_cache, rng=rng),
+                  new_tokens, accepted + 1, max_new, spec.eos_ids)
+    # Count only the accepted drafts that were emitted (not those past an EOS or the budget);
+    # the emitted tokens are the first `emitted` of [accepted drafts..., final].
+    emitted_drafts = jnp.minimum(accepted, state.num_tokens - before)
+    slot = jnp.arange(gamma)[None]
+    attempts = jnp.sum((slot < draft_lens[:, None]) & live[:, None], axis=0)
+    accepts = jnp.sum(slot < emitted_drafts[:, None], axis=0)
+    return state.replace(
         rounds=state.rounds + live, drafted=state.drafted + jnp.where(live, draft_lens, 0),
-        accepted=state.accepted + jnp.where(live, accepted, 0),
+        accepted=state.accepted + emitted_drafts,
         position_attempts=state.position_attempts + attempts,
         position_accepts=state.position_accepts + accepts)
-    return _emit(state, new_tokens, accepted + 1, max_new, spec.eos_ids)
 
 
 def _generate(model: VLM, spec: DecodeSpec, params, prompts: Prompts, max_new: Array, rng: Array
@@ -357,31 +356,48 @@ def _generate(model: VLM, spec: DecodeSpec, params, prompts: Prompts, max_new: A
 _generate_jit = jax.jit(_generate, static_argnums=(0, 1))
 
 
-def prepare_params(model: VLM, params, max_copy_bytes: int = 1 << 30):
-    """params for repeated `generate` calls, in either mode: adds a stacked copy of the
-    layers that the prefill (both modes) and SSD verification run as one scan,
-    [exit_layer, num_layers), so that scan reads them in place instead of stacking every
-    layer's weights inside each call (model.VLM.stack_layers). The copy costs the memory of
-    those layers once more, so it is skipped when it would exceed `max_copy_bytes` (large
-    models, whose caches are mostly too big for the scanned path anyway)."""
-    from fastvlm_jax import model as model_lib
-
-    cfg = model.config
-    start, stop = cfg.draft.exit_layer, cfg.text.num_layers
-    if getattr(cfg, "model_type", "llava") != "llava" or stop - start < 2:
-        return params
-    copy_bytes = sum(model_lib.layer_weight_bytes(params, index) for index in range(start, stop))
-    if copy_bytes > max_copy_bytes:
-        return params
-    return model.stack_layers(params, start, stop)
-
-
 def generate(model: VLM, params, prompts: Prompts, spec: DecodeSpec, max_new_tokens: int | Array,
              rng: Array | None = None) -> DecodeOutput:
-    """Generates up to `max_new_tokens` (<= spec.capacity) tokens per row; see DecodeSpec.
+    """Generates up to `max_new_tokens` tokens per row; see DecodeSpec.
 
-    params: the model's params, or `prepare_params(model, params)` when calling many times
-    (same outputs, less work per call)."""
+    max_new_tokens: an int or a [batch] array of per-row budgets, each at most
+      spec.capacity (the program's static size: a larger budget is an error, not a
+      silent truncation).
+    prompts: right-padded (Prompts); checked here when its arrays are concrete.
+    """
     if rng is None:
         rng = jax.random.key(0)
+    check_inputs(model, prompts, spec, max_new_tokens)
     return _generate_jit(model, spec, params, prompts, jnp.asarray(max_new_tokens, jnp.int32), rng)
+
+
+def check_inputs(model: VLM, prompts: Prompts, spec: DecodeSpec, max_new_tokens) -> None:
+    """Raises ValueError for inputs the fixed-shape program would silently get wrong.
+
+    Skipped for traced values (inside a caller's jit): only concrete arrays can be read.
+    """
+    try:
+        budgets = np.asarray(max_new_tokens)
+        lengths = np.asarray(prompts.lengths)
+        input_ids = np.asarray(prompts.input_ids)
+    except jax.errors.TracerArrayConversionError:
+        return
+    if budgets.size and int(budgets.max()) > spec.capacity:
+        raise ValueError(f"max_new_tokens={int(budgets.max())} exceeds the program's capacity of "
+                         f"{spec.capacity} new tokens: build the DecodeSpec with capacity >= it")
+    width = input_ids.shape[1]
+    if lengths.size and (lengths.min() < 1 or lengths.max() > width):
+        raise ValueError(f"prompt lengths must lie in [1, {width}] (the padded width), "
+                         f"got {lengths.min()}..{lengths.max()}")
+    for row, length in enumerate(lengths):
+        tail = input_ids[row, length:]
+        if tail.size > 1 and np.any(tail != tail[0]):
+            raise ValueError(f"prompt row {row} has varied tokens after its length {length}: it looks "
+                             "left-padded; right-pad prompts (real tokens first, then padding)")
+    limit = getattr(model.config.text, "position_limit", None)
+    if limit is not None and lengths.size:
+        needed = int(lengths.max()) + int(budgets.max()) + spec.lookahead
+        if needed > limit:
+            raise ValueError(f"a prompt of {int(lengths.max())} tokens plus {int(budgets.max())} new tokens "
+                             f"(and {spec.lookahead} lookahead) needs {needed} positions, but the model's "
+                             f"learned position table has {limit}: shorten the prompt or max_new_tokens")

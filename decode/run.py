@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0 = off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (batch i uses fold_in(seed, i))")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="params and compute dtype (default: the checkpoint's own)")
     parser.add_argument("--draft-len", type=int, default=5, help="SSD: most tokens drafted per round")
     parser.add_argument("--min-confidence", type=float, default=0.0,
                         help="SSD: stop drafting when the draft's top probability is below this")
@@ -146,14 +148,12 @@ def resolve_checkpoint(ckpt: str) -> str:
     from fastvlm_jax.checkpoint import CheckpointError, load_config
 
     if ckpt == "demo":
+        from fastvlm_jax.demo import DemoMissingError, demo_checkpoint
+
         try:
-            from fastvlm_jax.demo import demo_checkpoint
-        except ImportError as e:
-            if e.name != "fastvlm_jax.demo":
-                raise UsageError(f"--ckpt demo: cannot import the demo ({e})") from None
-            raise UsageError("--ckpt demo: the demo checkpoint is not available in this installation "
-                             "(fastvlm_jax.demo is missing); pass a checkpoint folder instead") from None
-        return os.fspath(demo_checkpoint(progress=True))
+            return os.fspath(demo_checkpoint())
+        except DemoMissingError as e:
+            raise UsageError(f"--ckpt demo: {e}") from None
     if not os.path.exists(ckpt):
         raise UsageError(f"--ckpt {ckpt}: no such folder (pass a fastvlm-jax checkpoint folder, "
                          "or `demo`)")
@@ -406,6 +406,7 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
     from decode.captioner import BatchStats, Captioner, GenerationOptions, describe_device, summarize
     from decode.engine import DraftPolicy
     from decode.sampling import SamplingConfig
+    from fastvlm_jax.model import param_bytes
 
     options = GenerationOptions(
         mode=args.mode, max_new_tokens=args.max_new_tokens,
@@ -420,7 +421,8 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
     prompt = args.prompt  # the question actually asked (the model's default when None)
     if pending:
         try:
-            captioner = Captioner(ckpt, batch_size=args.batch_size, prompt_bucket=args.prompt_bucket)
+            captioner = Captioner(ckpt, batch_size=args.batch_size, prompt_bucket=args.prompt_bucket,
+                                  dtype=args.dtype)
         except ValueError as e:  # CheckpointError (a ValueError) or a config the loader rejects
             raise UsageError(f"--ckpt {args.ckpt}: {' '.join(str(e).split())}") from None
         try:
@@ -505,6 +507,8 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
             "seed": args.seed, "draft_len": args.draft_len if args.mode == "ssd" else None,
             "min_confidence": args.min_confidence, "draft_schedule": args.draft_schedule,
             "checkpoint": os.fspath(ckpt), "out": args.out,
+            "dtype": captioner.dtype.name if captioner else None,
+            "param_bytes": param_bytes(captioner.params) if captioner else None,
             "failures": failures,
         })
         _write_stats(args.stats, stats)

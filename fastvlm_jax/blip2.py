@@ -21,6 +21,7 @@ untrained draft is the plain early exit at `exit_layer`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -29,7 +30,9 @@ import jax.numpy as jnp
 
 from fastvlm_jax.config import ConfigError, DraftConfig, ModelConfigMixin
 from fastvlm_jax.kv_cache import KVCache
-from fastvlm_jax.layers import INIT_STD, activation, causal_attention, dense
+from fastvlm_jax.layers import (INIT_STD, activation, causal_attention, dense, init_layer_stack,
+                                run_layer_stack)
+from fastvlm_jax.vlm_common import full_and_draft_logits, merge_image_features
 
 Array = jax.Array
 DType = Any
@@ -115,6 +118,11 @@ class OPTConfig:
     @property
     def resolved_head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def position_limit(self) -> int:
+        """Positions the learned table covers: decoding must not run past it."""
+        return self.max_position_embeddings
 
     @property
     def embed_dim(self) -> int:
@@ -323,13 +331,13 @@ class OPTAttention(nn.Module):
     zero_init_out: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, kv: tuple[Array, Array] | None = None,
-                 key_mask: Array | None = None):
+    def __call__(self, x: Array, positions: Array, cache: KVCache | None = None,
+                 layer: Array | int = 0, key_mask: Array | None = None):
         """x: [batch, seq, hidden]; positions: [batch, seq] absolute.
 
-        kv: (keys, values), each [batch, heads, capacity, head_dim]: the new entries are
-        written at `positions` and queries see every slot at or before their position.
-        key_mask: [batch, seq] valid keys, cache-free path only. Returns (out, kv or None).
+        cache: the stacked KV cache; the new entries are written into its layer `layer` at
+        `positions` and queries see every slot of that layer at or before their position.
+        key_mask: [batch, seq] valid keys, cache-free path only. Returns (out, cache or None).
         """
         cfg = self.config
 
@@ -339,11 +347,11 @@ class OPTAttention(nn.Module):
             return _heads(out, cfg.num_heads)
 
         q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
-        out, kv = causal_attention(q, k, v, positions, kv, key_mask, self.dtype)
+        out, cache = causal_attention(q, k, v, positions, cache, layer, key_mask, self.dtype)
         out = out.reshape(*x.shape[:2], cfg.hidden_size)
         out = dense(cfg.hidden_size, ("heads", "embed"), use_bias=cfg.enable_bias, dtype=self.dtype,
                     name="out_proj", zero_init=self.zero_init_out)(out)
-        return out, kv
+        return out, cache
 
 
 class OPTLayer(nn.Module):
@@ -360,16 +368,17 @@ class OPTLayer(nn.Module):
     pre_norm: bool | None = None
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, kv=None, key_mask=None):
-        """x: [batch, seq, hidden] -> ([batch, seq, hidden], kv)."""
+    def __call__(self, x: Array, positions: Array, cache: KVCache | None = None,
+                 layer: Array | int = 0, key_mask: Array | None = None):
+        """x: [batch, seq, hidden] -> ([batch, seq, hidden], cache); see OPTAttention."""
         cfg = self.config
         pre = cfg.do_layer_norm_before if self.pre_norm is None else self.pre_norm
         affine = cfg.layer_norm_elementwise_affine
         attn_norm = layer_norm(cfg.layer_norm_eps, "self_attn_layer_norm", affine)
         ffn_norm = layer_norm(cfg.layer_norm_eps, "final_layer_norm", affine)
 
-        h, kv = OPTAttention(cfg, self.dtype, self.zero_init_out, name="self_attn")(
-            attn_norm(x) if pre else x, positions, kv, key_mask)
+        h, cache = OPTAttention(cfg, self.dtype, self.zero_init_out, name="self_attn")(
+            attn_norm(x) if pre else x, positions, cache, layer, key_mask)
         x = x + h
         if not pre:
             x = attn_norm(x)
@@ -382,7 +391,7 @@ class OPTLayer(nn.Module):
         if not pre:
             x = ffn_norm(x)
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-        return x, kv
+        return x, cache
 
 
 class OPTDecoder(nn.Module):
@@ -394,6 +403,7 @@ class OPTDecoder(nn.Module):
 
     config: OPTConfig
     dtype: DType = jnp.float32
+    unroll_layers: bool = False
 
     def setup(self):
         cfg = self.config
@@ -408,7 +418,8 @@ class OPTDecoder(nn.Module):
         if cfg.embed_dim != cfg.hidden_size:
             self.project_in = _setup_dense(cfg.hidden_size, ("embed_out", "embed"), self.dtype)
             self.project_out = _setup_dense(cfg.embed_dim, ("embed", "embed_out"), self.dtype)
-        self.layers = [OPTLayer(cfg, self.dtype) for _ in range(cfg.num_layers)]
+        self.layers = self.param("layers", functools.partial(
+            init_layer_stack, self._layer(), cfg.num_layers, cfg.hidden_size))
         if cfg.has_final_layer_norm:
             self.final_layer_norm = nn.LayerNorm(
                 epsilon=cfg.layer_norm_eps, use_bias=cfg.layer_norm_elementwise_affine,
@@ -417,6 +428,10 @@ class OPTDecoder(nn.Module):
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
         if not cfg.tie_word_embeddings:
             self.lm_head = _setup_dense(cfg.vocab_size, ("embed", "vocab"), self.dtype)
+
+    def _layer(self) -> OPTLayer:
+        # Detached (parent=None): applied to one layer's slice of the stacked params.
+        return OPTLayer(self.config, self.dtype, parent=None)
 
     def token_embeddings(self, input_ids: Array) -> Array:
         """input_ids: [batch, seq] -> [batch, seq, embed_dim]."""
@@ -435,16 +450,9 @@ class OPTDecoder(nn.Module):
     def run_layers(self, hidden: Array, positions: Array, start: int, stop: int,
                    cache: KVCache | None = None, key_mask: Array | None = None,
                    collect: tuple[int, ...] = ()):
-        """Runs layers [start, stop); see `fastvlm_jax.model.TextDecoder.run_layers`."""
-        collected = {}
-        for index in range(start, stop):
-            kv = cache.layer(index) if cache is not None else None
-            hidden, kv = self.layers[index](hidden, positions, kv, key_mask)
-            if cache is not None:
-                cache = cache.with_layer(index, kv)
-            if index + 1 in collect:
-                collected[index + 1] = hidden
-        return hidden, cache, collected
+        """Runs layers [start, stop); see `fastvlm_jax.llava.TextDecoder.run_layers`."""
+        return run_layer_stack(self._layer(), self.layers, hidden, positions, start, stop, cache,
+                               key_mask, collect, self.unroll_layers)
 
     def logits(self, hidden: Array) -> Array:
         """[batch, seq, hidden] -> [batch, seq, vocab] float32."""
@@ -481,8 +489,9 @@ class OPTImitationNetwork(nn.Module):
     dtype: DType = jnp.float32
 
     @nn.compact
-    def __call__(self, hidden: Array, positions: Array, kv=None, key_mask=None):
-        """hidden: [batch, seq, hidden] (state exit_layer) -> ([batch, seq, hidden], kv)."""
+    def __call__(self, hidden: Array, positions: Array, cache: KVCache | None = None,
+                 key_mask: Array | None = None):
+        """hidden: [batch, seq, hidden] (state exit_layer) -> ([batch, seq, hidden], cache)."""
         cfg = self.text
         width = self.draft.hidden_size or cfg.intermediate_size
         if self.draft.kind == "ffn":
@@ -490,11 +499,11 @@ class OPTImitationNetwork(nn.Module):
             h = dense(width, ("embed", "mlp"), use_bias=True, dtype=self.dtype, name="fc1")(h)
             h = dense(cfg.hidden_size, ("mlp", "embed"), use_bias=True, dtype=self.dtype, name="fc2",
                       zero_init=True)(activation(cfg.hidden_act)(h))
-            return hidden + h, kv
+            return hidden + h, cache
         if self.draft.kind == "layer":
             layer = OPTLayer(cfg, self.dtype, intermediate_size=width, zero_init_out=True,
                              pre_norm=True, name="layer")
-            return layer(hidden, positions, kv, key_mask)
+            return layer(hidden, positions, cache, 0, key_mask)
         raise ValueError(f"unknown imitation network kind {self.draft.kind!r}: use 'ffn' or 'layer'")
 
 
@@ -517,6 +526,7 @@ class Blip2Module(nn.Module):
 
     config: Blip2Config
     dtype: DType = jnp.float32
+    unroll_layers: bool = False
 
     def setup(self):
         cfg = self.config
@@ -524,7 +534,7 @@ class Blip2Module(nn.Module):
         self.qformer = QFormer(cfg.qformer, cfg.num_query_tokens, self.dtype)
         self.projector = _setup_dense(cfg.text.hidden_size, ("embed", "embed_out"), self.dtype,
                                       use_bias=True)
-        self.language_model = OPTDecoder(cfg.text, self.dtype)
+        self.language_model = OPTDecoder(cfg.text, self.dtype, self.unroll_layers)
         self.imitation = OPTImitationNetwork(cfg.text, cfg.draft, self.dtype)
 
     def encode_images(self, pixels: Array) -> Array:
@@ -542,8 +552,6 @@ class Blip2Module(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         embeds = self.language_model.token_embeddings(input_ids)
         if image_features is not None:
-            from fastvlm_jax.model import merge_image_features
-
             embeds = merge_image_features(embeds, input_ids, image_features, self.config.image_token_id)
         return self.language_model.input_states(embeds, positions)
 
@@ -553,10 +561,8 @@ class Blip2Module(nn.Module):
     def logits(self, hidden: Array) -> Array:
         return self.language_model.logits(hidden)
 
-    def imitate(self, hidden: Array, positions: Array, kv=None, key_mask=None):
-        return self.imitation(hidden, positions, kv, key_mask)
+    def imitate(self, hidden: Array, positions: Array, cache=None, key_mask=None):
+        return self.imitation(hidden, positions, cache, key_mask)
 
     def __call__(self, input_ids: Array, pixels: Array, positions: Array | None = None):
-        from fastvlm_jax.model import full_and_draft_logits
-
         return full_and_draft_logits(self, input_ids, pixels, positions)

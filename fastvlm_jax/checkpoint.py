@@ -1,33 +1,45 @@
 """Our checkpoint format: one directory per model.
 
     CKPT_DIR/
-      config.json        VLMConfig.to_dict() (or Blip2Config.to_dict(), model_type 'blip-2')
-      params/            the parameter pytree, saved with orbax
+      config.json        the model config (`to_dict()`, model_type names the family) plus
+                         "format_version"
+      params/            the parameter pytree, saved with orbax in the dtype it was saved in
       tokenizer/         sentencepiece model + added special tokens (fastvlm_jax.tokenizer), or
                          a byte-level BPE tokenizer.json (fastvlm_jax.bpe_tokenizer, BLIP-2 OPT)
       preprocessor.json  image preprocessing (fastvlm_jax.image_processing)
 
+Format versions: 1 (no "format_version" key) kept one param subtree per decoder layer
+('language_model/layers_0', ...); 2 stacks them ('language_model/layers', [num_layers, ...]).
+Loading a version-1 checkpoint restacks it on the fly (exact) and says how to upgrade it
+on disk: `python -m fastvlm_jax.checkpoint --upgrade CKPT_DIR`.
+
 Loading can restore straight onto a Mesh: each array lands with the sharding its
-logical axes ask for, without a full host copy first.
+logical axes ask for, without a full host copy first (version 2).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
-from fastvlm_jax.config import VLMConfig
+from fastvlm_jax.families import config_from_dict
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
 PREPROCESSOR_FILE = "preprocessor.json"
+FORMAT_KEY = "format_version"
+FORMAT_VERSION = 2  # stacked decoder layers
 
 
 class CheckpointError(ValueError):
@@ -35,18 +47,19 @@ class CheckpointError(ValueError):
 
 
 class Checkpoint(NamedTuple):
-    config: VLMConfig
+    config: Any  # the family's config (fastvlm_jax.config.VLMConfig, fastvlm_jax.blip2.Blip2Config)
     params: Any
     tokenizer: Any  # fastvlm_jax.tokenizer.Tokenizer, fastvlm_jax.bpe_tokenizer.BPETokenizer or None
     image_config: Any  # fastvlm_jax.image_processing.ImageProcessorConfig or None
 
 
-def save_checkpoint(path: str | os.PathLike, config: VLMConfig, params, tokenizer=None,
+def save_checkpoint(path: str | os.PathLike, config, params, tokenizer=None,
                     image_config=None) -> Path:
-    """Writes a checkpoint directory (overwriting its params if present)."""
+    """Writes a checkpoint directory (overwriting its params if present), params in their own dtype."""
     path = Path(path).absolute()
     path.mkdir(parents=True, exist_ok=True)
-    (path / CONFIG_FILE).write_text(config.to_json())
+    (path / CONFIG_FILE).write_text(json.dumps({**config.to_dict(), FORMAT_KEY: FORMAT_VERSION},
+                                               indent=2, sort_keys=True))
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path / PARAMS_DIR, params, force=True)
     checkpointer.wait_until_finished()
@@ -57,9 +70,7 @@ def save_checkpoint(path: str | os.PathLike, config: VLMConfig, params, tokenize
     return path
 
 
-def load_config(path: str | os.PathLike) -> VLMConfig:
-    """config.json -> VLMConfig, or fastvlm_jax.blip2.Blip2Config for model_type 'blip-2'."""
-    path = Path(path)
+def _read_config_json(path: Path) -> dict:
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
         hint = (" (this looks like a Hugging Face folder: convert it first with "
@@ -67,24 +78,36 @@ def load_config(path: str | os.PathLike) -> VLMConfig:
                 if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists()
                 else "")
         raise CheckpointError(f"{path} is not a fastvlm-jax checkpoint: {CONFIG_FILE} is missing{hint}")
-    data = json.loads(config_file.read_text())
-    if data.get("model_type") == "blip-2":
-        from fastvlm_jax.blip2 import Blip2Config
+    return json.loads(config_file.read_text())
 
-        return Blip2Config.from_dict(data)
-    return VLMConfig.from_dict(data)
+
+def format_version(path: str | os.PathLike) -> int:
+    version = int(_read_config_json(Path(path)).get(FORMAT_KEY, 1))
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {version}, newer than this fastvlm-jax "
+                              f"reads ({FORMAT_VERSION}): upgrade fastvlm-jax")
+    return version
+
+
+def load_config(path: str | os.PathLike):
+    """config.json -> the family's config (model_type picks it: VLMConfig, Blip2Config, ...)."""
+    data = _read_config_json(Path(path))
+    data.pop(FORMAT_KEY, None)
+    return config_from_dict(data)
 
 
 def load_checkpoint(path: str | os.PathLike, mesh=None, rules=None, dtype=None) -> Checkpoint:
     """Loads a checkpoint; with `mesh`, params are restored sharded by their logical axes.
 
-    dtype: cast floating params to this dtype (e.g. jnp.bfloat16) while restoring.
+    dtype: cast floating params to this dtype while restoring; None keeps the dtype each
+    param was saved in (a bfloat16 checkpoint stays bfloat16 on device).
     """
     from fastvlm_jax import sharding
     from fastvlm_jax.model import VLM
 
     path = Path(path).absolute()
     config = load_config(path)
+    version = format_version(path)
     if not (path / PARAMS_DIR).is_dir():
         raise CheckpointError(f"{path} has no {PARAMS_DIR}/ folder: the checkpoint is incomplete")
     boxed = VLM(config).abstract_params()
@@ -96,34 +119,73 @@ def load_checkpoint(path: str | os.PathLike, mesh=None, rules=None, dtype=None) 
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract)
 
-    def target(leaf, leaf_sharding):
-        leaf_dtype = dtype if (dtype is not None and jnp.issubdtype(leaf.dtype, jnp.floating)) else None
-        return jax.ShapeDtypeStruct(leaf.shape, leaf_dtype or leaf.dtype, sharding=leaf_sharding)
+    def wanted_dtype(leaf_dtype):
+        if dtype is not None and jnp.issubdtype(leaf_dtype, jnp.floating):
+            return jnp.dtype(dtype)
+        return jnp.dtype(leaf_dtype)
 
-    restore_target = jax.tree.map(target, abstract, shardings)
-    _check_saved_shapes(path / PARAMS_DIR, abstract)
+    if version == 1:
+        print(f"note: {path} is in checkpoint format 1 (one param tree per decoder layer); restacking "
+              f"it while loading. Upgrade it once with `python -m fastvlm_jax.checkpoint --upgrade {path}`",
+              file=sys.stderr)
+        params = upgrade_params(ocp.StandardCheckpointer().restore(path / PARAMS_DIR), abstract, path)
+        params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x).astype(wanted_dtype(x.dtype)), s),
+                              params, shardings)
+        return Checkpoint(config, params, _load_tokenizer(path), _load_image_config(path))
+
+    saved = _saved_metadata(path / PARAMS_DIR, abstract)
+
+    def target(key, leaf, leaf_sharding):
+        saved_dtype = getattr(saved.get(jax.tree_util.keystr(key)), "dtype", None) or leaf.dtype
+        return jax.ShapeDtypeStruct(leaf.shape, wanted_dtype(saved_dtype), sharding=leaf_sharding)
+
+    restore_target = jax.tree_util.tree_map_with_path(target, abstract, shardings)
     params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, restore_target)
     return Checkpoint(config, params, _load_tokenizer(path), _load_image_config(path))
 
 
-def _check_saved_shapes(params_dir: Path, abstract) -> None:
-    """Fails with a readable message when saved params don't match the config."""
+def upgrade_params(params, abstract, where: Path | str = "params"):
+    """Format-1 params (decoder layers as 'layers_0', 'layers_1', ...) -> the stacked layout.
+
+    abstract: the format-2 tree of the config (shapes), to check the result against.
+    """
+    text = dict(params["language_model"])
+    per_layer = sorted((int(m.group(1)), key) for key in text if (m := re.fullmatch(r"layers_(\d+)", key)))
+    if not per_layer:
+        raise CheckpointError(f"{where}: no 'language_model/layers_N' params to restack")
+    layers = [text.pop(key) for _, key in per_layer]
+    text["layers"] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)
+    upgraded = {**params, "language_model": text}
+    _check_shapes(upgraded, abstract, where)
+    return upgraded
+
+
+def _saved_metadata(params_dir: Path, abstract) -> dict:
+    """{keystr: saved array metadata (shape, dtype)}; fails readably when they do not match
+    the config."""
     try:
         metadata = ocp.StandardCheckpointer().metadata(params_dir)
         saved = getattr(metadata, "item_metadata", metadata)
         saved = getattr(saved, "tree", saved)
     except Exception:  # metadata layout varies across orbax versions; restore will still check
-        return
+        return {}
     flat_saved = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+    _check_shapes(flat_saved, abstract, params_dir, flat=True)
+    return flat_saved
+
+
+def _check_shapes(tree, abstract, where, flat: bool = False) -> None:
+    flat_saved = tree if flat else {jax.tree_util.keystr(k): v
+                                    for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
     flat_wanted = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}
     missing = sorted(set(flat_wanted) - set(flat_saved))
     if missing:
-        raise CheckpointError(f"{params_dir} lacks {len(missing)} params the config needs, "
+        raise CheckpointError(f"{where} lacks {len(missing)} params the config needs, "
                               f"e.g. {missing[:3]}: config.json and params/ do not match")
     for key, want in flat_wanted.items():
         got = getattr(flat_saved[key], "shape", None)
         if got is not None and tuple(got) != tuple(want.shape):
-            raise CheckpointError(f"{params_dir}: param {key} has shape {tuple(got)} but config.json "
+            raise CheckpointError(f"{where}: param {key} has shape {tuple(got)} but config.json "
                                   f"needs {tuple(want.shape)}")
 
 
@@ -141,3 +203,26 @@ def _load_image_config(path: Path):
     from fastvlm_jax.image_processing import ImageProcessorConfig
 
     return ImageProcessorConfig.from_dict(json.loads((path / PREPROCESSOR_FILE).read_text()))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastvlm_jax.checkpoint",
+                                     description="Inspect or upgrade a fastvlm-jax checkpoint.")
+    parser.add_argument("--upgrade", metavar="CKPT_DIR", required=True,
+                        help="rewrite a format-1 checkpoint in the current format, in place")
+    args = parser.parse_args(argv)
+    try:
+        if format_version(args.upgrade) == FORMAT_VERSION:
+            print(f"{args.upgrade} is already in format {FORMAT_VERSION}")
+            return 0
+        ckpt = load_checkpoint(args.upgrade)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    save_checkpoint(args.upgrade, ckpt.config, ckpt.params, ckpt.tokenizer, ckpt.image_config)
+    print(f"upgraded {args.upgrade} to format {FORMAT_VERSION}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -68,6 +68,11 @@ class TextConfig:
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
 
+    @property
+    def position_limit(self) -> None:
+        """None: RoPE has no position table to run past (OPT's learned one has a limit)."""
+        return None
+
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(

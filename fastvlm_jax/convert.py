@@ -1,318 +1,46 @@
-"""Hugging Face LLaVA or BLIP-2 checkpoint (a local folder) -> fastvlm-jax checkpoint.
+"""Hugging Face checkpoint (a local folder) -> fastvlm-jax checkpoint, for any family.
 
-    python -m fastvlm_jax.convert --hf HF_DIR --out CKPT_DIR [--exit-layer K]
+    python -m fastvlm_jax.convert --hf HF_DIR --out CKPT_DIR [--exit-layer K] [--dtype bfloat16]
 
-The mapping is declarative: each rule matches one of our parameter paths and names
-the HF tensor it comes from plus a small transform (transpose a Linear, reorder a
-conv kernel). Both HF key layouts are accepted: the on-disk one
-(`language_model.model.*`, `vision_tower.vision_model.*`) and the one newer
-transformers use in memory (`model.language_model.*`, `model.vision_tower.*`).
-BLIP-2 (OPT) folders (config.json model_type 'blip-2') are handed to
-`fastvlm_jax.convert_blip2`. Never touches the network.
+config.json's model_type picks the family's converter from `fastvlm_jax.families`
+('llava': `fastvlm_jax.convert_llava`, 'blip-2': `fastvlm_jax.convert_blip2`). The
+checkpoint keeps the dtype it is converted to (`--dtype`), and decoding uses it by default.
+Never touches the network.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
-import re
 import sys
 from pathlib import Path
-from typing import Callable
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from fastvlm_jax.config import DraftConfig, TextConfig, VisionConfig, VLMConfig
-
-
-class ConversionError(ValueError):
-    """The HF folder cannot be converted; the message says what to fix."""
-
-
-# --- HF config -> VLMConfig ---------------------------------------------------------------
-
-# HF omits keys that equal its class defaults (llava-1.5-7b-hf's text_config has only a
-# handful of keys), so we must know those defaults. Values from transformers' configs.
-_TEXT_DEFAULTS = {
-    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                  num_attention_heads=32, hidden_act="silu", max_position_embeddings=2048,
-                  rms_norm_eps=1e-6, rope_theta=10000.0, attention_bias=False,
-                  tie_word_embeddings=False),
-    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                    num_attention_heads=32, num_key_value_heads=8, hidden_act="silu",
-                    max_position_embeddings=4096 * 32, rms_norm_eps=1e-6, rope_theta=10000.0,
-                    tie_word_embeddings=False),
-    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=32, hidden_act="silu",
-                  max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=10000.0,
-                  tie_word_embeddings=False),
-}
-_VISION_DEFAULTS = {
-    "clip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                              num_attention_heads=12, num_channels=3, image_size=224, patch_size=32,
-                              hidden_act="quick_gelu", layer_norm_eps=1e-5),
-    "siglip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                num_attention_heads=12, num_channels=3, image_size=224, patch_size=16,
-                                hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
-}
-
-
-def text_config_from_hf(hf: dict) -> TextConfig:
-    model_type = hf.get("model_type", "llama")
-    if model_type not in _TEXT_DEFAULTS:
-        raise ConversionError(f"text model type {model_type!r} is not supported; "
-                              f"supported: {sorted(_TEXT_DEFAULTS)}")
-    c = {**_TEXT_DEFAULTS[model_type], **{k: v for k, v in hf.items() if v is not None}}
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ConversionError(f"rope type {rope_type!r} is not supported yet (only 'default' RoPE)")
-    if c.get("mlp_bias"):
-        raise ConversionError("mlp_bias=True text models are not supported yet")
-    if c.get("sliding_window") and c.get("use_sliding_window", model_type == "mistral"):
-        print(f"note: sliding_window={c['sliding_window']} is ignored (full attention is used); "
-              "outputs differ only past that many tokens", file=sys.stderr)
-    return TextConfig(
-        vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
-        intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"],
-        num_heads=c["num_attention_heads"],
-        num_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
-        head_dim=c.get("head_dim"), rms_norm_eps=c["rms_norm_eps"],
-        rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
-        max_position_embeddings=c["max_position_embeddings"],
-        attention_bias=bool(c.get("attention_bias", False)),
-        qkv_bias=model_type == "qwen2",
-        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-        hidden_act=c["hidden_act"],
-    )
-
-
-def vision_config_from_hf(hf: dict) -> VisionConfig:
-    model_type = hf.get("model_type", "clip_vision_model")
-    if model_type not in _VISION_DEFAULTS:
-        raise ConversionError(f"vision model type {model_type!r} is not supported; "
-                              f"supported: {sorted(_VISION_DEFAULTS)}")
-    c = {**_VISION_DEFAULTS[model_type], **{k: v for k, v in hf.items() if v is not None}}
-    return VisionConfig(
-        kind="clip" if model_type == "clip_vision_model" else "siglip",
-        image_size=c["image_size"], patch_size=c["patch_size"], num_channels=c["num_channels"],
-        hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
-        num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
-        layer_norm_eps=c["layer_norm_eps"], hidden_act=c["hidden_act"],
-    )
-
-
-def config_from_hf(hf: dict, exit_layer: int | None = None, draft_kind: str = "ffn",
-                   draft_hidden: int = 0) -> VLMConfig:
-    """Builds our config from a HF LLaVA config.json dict."""
-    model_type = hf.get("model_type")
-    if model_type != "llava":
-        hint = " (BLIP-2: use fastvlm_jax.convert_blip2)" if model_type == "blip-2" else ""
-        raise ConversionError(f"model type {model_type!r} is not supported: this converter reads "
-                              f"LLaVA checkpoints (model_type 'llava'){hint}")
-    text = text_config_from_hf(hf.get("text_config") or {})
-    vision = vision_config_from_hf(hf.get("vision_config") or {})
-    feature_layer = hf.get("vision_feature_layer", -2)
-    if isinstance(feature_layer, list):
-        feature_layer = tuple(feature_layer)
-    if exit_layer is None:
-        exit_layer = max(1, text.num_layers // 4)
-    image_token = hf.get("image_token_index", hf.get("image_token_id", 32000))
-    return VLMConfig(
-        vision=vision, text=text,
-        draft=DraftConfig(exit_layer=exit_layer, kind=draft_kind, hidden_size=draft_hidden),
-        vision_feature_layer=feature_layer,
-        vision_feature_select_strategy=hf.get("vision_feature_select_strategy", "default"),
-        projector_hidden_act=hf.get("projector_hidden_act", "gelu"),
-        projector_bias=hf.get("multimodal_projector_bias", True),
-        image_token_id=image_token,
-    )
-
-
-# --- tensor names -------------------------------------------------------------------------
-
-_PREFIXES = (  # (HF prefix, canonical prefix); the first match wins
-    ("model.language_model.", "text."),
-    ("language_model.model.", "text."),
-    ("language_model.lm_head.", "text.lm_head."),
-    ("lm_head.", "text.lm_head."),
-    ("model.vision_tower.vision_model.", "vision."),
-    ("model.vision_tower.", "vision."),
-    ("vision_tower.vision_model.", "vision."),
-    ("vision_tower.", "vision."),
-    ("model.multi_modal_projector.", "projector."),
-    ("multi_modal_projector.", "projector."),
-)
-
-
-def canonical_name(hf_name: str, prefixes=_PREFIXES) -> str | None:
-    """HF tensor name -> our canonical name ('text.', 'vision.', ...), or None if unused."""
-    for prefix, canonical in prefixes:
-        if hf_name.startswith(prefix):
-            return canonical + hf_name[len(prefix):]
-    return None
-
-
-def _identity(x):
-    return x
-
-
-def _linear(x):  # torch Linear [out, in] -> our kernel [in, out]
-    return np.transpose(x)
-
-
-def _conv(x):  # torch Conv2d [out, in, h, w] -> flax [h, w, in, out]
-    return np.transpose(x, (2, 3, 1, 0))
-
-
-_NORM_FIELD = {"scale": "weight", "bias": "bias"}
-
-# (regex on our param path, HF canonical name template, transform)
-PARAM_RULES: list[tuple[str, str, Callable]] = [
-    (r"language_model/embed_tokens/embedding", "text.embed_tokens.weight", _identity),
-    (r"language_model/layers_(\d+)/(self_attn|mlp)/(\w+)/kernel", r"text.layers.\1.\2.\3.weight", _linear),
-    (r"language_model/layers_(\d+)/self_attn/(\w+)/bias", r"text.layers.\1.self_attn.\2.bias", _identity),
-    (r"language_model/layers_(\d+)/(\w+_layernorm)/scale", r"text.layers.\1.\2.weight", _identity),
-    (r"language_model/norm/scale", "text.norm.weight", _identity),
-    (r"language_model/lm_head/kernel", "text.lm_head.weight", _linear),
-    (r"vision_tower/patch_embedding/kernel", "vision.embeddings.patch_embedding.weight", _conv),
-    (r"vision_tower/patch_embedding/bias", "vision.embeddings.patch_embedding.bias", _identity),
-    (r"vision_tower/class_embedding", "vision.embeddings.class_embedding", _identity),
-    (r"vision_tower/position_embedding", "vision.embeddings.position_embedding.weight", _identity),
-    (r"vision_tower/pre_layrnorm/norm/(scale|bias)", "vision.pre_layrnorm.{norm}", _identity),
-    (r"vision_tower/layers_(\d+)/(layer_norm[12])/norm/(scale|bias)",
-     r"vision.encoder.layers.\1.\2.{norm}", _identity),
-    (r"vision_tower/layers_(\d+)/self_attn/(\w+)/kernel", r"vision.encoder.layers.\1.self_attn.\2.weight", _linear),
-    (r"vision_tower/layers_(\d+)/self_attn/(\w+)/bias", r"vision.encoder.layers.\1.self_attn.\2.bias", _identity),
-    (r"vision_tower/layers_(\d+)/(fc[12])/kernel", r"vision.encoder.layers.\1.mlp.\2.weight", _linear),
-    (r"vision_tower/layers_(\d+)/(fc[12])/bias", r"vision.encoder.layers.\1.mlp.\2.bias", _identity),
-    (r"projector/(linear_[12])/kernel", r"projector.\1.weight", _linear),
-    (r"projector/(linear_[12])/bias", r"projector.\1.bias", _identity),
-]
-
-
-def hf_source_for(path: str) -> tuple[str, Callable]:
-    """Our param path ('a/b/c') -> (HF canonical tensor name, transform)."""
-    for pattern, template, transform in PARAM_RULES:
-        match = re.fullmatch(pattern, path)
-        if match:
-            name = match.expand(template)
-            if "{norm}" in name:
-                name = name.replace("{norm}", _NORM_FIELD[path.rsplit("/", 1)[1]])
-            return name, transform
-    raise ConversionError(f"no conversion rule for parameter {path}")
-
-
-# --- reading safetensors ------------------------------------------------------------------
-
-class SafetensorsFolder:
-    """Random access to tensors of a (possibly sharded) safetensors checkpoint, by canonical name."""
-
-    def __init__(self, folder: Path, canonical: Callable[[str], str | None] = canonical_name):
-        from safetensors import safe_open
-
-        index_file = folder / "model.safetensors.index.json"
-        single = folder / "model.safetensors"
-        if index_file.is_file():
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        elif single.is_file():
-            files = [single.name]
-        else:
-            found = sorted(p.name for p in folder.glob("*.safetensors"))
-            if not found:
-                extra = " (.bin PyTorch files are not read: re-save with safe_serialization=True)" \
-                    if list(folder.glob("*.bin")) else ""
-                raise ConversionError(f"no safetensors weights in {folder}{extra}")
-            files = found
-        self._handles = {}
-        self._where: dict[str, tuple[str, str]] = {}
-        for file in files:
-            if not (folder / file).is_file():
-                raise ConversionError(f"{folder / file} is listed in the index but missing")
-            handle = safe_open(str(folder / file), framework="flax")
-            self._handles[file] = handle
-            for key in handle.keys():
-                name = canonical(key)
-                if name is not None:
-                    self._where[name] = (file, key)
-
-    def names(self) -> set[str]:
-        return set(self._where)
-
-    def get(self, canonical: str) -> np.ndarray:
-        if canonical not in self._where:
-            raise ConversionError(f"tensor {canonical!r} not found in the checkpoint")
-        file, key = self._where[canonical]
-        # framework='flax' reads bf16/fp16 too; float32 on the host keeps transforms exact.
-        return np.asarray(jnp.asarray(self._handles[file].get_tensor(key), jnp.float32))
-
-
-def convert_params(folder: SafetensorsFolder, config: VLMConfig, rng, dtype=jnp.float32,
-                   progress: bool = True):
-    """Reads every parameter our model needs; the imitation network gets a fresh init."""
-    from tqdm.auto import tqdm
-
-    from fastvlm_jax.model import VLM
-
-    model = VLM(config)
-    abstract = jax.eval_shape(model.init, rng)
-    fresh_imitation = model.init_imitation(rng)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-    tied = config.text.tie_word_embeddings
-    out = []
-    for key_path, leaf in tqdm(flat, desc="converting", unit="tensor", disable=not progress):
-        path = "/".join(str(getattr(k, "key", k)) for k in key_path)
-        if path.startswith("imitation/"):
-            sub = path.split("/")[1:]
-            value = fresh_imitation
-            for part in sub:
-                value = value[part]
-            out.append(jnp.asarray(value, dtype))
-            continue
-        name, transform = hf_source_for(path)
-        if tied and name == "text.lm_head.weight":
-            name = "text.embed_tokens.weight"
-        value = transform(folder.get(name))
-        if value.shape != leaf.shape:
-            raise ConversionError(f"shape mismatch for {name}: checkpoint has {value.shape} after "
-                                  f"conversion, config.json implies {leaf.shape} (param {path})")
-        out.append(jnp.asarray(value, dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)
+from fastvlm_jax.config import ConfigError
+from fastvlm_jax.convert_common import ConversionError
+from fastvlm_jax.convert_llava import (config_from_hf, convert_params, open_safetensors,  # noqa: F401
+                                       state_dict_source)
+from fastvlm_jax.families import family_named
 
 
 def convert(hf_dir: str | Path, out_dir: str | Path, exit_layer: int | None = None,
             draft_kind: str = "ffn", draft_hidden: int = 0, dtype: str = "float32",
             seed: int = 0, progress: bool = True) -> Path:
-    """Converts a HF LLaVA (or BLIP-2 OPT) folder into our checkpoint directory; returns its path."""
-    from fastvlm_jax.checkpoint import save_checkpoint
-    from fastvlm_jax.image_processing import ImageProcessorConfig
-    from fastvlm_jax.tokenizer import Tokenizer
-
+    """Converts a HF folder of any supported family into our checkpoint; returns its path."""
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise ConversionError(f"{hf_dir} is not a folder: pass the local Hugging Face checkpoint folder")
     config_file = hf_dir / "config.json"
     if not config_file.is_file():
         raise ConversionError(f"{config_file} is missing: is {hf_dir} a Hugging Face checkpoint folder?")
-    hf_config = json.loads(config_file.read_text())
-    if hf_config.get("model_type") == "blip-2":
-        from fastvlm_jax import convert_blip2
-
-        return convert_blip2.convert(hf_dir, out_dir, exit_layer, draft_kind, draft_hidden, dtype,
-                                     seed, progress)
-    config = config_from_hf(hf_config, exit_layer, draft_kind, draft_hidden)
-    preprocessor_file = hf_dir / "preprocessor_config.json"
-    if not preprocessor_file.is_file():
-        raise ConversionError(f"{preprocessor_file} is missing: copy the image processor config "
-                              "from the original model repository")
-    image_config = ImageProcessorConfig.from_hf_dict(json.loads(preprocessor_file.read_text()))
-    tokenizer = Tokenizer.from_hf_dir(hf_dir)
-    folder = SafetensorsFolder(hf_dir)
-    params = convert_params(folder, config, jax.random.key(seed), jnp.dtype(dtype), progress)
-    return save_checkpoint(out_dir, config, params, tokenizer, image_config)
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    try:
+        family = family_named(model_type)
+    except ConfigError:
+        raise ConversionError(f"model type {model_type!r} is not supported: this converter reads "
+                              "LLaVA (model_type 'llava') and BLIP-2 OPT ('blip-2') checkpoints") from None
+    converter = importlib.import_module(family.converter)
+    return converter.convert(hf_dir, out_dir, exit_layer, draft_kind, draft_hidden, dtype, seed, progress)
 
 
 def main(argv=None) -> int:
@@ -326,7 +54,7 @@ def main(argv=None) -> int:
     parser.add_argument("--draft-hidden", type=int, default=0,
                         help="imitation network FFN width (0: the decoder's)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="parameter dtype of the converted checkpoint")
+                        help="parameter dtype of the converted checkpoint (kept when it is loaded)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fresh imitation network")
     args = parser.parse_args(argv)
     try:

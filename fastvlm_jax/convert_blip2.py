@@ -32,13 +32,16 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fastvlm_jax.blip2 import (Blip2Config, Blip2VisionConfig, OPTConfig, OPTDecoder, QFormerConfig,
                                init_imitation)
 from fastvlm_jax.config import ConfigError, DraftConfig
-from fastvlm_jax.convert import ConversionError, SafetensorsFolder, _conv, _identity, _linear
-from fastvlm_jax.convert import canonical_name as _canonical_name
+from fastvlm_jax import convert_common
+from fastvlm_jax.convert_common import ConversionError, fill_param_tree
+from fastvlm_jax.convert_common import conv as _conv
+from fastvlm_jax.convert_common import identity as _identity
+from fastvlm_jax.convert_common import linear as _linear
+from fastvlm_jax.model import VLM
 
 # --- HF config -> Blip2Config ---------------------------------------------------------------
 
@@ -155,7 +158,8 @@ _PREFIXES = (  # (HF prefix, canonical prefix); the first match wins
 
 
 def canonical_name(hf_name: str) -> str | None:
-    return _canonical_name(hf_name, _PREFIXES)
+    """HF BLIP-2 tensor name -> our canonical name, or None if unused."""
+    return convert_common.canonical_name(hf_name, _PREFIXES)
 
 
 def _drop_leading_ones(x):  # [1, 1, D] / [1, N, D] -> [D] / [N, D]
@@ -226,68 +230,24 @@ def hf_source_for(path: str) -> tuple[str, Callable]:
 # --- tensor sources -------------------------------------------------------------------------
 
 
-def open_safetensors(folder: str | Path) -> SafetensorsFolder:
+def open_safetensors(folder: str | Path) -> convert_common.SafetensorsFolder:
     """The folder's safetensors, addressed by BLIP-2 canonical names."""
-    return SafetensorsFolder(Path(folder), canonical=canonical_name)
+    return convert_common.SafetensorsFolder(Path(folder), canonical=canonical_name)
 
 
-class StateDictSource:
-    """An in-memory HF state dict (torch tensors or arrays), addressed by canonical names."""
-
-    def __init__(self, state_dict: dict[str, Any]):
-        self._tensors = {}
-        for key, value in state_dict.items():
-            canonical = canonical_name(key)
-            if canonical is not None:
-                self._tensors[canonical] = value
-
-    def names(self) -> set[str]:
-        return set(self._tensors)
-
-    def get(self, canonical: str) -> np.ndarray:
-        if canonical not in self._tensors:
-            raise ConversionError(f"tensor {canonical!r} not found in the state dict")
-        value = self._tensors[canonical]
-        if hasattr(value, "detach"):  # torch
-            value = value.detach().float().cpu().numpy()
-        return np.asarray(value, np.float32)
-
-
-def _convert_tree(source, abstract, tied: bool, dtype, progress: bool, fresh=None):
-    """Fills the param tree `abstract` (shapes) from `source`; 'imitation/...' from `fresh`."""
-    from tqdm.auto import tqdm
-
-    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-    out = []
-    for key_path, leaf in tqdm(flat, desc="converting", unit="tensor", disable=not progress):
-        path = "/".join(str(getattr(k, "key", k)) for k in key_path)
-        if path.startswith("imitation/"):
-            value = fresh
-            for part in path.split("/")[1:]:
-                value = value[part]
-            out.append(jnp.asarray(value, dtype))
-            continue
-        name, transform = hf_source_for(path)
-        if name == "text.lm_head.weight" and tied:
-            name = "text.embed_tokens.weight"
-        value = transform(source.get(name))
-        if value.shape != leaf.shape:
-            raise ConversionError(f"shape mismatch for {name}: checkpoint has {value.shape} after "
-                                  f"conversion, config.json implies {leaf.shape} (param {path})")
-        out.append(jnp.asarray(value, dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)
+def state_dict_source(state_dict: dict[str, Any]) -> convert_common.StateDictSource:
+    """An in-memory HF BLIP-2 state dict (torch tensors or arrays), addressed by canonical names."""
+    return convert_common.StateDictSource(state_dict, canonical=canonical_name)
 
 
 def convert_params(source, config: Blip2Config, rng, dtype=jnp.float32, progress: bool = True):
     """Reads every parameter the model needs; the imitation network gets a fresh init.
 
-    source: anything with `get(canonical_name) -> array` (open_safetensors, StateDictSource).
+    source: anything with `get(canonical_name) -> array` (open_safetensors, state_dict_source).
     """
-    from fastvlm_jax.model import VLM
-
     abstract = jax.eval_shape(VLM(config).init, rng)
-    fresh = init_imitation(config, rng)
-    return _convert_tree(source, abstract, config.text.tie_word_embeddings, dtype, progress, fresh)
+    return fill_param_tree(source, abstract, hf_source_for, tied=config.text.tie_word_embeddings,
+                           dtype=dtype, progress=progress, fresh_imitation=init_imitation(config, rng))
 
 
 def convert_opt_params(source, text: OPTConfig, dtype=jnp.float32) -> dict:
@@ -299,7 +259,8 @@ def convert_opt_params(source, text: OPTConfig, dtype=jnp.float32) -> dict:
     ids = jnp.zeros((1, 1), jnp.int32)
     abstract = jax.eval_shape(OPTDecoder(text).init, jax.random.key(0), ids, ids)["params"]
     abstract = {"language_model": nn.meta.unbox(abstract)}
-    return _convert_tree(source, abstract, text.tie_word_embeddings, dtype, False)["language_model"]
+    return fill_param_tree(source, abstract, hf_source_for, tied=text.tie_word_embeddings, dtype=dtype,
+                           progress=False)["language_model"]
 
 
 def convert(hf_dir: str | Path, out_dir: str | Path, exit_layer: int | None = None,

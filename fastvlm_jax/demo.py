@@ -1,9 +1,9 @@
-"""The offline `demo` checkpoint: a tiny VLM trained by this project's own recipe.
+"""The offline `demo` checkpoint: a small VLM trained by this project's own recipe.
 
-It ships inside the package (fastvlm_jax/assets/demo, a few MB), so `--ckpt demo` works
-on a fresh machine without a network. If the assets are missing (a trimmed install),
-the recipe in `train.demo_recipe` rebuilds it once into the cache folder
-($FASTVLM_CACHE, default ~/.cache/fastvlm_jax) and later runs load it from there.
+It ships inside the package (fastvlm_jax/assets/demo, bfloat16 params, ~24 MB), so
+`--ckpt demo` works on a fresh machine without a network. An install without the assets
+says how to rebuild them (`python -m train.demo_recipe`, about an hour on 2 CPU cores)
+instead of starting that training by itself.
 """
 
 from __future__ import annotations
@@ -15,41 +15,46 @@ from pathlib import Path
 ASSET_DIR = Path(__file__).resolve().parent / "assets" / "demo"
 
 
+class DemoMissingError(FileNotFoundError):
+    """The demo checkpoint is not part of this install."""
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("FASTVLM_CACHE", Path.home() / ".cache" / "fastvlm_jax")) / "demo"
 
 
 def demo_checkpoint(progress: bool = True) -> Path:
-    """Path of the demo checkpoint, building it on first use if it is not shipped."""
+    """Path of the demo checkpoint: the packaged one, else one built into `cache_root()`.
+
+    progress: unused (kept for callers; the demo is never trained from here).
+    """
+    del progress
     if (ASSET_DIR / "config.json").is_file():
         return ASSET_DIR
-    root = cache_root()
-    export = root / "refine" / "export"
+    export = cache_root() / "refine" / "export"
     if (export / "config.json").is_file():
         return export
-    print(f"The demo model is not bundled with this install: training it into {root} "
-          "(one time; resumes if interrupted).", file=sys.stderr)
-    from train.demo_recipe import run_recipe
-
-    run_recipe(root, {"data.data_dir": str(root / "tfds")}, progress=progress)
-    return export
+    raise DemoMissingError(
+        f"the demo model is not bundled with this install ({ASSET_DIR} is missing): build it with "
+        f"`python -m train.demo_recipe --root {cache_root()}` (about an hour on 2 CPU cores), or "
+        "reinstall fastvlm-jax with its package data")
 
 
 def package_demo(export_dir: str | os.PathLike, out_dir: str | os.PathLike = ASSET_DIR) -> Path:
     """Copies a trained export into the package assets with bfloat16 params (half the bytes).
 
-    Loading restores them as float32 (the model's own dtype), so the shipped model is
-    exactly the bf16-rounded export; every number we report is measured on it.
+    Loading keeps them bfloat16 (the checkpoint's own dtype); every number we report is
+    measured on exactly these weights.
     """
     import shutil
 
-    import jax
     import jax.numpy as jnp
 
     from fastvlm_jax.checkpoint import load_checkpoint, save_checkpoint
+    from fastvlm_jax.model import cast_params
 
     ckpt = load_checkpoint(export_dir)
-    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), ckpt.params)
+    params = cast_params(ckpt.params, jnp.bfloat16)
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -65,10 +70,11 @@ def main(argv=None) -> int:
                         help="copy this trained export (train.demo_recipe's ROOT/refine/export) into the "
                              "package assets")
     args = parser.parse_args(argv)
-    if args.package:
-        print(package_demo(args.package))
-    else:
-        print(demo_checkpoint())
+    try:
+        print(package_demo(args.package) if args.package else demo_checkpoint())
+    except DemoMissingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

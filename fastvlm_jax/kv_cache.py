@@ -11,48 +11,62 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values for a stack of attention layers, with a position per batch row.
+    """Keys and values of a stack of attention layers, with a position per batch row.
 
-    keys/values: one [batch, kv_heads, capacity, head_dim] array per layer (absolute
-      layer index), so the draft path and verification touch only their own layers.
+    keys/values: [num_layers, batch, kv_heads, capacity, head_dim], one array each for
+      the whole stack (absolute layer index first). A layer writes its new entries into
+      its own slice in place, so the draft path and verification touch only their own
+      layers and no call copies the layers it does not run.
     pos: [batch] int32, the number of committed tokens of each row. Slots at or past
       `pos` may hold stale entries (prompt padding, rejected drafts); attention masks by
       query position, so they are never read before being overwritten.
     """
 
-    keys: tuple[Array, ...]
-    values: tuple[Array, ...]
+    keys: Array
+    values: Array
     pos: Array
 
     @classmethod
     def zeros(cls, num_layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int,
               dtype=jnp.float32) -> "KVCache":
-        shape = (batch, kv_heads, capacity, head_dim)
-        return cls(
-            keys=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
-            values=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
-            pos=jnp.zeros((batch,), jnp.int32),
-        )
-
-    @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[2]
+        shape = (num_layers, batch, kv_heads, capacity, head_dim)
+        return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
+                   pos=jnp.zeros((batch,), jnp.int32))
 
     @property
     def num_layers(self) -> int:
-        return len(self.keys)
+        return self.keys.shape[0]
 
-    def layer(self, index: int) -> tuple[Array, Array]:
-        return self.keys[index], self.values[index]
+    @property
+    def slots(self) -> int:
+        """Cache slots per row (prompt + new tokens + a round's lookahead)."""
+        return self.keys.shape[3]
 
-    def with_layer(self, index: int, kv: tuple[Array, Array]) -> "KVCache":
-        keys, values = list(self.keys), list(self.values)
-        keys[index], values[index] = kv
-        return self.replace(keys=tuple(keys), values=tuple(values))
+    def write(self, layer: Array | int, keys: Array, values: Array, positions: Array) -> "KVCache":
+        """Scatters one layer's new entries at per-row positions.
+
+        layer: scalar layer index (may be traced); keys/values: [batch, seq, kv_heads,
+        head_dim]; positions: [batch, seq]. Positions past the capacity are dropped (the
+        engine sizes the cache so that only masked, never-accepted slots can fall there).
+        """
+        batch, kv_heads = self.keys.shape[1], self.keys.shape[2]
+        rows = jnp.arange(batch)[:, None, None]
+        heads = jnp.arange(kv_heads)[None, :, None]
+        index = (layer, rows, heads, positions[:, None, :])
+
+        def scatter(buffer, new):  # new: [batch, seq, kv_heads, head_dim] -> [batch, kv_heads, seq, head_dim]
+            return buffer.at[index].set(jnp.swapaxes(new, 1, 2).astype(buffer.dtype), mode="drop")
+
+        return self.replace(keys=scatter(self.keys, keys), values=scatter(self.values, values))
+
+    def layer(self, layer: Array | int) -> tuple[Array, Array]:
+        """Keys and values of one layer: ([batch, kv_heads, capacity, head_dim],) * 2."""
+        return (jax.lax.dynamic_index_in_dim(self.keys, layer, 0, keepdims=False),
+                jax.lax.dynamic_index_in_dim(self.values, layer, 0, keepdims=False))
 
     def advance(self, counts: Array) -> "KVCache":
         """Commits `counts` [batch] more tokens per row."""
         return self.replace(pos=self.pos + counts.astype(jnp.int32))
 
     def nbytes(self) -> int:
-        return sum(x.size * x.dtype.itemsize for x in self.keys + self.values)
+        return self.keys.size * self.keys.dtype.itemsize + self.values.size * self.values.dtype.itemsize

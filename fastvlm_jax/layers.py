@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from fastvlm_jax.config import TextConfig
+from fastvlm_jax.kv_cache import KVCache
 
 Array = jax.Array
 DType = Any
@@ -114,41 +115,29 @@ def attend(query: Array, keys: Array, values: Array, mask: Array) -> Array:
     return out.reshape(batch, q_len, heads, head_dim)
 
 
-def write_kv(cache: Array, new: Array, positions: Array) -> Array:
-    """Scatters new entries into a cache at per-row positions.
-
-    cache: [batch, kv_heads, capacity, head_dim]; new: [batch, seq, kv_heads, head_dim];
-    positions: [batch, seq]. Positions past the capacity are dropped (callers size the
-    cache so that only masked, never-accepted slots can fall there).
-    """
-    rows = jnp.arange(cache.shape[0])[:, None, None]
-    heads = jnp.arange(cache.shape[1])[None, :, None]
-    new = jnp.swapaxes(new, 1, 2).astype(cache.dtype)  # [batch, kv_heads, seq, head_dim]
-    return cache.at[rows, heads, positions[:, None, :]].set(new, mode="drop")
-
-
-def causal_attention(q: Array, k: Array, v: Array, positions: Array, kv=None,
-                     key_mask: Array | None = None, dtype: DType = jnp.float32):
-    """Causal attention by absolute position, with or without an external KV cache.
+def causal_attention(q: Array, k: Array, v: Array, positions: Array, cache: KVCache | None = None,
+                     layer: Array | int = 0, key_mask: Array | None = None,
+                     dtype: DType = jnp.float32):
+    """Causal attention by absolute position, with or without the stacked KV cache.
 
     q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim];
-    positions: [batch, seq]. Without kv the queries attend to these keys (key_mask
-    [batch, seq] drops padding); with kv=(keys, values) [batch, kv_heads, capacity,
-    head_dim] the new entries are written at `positions` and each query attends to every
-    cache slot at or before its own position. Returns (out [batch, seq, heads, head_dim], kv).
+    positions: [batch, seq]. Without a cache the queries attend to these keys (key_mask
+    [batch, seq] drops padding). With one, the new entries are written into layer `layer`
+    of the cache at `positions`, and each query attends to every slot of that layer at or
+    before its own position. Returns (out [batch, seq, heads, head_dim], cache).
     """
-    if kv is None:
+    if cache is None:
         mask = positions[:, None, :] <= positions[:, :, None]
         if key_mask is not None:
             mask = mask & key_mask[:, None, :].astype(bool)
         return attend(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask), None
-    keys = write_kv(kv[0], k, positions)
-    values = write_kv(kv[1], v, positions)
+    cache = cache.write(layer, k, v, positions)
+    keys, values = cache.layer(layer)
     slots = jnp.arange(keys.shape[2])
     # Every slot at or before the query's own position holds a committed token; stale
     # slots (rejected drafts, prompt padding) lie beyond it and stay hidden.
     mask = slots[None, None, :] <= positions[:, :, None]
-    return attend(q, keys.astype(dtype), values.astype(dtype), mask), (keys, values)
+    return attend(q, keys.astype(dtype), values.astype(dtype), mask), cache
 
 
 class TextAttention(nn.Module):
@@ -159,13 +148,13 @@ class TextAttention(nn.Module):
     zero_init_out: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, kv: tuple[Array, Array] | None = None,
-                 key_mask: Array | None = None):
+    def __call__(self, x: Array, positions: Array, cache: KVCache | None = None,
+                 layer: Array | int = 0, key_mask: Array | None = None):
         """x: [batch, seq, embed]; positions: [batch, seq].
 
-        With kv=(keys, values) of shape [batch, kv_heads, capacity, head_dim], the new
-        keys/values are written at `positions` and the queries attend to every cache
-        slot at or before their own position. Returns (out, kv or None).
+        With a cache, the new keys/values are written into its layer `layer` at
+        `positions` and the queries attend to every slot of that layer at or before their
+        own position. Returns (out, cache or None).
         key_mask: [batch, seq] valid keys, only for the cache-free path.
         """
         cfg = self.config
@@ -182,11 +171,11 @@ class TextAttention(nn.Module):
         k = apply_rope(k.reshape(batch, seq, cfg.num_kv_heads, head_dim), positions, cfg.rope_theta)
         v = v.reshape(batch, seq, cfg.num_kv_heads, head_dim)
 
-        out, kv = causal_attention(q, k, v, positions, kv, key_mask, self.dtype)
+        out, cache = causal_attention(q, k, v, positions, cache, layer, key_mask, self.dtype)
         out = out.reshape(batch, seq, cfg.num_heads * head_dim)
         out = dense(cfg.hidden_size, ("heads", "embed"), use_bias=cfg.attention_bias,
                     dtype=self.dtype, name="o_proj", zero_init=self.zero_init_out)(out)
-        return out, kv
+        return out, cache
 
 
 class GatedMLP(nn.Module):
@@ -221,14 +210,86 @@ class DecoderLayer(nn.Module):
     zero_init_out: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, kv=None, key_mask=None):
-        """x: [batch, seq, embed] -> ([batch, seq, embed], kv)."""
+    def __call__(self, x: Array, positions: Array, cache: KVCache | None = None,
+                 layer: Array | int = 0, key_mask: Array | None = None):
+        """x: [batch, seq, embed] -> ([batch, seq, embed], cache); see TextAttention."""
         cfg = self.config
-        attn_out, kv = TextAttention(cfg, self.dtype, self.zero_init_out, name="self_attn")(
-            RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x), positions, kv, key_mask)
+        attn_out, cache = TextAttention(cfg, self.dtype, self.zero_init_out, name="self_attn")(
+            RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x), positions, cache, layer, key_mask)
         x = x + attn_out
         mlp = GatedMLP(cfg.hidden_size, self.intermediate_size or cfg.intermediate_size,
                        cfg.hidden_act, self.dtype, self.zero_init_out, name="mlp")
         x = x + mlp(RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")(x))
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-        return x, kv
+        return x, cache
+
+
+# --- a stack of identical layers --------------------------------------------------------------
+
+# The logical name of the leading axis of stacked decoder-layer params.
+LAYERS_AXIS = "layers"
+
+
+def init_layer_stack(layer: nn.Module, num_layers: int, width: int, rng: Array):
+    """Params of `num_layers` independently initialised copies of `layer`, stacked.
+
+    Every leaf gets a leading [num_layers] axis, and its logical axis names a leading
+    LAYERS_AXIS, so the stack shards like one layer (MaxText's param_scan_axis 0).
+    """
+    hidden = jnp.zeros((1, 1, width), layer.dtype)
+    positions = jnp.zeros((1, 1), jnp.int32)
+    stacked = jax.vmap(lambda key: layer.init(key, hidden, positions)["params"])(
+        jax.random.split(rng, num_layers))
+    return jax.tree.map(
+        lambda leaf: leaf.replace(names=(LAYERS_AXIS,) + tuple(leaf.names))
+        if isinstance(leaf, nn.LogicallyPartitioned) else leaf,
+        stacked, is_leaf=lambda leaf: isinstance(leaf, nn.LogicallyPartitioned))
+
+
+def run_layer_stack(layer: nn.Module, stacked, hidden: Array, positions: Array, start: int, stop: int,
+                    cache: KVCache | None = None, key_mask: Array | None = None,
+                    collect: tuple[int, ...] = (), unroll: bool = False):
+    """Runs layers [start, stop) of a stack as one lax.scan, reading the weights in place.
+
+    layer: the (unbound) layer module; stacked: its params with a leading [num_layers]
+    axis; hidden: [batch, seq, embed] (state `start`); positions: [batch, seq].
+    cache: the stacked KV cache; each layer writes its own slice in place (the scan
+    carries the whole cache, so no layer's entries are copied in or out).
+    collect: state indices in [start, stop] to return (state k is the output of layer k-1).
+    unroll: unroll the loop (the same weights and cache, as straight-line code).
+    Returns (state `stop`, cache, {index: [batch, seq, embed]}).
+
+    The whole stack is scanned over its arrays directly; a sub-range indexes layer i
+    out of the full arrays inside the loop, since slicing [start, stop) first would copy
+    those layers' weights on every call. (The whole-stack form also keeps gradients
+    cheap: training runs the full range.)
+    """
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    if not 0 <= start <= stop <= num_layers:
+        raise ValueError(f"layer range [{start}, {stop}) is outside a stack of {num_layers} layers")
+    bad = [index for index in collect if not start <= index <= stop]
+    if bad:
+        raise ValueError(f"cannot collect states {bad} from layers [{start}, {stop})")
+    targets = tuple(sorted(set(collect) - {start}))
+    collected = {start: hidden} if start in collect else {}
+    if start == stop:
+        return hidden, cache, collected
+    whole = start == 0 and stop == num_layers
+
+    def body(carry, inputs):
+        h, cache, saved = carry
+        index, layer_params = inputs if whole else (inputs, None)
+        if not whole:
+            layer_params = jax.tree.map(
+                lambda w: jax.lax.dynamic_index_in_dim(w, index, 0, keepdims=False), stacked)
+        h, cache = layer.apply({"params": layer_params}, h, positions, cache, index, key_mask)
+        saved = tuple(jnp.where(index + 1 == target, h, kept) for target, kept in zip(targets, saved))
+        return (h, cache, saved), None
+
+    indices = jnp.arange(start, stop, dtype=jnp.int32)
+    saved = tuple(jnp.zeros_like(hidden) for _ in targets)
+    (hidden, cache, saved), _ = jax.lax.scan(
+        body, (hidden, cache, saved), (indices, stacked) if whole else indices,
+        unroll=(stop - start) if unroll else 1)
+    collected.update(zip(targets, saved))
+    return hidden, cache, collected

@@ -31,6 +31,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("embed_out", None),
+    ("layers", None),  # the leading axis of stacked decoder layers: each chip holds every layer
     ("norm", None),
     ("positions", None),
     ("length", None),

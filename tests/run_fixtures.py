@@ -72,10 +72,11 @@ def make_tiny_checkpoint(directory: str | os.PathLike, *, seed: int = 0, deep_sc
     config = tiny_config(vocab_size=tokenizer.vocab_size, image_size=image_size, **config_overrides)
     assert config.image_token_id == tokenizer.image_token_id
     params = random_params(config, seed)
-    for index in range(config.draft.exit_layer, config.text.num_layers):
-        layer = params["language_model"][f"layers_{index}"]
-        layer["self_attn"]["o_proj"]["kernel"] = layer["self_attn"]["o_proj"]["kernel"] * deep_scale
-        layer["mlp"]["down_proj"]["kernel"] = layer["mlp"]["down_proj"]["kernel"] * deep_scale
+    deep = config.draft.exit_layer
+    layers = params["language_model"]["layers"]
+    for block, projection in (("self_attn", "o_proj"), ("mlp", "down_proj")):
+        kernel = layers[block][projection]["kernel"]
+        layers[block][projection]["kernel"] = kernel.at[deep:].multiply(deep_scale)
     return save_checkpoint(directory / "ckpt", config, params, tokenizer,
                            ImageProcessorConfig.clip(image_size))
 

@@ -49,7 +49,7 @@ def test_logits_match_hf(tmp_path, name):
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=0)
 
     # The in-memory state dict (same key layout in transformers 5) converts identically.
-    in_memory = convert_blip2.convert_params(convert_blip2.StateDictSource(hf_model.state_dict()), config,
+    in_memory = convert_blip2.convert_params(convert_blip2.state_dict_source(hf_model.state_dict()), config,
                                              jax.random.key(0), progress=False)
     for a, b in zip(jax.tree.leaves(in_memory), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -74,7 +74,7 @@ def test_opt_project_in_out_and_post_norm_match_hf():
     text = convert_blip2.opt_config_from_hf(hf_config.to_dict())
     assert text.embed_dim == 16 and not text.has_final_layer_norm
     state = {f"language_model.{k}": v for k, v in hf_model.state_dict().items()}
-    params = convert_blip2.convert_opt_params(convert_blip2.StateDictSource(state), text)
+    params = convert_blip2.convert_opt_params(convert_blip2.state_dict_source(state), text)
     ids = np.random.RandomState(1).randint(3, 80, size=(2, 9))
     with torch.no_grad():
         expected = hf_model(input_ids=torch.tensor(ids)).logits.numpy()
@@ -180,8 +180,8 @@ def test_converted_checkpoint(converted):
     expected = jax.jit(model.forward)(checkpoint.params, ids, pixels)
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=1, tensor=4))
     sharded = load_checkpoint(path, mesh=mesh).params
-    kernel = sharded["language_model"]["layers_1"]["fc1"]["kernel"]
-    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    kernel = sharded["language_model"]["layers"]["fc1"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     with jax.set_mesh(mesh), sharding.axis_rules():
         got = jax.jit(model.forward)(sharded, ids, pixels)
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)

@@ -1,5 +1,7 @@
 """Model library: cached decoding, the layer-range API, sharding and checkpoints."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,9 +49,9 @@ def test_cached_incremental_decoding_equals_full_forward(kind):
     np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(full), atol=1e-5)
 
 
-def _scan_inputs():
-    """A 5-layer model (exit 2), its params, inputs, embedded hidden states [batch, seq,
-    embed], positions and an empty cache small enough for the scanned path."""
+def _range_inputs():
+    """A 5-layer model (exit 2), its params, embedded hidden states [batch, seq, embed],
+    positions and an empty cache."""
     config = tiny_config(num_layers=5, exit_layer=2)
     model = VLM(config)
     params = model.init(jax.random.key(3))
@@ -57,51 +59,39 @@ def _scan_inputs():
     batch, seq = ids.shape
     hidden = model.embed(params, ids, model.encode_images(params, pixels))
     positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
-    return model, params, ids, pixels, hidden, positions, model.init_cache(batch, seq + 4)
+    return model, params, hidden, positions, model.init_cache(batch, seq + 4)
 
 
-def test_scanned_cached_layers_equal_unrolled_layers(monkeypatch):
-    """Small caches run the layers as one lax.scan; large ones unrolled: same numbers."""
-    model, params, _, _, hidden, positions, cache = _scan_inputs()
-    assert model._scan_layers(params, hidden, 2, 5, cache, None, ())
-    scanned = model.run_layers(params, hidden, positions, 2, 5, cache)
-    # The same scan over a stacked copy made once (what decoding passes in).
-    stacked_params = model.stack_layers(params, 2, 5)
-    prestacked = model.run_layers(stacked_params, hidden, positions, 2, 5, cache)
-    monkeypatch.setattr(model_lib, "SCAN_MAX_LAYER_CACHE_BYTES", 0)
-    assert not model._scan_layers(params, hidden, 2, 5, cache, None, ())
-    unrolled = model.run_layers(params, hidden, positions, 2, 5, cache)
-    for result in (scanned, prestacked):
-        np.testing.assert_allclose(np.asarray(result[0]), np.asarray(unrolled[0]), atol=1e-5)
-        for got, want in zip(result[1].keys + result[1].values, unrolled[1].keys + unrolled[1].values):
-            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
-    # Layers outside [2, 5) are the input cache's own buffers, untouched.
-    assert scanned[1].keys[0] is cache.keys[0] and scanned[1].values[1] is cache.values[1]
+@pytest.mark.parametrize("start,stop", [(2, 5), (0, 5), (0, 2)])
+def test_unrolled_layers_equal_the_layer_loop(start, stop):
+    """unroll_layers compiles the same layers over the same stacked params and cache."""
+    model, params, hidden, positions, cache = _range_inputs()
+    unrolled_model = VLM(model.config, unroll_layers=True)
+    run = jax.jit(lambda m, p, h, c: m.run_layers(p, h, positions, start, stop, c, collect=(stop,)),
+                  static_argnums=0)
+    looped, unrolled = run(model, params, hidden, cache), run(unrolled_model, params, hidden, cache)
+    np.testing.assert_allclose(np.asarray(looped[0]), np.asarray(unrolled[0]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(looped[1].keys), np.asarray(unrolled[1].keys), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(looped[2][stop]), np.asarray(looped[0]))
 
 
-def test_scan_reads_the_stacked_copy_and_modules_ignore_it(monkeypatch):
-    """With a stacked copy present the scanned path reads it (a changed copy changes the
-    result), every other call ignores it, and without one big layers are not scanned."""
-    model, params, ids, pixels, hidden, positions, cache = _scan_inputs()
-    stacked_params = model.stack_layers(params, 2, 5)
-    np.testing.assert_array_equal(
-        np.asarray(stacked_params[model_lib.STACKED_LAYERS]["2:5"]["mlp"]["down_proj"]["kernel"][1]),
-        np.asarray(params["language_model"]["layers_3"]["mlp"]["down_proj"]["kernel"]))
-    doubled = jax.tree.map(lambda x: 2 * x, stacked_params[model_lib.STACKED_LAYERS])
-    changed = {**stacked_params, model_lib.STACKED_LAYERS: doubled}
-    base = model.run_layers(params, hidden, positions, 2, 5, cache)[0]
-    assert not np.allclose(np.asarray(model.run_layers(changed, hidden, positions, 2, 5, cache)[0]),
-                           np.asarray(base), atol=1e-3)
-    # Uncached and other ranges use the module's own layers.
-    np.testing.assert_array_equal(np.asarray(model.forward(changed, ids, pixels)),
-                                  np.asarray(model.forward(params, ids, pixels)))
-    np.testing.assert_array_equal(np.asarray(model.run_layers(changed, hidden, positions, 0, 2, cache)[0]),
-                                  np.asarray(model.run_layers(params, hidden, positions, 0, 2, cache)[0]))
-    monkeypatch.setattr(model_lib, "SCAN_MAX_LAYER_WEIGHT_BYTES", 0)
-    assert not model._scan_layers(params, hidden, 2, 5, cache, None, ())
-    assert model._scan_layers(stacked_params, hidden, 2, 5, cache, None, ())
-    with pytest.raises(ValueError, match=r"cannot stack layers \[3, 7\)"):
-        model.stack_layers(params, 3, 7)
+def test_layer_ranges_read_the_stacked_params_and_write_only_their_cache_layers():
+    """Layer i of a range is row i of the stacked params (changing row 3 changes [2, 5)
+    but not [0, 2)), and a cached range writes its own cache layers only."""
+    model, params, hidden, positions, cache = _range_inputs()
+    layers = params["language_model"]["layers"]
+    assert layers["mlp"]["down_proj"]["kernel"].shape[0] == 5
+    changed = {**params, "language_model": {**params["language_model"], "layers": jax.tree.map(
+        lambda x: x.at[3].multiply(2.0), layers)}}
+    run = jax.jit(lambda p, start, stop: model.run_layers(p, hidden, positions, start, stop, cache)[:2],
+                  static_argnums=(1, 2))
+    deep, deep_cache = run(params, 2, 5)
+    assert not np.allclose(np.asarray(run(changed, 2, 5)[0]), np.asarray(deep), atol=1e-3)
+    np.testing.assert_array_equal(np.asarray(run(changed, 0, 2)[0]), np.asarray(run(params, 0, 2)[0]))
+    keys = np.asarray(deep_cache.keys)
+    assert not keys[:2].any() and keys[2:].any()  # layers 0, 1 untouched (still zeros)
+    with pytest.raises(ValueError, match=r"layer range \[3, 7\) is outside a stack of 5"):
+        model.run_layers(params, hidden, positions, 3, 7, cache)
 
 
 def test_layer_ranges_compose_and_collect_states():
@@ -153,7 +143,7 @@ def test_sharded_forward_matches_single_device(mesh_shape):
     shardings = sharding.param_shardings(model.abstract_params(), mesh)
     sharded_params = jax.device_put(params, shardings)
     # Something really is split across devices.
-    q = sharded_params["language_model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    q = sharded_params["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
     if mesh_shape[2] > 1:
         assert q.sharding.shard_shape(q.shape) != q.shape
     with jax.set_mesh(mesh), sharding.axis_rules():
@@ -183,10 +173,10 @@ def test_checkpoint_restores_onto_mesh(tmp_path):
     checkpoint.save_checkpoint(tmp_path / "ckpt", config, params)
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=1, tensor=4))
     loaded = checkpoint.load_checkpoint(tmp_path / "ckpt", mesh=mesh)
-    kernel = loaded.params["language_model"]["layers_1"]["mlp"]["up_proj"]["kernel"]
-    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    kernel = loaded.params["language_model"]["layers"]["mlp"]["up_proj"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     np.testing.assert_array_equal(np.asarray(kernel),
-                                  np.asarray(params["language_model"]["layers_1"]["mlp"]["up_proj"]["kernel"]))
+                                  np.asarray(params["language_model"]["layers"]["mlp"]["up_proj"]["kernel"]))
 
 
 def test_checkpoint_errors(tmp_path):
@@ -195,6 +185,51 @@ def test_checkpoint_errors(tmp_path):
     config = tiny_config()
     checkpoint.save_checkpoint(tmp_path / "a", config, VLM(config).init(jax.random.key(0)))
     wider = tiny_config(hidden_size=96)
-    (tmp_path / "a" / "config.json").write_text(wider.to_json())
+    (tmp_path / "a" / "config.json").write_text(
+        json.dumps({**wider.to_dict(), "format_version": checkpoint.FORMAT_VERSION}))
     with pytest.raises(checkpoint.CheckpointError, match="shape"):
         checkpoint.load_checkpoint(tmp_path / "a")
+
+
+def _write_format_1(path, config, params):
+    """A checkpoint as format 1 wrote it: one param subtree per decoder layer and no
+    format_version in config.json."""
+    import orbax.checkpoint as ocp
+
+    layers = params["language_model"]["layers"]
+    count = jax.tree.leaves(layers)[0].shape[0]
+    text = {k: v for k, v in params["language_model"].items() if k != "layers"}
+    text.update({f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], layers) for i in range(count)})
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(config.to_json())
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path / "params", {**params, "language_model": text})
+    checkpointer.wait_until_finished()
+
+
+def test_format_1_checkpoint_loads_restacked_and_upgrades_in_place(tmp_path, capsys):
+    config = tiny_config(kind="layer")
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), VLM(config).init(jax.random.key(7)))
+    _write_format_1(tmp_path / "old", config, params)
+    assert checkpoint.format_version(tmp_path / "old") == 1
+    loaded = checkpoint.load_checkpoint(tmp_path / "old")
+    assert "--upgrade" in capsys.readouterr().err
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded.params)):
+        assert b.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    assert checkpoint.main(["--upgrade", str(tmp_path / "old")]) == 0
+    assert checkpoint.format_version(tmp_path / "old") == checkpoint.FORMAT_VERSION
+    upgraded = checkpoint.load_checkpoint(tmp_path / "old")
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(upgraded.params)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_checkpoint_keeps_its_dtype_and_casts_on_request(tmp_path):
+    config = tiny_config()
+    params = VLM(config).init(jax.random.key(8))
+    checkpoint.save_checkpoint(tmp_path / "bf16", config, model_lib.cast_params(params, jnp.bfloat16))
+    kept = checkpoint.load_checkpoint(tmp_path / "bf16").params
+    assert model_lib.params_dtype(kept) == jnp.bfloat16
+    assert model_lib.param_bytes(kept) * 2 == model_lib.param_bytes(params)
+    cast = checkpoint.load_checkpoint(tmp_path / "bf16", dtype=jnp.float32).params
+    assert model_lib.params_dtype(cast) == jnp.float32

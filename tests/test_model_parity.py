@@ -25,7 +25,7 @@ def test_logits_match_hf(tmp_path, name):
 
     hf_model = build_tiny_llava(tmp_path, seed=len(name), **CONFIGS[name])
     config = convert.config_from_hf(json.loads((tmp_path / "config.json").read_text()), exit_layer=2)
-    params = convert.convert_params(convert.SafetensorsFolder(tmp_path), config,
+    params = convert.convert_params(convert.open_safetensors(tmp_path), config,
                                     __import__("jax").random.key(0), progress=False)
     rng = np.random.RandomState(0)
     ids = np.array([random_prompt_ids(hf_model.config, rng, text_len=7) for _ in range(2)])
@@ -59,8 +59,8 @@ def test_converter_reads_sharded_checkpoint_and_new_key_layout(tmp_path):
     config = convert.config_from_hf(json.loads((tmp_path / "ref" / "config.json").read_text()), exit_layer=1)
     import jax
 
-    sharded = convert.convert_params(convert.SafetensorsFolder(out), config, jax.random.key(0), progress=False)
-    single = convert.convert_params(convert.SafetensorsFolder(tmp_path / "ref"), config, jax.random.key(0),
+    sharded = convert.convert_params(convert.open_safetensors(out), config, jax.random.key(0), progress=False)
+    single = convert.convert_params(convert.open_safetensors(tmp_path / "ref"), config, jax.random.key(0),
                                     progress=False)
     for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -86,7 +86,7 @@ def test_converter_shape_mismatch_names_tensor(tmp_path):
     hf_config["text_config"]["intermediate_size"] = 80  # lie about the MLP width
     config = convert.config_from_hf(hf_config, exit_layer=1)
     with pytest.raises(convert.ConversionError, match="shape mismatch for text.layers.0.mlp"):
-        convert.convert_params(convert.SafetensorsFolder(tmp_path), config, jax.random.key(0), progress=False)
+        convert.convert_params(convert.open_safetensors(tmp_path), config, jax.random.key(0), progress=False)
 
 
 def test_llava15_7b_defaults_from_sparse_config():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 from fastvlm_jax.config import VLMConfig
@@ -48,18 +49,23 @@ def deepen_params(params, fresh, exit_layer: int):
     params: the trained tree (its decoder has the original depth); fresh: a seeded init of
     the grown model, placed as training wants it. Original layers come from `params`,
     new ones from `fresh` with zeroed output projections; everything else from `params`.
+    Decoder layers are stacked ([num_layers, ...] per leaf), so each leaf of the grown
+    stack gathers its rows: original rows from `params`, new ones from `fresh`.
     """
-    old_text, new_text = params["language_model"], fresh["language_model"]
-    count = lambda tree: sum(key.startswith("layers_") for key in tree)
-    sources = layer_sources(count(old_text), count(new_text), exit_layer)
-    text = {key: value for key, value in old_text.items() if not key.startswith("layers_")}
-    for index, source in enumerate(sources):
-        if source is not None:
-            text[f"layers_{index}"] = old_text[f"layers_{source}"]
-            continue
-        layer = {block: dict(sub) for block, sub in new_text[f"layers_{index}"].items()}
-        for block, projection in OUTPUT_PROJECTIONS:
-            layer[block][projection] = {name: jnp.zeros_like(value, device=value.sharding)
-                                        for name, value in layer[block][projection].items()}
-        text[f"layers_{index}"] = layer
-    return {**params, "language_model": text}
+    old_layers, new_layers = params["language_model"]["layers"], fresh["language_model"]["layers"]
+    old_count = jax.tree.leaves(old_layers)[0].shape[0]
+    new_count = jax.tree.leaves(new_layers)[0].shape[0]
+    sources = layer_sources(old_count, new_count, exit_layer)
+    is_new = jnp.asarray([source is None for source in sources])
+    source_rows = jnp.asarray([0 if source is None else source for source in sources])
+
+    def grow(path, old, new):
+        names = tuple(getattr(key, "key", key) for key in path)
+        if names[:2] in OUTPUT_PROJECTIONS:
+            new = jnp.zeros_like(new)
+        rows = is_new.reshape((-1,) + (1,) * (new.ndim - 1))
+        taken = jnp.take(old, source_rows, axis=0).astype(new.dtype)
+        return jax.device_put(jnp.where(rows, new, taken), new.sharding)
+
+    layers = jax.tree_util.tree_map_with_path(grow, old_layers, new_layers)
+    return {**params, "language_model": {**params["language_model"], "layers": layers}}
