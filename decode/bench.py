@@ -750,6 +750,10 @@ def main(argv=None) -> int:
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--json", required=True, help="output JSON file")
     args = parser.parse_args(argv)
+    try:  # before loading the model: a bad --temperature is reported at once, as one line
+        sampling = SamplingConfig(temperature=args.temperature)
+    except ValueError as e:
+        parser.error(str(e))
 
     bench = load_bench_model(args.ckpt, args.seed, args.dtype)
     exit_layers = args.exit_layer or [bench.config.draft.exit_layer]
@@ -763,7 +767,6 @@ def main(argv=None) -> int:
                     "confidence" if args.min_confidence > 0 else "static"]
         if args.min_confidence > 0 or args.draft_schedule == "context":
             policies = ["custom"]
-    sampling = SamplingConfig(temperature=args.temperature)
     info = machine_info()
     cost = None
     replays = {} if sampling.greedy else None

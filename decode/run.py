@@ -121,9 +121,6 @@ def _check_args(args: argparse.Namespace) -> None:
     checks = [
         (args.batch_size >= 1, "--batch-size must be >= 1"),
         (args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
-        (args.temperature >= 0, "--temperature must be >= 0 (0 = greedy)"),
-        (args.top_k >= 0, "--top-k must be >= 0 (0 = off)"),
-        (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
         (args.draft_len >= 1, "--draft-len must be >= 1"),
         (0 <= args.min_confidence <= 1, "--min-confidence must be in [0, 1]"),
         (args.draft_start_len >= 1, "--draft-start-len must be >= 1"),
@@ -135,6 +132,12 @@ def _check_args(args: argparse.Namespace) -> None:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    from decode.sampling import SamplingConfig
+
+    try:  # the library checks --temperature, --top-k and --top-p (NaN and inf included)
+        SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a folder; pass a file name such as {args.out.rstrip('/')}/captions.jsonl")
 

@@ -8,6 +8,8 @@ distribution exactly (that is what plain sampling with the same settings draws f
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -17,15 +19,36 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """temperature 0 means greedy decoding (argmax); top_k 0 and top_p 1 disable them."""
+    """temperature 0 means greedy decoding (argmax); top_k 0 and top_p 1 disable them.
+
+    Bad values raise ValueError here rather than in each caller: a negative temperature
+    would silently mean greedy and top_p 0 would sample uniformly from the whole
+    vocabulary (warp keeps no token, so softmax spreads evenly), not "most restrictive".
+    """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
 
+    def __post_init__(self):
+        # isfinite: an infinite temperature or top_p would pass the range checks (NaN
+        # fails them, but "finite" names the problem).
+        t, k, p = self.temperature, self.top_k, self.top_p
+        if not (_is_real(t) and math.isfinite(t) and t >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        if not (isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 0):
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {k!r}")
+        if not (_is_real(p) and math.isfinite(p) and 0 < p <= 1):
+            raise ValueError(f"top_p must be a finite number in (0, 1] (1 = off), got {p!r}")
+
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+
+def _is_real(value) -> bool:
+    """A plain real number (Python or NumPy scalar), not a bool, string or array."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def warp(logits: Array, config: SamplingConfig) -> Array:

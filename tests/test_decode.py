@@ -1,6 +1,4 @@
-"""The decoding engine: greedy SSD == AR exactly, lossless sampling, structure, compilation."""
-
-import itertools
+"""The decoding engine: greedy SSD == AR exactly, structure, compilation (sampling: test_sampling.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +7,6 @@ import pytest
 
 from decode import engine
 from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
-from decode.sampling import SamplingConfig
 from fastvlm_jax.model import VLM
 from tests.tiny import tiny_config
 
@@ -230,84 +227,3 @@ def test_greedy_ssd_equals_ar_on_converted_hf_model(tmp_path):
     ssd = generate(model, params, prompts, DecodeSpec("ssd", capacity=20, eos_ids=(2,),
                                                       policy=DraftPolicy(draft_len=3)), 20)
     assert _tokens(ssd) == _tokens(ar)
-
-
-# --- sampling is lossless ---------------------------------------------------------------
-
-def _exact_joint(model, params, prompt, vocab, steps, sampling):
-    """P(t1..t_steps | prompt) by enumeration, under the warped distributions: [vocab]*steps."""
-    from decode.sampling import warp
-
-    joint = np.zeros((vocab,) * steps)
-    for prefix in itertools.product(range(vocab), repeat=steps - 1):
-        ids = jnp.asarray([list(prompt) + list(prefix)], jnp.int32)
-        probs = np.asarray(warp(model.forward(params, ids)[0, len(prompt) - 1:], sampling), np.float64)
-        p = 1.0
-        for i, token in enumerate(prefix):
-            p *= probs[i, token]
-        joint[prefix] = p * probs[steps - 1]
-    return joint
-
-
-def _chi_square_pvalue(samples, joint):
-    from scipy import stats
-
-    vocab, steps = joint.shape[0], joint.ndim
-    flat = np.ravel_multi_index(tuple(samples[:, i] for i in range(steps)), joint.shape)
-    observed = np.bincount(flat, minlength=joint.size).astype(np.float64)
-    expected = joint.ravel() * len(samples)
-    # Pool cells with tiny expectation so the chi-square approximation holds.
-    small = expected < 5
-    obs = np.append(observed[~small], observed[small].sum())
-    exp = np.append(expected[~small], expected[small].sum())
-    keep = exp > 0
-    return stats.chisquare(obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum()).pvalue
-
-
-def _sampling_setup():
-    config = tiny_config(vocab_size=6, num_layers=3, exit_layer=1, hidden_size=32)
-    model = VLM(config)
-    params = model.init(jax.random.key(11))
-    # Bigger logits than the 0.02 init gives, so distributions are far from uniform.
-    params["language_model"]["lm_head"]["kernel"] = params["language_model"]["lm_head"]["kernel"] * 12
-    return config, model, params
-
-
-@pytest.mark.parametrize("sampling", [SamplingConfig(temperature=1.0),
-                                      SamplingConfig(temperature=0.7, top_k=4, top_p=0.9)])
-def test_speculative_sampling_matches_exact_distribution(sampling):
-    config, model, params = _sampling_setup()
-    prompt, samples, steps = [1, 3, 4], 6000, 3
-    joint = _exact_joint(model, params, prompt, config.text.vocab_size, steps, sampling)
-    prompts = Prompts(jnp.asarray([prompt] * samples, jnp.int32), jnp.full((samples,), 3, jnp.int32))
-    ssd = generate(model, params, prompts, DecodeSpec("ssd", capacity=steps, sampling=sampling, eos_ids=(),
-                                                      policy=DraftPolicy(draft_len=2)), steps,
-                   jax.random.key(0))
-    ar = generate(model, params, prompts, DecodeSpec("ar", capacity=steps, sampling=sampling, eos_ids=()),
-                  steps, jax.random.key(1))
-    assert int(ssd.accepted.sum()) > samples // 10  # speculation really happened
-    assert _chi_square_pvalue(np.asarray(ssd.tokens), joint) > 1e-3
-    assert _chi_square_pvalue(np.asarray(ar.tokens), joint) > 1e-3
-
-
-def test_broken_acceptance_rule_is_detected(monkeypatch):
-    """The chi-square check has power: always accepting the draft fails it."""
-    from decode import sampling as sampling_lib
-
-    config, model, params = _sampling_setup()
-    sampling = SamplingConfig(temperature=1.0)
-    prompt, samples, steps = [1, 3, 4], 6000, 3
-    joint = _exact_joint(model, params, prompt, config.text.vocab_size, steps, sampling)
-    original = sampling_lib.accept_speculative
-
-    def always_accept(rng, target_probs, draft_probs, draft_tokens, draft_lens):
-        return original(rng, jnp.maximum(target_probs, 0) * 0 + jnp.pad(
-            draft_probs, ((0, 0), (0, 1), (0, 0)), constant_values=1.0 / draft_probs.shape[-1]),
-            draft_probs, draft_tokens, draft_lens)
-
-    monkeypatch.setattr(engine, "accept_speculative", always_accept)
-    jax.clear_caches()
-    prompts = Prompts(jnp.asarray([prompt] * samples, jnp.int32), jnp.full((samples,), 3, jnp.int32))
-    spec = DecodeSpec("ssd", capacity=steps, sampling=sampling, eos_ids=(), policy=DraftPolicy(draft_len=2))
-    broken = engine._generate(model, spec, params, prompts, jnp.int32(steps), jax.random.key(0))
-    assert _chi_square_pvalue(np.asarray(broken.tokens), joint) < 1e-6
