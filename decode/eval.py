@@ -3,7 +3,7 @@
 Usage::
 
     python -m decode.eval --pred OUT.jsonl --refs REFS [--json METRICS.json]
-                          [--meteor auto|on|off] [--data-dir DIR]
+                          [--meteor auto|on|off] [--tokenizer python|ptb] [--data-dir DIR]
 
 ``OUT.jsonl`` is what ``python -m decode.run --out`` writes: one JSON object per line with at
 least ``image`` and ``caption`` (other keys are ignored). Lines carrying an ``error`` (not
@@ -22,13 +22,14 @@ null) or no caption are skipped and counted; an empty caption is scored as empty
 
 A prediction's ``image`` is matched to a reference key exactly, else by basename, else by
 stem (basename without extension), else (COCO files only) by the number its stem ends
-with. The metrics are those of ``decode.metrics.compute_metrics``.
+with. The metrics are those of ``decode.metrics.compute_metrics`` (pycocoevalcap's scorers);
+captions are tokenized by ``decode.metrics.tokenize`` (no Java) unless ``--tokenizer ptb``
+asks for pycocoevalcap's Java PTBTokenizer. The report's ``tokenizer`` key says which.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import re
@@ -36,7 +37,7 @@ import sys
 from collections import Counter
 from typing import Iterable
 
-from decode.metrics import compute_metrics
+from decode.metrics import TOKENIZERS, compute_metrics
 
 
 class EvalError(Exception):
@@ -193,35 +194,18 @@ def load_tfds_references(spec: str, data_dir: str | None = None) -> dict[str, li
     """References from a TFDS dataset, ``spec`` = ``tfds:NAME:SPLIT``.
 
     Imports ``fastvlm_jax.data.tfds_builders`` only here (it pulls in TFDS) and reads
-    ``iter_tfds_images(spec, data_dir)``, which yields ``(image_id, image, captions)``;
-    the images are ignored (and not decoded when the function takes ``decode=``). Keys
+    ``iter_tfds_images(spec, data_dir, decode=False)``, which yields ``(image_id, image,
+    captions)``; the images are ignored (undecoded: only the captions are needed). Keys
     are ``str(image_id)``; ``spec`` is passed on unchanged (tfds:NAME[/CONFIG][:SPLIT]).
     """
     parts = spec.split(":")
     if len(parts) < 2 or parts[0] != "tfds" or not parts[1]:
         raise EvalError(f"--refs {spec}: expected tfds:NAME:SPLIT, e.g. tfds:coco_captions:val")
-    try:
-        from fastvlm_jax.data import tfds_builders
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.endswith("tfds_builders"):
-            raise EvalError(f"--refs {spec}: fastvlm_jax.data.tfds_builders is not available in "
-                            "this checkout; pass a JSON/JSONL/COCO references file instead") from None
-        raise EvalError(f"--refs {spec}: cannot import fastvlm_jax.data.tfds_builders ({exc}); "
-                        "install the missing package, e.g. pip install tensorflow-datasets") from None
-    iter_images = getattr(tfds_builders, "iter_tfds_images", None)
-    if iter_images is None:
-        raise EvalError(f"--refs {spec}: fastvlm_jax.data.tfds_builders has no iter_tfds_images; "
-                        "pass a JSON/JSONL/COCO references file instead")
-    # Ask for undecoded images when the function allows it: only captions are needed.
-    kwargs = {}
-    try:
-        if "decode" in inspect.signature(iter_images).parameters:
-            kwargs["decode"] = False
-    except (TypeError, ValueError):  # no introspectable signature: call it plainly
-        pass
+    from fastvlm_jax.data.tfds_builders import iter_tfds_images
+
     refs: dict[str, list[str]] = {}
     try:
-        for image_id, _image, captions in iter_images(spec, data_dir, **kwargs):
+        for image_id, _image, captions in iter_tfds_images(spec, data_dir, decode=False):
             refs.setdefault(_as_text(image_id), []).extend(_caption_list(captions))
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise EvalError(f"--refs {spec}: {exc}") from None
@@ -302,12 +286,13 @@ def match_predictions(pred_keys: Iterable[str], ref_keys: Iterable[str],
 # ---------------------------------------------------------------------------
 
 def evaluate(pred_path: str, refs_spec: str, data_dir: str | None = None,
-             use_meteor: bool | None = None) -> dict:
+             use_meteor: bool | None = None, tokenizer: str = "python") -> dict:
     """Score a predictions file against references; returns the report dict.
 
-    The report holds the metric values at the top level (``BLEU-1`` ... ``CIDEr-D``, and
-    ``METEOR`` when computed) plus ``counts``, ``matched_by``, ``unmatched_examples``,
-    ``notes``, ``pred`` and ``refs``.
+    ``tokenizer`` is "python" or "ptb" (see ``decode.metrics``). The report holds the
+    metric values at the top level (``BLEU-1`` ... ``CIDEr-D``, and ``METEOR`` when
+    computed) plus ``counts``, ``matched_by``, ``unmatched_examples``, ``notes``,
+    ``tokenizer`` (the one used), ``pred`` and ``refs``.
     """
     predictions, counts = read_predictions(pred_path)
     references, aliases = load_references(refs_spec, data_dir)
@@ -322,9 +307,12 @@ def evaluate(pred_path: str, refs_spec: str, data_dir: str | None = None,
         raise EvalError(f"no prediction matched a reference (e.g. prediction {example_pred!r} vs "
                         f"reference {example_ref!r}); check that --refs is the right split")
     notes: list[str] = []
-    metrics = compute_metrics({p: predictions[p] for p in matches},
-                              {p: references[r] for p, r in matches.items()},
-                              use_meteor=use_meteor, notes=notes)
+    try:
+        metrics = compute_metrics({p: predictions[p] for p in matches},
+                                  {p: references[r] for p, r in matches.items()},
+                                  tokenizer=tokenizer, use_meteor=use_meteor, notes=notes)
+    except RuntimeError as exc:  # Java missing or a jar failed (--meteor on, --tokenizer ptb)
+        raise EvalError(str(exc)) from None
     used_refs = set(matches.values())
     if len(used_refs) < len(matches):
         notes.append(f"{len(matches) - len(used_refs)} predictions share a reference image "
@@ -334,7 +322,7 @@ def evaluate(pred_path: str, refs_spec: str, data_dir: str | None = None,
                   references_without_prediction=len(references) - len(used_refs))
     report = dict(metrics)
     report.update(counts=counts, matched_by=dict(how), unmatched_examples=unmatched[:5],
-                  notes=notes, pred=pred_path, refs=refs_spec)
+                  notes=notes, tokenizer=tokenizer, pred=pred_path, refs=refs_spec)
     return report
 
 
@@ -376,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="METRICS.json", help="also write the report as JSON")
     parser.add_argument("--meteor", choices=("auto", "on", "off"), default="auto",
                         help="METEOR needs Java; auto: compute it when `java` is on PATH")
+    parser.add_argument("--tokenizer", choices=TOKENIZERS, default="python",
+                        help="python: decode.metrics.tokenize, no Java, same numbers on every "
+                             "machine (default); ptb: pycocoevalcap's PTBTokenizer, the official "
+                             "COCO pipeline, needs Java")
     parser.add_argument("--data-dir", metavar="DIR",
                         help="TFDS data directory for tfds:NAME:SPLIT references")
     return parser
@@ -392,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                   "choose another path)", file=sys.stderr)
             return 2
     try:
-        report = evaluate(args.pred, args.refs, data_dir=args.data_dir, use_meteor=use_meteor)
+        report = evaluate(args.pred, args.refs, data_dir=args.data_dir, use_meteor=use_meteor,
+                          tokenizer=args.tokenizer)
     except EvalError as exc:
         print(f"decode.eval: error: {exc}", file=sys.stderr)
         return 2

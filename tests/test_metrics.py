@@ -1,4 +1,4 @@
-"""Tests for decode.metrics (against pycocoevalcap as the reference) and the decode.eval CLI."""
+"""Tests for decode.metrics (pycocoevalcap's scorers, our Java-free tokenizer) and decode.eval."""
 
 from __future__ import annotations
 
@@ -12,76 +12,140 @@ import types
 
 import numpy as np
 import pytest
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from decode import eval as eval_cli
 from decode import metrics
 
-bleu_mod = pytest.importorskip("pycocoevalcap.bleu.bleu")
-cider_mod = pytest.importorskip("pycocoevalcap.cider.cider")
-rouge_mod = pytest.importorskip("pycocoevalcap.rouge.rouge")
-
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOCAB = ["a", "dog", "cat", "on", "the", "grass", "red", "ball", "with", "man"]
+needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="needs a java executable")
+
+# Pieces of caption-like sentences, with the punctuation, case, clitics, numbers, brackets
+# and Unicode quotes/dashes that captions contain and that the tokenizer must handle.
+SUBJECTS = ["a man", "two dogs", "the woman's cat", "a black-and-white photo of a train",
+            "Mr. Smith", "U.S. soldiers", "3 kids", "a young girl", "people", "an old bus",
+            "the giraffes", "a surfer", "someone", "a kitchen", "the dogs' owner",
+            "a woman\u2019s hat", "a 3.5 inch phone", "kids [left]"]
+VERBS = ["riding", "sitting on", "standing next to", "isn't near", "aren't on", "looking at",
+         "walking past", "holding", "can't reach", "won't leave", "is eating", "playing with",
+         "parked by", "jumping over", "they're near", "cannot see", "buying"]
+OBJECTS = ["a wave", "the grass", "a red (old) bike", "a \"big\" sofa", "the surfboard",
+           "a stove, sink and fridge", "1,000 people", "a clock at 10:30", "the dog's bowl",
+           "a pizza", "the street", "a field", "a brown-and-white horse", "the 5 p.m. train",
+           "two frisbees", "a table; a chair", "a tree -- outside", "a kite",
+           "a \u201cvintage\u201d car", "a $5 hat & 10% off", "fruit, e.g. apples",
+           "a '90s radio", "a sign: stop"]
+# No abbreviation right before the sentence end: PTB keeps "u.s." in "in the U.S..", we
+# drop its period (a known difference, see decode.metrics).
+TAILS = ["", " in a field", " on a sunny day", " at night", " with friends", " near the beach",
+         ", outdoors", " in a U.S. city", " (close up)", " \u2014 again", " and more"]
+ENDS = ["", ".", ".", "!", "?", "...", " .", "!!", "\u2026", "?!"]
 
 
-def _sentence(rng: random.Random, max_len: int = 12) -> str:
-    """A random tokenized sentence from a small vocabulary, with some edge cases mixed in."""
-    kind = rng.random()
-    if kind < 0.05:
-        return ""  # empty after tokenization
-    if kind < 0.12:
-        return " ".join([rng.choice(VOCAB)] * rng.randint(1, 6))  # repeated unigram
-    if kind < 0.20:
-        pair = [rng.choice(VOCAB), rng.choice(VOCAB)]
-        return " ".join(pair * rng.randint(1, 4))  # repeated bigram
-    if kind < 0.25:
-        return rng.choice(VOCAB)  # one word
-    if kind < 0.30:
-        return "zebra " + " ".join(rng.choice(VOCAB) for _ in range(rng.randint(0, 5)))
-    return " ".join(rng.choice(VOCAB) for _ in range(rng.randint(2, max_len)))
+def _caption(rng: random.Random) -> str:
+    """A random raw caption: subject, verb, object, tail, end punctuation, varied case."""
+    text = f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}{rng.choice(TAILS)}"
+    text += rng.choice(ENDS)
+    case = rng.random()
+    if case < 0.5:
+        text = text[0].upper() + text[1:]
+    elif case < 0.6:
+        text = text.upper()
+    elif case < 0.7:
+        text = text.title()
+    if rng.random() < 0.1:
+        text = "  " + text.replace(" ", "  ", 1) + " "  # extra spaces
+    return text
 
 
-def _corpus(seed: int, num_images: int):
-    """(gts, res) in pycocoevalcap's format: id -> list of references / [hypothesis]."""
+def _caption_pairs(seed: int = 0, num_images: int = 500):
+    """(predictions, references): id -> caption and id -> 1-5 captions, raw text.
+
+    One prediction in ten is one of its references (a perfect match).
+    """
     rng = random.Random(seed)
+    predictions, references = {}, {}
+    for i in range(num_images):
+        key = f"img{i}"
+        references[key] = [_caption(rng) for _ in range(rng.randint(1, 5))]
+        predictions[key] = (rng.choice(references[key]) if rng.random() < 0.1
+                            else _caption(rng))
+    return predictions, references
+
+
+def _pycocoevalcap_scores(gts: dict, res: dict) -> dict:
+    """pycocoevalcap's scorers called directly on tokenized gts/res (its own format)."""
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    scores = {f"BLEU-{n + 1}": b for n, b in enumerate(bleu)}
+    scores["ROUGE-L"] = Rouge().compute_score(gts, res)[0]
+    scores["CIDEr-D"] = Cider().compute_score(gts, res)[0]
+    return scores
+
+
+# What decode.metrics reported for _caption_pairs(0, 500) before it called pycocoevalcap
+# (it had its own BLEU, ROUGE-L and CIDEr-D): the numbers must not move.
+PAIRS_500_BEFORE = {
+    "BLEU-1": 0.3862741421338109, "BLEU-2": 0.2869181574069726,
+    "BLEU-3": 0.23418443389280805, "BLEU-4": 0.19963119151360725,
+    "ROUGE-L": 0.31545395972815077, "CIDEr-D": 0.6393313978567311,
+}
+
+
+def test_compute_metrics_matches_pycocoevalcap_scorers_on_500_pairs():
+    predictions, references = _caption_pairs()
+    notes = []
+    ours = metrics.compute_metrics(predictions, references, use_meteor=False, notes=notes)
+    gts = {k: [metrics.tokenize(r) for r in v] for k, v in references.items()}
+    res = {k: [metrics.tokenize(predictions[k])] for k in references}
+    expected = _pycocoevalcap_scores(gts, res)
+    assert list(ours) == ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr-D"]
+    for key, value in expected.items():
+        assert ours[key] == pytest.approx(value, abs=1e-12), key
+        assert ours[key] == pytest.approx(PAIRS_500_BEFORE[key], abs=1e-12), key
+    assert metrics.TOKENIZER_NOTES["python"] in notes
+
+
+def _token_corpus(seed: int, num_images: int):
+    """Tokenized (gts, res) from a small vocabulary, with edge cases: empty captions,
+    repeated unigrams/bigrams, one-word captions, words absent from every reference."""
+    vocab = ["a", "dog", "cat", "on", "the", "grass", "red", "ball", "with", "man"]
+    rng = random.Random(seed)
+
+    def sentence():
+        kind = rng.random()
+        if kind < 0.05:
+            return ""
+        if kind < 0.12:
+            return " ".join([rng.choice(vocab)] * rng.randint(1, 6))
+        if kind < 0.20:
+            return " ".join([rng.choice(vocab), rng.choice(vocab)] * rng.randint(1, 4))
+        if kind < 0.25:
+            return rng.choice(vocab)
+        if kind < 0.30:
+            return "zebra " + " ".join(rng.choice(vocab) for _ in range(rng.randint(0, 5)))
+        return " ".join(rng.choice(vocab) for _ in range(rng.randint(2, 12)))
+
     gts, res = {}, {}
     for i in range(num_images):
-        refs = [_sentence(rng) for _ in range(rng.randint(1, 5))]
+        refs = [sentence() for _ in range(rng.randint(1, 5))]
         if all(not r for r in refs):
             refs.append("the dog")  # keep at least one non-empty reference in the set
-        hyp = rng.choice(refs) if rng.random() < 0.1 else _sentence(rng)
-        gts[i], res[i] = refs, [hyp]
+        gts[i] = refs
+        res[i] = [rng.choice(refs) if rng.random() < 0.1 else sentence()]
     return gts, res
 
 
-CORPORA = [(seed, n) for seed, n in zip(range(12), [1, 2, 3, 5, 8, 13, 20, 30, 40, 50, 60, 80])]
-
-
-@pytest.mark.parametrize("seed,num_images", CORPORA)
-def test_bleu_matches_pycocoevalcap(seed, num_images):
-    gts, res = _corpus(seed, num_images)
-    ref_score, ref_per_image = bleu_mod.Bleu(4).compute_score(gts, res, verbose=0)
-    score, per_image = metrics.bleu({k: v[0] for k, v in res.items()}, gts)
-    np.testing.assert_allclose(score, ref_score, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(per_image, ref_per_image, rtol=0, atol=1e-6)
-
-
-@pytest.mark.parametrize("seed,num_images", CORPORA)
-def test_cider_matches_pycocoevalcap(seed, num_images):
-    gts, res = _corpus(seed, num_images)
-    ref_score, ref_per_image = cider_mod.Cider().compute_score(gts, res)
-    score, per_image = metrics.cider_d({k: v[0] for k, v in res.items()}, gts)
-    assert abs(score - ref_score) <= 1e-6
-    np.testing.assert_allclose(per_image, ref_per_image, rtol=0, atol=1e-6)
-
-
-@pytest.mark.parametrize("seed,num_images", CORPORA)
-def test_rouge_matches_pycocoevalcap(seed, num_images):
-    gts, res = _corpus(seed, num_images)
-    ref_score, ref_per_image = rouge_mod.Rouge().compute_score(gts, res)
-    score, per_image = metrics.rouge_l({k: v[0] for k, v in res.items()}, gts)
-    assert abs(score - ref_score) <= 1e-6
-    np.testing.assert_allclose(per_image, ref_per_image, rtol=0, atol=1e-6)
+@pytest.mark.parametrize("seed,num_images", [(0, 1), (1, 2), (2, 3), (3, 13), (4, 80)])
+def test_compute_metrics_tokenized_edge_cases(seed, num_images):
+    """tokenized=True passes captions to the scorers untouched (empty ones included)."""
+    gts, res = _token_corpus(seed, num_images)
+    ours = metrics.compute_metrics({k: v[0] for k, v in res.items()}, gts, tokenized=True,
+                                   use_meteor=False)
+    for key, value in _pycocoevalcap_scores(gts, res).items():
+        assert ours[key] == pytest.approx(value, abs=1e-12), key
 
 
 def test_compute_metrics_keys_and_perfect_scores():
@@ -96,6 +160,15 @@ def test_compute_metrics_keys_and_perfect_scores():
         assert out[k] == pytest.approx(1.0, abs=1e-6)
     assert out["CIDEr-D"] > 1.0
     assert notes  # says METEOR was skipped and which tokenizer was used
+
+
+def test_compute_metrics_input_errors():
+    with pytest.raises(KeyError, match="no references"):
+        metrics.compute_metrics({1: "a dog"}, {2: ["a dog"]}, use_meteor=False)
+    with pytest.raises(ValueError, match="non-empty list"):
+        metrics.compute_metrics({1: "a dog"}, {1: []}, use_meteor=False)
+    with pytest.raises(ValueError, match="tokenizer"):
+        metrics.compute_metrics({1: "a dog"}, {1: ["a dog"]}, tokenizer="nltk")
 
 
 def test_tokenize_examples():
@@ -120,21 +193,42 @@ PTB_SENTENCES = [
 ]
 
 
-@pytest.mark.skipif(shutil.which("java") is None, reason="PTBTokenizer needs java")
+@needs_java
 def test_tokenize_agrees_with_ptbtokenizer():
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
     ptb = PTBTokenizer().tokenize(
         {i: [{"caption": s}] for i, s in enumerate(PTB_SENTENCES)})
     for i, sentence in enumerate(PTB_SENTENCES):
         assert metrics.tokenize(sentence) == ptb[i][0], sentence
 
 
-@pytest.mark.skipif(shutil.which("java") is None, reason="PTBTokenizer needs java")
+@needs_java
+def test_tokenize_agrees_with_ptbtokenizer_on_500_pairs():
+    """Every caption of the 500 random pairs: our tokens == pycocoevalcap's PTBTokenizer's."""
+    predictions, references = _caption_pairs()
+    captions = [c for k in predictions for c in [predictions[k], *references[k]]]
+    ptb = PTBTokenizer().tokenize({i: [{"caption": c}] for i, c in enumerate(captions)})
+    mismatches = [(c, metrics.tokenize(c), ptb[i][0]) for i, c in enumerate(captions)
+                  if metrics.tokenize(c) != ptb[i][0]]
+    assert not mismatches, mismatches[:5]
+
+
+@needs_java
+def test_ptb_tokenizer_option():
+    """tokenizer="ptb" runs PTBTokenizer once, keeps captions in place, and says so."""
+    # A line break inside a caption would shift the jar's output lines by one.
+    captions = ["x\ry", "A dog.", "b\u2028c", "", "The END!"]
+    assert metrics.tokenize_ptb(captions) == ["x y", "a dog", "b c", "", "the end"]
+    predictions, references = _caption_pairs(num_images=50)
+    notes = []
+    ptb = metrics.compute_metrics(predictions, references, tokenizer="ptb", use_meteor=False,
+                                  notes=notes)
+    assert ptb == metrics.compute_metrics(predictions, references, use_meteor=False)
+    assert metrics.TOKENIZER_NOTES["ptb"] in notes
+
+
+@needs_java
 def test_compute_metrics_matches_full_pycocoevalcap_pipeline():
     """Raw captions: our tokenizer + scorers == PTBTokenizer (Java) + pycocoevalcap scorers."""
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
     refs = {1: ["A man riding a wave on top of a surfboard.", "A surfer rides a big wave!"],
             2: ["A kitchen with a stove, sink and fridge.", "The kitchen (small) is white."],
             3: ["Two giraffes standing next to each other.", "Giraffes aren't short; they're tall."],
@@ -145,16 +239,38 @@ def test_compute_metrics_matches_full_pycocoevalcap_pipeline():
     gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in refs.items()})
     res = tok.tokenize({k: [{"caption": v}] for k, v in preds.items()})
     ours = metrics.compute_metrics(preds, refs, use_meteor=False)
-    bleu_ref, _ = bleu_mod.Bleu(4).compute_score(gts, res, verbose=0)
-    for k in range(4):
-        assert ours[f"BLEU-{k + 1}"] == pytest.approx(bleu_ref[k], abs=1e-6)
-    assert ours["CIDEr-D"] == pytest.approx(cider_mod.Cider().compute_score(gts, res)[0], abs=1e-6)
-    assert ours["ROUGE-L"] == pytest.approx(rouge_mod.Rouge().compute_score(gts, res)[0], abs=1e-6)
+    for key, value in _pycocoevalcap_scores(gts, res).items():
+        assert ours[key] == pytest.approx(value, abs=1e-12), key
+
+
+@needs_java
+def test_meteor_jar_failure_is_an_error_not_a_hang():
+    """A jar that dies gives a RuntimeError, and the process still exits (the wrapper's
+    __del__ waits for a lock its compute_score leaves taken on an error)."""
+    code = (
+        "import pycocoevalcap.meteor.meteor as m\n"
+        "from decode import metrics\n"
+        "start = m.Meteor.__init__\n"
+        "def dead_jar(self):\n"
+        "    start(self)\n"
+        "    self.meteor_p.kill()\n"
+        "    self.meteor_p.wait()\n"
+        "m.Meteor.__init__ = dead_jar\n"
+        "try:\n"
+        "    metrics.meteor({1: 'a dog'}, {1: ['a dog']}, timeout_s=60)\n"
+        "except RuntimeError as exc:\n"
+        "    print('error:', exc)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "error: METEOR jar failed" in done.stdout
 
 
 @pytest.mark.skipif(os.environ.get("FASTVLM_TEST_METEOR") != "1",
                     reason="slow (the METEOR jar loads for 7-15 s); set FASTVLM_TEST_METEOR=1")
-@pytest.mark.skipif(not metrics.meteor_available()[0], reason="METEOR needs java")
+@needs_java
 def test_meteor_when_java_available():
     refs = {1: ["a dog runs on the grass", "a brown dog running"],
             2: ["two cats sleep", "cats on a sofa"]}
@@ -229,6 +345,8 @@ def test_cli_end_to_end_all_reference_formats(tmp_path, capsys):
         assert counts["scored"] == 3 and counts["no_reference"] == 1
         assert counts["skipped_error"] == 1 and counts["skipped_no_caption"] == 1
         assert report["matched_by"] == {"basename": 1, "stem": 1, "exact": 1}
+        assert report["tokenizer"] == "python"
+        assert metrics.TOKENIZER_NOTES["python"] in report["notes"]
         printed = capsys.readouterr().out
         assert "CIDEr-D" in printed and "1 without reference" in printed
 
@@ -271,26 +389,53 @@ def test_cli_module_runs_and_fails_clearly_on_missing_file(tmp_path):
     assert unknown.returncode == 2 and "--bogus" in unknown.stderr
 
 
-def test_tfds_references_hook(monkeypatch):
-    """load_tfds_references reads iter_tfds_images and explains when the module is absent."""
-    import fastvlm_jax.data as data_pkg
+def test_cli_without_java(tmp_path):
+    """No java on PATH: the default run works (METEOR left out, said in a note), and what
+    needs Java (--meteor on, --tokenizer ptb) fails with one line, not a traceback."""
+    pred = _write_preds(tmp_path)
+    refs = _ref_files(tmp_path)[0]
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, PATH=str(tmp_path))  # no java in there
+    cmd = [sys.executable, "-m", "decode.eval", "--pred", pred, "--refs", refs]
+    ok = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "METEOR omitted: no `java`" in ok.stdout and "CIDEr-D" in ok.stdout
+    for flags in (["--meteor", "on"], ["--tokenizer", "ptb", "--meteor", "off"]):
+        bad = subprocess.run(cmd + flags, cwd=REPO_ROOT, env=env, capture_output=True,
+                             text=True)
+        assert bad.returncode == 2, flags
+        err_lines = bad.stderr.strip().splitlines()
+        assert len(err_lines) == 1 and "java" in err_lines[0], (flags, bad.stderr)
 
-    monkeypatch.delattr(data_pkg, "tfds_builders", raising=False)
-    monkeypatch.setitem(sys.modules, "fastvlm_jax.data.tfds_builders", None)
-    with pytest.raises(eval_cli.EvalError, match="tfds_builders"):
-        eval_cli.load_tfds_references("tfds:coco_captions:val")
+
+@needs_java
+def test_cli_ptb_tokenizer(tmp_path):
+    out_json = tmp_path / "metrics.json"
+    rc = eval_cli.main(["--pred", _write_preds(tmp_path), "--refs", _ref_files(tmp_path)[0],
+                        "--json", str(out_json), "--meteor", "off", "--tokenizer", "ptb"])
+    assert rc == 0
+    report = json.loads(out_json.read_text())
+    assert report["tokenizer"] == "ptb"
+    assert metrics.TOKENIZER_NOTES["ptb"] in report["notes"]
+    for key, value in _expected().items():  # these captions tokenize alike both ways
+        assert report[key] == pytest.approx(value, abs=1e-12), key
+
+
+def test_tfds_references_hook(monkeypatch):
+    """load_tfds_references reads iter_tfds_images(spec, data_dir, decode=False)."""
+    import fastvlm_jax.data as data_pkg
 
     calls = []
 
-    def iter_tfds_images(spec, data_dir):
-        calls.append((spec, data_dir))
+    def iter_tfds_images(spec, data_dir=None, *, decode=True):
+        calls.append((spec, data_dir, decode))
         yield np.int64(7), None, np.array([b"A dog.", b"A puppy."], dtype=object)
         yield b"img8", None, "A cat."
 
+    # A stand-in module: the real one imports TFDS and reads a prepared dataset.
     fake = types.ModuleType("fastvlm_jax.data.tfds_builders")
     fake.iter_tfds_images = iter_tfds_images
     monkeypatch.setitem(sys.modules, "fastvlm_jax.data.tfds_builders", fake)
     monkeypatch.setattr(data_pkg, "tfds_builders", fake, raising=False)
     refs = eval_cli.load_tfds_references("tfds:coco_captions:val", "/tmp/tfds")
     assert refs == {"7": ["A dog.", "A puppy."], "img8": ["A cat."]}
-    assert calls == [("tfds:coco_captions:val", "/tmp/tfds")]
+    assert calls == [("tfds:coco_captions:val", "/tmp/tfds", False)]
