@@ -50,7 +50,8 @@ def random_params(config, seed: int = 0):
         elif name.endswith("['bias']"):
             value = 0.02 * rng.randn(*shape)
         elif name.endswith("['kernel']"):
-            value = rng.randn(*shape) / np.sqrt(np.prod(shape[:-1]))
+            fan_in = shape[1:-1] if "['layers']" in name else shape[:-1]  # stacked: [layers, ..., out]
+            value = rng.randn(*shape) / np.sqrt(np.prod(fan_in))
         else:  # embeddings
             value = rng.randn(*shape)
         return np.asarray(value, dtype=leaf.dtype)
@@ -76,7 +77,7 @@ def make_tiny_checkpoint(directory: str | os.PathLike, *, seed: int = 0, deep_sc
     layers = params["language_model"]["layers"]
     for block, projection in (("self_attn", "o_proj"), ("mlp", "down_proj")):
         kernel = layers[block][projection]["kernel"]
-        layers[block][projection]["kernel"] = kernel.at[deep:].multiply(deep_scale)
+        layers[block][projection]["kernel"] = np.concatenate([kernel[:deep], kernel[deep:] * deep_scale])
     return save_checkpoint(directory / "ckpt", config, params, tokenizer,
                            ImageProcessorConfig.clip(image_size))
 

@@ -108,8 +108,11 @@ def forward_losses(model: VLM, spec: StepSpec, trainable: Params, frozen: Params
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
 
     hidden = model.embed(params, ids, model.encode_images(params, batch["pixels"]))
-    h_exit, _, _ = model.run_layers(params, hidden, positions, 0, exit_layer)
-    h_last, _, _ = model.run_layers(params, h_exit, positions, exit_layer, num_layers)
+    # One pass over the whole layer stack (which scans the stacked params directly, so
+    # the base stage's gradients stay one [num_layers, ...] array per leaf) that also
+    # returns the exit-layer states the draft path reads.
+    h_last, _, states = model.run_layers(params, hidden, positions, 0, num_layers, collect=(exit_layer,))
+    h_exit = states[exit_layer]
     full_logits = model.logits(params, h_last)
 
     if spec.stage == "base":
