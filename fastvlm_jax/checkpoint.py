@@ -3,8 +3,8 @@
     CKPT_DIR/
       config.json        VLMConfig.to_dict() (or Blip2Config.to_dict(), model_type 'blip-2')
       params/            the parameter pytree, saved with orbax
-      tokenizer/         sentencepiece model + added special tokens (fastvlm_jax.tokenizer), or
-                         a byte-level BPE tokenizer.json (fastvlm_jax.bpe_tokenizer, BLIP-2 OPT)
+      tokenizer/         a tokenizers-library tokenizer.json (fastvlm_jax.hf_tokenizer) or a
+                         sentencepiece model (fastvlm_jax.sp_tokenizer), + tokenizer_config.json
       preprocessor.json  image preprocessing (fastvlm_jax.image_processing)
 
 Loading can restore straight onto a Mesh: each array lands with the sharding its
@@ -37,7 +37,7 @@ class CheckpointError(ValueError):
 class Checkpoint(NamedTuple):
     config: VLMConfig
     params: Any
-    tokenizer: Any  # fastvlm_jax.tokenizer.Tokenizer, fastvlm_jax.bpe_tokenizer.BPETokenizer or None
+    tokenizer: Any  # a fastvlm_jax.tokenizer.Tokenizer, or None
     image_config: Any  # fastvlm_jax.image_processing.ImageProcessorConfig or None
 
 

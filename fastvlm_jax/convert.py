@@ -289,7 +289,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, exit_layer: int | None = No
     """Converts a HF LLaVA (or BLIP-2 OPT) folder into our checkpoint directory; returns its path."""
     from fastvlm_jax.checkpoint import save_checkpoint
     from fastvlm_jax.image_processing import ImageProcessorConfig
-    from fastvlm_jax.tokenizer import Tokenizer
+    from fastvlm_jax.tokenizer import from_hf_dir
 
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
@@ -309,7 +309,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, exit_layer: int | None = No
         raise ConversionError(f"{preprocessor_file} is missing: copy the image processor config "
                               "from the original model repository")
     image_config = ImageProcessorConfig.from_hf_dict(json.loads(preprocessor_file.read_text()))
-    tokenizer = Tokenizer.from_hf_dir(hf_dir)
+    tokenizer = from_hf_dir(hf_dir)
     folder = SafetensorsFolder(hf_dir)
     params = convert_params(folder, config, jax.random.key(seed), jnp.dtype(dtype), progress)
     return save_checkpoint(out_dir, config, params, tokenizer, image_config)
