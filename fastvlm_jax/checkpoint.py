@@ -4,8 +4,8 @@
       config.json        the model config (`to_dict()`, model_type names the family) plus
                          "format_version"
       params/            the parameter pytree, saved with orbax in the dtype it was saved in
-      tokenizer/         sentencepiece model + added special tokens (fastvlm_jax.tokenizer), or
-                         a byte-level BPE tokenizer.json (fastvlm_jax.bpe_tokenizer, BLIP-2 OPT)
+      tokenizer/         a tokenizers-library tokenizer.json (fastvlm_jax.hf_tokenizer) or a
+                         sentencepiece model (fastvlm_jax.sp_tokenizer), + tokenizer_config.json
       preprocessor.json  image preprocessing (fastvlm_jax.image_processing)
 
 Format versions: 1 (no "format_version" key) kept one param subtree per decoder layer
@@ -49,7 +49,7 @@ class CheckpointError(ValueError):
 class Checkpoint(NamedTuple):
     config: Any  # the family's config (fastvlm_jax.config.VLMConfig, fastvlm_jax.blip2.Blip2Config)
     params: Any
-    tokenizer: Any  # fastvlm_jax.tokenizer.Tokenizer, fastvlm_jax.bpe_tokenizer.BPETokenizer or None
+    tokenizer: Any  # a fastvlm_jax.tokenizer.Tokenizer, or None
     image_config: Any  # fastvlm_jax.image_processing.ImageProcessorConfig or None
 
 

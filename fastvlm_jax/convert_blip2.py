@@ -16,7 +16,7 @@ and a few whole-tensor rules with their own transform.
 
 Tokenizer: BLIP-2 OPT uses a GPT-2 byte-level BPE tokenizer (tokenizer.json, or vocab.json +
 merges.txt, with "<image>" added after the vocabulary); it is saved as a
-`fastvlm_jax.bpe_tokenizer.BPETokenizer`. A folder without tokenizer files converts without
+`fastvlm_jax.hf_tokenizer.HFTokenizer`. A folder without tokenizer files converts without
 one (a note says so; decode.run then refuses the checkpoint). processor_config.json's
 num_query_tokens, when present, must equal the model's.
 """
@@ -292,7 +292,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, exit_layer: int | None = No
 
 def load_hf_tokenizer(hf_dir: str | Path, config: Blip2Config):
     """The folder's GPT-2 BPE tokenizer checked against `config`, or None when it has none."""
-    from fastvlm_jax.bpe_tokenizer import BPETokenizer
+    from fastvlm_jax.tokenizer import from_hf_dir
 
     hf_dir = Path(hf_dir)
     has_files = (hf_dir / "tokenizer.json").is_file() or (
@@ -300,7 +300,7 @@ def load_hf_tokenizer(hf_dir: str | Path, config: Blip2Config):
     if not has_files:
         return None
     try:
-        tokenizer = BPETokenizer.from_hf_dir(hf_dir)
+        tokenizer = from_hf_dir(hf_dir)
     except (ValueError, KeyError) as err:
         raise ConversionError(f"{hf_dir}: cannot read the tokenizer: {err}") from None
     if tokenizer.image_token is None or tokenizer.image_token_id != config.image_token_id:

@@ -214,7 +214,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, exit_layer: int | None = No
     """Converts a HF LLaVA folder into our checkpoint directory; returns its path."""
     from fastvlm_jax.checkpoint import save_checkpoint
     from fastvlm_jax.image_processing import ImageProcessorConfig
-    from fastvlm_jax.tokenizer import Tokenizer
+    from fastvlm_jax.tokenizer import from_hf_dir
 
     hf_dir = Path(hf_dir)
     hf_config = json.loads((hf_dir / "config.json").read_text())
@@ -224,7 +224,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, exit_layer: int | None = No
         raise ConversionError(f"{preprocessor_file} is missing: copy the image processor config "
                               "from the original model repository")
     image_config = ImageProcessorConfig.from_hf_dict(json.loads(preprocessor_file.read_text()))
-    tokenizer = Tokenizer.from_hf_dir(hf_dir)
+    tokenizer = from_hf_dir(hf_dir)
     folder = open_safetensors(hf_dir)
     params = convert_params(folder, config, jax.random.key(seed), jnp.dtype(dtype), progress)
     return save_checkpoint(out_dir, config, params, tokenizer, image_config)

@@ -1,26 +1,21 @@
 """Prompt ids per model family: what the model's Hugging Face processor would build.
 
-- 'llava' (LLaVA-1.5): "USER: <image>*N\\n{question} ASSISTANT:" with BOS first
-  (`fastvlm_jax.tokenizer.build_llava_input_ids`, as LlavaProcessor + the llava-1.5 template).
-- 'blip-2' (BLIP-2 OPT): N image tokens, then BOS, then the question text as typed, exactly
-  as Blip2Processor lays them out (image tokens before BOS, no chat template). An empty
-  question is plain captioning (what HF BLIP-2 does with no text); VQA prompts look like
-  "Question: what is on the table? Answer:".
+- 'llava' (LLaVA-1.5): "USER: <image>*N\\n{question} ASSISTANT:" with the tokenizer's special
+  tokens (BOS first for llava-hf) (`fastvlm_jax.tokenizer.build_llava_input_ids`, as
+  LlavaProcessor + the llava-1.5 template).
+- 'blip-2' (BLIP-2 OPT): N image tokens, then the question text as typed with the tokenizer's
+  special tokens (BOS for OPT), exactly as Blip2Processor lays them out (image tokens before
+  BOS, no chat template). An empty question is plain captioning (what HF BLIP-2 does with no
+  text); VQA prompts look like "Question: what is on the table? Answer:".
 
 N is the config's `num_image_tokens` (LLaVA: image patches; BLIP-2: Q-Former queries).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fastvlm_jax.tokenizer import build_llava_input_ids
-
-if TYPE_CHECKING:
-    from fastvlm_jax.bpe_tokenizer import BPETokenizer
-    from fastvlm_jax.tokenizer import Tokenizer
-
-    AnyTokenizer = Tokenizer | BPETokenizer
+from fastvlm_jax.tokenizer import Tokenizer, build_llava_input_ids
 
 MODEL_TYPES = ("llava", "blip-2")
 
@@ -39,7 +34,7 @@ def default_question(model_type: str) -> str:
     return DEFAULT_QUESTIONS[model_type]
 
 
-def prompt_ids_for(model_type: str, tokenizer: "AnyTokenizer", question: str,
+def prompt_ids_for(model_type: str, tokenizer: Tokenizer, question: str,
                    num_image_tokens: int) -> list[int]:
     """Prompt ids for one image and `question` in `model_type`'s layout (module docstring)."""
     _check_model_type(model_type)
@@ -52,15 +47,15 @@ def prompt_ids_for(model_type: str, tokenizer: "AnyTokenizer", question: str,
         raise ValueError(f"the question must not contain the image token {image_token!r}")
     if num_image_tokens <= 0:
         raise ValueError(f"num_image_tokens must be positive, got {num_image_tokens}")
-    return [tokenizer.image_token_id] * num_image_tokens + tokenizer.encode(question, add_bos=True)
+    return [tokenizer.image_token_id] * num_image_tokens + tokenizer.encode(question)
 
 
-def build_prompt_ids(config: Any, tokenizer: "AnyTokenizer", question: str) -> list[int]:
+def build_prompt_ids(config: Any, tokenizer: Tokenizer, question: str) -> list[int]:
     """Prompt ids for one image and `question`, in the layout of `config.model_type`."""
     return prompt_ids_for(config.model_type, tokenizer, question, config.num_image_tokens)
 
 
-def answer_ids(model_type: str, tokenizer: "AnyTokenizer", question: str, answer: str) -> list[int]:
+def answer_ids(model_type: str, tokenizer: Tokenizer, question: str, answer: str) -> list[int]:
     """The ids of `answer` following the prompt for `question` (no EOS), for training targets.
 
     LLaVA: the sentencepiece "▁" prefix separates it from "ASSISTANT:". BLIP-2: byte-level BPE
@@ -71,10 +66,10 @@ def answer_ids(model_type: str, tokenizer: "AnyTokenizer", question: str, answer
     text = answer.strip()
     if model_type == "blip-2" and question:
         text = " " + text
-    return tokenizer.encode(text, add_bos=False)
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
-def stop_ids(config: Any, tokenizer: "AnyTokenizer") -> tuple[int, ...]:
+def stop_ids(config: Any, tokenizer: Tokenizer) -> tuple[int, ...]:
     """Token ids that end a generation.
 
     LLaVA: the tokenizer's EOS. BLIP-2 OPT: the tokenizer's EOS ("</s>") and the language

@@ -18,16 +18,16 @@ from PIL import Image
 from fastvlm_jax.checkpoint import save_checkpoint
 from fastvlm_jax.image_processing import ImageProcessorConfig
 from fastvlm_jax.model import VLM
-from fastvlm_jax.tokenizer import Tokenizer
+from fastvlm_jax.tokenizer import SentencePieceTokenizer
 from tests.sp_fixtures import train_tiny_sentencepiece
 from tests.tiny import tiny_config
 
 
-def make_tiny_tokenizer(directory: str | os.PathLike) -> Tokenizer:
+def make_tiny_tokenizer(directory: str | os.PathLike) -> SentencePieceTokenizer:
     """Tiny LLaMA-style tokenizer; `<image>` gets the first id after the sentencepiece pieces."""
     sp_path = train_tiny_sentencepiece(directory)
-    probe = Tokenizer(sp_path)
-    return Tokenizer(sp_path, added_tokens={"<image>": probe.vocab_size})
+    probe = SentencePieceTokenizer(sp_path)
+    return SentencePieceTokenizer(sp_path, added_tokens={"<image>": probe.vocab_size})
 
 
 def random_params(config, seed: int = 0):

@@ -48,7 +48,8 @@ CORPUS: tuple[str, ...] = (
 LLAMA_SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2}
 
 
-def train_tiny_sentencepiece(directory: str | os.PathLike, vocab_size: int = 512, model_type: str = "bpe") -> Path:
+def train_tiny_sentencepiece(directory: str | os.PathLike, vocab_size: int = 512, model_type: str = "bpe",
+                             byte_fallback: bool = True) -> Path:
     """Train a tiny LLaMA-style sentencepiece model; returns the path of `tokenizer.model`.
 
     Args:
@@ -57,6 +58,7 @@ def train_tiny_sentencepiece(directory: str | os.PathLike, vocab_size: int = 512
         characters come first, merges fill the rest (hard_vocab_limit=False lets a small corpus
         end below the bound).
       model_type: "bpe" (LLaMA; HF converts it exactly) or "unigram".
+      byte_fallback: False leaves characters outside the corpus without any piece.
 
     Settings follow LLaMA's tokenizer.model: byte_fallback, identity normalization, no removal
     of extra whitespace, a dummy prefix, split digits, whitespace-only pieces, ids unk=0, bos=1,
@@ -71,7 +73,7 @@ def train_tiny_sentencepiece(directory: str | os.PathLike, vocab_size: int = 512
         model_type=model_type,
         vocab_size=vocab_size,
         hard_vocab_limit=False,
-        byte_fallback=True,
+        byte_fallback=byte_fallback,
         character_coverage=1.0,
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,

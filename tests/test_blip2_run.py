@@ -15,7 +15,7 @@ from PIL import Image
 
 from decode import run
 from fastvlm_jax import convert
-from fastvlm_jax.bpe_tokenizer import BPETokenizer
+from fastvlm_jax.tokenizer import HFTokenizer
 from fastvlm_jax.checkpoint import load_checkpoint
 from fastvlm_jax.image_processing import preprocess_image
 from fastvlm_jax.prompts import build_prompt_ids, stop_ids
@@ -84,7 +84,7 @@ def test_checkpoint_has_the_bpe_tokenizer(blip2_run):
     processor, ckpt, images, _, _, stop = blip2_run
     checkpoint = load_checkpoint(ckpt)
     tokenizer = checkpoint.tokenizer
-    assert isinstance(tokenizer, BPETokenizer)
+    assert isinstance(tokenizer, HFTokenizer)
     assert tokenizer.image_token_id == checkpoint.config.image_token_id
     assert tokenizer.vocab_size == len(processor.tokenizer) < checkpoint.config.text.vocab_size
     assert stop_ids(checkpoint.config, tokenizer) == (2, stop)

@@ -3,7 +3,8 @@
 Everything is built in-process (tiny sentencepiece model, random images); no network.
 The references are transformers' PIL-backend image processors (torchvision is not installed,
 and `CLIPImageProcessor` itself falls back to `CLIPImageProcessorPil`), `LlamaTokenizer` and
-`LlavaProcessor`.
+`LlavaProcessor`. The LLaMA tokenizer tests run both implementations on the same folder: the
+sentencepiece one (tokenizer.model) and the `tokenizers` one (tokenizer.json).
 """
 
 from __future__ import annotations
@@ -30,9 +31,13 @@ from fastvlm_jax.image_processing import (
     preprocess_image,
 )
 from fastvlm_jax.tokenizer import (
+    HFTokenizer,
+    SentencePieceTokenizer,
     Tokenizer,
     build_llava_input_ids,
     format_llava_prompt,
+    from_hf_dir,
+    load_tokenizer,
     num_image_tokens,
 )
 from tests.sp_fixtures import make_hf_llama_tokenizer_dir, train_tiny_sentencepiece
@@ -369,9 +374,13 @@ def hf_tok(hf_dir):
     return LlamaTokenizer.from_pretrained(str(hf_dir))
 
 
-@pytest.fixture(scope="module")
-def tok(hf_dir) -> Tokenizer:
-    return Tokenizer.from_hf_dir(hf_dir)
+# The folder has tokenizer.model and tokenizer.json: each implementation reads its own file.
+IMPLEMENTATIONS = {"sentencepiece": SentencePieceTokenizer, "tokenizers": HFTokenizer}
+
+
+@pytest.fixture(scope="module", params=sorted(IMPLEMENTATIONS))
+def tok(request, hf_dir) -> Tokenizer:
+    return IMPLEMENTATIONS[request.param].from_hf_dir(hf_dir)
 
 
 PROMPTS = [
@@ -408,11 +417,11 @@ def test_tokenizer_properties(tok, hf_tok):
     assert tok.pad_id == hf_tok.pad_token_id == 513
 
 
-@pytest.mark.parametrize("add_bos", [True, False])
-def test_encode_parity(tok, hf_tok, add_bos):
+@pytest.mark.parametrize("add_special_tokens", [True, False])
+def test_encode_parity(tok, hf_tok, add_special_tokens):
     for text in PROMPTS:
-        expected = hf_tok(text, add_special_tokens=add_bos)["input_ids"]
-        assert tok.encode(text, add_bos=add_bos) == expected, repr(text)
+        expected = hf_tok(text, add_special_tokens=add_special_tokens)["input_ids"]
+        assert tok.encode(text, add_special_tokens=add_special_tokens) == expected, repr(text)
 
 
 def test_decode_parity(tok, hf_tok):
@@ -431,8 +440,9 @@ def test_decode_parity(tok, hf_tok):
             assert tok.decode(ids, skip_special_tokens=skip) == hf_tok.decode(ids, skip_special_tokens=skip), ids
 
 
+@pytest.mark.parametrize("implementation", sorted(IMPLEMENTATIONS))
 @pytest.mark.parametrize("legacy,add_prefix_space", [(False, None), (True, None), (False, False)])
-def test_encode_fuzz_and_prefix_schemes(tmp_path, sp_model, legacy, add_prefix_space):
+def test_encode_fuzz_and_prefix_schemes(tmp_path, sp_model, legacy, add_prefix_space, implementation):
     """Random texts under the three HF prefix schemes ("first", "always", "never")."""
     make_hf_llama_tokenizer_dir(tmp_path, sp_model, legacy=legacy, add_prefix_space=add_prefix_space)
     hf = LlamaTokenizer.from_pretrained(str(tmp_path))
@@ -440,7 +450,7 @@ def test_encode_fuzz_and_prefix_schemes(tmp_path, sp_model, legacy, add_prefix_s
     assert scheme == {(False, None): "first", (True, None): "always", (False, False): "never"}[
         (legacy, add_prefix_space)
     ]
-    ours = Tokenizer.from_hf_dir(tmp_path)
+    ours = IMPLEMENTATIONS[implementation].from_hf_dir(tmp_path)
     pool = list("abcxyzABC  \n\t.,!?'-:0129éü日🙂▁") + ["<image>", "<pad>", "<s>", "</s>", " the ", "ing", "<im"]
     rng = np.random.default_rng(1)
     for _ in range(200):
@@ -471,7 +481,8 @@ def test_llava_hf_style_folder_without_tokenizer_json(tmp_path, sp_model, hf_tok
          "unk_token": "<unk>"}
     ))
     hf = LlamaTokenizer.from_pretrained(str(tmp_path))
-    ours = Tokenizer.from_hf_dir(tmp_path)
+    ours = from_hf_dir(tmp_path)
+    assert isinstance(ours, SentencePieceTokenizer)
     assert (ours.pad_id, ours.image_token_id, ours.vocab_size) == (513, 512, len(hf))
     for text in PROMPTS:
         assert ours.encode(text) == hf.encode(text) == hf_tok.encode(text), repr(text)
@@ -479,8 +490,9 @@ def test_llava_hf_style_folder_without_tokenizer_json(tmp_path, sp_model, hf_tok
 
 def test_save_load_pickle(tmp_path, tok, hf_dir):
     tok.save(tmp_path / "ours")
-    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["tokenizer.model", "tokenizer_config.json"]
-    for other in (Tokenizer.load(tmp_path / "ours"), Tokenizer.load(hf_dir), pickle.loads(pickle.dumps(tok))):
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == sorted([tok.MODEL_FILE, "tokenizer_config.json"])
+    assert type(load_tokenizer(tmp_path / "ours")) is type(tok)
+    for other in (load_tokenizer(tmp_path / "ours"), load_tokenizer(hf_dir), pickle.loads(pickle.dumps(tok))):
         assert other.added_tokens == tok.added_tokens
         assert (other.bos_id, other.eos_id, other.pad_id, other.image_token_id) == (
             tok.bos_id, tok.eos_id, tok.pad_id, tok.image_token_id,
@@ -491,25 +503,26 @@ def test_save_load_pickle(tmp_path, tok, hf_dir):
 
 
 def test_constructor_and_errors(tmp_path, sp_model, tok):
-    direct = Tokenizer(sp_model, {"<image>": 512, "<pad>": 513}, bos_id=1, eos_id=2, pad_id=513, image_token="<image>")
+    direct = SentencePieceTokenizer(sp_model, {"<image>": 512, "<pad>": 513}, bos_id=1, eos_id=2, pad_id=513,
+                                    image_token="<image>")
     for text in PROMPTS:
         assert direct.encode(text) == tok.encode(text)
-    plain = Tokenizer(sp_model)  # no added tokens: no image token, pad falls back to <unk>
+    plain = SentencePieceTokenizer(sp_model)  # no added tokens: no image token, pad falls back to <unk>
     assert (plain.image_token, plain.pad_id, plain.vocab_size) == (None, 0, 512)
     ids = plain.encode("a <image>")
     assert 512 not in ids and plain.decode(ids) == "a <image>"  # plain text for this one
     with pytest.raises(ValueError, match="no image token"):
         _ = plain.image_token_id
     with pytest.raises(FileNotFoundError, match="sentencepiece"):
-        Tokenizer.from_hf_dir(tmp_path)
+        SentencePieceTokenizer.from_hf_dir(tmp_path)
     (tmp_path / "tokenizer.model").write_bytes(sp_model.read_bytes())
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GemmaTokenizer"}))
     with pytest.raises(ValueError, match="not supported"):
-        Tokenizer.from_hf_dir(tmp_path)
+        from_hf_dir(tmp_path)
     with pytest.raises(ValueError, match="collides|is the sentencepiece piece"):
-        Tokenizer(sp_model, {"<image>": 5})
+        SentencePieceTokenizer(sp_model, {"<image>": 5})
     with pytest.raises(ValueError, match="not an added token"):
-        Tokenizer(sp_model, {}, image_token="<image>")
+        SentencePieceTokenizer(sp_model, {}, image_token="<image>")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -113,7 +113,7 @@ def test_text_format_masks_exactly_the_caption(tokenizer):
     fmt = input_lib.TextFormat(tokenizer, "Describe the image.", num_image_tokens=4, seq_len=40)
     caption = "a small red circle on a plain blue background."
     ex = fmt(caption)
-    answer = tokenizer.encode(caption, add_bos=False) + [tokenizer.eos_id]
+    answer = tokenizer.encode(caption, add_special_tokens=False) + [tokenizer.eos_id]
     n = fmt.prompt_len + len(answer)
     assert list(ex["input_ids"][:n]) == fmt.prompt + answer
     assert (ex["input_ids"][n:] == tokenizer.pad_id).all()

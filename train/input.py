@@ -33,7 +33,7 @@ import sentencepiece as spm
 
 from fastvlm_jax.image_processing import ImageProcessorConfig, preprocess_image
 from fastvlm_jax.prompts import answer_ids, prompt_ids_for
-from fastvlm_jax.tokenizer import Tokenizer, format_llava_prompt, load_tokenizer
+from fastvlm_jax.tokenizer import SentencePieceTokenizer, Tokenizer, format_llava_prompt, load_tokenizer
 
 # Large enough to never run out; grain needs a length for its sampler dataset.
 _ENDLESS = 2**62
@@ -61,8 +61,8 @@ def train_caption_tokenizer(corpus: Sequence[str], vocab_size: int = 512, byte_f
         add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
         pad_id=-1, unk_id=0, bos_id=1, eos_id=2, num_threads=1, minloglevel=2)
     size = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
-    return Tokenizer(model.getvalue(), added_tokens={"<image>": size, "<pad>": size + 1},
-                     pad_id=size + 1, image_token="<image>")
+    return SentencePieceTokenizer(model.getvalue(), added_tokens={"<image>": size, "<pad>": size + 1},
+                                  pad_id=size + 1, image_token="<image>")
 
 
 # ---------------------------------------------------------------------------------------
