@@ -37,7 +37,7 @@ from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
 from decode.sampling import SamplingConfig
 from fastvlm_jax.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from fastvlm_jax.image_processing import ImageSource, preprocess_image
-from fastvlm_jax.model import VLM, cast_params, param_bytes, params_dtype
+from fastvlm_jax.model import VLM, cast_params, params_dtype
 from fastvlm_jax.prompts import DEFAULT_QUESTIONS, build_prompt_ids, default_question, stop_ids
 
 # LLaVA's question for a caption: the same one the training recipe uses (train.config's
