@@ -112,8 +112,10 @@ def test_bfloat16_decoding_keeps_the_float32_tokens_where_margins_are_clear(tiny
         length = int(prompts.lengths[row])
         ids = jnp.asarray(np.concatenate([np.asarray(prompts.input_ids[row, :length]), want[row]]))[None]
         logits = model.forward(params, ids, prompts.pixels[row:row + 1])[0, length - 1:-1]
-        top2 = np.sort(np.asarray(logits), axis=-1)[:, -2:]
-        clear = top2[:, 1] - top2[:, 0] > 0.1
+        logits = np.asarray(logits)
+        top2 = np.sort(logits, axis=-1)[:, -2:]
+        # bf16 moves these logits by ~0.4% of their range (measured): 2% is clear of that.
+        clear = top2[:, 1] - top2[:, 0] > 0.02 * (logits.max(-1) - logits.min(-1))
         first_unclear = int(np.argmin(clear)) if not clear.all() else steps
         assert first_unclear >= 4, "pick inputs with clear margins: the test must compare tokens"
         assert _tokens(ar)[row][:first_unclear] == want[row][:first_unclear]
