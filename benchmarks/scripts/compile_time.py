@@ -1,6 +1,6 @@
 """Compile time of the SSD (and AR) generation program against decoder depth.
 
-    python benchmarks/scripts/compile_time.py --layers 4 32 --json OUT.json
+    python benchmarks/scripts/compile_time.py --layers 4 32 [--width 256] [--batch 1] --json OUT.json
 
 Builds random LLaMA-style models of the same width and different depths, and times the
 first `decode.engine.generate` call (trace + compile + run) and a second call with the
@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 32])
     parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--modes", nargs="+", default=["ssd"], choices=["ssd", "ar"])
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
@@ -65,12 +66,13 @@ def main(argv=None) -> int:
     rows = []
     for mode in args.modes:
         for layers in args.layers:
-            row = time_program(layers, args.width, mode, batch=1, prompt_len=16, max_new=16)
+            row = time_program(layers, args.width, mode, batch=args.batch, prompt_len=16, max_new=16)
             rows.append(row)
             print(f"{mode} {layers:3d} layers: compile {row['compile_s']:.2f} s "
                   f"(first call {row['first_call_s']:.2f} s, run {row['run_s']:.3f} s)", flush=True)
     report = {"revision": revision, "device": str(jax.devices()[0].device_kind),
               "machine": platform.processor() or platform.machine(), "width": args.width,
+              "batch": args.batch,
               "argv": sys.argv[1:] if argv is None else list(argv), "runs": rows}
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
