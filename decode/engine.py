@@ -371,6 +371,28 @@ def generate(model: VLM, params, prompts: Prompts, spec: DecodeSpec, max_new_tok
     return _generate_jit(model, spec, params, prompts, jnp.asarray(max_new_tokens, jnp.int32), rng)
 
 
+# --- generate's two phases, one round at a time (for measuring a round: decode.bench.cost) --
+
+def prefill(model: VLM, params, prompts: Prompts, spec: DecodeSpec, max_new_tokens: int | Array,
+            rng: Array | None = None):
+    """generate's prefill alone: the loop state before its first round, whose first token
+    is already emitted. The state is opaque: pass it to `decode_round`. Not jitted (wrap it
+    in jax.jit); the inputs are not checked (see generate)."""
+    rng = jax.random.key(0) if rng is None else rng
+    max_new = jnp.minimum(jnp.asarray(max_new_tokens, jnp.int32), spec.capacity)
+    return _prefill(model, params, prompts, spec, rng, max_new)
+
+
+def decode_round(model: VLM, params, spec: DecodeSpec, state, max_new_tokens: int | Array):
+    """One round of generate's loop for every live row (AR: one token; SSD: draft, verify,
+    accept), state -> state. A finished row's tokens and counters stay as they are; generate
+    runs rounds until every row is done. Not jitted (wrap it, e.g. in a fori_loop, in jax.jit).
+    max_new_tokens: the same budget the state was prefilled with."""
+    round_fn = _ssd_round if spec.mode == "ssd" else _ar_round
+    max_new = jnp.minimum(jnp.asarray(max_new_tokens, jnp.int32), spec.capacity)
+    return round_fn(model, params, spec, state, max_new)
+
+
 def check_inputs(model: VLM, prompts: Prompts, spec: DecodeSpec, max_new_tokens) -> None:
     """Raises ValueError for inputs the fixed-shape program would silently get wrong.
 

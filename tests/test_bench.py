@@ -2,17 +2,19 @@
 runs and reports what it promises)."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from decode import bench, bench_peers
+from decode.bench import cli, peers, replay
 
 
 def test_bench_sweep_writes_json_keys_and_plots(tmp_path):
     out = tmp_path / "bench.json"
-    assert bench.main(["--ckpt", "random:tiny", "--draft-len", "1", "2", "--max-new-tokens", "8",
-                       "--repeats", "1", "--cost-model", "--cost-iters", "2", "--context-acceptance",
-                       "--replay-rows", "1", "--json", str(out)]) == 0
+    assert cli.main(["--ckpt", "random:tiny", "--draft-len", "1", "2", "--max-new-tokens", "8",
+                     "--repeats", "1", "--cost-model", "--cost-iters", "2", "--context-acceptance",
+                     "--replay-rows", "1", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     for key in ("device", "memory", "runs", "speedup", "identical", "mean_accepted_length",
                 "acceptance_rate"):
@@ -44,30 +46,30 @@ def test_replayed_rounds_follow_the_policies():
 
     # One row of 8 tokens; the draft agrees with the full model except at tokens 3 and 6.
     agree = np.array([[True, True, True, False, True, True, False, True]])
-    rep = bench.Replay(prompt_len=10, num_tokens=np.array([8]), ar_tokens=np.zeros((1, 8), int),
+    rep = replay.Replay(prompt_len=10, num_tokens=np.array([8]), ar_tokens=np.zeros((1, 8), int),
                        full_top1=np.zeros((1, 8), int), draft_top1=np.where(agree, 0, 1)[:, :8],
                        draft_conf=np.array([[1, 1, 1, 1, 1, 0.2, 1, 1]]))
     # static gamma 4: round 1 drafts tokens 1-4 (accepts 1, 2; rejects 3; emits 3 tokens),
     # round 2 drafts 4-7 (accepts 4, 5; rejects 6), round 3 drafts token 7 (accepted, ends).
-    rounds = bench.simulate_rounds(rep, DraftPolicy(draft_len=4))
+    rounds = replay.simulate_rounds(rep, DraftPolicy(draft_len=4))
     assert [(ctx, acc) for _, ctx, _, acc in rounds] == [(11, 2), (14, 2), (17, 1)]
     # context schedule 1, 2, ...: one draft per round while fewer than 4 tokens exist.
-    rounds = bench.simulate_rounds(rep, DraftPolicy(draft_len=4, schedule="context", start_len=1, grow_every=4))
+    rounds = replay.simulate_rounds(rep, DraftPolicy(draft_len=4, schedule="context", start_len=1, grow_every=4))
     assert [(p, acc) for _, _, p, acc in rounds] == [(1, 1), (1, 0), (2, 2), (2, 1)]
     # confidence: token 5's draft confidence (0.2) stops the round that reaches it in slot > 0
     # (a slot past the last token counts as proposed, its acceptance unknowable).
-    rounds = bench.simulate_rounds(rep, DraftPolicy(draft_len=4, min_confidence=0.5))
+    rounds = replay.simulate_rounds(rep, DraftPolicy(draft_len=4, min_confidence=0.5))
     assert [(p, acc) for _, _, p, acc in rounds] == [(3, 2), (1, 1), (1, 0), (2, 1)]
-    by_context = bench.rounds_by_context(rounds, 4, 10)
+    by_context = replay.rounds_by_context(rounds, 4, 10)
     assert sum(by_context["rounds"]) == 4
 
 
 def test_bench_peers_tiny_reports_token_equality(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "peers.json"
-    assert bench_peers.main(["--size", "tiny", "--exit-layer", "2", "--draft-len", "3", "--batch-size", "1",
-                             "--max-new-tokens", "8", "--prompt-len", "6", "--repeats", "1",
-                             "--json", str(out)]) == 0
+    assert peers.main(["--size", "tiny", "--exit-layer", "2", "--draft-len", "3", "--batch-size", "1",
+                       "--max-new-tokens", "8", "--prompt-len", "6", "--repeats", "1",
+                       "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     systems = {r["system"] for r in report["results"]}
     assert systems == {"hf_ar", "hf_early_exit", "ours_ar", "ours_ssd"}
@@ -75,3 +77,54 @@ def test_bench_peers_tiny_reports_token_equality(tmp_path):
     assert "ours_ar_over_hf_ar_b1" in report["ratios"]
     assert "ours_ssd_over_hf_early_exit_b1" in report["ratios"]
     assert report["plots"] and all(p.endswith(".png") for p in report["plots"])
+
+
+def test_bench_package_runs_as_a_module_without_torch_or_matplotlib():
+    # `python -m decode.bench` keeps the flags that README/BENCHMARKS commands use, and
+    # importing the package (peers and plots included) pulls in neither torch,
+    # transformers nor matplotlib: only running peers / drawing plots does.
+    code = ("import sys, runpy\n"
+            "import decode.bench.cli, decode.bench.peers, decode.bench.plots\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))\n"
+            "sys.argv = ['decode.bench', '--help']\n"
+            "runpy.run_module('decode.bench', run_name='__main__')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    first, usage = out.stdout.split("\n", 1)
+    assert first == "[]", first
+    for flag in ("--ckpt", "--images", "--prompt", "--batch-size", "--exit-layer", "--draft-len", "--policy",
+                 "--min-confidence", "--draft-schedule", "--confidence-threshold", "--start-len",
+                 "--grow-every", "--max-new-tokens", "--repeats", "--prompt-sets", "--temperature", "--seed",
+                 "--dtype", "--cost-model", "--cost-iters", "--layer-scaling", "--context-acceptance",
+                 "--replay-rows", "--context-bucket", "--no-plots", "--json"):
+        assert flag in usage, flag
+
+
+@pytest.mark.parametrize("mode", ["ar", "ssd"])
+def test_prefill_and_rounds_reproduce_generate(mode):
+    # The engine's public prefill / decode_round (what the cost model times) are the two
+    # phases of generate: running rounds until every row is done gives its tokens and counters.
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from decode import engine
+    from decode.bench.models import load_bench_model, make_prompts
+    from fastvlm_jax.model import VLM
+
+    bench = load_bench_model("random:tiny")
+    model = VLM(bench.config)
+    prompts = make_prompts(bench, 2, [], None, seed=0)
+    spec = engine.DecodeSpec(mode, capacity=8, eos_ids=(), policy=engine.DraftPolicy(draft_len=3))
+    want = engine.generate(model, bench.params, prompts, spec, 6)
+
+    @jax.jit
+    def rounds(params):
+        state = engine.prefill(model, params, prompts, spec, 6)
+        return jax.lax.while_loop(lambda s: jnp.any(~s.done),
+                                  lambda s: engine.decode_round(model, params, spec, s, 6), state)
+
+    got = rounds(bench.params)
+    for field in ("tokens", "num_tokens", "rounds", "drafted", "accepted", "position_attempts",
+                  "position_accepts"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)

@@ -75,11 +75,11 @@ def test_run_cli_reports_bad_sampling_values_in_one_line(tmp_path, capsys, flag,
 
 
 def test_bench_cli_reports_a_bad_temperature_in_one_line(tmp_path, capsys):
-    from decode import bench
+    from decode.bench import cli
 
     # Checked before the model is built: argparse's usage, then one error line.
     with pytest.raises(SystemExit) as info:
-        bench.main(["--ckpt", "random:tiny", "--json", str(tmp_path / "b.json"), "--temperature", "nan"])
+        cli.main(["--ckpt", "random:tiny", "--json", str(tmp_path / "b.json"), "--temperature", "nan"])
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("python -m decode.bench: error: temperature must be"), err

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Sequence
 
-import flax.linen as nn
 import jax
 
 Params = Any
@@ -28,12 +27,6 @@ def path_str(path) -> str:
         else:
             parts.append(str(key))
     return "/".join(parts)
-
-
-def unbox(tree: Params) -> Params:
-    """Drops nn.LogicallyPartitioned boxes (abstract or concrete)."""
-    return jax.tree.map(lambda x: x.value if isinstance(x, nn.LogicallyPartitioned) else x, tree,
-                        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 def trainable_paths(params: Params, patterns: Sequence[str]) -> set[str]:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -208,7 +209,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
     model, tokenizer, image_config, params = build_model(cfg, mesh)
 
     # Parameters: placed by logical axes, split into trainable (optimized) and frozen.
-    abstract = param_lib.unbox(model.abstract_params())
+    abstract = nn.meta.unbox(model.abstract_params())
     trainable_paths = param_lib.trainable_paths(abstract, cfg.trainable_patterns)
     if cfg.stage != "base" and any(not p.startswith("imitation/") for p in trainable_paths):
         # The draft stages promise an untouched full model (the head is shared with it).

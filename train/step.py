@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -215,7 +216,7 @@ def make_shardings(model: VLM, mesh: Mesh, trainable: set[str], tx: optax.Gradie
     boxed = model.abstract_params()
     param_sh = sharding.param_shardings(boxed, mesh, rules)
     trainable_sh, frozen_sh = param_lib.split(param_sh, trainable)
-    abstract_trainable, _ = param_lib.split(param_lib.unbox(boxed), trainable)
+    abstract_trainable, _ = param_lib.split(nn.meta.unbox(boxed), trainable)
     abstract_opt = jax.eval_shape(tx.init, abstract_trainable)
     replicated = sharding.replicated(mesh)
     opt_sh = optax.tree_map_params(

@@ -1,6 +1,6 @@
 """Our engine against Hugging Face transformers on the same weights, side by side in one run.
 
-    python -m decode.bench_peers [--size 134m|tiny] [--exit-layer K] [--draft-len G] \
+    python -m decode.bench.peers [--size 134m|tiny] [--exit-layer K] [--draft-len G] \
         [--batch-size 1 8] [--max-new-tokens N] [--repeats R] [--deep-scale S] --json OUT.json
 
 Builds a random LLaVA-shaped model in transformers (LlavaForConditionalGeneration with a
@@ -32,14 +32,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from decode.bench.machine import machine_info
+from decode.bench.models import decode_sets
+from decode.bench.timing import acceptance_report, speed_report, time_interleaved
+from decode.captioner import describe_device
+from decode.engine import DecodeOutput, DecodeSpec, DraftPolicy, Prompts
+from fastvlm_jax.model import param_count
 
 PRESETS = {
     # ~134M parameters: 12 x 768 LLaMA, vocab 32064 (LLaVA-1.5's), untied head.
@@ -94,21 +99,11 @@ def build_models(size: str, exit_layer: int, seed: int = 0, deep_scale: float = 
     return llama, VLM(ours_config), params, config
 
 
-def _timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
-
-
 def run(size: str = "134m", exit_layer: int = 3, draft_len: int = 4, batch_sizes=(1, 8),
         max_new_tokens: int = 64, prompt_len: int = 32, repeats: int = 5, threads: int | None = None,
         seed: int = 0, deep_scale: float = 1.0) -> dict:
     import torch
     import transformers
-
-    from decode.bench import device_name, machine_info
-    from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
-    from fastvlm_jax.model import param_count
 
     threads = threads or os.cpu_count()
     torch.set_num_threads(threads)
@@ -130,45 +125,26 @@ def run(size: str = "134m", exit_layer: int = 3, draft_len: int = 4, batch_sizes
         mask = torch.ones_like(torch_ids)
         prompts = Prompts(jnp.asarray(ids), jnp.full((batch,), prompt_len, jnp.int32), None)
 
-        def hf_ar():
-            with torch.inference_mode():
-                return llama.generate(torch_ids, attention_mask=mask, **hf_kwargs)[:, prompt_len:].numpy()
-
-        def hf_ee():
-            with torch.inference_mode():
-                return llama.generate(torch_ids, attention_mask=mask, **ee_kwargs)[:, prompt_len:].numpy()
-
-        def ours(spec):
+        def hf(kwargs):
             def call():
-                out = jax.block_until_ready(generate(model, params, prompts, spec, n))
-                call.last = out
-                return np.asarray(out.tokens)
+                with torch.inference_mode():
+                    return llama.generate(torch_ids, attention_mask=mask, **kwargs)[:, prompt_len:].numpy()
             return call
 
-        systems = {"hf_ar": hf_ar, "ours_ar": ours(ar_spec), "ours_ssd": ours(ssd_spec)}
+        def ours(spec):
+            # The call the main benchmark times (decode.bench.timing), on the converted weights.
+            return lambda: decode_sets(model, params, [prompts], spec, n)
+
+        systems = {"hf_ar": hf(hf_kwargs), "ours_ar": ours(ar_spec), "ours_ssd": ours(ssd_spec)}
         if batch == 1:
-            systems["hf_early_exit"] = hf_ee
-        tokens, times = {}, {name: [] for name in systems}
-        for name, fn in systems.items():  # compile / warm up
-            tokens[name], first_calls[f"{name}_b{batch}"] = _timed(fn)
-            print(f"  batch {batch} {name}: first call {first_calls[f'{name}_b{batch}']:.2f} s",
-                  file=sys.stderr, flush=True)
-        for repeat in range(repeats):
-            for name, fn in systems.items():
-                tokens[name], seconds = _timed(fn)
-                times[name].append(seconds)
-            print(f"  batch {batch} repeat {repeat + 1}/{repeats}: " +
-                  ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), file=sys.stderr, flush=True)
-        for name in systems:
-            generated = batch * n
-            results.append({
-                "system": name, "batch_size": batch, "tokens": generated,
-                "seconds_median": statistics.median(times[name]), "seconds_min": min(times[name]),
-                "seconds_all": times[name],
-                "tokens_per_s": generated / statistics.median(times[name]),
-                "tokens_per_s_best": generated / min(times[name]),
-                "latency_ms_per_token": 1000 * statistics.median(times[name]) / n,
-            })
+            systems["hf_early_exit"] = hf(ee_kwargs)
+        timed = time_interleaved(systems, repeats, log=lambda line: print(f"  batch {batch} {line}",
+                                                                           file=sys.stderr, flush=True))
+        tokens = {}
+        for name, (out, times, first_call) in timed.items():
+            first_calls[f"{name}_b{batch}"] = first_call
+            tokens[name] = out.tokens if isinstance(out, DecodeOutput) else out
+            results.append({"system": name, "batch_size": batch, **speed_report(batch * n, batch, times)})
         reference = tokens["hf_ar"]
         entry = {}
         for name, toks in tokens.items():
@@ -178,12 +154,8 @@ def run(size: str = "134m", exit_layer: int = 3, draft_len: int = 4, batch_sizes
                 diff = np.argwhere(toks != reference)
                 entry[f"{name}_first_mismatch"] = {"row": int(diff[0][0]), "token": int(diff[0][1])}
         identical[str(batch)] = entry
-        out = systems["ours_ssd"].last
-        rounds = int(np.sum(np.asarray(out.rounds)))
-        acceptance[str(batch)] = {
-            "mean_accepted_length": (batch * n - batch) / max(rounds, 1),
-            "acceptance_rate": int(np.sum(np.asarray(out.accepted))) / max(int(np.sum(np.asarray(out.drafted))), 1),
-        }
+        counts = acceptance_report(timed["ours_ssd"][0])
+        acceptance[str(batch)] = {k: counts[k] for k in ("mean_accepted_length", "acceptance_rate")}
 
     def tps(system, batch):
         for r in results:
@@ -202,7 +174,7 @@ def run(size: str = "134m", exit_layer: int = 3, draft_len: int = 4, batch_sizes
         ratios[f"ours_ssd_over_ours_ar_b{batch}"] = tps("ours_ssd", batch) / tps("ours_ar", batch)
     text = hf_config.text_config
     return {
-        "kind": "peers", "device": device_name(), "machine": machine_info(),
+        "kind": "peers", "device": describe_device(), "machine": machine_info(),
         "versions": {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
         "torch_threads": torch.get_num_threads(),
         "model": {"size": size, "params": param_count({k: v for k, v in params.items()
@@ -218,7 +190,7 @@ def run(size: str = "134m", exit_layer: int = 3, draft_len: int = 4, batch_sizes
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m decode.bench_peers", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m decode.bench.peers", description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=sorted(PRESETS), default="134m")
     parser.add_argument("--exit-layer", type=int, default=3)
     parser.add_argument("--draft-len", type=int, default=4)
@@ -244,7 +216,7 @@ def main(argv=None) -> int:
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not args.no_plots:
-        from decode.plots import plot_peers
+        from decode.bench.plots import plot_peers
 
         report["plots"] = [str(p) for p in plot_peers(report, path)]
     path.write_text(json.dumps(report, indent=2))

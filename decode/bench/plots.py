@@ -1,13 +1,13 @@
 """Plots of benchmark JSON files (matplotlib, Agg backend): PNGs next to the JSON.
 
-    python -m decode.plots RESULT.json [RESULT.json ...]
+    python -m decode.bench.plots RESULT.json [RESULT.json ...]
 
 decode.bench results give:
   *_speedup.png   speedup over AR vs draft length, one line per exit layer (and policy);
                   dashed: the ideal speedup of the cost model (--cost-model)
   *_context.png   draft acceptance vs context length (the paper's Figure 5)
   *_batch.png     tokens/s vs batch size for AR and SSD (when several batch sizes ran)
-decode.bench_peers results give:
+decode.bench.peers results give:
   *_batch.png     tokens/s vs batch size: ours (AR, SSD) and Hugging Face (generate,
                   assistant_early_exit)
 """
@@ -41,6 +41,19 @@ def _batch_axis(ax, xs) -> None:
     ax.minorticks_off()
 
 
+def _save(fig, ax, out: Path, xlabel: str, ylabel: str, legend_size: int, grid_which: str = "major") -> Path:
+    """Labels, legend and grid, then the PNG at `out`; the figure is closed."""
+    plt = _plt()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=legend_size)
+    ax.grid(alpha=0.3, which=grid_which)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def _policy(run: dict) -> str:
     return run.get("policy", {}).get("name", "static")
 
@@ -66,18 +79,11 @@ def plot_speedup_vs_draft(report: dict, out: Path) -> Path | None:
             ax.plot([r["draft_len"] for r in rs], [r["cost"]["ideal_speedup"] for r in rs], "--",
                     color=color, alpha=0.6)
     ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xlabel("draft length (gamma)")
-    ax.set_ylabel("speedup over AR (tokens/s ratio)")
     title = f"{Path(str(report.get('model', ''))).name or report.get('model')}: batch {batch}"
     if any("cost" in r for r in runs):
         title += " (dashed: ideal from cost model)"
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, ax, out, "draft length (gamma)", "speedup over AR (tokens/s ratio)", 8)
 
 
 def plot_acceptance_vs_context(report: dict, out: Path) -> Path | None:
@@ -107,15 +113,8 @@ def plot_acceptance_vs_context(report: dict, out: Path) -> Path | None:
             ax.plot(a["bucket_start"], a["acceptance_rate"], "o-", color=f"C{index % 10}",
                     label=f"b{r['batch_size']} exit {r['exit_layer']} {_policy(r)} g{r['draft_len']}")
         ax.set_title("per-round acceptance vs context length (replayed rounds)", fontsize=9)
-    ax.set_xlabel("context length at drafting (prompt + generated tokens)")
-    ax.set_ylabel("acceptance")
     ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, ax, out, "context length at drafting (prompt + generated tokens)", "acceptance", 7)
 
 
 def plot_tokens_vs_batch(report: dict, out: Path) -> Path | None:
@@ -134,15 +133,8 @@ def plot_tokens_vs_batch(report: dict, out: Path) -> Path | None:
             label=f"ours SSD (exit {key[0]}, {key[1]}, gamma {key[2]})")
     _batch_axis(ax, xs)
     ax.set_yscale("log")
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("generated tokens/s (all rows)")
     ax.set_title(f"{Path(str(report.get('model', ''))).name}: throughput vs batch size", fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, ax, out, "batch size", "generated tokens/s (all rows)", 8, "both")
 
 
 def plot_bench(report: dict, json_path: Path) -> list[Path]:
@@ -153,7 +145,7 @@ def plot_bench(report: dict, json_path: Path) -> list[Path]:
 
 
 def plot_peers(report: dict, json_path: Path) -> list[Path]:
-    """Tokens/s vs batch size for every system in a decode.bench_peers result."""
+    """Tokens/s vs batch size for every system in a decode.bench.peers result."""
     series = defaultdict(dict)
     for r in report["results"]:
         series[r["system"]][r["batch_size"]] = r["tokens_per_s"]
@@ -165,19 +157,12 @@ def plot_peers(report: dict, json_path: Path) -> list[Path]:
         ax.plot(xs, [series[name][b] for b in xs], markers.get(name, "^-"), label=name)
     _batch_axis(ax, sorted({b for v in series.values() for b in v}))
     ax.set_yscale("log")
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("generated tokens/s (all rows, median)")
     m = report.get("model", {})
     ax.set_title(f"same weights, text-only prompts: {m.get('params', 0) / 1e6:.1f}M-param LLaMA, "
                  f"exit {report.get('exit_layer')}, gamma {report.get('draft_len')}, "
                  f"deep scale {report.get('deep_scale', 1.0)}", fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    out = _stem(json_path, "_batch")
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return [out]
+    return [_save(fig, ax, _stem(json_path, "_batch"), "batch size", "generated tokens/s (all rows, median)",
+                  8, "both")]
 
 
 def plot_file(json_path: str | Path) -> list[Path]:

@@ -1,0 +1,197 @@
+"""The project's decoding benchmark: AR vs self-speculative decoding on the same model and
+inputs, in one process, swept over batch size, exit layer, draft-length policy and draft length.
+
+    python -m decode.bench --ckpt CKPT_DIR|demo|random:SIZE [--images PATH...|synthetic] \
+        [--batch-size N ...] [--exit-layer K ...] [--draft-len G ...] \
+        [--policy static|confidence|context ...] [--cost-model] [--context-acceptance] \
+        --json OUT.json
+
+For every (batch size, exit layer, policy, draft length) it compiles the programs once,
+then times `--repeats` runs of AR and SSD, interleaved (decode/bench/timing.py).
+`identical` says whether the greedy SSD tokens equal the AR tokens. The first
+combination's numbers are also written at the top level of the JSON (ar.tokens_per_s,
+ssd.tokens_per_s, speedup, ...), every combination's in `runs`, and PNG plots next to the
+JSON (decode/bench/plots.py).
+
+--cost-model times single jitted primitives and reports the ideal speedup and the
+engine's efficiency (decode/bench/cost.py). --context-acceptance replays AR outputs with
+teacher forcing: acceptance vs context length, the paper's Figure 5 (decode/bench/replay.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from decode.bench.cost import CostModel
+from decode.bench.machine import loadavg, machine_info
+from decode.bench.models import RANDOM_PRESETS, load_bench_model, make_prompts
+from decode.bench.replay import context_acceptance
+from decode.bench.timing import bench_one
+from decode.captioner import describe_device
+from decode.engine import DraftPolicy
+from decode.sampling import SamplingConfig
+from fastvlm_jax.model import param_bytes, param_count
+
+POLICIES = ("static", "confidence", "context")
+# Copied from the first run to the top level of the JSON (DESIGN.md section 4).
+TOP_LEVEL_KEYS = ("batch_size", "exit_layer", "draft_len", "ar", "ssd", "speedup", "identical",
+                  "mean_accepted_length", "acceptance_rate", "memory")
+
+
+def make_policy(name: str, draft_len: int, args: argparse.Namespace) -> DraftPolicy:
+    """The DraftPolicy named by --policy (or 'custom': the legacy flags --min-confidence /
+    --draft-schedule), with the threshold and schedule flags."""
+    if name == "static":
+        return DraftPolicy(draft_len=draft_len)
+    if name == "confidence":
+        return DraftPolicy(draft_len=draft_len, min_confidence=args.confidence_threshold)
+    if name == "context":
+        return DraftPolicy(draft_len=draft_len, schedule="context", start_len=args.start_len,
+                           grow_every=args.grow_every)
+    if name == "custom":
+        return DraftPolicy(draft_len=draft_len, min_confidence=args.min_confidence,
+                           schedule=args.draft_schedule, start_len=args.start_len,
+                           grow_every=args.grow_every)
+    raise ValueError(f"unknown policy {name!r}")
+
+
+def policy_names(args: argparse.Namespace) -> list[str]:
+    """--policy, else one policy from the legacy flags ('custom' when they are used)."""
+    if args.policy:
+        return list(args.policy)
+    if args.min_confidence > 0 or args.draft_schedule == "context":
+        return ["custom"]
+    return ["static"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m decode.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--ckpt", required=True, help="checkpoint dir, 'demo', or random:PRESET "
+                        f"({', '.join(sorted(RANDOM_PRESETS))})")
+    parser.add_argument("--images", nargs="*", default=[],
+                        help="image files, 'synthetic' (default for checkpoints with a tokenizer: "
+                        "synthetic test scenes) or 'random' (random pixels and text ids)")
+    parser.add_argument("--prompt", default=None,
+                        help="the question (default: 'Describe the image.' for LLaVA, none for BLIP-2)")
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[1])
+    parser.add_argument("--exit-layer", type=int, nargs="+", default=None,
+                        help="exit layers to try (default: the checkpoint's)")
+    parser.add_argument("--draft-len", type=int, nargs="+", default=[5])
+    parser.add_argument("--policy", nargs="+", choices=POLICIES, default=None,
+                        help="draft-length policies to sweep (default: one policy from "
+                        "--min-confidence / --draft-schedule)")
+    parser.add_argument("--min-confidence", type=float, default=0.0)
+    parser.add_argument("--draft-schedule", choices=["static", "context"], default="static")
+    parser.add_argument("--confidence-threshold", type=float, default=0.5,
+                        help="stop threshold of the 'confidence' policy")
+    parser.add_argument("--start-len", type=int, default=1, help="'context' schedule: first draft length")
+    parser.add_argument("--grow-every", type=int, default=16, help="'context' schedule: +1 every N tokens")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompt-sets", type=int, default=1,
+                        help="distinct prompt batches decoded per timed repeat (more scenes, "
+                        "steadier acceptance)")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="params and compute dtype (default: the checkpoint's own)")
+    parser.add_argument("--cost-model", action="store_true",
+                        help="time the primitives and report ideal speedup + engine efficiency")
+    parser.add_argument("--cost-iters", type=int, default=32)
+    parser.add_argument("--layer-scaling", action="store_true",
+                        help="time one cached step through layers [0, n) for several n (batch 1)")
+    parser.add_argument("--context-acceptance", action="store_true",
+                        help="replay AR outputs with teacher forcing: acceptance vs context length")
+    parser.add_argument("--replay-rows", type=int, default=16,
+                        help="distinct prompts for the acceptance-vs-context replay")
+    parser.add_argument("--context-bucket", type=int, default=8)
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--json", required=True, help="output JSON file")
+    return parser
+
+
+def run_line(result: dict, policy_name: str) -> str:
+    """One console line for one sweep point."""
+    extra = ""
+    if "cost" in result:
+        cost = result["cost"]
+        eff = cost["engine_efficiency"]
+        extra = (f"  ideal {cost['ideal_speedup']:.2f}x  efficiency {eff:.2f}" if eff is not None
+                 else "  efficiency n/a")
+        extra += f"  round/parts {cost['round_over_parts']:.2f}"
+    return (f"batch {result['batch_size']:3d} exit {result['exit_layer']:2d} {policy_name:>10s} "
+            f"draft {result['draft_len']:2d}: AR {result['ar']['tokens_per_s']:8.1f} tok/s  "
+            f"SSD {result['ssd']['tokens_per_s']:8.1f} tok/s  speedup {result['speedup']:.2f}x  "
+            f"tokens/round {result['mean_accepted_length']:.2f}  acceptance {result['acceptance_rate']:.2f}  "
+            f"identical {result['identical']}{extra}")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:  # before loading the model: a bad --temperature is reported at once, as one line
+        sampling = SamplingConfig(temperature=args.temperature)
+    except ValueError as e:
+        parser.error(str(e))
+
+    bench = load_bench_model(args.ckpt, args.seed, args.dtype)
+    exit_layers = args.exit_layer or [bench.config.draft.exit_layer]
+    for layer in exit_layers:
+        if not 1 <= layer < bench.config.text.num_layers:
+            parser.error(f"--exit-layer {layer} must be in [1, {bench.config.text.num_layers - 1}]")
+    policies = policy_names(args)
+    info = machine_info()
+    cost = None
+    runs = []
+    for batch in args.batch_size:
+        prompt_sets = [make_prompts(bench, batch, args.images, args.prompt, args.seed, offset=s * batch)
+                       for s in range(args.prompt_sets)]
+        prompt_len = prompt_sets[0].input_ids.shape[1]
+        if args.cost_model and (cost is None or cost.prompt_len != prompt_len):
+            cost = CostModel(bench, prompt_len, args.max_new_tokens, args.cost_iters, max(args.repeats, 3))
+        for exit_layer in exit_layers:
+            for policy_name in policies:
+                for draft_len in args.draft_len:
+                    policy = make_policy(policy_name, draft_len, args)
+                    result = bench_one(bench, prompt_sets, exit_layer, policy_name, policy,
+                                       args.max_new_tokens, args.repeats, sampling, cost,
+                                       replay_rounds=True, bucket=args.context_bucket)
+                    runs.append(result)
+                    print(run_line(result, policy_name), flush=True)
+    report = {
+        "device": describe_device(), "machine": info, "model": bench.source,
+        "params": param_count(bench.params), "num_layers": bench.config.text.num_layers,
+        "dtype": bench.dtype.name, "param_bytes": param_bytes(bench.params),
+        "checkpoint_exit_layer": bench.config.draft.exit_layer,
+        "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "prompt_sets": args.prompt_sets,
+        "temperature": args.temperature, "argv": sys.argv[1:] if argv is None else list(argv),
+        **{k: runs[0][k] for k in TOP_LEVEL_KEYS},
+        "runs": runs,
+    }
+    if args.layer_scaling:
+        prompt_len = make_prompts(bench, 1, args.images, args.prompt, args.seed).input_ids.shape[1]
+        scaling_cost = cost or CostModel(bench, prompt_len, args.max_new_tokens, args.cost_iters,
+                                         max(args.repeats, 3))
+        report["layer_scaling"] = scaling_cost.layer_scaling(1)
+        for row in report["layer_scaling"]:
+            print(f"layers [0, {row['layers']}): {row['ms_min']:.3f} ms per step "
+                  f"({row['ms_per_layer']:.3f} ms per layer)")
+    if args.context_acceptance and sampling.greedy:
+        report["context_acceptance"] = context_acceptance(
+            bench, exit_layers, args.draft_len, args.replay_rows, args.images, args.prompt, args.seed,
+            args.max_new_tokens, args.context_bucket)
+    load = loadavg()
+    if load is not None:
+        report["machine"]["loadavg_at_end"] = load
+    json_path = Path(args.json)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    if not args.no_plots:
+        from decode.bench.plots import plot_bench
+
+        report["plots"] = [str(p) for p in plot_bench(report, json_path)]
+    json_path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.json}" + (f" and {', '.join(report['plots'])}" if report.get("plots") else ""))
+    return 0
