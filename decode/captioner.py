@@ -39,6 +39,7 @@ from fastvlm_jax.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from fastvlm_jax.image_processing import ImageSource, preprocess_image
 from fastvlm_jax.model import VLM, cast_params, params_dtype
 from fastvlm_jax.prompts import DEFAULT_QUESTIONS, build_prompt_ids, default_question, stop_ids
+from fastvlm_jax.tokenizer import check_image_token_id
 
 # LLaVA's question for a caption: the same one the training recipe uses (train.config's
 # default `question`), so a model trained here answers with a caption. A prompt of None means
@@ -224,10 +225,7 @@ class Captioner:
         if checkpoint.image_config is None:
             raise CheckpointError("the checkpoint has no preprocessor.json: captioning needs it")
         tokenizer = checkpoint.tokenizer
-        if tokenizer.image_token is None or tokenizer.image_token_id != config.image_token_id:
-            got = tokenizer.image_token_id if tokenizer.image_token is not None else None
-            raise CheckpointError(f"the tokenizer's image token id ({got}) differs from the model's "
-                                  f"image_token_id ({config.image_token_id})")
+        check_image_token_id(tokenizer, config.image_token_id, CheckpointError)
         size = (config.vision.image_size, config.vision.image_size)
         if checkpoint.image_config.output_size != size:
             raise CheckpointError(f"preprocessor.json makes {checkpoint.image_config.output_size} images "

@@ -44,7 +44,7 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 class DraftPolicy:
     """How many tokens each SSD round drafts.
 
-    draft_len: the static maximum (gamma_max); verification always scores draft_len + 1.
+    draft_len: the static maximum (the paper's gamma); verification always scores draft_len + 1.
     min_confidence: a row stops drafting once the draft's top probability falls below it.
     schedule: 'static' drafts draft_len every round; 'context' starts at `start_len` and
       grows by one every `grow_every` generated tokens (acceptance rises with context).
@@ -72,10 +72,16 @@ class DraftPolicy:
 
 @dataclasses.dataclass(frozen=True)
 class DecodeSpec:
-    """Everything static about a generation program."""
+    """Everything static about a generation program.
+
+    capacity: the most new tokens (prompt excluded) one call can emit per row: the width of
+      `DecodeOutput.tokens`, and a call's `max_new_tokens` may not exceed it (one compiled
+      program serves every budget up to it). It is not the KV cache's size, which is
+      `cache_slots(prompt_len)` (the cache calls its size `slots`).
+    """
 
     mode: Mode = "ssd"
-    capacity: int = 64  # the most new tokens a call may ask for
+    capacity: int = 64  # the most new tokens a call may emit per row (see the docstring)
     sampling: SamplingConfig = SamplingConfig()
     policy: DraftPolicy = DraftPolicy()
     eos_ids: tuple[int, ...] = (2,)
@@ -198,15 +204,15 @@ def _prefill(model: VLM, params, prompts: Prompts, spec: DecodeSpec, rng: Array,
     cache = cache.replace(pos=prompts.lengths.astype(jnp.int32))
     if draft_cache is not None:
         draft_cache = draft_cache.replace(pos=cache.pos)
-    gamma = spec.policy.draft_len
+    draft_len = spec.policy.draft_len
     state = _LoopState(
         cache=cache, draft_cache=draft_cache, last_token=first,
         tokens=jnp.full((batch, spec.capacity), -1, jnp.int32),
         num_tokens=jnp.zeros((batch,), jnp.int32), done=jnp.zeros((batch,), bool), rng=rng,
         rounds=jnp.zeros((batch,), jnp.int32), drafted=jnp.zeros((batch,), jnp.int32),
         accepted=jnp.zeros((batch,), jnp.int32),
-        position_attempts=jnp.zeros((gamma,), jnp.int32),
-        position_accepts=jnp.zeros((gamma,), jnp.int32))
+        position_attempts=jnp.zeros((draft_len,), jnp.int32),
+        position_accepts=jnp.zeros((draft_len,), jnp.int32))
     state = state.replace(done=jnp.broadcast_to(max_new <= 0, (batch,)))
     return _emit(state, first[:, None], jnp.ones((batch,), jnp.int32), max_new, spec.eos_ids)
 
@@ -228,13 +234,13 @@ def _ar_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new: 
 def _draft(model: VLM, params, spec: DecodeSpec, state: _LoopState, rng: Array):
     """Drafts up to draft_len tokens per live row with the draft path.
 
-    Returns (tokens [batch, gamma + 1] with the round's first token at 0,
-    exit-layer states [batch, gamma + 1, embed], draft probs [batch, gamma, vocab] or
+    Returns (tokens [batch, draft_len + 1] with the round's first token at 0,
+    exit-layer states [batch, draft_len + 1, embed], draft probs [batch, draft_len, vocab] or
     None when greedy, draft lengths [batch], cache, draft cache).
     """
     cfg = model.config
     exit_layer = cfg.draft.exit_layer
-    gamma = spec.policy.draft_len
+    draft_len = spec.policy.draft_len
     batch = state.last_token.shape[0]
     pos = state.cache.pos
 
@@ -244,19 +250,19 @@ def _draft(model: VLM, params, spec: DecodeSpec, state: _LoopState, rng: Array):
                                        exit_layer, cache)
         return h[:, 0], cache
 
-    tokens = jnp.zeros((batch, gamma + 1), jnp.int32).at[:, 0].set(state.last_token)
+    tokens = jnp.zeros((batch, draft_len + 1), jnp.int32).at[:, 0].set(state.last_token)
     # The loop carries the whole stacked cache; the shallow layers write their slices of it
     # in place, and the deep layers' entries are neither read nor copied.
     h0, cache = shallow(state.last_token, 0, state.cache)
-    states = jnp.zeros((batch, gamma + 1, cfg.text.hidden_size), h0.dtype).at[:, 0].set(h0)
-    probs = None if spec.sampling.greedy else jnp.zeros((batch, gamma, cfg.text.vocab_size), jnp.float32)
+    states = jnp.zeros((batch, draft_len + 1, cfg.text.hidden_size), h0.dtype).at[:, 0].set(h0)
+    probs = None if spec.sampling.greedy else jnp.zeros((batch, draft_len, cfg.text.vocab_size), jnp.float32)
     limit = spec.policy.limit(state.num_tokens)
     drafting = ~state.done
     draft_lens = jnp.zeros((batch,), jnp.int32)
 
     def cond(carry):
         slot, _, _, _, drafting, _, _, _, _ = carry
-        return (slot < gamma) & jnp.any(drafting)
+        return (slot < draft_len) & jnp.any(drafting)
 
     def body(carry):
         slot, tokens, states, probs, drafting, draft_lens, cache, draft_cache, rng = carry
@@ -296,20 +302,20 @@ def _draft(model: VLM, params, spec: DecodeSpec, state: _LoopState, rng: Array):
 
 def _ssd_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new: Array) -> _LoopState:
     cfg = model.config
-    gamma = spec.policy.draft_len
+    draft_len = spec.policy.draft_len
     rng, draft_rng, accept_rng = _split(state.rng, spec, 3)
     tokens, states, draft_probs, draft_lens, cache, draft_cache = _draft(model, params, spec, state, draft_rng)
 
     # Verification: only layers [exit_layer, L), from the kept exit-layer states.
     pos = state.cache.pos
-    positions = pos[:, None] + jnp.arange(gamma + 1, dtype=jnp.int32)[None]
+    positions = pos[:, None] + jnp.arange(draft_len + 1, dtype=jnp.int32)[None]
     h_last, cache, _ = model.run_layers(params, states, positions, cfg.draft.exit_layer,
                                         cfg.text.num_layers, cache)
-    logits = model.logits(params, h_last)  # [batch, gamma + 1, vocab]
+    logits = model.logits(params, h_last)  # [batch, draft_len + 1, vocab]
     drafted_tokens = tokens[:, 1:]
     if spec.sampling.greedy:
         target = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        accepted = accept_greedy(target[:, :gamma], drafted_tokens, draft_lens)
+        accepted = accept_greedy(target[:, :draft_len], drafted_tokens, draft_lens)
         final = jnp.take_along_axis(target, accepted[:, None], axis=1)[:, 0]
     else:
         accepted, final = accept_speculative(accept_rng, warp(logits, spec.sampling), draft_probs,
@@ -329,7 +335,7 @@ def _ssd_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new:
     # Count only the accepted drafts that were emitted (not those past an EOS or the budget);
     # the emitted tokens are the first `emitted` of [accepted drafts..., final].
     emitted_drafts = jnp.minimum(accepted, state.num_tokens - before)
-    slot = jnp.arange(gamma)[None]
+    slot = jnp.arange(draft_len)[None]
     attempts = jnp.sum((slot < draft_lens[:, None]) & live[:, None], axis=0)
     accepts = jnp.sum(slot < emitted_drafts[:, None], axis=0)
     return state.replace(

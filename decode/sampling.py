@@ -84,11 +84,11 @@ def next_token(rng: Array, logits: Array, config: SamplingConfig) -> Array:
 def accept_greedy(target_tokens: Array, draft_tokens: Array, draft_lens: Array) -> Array:
     """Number of leading draft tokens equal to the full model's argmax.
 
-    target_tokens: [batch, gamma] full-model argmax after each prefix; draft_tokens:
-    [batch, gamma]; draft_lens: [batch] proposed tokens per row. Returns [batch] int32.
+    target_tokens: [batch, draft_len] full-model argmax after each prefix; draft_tokens:
+    [batch, draft_len]; draft_lens: [batch] proposed tokens per row. Returns [batch] int32.
     """
-    gamma = draft_tokens.shape[1]
-    ok = (target_tokens == draft_tokens) & (jnp.arange(gamma)[None] < draft_lens[:, None])
+    draft_len = draft_tokens.shape[1]
+    ok = (target_tokens == draft_tokens) & (jnp.arange(draft_len)[None] < draft_lens[:, None])
     return jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
 
 
@@ -96,19 +96,19 @@ def accept_speculative(rng: Array, target_probs: Array, draft_probs: Array, draf
                        draft_lens: Array) -> tuple[Array, Array]:
     """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023).
 
-    target_probs: [batch, gamma + 1, vocab] full-model distributions after each prefix;
-    draft_probs: [batch, gamma, vocab]; draft_tokens: [batch, gamma]; draft_lens: [batch].
+    target_probs: [batch, draft_len + 1, vocab] full-model distributions after each prefix;
+    draft_probs: [batch, draft_len, vocab]; draft_tokens: [batch, draft_len]; draft_lens: [batch].
     Draft token j is accepted with probability min(1, p_j(x) / q_j(x)); at the first
     rejection the replacement is drawn from norm(max(0, p_j - q_j)); when every proposed
     token is accepted, the bonus token is drawn from p at the next position.
     Returns (accepted [batch], next_token [batch]).
     """
-    batch, gamma = draft_tokens.shape
+    batch, draft_len = draft_tokens.shape
     accept_rng, resample_rng = jax.random.split(rng)
-    p_x = jnp.take_along_axis(target_probs[:, :gamma], draft_tokens[..., None], axis=-1)[..., 0]
+    p_x = jnp.take_along_axis(target_probs[:, :draft_len], draft_tokens[..., None], axis=-1)[..., 0]
     q_x = jnp.take_along_axis(draft_probs, draft_tokens[..., None], axis=-1)[..., 0]
-    uniform = jax.random.uniform(accept_rng, (batch, gamma))
-    ok = (uniform * q_x < p_x) & (jnp.arange(gamma)[None] < draft_lens[:, None])
+    uniform = jax.random.uniform(accept_rng, (batch, draft_len))
+    ok = (uniform * q_x < p_x) & (jnp.arange(draft_len)[None] < draft_lens[:, None])
     accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
 
     rows = jnp.arange(batch)

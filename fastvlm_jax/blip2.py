@@ -1,6 +1,6 @@
 """BLIP-2 (ViT -> Q-Former -> OPT decoder) with the VLM's functional API.
 
-The module exposes the same pieces as the LLaVA-style `VLMModule` (`encode_images`,
+`Blip2Module` is a `FamilyModule` like the LLaVA-style `VLMModule` (`encode_images`,
 `embed`, `run_layers`, `logits`, `imitate`), so `fastvlm_jax.model.VLM`, the decoding
 engine, checkpoints and the training step work on it unchanged:
 
@@ -30,9 +30,10 @@ import jax.numpy as jnp
 
 from fastvlm_jax.config import ConfigError, DraftConfig, ModelConfigMixin
 from fastvlm_jax.kv_cache import KVCache
-from fastvlm_jax.layers import (INIT_STD, activation, causal_attention, dense, init_layer_stack,
-                                run_layer_stack)
-from fastvlm_jax.vlm_common import full_and_draft_logits, merge_image_features
+from fastvlm_jax.layers import (INIT_STD, activation, causal_attention, dense, full_attention,
+                                init_layer_stack, run_layer_stack, split_heads)
+from fastvlm_jax.vision import vit_embeddings
+from fastvlm_jax.vlm_common import FamilyModule, init_imitation_params, merge_image_features
 
 Array = jax.Array
 DType = Any
@@ -182,19 +183,6 @@ def layer_norm(eps: float, name: str, affine: bool = True) -> nn.LayerNorm:
         name=name)
 
 
-def _heads(x: Array, num_heads: int) -> Array:
-    """[batch, seq, dim] -> [batch, seq, heads, head_dim]."""
-    return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
-
-
-def _full_attention(q: Array, k: Array, v: Array) -> Array:
-    """Unmasked attention. q: [b, q, h, d]; k, v: [b, k, h, d] -> [b, q, h * d]."""
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-    return out.reshape(*out.shape[:2], -1)
-
-
 # --- vision encoder -------------------------------------------------------------------------
 
 
@@ -212,9 +200,9 @@ class Blip2VisionLayer(nn.Module):
         h = layer_norm(cfg.layer_norm_eps, "layer_norm1")(x)
         qkv = dense(3 * dim, ("embed", "heads"), use_bias=cfg.qkv_bias, dtype=self.dtype,
                     name="qkv")(h)
-        q, k, v = (_heads(t, cfg.num_heads) for t in jnp.split(qkv, 3, axis=-1))
+        q, k, v = (split_heads(t, cfg.num_heads) for t in jnp.split(qkv, 3, axis=-1))
         h = dense(dim, ("heads", "embed"), use_bias=True, dtype=self.dtype,
-                  name="projection")(_full_attention(q, k, v))
+                  name="projection")(full_attention(q, k, v))
         x = x + h
         h = layer_norm(cfg.layer_norm_eps, "layer_norm2")(x)
         h = dense(cfg.intermediate_size, ("embed", "mlp"), use_bias=True, dtype=self.dtype, name="fc1")(h)
@@ -233,24 +221,9 @@ class Blip2VisionEncoder(nn.Module):
     def __call__(self, pixels: Array) -> Array:
         """pixels: [batch, height, width, channels] -> [batch, 1 + num_patches, dim]."""
         cfg = self.config
-        patches = nn.Conv(
-            cfg.hidden_size, (cfg.patch_size, cfg.patch_size), strides=cfg.patch_size,
-            padding="VALID", use_bias=True, dtype=self.dtype,
-            kernel_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD),
-                                                     (None, None, None, "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-            name="patch_embedding")(pixels.astype(self.dtype))
-        batch = patches.shape[0]
-        x = patches.reshape(batch, -1, cfg.hidden_size)
-        cls = self.param("class_embedding",
-                         nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("embed",)),
-                         (cfg.hidden_size,))
-        x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, cfg.hidden_size)), x], 1)
-        positions = self.param(
-            "position_embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("positions", "embed")),
-            (cfg.num_patches + 1, cfg.hidden_size))
-        x = x + positions.astype(x.dtype)[None, : x.shape[1]]
+        x = vit_embeddings(self, pixels, patch_size=cfg.patch_size, hidden_size=cfg.hidden_size,
+                           patch_bias=True, class_token=True, num_positions=cfg.num_patches + 1,
+                           dtype=self.dtype)
         for i in range(cfg.num_layers):
             x = Blip2VisionLayer(cfg, self.dtype, name=f"layers_{i}")(x)
         return layer_norm(cfg.layer_norm_eps, "post_layernorm")(x)
@@ -273,9 +246,9 @@ class QFormerAttention(nn.Module):
 
         def proj(name, inputs):
             out = dense(dim, ("embed", "heads"), use_bias=True, dtype=self.dtype, name=name)(inputs)
-            return _heads(out, cfg.num_heads)
+            return split_heads(out, cfg.num_heads)
 
-        out = _full_attention(proj("query", x), proj("key", context), proj("value", context))
+        out = full_attention(proj("query", x), proj("key", context), proj("value", context))
         out = dense(dim, ("heads", "embed"), use_bias=True, dtype=self.dtype, name="out")(out)
         return layer_norm(cfg.layer_norm_eps, "norm")(out + x)
 
@@ -344,7 +317,7 @@ class OPTAttention(nn.Module):
         def proj(name):
             out = dense(cfg.hidden_size, ("embed", "heads"), use_bias=cfg.enable_bias,
                         dtype=self.dtype, name=name)(x)
-            return _heads(out, cfg.num_heads)
+            return split_heads(out, cfg.num_heads)
 
         q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
         out, cache = causal_attention(q, k, v, positions, cache, layer, key_mask, self.dtype)
@@ -508,25 +481,22 @@ class OPTImitationNetwork(nn.Module):
 
 
 def init_imitation(config: "Blip2Config", rng: Array, dtype: DType = jnp.float32):
-    """Fresh (unboxed) imitation-network params alone: cheaper than initialising the model."""
-    hidden = jnp.zeros((1, 1, config.text.hidden_size), dtype)
-    positions = jnp.zeros((1, 1), jnp.int32)
-    net = OPTImitationNetwork(config.text, config.draft, dtype)
-    return nn.meta.unbox(net.init(rng, hidden, positions)["params"])
+    """Fresh (unboxed) imitation-network params alone (the identity draft)."""
+    return init_imitation_params(OPTImitationNetwork(config.text, config.draft, dtype),
+                                 config.text.hidden_size, rng, dtype)
 
 
 # --- the whole model ------------------------------------------------------------------------
 
 
-class Blip2Module(nn.Module):
+class Blip2Module(FamilyModule):
     """Vision encoder + Q-Former + projection + OPT decoder + imitation network.
 
     Params: {'vision_tower', 'qformer', 'projector', 'language_model', 'imitation'}.
+    run_layers / logits / imitate / __call__ come from `FamilyModule`.
     """
 
     config: Blip2Config
-    dtype: DType = jnp.float32
-    unroll_layers: bool = False
 
     def setup(self):
         cfg = self.config
@@ -554,15 +524,3 @@ class Blip2Module(nn.Module):
         if image_features is not None:
             embeds = merge_image_features(embeds, input_ids, image_features, self.config.image_token_id)
         return self.language_model.input_states(embeds, positions)
-
-    def run_layers(self, hidden, positions, start, stop, cache=None, key_mask=None, collect=()):
-        return self.language_model.run_layers(hidden, positions, start, stop, cache, key_mask, collect)
-
-    def logits(self, hidden: Array) -> Array:
-        return self.language_model.logits(hidden)
-
-    def imitate(self, hidden: Array, positions: Array, cache=None, key_mask=None):
-        return self.imitation(hidden, positions, cache, key_mask)
-
-    def __call__(self, input_ids: Array, pixels: Array, positions: Array | None = None):
-        return full_and_draft_logits(self, input_ids, pixels, positions)

@@ -292,7 +292,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, exit_layer: int | None = No
 
 def load_hf_tokenizer(hf_dir: str | Path, config: Blip2Config):
     """The folder's GPT-2 BPE tokenizer checked against `config`, or None when it has none."""
-    from fastvlm_jax.tokenizer import from_hf_dir
+    from fastvlm_jax.tokenizer import check_image_token_id, from_hf_dir
 
     hf_dir = Path(hf_dir)
     has_files = (hf_dir / "tokenizer.json").is_file() or (
@@ -303,10 +303,8 @@ def load_hf_tokenizer(hf_dir: str | Path, config: Blip2Config):
         tokenizer = from_hf_dir(hf_dir)
     except (ValueError, KeyError) as err:
         raise ConversionError(f"{hf_dir}: cannot read the tokenizer: {err}") from None
-    if tokenizer.image_token is None or tokenizer.image_token_id != config.image_token_id:
-        got = tokenizer.image_token_id if tokenizer.image_token is not None else None
-        raise ConversionError(f"the tokenizer's image token id ({got}) differs from config.json's "
-                              f"image_token_index ({config.image_token_id})")
+    check_image_token_id(tokenizer, config.image_token_id, ConversionError,
+                         "config.json's image_token_index")
     if tokenizer.vocab_size > config.text.vocab_size:
         raise ConversionError(f"the tokenizer has {tokenizer.vocab_size} ids but the language model "
                               f"only {config.text.vocab_size}")

@@ -1,46 +1,27 @@
 """The model families, in one table: config class, Flax module, imitation-network init,
 converter and tokenizer kind, keyed by the config's `model_type`.
 
-A family module implements the `FamilyModule` protocol below; everything above the
-model library (the VLM handle, the engine, checkpoints, training) goes through it and
-this table instead of asking which family it holds.
+A family module subclasses `fastvlm_jax.vlm_common.FamilyModule` (the interface:
+encode_images, embed, run_layers, logits, imitate); everything above the model library (the
+VLM handle, the engine, checkpoints, training) goes through it and this table instead of
+asking which family it holds.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import jax
 
 from fastvlm_jax.blip2 import Blip2Config, Blip2Module
 from fastvlm_jax.blip2 import init_imitation as blip2_init_imitation
 from fastvlm_jax.config import ConfigError, VLMConfig
-from fastvlm_jax.kv_cache import KVCache
 from fastvlm_jax.llava import VLMModule
 from fastvlm_jax.llava import init_imitation as llava_init_imitation
+from fastvlm_jax.vlm_common import FamilyModule
 
 Array = jax.Array
-
-
-class FamilyModule(Protocol):
-    """What every family's Flax module offers (methods, called through `Module.apply`)."""
-
-    def encode_images(self, pixels: Array) -> Array:
-        """[batch, height, width, channels] -> image tokens [batch, num_image_tokens, embed]."""
-
-    def embed(self, input_ids: Array, image_features: Array | None, positions: Array | None) -> Array:
-        """[batch, seq] ids (+ image tokens) -> state 0 [batch, seq, embed]."""
-
-    def run_layers(self, hidden: Array, positions: Array, start: int, stop: int,
-                   cache: KVCache | None, key_mask: Array | None, collect: tuple[int, ...]):
-        """Layers [start, stop) over the stacked params -> (state stop, cache, collected)."""
-
-    def logits(self, hidden: Array) -> Array:
-        """[batch, seq, embed] -> float32 [batch, seq, vocab]."""
-
-    def imitate(self, hidden: Array, positions: Array, cache: KVCache | None, key_mask: Array | None):
-        """Exit-layer states -> (draft states, the imitation network's own cache)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +35,7 @@ class Family:
 
     name: str
     config_class: type
-    module_class: type
+    module_class: type[FamilyModule]
     init_imitation: Callable[[Any, Array, Any], Any]
     converter: str
     tokenizer_kind: str

@@ -42,10 +42,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # photo and refuses 2x that; 300M keeps real photos working while refusing decompression bombs
 # (a few KB of PNG claiming billions of pixels).
 MAX_IMAGE_PIXELS = 300_000_000
-# PIL checks its own (global) limit while opening; raise it so it does not fire before ours.
-# Respect a caller who disabled the check (None) or set a larger limit.
-if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIXELS:
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 # Normalization constants used by the reference processors.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -91,18 +87,32 @@ def _check_pixels(image: Image.Image, name: str) -> None:
         )
 
 
-def _apply_draft(image: Image.Image, draft_size: tuple[int, int] | None, *, may_draft: bool) -> Image.Image:
-    """Cheaply shrink a large image so that it stays at least `draft_size` (width, height).
+def raise_pil_pixel_limit() -> None:
+    """Lets PIL open images of up to MAX_IMAGE_PIXELS pixels; our own check then decides.
 
-    JPEG files can decode at 1/2, 1/4 or 1/8 scale (`Image.draft`, only before decoding and only
-    on images we opened ourselves: it changes the object in place); then an integer box
-    `reduce` brings any format down. Both change pixel values slightly, so this is opt-in and
-    never used on the exact-parity path.
+    PIL checks its process-wide `Image.MAX_IMAGE_PIXELS` inside `Image.open` (default ~89M
+    pixels: it warns above that and refuses twice that), before we see the size. Every
+    `Image.open` of ours calls this first. It only ever raises the limit, to the same value
+    from every thread, and respects a caller who disabled the check (None) or set a larger one.
     """
-    if draft_size is None:
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+
+def _reduce_for_fast_decode(image: Image.Image, fast_decode_size: tuple[int, int] | None, *,
+                            use_jpeg_draft: bool) -> Image.Image:
+    """Cheaply shrink a large image so that it stays at least `fast_decode_size` (width, height).
+
+    JPEG files can decode at 1/2, 1/4 or 1/8 scale (PIL's JPEG "draft" mode, `Image.draft`:
+    only before decoding and only on images we opened ourselves, since it changes the object
+    in place; `use_jpeg_draft` says which); then an integer box `reduce` brings any format
+    down. Both change pixel values slightly, so this is opt-in and never used on the
+    exact-parity path.
+    """
+    if fast_decode_size is None:
         return image
-    want_w, want_h = max(int(draft_size[0]), 1), max(int(draft_size[1]), 1)
-    if may_draft and image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK"):
+    want_w, want_h = max(int(fast_decode_size[0]), 1), max(int(fast_decode_size[1]), 1)
+    if use_jpeg_draft and image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK"):
         image.draft(image.mode, (want_w, want_h))
     image.load()
     factor = min(image.width // want_w, image.height // want_h)
@@ -111,7 +121,7 @@ def _apply_draft(image: Image.Image, draft_size: tuple[int, int] | None, *, may_
     return image
 
 
-def _open(source: Any, name: str, draft_size: tuple[int, int] | None) -> Image.Image:
+def _open(source: Any, name: str, fast_decode_size: tuple[int, int] | None) -> Image.Image:
     """Open and fully decode a file path or bytes; every failure becomes ImageLoadError."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -131,6 +141,7 @@ def _open(source: Any, name: str, draft_size: tuple[int, int] | None) -> Image.I
         data = bytes(source)
         if not data:
             raise ImageLoadError(f"{name}: no image data (0 bytes)")
+    raise_pil_pixel_limit()
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
@@ -141,7 +152,7 @@ def _open(source: Any, name: str, draft_size: tuple[int, int] | None) -> Image.I
         raise ImageLoadError(f"{name}: corrupt or truncated image header ({_why(e)})") from None
     _check_pixels(image, name)
     try:
-        image = _apply_draft(image, draft_size, may_draft=True)
+        image = _reduce_for_fast_decode(image, fast_decode_size, use_jpeg_draft=True)
         # Decode now: truncated or corrupt data must fail here, with the file name, not later
         # inside a resize or a data-loader worker.
         image.load()
@@ -202,15 +213,16 @@ def _array_to_rgb(array: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array), mode="RGB")
 
 
-def load_image(source: ImageSource, *, draft_size: tuple[int, int] | None = None) -> Image.Image:
+def load_image(source: ImageSource, *, fast_decode_size: tuple[int, int] | None = None) -> Image.Image:
     """Load an image as an RGB PIL image.
 
     Args:
       source: a file path (str or PathLike), the encoded file as bytes, a PIL image, or a
         channels-last uint8 array [H, W] / [H, W, 1|3|4].
-      draft_size: optional (width, height). When given, large images are decoded at reduced
-        size (JPEG draft mode, else a box `reduce`) while staying at least this big. Faster on
-        huge photos; breaks bit-exact parity with transformers, so it is off by default.
+      fast_decode_size: optional (width, height). When given, large images are decoded at
+        reduced size (PIL's JPEG draft mode, else a box `reduce`) while staying at least this
+        big. Faster on huge photos; breaks bit-exact parity with transformers, so it is off by
+        default.
 
     Returns:
       An RGB `PIL.Image.Image` (transparency composited onto white; EXIF orientation applied to
@@ -226,12 +238,12 @@ def load_image(source: ImageSource, *, draft_size: tuple[int, int] | None = None
     if isinstance(source, Image.Image):
         _check_pixels(source, name)
         try:
-            image = _apply_draft(source, draft_size, may_draft=False)
+            image = _reduce_for_fast_decode(source, fast_decode_size, use_jpeg_draft=False)
             image.load()  # a lazily opened PIL image can still be truncated
         except Exception as e:
             raise ImageLoadError(f"{name}: corrupt or truncated image data ({_why(e)})") from None
     elif isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
-        image = _open(source, name, draft_size)
+        image = _open(source, name, fast_decode_size)
     else:
         raise TypeError(
             f"image source must be a path, bytes, PIL image or uint8 array, got {type(source).__name__}"
@@ -523,7 +535,7 @@ def preprocess_image(
     Args:
       image: anything `load_image` accepts (path, bytes, PIL image, uint8 array).
       config: the preprocessing recipe.
-      fast_decode: decode huge files at reduced size first (JPEG draft / box reduce), keeping at
+      fast_decode: decode huge files at reduced size first (JPEG draft mode / box reduce), keeping at
         least twice the resize target. Much faster on very large photos; not bit-exact with HF.
 
     Returns:
@@ -531,8 +543,8 @@ def preprocess_image(
     """
     # Always RGB: the vision towers take 3 channels. (HF's do_convert_rgb=False only differs for
     # non-RGB inputs, which it would then mis-shape; we keep the flag for config round-trips.)
-    draft_size = _draft_size(config) if fast_decode else None
-    pil = load_image(image, draft_size=draft_size)
+    fast_decode_size = _fast_decode_size(config) if fast_decode else None
+    pil = load_image(image, fast_decode_size=fast_decode_size)
 
     if config.do_pad_to_square:
         fill = tuple(int(x * 255) for x in config.image_mean)
@@ -562,7 +574,7 @@ def preprocess_image(
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def _draft_size(config: ImageProcessorConfig) -> tuple[int, int]:
+def _fast_decode_size(config: ImageProcessorConfig) -> tuple[int, int]:
     """(width, height) a fast decode must keep: twice the resize target, so the final bicubic
     still averages over several source pixels."""
     if config.do_resize and config.shortest_edge is not None:

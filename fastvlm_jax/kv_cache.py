@@ -13,7 +13,7 @@ Array = jax.Array
 class KVCache:
     """Keys and values of a stack of attention layers, with a position per batch row.
 
-    keys/values: [num_layers, batch, kv_heads, capacity, head_dim], one array each for
+    keys/values: [num_layers, batch, kv_heads, slots, head_dim], one array each for
       the whole stack (absolute layer index first). A layer writes its new entries into
       its own slice in place, so the draft path and verification touch only their own
       layers and no call copies the layers it does not run.
@@ -27,9 +27,9 @@ class KVCache:
     pos: Array
 
     @classmethod
-    def zeros(cls, num_layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int,
+    def zeros(cls, num_layers: int, batch: int, slots: int, kv_heads: int, head_dim: int,
               dtype=jnp.float32) -> "KVCache":
-        shape = (num_layers, batch, kv_heads, capacity, head_dim)
+        shape = (num_layers, batch, kv_heads, slots, head_dim)
         return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
                    pos=jnp.zeros((batch,), jnp.int32))
 
@@ -46,7 +46,7 @@ class KVCache:
         """Scatters one layer's new entries at per-row positions.
 
         layer: scalar layer index (may be traced); keys/values: [batch, seq, kv_heads,
-        head_dim]; positions: [batch, seq]. Positions past the capacity are dropped (the
+        head_dim]; positions: [batch, seq]. Positions past the last slot are dropped (the
         engine sizes the cache so that only masked, never-accepted slots can fall there).
         """
         batch, kv_heads = self.keys.shape[1], self.keys.shape[2]
@@ -60,7 +60,7 @@ class KVCache:
         return self.replace(keys=scatter(self.keys, keys), values=scatter(self.values, values))
 
     def layer(self, layer: Array | int) -> tuple[Array, Array]:
-        """Keys and values of one layer: ([batch, kv_heads, capacity, head_dim],) * 2."""
+        """Keys and values of one layer: ([batch, kv_heads, slots, head_dim],) * 2."""
         return (jax.lax.dynamic_index_in_dim(self.keys, layer, 0, keepdims=False),
                 jax.lax.dynamic_index_in_dim(self.values, layer, 0, keepdims=False))
 

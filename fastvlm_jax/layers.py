@@ -97,6 +97,23 @@ def apply_rope(x: Array, positions: Array, theta: float) -> Array:
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
+def split_heads(x: Array, num_heads: int) -> Array:
+    """[batch, seq, dim] -> [batch, seq, heads, dim // heads]."""
+    return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+
+
+def full_attention(q: Array, k: Array, v: Array) -> Array:
+    """Unmasked (bidirectional) softmax attention, as in the ViTs and the Q-Former.
+
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, k_len, heads, head_dim].
+    Returns [batch, q_len, heads * head_dim]. Logits and softmax in float32.
+    """
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return out.reshape(*out.shape[:2], -1)
+
+
 def attend(query: Array, keys: Array, values: Array, mask: Array) -> Array:
     """Grouped-query softmax attention.
 

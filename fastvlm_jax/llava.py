@@ -26,7 +26,7 @@ from fastvlm_jax.kv_cache import KVCache
 from fastvlm_jax.layers import (INIT_STD, DecoderLayer, GatedMLP, RMSNorm, activation, dense,
                                 init_layer_stack, run_layer_stack)
 from fastvlm_jax.vision import VisionTower
-from fastvlm_jax.vlm_common import full_and_draft_logits, merge_image_features
+from fastvlm_jax.vlm_common import FamilyModule, init_imitation_params, merge_image_features
 
 Array = jax.Array
 
@@ -137,12 +137,13 @@ class Projector(nn.Module):
                      dtype=self.dtype, name="linear_2")(h)
 
 
-class VLMModule(nn.Module):
-    """Vision tower + projector + decoder + imitation network (the LLaVA family)."""
+class VLMModule(FamilyModule):
+    """Vision tower + projector + decoder + imitation network (the LLaVA family).
+
+    run_layers / logits / imitate / __call__ come from `FamilyModule`.
+    """
 
     config: VLMConfig
-    dtype: Any = jnp.float32
-    unroll_layers: bool = False
 
     def setup(self):
         cfg = self.config
@@ -172,25 +173,8 @@ class VLMModule(nn.Module):
             return embeds
         return merge_image_features(embeds, input_ids, image_features, self.config.image_token_id)
 
-    def run_layers(self, hidden, positions, start, stop, cache=None, key_mask=None, collect=()):
-        return self.language_model.run_layers(hidden, positions, start, stop, cache, key_mask, collect)
-
-    def logits(self, hidden: Array) -> Array:
-        return self.language_model.logits(hidden)
-
-    def imitate(self, hidden: Array, positions: Array, cache=None, key_mask=None):
-        return self.imitation(hidden, positions, cache, key_mask)
-
-    def __call__(self, input_ids: Array, pixels: Array, positions: Array | None = None):
-        return full_and_draft_logits(self, input_ids, pixels, positions)
-
 
 def init_imitation(config: VLMConfig, rng: Array, dtype=jnp.float32):
-    """Fresh (unboxed) imitation-network params alone (the identity draft), without
-    building the rest of the model: converting a 7B checkpoint must not allocate a random
-    7B copy."""
-    text = config.text
-    hidden = jnp.zeros((1, 1, text.hidden_size), dtype)
-    positions = jnp.zeros((1, 1), jnp.int32)
-    net = ImitationNetwork(text, config.draft, dtype)
-    return nn.meta.unbox(net.init(rng, hidden, positions)["params"])
+    """Fresh (unboxed) imitation-network params alone (the identity draft)."""
+    return init_imitation_params(ImitationNetwork(config.text, config.draft, dtype),
+                                 config.text.hidden_size, rng, dtype)

@@ -85,7 +85,7 @@ class VLM:
 
     # --- pure pieces --------------------------------------------------------------------
     def _apply(self, params, method: str, *args, **kwargs):
-        # By name: every family module has these methods (fastvlm_jax.families.FamilyModule).
+        # By name: every family module has these methods (fastvlm_jax.vlm_common.FamilyModule).
         return self.module.apply({"params": params}, *args, method=method, **kwargs)
 
     def encode_images(self, params, pixels):

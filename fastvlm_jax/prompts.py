@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastvlm_jax.tokenizer import Tokenizer, build_llava_input_ids
+from fastvlm_jax.tokenizer import Tokenizer, build_llava_input_ids, image_prompt_token
 
 MODEL_TYPES = ("llava", "blip-2")
 
@@ -40,13 +40,7 @@ def prompt_ids_for(model_type: str, tokenizer: Tokenizer, question: str,
     _check_model_type(model_type)
     if model_type == "llava":
         return build_llava_input_ids(tokenizer, question, num_image_tokens)
-    image_token = tokenizer.image_token
-    if image_token is None:
-        raise ValueError("the tokenizer has no image token")
-    if image_token in question:
-        raise ValueError(f"the question must not contain the image token {image_token!r}")
-    if num_image_tokens <= 0:
-        raise ValueError(f"num_image_tokens must be positive, got {num_image_tokens}")
+    image_prompt_token(tokenizer, question, num_image_tokens)
     return [tokenizer.image_token_id] * num_image_tokens + tokenizer.encode(question)
 
 

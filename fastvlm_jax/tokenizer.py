@@ -89,13 +89,9 @@ def num_image_tokens(
     return count
 
 
-def build_llava_input_ids(tokenizer: Tokenizer, question: str, num_image_tokens: int) -> list[int]:
-    """Prompt ids for one image and one question, with the image placeholder expanded.
-
-    Like HF's LlavaProcessor, the placeholder is repeated `num_image_tokens` times in the text
-    before tokenizing (each copy is an added token, so each becomes one id), and the tokenizer
-    adds its special tokens (BOS for llava-hf checkpoints).
-    """
+def image_prompt_token(tokenizer: Tokenizer, question: str, num_image_tokens: int) -> str:
+    """The tokenizer's image token, after checking that a one-image prompt can hold it
+    `num_image_tokens` times around `question` (every family's prompt builder asks this)."""
     image_token = tokenizer.image_token
     if image_token is None:
         raise ValueError("the tokenizer has no image token")
@@ -103,6 +99,29 @@ def build_llava_input_ids(tokenizer: Tokenizer, question: str, num_image_tokens:
         raise ValueError(f"the question must not contain the image token {image_token!r}")
     if num_image_tokens <= 0:
         raise ValueError(f"num_image_tokens must be positive, got {num_image_tokens}")
+    return image_token
+
+
+def check_image_token_id(tokenizer: Tokenizer, image_token_id: int, error: type[Exception],
+                         model_side: str = "the model's image_token_id") -> None:
+    """Raises `error` unless the tokenizer's image token has the id the model replaces by
+    image features (`model_side` names where that id comes from, for the message).
+
+    A mismatch would leave the image out of every prompt without any other error.
+    """
+    got = tokenizer.image_token_id if tokenizer.image_token is not None else None
+    if got != image_token_id:
+        raise error(f"the tokenizer's image token id ({got}) differs from {model_side} ({image_token_id})")
+
+
+def build_llava_input_ids(tokenizer: Tokenizer, question: str, num_image_tokens: int) -> list[int]:
+    """Prompt ids for one image and one question, with the image placeholder expanded.
+
+    Like HF's LlavaProcessor, the placeholder is repeated `num_image_tokens` times in the text
+    before tokenizing (each copy is an added token, so each becomes one id), and the tokenizer
+    adds its special tokens (BOS for llava-hf checkpoints).
+    """
+    image_token = image_prompt_token(tokenizer, question, num_image_tokens)
     prompt = format_llava_prompt(question, image_token)
     return tokenizer.encode(prompt.replace(image_token, image_token * num_image_tokens))
 
@@ -114,8 +133,10 @@ __all__ = [
     "SentencePieceTokenizer",
     "Tokenizer",
     "build_llava_input_ids",
+    "check_image_token_id",
     "format_llava_prompt",
     "from_hf_dir",
+    "image_prompt_token",
     "load_tokenizer",
     "num_image_tokens",
 ]

@@ -7,9 +7,42 @@ import jax
 import jax.numpy as jnp
 
 from fastvlm_jax.config import VisionConfig
-from fastvlm_jax.layers import INIT_STD, LayerNorm, activation, dense
+from fastvlm_jax.layers import INIT_STD, LayerNorm, activation, dense, full_attention, split_heads
 
 Array = jax.Array
+
+
+def vit_embeddings(module: nn.Module, pixels: Array, *, patch_size: int, hidden_size: int,
+                   patch_bias: bool, class_token: bool, num_positions: int, dtype) -> Array:
+    """ViT input embeddings: patch conv, an optional learned CLS token first, + learned positions.
+
+    The CLIP/SigLIP tower and BLIP-2's ViT both build their inputs this way. Call it from the
+    tower's `nn.compact` method with the tower as `module`: the parameters (`patch_embedding`,
+    `class_embedding`, `position_embedding`) then sit directly in the tower, at the paths
+    the Hugging Face converters' rules name. Position row i is added to token i (CLS
+    first), as in HF; a table longer than the tokens is cut (BLIP's rule).
+
+    pixels: [batch, height, width, channels] -> [batch, tokens, hidden_size].
+    """
+    patches = nn.Conv(
+        hidden_size, (patch_size, patch_size), strides=patch_size, padding="VALID",
+        use_bias=patch_bias, dtype=dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD),
+                                                 (None, None, None, "embed")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        name="patch_embedding")(pixels.astype(dtype))
+    batch = patches.shape[0]
+    x = patches.reshape(batch, -1, hidden_size)
+    if class_token:
+        cls = module.param("class_embedding",
+                           nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("embed",)),
+                           (hidden_size,))
+        x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, hidden_size)), x], 1)
+    positions = module.param(
+        "position_embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("positions", "embed")),
+        (num_positions, hidden_size))
+    return x + positions.astype(x.dtype)[None, : x.shape[1]]
 
 
 class VisionAttention(nn.Module):
@@ -21,17 +54,13 @@ class VisionAttention(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        batch, seq, dim = x.shape
-        head_dim = dim // cfg.num_heads
+        dim = x.shape[-1]
 
         def heads(name):
             proj = dense(dim, ("embed", "heads"), use_bias=True, dtype=self.dtype, name=name)(x)
-            return proj.reshape(batch, seq, cfg.num_heads, head_dim)
+            return split_heads(proj, cfg.num_heads)
 
-        q, k, v = heads("q_proj"), heads("k_proj"), heads("v_proj")
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * head_dim ** -0.5
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, seq, dim)
+        out = full_attention(heads("q_proj"), heads("k_proj"), heads("v_proj"))
         return dense(dim, ("heads", "embed"), use_bias=True, dtype=self.dtype, name="out_proj")(out)
 
 
@@ -69,25 +98,9 @@ class VisionTower(nn.Module):
         cfg = self.config
         num_states = cfg.num_layers + 1
         wanted = [i % num_states for i in state_indices]
-        patches = nn.Conv(
-            cfg.hidden_size, (cfg.patch_size, cfg.patch_size), strides=cfg.patch_size,
-            padding="VALID", use_bias=cfg.kind == "siglip", dtype=self.dtype,
-            kernel_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD),
-                                                     (None, None, None, "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-            name="patch_embedding")(pixels.astype(self.dtype))
-        batch = patches.shape[0]
-        x = patches.reshape(batch, -1, cfg.hidden_size)
-        if cfg.has_class_token:
-            cls = self.param("class_embedding",
-                             nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("embed",)),
-                             (cfg.hidden_size,))
-            x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, cfg.hidden_size)), x], 1)
-        positions = self.param(
-            "position_embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("positions", "embed")),
-            (x.shape[1], cfg.hidden_size))
-        x = x + positions.astype(x.dtype)[None]
+        x = vit_embeddings(self, pixels, patch_size=cfg.patch_size, hidden_size=cfg.hidden_size,
+                           patch_bias=cfg.kind == "siglip", class_token=cfg.has_class_token,
+                           num_positions=cfg.num_patches + int(cfg.has_class_token), dtype=self.dtype)
         if cfg.has_class_token:
             x = LayerNorm(cfg.layer_norm_eps, name="pre_layrnorm")(x)
 

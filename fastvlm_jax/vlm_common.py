@@ -1,15 +1,80 @@
 """Pieces that every VLM family's Flax module shares (LLaVA, BLIP-2).
 
-A family module exposes `encode_images`, `embed`, `run_layers`, `logits` and `imitate`
-(the protocol in `fastvlm_jax.families`); these helpers compose them.
+`FamilyModule` is the base class of the family modules: it fixes the interface everything
+above the model library calls (`encode_images`, `embed`, `run_layers`, `logits`,
+`imitate`) and implements the parts that only delegate to the decoder and the imitation
+network, so the families differ only where their models do (vision side, embedding).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fastvlm_jax.kv_cache import KVCache
+
 Array = jax.Array
+
+
+class FamilyModule(nn.Module):
+    """The Flax module of a VLM family: vision side + decoder + imitation network.
+
+    A subclass's `setup` creates `language_model` (a decoder with `run_layers` and
+    `logits`, its layers stacked) and `imitation` (the draft's imitation network), plus
+    its vision side, and defines `encode_images` and `embed`. Callers reach every method
+    through `Module.apply(..., method=name)` (see `fastvlm_jax.model.VLM`).
+
+    unroll_layers: run layer ranges as unrolled code instead of a loop (a whole-program
+    choice, see `fastvlm_jax.model.VLM`).
+    """
+
+    config: Any
+    dtype: Any = jnp.float32
+    unroll_layers: bool = False
+
+    def encode_images(self, pixels: Array) -> Array:
+        """[batch, height, width, channels] -> image tokens [batch, num_image_tokens, embed]."""
+        raise NotImplementedError
+
+    def embed(self, input_ids: Array, image_features: Array | None = None,
+              positions: Array | None = None) -> Array:
+        """[batch, seq] ids (image placeholders replaced by image tokens) -> state 0
+        [batch, seq, embed]. positions: [batch, seq] absolute (default 0..seq-1)."""
+        raise NotImplementedError
+
+    def run_layers(self, hidden: Array, positions: Array, start: int, stop: int,
+                   cache: KVCache | None = None, key_mask: Array | None = None,
+                   collect: tuple[int, ...] = ()):
+        """Decoder layers [start, stop) over the stacked params -> (state stop, cache,
+        {index: state}); see `fastvlm_jax.layers.run_layer_stack`."""
+        return self.language_model.run_layers(hidden, positions, start, stop, cache, key_mask, collect)
+
+    def logits(self, hidden: Array) -> Array:
+        """[batch, seq, embed] -> float32 [batch, seq, vocab] (final norm + LM head)."""
+        return self.language_model.logits(hidden)
+
+    def imitate(self, hidden: Array, positions: Array, cache: KVCache | None = None,
+                key_mask: Array | None = None):
+        """Exit-layer states -> (draft states, the imitation network's own cache or None)."""
+        return self.imitation(hidden, positions, cache, key_mask)
+
+    def __call__(self, input_ids: Array, pixels: Array, positions: Array | None = None):
+        """(full logits, draft logits) without a cache: what `init` traces."""
+        return full_and_draft_logits(self, input_ids, pixels, positions)
+
+
+def init_imitation_params(network: nn.Module, hidden_size: int, rng: Array, dtype=jnp.float32):
+    """Fresh (unboxed) params of an imitation network alone, from a one-token input.
+
+    Building the rest of the model would allocate a random copy of it: converting a 7B
+    checkpoint must not.
+    """
+    hidden = jnp.zeros((1, 1, hidden_size), dtype)
+    positions = jnp.zeros((1, 1), jnp.int32)
+    return nn.meta.unbox(network.init(rng, hidden, positions)["params"])
 
 
 def merge_image_features(embeds: Array, input_ids: Array, image_features: Array,

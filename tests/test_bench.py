@@ -49,7 +49,7 @@ def test_replayed_rounds_follow_the_policies():
     rep = replay.Replay(prompt_len=10, num_tokens=np.array([8]), ar_tokens=np.zeros((1, 8), int),
                        full_top1=np.zeros((1, 8), int), draft_top1=np.where(agree, 0, 1)[:, :8],
                        draft_conf=np.array([[1, 1, 1, 1, 1, 0.2, 1, 1]]))
-    # static gamma 4: round 1 drafts tokens 1-4 (accepts 1, 2; rejects 3; emits 3 tokens),
+    # static draft_len 4: round 1 drafts tokens 1-4 (accepts 1, 2; rejects 3; emits 3 tokens),
     # round 2 drafts 4-7 (accepts 4, 5; rejects 6), round 3 drafts token 7 (accepted, ends).
     rounds = replay.simulate_rounds(rep, DraftPolicy(draft_len=4))
     assert [(ctx, acc) for _, ctx, _, acc in rounds] == [(11, 2), (14, 2), (17, 1)]

@@ -1,4 +1,4 @@
-"""Tests of the caption data: synthetic generator, TFDS builders (no TensorFlow), grain.
+"""Tests of the caption data: synthetic generator, TFDS builders (no TensorFlow).
 
 All datasets here are tiny and written to tmp_path; the whole file runs in seconds.
 """
@@ -10,7 +10,6 @@ import json
 import os
 import sys
 
-import grain
 import numpy as np
 import pytest
 from PIL import Image
@@ -254,81 +253,6 @@ def test_coco_captions_builder(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="captions_train2014.json"):
         tb.build_dataset("coco_captions/2014", data_dir, manual_dir=str(manual))
-
-
-# ----------------------------------------------------------------------------------
-# grain loader
-# ----------------------------------------------------------------------------------
-
-
-def _ids(batch):
-    return list(batch["image_id"])
-
-
-def _to_arrays(record):
-    return {"image": np.asarray(record["image"]), "image_id": record["image_id"],
-            "captions": record["captions"]}
-
-
-def test_grain_loader_determinism_and_sharding(synth_dir):
-    data_dir, builder = synth_dir
-    source = tb.open_split(f"synthetic_captions/{builder.builder_config.name}", "train", data_dir)
-
-    def epoch(seed, shard_index=0, shard_count=1):
-        loader = tb.make_grain_loader(source, 4, seed, shard_index, shard_count, num_epochs=1,
-                                      transform=_to_arrays, drop_remainder=False)
-        return [_ids(b) for b in loader]
-
-    first = epoch(seed=1)
-    assert first == epoch(seed=1)
-    assert first != epoch(seed=2)
-    assert sorted(sum(first, [])) == sorted(f"train_{i:06d}" for i in range(16))
-
-    batch = next(iter(tb.make_grain_loader(source, 4, 1, transform=_to_arrays)))
-    assert batch["image"].shape == (4, 64, 64, 3) and batch["image"].dtype == np.uint8
-    assert len(batch["captions"]) == 4 and len(batch["captions"][0]) == 5
-
-    shard0 = sum(epoch(seed=1, shard_index=0, shard_count=2), [])
-    shard1 = sum(epoch(seed=1, shard_index=1, shard_count=2), [])
-    assert len(shard0) == len(shard1) == 8
-    assert not set(shard0) & set(shard1)
-    assert sorted(shard0 + shard1) == sorted(sum(first, []))
-
-
-def test_grain_loader_checkpoint_restore(synth_dir):
-    data_dir, builder = synth_dir
-    source = tb.open_split(f"synthetic_captions/{builder.builder_config.name}", "train", data_dir)
-
-    def loader():
-        # Infinite epochs, 2 hosts: checkpoints must carry the position across epochs.
-        return tb.make_grain_loader(
-            source, 3, seed=7, shard_index=1, shard_count=2,
-            # Small read-ahead: the default (500 records) dominates this test's time.
-            read_options=grain.ReadOptions(num_threads=2, prefetch_buffer_size=8),
-        )
-
-    iterator = iter(loader())
-    for _ in range(3):
-        next(iterator)
-    state = iterator.get_state()
-    assert isinstance(state, bytes)
-    expected = [_ids(next(iterator)) for _ in range(4)]  # crosses an epoch boundary
-
-    restored = iter(loader())
-    restored.set_state(state)
-    assert [_ids(next(restored)) for _ in range(4)] == expected
-    # A fresh iterator starts from the beginning, not from the restored position.
-    fresh = iter(loader())
-    assert _ids(next(fresh)) != expected[0] or _ids(next(fresh)) != expected[1]
-
-
-def test_collate_keeps_ragged_values_as_lists():
-    batch = tb.collate([
-        {"x": np.zeros(3), "n": 1, "caps": ["a"], "img": b"1"},
-        {"x": np.ones(3), "n": 2, "caps": ["b", "c"], "img": b"2"},
-    ])
-    assert batch["x"].shape == (2, 3) and batch["n"].tolist() == [1, 2]
-    assert batch["caps"] == [["a"], ["b", "c"]] and batch["img"] == [b"1", b"2"]
 
 
 def test_encoded_rgb_image_passthrough_and_conversion(tmp_path):

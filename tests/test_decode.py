@@ -137,7 +137,7 @@ def test_caches_after_ssd_rounds_equal_a_cache_free_pass(trained_draft):
         assert 0 < int(state.accepted.sum()) < int(state.drafted.sum())
     else:
         assert int(np.max(state.accepted)) == 3 * 3  # whole drafts taken
-    capacity = state.cache.slots
+    slots = state.cache.slots
     for row in range(2):
         length = int(prompts.lengths[row])
         committed = int(state.cache.pos[row])
@@ -146,11 +146,11 @@ def test_caches_after_ssd_rounds_equal_a_cache_free_pass(trained_draft):
         positions = jnp.arange(committed)[None]
         pixels = prompts.pixels[row:row + 1]
         hidden = model.embed(params, jnp.asarray(ids), model.encode_images(params, pixels), positions)
-        fresh = model.init_cache(1, capacity)
+        fresh = model.init_cache(1, slots)
         h_exit, fresh, _ = model.run_layers(params, hidden, positions, 0, config.draft.exit_layer, fresh)
         _, fresh, _ = model.run_layers(params, h_exit, positions, config.draft.exit_layer,
                                        config.text.num_layers, fresh)
-        _, draft_kv = model.imitate(params, h_exit, positions, model.init_draft_cache(1, capacity))
+        _, draft_kv = model.imitate(params, h_exit, positions, model.init_draft_cache(1, slots))
         pairs = [(state.cache.keys[i][row], fresh.keys[i][0]) for i in range(config.text.num_layers)]
         pairs += [(state.cache.values[i][row], fresh.values[i][0]) for i in range(config.text.num_layers)]
         pairs += [(state.draft_cache.keys[0][row], draft_kv.keys[0][0]),

@@ -271,7 +271,7 @@ def test_large_image_and_fast_decode(tmp_path):
     config = ImageProcessorConfig.clip(336)
     fast = preprocess_image(path, config, fast_decode=True)
     assert fast.shape == (336, 336, 3)
-    assert load_image(path, draft_size=(672, 672)).size == (1250, 1250)  # JPEG draft at 1/8
+    assert load_image(path, fast_decode_size=(672, 672)).size == (1250, 1250)  # JPEG draft at 1/8
 
     # fast_decode stays close to the exact path (here on a mid-size photo-like image).
     mid = Image.linear_gradient("L").resize((2000, 1500)).convert("RGB")

@@ -221,8 +221,8 @@ def _always_accept(original):
     """Every draft token accepted (as if p == q at the drafted positions); the bonus
     token still comes from p."""
     def rule(rng, target_probs, draft_probs, draft_tokens, draft_lens):
-        gamma = draft_probs.shape[1]
-        return original(rng, target_probs.at[:, :gamma].set(draft_probs), draft_probs, draft_tokens,
+        draft_len = draft_probs.shape[1]
+        return original(rng, target_probs.at[:, :draft_len].set(draft_probs), draft_probs, draft_tokens,
                         draft_lens)
     return rule
 

@@ -20,6 +20,7 @@ import types
 import typing
 from typing import Any, Literal
 
+from fastvlm_jax.config import ConfigError as LibraryConfigError
 from fastvlm_jax.config import VLMConfig
 from fastvlm_jax.sharding import MeshConfig
 
@@ -35,8 +36,12 @@ DEFAULT_TRAINABLE: dict[str, tuple[str, ...]] = {
 }
 
 
-class ConfigError(ValueError):
-    """A training config or override is invalid."""
+class ConfigError(LibraryConfigError):
+    """A training config or override is invalid.
+
+    The model library's ConfigError (bad model configs) is its base, so `except` on the
+    library's class catches both; train.run reports this one as a usage error (exit 2).
+    """
 
 
 @dataclasses.dataclass(frozen=True)

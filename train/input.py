@@ -13,9 +13,9 @@ seeded permutation of the records, and global position g = step * global_batch +
 takes record perm_e[g mod N]. The caption of position g is drawn from an rng seeded by
 (seed, g), so each example gets one random reference caption per epoch. Every host
 computes the same global order and reads only the rows it feeds, so the batches (and
-the losses) do not depend on the number of hosts. (fastvlm_jax.data's
-`make_grain_loader` shards *records* by host instead, which makes the global batch
-depend on the host count; hence our own sampler over the same data source.)
+the losses) do not depend on the number of hosts. (grain's own IndexSampler with
+ShardOptions shards *records* by host instead, which would make the global batch depend
+on the host count; hence our own sampler over the data source.)
 """
 
 from __future__ import annotations

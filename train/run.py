@@ -32,7 +32,7 @@ from fastvlm_jax import checkpoint as ckpt_lib
 from fastvlm_jax import sharding
 from fastvlm_jax.config import VLMConfig
 from fastvlm_jax.model import VLM
-from fastvlm_jax.tokenizer import Tokenizer, load_tokenizer
+from fastvlm_jax.tokenizer import Tokenizer, check_image_token_id, load_tokenizer
 from train import checkpointing, deepen, input as input_lib, metrics as metrics_lib
 from train import params as param_lib
 from train import step as step_lib
@@ -96,9 +96,7 @@ def resolve_model_config(model: VLMConfig, tokenizer: Tokenizer) -> VLMConfig:
     if tokenizer.vocab_size > model.text.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
                           f"{model.text.vocab_size}")
-    if tokenizer.image_token_id != model.image_token_id:
-        raise ConfigError(f"the tokenizer's image token id is {tokenizer.image_token_id}, the model's "
-                          f"image_token_id is {model.image_token_id}")
+    check_image_token_id(tokenizer, model.image_token_id, ConfigError)
     return model
 
 

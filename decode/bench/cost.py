@@ -2,7 +2,7 @@
 
 Each primitive is timed as a jitted loop of `iters` calls, so dispatch costs do not count:
 a full AR step for one token, a draft step (layers [0, k) + imitation + head for one token),
-the shallow pass alone, and a verification pass of gamma + 1 tokens through layers [k, L) +
+the shallow pass alone, and a verification pass of draft_len + 1 tokens through layers [k, L) +
 head. Ideal speedup = E[tokens per round] * t_AR / (drafted * t_draft + t_shallow + t_verify)
 (the engine also runs the shallow layers on the last drafted token, which verification
 needs); engine efficiency = measured decode-phase speedup / ideal. A whole engine round
@@ -51,7 +51,7 @@ def loop_seconds(step, params, carry, iters: int, repeats: int) -> dict:
 class CostModel:
     """Measured cost of the decoding primitives for one model and prompt length.
 
-    Every measurement is cached on the instance by (primitive, batch, exit layer[, gamma]):
+    Every measurement is cached on the instance by (primitive, batch, exit layer[, draft_len]):
     a sweep asks for the same ones at every draft length. Times are in seconds.
     """
 
@@ -70,15 +70,15 @@ class CostModel:
         the middle of a generation of max_new tokens."""
         config, params, _ = with_exit_layer(self.bench, exit_layer)
         model = VLM(config, self.bench.dtype)
-        capacity = self.prompt_len + self.max_new + lookahead
+        slots = self.prompt_len + self.max_new + lookahead
         pos = self.prompt_len + self.max_new // 2
         token = jnp.full((batch,), 5, jnp.int32)
-        return model, params, capacity, pos, token
+        return model, params, slots, pos, token
 
     def ar_step(self, batch: int) -> dict:
         """One full-model step for one token: embed, layers [0, L), head, argmax."""
         def measure():
-            model, params, capacity, pos, token = self._setup(batch, self.bench.config.draft.exit_layer, 1)
+            model, params, slots, pos, token = self._setup(batch, self.bench.config.draft.exit_layer, 1)
             num_layers = model.config.text.num_layers
             positions = jnp.full((batch, 1), pos, jnp.int32)
 
@@ -88,13 +88,13 @@ class CostModel:
                 h, cache, _ = model.run_layers(p, h, positions, 0, num_layers, cache)
                 return cache, jnp.argmax(model.logits(p, h)[:, 0], -1).astype(jnp.int32)
 
-            return loop_seconds(step, params, (model.init_cache(batch, capacity), token), self.iters, self.repeats)
+            return loop_seconds(step, params, (model.init_cache(batch, slots), token), self.iters, self.repeats)
         return self._get(("ar", batch), measure)
 
-    def draft_steps(self, batch: int, exit_layer: int, gamma: int) -> dict:
+    def draft_steps(self, batch: int, exit_layer: int, draft_len: int) -> dict:
         """{'draft': shallow + imitation + head for one token, 'shallow': the shallow pass alone}."""
         def measure():
-            model, params, capacity, pos, token = self._setup(batch, exit_layer, gamma + 1)
+            model, params, slots, pos, token = self._setup(batch, exit_layer, draft_len + 1)
             positions = jnp.full((batch, 1), pos, jnp.int32)
             vocab = model.config.text.vocab_size
 
@@ -115,35 +115,36 @@ class CostModel:
                 # A token that depends on h, so the loop cannot drop the pass.
                 return cache, (jnp.argmax(h[:, 0], -1) % vocab).astype(jnp.int32)
 
-            cache = model.init_cache(batch, capacity)
+            cache = model.init_cache(batch, slots)
             return {
-                "draft": loop_seconds(draft, params, (cache, model.init_draft_cache(batch, capacity), token),
+                "draft": loop_seconds(draft, params, (cache, model.init_draft_cache(batch, slots), token),
                                       self.iters, self.repeats),
-                "shallow": loop_seconds(shallow_only, params, (model.init_cache(batch, capacity), token),
+                "shallow": loop_seconds(shallow_only, params, (model.init_cache(batch, slots), token),
                                         self.iters, self.repeats),
             }
-        # The cost of a draft step does not depend on gamma beyond the cache size: share it.
+        # The cost of a draft step does not depend on draft_len beyond the cache size: share it.
         return self._get(("draft", batch, exit_layer), measure)
 
-    def verify(self, batch: int, exit_layer: int, gamma: int) -> dict:
-        """One verification pass: gamma + 1 exit-layer states through layers [k, L) + head."""
+    def verify(self, batch: int, exit_layer: int, draft_len: int) -> dict:
+        """One verification pass: draft_len + 1 exit-layer states through layers [k, L) + head."""
         def measure():
-            model, params, capacity, pos, _ = self._setup(batch, exit_layer, gamma + 1)
+            model, params, slots, pos, _ = self._setup(batch, exit_layer, draft_len + 1)
             num_layers = model.config.text.num_layers
-            positions = pos + jnp.broadcast_to(jnp.arange(gamma + 1, dtype=jnp.int32), (batch, gamma + 1))
-            states = 0.02 * jax.random.normal(jax.random.key(1), (batch, gamma + 1, model.config.text.hidden_size))
+            tokens = draft_len + 1
+            positions = pos + jnp.broadcast_to(jnp.arange(tokens, dtype=jnp.int32), (batch, tokens))
+            states = 0.02 * jax.random.normal(jax.random.key(1), (batch, tokens, model.config.text.hidden_size))
 
             def step(p, carry):
                 cache, acc = carry
                 h, cache, _ = model.run_layers(p, states, positions, exit_layer, num_layers, cache)
                 return cache, acc + jnp.sum(jnp.argmax(model.logits(p, h), -1))
 
-            carry = (model.init_cache(batch, capacity), jnp.int32(0))
+            carry = (model.init_cache(batch, slots), jnp.int32(0))
             return loop_seconds(step, params, carry, self.iters, self.repeats)
-        return self._get(("verify", batch, exit_layer, gamma), measure)
+        return self._get(("verify", batch, exit_layer, draft_len), measure)
 
-    def ssd_round(self, batch: int, exit_layer: int, gamma: int) -> dict:
-        """One engine round (draft gamma tokens, verify, accept, emit), timed as a jitted loop
+    def ssd_round(self, batch: int, exit_layer: int, draft_len: int) -> dict:
+        """One engine round (draft `draft_len` tokens, verify, accept, emit), timed as a jitted loop
         of rounds from a text-only prefill. Against the sum of the primitives above it shows
         what running them together in one program costs (weights evicted between the draft
         and the verification, loop carries), which timing each alone cannot."""
@@ -151,9 +152,10 @@ class CostModel:
             config, params, _ = with_exit_layer(self.bench, exit_layer)
             model = VLM(config, self.bench.dtype)
             rounds = self.iters
-            # No stop id and room for every round: all rows draft gamma tokens every round.
-            capacity = rounds * (gamma + 1) + 1
-            spec = DecodeSpec(mode="ssd", capacity=capacity, eos_ids=(), policy=DraftPolicy(draft_len=gamma))
+            # No stop id and room for every round: all rows draft `draft_len` tokens every round.
+            capacity = rounds * (draft_len + 1) + 1
+            spec = DecodeSpec(mode="ssd", capacity=capacity, eos_ids=(),
+                              policy=DraftPolicy(draft_len=draft_len))
             prompts = Prompts(jnp.full((batch, self.prompt_len), 1, jnp.int32),
                               jnp.full((batch,), self.prompt_len, jnp.int32))
             start = jax.jit(lambda p: engine.prefill(model, p, prompts, spec, capacity))(params)
@@ -161,12 +163,12 @@ class CostModel:
             loop = jax.jit(lambda p, s: jax.lax.fori_loop(
                 0, rounds, lambda i, s: engine.decode_round(model, p, spec, s, capacity), s))
             return seconds_per_call(lambda: jax.block_until_ready(loop(params, start)), rounds, self.repeats)
-        return self._get(("round", batch, exit_layer, gamma), measure)
+        return self._get(("round", batch, exit_layer, draft_len), measure)
 
     def layer_scaling(self, batch: int = 1) -> list[dict]:
         """Cost of one cached decode step through layers [0, n) for growing n: it should grow
         linearly in n; where it does not, the compiled step, not the arithmetic, is the cost."""
-        model, params, capacity, pos, _ = self._setup(batch, self.bench.config.draft.exit_layer, 1)
+        model, params, slots, pos, _ = self._setup(batch, self.bench.config.draft.exit_layer, 1)
         positions = jnp.full((batch, 1), pos, jnp.int32)
         h = 0.5 * jax.random.normal(jax.random.key(0), (batch, 1, model.config.text.hidden_size))
         out = []
@@ -177,26 +179,26 @@ class CostModel:
                 # acc ties each iteration to the last, so the loop cannot be collapsed.
                 hidden, cache, _ = model.run_layers(p, h + 0 * acc, positions, 0, n, cache)
                 return cache, acc + 0 * jnp.sum(hidden)
-            t = loop_seconds(step, params, (model.init_cache(batch, capacity), jnp.float32(0)),
+            t = loop_seconds(step, params, (model.init_cache(batch, slots), jnp.float32(0)),
                              self.iters, self.repeats)
             out.append({"layers": n, "ms_min": 1000 * t["min"], "ms_per_layer": 1000 * t["min"] / n})
         return out
 
-    def predict(self, batch: int, exit_layer: int, gamma: int, tokens_per_round: float,
+    def predict(self, batch: int, exit_layer: int, draft_len: int, tokens_per_round: float,
                 drafted_per_round: float, measured_speedup: float | None) -> dict:
         """The ideal speedup for the measured tokens and drafts per round, and how close the
         engine's measured (decode-phase) speedup comes to it."""
         ar = self.ar_step(batch)["min"]
-        steps = self.draft_steps(batch, exit_layer, gamma)
+        steps = self.draft_steps(batch, exit_layer, draft_len)
         draft, shallow = steps["draft"]["min"], steps["shallow"]["min"]
-        verify = self.verify(batch, exit_layer, gamma)["min"]
+        verify = self.verify(batch, exit_layer, draft_len)["min"]
         round_cost = drafted_per_round * draft + shallow + verify
         ideal = tokens_per_round * ar / round_cost
-        engine_round = self.ssd_round(batch, exit_layer, gamma)["min"]
+        engine_round = self.ssd_round(batch, exit_layer, draft_len)["min"]
         return {
-            # A full round (gamma drafted) as the engine runs it, against its parts.
+            # A full round (draft_len drafted) as the engine runs it, against its parts.
             "t_round_ms": 1000 * engine_round,
-            "round_over_parts": engine_round / (gamma * draft + shallow + verify),
+            "round_over_parts": engine_round / (draft_len * draft + shallow + verify),
             "t_ar_step_ms": 1000 * ar, "t_draft_step_ms": 1000 * draft, "t_shallow_ms": 1000 * shallow,
             "t_verify_ms": 1000 * verify, "draft_over_ar": draft / ar, "verify_over_ar": verify / ar,
             "tokens_per_round": tokens_per_round, "drafted_per_round": drafted_per_round,
@@ -204,6 +206,6 @@ class CostModel:
             # measured_speedup is the decode-phase speedup (prefill excluded), like the model.
             "ideal_speedup": ideal,
             "engine_efficiency": measured_speedup / ideal if measured_speedup else None,
-            # The brief's simpler form, without the extra shallow pass: gamma * t_draft + t_verify.
+            # The brief's simpler form, without the extra shallow pass: draft_len * t_draft + t_verify.
             "ideal_speedup_no_shallow_term": tokens_per_round * ar / (drafted_per_round * draft + verify),
         }

@@ -96,10 +96,10 @@ def plot_acceptance_vs_context(report: dict, out: Path) -> Path | None:
                     label=f"exit {exit_layer}: per-token acceptance")
             rounds = entry.get("rounds_static", {})
             if rounds:
-                gamma = max(rounds, key=int)
-                r = rounds[gamma]
+                draft_len = max(rounds, key=int)
+                r = rounds[draft_len]
                 ax.plot(r["bucket_start"], r["acceptance_rate"], "x:", color=f"C{index % 10}", alpha=0.7,
-                        label=f"exit {exit_layer}: per-round acceptance, gamma {gamma}")
+                        label=f"exit {exit_layer}: per-round acceptance, gamma {draft_len}")
         rows = next(iter(ctx.values()))["rows"]
         ax.set_title(f"draft acceptance vs context length ({rows} prompts, greedy, teacher-forced replay)",
                      fontsize=9)

@@ -188,8 +188,8 @@ def context_acceptance(bench: BenchModel, exit_layers, draft_lens, rows: int, im
         rep = replay(bench, [prompts], ar_out, exit_layer)
         entry = token_agreement_by_context(rep, bucket)
         entry["rounds_static"] = {}
-        for gamma in draft_lens:
-            rounds = simulate_rounds(rep, DraftPolicy(draft_len=gamma))
-            entry["rounds_static"][str(gamma)] = rounds_by_context(rounds, bucket, rep.prompt_len)
+        for draft_len in draft_lens:
+            rounds = simulate_rounds(rep, DraftPolicy(draft_len=draft_len))
+            entry["rounds_static"][str(draft_len)] = rounds_by_context(rounds, bucket, rep.prompt_len)
         out[str(exit_layer)] = entry
     return out

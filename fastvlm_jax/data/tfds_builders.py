@@ -23,7 +23,8 @@ Builders (none registered in the global TFDS registry: TFDS ships its own
   already has on disk (`manual_dir`); nothing is ever downloaded.
 
 Reading: `open_split(name, split, data_dir)` gives a random-access `CaptionSource`
-(`len`, `[i]`) of plain dicts; `make_grain_loader` puts grain on top of it for training.
+(`len`, `[i]`) of plain dicts, which a grain DataLoader reads directly (training's loader,
+with its own host-independent sampler, is `train.input.make_loader`).
 """
 
 from __future__ import annotations
@@ -34,15 +35,15 @@ import io
 import json
 import os
 import re
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
-import grain
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
 from fastvlm_jax.data import synthetic
+from fastvlm_jax.image_processing import raise_pil_pixel_limit
 
 # ----------------------------------------------------------------------------------
 # Shared features and helpers
@@ -77,6 +78,7 @@ def encoded_rgb_image(path: str | os.PathLike) -> bytes:
     reads the header, so checking costs little; only odd images are re-encoded.
     """
     data = epath.Path(path).read_bytes()
+    raise_pil_pixel_limit()
     with Image.open(io.BytesIO(data)) as image:
         if image.format in ("JPEG", "PNG") and image.mode == "RGB":
             return data
@@ -533,8 +535,8 @@ def find_dataset_dir(name: str, data_dir: str | None = None) -> epath.Path:
 class CaptionSource:
     """Random access to one split: `len(src)`, `src[i]` -> dict (a grain data source).
 
-    Each record is {"image_id": str, "image": PIL RGB image (decode=True) or the encoded
-    bytes (decode=False), "captions": list[str]}. TFDS's own image decoding is skipped:
+    Each record is {"image_id": str, "image": PIL RGB image (decode=True: the image bytes
+    are decoded here) or the encoded bytes (decode=False), "captions": list[str]}. TFDS's own image decoding is skipped:
     it would return a numpy array via PIL anyway, and the bytes are useful as they are.
     Picklable (reopens the files), so grain worker processes can use it.
     """
@@ -565,6 +567,7 @@ class CaptionSource:
     def _convert(self, raw: Mapping[str, Any]) -> dict:
         image = raw["image"]
         if self.decode:
+            raise_pil_pixel_limit()
             with Image.open(io.BytesIO(image)) as im:
                 image = im.convert("RGB")
         return {
@@ -598,6 +601,8 @@ def open_split(
 ) -> CaptionSource:
     """Random-access source for `split` (TFDS slicing works: "test[:100]").
 
+    decode: decode each record's image bytes into a PIL RGB image (False: keep the encoded
+    bytes, for a loader that decodes them itself, e.g. `load_image` in worker threads).
     build_if_missing: generate `name` first if it is not on disk (only for
     synthetic_captions, which needs no inputs).
     """
@@ -645,105 +650,3 @@ def iter_tfds_images(
     for index in range(len(source)):
         record = source[index]
         yield record["image_id"], record["image"], record["captions"]
-
-
-# ----------------------------------------------------------------------------------
-# grain loader
-# ----------------------------------------------------------------------------------
-
-
-def collate(examples: Sequence[Any]) -> Any:
-    """Batches a list of examples: dicts per key, arrays/numbers stacked, others listed.
-
-    grain's default batching stacks every leaf, which fails on PIL images and on caption
-    lists of different lengths (COCO has 5-7 per image); those stay Python lists here.
-    """
-    first = examples[0]
-    if isinstance(first, Mapping):
-        return {k: collate([e[k] for e in examples]) for k in first}
-    if isinstance(first, (np.ndarray, np.generic, int, float, bool)):
-        arrays = [np.asarray(e) for e in examples]
-        if all(a.shape == arrays[0].shape for a in arrays):
-            return np.stack(arrays)
-    return list(examples)
-
-
-class _MapFn(grain.transforms.Map):
-    """Wraps a plain callable as a grain Map (picklable if the callable is)."""
-
-    def __init__(self, fn: Callable[[Any], Any]):
-        self._fn = fn
-
-    def map(self, element: Any) -> Any:
-        return self._fn(element)
-
-
-def make_grain_loader(
-    source: Any,
-    batch_size: int,
-    seed: int,
-    shard_index: int = 0,
-    shard_count: int = 1,
-    num_epochs: int | None = None,
-    transform: Callable[[Any], Any] | None = None,
-    *,
-    shuffle: bool = True,
-    drop_remainder: bool = True,
-    worker_count: int = 0,
-    batch_fn: Callable[[Sequence[Any]], Any] = collate,
-    read_options: grain.ReadOptions | None = None,
-) -> grain.DataLoader:
-    """A grain DataLoader over a random-access `source` (e.g. `open_split(...)`).
-
-    - Order is a pure function of `seed` (global shuffle per epoch by IndexSampler).
-    - Host `shard_index` of `shard_count` reads only its own contiguous slice of the
-      records (ShardOptions; each record goes to at most one shard, all shards have
-      len(source) // shard_count records). For JAX hosts:
-      shard_index=jax.process_index(), shard_count=jax.process_count(); `batch_size`
-      is then the per-host batch.
-    - `num_epochs=None` repeats forever.
-    - `transform(record) -> example` runs per record before batching (decode,
-      tokenize, ...); batches are made by `batch_fn` (default `collate`).
-    - `iter(loader)` gives a grain DataLoaderIterator: `get_state()` returns bytes
-      (the position) and `set_state(bytes)` resumes exactly there; orbax can save it.
-    - worker_count=0 reads in this process. With workers, grain's child processes
-      need absl flags parsed; we mark them parsed if no one did. The batches then
-      depend on worker_count too (each worker batches its own records), and a saved
-      state only restores into a loader with the same worker_count.
-    - read_options: grain's reader threads and read-ahead (default 16 threads, 500
-      records ahead); lower them where memory or start-up time matters.
-    """
-    if not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be a 32-bit non-negative int, got {seed}")
-    # drop_remainder: every shard gets the same number of records (up to shard_count-1
-    # are left out), so hosts finish finite epochs at the same step instead of one
-    # host waiting in a collective for a batch that never comes.
-    shard_options = grain.sharding.ShardOptions(
-        shard_index=shard_index, shard_count=shard_count, drop_remainder=True
-    )
-    sampler = grain.samplers.IndexSampler(
-        num_records=len(source),
-        shard_options=shard_options,
-        shuffle=shuffle,
-        num_epochs=num_epochs,
-        seed=seed,
-    )
-    operations: list[Any] = []
-    if transform is not None:
-        operations.append(_MapFn(transform))
-    operations.append(
-        grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn)
-    )
-    if worker_count > 0:
-        from absl import flags
-
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-    return grain.DataLoader(
-        data_source=source,
-        sampler=sampler,
-        operations=operations,
-        worker_count=worker_count,
-        shard_options=shard_options,
-        read_options=read_options,
-    )
