@@ -1,0 +1,136 @@
+"""Every number in the tables of README.md and BENCHMARKS.md comes from a JSON in benchmarks/.
+
+Each table is preceded (in the prose since the previous table) by one annotation naming
+its sources, which may use shell globs and {a,b} alternatives:
+
+    <!-- numbers: benchmarks/stacked_layout/demo_after_run{1,2,3}.json -->
+
+and, for columns computed from other measured values (a ratio of two timings), which
+columns those are:
+
+    <!-- numbers: benchmarks/x.json; derived: 32 / 4 -->
+
+A cell number matches when some numeric value in the named JSONs, in one of a few units
+(as is, percent, milli, kilo, mega, giga), rounds to it at the cell's precision. A derived
+column's numbers must match the ratio of two such values. The first column of a table is
+its row label (configuration in words) and is not checked.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTS = ("README.md", "BENCHMARKS.md")
+
+ANNOTATION = re.compile(r"<!--\s*numbers:\s*(.*?)\s*-->", re.S)
+# A number not glued to a word on its left (v5e, b32, run3) and followed by at most an 'x'.
+NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![0-9A-Za-wyz_])")
+SCALES = (1.0, 100.0, 1e3, 1e-3, 1e-6, 1e-9)
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """'a{1,2}b' -> ['a1b', 'a2b'] (nested groups unsupported: not needed here)."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    head, tail = pattern[:match.start()], pattern[match.end():]
+    return [p for choice in match.group(1).split(",") for p in expand_braces(head + choice + tail)]
+
+
+def json_numbers(value) -> list[float]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [float(value)] if math.isfinite(value) else []
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in json_numbers(v)]
+    if isinstance(value, list):
+        return [x for v in value for x in json_numbers(v)]
+    return []
+
+
+def rounds_to(value: float, text: str) -> bool:
+    decimals = len(text.split(".")[1]) if "." in text else 0
+    return abs(value - float(text)) <= 0.5 * 10.0 ** -decimals * (1 + 1e-9) + 1e-12
+
+
+def tables(markdown: str):
+    """Yields (line number, annotation text or None, rows of cells) per table."""
+    lines = markdown.splitlines()
+    prose_start, index = 0, 0
+    while index < len(lines):
+        if not lines[index].startswith("|"):
+            index += 1
+            continue
+        start = index
+        while index < len(lines) and lines[index].startswith("|"):
+            index += 1
+        notes = ANNOTATION.findall("\n".join(lines[prose_start:start]))
+        rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines[start:index]]
+        yield start + 1, (notes[-1] if notes else None), rows
+        prose_start = index
+
+
+def parse_annotation(note: str) -> tuple[list[Path], set[str]]:
+    sources, _, derived = note.partition(";")
+    paths = []
+    for pattern in sources.split():
+        for expanded in expand_braces(pattern):
+            found = sorted(glob.glob(str(ROOT / expanded)))
+            assert found, f"annotation names {expanded}, which matches no file"
+            paths += [Path(p) for p in found]
+    columns = set()
+    if derived.strip():
+        assert derived.strip().startswith("derived:"), f"unknown annotation part {derived!r}"
+        columns = {c.strip() for c in derived.strip()[len("derived:"):].split(",")}
+    return paths, columns
+
+
+def table_cases():
+    for name in DOCUMENTS:
+        for line, note, rows in tables((ROOT / name).read_text()):
+            yield pytest.param(name, line, note, rows, id=f"{name}:{line}")
+
+
+@pytest.mark.parametrize("document,line,note,rows", list(table_cases()))
+def test_table_numbers_come_from_their_json(document, line, note, rows):
+    assert note is not None, (f"{document}:{line}: table without a '<!-- numbers: benchmarks/... -->' "
+                              "annotation naming the JSON its numbers come from")
+    paths, derived_columns = parse_annotation(note)
+    values = sorted({round(x * scale, 12) for path in paths
+                     for x in json_numbers(json.loads(path.read_text())) for scale in SCALES})
+    header, body = rows[0], [r for r in rows[2:]]
+    unknown = derived_columns - set(header)
+    assert not unknown, f"{document}:{line}: derived columns {unknown} are not in the header {header}"
+    ratios = None
+    missing = []
+    for row in body:
+        for column, cell in itertools.islice(zip(header, row), 1, None):
+            for number in NUMBER.findall(cell):
+                if column in derived_columns:
+                    if ratios is None:
+                        raw = np.array(sorted({x for path in paths
+                                               for x in json_numbers(json.loads(path.read_text())) if x}))
+                        ratios = np.unique(raw[:, None] / raw[None, :])
+                    pool = ratios
+                else:
+                    pool = values
+                target = float(number)
+                if not any(rounds_to(v, number) for v in _near(pool, target)):
+                    missing.append(f"{column}={number} (row {row[0]!r})")
+    assert not missing, f"{document}:{line}: not in {[p.name for p in paths]}: " + "; ".join(missing)
+
+
+def _near(pool, target: float):
+    pool = np.asarray(pool)
+    lo, hi = np.searchsorted(pool, [target - 1.0, target + 1.0])
+    return pool[lo:hi]
