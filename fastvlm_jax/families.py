@@ -1,5 +1,5 @@
 """The model families, in one table: config class, Flax module, imitation-network init,
-converter and tokenizer kind, keyed by the config's `model_type`.
+converter, tokenizer kind and prompt layout, keyed by the config's `model_type`.
 
 A family module subclasses `fastvlm_jax.vlm_common.FamilyModule` (the interface:
 encode_images, embed, run_layers, logits, imitate); everything above the model library (the
@@ -19,6 +19,7 @@ from fastvlm_jax.blip2 import init_imitation as blip2_init_imitation
 from fastvlm_jax.config import ConfigError, VLMConfig
 from fastvlm_jax.llava import VLMModule
 from fastvlm_jax.llava import init_imitation as llava_init_imitation
+from fastvlm_jax.prompt_layouts import Blip2Prompts, LlavaPrompts, PromptLayout
 from fastvlm_jax.vlm_common import FamilyModule
 
 Array = jax.Array
@@ -31,6 +32,7 @@ class Family:
     converter: the module whose `convert(hf_dir, out_dir, ...)` reads this family's
       Hugging Face folders (named, not imported: converters import the model library).
     tokenizer_kind: 'sentencepiece' (LLaMA) or 'bpe' (GPT-2 byte-level, OPT).
+    prompts: how a one-image prompt is laid out (as the family's HF processor does it).
     """
 
     name: str
@@ -39,14 +41,15 @@ class Family:
     init_imitation: Callable[[Any, Array, Any], Any]
     converter: str
     tokenizer_kind: str
+    prompts: PromptLayout
 
 
 FAMILIES: dict[str, Family] = {
     family.name: family for family in (
         Family("llava", VLMConfig, VLMModule, llava_init_imitation, "fastvlm_jax.convert_llava",
-               "sentencepiece"),
+               "sentencepiece", LlavaPrompts()),
         Family("blip-2", Blip2Config, Blip2Module, blip2_init_imitation, "fastvlm_jax.convert_blip2",
-               "bpe"),
+               "bpe", Blip2Prompts()),
     )
 }
 
