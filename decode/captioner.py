@@ -39,6 +39,7 @@ from fastvlm_jax.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from fastvlm_jax.image_processing import ImageSource, preprocess_image
 from fastvlm_jax.model import VLM, cast_params, params_dtype
 from fastvlm_jax.prompts import DEFAULT_QUESTIONS, build_prompt_ids, default_question, stop_ids
+from fastvlm_jax.sharding import data_sharding, shard_params
 from fastvlm_jax.tokenizer import check_image_token_id
 
 # LLaVA's question for a caption: the same one the training recipe uses (train.config's
@@ -206,7 +207,9 @@ class Captioner:
       checkpoint: a checkpoint directory or an already loaded `Checkpoint`.
       batch_size: rows per engine call (short batches are padded with dummy rows).
       prompt_bucket: prompts are right-padded to a multiple of this many tokens.
-      mesh: passed to `load_checkpoint` when loading from a path.
+      mesh: a ('data', 'fsdp', 'tensor') Mesh: params are laid out by their logical axes
+        (an already loaded checkpoint is resharded) and each batch's rows are split over
+        data x fsdp, which must divide batch_size.
       dtype: the params' and compute dtype (e.g. 'bfloat16'); None: the checkpoint's own.
         Activations and the KV cache follow it; logits and acceptance stay float32.
     """
@@ -215,10 +218,17 @@ class Captioner:
                  prompt_bucket: int = 32, mesh=None, dtype=None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if mesh is not None and batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+            raise ValueError(f"batch_size {batch_size} does not divide over the mesh's data x fsdp "
+                             f"= {mesh.shape['data'] * mesh.shape['fsdp']} devices")
         if not isinstance(checkpoint, Checkpoint):
             checkpoint = load_checkpoint(checkpoint, mesh=mesh, dtype=dtype)
-        elif dtype is not None:
-            checkpoint = checkpoint._replace(params=cast_params(checkpoint.params, dtype))
+        else:
+            if dtype is not None:
+                checkpoint = checkpoint._replace(params=cast_params(checkpoint.params, dtype))
+            if mesh is not None:
+                checkpoint = checkpoint._replace(params=shard_params(
+                    VLM(checkpoint.config).abstract_params(), checkpoint.params, mesh))
         config = checkpoint.config
         if checkpoint.tokenizer is None:
             raise CheckpointError("the checkpoint has no tokenizer/ folder: captioning needs one")
@@ -237,6 +247,7 @@ class Captioner:
         self.image_config = checkpoint.image_config
         self.dtype = params_dtype(self.params)
         self.model = shared_model(config, self.dtype)
+        self.mesh = mesh
         self.batch_size = int(batch_size)
         self.prompt_bucket = int(prompt_bucket)
         self._warm: set[tuple] = set()  # program shapes already compiled (see _warm_up)
@@ -291,7 +302,13 @@ class Captioner:
             lengths[row] = len(p)
         full = np.zeros((self.batch_size,) + pixels.shape[1:], np.float32)
         full[:n] = pixels
-        return Prompts(jnp.asarray(ids), jnp.asarray(lengths), jnp.asarray(full)), n
+        return self._place(Prompts(ids, lengths, full)), n
+
+    def _place(self, tree):
+        """Host arrays -> device arrays, rows split over the mesh's data x fsdp devices."""
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, tree)
+        return jax.tree.map(lambda x: jax.device_put(x, data_sharding(self.mesh, np.ndim(x))), tree)
 
     def _warm_up(self, prompts: Prompts, spec: DecodeSpec) -> float:
         """Compiles the program for these shapes (if new) with every budget 0; returns seconds."""
@@ -300,7 +317,7 @@ class Captioner:
             return 0.0
         start = time.perf_counter()
         out = generate(self.model, self.params, prompts, spec,
-                       jnp.zeros((self.batch_size,), jnp.int32), jax.random.key(0))
+                       self._place(np.zeros((self.batch_size,), np.int32)), jax.random.key(0))
         jax.block_until_ready(out)
         self._warm.add(key)
         return time.perf_counter() - start
@@ -321,7 +338,7 @@ class Captioner:
         if rng is None:
             rng = jax.random.key(0)
         start = time.perf_counter()
-        out = generate(self.model, self.params, prompts, spec, jnp.asarray(budget), rng)
+        out = generate(self.model, self.params, prompts, spec, self._place(budget), rng)
         out = jax.device_get(out)  # waits for the device, one transfer
         seconds = time.perf_counter() - start
 

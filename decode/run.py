@@ -48,6 +48,13 @@ are not "done": their images are tried again (the old error line is removed and 
 written). A last line cut short by a killed run is dropped (the file is rewritten cleanly
 first), so no image is captioned twice and none is lost.
 
+MULTI-PROCESS (several hosts of a TPU slice, or --coordinator/--num-processes/--process-id):
+every process expands --images the same way and takes every n-th image (process k: images
+k, k+n, ...), with --mesh laying out its own chips; it writes OUT.part-k-of-n.jsonl (and
+STATS.part-k-of-n.json) as batches finish and resumes from it. When every image has a line,
+the last process to finish writes OUT (each image once, in input order); rerunning the same
+command as one process resumes from the parts and merges them too. Part files are kept.
+
 Timing (--stats): seconds and tokens_per_s cover decoding only; each new program shape is
 compiled by a warm-up call first, reported as compile_seconds. wall_seconds is the whole run.
 
@@ -114,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-bucket", type=int, default=32,
                         help="pad prompts to a multiple of this many tokens (fewer compilations)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--mesh", default=None, metavar="AXIS=N,...",
+                        help="lay the model out over this process's chips, e.g. data=2,tensor=4 "
+                             "(axes data, fsdp, tensor; -1 takes the remaining chips; default: "
+                             "one chip). tensor splits heads/MLP/vocab, data and fsdp split the "
+                             "batch (--batch-size must divide by data x fsdp)")
+    parser.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                        help="multi-process: address of process 0 (auto-detected on Cloud TPU "
+                             "slices, SLURM and MPI; see MULTI-PROCESS below)")
+    parser.add_argument("--num-processes", type=int, default=None, help="multi-process: how many")
+    parser.add_argument("--process-id", type=int, default=None, help="multi-process: this one's rank")
     return parser
 
 
@@ -128,6 +145,8 @@ def _check_args(args: argparse.Namespace) -> None:
         (args.workers >= 1, "--workers must be >= 1"),
         (args.prompt_bucket >= 1, "--prompt-bucket must be >= 1"),
         (args.prompt is None or bool(args.prompt.strip()), "--prompt must not be empty"),
+        (args.num_processes is None or args.num_processes >= 1, "--num-processes must be >= 1"),
+        (args.process_id is None or args.process_id >= 0, "--process-id must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:
@@ -140,6 +159,13 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(str(e)) from None
     if os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a folder; pass a file name such as {args.out.rstrip('/')}/captions.jsonl")
+    if args.mesh is not None:
+        from fastvlm_jax.sharding import parse_mesh
+
+        try:
+            parse_mesh(args.mesh)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------
@@ -354,19 +380,39 @@ def main(argv: Sequence[str | os.PathLike] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, ckpt: str, started: float) -> int:
-    from decode.inputs import expand_inputs
+    import jax
 
-    items, input_errors = expand_inputs(args.images, args.data_dir)
+    from decode import parts
+    from decode.inputs import expand_inputs
+    from fastvlm_jax.distributed import maybe_initialize
+
+    try:
+        maybe_initialize(args.coordinator, args.num_processes, args.process_id)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"cannot join the multi-process run: {' '.join(str(e).split())} "
+                         "(check --coordinator, --num-processes and --process-id)") from None
+    index, count = jax.process_index(), jax.process_count()
+    all_items, input_errors = expand_inputs(args.images, args.data_dir)
+    if index > 0:
+        input_errors = []  # process 0 reports (and records) problems with the --images specs
     for error in input_errors:
         _say(f"{PROG}: error: {error.spec}: {error.message}")
-    if not items:
+    if not all_items:
         raise UsageError("no images found in --images" + (" (see the errors above)" if input_errors else ""))
+    final_out = args.out
+    earlier = _done_elsewhere(final_out, count, index)
+    items = all_items
+    if count > 1:
+        items = parts.share(all_items, index, count)
+        args = argparse.Namespace(**{**vars(args), "out": parts.part_path(final_out, index, count),
+                                     "stats": args.stats and parts.part_path(args.stats, index, count)})
+        _say(f"{PROG}: process {index} of {count}: {len(items)} of {len(all_items)} images -> {args.out}")
 
     try:
         previous = read_previous(args.out)
     except OSError as e:
         raise UsageError(f"--out {args.out}: cannot read the existing file ({e.strerror or e})") from None
-    pending = [item for item in items if item.id not in previous.done]
+    pending = [item for item in items if item.id not in previous.done and item.id not in earlier]
     skipped = len(items) - len(pending)
     # Error lines of this run's images go: they are retried now (or were superseded by a
     # caption line). Error lines of images not named this time stay.
@@ -397,7 +443,58 @@ def _run(args: argparse.Namespace, ckpt: str, started: float) -> int:
         for error in input_errors:
             out.write(json_line({"image": error.spec, "error": error.message}))
         out.flush()
-        return _caption_all(args, ckpt, pending, skipped, input_errors, out, started)
+        status = _caption_all(args, ckpt, pending, skipped, input_errors, out, started)
+    if status in (EXIT_OK, EXIT_SOME_FAILED) and (count > 1 or parts.existing_parts(final_out)):
+        _merge_parts(final_out, [item.id for item in all_items] + [e.spec for e in input_errors])
+    return status
+
+
+def _done_elsewhere(final_out: str, count: int, index: int) -> frozenset[str]:
+    """Images captioned in OUT's other files: OUT itself when this process writes a part, and
+    every part when it writes OUT (a one-process rerun after a multi-process run)."""
+    from decode import parts
+
+    own = parts.part_path(final_out, index, count) if count > 1 else final_out
+    others = [p for p in [final_out] + parts.existing_parts(final_out) if p != own]
+    done: set[str] = set()
+    for path in others:
+        try:
+            done |= read_previous(path).done
+        except OSError:
+            continue
+    return frozenset(done)
+
+
+def _merge_parts(final_out: str, image_ids: list[str]) -> None:
+    from decode import parts
+
+    missing = parts.merge(final_out, image_ids, lambda path: read_previous(path).lines, _write_atomic,
+                          json_line, is_caption_line)
+    if missing:
+        _say(f"{PROG}: {len(missing)} image(s) not yet in any part of {final_out} (other processes "
+             "still running?); the last one to finish writes it")
+    else:
+        _say(f"{PROG}: wrote {final_out}: {len(dict.fromkeys(image_ids))} images from "
+             f"{len(parts.existing_parts(final_out))} part file(s)")
+
+
+def _local_mesh(args):
+    """The --mesh over this process's own devices (None: one device)."""
+    if args.mesh is None:
+        return None
+    import jax
+
+    from fastvlm_jax.sharding import make_mesh, parse_mesh
+
+    try:
+        mesh = make_mesh(parse_mesh(args.mesh), jax.local_devices())
+    except ValueError as e:
+        raise UsageError(f"--mesh {args.mesh}: {e} ({len(jax.local_devices())} devices here)") from None
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    if args.batch_size % rows:
+        raise UsageError(f"--batch-size {args.batch_size} does not divide over --mesh {args.mesh} "
+                         f"(data x fsdp = {rows}); use a multiple of {rows}")
+    return mesh
 
 
 def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: list, out: TextIO,
@@ -425,7 +522,7 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
     if pending:
         try:
             captioner = Captioner(ckpt, batch_size=args.batch_size, prompt_bucket=args.prompt_bucket,
-                                  dtype=args.dtype)
+                                  dtype=args.dtype, mesh=_local_mesh(args))
         except ValueError as e:  # CheckpointError (a ValueError) or a config the loader rejects
             raise UsageError(f"--ckpt {args.ckpt}: {' '.join(str(e).split())}") from None
         try:
@@ -504,7 +601,9 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
             "out_of_memory": out_of_memory, "wall_seconds": time.perf_counter() - started,
             "timing": ("seconds and tokens_per_s exclude compilation: each new program shape is "
                        "compiled by a warm-up call, timed separately as compile_seconds"),
-            "device": describe_device(), "batch_size": args.batch_size,
+            "device": describe_device(), "mesh": args.mesh,
+            "process_index": jax.process_index(), "process_count": jax.process_count(),
+            "batch_size": args.batch_size,
             "max_new_tokens": args.max_new_tokens, "prompt": prompt,
             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
             "seed": args.seed, "draft_len": args.draft_len if args.mode == "ssd" else None,

@@ -116,7 +116,7 @@ def load_checkpoint(path: str | os.PathLike, mesh=None, rules=None, dtype=None) 
     if mesh is not None:
         shardings = sharding.param_shardings(boxed, mesh, rules or sharding.DEFAULT_RULES)
     else:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract)
 
     def wanted_dtype(leaf_dtype):
