@@ -171,6 +171,25 @@ def test_loader_resumes_from_saved_state(data_dir, tokenizer):
     np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
 
 
+def test_worker_processes_give_the_same_batches(data_dir, tokenizer):
+    """grain hands items round-robin to its worker processes; the batches must not change."""
+    from fastvlm_jax.data import tfds_builders
+
+    source = tfds_builders.open_split("synthetic_captions/tiny", "train", str(data_dir), decode=False)
+    transform = input_lib.CaptionExample(tokenizer, input_lib.default_image_config("clip", 16),
+                                         "Describe the image.", 4, 48)
+    batches = {}
+    for workers in (0, 2):
+        it = iter(input_lib.make_loader(source, transform, 6, (2, 5), seed=1, worker_count=workers))
+        batches[workers] = [next(it) for _ in range(5)]
+    for inline, parallel in zip(batches[0], batches[2]):
+        for key in inline:
+            np.testing.assert_array_equal(parallel[key], inline[key], err_msg=key)
+    # Rows (2, 5) of global batch b are rows 2..4 of the one-host batch.
+    whole = iter(input_lib.make_loader(source, transform, 6, (0, 6), seed=1))
+    np.testing.assert_array_equal(next(whole)["input_ids"][2:5], batches[0][0]["input_ids"])
+
+
 def test_compose_refine_sequences():
     ids = jnp.asarray([[1, 5, 6, 7, 8, 9], [1, 5, 6, 7, 8, 9]], jnp.int32)
     plen = jnp.asarray([2, 3], jnp.int32)

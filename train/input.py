@@ -2,10 +2,11 @@
 
 Pipeline (per host):
   TFDS array_record split --(CaptionSource, random access)--> grain DataLoader
-    sampler: GlobalBatchSampler (which record fills which row of which global batch)
-    RandomMap: CaptionExample (one caption chosen by the record's rng, image pixels,
-               token ids, loss mask)
-    Batch: this host's rows of the global batch
+    GlobalBatchSampler: which record (and rng) fills which row of which global batch
+    HostBatches: grain's items are whole batches, this host's rows of global batch b,
+                 so grain's worker processes cannot change what a batch holds
+    CaptionBatch: CaptionExample per row (one caption chosen by the row's rng, image
+                  pixels, token ids, loss mask), stacked
   --> jax.make_array_from_process_local_data --> global arrays on the mesh.
 
 Determinism: the global order is a pure function of (seed, dataset size): epoch e is a
@@ -223,21 +224,77 @@ def host_rows(batch_sharding: jax.sharding.Sharding, global_batch: int) -> tuple
     return start, stop
 
 
+class HostBatches:
+    """A grain data source whose item b is this host's rows of global batch b, as
+    (record, rng) pairs in row order (see GlobalBatchSampler).
+
+    Whole batches are the unit grain hands to its worker processes, so a batch is built
+    from the same records in the same order whatever the worker count (grain gives each
+    worker every worker_count-th item, which would otherwise be every worker_count-th
+    *example*).
+    """
+
+    def __init__(self, source, order: GlobalBatchSampler):
+        self.source = source
+        self.order = order
+
+    def __len__(self) -> int:
+        return _ENDLESS // (self.order.rows[1] - self.order.rows[0])
+
+    def __getitem__(self, batch: int) -> list[tuple[Any, np.random.Generator]]:
+        rows = self.order.rows[1] - self.order.rows[0]
+        metas = [self.order[batch * rows + row] for row in range(rows)]
+        return [(self.source[meta.record_key], meta.rng) for meta in metas]
+
+    def __repr__(self) -> str:
+        # grain compares repr(data_source) when it restores an iterator state.
+        return f"HostBatches({self.source!r}, {self.order!r})"
+
+
+class BatchIndices:
+    """A grain sampler over batch numbers 0, 1, 2, ...; its repr names the global order, which
+    grain compares when it restores an iterator state (a changed order fails loudly)."""
+
+    def __init__(self, order: GlobalBatchSampler):
+        self.order = order
+
+    def __len__(self) -> int:
+        return _ENDLESS // (self.order.rows[1] - self.order.rows[0])
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return grain.RecordMetadata(index=index, record_key=index)
+
+    def __repr__(self) -> str:
+        return f"BatchIndices({self.order!r})"
+
+
+class CaptionBatch(grain.transforms.Map):
+    """[(record, rng)] of one batch -> the collated training examples (CaptionExample per row)."""
+
+    def __init__(self, example: CaptionExample):
+        self.example = example
+
+    def map(self, items):
+        return collate([self.example.random_map(record, rng) for record, rng in items])
+
+
 def make_loader(source, transform: CaptionExample, global_batch: int, rows: tuple[int, int],
                 seed: int, worker_count: int = 0, read_threads: int = 4) -> grain.DataLoader:
-    """A grain DataLoader yielding this host's rows of each global batch, endlessly."""
-    sampler = GlobalBatchSampler(len(source), global_batch, rows, seed)
+    """A grain DataLoader yielding this host's rows of each global batch, endlessly; the same
+    batches for any worker_count."""
+    order = GlobalBatchSampler(len(source), global_batch, rows, seed)
     if worker_count > 0:
         from absl import flags
 
         if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
             flags.FLAGS.mark_as_parsed()
     return grain.DataLoader(
-        data_source=source, sampler=sampler,
-        operations=[transform, grain.transforms.Batch(rows[1] - rows[0], drop_remainder=True,
-                                                      batch_fn=collate)],
+        data_source=HostBatches(source, order), sampler=BatchIndices(order),
+        operations=[CaptionBatch(transform)],
         worker_count=worker_count, shard_options=grain.sharding.NoSharding(),
-        read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64))
+        read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4))
 
 
 def to_global(local: dict[str, np.ndarray], shardings: dict[str, jax.sharding.Sharding],
