@@ -3,6 +3,12 @@
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The suite runs on CPU. With libtpu installed (the test extra, for compile-only TPU
+# checks) JAX would otherwise try to start a TPU backend in every process (~4 s and a
+# screen of warnings on a machine without one); TPU topologies still compile. Several
+# processes (pytest-xdist workers, CLI subprocesses) may load libtpu at once.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -6,6 +6,8 @@ tests are in test_train_distributed.py.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -303,6 +305,10 @@ def test_draft_stages_leave_the_base_model_bit_identical(data_dir, tmp_path):
     # and single-device programs compile several times faster.
     common = {"data.data_dir": data_dir, "checkpoint.export": True, "num_devices": 1, "mesh.data": 1}
     base = train(th.tiny_config("base", steps=3, **common), tmp_path / "base", progress=False)
+    # Resuming with another length (hence another learning-rate schedule) is refused.
+    with pytest.raises(config_lib.ConfigError, match="steps=3.*this run has steps=5"):
+        train(th.tiny_config("base", steps=5, **common), tmp_path / "base", progress=False)
+    assert json.loads((tmp_path / "base" / "train_config.json").read_text())["steps"] == 3
     # Growing the trained decoder starts from exactly its function: the first step's loss
     # (before any update) equals the un-grown model's on the same batch.
     from_base = th.tiny_config("base", steps=1, **common).replace(model=None, init_from=str(base.export_dir))

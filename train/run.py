@@ -201,7 +201,6 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
     primary = jax.process_index() == 0
     if primary:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / CONFIG_FILE).write_text(cfg.to_json())
     devices = jax.devices()[: cfg.num_devices] if cfg.num_devices else jax.devices()
     mesh = sharding.make_mesh(cfg.mesh, devices)
     model, tokenizer, image_config, params = build_model(cfg, mesh)
@@ -238,20 +237,28 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
     # State: resume from the workdir, or start fresh.
     checkpointer = checkpointing.Checkpointer(workdir / CHECKPOINT_DIR, cfg.checkpoint.keep,
                                               cfg.checkpoint.async_save)
+    # What a resumed run must share with the one that saved: the model, the data order,
+    # and everything the learning-rate schedule and the optimizer state depend on.
     meta = {"stage": cfg.stage, "init_from": cfg.init_from, "seed": cfg.seed,
-            "process_count": jax.process_count()}
+            "process_count": jax.process_count(), "steps": cfg.steps, "batch_size": cfg.batch_size,
+            "grad_accum": cfg.grad_accum, "optim": dataclasses.asdict(cfg.optim)}
     latest = checkpointer.latest_step()
     if latest is not None:
         saved_meta = checkpointer.read_meta(latest)
-        for key in ("stage", "init_from", "seed", "process_count"):
+        for key in meta:
+            if key not in saved_meta and key not in ("stage", "init_from", "seed", "process_count"):
+                continue  # saved before this key was recorded
             if saved_meta.get(key) != meta[key]:
                 raise ConfigError(f"{workdir} holds a checkpoint with {key}={saved_meta.get(key)!r}, "
-                                  f"this run has {key}={meta[key]!r}: use a fresh workdir")
+                                  f"this run has {key}={meta[key]!r}: a resumed run must keep it "
+                                  "(use a fresh workdir, or init_from the export to start a new run)")
         target = step_lib.abstract_state(shardings, param_lib.split(abstract, trainable_paths)[0], tx)
         state = checkpointer.restore(latest, target, data_iter)
     else:
         state = step_lib.init_state(trainable, tx, cfg.seed, shardings)
     del trainable
+    if primary:  # only once the run is known to match what the workdir holds
+        (workdir / CONFIG_FILE).write_text(cfg.to_json())
     start_step = int(state.step)
 
     train_step = step_lib.jit_train_step(model, step_lib.StepSpec(cfg.stage, cfg.loss, cfg.grad_accum),
