@@ -11,16 +11,21 @@ config.json):
     python -m fastvlm_jax.convert --hf PATH/blip2-opt-2.7b --out ckpts/blip2_opt_2_7b --exit-layer 8
 
 `get_model_config()` builds the same config without a checkpoint (shapes, sharding plans,
-abstract params).
+abstract params). `get_config` (train.run) trains the draft on COCO captions from the
+converted checkpoint, which carries BLIP-2's own GPT-2 BPE tokenizer; prompts are laid out as
+Blip2Processor does (32 image tokens, then BOS, no question: plain captioning):
 
-Not yet supported, so `get_config` (train.run) refuses: BLIP-2 OPT's GPT-2 BPE tokenizer
-(fastvlm_jax.tokenizer reads sentencepiece only, so converted checkpoints carry no
-tokenizer) and BLIP-2's prompt layout in the training input pipeline (image tokens before
-BOS, no chat template).
+    python -m train.run --config configs/blip2_opt_2_7b.py            # imitation stage
+    python -m train.run --config configs/blip2_opt_2_7b.py:refine     # then imitation learning
+
+The frozen model is bf16 and FSDP-sharded over 8 chips; only the imitation network (one
+FFN block of width 10240 after layer 8 of 32) has float32 master weights.
 """
 
 from fastvlm_jax.blip2 import Blip2Config, Blip2VisionConfig, OPTConfig, QFormerConfig
 from fastvlm_jax.config import DraftConfig
+from fastvlm_jax.sharding import MeshConfig
+from train.config import CheckpointConfig, DataConfig, LossConfig, OptimConfig, TrainConfig
 
 EOS_NEWLINE_ID = 50118  # text_config.eos_token_id of the released BLIP-2 OPT models
 
@@ -42,9 +47,35 @@ def get_model_config(exit_layer: int = 8, kind: str = "ffn", draft_hidden: int =
     )
 
 
-def get_config(arg: str = ""):
-    from train.config import ConfigError
+CHECKPOINT = "checkpoints/blip2_opt_2_7b"
+WORKDIR = "workdirs/blip2_opt_2_7b"
 
-    raise ConfigError("training BLIP-2 is not supported yet: train.run needs a tokenizer, and BLIP-2 "
-                      "OPT's GPT-2 BPE tokenizer is not supported by fastvlm_jax.tokenizer "
-                      "(use get_model_config() for the model itself)")
+
+def get_config(arg: str = "imitation", *, checkpoint: str = CHECKPOINT, workdir: str = WORKDIR,
+               batch_size: int = 256, mesh: MeshConfig = MeshConfig(data=-1, fsdp=8, tensor=1)
+               ) -> TrainConfig:
+    stage = arg or "imitation"
+    common = dict(
+        stage=stage,
+        workdir=f"{workdir}/{stage}",
+        init_from=checkpoint if stage == "imitation" else f"{workdir}/imitation/export",
+        data=DataConfig(name="coco_captions/karpathy", split="train", question="",
+                        worker_count=8, read_threads=16),
+        batch_size=batch_size,
+        seq_len=96,  # 32 query tokens + BOS + a COCO caption (< 40 BPE tokens) + "\n"
+        compute_dtype="bfloat16",
+        mesh=mesh,
+        checkpoint=CheckpointConfig(save_every=500, keep=3, async_save=True),
+        log_every=20,
+    )
+    if stage == "imitation":
+        return TrainConfig(steps=6000, optim=OptimConfig(learning_rate=3e-4, warmup_steps=300,
+                                                         end_lr_factor=0.05, weight_decay=0.0),
+                           loss=LossConfig(cos=1.0, kd=1.0, ce=0.1, temperature=1.0), **common)
+    if stage == "refine":
+        return TrainConfig(steps=1500, optim=OptimConfig(learning_rate=1e-4, warmup_steps=100,
+                                                         end_lr_factor=0.1),
+                           loss=LossConfig(cos=1.0, kd=1.0, ce=0.1, temperature=1.0,
+                                           refine_disagreement_weight=4.0),
+                           refine_max_new_tokens=48, **common)
+    raise ValueError(f"stage {stage!r}: this config trains the draft ('imitation' or 'refine')")

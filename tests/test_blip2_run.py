@@ -122,3 +122,30 @@ def test_ar_matches_hf_generate(blip2_run):
         assert ar[name]["caption"] == processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         assert ar[name]["stop"] == ("eos" if tokens[-1] in (2, stop) else "length")
     assert {line["stop"] for line in ar.values()} == {"eos", "length"}
+
+
+def test_imitation_training_runs_and_the_export_decodes(blip2_run, tmp_path):
+    """BLIP-2 OPT draft training: two imitation steps from the converted checkpoint (its BPE
+    tokenizer, image tokens before BOS, no question), then the export decodes with SSD == AR."""
+    from fastvlm_jax.data import tfds_builders
+    from tests import train_helpers as th
+    from train.run import train
+
+    _, ckpt, images, _, _, _ = blip2_run
+    data_dir = tmp_path / "data"
+    tfds_builders.build_dataset("synthetic_captions/tiny", str(data_dir))
+    cfg = th.tiny_config("imitation", init_from=str(ckpt), steps=2, seq_len=40, num_devices=1,
+                         **{"data.data_dir": str(data_dir), "data.question": "", "mesh.data": 1,
+                            "checkpoint.export": True})
+    result = train(cfg, tmp_path / "work", progress=False)
+    assert result.status == "done" and result.step == 2
+    losses = th.losses(tmp_path / "work")
+    assert sorted(losses) == [1, 2] and all(np.isfinite(v) for v in losses.values())
+    outputs = {}
+    for mode in ("ssd", "ar"):
+        out = tmp_path / f"{mode}.jsonl"
+        assert run.main(["--ckpt", str(result.export_dir), "--images", *map(str, images), "--out", str(out),
+                         "--mode", mode, "--batch-size", "3", "--max-new-tokens", str(MAX_NEW),
+                         "--no-progress"]) == 0
+        outputs[mode] = {line["image"]: line["token_ids"] for line in _read_jsonl(out)}
+    assert outputs["ssd"] == outputs["ar"]

@@ -60,7 +60,8 @@ def test_overrides_convert_types_and_reject_unknown_keys():
 
 
 @pytest.mark.parametrize("spec", ["demo.py:base", "demo.py:deepen", "demo.py:imitation", "demo.py:refine",
-                                  "llava15_7b.py", "llava15_13b.py"])
+                                  "llava15_7b.py", "llava15_13b.py", "blip2_opt_2_7b.py",
+                                  "blip2_opt_2_7b.py:refine"])
 def test_config_files_load(spec):
     cfg = config_lib.load_config_file(str(th.REPO / "configs" / spec))
     assert isinstance(cfg, config_lib.TrainConfig)
