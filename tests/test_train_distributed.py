@@ -1,7 +1,7 @@
 """Training across processes and interruptions (CLI subprocesses).
 
 - Two CPU processes joined by jax.distributed (4 devices each) train exactly like one
-  process with 8 devices.
+  process with 8 devices, also when both are preempted mid-way and resumed.
 - A run stopped by SIGTERM, resumed, killed by SIGKILL after a saved step and resumed
   again follows the uninterrupted loss curve exactly.
 
@@ -50,22 +50,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(setup, reference):
+def test_two_processes_match_one_and_resume(setup, reference):
+    """Two processes train, are preempted (SIGTERM to both: they agree on a step, save it
+    and exit), then resume with two processes to the end: the one-process curve."""
     root, overrides = setup
-    # One (final) multi-process save instead of one every 3 steps: each save compiles
-    # orbax's replica slicing for the new topology, the slowest part of this test.
+    # No periodic saves: each multi-process save compiles orbax's replica slicing for the
+    # new topology, the slowest part of this test; the preemption and final saves remain.
     overrides = {**overrides, "checkpoint.save_every": 0}
     workdir = root / "two_processes"
-    port = _free_port()
-    procs = []
-    for pid in range(2):
-        args = ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(pid)]
-        procs.append(subprocess.Popen(
-            th.cli("base", workdir, overrides, args), cwd=th.REPO, env=th.subprocess_env(root / "cache", 4),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+
+    def start(extra):
+        port = _free_port()
+        return [subprocess.Popen(
+            th.cli("base", workdir, {**overrides, **extra},
+                   ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(pid)]),
+            cwd=th.REPO, env=th.subprocess_env(root / "cache", 4),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for pid in range(2)]
+
+    procs = start({"debug_step_delay_s": 0.3})  # room to interrupt; numerics unchanged
+    _wait_for(lambda: len(th.losses(workdir)) >= 3, procs[0], what="step 3")
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-4000:]
+    result = json.loads(outputs[0][0].strip().splitlines()[-1])
+    assert result["status"] == "preempted" and 3 <= result["step"] < STEPS, result
+    assert _saved_steps(workdir) == [result["step"]]
+
+    procs = start({})
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-4000:]
+    assert json.loads(outputs[0][0].strip().splitlines()[-1])["status"] == "done"
     curve = th.losses(workdir)  # written by process 0 only
     assert sorted(curve) == sorted(reference)
     np.testing.assert_allclose([curve[s] for s in sorted(curve)],
