@@ -183,6 +183,14 @@ def resolve_checkpoint(ckpt: str) -> str:
             return os.fspath(demo_checkpoint())
         except DemoMissingError as e:
             raise UsageError(f"--ckpt demo: {e}") from None
+    from fastvlm_jax.paths import is_url
+
+    if is_url(ckpt):  # a bucket: only config.json can be checked cheaply
+        try:
+            load_config(ckpt)
+        except (CheckpointError, OSError, ValueError) as e:
+            raise UsageError(f"--ckpt {ckpt}: {' '.join(str(e).split())}") from None
+        return ckpt
     if not os.path.exists(ckpt):
         raise UsageError(f"--ckpt {ckpt}: no such folder (pass a fastvlm-jax checkpoint folder, "
                          "or `demo`)")

@@ -31,8 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from fastvlm_jax.families import config_from_dict
+from fastvlm_jax.paths import as_path
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -54,9 +56,10 @@ class Checkpoint(NamedTuple):
 
 
 def save_checkpoint(path: str | os.PathLike, config, params, tokenizer=None,
-                    image_config=None) -> Path:
-    """Writes a checkpoint directory (overwriting its params if present), params in their own dtype."""
-    path = Path(path).absolute()
+                    image_config=None) -> epath.Path:
+    """Writes a checkpoint directory (overwriting its params if present), params in their own
+    dtype. `path` may be local or a bucket (fastvlm_jax.paths)."""
+    path = as_path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / CONFIG_FILE).write_text(json.dumps({**config.to_dict(), FORMAT_KEY: FORMAT_VERSION},
                                                indent=2, sort_keys=True))
@@ -82,7 +85,7 @@ def _read_config_json(path: Path) -> dict:
 
 
 def format_version(path: str | os.PathLike) -> int:
-    version = int(_read_config_json(Path(path)).get(FORMAT_KEY, 1))
+    version = int(_read_config_json(as_path(path)).get(FORMAT_KEY, 1))
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format {version}, newer than this fastvlm-jax "
                               f"reads ({FORMAT_VERSION}): upgrade fastvlm-jax")
@@ -91,7 +94,7 @@ def format_version(path: str | os.PathLike) -> int:
 
 def load_config(path: str | os.PathLike):
     """config.json -> the family's config (model_type picks it: VLMConfig, Blip2Config, ...)."""
-    data = _read_config_json(Path(path))
+    data = _read_config_json(as_path(path))
     data.pop(FORMAT_KEY, None)
     return config_from_dict(data)
 
@@ -105,7 +108,7 @@ def load_checkpoint(path: str | os.PathLike, mesh=None, rules=None, dtype=None) 
     from fastvlm_jax import sharding
     from fastvlm_jax.model import VLM
 
-    path = Path(path).absolute()
+    path = as_path(path)
     config = load_config(path)
     version = format_version(path)
     if not (path / PARAMS_DIR).is_dir():

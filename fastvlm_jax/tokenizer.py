@@ -20,6 +20,7 @@ from pathlib import Path
 
 from fastvlm_jax.hf_tokenizer import HFTokenizer
 from fastvlm_jax.sp_tokenizer import SentencePieceTokenizer
+from fastvlm_jax.paths import as_path
 from fastvlm_jax.tokenizer_base import CONFIG_FILE, DEFAULT_IMAGE_TOKEN, AddedToken, Tokenizer, read_json
 
 # The implementations whose folders `save` writes, found by their format tag.
@@ -32,7 +33,7 @@ def from_hf_dir(directory: str | os.PathLike) -> Tokenizer:
     tokenizer.json (or vocab.json + merges.txt) -> HFTokenizer, which runs it with the
     `tokenizers` library; only tokenizer.model -> SentencePieceTokenizer.
     """
-    folder = Path(directory)
+    folder = as_path(directory)
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizer folder not found: {folder}")
     if (folder / "tokenizer.json").is_file() or (
@@ -47,7 +48,7 @@ def from_hf_dir(directory: str | os.PathLike) -> Tokenizer:
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     """The tokenizer in `directory`: one we saved (its format tag names the class), else a
     Hugging Face folder (`from_hf_dir`)."""
-    folder = Path(directory)
+    folder = as_path(directory)
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizer folder not found: {folder}")
     tag = read_json(folder / CONFIG_FILE).get("format") if (folder / CONFIG_FILE).is_file() else None

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from fastvlm_jax.paths import as_path
+
 CONFIG_FILE = "tokenizer_config.json"
 DEFAULT_IMAGE_TOKEN = "<image>"
 
@@ -38,7 +40,7 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON file's content; a malformed file is a ValueError that names it."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(as_path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON ({e})") from None
 
@@ -295,7 +297,7 @@ class Tokenizer(abc.ABC):
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write MODEL_FILE and our tokenizer_config.json (tagged with our format) to `directory`."""
-        out = Path(directory)
+        out = as_path(directory)  # local or a bucket
         out.mkdir(parents=True, exist_ok=True)
         (out / self.MODEL_FILE).write_bytes(self._model_bytes())
         settings = {"format": self.FORMAT_TAGS[0], **self._settings()}
@@ -304,7 +306,7 @@ class Tokenizer(abc.ABC):
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Tokenizer":
         """Read a folder written by `save` (Hugging Face folders: `fastvlm_jax.tokenizer.load_tokenizer`)."""
-        folder = Path(directory)
+        folder = as_path(directory)
         settings = read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else {}
         if settings.get("format") not in cls.FORMAT_TAGS:
             raise ValueError(f"{folder}: not a saved {cls.__name__} (format {settings.get('format')!r})")

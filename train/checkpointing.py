@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from fastvlm_jax.checkpoint import save_checkpoint
+from fastvlm_jax.paths import as_path
 
 
 class _FrozenIteratorState:
@@ -55,7 +56,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(
-            Path(directory).absolute(),
+            as_path(directory),
             item_names=("state", "data", "meta"),
             item_handlers={"state": ocp.StandardCheckpointHandler(),
                            "data": grain.checkpoint.CheckpointHandler(),

@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from fastvlm_jax.paths import as_path, is_url
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -37,7 +39,7 @@ def _tensorboard_writer(directory: Path):
 
 
 def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
-    path = Path(workdir) / METRICS_FILE
+    path = as_path(workdir) / METRICS_FILE
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -47,19 +49,23 @@ class MetricsLogger:
     def __init__(self, workdir: str | Path, total_steps: int, start_step: int = 0,
                  progress: bool = True, tensorboard: bool = True):
         self.primary = jax.process_index() == 0
-        self.path = Path(workdir) / METRICS_FILE
+        self.path = as_path(workdir) / METRICS_FILE
+        # Buckets have no append: there the whole file is rewritten per record (small).
+        self._lines: list[str] | None = [] if is_url(workdir) else None
         self._bar = None
         self._tb = None
         if not self.primary:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [m for m in read_metrics(workdir) if m.get("step", 0) <= start_step]
-        self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        kept = [json.dumps(m) + "\n" for m in read_metrics(workdir) if m.get("step", 0) <= start_step]
+        self.path.write_text("".join(kept))
+        if self._lines is not None:
+            self._lines = kept
         if progress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
-        if tensorboard:
+        if tensorboard and not is_url(workdir):  # torch's writer is local only
             self._tb = _tensorboard_writer(Path(workdir) / "tensorboard")
 
     def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -68,8 +74,12 @@ class MetricsLogger:
             return {}
         values = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
         record = {"step": int(step), **values}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self._lines is None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        else:
+            self._lines.append(json.dumps(record) + "\n")
+            self.path.write_text("".join(self._lines))
         if self._bar is not None:
             self._bar.n = step
             shown = {k: f"{values[k]:.4g}" for k in ("loss", "draft_agreement", "tokens_per_s") if k in values}

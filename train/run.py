@@ -32,6 +32,7 @@ from fastvlm_jax import checkpoint as ckpt_lib
 from fastvlm_jax import sharding
 from fastvlm_jax.config import VLMConfig
 from fastvlm_jax.model import VLM
+from fastvlm_jax.paths import as_path
 from fastvlm_jax.tokenizer import Tokenizer, check_image_token_id, load_tokenizer
 from train import checkpointing, deepen, input as input_lib, metrics as metrics_lib
 from train import params as param_lib
@@ -197,7 +198,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
     or after `stop_after` steps in this call."""
     if not (workdir or cfg.workdir):
         raise ConfigError("no workdir: pass --workdir or set workdir in the config")
-    workdir = Path(workdir or cfg.workdir).absolute()
+    workdir = as_path(workdir or cfg.workdir)  # local, or a bucket (gs://...)
     primary = jax.process_index() == 0
     if primary:
         workdir.mkdir(parents=True, exist_ok=True)
