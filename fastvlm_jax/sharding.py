@@ -63,6 +63,23 @@ class MeshConfig:
         return tuple(sizes)
 
 
+def parse_mesh(text: str) -> MeshConfig:
+    """'data=2,tensor=4' (any of data, fsdp, tensor; -1 takes the remaining devices;
+    unnamed axes are 1) -> MeshConfig. ValueError (one line) for anything else."""
+    sizes = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep or name.strip() not in MESH_AXES:
+            raise ValueError(f"--mesh {text!r}: use axis=size pairs over {', '.join(MESH_AXES)}, e.g. data=2,tensor=4")
+        try:
+            sizes[name.strip()] = int(value)
+        except ValueError:
+            raise ValueError(f"--mesh {text!r}: {name.strip()}={value!r} is not an integer") from None
+    if not sizes:
+        raise ValueError(f"--mesh {text!r}: name at least one axis, e.g. data=2,tensor=4")
+    return MeshConfig(**{axis: sizes.get(axis, 1) for axis in MESH_AXES})
+
+
 def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ('data', 'fsdp', 'tensor') Mesh over the given (default: all) devices."""
     devices = list(devices if devices is not None else jax.devices())
