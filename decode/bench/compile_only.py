@@ -331,7 +331,12 @@ def compile_point(shapes: ModelShapes, topology: tpu.Topology, mesh, batch: int,
     reason = refusals[0] if refusals else (
         f"{max(over, key=lambda r: r.memory.peak).name} needs {tpu.format_bytes(peak)} per device, more than "
         f"the {tpu.format_bytes(hbm)} of HBM of a {topology.device_kind} device" if over else None)
+    for name in ("generate_ar", "generate_ssd"):
+        if name in pieces:
+            pieces[name]["note"] = ("FLOPs and bytes are the compiler's static cost: each loop body "
+                                    "(a round, a layer) counts once, not once per token")
     result = {
+        **tpu.topology_summary(topology),
         "batch_size": batch, "draft_len": draft_len, "exit_layer": exit_layer, "prompt_len": prompt_len,
         "max_new_tokens": max_new,
         "kv_cache_bytes_per_device": reads.cache, "ar_kv_cache_bytes_per_device": ar_reads.cache,
