@@ -89,6 +89,25 @@ def test_named_architectures_have_the_released_sizes():
         architecture("llava15_70b")
 
 
+def test_checkpoint_shapes_without_reading_params(tmp_path):
+    """Compile-only runs from a checkpoint read its config and saved dtypes, not its params."""
+    import jax
+    import jax.numpy as jnp
+
+    from fastvlm_jax.checkpoint import load_without_params, save_checkpoint
+    from fastvlm_jax.model import cast_params
+    from tests.tiny import tiny_config
+
+    config = tiny_config()
+    params = cast_params(jax.jit(VLM(config).init)(jax.random.key(0)), jnp.bfloat16)
+    save_checkpoint(tmp_path / "ckpt", config, params)
+    ckpt = load_without_params(tmp_path / "ckpt")
+    assert ckpt.config == config
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), ckpt.params) == jax.tree.map(
+        lambda x: (x.shape, x.dtype), params)
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(ckpt.params))
+
+
 def test_without_libtpu_compile_only_says_how_to_get_it(monkeypatch, capsys):
     from train.run import main
 
