@@ -158,6 +158,16 @@ def collective_counts(hlo_text: str) -> dict[str, int]:
     return counts
 
 
+_WHILE_OP = re.compile(r"\bwhile\(")
+
+
+def while_loops(hlo_text: str) -> int:
+    """Number of while loops in the compiled program (a layer scan is one). XLA's cost
+    analysis counts a loop body once, whatever its trip count, so a program with loops
+    does more work per call than its `flops` and `bytes accessed` say."""
+    return len(_WHILE_OP.findall(hlo_text))
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryReport:
     """Bytes per device from the compiler's buffer assignment.
@@ -191,7 +201,10 @@ class CompileReport:
     """One compiled program on one topology. Per-device figures unless named per chip.
 
     flops, bytes_accessed: the compiler's cost model of one device's program (bytes count
-      the operands and results of every op, so they overcount what HBM must deliver).
+      the operands and results of every op, so they overcount what HBM must deliver; a
+      loop body counts once, whatever its trip count: see `while_loops`).
+    while_loops: how many while loops the compiled program has.
+    collectives, while_loops: None when the compiled HLO text cannot be read back.
     compiler_seconds: the TPU cost model's own time estimate ('optimal_seconds'), if any.
     step_time_lower_bound_s: max(flops / peak FLOP/s, bytes / HBM bandwidth) of one device.
     """
@@ -202,7 +215,8 @@ class CompileReport:
     bytes_accessed: float
     transcendentals: float
     compiler_seconds: float | None
-    collectives: dict[str, int]
+    collectives: dict[str, int] | None
+    while_loops: int | None
     compile_seconds: float
     step_time_lower_bound_s: float
     flops_time_s: float
@@ -232,11 +246,17 @@ def analyze(name: str, compiled, topology: Topology, compile_seconds: float = 0.
     moved = float(cost.get("bytes accessed", 0.0))
     bound, compute, memory = roofline_seconds(flops, moved, topology)
     optimal = cost.get("optimal_seconds")
+    try:
+        text = compiled.as_text()
+    except Exception:  # noqa: BLE001  (seen: a libtpu newer than jaxlib emits HLO jaxlib cannot parse)
+        text = None
     return CompileReport(
         name=name, memory=memory_report(compiled), flops=flops, bytes_accessed=moved,
         transcendentals=float(cost.get("transcendentals", 0.0)),
         compiler_seconds=float(optimal) if optimal is not None else None,
-        collectives=collective_counts(compiled.as_text()), compile_seconds=compile_seconds,
+        collectives=collective_counts(text) if text is not None else None,
+        while_loops=while_loops(text) if text is not None else None,
+        compile_seconds=compile_seconds,
         step_time_lower_bound_s=bound, flops_time_s=compute, bytes_time_s=memory)
 
 
@@ -269,6 +289,9 @@ def report_dict(report: CompileReport, topology: Topology) -> dict[str, Any]:
         "transcendentals_per_device": report.transcendentals,
         "compiler_seconds": report.compiler_seconds,
         "collectives": report.collectives,
+        # XLA's cost analysis counts each loop body once: with loops, flops and bytes above
+        # undercount a call's work (a layer scan's body counts as one layer).
+        "while_loops": report.while_loops,
         "compile_seconds": report.compile_seconds,
         "step_time_lower_bound_s": report.step_time_lower_bound_s,
         "flops_time_s": report.flops_time_s,
@@ -283,7 +306,8 @@ def format_bytes(n: float) -> str:
 def program_lines(name: str, p: dict[str, Any], hbm_bytes_per_device: int) -> list[str]:
     """Console lines for one program's `report_dict`."""
     m = p["memory_per_device"]
-    coll = ", ".join(f"{k} {v}" for k, v in p["collectives"].items() if v) or "none"
+    coll = ("(HLO text unavailable)" if p["collectives"] is None
+            else ", ".join(f"{k} {v}" for k, v in p["collectives"].items() if v) or "none")
     return [
         f"{name}: compiled in {p['compile_seconds']:.1f} s",
         f"  per device: arguments {format_bytes(m['arguments'])}, outputs {format_bytes(m['outputs'])} "

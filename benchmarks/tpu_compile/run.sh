@@ -30,6 +30,8 @@ case "${1:-}" in
     run decode_llava15_7b_v5e_2x2 $PY -m decode.bench --ckpt shapes:llava15_7b --compile-only v5e:2x2 \
         --mesh data=1,tensor=4 --batch-size 1 8 --draft-len 5 --max-new-tokens 64 --acceptance 0.7 \
         --json $OUT/decode_llava15_7b_v5e_2x2.json
+    run llava15_13b_imitation_v5e_4x8 $PY -m train.run --config configs/llava15_13b.py:imitation \
+        --compile-only v5e:4x8 --json $OUT/llava15_13b_imitation_v5e_4x8.json
     ;;
   *) echo "usage: $0 train|decode" >&2; exit 2 ;;
 esac

@@ -14,7 +14,8 @@ def train_rows(paths):
     yield "|---|---|---|---|---:|---:|:-:|---:|---:|---|---:|"
     for path in paths:
         r = json.loads(path.read_text())
-        coll = "; ".join(f"{name}: " + ", ".join(f"{k} {v}" for k, v in p["collectives"].items() if v)
+        coll = "; ".join(f"{name}: " + (", ".join(f"{k} {v}" for k, v in p["collectives"].items() if v)
+                                        if p["collectives"] is not None else "n/a")
                          for name, p in r["programs"].items())
         compile_s = sum(p["compile_seconds"] for p in r["programs"].values())
         mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)

@@ -5,7 +5,8 @@ and the SSD speedup their compiled costs predict. Nothing runs; no weights are n
         --batch-size 1 8 [--draft-len 5] [--acceptance 0.6|STATS.json] --json OUT.json
 
 Per batch size and draft length it compiles the pieces of a decoding round, each as the
-engine runs it (decode/engine.py): the AR step (one token through layers [0, L) + head),
+engine runs it (decode/engine.py), with the layers unrolled so that the compiler's cost
+analysis counts every layer (it counts a loop body once): the AR step (one token through layers [0, L) + head),
 the draft step (layers [0, k) + imitation network + head), the shallow pass alone
 (layers [0, k)), the verification pass (draft_len + 1 exit-layer states through [k, L) +
 head), and both whole generate programs (prefill + while loop), whose peak memory holds
@@ -270,6 +271,9 @@ def compile_point(shapes: ModelShapes, topology: tpu.Topology, mesh, batch: int,
         raise CompileOnlyError(f"--batch-size {batch} is not divisible by the {data_parallel} data-parallel "
                                f"shards of mesh {dict(mesh.shape)}")
     model = VLM(config, shapes.dtype)
+    # The pieces are compiled with their layers unrolled: XLA's cost analysis counts a loop
+    # body once, so a layer scan would report one layer's FLOPs for the whole range.
+    piece_model = VLM(config, shapes.dtype, unroll_layers=True)
     num_layers, exit_layer = config.text.num_layers, config.draft.exit_layer
     param_sh = sharding.param_shardings(model.abstract_params(), mesh)
     params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes.params, param_sh)
@@ -284,7 +288,7 @@ def compile_point(shapes: ModelShapes, topology: tpu.Topology, mesh, batch: int,
     token = _sds((batch,), jnp.int32, mesh, ("batch",))
     states = _sds((batch, draft_len + 1, config.text.hidden_size), shapes.dtype, mesh,
                   ("batch", None, None))
-    fns = piece_functions(model, draft_len)
+    fns = piece_functions(piece_model, draft_len)
     programs = {
         "ar_step": (*fns["ar_step"], (params, ar_cache, token)),
         "draft_step": (*fns["draft_step"], (params, cache, draft_cache, token)),
@@ -333,8 +337,8 @@ def compile_point(shapes: ModelShapes, topology: tpu.Topology, mesh, batch: int,
         f"the {tpu.format_bytes(hbm)} of HBM of a {topology.device_kind} device" if over else None)
     for name in ("generate_ar", "generate_ssd"):
         if name in pieces:
-            pieces[name]["note"] = ("FLOPs and bytes are the compiler's static cost: each loop body "
-                                    "(a round, a layer) counts once, not once per token")
+            pieces[name]["note"] = ("memory is the program's; FLOPs and bytes are the compiler's static "
+                                    "cost, each loop body (a round, a layer) counted once")
     result = {
         **tpu.topology_summary(topology),
         "batch_size": batch, "draft_len": draft_len, "exit_layer": exit_layer, "prompt_len": prompt_len,
