@@ -22,29 +22,16 @@ The frozen model is bf16 and FSDP-sharded over 8 chips; only the imitation netwo
 FFN block of width 10240 after layer 8 of 32) has float32 master weights.
 """
 
-from fastvlm_jax.blip2 import Blip2Config, Blip2VisionConfig, OPTConfig, QFormerConfig
-from fastvlm_jax.config import DraftConfig
+from fastvlm_jax.architectures import BLIP2_OPT_EOS_NEWLINE_ID as EOS_NEWLINE_ID  # noqa: F401
+from fastvlm_jax.architectures import blip2_opt_2_7b
+from fastvlm_jax.blip2 import Blip2Config
 from fastvlm_jax.sharding import MeshConfig
 from train.config import CheckpointConfig, DataConfig, LossConfig, OptimConfig, TrainConfig
 
-EOS_NEWLINE_ID = 50118  # text_config.eos_token_id of the released BLIP-2 OPT models
-
 
 def get_model_config(exit_layer: int = 8, kind: str = "ffn", draft_hidden: int = 0) -> Blip2Config:
-    return Blip2Config(
-        vision=Blip2VisionConfig(image_size=224, patch_size=14, hidden_size=1408, intermediate_size=6144,
-                                 num_layers=39, num_heads=16, layer_norm_eps=1e-6, hidden_act="gelu",
-                                 qkv_bias=True),
-        qformer=QFormerConfig(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12,
-                              layer_norm_eps=1e-12, hidden_act="gelu", cross_attention_frequency=2),
-        text=OPTConfig(vocab_size=50304, hidden_size=2560, intermediate_size=10240, num_layers=32,
-                       num_heads=32, max_position_embeddings=2048, do_layer_norm_before=True,
-                       hidden_act="relu", tie_word_embeddings=True, bos_token_id=2,
-                       eos_token_id=EOS_NEWLINE_ID),
-        draft=DraftConfig(exit_layer=exit_layer, kind=kind, hidden_size=draft_hidden),
-        num_query_tokens=32,
-        image_token_id=50265,
-    )
+    # One definition of the sizes, in the library (decode.bench --ckpt shapes:blip2_opt_2_7b uses it).
+    return blip2_opt_2_7b(exit_layer, kind, draft_hidden)
 
 
 CHECKPOINT = "checkpoints/blip2_opt_2_7b"

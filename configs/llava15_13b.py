@@ -22,4 +22,5 @@ _spec.loader.exec_module(_base)
 
 def get_config(arg: str = "imitation") -> TrainConfig:
     return _base.get_config(arg, checkpoint="checkpoints/llava-1.5-13b", workdir="workdirs/llava15_13b",
-                            batch_size=256, mesh=MeshConfig(data=-1, fsdp=16, tensor=1))
+                            batch_size=256, mesh=MeshConfig(data=-1, fsdp=16, tensor=1),
+                            architecture="llava15_13b")

@@ -29,11 +29,12 @@ QUESTION = "Provide a one-sentence caption for the provided image."
 
 
 def get_config(arg: str = "imitation", *, checkpoint: str = CHECKPOINT, workdir: str = WORKDIR,
-               batch_size: int = 256, mesh: MeshConfig = MeshConfig(data=-1, fsdp=8, tensor=1)
-               ) -> TrainConfig:
+               batch_size: int = 256, mesh: MeshConfig = MeshConfig(data=-1, fsdp=8, tensor=1),
+               architecture: str = "llava15_7b") -> TrainConfig:
     stage = arg or "imitation"
     common = dict(
         stage=stage,
+        architecture=architecture,  # what `--compile-only` builds where the checkpoint is absent
         workdir=f"{workdir}/{stage}",
         init_from=checkpoint if stage == "imitation" else f"{workdir}/imitation/export",
         data=DataConfig(name="coco_captions/karpathy", split="train", question=QUESTION,

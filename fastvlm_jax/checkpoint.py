@@ -147,6 +147,26 @@ def load_checkpoint(path: str | os.PathLike, mesh=None, rules=None, dtype=None) 
     return Checkpoint(config, params, _load_tokenizer(path), _load_image_config(path))
 
 
+def load_without_params(path: str | os.PathLike) -> Checkpoint:
+    """A checkpoint's config, tokenizer and image config, and its params as
+    ShapeDtypeStructs in their saved dtypes (nothing is read from params/ but metadata):
+    what compile-only runs need."""
+    from fastvlm_jax.model import VLM
+
+    path = as_path(path)
+    config = load_config(path)
+    abstract = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, VLM(config).abstract_params(),
+                            is_leaf=lambda x: hasattr(x, "names"))
+    saved = _saved_metadata(path / PARAMS_DIR, abstract) if format_version(path) >= 2 else {}
+
+    def leaf(key, x):
+        dtype = getattr(saved.get(jax.tree_util.keystr(key)), "dtype", None) or x.dtype
+        return jax.ShapeDtypeStruct(x.shape, dtype)
+
+    params = jax.tree_util.tree_map_with_path(leaf, abstract)
+    return Checkpoint(config, params, _load_tokenizer(path), _load_image_config(path))
+
+
 def upgrade_params(params, abstract, where: Path | str = "params"):
     """Format-1 params (decoder layers as 'layers_0', 'layers_1', ...) -> the stacked layout.
 

@@ -7,6 +7,7 @@ the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables) name
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import jax
@@ -16,10 +17,13 @@ _CLUSTER_SIZE_VARIABLES = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 
 
 def on_cloud_tpu_vm() -> bool:
-    """True on a Cloud TPU VM (its runtime sets TPU_ACCELERATOR_TYPE or exposes /dev/accel*,
-    /dev/vfio), where `jax.distributed.initialize()` detects the slice itself, one host or many."""
-    return bool(os.environ.get("TPU_ACCELERATOR_TYPE") or os.environ.get("TPU_WORKER_HOSTNAMES")
-                or os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0"))
+    """True on a Cloud TPU VM, where `jax.distributed.initialize()` detects the slice itself
+    (one host or many): its runtime sets TPU_* variables, or libtpu is installed and TPU chips
+    are attached (/dev/accel* on v2-v4, /dev/vfio/* on v5e and later)."""
+    if os.environ.get("TPU_ACCELERATOR_TYPE") or os.environ.get("TPU_WORKER_HOSTNAMES"):
+        return True
+    chips = os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0")
+    return chips and importlib.util.find_spec("libtpu") is not None
 
 
 def maybe_initialize(coordinator: str | None = None, num_processes: int | None = None,

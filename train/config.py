@@ -141,6 +141,8 @@ class TrainConfig:
       (0: fill seq_len).
     deepen_to: base stage from init_from only: first grow the decoder to this many layers
       with new layers that start as the identity (train.deepen), then train (0: off).
+    architecture: the named architecture (fastvlm_jax.architectures) that `init_from` holds;
+      only `--compile-only` reads it, when the checkpoint is not on this machine.
     """
 
     stage: Stage = "base"
@@ -165,6 +167,7 @@ class TrainConfig:
     workdir: str = ""
     refine_max_new_tokens: int = 0
     deepen_to: int = 0
+    architecture: str = ""
     debug_step_delay_s: float = 0.0  # sleep after each step (tests interrupt runs mid-way)
 
     def __post_init__(self):

@@ -43,14 +43,10 @@ def compose_sequences(input_ids: Array, prompt_len: Array, generated: Array, num
     return {"input_ids": ids, "targets": targets, "loss_mask": mask.astype(jnp.float32)}
 
 
-def make_refine_fn(model: VLM, shardings: Shardings, mesh, prompt_bucket: int, max_new_tokens: int,
-                   eos_ids: tuple[int, ...], pad_id: int) -> Callable[[object, object, Batch], Batch]:
-    """`fn(trainable, frozen, batch) -> batch` with captions replaced by greedy generations.
-
-    prompt_bucket: static prompt width (every prompt fits in it).
-    eos_ids: the tokens that end a generation (fastvlm_jax.prompts.stop_ids: BLIP-2 OPT
-      also stops at its configured "\n").
-    """
+def refine_program(model: VLM, shardings: Shardings, prompt_bucket: int, max_new_tokens: int,
+                   eos_ids: tuple[int, ...], pad_id: int):
+    """The jitted `(trainable, frozen, batch) -> batch` of make_refine_fn, to trace inside
+    `jax.set_mesh(mesh)` (train.compile_only lowers it for a TPU topology)."""
     spec = DecodeSpec(mode="ar", capacity=max_new_tokens, eos_ids=tuple(eos_ids))
 
     def refine(trainable, frozen, batch):
@@ -62,8 +58,19 @@ def make_refine_fn(model: VLM, shardings: Shardings, mesh, prompt_bucket: int, m
                                 pad_id)
         return dict(batch, **new)
 
-    fn = jax.jit(refine, in_shardings=(shardings.state.params, shardings.frozen, shardings.batch),
-                 out_shardings=shardings.batch)
+    return jax.jit(refine, in_shardings=(shardings.state.params, shardings.frozen, shardings.batch),
+                   out_shardings=shardings.batch)
+
+
+def make_refine_fn(model: VLM, shardings: Shardings, mesh, prompt_bucket: int, max_new_tokens: int,
+                   eos_ids: tuple[int, ...], pad_id: int) -> Callable[[object, object, Batch], Batch]:
+    """`fn(trainable, frozen, batch) -> batch` with captions replaced by greedy generations.
+
+    prompt_bucket: static prompt width (every prompt fits in it).
+    eos_ids: the tokens that end a generation (fastvlm_jax.prompts.stop_ids: BLIP-2 OPT
+      also stops at its configured "\n").
+    """
+    fn = refine_program(model, shardings, prompt_bucket, max_new_tokens, eos_ids, pad_id)
 
     def call(trainable, frozen, batch):
         with jax.set_mesh(mesh):

@@ -31,13 +31,14 @@ import jax.numpy as jnp
 from fastvlm_jax import checkpoint as ckpt_lib
 from fastvlm_jax import sharding
 from fastvlm_jax.config import VLMConfig
+from fastvlm_jax.distributed import maybe_initialize
 from fastvlm_jax.model import VLM
 from fastvlm_jax.paths import as_path
-from fastvlm_jax.tokenizer import Tokenizer, check_image_token_id, load_tokenizer
 from train import checkpointing, deepen, input as input_lib, metrics as metrics_lib
 from train import params as param_lib
 from train import step as step_lib
 from train.config import ConfigError, TrainConfig, apply_overrides, load_config_file, parse_overrides
+from train.model_setup import make_tokenizer, resolve_model_config
 
 EXPORT_DIR = "export"
 CHECKPOINT_DIR = "checkpoints"
@@ -47,58 +48,6 @@ CONFIG_FILE = "train_config.json"
 # ---------------------------------------------------------------------------------------
 # Setup pieces
 # ---------------------------------------------------------------------------------------
-
-
-def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                                 process_id: int | None = None) -> None:
-    """jax.distributed.initialize() when flags, our env vars or a known cluster ask for it."""
-    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
-        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
-    if process_id is None and os.environ.get("JAX_PROCESS_ID"):
-        process_id = int(os.environ["JAX_PROCESS_ID"])
-    if coordinator or num_processes:
-        if num_processes == 1:
-            return
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
-        return
-    # Clusters JAX auto-detects: several TPU hosts, SLURM tasks or MPI ranks.
-    multi = (len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
-             or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-             or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
-    if multi:
-        jax.distributed.initialize()
-
-
-def make_tokenizer(cfg: TrainConfig, init_ckpt_tokenizer) -> Tokenizer:
-    """The configured tokenizer folder, else the init checkpoint's, else one trained on the
-    synthetic caption corpus (deterministic, so every host trains the same one)."""
-    if cfg.tokenizer.path:
-        return load_tokenizer(cfg.tokenizer.path)
-    if init_ckpt_tokenizer is not None:
-        return init_ckpt_tokenizer
-    if cfg.init_from:
-        raise ConfigError(f"{cfg.init_from} has no tokenizer/ folder: set tokenizer.path")
-    from fastvlm_jax.data import synthetic
-
-    corpus = synthetic.caption_corpus(cfg.tokenizer.train_corpus_size)
-    return input_lib.train_caption_tokenizer(corpus, cfg.tokenizer.train_vocab_size,
-                                             cfg.tokenizer.byte_fallback,
-                                             prompt_lines=[input_lib.prompt_text(cfg.data.question)])
-
-
-def resolve_model_config(model: VLMConfig, tokenizer: Tokenizer) -> VLMConfig:
-    """vocab_size 0 -> the tokenizer's size rounded up to 128 (and its image token id)."""
-    if model.text.vocab_size == 0:
-        vocab = -(-tokenizer.vocab_size // 128) * 128
-        model = model.replace(text=dataclasses.replace(model.text, vocab_size=vocab),
-                              image_token_id=tokenizer.image_token_id)
-    if tokenizer.vocab_size > model.text.vocab_size:
-        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
-                          f"{model.text.vocab_size}")
-    check_image_token_id(tokenizer, model.image_token_id, ConfigError)
-    return model
 
 
 def open_source(cfg: TrainConfig):
@@ -338,6 +287,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-processes", type=int, default=None)
     parser.add_argument("--process-id", type=int, default=None)
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    parser.add_argument("--compile-only", metavar="TOPOLOGY", default=None,
+                        help="compile the step for a TPU slice (e.g. v5e:4x8, v5p:2x2x4) and report "
+                        "memory per chip, FLOPs, collectives and a roofline time; runs nothing "
+                        "(needs libtpu: pip install -e '.[tpu]'); exit 1 if it does not fit")
+    parser.add_argument("--json", default=None, help="--compile-only: write the report here")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     return parser.parse_args(argv)
 
@@ -349,7 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    if args.compile_only:
+        from train import compile_only
+
+        return compile_only.main(cfg, args.config, args.compile_only, args.json)
+    maybe_initialize(args.coordinator, args.num_processes, args.process_id)
     result = train(cfg, args.workdir, progress=not args.no_progress)
     if jax.process_index() == 0:
         print(json.dumps({"status": result.status, "step": result.step, "workdir": str(result.workdir),

@@ -228,16 +228,24 @@ def make_shardings(model: VLM, mesh: Mesh, trainable: set[str], tx: optax.Gradie
                      replicated=replicated)
 
 
+def train_step_program(model: VLM, spec: StepSpec, tx: optax.GradientTransformation,
+                       schedule: optax.Schedule, shardings: Shardings):
+    """The jitted step with explicit shardings, the state's buffers donated (updated in
+    place). Trace it (call or `.lower`) inside `jax.set_mesh(mesh)` and the axis rules, as
+    `jit_train_step` does; train.compile_only lowers it for a TPU topology."""
+    return jax.jit(
+        lambda state, frozen, batch: train_step(model, spec, tx, schedule, state, frozen, batch),
+        in_shardings=(shardings.state, shardings.frozen, shardings.batch),
+        out_shardings=(shardings.state, shardings.replicated),
+        donate_argnums=(0,))
+
+
 def jit_train_step(model: VLM, spec: StepSpec, tx: optax.GradientTransformation,
                    schedule: optax.Schedule, shardings: Shardings, mesh: Mesh,
                    rules=sharding.DEFAULT_RULES) -> Callable:
     """`step(state, frozen, batch) -> (state, metrics)` compiled with explicit shardings;
     the state's buffers are donated (updated in place)."""
-    fn = jax.jit(
-        lambda state, frozen, batch: train_step(model, spec, tx, schedule, state, frozen, batch),
-        in_shardings=(shardings.state, shardings.frozen, shardings.batch),
-        out_shardings=(shardings.state, shardings.replicated),
-        donate_argnums=(0,))
+    fn = train_step_program(model, spec, tx, schedule, shardings)
 
     def step(state, frozen, batch):
         # The mesh and logical rules must be active while tracing, for the activation

@@ -33,6 +33,7 @@ from decode.bench.timing import bench_one
 from decode.captioner import describe_device
 from decode.engine import DraftPolicy
 from decode.sampling import SamplingConfig
+from fastvlm_jax.architectures import ARCHITECTURES
 from fastvlm_jax.model import param_bytes, param_count
 
 POLICIES = ("static", "confidence", "context")
@@ -69,8 +70,9 @@ def policy_names(args: argparse.Namespace) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m decode.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--ckpt", required=True, help="checkpoint dir, 'demo', or random:PRESET "
-                        f"({', '.join(sorted(RANDOM_PRESETS))})")
+    parser.add_argument("--ckpt", required=True, help="checkpoint dir, 'demo', random:PRESET "
+                        f"({', '.join(sorted(RANDOM_PRESETS))}), or (with --compile-only) shapes:NAME "
+                        f"({', '.join(sorted(ARCHITECTURES))})")
     parser.add_argument("--images", nargs="*", default=[],
                         help="image files, 'synthetic' (default for checkpoints with a tokenizer: "
                         "synthetic test scenes) or 'random' (random pixels and text ids)")
@@ -110,6 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--context-bucket", type=int, default=8)
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--json", required=True, help="output JSON file")
+    compile_group = parser.add_argument_group(
+        "compile-only", "compile the decoding programs for a TPU slice instead of running them "
+        "(decode/bench/compile_only.py; needs libtpu: pip install -e '.[tpu]')")
+    compile_group.add_argument("--compile-only", metavar="TOPOLOGY", default=None,
+                               help="e.g. v5e:2x2, v5e:4x8, v5p:2x2x4; exit 1 if a program does not fit")
+    compile_group.add_argument("--mesh", default=None,
+                               help="data=D,tensor=T[,fsdp=F] over the slice's devices (default: tensor "
+                               "parallel over all of them)")
+    compile_group.add_argument("--acceptance", default="0.7",
+                               help="per-position acceptance probability, or a decode.run --stats / "
+                               "decode.bench JSON (default 0.7, the demo's measured acceptance)")
+    compile_group.add_argument("--no-generate", action="store_true",
+                               help="compile the round's pieces only, not the whole generate programs")
     return parser
 
 
@@ -132,6 +147,13 @@ def run_line(result: dict, policy_name: str) -> str:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.compile_only:
+        from decode.bench import compile_only
+
+        args.argv = sys.argv[1:] if argv is None else list(argv)
+        return compile_only.run(args, parser)
+    if args.ckpt.startswith("shapes:"):
+        parser.error(f"--ckpt {args.ckpt} names an architecture without weights: use it with --compile-only TOPOLOGY")
     try:  # before loading the model: a bad --temperature is reported at once, as one line
         sampling = SamplingConfig(temperature=args.temperature)
     except ValueError as e:

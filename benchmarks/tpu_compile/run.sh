@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Compile-only runs for LLaVA-1.5-7B on named TPU topologies (nothing runs on a TPU; libtpu's
+# compiler on this CPU host). Usage: benchmarks/tpu_compile/run.sh CHAIN, CHAIN in {train, decode}.
+# Each command's console output goes to benchmarks/tpu_compile/NAME.log, its report to NAME.json.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PYTHON:-python}
+OUT=benchmarks/tpu_compile
+
+run() {  # NAME COMMAND...
+  local name=$1; shift
+  echo "\$ $*" > "$OUT/$name.log"
+  local start=$(date +%s)
+  "$@" >> "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "exit $rc after $(( $(date +%s) - start )) s" >> "$OUT/$name.log"
+  echo "$name: exit $rc after $(( $(date +%s) - start )) s"
+}
+
+case "${1:-}" in
+  train)
+    run llava15_7b_imitation_v5e_4x8 $PY -m train.run --config configs/llava15_7b.py:imitation \
+        --compile-only v5e:4x8 --json $OUT/llava15_7b_imitation_v5e_4x8.json
+    run llava15_7b_imitation_v5p_2x2x4 $PY -m train.run --config configs/llava15_7b.py:imitation \
+        --compile-only v5p:2x2x4 --json $OUT/llava15_7b_imitation_v5p_2x2x4.json
+    run llava15_7b_refine_v5e_4x8 $PY -m train.run --config configs/llava15_7b.py:refine \
+        --compile-only v5e:4x8 --json $OUT/llava15_7b_refine_v5e_4x8.json
+    ;;
+  decode)
+    run decode_llava15_7b_v5e_2x2 $PY -m decode.bench --ckpt shapes:llava15_7b --compile-only v5e:2x2 \
+        --mesh data=1,tensor=4 --batch-size 1 8 --draft-len 5 --max-new-tokens 64 --acceptance 0.7 \
+        --json $OUT/decode_llava15_7b_v5e_2x2.json
+    run llava15_13b_imitation_v5e_4x8 $PY -m train.run --config configs/llava15_13b.py:imitation \
+        --compile-only v5e:4x8 --json $OUT/llava15_13b_imitation_v5e_4x8.json
+    ;;
+  *) echo "usage: $0 train|decode" >&2; exit 2 ;;
+esac

@@ -1,0 +1,59 @@
+"""Markdown tables of the compile-only JSONs in this folder (python benchmarks/tpu_compile/table.py)."""
+
+import json
+import sys
+from pathlib import Path
+
+GiB = 1024**3
+HERE = Path(__file__).parent
+
+
+def train_rows(paths):
+    yield ("| config:stage | topology | mesh | batch x seq | peak per chip | HBM per chip | fits | "
+           "FLOPs per step | roofline step time | collectives (static) | compile |")
+    yield "|---|---|---|---|---:|---:|:-:|---:|---:|---|---:|"
+    for path in paths:
+        r = json.loads(path.read_text())
+        coll = "; ".join(f"{name}: " + (", ".join(f"{k} {v}" for k, v in p["collectives"].items() if v)
+                                        if p["collectives"] is not None else "n/a")
+                         for name, p in r["programs"].items())
+        compile_s = sum(p["compile_seconds"] for p in r["programs"].values())
+        mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
+        yield (f"| {Path(r['config']).name} | {r['topology']} | {mesh} | {r['batch_size']} x {r['seq_len']} | "
+               f"{r['per_chip_peak_bytes'] / GiB:.2f} GiB | {r['hbm_bytes_per_chip'] / GiB:.0f} GiB | "
+               f"{'yes' if r['fits'] else 'no'} | {r['flops_per_step']:.3g} | "
+               f"{1000 * r['step_time_lower_bound_s']:.0f} ms | {coll} | {compile_s:.0f} s |")
+
+
+def decode_rows(paths):
+    yield ("| model | topology | mesh | batch | KV cache per chip | peak per chip (generate SSD) | "
+           "AR step | draft step | shallow | verify (G+1) | tokens/round | predicted speedup "
+           "(must-read / bytes-accessed basis) |")
+    yield "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+    for path in paths:
+        r = json.loads(path.read_text())
+        mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
+        for run in r["runs"]:
+            p = run["pieces"]
+            ms = {k: f"{1000 * p[k]['time_lower_bound_s']:.2f} ms" if k in p else "-"
+                  for k in ("ar_step", "draft_step", "shallow_step", "verify")}
+            gen = p.get("generate_ssd", {}).get("per_chip_peak_bytes")
+            cells = [r["model"], r["topology"], mesh, str(run["batch_size"]),
+                     f"{run['kv_cache_bytes_per_device'] * r['devices_per_chip'] / GiB:.2f} GiB",
+                     f"{gen / GiB:.2f} GiB" if gen else "-",
+                     ms["ar_step"], ms["draft_step"], ms["shallow_step"], ms["verify"],
+                     f"{run.get('tokens_per_round', 0):.2f}",
+                     f"{run.get('predicted_speedup', 0):.2f}x / {run.get('predicted_speedup_bytes_accessed', 0):.2f}x"]
+            yield "| " + " | ".join(cells) + " |"
+
+
+if __name__ == "__main__":
+    files = sorted(HERE.glob("*.json"))
+    train = [f for f in files if not f.name.startswith("decode_")]
+    decode = [f for f in files if f.name.startswith("decode_")]
+    if train:
+        print("\n".join(train_rows(train)))
+    if decode:
+        print()
+        print("\n".join(decode_rows(decode)))
+    sys.exit(0)

@@ -1,0 +1,79 @@
+"""Named model architectures: the configs of released checkpoints, without their weights.
+
+    config = architecture("llava15_7b")
+
+For work that needs a model's shapes but not its values: abstract params
+(`VLM(config).abstract_params()`), sharding plans, compile-only runs for a TPU topology
+(`decode.bench --ckpt shapes:NAME --compile-only ...`, `train.run --compile-only` of a
+config whose checkpoint is not on this machine). The sizes are those of the Hugging Face
+checkpoints; the draft path (exit layer, imitation network) is the one our configs/ train.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from fastvlm_jax.blip2 import Blip2Config, Blip2VisionConfig, OPTConfig, QFormerConfig
+from fastvlm_jax.config import ConfigError, DraftConfig, TextConfig, VisionConfig, VLMConfig
+
+# BLIP-2 OPT captions end at "\n" (text_config.eos_token_id of the released models).
+BLIP2_OPT_EOS_NEWLINE_ID = 50118
+
+
+def llava15_7b(exit_layer: int = 8, kind: str = "ffn", draft_hidden: int = 0) -> VLMConfig:
+    """llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14 at 336 px (576 image tokens), Vicuna-7B
+    (32 layers, width 4096, FFN 11008, 32 heads, vocab 32064 with <image> at 32000)."""
+    return VLMConfig(
+        vision=VisionConfig(kind="clip", image_size=336, patch_size=14, hidden_size=1024,
+                            intermediate_size=4096, num_layers=24, num_heads=16),
+        text=TextConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_layers=32,
+                        num_heads=32, num_kv_heads=32, max_position_embeddings=4096),
+        draft=DraftConfig(exit_layer=exit_layer, kind=kind, hidden_size=draft_hidden),
+        vision_feature_layer=-2,
+        image_token_id=32000,
+    )
+
+
+def llava15_13b(exit_layer: int = 10, kind: str = "ffn", draft_hidden: int = 0) -> VLMConfig:
+    """llava-hf/llava-1.5-13b-hf: the 7B's vision tower, Vicuna-13B (40 layers, width 5120,
+    FFN 13824, 40 heads)."""
+    base = llava15_7b(exit_layer=1)
+    return base.replace(
+        text=TextConfig(vocab_size=32064, hidden_size=5120, intermediate_size=13824, num_layers=40,
+                        num_heads=40, num_kv_heads=40, max_position_embeddings=4096),
+        draft=DraftConfig(exit_layer=exit_layer, kind=kind, hidden_size=draft_hidden))
+
+
+def blip2_opt_2_7b(exit_layer: int = 8, kind: str = "ffn", draft_hidden: int = 0) -> Blip2Config:
+    """Salesforce/blip2-opt-2.7b (3,744,761,856 parameters without the imitation network):
+    EVA ViT-g/14 at 224 px (39 layers, width 1408), a 12-layer Q-Former (width 768,
+    cross-attention every 2nd layer, 32 queries), OPT-2.7b (32 layers, width 2560, FFN
+    10240, vocab 50304 with the image token at 50265)."""
+    return Blip2Config(
+        vision=Blip2VisionConfig(image_size=224, patch_size=14, hidden_size=1408, intermediate_size=6144,
+                                 num_layers=39, num_heads=16, layer_norm_eps=1e-6, hidden_act="gelu",
+                                 qkv_bias=True),
+        qformer=QFormerConfig(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12,
+                              layer_norm_eps=1e-12, hidden_act="gelu", cross_attention_frequency=2),
+        text=OPTConfig(vocab_size=50304, hidden_size=2560, intermediate_size=10240, num_layers=32,
+                       num_heads=32, max_position_embeddings=2048, do_layer_norm_before=True,
+                       hidden_act="relu", tie_word_embeddings=True, bos_token_id=2,
+                       eos_token_id=BLIP2_OPT_EOS_NEWLINE_ID),
+        draft=DraftConfig(exit_layer=exit_layer, kind=kind, hidden_size=draft_hidden),
+        num_query_tokens=32,
+        image_token_id=50265,
+    )
+
+
+ARCHITECTURES: dict[str, Callable[[], object]] = {
+    "llava15_7b": llava15_7b,
+    "llava15_13b": llava15_13b,
+    "blip2_opt_2_7b": blip2_opt_2_7b,
+}
+
+
+def architecture(name: str):
+    """The config of the named architecture; ConfigError (one line) for an unknown name."""
+    if name not in ARCHITECTURES:
+        raise ConfigError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+    return ARCHITECTURES[name]()

@@ -1,0 +1,308 @@
+"""`train.run --compile-only TOPOLOGY`: compile the run's step for a TPU slice, run nothing.
+
+    python -m train.run --config configs/llava15_7b.py:imitation --compile-only v5e:4x8 --json OUT.json
+
+The same pieces as train.run build the program (mesh rules, trainable split, optimizer,
+shardings, batch, seq_len, dtype, the jitted step of train/step.py), but every input is
+a ShapeDtypeStruct with a NamedSharding on a Mesh of the topology's abstract devices, so
+no parameter is allocated. The refine stage also compiles its generation program
+(train/refine.py), which runs before every step. Reported per program: memory per chip,
+FLOPs and bytes per step, collectives, roofline time (fastvlm_jax.tpu); the run fits
+when every program fits.
+
+Where the model comes from: `model` (from scratch), else the `init_from` checkpoint's
+config.json and saved dtypes (its params are not read), else the config's named
+`architecture` with frozen params in the compute dtype (as the big configs' convert
+commands write them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fastvlm_jax import sharding, tpu
+from fastvlm_jax.architectures import architecture
+from fastvlm_jax.model import VLM
+from train import deepen
+from train import params as param_lib
+from train import step as step_lib
+from train.config import ConfigError, TrainConfig
+
+# Tokens of a LLaVA/BLIP-2 prompt around the image tokens (chat template + a short question),
+# for the refine program's prompt width when no tokenizer is at hand to count them.
+PROMPT_TEXT_ESTIMATE = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """The model the run would train. frozen_dtypes: {path: dtype name} of the frozen
+    params as they would be loaded; tokenizer: None when neither config nor checkpoint has one."""
+
+    config: Any
+    frozen_dtypes: dict
+    tokenizer: Any
+    where: str
+
+
+def resolve_model(cfg: TrainConfig) -> ModelSource:
+    """The model config, param dtypes and tokenizer of `cfg`, without loading any params."""
+    from fastvlm_jax import checkpoint as ckpt_lib
+    from train import model_setup
+
+    compute = jnp.dtype(cfg.compute_dtype)
+    if cfg.model is not None:
+        tokenizer = model_setup.make_tokenizer(cfg, None) if (cfg.model.text.vocab_size == 0
+                                                          or cfg.tokenizer.path) else None
+        config = model_setup.resolve_model_config(cfg.model, tokenizer) if tokenizer else cfg.model
+        # From scratch: float32 params from the init (train.run.init_params).
+        return ModelSource(config, {}, tokenizer, "model (from scratch)")
+    path = Path(cfg.init_from)
+    if (path / ckpt_lib.CONFIG_FILE).is_file():
+        ckpt = ckpt_lib.load_without_params(path)
+        dtypes = {param_lib.path_str(p): jnp.dtype(x.dtype).name
+                  for p, x in jax.tree_util.tree_flatten_with_path(ckpt.params)[0]}
+        tokenizer = model_setup.make_tokenizer(cfg, ckpt.tokenizer) if (ckpt.tokenizer or cfg.tokenizer.path) else None
+        config = ckpt.config
+        where = f"init_from {cfg.init_from}"
+    elif cfg.architecture:
+        config, dtypes, tokenizer = architecture(cfg.architecture), None, None
+        where = f"architecture {cfg.architecture} (init_from {cfg.init_from} is not on this machine)"
+    else:
+        raise ConfigError(f"init_from {cfg.init_from} has no {ckpt_lib.CONFIG_FILE} and the config names no "
+                          "architecture: --compile-only needs the model's shapes (set architecture=NAME)")
+    if cfg.deepen_to:
+        config = deepen.deepened_config(config, cfg.deepen_to)
+    if dtypes is None:  # the architecture alone: frozen params in the compute dtype
+        abstract = nn.meta.unbox(VLM(config).abstract_params())
+        dtypes = {param_lib.path_str(p): compute.name for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    return ModelSource(config, dtypes, tokenizer, where)
+
+
+def model_flops(stage: str, config, abstract, batch: int, seq_len: int) -> float:
+    """Matmul FLOPs of one training step from the shapes (2 per multiply-add), as MFU counts
+    them. XLA's cost analysis counts a layer scan's body once, so the compiled `flops`
+    undercount a step by about the number of layers; this estimate does not.
+
+    Forward: every weight a token meets (decoder layers, imitation network, the LM head
+    twice: full and draft logits), attention scores and values over the whole sequence,
+    the vision side over its patch tokens. Backward: twice the forward of what carries
+    gradients (base: the full model; draft stages: the imitation network and, for its
+    input gradient only, the head).
+    """
+    def count(prefix):
+        return sum(x.size for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]
+                   if param_lib.path_str(p).startswith(prefix))
+
+    text = config.text
+    tokens = batch * seq_len
+    head = text.hidden_size * text.vocab_size
+    layers, imitation = count("language_model/layers/"), count("imitation/")
+    vision = sum(count(k) for k in ("vision_tower/", "projector/", "qformer/"))
+    vision_tokens = config.vision.num_patches + 1
+    attention = 4 * tokens * seq_len * text.num_heads * text.resolved_head_dim * text.num_layers
+    vision_attention = (4 * batch * vision_tokens**2 * config.vision.hidden_size * config.vision.num_layers)
+    full = 2 * tokens * (layers + head) + attention + 2 * batch * vision_tokens * vision + vision_attention
+    draft = 2 * tokens * (imitation + head)
+    if stage == "base":
+        return float(3 * full + draft)
+    return float(full + draft + 2 * (2 * tokens * imitation) + 2 * tokens * head)
+
+
+def _abstract(tree, shardings, dtype_of=None):
+    """ShapeDtypeStructs of `tree`'s leaves with `shardings` (and dtypes by path, if given)."""
+    def leaf(path, x, sh):
+        dtype = dtype_of(param_lib.path_str(path), x.dtype) if dtype_of else x.dtype
+        return jax.ShapeDtypeStruct(x.shape, dtype, sharding=sh)
+
+    return jax.tree_util.tree_map_with_path(leaf, tree, shardings)
+
+
+def abstract_batch(cfg: TrainConfig, config, shardings: step_lib.Shardings) -> dict:
+    """The global batch of train/step.py as ShapeDtypeStructs (pixels [B, S, S, 3] float32,
+    input_ids / targets [B, seq] int32, loss_mask [B, seq] float32, prompt_len [B] int32)."""
+    b, s, size = cfg.batch_size, cfg.seq_len, config.vision.image_size
+    shapes = {"pixels": ((b, size, size, 3), jnp.float32), "input_ids": ((b, s), jnp.int32),
+              "targets": ((b, s), jnp.int32), "loss_mask": ((b, s), jnp.float32),
+              "prompt_len": ((b,), jnp.int32)}
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings.batch[k])
+            for k, (shape, dtype) in shapes.items()}
+
+
+def _compile(name: str, program, args, mesh, topology: tpu.Topology):
+    """(CompileReport, None) or (None, the compiler's one-line refusal, e.g. out of HBM)."""
+    start = time.perf_counter()
+    with jax.set_mesh(mesh), sharding.axis_rules(sharding.DEFAULT_RULES):
+        lowered = program.lower(*args)
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as err:
+        first = next((line for line in str(err).splitlines() if line.strip()), str(err))
+        return None, f"{name}: the TPU compiler refused it: {first}"
+    return tpu.analyze(name, compiled, topology, time.perf_counter() - start), None
+
+
+def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -> dict[str, Any]:
+    """Compiles what `train.run` would execute per step for `cfg` on `topology`; the report
+    as a JSON-ready dict (fits, reason, per program figures). ConfigError for configs the
+    real run would refuse too (mesh, batch divisibility, trainable patterns)."""
+    devices = list(topology.devices[: cfg.num_devices] if cfg.num_devices else topology.devices)
+    try:
+        mesh = sharding.make_mesh(cfg.mesh, devices)
+    except ValueError as err:
+        raise ConfigError(f"mesh {cfg.mesh} on {topology.name}: {err}") from None
+    source = resolve_model(cfg)
+    model = VLM(source.config, jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32)
+
+    abstract = nn.meta.unbox(model.abstract_params())
+    try:
+        trainable_paths = param_lib.trainable_paths(abstract, cfg.trainable_patterns)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if cfg.stage != "base" and any(not p.startswith("imitation/") for p in trainable_paths):
+        raise ConfigError(f"stage {cfg.stage!r} may only train imitation/* parameters")
+    tx = step_lib.make_optimizer(cfg.optim, cfg.steps)
+    schedule = step_lib.make_schedule(cfg.optim, cfg.steps)
+    shardings = step_lib.make_shardings(model, mesh, trainable_paths, tx)
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (cfg.batch_size // cfg.grad_accum) % data_parallel:
+        raise ConfigError(f"micro-batch {cfg.batch_size // cfg.grad_accum} is not divisible by the "
+                          f"{data_parallel} data-parallel shards of mesh {dict(mesh.shape)}")
+
+    trainable_abs, frozen_abs = param_lib.split(abstract, trainable_paths)
+    # The trainable params are float32 master weights (train.run casts them); the frozen
+    # ones keep the dtype they are loaded in.
+    state = step_lib.abstract_state(
+        shardings, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), trainable_abs), tx)
+    frozen_dtypes = source.frozen_dtypes
+    frozen = _abstract(frozen_abs, shardings.frozen,
+                       lambda path, dtype: frozen_dtypes.get(path, jnp.dtype(dtype).name))
+    batch = abstract_batch(cfg, source.config, shardings)
+
+    reports, refusals = [], []
+    train_program = step_lib.train_step_program(model, step_lib.StepSpec(cfg.stage, cfg.loss, cfg.grad_accum),
+                                                tx, schedule, shardings)
+    programs = [("train_step", train_program, (state, frozen, batch))]
+    notes = []
+    if cfg.stage == "refine":
+        from fastvlm_jax.prompts import stop_ids
+        from train.refine import refine_program
+
+        if source.tokenizer is not None:
+            from train import input as input_lib
+
+            prompt_len = input_lib.TextFormat(source.tokenizer, cfg.data.question,
+                                              source.config.num_image_tokens, cfg.seq_len,
+                                              source.config.model_type).prompt_len
+            eos = stop_ids(source.config, source.tokenizer)
+            pad = source.tokenizer.pad_id
+        else:
+            prompt_len = min(cfg.seq_len - 2, source.config.num_image_tokens + PROMPT_TEXT_ESTIMATE)
+            eos, pad = (2,), 0
+            notes.append(f"no tokenizer here: the refine prompt width is estimated as {prompt_len} "
+                         f"({source.config.num_image_tokens} image tokens + {PROMPT_TEXT_ESTIMATE})")
+        max_new = cfg.refine_max_new_tokens or (cfg.seq_len - prompt_len)
+        programs.insert(0, ("refine_generate", refine_program(model, shardings, prompt_len, max_new, eos, pad),
+                            (state.params, frozen, batch)))
+    for name, program, args in programs:
+        report, refusal = _compile(name, program, args, mesh, topology)
+        if report is None:
+            refusals.append(refusal)
+        else:
+            reports.append(report)
+
+    hbm = topology.hbm_bytes_per_device
+    estimate = model_flops(cfg.stage, source.config, abstract, cfg.batch_size, cfg.seq_len)
+    train_report = next((r for r in reports if r.name == "train_step"), None)
+    # The step's time bound: the compiled costs, with the FLOPs raised to the model's own
+    # count where the compiler's (one layer per scan) fall short.
+    train_bound = (tpu.roofline_seconds(max(train_report.flops, estimate / len(devices)),
+                                        train_report.bytes_accessed, topology)[0]
+                   if train_report else 0.0)
+    over = [r for r in reports if not tpu.fits(r.memory.peak, topology)]
+    reason = None
+    if refusals:
+        reason = refusals[0]
+    elif over:
+        worst = max(over, key=lambda r: r.memory.peak)
+        reason = (f"{worst.name} needs {tpu.format_bytes(worst.memory.peak)} per device, more than the "
+                  f"{tpu.format_bytes(hbm)} of HBM of a {topology.device_kind} device")
+    programs_json = {r.name: tpu.report_dict(r, topology) for r in reports}
+    peak = max((r.memory.peak for r in reports), default=0)
+    return {
+        "config": spec_name, "stage": cfg.stage, **tpu.topology_summary(topology),
+        "mesh": dict(mesh.shape), "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+        "seq_len": cfg.seq_len, "compute_dtype": cfg.compute_dtype,
+        "frozen_param_dtypes": sorted({jnp.dtype(x.dtype).name for x in jax.tree.leaves(frozen)}),
+        "model_source": source.where, "trainable_params": param_lib.count(trainable_abs),
+        "frozen_params": param_lib.count(frozen_abs),
+        "per_chip_peak_bytes": peak * topology.devices_per_chip,
+        "hbm_bytes_per_device": hbm,
+        "fits": not refusals and not over,
+        "reason": reason,
+        # The train step's figures (refine also runs `refine_generate` first, see programs).
+        # flops_per_step: the model FLOPs of the step (model_flops); compiled_flops_per_step:
+        # the compiler's, which count each layer scan's body once.
+        "flops_per_step": estimate,
+        "compiled_flops_per_step": programs_json.get("train_step", {}).get("flops_per_step"),
+        "bytes_per_step": programs_json.get("train_step", {}).get("bytes_per_step"),
+        "step_time_lower_bound_s": train_bound,
+        "time_basis": "max(model FLOPs / chip peak, compiled bytes accessed / HBM bandwidth) per device",
+        "tokens_per_step": cfg.batch_size * cfg.seq_len,
+        "program_names": [name for name, _, _ in programs],
+        "programs": programs_json,
+        "notes": notes,
+    }
+
+
+def main(cfg: TrainConfig, spec_name: str, topology_name: str, json_path: str | None) -> int:
+    """The CLI's compile-only branch: 0 if it fits, 1 (with a one-line reason) if not,
+    2 for a bad topology or config; libtpu missing is a one-line error too."""
+    import json
+    import sys
+
+    try:
+        topology = tpu.get_topology(topology_name)
+        result = compile_run(cfg, topology, spec_name)
+    except (tpu.TopologyError, tpu.LibtpuMissingError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for line in summary_lines(result, topology):
+        print(line)
+    if json_path:
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+        print(f"wrote {json_path}")
+    if not result["fits"]:
+        print(f"error: does not fit on {topology.name}: {result['reason']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def summary_lines(result: dict, topology: tpu.Topology) -> list[str]:
+    """The console report: one block per program, then the verdict."""
+    lines = [f"{result['config']} stage {result['stage']} on {topology.name} ({topology.chips} chips, "
+             f"{len(topology.devices)} devices of {topology.device_kind}), mesh {result['mesh']}, "
+             f"batch {result['batch_size']} x seq {result['seq_len']}, {result['compute_dtype']}; "
+             f"model: {result['model_source']}"]
+    for name, p in result["programs"].items():
+        lines += tpu.program_lines(name, p, result["hbm_bytes_per_device"])
+        if p.get("while_loops"):
+            lines.append(f"  ({p['while_loops']} while loops: the compiler's FLOPs and bytes count each "
+                         "loop body once)")
+    if result["step_time_lower_bound_s"]:
+        lines.append(f"train step: {result['flops_per_step']:.3e} model FLOPs; roofline >= "
+                     f"{1000 * result['step_time_lower_bound_s']:.1f} ms per step on {topology.name}")
+    lines += [f"note: {n}" for n in result["notes"]]
+    if result["programs"] and len(result["programs"]) == len(result["program_names"]):
+        lines.append(f"per-chip peak {tpu.format_bytes(result['per_chip_peak_bytes'])} of "
+                     f"{tpu.format_bytes(result['hbm_bytes_per_chip'])}: "
+                     + ("fits" if result["fits"] else "does not fit"))
+    return lines
