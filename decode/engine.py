@@ -15,6 +15,13 @@ SSD round, per batch row (all rows in lockstep, each with its own position):
   3. accept the longest agreeing prefix (greedy) or apply speculative sampling, append
      the full model's own next token, advance the row by accepted + 1. Rejected cache
      slots lie past the row's position: masked now, overwritten later.
+
+With `DecodeSpec.tree` (tree.nodes > 0) a round drafts a token tree instead of a chain
+(decode/tree.py): the shallow layers run once per drafting step over that step's nodes
+with a tree attention mask, verification runs layers [exit_layer, L) over all nodes at
+once, the longest agreeing root path is accepted (greedy) or recursive rejection
+sampling picks it (sampling), and its cache entries (every layer, and the imitation
+network's own cache) are moved to contiguous slots, all inside the same loop.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import numpy as np
 
 from decode import tree as tree_lib
 from decode.sampling import SamplingConfig, accept_greedy, accept_speculative, next_token, warp
-from decode.tree import TreeShape
+from decode.tree import TreeShape, accept_speculative_tree
 from fastvlm_jax.kv_cache import KVCache
 from fastvlm_jax.model import VLM
 
@@ -363,12 +370,13 @@ def _ssd_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new:
         position_accepts=state.position_accepts + accepts)
 
 
-def _draft_tree(model: VLM, params, spec: DecodeSpec, state: _LoopState) -> tuple[tree_lib.Tree, KVCache, KVCache | None]:
+def _draft_tree(model: VLM, params, spec: DecodeSpec, state: _LoopState, rng: Array):
     """Grows each live row's draft tree (see decode.tree): the root, then `steps` steps of
     `width` nodes, each step one pass of the shallow layers and the imitation network over
     its new nodes. Every node's shallow-layer and imitation-cache entries are written at
     slot pos + index and its exit-layer state is kept in the table.
-    Returns (tree, cache, draft cache)."""
+    Returns (tree, draft probs [batch, size, vocab] after each node (warped; None when
+    greedy; leaves' rows unset), cache, draft cache)."""
     cfg = model.config
     exit_layer = cfg.draft.exit_layer
     shape = spec.tree
@@ -394,39 +402,50 @@ def _draft_tree(model: VLM, params, spec: DecodeSpec, state: _LoopState) -> tupl
         first = 1 + (step - 1) * shape.width
         return jnp.broadcast_to(first + jnp.arange(shape.width, dtype=jnp.int32), (batch, shape.width))
 
+    greedy = spec.sampling.greedy
+    probs = None if greedy else jnp.zeros((batch, shape.size, cfg.text.vocab_size), jnp.float32)
+
+    def expand(step, tree, candidates, probs, ids, draft_hidden):
+        """The nodes ids propose their children (and, sampling, keep their draft distributions)."""
+        logits = model.logits(params, draft_hidden)
+        if greedy:
+            return tree_lib.propose_children(candidates, tree, ids, jax.nn.log_softmax(logits, axis=-1)), probs
+        step_probs = warp(logits, spec.sampling)
+        probs = probs.at[jnp.arange(batch)[:, None], ids].set(step_probs)
+        return tree_lib.propose_children(candidates, tree, ids, jnp.log(step_probs),
+                                         jax.random.fold_in(rng, step)), probs
+
     root_ids = jnp.zeros((batch, 1), jnp.int32)
     tree, cache, draft_cache, draft_hidden = shallow(tree, root_ids, state.cache, state.draft_cache)
-    candidates = tree_lib.propose_children(tree_lib.Candidates.empty(batch, shape.size, shape.width), tree,
-                                           root_ids, model.logits(params, draft_hidden))
+    candidates, probs = expand(0, tree, tree_lib.Candidates.empty(batch, shape.size, shape.width), probs,
+                               root_ids, draft_hidden)
 
     def body(step, carry):
-        tree, candidates, cache, draft_cache = carry
+        tree, candidates, probs, cache, draft_cache = carry
         ids = step_ids(step)
         tree, candidates = tree_lib.grow(tree, candidates, ids)
         tree, cache, draft_cache, draft_hidden = shallow(tree, ids, cache, draft_cache)
-        candidates = tree_lib.propose_children(candidates, tree, ids, model.logits(params, draft_hidden))
-        return tree, candidates, cache, draft_cache
+        candidates, probs = expand(step, tree, candidates, probs, ids, draft_hidden)
+        return tree, candidates, probs, cache, draft_cache
 
-    tree, candidates, cache, draft_cache = jax.lax.fori_loop(
-        1, shape.steps, body, (tree, candidates, cache, draft_cache))
+    tree, candidates, probs, cache, draft_cache = jax.lax.fori_loop(
+        1, shape.steps, body, (tree, candidates, probs, cache, draft_cache))
     # The last step's nodes propose no children: their draft states only fill the
     # imitation network's cache (the next round may build on any of them).
     ids = step_ids(shape.steps)
     tree, _ = tree_lib.grow(tree, candidates, ids)
     tree, cache, draft_cache, _ = shallow(tree, ids, cache, draft_cache)
-    return tree, cache, draft_cache
+    return tree, probs, cache, draft_cache
 
 
 def _tree_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new: Array) -> _LoopState:
     """An SSD round with a draft tree: draft, verify every node in one pass of the deep
     layers, accept the longest agreeing root path, move its cache entries to contiguous slots."""
-    if not spec.sampling.greedy:
-        raise NotImplementedError("sampling with draft trees is not implemented yet: use a chain")
     cfg = model.config
     shape = spec.tree
     depth = shape.steps
-    rng, _ = _split(state.rng, spec)
-    tree, cache, draft_cache = _draft_tree(model, params, spec, state)
+    rng, draft_rng, accept_rng = _split(state.rng, spec, 3)
+    tree, draft_probs, cache, draft_cache = _draft_tree(model, params, spec, state, draft_rng)
 
     # Verification: layers [exit_layer, L) over all nodes, each seeing its ancestors.
     pos = state.cache.pos
@@ -434,10 +453,15 @@ def _tree_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new
     layout = tree_lib.tree_slots(pos, ids, tree.ancestors, cache.slots)
     h_last, cache, _ = model.run_layers(params, tree.states, pos[:, None] + tree.depths, cfg.draft.exit_layer,
                                         cfg.text.num_layers, cache, tree=layout)
-    target = jnp.argmax(model.logits(params, h_last), axis=-1).astype(jnp.int32)  # [batch, size]
-    last = tree_lib.accept_greedy_tree(tree, target)
+    logits = model.logits(params, h_last)  # [batch, size, vocab]
+    if spec.sampling.greedy:
+        target = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        last = tree_lib.accept_greedy_tree(tree, target)
+        final = jnp.take_along_axis(target, last[:, None], axis=1)[:, 0]
+    else:
+        last, final = accept_speculative_tree(accept_rng, tree, warp(logits, spec.sampling), draft_probs,
+                                              shape.width, depth)
     accepted = jnp.take_along_axis(tree.depths, last[:, None], axis=1)[:, 0]
-    final = jnp.take_along_axis(target, last[:, None], axis=1)[:, 0]
 
     # The accepted path's entries (slots pos + node) move to slots pos + depth, in the
     # decoder's cache and the imitation network's own.
@@ -460,7 +484,7 @@ def _tree_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new
                   new_tokens, accepted + 1, max_new, spec.eos_ids)
     emitted_drafts = jnp.minimum(accepted, state.num_tokens - before)
     level = jnp.arange(depth)[None]
-    reached = jnp.max(tree.depths, axis=1)  # the tree's depth in this row
+    reached = jnp.max(jnp.where(tree.valid, tree.depths, 0), axis=1)  # the tree's depth in this row
     attempts = jnp.sum((level < reached[:, None]) & live[:, None], axis=0)
     accepts = jnp.sum(level < emitted_drafts[:, None], axis=0)
     return state.replace(

@@ -7,11 +7,13 @@ import pytest
 
 from decode import engine
 from decode import tree as tree_lib
-from decode.engine import DecodeSpec, generate
+from decode.engine import DecodeSpec, Prompts, generate
 from decode.tree import TreeShape
 from fastvlm_jax.kv_cache import KVCache
 from fastvlm_jax.model import VLM
 from tests.test_decode import _near_identity_deep_layers, _perturbed_imitation, _prompts, _tokens
+from tests.test_blip2 import converted  # noqa: F401 (a pytest fixture: a converted tiny HF BLIP-2)
+from tests.test_sampling import tiny  # noqa: F401 (a pytest fixture: the 6-token model)
 from tests.tiny import tiny_config
 
 
@@ -30,17 +32,17 @@ def test_greedy_tree_ssd_equals_ar(exit_layer, kind, nodes, width):
     n = config.num_image_tokens
     prompts = _prompts(config, [n + 3, n + 9, n + 5], seed=nodes)
     ar = generate(model, params, prompts, DecodeSpec("ar", capacity=24, eos_ids=()), 24)
-    # An EOS that the greedy output of row 0 reaches mid-way (inside some round's tree).
+    # An EOS that the greedy output of row 0 reaches mid-way (inside some round's tree). AR
+    # with it stops right after its first occurrence (test_decode checks that in the engine).
     eos = int(ar.tokens[0, 6])
-    ar = generate(model, params, prompts, DecodeSpec("ar", capacity=24, eos_ids=(eos,)), 24)
+    expected = [row[: row.index(eos) + 1] if eos in row else row for row in map(list, _tokens(ar))]
+    assert len(expected[0]) <= 7
     spec = DecodeSpec("ssd", capacity=24, eos_ids=(eos,), tree=TreeShape(nodes, width))
     ssd = generate(model, params, prompts, spec, 24)
-    assert _tokens(ssd) == _tokens(ar)
-    assert int(ar.num_tokens[0]) <= 7 and int(ar.tokens[0, int(ar.num_tokens[0]) - 1]) == eos
-    accepted, drafted = int(ssd.accepted.sum()), int(ssd.drafted.sum())
-    assert 0 < accepted, "the near-identity draft should get some tokens accepted"
-    assert int(ssd.rounds.sum()) < int(ar.rounds.sum())
-    assert drafted == int(ssd.rounds.sum()) * nodes
+    assert _tokens(ssd) == expected
+    assert int(ssd.accepted.sum()) > 0, "the near-identity draft should get some tokens accepted"
+    assert int(ssd.rounds.sum()) < sum(map(len, expected)) - len(expected)  # fewer rounds than AR steps
+    assert int(ssd.drafted.sum()) == int(ssd.rounds.sum()) * nodes
 
 
 def _tree_from_parents(parents, tokens):
@@ -163,3 +165,201 @@ def test_tree_shape_is_checked():
         DecodeSpec("ssd", tree=TreeShape(4, 2), policy=engine.DraftPolicy(min_confidence=0.5))
     assert DecodeSpec("ssd", tree=TreeShape(16, 4)).lookahead == 17
     assert DecodeSpec("ssd", tree=TreeShape(16, 4)).draft_depth == 4
+
+
+# --- sampling with trees reproduces the full model's distribution --------------------------
+
+def _one_node_tree_samples(p, q, width, rows, seed):
+    """The round's first token under accept_speculative_tree at a root whose `width`
+    children are drawn from q without replacement, the target being p: ([rows] tokens,
+    [rows] accepted node, 0 = none)."""
+    vocab = p.shape[0]
+    draw_rng, accept_rng = jax.random.split(jax.random.key(seed))
+    tree = tree_lib.Tree.root(jnp.zeros((rows,), jnp.int32), width + 1, 1, jnp.float32)
+    candidates = tree_lib.propose_children(tree_lib.Candidates.empty(rows, width + 1, width), tree,
+                                           jnp.zeros((rows, 1), jnp.int32),
+                                           jnp.log(jnp.broadcast_to(q, (rows, 1, vocab))), draw_rng)
+    tree, _ = tree_lib.grow(tree, candidates, jnp.broadcast_to(jnp.arange(1, width + 1), (rows, width)))
+    node, token = tree_lib.accept_speculative_tree(
+        accept_rng, tree, jnp.broadcast_to(p, (rows, width + 1, vocab)),
+        jnp.broadcast_to(q, (rows, width + 1, vocab)), width, 1)
+    return jnp.where(node > 0, tree.tokens[jnp.arange(rows), node], token), node
+
+
+P_ONE = jnp.asarray([0.05, 0.4, 0.1, 0.2, 0.05, 0.2])
+Q_ONE = jnp.asarray([0.3, 0.3, 0.05, 0.05, 0.2, 0.1])
+
+
+def test_recursive_rejection_over_siblings_is_exact_and_its_mutation_is_not(monkeypatch):
+    """One level, three siblings drawn without replacement from q: the emitted token is
+    distributed as p, with later siblings accepted often; the same rule without the
+    residual update after a rejected sibling (accept the first sibling that passes its
+    own min(1, p/q) test) is far off."""
+    from scipy import stats
+
+    rows = 100_000
+    run = jax.jit(lambda seed: _one_node_tree_samples(P_ONE, Q_ONE, 3, rows, seed), static_argnums=0)
+    first, node = map(np.asarray, run(0))
+    assert np.mean(node >= 2) > 0.2, "the second and third siblings should be accepted often"
+    pvalue = stats.chisquare(np.bincount(first, minlength=6), np.asarray(P_ONE) * rows).pvalue
+    assert pvalue > 1e-3, f"tree rule differs from p: p-value {pvalue:.3g}"
+    monkeypatch.setattr(tree_lib, "reject_sibling", lambda residual, draft, token: (residual, draft))
+    broken = jax.jit(lambda seed: _one_node_tree_samples(P_ONE, Q_ONE, 3, rows, seed), static_argnums=0)
+    first = np.asarray(broken(0)[0])
+    pvalue = stats.chisquare(np.bincount(first, minlength=6), np.asarray(P_ONE) * rows).pvalue
+    assert pvalue < 1e-6, f"the mutated rule went undetected: p-value {pvalue:.3g}"
+
+
+# (nodes, width, steps, sampling): steps = the tree's depth + 2, so rows whose first round
+# accepts a full-depth path end with that round's bonus token.
+TREE_SAMPLING_CASES = [(4, 2, 4, "plain"), (6, 3, 4, "warped")]
+
+
+def _tree_generate(tiny, nodes, width, steps, sampling, seed, capacity=None):
+    from tests.test_sampling import PROMPT, ROWS
+
+    model, params, _ = tiny
+    prompts = Prompts(jnp.asarray([PROMPT] * ROWS, jnp.int32), jnp.full((ROWS,), len(PROMPT), jnp.int32))
+    spec = DecodeSpec("ssd", capacity=capacity or steps, sampling=sampling, eos_ids=(),
+                      tree=TreeShape(nodes, width))
+    out = generate(model, params, prompts, spec, steps, jax.random.key(seed))
+    assert np.all(np.asarray(out.num_tokens) == steps)
+    return out, np.asarray(out.tokens)[:, :steps]
+
+
+def _sampling_config(name):
+    from tests.test_sampling import PLAIN, WARPED
+
+    return {"plain": PLAIN, "warped": WARPED}[name]
+
+
+@pytest.mark.parametrize("nodes,width,steps,sampling", TREE_SAMPLING_CASES, ids=["plain", "warped"])
+def test_tree_speculative_sampling_matches_exact_distribution(tiny, nodes, width, steps, sampling):
+    from tests.test_sampling import _chi_square, _exact_joint
+
+    sampling = _sampling_config(sampling)
+    joint = _exact_joint(tiny, steps, sampling)
+    out, tokens = _tree_generate(tiny, nodes, width, steps, sampling, seed=0)
+    depth = nodes // width
+    # Whole-depth paths (then the bonus token) in many rows, rejections in many others.
+    assert int(out.position_accepts[depth - 1]) > 0.2 * len(tokens)
+    assert int(out.accepted.sum()) < 0.9 * int(out.rounds.sum()) * depth
+    pvalue, impossible = _chi_square(tokens, joint)
+    print(f"tree {nodes}x{width}, {steps} steps, {sampling}: p = {pvalue:.3g}")
+    assert impossible == 0, f"{impossible} tree SSD samples have probability 0"
+    assert pvalue > 1e-3, f"tree SSD samples differ from the exact distribution: p = {pvalue:.3g}"
+
+
+def test_tree_sampling_without_the_residual_update_is_detected(tiny, monkeypatch):
+    """The end-to-end check has power: accepting the first sibling whose own min(1, p/q)
+    test passes, without updating the target to the residual, fails it."""
+    from tests.test_sampling import _chi_square, _exact_joint
+
+    nodes, width, steps, name = TREE_SAMPLING_CASES[0]
+    sampling = _sampling_config(name)
+    joint = _exact_joint(tiny, steps, sampling)
+    traced = []
+
+    def broken(residual, draft, token):
+        traced.append(True)  # at trace time
+        return residual, draft
+
+    monkeypatch.setattr(tree_lib, "reject_sibling", broken)
+    try:  # a capacity of its own: generate's jit cache must not serve the correct program
+        _, tokens = _tree_generate(tiny, nodes, width, steps, sampling, seed=0, capacity=steps + 7)
+    finally:
+        jax.clear_caches()
+    assert traced, "the patched rule was not traced"
+    pvalue, impossible = _chi_square(tokens, joint)
+    print(f"no residual update, tree {nodes}x{width}: p = {pvalue:.3g}, {impossible} impossible")
+    assert impossible > 0 or pvalue < 1e-6, f"the broken tree rule went undetected: p = {pvalue:.3g}"
+
+
+def test_greedy_tree_ssd_equals_ar_and_hf_on_converted_blip2(converted):
+    """A converted Hugging Face model (BLIP-2 / OPT: learned positions, its own layer and
+    imitation code) with a one-layer imitation network: tree SSD == AR == HF generate."""
+    from fastvlm_jax.blip2 import init_imitation
+    from tests.test_blip2 import EOS, MAX_NEW
+
+    checkpoint, prompts, hf_tokens, ar, _ = converted
+    config = checkpoint.config.with_draft(kind="layer")
+    imitation = init_imitation(config, jax.random.key(1))
+    imitation = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.02 * jax.random.normal(jax.random.key(len(str(path))), x.shape)
+        if "fc2" in str(path) or "out_proj" in str(path) else x, imitation)
+    params = {**checkpoint.params, "imitation": imitation}
+    spec = DecodeSpec("ssd", capacity=MAX_NEW, eos_ids=(EOS,), tree=TreeShape(6, 2))
+    ssd = generate(VLM(config), params, prompts, spec, MAX_NEW)
+    assert _tokens(ssd) == _tokens(ar) == hf_tokens
+    assert int(ssd.accepted.sum()) > 0 and int(ssd.rounds.sum()) < int(ar.rounds.sum())
+
+
+# --- the flags and the statistics -----------------------------------------------------------
+
+def test_accepted_depth_histogram_and_tree_stats():
+    from decode.captioner import BatchStats, accepted_depth_histogram, summarize
+
+    # 10 rounds: 4 accepted nothing, 3 accepted 1, 2 accepted 2, 1 accepted 3.
+    assert accepted_depth_histogram(10, [6, 3, 1]) == [4, 3, 2, 1]
+    stats = summarize(BatchStats(images=2, tokens=22, first_tokens=2, rounds=10, drafted=80, accepted=10,
+                                 seconds=1.0, position_attempts=(10, 10, 9), position_accepts=(6, 3, 1),
+                                 verified=90))
+    assert stats["accepted_depth_histogram"] == [4, 3, 2, 1]
+    assert stats["nodes_verified_per_call"] == 9.0
+    assert stats["tokens_per_full_model_call"] == 22 / 12
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--tree-nodes", "5", "--tree-width", "2"], "multiple of the tree width"),
+    (["--tree-nodes", "-1"], "must be >= 0"),
+    (["--tree-nodes", "4", "--min-confidence", "0.5"], "chains only"),
+])
+def test_run_cli_rejects_bad_tree_flags(tmp_path, capsys, flags, message):
+    from decode import run
+
+    argv = ["--ckpt", str(tmp_path / "no-ckpt"), "--images", str(tmp_path / "no.png"),
+            "--out", str(tmp_path / "out.jsonl"), *flags]
+    assert run.main(argv) == run.EXIT_USAGE
+    assert message in capsys.readouterr().err
+
+
+def test_run_cli_tree_equals_ar_and_reports_tree_stats(tmp_path):
+    import json
+
+    from decode import run
+    from tests.run_fixtures import make_tiny_checkpoint, write_image
+
+    ckpt = str(make_tiny_checkpoint(tmp_path / "ckpt"))
+    images = [str(write_image(tmp_path / "in" / f"{i}.png", seed=i)) for i in range(3)]
+    common = ["--ckpt", ckpt, "--images", *images, "--batch-size", "2", "--max-new-tokens", "8", "--no-progress"]
+    assert run.main([*common, "--out", str(tmp_path / "ar.jsonl"), "--mode", "ar"]) == run.EXIT_OK
+    assert run.main([*common, "--out", str(tmp_path / "tree.jsonl"), "--tree-nodes", "4", "--tree-width", "2",
+                     "--stats", str(tmp_path / "stats.json")]) == run.EXIT_OK
+
+    def token_ids(name):
+        lines = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+        return {line["image"]: line["token_ids"] for line in lines}
+
+    assert token_ids("tree.jsonl") == token_ids("ar.jsonl")
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["tree_nodes"] == 4 and stats["tree_width"] == 2
+    assert stats["nodes_verified_per_call"] == 5.0
+    assert len(stats["accepted_depth_histogram"]) == 3 and sum(stats["accepted_depth_histogram"]) == stats["rounds"]
+    assert stats["tokens_per_full_model_call"] == stats["tokens"] / stats["full_model_calls"]
+
+
+def test_bench_cli_runs_chains_and_a_tree(tmp_path):
+    import json
+
+    from decode.bench import cli
+
+    out = tmp_path / "bench.json"
+    assert cli.main(["--ckpt", "random:tiny", "--draft-len", "2", "--tree-nodes", "0", "4", "--tree-width", "2",
+                     "--max-new-tokens", "8", "--repeats", "1", "--no-plots", "--json", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["tree_nodes"], r["draft_len"]) for r in runs] == [(0, 2), (4, 2)]
+    for run in runs:
+        assert run["identical"] is True
+        assert run["nodes_verified_per_call"] == (3 if run["tree_nodes"] == 0 else 5)
+        assert sum(run["accepted_depth_histogram"]) == run["ssd"]["rounds"]
+        assert run["tokens_per_full_model_call"] > 0
