@@ -115,12 +115,12 @@ def choose_auto_draft(bench: BenchModel, prompts: Prompts, exit_layer: int, auto
 
     def run(draft_len, full):
         if draft_len == 0:
-            args = (ar_model, bench.params, DecodeSpec("ar", capacity=max_new, sampling=sampling, eos_ids=eos))
+            use, spec = (ar_model, bench.params), DecodeSpec("ar", capacity=max_new, sampling=sampling, eos_ids=eos)
         else:
-            args = (model, params, DecodeSpec("ssd", capacity=max_new, sampling=sampling, eos_ids=eos,
-                                              policy=DraftPolicy(draft_len=draft_len)))
+            use, spec = (model, params), DecodeSpec("ssd", capacity=max_new, sampling=sampling, eos_ids=eos,
+                                                    policy=DraftPolicy(draft_len=draft_len))
         start = time.perf_counter()
-        out = decode_sets(*args, [prompts], max_new if full else 1)
+        out = decode_sets(*use, [prompts], spec, max_new if full else 1)
         return time.perf_counter() - start, out
 
     shape = (prompts.input_ids.shape[0], prompts.input_ids.shape[1], max_new)
