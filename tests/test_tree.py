@@ -368,3 +368,23 @@ def test_bench_cli_runs_a_tree(tmp_path):
     assert run["identical"] is True and run["nodes_verified_per_call"] == 5
     assert sum(run["accepted_depth_histogram"]) == run["ssd"]["rounds"]
     assert run["tokens_per_full_model_call"] > 0
+
+
+def test_compiled_tree_program_never_copies_the_kv_cache():
+    """The tree round updates the stacked caches in place too (the path move is a gather
+    and a scatter, not a copy of the cache): the only cache-sized copies in the compiled
+    program are zero initialisations."""
+    import re
+
+    config = tiny_config(num_layers=6, exit_layer=2, kind="layer")
+    model = VLM(config)
+    params = jax.jit(model.init)(jax.random.key(0))
+    prompts = Prompts(jnp.full((2, 16), 5, jnp.int32), jnp.full((2,), 16, jnp.int32))
+    spec = DecodeSpec("ssd", capacity=32, eos_ids=(), tree=TreeShape(6, 2))
+    hlo = engine._generate_jit.lower(model, spec, params, prompts, jnp.int32(32),
+                                     jax.random.key(0)).compile().as_text()
+    for layers in (6, 1):  # the decoder's cache and the imitation layer's own
+        shape = r"f32\[%d,2,2,%d,16\]" % (layers, spec.cache_slots(16))
+        assert re.search(shape, hlo), "the cache shape should appear in the program"
+        copies = re.findall(r"= %s\{[^}]*\} copy\((\S+)\)" % shape, hlo)
+        assert all("broadcast" in source for source in copies), copies
