@@ -33,10 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
 from decode.autodraft import AutoDraft, AutoDraftConfig
-from decode.tree import TreeShape
+from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
 from decode.sampling import SamplingConfig
+from decode.tree import TreeShape
 from fastvlm_jax.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from fastvlm_jax.image_processing import ImageSource, preprocess_image
 from fastvlm_jax.model import VLM, cast_params, params_dtype
