@@ -33,8 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from decode.autodraft import AutoDraft, AutoDraftConfig
 from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
 from decode.sampling import SamplingConfig
+from decode.tree import TreeShape
 from fastvlm_jax.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from fastvlm_jax.image_processing import ImageSource, preprocess_image
 from fastvlm_jax.model import VLM, cast_params, params_dtype
@@ -98,7 +100,9 @@ class BatchStats:
     first_tokens: rows that got at least one token (each image's first token comes from the
       prefill, not from a round).
     position_attempts[j] / position_accepts[j]: SSD draft tokens proposed at draft position j
-      and accepted there.
+      and accepted there (with a draft tree: at depth j + 1).
+    verified: positions the full model scored in the rounds (a round scores draft_len + 1,
+      or tree nodes + 1, whatever it accepts; 1 in AR).
     """
 
     images: int = 0
@@ -111,6 +115,8 @@ class BatchStats:
     compile_seconds: float = 0.0
     position_attempts: tuple[int, ...] = ()
     position_accepts: tuple[int, ...] = ()
+    verified: int = 0
+    draft_lens: tuple[int, ...] = ()  # with auto draft lengths: each batch's choice
 
     def __add__(self, other: "BatchStats") -> "BatchStats":
         def add_lists(a, b):
@@ -125,11 +131,21 @@ class BatchStats:
             accepted=self.accepted + other.accepted, seconds=self.seconds + other.seconds,
             compile_seconds=self.compile_seconds + other.compile_seconds,
             position_attempts=add_lists(self.position_attempts, other.position_attempts),
-            position_accepts=add_lists(self.position_accepts, other.position_accepts))
+            position_accepts=add_lists(self.position_accepts, other.position_accepts),
+            verified=self.verified + other.verified, draft_lens=self.draft_lens + other.draft_lens)
 
 
 def _ratio(numerator: float, denominator: float) -> float | None:
     return float(numerator) / float(denominator) if denominator else None
+
+
+def accepted_depth_histogram(rounds: int, position_accepts: Sequence[int]) -> list[int]:
+    """Rounds by the number of drafted tokens they accepted (and emitted), 0..len(position_accepts).
+
+    A round that accepts a draft of depth a counts once at each position 0..a-1, so the
+    rounds accepting at least j + 1 are position_accepts[j]."""
+    at_least = [rounds] + [int(x) for x in position_accepts] + [0]
+    return [at_least[d] - at_least[d + 1] for d in range(len(at_least) - 1)]
 
 
 def summarize(stats: BatchStats | Iterable[BatchStats]) -> dict[str, Any]:
@@ -141,7 +157,12 @@ def summarize(stats: BatchStats | Iterable[BatchStats]) -> dict[str, Any]:
     mean_accepted_length_no_bonus: accepted draft tokens per round (the other convention).
     acceptance_rate: accepted / drafted.
     full_model_calls: rounds + one prefill per image.
-    acceptance_per_position[j]: acceptance rate of the j-th drafted token of a round.
+    tokens_per_full_model_call: tokens / full_model_calls (the prefill's calls included).
+    nodes_verified_per_call: positions the full model scored per round (draft_len + 1 for a
+      chain, tree nodes + 1 for a tree, 1 for AR).
+    acceptance_per_position[j]: acceptance rate of the j-th drafted token of a round (trees:
+      of a node at depth j + 1 on the accepted path, given the tree reached that depth).
+    accepted_depth_histogram[a]: rounds that accepted exactly a drafted tokens.
     """
     if not isinstance(stats, BatchStats):
         stats = sum(stats, BatchStats())
@@ -157,6 +178,8 @@ def summarize(stats: BatchStats | Iterable[BatchStats]) -> dict[str, Any]:
         "mean_accepted_length_no_bonus": _ratio(stats.accepted, stats.rounds),
         "acceptance_rate": _ratio(stats.accepted, stats.drafted),
         "full_model_calls": stats.rounds + stats.images,
+        "tokens_per_full_model_call": _ratio(stats.tokens, stats.rounds + stats.images),
+        "nodes_verified_per_call": _ratio(stats.verified, stats.rounds),
         "rounds": stats.rounds,
         "drafted": stats.drafted,
         "accepted": stats.accepted,
@@ -164,6 +187,8 @@ def summarize(stats: BatchStats | Iterable[BatchStats]) -> dict[str, Any]:
                                     zip(stats.position_accepts, stats.position_attempts)],
         "position_attempts": list(stats.position_attempts),
         "position_accepts": list(stats.position_accepts),
+        "accepted_depth_histogram": accepted_depth_histogram(stats.rounds, stats.position_accepts),
+        "draft_len_per_batch": list(stats.draft_lens),
     }
 
 
@@ -180,12 +205,18 @@ class GenerationOptions:
     mode: 'ssd' (self-speculative) or 'ar' (plain autoregressive with the full model).
     sampling: temperature 0 (default) is greedy; SSD output then equals AR output exactly.
     policy: SSD draft length and early stopping (ignored in AR mode).
+    tree: SSD draft tree (nodes 0, the default, drafts a chain by `policy`).
+    auto_draft: SSD chooses each batch's draft length among auto_draft.choices (0: AR
+      rounds) from measured costs and running acceptance (decode.autodraft); `policy` and
+      `tree` are then not used.
     """
 
     mode: str = "ssd"
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     sampling: SamplingConfig = SamplingConfig()
     policy: DraftPolicy = DraftPolicy()
+    tree: TreeShape = TreeShape()
+    auto_draft: AutoDraftConfig | None = None
 
     def __post_init__(self):
         if self.mode not in ("ssd", "ar"):
@@ -251,6 +282,7 @@ class Captioner:
         self.batch_size = int(batch_size)
         self.prompt_bucket = int(prompt_bucket)
         self._warm: set[tuple] = set()  # program shapes already compiled (see _warm_up)
+        self.auto_draft: AutoDraft | None = None  # the state of auto draft lengths, once used
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -280,9 +312,9 @@ class Captioner:
         # AR ignores the draft policy: keep it at the default so AR runs with different SSD
         # settings share one program.
         policy = options.policy if options.mode == "ssd" else DraftPolicy()
+        tree = options.tree if options.mode == "ssd" else TreeShape()
         return DecodeSpec(mode=options.mode, capacity=capacity_bucket(options.max_new_tokens),
-                          sampling=options.sampling, policy=policy,
-                          eos_ids=self.eos_ids)
+                          sampling=options.sampling, policy=policy, eos_ids=self.eos_ids, tree=tree)
 
     def _prompts(self, pixels: np.ndarray, prompt_ids: Sequence[Sequence[int]]
                  ) -> tuple[Prompts, int]:
@@ -310,6 +342,35 @@ class Captioner:
             return jax.tree.map(jnp.asarray, tree)
         return jax.tree.map(lambda x: jax.device_put(x, data_sharding(self.mesh, np.ndim(x))), tree)
 
+    def _spec_with_draft_len(self, options: GenerationOptions, draft_len: int) -> DecodeSpec:
+        """The program of one auto choice: a static chain of draft_len, or AR rounds for 0."""
+        if draft_len == 0:
+            return self.spec(dataclasses.replace(options, mode="ar", auto_draft=None))
+        return self.spec(dataclasses.replace(options, policy=DraftPolicy(draft_len=draft_len),
+                                             tree=TreeShape(), auto_draft=None))
+
+    def _auto_draft_len(self, prompts: Prompts, options: GenerationOptions, budget: np.ndarray,
+                        rng: jax.Array) -> tuple[int, float]:
+        """The draft length for this batch; the first batch of a shape measures every choice
+        on it (compiling each program once). Returns (choice, seconds spent measuring)."""
+        if self.auto_draft is None or self.auto_draft.config != options.auto_draft:
+            self.auto_draft = AutoDraft(options.auto_draft)
+        auto = self.auto_draft
+        shape = (self.batch_size, prompts.input_ids.shape[1], capacity_bucket(options.max_new_tokens))
+        if shape not in auto.round_seconds:
+            start = time.perf_counter()
+
+            def run(draft_len, full):
+                spec = self._spec_with_draft_len(options, draft_len)
+                begin = time.perf_counter()
+                out = jax.device_get(generate(self.model, self.params, prompts, spec,
+                                              jnp.asarray(budget if full else np.minimum(budget, 1)), rng))
+                return time.perf_counter() - begin, out
+
+            auto.calibrate(shape, run)
+            return auto.choose(shape), time.perf_counter() - start
+        return auto.choose(shape), 0.0
+
     def _warm_up(self, prompts: Prompts, spec: DecodeSpec) -> float:
         """Compiles the program for these shapes (if new) with every budget 0; returns seconds."""
         key = (spec, prompts.input_ids.shape, prompts.pixels.shape)
@@ -331,12 +392,17 @@ class Captioner:
         rng: sampling key (unused when greedy).
         """
         prompts, n = self._prompts(np.asarray(pixels, np.float32), prompt_ids)
-        spec = self.spec(options)
-        compile_seconds = self._warm_up(prompts, spec)
         # Per-row budgets: the real rows get max_new_tokens, dummy rows 0 (done at prefill).
         budget = np.where(np.arange(self.batch_size) < n, options.max_new_tokens, 0).astype(np.int32)
         if rng is None:
             rng = jax.random.key(0)
+        chosen = None
+        if options.mode == "ssd" and options.auto_draft is not None:
+            chosen, measure_seconds = self._auto_draft_len(prompts, options, budget, rng)
+            spec = self._spec_with_draft_len(options, chosen)
+        else:
+            spec, measure_seconds = self.spec(options), 0.0
+        compile_seconds = self._warm_up(prompts, spec) + measure_seconds
         start = time.perf_counter()
         out = generate(self.model, self.params, prompts, spec, self._place(budget), rng)
         out = jax.device_get(out)  # waits for the device, one transfer
@@ -360,7 +426,11 @@ class Captioner:
             compile_seconds=compile_seconds,
             # Dummy rows are done from the start, so these engine-wide sums count real rows only.
             position_attempts=tuple(int(x) for x in out.position_attempts),
-            position_accepts=tuple(int(x) for x in out.position_accepts))
+            position_accepts=tuple(int(x) for x in out.position_accepts),
+            verified=sum(r.rounds for r in results) * (spec.lookahead if spec.mode == "ssd" else 1),
+            draft_lens=() if chosen is None else (chosen,))
+        if chosen:
+            self.auto_draft.observe(out.position_attempts, out.position_accepts)
         return BatchResult(results, stats)
 
     def caption_batches(self, images: Sequence[ImageSource], prompt: str | Sequence[str] | None = None,
@@ -385,10 +455,11 @@ class Captioner:
     def caption(self, images: Sequence[ImageSource], prompt: str | Sequence[str] | None = None,
                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, mode: str = "ssd", *,
                 sampling: SamplingConfig = SamplingConfig(), policy: DraftPolicy = DraftPolicy(),
+                tree: TreeShape = TreeShape(),
                 seed: int = 0, fast_decode: bool = False) -> list[CaptionResult]:
         """Captions for `images` (paths, bytes, PIL images, uint8 arrays), in order."""
         options = GenerationOptions(mode=mode, max_new_tokens=max_new_tokens, sampling=sampling,
-                                    policy=policy)
+                                    policy=policy, tree=tree)
         return [result for batch in self.caption_batches(images, prompt, options, seed=seed,
                                                          fast_decode=fast_decode)
                 for result in batch.results]

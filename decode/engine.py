@@ -15,6 +15,13 @@ SSD round, per batch row (all rows in lockstep, each with its own position):
   3. accept the longest agreeing prefix (greedy) or apply speculative sampling, append
      the full model's own next token, advance the row by accepted + 1. Rejected cache
      slots lie past the row's position: masked now, overwritten later.
+
+With `DecodeSpec.tree` (tree.nodes > 0) a round drafts a token tree instead of a chain
+(decode/tree.py): the shallow layers run once per drafting step over that step's nodes
+with a tree attention mask, verification runs layers [exit_layer, L) over all nodes at
+once, the longest agreeing root path is accepted (greedy) or recursive rejection
+sampling picks it (sampling), and its cache entries (every layer, and the imitation
+network's own cache) are moved to contiguous slots, all inside the same loop.
 """
 
 from __future__ import annotations
@@ -28,7 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from decode import tree as tree_lib
 from decode.sampling import SamplingConfig, accept_greedy, accept_speculative, next_token, warp
+from decode.tree import TreeShape, accept_speculative_tree
 from fastvlm_jax.kv_cache import KVCache
 from fastvlm_jax.model import VLM
 
@@ -85,15 +94,30 @@ class DecodeSpec:
     sampling: SamplingConfig = SamplingConfig()
     policy: DraftPolicy = DraftPolicy()
     eos_ids: tuple[int, ...] = (2,)
+    tree: TreeShape = TreeShape()  # tree.nodes > 0: SSD rounds draft a token tree, not a chain
 
     def __post_init__(self):
         if self.mode not in ("ar", "ssd"):
             raise ValueError(f"unknown decoding mode {self.mode!r}: use 'ar' or 'ssd'")
+        if self.tree.enabled and (self.policy.min_confidence > 0 or self.policy.schedule != "static"):
+            raise ValueError("a draft tree has a static shape: the chain policy's min_confidence and "
+                             "schedule do not apply to it")
+
+    @property
+    def uses_tree(self) -> bool:
+        return self.mode == "ssd" and self.tree.enabled
+
+    @property
+    def draft_depth(self) -> int:
+        """The deepest a round's draft reaches: the width of the per-position counters."""
+        return self.tree.steps if self.uses_tree else self.policy.draft_len
 
     @property
     def lookahead(self) -> int:
         """Cache slots a round may write past the row's position."""
-        return self.policy.draft_len + 1 if self.mode == "ssd" else 1
+        if self.mode != "ssd":
+            return 1
+        return self.tree.size if self.tree.enabled else self.policy.draft_len + 1
 
     def cache_slots(self, prompt_len: int) -> int:
         """KV cache slots per row: the prompt bucket, the new tokens and a round's lookahead."""
@@ -121,7 +145,8 @@ class DecodeOutput:
     draft proposed), accepted (drafted tokens the full model accepted *and* that were
     emitted: drafts past an EOS or past the row's budget are not counted).
     Per draft position j: position_attempts[j] rows that proposed a j-th token and
-    position_accepts[j] how many of those were accepted and emitted.
+    position_accepts[j] how many of those were accepted and emitted (with a draft tree:
+    position j is depth j + 1, and a round accepting a path of depth a counts at 0..a-1).
     """
 
     tokens: Array
@@ -204,7 +229,7 @@ def _prefill(model: VLM, params, prompts: Prompts, spec: DecodeSpec, rng: Array,
     cache = cache.replace(pos=prompts.lengths.astype(jnp.int32))
     if draft_cache is not None:
         draft_cache = draft_cache.replace(pos=cache.pos)
-    draft_len = spec.policy.draft_len
+    draft_len = spec.draft_depth
     state = _LoopState(
         cache=cache, draft_cache=draft_cache, last_token=first,
         tokens=jnp.full((batch, spec.capacity), -1, jnp.int32),
@@ -345,12 +370,142 @@ def _ssd_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new:
         position_accepts=state.position_accepts + accepts)
 
 
+def _draft_tree(model: VLM, params, spec: DecodeSpec, state: _LoopState, rng: Array):
+    """Grows each live row's draft tree (see decode.tree): the root, then `steps` steps of
+    `width` nodes, each step one pass of the shallow layers and the imitation network over
+    its new nodes. Every node's shallow-layer and imitation-cache entries are written at
+    slot pos + index and its exit-layer state is kept in the table.
+    Returns (tree, draft probs [batch, size, vocab] after each node (warped; None when
+    greedy; leaves' rows unset), cache, draft cache)."""
+    cfg = model.config
+    exit_layer = cfg.draft.exit_layer
+    shape = spec.tree
+    batch = state.last_token.shape[0]
+    pos = state.cache.pos
+    cache_slots = state.cache.slots
+    tree = tree_lib.Tree.root(state.last_token, shape.size, cfg.text.hidden_size, model.dtype)
+
+    def shallow(tree, ids, cache, draft_cache):
+        """Shallow layers and imitation network over the nodes ids [batch, n] (already in
+        the table): -> (tree with their states, cache, draft cache, draft states)."""
+        positions = pos[:, None] + jnp.take_along_axis(tree.depths, ids, axis=1)
+        layout = tree_lib.tree_slots(pos, ids, jnp.take_along_axis(tree.ancestors, ids[:, :, None], axis=1),
+                                     cache_slots)
+        tokens = jnp.take_along_axis(tree.tokens, ids, axis=1)
+        h, cache, _ = model.run_layers(params, model.embed(params, tokens, None, positions), positions, 0,
+                                       exit_layer, cache, tree=layout)
+        tree = tree.replace(states=tree.states.at[jnp.arange(batch)[:, None], ids].set(h))
+        draft_hidden, draft_cache = model.imitate(params, h, positions, draft_cache, tree=layout)
+        return tree, cache, draft_cache, draft_hidden
+
+    def step_ids(step):  # table indices of the nodes added at drafting step `step` >= 1
+        first = 1 + (step - 1) * shape.width
+        return jnp.broadcast_to(first + jnp.arange(shape.width, dtype=jnp.int32), (batch, shape.width))
+
+    greedy = spec.sampling.greedy
+    probs = None if greedy else jnp.zeros((batch, shape.size, cfg.text.vocab_size), jnp.float32)
+
+    def expand(step, tree, candidates, probs, ids, draft_hidden):
+        """The nodes ids propose their children (and, sampling, keep their draft distributions)."""
+        logits = model.logits(params, draft_hidden)
+        if greedy:
+            return tree_lib.propose_children(candidates, tree, ids, jax.nn.log_softmax(logits, axis=-1)), probs
+        step_probs = warp(logits, spec.sampling)
+        probs = probs.at[jnp.arange(batch)[:, None], ids].set(step_probs)
+        return tree_lib.propose_children(candidates, tree, ids, jnp.log(step_probs),
+                                         jax.random.fold_in(rng, step)), probs
+
+    root_ids = jnp.zeros((batch, 1), jnp.int32)
+    tree, cache, draft_cache, draft_hidden = shallow(tree, root_ids, state.cache, state.draft_cache)
+    candidates, probs = expand(0, tree, tree_lib.Candidates.empty(batch, shape.size, shape.width), probs,
+                               root_ids, draft_hidden)
+
+    def body(step, carry):
+        tree, candidates, probs, cache, draft_cache = carry
+        ids = step_ids(step)
+        tree, candidates = tree_lib.grow(tree, candidates, ids)
+        tree, cache, draft_cache, draft_hidden = shallow(tree, ids, cache, draft_cache)
+        candidates, probs = expand(step, tree, candidates, probs, ids, draft_hidden)
+        return tree, candidates, probs, cache, draft_cache
+
+    tree, candidates, probs, cache, draft_cache = jax.lax.fori_loop(
+        1, shape.steps, body, (tree, candidates, probs, cache, draft_cache))
+    # The last step's nodes propose no children: their draft states only fill the
+    # imitation network's cache (the next round may build on any of them).
+    ids = step_ids(shape.steps)
+    tree, _ = tree_lib.grow(tree, candidates, ids)
+    tree, cache, draft_cache, _ = shallow(tree, ids, cache, draft_cache)
+    return tree, probs, cache, draft_cache
+
+
+def _tree_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new: Array) -> _LoopState:
+    """An SSD round with a draft tree: draft, verify every node in one pass of the deep
+    layers, accept the longest agreeing root path, move its cache entries to contiguous slots."""
+    cfg = model.config
+    shape = spec.tree
+    depth = shape.steps
+    rng, draft_rng, accept_rng = _split(state.rng, spec, 3)
+    tree, draft_probs, cache, draft_cache = _draft_tree(model, params, spec, state, draft_rng)
+
+    # Verification: layers [exit_layer, L) over all nodes, each seeing its ancestors.
+    pos = state.cache.pos
+    ids = jnp.broadcast_to(jnp.arange(shape.size, dtype=jnp.int32), tree.tokens.shape)
+    layout = tree_lib.tree_slots(pos, ids, tree.ancestors, cache.slots)
+    h_last, cache, _ = model.run_layers(params, tree.states, pos[:, None] + tree.depths, cfg.draft.exit_layer,
+                                        cfg.text.num_layers, cache, tree=layout)
+    logits = model.logits(params, h_last)  # [batch, size, vocab]
+    if spec.sampling.greedy:
+        target = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        last = tree_lib.accept_greedy_tree(tree, target)
+        final = jnp.take_along_axis(target, last[:, None], axis=1)[:, 0]
+    else:
+        last, final = accept_speculative_tree(accept_rng, tree, warp(logits, spec.sampling), draft_probs,
+                                              shape.width, depth)
+    accepted = jnp.take_along_axis(tree.depths, last[:, None], axis=1)[:, 0]
+
+    # The accepted path's entries (slots pos + node) move to slots pos + depth, in the
+    # decoder's cache and the imitation network's own.
+    path = tree_lib.root_path(tree, last, depth)  # [batch, depth + 1]
+    sources, targets = pos[:, None] + path, pos[:, None] + jnp.arange(depth + 1)[None]
+    cache = cache.move_slots(sources, targets)
+    if draft_cache is not None:
+        draft_cache = draft_cache.move_slots(sources, targets)
+
+    live = ~state.done
+    rows = jnp.arange(tree.tokens.shape[0])
+    drafted_tokens = jnp.take_along_axis(tree.tokens, path[:, 1:], axis=1)  # [batch, depth]
+    new_tokens = jnp.concatenate([drafted_tokens, jnp.zeros_like(final)[:, None]], axis=1)
+    new_tokens = new_tokens.at[rows, accepted].set(final)
+    advance = jnp.where(live, accepted + 1, 0)
+    if draft_cache is not None:
+        draft_cache = draft_cache.replace(pos=pos + advance)
+    before = state.num_tokens
+    state = _emit(state.replace(cache=cache.replace(pos=pos + advance), draft_cache=draft_cache, rng=rng),
+                  new_tokens, accepted + 1, max_new, spec.eos_ids)
+    emitted_drafts = jnp.minimum(accepted, state.num_tokens - before)
+    level = jnp.arange(depth)[None]
+    reached = jnp.max(jnp.where(tree.valid, tree.depths, 0), axis=1)  # the tree's depth in this row
+    attempts = jnp.sum((level < reached[:, None]) & live[:, None], axis=0)
+    accepts = jnp.sum(level < emitted_drafts[:, None], axis=0)
+    return state.replace(
+        rounds=state.rounds + live, drafted=state.drafted + jnp.where(live, shape.nodes, 0),
+        accepted=state.accepted + emitted_drafts,
+        position_attempts=state.position_attempts + attempts,
+        position_accepts=state.position_accepts + accepts)
+
+
+def _round_fn(spec: DecodeSpec):
+    if spec.mode == "ar":
+        return _ar_round
+    return _tree_round if spec.tree.enabled else _ssd_round
+
+
 def _generate(model: VLM, spec: DecodeSpec, params, prompts: Prompts, max_new: Array, rng: Array
               ) -> DecodeOutput:
     TRACE_COUNTS[spec.mode] += 1
     max_new = jnp.minimum(jnp.asarray(max_new, jnp.int32), spec.capacity)
     state = _prefill(model, params, prompts, spec, rng, max_new)
-    round_fn = _ssd_round if spec.mode == "ssd" else _ar_round
+    round_fn = _round_fn(spec)
     state = jax.lax.while_loop(lambda s: jnp.any(~s.done),
                                lambda s: round_fn(model, params, spec, s, max_new), state)
     return DecodeOutput(tokens=state.tokens, num_tokens=state.num_tokens, rounds=state.rounds,
@@ -394,7 +549,7 @@ def decode_round(model: VLM, params, spec: DecodeSpec, state, max_new_tokens: in
     accept), state -> state. A finished row's tokens and counters stay as they are; generate
     runs rounds until every row is done. Not jitted (wrap it, e.g. in a fori_loop, in jax.jit).
     max_new_tokens: the same budget the state was prefilled with."""
-    round_fn = _ssd_round if spec.mode == "ssd" else _ar_round
+    round_fn = _round_fn(spec)
     max_new = jnp.minimum(jnp.asarray(max_new_tokens, jnp.int32), spec.capacity)
     return round_fn(model, params, spec, state, max_new)
 

@@ -103,7 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (batch i uses fold_in(seed, i))")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="params and compute dtype (default: the checkpoint's own)")
-    parser.add_argument("--draft-len", type=int, default=5, help="SSD: most tokens drafted per round")
+    parser.add_argument("--draft-len", type=_draft_len_arg, default=5,
+                        help="SSD: most tokens drafted per round, or 'auto': each batch's length chosen "
+                             "among --auto-choices from measured round costs and running acceptance")
+    parser.add_argument("--auto-choices", type=int, nargs="+", default=None,
+                        help="--draft-len auto: the draft lengths to choose among (0 = plain AR rounds; "
+                             "default 0 2 4 6)")
     parser.add_argument("--min-confidence", type=float, default=0.0,
                         help="SSD: stop drafting when the draft's top probability is below this")
     parser.add_argument("--draft-schedule", choices=("static", "context"), default="static",
@@ -111,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--draft-start-len", type=int, default=1, help="SSD context schedule: first length")
     parser.add_argument("--draft-grow-every", type=int, default=16,
                         help="SSD context schedule: +1 draft token every this many tokens")
+    parser.add_argument("--tree-nodes", type=int, default=0,
+                        help="SSD: draft a token tree of this many nodes per round (0 = a chain of "
+                             "--draft-len tokens, the default)")
+    parser.add_argument("--tree-width", type=int, default=2,
+                        help="SSD tree: nodes added per drafting step and children per node "
+                             "(--tree-nodes must be a multiple of it)")
     parser.add_argument("--stats", metavar="STATS.json", help="write run statistics here")
     parser.add_argument("--data-dir", help="TFDS data dir for tfds: inputs (default $TFDS_DATA_DIR)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -134,11 +145,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _draft_len_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
+def _auto_options(args: argparse.Namespace):
+    """The AutoDraftConfig of --draft-len auto (None otherwise); raises UsageError."""
+    from decode.autodraft import AutoDraftConfig
+
+    if args.draft_len != "auto":
+        if args.auto_choices is not None:
+            raise UsageError("--auto-choices needs --draft-len auto")
+        return None
+    if args.tree_nodes or args.min_confidence > 0 or args.draft_schedule != "static":
+        raise UsageError("--draft-len auto chooses static chains: it does not combine with --tree-nodes, "
+                         "--min-confidence or --draft-schedule")
+    try:
+        return AutoDraftConfig(choices=tuple(args.auto_choices)) if args.auto_choices else AutoDraftConfig()
+    except ValueError as e:
+        raise UsageError(f"--auto-choices: {e}") from None
+
+
 def _check_args(args: argparse.Namespace) -> None:
     checks = [
         (args.batch_size >= 1, "--batch-size must be >= 1"),
         (args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
-        (args.draft_len >= 1, "--draft-len must be >= 1"),
+        (args.draft_len == "auto" or args.draft_len >= 1, "--draft-len must be >= 1 or 'auto'"),
         (0 <= args.min_confidence <= 1, "--min-confidence must be in [0, 1]"),
         (args.draft_start_len >= 1, "--draft-start-len must be >= 1"),
         (args.draft_grow_every >= 1, "--draft-grow-every must be >= 1"),
@@ -157,6 +194,8 @@ def _check_args(args: argparse.Namespace) -> None:
         SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    _tree_options(args)
+    _auto_options(args)
     if os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a folder; pass a file name such as {args.out.rstrip('/')}/captions.jsonl")
     if args.mesh is not None:
@@ -166,6 +205,20 @@ def _check_args(args: argparse.Namespace) -> None:
             parse_mesh(args.mesh)
         except ValueError as e:
             raise UsageError(str(e)) from None
+
+
+def _tree_options(args: argparse.Namespace):
+    """The TreeShape of --tree-nodes / --tree-width; raises UsageError for a bad one."""
+    from decode.tree import TreeShape
+
+    try:
+        tree = TreeShape(nodes=args.tree_nodes, width=args.tree_width)
+    except ValueError as e:
+        raise UsageError(f"--tree-nodes / --tree-width: {e}") from None
+    if tree.enabled and (args.min_confidence > 0 or args.draft_schedule != "static"):
+        raise UsageError("--tree-nodes drafts a tree of a static shape: --min-confidence and "
+                         "--draft-schedule apply to chains only")
+    return tree
 
 
 # ------------------------------------------------------------------------------------------
@@ -519,9 +572,11 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
     options = GenerationOptions(
         mode=args.mode, max_new_tokens=args.max_new_tokens,
         sampling=SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
-        policy=DraftPolicy(draft_len=args.draft_len, min_confidence=args.min_confidence,
+        policy=DraftPolicy(draft_len=5 if args.draft_len == "auto" else args.draft_len,
+                           min_confidence=args.min_confidence,
                            schedule=args.draft_schedule, start_len=args.draft_start_len,
-                           grow_every=args.draft_grow_every))
+                           grow_every=args.draft_grow_every),
+        tree=_tree_options(args), auto_draft=_auto_options(args))
     failures = [{"image": error.spec, "error": error.message} for error in input_errors]
     totals = BatchStats()
     interrupted = out_of_memory = False
@@ -615,6 +670,10 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
             "max_new_tokens": args.max_new_tokens, "prompt": prompt,
             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
             "seed": args.seed, "draft_len": args.draft_len if args.mode == "ssd" else None,
+            "tree_nodes": args.tree_nodes if args.mode == "ssd" else None,
+            "tree_width": args.tree_width if args.mode == "ssd" and args.tree_nodes else None,
+            "auto_draft": (captioner.auto_draft.report() if captioner and captioner.auto_draft
+                           and args.mode == "ssd" else None),
             "min_confidence": args.min_confidence, "draft_schedule": args.draft_schedule,
             "checkpoint": os.fspath(ckpt), "out": args.out,
             "dtype": captioner.dtype.name if captioner else None,

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from fastvlm_jax.config import ConfigError, DraftConfig, ModelConfigMixin
-from fastvlm_jax.kv_cache import KVCache
+from fastvlm_jax.kv_cache import KVCache, TreeSlots
 from fastvlm_jax.layers import (INIT_STD, activation, causal_attention, dense, full_attention,
                                 init_layer_stack, run_layer_stack, split_heads)
 from fastvlm_jax.vision import vit_embeddings
@@ -305,7 +305,7 @@ class OPTAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, cache: KVCache | None = None,
-                 layer: Array | int = 0, key_mask: Array | None = None):
+                 layer: Array | int = 0, key_mask: Array | None = None, tree: TreeSlots | None = None):
         """x: [batch, seq, hidden]; positions: [batch, seq] absolute.
 
         cache: the stacked KV cache; the new entries are written into its layer `layer` at
@@ -320,7 +320,7 @@ class OPTAttention(nn.Module):
             return split_heads(out, cfg.num_heads)
 
         q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
-        out, cache = causal_attention(q, k, v, positions, cache, layer, key_mask, self.dtype)
+        out, cache = causal_attention(q, k, v, positions, cache, layer, key_mask, self.dtype, tree)
         out = out.reshape(*x.shape[:2], cfg.hidden_size)
         out = dense(cfg.hidden_size, ("heads", "embed"), use_bias=cfg.enable_bias, dtype=self.dtype,
                     name="out_proj", zero_init=self.zero_init_out)(out)
@@ -342,7 +342,7 @@ class OPTLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, cache: KVCache | None = None,
-                 layer: Array | int = 0, key_mask: Array | None = None):
+                 layer: Array | int = 0, key_mask: Array | None = None, tree: TreeSlots | None = None):
         """x: [batch, seq, hidden] -> ([batch, seq, hidden], cache); see OPTAttention."""
         cfg = self.config
         pre = cfg.do_layer_norm_before if self.pre_norm is None else self.pre_norm
@@ -351,7 +351,7 @@ class OPTLayer(nn.Module):
         ffn_norm = layer_norm(cfg.layer_norm_eps, "final_layer_norm", affine)
 
         h, cache = OPTAttention(cfg, self.dtype, self.zero_init_out, name="self_attn")(
-            attn_norm(x) if pre else x, positions, cache, layer, key_mask)
+            attn_norm(x) if pre else x, positions, cache, layer, key_mask, tree)
         x = x + h
         if not pre:
             x = attn_norm(x)
@@ -422,10 +422,10 @@ class OPTDecoder(nn.Module):
 
     def run_layers(self, hidden: Array, positions: Array, start: int, stop: int,
                    cache: KVCache | None = None, key_mask: Array | None = None,
-                   collect: tuple[int, ...] = ()):
+                   collect: tuple[int, ...] = (), tree: TreeSlots | None = None):
         """Runs layers [start, stop); see `fastvlm_jax.llava.TextDecoder.run_layers`."""
         return run_layer_stack(self._layer(), self.layers, hidden, positions, start, stop, cache,
-                               key_mask, collect, self.unroll_layers)
+                               key_mask, collect, self.unroll_layers, tree)
 
     def logits(self, hidden: Array) -> Array:
         """[batch, seq, hidden] -> [batch, seq, vocab] float32."""
@@ -463,7 +463,7 @@ class OPTImitationNetwork(nn.Module):
 
     @nn.compact
     def __call__(self, hidden: Array, positions: Array, cache: KVCache | None = None,
-                 key_mask: Array | None = None):
+                 key_mask: Array | None = None, tree: TreeSlots | None = None):
         """hidden: [batch, seq, hidden] (state exit_layer) -> ([batch, seq, hidden], cache)."""
         cfg = self.text
         width = self.draft.hidden_size or cfg.intermediate_size
@@ -476,7 +476,7 @@ class OPTImitationNetwork(nn.Module):
         if self.draft.kind == "layer":
             layer = OPTLayer(cfg, self.dtype, intermediate_size=width, zero_init_out=True,
                              pre_norm=True, name="layer")
-            return layer(hidden, positions, cache, 0, key_mask)
+            return layer(hidden, positions, cache, 0, key_mask, tree)
         raise ValueError(f"unknown imitation network kind {self.draft.kind!r}: use 'ffn' or 'layer'")
 
 

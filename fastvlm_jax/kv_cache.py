@@ -64,9 +64,43 @@ class KVCache:
         return (jax.lax.dynamic_index_in_dim(self.keys, layer, 0, keepdims=False),
                 jax.lax.dynamic_index_in_dim(self.values, layer, 0, keepdims=False))
 
+    def move_slots(self, sources: Array, targets: Array) -> "KVCache":
+        """Copies the entries at slots sources [batch, n] to slots targets [batch, n] of the
+        same row, in every layer: one gather and one scatter over the whole stack (a token
+        tree's accepted path, moved to contiguous slots). All sources are read before any
+        target is written. Targets past the last slot are dropped."""
+        num_layers, batch, kv_heads = self.keys.shape[:3]
+        layers = jnp.arange(num_layers)[:, None, None, None]
+        rows = jnp.arange(batch)[None, :, None, None]
+        heads = jnp.arange(kv_heads)[None, None, :, None]
+
+        def move(buffer):  # [layers, batch, kv_heads, slots, head_dim]
+            picked = buffer[layers, rows, heads, sources[None, :, None, :]]  # [layers, batch, kv_heads, n, head_dim]
+            return buffer.at[layers, rows, heads, targets[None, :, None, :]].set(picked, mode="drop")
+
+        return self.replace(keys=move(self.keys), values=move(self.values))
+
     def advance(self, counts: Array) -> "KVCache":
         """Commits `counts` [batch] more tokens per row."""
         return self.replace(pos=self.pos + counts.astype(jnp.int32))
 
     def nbytes(self) -> int:
         return self.keys.size * self.keys.dtype.itemsize + self.values.size * self.values.dtype.itemsize
+
+
+@flax.struct.dataclass
+class TreeSlots:
+    """Cache layout of a pass whose queries form a token tree rather than one causal chain.
+
+    In a chain, a token's cache slot equals its position and it sees every slot before it.
+    In a tree, siblings share a position (their depth) but each needs a slot of its own, and
+    a node may see only its own ancestors among the tree's slots.
+
+    slots: [batch, seq] int32, the cache slot each new entry is written at (the `positions`
+      of the call then only rotate / embed: RoPE or learned position rows).
+    visible: [batch, seq, cache slots] bool, the slots each query attends to: the committed
+      context, its ancestors in the tree and itself.
+    """
+
+    slots: Array
+    visible: Array

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from fastvlm_jax.config import TextConfig
-from fastvlm_jax.kv_cache import KVCache
+from fastvlm_jax.kv_cache import KVCache, TreeSlots
 
 Array = jax.Array
 DType = Any
@@ -134,15 +134,21 @@ def attend(query: Array, keys: Array, values: Array, mask: Array) -> Array:
 
 def causal_attention(q: Array, k: Array, v: Array, positions: Array, cache: KVCache | None = None,
                      layer: Array | int = 0, key_mask: Array | None = None,
-                     dtype: DType = jnp.float32):
+                     dtype: DType = jnp.float32, tree: TreeSlots | None = None):
     """Causal attention by absolute position, with or without the stacked KV cache.
 
     q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim];
     positions: [batch, seq]. Without a cache the queries attend to these keys (key_mask
     [batch, seq] drops padding). With one, the new entries are written into layer `layer`
     of the cache at `positions`, and each query attends to every slot of that layer at or
-    before its own position. Returns (out [batch, seq, heads, head_dim], cache).
+    before its own position. With `tree` (a cache is then required), the entries go to
+    tree.slots instead and each query sees tree.visible. Returns (out [batch, seq, heads,
+    head_dim], cache).
     """
+    if tree is not None:
+        cache = cache.write(layer, k, v, tree.slots)
+        keys, values = cache.layer(layer)
+        return attend(q, keys.astype(dtype), values.astype(dtype), tree.visible), cache
     if cache is None:
         mask = positions[:, None, :] <= positions[:, :, None]
         if key_mask is not None:
@@ -166,8 +172,8 @@ class TextAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, cache: KVCache | None = None,
-                 layer: Array | int = 0, key_mask: Array | None = None):
-        """x: [batch, seq, embed]; positions: [batch, seq].
+                 layer: Array | int = 0, key_mask: Array | None = None, tree: TreeSlots | None = None):
+        """x: [batch, seq, embed]; positions: [batch, seq]; tree: see causal_attention.
 
         With a cache, the new keys/values are written into its layer `layer` at
         `positions` and the queries attend to every slot of that layer at or before their
@@ -188,7 +194,7 @@ class TextAttention(nn.Module):
         k = apply_rope(k.reshape(batch, seq, cfg.num_kv_heads, head_dim), positions, cfg.rope_theta)
         v = v.reshape(batch, seq, cfg.num_kv_heads, head_dim)
 
-        out, cache = causal_attention(q, k, v, positions, cache, layer, key_mask, self.dtype)
+        out, cache = causal_attention(q, k, v, positions, cache, layer, key_mask, self.dtype, tree)
         out = out.reshape(batch, seq, cfg.num_heads * head_dim)
         out = dense(cfg.hidden_size, ("heads", "embed"), use_bias=cfg.attention_bias,
                     dtype=self.dtype, name="o_proj", zero_init=self.zero_init_out)(out)
@@ -228,11 +234,11 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, cache: KVCache | None = None,
-                 layer: Array | int = 0, key_mask: Array | None = None):
+                 layer: Array | int = 0, key_mask: Array | None = None, tree: TreeSlots | None = None):
         """x: [batch, seq, embed] -> ([batch, seq, embed], cache); see TextAttention."""
         cfg = self.config
         attn_out, cache = TextAttention(cfg, self.dtype, self.zero_init_out, name="self_attn")(
-            RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x), positions, cache, layer, key_mask)
+            RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x), positions, cache, layer, key_mask, tree)
         x = x + attn_out
         mlp = GatedMLP(cfg.hidden_size, self.intermediate_size or cfg.intermediate_size,
                        cfg.hidden_act, self.dtype, self.zero_init_out, name="mlp")
@@ -265,7 +271,7 @@ def init_layer_stack(layer: nn.Module, num_layers: int, width: int, rng: Array):
 
 def run_layer_stack(layer: nn.Module, stacked, hidden: Array, positions: Array, start: int, stop: int,
                     cache: KVCache | None = None, key_mask: Array | None = None,
-                    collect: tuple[int, ...] = (), unroll: bool = False):
+                    collect: tuple[int, ...] = (), unroll: bool = False, tree: TreeSlots | None = None):
     """Runs layers [start, stop) of a stack as one lax.scan, reading the weights in place.
 
     layer: the (unbound) layer module; stacked: its params with a leading [num_layers]
@@ -274,6 +280,7 @@ def run_layer_stack(layer: nn.Module, stacked, hidden: Array, positions: Array, 
     carries the whole cache, so no layer's entries are copied in or out).
     collect: state indices in [start, stop] to return (state k is the output of layer k-1).
     unroll: unroll the loop (the same weights and cache, as straight-line code).
+    tree: the cache slots and visibility of a token tree's nodes (see causal_attention).
     Returns (state `stop`, cache, {index: [batch, seq, embed]}).
 
     The whole stack is scanned over its arrays directly; a sub-range indexes layer i
@@ -299,7 +306,7 @@ def run_layer_stack(layer: nn.Module, stacked, hidden: Array, positions: Array, 
         if not whole:
             layer_params = jax.tree.map(
                 lambda w: jax.lax.dynamic_index_in_dim(w, index, 0, keepdims=False), stacked)
-        h, cache = layer.apply({"params": layer_params}, h, positions, cache, index, key_mask)
+        h, cache = layer.apply({"params": layer_params}, h, positions, cache, index, key_mask, tree)
         saved = tuple(jnp.where(index + 1 == target, h, kept) for target, kept in zip(targets, saved))
         return (h, cache, saved), None
 

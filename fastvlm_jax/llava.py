@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from fastvlm_jax.config import DraftConfig, TextConfig, VLMConfig
-from fastvlm_jax.kv_cache import KVCache
+from fastvlm_jax.kv_cache import KVCache, TreeSlots
 from fastvlm_jax.layers import (INIT_STD, DecoderLayer, GatedMLP, RMSNorm, activation, dense,
                                 init_layer_stack, run_layer_stack)
 from fastvlm_jax.vision import VisionTower
@@ -66,7 +66,7 @@ class TextDecoder(nn.Module):
 
     def run_layers(self, hidden: Array, positions: Array, start: int, stop: int,
                    cache: KVCache | None = None, key_mask: Array | None = None,
-                   collect: tuple[int, ...] = ()):
+                   collect: tuple[int, ...] = (), tree: TreeSlots | None = None):
         """Runs layers [start, stop).
 
         hidden: [batch, seq, embed] (state `start`); positions: [batch, seq] absolute.
@@ -75,7 +75,7 @@ class TextDecoder(nn.Module):
         Returns (state `stop`, cache, {index: [batch, seq, embed]}).
         """
         return run_layer_stack(self._layer(), self.layers, hidden, positions, start, stop, cache,
-                               key_mask, collect, self.unroll_layers)
+                               key_mask, collect, self.unroll_layers, tree)
 
     def logits(self, hidden: Array) -> Array:
         """Final norm + LM head: [batch, seq, embed] -> [batch, seq, vocab] (float32)."""
@@ -104,7 +104,7 @@ class ImitationNetwork(nn.Module):
 
     @nn.compact
     def __call__(self, hidden: Array, positions: Array, cache: KVCache | None = None,
-                 key_mask: Array | None = None):
+                 key_mask: Array | None = None, tree: TreeSlots | None = None):
         """hidden: [batch, seq, embed] (state exit_layer) -> ([batch, seq, embed], cache).
 
         cache: the network's own one-layer KV cache (kind 'layer'), else None.
@@ -117,7 +117,7 @@ class ImitationNetwork(nn.Module):
         if self.draft.kind == "layer":
             layer = DecoderLayer(self.text, self.dtype, intermediate_size=width,
                                  zero_init_out=True, name="layer")
-            return layer(hidden, positions, cache, 0, key_mask)
+            return layer(hidden, positions, cache, 0, key_mask, tree)
         raise ValueError(f"unknown imitation network kind {self.draft.kind!r}: use 'ffn' or 'layer'")
 
 

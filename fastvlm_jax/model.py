@@ -95,16 +95,17 @@ class VLM:
         return self._apply(params, "embed", input_ids, image_features, positions)
 
     def run_layers(self, params, hidden, positions, start, stop, cache=None, key_mask=None,
-                   collect=()):
-        """Layers [start, stop): (state stop [batch, seq, embed], cache, {index: state})."""
+                   collect=(), tree=None):
+        """Layers [start, stop): (state stop [batch, seq, embed], cache, {index: state}).
+        tree: a `fastvlm_jax.kv_cache.TreeSlots` for a token tree's nodes (with a cache)."""
         return self._apply(params, "run_layers", hidden, positions, start, stop, cache,
-                           key_mask, tuple(collect))
+                           key_mask, tuple(collect), tree)
 
     def logits(self, params, hidden):
         return self._apply(params, "logits", hidden)
 
-    def imitate(self, params, hidden, positions, cache=None, key_mask=None):
-        return self._apply(params, "imitate", hidden, positions, cache, key_mask)
+    def imitate(self, params, hidden, positions, cache=None, key_mask=None, tree=None):
+        return self._apply(params, "imitate", hidden, positions, cache, key_mask, tree)
 
     def forward(self, params, input_ids, pixels=None, positions=None, key_mask=None):
         """Full-model logits without a cache: [batch, seq] -> [batch, seq, vocab]."""

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastvlm_jax.kv_cache import KVCache
+from fastvlm_jax.kv_cache import KVCache, TreeSlots
 
 Array = jax.Array
 
@@ -47,19 +47,19 @@ class FamilyModule(nn.Module):
 
     def run_layers(self, hidden: Array, positions: Array, start: int, stop: int,
                    cache: KVCache | None = None, key_mask: Array | None = None,
-                   collect: tuple[int, ...] = ()):
+                   collect: tuple[int, ...] = (), tree: TreeSlots | None = None):
         """Decoder layers [start, stop) over the stacked params -> (state stop, cache,
         {index: state}); see `fastvlm_jax.layers.run_layer_stack`."""
-        return self.language_model.run_layers(hidden, positions, start, stop, cache, key_mask, collect)
+        return self.language_model.run_layers(hidden, positions, start, stop, cache, key_mask, collect, tree)
 
     def logits(self, hidden: Array) -> Array:
         """[batch, seq, embed] -> float32 [batch, seq, vocab] (final norm + LM head)."""
         return self.language_model.logits(hidden)
 
     def imitate(self, hidden: Array, positions: Array, cache: KVCache | None = None,
-                key_mask: Array | None = None):
+                key_mask: Array | None = None, tree: TreeSlots | None = None):
         """Exit-layer states -> (draft states, the imitation network's own cache or None)."""
-        return self.imitation(hidden, positions, cache, key_mask)
+        return self.imitation(hidden, positions, cache, key_mask, tree)
 
     def __call__(self, input_ids: Array, pixels: Array, positions: Array | None = None):
         """(full logits, draft logits) without a cache: what `init` traces."""

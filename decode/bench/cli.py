@@ -3,10 +3,11 @@ inputs, in one process, swept over batch size, exit layer, draft-length policy a
 
     python -m decode.bench --ckpt CKPT_DIR|demo|random:SIZE [--images PATH...|synthetic] \
         [--batch-size N ...] [--exit-layer K ...] [--draft-len G ...] \
-        [--policy static|confidence|context ...] [--cost-model] [--context-acceptance] \
-        --json OUT.json
+        [--policy static|confidence|context ...] [--tree-nodes N ...] [--tree-width K] \
+        [--cost-model] [--context-acceptance] --json OUT.json
 
-For every (batch size, exit layer, policy, draft length) it compiles the programs once,
+For every (batch size, exit layer, policy, draft length), and every draft tree of
+--tree-nodes > 0 (with --tree-width), it compiles the programs once,
 then times `--repeats` runs of AR and SSD, interleaved (decode/bench/timing.py).
 `identical` says whether the greedy SSD tokens equal the AR tokens. The first
 combination's numbers are also written at the top level of the JSON (ar.tokens_per_s,
@@ -29,10 +30,12 @@ from decode.bench.cost import CostModel
 from decode.bench.machine import loadavg, machine_info
 from decode.bench.models import RANDOM_PRESETS, load_bench_model, make_prompts
 from decode.bench.replay import context_acceptance
-from decode.bench.timing import bench_one
+from decode.autodraft import DEFAULT_CHOICES, AutoDraft, AutoDraftConfig
+from decode.bench.timing import bench_one, choose_auto_draft
 from decode.captioner import describe_device
 from decode.engine import DraftPolicy
 from decode.sampling import SamplingConfig
+from decode.tree import TreeShape
 from fastvlm_jax.architectures import ARCHITECTURES
 from fastvlm_jax.model import param_bytes, param_count
 
@@ -68,6 +71,15 @@ def policy_names(args: argparse.Namespace) -> list[str]:
     return ["static"]
 
 
+def draft_len_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m decode.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--ckpt", required=True, help="checkpoint dir, 'demo', random:PRESET "
@@ -81,7 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1])
     parser.add_argument("--exit-layer", type=int, nargs="+", default=None,
                         help="exit layers to try (default: the checkpoint's)")
-    parser.add_argument("--draft-len", type=int, nargs="+", default=[5])
+    parser.add_argument("--draft-len", type=draft_len_arg, nargs="+", default=[5],
+                        help="draft lengths to sweep; 'auto' chooses one per batch size among "
+                        "--auto-choices from measured round costs and acceptance (decode.autodraft)")
+    parser.add_argument("--auto-choices", type=int, nargs="+", default=list(DEFAULT_CHOICES),
+                        help="--draft-len auto: the lengths to choose among (0 = plain AR rounds)")
+    parser.add_argument("--tree-nodes", type=int, nargs="+", default=[0],
+                        help="SSD draft trees to sweep, in nodes per round (0 = the chains of "
+                        "--draft-len; e.g. 0 16 runs the chains and a 16-node tree)")
+    parser.add_argument("--tree-width", type=int, default=2,
+                        help="draft tree: nodes per drafting step and children per node")
     parser.add_argument("--policy", nargs="+", choices=POLICIES, default=None,
                         help="draft-length policies to sweep (default: one policy from "
                         "--min-confidence / --draft-schedule)")
@@ -137,8 +158,10 @@ def run_line(result: dict, policy_name: str) -> str:
         extra = (f"  ideal {cost['ideal_speedup']:.2f}x  efficiency {eff:.2f}" if eff is not None
                  else "  efficiency n/a")
         extra += f"  round/parts {cost['round_over_parts']:.2f}"
+    shape = (f"tree {result['tree_nodes']:2d}x{result['tree_width']}" if result.get("tree_nodes")
+             else f"draft {result['draft_len']:2d}")
     return (f"batch {result['batch_size']:3d} exit {result['exit_layer']:2d} {policy_name:>10s} "
-            f"draft {result['draft_len']:2d}: AR {result['ar']['tokens_per_s']:8.1f} tok/s  "
+            f"{shape}: AR {result['ar']['tokens_per_s']:8.1f} tok/s  "
             f"SSD {result['ssd']['tokens_per_s']:8.1f} tok/s  speedup {result['speedup']:.2f}x  "
             f"tokens/round {result['mean_accepted_length']:.2f}  acceptance {result['acceptance_rate']:.2f}  "
             f"identical {result['identical']}{extra}")
@@ -165,6 +188,16 @@ def main(argv=None) -> int:
         if not 1 <= layer < bench.config.text.num_layers:
             parser.error(f"--exit-layer {layer} must be in [1, {bench.config.text.num_layers - 1}]")
     policies = policy_names(args)
+    try:
+        auto_config = AutoDraftConfig(choices=tuple(args.auto_choices))
+    except ValueError as e:
+        parser.error(f"--auto-choices: {e}")
+    trees = []
+    for nodes in args.tree_nodes:
+        try:
+            trees.append(TreeShape(nodes=nodes, width=args.tree_width))
+        except ValueError as e:
+            parser.error(f"--tree-nodes / --tree-width: {e}")
     info = machine_info()
     cost = None
     runs = []
@@ -175,14 +208,27 @@ def main(argv=None) -> int:
         if args.cost_model and (cost is None or cost.prompt_len != prompt_len):
             cost = CostModel(bench, prompt_len, args.max_new_tokens, args.cost_iters, max(args.repeats, 3))
         for exit_layer in exit_layers:
-            for policy_name in policies:
-                for draft_len in args.draft_len:
-                    policy = make_policy(policy_name, draft_len, args)
-                    result = bench_one(bench, prompt_sets, exit_layer, policy_name, policy,
-                                       args.max_new_tokens, args.repeats, sampling, cost,
-                                       replay_rounds=True, bucket=args.context_bucket)
-                    runs.append(result)
-                    print(run_line(result, policy_name), flush=True)
+            # Chains: every policy and draft length; trees: one run each (static shape).
+            points = [(name, make_policy(name, draft_len, args), tree) for tree in trees if not tree.enabled
+                      for name in policies for draft_len in args.draft_len if draft_len != "auto"]
+            if "auto" in args.draft_len:
+                points.append(("auto", "auto", TreeShape()))
+            points += [("tree", DraftPolicy(), tree) for tree in trees if tree.enabled]
+            for policy_name, policy, tree in points:
+                auto_report = None
+                if policy == "auto":
+                    auto = AutoDraft(auto_config)
+                    chosen = choose_auto_draft(bench, prompt_sets[0], exit_layer, auto, args.max_new_tokens,
+                                               sampling)
+                    policy_name, policy = "auto", DraftPolicy(draft_len=chosen) if chosen else None
+                    auto_report = {"chosen": chosen, **auto.report()}
+                result = bench_one(bench, prompt_sets, exit_layer, policy_name, policy,
+                                   args.max_new_tokens, args.repeats, sampling, cost,
+                                   replay_rounds=True, bucket=args.context_bucket, tree=tree)
+                if auto_report:
+                    result["auto_draft"] = auto_report
+                runs.append(result)
+                print(run_line(result, policy_name), flush=True)
     report = {
         "device": describe_device(), "machine": info, "model": bench.source,
         "params": param_count(bench.params), "num_layers": bench.config.text.num_layers,
@@ -203,7 +249,8 @@ def main(argv=None) -> int:
                   f"({row['ms_per_layer']:.3f} ms per layer)")
     if args.context_acceptance and sampling.greedy:
         report["context_acceptance"] = context_acceptance(
-            bench, exit_layers, args.draft_len, args.replay_rows, args.images, args.prompt, args.seed,
+            bench, exit_layers, [d for d in args.draft_len if d != "auto"], args.replay_rows, args.images,
+            args.prompt, args.seed,
             args.max_new_tokens, args.context_bucket)
     load = loadavg()
     if load is not None:

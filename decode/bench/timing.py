@@ -17,11 +17,13 @@ from typing import Callable
 
 import numpy as np
 
+from decode.autodraft import AutoDraft
 from decode.bench.cost import CostModel
 from decode.bench.models import BenchModel, decode_sets, eos_ids, with_exit_layer
 from decode.bench.replay import replay_report
 from decode.engine import DecodeOutput, DecodeSpec, DraftPolicy, Prompts
 from decode.sampling import SamplingConfig
+from decode.tree import TreeShape
 from fastvlm_jax.model import VLM, param_bytes
 
 
@@ -60,8 +62,11 @@ def speed_report(tokens: int, rows: int, times: list[float], sets: int = 1) -> d
     }
 
 
-def acceptance_report(out: DecodeOutput) -> dict:
-    """The SSD counters of a DecodeOutput, per verification round and per draft position."""
+def acceptance_report(out: DecodeOutput, verified_per_round: int | None = None) -> dict:
+    """The SSD counters of a DecodeOutput, per verification round and per draft position.
+    verified_per_round: positions a round's verification scores (spec.lookahead)."""
+    from decode.captioner import accepted_depth_histogram
+
     tokens = int(np.sum(out.num_tokens))
     rows = len(out.num_tokens)
     rounds = int(np.sum(out.rounds))
@@ -81,25 +86,58 @@ def acceptance_report(out: DecodeOutput) -> dict:
         # whose j-th token was accepted (so P(accepted >= j+1) under a static policy).
         "acceptance_per_position": [float(a / max(n, 1)) for a, n in zip(accepts, attempts)],
         "attempts_per_position": [int(n) for n in attempts],
+        "accepted_depth_histogram": accepted_depth_histogram(rounds, accepts),
+        "nodes_verified_per_call": verified_per_round,
     }
 
 
-def mode_report(out: DecodeOutput, times: list[float], first_call: float, mode: str, sets: int = 1) -> dict:
+def mode_report(out: DecodeOutput, times: list[float], first_call: float, mode: str, sets: int = 1,
+                verified_per_round: int | None = None) -> dict:
     """One mode's timed runs: speed, full-model calls, and (SSD) acceptance."""
     rows = len(out.num_tokens)
-    report = speed_report(int(np.sum(out.num_tokens)), rows, times, sets)
-    report.update({"full_model_calls": int(np.sum(out.rounds)) + rows, "first_call_seconds": first_call})
+    tokens = int(np.sum(out.num_tokens))
+    report = speed_report(tokens, rows, times, sets)
+    calls = int(np.sum(out.rounds)) + rows
+    report.update({"full_model_calls": calls, "tokens_per_full_model_call": tokens / max(calls, 1),
+                   "first_call_seconds": first_call})
     if mode == "ssd":
-        report.update(acceptance_report(out))
+        report.update(acceptance_report(out, verified_per_round))
     return report
 
 
+def choose_auto_draft(bench: BenchModel, prompts: Prompts, exit_layer: int, auto: AutoDraft, max_new: int,
+                      sampling: SamplingConfig) -> int:
+    """--draft-len auto: measures every choice's round cost on `prompts` (as decode.run does
+    on the first batch of a shape; decode.autodraft) and returns the chosen draft length."""
+    config, params, _ = with_exit_layer(bench, exit_layer)
+    model, ar_model = VLM(config, bench.dtype), VLM(bench.config, bench.dtype)
+    eos = eos_ids(bench)
+
+    def run(draft_len, full):
+        if draft_len == 0:
+            use, spec = (ar_model, bench.params), DecodeSpec("ar", capacity=max_new, sampling=sampling, eos_ids=eos)
+        else:
+            use, spec = (model, params), DecodeSpec("ssd", capacity=max_new, sampling=sampling, eos_ids=eos,
+                                                    policy=DraftPolicy(draft_len=draft_len))
+        start = time.perf_counter()
+        out = decode_sets(*use, [prompts], spec, max_new if full else 1)
+        return time.perf_counter() - start, out
+
+    shape = (prompts.input_ids.shape[0], prompts.input_ids.shape[1], max_new)
+    auto.calibrate(shape, run)
+    return auto.choose(shape)
+
+
 def bench_one(bench: BenchModel, prompt_sets: list[Prompts], exit_layer: int, policy_name: str,
-              policy: DraftPolicy, max_new: int, repeats: int, sampling: SamplingConfig,
-              cost: CostModel | None = None, replay_rounds: bool = False, bucket: int = 8) -> dict:
+              policy: DraftPolicy | None, max_new: int, repeats: int, sampling: SamplingConfig,
+              cost: CostModel | None = None, replay_rounds: bool = False, bucket: int = 8,
+              tree: TreeShape = TreeShape()) -> dict:
     """AR vs SSD at one sweep point: speed, acceptance, memory; with `cost`, the cost
     model's prediction; with `replay_rounds` (greedy only, and only when SSD reproduced AR),
-    the replayed rounds by context length (decode.bench.replay), `bucket` tokens a bucket."""
+    the replayed rounds by context length (decode.bench.replay), `bucket` tokens a bucket.
+    tree: SSD drafts this token tree instead of the policy's chain (the cost model and the
+    replay model chains only, and are skipped for trees). policy None: the 'SSD' program is
+    AR's own (what --draft-len auto runs when it chooses 0)."""
     config, params, reset = with_exit_layer(bench, exit_layer)
     model = VLM(config, bench.dtype)
     # AR does not depend on the exit layer: one program (compiled once per batch shape)
@@ -107,7 +145,10 @@ def bench_one(bench: BenchModel, prompt_sets: list[Prompts], exit_layer: int, po
     ar_model = VLM(bench.config, bench.dtype)
     eos = eos_ids(bench)
     ar_spec = DecodeSpec("ar", capacity=max_new, sampling=sampling, eos_ids=eos)
-    ssd_spec = DecodeSpec("ssd", capacity=max_new, sampling=sampling, eos_ids=eos, policy=policy)
+    if policy is None:
+        model, params, ssd_spec = ar_model, bench.params, ar_spec
+    else:
+        ssd_spec = DecodeSpec("ssd", capacity=max_new, sampling=sampling, eos_ids=eos, policy=policy, tree=tree)
 
     def runner(model, params, spec, budget):
         return lambda: decode_sets(model, params, prompt_sets, spec, budget)
@@ -121,7 +162,8 @@ def bench_one(bench: BenchModel, prompt_sets: list[Prompts], exit_layer: int, po
     }, repeats)
     ar_out, ssd_out = timed["ar"][0], timed["ssd"][0]
     ar = mode_report(*timed["ar"], "ar", len(prompt_sets))
-    ssd = mode_report(*timed["ssd"], "ssd", len(prompt_sets))
+    ssd = mode_report(*timed["ssd"], "ssd", len(prompt_sets),
+                      verified_per_round=ssd_spec.lookahead if policy is not None else 1)
     rows_total = len(ar_out.num_tokens)
     for report, name in ((ar, "ar"), (ssd, "ssd")):
         prefill = statistics.median(timed[f"{name}_prefill"][1])
@@ -134,8 +176,11 @@ def bench_one(bench: BenchModel, prompt_sets: list[Prompts], exit_layer: int, po
     batch, prompt_len = prompt_sets[0].input_ids.shape
     identical = bool(np.array_equal(ar_out.tokens, ssd_out.tokens))
     result = {
-        "batch_size": batch, "exit_layer": exit_layer, "draft_len": policy.draft_len,
-        "policy": {"name": policy_name, **dataclasses.asdict(policy)}, "prompt_sets": len(prompt_sets),
+        "batch_size": batch, "exit_layer": exit_layer,
+        "draft_len": 0 if policy is None else ssd_spec.draft_depth if tree.enabled else policy.draft_len,
+        "tree_nodes": tree.nodes, "tree_width": tree.width if tree.enabled else None,
+        "policy": {"name": policy_name, **(dataclasses.asdict(policy) if policy else {})},
+        "prompt_sets": len(prompt_sets),
         "imitation": "reset to identity (exit layer differs from checkpoint)" if reset else "as loaded",
         "ar": ar, "ssd": ssd,
         "speedup": ssd["tokens_per_s"] / ar["tokens_per_s"],
@@ -146,12 +191,15 @@ def bench_one(bench: BenchModel, prompt_sets: list[Prompts], exit_layer: int, po
         "mean_accepted_length": ssd["mean_accepted_length"],
         "acceptance_rate": ssd["acceptance_rate"],
         "acceptance_per_position": ssd["acceptance_per_position"],
+        "tokens_per_full_model_call": ssd["tokens_per_full_model_call"],
+        "nodes_verified_per_call": ssd["nodes_verified_per_call"],
+        "accepted_depth_histogram": ssd["accepted_depth_histogram"],
         "memory": memory_report(model, params, ar_spec, ssd_spec, batch, prompt_len),
     }
-    if cost is not None:
+    if cost is not None and not tree.enabled and policy is not None:
         result["cost"] = cost.predict(batch, exit_layer, policy.draft_len, ssd["mean_accepted_length"],
                                       ssd["mean_drafted"], result["speedup_decode"])
-    if replay_rounds and sampling.greedy and identical:
+    if replay_rounds and sampling.greedy and identical and not tree.enabled and policy is not None:
         result.update(replay_report(bench, prompt_sets, ar_out, exit_layer, policy, ssd["rounds"], bucket))
     return result
 
