@@ -11,7 +11,7 @@ columns those are:
     <!-- numbers: benchmarks/x.json; derived: 32 / 4 -->
 
 A cell number matches when some numeric value in the named JSONs, in one of a few units
-(as is, percent, milli, kilo, mega, giga), rounds to it at the cell's precision. A derived
+(as is, percent, milli, kilo, mega, giga, MiB, GiB), rounds to it at the cell's precision. A derived
 column's numbers must match the ratio of two such values. The first column of a table is
 its row label (configuration in words) and is not checked.
 """
@@ -33,8 +33,9 @@ DOCUMENTS = ("README.md", "BENCHMARKS.md")
 
 ANNOTATION = re.compile(r"<!--\s*numbers:\s*(.*?)\s*-->", re.S)
 # A number not glued to a word on its left (v5e, b32, run3) and followed by at most an 'x'.
-NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![0-9A-Za-wyz_])")
-SCALES = (1.0, 100.0, 1e3, 1e-3, 1e-6, 1e-9)
+NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?:e[+-]?\d+)?(?![0-9A-Za-wyz_])")
+# as is, percent, milli, kilo, mega, giga, and binary MiB / GiB
+SCALES = (1.0, 100.0, 1e3, 1e-3, 1e-6, 1e-9, 2.0 ** -20, 2.0 ** -30)
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -59,8 +60,10 @@ def json_numbers(value) -> list[float]:
 
 
 def rounds_to(value: float, text: str) -> bool:
-    decimals = len(text.split(".")[1]) if "." in text else 0
-    return abs(value - float(text)) <= 0.5 * 10.0 ** -decimals * (1 + 1e-9) + 1e-12
+    mantissa, _, exponent = text.partition("e")
+    decimals = len(mantissa.split(".")[1]) if "." in mantissa else 0
+    unit = 0.5 * 10.0 ** (int(exponent or 0) - decimals)
+    return abs(value - float(text)) <= unit * (1 + 1e-9) + 1e-12
 
 
 def tables(markdown: str):
@@ -132,5 +135,5 @@ def test_table_numbers_come_from_their_json(document, line, note, rows):
 
 def _near(pool, target: float):
     pool = np.asarray(pool)
-    lo, hi = np.searchsorted(pool, [target - 1.0, target + 1.0])
+    lo, hi = np.searchsorted(pool, [target - 1.0 - 1e-3 * target, target + 1.0 + 1e-3 * target])
     return pool[lo:hi]

@@ -174,7 +174,7 @@ def main(argv=None) -> int:
         from decode.bench import compile_only
 
         args.argv = sys.argv[1:] if argv is None else list(argv)
-        return compile_only.run(args, parser)
+        return compile_only.run(args)
     if args.ckpt.startswith("shapes:"):
         parser.error(f"--ckpt {args.ckpt} names an architecture without weights: use it with --compile-only TOPOLOGY")
     try:  # before loading the model: a bad --temperature is reported at once, as one line

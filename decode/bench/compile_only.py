@@ -366,7 +366,7 @@ def predict(pieces: dict, acceptance: Acceptance, draft_len: int) -> dict[str, A
             "predicted_speedup_bytes_accessed": speedup("step_time_lower_bound_s")}
 
 
-def run(args, parser) -> int:
+def run(args) -> int:
     """The CLI's compile-only branch (decode/bench/cli.py): 0 if every point fits, 1 if one
     does not (with a one-line reason), 2 for bad input."""
     import sys
