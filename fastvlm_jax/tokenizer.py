@@ -16,7 +16,6 @@ Also the LLaVA prompt helpers (the prompt text, the image token count, the promp
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from fastvlm_jax.hf_tokenizer import HFTokenizer
 from fastvlm_jax.sp_tokenizer import SentencePieceTokenizer
