@@ -103,3 +103,15 @@ class AutoDraft:
             "round_ms": {"x".join(map(str, shape)): {str(g): 1000 * s for g, s in costs.items()}
                          for shape, costs in self.round_seconds.items()},
         }
+
+
+def parse_draft_len(text: str) -> int | str:
+    """The value of a `--draft-len` flag: an integer, or 'auto' (argparse type)."""
+    import argparse
+
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None

@@ -77,6 +77,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from decode.autodraft import parse_draft_len
     from decode.captioner import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
 
     parser = _Parser(prog=PROG, description="Caption images with a fastvlm-jax checkpoint "
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (batch i uses fold_in(seed, i))")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="params and compute dtype (default: the checkpoint's own)")
-    parser.add_argument("--draft-len", type=_draft_len_arg, default=5,
+    parser.add_argument("--draft-len", type=parse_draft_len, default=5,
                         help="SSD: most tokens drafted per round, or 'auto': each batch's length chosen "
                              "among --auto-choices from measured round costs and running acceptance")
     parser.add_argument("--auto-choices", type=int, nargs="+", default=None,
@@ -143,15 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-processes", type=int, default=None, help="multi-process: how many")
     parser.add_argument("--process-id", type=int, default=None, help="multi-process: this one's rank")
     return parser
-
-
-def _draft_len_arg(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
 
 
 def _auto_options(args: argparse.Namespace):

@@ -34,6 +34,7 @@ from train import deepen
 from train import params as param_lib
 from train import step as step_lib
 from train.config import ConfigError, TrainConfig
+from train.model_setup import plan_training
 
 # Tokens of a LLaVA/BLIP-2 prompt around the image tokens (chat template + a short question),
 # for the refine program's prompt width when no tokenizer is at hand to count them.
@@ -161,19 +162,7 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
     model = VLM(source.config, jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32)
 
     abstract = nn.meta.unbox(model.abstract_params())
-    try:
-        trainable_paths = param_lib.trainable_paths(abstract, cfg.trainable_patterns)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    if cfg.stage != "base" and any(not p.startswith("imitation/") for p in trainable_paths):
-        raise ConfigError(f"stage {cfg.stage!r} may only train imitation/* parameters")
-    tx = step_lib.make_optimizer(cfg.optim, cfg.steps)
-    schedule = step_lib.make_schedule(cfg.optim, cfg.steps)
-    shardings = step_lib.make_shardings(model, mesh, trainable_paths, tx)
-    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-    if (cfg.batch_size // cfg.grad_accum) % data_parallel:
-        raise ConfigError(f"micro-batch {cfg.batch_size // cfg.grad_accum} is not divisible by the "
-                          f"{data_parallel} data-parallel shards of mesh {dict(mesh.shape)}")
+    trainable_paths, tx, schedule, shardings = plan_training(cfg, model, mesh, abstract)
 
     trainable_abs, frozen_abs = param_lib.split(abstract, trainable_paths)
     # The trainable params are float32 master weights (train.run casts them); the frozen

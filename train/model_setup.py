@@ -8,6 +8,8 @@ import dataclasses
 from fastvlm_jax.config import VLMConfig
 from fastvlm_jax.tokenizer import Tokenizer, check_image_token_id, load_tokenizer
 from train import input as input_lib
+from train import params as param_lib
+from train import step as step_lib
 from train.config import ConfigError, TrainConfig
 
 
@@ -39,3 +41,28 @@ def resolve_model_config(model: VLMConfig, tokenizer: Tokenizer) -> VLMConfig:
                           f"{model.text.vocab_size}")
     check_image_token_id(tokenizer, model.image_token_id, ConfigError)
     return model
+
+
+def plan_training(cfg: TrainConfig, model, mesh, abstract):
+    """What a run trains and how it is laid out, for train.run and its compile-only twin:
+    (trainable paths, optimizer, learning-rate schedule, shardings).
+
+    abstract: the model's unboxed abstract params. ConfigError for a draft stage that would
+    train more than imitation/*, or a micro-batch the mesh's data shards cannot split.
+    """
+    try:
+        trainable_paths = param_lib.trainable_paths(abstract, cfg.trainable_patterns)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if cfg.stage != "base" and any(not p.startswith("imitation/") for p in trainable_paths):
+        # The draft stages promise an untouched full model (the head is shared with it).
+        raise ConfigError(f"stage {cfg.stage!r} may only train imitation/* parameters; "
+                          f"trainable={cfg.trainable_patterns} selects others too")
+    tx = step_lib.make_optimizer(cfg.optim, cfg.steps)
+    schedule = step_lib.make_schedule(cfg.optim, cfg.steps)
+    shardings = step_lib.make_shardings(model, mesh, trainable_paths, tx)
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (cfg.batch_size // cfg.grad_accum) % data_parallel:
+        raise ConfigError(f"micro-batch {cfg.batch_size // cfg.grad_accum} is not divisible by the "
+                          f"{data_parallel} data-parallel shards of mesh {dict(mesh.shape)}")
+    return trainable_paths, tx, schedule, shardings

@@ -38,7 +38,7 @@ from train import checkpointing, deepen, input as input_lib, metrics as metrics_
 from train import params as param_lib
 from train import step as step_lib
 from train.config import ConfigError, TrainConfig, apply_overrides, load_config_file, parse_overrides
-from train.model_setup import make_tokenizer, resolve_model_config
+from train.model_setup import make_tokenizer, plan_training, resolve_model_config
 
 EXPORT_DIR = "export"
 CHECKPOINT_DIR = "checkpoints"
@@ -157,18 +157,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
 
     # Parameters: placed by logical axes, split into trainable (optimized) and frozen.
     abstract = nn.meta.unbox(model.abstract_params())
-    trainable_paths = param_lib.trainable_paths(abstract, cfg.trainable_patterns)
-    if cfg.stage != "base" and any(not p.startswith("imitation/") for p in trainable_paths):
-        # The draft stages promise an untouched full model (the head is shared with it).
-        raise ConfigError(f"stage {cfg.stage!r} may only train imitation/* parameters; "
-                          f"trainable={cfg.trainable_patterns} selects others too")
-    tx = step_lib.make_optimizer(cfg.optim, cfg.steps)
-    schedule = step_lib.make_schedule(cfg.optim, cfg.steps)
-    shardings = step_lib.make_shardings(model, mesh, trainable_paths, tx)
-    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-    if (cfg.batch_size // cfg.grad_accum) % data_parallel:
-        raise ConfigError(f"micro-batch {cfg.batch_size // cfg.grad_accum} is not divisible by the "
-                          f"{data_parallel} data-parallel shards of mesh {dict(mesh.shape)}")
+    trainable_paths, tx, schedule, shardings = plan_training(cfg, model, mesh, abstract)
     placement = param_lib.merge(shardings.state.params, shardings.frozen)
     if params is None:
         params = init_params(model, cfg.seed, placement)

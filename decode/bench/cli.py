@@ -30,7 +30,7 @@ from decode.bench.cost import CostModel
 from decode.bench.machine import loadavg, machine_info
 from decode.bench.models import RANDOM_PRESETS, load_bench_model, make_prompts
 from decode.bench.replay import context_acceptance
-from decode.autodraft import DEFAULT_CHOICES, AutoDraft, AutoDraftConfig
+from decode.autodraft import DEFAULT_CHOICES, AutoDraft, AutoDraftConfig, parse_draft_len
 from decode.bench.timing import bench_one, choose_auto_draft
 from decode.captioner import describe_device
 from decode.engine import DraftPolicy
@@ -71,15 +71,6 @@ def policy_names(args: argparse.Namespace) -> list[str]:
     return ["static"]
 
 
-def draft_len_arg(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m decode.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--ckpt", required=True, help="checkpoint dir, 'demo', random:PRESET "
@@ -93,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1])
     parser.add_argument("--exit-layer", type=int, nargs="+", default=None,
                         help="exit layers to try (default: the checkpoint's)")
-    parser.add_argument("--draft-len", type=draft_len_arg, nargs="+", default=[5],
+    parser.add_argument("--draft-len", type=parse_draft_len, nargs="+", default=[5],
                         help="draft lengths to sweep; 'auto' chooses one per batch size among "
                         "--auto-choices from measured round costs and acceptance (decode.autodraft)")
     parser.add_argument("--auto-choices", type=int, nargs="+", default=list(DEFAULT_CHOICES),
