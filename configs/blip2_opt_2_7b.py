@@ -22,11 +22,19 @@ The frozen model is bf16 and FSDP-sharded over 8 chips; only the imitation netwo
 FFN block of width 10240 after layer 8 of 32) has float32 master weights.
 """
 
+import importlib.util
+from pathlib import Path
+
 from fastvlm_jax.architectures import BLIP2_OPT_EOS_NEWLINE_ID as EOS_NEWLINE_ID  # noqa: F401
 from fastvlm_jax.architectures import blip2_opt_2_7b
 from fastvlm_jax.blip2 import Blip2Config
 from fastvlm_jax.sharding import MeshConfig
-from train.config import CheckpointConfig, DataConfig, LossConfig, OptimConfig, TrainConfig
+from train.config import CheckpointConfig, DataConfig, TrainConfig
+
+# The draft stages' schedules are the LLaVA-1.5-7B config's (a config file is loaded by path).
+_spec = importlib.util.spec_from_file_location("_llava15_7b", Path(__file__).with_name("llava15_7b.py"))
+_llava = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_llava)
 
 
 def get_model_config(exit_layer: int = 8, kind: str = "ffn", draft_hidden: int = 0) -> Blip2Config:
@@ -55,14 +63,4 @@ def get_config(arg: str = "imitation", *, checkpoint: str = CHECKPOINT, workdir:
         checkpoint=CheckpointConfig(save_every=500, keep=3, async_save=True),
         log_every=20,
     )
-    if stage == "imitation":
-        return TrainConfig(steps=6000, optim=OptimConfig(learning_rate=3e-4, warmup_steps=300,
-                                                         end_lr_factor=0.05, weight_decay=0.0),
-                           loss=LossConfig(cos=1.0, kd=1.0, ce=0.1, temperature=1.0), **common)
-    if stage == "refine":
-        return TrainConfig(steps=1500, optim=OptimConfig(learning_rate=1e-4, warmup_steps=100,
-                                                         end_lr_factor=0.1),
-                           loss=LossConfig(cos=1.0, kd=1.0, ce=0.1, temperature=1.0,
-                                           refine_disagreement_weight=4.0),
-                           refine_max_new_tokens=48, **common)
-    raise ValueError(f"stage {stage!r}: this config trains the draft ('imitation' or 'refine')")
+    return _llava.draft_stage(stage, common)

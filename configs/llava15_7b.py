@@ -46,6 +46,12 @@ def get_config(arg: str = "imitation", *, checkpoint: str = CHECKPOINT, workdir:
         checkpoint=CheckpointConfig(save_every=500, keep=3, async_save=True),
         log_every=20,
     )
+    return draft_stage(stage, common)
+
+
+def draft_stage(stage: str, common: dict) -> TrainConfig:
+    """The two draft stages (imitation, then refine) with the schedules and loss weights of
+    these 7B-scale runs; `common` holds everything else (the BLIP-2 config uses it too)."""
     if stage == "imitation":
         return TrainConfig(steps=6000, optim=OptimConfig(learning_rate=3e-4, warmup_steps=300,
                                                          end_lr_factor=0.05, weight_decay=0.0),
