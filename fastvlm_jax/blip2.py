@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from fastvlm_jax.config import ConfigError, DraftConfig, ModelConfigMixin
+from fastvlm_jax.eagle import make_eagle_head
 from fastvlm_jax.kv_cache import KVCache, TreeSlots
 from fastvlm_jax.layers import (INIT_STD, activation, causal_attention, dense, full_attention,
                                 init_layer_stack, run_layer_stack, split_heads)
@@ -506,6 +507,7 @@ class Blip2Module(FamilyModule):
                                       use_bias=True)
         self.language_model = OPTDecoder(cfg.text, self.dtype, self.unroll_layers)
         self.imitation = OPTImitationNetwork(cfg.text, cfg.draft, self.dtype)
+        self.eagle = make_eagle_head(cfg, self.dtype)
 
     def encode_images(self, pixels: Array) -> Array:
         """pixels: [batch, height, width, 3] -> [batch, num_query_tokens, text hidden]."""

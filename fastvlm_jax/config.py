@@ -87,11 +87,30 @@ class DraftConfig:
     kind="ffn": one gated-FFN residual block (cheap, no cache of its own).
     kind="layer": one full decoder layer with its own KV cache.
     hidden_size: the FFN width of the imitation network (0 -> the decoder's intermediate size).
+
+    The EAGLE-style head (fastvlm_jax.eagle), a second drafter on the same model:
+    eagle_layers: 1 gives the model an EAGLE head (params under 'eagle'), 0 none.
+    eagle_hidden_size: its FFN width (0 -> the decoder's intermediate size).
+    eagle_image_pool: its visual compressor: one cache entry per this many consecutive
+      image tokens (1 = every image token), combined by eagle_compressor 'pool' (mean)
+      or 'prune' (the first).
     """
 
     exit_layer: int = 2
     kind: ImitationKind = "ffn"
     hidden_size: int = 0
+    eagle_layers: int = 0
+    eagle_hidden_size: int = 0
+    eagle_image_pool: int = 1
+    eagle_compressor: Literal["pool", "prune"] = "pool"
+
+    def __post_init__(self):
+        if self.eagle_layers not in (0, 1):
+            raise ConfigError(f"draft.eagle_layers={self.eagle_layers}: use 0 (no EAGLE head) or 1")
+        if self.eagle_image_pool < 1:
+            raise ConfigError(f"draft.eagle_image_pool={self.eagle_image_pool} must be >= 1")
+        if self.eagle_compressor not in ("pool", "prune"):
+            raise ConfigError(f"draft.eagle_compressor={self.eagle_compressor!r}: use 'pool' or 'prune'")
 
 
 class ModelConfigMixin:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from fastvlm_jax.config import DraftConfig, TextConfig, VLMConfig
+from fastvlm_jax.eagle import make_eagle_head
 from fastvlm_jax.kv_cache import KVCache, TreeSlots
 from fastvlm_jax.layers import (INIT_STD, DecoderLayer, GatedMLP, RMSNorm, activation, dense,
                                 init_layer_stack, run_layer_stack)
@@ -151,6 +152,7 @@ class VLMModule(FamilyModule):
         self.projector = Projector(cfg, self.dtype)
         self.language_model = TextDecoder(cfg.text, self.dtype, self.unroll_layers)
         self.imitation = ImitationNetwork(cfg.text, cfg.draft, self.dtype)
+        self.eagle = make_eagle_head(cfg, self.dtype)
 
     def encode_images(self, pixels: Array) -> Array:
         """pixels: [batch, height, width, 3] -> image tokens [batch, num_image_tokens, embed]."""

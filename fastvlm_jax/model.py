@@ -4,7 +4,7 @@ The family modules (`fastvlm_jax.llava`, `fastvlm_jax.blip2`) hold the Flax code
 `fastvlm_jax.families` maps a config to its module. `VLM` wraps one so that callers
 pass params explicitly and compose the pieces under jax.jit: `encode_images`, `embed`,
 `run_layers(start, stop)` (any layer range, over the stacked layers, with or without the
-stacked KV cache), `logits`, `imitate` and the caches.
+stacked KV cache), `logits`, `imitate`, `eagle_draft` and the caches.
 """
 
 from __future__ import annotations
@@ -107,6 +107,10 @@ class VLM:
     def imitate(self, params, hidden, positions, cache=None, key_mask=None, tree=None):
         return self._apply(params, "imitate", hidden, positions, cache, key_mask, tree)
 
+    def eagle_draft(self, params, features, embeds, positions, cache=None, key_mask=None, tree=None):
+        """The EAGLE head: (f_t [batch, seq, embed], e_{t+1}) at t -> (predicted f_{t+1}, cache)."""
+        return self._apply(params, "eagle_draft", features, embeds, positions, cache, key_mask, tree)
+
     def forward(self, params, input_ids, pixels=None, positions=None, key_mask=None):
         """Full-model logits without a cache: [batch, seq] -> [batch, seq, vocab]."""
         if positions is None:
@@ -131,6 +135,20 @@ class VLM:
         text = self.config.text
         return KVCache.zeros(1, batch, slots, text.num_kv_heads, text.resolved_head_dim,
                              dtype or self.dtype)
+
+
+    def init_eagle_cache(self, batch: int, slots: int, dtype=None) -> KVCache:
+        """The EAGLE head's own one-layer cache: [1, batch, kv_heads, slots, head_dim]."""
+        from fastvlm_jax.eagle import head_text_config
+
+        text = head_text_config(self.config.text, self.config.draft)
+        return KVCache.zeros(1, batch, slots, text.num_kv_heads, text.resolved_head_dim, dtype or self.dtype)
+
+    def init_eagle(self, rng: Array) -> Params:
+        """Fresh EAGLE-head params alone (for a model trained without one)."""
+        from fastvlm_jax.eagle import init_eagle_params
+
+        return init_eagle_params(self.config, rng, self.dtype)
 
 
 def param_count(params: Params) -> int:

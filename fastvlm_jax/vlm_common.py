@@ -24,7 +24,8 @@ class FamilyModule(nn.Module):
 
     A subclass's `setup` creates `language_model` (a decoder with `run_layers` and
     `logits`, its layers stacked) and `imitation` (the draft's imitation network), plus
-    its vision side, and defines `encode_images` and `embed`. Callers reach every method
+    its vision side, and `eagle` (`fastvlm_jax.eagle.make_eagle_head`: the EAGLE head or None),
+    and defines `encode_images` and `embed`. Callers reach every method
     through `Module.apply(..., method=name)` (see `fastvlm_jax.model.VLM`).
 
     unroll_layers: run layer ranges as unrolled code instead of a loop (a whole-program
@@ -60,6 +61,14 @@ class FamilyModule(nn.Module):
                 key_mask: Array | None = None, tree: TreeSlots | None = None):
         """Exit-layer states -> (draft states, the imitation network's own cache or None)."""
         return self.imitation(hidden, positions, cache, key_mask, tree)
+
+    def eagle_draft(self, features: Array, embeds: Array, positions: Array, cache: KVCache | None = None,
+                    key_mask: Array | None = None, tree: TreeSlots | None = None):
+        """The EAGLE head (fastvlm_jax.eagle): (f_t, e_{t+1}) at t -> (predicted f_{t+1}, cache)."""
+        if self.eagle is None:
+            raise ValueError("this model has no EAGLE head (draft.eagle_layers=0): train one with the "
+                             "'eagle' stage of train.run")
+        return self.eagle(features, embeds, positions, cache, key_mask, tree)
 
     def __call__(self, input_ids: Array, pixels: Array, positions: Array | None = None):
         """(full logits, draft logits) without a cache: what `init` traces."""
@@ -103,4 +112,6 @@ def full_and_draft_logits(module, input_ids: Array, pixels: Array, positions: Ar
     h_last, _, states = module.run_layers(hidden, positions, 0, module.config.text.num_layers,
                                           collect=(exit_layer,))
     draft_hidden, _ = module.imitate(states[exit_layer], positions)
+    if getattr(module, "eagle", None) is not None:  # traced so that init creates its params
+        module.eagle_draft(h_last, hidden, positions)
     return module.logits(h_last), module.logits(draft_hidden)
