@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from decode.autodraft import AutoDraft, AutoDraftConfig
+from decode.drafters import EagleDrafter, ImitationDrafter, ModelDrafter
 from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
 from decode.sampling import SamplingConfig
 from decode.tree import TreeShape
@@ -225,6 +226,17 @@ class GenerationOptions:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
+def check_same_tokenizer(tokenizer, other, where) -> None:
+    """Raises CheckpointError unless `other` maps every id to the same piece as `tokenizer`
+    (a draft model's tokens are verified by id)."""
+    if other is None:
+        raise CheckpointError(f"draft model {where} has no tokenizer/ folder")
+    if other.vocab_size != tokenizer.vocab_size or any(
+            other.id_to_piece(i) != tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)):
+        raise CheckpointError(f"draft model {where} has a different tokenizer from the checkpoint: a draft "
+                              "model must share its tokenizer (same ids for the same pieces)")
+
+
 def describe_device() -> str:
     """e.g. "cpu (cpu) x8" or "gpu (NVIDIA H100 80GB HBM3) x1"."""
     devices = jax.devices()
@@ -243,10 +255,13 @@ class Captioner:
         data x fsdp, which must divide batch_size.
       dtype: the params' and compute dtype (e.g. 'bfloat16'); None: the checkpoint's own.
         Activations and the KV cache follow it; logits and acceptance stay float32.
+      drafter: what drafts SSD rounds (decode.drafters): 'imitation' (the draft path of the
+        checkpoint), 'eagle' (its EAGLE head), or 'model:CKPT' (a separate small VLM with the
+        same tokenizer and image preprocessing; CKPT a folder or `demo-draft`).
     """
 
     def __init__(self, checkpoint: str | os.PathLike | Checkpoint, *, batch_size: int = 8,
-                 prompt_bucket: int = 32, mesh=None, dtype=None):
+                 prompt_bucket: int = 32, mesh=None, dtype=None, drafter: str = "imitation"):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if mesh is not None and batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
@@ -278,11 +293,38 @@ class Captioner:
         self.image_config = checkpoint.image_config
         self.dtype = params_dtype(self.params)
         self.model = shared_model(config, self.dtype)
+        self.drafter, self.draft_params = self._load_drafter(drafter, mesh)
         self.mesh = mesh
         self.batch_size = int(batch_size)
         self.prompt_bucket = int(prompt_bucket)
         self._warm: set[tuple] = set()  # program shapes already compiled (see _warm_up)
         self.auto_draft: AutoDraft | None = None  # the state of auto draft lengths, once used
+
+    def _load_drafter(self, drafter: str, mesh):
+        """'imitation' | 'eagle' | 'model:CKPT' -> (decode.drafters drafter, its own params or None)."""
+        if drafter == "imitation":
+            return ImitationDrafter(), None
+        if drafter == "eagle":
+            if not self.config.draft.eagle_layers:
+                raise CheckpointError("the eagle drafter needs an EAGLE head and this checkpoint has none; "
+                                      "train one with the 'eagle' stage of train.run (or use the imitation drafter)")
+            return EagleDrafter(), None
+        kind, _, path = drafter.partition(":")
+        if kind != "model" or not path:
+            raise ValueError(f"unknown drafter {drafter!r}: use imitation, eagle or model:CKPT")
+        if path == "demo-draft":
+            from fastvlm_jax.demo import demo_draft_checkpoint
+
+            path = demo_draft_checkpoint()
+        small = load_checkpoint(path, mesh=mesh, dtype=self.dtype)
+        check_same_tokenizer(self.tokenizer, small.tokenizer, path)
+        if small.image_config != self.image_config:
+            raise CheckpointError(f"draft model {path} preprocesses images differently from the checkpoint "
+                                  "(preprocessor.json): a draft model must read the same pixels")
+        if small.config.image_token_id != self.config.image_token_id:
+            raise CheckpointError(f"draft model {path} has image token id {small.config.image_token_id}, "
+                                  f"the checkpoint {self.config.image_token_id}: they must share the tokenizer")
+        return ModelDrafter(shared_model(small.config, self.dtype)), small.params
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -314,7 +356,8 @@ class Captioner:
         policy = options.policy if options.mode == "ssd" else DraftPolicy()
         tree = options.tree if options.mode == "ssd" else TreeShape()
         return DecodeSpec(mode=options.mode, capacity=capacity_bucket(options.max_new_tokens),
-                          sampling=options.sampling, policy=policy, eos_ids=self.eos_ids, tree=tree)
+                          sampling=options.sampling, policy=policy, eos_ids=self.eos_ids, tree=tree,
+                          drafter=self.drafter if options.mode == "ssd" else ImitationDrafter())
 
     def _prompts(self, pixels: np.ndarray, prompt_ids: Sequence[Sequence[int]]
                  ) -> tuple[Prompts, int]:
@@ -364,7 +407,8 @@ class Captioner:
                 spec = self._spec_with_draft_len(options, draft_len)
                 begin = time.perf_counter()
                 out = jax.device_get(generate(self.model, self.params, prompts, spec,
-                                              jnp.asarray(budget if full else np.minimum(budget, 1)), rng))
+                                              jnp.asarray(budget if full else np.minimum(budget, 1)), rng,
+                                              draft_params=self.draft_params))
                 return time.perf_counter() - begin, out
 
             auto.calibrate(shape, run)
@@ -378,7 +422,8 @@ class Captioner:
             return 0.0
         start = time.perf_counter()
         out = generate(self.model, self.params, prompts, spec,
-                       self._place(np.zeros((self.batch_size,), np.int32)), jax.random.key(0))
+                       self._place(np.zeros((self.batch_size,), np.int32)), jax.random.key(0),
+                       draft_params=self.draft_params)
         jax.block_until_ready(out)
         self._warm.add(key)
         return time.perf_counter() - start
@@ -404,7 +449,8 @@ class Captioner:
             spec, measure_seconds = self.spec(options), 0.0
         compile_seconds = self._warm_up(prompts, spec) + measure_seconds
         start = time.perf_counter()
-        out = generate(self.model, self.params, prompts, spec, self._place(budget), rng)
+        out = generate(self.model, self.params, prompts, spec, self._place(budget), rng,
+                       draft_params=self.draft_params)
         out = jax.device_get(out)  # waits for the device, one transfer
         seconds = time.perf_counter() - start
 

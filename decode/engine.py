@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import flax.struct
 import jax
@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from decode import tree as tree_lib
+from decode.drafters import Drafter, ImitationDrafter, ModelDrafter, PrefillStates, RoundContext, Verified
 from decode.sampling import SamplingConfig, accept_greedy, accept_speculative, next_token, warp
 from decode.tree import TreeShape, accept_speculative_tree
 from fastvlm_jax.kv_cache import KVCache
@@ -95,10 +96,14 @@ class DecodeSpec:
     policy: DraftPolicy = DraftPolicy()
     eos_ids: tuple[int, ...] = (2,)
     tree: TreeShape = TreeShape()  # tree.nodes > 0: SSD rounds draft a token tree, not a chain
+    drafter: Drafter = ImitationDrafter()  # what drafts (decode.drafters)
 
     def __post_init__(self):
         if self.mode not in ("ar", "ssd"):
             raise ValueError(f"unknown decoding mode {self.mode!r}: use 'ar' or 'ssd'")
+        if self.tree.enabled and not isinstance(self.drafter, ImitationDrafter):
+            raise ValueError(f"draft trees are built by the imitation drafter only; the {self.drafter.name} "
+                             "drafter drafts chains: drop --tree-nodes or use --drafter imitation")
         if self.tree.enabled and (self.policy.min_confidence > 0 or self.policy.schedule != "static"):
             raise ValueError("a draft tree has a static shape: the chain policy's min_confidence and "
                              "schedule do not apply to it")
@@ -161,7 +166,7 @@ class DecodeOutput:
 @flax.struct.dataclass
 class _LoopState:
     cache: KVCache
-    draft_cache: KVCache | None
+    draft: Any  # the drafter's carry (decode.drafters); the imitation network's cache or None
     last_token: Array  # [batch] generated but not yet in the cache
     tokens: Array  # [batch, capacity]
     num_tokens: Array  # [batch]
@@ -207,31 +212,32 @@ def _emit(state: _LoopState, new_tokens: Array, count: Array, max_new: Array, eo
                          last_token=jnp.where(count > 0, last, state.last_token))
 
 
-def _prefill(model: VLM, params, prompts: Prompts, spec: DecodeSpec, rng: Array, max_new: Array
-             ) -> _LoopState:
+def _prefill(model: VLM, params, prompts: Prompts, spec: DecodeSpec, rng: Array, max_new: Array,
+             draft_params=None) -> _LoopState:
     cfg = model.config
     batch, prompt_len = prompts.input_ids.shape
     slots = spec.cache_slots(prompt_len)
     cache = model.init_cache(batch, slots)
-    draft_cache = model.init_draft_cache(batch, slots) if spec.mode == "ssd" else None
     features = None if prompts.pixels is None else model.encode_images(params, prompts.pixels)
     positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
     hidden = model.embed(params, prompts.input_ids, features, positions)
     exit_layer = cfg.draft.exit_layer
     h_exit, cache, _ = model.run_layers(params, hidden, positions, 0, exit_layer, cache)
-    if draft_cache is not None:
-        _, draft_cache = model.imitate(params, h_exit, positions, draft_cache)
     h_last, cache, _ = model.run_layers(params, h_exit, positions, exit_layer, cfg.text.num_layers, cache)
     last_index = (prompts.lengths - 1)[:, None, None]
     logits = model.logits(params, jnp.take_along_axis(h_last, last_index, axis=1))[:, 0]
     rng, step_rng = _split(rng, spec)
     first = next_token(step_rng, logits, spec.sampling)
     cache = cache.replace(pos=prompts.lengths.astype(jnp.int32))
-    if draft_cache is not None:
-        draft_cache = draft_cache.replace(pos=cache.pos)
+    draft = None
+    if spec.mode == "ssd":
+        context = RoundContext(model, params, draft_params, spec.draft_depth)
+        states = PrefillStates(input_ids=prompts.input_ids, lengths=prompts.lengths, pixels=prompts.pixels,
+                               embeds=hidden, exit_states=h_exit, last_states=h_last)
+        draft = spec.drafter.prefill(context, states, first, spec.drafter.cache_slots(model, slots))
     draft_len = spec.draft_depth
     state = _LoopState(
-        cache=cache, draft_cache=draft_cache, last_token=first,
+        cache=cache, draft=draft, last_token=first,
         tokens=jnp.full((batch, spec.capacity), -1, jnp.int32),
         num_tokens=jnp.zeros((batch,), jnp.int32), done=jnp.zeros((batch,), bool), rng=rng,
         rounds=jnp.zeros((batch,), jnp.int32), drafted=jnp.zeros((batch,), jnp.int32),
@@ -242,7 +248,8 @@ def _prefill(model: VLM, params, prompts: Prompts, spec: DecodeSpec, rng: Array,
     return _emit(state, first[:, None], jnp.ones((batch,), jnp.int32), max_new, spec.eos_ids)
 
 
-def _ar_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new: Array) -> _LoopState:
+def _ar_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new: Array,
+              draft_params=None) -> _LoopState:
     """One full-model step for every live row."""
     pos = state.cache.pos
     hidden = model.embed(params, state.last_token[:, None], None, pos[:, None])
@@ -256,45 +263,26 @@ def _ar_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new: 
     return _emit(state, token[:, None], jnp.ones_like(pos), max_new, spec.eos_ids)
 
 
-def _draft(model: VLM, params, spec: DecodeSpec, state: _LoopState, rng: Array):
-    """Drafts up to draft_len tokens per live row with the draft path.
+def _draft(context: RoundContext, spec: DecodeSpec, state: _LoopState, rng: Array):
+    """Drafts up to draft_len tokens per live row with the spec's drafter.
 
-    Returns (tokens [batch, draft_len + 1] with the round's first token at 0,
-    exit-layer states [batch, draft_len + 1, embed], draft probs [batch, draft_len, vocab] or
-    None when greedy, draft lengths [batch], cache, draft cache).
+    Returns (tokens [batch, draft_len + 1] with the round's first token at 0, verification
+    inputs [batch, draft_len + 1, embed] (the drafter's kept states) or None (verification
+    embeds the tokens), draft probs [batch, draft_len, vocab] or None when greedy, draft
+    lengths [batch], cache, drafter carry).
     """
-    cfg = model.config
-    exit_layer = cfg.draft.exit_layer
-    draft_len = spec.policy.draft_len
+    drafter, draft_len = spec.drafter, spec.policy.draft_len
     batch = state.last_token.shape[0]
     pos = state.cache.pos
-
-    def shallow(token, slot, cache):
-        positions = (pos + slot)[:, None]
-        h, cache, _ = model.run_layers(params, model.embed(params, token[:, None], None, positions), positions, 0,
-                                       exit_layer, cache)
-        return h[:, 0], cache
-
+    logits, kept, cache, carry = drafter.start(context, state.cache, state.draft, state.last_token, pos)
     tokens = jnp.zeros((batch, draft_len + 1), jnp.int32).at[:, 0].set(state.last_token)
-    # The loop carries the whole stacked cache; the shallow layers write their slices of it
-    # in place, and the deep layers' entries are neither read nor copied.
-    h0, cache = shallow(state.last_token, 0, state.cache)
-    states = jnp.zeros((batch, draft_len + 1, cfg.text.hidden_size), h0.dtype).at[:, 0].set(h0)
-    probs = None if spec.sampling.greedy else jnp.zeros((batch, draft_len, cfg.text.vocab_size), jnp.float32)
+    states = None if kept is None else jnp.zeros((batch, draft_len + 1) + kept.shape[1:], kept.dtype
+                                                 ).at[:, 0].set(kept)
+    probs = None if spec.sampling.greedy else jnp.zeros((batch, draft_len, logits.shape[-1]), jnp.float32)
     limit = spec.policy.limit(state.num_tokens)
-    drafting = ~state.done
-    draft_lens = jnp.zeros((batch,), jnp.int32)
 
-    def cond(carry):
-        slot, _, _, _, drafting, _, _, _, _ = carry
-        return (slot < draft_len) & jnp.any(drafting)
-
-    def body(carry):
-        slot, tokens, states, probs, drafting, draft_lens, cache, draft_cache, rng = carry
-        h = jax.lax.dynamic_index_in_dim(states, slot, axis=1, keepdims=True)
-        positions = (pos + slot)[:, None]
-        draft_hidden, draft_cache = model.imitate(params, h, positions, draft_cache)
-        logits = model.logits(params, draft_hidden)[:, 0]
+    def propose(slot, logits, tokens, probs, drafting, draft_lens, rng):
+        """Draws token slot + 1 from `logits` and books which rows propose it."""
         rng, step_rng = _split(rng, spec)
         if spec.sampling.greedy:
             token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -306,36 +294,84 @@ def _draft(model: VLM, params, spec: DecodeSpec, state: _LoopState, rng: Array):
             confidence = jnp.max(step_probs, axis=-1)
             probs = jax.lax.dynamic_update_index_in_dim(probs, step_probs, slot, axis=1)
         confident = True if confidence is None else (slot == 0) | (confidence >= spec.policy.min_confidence)
-        propose = drafting & (slot < limit) & confident
-        draft_lens = draft_lens + propose
+        drafting = drafting & (slot < limit) & confident
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, slot + 1, axis=1)
-        h_next, cache = shallow(token, slot + 1, cache)
-        states = jax.lax.dynamic_update_index_in_dim(states, h_next, slot + 1, axis=1)
-        return slot + 1, tokens, states, probs, propose, draft_lens, cache, draft_cache, rng
+        return token, tokens, probs, drafting, draft_lens + drafting, rng
 
-    carry = (jnp.int32(0), tokens, states, probs, drafting, draft_lens, cache, state.draft_cache, rng)
-    last_slot, tokens, states, probs, _, draft_lens, cache, draft_cache, _ = jax.lax.while_loop(
-        cond, body, carry)
-    if draft_cache is not None:
-        # The imitation network's cache now holds every slot it drafted from; the state of
-        # the last drafted token (slot `last_slot`) is still missing, and the next round may
-        # need it (when every draft is accepted). One one-token pass writes it.
-        h = jax.lax.dynamic_index_in_dim(states, last_slot, axis=1, keepdims=True)
-        _, draft_cache = model.imitate(params, h, (pos + last_slot)[:, None], draft_cache)
-    return tokens, states, probs, draft_lens, cache, draft_cache
+    def keep(states, kept, slot):
+        return None if states is None else jax.lax.dynamic_update_index_in_dim(states, kept, slot, axis=1)
+
+    def cond(loop):
+        slot, drafting = loop[0], loop[5]
+        return (slot < draft_len - 1) & jnp.any(drafting)
+
+    def body(loop):
+        slot, logits, tokens, states, probs, drafting, draft_lens, cache, carry, rng = loop
+        token, tokens, probs, drafting, draft_lens, rng = propose(slot, logits, tokens, probs, drafting,
+                                                                  draft_lens, rng)
+        logits, kept, cache, carry = drafter.step(context, cache, carry, token, pos + slot + 1)
+        return slot + 1, logits, tokens, keep(states, kept, slot + 1), probs, drafting, draft_lens, cache, carry, rng
+
+    loop = (jnp.int32(0), logits, tokens, states, probs, ~state.done, jnp.zeros((batch,), jnp.int32), cache,
+            carry, rng)
+    slot, logits, tokens, states, probs, drafting, draft_lens, cache, carry, rng = jax.lax.while_loop(
+        cond, body, loop)
+    # The last draft (slot + 1): drawn, then fed to the drafter only as far as it needs
+    # (the imitation drafter's shallow state is what verification reads).
+    token, tokens, probs, _, draft_lens, _ = propose(slot, logits, tokens, probs, drafting, draft_lens, rng)
+    kept, cache, carry = drafter.finish(context, cache, carry, token, pos + slot + 1)
+    return tokens, keep(states, kept, slot + 1), probs, draft_lens, cache, carry
 
 
-def _ssd_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new: Array) -> _LoopState:
+def _commit_round(spec: DecodeSpec, state: _LoopState, cache: KVCache, draft, rng: Array,
+                  drafted_tokens: Array, accepted: Array, final: Array, max_new: Array,
+                  drafted: Array, attempts: Array):
+    """Emits a round's accepted drafts and the full model's own token, advances the caches
+    and books the stats; shared by chain and tree rounds.
+
+    drafted_tokens: [batch, depth] the drafts along the accepted path (chain: all of them);
+    accepted: [batch] how many of them were accepted; final: [batch] the full model's token;
+    drafted: [batch] tokens the draft proposed; attempts: [depth] rows that proposed a token
+    at each depth. Returns (state, new_tokens [batch, depth + 1], advance [batch]).
+    """
+    live = ~state.done
+    rows = jnp.arange(drafted_tokens.shape[0])
+    # Emitted this round: the accepted draft tokens, then the full model's own token.
+    new_tokens = jnp.concatenate([drafted_tokens, jnp.zeros_like(final)[:, None]], axis=1)
+    new_tokens = new_tokens.at[rows, accepted].set(final)
+    pos = state.cache.pos
+    advance = jnp.where(live, accepted + 1, 0)
+    before = state.num_tokens
+    state = _emit(state.replace(cache=cache.replace(pos=pos + advance), draft=draft, rng=rng),
+                  new_tokens, accepted + 1, max_new, spec.eos_ids)
+    # Count only the accepted drafts that were emitted (not those past an EOS or the budget);
+    # the emitted tokens are the first `emitted` of [accepted drafts..., final].
+    emitted_drafts = jnp.minimum(accepted, state.num_tokens - before)
+    level = jnp.arange(drafted_tokens.shape[1])[None]
+    state = state.replace(
+        rounds=state.rounds + live, drafted=state.drafted + jnp.where(live, drafted, 0),
+        accepted=state.accepted + emitted_drafts,
+        position_attempts=state.position_attempts + attempts,
+        position_accepts=state.position_accepts + jnp.sum(level < emitted_drafts[:, None], axis=0))
+    return state, new_tokens, advance
+
+
+def _ssd_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new: Array,
+               draft_params=None) -> _LoopState:
     cfg = model.config
     draft_len = spec.policy.draft_len
+    context = RoundContext(model, params, draft_params, draft_len)
     rng, draft_rng, accept_rng = _split(state.rng, spec, 3)
-    tokens, states, draft_probs, draft_lens, cache, draft_cache = _draft(model, params, spec, state, draft_rng)
+    tokens, states, draft_probs, draft_lens, cache, carry = _draft(context, spec, state, draft_rng)
 
-    # Verification: only layers [exit_layer, L), from the kept exit-layer states.
+    # Verification: layers [verify_from, L), from the drafter's kept states (imitation:
+    # the exit-layer states, the shallow layers are not run again) or the tokens' embeddings.
     pos = state.cache.pos
     positions = pos[:, None] + jnp.arange(draft_len + 1, dtype=jnp.int32)[None]
-    h_last, cache, _ = model.run_layers(params, states, positions, cfg.draft.exit_layer,
-                                        cfg.text.num_layers, cache)
+    start = spec.drafter.verify_from(model)
+    if states is None:
+        states = model.embed(params, tokens, None, positions)
+    h_last, cache, _ = model.run_layers(params, states, positions, start, cfg.text.num_layers, cache)
     logits = model.logits(params, h_last)  # [batch, draft_len + 1, vocab]
     drafted_tokens = tokens[:, 1:]
     if spec.sampling.greedy:
@@ -345,29 +381,14 @@ def _ssd_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new:
     else:
         accepted, final = accept_speculative(accept_rng, warp(logits, spec.sampling), draft_probs,
                                              drafted_tokens, draft_lens)
-
     live = ~state.done
-    rows = jnp.arange(tokens.shape[0])
-    # Emitted this round: the accepted draft tokens, then the full model's own token.
-    new_tokens = jnp.concatenate([drafted_tokens, jnp.zeros_like(final)[:, None]], axis=1)
-    new_tokens = new_tokens.at[rows, accepted].set(final)
-    advance = jnp.where(live, accepted + 1, 0)
-    if draft_cache is not None:
-        draft_cache = draft_cache.replace(pos=pos + advance)
-    before = state.num_tokens
-    state = _emit(state.replace(cache=cache.replace(pos=pos + advance), draft_cache=draft_cache, rng=rng),
-                  new_tokens, accepted + 1, max_new, spec.eos_ids)
-    # Count only the accepted drafts that were emitted (not those past an EOS or the budget);
-    # the emitted tokens are the first `emitted` of [accepted drafts..., final].
-    emitted_drafts = jnp.minimum(accepted, state.num_tokens - before)
-    slot = jnp.arange(draft_len)[None]
-    attempts = jnp.sum((slot < draft_lens[:, None]) & live[:, None], axis=0)
-    accepts = jnp.sum(slot < emitted_drafts[:, None], axis=0)
-    return state.replace(
-        rounds=state.rounds + live, drafted=state.drafted + jnp.where(live, draft_lens, 0),
-        accepted=state.accepted + emitted_drafts,
-        position_attempts=state.position_attempts + attempts,
-        position_accepts=state.position_accepts + accepts)
+    attempts = jnp.sum((jnp.arange(draft_len)[None] < draft_lens[:, None]) & live[:, None], axis=0)
+    last_token = state.last_token
+    state, new_tokens, advance = _commit_round(spec, state, cache, carry, rng, drafted_tokens, accepted, final,
+                                               max_new, draft_lens, attempts)
+    verified = Verified(pos=pos, last_states=h_last, new_tokens=new_tokens, accepted=accepted,
+                        advance=advance, last_token=last_token)
+    return state.replace(draft=spec.drafter.commit(context, state.draft, verified))
 
 
 def _draft_tree(model: VLM, params, spec: DecodeSpec, state: _LoopState, rng: Array):
@@ -416,7 +437,7 @@ def _draft_tree(model: VLM, params, spec: DecodeSpec, state: _LoopState, rng: Ar
                                          jax.random.fold_in(rng, step)), probs
 
     root_ids = jnp.zeros((batch, 1), jnp.int32)
-    tree, cache, draft_cache, draft_hidden = shallow(tree, root_ids, state.cache, state.draft_cache)
+    tree, cache, draft_cache, draft_hidden = shallow(tree, root_ids, state.cache, state.draft)
     candidates, probs = expand(0, tree, tree_lib.Candidates.empty(batch, shape.size, shape.width), probs,
                                root_ids, draft_hidden)
 
@@ -438,7 +459,8 @@ def _draft_tree(model: VLM, params, spec: DecodeSpec, state: _LoopState, rng: Ar
     return tree, probs, cache, draft_cache
 
 
-def _tree_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new: Array) -> _LoopState:
+def _tree_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new: Array,
+                draft_params=None) -> _LoopState:
     """An SSD round with a draft tree: draft, verify every node in one pass of the deep
     layers, accept the longest agreeing root path, move its cache entries to contiguous slots."""
     cfg = model.config
@@ -472,26 +494,14 @@ def _tree_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new
         draft_cache = draft_cache.move_slots(sources, targets)
 
     live = ~state.done
-    rows = jnp.arange(tree.tokens.shape[0])
     drafted_tokens = jnp.take_along_axis(tree.tokens, path[:, 1:], axis=1)  # [batch, depth]
-    new_tokens = jnp.concatenate([drafted_tokens, jnp.zeros_like(final)[:, None]], axis=1)
-    new_tokens = new_tokens.at[rows, accepted].set(final)
-    advance = jnp.where(live, accepted + 1, 0)
-    if draft_cache is not None:
-        draft_cache = draft_cache.replace(pos=pos + advance)
-    before = state.num_tokens
-    state = _emit(state.replace(cache=cache.replace(pos=pos + advance), draft_cache=draft_cache, rng=rng),
-                  new_tokens, accepted + 1, max_new, spec.eos_ids)
-    emitted_drafts = jnp.minimum(accepted, state.num_tokens - before)
-    level = jnp.arange(depth)[None]
     reached = jnp.max(jnp.where(tree.valid, tree.depths, 0), axis=1)  # the tree's depth in this row
-    attempts = jnp.sum((level < reached[:, None]) & live[:, None], axis=0)
-    accepts = jnp.sum(level < emitted_drafts[:, None], axis=0)
-    return state.replace(
-        rounds=state.rounds + live, drafted=state.drafted + jnp.where(live, shape.nodes, 0),
-        accepted=state.accepted + emitted_drafts,
-        position_attempts=state.position_attempts + attempts,
-        position_accepts=state.position_accepts + accepts)
+    attempts = jnp.sum((jnp.arange(depth)[None] < reached[:, None]) & live[:, None], axis=0)
+    state, _, advance = _commit_round(spec, state, cache, draft_cache, rng, drafted_tokens, accepted, final,
+                                      max_new, jnp.full_like(accepted, shape.nodes), attempts)
+    if draft_cache is not None:
+        state = state.replace(draft=draft_cache.replace(pos=pos + advance))
+    return state
 
 
 def _round_fn(spec: DecodeSpec):
@@ -500,14 +510,14 @@ def _round_fn(spec: DecodeSpec):
     return _tree_round if spec.tree.enabled else _ssd_round
 
 
-def _generate(model: VLM, spec: DecodeSpec, params, prompts: Prompts, max_new: Array, rng: Array
-              ) -> DecodeOutput:
+def _generate(model: VLM, spec: DecodeSpec, params, prompts: Prompts, max_new: Array, rng: Array,
+              draft_params=None) -> DecodeOutput:
     TRACE_COUNTS[spec.mode] += 1
     max_new = jnp.minimum(jnp.asarray(max_new, jnp.int32), spec.capacity)
-    state = _prefill(model, params, prompts, spec, rng, max_new)
+    state = _prefill(model, params, prompts, spec, rng, max_new, draft_params)
     round_fn = _round_fn(spec)
     state = jax.lax.while_loop(lambda s: jnp.any(~s.done),
-                               lambda s: round_fn(model, params, spec, s, max_new), state)
+                               lambda s: round_fn(model, params, spec, s, max_new, draft_params), state)
     return DecodeOutput(tokens=state.tokens, num_tokens=state.num_tokens, rounds=state.rounds,
                         drafted=state.drafted, accepted=state.accepted,
                         position_attempts=state.position_attempts,
@@ -518,8 +528,11 @@ _generate_jit = jax.jit(_generate, static_argnums=(0, 1))
 
 
 def generate(model: VLM, params, prompts: Prompts, spec: DecodeSpec, max_new_tokens: int | Array,
-             rng: Array | None = None) -> DecodeOutput:
+             rng: Array | None = None, draft_params=None) -> DecodeOutput:
     """Generates up to `max_new_tokens` tokens per row; see DecodeSpec.
+
+    draft_params: the drafter's own params (decode.drafters.ModelDrafter's small model);
+      None for the drafters that live in `params` (imitation, eagle).
 
     max_new_tokens: an int or a [batch] array of per-row budgets, each at most
       spec.capacity (the program's static size: a larger budget is an error, not a
@@ -529,29 +542,32 @@ def generate(model: VLM, params, prompts: Prompts, spec: DecodeSpec, max_new_tok
     if rng is None:
         rng = jax.random.key(0)
     check_inputs(model, prompts, spec, max_new_tokens)
-    return _generate_jit(model, spec, params, prompts, jnp.asarray(max_new_tokens, jnp.int32), rng)
+    if isinstance(spec.drafter, ModelDrafter) and spec.mode == "ssd" and draft_params is None:
+        raise ValueError("the model drafter needs its params: generate(..., draft_params=...)")
+    return _generate_jit(model, spec, params, prompts, jnp.asarray(max_new_tokens, jnp.int32), rng,
+                         draft_params)
 
 
 # --- generate's two phases, one round at a time (for measuring a round: decode.bench.cost) --
 
 def prefill(model: VLM, params, prompts: Prompts, spec: DecodeSpec, max_new_tokens: int | Array,
-            rng: Array | None = None):
+            rng: Array | None = None, draft_params=None):
     """generate's prefill alone: the loop state before its first round, whose first token
     is already emitted. The state is opaque: pass it to `decode_round`. Not jitted (wrap it
     in jax.jit); the inputs are not checked (see generate)."""
     rng = jax.random.key(0) if rng is None else rng
     max_new = jnp.minimum(jnp.asarray(max_new_tokens, jnp.int32), spec.capacity)
-    return _prefill(model, params, prompts, spec, rng, max_new)
+    return _prefill(model, params, prompts, spec, rng, max_new, draft_params)
 
 
-def decode_round(model: VLM, params, spec: DecodeSpec, state, max_new_tokens: int | Array):
+def decode_round(model: VLM, params, spec: DecodeSpec, state, max_new_tokens: int | Array, draft_params=None):
     """One round of generate's loop for every live row (AR: one token; SSD: draft, verify,
     accept), state -> state. A finished row's tokens and counters stay as they are; generate
     runs rounds until every row is done. Not jitted (wrap it, e.g. in a fori_loop, in jax.jit).
     max_new_tokens: the same budget the state was prefilled with."""
     round_fn = _round_fn(spec)
     max_new = jnp.minimum(jnp.asarray(max_new_tokens, jnp.int32), spec.capacity)
-    return round_fn(model, params, spec, state, max_new)
+    return round_fn(model, params, spec, state, max_new, draft_params)
 
 
 def check_inputs(model: VLM, prompts: Prompts, spec: DecodeSpec, max_new_tokens) -> None:

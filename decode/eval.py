@@ -337,7 +337,7 @@ def format_report(report: dict) -> str:
         f"{c['no_reference']} without reference",
         f"references:  {c['references']} images, {c['references_without_prediction']} "
         "without prediction",
-        f"matched by:  " + (", ".join(f"{k} {v}" for k, v in report["matched_by"].items())),
+        "matched by:  " + (", ".join(f"{k} {v}" for k, v in report["matched_by"].items())),
     ]
     if report["unmatched_examples"]:
         lines.append("no reference for e.g.: " + ", ".join(report["unmatched_examples"]))

@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tree-width", type=int, default=2,
                         help="SSD tree: nodes added per drafting step and children per node "
                              "(--tree-nodes must be a multiple of it)")
+    parser.add_argument("--drafter", default="imitation", metavar="imitation|eagle|model:CKPT",
+                        help="SSD: what drafts: imitation (the checkpoint's draft path, default), eagle (its "
+                             "EAGLE head), or model:CKPT (a separate small VLM with the same tokenizer, "
+                             "e.g. model:demo-draft)")
     parser.add_argument("--stats", metavar="STATS.json", help="write run statistics here")
     parser.add_argument("--data-dir", help="TFDS data dir for tfds: inputs (default $TFDS_DATA_DIR)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -199,6 +203,20 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UsageError(str(e)) from None
 
 
+def resolve_drafter(drafter: str) -> str:
+    """--drafter, checked: 'imitation', 'eagle' or 'model:CKPT' with CKPT resolved like --ckpt
+    (a folder, or demo-draft); raises UsageError."""
+    if drafter in ("imitation", "eagle"):
+        return drafter
+    kind, _, path = drafter.partition(":")
+    if kind != "model" or not path:
+        raise UsageError(f"--drafter {drafter}: unknown drafter; use imitation, eagle or model:CKPT")
+    try:
+        return "model:" + resolve_checkpoint(path)
+    except UsageError as e:
+        raise UsageError(f"--drafter {drafter}: {str(e).split(': ', 1)[-1]}") from None
+
+
 def _tree_options(args: argparse.Namespace):
     """The TreeShape of --tree-nodes / --tree-width; raises UsageError for a bad one."""
     from decode.tree import TreeShape
@@ -210,6 +228,9 @@ def _tree_options(args: argparse.Namespace):
     if tree.enabled and (args.min_confidence > 0 or args.draft_schedule != "static"):
         raise UsageError("--tree-nodes drafts a tree of a static shape: --min-confidence and "
                          "--draft-schedule apply to chains only")
+    if tree.enabled and args.drafter != "imitation":
+        raise UsageError(f"--tree-nodes: draft trees are built by the imitation drafter only, not by "
+                         f"--drafter {args.drafter}")
     return tree
 
 
@@ -426,6 +447,7 @@ def main(argv: Sequence[str | os.PathLike] | None = None) -> int:
     try:
         _check_args(args)
         ckpt = resolve_checkpoint(args.ckpt)
+        args.drafter = resolve_drafter(args.drafter)
         return _run(args, ckpt, started)
     except UsageError as e:
         _say(f"{PROG}: error: {e}")
@@ -577,7 +599,8 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
     if pending:
         try:
             captioner = Captioner(ckpt, batch_size=args.batch_size, prompt_bucket=args.prompt_bucket,
-                                  dtype=args.dtype, mesh=_local_mesh(args))
+                                  dtype=args.dtype, mesh=_local_mesh(args),
+                                  drafter=args.drafter if args.mode == "ssd" else "imitation")
         except ValueError as e:  # CheckpointError (a ValueError) or a config the loader rejects
             raise UsageError(f"--ckpt {args.ckpt}: {' '.join(str(e).split())}") from None
         try:
@@ -663,6 +686,7 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
             "seed": args.seed, "draft_len": args.draft_len if args.mode == "ssd" else None,
             "tree_nodes": args.tree_nodes if args.mode == "ssd" else None,
+            "drafter": args.drafter if args.mode == "ssd" else None,
             "tree_width": args.tree_width if args.mode == "ssd" and args.tree_nodes else None,
             "auto_draft": (captioner.auto_draft.report() if captioner and captioner.auto_draft
                            and args.mode == "ssd" else None),

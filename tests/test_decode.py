@@ -153,8 +153,8 @@ def test_caches_after_ssd_rounds_equal_a_cache_free_pass(trained_draft):
         _, draft_kv = model.imitate(params, h_exit, positions, model.init_draft_cache(1, slots))
         pairs = [(state.cache.keys[i][row], fresh.keys[i][0]) for i in range(config.text.num_layers)]
         pairs += [(state.cache.values[i][row], fresh.values[i][0]) for i in range(config.text.num_layers)]
-        pairs += [(state.draft_cache.keys[0][row], draft_kv.keys[0][0]),
-                  (state.draft_cache.values[0][row], draft_kv.values[0][0])]
+        pairs += [(state.draft.keys[0][row], draft_kv.keys[0][0]),
+                  (state.draft.values[0][row], draft_kv.values[0][0])]
         for got, want in pairs:
             np.testing.assert_allclose(got[:, :committed], want[:, :committed], rtol=1e-4, atol=1e-5)
 

@@ -158,7 +158,7 @@ def test_caches_after_tree_rounds_equal_a_cache_free_pass():
 
     fresh, draft_kv = one_pass(params, jnp.asarray(ids))
     pairs = [(state.cache.keys, fresh.keys), (state.cache.values, fresh.values),
-             (state.draft_cache.keys, draft_kv.keys), (state.draft_cache.values, draft_kv.values)]
+             (state.draft.keys, draft_kv.keys), (state.draft.values, draft_kv.values)]
     for row in range(2):
         for got, want in pairs:  # [layers, batch, kv_heads, slots, head_dim]
             np.testing.assert_allclose(got[:, row, :, :committed[row]], want[:, row, :, :committed[row]],

@@ -4,6 +4,7 @@ inputs, in one process, swept over batch size, exit layer, draft-length policy a
     python -m decode.bench --ckpt CKPT_DIR|demo|random:SIZE [--images PATH...|synthetic] \
         [--batch-size N ...] [--exit-layer K ...] [--draft-len G ...] \
         [--policy static|confidence|context ...] [--tree-nodes N ...] [--tree-width K] \
+        [--drafter imitation|eagle|model:CKPT ...] \
         [--cost-model] [--context-acceptance] --json OUT.json
 
 For every (batch size, exit layer, policy, draft length), and every draft tree of
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from decode.bench.cost import CostModel
 from decode.bench.machine import loadavg, machine_info
-from decode.bench.models import RANDOM_PRESETS, load_bench_model, make_prompts
+from decode.bench.models import RANDOM_PRESETS, load_bench_model, load_drafter, make_prompts
 from decode.bench.replay import context_acceptance
 from decode.autodraft import DEFAULT_CHOICES, AutoDraft, AutoDraftConfig, parse_draft_len
 from decode.bench.timing import bench_one, choose_auto_draft
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--auto-choices from measured round costs and acceptance (decode.autodraft)")
     parser.add_argument("--auto-choices", type=int, nargs="+", default=list(DEFAULT_CHOICES),
                         help="--draft-len auto: the lengths to choose among (0 = plain AR rounds)")
+    parser.add_argument("--drafter", nargs="+", default=["imitation"],
+                        help="drafters to compare: imitation (the checkpoint's draft path), eagle (its "
+                        "EAGLE head), model:CKPT (a small VLM with the same tokenizer, e.g. model:demo-draft)")
     parser.add_argument("--tree-nodes", type=int, nargs="+", default=[0],
                         help="SSD draft trees to sweep, in nodes per round (0 = the chains of "
                         "--draft-len; e.g. 0 16 runs the chains and a 16-node tree)")
@@ -151,7 +155,8 @@ def run_line(result: dict, policy_name: str) -> str:
         extra += f"  round/parts {cost['round_over_parts']:.2f}"
     shape = (f"tree {result['tree_nodes']:2d}x{result['tree_width']}" if result.get("tree_nodes")
              else f"draft {result['draft_len']:2d}")
-    return (f"batch {result['batch_size']:3d} exit {result['exit_layer']:2d} {policy_name:>10s} "
+    return (f"batch {result['batch_size']:3d} {result.get('drafter', 'imitation'):>10s} exit {result['exit_layer']:2d} "
+            f"{policy_name:>8s} "
             f"{shape}: AR {result['ar']['tokens_per_s']:8.1f} tok/s  "
             f"SSD {result['ssd']['tokens_per_s']:8.1f} tok/s  speedup {result['speedup']:.2f}x  "
             f"tokens/round {result['mean_accepted_length']:.2f}  acceptance {result['acceptance_rate']:.2f}  "
@@ -189,6 +194,9 @@ def main(argv=None) -> int:
             trees.append(TreeShape(nodes=nodes, width=args.tree_width))
         except ValueError as e:
             parser.error(f"--tree-nodes / --tree-width: {e}")
+    drafters = [load_drafter(bench, name) for name in args.drafter]
+    if any(t.enabled for t in trees) and any(d.name != "imitation" for d in drafters):
+        parser.error("--tree-nodes: draft trees are built by the imitation drafter only")
     info = machine_info()
     cost = None
     runs = []
@@ -205,17 +213,17 @@ def main(argv=None) -> int:
             if "auto" in args.draft_len:
                 points.append(("auto", "auto", TreeShape()))
             points += [("tree", DraftPolicy(), tree) for tree in trees if tree.enabled]
-            for policy_name, policy, tree in points:
+            for drafter, (policy_name, policy, tree) in ((d, p) for d in drafters for p in points):
                 auto_report = None
                 if policy == "auto":
                     auto = AutoDraft(auto_config)
                     chosen = choose_auto_draft(bench, prompt_sets[0], exit_layer, auto, args.max_new_tokens,
-                                               sampling)
+                                               sampling, drafter)
                     policy_name, policy = "auto", DraftPolicy(draft_len=chosen) if chosen else None
                     auto_report = {"chosen": chosen, **auto.report()}
                 result = bench_one(bench, prompt_sets, exit_layer, policy_name, policy,
                                    args.max_new_tokens, args.repeats, sampling, cost,
-                                   replay_rounds=True, bucket=args.context_bucket, tree=tree)
+                                   replay_rounds=True, bucket=args.context_bucket, tree=tree, drafter=drafter)
                 if auto_report:
                     result["auto_draft"] = auto_report
                 runs.append(result)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -77,18 +78,55 @@ def _load(spec: str, seed: int) -> BenchModel:
     from fastvlm_jax.checkpoint import CheckpointError, load_checkpoint
 
     path = spec
-    if spec == "demo":
-        from fastvlm_jax.demo import DemoMissingError, demo_checkpoint
+    if spec in ("demo", "demo-draft"):
+        from fastvlm_jax import demo
 
         try:
-            path = demo_checkpoint()
-        except DemoMissingError as err:
+            path = demo.demo_checkpoint() if spec == "demo" else demo.demo_draft_checkpoint()
+        except demo.DemoMissingError as err:
             raise SystemExit(f"error: {err}")
     try:
         ckpt = load_checkpoint(path)
     except CheckpointError as err:
         raise SystemExit(f"error: {err}")
     return BenchModel(ckpt.config, ckpt.params, ckpt.tokenizer, ckpt.image_config, source=str(path))
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchDrafter:
+    """A drafter to benchmark: the engine's drafter, its own params (or None), its name."""
+
+    drafter: Any
+    params: Any = None
+    name: str = "imitation"
+
+
+def load_drafter(bench: BenchModel, name: str) -> BenchDrafter:
+    """--drafter imitation | eagle | model:CKPT (CKPT a folder or demo-draft); errors exit
+    with one line."""
+    from decode.drafters import EagleDrafter, ImitationDrafter, ModelDrafter
+
+    if name == "imitation":
+        return BenchDrafter(ImitationDrafter())
+    if name == "eagle":
+        if not bench.config.draft.eagle_layers:
+            raise SystemExit(f"error: --drafter eagle: {bench.source} has no EAGLE head (train one with the "
+                             "'eagle' stage of train.run)")
+        return BenchDrafter(EagleDrafter(), name="eagle")
+    kind, _, path = name.partition(":")
+    if kind != "model" or not path:
+        raise SystemExit(f"error: unknown --drafter {name!r}: use imitation, eagle or model:CKPT")
+    small = _load("demo-draft" if path == "demo-draft" else path, 0)
+    if bench.tokenizer is not None:
+        from decode.captioner import check_same_tokenizer
+        from fastvlm_jax.checkpoint import CheckpointError
+
+        try:
+            check_same_tokenizer(bench.tokenizer, small.tokenizer, path)
+        except CheckpointError as err:
+            raise SystemExit(f"error: --drafter {name}: {err}")
+    params = cast_params(small.params, bench.dtype)
+    return BenchDrafter(ModelDrafter(VLM(small.config, bench.dtype)), params, name=name)
 
 
 def eos_ids(bench: BenchModel) -> tuple[int, ...]:
@@ -155,11 +193,12 @@ def make_prompts(bench: BenchModel, batch: int, images: list[str], prompt: str |
                    jnp.asarray(pixels))
 
 
-def decode_sets(model: VLM, params, prompt_sets: list[Prompts], spec: DecodeSpec, max_new: int) -> DecodeOutput:
+def decode_sets(model: VLM, params, prompt_sets: list[Prompts], spec: DecodeSpec, max_new: int,
+                draft_params=None) -> DecodeOutput:
     """generate on each prompt set in turn, waiting for each; the outputs joined as numpy
     arrays: rows stacked in order, per-draft-position counters summed."""
-    outs = [jax.tree.map(np.asarray, jax.block_until_ready(generate(model, params, p, spec, max_new)))
-            for p in prompt_sets]
+    outs = [jax.tree.map(np.asarray, jax.block_until_ready(
+        generate(model, params, p, spec, max_new, draft_params=draft_params))) for p in prompt_sets]
     if len(outs) == 1:
         return outs[0]
     stack = {f: np.concatenate([getattr(o, f) for o in outs]) for f in

@@ -19,8 +19,9 @@ import numpy as np
 
 from decode.autodraft import AutoDraft
 from decode.bench.cost import CostModel
-from decode.bench.models import BenchModel, decode_sets, eos_ids, with_exit_layer
+from decode.bench.models import BenchDrafter, BenchModel, decode_sets, eos_ids, with_exit_layer
 from decode.bench.replay import replay_report
+from decode.drafters import EagleDrafter, ImitationDrafter, ModelDrafter
 from decode.engine import DecodeOutput, DecodeSpec, DraftPolicy, Prompts
 from decode.sampling import SamplingConfig
 from decode.tree import TreeShape
@@ -106,7 +107,7 @@ def mode_report(out: DecodeOutput, times: list[float], first_call: float, mode: 
 
 
 def choose_auto_draft(bench: BenchModel, prompts: Prompts, exit_layer: int, auto: AutoDraft, max_new: int,
-                      sampling: SamplingConfig) -> int:
+                      sampling: SamplingConfig, drafter: BenchDrafter = BenchDrafter(ImitationDrafter())) -> int:
     """--draft-len auto: measures every choice's round cost on `prompts` (as decode.run does
     on the first batch of a shape; decode.autodraft) and returns the chosen draft length."""
     config, params, _ = with_exit_layer(bench, exit_layer)
@@ -118,9 +119,9 @@ def choose_auto_draft(bench: BenchModel, prompts: Prompts, exit_layer: int, auto
             use, spec = (ar_model, bench.params), DecodeSpec("ar", capacity=max_new, sampling=sampling, eos_ids=eos)
         else:
             use, spec = (model, params), DecodeSpec("ssd", capacity=max_new, sampling=sampling, eos_ids=eos,
-                                                    policy=DraftPolicy(draft_len=draft_len))
+                                                    policy=DraftPolicy(draft_len=draft_len), drafter=drafter.drafter)
         start = time.perf_counter()
-        out = decode_sets(*use, [prompts], spec, max_new if full else 1)
+        out = decode_sets(*use, [prompts], spec, max_new if full else 1, drafter.params)
         return time.perf_counter() - start, out
 
     shape = (prompts.input_ids.shape[0], prompts.input_ids.shape[1], max_new)
@@ -131,13 +132,14 @@ def choose_auto_draft(bench: BenchModel, prompts: Prompts, exit_layer: int, auto
 def bench_one(bench: BenchModel, prompt_sets: list[Prompts], exit_layer: int, policy_name: str,
               policy: DraftPolicy | None, max_new: int, repeats: int, sampling: SamplingConfig,
               cost: CostModel | None = None, replay_rounds: bool = False, bucket: int = 8,
-              tree: TreeShape = TreeShape()) -> dict:
+              tree: TreeShape = TreeShape(), drafter: BenchDrafter = BenchDrafter(ImitationDrafter())) -> dict:
     """AR vs SSD at one sweep point: speed, acceptance, memory; with `cost`, the cost
     model's prediction; with `replay_rounds` (greedy only, and only when SSD reproduced AR),
     the replayed rounds by context length (decode.bench.replay), `bucket` tokens a bucket.
     tree: SSD drafts this token tree instead of the policy's chain (the cost model and the
     replay model chains only, and are skipped for trees). policy None: the 'SSD' program is
-    AR's own (what --draft-len auto runs when it chooses 0)."""
+    AR's own (what --draft-len auto runs when it chooses 0). drafter: what drafts SSD rounds
+    (decode.drafters; the cost model and the replay model the imitation drafter only)."""
     config, params, reset = with_exit_layer(bench, exit_layer)
     model = VLM(config, bench.dtype)
     # AR does not depend on the exit layer: one program (compiled once per batch shape)
@@ -148,17 +150,18 @@ def bench_one(bench: BenchModel, prompt_sets: list[Prompts], exit_layer: int, po
     if policy is None:
         model, params, ssd_spec = ar_model, bench.params, ar_spec
     else:
-        ssd_spec = DecodeSpec("ssd", capacity=max_new, sampling=sampling, eos_ids=eos, policy=policy, tree=tree)
+        ssd_spec = DecodeSpec("ssd", capacity=max_new, sampling=sampling, eos_ids=eos, policy=policy, tree=tree,
+                              drafter=drafter.drafter)
 
-    def runner(model, params, spec, budget):
-        return lambda: decode_sets(model, params, prompt_sets, spec, budget)
+    def runner(model, params, spec, budget, draft_params=None):
+        return lambda: decode_sets(model, params, prompt_sets, spec, budget, draft_params)
 
     timed = time_interleaved({
         "ar": runner(ar_model, bench.params, ar_spec, max_new),
-        "ssd": runner(model, params, ssd_spec, max_new),
+        "ssd": runner(model, params, ssd_spec, max_new, drafter.params),
         # The same compiled programs with max_new_tokens=1: the prefill alone.
         "ar_prefill": runner(ar_model, bench.params, ar_spec, 1),
-        "ssd_prefill": runner(model, params, ssd_spec, 1),
+        "ssd_prefill": runner(model, params, ssd_spec, 1, drafter.params),
     }, repeats)
     ar_out, ssd_out = timed["ar"][0], timed["ssd"][0]
     ar = mode_report(*timed["ar"], "ar", len(prompt_sets))
@@ -176,7 +179,7 @@ def bench_one(bench: BenchModel, prompt_sets: list[Prompts], exit_layer: int, po
     batch, prompt_len = prompt_sets[0].input_ids.shape
     identical = bool(np.array_equal(ar_out.tokens, ssd_out.tokens))
     result = {
-        "batch_size": batch, "exit_layer": exit_layer,
+        "batch_size": batch, "exit_layer": exit_layer, "drafter": drafter.name,
         "draft_len": 0 if policy is None else ssd_spec.draft_depth if tree.enabled else policy.draft_len,
         "tree_nodes": tree.nodes, "tree_width": tree.width if tree.enabled else None,
         "policy": {"name": policy_name, **(dataclasses.asdict(policy) if policy else {})},
@@ -194,24 +197,35 @@ def bench_one(bench: BenchModel, prompt_sets: list[Prompts], exit_layer: int, po
         "tokens_per_full_model_call": ssd["tokens_per_full_model_call"],
         "nodes_verified_per_call": ssd["nodes_verified_per_call"],
         "accepted_depth_histogram": ssd["accepted_depth_histogram"],
-        "memory": memory_report(model, params, ar_spec, ssd_spec, batch, prompt_len),
+        "memory": memory_report(model, params, ar_spec, ssd_spec, batch, prompt_len, drafter),
     }
-    if cost is not None and not tree.enabled and policy is not None:
+    imitation = isinstance(drafter.drafter, ImitationDrafter)
+    if cost is not None and not tree.enabled and policy is not None and imitation:
         result["cost"] = cost.predict(batch, exit_layer, policy.draft_len, ssd["mean_accepted_length"],
                                       ssd["mean_drafted"], result["speedup_decode"])
-    if replay_rounds and sampling.greedy and identical and not tree.enabled and policy is not None:
+    if replay_rounds and sampling.greedy and identical and not tree.enabled and policy is not None and imitation:
         result.update(replay_report(bench, prompt_sets, ar_out, exit_layer, policy, ssd["rounds"], bucket))
     return result
 
 
 def memory_report(model: VLM, params, ar_spec: DecodeSpec, ssd_spec: DecodeSpec, batch: int,
-                  prompt_len: int) -> dict:
-    """Bytes of the params (base model, imitation network) and of each mode's caches."""
-    base = {k: v for k, v in params.items() if k != "imitation"}
-    draft_cache = model.init_draft_cache(batch, ssd_spec.cache_slots(prompt_len))
+                  prompt_len: int, drafter: BenchDrafter = BenchDrafter(ImitationDrafter())) -> dict:
+    """Bytes of the params (base model, the drafter's own) and of each mode's caches."""
+    base = {k: v for k, v in params.items() if k not in ("imitation", "eagle")}
+    slots = ssd_spec.cache_slots(prompt_len)
+    if isinstance(drafter.drafter, EagleDrafter):
+        draft_params_bytes = param_bytes(params["eagle"])
+        draft_cache = model.init_eagle_cache(batch, drafter.drafter.cache_slots(model, slots))
+    elif isinstance(drafter.drafter, ModelDrafter):
+        draft_params_bytes = param_bytes(drafter.params)
+        draft_cache = drafter.drafter.draft_model.init_cache(batch, slots)
+    else:
+        draft_params_bytes = param_bytes(params["imitation"])
+        draft_cache = model.init_draft_cache(batch, slots)
     return {
         "base_params_bytes": param_bytes(base),
         "imitation_params_bytes": param_bytes(params["imitation"]),
+        "draft_params_bytes": draft_params_bytes,
         "ar_kv_cache_bytes": model.init_cache(batch, ar_spec.cache_slots(prompt_len)).nbytes(),
         # The shallow layers share the full model's cache: SSD only adds the lookahead
         # slots and, for the one-layer imitation network, its own one-layer cache.
