@@ -7,11 +7,14 @@ fixed by (batch, prompt bucket, new-token capacity, draft_len), while the actual
 the capacity.
 
 SSD round, per batch row (all rows in lockstep, each with its own position):
-  1. draft: up to `draft_len` tokens with the draft path (layers [0, exit_layer) ->
-     imitation network -> shared head). The shallow layers write the shared KV cache
-     and the exit-layer state of every drafted token is kept.
-  2. verify: layers [exit_layer, L) score the draft_len + 1 kept states in one pass;
-     the shallow layers are not run again.
+  1. draft: up to `draft_len` tokens with the spec's drafter (decode.drafters). The
+     default, the draft path (layers [0, exit_layer) -> imitation network -> shared head),
+     writes the shallow layers' slots of the shared KV cache and keeps the exit-layer
+     state of every drafted token; the EAGLE head and a separate draft model keep caches
+     of their own.
+  2. verify: layers [exit_layer, L) score the draft_len + 1 kept states in one pass (the
+     shallow layers are not run again); for the other drafters, layers [0, L) from the
+     tokens' embeddings. The drafter then learns what was accepted (`commit`).
   3. accept the longest agreeing prefix (greedy) or apply speculative sampling, append
      the full model's own next token, advance the row by accepted + 1. Rejected cache
      slots lie past the row's position: masked now, overwritten later.

@@ -60,12 +60,13 @@ def random_params(config, seed: int = 0):
 
 
 def make_tiny_checkpoint(directory: str | os.PathLike, *, seed: int = 0, deep_scale: float = 0.3,
-                         image_size: int = 16, **config_overrides) -> Path:
+                         image_size: int = 16, eagle: bool = False, **config_overrides) -> Path:
     """Writes a tiny random checkpoint to `directory` and returns its path.
 
     deep_scale: multiplies the residual branches of the layers after the draft exit, so the
       draft path agrees with the full model often but not always (non-trivial acceptance
       statistics); 1.0 keeps the random init as is.
+    eagle: give the model an EAGLE head (random, like the rest).
     config_overrides: passed to tests.tiny.tiny_config (num_layers, exit_layer, kind, ...).
     """
     directory = Path(directory)
@@ -73,6 +74,9 @@ def make_tiny_checkpoint(directory: str | os.PathLike, *, seed: int = 0, deep_sc
     config = tiny_config(vocab_size=tokenizer.vocab_size, image_size=image_size, **config_overrides)
     assert config.image_token_id == tokenizer.image_token_id
     params = random_params(config, seed)
+    if eagle:  # drawn apart, so the rest equals the same seed's model without a head
+        config = config.with_draft(eagle_layers=1)
+        params["eagle"] = random_params(config, seed + 1)["eagle"]
     deep = config.draft.exit_layer
     layers = params["language_model"]["layers"]
     for block, projection in (("self_attn", "o_proj"), ("mlp", "down_proj")):

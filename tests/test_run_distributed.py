@@ -60,6 +60,24 @@ def test_mesh_data_and_tensor_gives_the_one_device_tokens(setup, tmp_path):
     assert json.loads(stats.read_text())["mesh"] == "data=2,tensor=4"
 
 
+@pytest.mark.parametrize("drafter", ["eagle", "model"])
+def test_other_drafters_on_a_mesh_give_the_one_device_tokens(setup, tmp_path, drafter):
+    """The EAGLE head (its params sharded with the model's) and a separate draft model
+    (loaded onto the same mesh) on 8 devices: greedy tokens equal the one-device run's."""
+    root, _, folder, reference = setup
+    if drafter == "eagle":
+        ckpt, flag = str(make_tiny_checkpoint(tmp_path / "eagle", eagle=True)), "eagle"
+    else:
+        ckpt = setup[1]
+        flag = "model:" + str(make_tiny_checkpoint(tmp_path / "draft", num_layers=2, exit_layer=1, seed=1))
+    out, stats = tmp_path / "mesh.jsonl", tmp_path / "stats.json"
+    assert run.main(["--ckpt", ckpt, "--images", str(folder), "--out", str(out), "--mesh", "data=2,tensor=4",
+                     "--drafter", flag, "--stats", str(stats), *COMMON]) == 1
+    _same_tokens(_by_image(out), reference)
+    summary = json.loads(stats.read_text())
+    assert summary["drafter"].startswith(drafter) and summary["drafted"] > 0
+
+
 def test_mesh_usage_errors(setup, tmp_path, capsys):
     _, ckpt, folder, _ = setup
     for mesh, expected in [("data=3", "devices"), ("data=8", "--batch-size 4 does not divide"),
