@@ -7,6 +7,8 @@ For work that needs a model's shapes but not its values: abstract params
 (`decode.bench --ckpt shapes:NAME --compile-only ...`, `train.run --compile-only` of a
 config whose checkpoint is not on this machine). The sizes are those of the Hugging Face
 checkpoints; the draft path (exit layer, imitation network) is the one our configs/ train.
+The drafter-comparison architectures (`llava15_7b_eagle*`, `llava_draft_*`) add draft
+sizes of our own choosing, modelled on the papers' drafters: not released checkpoints.
 """
 
 from __future__ import annotations
@@ -65,8 +67,37 @@ def blip2_opt_2_7b(exit_layer: int = 8, kind: str = "ffn", draft_hidden: int = 0
     )
 
 
+def llava15_7b_eagle(image_pool: int = 1) -> VLMConfig:
+    """LLaVA-1.5-7B with an EAGLE head (SpecVLM's EagleVLM): one LLaMA-style decoder layer
+    of the model's width with FFN 11008 (one Vicuna-7B layer's shape, 202M params; 236M
+    with the [f, e] -> width fuse projection), its visual compressor keeping one cache entry per
+    `image_pool` image tokens. The head's sizes are our choice, following EAGLE's
+    one-layer head; no released checkpoint."""
+    return llava15_7b().with_draft(eagle_layers=1, eagle_hidden_size=11008, eagle_image_pool=image_pool)
+
+
+def llava_draft(num_layers: int) -> VLMConfig:
+    """A small LLaMA-style draft VLM for LLaVA-1.5-7B (a separate model, Spec-LLaVA style):
+    the 7B's CLIP ViT-L/14-336 tower (576 image tokens) and a projector to width 768, a
+    decoder of `num_layers` layers (width 768, 12 heads, FFN 3072) over the 7B's vocab of
+    32064 (same tokenizer, <image> at 32000). The sizes are our choice, modelled on the
+    LLaMA-68M / LLaMA-160M drafts Spec-LLaVA starts from; not a released checkpoint."""
+    base = llava15_7b(exit_layer=1)
+    return base.replace(
+        text=TextConfig(vocab_size=32064, hidden_size=768, intermediate_size=3072, num_layers=num_layers,
+                        num_heads=12, num_kv_heads=12, max_position_embeddings=4096),
+        draft=DraftConfig(exit_layer=1))
+
+
 ARCHITECTURES: dict[str, Callable[[], object]] = {
     "llava15_7b": llava15_7b,
+    # EAGLE head without and with its visual compressor (4 image tokens per cache entry).
+    "llava15_7b_eagle": llava15_7b_eagle,
+    "llava15_7b_eagle_pool4": lambda: llava15_7b_eagle(image_pool=4),
+    # Draft VLMs of 68M (2 layers) and 163M (12 layers) language-model params, embeddings
+    # and LM head included (plus the 291M CLIP tower, the 7B's in shape).
+    "llava_draft_68m": lambda: llava_draft(2),
+    "llava_draft_160m": lambda: llava_draft(12),
     "llava15_13b": llava15_13b,
     "blip2_opt_2_7b": blip2_opt_2_7b,
 }

@@ -299,6 +299,25 @@ def report_dict(report: CompileReport, topology: Topology) -> dict[str, Any]:
     }
 
 
+def write_report(report: dict[str, Any], json_path: str | None, failure: str | None) -> int:
+    """The end of a compile-only run: `report` as JSON at `json_path` (if any), then the
+    verdict. failure: None when every program fits, else the one-line reason (printed to
+    stderr as 'error: ...'). Returns the exit status: 0 fits, 1 does not fit or refused."""
+    import json
+    import sys
+    from pathlib import Path
+
+    if json_path:
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+        print(f"wrote {json_path}")
+    if failure is not None:
+        print(f"error: {failure}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def format_bytes(n: float) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 1024**2:.1f} MiB"
 

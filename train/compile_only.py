@@ -253,7 +253,6 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
 def main(cfg: TrainConfig, spec_name: str, topology_name: str, json_path: str | None) -> int:
     """The CLI's compile-only branch: 0 if it fits, 1 (with a one-line reason) if not,
     2 for a bad topology or config; libtpu missing is a one-line error too."""
-    import json
     import sys
 
     try:
@@ -264,15 +263,8 @@ def main(cfg: TrainConfig, spec_name: str, topology_name: str, json_path: str | 
         return 2
     for line in summary_lines(result, topology):
         print(line)
-    if json_path:
-        path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
-        print(f"wrote {json_path}")
-    if not result["fits"]:
-        print(f"error: does not fit on {topology.name}: {result['reason']}", file=sys.stderr)
-        return 1
-    return 0
+    failure = None if result["fits"] else f"does not fit on {topology.name}: {result['reason']}"
+    return tpu.write_report(result, json_path, failure)
 
 
 def summary_lines(result: dict, topology: tpu.Topology) -> list[str]:

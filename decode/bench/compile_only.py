@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from decode import engine
+from decode.drafters import EagleCarry, EagleDrafter, ImitationDrafter, ModelCarry, ModelDrafter, RoundContext
 from decode.engine import DecodeSpec, DraftPolicy, Prompts
 from fastvlm_jax import sharding, tpu
 from fastvlm_jax.architectures import architecture
@@ -153,6 +154,104 @@ def parse_acceptance(text: str) -> Acceptance:
     return Acceptance(rate, None, f"per-position probability {rate}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Acceptances:
+    """The acceptance profile of each drafter: `default` for all (a number, or a JSON of
+    one drafter), or `by_drafter` from a decode.bench --drafter JSON of several."""
+
+    default: Acceptance | None
+    by_drafter: dict[str, Acceptance]
+
+    def for_drafter(self, name: str) -> Acceptance:
+        """By the drafter's name ('model:shapes:X'), else by its kind ('model') when the
+        JSON has exactly one drafter of that kind (its own name, e.g. model:demo-draft)."""
+        if self.default is not None:
+            return self.default
+        if name in self.by_drafter:
+            return self.by_drafter[name]
+        kind = name.split(":")[0]
+        same_kind = [key for key in self.by_drafter if key.split(":")[0] == kind]
+        if len(same_kind) == 1:
+            return self.by_drafter[same_kind[0]]
+        raise CompileOnlyError(f"--acceptance: no measured run of drafter {name!r} (the JSON has "
+                               f"{', '.join(sorted(self.by_drafter))})")
+
+
+def parse_acceptances(text: str) -> Acceptances:
+    """parse_acceptance, or per drafter for a decode.bench JSON whose runs name several
+    drafters (each drafter's first run: its mean_accepted_length and acceptance_rate)."""
+    path = Path(text)
+    if path.suffix == ".json" and path.is_file():
+        runs = json.loads(path.read_text()).get("runs", [])
+        by_drafter: dict[str, Acceptance] = {}
+        for run in runs:
+            name = run.get("drafter", "imitation")
+            if name not in by_drafter and "mean_accepted_length" in run and "acceptance_rate" in run:
+                by_drafter[name] = Acceptance(float(run["acceptance_rate"]), float(run["mean_accepted_length"]),
+                                              f"{path} (drafter {name})")
+        if len(by_drafter) > 1:
+            return Acceptances(None, by_drafter)
+    return Acceptances(parse_acceptance(text), {})
+
+
+# ---------------------------------------------------------------------------------------
+# Drafters
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DrafterShapes:
+    """A `--drafter` of a compile-only run. kind: imitation | eagle | model; pool: the EAGLE
+    head's visual compressor (None: the checkpoint's); small: the draft VLM's shapes."""
+
+    name: str
+    kind: str
+    pool: int | None = None
+    small: ModelShapes | None = None
+
+
+DRAFTER_FORMS = "imitation, eagle, eagle:pool=N or model:shapes:NAME|random:PRESET|CKPT"
+
+
+def parse_drafter(name: str, shapes: ModelShapes) -> DrafterShapes:
+    """One --drafter word; CompileOnlyError (one line) for anything else."""
+    if name == "imitation":
+        return DrafterShapes(name, "imitation")
+    if name == "eagle" or name.startswith("eagle:"):
+        pool = None
+        if name != "eagle":
+            key, _, value = name[len("eagle:"):].partition("=")
+            if key != "pool" or not value.isdigit() or int(value) < 1:
+                raise CompileOnlyError(f"--drafter {name!r}: the EAGLE head takes eagle or eagle:pool=N (N >= 1)")
+            pool = int(value)
+        return DrafterShapes(name, "eagle", pool=pool)
+    kind, _, spec = name.partition(":")
+    if kind != "model" or not spec:
+        raise CompileOnlyError(f"unknown --drafter {name!r}: use {DRAFTER_FORMS}")
+    # The engine runs the small model in the full model's dtype (decode.bench.models.load_drafter).
+    small = load_shapes(spec, shapes.dtype.name)
+    config, small_config = shapes.config, small.config
+    if (small_config.text.vocab_size, small_config.image_token_id, small_config.num_image_tokens) != (
+            config.text.vocab_size, config.image_token_id, config.num_image_tokens):
+        raise CompileOnlyError(
+            f"--drafter {name}: a draft VLM needs the model's vocabulary, image token and image token "
+            f"count ({config.text.vocab_size}, {config.image_token_id}, {config.num_image_tokens}); it has "
+            f"({small_config.text.vocab_size}, {small_config.image_token_id}, {small_config.num_image_tokens})")
+    return DrafterShapes(name, "model", small=small)
+
+
+def with_eagle_head(shapes: ModelShapes) -> tuple[ModelShapes, bool]:
+    """`shapes` with an EAGLE head (draft.eagle_layers=1, FFN width the config's or the
+    decoder's) when it has none: a compile-only run needs the head's shapes, not weights.
+    Returns (shapes, whether a head was added)."""
+    if shapes.config.draft.eagle_layers:
+        return shapes, False
+    config = shapes.config.with_draft(eagle_layers=1)
+    eagle = nn.meta.unbox(VLM(config).abstract_params())["eagle"]
+    eagle = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, shapes.dtype), eagle)
+    return dataclasses.replace(shapes, config=config, params={**shapes.params, "eagle": eagle}), True
+
+
 # ---------------------------------------------------------------------------------------
 # The pieces of a round, as the engine runs them
 # ---------------------------------------------------------------------------------------
@@ -201,6 +300,61 @@ def piece_functions(model: VLM, draft_len: int) -> dict[str, Any]:
             "shallow_step": (shallow_step, (1,)), "verify": (verify, (1,))}
 
 
+def verify_tokens_function(model: VLM, draft_len: int):
+    """Verification from the tokens (eagle, model drafters): fn(params, cache, tokens
+    [batch, draft_len + 1]) -> (cache, argmax [batch, draft_len + 1]): layers [0, L) + head."""
+
+    def verify_tokens(params, cache, tokens):
+        positions = cache.pos[:, None] + jnp.arange(draft_len + 1, dtype=jnp.int32)[None]
+        hidden = model.embed(params, tokens, None, positions)
+        hidden, cache, _ = model.run_layers(params, hidden, positions, 0, model.config.text.num_layers, cache)
+        return cache, _argmax(model.logits(params, hidden))
+
+    return verify_tokens
+
+
+def eagle_functions(model: VLM, draft_len: int) -> dict[str, Any]:
+    """The EAGLE drafter's calls as decode.drafters.EagleDrafter makes them (the full
+    model's cache passes through them untouched, so None stands for it):
+    catchup(params, carry) -> (carry, argmax [batch]): the round's start, draft_len + 1
+      pending pairs through the head, then the LM head on one predicted feature;
+    step(params, carry, token [batch], position [batch]) -> (carry, argmax): one pair."""
+    drafter = EagleDrafter()
+
+    def catchup(params, carry):
+        ctx = RoundContext(model, params, None, draft_len)
+        logits, _, _, carry = drafter.start(ctx, None, carry, None, None)
+        return carry, _argmax(logits)
+
+    def step(params, carry, token, position):
+        ctx = RoundContext(model, params, None, draft_len)
+        logits, _, _, carry = drafter.step(ctx, None, carry, token, position)
+        return carry, _argmax(logits)
+
+    return {"catchup": (catchup, (1,)), "step": (step, (1,))}
+
+
+def model_functions(small: VLM, draft_len: int) -> dict[str, Any]:
+    """The draft VLM's calls as decode.drafters.ModelDrafter makes them (its params are
+    the engine's draft_params; the full model's are not read):
+    start(draft_params, carry, last_token [batch], pos [batch]) -> (carry, argmax): two
+      tokens (the refeed and the round's last token) through the small model + its head;
+    step(draft_params, carry, token, position) -> (carry, argmax): one token."""
+    drafter = ModelDrafter(small)
+
+    def start(draft_params, carry, last_token, pos):
+        ctx = RoundContext(small, None, draft_params, draft_len)
+        logits, _, _, carry = drafter.start(ctx, None, carry, last_token, pos)
+        return carry, _argmax(logits)
+
+    def step(draft_params, carry, token, position):
+        ctx = RoundContext(small, None, draft_params, draft_len)
+        logits, _, _, carry = drafter.step(ctx, None, carry, token, position)
+        return carry, _argmax(logits)
+
+    return {"start": (start, (1,)), "step": (step, (1,))}
+
+
 def _sds(shape, dtype, mesh, logical):
     return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding.logical_to_sharding(logical, shape, mesh))
 
@@ -222,6 +376,7 @@ class ReadBytes:
     cache: int  # the whole KV cache shard (attention reads every slot, masked)
     head: int  # final norm + LM head (the tied embedding table when tied)
     imitation: int  # the imitation network, with its own cache if it has one
+    eagle: int = 0  # the EAGLE head's weights (its cache is counted by the caller)
 
     def span(self, start: int, stop: int, num_layers: int) -> float:
         return (self.layers + self.cache) * (stop - start) / num_layers
@@ -231,11 +386,11 @@ def read_bytes(params, config, cache: KVCache, draft_cache: KVCache | None) -> R
     def size(x):
         return tpu.shard_bytes(x.shape, x.dtype, x.sharding)
 
-    parts = {"layers": 0, "head": 0, "imitation": 0}
+    parts = {"layers": 0, "head": 0, "imitation": 0, "eagle": 0}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         keys = [str(getattr(k, "key", k)) for k in path]
-        if keys[0] == "imitation":
-            parts["imitation"] += size(leaf)
+        if keys[0] in ("imitation", "eagle"):
+            parts[keys[0]] += size(leaf)
         elif keys[0] == "language_model" and keys[1] == "layers":
             parts["layers"] += size(leaf)
         elif keys[0] == "language_model" and keys[1].startswith("embed"):
@@ -262,72 +417,160 @@ def _compile(name, fn, args, donate, mesh, topology):
     return tpu.analyze(name, compiled, topology, time.perf_counter() - start), None
 
 
+def _place(abstract, model_config, mesh):
+    """ShapeDtypeStructs of `abstract` (params) with the library's shardings for `mesh`."""
+    shardings = sharding.param_shardings(VLM(model_config).abstract_params(), mesh)
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, shardings)
+
+
+def _must_read_entry(report: tpu.CompileReport, must_read: float, topology: tpu.Topology) -> dict[str, Any]:
+    entry = tpu.report_dict(report, topology)
+    bound, _, memory = tpu.roofline_seconds(report.flops, must_read, topology)
+    entry.update(must_read_bytes_per_device=must_read, must_read_time_s=memory, time_lower_bound_s=bound)
+    return entry
+
+
 def compile_point(shapes: ModelShapes, topology: tpu.Topology, mesh, batch: int, draft_len: int,
-                  max_new: int, acceptance: Acceptance, generate: bool = True) -> dict[str, Any]:
-    """Every program of one (batch, draft_len) point, and the speedup they predict."""
+                  max_new: int, acceptance: Acceptance | Acceptances,
+                  drafters: tuple[DrafterShapes, ...] = (DrafterShapes("imitation", "imitation"),),
+                  generate: bool = True) -> dict[str, Any]:
+    """Every program of one (batch, draft_len) point, and the speedup they predict per drafter.
+
+    `pieces` holds the AR programs and the imitation drafter's (under their names of
+    before drafters); `drafters` holds, per drafter, its own pieces (the imitation's
+    again), its must-read bytes and its predicted speedup. The run-level
+    `predicted_speedup` and `tokens_per_round` are the first drafter's.
+    """
+    if isinstance(acceptance, Acceptance):
+        acceptance = Acceptances(acceptance, {})
     config = shapes.config
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch % data_parallel:
         raise CompileOnlyError(f"--batch-size {batch} is not divisible by the {data_parallel} data-parallel "
                                f"shards of mesh {dict(mesh.shape)}")
+    kinds = {d.kind for d in drafters}
+    if "eagle" in kinds and not config.draft.eagle_layers:
+        raise CompileOnlyError("--drafter eagle: the model has no EAGLE head (draft.eagle_layers=0)")
     model = VLM(config, shapes.dtype)
     # The pieces are compiled with their layers unrolled: XLA's cost analysis counts a loop
     # body once, so a layer scan would report one layer's FLOPs for the whole range.
     piece_model = VLM(config, shapes.dtype, unroll_layers=True)
     num_layers, exit_layer = config.text.num_layers, config.draft.exit_layer
-    param_sh = sharding.param_shardings(model.abstract_params(), mesh)
-    params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes.params, param_sh)
+    params = _place(shapes.params, config, mesh)
     prompt_len = config.num_image_tokens + PROMPT_TEXT_TOKENS
     ssd_spec = DecodeSpec(mode="ssd", capacity=max_new, eos_ids=(), policy=DraftPolicy(draft_len=draft_len))
     ar_spec = DecodeSpec(mode="ar", capacity=max_new, eos_ids=())
+    slots = ssd_spec.cache_slots(prompt_len)
     # A step in the middle of a generation: the caches the engine's programs carry.
-    cache = abstract_cache(num_layers, batch, ssd_spec.cache_slots(prompt_len), config, shapes.dtype, mesh)
+    cache = abstract_cache(num_layers, batch, slots, config, shapes.dtype, mesh)
     ar_cache = abstract_cache(num_layers, batch, ar_spec.cache_slots(prompt_len), config, shapes.dtype, mesh)
-    draft_cache = (abstract_cache(1, batch, ssd_spec.cache_slots(prompt_len), config, shapes.dtype, mesh)
+    draft_cache = (abstract_cache(1, batch, slots, config, shapes.dtype, mesh)
                    if config.draft.kind == "layer" else None)
     token = _sds((batch,), jnp.int32, mesh, ("batch",))
-    states = _sds((batch, draft_len + 1, config.text.hidden_size), shapes.dtype, mesh,
-                  ("batch", None, None))
+    width = config.text.hidden_size
+    states = _sds((batch, draft_len + 1, width), shapes.dtype, mesh, ("batch", None, None))
+    chain = _sds((batch, draft_len + 1), jnp.int32, mesh, ("batch", None))
+    size = config.vision.image_size
+    prompts = Prompts(input_ids=_sds((batch, prompt_len), jnp.int32, mesh, ("batch", None)),
+                      lengths=_sds((batch,), jnp.int32, mesh, ("batch",)),
+                      pixels=_sds((batch, size, size, 3), jnp.float32, mesh, ("batch", None, None, None)))
+
+    def whole(model, spec, draft_params=None):
+        if draft_params is None:
+            return (lambda p, prompts: engine.generate(model, p, prompts, spec, max_new)), (), (params, prompts)
+        return ((lambda p, dp, prompts: engine.generate(model, p, prompts, spec, max_new, draft_params=dp)),
+                (), (params, draft_params, prompts))
+
+    reads = read_bytes(params, config, cache, draft_cache)
+    ar_reads = read_bytes(params, config, ar_cache, None)
+    # name -> (fn, donated, args, must-read bytes or None)
+    programs: dict[str, tuple] = {}
     fns = piece_functions(piece_model, draft_len)
-    programs = {
-        "ar_step": (*fns["ar_step"], (params, ar_cache, token)),
-        "draft_step": (*fns["draft_step"], (params, cache, draft_cache, token)),
-        "shallow_step": (*fns["shallow_step"], (params, cache, token)),
-        "verify": (*fns["verify"], (params, cache, states)),
-    }
+    programs["ar_step"] = (*fns["ar_step"], (params, ar_cache, token),
+                           ar_reads.span(0, num_layers, num_layers) + ar_reads.head)
     if generate:
-        size = config.vision.image_size
-        prompts = Prompts(input_ids=_sds((batch, prompt_len), jnp.int32, mesh, ("batch", None)),
-                          lengths=_sds((batch,), jnp.int32, mesh, ("batch",)),
-                          pixels=_sds((batch, size, size, 3), jnp.float32, mesh, ("batch", None, None, None)))
-        for name, spec in (("generate_ar", ar_spec), ("generate_ssd", ssd_spec)):
-            fn = (lambda spec: lambda p, prompts: engine.generate(model, p, prompts, spec, max_new))(spec)
-            programs[name] = (fn, (), (params, prompts))
+        programs["generate_ar"] = (*whole(model, ar_spec), None)
+    roles: dict[str, dict[str, str]] = {}  # drafter -> {role: program name}
+    extra: dict[str, dict[str, Any]] = {}  # drafter -> its sizes
+    for d in drafters:
+        spec = dataclasses.replace(ssd_spec, drafter=ImitationDrafter())
+        if d.kind == "imitation":
+            programs["draft_step"] = (*fns["draft_step"], (params, cache, draft_cache, token),
+                                      reads.span(0, exit_layer, num_layers) + reads.imitation + reads.head)
+            programs["shallow_step"] = (*fns["shallow_step"], (params, cache, token),
+                                        reads.span(0, exit_layer, num_layers))
+            programs["verify"] = (*fns["verify"], (params, cache, states),
+                                  reads.span(exit_layer, num_layers, num_layers) + reads.head)
+            roles[d.name] = {"draft_step": "draft_step", "shallow_step": "shallow_step", "verify": "verify"}
+            if generate:
+                programs["generate_ssd"] = (*whole(model, spec), None)
+                roles[d.name]["generate_ssd"] = "generate_ssd"
+            extra[d.name] = {"draft_bytes_per_device": reads.imitation}
+            continue
+        # Eagle and the draft VLM: verification from the tokens' embeddings, all layers.
+        programs["verify_tokens"] = (verify_tokens_function(piece_model, draft_len), (1,), (params, cache, chain),
+                                     reads.span(0, num_layers, num_layers) + reads.head)
+        if d.kind == "eagle":
+            d_config = config.with_draft(eagle_image_pool=d.pool) if d.pool else config
+            head_model = VLM(d_config, shapes.dtype, unroll_layers=True)
+            eagle_slots = EagleDrafter().cache_slots(head_model, slots)
+            eagle_cache = abstract_cache(1, batch, eagle_slots, config, shapes.dtype, mesh)
+            row = _sds((batch,), jnp.int32, mesh, ("batch",))
+            carry = EagleCarry(cache=eagle_cache, removed=row, features=states, tokens=chain, base=row, count=row,
+                               feature=_sds((batch, width), shapes.dtype, mesh, ("batch", None)))
+            cache_bytes = (tpu.shard_bytes(eagle_cache.keys.shape, eagle_cache.keys.dtype, eagle_cache.keys.sharding)
+                           * 2)
+            must = reads.eagle + cache_bytes + reads.head
+            efns = eagle_functions(head_model, draft_len)
+            programs[f"{d.name}/catchup"] = (*efns["catchup"], (params, carry), must)
+            programs[f"{d.name}/step"] = (*efns["step"], (params, carry, token, token), must)
+            roles[d.name] = {"catchup": f"{d.name}/catchup", "step": f"{d.name}/step", "verify": "verify_tokens"}
+            spec = dataclasses.replace(ssd_spec, drafter=EagleDrafter())
+            if generate:
+                programs[f"{d.name}/generate_ssd"] = (*whole(VLM(d_config, shapes.dtype), spec), None)
+            extra[d.name] = {"eagle_image_pool": d_config.draft.eagle_image_pool, "eagle_cache_slots": eagle_slots,
+                             "draft_cache_bytes_per_device": cache_bytes, "draft_bytes_per_device": reads.eagle}
+        else:
+            small_config = d.small.config
+            small_params = _place(d.small.params, small_config, mesh)
+            small_layers = small_config.text.num_layers
+            small_cache = abstract_cache(small_layers, batch, slots, small_config, shapes.dtype, mesh)
+            small_reads = read_bytes(small_params, small_config, small_cache, None)
+            carry = ModelCarry(cache=small_cache, prev_token=token,
+                               refeed=_sds((batch,), jnp.bool_, mesh, ("batch",)))
+            must = small_reads.span(0, small_layers, small_layers) + small_reads.head
+            mfns = model_functions(VLM(small_config, shapes.dtype, unroll_layers=True), draft_len)
+            programs[f"{d.name}/start"] = (*mfns["start"], (small_params, carry, token, token), must)
+            programs[f"{d.name}/step"] = (*mfns["step"], (small_params, carry, token, token), must)
+            roles[d.name] = {"start": f"{d.name}/start", "step": f"{d.name}/step", "verify": "verify_tokens"}
+            spec = dataclasses.replace(ssd_spec, drafter=ModelDrafter(VLM(small_config, shapes.dtype)))
+            if generate:
+                programs[f"{d.name}/generate_ssd"] = (*whole(model, spec, small_params), None)
+            extra[d.name] = {
+                "draft_model": d.small.source,
+                "draft_param_bytes_per_device": sum(tpu.shard_bytes(x.shape, x.dtype, x.sharding)
+                                                    for x in jax.tree.leaves(small_params)),
+                "draft_cache_bytes_per_device": small_reads.cache,
+                "draft_bytes_per_device": small_reads.layers + small_reads.head}
+        if generate:
+            roles[d.name]["generate_ssd"] = f"{d.name}/generate_ssd"
 
     reports, refusals = {}, []
-    for name, (fn, donate, args) in programs.items():
+    for name, (fn, donate, args, _) in programs.items():
         report, refusal = _compile(name, fn, args, donate, mesh, topology)
         if report is None:
             refusals.append(refusal)
         else:
             reports[name] = report
 
-    reads = read_bytes(params, config, cache, draft_cache)
-    ar_reads = read_bytes(params, config, ar_cache, None)
-    must_read = {
-        "ar_step": ar_reads.span(0, num_layers, num_layers) + ar_reads.head,
-        "draft_step": reads.span(0, exit_layer, num_layers) + reads.imitation + reads.head,
-        "shallow_step": reads.span(0, exit_layer, num_layers),
-        "verify": reads.span(exit_layer, num_layers, num_layers) + reads.head,
-    }
     pieces = {}
     for name, report in reports.items():
-        entry = tpu.report_dict(report, topology)
-        if name in must_read:
-            bound, _, memory = tpu.roofline_seconds(report.flops, must_read[name], topology)
-            entry.update(must_read_bytes_per_device=must_read[name], must_read_time_s=memory,
-                         time_lower_bound_s=bound)
-        pieces[name] = entry
+        must_read = programs[name][3]
+        pieces[name] = (tpu.report_dict(report, topology) if must_read is None
+                        else _must_read_entry(report, must_read, topology))
+        if name.endswith("generate_ar") or name.endswith("generate_ssd"):
+            pieces[name]["note"] = ("memory is the program's; FLOPs and bytes are the compiler's static "
+                                    "cost, each loop body (a round, a layer) counted once")
 
     hbm = topology.hbm_bytes_per_device
     peak = max((r.memory.peak for r in reports.values()), default=0)
@@ -335,10 +578,19 @@ def compile_point(shapes: ModelShapes, topology: tpu.Topology, mesh, batch: int,
     reason = refusals[0] if refusals else (
         f"{max(over, key=lambda r: r.memory.peak).name} needs {tpu.format_bytes(peak)} per device, more than "
         f"the {tpu.format_bytes(hbm)} of HBM of a {topology.device_kind} device" if over else None)
-    for name in ("generate_ar", "generate_ssd"):
-        if name in pieces:
-            pieces[name]["note"] = ("memory is the program's; FLOPs and bytes are the compiler's static "
-                                    "cost, each loop body (a round, a layer) counted once")
+    per_drafter = {}
+    for d in drafters:
+        own = {role: pieces[name] for role, name in roles[d.name].items() if name in pieces}
+        entry = {"kind": d.kind, **extra[d.name], "pieces": own,
+                 "per_chip_peak_bytes": max((p["per_chip_peak_bytes"] for p in own.values()), default=0)}
+        if all(name in pieces for name in roles[d.name].values()) and "ar_step" in pieces:
+            acc = acceptance.for_drafter(d.name)
+            entry["acceptance"] = dataclasses.asdict(acc)
+            entry.update(predict_drafter(d.kind, pieces["ar_step"], own, acc, draft_len))
+        per_drafter[d.name] = entry
+    # The AR step and whole programs shared by all drafters stay at the top (with the
+    # imitation drafter's pieces: the layout of before drafters).
+    top = {name: p for name, p in pieces.items() if "/" not in name and name != "verify_tokens"}
     result = {
         **tpu.topology_summary(topology),
         "batch_size": batch, "draft_len": draft_len, "exit_layer": exit_layer, "prompt_len": prompt_len,
@@ -346,24 +598,42 @@ def compile_point(shapes: ModelShapes, topology: tpu.Topology, mesh, batch: int,
         "kv_cache_bytes_per_device": reads.cache, "ar_kv_cache_bytes_per_device": ar_reads.cache,
         "param_bytes_per_device": sum(tpu.shard_bytes(x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(params)),
         "per_chip_peak_bytes": peak * topology.devices_per_chip, "fits": not refusals and not over,
-        "reason": reason, "pieces": pieces,
+        "reason": reason, "pieces": top, "drafters": per_drafter,
     }
-    if all(name in pieces for name in must_read):
-        result.update(predict(pieces, acceptance, draft_len))
+    first = per_drafter[drafters[0].name]
+    for key in ("tokens_per_round", "drafted_per_round", "predicted_speedup", "predicted_speedup_bytes_accessed"):
+        if key in first:
+            result[key] = first[key]
     return result
 
 
-def predict(pieces: dict, acceptance: Acceptance, draft_len: int) -> dict[str, Any]:
-    """The speedup the pieces' lower-bound times predict, on two byte counts."""
+def predict_drafter(kind: str, ar: dict, own: dict, acceptance: Acceptance, draft_len: int) -> dict[str, Any]:
+    """A drafter's predicted speedup from its pieces' lower-bound times, on two byte counts:
+
+        tokens_per_round * t_AR / (per-round draft cost + t_verify)
+
+    with the draft cost per round of drafted tokens G' (G' = draft_len for a per-position
+    acceptance probability):
+      imitation: G' * t_draft_step + t_shallow_step (the last draft's shallow pass)
+      eagle:     t_catchup (draft_len + 1 pairs, the first draft) + (G' - 1) * t_step
+      model:     t_start (2 tokens, the first draft) + (G' - 1) * t_step
+    """
     tokens, drafted = acceptance.per_round(draft_len)
 
-    def speedup(key):
-        t = {name: pieces[name][key] for name in ("ar_step", "draft_step", "shallow_step", "verify")}
-        return tokens * t["ar_step"] / (drafted * t["draft_step"] + t["shallow_step"] + t["verify"])
+    def times(key):
+        t = {role: p[key] for role, p in own.items() if role != "generate_ssd"}
+        if kind == "imitation":
+            draft = drafted * t["draft_step"] + t["shallow_step"]
+        elif kind == "eagle":
+            draft = t["catchup"] + max(drafted - 1, 0) * t["step"]
+        else:
+            draft = t["start"] + max(drafted - 1, 0) * t["step"]
+        return draft, t["verify"], tokens * ar[key] / (draft + t["verify"])
 
-    return {"tokens_per_round": tokens, "drafted_per_round": drafted,
-            "predicted_speedup": speedup("time_lower_bound_s"),
-            "predicted_speedup_bytes_accessed": speedup("step_time_lower_bound_s")}
+    draft, verify, speedup = times("time_lower_bound_s")
+    return {"tokens_per_round": tokens, "drafted_per_round": drafted, "draft_cost_s": draft, "verify_s": verify,
+            "ar_step_s": ar["time_lower_bound_s"], "predicted_speedup": speedup,
+            "predicted_speedup_bytes_accessed": times("step_time_lower_bound_s")[2]}
 
 
 def run(args) -> int:
@@ -375,15 +645,23 @@ def run(args) -> int:
         topology = tpu.get_topology(args.compile_only)
         mesh_config = sharding.parse_mesh(args.mesh) if args.mesh else sharding.MeshConfig(data=1, tensor=-1)
         mesh = sharding.make_mesh(mesh_config, topology.devices)
-        acceptance = parse_acceptance(args.acceptance)
+        acceptance = parse_acceptances(args.acceptance)
         shapes = load_shapes(args.ckpt, args.dtype)
         if args.exit_layer:
             shapes = dataclasses.replace(shapes, config=shapes.config.with_draft(exit_layer=args.exit_layer[0]))
+        drafters = tuple(parse_drafter(name, shapes) for name in args.drafter)
+        notes = []
+        if any(d.kind == "eagle" for d in drafters):
+            shapes, added = with_eagle_head(shapes)
+            if added:
+                notes.append(f"{shapes.source} has no EAGLE head: compiled with a fresh one (one layer, FFN "
+                             f"{shapes.config.draft.eagle_hidden_size or shapes.config.text.intermediate_size})")
+                print(f"note: {notes[-1]}", flush=True)
         runs = []
         for batch in args.batch_size:
             for draft_len in args.draft_len:
                 point = compile_point(shapes, topology, mesh, batch, draft_len, args.max_new_tokens,
-                                      acceptance, generate=not args.no_generate)
+                                      acceptance, drafters, generate=not args.no_generate)
                 runs.append(point)
                 for line in point_lines(point, topology):
                     print(line, flush=True)
@@ -393,24 +671,21 @@ def run(args) -> int:
     report = {
         **tpu.topology_summary(topology), "model": shapes.source, "dtype": shapes.dtype.name,
         "mesh": dict(mesh.shape), "hbm_bytes_per_device": topology.hbm_bytes_per_device,
-        "acceptance": dataclasses.asdict(acceptance),
+        "acceptance": (dataclasses.asdict(acceptance.default) if acceptance.default is not None
+                       else {name: dataclasses.asdict(a) for name, a in acceptance.by_drafter.items()}),
+        "drafter_names": [d.name for d in drafters], "notes": notes,
         "time_basis": "predicted_speedup: max(FLOPs/peak, must-read bytes/bandwidth) per piece; "
-                      "predicted_speedup_bytes_accessed: the same with the compiler's bytes accessed",
+                      "predicted_speedup_bytes_accessed: the same with the compiler's bytes accessed; "
+                      "compiler-model predictions, not measurements",
         "per_chip_peak_bytes": max(r["per_chip_peak_bytes"] for r in runs),
         "fits": all(r["fits"] for r in runs),
         "batch_size": runs[0]["batch_size"], "predicted_speedup": runs[0].get("predicted_speedup"),
         "argv": list(args.argv) if getattr(args, "argv", None) is not None else sys.argv[1:],
         "runs": runs,
     }
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.json}")
-    if not report["fits"]:
-        bad = next(r for r in runs if not r["fits"])
-        print(f"error: batch {bad['batch_size']} does not fit on {topology.name}: {bad['reason']}", file=sys.stderr)
-        return 1
-    return 0
+    bad = next((r for r in runs if not r["fits"]), None)
+    failure = None if bad is None else f"batch {bad['batch_size']} does not fit on {topology.name}: {bad['reason']}"
+    return tpu.write_report(report, args.json, failure)
 
 
 def point_lines(point: dict, topology: tpu.Topology) -> list[str]:
@@ -422,10 +697,24 @@ def point_lines(point: dict, topology: tpu.Topology) -> list[str]:
         if "time_lower_bound_s" in piece:
             lines.append(f"  must read {tpu.format_bytes(piece['must_read_bytes_per_device'])} per device: "
                          f">= {1000 * piece['time_lower_bound_s']:.3f} ms")
-    if "predicted_speedup" in point:
-        lines.append(f"  predicted SSD/AR speedup {point['predicted_speedup']:.2f}x "
-                     f"({point['tokens_per_round']:.2f} tokens per round; "
-                     f"{point['predicted_speedup_bytes_accessed']:.2f}x on the compiler's bytes accessed)")
+    printed = {id(piece) for piece in point["pieces"].values()}  # the imitation drafter's are there
+    for name, drafter in point["drafters"].items():
+        for role, piece in drafter["pieces"].items():
+            if id(piece) in printed:
+                continue
+            printed.add(id(piece))  # verify_tokens is shared by the eagle and model drafters
+            lines += tpu.program_lines("verify_tokens" if role == "verify" else f"{name}/{role}", piece,
+                                       topology.hbm_bytes_per_device)
+            if "time_lower_bound_s" in piece:
+                lines.append(f"  must read {tpu.format_bytes(piece['must_read_bytes_per_device'])} per device: "
+                             f">= {1000 * piece['time_lower_bound_s']:.3f} ms")
+    for name, drafter in point["drafters"].items():
+        if "predicted_speedup" in drafter:
+            lines.append(f"  {name}: predicted SSD/AR speedup {drafter['predicted_speedup']:.2f}x "
+                         f"({drafter['tokens_per_round']:.2f} tokens per round, draft {1000 * drafter['draft_cost_s']:.3f} "
+                         f"ms + verify {1000 * drafter['verify_s']:.3f} ms per round vs AR step "
+                         f"{1000 * drafter['ar_step_s']:.3f} ms; "
+                         f"{drafter['predicted_speedup_bytes_accessed']:.2f}x on the compiler's bytes accessed)")
     lines.append(f"  per-chip peak {tpu.format_bytes(point['per_chip_peak_bytes'])}: "
                  + ("fits" if point["fits"] else f"does not fit: {point['reason']}"))
     return lines
