@@ -76,6 +76,27 @@ def test_acceptance_profile_from_a_number_and_from_a_stats_json(tmp_path):
             parse_acceptance(bad)
 
 
+def test_acceptance_per_drafter_from_a_bench_json(tmp_path):
+    from decode.bench.compile_only import CompileOnlyError, parse_acceptances
+
+    bench = tmp_path / "bench.json"
+    runs = [{"drafter": "imitation", "mean_accepted_length": 3.0, "acceptance_rate": 0.5},
+            {"drafter": "eagle", "mean_accepted_length": 4.0, "acceptance_rate": 0.75},
+            {"drafter": "model:demo-draft", "mean_accepted_length": 2.0, "acceptance_rate": 0.25},
+            {"drafter": "eagle", "mean_accepted_length": 1.0, "acceptance_rate": 0.0}]  # a later run: ignored
+    bench.write_text(json.dumps({"mean_accepted_length": 3.0, "acceptance_rate": 0.5, "runs": runs}))
+    table = parse_acceptances(str(bench))
+    assert table.for_drafter("imitation").per_round(5) == (3.0, 4.0)
+    assert table.for_drafter("eagle").per_round(5) == (4.0, 4.0)
+    # A compile-only draft model matches the JSON's only model drafter by kind.
+    assert table.for_drafter("model:shapes:llava_draft_160m").per_round(5) == (2.0, 4.0)
+    assert table.for_drafter("eagle:pool=4").source.endswith("(drafter eagle)")
+    with pytest.raises(CompileOnlyError, match="no measured run of drafter 'medusa'"):
+        table.for_drafter("medusa")
+    # One number (or a one-drafter JSON) holds for every drafter.
+    assert parse_acceptances("0.5").for_drafter("eagle").per_round(1) == (1.5, 1.0)
+
+
 def test_named_architectures_have_the_released_sizes():
     config = architecture("llava15_7b")
     abstract = nn.meta.unbox(VLM(config).abstract_params())
@@ -85,8 +106,24 @@ def test_named_architectures_have_the_released_sizes():
     assert config.num_image_tokens == 576 and config.draft.exit_layer == 8
     assert architecture("llava15_13b").text.num_layers == 40
     assert architecture("blip2_opt_2_7b").num_image_tokens == 32
-    with pytest.raises(ValueError, match="known: blip2_opt_2_7b, llava15_13b, llava15_7b"):
+    with pytest.raises(ValueError, match="known: blip2_opt_2_7b, llava15_13b, llava15_7b, llava15_7b_eagle"):
         architecture("llava15_70b")
+
+
+def test_drafter_architectures_for_llava15_7b():
+    """The EAGLE head: a fuse projection [f, e] -> 4096 and one Vicuna-7B-shaped layer (FFN
+    11008); the draft VLM: the 7B's vocabulary and image tokens, 68M-163M text params."""
+    base = architecture("llava15_7b")
+    eagle = architecture("llava15_7b_eagle")
+    abstract = nn.meta.unbox(VLM(eagle).abstract_params())
+    layer = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096
+    assert param_count(abstract["eagle"]) == 2 * 4096 * 4096 + 2 * 4096 + layer
+    assert eagle.draft.eagle_image_pool == 1 and architecture("llava15_7b_eagle_pool4").draft.eagle_image_pool == 4
+    for name, low, high in (("llava_draft_68m", 60e6, 75e6), ("llava_draft_160m", 150e6, 170e6)):
+        small = architecture(name)
+        assert (small.text.vocab_size, small.image_token_id, small.num_image_tokens) == (
+            base.text.vocab_size, base.image_token_id, base.num_image_tokens)
+        assert low < param_count(nn.meta.unbox(VLM(small).abstract_params())["language_model"]) < high
 
 
 def test_checkpoint_shapes_without_reading_params(tmp_path):
@@ -201,6 +238,81 @@ def test_decode_compile_only_pieces_cache_sharding_and_speedup(tmp_path):
     assert run["predicted_speedup"] == pytest.approx(
         tokens * t["ar_step"] / (3 * t["draft_step"] + t["shallow_step"] + t["verify"]))
     assert report["predicted_speedup"] == run["predicted_speedup"]
+
+
+def tiny_draft_checkpoint(path):
+    """A 2-layer draft VLM with random:tiny's vocabulary and image tokens, saved (bf16)."""
+    import jax
+    import jax.numpy as jnp
+
+    from fastvlm_jax.checkpoint import save_checkpoint
+    from fastvlm_jax.model import cast_params
+    from tests.tiny import tiny_config
+
+    config = tiny_config(vocab_size=512, num_layers=2, exit_layer=1, num_kv_heads=4, image_size=32, hidden_size=64)
+    save_checkpoint(path, config, cast_params(jax.jit(VLM(config).init)(jax.random.key(0)), jnp.bfloat16))
+    return path
+
+
+def test_decode_compile_only_per_drafter_pieces_and_speedups(tmp_path):
+    needs_libtpu()
+    from decode.bench.cli import main
+
+    out = tmp_path / "drafters.json"
+    draft = tiny_draft_checkpoint(tmp_path / "draft")
+    drafters = ["imitation", "eagle", "eagle:pool=4", f"model:{draft}"]
+    assert main(["--ckpt", "random:tiny", "--compile-only", TOPOLOGY, "--batch-size", "4", "--draft-len", "3",
+                 "--max-new-tokens", "16", "--acceptance", "0.6", "--no-generate", "--drafter", *drafters,
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    run = report["runs"][0]
+    assert list(run["drafters"]) == drafters and report["notes"]  # random:tiny got a fresh EAGLE head
+    roles = {"imitation": {"draft_step", "shallow_step", "verify"}, "eagle": {"catchup", "step", "verify"},
+             "model": {"start", "step", "verify"}}
+    ar = run["pieces"]["ar_step"]
+    tokens = 1 + 0.6 + 0.36 + 0.216
+    for name, drafter in run["drafters"].items():
+        pieces = drafter["pieces"]
+        assert set(pieces) == roles[drafter["kind"]], name
+        for piece in pieces.values():
+            assert piece["flops_per_device"] > 0 and piece["bytes_per_device"] > 0
+            assert piece["must_read_bytes_per_device"] > 0 and piece["while_loops"] == 0
+        t = {role: p["time_lower_bound_s"] for role, p in pieces.items()}
+        draft_cost = {"imitation": lambda: 3 * t["draft_step"] + t["shallow_step"],
+                      "eagle": lambda: t["catchup"] + 2 * t["step"],
+                      "model": lambda: t["start"] + 2 * t["step"]}[drafter["kind"]]()
+        assert drafter["predicted_speedup"] == pytest.approx(
+            tokens * ar["time_lower_bound_s"] / (draft_cost + t["verify"])), name
+    eagle, pooled, small = (run["drafters"][k] for k in drafters[1:])
+    # Verification from the tokens runs every layer: more to read than the imitation
+    # drafter's [exit, L), and the same program for both drafters that need it.
+    assert eagle["pieces"]["verify"] == small["pieces"]["verify"]
+    assert (eagle["pieces"]["verify"]["must_read_bytes_per_device"]
+            > run["pieces"]["verify"]["must_read_bytes_per_device"])
+    # The catch-up pass reads the head once for 4 pairs: 4 times the step's FLOPs or so.
+    assert eagle["pieces"]["catchup"]["flops_per_device"] > 2 * eagle["pieces"]["step"]["flops_per_device"]
+    # 16 image tokens pooled 4 to a slot save 12 of the head's cache slots (29 + 16 + 4 = 49).
+    assert (eagle["eagle_cache_slots"], pooled["eagle_cache_slots"]) == (49, 37)
+    assert pooled["draft_cache_bytes_per_device"] == eagle["draft_cache_bytes_per_device"] * 37 // 49
+    assert pooled["pieces"]["step"]["must_read_bytes_per_device"] < eagle["pieces"]["step"]["must_read_bytes_per_device"]
+    # The draft VLM (2 layers of width 64, bf16) reads less per step than the full model
+    # (4 layers of width 128, float32), and its start feeds two tokens.
+    assert small["pieces"]["step"]["must_read_bytes_per_device"] < ar["must_read_bytes_per_device"]
+    assert small["pieces"]["start"]["flops_per_device"] > small["pieces"]["step"]["flops_per_device"]
+    assert small["draft_cache_bytes_per_device"] > 0 and small["draft_param_bytes_per_device"] > 0
+    assert run["predicted_speedup"] == run["drafters"]["imitation"]["predicted_speedup"]
+
+
+def test_decode_compile_only_bad_drafter_is_one_line(capsys):
+    needs_libtpu()
+    from decode.bench.cli import main
+
+    base = ["--ckpt", "random:tiny", "--compile-only", TOPOLOGY, "--json", "/dev/null", "--drafter"]
+    for drafter, message in (("medusa", "unknown --drafter 'medusa'"), ("eagle:pool=0", "eagle:pool=N"),
+                             ("model:shapes:llava_draft_160m", "vocabulary")):
+        assert main([*base, "imitation", drafter]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, err
 
 
 def test_decode_compile_only_too_big_exits_1_with_the_reason(tmp_path, capsys):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compile-only runs for LLaVA-1.5-7B on named TPU topologies (nothing runs on a TPU; libtpu's
-# compiler on this CPU host). Usage: benchmarks/tpu_compile/run.sh CHAIN, CHAIN in {train, decode}.
+# compiler on this CPU host). Usage: benchmarks/tpu_compile/run.sh CHAIN, CHAIN in {train, decode, drafters}.
 # Each command's console output goes to benchmarks/tpu_compile/NAME.log, its report to NAME.json.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -33,5 +33,14 @@ case "${1:-}" in
     run llava15_13b_imitation_v5e_4x8 $PY -m train.run --config configs/llava15_13b.py:imitation \
         --compile-only v5e:4x8 --json $OUT/llava15_13b_imitation_v5e_4x8.json
     ;;
-  *) echo "usage: $0 train|decode" >&2; exit 2 ;;
+  drafters)
+    # The round's pieces per drafter (imitation, EAGLE head without and with its 4x visual
+    # compressor, a 160M draft VLM); --no-generate: the whole generate programs of four
+    # drafters would take about an hour on this host.
+    run decode_drafters_llava15_7b_v5e_2x2 $PY -m decode.bench --ckpt shapes:llava15_7b_eagle \
+        --compile-only v5e:2x2 --mesh data=1,tensor=4 --batch-size 1 8 --draft-len 5 --max-new-tokens 64 \
+        --acceptance 0.6 --drafter imitation eagle eagle:pool=4 model:shapes:llava_draft_160m --no-generate \
+        --json $OUT/decode_drafters_llava15_7b_v5e_2x2.json
+    ;;
+  *) echo "usage: $0 train|decode|drafters" >&2; exit 2 ;;
 esac
