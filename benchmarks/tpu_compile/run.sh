@@ -35,12 +35,16 @@ case "${1:-}" in
     ;;
   drafters)
     # The round's pieces per drafter (imitation, EAGLE head without and with its 4x visual
-    # compressor, a 160M draft VLM); --no-generate: the whole generate programs of four
-    # drafters would take about an hour on this host.
+    # compressor, a 160M draft VLM) and each drafter's whole generate program (peak memory).
     run decode_drafters_llava15_7b_v5e_2x2 $PY -m decode.bench --ckpt shapes:llava15_7b_eagle \
         --compile-only v5e:2x2 --mesh data=1,tensor=4 --batch-size 1 8 --draft-len 5 --max-new-tokens 64 \
-        --acceptance 0.6 --drafter imitation eagle eagle:pool=4 model:shapes:llava_draft_160m --no-generate \
+        --acceptance 0.6 --drafter imitation eagle eagle:pool=4 model:shapes:llava_draft_160m \
         --json $OUT/decode_drafters_llava15_7b_v5e_2x2.json
+    # The same pieces on 4 v5p chips, up to batch 32 (pieces only: --no-generate).
+    run decode_drafters_llava15_7b_v5p_2x2x1 $PY -m decode.bench --ckpt shapes:llava15_7b_eagle \
+        --compile-only v5p:2x2x1 --mesh data=1,tensor=4 --batch-size 1 8 32 --draft-len 5 --max-new-tokens 64 \
+        --acceptance 0.6 --drafter imitation eagle eagle:pool=4 model:shapes:llava_draft_160m --no-generate \
+        --json $OUT/decode_drafters_llava15_7b_v5p_2x2x1.json
     ;;
   *) echo "usage: $0 train|decode|drafters" >&2; exit 2 ;;
 esac

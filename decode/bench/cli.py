@@ -92,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="--draft-len auto: the lengths to choose among (0 = plain AR rounds)")
     parser.add_argument("--drafter", nargs="+", default=["imitation"],
                         help="drafters to compare: imitation (the checkpoint's draft path), eagle (its "
-                        "EAGLE head), model:CKPT (a small VLM with the same tokenizer, e.g. model:demo-draft)")
+                        "EAGLE head), model:CKPT (a small VLM with the same tokenizer, e.g. model:demo-draft); with "
+                        "--compile-only also eagle:pool=N (the head's visual compressor) and model:shapes:NAME "
+                        "(a draft architecture without weights)")
     parser.add_argument("--tree-nodes", type=int, nargs="+", default=[0],
                         help="SSD draft trees to sweep, in nodes per round (0 = the chains of "
                         "--draft-len; e.g. 0 16 runs the chains and a 16-node tree)")

@@ -24,7 +24,19 @@ LM head, the imitation network), from the shapes. The prediction uses the latter
 with tokens and drafts per round from `--acceptance`: a per-position acceptance
 probability a (independent positions: tokens = 1 + a + ... + a^G, drafted = G), or a
 decode.run --stats / decode.bench JSON measured elsewhere (its mean_accepted_length and
-acceptance_rate). Every such number is a compiler-model prediction, not a measurement.
+acceptance_rate; per drafter from a decode.bench --drafter JSON of several drafters).
+Every such number is a compiler-model prediction, not a measurement.
+
+`--drafter imitation eagle eagle:pool=N model:SPEC` compares drafters (decode/drafters.py);
+the lines above are the imitation drafter's. The EAGLE head's pieces are its catch-up
+pass (the draft_len + 1 pairs a round starts with) and its one-pair step, each with the
+LM head; `pool=N` overrides the checkpoint's visual compressor. A draft VLM (SPEC as
+--ckpt: shapes:NAME, random:PRESET or a checkpoint) has its start (two tokens) and
+one-token step. Both verify from the tokens (`verify_tokens`: layers [0, L) + head).
+Must-read bytes: the head's (the draft model's) weights, its own cache, the LM head.
+
+    eagle: speedup = tokens * t_AR / (t_catchup + (drafted - 1) * t_step + t_verify_tokens)
+    model: speedup = tokens * t_AR / (t_start + (drafted - 1) * t_step + t_verify_tokens)
 """
 
 from __future__ import annotations
