@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -567,9 +568,16 @@ def compile_point(shapes: ModelShapes, topology: tpu.Topology, mesh, batch: int,
         if generate:
             roles[d.name]["generate_ssd"] = f"{d.name}/generate_ssd"
 
-    reports, refusals = {}, []
+    reports, refusals, failed = {}, [], {}
     for name, (fn, donate, args, _) in programs.items():
-        report, refusal = _compile(name, fn, args, donate, mesh, topology)
+        try:
+            report, refusal = _compile(name, fn, args, donate, mesh, topology)
+        except (TypeError, ValueError) as err:
+            # A program JAX cannot trace (a bug in the engine or a drafter): say so, compile
+            # the others; the run exits 1 (see `run`).
+            failed[name] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+            print(f"error: batch {batch}: {name} could not be traced: {failed[name]}", file=sys.stderr, flush=True)
+            continue
         if report is None:
             refusals.append(refusal)
         else:
@@ -595,7 +603,8 @@ def compile_point(shapes: ModelShapes, topology: tpu.Topology, mesh, batch: int,
         own = {role: pieces[name] for role, name in roles[d.name].items() if name in pieces}
         entry = {"kind": d.kind, **extra[d.name], "pieces": own,
                  "per_chip_peak_bytes": max((p["per_chip_peak_bytes"] for p in own.values()), default=0)}
-        if all(name in pieces for name in roles[d.name].values()) and "ar_step" in pieces:
+        needed = [name for role, name in roles[d.name].items() if role != "generate_ssd"]
+        if all(name in pieces for name in needed) and "ar_step" in pieces:
             acc = acceptance.for_drafter(d.name)
             entry["acceptance"] = dataclasses.asdict(acc)
             entry.update(predict_drafter(d.kind, pieces["ar_step"], own, acc, draft_len))
@@ -610,7 +619,7 @@ def compile_point(shapes: ModelShapes, topology: tpu.Topology, mesh, batch: int,
         "kv_cache_bytes_per_device": reads.cache, "ar_kv_cache_bytes_per_device": ar_reads.cache,
         "param_bytes_per_device": sum(tpu.shard_bytes(x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(params)),
         "per_chip_peak_bytes": peak * topology.devices_per_chip, "fits": not refusals and not over,
-        "reason": reason, "pieces": top, "drafters": per_drafter,
+        "reason": reason, "pieces": top, "drafters": per_drafter, "failed": failed,
     }
     first = per_drafter[drafters[0].name]
     for key in ("tokens_per_round", "drafted_per_round", "predicted_speedup", "predicted_speedup_bytes_accessed"):
@@ -650,9 +659,7 @@ def predict_drafter(kind: str, ar: dict, own: dict, acceptance: Acceptance, draf
 
 def run(args) -> int:
     """The CLI's compile-only branch (decode/bench/cli.py): 0 if every point fits, 1 if one
-    does not (with a one-line reason), 2 for bad input."""
-    import sys
-
+    does not or cannot be traced (with a one-line reason), 2 for bad input."""
     try:
         topology = tpu.get_topology(args.compile_only)
         mesh_config = sharding.parse_mesh(args.mesh) if args.mesh else sharding.MeshConfig(data=1, tensor=-1)
@@ -696,7 +703,13 @@ def run(args) -> int:
         "runs": runs,
     }
     bad = next((r for r in runs if not r["fits"]), None)
-    failure = None if bad is None else f"batch {bad['batch_size']} does not fit on {topology.name}: {bad['reason']}"
+    broken = next((r for r in runs if r["failed"]), None)
+    failure = None
+    if bad is not None:
+        failure = f"batch {bad['batch_size']} does not fit on {topology.name}: {bad['reason']}"
+    elif broken is not None:
+        name, message = next(iter(broken["failed"].items()))
+        failure = f"batch {broken['batch_size']}: {name} could not be traced: {message}"
     return tpu.write_report(report, args.json, failure)
 
 
