@@ -12,6 +12,9 @@ on one full forward pass of each model (same prompt, same image):
   target_greedy: the target's own greedy caption, which is the text a drafter sees while
              speculative decoding runs (positions up to and including the target's EOS).
 
+Each also reports `target_self_draft_agreement`: the same number for the target's own
+self-speculative draft path (exit layer + imitation network), for comparison.
+
 Both models must share the tokenizer (checked: same pieces) and image preprocessing
 (the draft's pixels are the target's).
 """
@@ -76,6 +79,24 @@ def greedy(model, params, ids: np.ndarray, pixels: np.ndarray, batch: int) -> np
                            for s in range(0, len(ids), batch)])
 
 
+def self_draft_greedy(model, params, ids: np.ndarray, pixels: np.ndarray, batch: int) -> np.ndarray:
+    """Teacher-forced argmax ids of the target's own draft path (layers [0, exit_layer), the
+    imitation network, the shared head), the drafter a separate model competes with: [n, seq]."""
+    exit_layer = model.config.draft.exit_layer
+
+    def draft_argmax(p, i, x):
+        positions = jnp.broadcast_to(jnp.arange(i.shape[1]), i.shape)
+        hidden = model.embed(p, i, model.encode_images(p, x), positions)
+        hidden, _, _ = model.run_layers(p, hidden, positions, 0, exit_layer)
+        hidden, _ = model.imitate(p, hidden, positions)
+        return jnp.argmax(model.logits(p, hidden), axis=-1)
+
+    forward = jax.jit(draft_argmax)
+    return np.concatenate([np.asarray(forward(params, jnp.asarray(ids[s:s + batch]),
+                                              jnp.asarray(pixels[s:s + batch])))
+                           for s in range(0, len(ids), batch)])
+
+
 def target_greedy_examples(model, params, tokenizer, examples: dict[str, np.ndarray], prompt_len: int,
                            batch: int) -> tuple[np.ndarray, np.ndarray]:
     """The target's greedy captions after each prompt: (input_ids [n, SEQ_LEN], mask [n, SEQ_LEN]),
@@ -114,7 +135,9 @@ def agreement(target: str, draft: str, data_dir: str | None = None, split: str =
     mask = examples["loss_mask"] > 0
     t = greedy(target_model, target_ckpt.params, examples["input_ids"], examples["pixels"], batch)
     d = greedy(draft_model, draft_ckpt.params, examples["input_ids"], examples["pixels"], batch)
+    own = self_draft_greedy(target_model, target_ckpt.params, examples["input_ids"], examples["pixels"], batch)
     result["reference"] = {"positions": int(mask.sum()), "agreement": float((t == d)[mask].mean()),
+                           "target_self_draft_agreement": float((t == own)[mask].mean()),
                            "target_acc": float((t == examples["targets"])[mask].mean()),
                            "draft_acc": float((d == examples["targets"])[mask].mean())}
 
@@ -123,7 +146,9 @@ def agreement(target: str, draft: str, data_dir: str | None = None, split: str =
     gen_mask = gen_mask > 0
     t = greedy(target_model, target_ckpt.params, ids, examples["pixels"], batch)
     d = greedy(draft_model, draft_ckpt.params, ids, examples["pixels"], batch)
-    result["target_greedy"] = {"positions": int(gen_mask.sum()), "agreement": float((t == d)[gen_mask].mean())}
+    own = self_draft_greedy(target_model, target_ckpt.params, ids, examples["pixels"], batch)
+    result["target_greedy"] = {"positions": int(gen_mask.sum()), "agreement": float((t == d)[gen_mask].mean()),
+                               "target_self_draft_agreement": float((t == own)[gen_mask].mean())}
     return result
 
 
