@@ -100,7 +100,8 @@ def tiny_source(tmp_path_factory):
     (["--from", "{tmp}", "--layers", "2"], "not a fastvlm-jax checkpoint"),
     (["--from", "{tmp}/src", "--layers", "1"], "--layers 1: a draft model needs at least 2 decoder layers"),
     (["--from", "{tmp}/src", "--layers", "4"], "--layers 4: the source has 4 decoder layers"),
-    (["--from", "{tmp}/src", "--layers", "2", "--out", "{tmp}/src"], "is the source checkpoint"),
+    (["--from", "{tmp}/src", "--layers", "2", "--out", "{tmp}/src"], "is or holds the source checkpoint"),
+    (["--from", "{tmp}/src", "--layers", "2", "--out", "{tmp}", "--overwrite"], "is or holds the source"),
     (["--from", "{tmp}/src", "--layers", "2", "--out", "{tmp}/full"], "exists and is not empty"),
 ])
 def test_bad_input_is_a_one_line_error(tmp_path, tiny_source, capsys, args, message):
@@ -114,7 +115,7 @@ def test_bad_input_is_a_one_line_error(tmp_path, tiny_source, capsys, args, mess
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message.format(tmp=tmp_path) in err
     assert not (tmp_path / "new").exists()
-    assert (tmp_path / "full" / "keep.txt").exists()
+    assert (tmp_path / "full" / "keep.txt").exists() and (tmp_path / "src" / "config.json").exists()
 
 
 def test_shipped_demo_draft_shares_the_demos_tokenizer_and_images():

@@ -116,8 +116,9 @@ def make_draft_model(source: str | os.PathLike, num_layers: int, out: str | os.P
     except (CheckpointError, ValueError) as err:
         raise DraftModelError(f"--from {source}: {' '.join(str(err).split())}") from None
     out = Path(out)
-    if out.resolve() == source.resolve():
-        raise DraftModelError(f"--out {out} is the source checkpoint: pass a new folder")
+    if out.resolve() == source.resolve() or out.resolve() in source.resolve().parents:
+        # --overwrite empties --out first, which would delete the source.
+        raise DraftModelError(f"--out {out} is or holds the source checkpoint: pass a new folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise DraftModelError(f"--out {out} exists and is not empty: pass a new folder, or --overwrite")
     params = truncated_params(ckpt.params, num_layers)
