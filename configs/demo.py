@@ -9,6 +9,17 @@ Four stages, one config each (ARG = "stage[,ROOT]", ROOT default workdirs/demo):
 
 or all four in one process: `python -m train.demo_recipe --root ROOT`.
 
+demo-draft, the demo's separate draft model (its first DRAFT_MODEL_LAYERS = 3 layers,
+fine-tuned with plain cross-entropy on the same captions; same tokenizer and images):
+
+    python -m train.make_draft_model --from ROOT/refine/export --layers 3 --out ROOT/draft_init
+    python -m train.run --config configs/demo.py:draft_model   # -> ROOT/draft_model/export
+
+or after the demo's four stages in one process: `python -m train.demo_recipe --root ROOT
+--draft-model`; `python -m fastvlm_jax.demo --package-draft ROOT/draft_model/export` ships it.
+3 layers: a drafted token then costs 3 of the demo's 16 layers (plus the shared-size head),
+as the demo's own draft path does (2 layers + a one-layer imitation network).
+
 Sizes: the 64x64 scenes are resized to 96x96 and cut into 16x16 patches, a 6x6 grid
 aligned with the scenes' 3x3 cells (2x2 patches per cell), so every image token belongs
 to exactly one cell: 36 image tokens from a 4-layer ViT of width 192. Coarser grids
@@ -41,6 +52,8 @@ from train.config import (CheckpointConfig, DataConfig, LossConfig, OptimConfig,
 DEFAULT_ROOT = "workdirs/demo"
 DEEP_LAYERS = 16
 DEEPEN_STEPS = 600
+DRAFT_MODEL_LAYERS = 3  # demo-draft: the demo's first 3 layers (see draft_model below)
+DRAFT_MODEL_STEPS = 300
 
 
 def demo_model() -> VLMConfig:
@@ -59,9 +72,12 @@ def get_config(arg: str = "base") -> TrainConfig:
     stage, _, root = arg.partition(",")
     root = root or DEFAULT_ROOT
     previous = {"deepen": "base", "imitation": "deepen", "refine": "imitation"}.get(stage)
+    init_from = f"{root}/{previous}/export" if previous else None
+    if stage == "draft_model":
+        init_from = f"{root}/draft_init"  # written by train.make_draft_model (see the docstring)
     common = dict(
         workdir=f"{root}/{stage}",
-        init_from=f"{root}/{previous}/export" if previous else None,
+        init_from=init_from,
         model=demo_model() if stage == "base" else None,
         # 20000 training scenes; the base stage sees 2.4 epochs.
         # One answer style for the question: the long multi-sentence description
@@ -100,4 +116,15 @@ def get_config(arg: str = "base") -> TrainConfig:
             loss=LossConfig(cos=1.0, kd=1.0, ce=0.1, temperature=1.0, refine_disagreement_weight=4.0),
             refine_max_new_tokens=64,
             **common)
-    raise ValueError(f"unknown demo stage {stage!r}: use base, deepen, imitation or refine")
+    if stage == "draft_model":
+        # demo-draft, a separate draft model for the demo: plain cross-entropy on the demo's
+        # own data, starting from its truncated copy. The vision tower stays frozen (the
+        # truncation keeps the demo's, already trained on these images), so the step only
+        # backpropagates through the 3 decoder layers and the projector.
+        return TrainConfig(
+            stage="base", batch_size=32, steps=DRAFT_MODEL_STEPS,
+            trainable=("projector/.*", "language_model/.*"),
+            optim=OptimConfig(learning_rate=1e-3, warmup_steps=20, end_lr_factor=0.05,
+                              weight_decay=0.01, grad_clip_norm=1.0),
+            **common)
+    raise ValueError(f"unknown demo stage {stage!r}: use base, deepen, imitation, refine or draft_model")

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                      allow_abbrev=False)
     parser.add_argument("--ckpt", required=True, metavar="CKPT_DIR|demo",
                         help="checkpoint directory (python -m fastvlm_jax.convert / train.run), "
-                             "or `demo` for the built-in demo model")
+                             "or `demo` for the built-in demo model (`demo-draft`: its 3-layer draft model)")
     parser.add_argument("--images", required=True, nargs="+", metavar="PATH",
                         help="image files, folders, globs, list files or tfds:NAME[:SPLIT]")
     parser.add_argument("--out", required=True, metavar="OUT.jsonl", help="JSONL output (resumed if present)")
@@ -239,16 +239,17 @@ def _tree_options(args: argparse.Namespace):
 
 
 def resolve_checkpoint(ckpt: str) -> str:
-    """`demo` -> the demo checkpoint's folder; a path is checked to be a checkpoint folder."""
+    """`demo` / `demo-draft` -> the shipped demo / its draft model's folder; a path is checked
+    to be a checkpoint folder."""
     from fastvlm_jax.checkpoint import CheckpointError, load_config
 
-    if ckpt == "demo":
-        from fastvlm_jax.demo import DemoMissingError, demo_checkpoint
+    if ckpt in ("demo", "demo-draft"):
+        from fastvlm_jax.demo import DemoMissingError, demo_checkpoint, demo_draft_checkpoint
 
         try:
-            return os.fspath(demo_checkpoint())
+            return os.fspath(demo_checkpoint() if ckpt == "demo" else demo_draft_checkpoint())
         except DemoMissingError as e:
-            raise UsageError(f"--ckpt demo: {e}") from None
+            raise UsageError(f"--ckpt {ckpt}: {e}") from None
     from fastvlm_jax.paths import is_url
 
     if is_url(ckpt):  # a bucket: only config.json can be checked cheaply
