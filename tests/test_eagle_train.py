@@ -37,6 +37,16 @@ VOCAB = 64
 # ---------------------------------------------------------------------------------------
 
 
+# Jitted: op-by-op dispatch of the whole head and LM head is slower than compiling.
+_eagle_losses = jax.jit(eagle_lib.eagle_losses, static_argnums=(0, 2))
+
+
+@pytest.fixture(scope="module")
+def params():
+    """Random params of the tiny model with a head (the same tree for every image_pool)."""
+    return jax.jit(_model(1).init)(jax.random.key(1))
+
+
 def _model(pool: int = 1) -> VLM:
     config = tiny_model()
     config = config.replace(text=dataclasses.replace(config.text, vocab_size=VOCAB), image_token_id=IMAGE_ID)
@@ -72,15 +82,14 @@ def test_pool1_inputs_are_the_plain_shift():
     np.testing.assert_array_equal(inputs.weights[:, -1], 0.0)
 
 
-def test_pool1_loss_equals_the_head_on_the_shifted_sequence():
+def test_pool1_loss_equals_the_head_on_the_shifted_sequence(params):
     """The stage's loss against an independent reference: the head run directly on
     (f[:, :-1], e[:, 1:]) and scored on f[:, 1:] and the teacher's logits[:, 1:]."""
     model = _model(1)
-    params = model.init(jax.random.key(1))
     ids, targets, loss_mask, f, e, _ = _arrays()
     full_logits = model.logits(params, f)
     loss_cfg = LossConfig(eagle_ce_weight=1.0, eagle_feature_weight=0.5, temperature=2.0)
-    total, metrics = eagle_lib.eagle_losses(model, params, loss_cfg, e, f, full_logits, ids, targets, loss_mask)
+    total, metrics = _eagle_losses(model, params, loss_cfg, e, f, full_logits, ids, targets, loss_mask)
 
     positions = jnp.broadcast_to(jnp.arange(11), (2, 11))
     pred, _ = model.eagle_draft(params, f[:, :-1], e[:, 1:], positions)
@@ -117,15 +126,14 @@ def test_pooled_inputs_compress_the_image_and_keep_the_caption():
     np.testing.assert_array_equal(prune.embeds[:, 2], e[:, 4])
 
 
-def test_pooled_loss_masks_unused_slots_and_differs_from_pool1():
+def test_pooled_loss_masks_unused_slots_and_differs_from_pool1(params):
     """The head over the padded compact sequence (key_mask) gives the loss of the head
     over the used slots alone; and the compressed loss is not the pool-1 loss."""
     ids, targets, loss_mask, f, e, _ = _arrays()
     model = _model(2)
-    params = model.init(jax.random.key(1))
     full_logits = model.logits(params, f)
     loss_cfg = LossConfig()
-    total, metrics = eagle_lib.eagle_losses(model, params, loss_cfg, e, f, full_logits, ids, targets, loss_mask)
+    total, metrics = _eagle_losses(model, params, loss_cfg, e, f, full_logits, ids, targets, loss_mask)
 
     inputs = eagle_lib.head_inputs(f, e, ids, loss_mask, IMAGE_ID, 2, "pool")
     used = 10  # both rows: 12 positions - 2 merged away
@@ -138,7 +146,7 @@ def test_pooled_loss_masks_unused_slots_and_differs_from_pool1():
     np.testing.assert_allclose(metrics["eagle_ce"], ce, rtol=1e-5)
 
     pool1 = _model(1)
-    total1, _ = eagle_lib.eagle_losses(pool1, params, loss_cfg, e, f, full_logits, ids, targets, loss_mask)
+    total1, _ = _eagle_losses(pool1, params, loss_cfg, e, f, full_logits, ids, targets, loss_mask)
     assert np.isfinite(float(total)) and abs(float(total) - float(total1)) > 1e-4
 
 
@@ -185,13 +193,21 @@ def _flat(params):
     return {param_lib.path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
-def test_eagle_stage_trains_the_head_and_leaves_the_vlm_bit_identical(base, tmp_path):
-    result = train(_eagle(base, steps=20, **{"checkpoint.export": True}), tmp_path / "eagle", progress=False)
+@pytest.fixture(scope="module")
+def trained(base, tmp_path_factory):
+    """A 20-step eagle run with its export: (workdir, config, result)."""
+    workdir = tmp_path_factory.mktemp("eagle_run") / "eagle"
+    cfg = _eagle(base, steps=20, **{"checkpoint.export": True})
+    return workdir, cfg, train(cfg, workdir, progress=False)
+
+
+def test_eagle_stage_trains_the_head_and_leaves_the_vlm_bit_identical(base, trained, tmp_path):
+    workdir, _, result = trained
     assert result.status == "done" and result.step == 20
-    curve = th.losses(tmp_path / "eagle")
+    curve = th.losses(workdir)
     assert sorted(curve) == list(range(1, 21))
     assert np.mean([curve[s] for s in range(16, 21)]) < np.mean([curve[s] for s in range(1, 6)])
-    records = {m["step"]: m for m in th.read_metrics(tmp_path / "eagle")}
+    records = {m["step"]: m for m in th.read_metrics(workdir)}
     assert records[20]["eagle_agreement"] > records[1]["eagle_agreement"]
 
     before, after = load_checkpoint(base[1]), load_checkpoint(result.export_dir)
@@ -220,49 +236,52 @@ def _final_state(workdir, step):
     return _flat(ocp.PyTreeCheckpointer().restore(str(workdir / "checkpoints" / str(step) / "state")))
 
 
-def test_eagle_stage_resumes_exactly(base, tmp_path):
-    """Stopped after 3 of 6 steps and resumed: the same params and optimizer state, bit
-    for bit, as without the stop; a resume with other head settings is refused."""
-    cfg = _eagle(base, steps=6, **{"checkpoint.save_every": 3})
-    whole = train(cfg, tmp_path / "whole", progress=False)
-    first = train(cfg, tmp_path / "resumed", progress=False, stop_after=3)
-    assert (whole.status, first.status, first.step) == ("done", "stopped", 3)
+def test_eagle_stage_resumes_exactly(trained, tmp_path):
+    """Stopped after 10 of the 20 steps and resumed: the same params and optimizer state,
+    bit for bit, as the uninterrupted run; a resume with other head settings is refused."""
+    whole, cfg, _ = trained
+    first = train(cfg, tmp_path / "resumed", progress=False, stop_after=10)
+    assert (first.status, first.step) == ("stopped", 10)
     with pytest.raises(config_lib.ConfigError, match="eagle="):
         train(cfg.replace(eagle_image_pool=2), tmp_path / "resumed", progress=False)
     second = train(cfg, tmp_path / "resumed", progress=False)
-    assert (second.status, second.step) == ("done", 6)
-    a, b = _final_state(tmp_path / "whole", 6), _final_state(tmp_path / "resumed", 6)
+    assert (second.status, second.step) == ("done", 20)
+    a, b = _final_state(whole, 20), _final_state(tmp_path / "resumed", 20)
     assert a.keys() == b.keys() and any(k.startswith("opt_state") for k in a)
     assert any(k.startswith("params/eagle/") for k in a)
     for key in a:
         assert np.array_equal(a[key], b[key]), key
-    assert th.losses(tmp_path / "whole") == th.losses(tmp_path / "resumed")
+    assert th.losses(whole) == th.losses(tmp_path / "resumed")
 
 
-def test_eagle_stage_on_a_mesh_matches_one_device(base, tmp_path):
+@pytest.fixture(scope="module")
+def short_pool1(base, tmp_path_factory):
+    """The loss curve of a 3-step pool-1 run on one device."""
+    workdir = tmp_path_factory.mktemp("eagle_short") / "pool1"
+    assert train(_eagle(base, steps=3), workdir, progress=False).status == "done"
+    return th.losses(workdir)
+
+
+def test_eagle_stage_on_a_mesh_matches_one_device(base, short_pool1, tmp_path):
     """data 2 x fsdp 2 x tensor 2 over 8 CPU devices, with 2 micro-batches: the
     1-device loss curve (float32, relative 1e-5)."""
-    one = train(_eagle(base, steps=4), tmp_path / "one", progress=False)
-    mesh = _eagle(base, steps=4, num_devices=8, grad_accum=2,
+    mesh = _eagle(base, steps=3, num_devices=8, grad_accum=2,
                   **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
-    eight = train(mesh, tmp_path / "eight", progress=False)
-    assert one.status == eight.status == "done"
-    a, b = th.losses(tmp_path / "one"), th.losses(tmp_path / "eight")
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
-    np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
+    assert train(mesh, tmp_path / "eight", progress=False).status == "done"
+    curve = th.losses(tmp_path / "eight")
+    assert sorted(curve) == sorted(short_pool1) == [1, 2, 3]
+    np.testing.assert_allclose([curve[s] for s in short_pool1], list(short_pool1.values()), rtol=1e-5)
 
 
-def test_pooled_stage_trains_and_differs_from_pool1(base, tmp_path):
+def test_pooled_stage_trains_and_differs_from_pool1(base, short_pool1, tmp_path):
     """The compressed path through the whole stage: same data and head init, another
     first loss (the head's image context is pooled)."""
-    pool1 = train(_eagle(base, steps=2), tmp_path / "pool1", progress=False)
-    pool2 = train(_eagle(base, steps=2, eagle_image_pool=2), tmp_path / "pool2", progress=False)
-    assert pool1.status == pool2.status == "done"
-    a, b = th.losses(tmp_path / "pool1"), th.losses(tmp_path / "pool2")
-    assert np.isfinite(list(b.values())).all()
-    assert abs(a[1] - b[1]) > 1e-6
-    meta = json.loads((tmp_path / "pool2" / "train_config.json").read_text())
-    assert meta["eagle_image_pool"] == 2
+    assert train(_eagle(base, steps=3, eagle_image_pool=2), tmp_path / "pool2", progress=False).status == "done"
+    curve = th.losses(tmp_path / "pool2")
+    assert sorted(curve) == [1, 2, 3] and np.isfinite(list(curve.values())).all()
+    assert abs(curve[1] - short_pool1[1]) > 1e-6
+    saved = json.loads((tmp_path / "pool2" / "train_config.json").read_text())
+    assert saved["eagle_image_pool"] == 2
 
 
 def test_demo_eagle_configs():

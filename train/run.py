@@ -94,6 +94,11 @@ def init_params(model: VLM, seed: int, shardings) -> Any:
         lambda x, sh: jax.make_array_from_callback(x.shape, sh, lambda index: x[index]), host, shardings)
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_eagle_init(config: VLMConfig, dtype) -> Callable:
+    return jax.jit(VLM(config, dtype).init_eagle)
+
+
 def init_eagle(model: VLM, seed: int, params, shardings) -> Any:
     """Fresh EAGLE-head params for a checkpoint without a head, placed with `shardings`.
 
@@ -106,7 +111,7 @@ def init_eagle(model: VLM, seed: int, params, shardings) -> Any:
     dtype = params_dtype(params)
     # A key of its own: the seed also drives the data order.
     key = jax.random.fold_in(jax.random.key(seed), 0xEA61E)
-    host = jax.device_get(jax.jit(model.init_eagle)(key))
+    host = jax.device_get(_jitted_eagle_init(model.config, model.dtype)(key))
     return jax.tree.map(lambda x, sh: jax.make_array_from_callback(
         x.shape, sh, lambda index: x.astype(dtype)[index]), host, shardings)
 
