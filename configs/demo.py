@@ -20,7 +20,8 @@ result's base params are the asset's, bit for bit. The head is always a fresh on
 (eagle_reinit: the shipped asset already holds the head this stage trained): FFN width 512,
 every image token its own head cache slot; eagle_pool4 pools 4 image tokens per slot (36
 image tokens -> 9 slots), the visual compressor comparison. Steps: what fits in about 8
-minutes on the 2-core CPU (STEP_SECONDS below, measured).
+minutes on the 2-core CPU (EAGLE_STEPS below). `python -m train.demo_eagle` runs either
+and records its cost to a JSON (benchmarks/eagle_train/).
 
 Sizes: the 64x64 scenes are resized to 96x96 and cut into 16x16 patches, a 6x6 grid
 aligned with the scenes' 3x3 cells (2x2 patches per cell), so every image token belongs
@@ -55,9 +56,9 @@ from train.config import (CheckpointConfig, DataConfig, LossConfig, OptimConfig,
 DEFAULT_ROOT = "workdirs/demo"
 DEEP_LAYERS = 16
 DEEPEN_STEPS = 600
-# The eagle stage: about 8 minutes of training on the 2-core CPU, at the 2.5-3 s per step
-# (batch 32, bfloat16) measured while other jobs shared it; the run's own timing is in
-# benchmarks/eagle_train/demo_eagle.json.
+# The eagle stage: 7-8 minutes on the 2-core CPU while other jobs shared it (batch 32,
+# bfloat16, 2.4-2.8 s per step; pool 1: 405 s, pool 4: 460 s for 160 steps, compilation
+# and export included: benchmarks/eagle_train/demo_eagle*.json).
 EAGLE_STEPS = 160
 
 
