@@ -296,3 +296,15 @@ def test_demo_eagle_configs():
     assert four.eagle_image_pool == 4
     assert four.replace(eagle_image_pool=1, workdir=one.workdir) == one
     assert one.trainable_patterns == ("eagle/.*",)
+
+
+def test_unrolled_passes_feed_the_previous_slots_prediction():
+    """eagle_unroll_steps > 1: a slot reads the previous slot's prediction only where that
+    slot is the previous position (not across a pooled image run, nor at the start)."""
+    from train.eagle import feed_predictions
+
+    positions = jnp.asarray([[0, 1, 5, 6, 7]])  # slot 2 follows a pooled run (positions 2-4)
+    features = jnp.arange(5.0).reshape(1, 5, 1)
+    predicted = 10.0 + jnp.arange(5.0).reshape(1, 5, 1)
+    fed = feed_predictions(features, predicted, positions)
+    np.testing.assert_array_equal(fed[0, :, 0], [0.0, 10.0, 2.0, 12.0, 13.0])

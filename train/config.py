@@ -126,6 +126,12 @@ class LossConfig:
     # 0.72 at L1 weight 1 and 0.77 at 0.1 (same data order).
     eagle_ce_weight: float = 1.0
     eagle_feature_weight: float = 0.1
+    # Drafting feeds the head its own predicted features: from the second drafted token on,
+    # its input f is a prediction, not the full model's. With eagle_unroll_steps = n the
+    # head is also trained on n - 1 further passes whose input features are its previous
+    # pass's predictions (one position back, gradient stopped), each pass scored like the
+    # first (the idea of EAGLE-3's training-time test, without its special masks).
+    eagle_unroll_steps: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

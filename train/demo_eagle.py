@@ -26,7 +26,8 @@ from train.metrics import read_metrics
 from train.run import train
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "demo.py")
-PARTS = ("loss", "eagle_ce", "eagle_feature_l1", "eagle_agreement", "eagle_acc", "full_acc")
+PARTS = ("loss", "eagle_ce", "eagle_feature_l1", "eagle_agreement", "eagle_acc", "full_acc",
+         "eagle_agreement_unrolled1", "eagle_agreement_unrolled2")
 
 
 def summarize(workdir: Path, tail: int = 3) -> dict:
@@ -38,7 +39,8 @@ def summarize(workdir: Path, tail: int = 3) -> dict:
     return {
         "first": {k: records[0][k] for k in PARTS if k in records[0]} | {"step": records[0]["step"]},
         "last": {k: records[-1][k] for k in PARTS if k in records[-1]} | {"step": records[-1]["step"]},
-        f"mean_last_{len(last)}_logged": {k: sum(m[k] for m in last) / len(last) for k in PARTS},
+        f"mean_last_{len(last)}_logged": {k: sum(m[k] for m in last) / len(last) for k in PARTS
+                                          if all(k in m for m in last)},
         "compile_and_first_step_s": records[0].get("compile_and_first_step_s"),
         "steady_step_time_s": sum(steady) / len(steady) if steady else None,
     }
@@ -70,6 +72,7 @@ def main(argv=None) -> int:
                   "compressor": cfg.eagle_compressor},
         "loss_weights": {"eagle_ce_weight": cfg.loss.eagle_ce_weight,
                          "eagle_feature_weight": cfg.loss.eagle_feature_weight,
+                         "eagle_unroll_steps": cfg.loss.eagle_unroll_steps,
                          "temperature": cfg.loss.temperature},
         "steps": result.step,
         "batch_size": cfg.batch_size,

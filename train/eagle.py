@@ -104,22 +104,40 @@ def eagle_losses(model, params, loss: LossConfig, state0: Array, h_last: Array, 
     teacher_logits = jax.lax.stop_gradient(full_logits)
     inputs = head_inputs(teacher_features, jax.lax.stop_gradient(state0), input_ids, loss_mask,
                          model.config.image_token_id, draft.eagle_image_pool, draft.eagle_compressor)
-    predicted, _ = model.eagle_draft(params, inputs.features, inputs.embeds, inputs.positions,
-                                     key_mask=inputs.key_mask)
-    # The frozen final norm + LM head: gradients flow through them into the head only.
-    logits = model.logits(params, predicted)
     # Full logits at t+1 are the full model's distribution of token t+2, the head's token.
     target_logits = _at(teacher_logits, inputs.target_index)
+    target_features = _at(teacher_features, inputs.target_index)
     w = inputs.weights
-    ce = losses.soft_cross_entropy(logits, target_logits, w, loss.temperature)
-    feature = losses.smooth_l1(predicted, _at(teacher_features, inputs.target_index), w)
-    total = loss.eagle_ce_weight * ce + loss.eagle_feature_weight * feature
-    logits = jax.lax.stop_gradient(logits)
-    metrics = {
-        "eagle_ce": ce,
-        "eagle_feature_l1": feature,
-        # Greedy acceptance proxy: the head's top-1 equals the full model's.
-        "eagle_agreement": losses.top1_agreement(logits, target_logits, w),
-        "eagle_acc": losses.top1_accuracy(logits, _at(targets, inputs.target_index), w),
-    }
+    features, total, metrics = inputs.features, 0.0, {}
+    for step in range(max(loss.eagle_unroll_steps, 1)):
+        predicted, _ = model.eagle_draft(params, features, inputs.embeds, inputs.positions,
+                                         key_mask=inputs.key_mask)
+        # The frozen final norm + LM head: gradients flow through them into the head only.
+        logits = model.logits(params, predicted)
+        ce = losses.soft_cross_entropy(logits, target_logits, w, loss.temperature)
+        feature = losses.smooth_l1(predicted, target_features, w)
+        total = total + loss.eagle_ce_weight * ce + loss.eagle_feature_weight * feature
+        logits = jax.lax.stop_gradient(logits)
+        suffix = "" if step == 0 else f"_unrolled{step}"
+        metrics.update({
+            f"eagle_ce{suffix}": ce,
+            f"eagle_feature_l1{suffix}": feature,
+            # Greedy acceptance proxy: the head's top-1 equals the full model's.
+            f"eagle_agreement{suffix}": losses.top1_agreement(logits, target_logits, w),
+        })
+        if step == 0:
+            metrics["eagle_acc"] = losses.top1_accuracy(logits, _at(targets, inputs.target_index), w)
+        features = feed_predictions(inputs.features, jax.lax.stop_gradient(predicted), inputs.positions)
     return total, metrics
+
+
+def feed_predictions(features: Array, predicted: Array, positions: Array) -> Array:
+    """The next unrolled pass's input features: slot j gets the prediction of slot j - 1
+    where slot j - 1 is the previous position (what drafting feeds the head), else keeps its
+    own real feature (the first slot, and slots after a pooled image run).
+
+    features, predicted: [batch, seq, embed]; positions: [batch, seq] of the slots."""
+    follows = jnp.concatenate([jnp.zeros_like(positions[:, :1], bool), positions[:, 1:] == positions[:, :-1] + 1],
+                              axis=1)
+    fed = jnp.concatenate([features[:, :1], predicted[:, :-1].astype(features.dtype)], axis=1)
+    return jnp.where(follows[..., None], fed, features)
