@@ -149,6 +149,18 @@ def test_bench_compares_the_three_drafters(tmp_path):
     draft_bytes = [r["memory"]["draft_params_bytes"] for r in runs]
     assert len(set(draft_bytes)) == 3, draft_bytes  # three different drafters' own params
 
+    from decode.bench import drafter_cost
+
+    cost = tmp_path / "cost.json"
+    assert drafter_cost.main(["--ckpt", str(ckpt), "--drafter", "eagle", f"model:{draft}", "--iters", "2",
+                              "--repeats", "1", "--max-new-tokens", "8", "--json", str(cost)]) == 0
+    rows = json.loads(cost.read_text())["results"]
+    assert [r["drafter"] for r in rows] == ["eagle", f"model:{draft}"]
+    for row in rows:
+        assert row["draft_step_ms_median"] > 0 and row["round_start_ms_median"] > 0
+    # The draft model keeps a cache of all its layers, the EAGLE head of its one layer.
+    assert rows[1]["draft_cache_bytes"] > rows[0]["draft_cache_bytes"] > 0
+
 
 def test_bench_rejects_an_unknown_drafter(capsys):
     with pytest.raises(SystemExit, match="unknown --drafter"):
