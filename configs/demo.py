@@ -9,6 +9,31 @@ Four stages, one config each (ARG = "stage[,ROOT]", ROOT default workdirs/demo):
 
 or all four in one process: `python -m train.demo_recipe --root ROOT`.
 
+demo-draft, the demo's separate draft model (its first DRAFT_MODEL_LAYERS = 3 layers,
+fine-tuned with plain cross-entropy on the same captions; same tokenizer and images):
+
+    python -m train.make_draft_model --from ROOT/refine/export --layers 3 --out ROOT/draft_init
+    python -m train.run --config configs/demo.py:draft_model   # -> ROOT/draft_model/export
+
+or after the demo's four stages in one process: `python -m train.demo_recipe --root ROOT
+--draft-model`; `python -m fastvlm_jax.demo --package-draft ROOT/draft_model/export` ships it.
+3 layers: a drafted token then costs 3 of the demo's 16 layers (plus the shared-size head),
+as the demo's own draft path does (2 layers + a one-layer imitation network).
+
+A fifth stage gives the shipped demo its EAGLE head (fastvlm_jax.eagle), a second drafter:
+
+    python -m train.run --config configs/demo.py:eagle        # -> ROOT/eagle/export
+    python -m train.run --config configs/demo.py:eagle_pool4  # -> ROOT/eagle_pool4/export
+
+It starts from the shipped demo checkpoint (fastvlm_jax/assets/demo), not ROOT/refine/export,
+so it runs on a fresh clone without the hour-long recipe; the VLM is frozen, so the
+result's base params are the asset's, bit for bit. The head is always a fresh one
+(eagle_reinit: the shipped asset already holds the head this stage trained): FFN width 512,
+every image token its own head cache slot; eagle_pool4 pools 4 image tokens per slot (36
+image tokens -> 9 slots), the visual compressor comparison. Steps: what fits in about 8
+minutes on the 2-core CPU (EAGLE_STEPS below). `python -m train.demo_eagle` runs either
+and records its cost to a JSON (benchmarks/eagle_train/).
+
 Sizes: the 64x64 scenes are resized to 96x96 and cut into 16x16 patches, a 6x6 grid
 aligned with the scenes' 3x3 cells (2x2 patches per cell), so every image token belongs
 to exactly one cell: 36 image tokens from a 4-layer ViT of width 192. Coarser grids
@@ -34,6 +59,7 @@ the same loss curve (measured: 0.95 s vs 2.3 s per step of 32 x 96 tokens).
 """
 
 from fastvlm_jax.config import DraftConfig, TextConfig, VisionConfig, VLMConfig
+from fastvlm_jax.demo import ASSET_DIR
 from fastvlm_jax.sharding import MeshConfig
 from train.config import (CheckpointConfig, DataConfig, LossConfig, OptimConfig, TokenizerConfig,
                           TrainConfig)
@@ -41,6 +67,16 @@ from train.config import (CheckpointConfig, DataConfig, LossConfig, OptimConfig,
 DEFAULT_ROOT = "workdirs/demo"
 DEEP_LAYERS = 16
 DEEPEN_STEPS = 600
+DRAFT_MODEL_LAYERS = 3  # demo-draft: the demo's first 3 layers (see draft_model below)
+DRAFT_MODEL_STEPS = 300
+# The eagle stage: 7-8 minutes on the 2-core CPU while other jobs shared it (batch 32,
+# bfloat16, 2.4-2.8 s per step; pool 1: 405 s, pool 4: 460 s for 160 steps, compilation
+# and export included: benchmarks/eagle_train/demo_eagle*.json).
+EAGLE_STEPS = 240
+# Passes per step on the head's own predictions (LossConfig.eagle_unroll_steps): trained with
+# one pass (160 steps), the demo's head was accepted 0.76 at the first draft position but
+# only 0.40 and 0.19 at the fourth and fifth (6 example images, decode.run --drafter eagle).
+EAGLE_UNROLL_STEPS = 3
 
 
 def demo_model() -> VLMConfig:
@@ -59,9 +95,14 @@ def get_config(arg: str = "base") -> TrainConfig:
     stage, _, root = arg.partition(",")
     root = root or DEFAULT_ROOT
     previous = {"deepen": "base", "imitation": "deepen", "refine": "imitation"}.get(stage)
+    init_from = f"{root}/{previous}/export" if previous else None
+    if stage == "draft_model":
+        init_from = f"{root}/draft_init"  # written by train.make_draft_model (see the docstring)
+    elif stage in ("eagle", "eagle_pool4"):
+        init_from = str(ASSET_DIR)
     common = dict(
         workdir=f"{root}/{stage}",
-        init_from=f"{root}/{previous}/export" if previous else None,
+        init_from=init_from,
         model=demo_model() if stage == "base" else None,
         # 20000 training scenes; the base stage sees 2.4 epochs.
         # One answer style for the question: the long multi-sentence description
@@ -100,4 +141,25 @@ def get_config(arg: str = "base") -> TrainConfig:
             loss=LossConfig(cos=1.0, kd=1.0, ce=0.1, temperature=1.0, refine_disagreement_weight=4.0),
             refine_max_new_tokens=64,
             **common)
-    raise ValueError(f"unknown demo stage {stage!r}: use base, deepen, imitation or refine")
+    if stage == "draft_model":
+        # demo-draft, a separate draft model for the demo: plain cross-entropy on the demo's
+        # own data, starting from its truncated copy. The vision tower stays frozen (the
+        # truncation keeps the demo's, already trained on these images), so the step only
+        # backpropagates through the 3 decoder layers and the projector.
+        return TrainConfig(
+            stage="base", batch_size=32, steps=DRAFT_MODEL_STEPS,
+            trainable=("projector/.*", "language_model/.*"),
+            optim=OptimConfig(learning_rate=1e-3, warmup_steps=20, end_lr_factor=0.05,
+                              weight_decay=0.01, grad_clip_norm=1.0),
+            **common)
+    if stage in ("eagle", "eagle_pool4"):
+        return TrainConfig(
+            stage="eagle", batch_size=32, steps=EAGLE_STEPS,
+            optim=OptimConfig(learning_rate=2e-3, warmup_steps=10, end_lr_factor=0.1),
+            loss=LossConfig(eagle_ce_weight=1.0, eagle_feature_weight=0.1, temperature=1.0,
+                            eagle_unroll_steps=EAGLE_UNROLL_STEPS),
+            eagle_hidden_size=512, eagle_image_pool=4 if stage == "eagle_pool4" else 1,
+            eagle_compressor="pool", eagle_reinit=True,
+            **common)
+    raise ValueError(f"unknown demo stage {stage!r}: use base, deepen, imitation, refine, "
+                     "draft_model, eagle or eagle_pool4")

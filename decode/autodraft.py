@@ -1,44 +1,104 @@
-"""`--draft-len auto`: each batch's draft length, from measured round costs and the
+"""`--draft-len auto`: each batch's draft setting, from measured round costs and the
 acceptance observed so far.
 
-Rows advance in lockstep, so a setting's throughput is (expected tokens per round and row)
-/ (seconds per round of the batch). For a chain of draft length g (0 = plain AR rounds):
+A choice is a chain draft length g (an int; 0 = plain AR rounds) or a draft tree
+(`decode.tree.TreeShape`, written `tree:NODESxWIDTH` on the command line). Rows advance in
+lockstep, so a choice's throughput is (expected tokens per round and row) / (seconds per
+round of the batch), with
 
-    tokens per round = 1 + sum_{j < g} P(accepted >= j + 1)
+    tokens per round = 1 + sum_{j < depth} P(accepted >= j + 1)
 
-with P(accepted >= j + 1) estimated from the running counters (`DecodeOutput.position_accepts`
-over `position_attempts`: for a static chain, the rounds that accepted j + 1 or more drafts
-among those that drafted a (j + 1)-th token), shrunk towards a prior for positions seen rarely.
+(depth: g for a chain, tree.steps for a tree). The probabilities come from running counters
+(`DecodeOutput.position_accepts` / `position_attempts`), kept apart per kind because they
+mean different things:
+- chains share one estimate: for a static chain, accepts[j] / attempts[j] is the share of
+  rounds that accepted j + 1 or more drafts among those that drafted a (j + 1)-th token,
+  whatever the chain's length; it is shrunk towards prior_acceptance ** (j + 1);
+- each tree shape has its own: a tree's attempts[j] counts only the rounds whose (dynamic)
+  tree reached depth j + 1, so P(accepted >= j + 1) = accepts[j] / rounds, with rounds =
+  attempts[0] (every round's tree reaches depth 1). Until observed it is shrunk towards the
+  chains' estimate at the same depths: a tree holds a few alternatives at every level next
+  to (usually) the draft's own chain, so the chain's acceptance is a conservative guess of
+  what the tree accepts.
 Seconds per round are measured once per program shape (batch, prompt bucket, capacity) and
-setting, on the running device, by timing the setting's own compiled generate program on the
+choice, on the running device, by timing the choice's own compiled generate program on the
 first batch of that shape (the prefill alone is timed with a one-token budget and taken off).
-Every setting is one of a few programs compiled once: switching between batches never
+Every choice is one of a few programs compiled once: switching between batches never
 recompiles.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Union
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from decode.tree import TreeShape
+
 DEFAULT_CHOICES = (0, 2, 4, 6)
+Choice = Union[int, "TreeShape"]
+
+
+def is_tree(choice: Choice) -> bool:
+    return not isinstance(choice, int)
+
+
+def choice_depth(choice: Choice) -> int:
+    """The deepest a round of this choice drafts: the chain's length or the tree's steps."""
+    return choice.steps if is_tree(choice) else choice
+
+
+def choice_label(choice: Choice) -> int | str:
+    """How stats name a choice: the draft length of a chain, 'tree:NODESxWIDTH' for a tree."""
+    return f"tree:{choice.nodes}x{choice.width}" if is_tree(choice) else choice
+
+
+def parse_choice(text: str) -> Choice:
+    """One `--auto-choices` entry (argparse type): a draft length 'G' (0 = AR rounds) or a
+    draft tree 'tree:NODESxWIDTH', e.g. tree:16x2."""
+    if not text.startswith("tree:"):
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a draft length or tree:NODESxWIDTH (e.g. tree:16x2), got {text!r}") from None
+    nodes, sep, width = text[len("tree:"):].partition("x")
+    if not (sep and nodes.isdigit() and width.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected tree:NODESxWIDTH (e.g. tree:16x2), got {text!r}")
+    from decode.tree import TreeShape
+
+    try:
+        tree = TreeShape(nodes=int(nodes), width=int(width))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text}: {e}") from None
+    if not tree.enabled:
+        raise argparse.ArgumentTypeError(f"{text}: a tree needs nodes >= 1 (0 is the AR choice)")
+    return tree
 
 
 @dataclasses.dataclass(frozen=True)
 class AutoDraftConfig:
-    """choices: the draft lengths to choose among (0 = plain AR rounds); prior_acceptance /
-    prior_rounds: the prior of P(accepted >= j + 1) = prior_acceptance ** (j + 1), worth
-    prior_rounds observed rounds at each position."""
+    """choices: the settings to choose among: chain draft lengths (0 = plain AR rounds) and
+    draft trees (TreeShape); prior_acceptance / prior_rounds: the chains' prior
+    P(accepted >= j + 1) = prior_acceptance ** (j + 1), worth prior_rounds observed rounds at
+    each position (a tree's prior is the chains' estimate, with the same weight)."""
 
-    choices: tuple[int, ...] = DEFAULT_CHOICES
+    choices: tuple[Choice, ...] = DEFAULT_CHOICES
     prior_acceptance: float = 0.6
     prior_rounds: float = 2.0
 
     def __post_init__(self):
-        if not self.choices or min(self.choices) < 0 or len(set(self.choices)) != len(self.choices):
-            raise ValueError(f"auto draft choices must be distinct lengths >= 0, got {self.choices}")
+        labels = [choice_label(c) for c in self.choices]
+        valid = all(c >= 0 if isinstance(c, int) else getattr(c, "enabled", False) for c in self.choices)
+        if not self.choices or not valid or len(set(labels)) != len(labels):
+            raise ValueError(f"auto draft choices must be distinct draft lengths >= 0 or draft trees, got {labels}")
+
+    @property
+    def trees(self) -> tuple[TreeShape, ...]:
+        return tuple(c for c in self.choices if is_tree(c))
 
 
 class AutoDraft:
@@ -46,69 +106,92 @@ class AutoDraft:
 
     def __init__(self, config: AutoDraftConfig = AutoDraftConfig()):
         self.config = config
-        depth = max(config.choices)
+        # The chains' counters reach the deepest choice: they are the trees' prior too.
+        depth = max(choice_depth(c) for c in config.choices)
         self.attempts = np.zeros(depth, np.float64)
         self.accepts = np.zeros(depth, np.float64)
-        self.round_seconds: dict[tuple, dict[int, float]] = {}
+        # Per tree: rounds drafted, and [tree.steps] rounds that accepted >= j + 1 nodes.
+        self.tree_rounds = {tree: 0.0 for tree in config.trees}
+        self.tree_accepts = {tree: np.zeros(tree.steps, np.float64) for tree in config.trees}
+        self.round_seconds: dict[tuple, dict[Choice, float]] = {}
 
-    def observe(self, position_attempts, position_accepts) -> None:
-        """Adds one SSD batch's per-position counters (any draft length up to the largest choice)."""
-        attempts = np.asarray(position_attempts, np.float64)[: len(self.attempts)]
-        accepts = np.asarray(position_accepts, np.float64)[: len(self.accepts)]
-        self.attempts[: len(attempts)] += attempts
-        self.accepts[: len(accepts)] += accepts
+    def observe(self, choice: Choice, position_attempts, position_accepts) -> None:
+        """Adds the counters of one batch decoded with `choice` (nothing for AR rounds)."""
+        attempts = np.asarray(position_attempts, np.float64)
+        accepts = np.asarray(position_accepts, np.float64)
+        if is_tree(choice):
+            self.tree_rounds[choice] += float(attempts[0]) if len(attempts) else 0.0
+            self.tree_accepts[choice][: len(accepts)] += accepts[: choice.steps]
+        elif choice > 0:
+            self.attempts[: len(attempts)] += attempts[: len(self.attempts)]
+            self.accepts[: len(accepts)] += accepts[: len(self.accepts)]
 
-    def accept_at_least(self) -> np.ndarray:
-        """P(accepted >= j + 1) for j < the largest choice (observed, shrunk to the prior),
-        made non-increasing in j (a round accepting j + 2 drafts accepted j + 1)."""
-        prior = self.config.prior_acceptance ** np.arange(1, len(self.attempts) + 1)
+    def accept_at_least(self, choice: Choice | None = None) -> np.ndarray:
+        """P(accepted >= j + 1), j < the choice's depth (None: the chains' estimate to the
+        deepest choice), observed and shrunk to the prior, made non-increasing in j (a
+        round accepting j + 2 drafts accepted j + 1)."""
         weight = self.config.prior_rounds
-        estimate = (self.accepts + weight * prior) / (self.attempts + weight)
-        return np.minimum.accumulate(estimate)
 
-    def expected_tokens(self, draft_len: int) -> float:
-        """Expected tokens per round and row of a chain of `draft_len` (bonus token included)."""
-        return 1.0 + float(np.sum(self.accept_at_least()[:draft_len]))
+        def shrunk(accepts, rounds, prior):  # the prior alone where nothing weighs (weight 0, unseen)
+            return np.divide(accepts + weight * prior, rounds + weight, out=prior.copy(), where=rounds + weight > 0)
 
-    def calibrate(self, shape: tuple, run: Callable[[int, bool], tuple[float, object]]) -> None:
+        chains_prior = self.config.prior_acceptance ** np.arange(1, len(self.attempts) + 1)
+        chains = np.minimum.accumulate(shrunk(self.accepts, self.attempts, chains_prior))
+        if choice is None or not is_tree(choice):
+            return chains[: choice_depth(choice) if choice is not None else len(chains)]
+        rounds = np.full(choice.steps, self.tree_rounds[choice])
+        return np.minimum.accumulate(shrunk(self.tree_accepts[choice], rounds, chains[: choice.steps]))
+
+    def expected_tokens(self, choice: Choice) -> float:
+        """Expected tokens per round and row of a choice (the bonus token included)."""
+        return 1.0 + float(np.sum(self.accept_at_least(choice)))
+
+    def calibrate(self, shape: tuple, run: Callable[[Choice, bool], tuple[float, object]]) -> None:
         """Measures seconds per round of every choice for one program shape.
 
-        run(draft_len, full): decodes the shape's measuring batch with that choice's
-        compiled program, the whole budget (full) or a one-token budget (the prefill
-        alone), and returns (seconds, DecodeOutput). The loop's rounds are the most any row
-        took (rows advance in lockstep); the best of two full runs is taken. The SSD runs'
-        acceptance counters are observed too."""
+        run(choice, full): decodes the shape's measuring batch with that choice's compiled
+        program, the whole budget (full) or a one-token budget (the prefill alone), and
+        returns (seconds, DecodeOutput). The loop's rounds are the most any row took (rows
+        advance in lockstep); the best of two full runs is taken. The SSD runs' acceptance
+        counters are observed too."""
         costs = {}
-        for draft_len in self.config.choices:
-            run(draft_len, True)  # compiles the program (if new) and warms it
-            prefill_seconds, _ = run(draft_len, False)
-            seconds, out = min(run(draft_len, True), run(draft_len, True), key=lambda t: t[0])
+        for choice in self.config.choices:
+            run(choice, True)  # compiles the program (if new) and warms it
+            prefill_seconds, _ = run(choice, False)
+            seconds, out = min(run(choice, True), run(choice, True), key=lambda t: t[0])
             loop_rounds = max(int(np.max(out.rounds)), 1)
-            costs[draft_len] = max(seconds - prefill_seconds, 1e-9) / loop_rounds
-            if draft_len > 0:
-                self.observe(out.position_attempts, out.position_accepts)
+            costs[choice] = max(seconds - prefill_seconds, 1e-9) / loop_rounds
+            self.observe(choice, out.position_attempts, out.position_accepts)
         self.round_seconds[shape] = costs
 
-    def choose(self, shape: tuple) -> int:
-        """The choice of highest expected tokens per second for a measured shape."""
+    def choose(self, shape: tuple) -> Choice:
+        """The choice of highest expected tokens per second for a measured shape (the first
+        listed on a tie)."""
         costs = self.round_seconds[shape]
-        return max(self.config.choices, key=lambda g: self.expected_tokens(g) / costs[g])
+        return max(self.config.choices, key=lambda c: self.expected_tokens(c) / costs[c])
 
     def report(self) -> dict:
-        """JSON-ready: the estimates and the measured costs (ms per round, by shape)."""
+        """JSON-ready: the estimates, and per shape ('BxPxC') each choice's measured ms per
+        round and expected tokens per second; choices are keyed by str(choice_label)."""
+        def name(choice):
+            return str(choice_label(choice))
+
         return {
-            "choices": list(self.config.choices),
+            "choices": [choice_label(c) for c in self.config.choices],
             "accept_at_least": [float(x) for x in self.accept_at_least()],
-            "expected_tokens_per_round": {str(g): self.expected_tokens(g) for g in self.config.choices},
-            "round_ms": {"x".join(map(str, shape)): {str(g): 1000 * s for g, s in costs.items()}
+            "tree_accept_at_least": {name(t): [float(x) for x in self.accept_at_least(t)]
+                                     for t in self.config.trees},
+            "expected_tokens_per_round": {name(c): self.expected_tokens(c) for c in self.config.choices},
+            "round_ms": {"x".join(map(str, shape)): {name(c): 1000 * s for c, s in costs.items()}
                          for shape, costs in self.round_seconds.items()},
+            "expected_tokens_per_s": {"x".join(map(str, shape)): {name(c): self.expected_tokens(c) / s
+                                                                  for c, s in costs.items()}
+                                      for shape, costs in self.round_seconds.items()},
         }
 
 
 def parse_draft_len(text: str) -> int | str:
     """The value of a `--draft-len` flag: an integer, or 'auto' (argparse type)."""
-    import argparse
-
     if text == "auto":
         return text
     try:

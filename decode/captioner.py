@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decode.autodraft import AutoDraft, AutoDraftConfig
+from decode.autodraft import AutoDraft, AutoDraftConfig, Choice, choice_label, is_tree
 from decode.drafters import EagleDrafter, ImitationDrafter, ModelDrafter
 from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
 from decode.sampling import SamplingConfig
@@ -117,7 +117,8 @@ class BatchStats:
     position_attempts: tuple[int, ...] = ()
     position_accepts: tuple[int, ...] = ()
     verified: int = 0
-    draft_lens: tuple[int, ...] = ()  # with auto draft lengths: each batch's choice
+    # With auto draft lengths: each batch's choice (a chain's length, or 'tree:NODESxWIDTH').
+    draft_lens: tuple[int | str, ...] = ()
 
     def __add__(self, other: "BatchStats") -> "BatchStats":
         def add_lists(a, b):
@@ -207,9 +208,9 @@ class GenerationOptions:
     sampling: temperature 0 (default) is greedy; SSD output then equals AR output exactly.
     policy: SSD draft length and early stopping (ignored in AR mode).
     tree: SSD draft tree (nodes 0, the default, drafts a chain by `policy`).
-    auto_draft: SSD chooses each batch's draft length among auto_draft.choices (0: AR
-      rounds) from measured costs and running acceptance (decode.autodraft); `policy` and
-      `tree` are then not used.
+    auto_draft: SSD chooses each batch's setting among auto_draft.choices (chain lengths,
+      0 for AR rounds, and draft trees) from measured costs and running acceptance
+      (decode.autodraft); `policy` and `tree` are then not used.
     """
 
     mode: str = "ssd"
@@ -385,17 +386,21 @@ class Captioner:
             return jax.tree.map(jnp.asarray, tree)
         return jax.tree.map(lambda x: jax.device_put(x, data_sharding(self.mesh, np.ndim(x))), tree)
 
-    def _spec_with_draft_len(self, options: GenerationOptions, draft_len: int) -> DecodeSpec:
-        """The program of one auto choice: a static chain of draft_len, or AR rounds for 0."""
-        if draft_len == 0:
+    def _spec_with_draft_len(self, options: GenerationOptions, choice: Choice) -> DecodeSpec:
+        """The program of one auto choice: a draft tree (TreeShape), a static chain of that
+        length, or AR rounds for 0."""
+        if is_tree(choice):
+            return self.spec(dataclasses.replace(options, policy=DraftPolicy(), tree=choice, auto_draft=None))
+        if choice == 0:
             return self.spec(dataclasses.replace(options, mode="ar", auto_draft=None))
-        return self.spec(dataclasses.replace(options, policy=DraftPolicy(draft_len=draft_len),
+        return self.spec(dataclasses.replace(options, policy=DraftPolicy(draft_len=choice),
                                              tree=TreeShape(), auto_draft=None))
 
     def _auto_draft_len(self, prompts: Prompts, options: GenerationOptions, budget: np.ndarray,
-                        rng: jax.Array) -> tuple[int, float]:
-        """The draft length for this batch; the first batch of a shape measures every choice
-        on it (compiling each program once). Returns (choice, seconds spent measuring)."""
+                        rng: jax.Array) -> tuple[Choice, float]:
+        """This batch's choice (a draft length or a TreeShape); the first batch of a shape
+        measures every choice on it (compiling each program once). Returns (choice, seconds
+        spent measuring)."""
         if self.auto_draft is None or self.auto_draft.config != options.auto_draft:
             self.auto_draft = AutoDraft(options.auto_draft)
         auto = self.auto_draft
@@ -403,8 +408,8 @@ class Captioner:
         if shape not in auto.round_seconds:
             start = time.perf_counter()
 
-            def run(draft_len, full):
-                spec = self._spec_with_draft_len(options, draft_len)
+            def run(choice, full):
+                spec = self._spec_with_draft_len(options, choice)
                 begin = time.perf_counter()
                 out = jax.device_get(generate(self.model, self.params, prompts, spec,
                                               jnp.asarray(budget if full else np.minimum(budget, 1)), rng,
@@ -474,9 +479,9 @@ class Captioner:
             position_attempts=tuple(int(x) for x in out.position_attempts),
             position_accepts=tuple(int(x) for x in out.position_accepts),
             verified=sum(r.rounds for r in results) * (spec.lookahead if spec.mode == "ssd" else 1),
-            draft_lens=() if chosen is None else (chosen,))
-        if chosen:
-            self.auto_draft.observe(out.position_attempts, out.position_accepts)
+            draft_lens=() if chosen is None else (choice_label(chosen),))
+        if chosen is not None:
+            self.auto_draft.observe(chosen, out.position_attempts, out.position_accepts)
         return BatchResult(results, stats)
 
     def caption_batches(self, images: Sequence[ImageSource], prompt: str | Sequence[str] | None = None,

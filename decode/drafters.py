@@ -4,7 +4,7 @@ The engine (decode/engine.py) owns the round: the while loop, sampling the draft
 verification by the full model, acceptance, the policies and the stats. A drafter owns
 its own state (a cache, pending features) and answers four calls:
 
-    carry = drafter.prefill(ctx, prompts, prefill_states, first_token)
+    carry = drafter.prefill(ctx, prefill_states, first_token, drafter.cache_slots(model, slots))
     logits, verify_state, cache, carry = drafter.start(ctx, cache, carry, last_token, pos)
     logits, verify_state, cache, carry = drafter.step(ctx, cache, carry, token, position)
     verify_state, cache, carry = drafter.finish(ctx, cache, carry, token, position)
@@ -213,7 +213,7 @@ class EagleDrafter:
             raise ValueError("--drafter eagle: this checkpoint has no EAGLE head (draft.eagle_layers=0); "
                              "train one with the 'eagle' stage of train.run")
         batch, prompt_len = states.input_ids.shape
-        size = self.cache_slots(model, slots)
+        size = slots  # already this drafter's cache_slots (the engine sizes every drafter's cache)
         positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
         lengths = states.lengths.astype(jnp.int32)
         # Pair t = (f_t, e_{t+1}) for t < length - 1; the pair at length - 1 needs the first

@@ -77,7 +77,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from decode.autodraft import parse_draft_len
+    from decode.autodraft import parse_choice, parse_draft_len
     from decode.captioner import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
 
     parser = _Parser(prog=PROG, description="Caption images with a fastvlm-jax checkpoint "
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                      allow_abbrev=False)
     parser.add_argument("--ckpt", required=True, metavar="CKPT_DIR|demo",
                         help="checkpoint directory (python -m fastvlm_jax.convert / train.run), "
-                             "or `demo` for the built-in demo model")
+                             "or `demo` for the built-in demo model (`demo-draft`: its 3-layer draft model)")
     parser.add_argument("--images", required=True, nargs="+", metavar="PATH",
                         help="image files, folders, globs, list files or tfds:NAME[:SPLIT]")
     parser.add_argument("--out", required=True, metavar="OUT.jsonl", help="JSONL output (resumed if present)")
@@ -105,11 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="params and compute dtype (default: the checkpoint's own)")
     parser.add_argument("--draft-len", type=parse_draft_len, default=5,
-                        help="SSD: most tokens drafted per round, or 'auto': each batch's length chosen "
+                        help="SSD: most tokens drafted per round, or 'auto': each batch's setting chosen "
                              "among --auto-choices from measured round costs and running acceptance")
-    parser.add_argument("--auto-choices", type=int, nargs="+", default=None,
-                        help="--draft-len auto: the draft lengths to choose among (0 = plain AR rounds; "
-                             "default 0 2 4 6)")
+    parser.add_argument("--auto-choices", type=parse_choice, nargs="+", default=None, metavar="G|tree:NxK",
+                        help="--draft-len auto: the settings to choose among: chain draft lengths (0 = "
+                             "plain AR rounds) and draft trees tree:NODESxWIDTH (default 0 2 4 6)")
     parser.add_argument("--min-confidence", type=float, default=0.0,
                         help="SSD: stop drafting when the draft's top probability is below this")
     parser.add_argument("--draft-schedule", choices=("static", "context"), default="static",
@@ -159,12 +159,17 @@ def _auto_options(args: argparse.Namespace):
             raise UsageError("--auto-choices needs --draft-len auto")
         return None
     if args.tree_nodes or args.min_confidence > 0 or args.draft_schedule != "static":
-        raise UsageError("--draft-len auto chooses static chains: it does not combine with --tree-nodes, "
-                         "--min-confidence or --draft-schedule")
+        raise UsageError("--draft-len auto chooses among static chains and trees: it does not combine with "
+                         "--tree-nodes (name trees in --auto-choices, e.g. tree:16x2), --min-confidence or "
+                         "--draft-schedule")
     try:
-        return AutoDraftConfig(choices=tuple(args.auto_choices)) if args.auto_choices else AutoDraftConfig()
+        config = AutoDraftConfig(choices=tuple(args.auto_choices)) if args.auto_choices else AutoDraftConfig()
     except ValueError as e:
         raise UsageError(f"--auto-choices: {e}") from None
+    if config.trees and args.drafter != "imitation":
+        raise UsageError(f"--auto-choices: draft trees are built by the imitation drafter only, not by "
+                         f"--drafter {args.drafter}")
+    return config
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -239,16 +244,17 @@ def _tree_options(args: argparse.Namespace):
 
 
 def resolve_checkpoint(ckpt: str) -> str:
-    """`demo` -> the demo checkpoint's folder; a path is checked to be a checkpoint folder."""
+    """`demo` / `demo-draft` -> the shipped demo / its draft model's folder; a path is checked
+    to be a checkpoint folder."""
     from fastvlm_jax.checkpoint import CheckpointError, load_config
 
-    if ckpt == "demo":
-        from fastvlm_jax.demo import DemoMissingError, demo_checkpoint
+    if ckpt in ("demo", "demo-draft"):
+        from fastvlm_jax.demo import DemoMissingError, demo_checkpoint, demo_draft_checkpoint
 
         try:
-            return os.fspath(demo_checkpoint())
+            return os.fspath(demo_checkpoint() if ckpt == "demo" else demo_draft_checkpoint())
         except DemoMissingError as e:
-            raise UsageError(f"--ckpt demo: {e}") from None
+            raise UsageError(f"--ckpt {ckpt}: {e}") from None
     from fastvlm_jax.paths import is_url
 
     if is_url(ckpt):  # a bucket: only config.json can be checked cheaply

@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets" / "demo"
+# demo-draft: a separate 3-layer draft model for the demo (same tokenizer and image
+# preprocessing), made by train.make_draft_model and fine-tuned by configs/demo.py:draft_model.
+DRAFT_ASSET_DIR = Path(__file__).resolve().parent / "assets" / "demo-draft"
 
 
 class DemoMissingError(FileNotFoundError):
@@ -38,6 +41,19 @@ def demo_checkpoint(progress: bool = True) -> Path:
         f"the demo model is not bundled with this install ({ASSET_DIR} is missing): build it with "
         f"`python -m train.demo_recipe --root {cache_root()}` (about an hour on 2 CPU cores), or "
         "reinstall fastvlm-jax with its package data")
+
+
+def demo_draft_checkpoint() -> Path:
+    """Path of the demo's draft model: the packaged one, else one built into `cache_root()`."""
+    if (DRAFT_ASSET_DIR / "config.json").is_file():
+        return DRAFT_ASSET_DIR
+    export = cache_root() / "draft_model" / "export"
+    if (export / "config.json").is_file():
+        return export
+    raise DemoMissingError(
+        f"the demo's draft model is not bundled with this install ({DRAFT_ASSET_DIR} is missing): build "
+        f"it with `python -m train.demo_recipe --root {cache_root()} --draft-model` (about 10 minutes on "
+        "2 CPU cores once the demo is built), or reinstall fastvlm-jax with its package data")
 
 
 def package_demo(export_dir: str | os.PathLike, out_dir: str | os.PathLike = ASSET_DIR) -> Path:
@@ -67,13 +83,19 @@ def main(argv=None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m fastvlm_jax.demo",
-                                     description="Print the demo checkpoint path, or package a new one.")
+                                     description="Print the demo checkpoint path, or package a new one (or a new draft model).")
     parser.add_argument("--package", metavar="EXPORT_DIR",
                         help="copy this trained export (train.demo_recipe's ROOT/refine/export) into the "
                              "package assets")
+    parser.add_argument("--package-draft", metavar="EXPORT_DIR",
+                        help="copy this trained draft model (ROOT/draft_model/export) into the package "
+                             "assets as demo-draft")
     args = parser.parse_args(argv)
     try:
-        print(package_demo(args.package) if args.package else demo_checkpoint())
+        if args.package_draft:
+            print(package_demo(args.package_draft, DRAFT_ASSET_DIR))
+        else:
+            print(package_demo(args.package) if args.package else demo_checkpoint())
     except DemoMissingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -128,3 +128,40 @@ def test_prefill_and_rounds_reproduce_generate(mode):
     for field in ("tokens", "num_tokens", "rounds", "drafted", "accepted", "position_attempts",
                   "position_accepts"):
         np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+
+
+def test_bench_compares_the_three_drafters(tmp_path):
+    """decode.bench --drafter imitation eagle model:CKPT: one run per drafter on the same
+    model and prompts, each reproducing AR's tokens, each with its own memory figures."""
+    from tests.run_fixtures import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "main", eagle=True)
+    draft = make_tiny_checkpoint(tmp_path / "draft", num_layers=2, exit_layer=1, seed=1)
+    out = tmp_path / "bench.json"
+    assert cli.main(["--ckpt", str(ckpt), "--drafter", "imitation", "eagle", f"model:{draft}",
+                     "--batch-size", "2", "--draft-len", "3", "--max-new-tokens", "8", "--repeats", "1",
+                     "--no-plots", "--json", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["drafter"] for r in runs] == ["imitation", "eagle", f"model:{draft}"]
+    for run in runs:
+        assert run["identical"] is True, run["drafter"]
+        assert run["ssd"]["tokens_per_s"] > 0 and len(run["acceptance_per_position"]) == 3
+    draft_bytes = [r["memory"]["draft_params_bytes"] for r in runs]
+    assert len(set(draft_bytes)) == 3, draft_bytes  # three different drafters' own params
+
+    from decode.bench import drafter_cost
+
+    cost = tmp_path / "cost.json"
+    assert drafter_cost.main(["--ckpt", str(ckpt), "--drafter", "eagle", f"model:{draft}", "--iters", "2",
+                              "--repeats", "1", "--max-new-tokens", "8", "--json", str(cost)]) == 0
+    rows = json.loads(cost.read_text())["results"]
+    assert [r["drafter"] for r in rows] == ["eagle", f"model:{draft}"]
+    for row in rows:
+        assert row["draft_step_ms_median"] > 0 and row["round_start_ms_median"] > 0
+    # The draft model keeps a cache of all its layers, the EAGLE head of its one layer.
+    assert rows[1]["draft_cache_bytes"] > rows[0]["draft_cache_bytes"] > 0
+
+
+def test_bench_rejects_an_unknown_drafter(capsys):
+    with pytest.raises(SystemExit, match="unknown --drafter"):
+        cli.main(["--ckpt", "random:tiny", "--drafter", "medusa", "--json", "x.json"])

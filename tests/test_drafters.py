@@ -218,3 +218,19 @@ def test_a_wrong_draft_distribution_is_detected(tiny_eagle, monkeypatch):
     pvalue, impossible = _chi_square(np.asarray(out.tokens)[:, :steps], joint)
     assert impossible > 0 or pvalue < 1e-3, f"the broken rule went unnoticed: p = {pvalue:.3g}"
 
+
+
+def test_the_compressor_shrinks_the_eagle_cache_by_the_pooled_image_slots():
+    from decode import engine
+
+    config = _eagle_config(4, num_layers=4, exit_layer=2)  # 4 image tokens -> 1 slot
+    model = VLM(config)
+    params = model.init(jax.random.key(0))
+    n = config.num_image_tokens
+    prompts = _prompts(config, [n + 3, n + 5])
+    spec = DecodeSpec("ssd", capacity=8, policy=DraftPolicy(draft_len=2), drafter=EagleDrafter())
+    state = engine.prefill(model, params, prompts, spec, 8)
+    saved = n - -(-n // 4)
+    assert saved > 0
+    assert state.draft.cache.slots == spec.cache_slots(n + 5) - saved
+    np.testing.assert_array_equal(state.draft.removed, [saved, saved])

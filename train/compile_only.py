@@ -80,6 +80,7 @@ def resolve_model(cfg: TrainConfig) -> ModelSource:
                           "architecture: --compile-only needs the model's shapes (set architecture=NAME)")
     if cfg.deepen_to:
         config = deepen.deepened_config(config, cfg.deepen_to)
+    config = model_setup.with_eagle_head(cfg, config, where)
     if dtypes is None:  # the architecture alone: frozen params in the compute dtype
         abstract = nn.meta.unbox(VLM(config).abstract_params())
         dtypes = {param_lib.path_str(p): compute.name for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]}
@@ -94,8 +95,8 @@ def model_flops(stage: str, config, abstract, batch: int, seq_len: int) -> float
     Forward: every weight a token meets (decoder layers, imitation network, the LM head
     twice: full and draft logits), attention scores and values over the whole sequence,
     the vision side over its patch tokens. Backward: twice the forward of what carries
-    gradients (base: the full model; draft stages: the imitation network and, for its
-    input gradient only, the head).
+    gradients (base: the full model; draft stages: the imitation network, or the EAGLE
+    head in the eagle stage, and, for its input gradient only, the LM head).
     """
     def count(prefix):
         return sum(x.size for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]
@@ -110,6 +111,8 @@ def model_flops(stage: str, config, abstract, batch: int, seq_len: int) -> float
     attention = 4 * tokens * seq_len * text.num_heads * text.resolved_head_dim * text.num_layers
     vision_attention = (4 * batch * vision_tokens**2 * config.vision.hidden_size * config.vision.num_layers)
     full = 2 * tokens * (layers + head) + attention + 2 * batch * vision_tokens * vision + vision_attention
+    if stage == "eagle":  # the EAGLE head is the drafter (and the imitation network idle)
+        imitation = count("eagle/")
     draft = 2 * tokens * (imitation + head)
     if stage == "base":
         return float(3 * full + draft)

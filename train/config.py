@@ -24,8 +24,8 @@ from fastvlm_jax.config import ConfigError as LibraryConfigError
 from fastvlm_jax.config import VLMConfig
 from fastvlm_jax.sharding import MeshConfig
 
-Stage = Literal["base", "imitation", "refine"]
-STAGES: tuple[str, ...] = ("base", "imitation", "refine")
+Stage = Literal["base", "imitation", "refine", "eagle"]
+STAGES: tuple[str, ...] = ("base", "imitation", "refine", "eagle")
 
 # Which parameters each stage trains by default (regexes over '/'-joined param paths).
 # The draft stages leave the VLM frozen, so the full model's outputs never change.
@@ -33,7 +33,11 @@ DEFAULT_TRAINABLE: dict[str, tuple[str, ...]] = {
     "base": ("vision_tower/.*", "projector/.*", "language_model/.*"),
     "imitation": ("imitation/.*",),
     "refine": ("imitation/.*",),
+    "eagle": ("eagle/.*",),
 }
+
+# The parameter subtree each draft stage may train (the rest of the VLM stays frozen).
+DRAFT_STAGE_PARAMS: dict[str, str] = {"imitation": "imitation", "refine": "imitation", "eagle": "eagle"}
 
 
 class ConfigError(LibraryConfigError):
@@ -111,6 +115,23 @@ class LossConfig:
     ce: float = 0.1
     temperature: float = 1.0
     refine_disagreement_weight: float = 4.0
+    # The eagle stage (SpecVLM's online distillation): soft-label CE of the head's logits
+    # against the full model's distribution of the same token (at `temperature`, scaled
+    # by T^2 like kd), plus Smooth L1 (delta 1, mean over features) between the predicted
+    # and the full model's next last-layer feature, at SpecVLM's weights (CE 1, L1 0.1).
+    # The last-layer features are unnormalised (the demo's start at a Smooth L1 of about
+    # 40, all in the linear part), and both consumers of a predicted feature (the final
+    # norm, the head's own input norm) are scale-free, so at weight 1 the L1 term drove
+    # most of the clipped gradient: on the demo, 40 steps reached a top-1 agreement of
+    # 0.72 at L1 weight 1 and 0.77 at 0.1 (same data order).
+    eagle_ce_weight: float = 1.0
+    eagle_feature_weight: float = 0.1
+    # Drafting feeds the head its own predicted features: from the second drafted token on,
+    # its input f is a prediction, not the full model's. With eagle_unroll_steps = n the
+    # head is also trained on n - 1 further passes whose input features are its previous
+    # pass's predictions (one position back, gradient stopped), each pass scored like the
+    # first (the idea of EAGLE-3's training-time test, without its special masks).
+    eagle_unroll_steps: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +164,12 @@ class TrainConfig:
       with new layers that start as the identity (train.deepen), then train (0: off).
     architecture: the named architecture (fastvlm_jax.architectures) that `init_from` holds;
       only `--compile-only` reads it, when the checkpoint is not on this machine.
+    eagle_hidden_size, eagle_image_pool, eagle_compressor: eagle stage: the EAGLE head the
+      stage adds to an `init_from` checkpoint without one (draft.eagle_* of
+      fastvlm_jax.config.DraftConfig: FFN width, 0 -> the decoder's; image tokens per head
+      cache slot; 'pool' or 'prune'). A checkpoint that has a head already must have
+      these settings: its head is trained further, unless eagle_reinit, which replaces
+      it by a fresh head of these settings.
     """
 
     stage: Stage = "base"
@@ -168,6 +195,10 @@ class TrainConfig:
     refine_max_new_tokens: int = 0
     deepen_to: int = 0
     architecture: str = ""
+    eagle_hidden_size: int = 0
+    eagle_image_pool: int = 1
+    eagle_compressor: str = "pool"
+    eagle_reinit: bool = False
     debug_step_delay_s: float = 0.0  # sleep after each step (tests interrupt runs mid-way)
 
     def __post_init__(self):
@@ -184,6 +215,11 @@ class TrainConfig:
             raise ConfigError(f"compute_dtype={self.compute_dtype!r}: use 'float32' or 'bfloat16'")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size={self.batch_size} is not a multiple of grad_accum={self.grad_accum}")
+        if self.eagle_image_pool < 1 or self.eagle_hidden_size < 0:
+            raise ConfigError(f"eagle_image_pool={self.eagle_image_pool} must be >= 1 and "
+                              f"eagle_hidden_size={self.eagle_hidden_size} >= 0")
+        if self.eagle_compressor not in ("pool", "prune"):
+            raise ConfigError(f"eagle_compressor={self.eagle_compressor!r}: use 'pool' or 'prune'")
         if self.image_preset not in ("clip", "siglip"):
             raise ConfigError(f"image_preset={self.image_preset!r}: use 'clip' or 'siglip'")
 

@@ -1,6 +1,10 @@
 """Trains the offline `demo` checkpoint: base -> deepen -> imitation -> refine, in one process.
 
-    python -m train.demo_recipe --root DIR [--data-dir TFDS_DIR] [key=value ...]
+    python -m train.demo_recipe --root DIR [--data-dir TFDS_DIR] [--draft-model] [key=value ...]
+
+--draft-model: then also make demo-draft, the demo's separate draft model: its first
+configs/demo.py:DRAFT_MODEL_LAYERS layers (train.make_draft_model, into DIR/draft_init),
+fine-tuned by the `draft_model` stage (DIR/draft_model/export).
 
 Each stage is `configs/demo.py:STAGE,DIR` (overrides apply to every stage) and resumes
 from its own workdir, so an interrupted recipe picks up where it stopped. The final
@@ -31,10 +35,15 @@ def _first_last(workdir: Path, key: str):
     return (values[0], values[-1]) if values else (None, None)
 
 
-def run_recipe(root: str | Path, overrides: dict[str, str] | None = None, progress: bool = True) -> dict:
+def run_recipe(root: str | Path, overrides: dict[str, str] | None = None, progress: bool = True,
+               draft_model: bool = False) -> dict:
     root = Path(root).absolute()
     summary = {}
-    for stage in STAGES:
+    for stage in STAGES + (("draft_model",) if draft_model else ()):
+        if stage == "draft_model" and not (root / "draft_init" / "config.json").is_file():
+            from train.make_draft_model import make_draft_model
+
+            make_draft_model(root / "refine" / "export", _draft_model_layers(), root / "draft_init")
         cfg = apply_overrides(load_config_file(f"{CONFIG}:{stage},{root}"), dict(overrides or {}))
         start = time.perf_counter()
         result = train(cfg, progress=progress)
@@ -51,9 +60,21 @@ def run_recipe(root: str | Path, overrides: dict[str, str] | None = None, progre
             "step_time_s_last": _first_last(workdir, "step_time_s")[1],
         }
     summary["export"] = summary["refine"]["export"]
+    if draft_model:
+        summary["draft_model_export"] = summary["draft_model"]["export"]
     if jax.process_index() == 0:
         (root / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _draft_model_layers() -> int:
+    """configs/demo.py's DRAFT_MODEL_LAYERS (the config is a file, not a package module)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_demo_config", CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.DRAFT_MODEL_LAYERS
 
 
 def main(argv=None) -> int:
@@ -61,12 +82,14 @@ def main(argv=None) -> int:
     parser.add_argument("--root", default="workdirs/demo", help="folder for the stage workdirs")
     parser.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--draft-model", action="store_true",
+                        help="also make and fine-tune demo-draft, the demo's separate draft model")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every stage")
     args = parser.parse_args(argv)
     overrides = parse_overrides(args.overrides)
     if args.data_dir:
         overrides.setdefault("data.data_dir", args.data_dir)
-    summary = run_recipe(args.root, overrides, progress=not args.no_progress)
+    summary = run_recipe(args.root, overrides, progress=not args.no_progress, draft_model=args.draft_model)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -70,3 +70,29 @@ def disagreement_weights(student_logits: Array, teacher_logits: Array, mask: Arr
     """
     differs = jnp.argmax(student_logits, axis=-1) != jnp.argmax(teacher_logits, axis=-1)
     return jax.lax.stop_gradient(mask * jnp.where(differs, factor, 1.0))
+
+
+def soft_cross_entropy(student_logits: Array, teacher_logits: Array, weights: Array,
+                       temperature: float = 1.0) -> Array:
+    """sum_t w_t * T^2 * -sum_v softmax(teacher_t / T)_v log softmax(student_t / T)_v.
+
+    The EAGLE head's distillation term: cross-entropy against the full model's whole
+    distribution (KL plus the teacher's entropy, which has no gradient).
+    logits: [batch, seq, vocab]; the teacher side should already be stop_gradient-ed.
+    """
+    t = float(temperature)
+    teacher_p = jax.nn.softmax(teacher_logits.astype(jnp.float32) / t, axis=-1)
+    student_logp = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, axis=-1)
+    ce = -jnp.sum(teacher_p * student_logp, axis=-1)
+    return (t * t) * jnp.sum(ce * weights)
+
+
+def smooth_l1(pred: Array, target: Array, weights: Array, delta: float = 1.0) -> Array:
+    """sum_t w_t * mean_d huber_delta(pred_td - target_td); pred/target: [batch, seq, embed].
+
+    Huber with delta 1 is Smooth L1: quadratic below |x| = 1, linear above, so the large
+    outlier features of a decoder's last layer do not dominate the gradient.
+    """
+    diff = jnp.abs(pred.astype(jnp.float32) - target.astype(jnp.float32))
+    per_feature = jnp.where(diff < delta, 0.5 * diff * diff / delta, diff - 0.5 * delta)
+    return jnp.sum(jnp.mean(per_feature, axis=-1) * weights)

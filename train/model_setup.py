@@ -10,7 +10,7 @@ from fastvlm_jax.tokenizer import Tokenizer, check_image_token_id, load_tokenize
 from train import input as input_lib
 from train import params as param_lib
 from train import step as step_lib
-from train.config import ConfigError, TrainConfig
+from train.config import DRAFT_STAGE_PARAMS, ConfigError, TrainConfig
 
 
 def make_tokenizer(cfg: TrainConfig, init_ckpt_tokenizer) -> Tokenizer:
@@ -43,20 +43,39 @@ def resolve_model_config(model: VLMConfig, tokenizer: Tokenizer) -> VLMConfig:
     return model
 
 
+def with_eagle_head(cfg: TrainConfig, model: VLMConfig, where: str) -> VLMConfig:
+    """The eagle stage's model: `model` with the head of cfg's eagle_* settings added when
+    it has none (or cfg.eagle_reinit); one that has a head must already have those
+    settings (ConfigError). Other stages: `model` unchanged."""
+    if cfg.stage != "eagle":
+        return model
+    wanted = dict(eagle_layers=1, eagle_hidden_size=cfg.eagle_hidden_size,
+                  eagle_image_pool=cfg.eagle_image_pool, eagle_compressor=cfg.eagle_compressor)
+    if model.draft.eagle_layers and not cfg.eagle_reinit:
+        have = {k: getattr(model.draft, k) for k in wanted}
+        if have != wanted:
+            raise ConfigError(f"{where} has an EAGLE head with {have}; this run asks for {wanted}: set "
+                              "the eagle_* settings to the checkpoint's to train its head further")
+        return model
+    return model.replace(draft=dataclasses.replace(model.draft, **wanted))
+
+
 def plan_training(cfg: TrainConfig, model, mesh, abstract):
     """What a run trains and how it is laid out, for train.run and its compile-only twin:
     (trainable paths, optimizer, learning-rate schedule, shardings).
 
     abstract: the model's unboxed abstract params. ConfigError for a draft stage that would
-    train more than imitation/*, or a micro-batch the mesh's data shards cannot split.
+    train more than its drafter (imitation/* or eagle/*), or a micro-batch the mesh's data
+    shards cannot split.
     """
     try:
         trainable_paths = param_lib.trainable_paths(abstract, cfg.trainable_patterns)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if cfg.stage != "base" and any(not p.startswith("imitation/") for p in trainable_paths):
-        # The draft stages promise an untouched full model (the head is shared with it).
-        raise ConfigError(f"stage {cfg.stage!r} may only train imitation/* parameters; "
+    drafter = DRAFT_STAGE_PARAMS.get(cfg.stage)
+    if drafter and any(not p.startswith(f"{drafter}/") for p in trainable_paths):
+        # The draft stages promise an untouched full model (the LM head is shared with it).
+        raise ConfigError(f"stage {cfg.stage!r} may only train {drafter}/* parameters; "
                           f"trainable={cfg.trainable_patterns} selects others too")
     tx = step_lib.make_optimizer(cfg.optim, cfg.steps)
     schedule = step_lib.make_schedule(cfg.optim, cfg.steps)

@@ -38,7 +38,7 @@ from train import checkpointing, deepen, input as input_lib, metrics as metrics_
 from train import params as param_lib
 from train import step as step_lib
 from train.config import ConfigError, TrainConfig, apply_overrides, load_config_file, parse_overrides
-from train.model_setup import make_tokenizer, plan_training, resolve_model_config
+from train.model_setup import make_tokenizer, plan_training, resolve_model_config, with_eagle_head
 
 EXPORT_DIR = "export"
 CHECKPOINT_DIR = "checkpoints"
@@ -94,6 +94,28 @@ def init_params(model: VLM, seed: int, shardings) -> Any:
         lambda x, sh: jax.make_array_from_callback(x.shape, sh, lambda index: x[index]), host, shardings)
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_eagle_init(config: VLMConfig, dtype) -> Callable:
+    return jax.jit(VLM(config, dtype).init_eagle)
+
+
+def init_eagle(model: VLM, seed: int, params, shardings) -> Any:
+    """Fresh EAGLE-head params for a checkpoint without a head, placed with `shardings`.
+
+    In the checkpoint's own param dtype (not the compute dtype), so the export keeps one
+    dtype throughout; computed on the host like `init_params`, so every mesh starts from
+    the same values.
+    """
+    from fastvlm_jax.model import params_dtype
+
+    dtype = params_dtype(params)
+    # A key of its own: the seed also drives the data order.
+    key = jax.random.fold_in(jax.random.key(seed), 0xEA61E)
+    host = jax.device_get(_jitted_eagle_init(model.config, model.dtype)(key))
+    return jax.tree.map(lambda x, sh: jax.make_array_from_callback(
+        x.shape, sh, lambda index: x.astype(dtype)[index]), host, shardings)
+
+
 # ---------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------
@@ -123,6 +145,7 @@ def build_model(cfg: TrainConfig, mesh):
             model_config = deepen.deepened_config(model_config, cfg.deepen_to)
         except ValueError as err:
             raise ConfigError(f"{cfg.init_from}: {err}") from None
+    model_config = with_eagle_head(cfg, model_config, cfg.init_from)
     image_config = (init.image_config if init and init.image_config is not None
                     else input_lib.default_image_config(cfg.image_preset, model_config.vision.image_size))
     dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
@@ -164,6 +187,8 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
     elif cfg.deepen_to:
         params = deepen.deepen_params(params, init_params(model, cfg.seed, placement),
                                       model.config.draft.exit_layer)
+    elif "eagle" in abstract and ("eagle" not in params or cfg.eagle_reinit):
+        params = dict(params, eagle=init_eagle(model, cfg.seed, params, placement["eagle"]))
     trainable, frozen = param_lib.split(params, trainable_paths)
     del params
     # float32 master weights for what we train, whatever the checkpoint's dtype; the
@@ -181,6 +206,9 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
     meta = {"stage": cfg.stage, "init_from": cfg.init_from, "seed": cfg.seed,
             "process_count": jax.process_count(), "steps": cfg.steps, "batch_size": cfg.batch_size,
             "grad_accum": cfg.grad_accum, "optim": dataclasses.asdict(cfg.optim)}
+    if cfg.stage == "eagle":  # the head's shape and what its training data looks like
+        meta["eagle"] = {"hidden_size": cfg.eagle_hidden_size, "image_pool": cfg.eagle_image_pool,
+                         "compressor": cfg.eagle_compressor}
     latest = checkpointer.latest_step()
     if latest is not None:
         saved_meta = checkpointer.read_meta(latest)

@@ -18,6 +18,8 @@ Stages (all share one forward: the shallow layers run once and feed both paths):
               w_cos * (1 - cos(IN(h_k), h_L)) + w_kd * T^2 KL(full || draft) + w_ce * CE(draft).
   refine:     the same on sequences the full model generated itself, with the positions
               where the draft's argmax disagreed weighted up.
+  eagle:      the VLM is frozen; its EAGLE head learns from the same pass (train/eagle.py):
+              w_ce * T^2 soft CE(head || full) + w_feat * SmoothL1(predicted f_{t+1}, f_{t+1}).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from fastvlm_jax import sharding
 from fastvlm_jax.model import VLM
+from train import eagle as eagle_lib
 from train import losses
 from train import params as param_lib
 from train.config import LossConfig, OptimConfig
@@ -109,6 +112,15 @@ def forward_losses(model: VLM, spec: StepSpec, trainable: Params, frozen: Params
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
 
     hidden = model.embed(params, ids, model.encode_images(params, batch["pixels"]))
+    if spec.stage == "eagle":
+        # The head reads only the model's first and last states: no exit-layer states.
+        h_last, _, _ = model.run_layers(params, hidden, positions, 0, num_layers)
+        full_logits = model.logits(params, h_last)
+        loss, metrics = eagle_lib.eagle_losses(model, params, spec.loss, hidden, h_last, full_logits,
+                                               ids, targets, mask)
+        metrics["full_acc"] = losses.top1_accuracy(jax.lax.stop_gradient(full_logits), targets, mask)
+        metrics = {k: v / num_text for k, v in metrics.items()}
+        return loss / num_text, metrics
     # One pass over the whole layer stack (which scans the stacked params directly, so
     # the base stage's gradients stay one [num_layers, ...] array per leaf) that also
     # returns the exit-layer states the draft path reads.

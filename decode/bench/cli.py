@@ -31,7 +31,8 @@ from decode.bench.cost import CostModel
 from decode.bench.machine import loadavg, machine_info
 from decode.bench.models import RANDOM_PRESETS, load_bench_model, load_drafter, make_prompts
 from decode.bench.replay import context_acceptance
-from decode.autodraft import DEFAULT_CHOICES, AutoDraft, AutoDraftConfig, parse_draft_len
+from decode.autodraft import (DEFAULT_CHOICES, AutoDraft, AutoDraftConfig, choice_label, is_tree, parse_choice,
+                              parse_draft_len)
 from decode.bench.timing import bench_one, choose_auto_draft
 from decode.captioner import describe_device
 from decode.engine import DraftPolicy
@@ -86,10 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exit-layer", type=int, nargs="+", default=None,
                         help="exit layers to try (default: the checkpoint's)")
     parser.add_argument("--draft-len", type=parse_draft_len, nargs="+", default=[5],
-                        help="draft lengths to sweep; 'auto' chooses one per batch size among "
+                        help="draft lengths to sweep; 'auto' chooses a setting per batch size among "
                         "--auto-choices from measured round costs and acceptance (decode.autodraft)")
-    parser.add_argument("--auto-choices", type=int, nargs="+", default=list(DEFAULT_CHOICES),
-                        help="--draft-len auto: the lengths to choose among (0 = plain AR rounds)")
+    parser.add_argument("--auto-choices", type=parse_choice, nargs="+", default=list(DEFAULT_CHOICES),
+                        metavar="G|tree:NxK",
+                        help="--draft-len auto: the settings to choose among: chain draft lengths (0 = plain "
+                        "AR rounds) and draft trees tree:NODESxWIDTH")
     parser.add_argument("--drafter", nargs="+", default=["imitation"],
                         help="drafters to compare: imitation (the checkpoint's draft path), eagle (its "
                         "EAGLE head), model:CKPT (a small VLM with the same tokenizer, e.g. model:demo-draft); with "
@@ -199,6 +202,8 @@ def main(argv=None) -> int:
     drafters = [load_drafter(bench, name) for name in args.drafter]
     if any(t.enabled for t in trees) and any(d.name != "imitation" for d in drafters):
         parser.error("--tree-nodes: draft trees are built by the imitation drafter only")
+    if "auto" in args.draft_len and auto_config.trees and any(d.name != "imitation" for d in drafters):
+        parser.error("--auto-choices: draft trees are built by the imitation drafter only")
     info = machine_info()
     cost = None
     runs = []
@@ -221,8 +226,11 @@ def main(argv=None) -> int:
                     auto = AutoDraft(auto_config)
                     chosen = choose_auto_draft(bench, prompt_sets[0], exit_layer, auto, args.max_new_tokens,
                                                sampling, drafter)
-                    policy_name, policy = "auto", DraftPolicy(draft_len=chosen) if chosen else None
-                    auto_report = {"chosen": chosen, **auto.report()}
+                    if is_tree(chosen):
+                        policy, tree = DraftPolicy(), chosen
+                    else:
+                        policy = DraftPolicy(draft_len=chosen) if chosen else None
+                    policy_name, auto_report = "auto", {"chosen": choice_label(chosen), **auto.report()}
                 result = bench_one(bench, prompt_sets, exit_layer, policy_name, policy,
                                    args.max_new_tokens, args.repeats, sampling, cost,
                                    replay_rounds=True, bucket=args.context_bucket, tree=tree, drafter=drafter)

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from decode.autodraft import AutoDraft
+from decode.autodraft import AutoDraft, Choice, is_tree
 from decode.bench.cost import CostModel
 from decode.bench.models import BenchDrafter, BenchModel, decode_sets, eos_ids, with_exit_layer
 from decode.bench.replay import replay_report
@@ -107,19 +107,21 @@ def mode_report(out: DecodeOutput, times: list[float], first_call: float, mode: 
 
 
 def choose_auto_draft(bench: BenchModel, prompts: Prompts, exit_layer: int, auto: AutoDraft, max_new: int,
-                      sampling: SamplingConfig, drafter: BenchDrafter = BenchDrafter(ImitationDrafter())) -> int:
+                      sampling: SamplingConfig, drafter: BenchDrafter = BenchDrafter(ImitationDrafter())) -> Choice:
     """--draft-len auto: measures every choice's round cost on `prompts` (as decode.run does
-    on the first batch of a shape; decode.autodraft) and returns the chosen draft length."""
+    on the first batch of a shape; decode.autodraft) and returns the chosen one (a draft
+    length, 0 for AR rounds, or a TreeShape)."""
     config, params, _ = with_exit_layer(bench, exit_layer)
     model, ar_model = VLM(config, bench.dtype), VLM(bench.config, bench.dtype)
     eos = eos_ids(bench)
 
-    def run(draft_len, full):
-        if draft_len == 0:
+    def run(choice, full):
+        if choice == 0:
             use, spec = (ar_model, bench.params), DecodeSpec("ar", capacity=max_new, sampling=sampling, eos_ids=eos)
         else:
+            policy, tree = (DraftPolicy(), choice) if is_tree(choice) else (DraftPolicy(draft_len=choice), TreeShape())
             use, spec = (model, params), DecodeSpec("ssd", capacity=max_new, sampling=sampling, eos_ids=eos,
-                                                    policy=DraftPolicy(draft_len=draft_len), drafter=drafter.drafter)
+                                                    policy=policy, tree=tree, drafter=drafter.drafter)
         start = time.perf_counter()
         out = decode_sets(*use, [prompts], spec, max_new if full else 1, drafter.params)
         return time.perf_counter() - start, out
