@@ -11,7 +11,7 @@ columns those are:
     <!-- numbers: benchmarks/x.json; derived: 32 / 4 -->
 
 A cell number matches when some numeric value in the named JSONs, in one of a few units
-(as is, percent, milli, kilo, mega, giga, MiB, GiB), rounds to it at the cell's precision. A derived
+(as is, percent, milli, kilo, mega, giga, KiB, MiB, GiB), rounds to it at the cell's precision. A derived
 column's numbers must match the ratio of two such values. The first column of a table is
 its row label (configuration in words) and is not checked.
 """
@@ -34,8 +34,8 @@ DOCUMENTS = ("README.md", "BENCHMARKS.md")
 ANNOTATION = re.compile(r"<!--\s*numbers:\s*(.*?)\s*-->", re.S)
 # A number not glued to a word on its left (v5e, b32, run3) and followed by at most an 'x'.
 NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?:e[+-]?\d+)?(?![0-9A-Za-wyz_])")
-# as is, percent, milli, kilo, mega, giga, and binary MiB / GiB
-SCALES = (1.0, 100.0, 1e3, 1e-3, 1e-6, 1e-9, 2.0 ** -20, 2.0 ** -30)
+# as is, percent, milli, kilo, mega, giga, and binary KiB / MiB / GiB
+SCALES = (1.0, 100.0, 1e3, 1e-3, 1e-6, 1e-9, 2.0 ** -10, 2.0 ** -20, 2.0 ** -30)
 
 
 def expand_braces(pattern: str) -> list[str]:
