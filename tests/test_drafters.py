@@ -14,6 +14,7 @@ from decode.drafters import EagleDrafter, ModelDrafter
 from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
 from fastvlm_jax.eagle import compact_slots, compress
 from fastvlm_jax.model import VLM
+from tests.test_blip2 import converted  # noqa: F401 (a pytest fixture: a converted tiny HF BLIP-2)
 from tests.test_decode import _prompts, _tokens
 from tests.test_sampling import PROMPT, ROWS, VOCAB, WARPED, _chi_square, _exact_joint
 from tests.tiny import tiny_config
@@ -234,3 +235,26 @@ def test_the_compressor_shrinks_the_eagle_cache_by_the_pooled_image_slots():
     assert saved > 0
     assert state.draft.cache.slots == spec.cache_slots(n + 5) - saved
     np.testing.assert_array_equal(state.draft.removed, [saved, saved])
+
+
+@pytest.mark.parametrize("drafter", ["eagle", "model"])
+def test_drafters_on_a_converted_hf_blip2_equal_ar_and_hf(converted, drafter):
+    """A converted Hugging Face model of the other family (BLIP-2 / OPT: learned positions,
+    its own layers): an EAGLE head added to it, and a draft model cut from it, both give
+    AR's tokens, which are HF generate's."""
+    from tests.test_blip2 import EOS, MAX_NEW
+
+    checkpoint, prompts, hf_tokens, ar, _ = converted
+    model = VLM(checkpoint.config)
+    spec = DecodeSpec("ssd", capacity=MAX_NEW, eos_ids=(EOS,), policy=DraftPolicy(draft_len=3))
+    if drafter == "eagle":
+        config = checkpoint.config.with_draft(eagle_layers=1)
+        model = VLM(config)
+        params = {**checkpoint.params, "eagle": model.init_eagle(jax.random.key(4))}
+        out = generate(model, params, prompts, dataclasses.replace(spec, drafter=EagleDrafter()), MAX_NEW)
+    else:
+        small, small_params = _truncated(model, checkpoint.params, 2)
+        out = generate(model, checkpoint.params, prompts, dataclasses.replace(spec, drafter=ModelDrafter(small)),
+                       MAX_NEW, draft_params=small_params)
+        assert int(out.accepted.sum()) > 0
+    assert _tokens(out) == _tokens(ar) == hf_tokens
