@@ -97,6 +97,36 @@ def test_acceptance_per_drafter_from_a_bench_json(tmp_path):
     assert parse_acceptances("0.5").for_drafter("eagle").per_round(1) == (1.5, 1.0)
 
 
+def test_tree_acceptance_measured_or_modelled(tmp_path):
+    from decode.bench.compile_only import CompileOnlyError, parse_acceptance, parse_tree_acceptance, parse_trees
+    from decode.tree import TreeShape
+
+    chain = parse_acceptance("0.5")
+    # Modelled: each depth is reached with p = 1 - (1 - 0.5)^2 = 0.75, up to 8 / 2 = 4 deep.
+    modelled = parse_tree_acceptance("0.5", TreeShape(8, 2), chain)
+    assert modelled.tokens_per_round == pytest.approx(1 + 0.75 + 0.75**2 + 0.75**3 + 0.75**4)
+    assert modelled.per_position == 0.5 and "assumption" in modelled.source
+    # Measured: the first run with the same tree (a chain run has tree_nodes 0).
+    bench = tmp_path / "bench.json"
+    runs = [{"tree_nodes": 0, "tree_width": None, "mean_accepted_length": 3.0, "acceptance_rate": 0.4},
+            {"tree_nodes": 8, "tree_width": 2, "mean_accepted_length": 4.25, "acceptance_rate": 0.3},
+            {"tree_nodes": 8, "tree_width": 2, "mean_accepted_length": 1.0, "acceptance_rate": 0.0}]
+    bench.write_text(json.dumps({"mean_accepted_length": 3.0, "acceptance_rate": 0.4, "runs": runs}))
+    measured = parse_tree_acceptance(str(bench), TreeShape(8, 2), parse_acceptance(str(bench)))
+    assert measured.tokens_per_round == 4.25 and measured.per_position is None
+    # A tree the JSON did not run: modelled from its (chain) acceptance rate.
+    other = parse_tree_acceptance(str(bench), TreeShape(16, 4), parse_acceptance(str(bench)))
+    assert other.per_position == 0.4 and other.tokens_per_round == pytest.approx(
+        sum((1 - 0.6**4) ** depth for depth in range(5)))
+    assert parse_trees([0, 8, 16], 2, ["imitation"]) == (TreeShape(8, 2), TreeShape(16, 2))
+    for nodes, width, drafters, message in (([5], 2, ["imitation"], "multiple of the tree width"),
+                                            ([4], 0, ["imitation"], "width >= 1"),
+                                            ([4], 2, ["eagle"], "imitation drafter only")):
+        with pytest.raises(CompileOnlyError, match=message) as err:
+            parse_trees(nodes, width, drafters)
+        assert "\n" not in str(err.value)
+
+
 def test_named_architectures_have_the_released_sizes():
     config = architecture("llava15_7b")
     abstract = nn.meta.unbox(VLM(config).abstract_params())
@@ -313,6 +343,54 @@ def test_decode_compile_only_bad_drafter_is_one_line(capsys):
         assert main([*base, "imitation", drafter]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err, err
+
+
+def test_decode_compile_only_tree_pieces_and_speedup(tmp_path):
+    needs_libtpu()
+    from decode.bench.cli import main
+
+    out = tmp_path / "trees.json"
+    assert main(["--ckpt", "random:tiny", "--compile-only", TOPOLOGY, "--batch-size", "4", "--draft-len", "3",
+                 "--max-new-tokens", "16", "--acceptance", "0.6", "--tree-nodes", "4", "--tree-width", "2",
+                 "--no-generate", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    run = report["runs"][0]
+    tree = run["trees"]["4x2"]
+    assert (tree["steps"], tree["size"]) == (2, 5)
+    # The tree's cache looks 5 slots ahead: 29 + 16 + 5, one head of width 32 per chip, float32.
+    assert tree["cache_slots"] == 50 and tree["kv_cache_bytes_per_device"] == 2 * 4 * 4 * 1 * 50 * 32 * 4
+    pieces = tree["pieces"]
+    assert set(pieces) == {"root", "step", "verify", "move"}
+    for piece in pieces.values():
+        assert piece["bytes_per_device"] > 0 and piece["must_read_bytes_per_device"] > 0
+        assert piece["while_loops"] == 0
+    for role in ("root", "step", "verify"):
+        assert pieces[role]["flops_per_device"] > 0, role
+    ar = run["pieces"]["ar_step"]
+    # A drafting step scores 2 nodes, the root 1, through the same weights; verification
+    # reads layers [1, 4) only; the move touches the path's 3 slots of 50 (read and write).
+    assert pieces["step"]["flops_per_device"] > pieces["root"]["flops_per_device"]
+    assert pieces["step"]["must_read_bytes_per_device"] == pieces["root"]["must_read_bytes_per_device"]
+    assert pieces["verify"]["must_read_bytes_per_device"] < ar["must_read_bytes_per_device"]
+    assert pieces["move"]["must_read_bytes_per_device"] == pytest.approx(
+        2 * 3 / 50 * tree["kv_cache_bytes_per_device"])
+    # Modelled acceptance: each depth reached with 1 - 0.4^2 = 0.84, 2 deep.
+    tokens = 1 + 0.84 + 0.84**2
+    assert tree["tokens_per_round"] == pytest.approx(tokens)
+    t = {role: p["time_lower_bound_s"] for role, p in pieces.items()}
+    assert tree["predicted_speedup"] == pytest.approx(
+        tokens * ar["time_lower_bound_s"] / (t["root"] + 2 * t["step"] + t["verify"] + t["move"]))
+    assert report["tree_acceptance"]["4x2"]["per_position"] == 0.6
+
+
+def test_decode_compile_only_bad_tree_is_one_line(capsys):
+    needs_libtpu()
+    from decode.bench.cli import main
+
+    assert main(["--ckpt", "random:tiny", "--compile-only", TOPOLOGY, "--json", "/dev/null",
+                 "--tree-nodes", "5", "--tree-width", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --tree-nodes") and "multiple of the tree width" in err and "\n" not in err, err
 
 
 def test_decode_compile_only_too_big_exits_1_with_the_reason(tmp_path, capsys):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compile-only runs for LLaVA-1.5-7B on named TPU topologies (nothing runs on a TPU; libtpu's
-# compiler on this CPU host). Usage: benchmarks/tpu_compile/run.sh CHAIN, CHAIN in {train, decode, drafters}.
+# compiler on this CPU host). Usage: benchmarks/tpu_compile/run.sh CHAIN, CHAIN in {train, decode, drafters, trees}.
 # Each command's console output goes to benchmarks/tpu_compile/NAME.log, its report to NAME.json.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -46,5 +46,14 @@ case "${1:-}" in
         --acceptance 0.6 --drafter imitation eagle eagle:pool=4 model:shapes:llava_draft_160m --no-generate \
         --json $OUT/decode_drafters_llava15_7b_v5p_2x2x1.json
     ;;
-  *) echo "usage: $0 train|decode|drafters" >&2; exit 2 ;;
+  trees)
+    # The imitation drafter's chain (draft_len 5) and draft trees 8x2 and 16x2: each tree's
+    # root pass, drafting step, verification and path move; tokens per round measured on
+    # the demo (its batch-1 chain and tree runs). Pieces only (--no-generate).
+    run decode_trees_llava15_7b_v5e_2x2 $PY -m decode.bench --ckpt shapes:llava15_7b --compile-only v5e:2x2 \
+        --mesh data=1,tensor=4 --batch-size 1 8 --draft-len 5 --tree-nodes 8 16 --tree-width 2 \
+        --max-new-tokens 64 --acceptance benchmarks/trees/demo_batch1_8_32_chain5_tree8x2_16x2_quiet.json \
+        --no-generate --json $OUT/decode_trees_llava15_7b_v5e_2x2.json
+    ;;
+  *) echo "usage: $0 train|decode|drafters|trees" >&2; exit 2 ;;
 esac

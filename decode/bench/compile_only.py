@@ -37,6 +37,25 @@ Must-read bytes: the head's (the draft model's) weights, its own cache, the LM h
 
     eagle: speedup = tokens * t_AR / (t_catchup + (drafted - 1) * t_step + t_verify_tokens)
     model: speedup = tokens * t_AR / (t_start + (drafted - 1) * t_step + t_verify_tokens)
+
+`--tree-nodes N [N ...] --tree-width K` adds the imitation drafter's draft trees
+(decode/tree.py TreeShape: steps = N / K drafting steps, N + 1 nodes verified), compiled
+as decode/engine.py `_draft_tree` and `_tree_round` run them, with the tree attention
+mask: the root pass (one node through [0, k) + imitation network + head), one drafting
+step (K nodes, the same), the verification (N + 1 nodes through [k, L) + head) and the
+move of the accepted path's K/V entries to contiguous slots (every layer, and the
+imitation network's cache when it has one). Per tree:
+
+    speedup = tokens_per_round * t_AR / (t_root + steps * t_step + t_tree_verify + t_move)
+
+(the engine's last drafting step skips the head: `steps * t_step` counts one head read
+too many, a slight overestimate of the round). Tokens per round: the mean_accepted_length
+of a decode.bench JSON run with the same tree (its runs carry tree_nodes and tree_width),
+else a model from a per-position acceptance a (the number, or the JSON's chain rate),
+which is an assumption, not a measurement: every depth offers `width` independent tries
+of probability a, so the path goes one deeper with p = 1 - (1 - a)^width, up to `steps`:
+tokens = 1 + p + ... + p^steps. (A best-first tree is narrower than `width` at some
+depths and its siblings are not independent; the demo's measured trees beat this model.)
 """
 
 from __future__ import annotations
@@ -55,6 +74,7 @@ import jax.numpy as jnp
 from decode import engine
 from decode.drafters import EagleCarry, EagleDrafter, ImitationDrafter, ModelCarry, ModelDrafter, RoundContext
 from decode.engine import DecodeSpec, DraftPolicy, Prompts
+from decode.tree import TreeShape, tree_slots
 from fastvlm_jax import sharding, tpu
 from fastvlm_jax.architectures import architecture
 from fastvlm_jax.config import ConfigError
@@ -207,6 +227,56 @@ def parse_acceptances(text: str) -> Acceptances:
     return Acceptances(parse_acceptance(text), {})
 
 
+@dataclasses.dataclass(frozen=True)
+class TreeAcceptance:
+    """A draft tree's tokens per round (full-model calls: one per round), where they came
+    from, and the per-position acceptance they were modelled from (None: measured)."""
+
+    tokens_per_round: float
+    source: str
+    per_position: float | None = None
+
+
+def tree_label(shape: TreeShape) -> str:
+    return f"{shape.nodes}x{shape.width}"
+
+
+def parse_tree_acceptance(text: str, shape: TreeShape, chain: Acceptance) -> TreeAcceptance:
+    """The measured tokens per round of the first run with this tree in the decode.bench
+    JSON `text`, else the module docstring's model from the chain acceptance `chain.rate`
+    (the number given, or the JSON's rate)."""
+    label = tree_label(shape)
+    path = Path(text)
+    if path.suffix == ".json" and path.is_file():
+        for run in json.loads(path.read_text()).get("runs", []):
+            if (run.get("tree_nodes"), run.get("tree_width")) == (shape.nodes, shape.width) \
+                    and "mean_accepted_length" in run:
+                return TreeAcceptance(float(run["mean_accepted_length"]),
+                                      f"{path} (measured tree {label}, batch {run.get('batch_size')})")
+    a = chain.rate
+    deeper = 1.0 - (1.0 - a) ** shape.width
+    tokens = sum(deeper**depth for depth in range(shape.steps + 1))
+    return TreeAcceptance(tokens, f"modelled: per-position acceptance {a:.3f} from {chain.source}, "
+                          f"each depth {shape.width} independent tries (an assumption)", a)
+
+
+def parse_trees(nodes: list[int], width: int, drafters: list[str]) -> tuple[TreeShape, ...]:
+    """The draft trees of --tree-nodes (0: none) and --tree-width; CompileOnlyError (one line)
+    for a bad shape or without the imitation drafter, the only one that builds trees."""
+    trees = []
+    for n in nodes:
+        if n == 0:
+            continue
+        try:
+            trees.append(TreeShape(nodes=n, width=width))
+        except ValueError as err:
+            raise CompileOnlyError(f"--tree-nodes / --tree-width: {err}") from None
+    if trees and "imitation" not in drafters:
+        raise CompileOnlyError("--tree-nodes: draft trees are built by the imitation drafter only "
+                               "(add imitation to --drafter)")
+    return tuple(trees)
+
+
 # ---------------------------------------------------------------------------------------
 # Drafters
 # ---------------------------------------------------------------------------------------
@@ -311,6 +381,53 @@ def piece_functions(model: VLM, draft_len: int) -> dict[str, Any]:
 
     return {"ar_step": (ar_step, (1,)), "draft_step": (draft_step, (1, 2)),
             "shallow_step": (shallow_step, (1,)), "verify": (verify, (1,))}
+
+
+def tree_functions(model: VLM, shape: TreeShape) -> dict[str, Any]:
+    """A draft tree's round pieces, as decode/engine.py `_draft_tree` and `_tree_round` run
+    them: {name: (fn, donated arg indices)}. size = shape.size; n: the nodes of one pass.
+
+    step(params, cache, draft_cache, tokens, ids, depths [batch, n] int32, ancestors
+      [batch, n, size] bool) -> (cache, draft_cache, children [batch, n, width]): the nodes
+      (n = 1: the root, n = width: a drafting step) through layers [0, exit) and the
+      imitation network with the tree mask, then the head and each node's `width`
+      best children (the greedy proposal; the table bookkeeping of decode.tree's
+      propose_children / grow, on [batch, size * width] arrays, is left out).
+    verify(params, cache, states [batch, size, embed], depths [batch, size], ancestors
+      [batch, size, size]) -> (cache, argmax [batch, size]): layers [exit, L) + head.
+    move(cache, draft_cache, path [batch, steps + 1]) -> (cache, draft_cache): the accepted
+      path's entries (slots pos + node) to slots pos + depth, every layer.
+    """
+    cfg = model.config
+    exit_layer, num_layers = cfg.draft.exit_layer, cfg.text.num_layers
+
+    def step(params, cache, draft_cache, tokens, ids, depths, ancestors):
+        pos = cache.pos
+        positions = pos[:, None] + depths
+        layout = tree_slots(pos, ids, ancestors, cache.slots)
+        hidden = model.embed(params, tokens, None, positions)
+        hidden, cache, _ = model.run_layers(params, hidden, positions, 0, exit_layer, cache, tree=layout)
+        drafted, draft_cache = model.imitate(params, hidden, positions, draft_cache, tree=layout)
+        logprobs = jax.nn.log_softmax(model.logits(params, drafted).astype(jnp.float32), axis=-1)
+        return cache, draft_cache, jax.lax.top_k(logprobs, shape.width)[1]
+
+    def verify(params, cache, states, depths, ancestors):
+        pos = cache.pos
+        ids = jnp.broadcast_to(jnp.arange(shape.size, dtype=jnp.int32), depths.shape)
+        layout = tree_slots(pos, ids, ancestors, cache.slots)
+        hidden, cache, _ = model.run_layers(params, states, pos[:, None] + depths, exit_layer, num_layers, cache,
+                                            tree=layout)
+        return cache, _argmax(model.logits(params, hidden))
+
+    def move(cache, draft_cache, path):
+        pos = cache.pos[:, None]
+        sources, targets = pos + path, pos + jnp.arange(shape.steps + 1)[None]
+        cache = cache.move_slots(sources, targets)
+        if draft_cache is not None:
+            draft_cache = draft_cache.move_slots(sources, targets)
+        return cache, draft_cache
+
+    return {"step": (step, (1, 2)), "verify": (verify, (1,)), "move": (move, (0, 1))}
 
 
 def verify_tokens_function(model: VLM, draft_len: int):
@@ -446,8 +563,11 @@ def _must_read_entry(report: tpu.CompileReport, must_read: float, topology: tpu.
 def compile_point(shapes: ModelShapes, topology: tpu.Topology, mesh, batch: int, draft_len: int,
                   max_new: int, acceptance: Acceptance | Acceptances,
                   drafters: tuple[DrafterShapes, ...] = (DrafterShapes("imitation", "imitation"),),
-                  generate: bool = True) -> dict[str, Any]:
+                  generate: bool = True, trees: dict[TreeShape, TreeAcceptance] | None = None) -> dict[str, Any]:
     """Every program of one (batch, draft_len) point, and the speedup they predict per drafter.
+
+    `trees` (shape -> its tokens per round): the imitation drafter's draft trees, each
+    under `trees["NxK"]` with its pieces and predicted speedup (see tree_functions).
 
     `pieces` holds the AR programs and the imitation drafter's (under their names of
     before drafters); `drafters` holds, per drafter, its own pieces (the imitation's
@@ -568,6 +688,45 @@ def compile_point(shapes: ModelShapes, topology: tpu.Topology, mesh, batch: int,
         if generate:
             roles[d.name]["generate_ssd"] = f"{d.name}/generate_ssd"
 
+    tree_roles: dict[str, dict[str, str]] = {}  # "NxK" -> {role: program name}
+    tree_extra: dict[str, dict[str, Any]] = {}
+    for shape in trees or {}:
+        label = tree_label(shape)
+        tree_spec = DecodeSpec(mode="ssd", capacity=max_new, eos_ids=(), tree=shape)
+        # A tree round looks further ahead than a chain (size slots): its own cache size.
+        tree_cache_slots = tree_spec.cache_slots(prompt_len)
+        t_cache = abstract_cache(num_layers, batch, tree_cache_slots, config, shapes.dtype, mesh)
+        t_draft = (abstract_cache(1, batch, tree_cache_slots, config, shapes.dtype, mesh)
+                   if config.draft.kind == "layer" else None)
+        t_reads = read_bytes(params, config, t_cache, t_draft)
+        t_draft_bytes = 0 if t_draft is None else 2 * tpu.shard_bytes(t_draft.keys.shape, t_draft.keys.dtype,
+                                                                      t_draft.keys.sharding)
+        tfns = tree_functions(piece_model, shape)
+
+        def nodes(n):  # tokens, ids, depths [batch, n]; ancestors [batch, n, size]
+            ints = _sds((batch, n), jnp.int32, mesh, ("batch", None))
+            return ints, ints, ints, _sds((batch, n, shape.size), jnp.bool_, mesh, ("batch", None, None))
+
+        names = {role: f"tree:{label}/{role}" for role in ("root", "step", "verify", "move")}
+        draft_must = t_reads.span(0, exit_layer, num_layers) + t_reads.imitation + t_reads.head
+        programs[names["root"]] = (*tfns["step"], (params, t_cache, t_draft, *nodes(1)), draft_must)
+        programs[names["step"]] = (*tfns["step"], (params, t_cache, t_draft, *nodes(shape.width)), draft_must)
+        tree_states = _sds((batch, shape.size, width), shapes.dtype, mesh, ("batch", None, None))
+        programs[names["verify"]] = (*tfns["verify"], (params, t_cache, tree_states, *nodes(shape.size)[2:]),
+                                     t_reads.span(exit_layer, num_layers, num_layers) + t_reads.head)
+        # The move reads and writes the path's steps + 1 entries of each row, every layer:
+        # that fraction of the caches, twice (the compiler's bytes accessed may count more
+        # if the scatter is not done in place).
+        path = _sds((batch, shape.steps + 1), jnp.int32, mesh, ("batch", None))
+        moved = 2 * (shape.steps + 1) / tree_cache_slots * (t_reads.cache + t_draft_bytes)
+        programs[names["move"]] = (*tfns["move"], (t_cache, t_draft, path), moved)
+        if generate:
+            names["generate_ssd"] = f"tree:{label}/generate_ssd"
+            programs[names["generate_ssd"]] = (*whole(model, tree_spec), None)
+        tree_roles[label] = names
+        tree_extra[label] = {"nodes": shape.nodes, "width": shape.width, "steps": shape.steps, "size": shape.size,
+                             "cache_slots": tree_cache_slots, "kv_cache_bytes_per_device": t_reads.cache}
+
     reports, refusals, failed = {}, [], {}
     for name, (fn, donate, args, _) in programs.items():
         try:
@@ -609,6 +768,14 @@ def compile_point(shapes: ModelShapes, topology: tpu.Topology, mesh, batch: int,
             entry["acceptance"] = dataclasses.asdict(acc)
             entry.update(predict_drafter(d.kind, pieces["ar_step"], own, acc, draft_len))
         per_drafter[d.name] = entry
+    tree_entries = {}
+    for shape, tree_acc in (trees or {}).items():
+        label = tree_label(shape)
+        own = {role: pieces[name] for role, name in tree_roles[label].items() if name in pieces}
+        entry = {**tree_extra[label], "pieces": own, "acceptance": dataclasses.asdict(tree_acc)}
+        if all(role in own for role in ("root", "step", "verify", "move")) and "ar_step" in pieces:
+            entry.update(predict_tree(shape, pieces["ar_step"], own, tree_acc))
+        tree_entries[label] = entry
     # The AR step and whole programs shared by all drafters stay at the top (with the
     # imitation drafter's pieces: the layout of before drafters).
     top = {name: p for name, p in pieces.items() if "/" not in name and name != "verify_tokens"}
@@ -619,7 +786,7 @@ def compile_point(shapes: ModelShapes, topology: tpu.Topology, mesh, batch: int,
         "kv_cache_bytes_per_device": reads.cache, "ar_kv_cache_bytes_per_device": ar_reads.cache,
         "param_bytes_per_device": sum(tpu.shard_bytes(x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(params)),
         "per_chip_peak_bytes": peak * topology.devices_per_chip, "fits": not refusals and not over,
-        "reason": reason, "pieces": top, "drafters": per_drafter, "failed": failed,
+        "reason": reason, "pieces": top, "drafters": per_drafter, "trees": tree_entries, "failed": failed,
     }
     first = per_drafter[drafters[0].name]
     for key in ("tokens_per_round", "drafted_per_round", "predicted_speedup", "predicted_speedup_bytes_accessed"):
@@ -657,6 +824,24 @@ def predict_drafter(kind: str, ar: dict, own: dict, acceptance: Acceptance, draf
             "predicted_speedup_bytes_accessed": times("step_time_lower_bound_s")[2]}
 
 
+def predict_tree(shape: TreeShape, ar: dict, own: dict, acceptance: TreeAcceptance) -> dict[str, Any]:
+    """A draft tree's predicted speedup from its pieces' lower-bound times, on two byte counts:
+
+        tokens_per_round * t_AR / (t_root + steps * t_step + t_verify + t_move)
+    """
+    tokens = acceptance.tokens_per_round
+
+    def times(key):
+        draft = own["root"][key] + shape.steps * own["step"][key]
+        return draft, tokens * ar[key] / (draft + own["verify"][key] + own["move"][key])
+
+    draft, speedup = times("time_lower_bound_s")
+    return {"tokens_per_round": tokens, "drafted_per_round": shape.nodes, "draft_cost_s": draft,
+            "verify_s": own["verify"]["time_lower_bound_s"], "move_s": own["move"]["time_lower_bound_s"],
+            "ar_step_s": ar["time_lower_bound_s"], "predicted_speedup": speedup,
+            "predicted_speedup_bytes_accessed": times("step_time_lower_bound_s")[1]}
+
+
 def run(args) -> int:
     """The CLI's compile-only branch (decode/bench/cli.py): 0 if every point fits, 1 if one
     does not or cannot be traced (with a one-line reason), 2 for bad input."""
@@ -669,6 +854,9 @@ def run(args) -> int:
         if args.exit_layer:
             shapes = dataclasses.replace(shapes, config=shapes.config.with_draft(exit_layer=args.exit_layer[0]))
         drafters = tuple(parse_drafter(name, shapes) for name in args.drafter)
+        shape_list = parse_trees(args.tree_nodes, args.tree_width, list(args.drafter))
+        trees = {shape: parse_tree_acceptance(args.acceptance, shape, acceptance.for_drafter("imitation"))
+                 for shape in shape_list}
         notes = []
         if any(d.kind == "eagle" for d in drafters):
             shapes, added = with_eagle_head(shapes)
@@ -679,8 +867,10 @@ def run(args) -> int:
         runs = []
         for batch in args.batch_size:
             for draft_len in args.draft_len:
+                # Trees do not depend on the chain's draft length: compiled once per batch.
                 point = compile_point(shapes, topology, mesh, batch, draft_len, args.max_new_tokens,
-                                      acceptance, drafters, generate=not args.no_generate)
+                                      acceptance, drafters, generate=not args.no_generate,
+                                      trees=trees if draft_len == args.draft_len[0] else None)
                 runs.append(point)
                 for line in point_lines(point, topology):
                     print(line, flush=True)
@@ -693,6 +883,7 @@ def run(args) -> int:
         "acceptance": (dataclasses.asdict(acceptance.default) if acceptance.default is not None
                        else {name: dataclasses.asdict(a) for name, a in acceptance.by_drafter.items()}),
         "drafter_names": [d.name for d in drafters], "notes": notes,
+        "tree_acceptance": {tree_label(shape): dataclasses.asdict(acc) for shape, acc in trees.items()},
         "time_basis": "predicted_speedup: max(FLOPs/peak, must-read bytes/bandwidth) per piece; "
                       "predicted_speedup_bytes_accessed: the same with the compiler's bytes accessed; "
                       "compiler-model predictions, not measurements",
@@ -740,6 +931,20 @@ def point_lines(point: dict, topology: tpu.Topology) -> list[str]:
                          f"ms + verify {1000 * drafter['verify_s']:.3f} ms per round vs AR step "
                          f"{1000 * drafter['ar_step_s']:.3f} ms; "
                          f"{drafter['predicted_speedup_bytes_accessed']:.2f}x on the compiler's bytes accessed)")
+    for label, tree in point.get("trees", {}).items():
+        for role, piece in tree["pieces"].items():
+            lines += tpu.program_lines(f"tree {label}/{role}", piece, topology.hbm_bytes_per_device)
+            if "time_lower_bound_s" in piece:
+                lines.append(f"  must read {tpu.format_bytes(piece['must_read_bytes_per_device'])} per device: "
+                             f">= {1000 * piece['time_lower_bound_s']:.3f} ms")
+    for label, tree in point.get("trees", {}).items():
+        if "predicted_speedup" in tree:
+            t = {role: 1000 * tree["pieces"][role]["time_lower_bound_s"] for role in ("root", "step", "verify", "move")}
+            lines.append(f"  tree {label}: predicted SSD/AR speedup {tree['predicted_speedup']:.2f}x "
+                         f"({tree['tokens_per_round']:.2f} tokens per round, root {t['root']:.3f} + {tree['steps']} x "
+                         f"step {t['step']:.3f} + verify {t['verify']:.3f} + move {t['move']:.3f} ms per round vs "
+                         f"AR step {1000 * tree['ar_step_s']:.3f} ms; "
+                         f"{tree['predicted_speedup_bytes_accessed']:.2f}x on the compiler's bytes accessed)")
     lines.append(f"  per-chip peak {tpu.format_bytes(point['per_chip_peak_bytes'])}: "
                  + ("fits" if point["fits"] else f"does not fit: {point['reason']}"))
     return lines
