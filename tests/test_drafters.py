@@ -63,13 +63,13 @@ def _eagle_config(pool=1, compressor="pool", **kwargs):
 # (drafter, image pool, compressor, draft_len, residual scale: how far the full model is
 # from what the drafter can guess)
 GREEDY_CASES = [
-    ("eagle", 1, "pool", 4, 0.3), ("eagle", 4, "pool", 3, 0.3), ("eagle", 3, "prune", 5, 0.3),
-    ("model", 1, "pool", 4, 0.6), ("model", 1, "pool", 1, 0.8),
+    ("eagle", 1, "pool", 4, 0.3), ("eagle", 4, "prune", 6, 0.3), ("model", 1, "pool", 4, 0.6),
+    ("model", 1, "pool", 1, 0.8),
 ]
 
 
 @pytest.mark.parametrize("drafter,pool,compressor,draft_len,scale", GREEDY_CASES,
-                         ids=["eagle", "eagle-pool4", "eagle-prune3", "model", "model-draft1"])
+                         ids=["eagle", "eagle-prune4", "model", "model-draft1"])
 def test_greedy_drafters_equal_ar(drafter, pool, compressor, draft_len, scale):
     config = _eagle_config(pool, compressor, num_layers=4, exit_layer=2, kind="layer")
     model = VLM(config)
