@@ -19,6 +19,7 @@ import dataclasses
 import math
 import os
 import re
+import time
 from typing import Any, Sequence
 
 GiB = 1024**3
@@ -236,6 +237,25 @@ def roofline_seconds(flops: float, bytes_moved: float, topology: Topology) -> tu
     compute = flops / device_peak_flops(topology)
     memory = bytes_moved / device_bandwidth(topology)
     return max(compute, memory), compute, memory
+
+
+def compile_program(name: str, program, args, mesh, topology: "Topology"):
+    """Lowers `program` (a jitted function) on `args` under the library's logical-axis rules
+    over `mesh`, compiles it for `topology` and analyzes it: (CompileReport, None), or
+    (None, the compiler's one-line refusal, e.g. out of HBM)."""
+    import jax
+
+    from fastvlm_jax import sharding
+
+    start = time.perf_counter()
+    with jax.set_mesh(mesh), sharding.axis_rules(sharding.DEFAULT_RULES):
+        lowered = program.lower(*args)
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as err:
+        first = next((line for line in str(err).splitlines() if line.strip()), str(err))
+        return None, f"{name}: the TPU compiler refused it: {first}"
+    return analyze(name, compiled, topology, time.perf_counter() - start), None
 
 
 def analyze(name: str, compiled, topology: Topology, compile_seconds: float = 0.0) -> CompileReport:

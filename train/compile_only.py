@@ -19,7 +19,6 @@ commands write them).
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
@@ -139,19 +138,6 @@ def abstract_batch(cfg: TrainConfig, config, shardings: step_lib.Shardings) -> d
             for k, (shape, dtype) in shapes.items()}
 
 
-def _compile(name: str, program, args, mesh, topology: tpu.Topology):
-    """(CompileReport, None) or (None, the compiler's one-line refusal, e.g. out of HBM)."""
-    start = time.perf_counter()
-    with jax.set_mesh(mesh), sharding.axis_rules(sharding.DEFAULT_RULES):
-        lowered = program.lower(*args)
-    try:
-        compiled = lowered.compile()
-    except jax.errors.JaxRuntimeError as err:
-        first = next((line for line in str(err).splitlines() if line.strip()), str(err))
-        return None, f"{name}: the TPU compiler refused it: {first}"
-    return tpu.analyze(name, compiled, topology, time.perf_counter() - start), None
-
-
 def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -> dict[str, Any]:
     """Compiles what `train.run` would execute per step for `cfg` on `topology`; the report
     as a JSON-ready dict (fits, reason, per program figures). ConfigError for configs the
@@ -203,7 +189,7 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
         programs.insert(0, ("refine_generate", refine_program(model, shardings, prompt_len, max_new, eos, pad),
                             (state.params, frozen, batch)))
     for name, program, args in programs:
-        report, refusal = _compile(name, program, args, mesh, topology)
+        report, refusal = tpu.compile_program(name, program, args, mesh, topology)
         if report is None:
             refusals.append(refusal)
         else:

@@ -63,7 +63,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -535,18 +534,6 @@ def read_bytes(params, config, cache: KVCache, draft_cache: KVCache | None) -> R
     return ReadBytes(cache=cache_bytes, **parts)
 
 
-def _compile(name, fn, args, donate, mesh, topology):
-    start = time.perf_counter()
-    with jax.set_mesh(mesh), sharding.axis_rules(sharding.DEFAULT_RULES):
-        lowered = jax.jit(fn, donate_argnums=donate).lower(*args)
-    try:
-        compiled = lowered.compile()
-    except jax.errors.JaxRuntimeError as err:
-        first = next((line for line in str(err).splitlines() if line.strip()), str(err))
-        return None, f"{name}: the TPU compiler refused it: {first}"
-    return tpu.analyze(name, compiled, topology, time.perf_counter() - start), None
-
-
 def _place(abstract, model_config, mesh):
     """ShapeDtypeStructs of `abstract` (params) with the library's shardings for `mesh`."""
     shardings = sharding.param_shardings(VLM(model_config).abstract_params(), mesh)
@@ -730,7 +717,7 @@ def compile_point(shapes: ModelShapes, topology: tpu.Topology, mesh, batch: int,
     reports, refusals, failed = {}, [], {}
     for name, (fn, donate, args, _) in programs.items():
         try:
-            report, refusal = _compile(name, fn, args, donate, mesh, topology)
+            report, refusal = tpu.compile_program(name, jax.jit(fn, donate_argnums=donate), args, mesh, topology)
         except (TypeError, ValueError) as err:
             # A program JAX cannot trace (a bug in the engine or a drafter): say so, compile
             # the others; the run exits 1 (see `run`).
