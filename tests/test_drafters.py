@@ -18,6 +18,7 @@ from tests.test_blip2 import converted  # noqa: F401 (a pytest fixture: a conver
 from tests.test_decode import _prompts, _tokens
 from tests.test_sampling import PROMPT, ROWS, VOCAB, WARPED, _chi_square, _exact_joint
 from tests.tiny import tiny_config
+from train.make_draft_model import truncated_config, truncated_params
 
 
 def _scaled_residuals(params, scale):
@@ -43,16 +44,8 @@ def _echo_eagle(params, scale=0.05):
 
 def _truncated(model: VLM, params, num_layers: int):
     """A small draft VLM: the first num_layers layers of the model, its embeddings, head and
-    vision side (what train.make_draft_model builds)."""
-    config = model.config.replace(
-        text=dataclasses.replace(model.config.text, num_layers=num_layers),
-        draft=dataclasses.replace(model.config.draft, exit_layer=1, eagle_layers=0))
-    small = VLM(config)
-    small_params = {key: value for key, value in params.items() if key != "eagle"}
-    text = dict(small_params["language_model"])
-    text["layers"] = jax.tree.map(lambda x: x[:num_layers], text["layers"])
-    small_params["language_model"] = text
-    return small, small_params
+    vision side (train.make_draft_model's truncation)."""
+    return (VLM(truncated_config(model.config, num_layers)), truncated_params(params, num_layers))
 
 
 def _eagle_config(pool=1, compressor="pool", **kwargs):

@@ -442,43 +442,23 @@ def verify_tokens_function(model: VLM, draft_len: int):
     return verify_tokens
 
 
-def eagle_functions(model: VLM, draft_len: int) -> dict[str, Any]:
-    """The EAGLE drafter's calls as decode.drafters.EagleDrafter makes them (the full
-    model's cache passes through them untouched, so None stands for it):
-    catchup(params, carry) -> (carry, argmax [batch]): the round's start, draft_len + 1
-      pending pairs through the head, then the LM head on one predicted feature;
-    step(params, carry, token [batch], position [batch]) -> (carry, argmax): one pair."""
-    drafter = EagleDrafter()
+def drafter_functions(drafter, model: VLM, draft_len: int, own_params: bool) -> dict[str, Any]:
+    """A chain drafter's calls as the engine makes them (decode.drafters; the full model's
+    cache passes through them untouched, so None stands for it):
+    start(params, carry, last_token [batch], pos [batch]) -> (carry, argmax [batch]): the
+      round's first call (EAGLE: the catch-up pass; a draft model: two tokens);
+    step(params, carry, token [batch], position [batch]) -> (carry, argmax): one drafted token.
+    own_params: `params` are the drafter's own (a draft model's), not the full model's."""
 
-    def catchup(params, carry):
-        ctx = RoundContext(model, params, None, draft_len)
-        logits, _, _, carry = drafter.start(ctx, None, carry, None, None)
+    def context(params):
+        return RoundContext(model, None if own_params else params, params if own_params else None, draft_len)
+
+    def start(params, carry, last_token, pos):
+        logits, _, _, carry = drafter.start(context(params), None, carry, last_token, pos)
         return carry, _argmax(logits)
 
     def step(params, carry, token, position):
-        ctx = RoundContext(model, params, None, draft_len)
-        logits, _, _, carry = drafter.step(ctx, None, carry, token, position)
-        return carry, _argmax(logits)
-
-    return {"catchup": (catchup, (1,)), "step": (step, (1,))}
-
-
-def model_functions(small: VLM, draft_len: int) -> dict[str, Any]:
-    """The draft VLM's calls as decode.drafters.ModelDrafter makes them (its params are
-    the engine's draft_params; the full model's are not read):
-    start(draft_params, carry, last_token [batch], pos [batch]) -> (carry, argmax): two
-      tokens (the refeed and the round's last token) through the small model + its head;
-    step(draft_params, carry, token, position) -> (carry, argmax): one token."""
-    drafter = ModelDrafter(small)
-
-    def start(draft_params, carry, last_token, pos):
-        ctx = RoundContext(small, None, draft_params, draft_len)
-        logits, _, _, carry = drafter.start(ctx, None, carry, last_token, pos)
-        return carry, _argmax(logits)
-
-    def step(draft_params, carry, token, position):
-        ctx = RoundContext(small, None, draft_params, draft_len)
-        logits, _, _, carry = drafter.step(ctx, None, carry, token, position)
+        logits, _, _, carry = drafter.step(context(params), None, carry, token, position)
         return carry, _argmax(logits)
 
     return {"start": (start, (1,)), "step": (step, (1,))}
@@ -641,8 +621,8 @@ def compile_point(shapes: ModelShapes, topology: tpu.Topology, mesh, batch: int,
             cache_bytes = (tpu.shard_bytes(eagle_cache.keys.shape, eagle_cache.keys.dtype, eagle_cache.keys.sharding)
                            * 2)
             must = reads.eagle + cache_bytes + reads.head
-            efns = eagle_functions(head_model, draft_len)
-            programs[f"{d.name}/catchup"] = (*efns["catchup"], (params, carry), must)
+            efns = drafter_functions(EagleDrafter(), head_model, draft_len, own_params=False)
+            programs[f"{d.name}/catchup"] = (*efns["start"], (params, carry, token, token), must)
             programs[f"{d.name}/step"] = (*efns["step"], (params, carry, token, token), must)
             roles[d.name] = {"catchup": f"{d.name}/catchup", "step": f"{d.name}/step", "verify": "verify_tokens"}
             spec = dataclasses.replace(ssd_spec, drafter=EagleDrafter())
@@ -659,7 +639,8 @@ def compile_point(shapes: ModelShapes, topology: tpu.Topology, mesh, batch: int,
             carry = ModelCarry(cache=small_cache, prev_token=token,
                                refeed=_sds((batch,), jnp.bool_, mesh, ("batch",)))
             must = small_reads.span(0, small_layers, small_layers) + small_reads.head
-            mfns = model_functions(VLM(small_config, shapes.dtype, unroll_layers=True), draft_len)
+            small_model = VLM(small_config, shapes.dtype, unroll_layers=True)
+            mfns = drafter_functions(ModelDrafter(small_model), small_model, draft_len, own_params=True)
             programs[f"{d.name}/start"] = (*mfns["start"], (small_params, carry, token, token), must)
             programs[f"{d.name}/step"] = (*mfns["step"], (small_params, carry, token, token), must)
             roles[d.name] = {"start": f"{d.name}/start", "step": f"{d.name}/step", "verify": "verify_tokens"}
