@@ -268,6 +268,26 @@ def test_decode_compile_only_pieces_cache_sharding_and_speedup(tmp_path):
     assert run["predicted_speedup"] == pytest.approx(
         tokens * t["ar_step"] / (3 * t["draft_step"] + t["shallow_step"] + t["verify"]))
     assert report["predicted_speedup"] == run["predicted_speedup"]
+    # The paper's speedups (the default --paper-speedup 1.55 1.85) as acceptances (exit 1 of
+    # 4 layers, draft 3: a round costs 4/4 + 3/4 AR steps under the layer-count model).
+    implied = {entry["paper_speedup"]: entry for entry in run["paper_implied"]}
+    for speedup in (1.55, 1.85):
+        a = implied[speedup]["per_position_acceptance"]
+        assert sum(a**j for j in range(4)) == pytest.approx(speedup * 1.75)
+        assert implied[speedup]["predicted_speedup"] == pytest.approx(
+            implied[speedup]["tokens_per_round"] * t["ar_step"]
+            / (3 * t["draft_step"] + t["shallow_step"] + t["verify"]))
+    assert implied[1.85]["predicted_speedup"] > implied[1.55]["predicted_speedup"]
+
+
+def test_layer_count_acceptance_inverts_the_round_cost():
+    from decode.bench.compile_only import layer_count_acceptance
+
+    # Exit 8 of 32, draft 5: a round costs 6 * 8/32 + 24/32 = 2.25 AR steps.
+    a = layer_count_acceptance(1.55, 5, 8, 32)
+    assert sum(a**j for j in range(6)) == pytest.approx(1.55 * 2.25)
+    assert layer_count_acceptance(1.0 / 2.25, 5, 8, 32) == pytest.approx(0.0, abs=1e-9)  # one token a round
+    assert layer_count_acceptance(2.7, 5, 8, 32) is None  # more than 6 tokens a round
 
 
 def tiny_draft_checkpoint(path):

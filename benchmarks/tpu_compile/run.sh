@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compile-only runs for LLaVA-1.5-7B on named TPU topologies (nothing runs on a TPU; libtpu's
-# compiler on this CPU host). Usage: benchmarks/tpu_compile/run.sh CHAIN, CHAIN in {train, decode, drafters, trees}.
+# compiler on this CPU host). Usage: benchmarks/tpu_compile/run.sh CHAIN, CHAIN in {train, decode, decode-batches, drafters, trees}.
 # Each command's console output goes to benchmarks/tpu_compile/NAME.log, its report to NAME.json.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -55,5 +55,19 @@ case "${1:-}" in
         --max-new-tokens 64 --acceptance benchmarks/trees/demo_batch1_8_32_chain5_tree8x2_16x2_quiet.json \
         --no-generate --json $OUT/decode_trees_llava15_7b_v5e_2x2.json
     ;;
-  *) echo "usage: $0 train|decode|drafters|trees" >&2; exit 2 ;;
+  decode-batches)
+    # LLaVA-1.5-7B and 13B at batch 1, 8, 32, 64 on v5e and v5p slices: the round's pieces
+    # (--no-generate: their peaks hold the weights and the whole KV cache), predicted at the
+    # demo's measured chain profile (draft 5: 3.64 tokens per round) and at the acceptance the
+    # paper's 1.55x / 1.85x imply (the default --paper-speedup). 13B on v5e takes 8 chips.
+    ACC=benchmarks/trees/demo_batch1_8_32_chain5_tree8x2_16x2_quiet.json
+    for spec in "llava15_7b v5e:2x2 v5e_2x2 data=1,tensor=4" "llava15_7b v5p:2x2x1 v5p_2x2x1 data=1,tensor=4" \
+                "llava15_13b v5e:2x4 v5e_2x4 data=1,tensor=8" "llava15_13b v5p:2x2x1 v5p_2x2x1 data=1,tensor=4"; do
+      set -- $spec
+      run decode_batches_$1_$3 $PY -m decode.bench --ckpt shapes:$1 --compile-only $2 --mesh $4 \
+          --batch-size 1 8 32 64 --draft-len 5 --max-new-tokens 64 --acceptance $ACC --no-generate \
+          --json $OUT/decode_batches_$1_$3.json
+    done
+    ;;
+  *) echo "usage: $0 train|decode|decode-batches|drafters|trees" >&2; exit 2 ;;
 esac

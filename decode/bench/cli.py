@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     compile_group.add_argument("--acceptance", default="0.7",
                                help="per-position acceptance probability, or a decode.run --stats / "
                                "decode.bench JSON (default 0.7, the demo's measured acceptance)")
+    compile_group.add_argument("--paper-speedup", type=float, nargs="*", default=[1.55, 1.85],
+                               help="published speedups whose implied acceptance (layer-count cost model) "
+                               "is also predicted (default: the paper's 1.55 1.85; none: no values)")
     compile_group.add_argument("--no-generate", action="store_true",
                                help="compile the round's pieces only, not the whole generate programs")
     return parser

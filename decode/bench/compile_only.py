@@ -27,6 +27,10 @@ decode.run --stats / decode.bench JSON measured elsewhere (its mean_accepted_len
 acceptance_rate; per drafter from a decode.bench --drafter JSON of several drafters).
 Every such number is a compiler-model prediction, not a measurement.
 
+`--paper-speedup 1.55 1.85` (the default) adds, per point, the acceptance a published
+speedup implies under the plain layer-count cost model (layer_count_acceptance) and what
+the compiled pieces predict at that acceptance.
+
 `--drafter imitation eagle eagle:pool=N model:SPEC` compares drafters (decode/drafters.py);
 the lines above are the imitation drafter's. The EAGLE head's pieces are its catch-up
 pass (the draft_len + 1 pairs a round starts with) and its one-pair step, each with the
@@ -792,6 +796,54 @@ def predict_drafter(kind: str, ar: dict, own: dict, acceptance: Acceptance, draf
             "predicted_speedup_bytes_accessed": times("step_time_lower_bound_s")[2]}
 
 
+def layer_count_acceptance(speedup: float, draft_len: int, exit_layer: int, num_layers: int) -> float | None:
+    """The per-position acceptance a at which a round of the plain layer-count cost model
+    reaches `speedup` over AR decoding (None: not reachable at this draft length).
+
+    The model is that of memory-bound batch-1 decoding, where a pass costs in proportion
+    to the layers it reads: a draft step (and the last draft's shallow pass) k / L of an AR
+    step, the verification (L - k) / L, so a round costs (G + 1) k / L + (L - k) / L AR
+    steps and emits 1 + a + ... + a^G tokens. It turns a published speedup (the paper's
+    1.55-1.85x) into the acceptance it implies for this exit layer and draft length; the
+    compiled pieces then say what that acceptance gives on the slice.
+    """
+    cost = ((draft_len + 1) * exit_layer + (num_layers - exit_layer)) / num_layers
+    needed = speedup * cost
+
+    def tokens(a):
+        return sum(a**j for j in range(draft_len + 1))
+
+    if needed > draft_len + 1:
+        return None
+    low, high = 0.0, 1.0
+    for _ in range(60):  # bisection: tokens(a) increases with a
+        mid = (low + high) / 2
+        low, high = (mid, high) if tokens(mid) < needed else (low, mid)
+    return (low + high) / 2
+
+
+def paper_implied(point: dict, speedups: list[float], num_layers: int) -> list[dict[str, Any]]:
+    """For each published speedup: the acceptance it implies (layer_count_acceptance) and
+    the imitation drafter's prediction from the compiled pieces at that acceptance."""
+    imitation = point["drafters"].get("imitation")
+    if imitation is None or "predicted_speedup" not in imitation or "ar_step" not in point["pieces"]:
+        return []
+    entries = []
+    for speedup in speedups:
+        rate = layer_count_acceptance(speedup, point["draft_len"], point["exit_layer"], num_layers)
+        if rate is None:
+            entries.append({"paper_speedup": speedup, "per_position_acceptance": None})
+            continue
+        acc = Acceptance(rate, None, f"implied by {speedup}x under the layer-count model")
+        predicted = predict_drafter("imitation", point["pieces"]["ar_step"], imitation["pieces"], acc,
+                                    point["draft_len"])
+        entries.append({"paper_speedup": speedup, "per_position_acceptance": rate,
+                        "tokens_per_round": predicted["tokens_per_round"],
+                        "predicted_speedup": predicted["predicted_speedup"],
+                        "predicted_speedup_bytes_accessed": predicted["predicted_speedup_bytes_accessed"]})
+    return entries
+
+
 def predict_tree(shape: TreeShape, ar: dict, own: dict, acceptance: TreeAcceptance) -> dict[str, Any]:
     """A draft tree's predicted speedup from its pieces' lower-bound times, on two byte counts:
 
@@ -839,6 +891,7 @@ def run(args) -> int:
                 point = compile_point(shapes, topology, mesh, batch, draft_len, args.max_new_tokens,
                                       acceptance, drafters, generate=not args.no_generate,
                                       trees=trees if draft_len == args.draft_len[0] else None)
+                point["paper_implied"] = paper_implied(point, args.paper_speedup, shapes.config.text.num_layers)
                 runs.append(point)
                 for line in point_lines(point, topology):
                     print(line, flush=True)
@@ -913,6 +966,14 @@ def point_lines(point: dict, topology: tpu.Topology) -> list[str]:
                          f"step {t['step']:.3f} + verify {t['verify']:.3f} + move {t['move']:.3f} ms per round vs "
                          f"AR step {1000 * tree['ar_step_s']:.3f} ms; "
                          f"{tree['predicted_speedup_bytes_accessed']:.2f}x on the compiler's bytes accessed)")
+    for entry in point.get("paper_implied", []):
+        if entry["per_position_acceptance"] is None:
+            lines.append(f"  paper's {entry['paper_speedup']}x: not reachable at draft length {point['draft_len']} "
+                         "under the layer-count model")
+            continue
+        lines.append(f"  paper's {entry['paper_speedup']}x implies acceptance {entry['per_position_acceptance']:.3f} "
+                     f"(layer-count model): predicted {entry['predicted_speedup']:.2f}x here "
+                     f"({entry['tokens_per_round']:.2f} tokens per round)")
     lines.append(f"  per-chip peak {tpu.format_bytes(point['per_chip_peak_bytes'])}: "
                  + ("fits" if point["fits"] else f"does not fit: {point['reason']}"))
     return lines
