@@ -3,6 +3,7 @@
     python -m fastvlm_jax.convert --hf LLAVA_13B_HF_DIR --out checkpoints/llava-1.5-13b \
         --exit-layer 10 --dtype bfloat16
     python -m train.run --config configs/llava15_13b.py[:refine]
+    python -m train.run --config configs/llava15_13b.py:base     # optional stage 1 (see llava15_7b.py)
 
 40 decoder layers of width 5120; the draft exits after layer 10. The frozen VLM (~26 GB
 in bf16) is FSDP-sharded over 16 chips (~1.7 GB each); the imitation network (one

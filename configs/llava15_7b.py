@@ -13,6 +13,13 @@ Run on every host of the slice (JAX finds the other hosts by itself on Cloud TPU
     python -m train.run --config configs/llava15_7b.py            # imitation stage
     python -m train.run --config configs/llava15_7b.py:refine     # then imitation learning
 
+Optionally first `configs/llava15_7b.py:base`, the paper's stage 1: a plain cross-entropy
+fine-tune of the VLM on the captions (projector and language model; the vision tower stays
+frozen, as in LLaVA-1.5's own fine-tune), then `init_from=workdirs/llava15_7b/base/export`
+for the imitation stage. All 6.7B trained parameters have float32 master weights and Adam
+moments (81 GB), so this stage shards them over the whole slice (FSDP over every chip)
+and recomputes each decoder layer in the backward pass (remat="full").
+
 The VLM stays frozen (bf16, FSDP-sharded over 8 chips: ~1.7 GB each); only the
 imitation network (one SwiGLU block of width 11008 after layer 8 of 32, 135M params)
 has float32 master weights and Adam moments. Layers 0-7 run once per step and feed
@@ -32,6 +39,8 @@ def get_config(arg: str = "imitation", *, checkpoint: str = CHECKPOINT, workdir:
                batch_size: int = 256, mesh: MeshConfig = MeshConfig(data=-1, fsdp=8, tensor=1),
                architecture: str = "llava15_7b") -> TrainConfig:
     stage = arg or "imitation"
+    if stage == "base":
+        return base_stage(checkpoint, workdir, architecture)
     common = dict(
         stage=stage,
         architecture=architecture,  # what `--compile-only` builds where the checkpoint is absent
@@ -49,6 +58,23 @@ def get_config(arg: str = "imitation", *, checkpoint: str = CHECKPOINT, workdir:
     return draft_stage(stage, common)
 
 
+def base_stage(checkpoint: str, workdir: str, architecture: str) -> TrainConfig:
+    """Stage 1: cross-entropy fine-tune of the projector and language model on the captions,
+    with LLaVA-1.5's fine-tune settings (batch 128, peak lr 2e-5, 3% warmup, cosine to 0, no
+    weight decay) for one epoch of COCO Karpathy train (113k images / 128 = 885 steps)."""
+    return TrainConfig(
+        stage="base", architecture=architecture, workdir=f"{workdir}/base", init_from=checkpoint,
+        trainable=("projector/.*", "language_model/.*"),
+        data=DataConfig(name="coco_captions/karpathy", split="train", question=QUESTION,
+                        worker_count=8, read_threads=16),
+        batch_size=128, seq_len=640, steps=900, compute_dtype="bfloat16", remat="full",
+        optim=OptimConfig(learning_rate=2e-5, warmup_steps=27, end_lr_factor=0.0, weight_decay=0.0),
+        mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
+        checkpoint=CheckpointConfig(save_every=200, keep=2, async_save=True),
+        log_every=10,
+    )
+
+
 def draft_stage(stage: str, common: dict) -> TrainConfig:
     """The two draft stages (imitation, then refine) with the schedules and loss weights of
     these 7B-scale runs; `common` holds everything else (the BLIP-2 config uses it too)."""
@@ -62,4 +88,4 @@ def draft_stage(stage: str, common: dict) -> TrainConfig:
                            loss=LossConfig(cos=1.0, kd=1.0, ce=0.1, temperature=1.0,
                                            refine_disagreement_weight=4.0),
                            refine_max_new_tokens=48, **common)
-    raise ValueError(f"stage {stage!r}: this config trains the draft ('imitation' or 'refine')")
+    raise ValueError(f"stage {stage!r}: this config has the stages 'base', 'imitation' and 'refine'")

@@ -423,10 +423,10 @@ class OPTDecoder(nn.Module):
 
     def run_layers(self, hidden: Array, positions: Array, start: int, stop: int,
                    cache: KVCache | None = None, key_mask: Array | None = None,
-                   collect: tuple[int, ...] = (), tree: TreeSlots | None = None):
+                   collect: tuple[int, ...] = (), tree: TreeSlots | None = None, remat: str = "none"):
         """Runs layers [start, stop); see `fastvlm_jax.llava.TextDecoder.run_layers`."""
         return run_layer_stack(self._layer(), self.layers, hidden, positions, start, stop, cache,
-                               key_mask, collect, self.unroll_layers, tree)
+                               key_mask, collect, self.unroll_layers, tree, remat)
 
     def logits(self, hidden: Array) -> Array:
         """[batch, seq, hidden] -> [batch, seq, vocab] float32."""

@@ -252,6 +252,13 @@ class DecoderLayer(nn.Module):
 # The logical name of the leading axis of stacked decoder-layer params.
 LAYERS_AXIS = "layers"
 
+# What one layer of a scanned stack saves for its backward pass (run_layer_stack's remat).
+REMAT_POLICIES = {
+    "none": None,  # everything (no recomputation)
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 
 def init_layer_stack(layer: nn.Module, num_layers: int, width: int, rng: Array):
     """Params of `num_layers` independently initialised copies of `layer`, stacked.
@@ -271,7 +278,8 @@ def init_layer_stack(layer: nn.Module, num_layers: int, width: int, rng: Array):
 
 def run_layer_stack(layer: nn.Module, stacked, hidden: Array, positions: Array, start: int, stop: int,
                     cache: KVCache | None = None, key_mask: Array | None = None,
-                    collect: tuple[int, ...] = (), unroll: bool = False, tree: TreeSlots | None = None):
+                    collect: tuple[int, ...] = (), unroll: bool = False, tree: TreeSlots | None = None,
+                    remat: str = "none"):
     """Runs layers [start, stop) of a stack as one lax.scan, reading the weights in place.
 
     layer: the (unbound) layer module; stacked: its params with a leading [num_layers]
@@ -281,6 +289,10 @@ def run_layer_stack(layer: nn.Module, stacked, hidden: Array, positions: Array, 
     collect: state indices in [start, stop] to return (state k is the output of layer k-1).
     unroll: unroll the loop (the same weights and cache, as straight-line code).
     tree: the cache slots and visibility of a token tree's nodes (see causal_attention).
+    remat: what a layer keeps for the backward pass (REMAT_POLICIES): "none" keeps every
+      intermediate, "full" only the layer's input state (the layer is recomputed in the
+      backward pass), "dots" also the outputs of its weight matmuls. Training the whole
+      stack needs "full" or "dots" at 7B scale; a stack without gradients ignores it.
     Returns (state `stop`, cache, {index: [batch, seq, embed]}).
 
     The whole stack is scanned over its arrays directly; a sub-range indexes layer i
@@ -310,6 +322,12 @@ def run_layer_stack(layer: nn.Module, stacked, hidden: Array, positions: Array, 
         saved = tuple(jnp.where(index + 1 == target, h, kept) for target, kept in zip(targets, saved))
         return (h, cache, saved), None
 
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}: use one of {sorted(REMAT_POLICIES)}")
+    if remat != "none":
+        # prevent_cse=False: inside a scan the recomputation cannot be merged away, and
+        # the CSE barrier would only cost speed (JAX's advice for checkpoint under scan).
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
     indices = jnp.arange(start, stop, dtype=jnp.int32)
     saved = tuple(jnp.zeros_like(hidden) for _ in targets)
     (hidden, cache, saved), _ = jax.lax.scan(

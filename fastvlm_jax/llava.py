@@ -67,7 +67,7 @@ class TextDecoder(nn.Module):
 
     def run_layers(self, hidden: Array, positions: Array, start: int, stop: int,
                    cache: KVCache | None = None, key_mask: Array | None = None,
-                   collect: tuple[int, ...] = (), tree: TreeSlots | None = None):
+                   collect: tuple[int, ...] = (), tree: TreeSlots | None = None, remat: str = "none"):
         """Runs layers [start, stop).
 
         hidden: [batch, seq, embed] (state `start`); positions: [batch, seq] absolute.
@@ -76,7 +76,7 @@ class TextDecoder(nn.Module):
         Returns (state `stop`, cache, {index: [batch, seq, embed]}).
         """
         return run_layer_stack(self._layer(), self.layers, hidden, positions, start, stop, cache,
-                               key_mask, collect, self.unroll_layers, tree)
+                               key_mask, collect, self.unroll_layers, tree, remat)
 
     def logits(self, hidden: Array) -> Array:
         """Final norm + LM head: [batch, seq, embed] -> [batch, seq, vocab] (float32)."""

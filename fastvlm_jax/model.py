@@ -95,11 +95,12 @@ class VLM:
         return self._apply(params, "embed", input_ids, image_features, positions)
 
     def run_layers(self, params, hidden, positions, start, stop, cache=None, key_mask=None,
-                   collect=(), tree=None):
+                   collect=(), tree=None, remat="none"):
         """Layers [start, stop): (state stop [batch, seq, embed], cache, {index: state}).
-        tree: a `fastvlm_jax.kv_cache.TreeSlots` for a token tree's nodes (with a cache)."""
+        tree: a `fastvlm_jax.kv_cache.TreeSlots` for a token tree's nodes (with a cache).
+        remat: what each layer keeps for a backward pass (fastvlm_jax.layers.REMAT_POLICIES)."""
         return self._apply(params, "run_layers", hidden, positions, start, stop, cache,
-                           key_mask, tuple(collect), tree)
+                           key_mask, tuple(collect), tree, remat)
 
     def logits(self, params, hidden):
         return self._apply(params, "logits", hidden)

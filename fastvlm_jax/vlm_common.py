@@ -48,10 +48,11 @@ class FamilyModule(nn.Module):
 
     def run_layers(self, hidden: Array, positions: Array, start: int, stop: int,
                    cache: KVCache | None = None, key_mask: Array | None = None,
-                   collect: tuple[int, ...] = (), tree: TreeSlots | None = None):
+                   collect: tuple[int, ...] = (), tree: TreeSlots | None = None, remat: str = "none"):
         """Decoder layers [start, stop) over the stacked params -> (state stop, cache,
         {index: state}); see `fastvlm_jax.layers.run_layer_stack`."""
-        return self.language_model.run_layers(hidden, positions, start, stop, cache, key_mask, collect, tree)
+        return self.language_model.run_layers(hidden, positions, start, stop, cache, key_mask, collect, tree,
+                                              remat)
 
     def logits(self, hidden: Array) -> Array:
         """[batch, seq, embed] -> float32 [batch, seq, vocab] (final norm + LM head)."""

@@ -60,7 +60,8 @@ def test_overrides_convert_types_and_reject_unknown_keys():
 
 
 @pytest.mark.parametrize("spec", ["demo.py:base", "demo.py:deepen", "demo.py:imitation", "demo.py:refine",
-                                  "llava15_7b.py", "llava15_13b.py", "blip2_opt_2_7b.py",
+                                  "llava15_7b.py", "llava15_7b.py:base", "llava15_13b.py:base", "llava15_13b.py",
+                                  "blip2_opt_2_7b.py",
                                   "blip2_opt_2_7b.py:refine"])
 def test_config_files_load(spec):
     cfg = config_lib.load_config_file(str(th.REPO / "configs" / spec))
@@ -272,13 +273,14 @@ def test_deepen_to_is_only_for_the_base_stage_from_a_checkpoint():
 
 def test_same_losses_on_one_and_eight_devices(data_dir, tmp_path):
     """20 steps on 1 device and on 8 with data/fsdp/tensor meshes; one run also
-    accumulates gradients over 2 micro-batches. float32: relative 1e-5."""
+    accumulates gradients over 2 micro-batches, two recompute the layers in the backward
+    pass (remat). float32: relative 1e-5."""
     common = {"data.data_dir": data_dir, "steps": 20, "checkpoint.save_final": False}
     runs = {
         "1dev": dict(num_devices=1, **{"mesh.data": 1}),
-        "data8": {"mesh.data": 8},
+        "data8_remat_dots": {"mesh.data": 8, "remat": "dots"},
         "data2_tensor4_accum2": {"mesh.data": 2, "mesh.tensor": 4, "grad_accum": 2},
-        "fsdp4_tensor2": {"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2},
+        "fsdp4_tensor2_remat_full": {"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2, "remat": "full"},
     }
     curves = {}
     for name, overrides in runs.items():
@@ -292,6 +294,49 @@ def test_same_losses_on_one_and_eight_devices(data_dir, tmp_path):
     for name, curve in curves.items():
         np.testing.assert_allclose([curve[s] for s in range(1, 21)],
                                    [reference[s] for s in range(1, 21)], rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("stage", ["base", "refine"])
+def test_loss_window_gives_the_losses_of_every_position(stage):
+    """The step's losses on positions [loss_start, seq) (StepSpec.loss_start) equal those
+    on all positions when no earlier position carries loss; the gradients too."""
+    from fastvlm_jax.model import VLM
+    from tests.tiny import tiny_config
+    from train import step as step_lib
+
+    config = tiny_config(vocab_size=64, num_layers=3, exit_layer=1)
+    model = VLM(config)
+    params = model.init(jax.random.key(0))
+    patterns = {"base": ("language_model/.*",), "refine": ("imitation/.*",)}[stage]
+    trainable, frozen = param_lib.split(params, param_lib.trainable_paths(params, patterns))
+    rng = np.random.default_rng(0)
+    batch, seq, prompt = 3, 24, 9  # 4 image tokens + text; loss from position prompt - 1 on
+    ids = rng.integers(0, 60, size=(batch, seq)).astype(np.int32)
+    ids[:, 1:1 + config.num_image_tokens] = config.image_token_id
+    mask = np.zeros((batch, seq), np.float32)
+    mask[0, prompt - 1:seq - 1] = 1
+    mask[1, prompt - 1:prompt + 4] = 1
+    mask[2, prompt + 2:prompt + 6] = 1
+    data = {"pixels": jnp.asarray(rng.normal(size=(batch, 16, 16, 3)), jnp.float32), "input_ids": jnp.asarray(ids),
+            "targets": jnp.asarray(np.roll(ids, -1, axis=1)), "loss_mask": jnp.asarray(mask)}
+    loss_config = config_lib.LossConfig(cos=1.0, kd=1.0, ce=0.1, refine_disagreement_weight=4.0)
+
+    def run(loss_start):
+        spec = step_lib.StepSpec(stage, loss_config, loss_start=loss_start)
+        fn = jax.value_and_grad(step_lib.forward_losses, argnums=2, has_aux=True)
+        return fn(model, spec, trainable, frozen, data, jnp.sum(data["loss_mask"]))
+
+    (want_loss, want_metrics), want_grads = run(0)
+    (loss, metrics), grads = run(prompt - 1)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    for name in want_metrics:
+        np.testing.assert_allclose(metrics[name], want_metrics[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    for path, want in _flat(want_grads).items():
+        np.testing.assert_allclose(_flat(grads)[path], want, rtol=1e-4, atol=1e-7, err_msg=path)
+    assert float(want_loss) > 0 and max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads)) > 0
+    with pytest.raises(ValueError, match="loss window"):
+        input_lib.check_loss_window({"loss_mask": mask}, prompt + 1)
+    input_lib.check_loss_window({"loss_mask": mask}, prompt - 1)
 
 
 def _flat(params):

@@ -36,7 +36,7 @@ from train.config import ConfigError, TrainConfig
 from train.model_setup import plan_training
 
 # Tokens of a LLaVA/BLIP-2 prompt around the image tokens (chat template + a short question),
-# for the refine program's prompt width when no tokenizer is at hand to count them.
+# for the prompt width (the refine program's, the loss window's start) without a tokenizer.
 PROMPT_TEXT_ESTIMATE = 32
 
 
@@ -86,7 +86,7 @@ def resolve_model(cfg: TrainConfig) -> ModelSource:
     return ModelSource(config, dtypes, tokenizer, where)
 
 
-def model_flops(stage: str, config, abstract, batch: int, seq_len: int) -> float:
+def model_flops(stage: str, config, abstract, batch: int, seq_len: int, loss_positions: int | None = None) -> float:
     """Matmul FLOPs of one training step from the shapes (2 per multiply-add), as MFU counts
     them. XLA's cost analysis counts a layer scan's body once, so the compiled `flops`
     undercount a step by about the number of layers; this estimate does not.
@@ -95,7 +95,9 @@ def model_flops(stage: str, config, abstract, batch: int, seq_len: int) -> float
     twice: full and draft logits), attention scores and values over the whole sequence,
     the vision side over its patch tokens. Backward: twice the forward of what carries
     gradients (base: the full model; draft stages: the imitation network, or the EAGLE
-    head in the eagle stage, and, for its input gradient only, the LM head).
+    head in the eagle stage, and, for its input gradient only, the LM head). The LM head
+    runs on the `loss_positions` of each row that can carry loss (train.step.StepSpec's
+    window; default all of them).
     """
     def count(prefix):
         return sum(x.size for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]
@@ -103,19 +105,21 @@ def model_flops(stage: str, config, abstract, batch: int, seq_len: int) -> float
 
     text = config.text
     tokens = batch * seq_len
+    head_tokens = batch * (seq_len if loss_positions is None else loss_positions)
     head = text.hidden_size * text.vocab_size
     layers, imitation = count("language_model/layers/"), count("imitation/")
     vision = sum(count(k) for k in ("vision_tower/", "projector/", "qformer/"))
     vision_tokens = config.vision.num_patches + 1
     attention = 4 * tokens * seq_len * text.num_heads * text.resolved_head_dim * text.num_layers
     vision_attention = (4 * batch * vision_tokens**2 * config.vision.hidden_size * config.vision.num_layers)
-    full = 2 * tokens * (layers + head) + attention + 2 * batch * vision_tokens * vision + vision_attention
+    full = (2 * tokens * layers + 2 * head_tokens * head + attention + 2 * batch * vision_tokens * vision
+            + vision_attention)
     if stage == "eagle":  # the EAGLE head is the drafter (and the imitation network idle)
         imitation = count("eagle/")
-    draft = 2 * tokens * (imitation + head)
+    draft = 2 * tokens * imitation + 2 * head_tokens * head
     if stage == "base":
         return float(3 * full + draft)
-    return float(full + draft + 2 * (2 * tokens * imitation) + 2 * tokens * head)
+    return float(full + draft + 2 * (2 * tokens * imitation) + 2 * head_tokens * head)
 
 
 def _abstract(tree, shardings, dtype_of=None):
@@ -136,6 +140,27 @@ def abstract_batch(cfg: TrainConfig, config, shardings: step_lib.Shardings) -> d
               "prompt_len": ((b,), jnp.int32)}
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings.batch[k])
             for k, (shape, dtype) in shapes.items()}
+
+
+def prompt_width(cfg: TrainConfig, source: ModelSource, notes: list[str]) -> tuple[int, int]:
+    """(the run's prompt length, the start of its loss window: train.run.step_spec).
+
+    Counted with the checkpoint's tokenizer; without one, the prompt is estimated as the
+    image tokens + PROMPT_TEXT_ESTIMATE and the window (conservatively, more positions
+    than the run will have) as starting right after the image tokens; `notes` says so.
+    """
+    image_tokens = source.config.num_image_tokens
+    if source.tokenizer is not None:
+        from train import input as input_lib
+
+        prompt_len = input_lib.TextFormat(source.tokenizer, cfg.data.question, image_tokens,
+                                          cfg.seq_len, source.config.model_type).prompt_len
+        return prompt_len, prompt_len - 1
+    prompt_len = min(cfg.seq_len - 2, image_tokens + PROMPT_TEXT_ESTIMATE)
+    loss_start = min(image_tokens, prompt_len - 1)
+    notes.append(f"no tokenizer here: the prompt width is estimated as {prompt_len} ({image_tokens} image "
+                 f"tokens + {PROMPT_TEXT_ESTIMATE}), the loss window as positions [{loss_start}, {cfg.seq_len})")
+    return prompt_len, loss_start
 
 
 def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -> dict[str, Any]:
@@ -163,28 +188,22 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
                        lambda path, dtype: frozen_dtypes.get(path, jnp.dtype(dtype).name))
     batch = abstract_batch(cfg, source.config, shardings)
 
-    reports, refusals = [], []
-    train_program = step_lib.train_step_program(model, step_lib.StepSpec(cfg.stage, cfg.loss, cfg.grad_accum),
-                                                tx, schedule, shardings)
-    programs = [("train_step", train_program, (state, frozen, batch))]
     notes = []
+    prompt_len, loss_start = prompt_width(cfg, source, notes)
+    reports, refusals = [], []
+    train_program = step_lib.train_step_program(
+        model, step_lib.StepSpec(cfg.stage, cfg.loss, cfg.grad_accum, cfg.remat, loss_start), tx, schedule,
+        shardings)
+    programs = [("train_step", train_program, (state, frozen, batch))]
     if cfg.stage == "refine":
         from fastvlm_jax.prompts import stop_ids
         from train.refine import refine_program
 
         if source.tokenizer is not None:
-            from train import input as input_lib
-
-            prompt_len = input_lib.TextFormat(source.tokenizer, cfg.data.question,
-                                              source.config.num_image_tokens, cfg.seq_len,
-                                              source.config.model_type).prompt_len
             eos = stop_ids(source.config, source.tokenizer)
             pad = source.tokenizer.pad_id
         else:
-            prompt_len = min(cfg.seq_len - 2, source.config.num_image_tokens + PROMPT_TEXT_ESTIMATE)
             eos, pad = (2,), 0
-            notes.append(f"no tokenizer here: the refine prompt width is estimated as {prompt_len} "
-                         f"({source.config.num_image_tokens} image tokens + {PROMPT_TEXT_ESTIMATE})")
         max_new = cfg.refine_max_new_tokens or (cfg.seq_len - prompt_len)
         programs.insert(0, ("refine_generate", refine_program(model, shardings, prompt_len, max_new, eos, pad),
                             (state.params, frozen, batch)))
@@ -196,7 +215,8 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
             reports.append(report)
 
     hbm = topology.hbm_bytes_per_device
-    estimate = model_flops(cfg.stage, source.config, abstract, cfg.batch_size, cfg.seq_len)
+    estimate = model_flops(cfg.stage, source.config, abstract, cfg.batch_size, cfg.seq_len,
+                           cfg.seq_len - loss_start if cfg.stage != "eagle" else cfg.seq_len)
     train_report = next((r for r in reports if r.name == "train_step"), None)
     # The step's time bound: the compiled costs, with the FLOPs raised to the model's own
     # count where the compiler's (one layer per scan) fall short.
@@ -216,7 +236,8 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
     return {
         "config": spec_name, "stage": cfg.stage, **tpu.topology_summary(topology),
         "mesh": dict(mesh.shape), "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-        "seq_len": cfg.seq_len, "compute_dtype": cfg.compute_dtype,
+        "seq_len": cfg.seq_len, "compute_dtype": cfg.compute_dtype, "remat": cfg.remat,
+        "prompt_len": prompt_len, "loss_positions": cfg.seq_len - loss_start if cfg.stage != "eagle" else cfg.seq_len,
         "frozen_param_dtypes": sorted({jnp.dtype(x.dtype).name for x in jax.tree.leaves(frozen)}),
         "model_source": source.where, "trainable_params": param_lib.count(trainable_abs),
         "frozen_params": param_lib.count(frozen_abs),

@@ -157,6 +157,10 @@ class TrainConfig:
     batch_size: global batch (all hosts), split into grad_accum micro-batches per step.
     seq_len: prompt (with image tokens) + caption + EOS, right-padded / truncated.
     compute_dtype: "float32" or "bfloat16" (master weights and optimizer state stay float32).
+    remat: what each decoder layer keeps for the backward pass: "none", "full" (recompute
+      the layer, keep only its input) or "dots" (keep its weight matmuls' outputs too); see
+      fastvlm_jax.layers.REMAT_POLICIES. Only the base stage backpropagates through the
+      layers: a 7B base stage needs "full" (or "dots") to fit, the draft stages ignore it.
     num_devices: use the first N devices (0: all), e.g. to run a 1-device reference.
     refine_max_new_tokens: refine stage: most tokens the full model generates per example
       (0: fill seq_len).
@@ -190,6 +194,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
     seed: int = 0
     compute_dtype: str = "float32"
+    remat: str = "none"
     log_every: int = 10
     workdir: str = ""
     refine_max_new_tokens: int = 0
@@ -220,6 +225,8 @@ class TrainConfig:
                               f"eagle_hidden_size={self.eagle_hidden_size} >= 0")
         if self.eagle_compressor not in ("pool", "prune"):
             raise ConfigError(f"eagle_compressor={self.eagle_compressor!r}: use 'pool' or 'prune'")
+        if self.remat not in ("none", "full", "dots"):
+            raise ConfigError(f"remat={self.remat!r}: use 'none', 'full' or 'dots'")
         if self.image_preset not in ("clip", "siglip"):
             raise ConfigError(f"image_preset={self.image_preset!r}: use 'clip' or 'siglip'")
 

@@ -307,6 +307,17 @@ def to_global(local: dict[str, np.ndarray], shardings: dict[str, jax.sharding.Sh
     return out
 
 
+def check_loss_window(rows: dict[str, np.ndarray], loss_start: int) -> None:
+    """The train step computes its losses on positions [loss_start, seq) only (StepSpec):
+    refuse rows whose loss mask reaches before that, which the step would silently drop."""
+    early = np.asarray(rows["loss_mask"])[:, :loss_start]
+    if early.any():
+        row, position = np.argwhere(early)[0]
+        raise ValueError(f"a row's loss mask starts at position {position}, before the loss window's start "
+                         f"{loss_start} (the prompt length - 1): the data transform and the prompt "
+                         f"length disagree (row {row} of this host's batch)")
+
+
 def default_image_config(preset: str, image_size: int) -> ImageProcessorConfig:
     if preset == "siglip":
         return ImageProcessorConfig.siglip(image_size)
@@ -320,6 +331,6 @@ def prompt_text(question: str) -> str:
 
 
 __all__ = [
-    "CaptionExample", "GlobalBatchSampler", "TextFormat", "collate", "default_image_config",
+    "CaptionExample", "GlobalBatchSampler", "TextFormat", "check_loss_window", "collate", "default_image_config",
     "host_rows", "make_loader", "prompt_text", "to_global", "train_caption_tokenizer",
 ]

@@ -152,6 +152,12 @@ def build_model(cfg: TrainConfig, mesh):
     return VLM(model_config, dtype), tokenizer, image_config, (init.params if init else None)
 
 
+def step_spec(cfg: TrainConfig, loss_start: int) -> step_lib.StepSpec:
+    """The static settings of `cfg`'s train step; loss_start: the first position that can
+    carry loss (the prompt length - 1)."""
+    return step_lib.StepSpec(cfg.stage, cfg.loss, cfg.grad_accum, cfg.remat, loss_start)
+
+
 def build_data(cfg: TrainConfig, model: VLM, tokenizer, image_config, shardings):
     """(iterator over this host's rows of each global batch, the prompt length)."""
     source = open_source(cfg)
@@ -228,8 +234,9 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
         (workdir / CONFIG_FILE).write_text(cfg.to_json())
     start_step = int(state.step)
 
-    train_step = step_lib.jit_train_step(model, step_lib.StepSpec(cfg.stage, cfg.loss, cfg.grad_accum),
-                                         tx, schedule, shardings, mesh)
+    # The prompt's last token predicts the caption's first: no position before it carries loss.
+    loss_start = prompt_len - 1
+    train_step = step_lib.jit_train_step(model, step_spec(cfg, loss_start), tx, schedule, shardings, mesh)
     refine_fn = None
     if cfg.stage == "refine":
         from fastvlm_jax.prompts import stop_ids
@@ -246,7 +253,9 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
     window_start, window_steps = time.perf_counter(), 0
     try:
         while step < cfg.steps:
-            batch = input_lib.to_global(next(data_iter), shardings.batch, cfg.batch_size)
+            rows = next(data_iter)
+            input_lib.check_loss_window(rows, loss_start)
+            batch = input_lib.to_global(rows, shardings.batch, cfg.batch_size)
             if refine_fn is not None:
                 batch = refine_fn(state.params, frozen, batch)
             state, metrics = train_step(state, frozen, batch)

@@ -94,11 +94,21 @@ def make_optimizer(optim: OptimConfig, total_steps: int) -> optax.GradientTransf
 
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
-    """Static settings of the step (hashable: part of the jitted function)."""
+    """Static settings of the step (hashable: part of the jitted function).
+
+    remat: what each decoder layer keeps for the backward pass (fastvlm_jax.layers.
+      REMAT_POLICIES); only the base stage differentiates through the layer stack.
+    loss_start: the first position that can carry loss (the prompt's last token predicts
+      the caption's first): the LM head, the imitation losses and the metrics run on
+      positions [loss_start, seq) only. With LLaVA's 576 image tokens that is ~44 of 640
+      positions, and the [batch, seq, vocab] logits are the step's largest activations.
+    """
 
     stage: str
     loss: LossConfig
     grad_accum: int = 1
+    remat: str = "none"
+    loss_start: int = 0
 
 
 def forward_losses(model: VLM, spec: StepSpec, trainable: Params, frozen: Params, batch: Batch,
@@ -112,6 +122,7 @@ def forward_losses(model: VLM, spec: StepSpec, trainable: Params, frozen: Params
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
 
     hidden = model.embed(params, ids, model.encode_images(params, batch["pixels"]))
+    window = slice(spec.loss_start, None)  # the positions that carry loss (StepSpec)
     if spec.stage == "eagle":
         # The head reads only the model's first and last states: no exit-layer states.
         h_last, _, _ = model.run_layers(params, hidden, positions, 0, num_layers)
@@ -124,13 +135,17 @@ def forward_losses(model: VLM, spec: StepSpec, trainable: Params, frozen: Params
     # One pass over the whole layer stack (which scans the stacked params directly, so
     # the base stage's gradients stay one [num_layers, ...] array per leaf) that also
     # returns the exit-layer states the draft path reads.
-    h_last, _, states = model.run_layers(params, hidden, positions, 0, num_layers, collect=(exit_layer,))
-    h_exit = states[exit_layer]
+    h_last, _, states = model.run_layers(params, hidden, positions, 0, num_layers, collect=(exit_layer,),
+                                         remat=spec.remat)
+    # The imitation network sees every position (it may attend); everything after it
+    # only the loss window.
+    draft_hidden, _ = model.imitate(params, jax.lax.stop_gradient(states[exit_layer]), positions)
+    h_last, draft_hidden = h_last[:, window], draft_hidden[:, window]
+    targets, mask = targets[:, window], mask[:, window]
     full_logits = model.logits(params, h_last)
 
     if spec.stage == "base":
         # The draft path is only measured here (untrained imitation = plain early exit).
-        draft_hidden, _ = model.imitate(params, jax.lax.stop_gradient(h_exit), positions)
         draft_logits = jax.lax.stop_gradient(model.logits(params, draft_hidden))
         ce = losses.cross_entropy(full_logits, targets, mask)
         loss = ce
@@ -139,7 +154,6 @@ def forward_losses(model: VLM, spec: StepSpec, trainable: Params, frozen: Params
         # Online teacher: the frozen deep layers' outputs, computed in this same pass.
         teacher_hidden = jax.lax.stop_gradient(h_last)
         teacher_logits = jax.lax.stop_gradient(full_logits)
-        draft_hidden, _ = model.imitate(params, jax.lax.stop_gradient(h_exit), positions)
         draft_logits = model.logits(params, draft_hidden)
         weights = mask
         if spec.stage == "refine":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compile-only runs for LLaVA-1.5-7B on named TPU topologies (nothing runs on a TPU; libtpu's
-# compiler on this CPU host). Usage: benchmarks/tpu_compile/run.sh CHAIN, CHAIN in {train, decode, decode-batches, drafters, trees}.
+# compiler on this CPU host). Usage: benchmarks/tpu_compile/run.sh CHAIN, CHAIN in {train, train-stages, refine-stages, decode, decode-batches, drafters, trees}.
 # Each command's console output goes to benchmarks/tpu_compile/NAME.log, its report to NAME.json.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -69,5 +69,24 @@ case "${1:-}" in
           --json $OUT/decode_batches_$1_$3.json
     done
     ;;
-  *) echo "usage: $0 train|decode|decode-batches|drafters|trees" >&2; exit 2 ;;
+  train-stages)
+    # Every training stage of LLaVA-1.5-7B and 13B on v5e and v5p slices, with the loss
+    # window (LM head only where loss is) and the base stage's remat (issue 16).
+    for spec in "llava15_7b base v5e:4x8 v5e_4x8" "llava15_7b imitation v5e:4x8 v5e_4x8" \
+                "llava15_7b base v5p:2x2x4 v5p_2x2x4" "llava15_13b imitation v5p:2x2x4 v5p_2x2x4" \
+                "llava15_13b imitation v5e:4x8 v5e_4x8" "llava15_7b imitation v5p:2x2x4 v5p_2x2x4" \
+                "llava15_13b base v5e:4x8 v5e_4x8" "llava15_13b base v5p:2x2x4 v5p_2x2x4"; do
+      set -- $spec
+      run stages_$1_$2_$4 $PY -m train.run --config configs/$1.py:$2 --compile-only $3 \
+          --json $OUT/stages_$1_$2_$4.json
+    done
+    ;;
+  refine-stages)
+    for spec in "llava15_7b v5e:4x8 v5e_4x8" "llava15_13b v5p:2x2x4 v5p_2x2x4"; do
+      set -- $spec
+      run stages_$1_refine_$3 $PY -m train.run --config configs/$1.py:refine --compile-only $2 \
+          --json $OUT/stages_$1_refine_$3.json
+    done
+    ;;
+  *) echo "usage: $0 train|train-stages|refine-stages|decode|decode-batches|drafters|trees" >&2; exit 2 ;;
 esac
