@@ -19,7 +19,9 @@ import dataclasses
 import math
 import os
 import re
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 GiB = 1024**3
@@ -250,16 +252,24 @@ def compile_program(name: str, program, args, mesh, topology: "Topology"):
     start = time.perf_counter()
     with jax.set_mesh(mesh), sharding.axis_rules(sharding.DEFAULT_RULES):
         lowered = program.lower(*args)
-    try:
-        compiled = lowered.compile()
-    except jax.errors.JaxRuntimeError as err:
-        first = next((line for line in str(err).splitlines() if line.strip()), str(err))
-        return None, f"{name}: the TPU compiler refused it: {first}"
-    return analyze(name, compiled, topology, time.perf_counter() - start), None
+    with tempfile.TemporaryDirectory(prefix="fastvlm_hlo_") as dump_dir:
+        try:
+            # The compiler also writes its optimized HLO as text: some libtpu versions emit
+            # ops that jaxlib's `as_text` cannot parse back (seen on v5p), and the
+            # collective counts are read from this text instead.
+            compiled = lowered.compile(compiler_options={"xla_dump_to": dump_dir, "xla_dump_hlo_as_text": True})
+        except jax.errors.JaxRuntimeError as err:
+            first = next((line for line in str(err).splitlines() if line.strip()), str(err))
+            return None, f"{name}: the TPU compiler refused it: {first}"
+        dumped = sorted(Path(dump_dir).glob("*after_optimizations.txt"), key=lambda p: p.stat().st_size)
+        hlo_text = dumped[-1].read_text() if dumped else None
+    return analyze(name, compiled, topology, time.perf_counter() - start, hlo_text), None
 
 
-def analyze(name: str, compiled, topology: Topology, compile_seconds: float = 0.0) -> CompileReport:
-    """The compiler's memory and cost figures of `compiled` (a jax.stages.Compiled)."""
+def analyze(name: str, compiled, topology: Topology, compile_seconds: float = 0.0,
+            hlo_text: str | None = None) -> CompileReport:
+    """The compiler's memory and cost figures of `compiled` (a jax.stages.Compiled);
+    hlo_text: its optimized HLO as the compiler wrote it, when `as_text` cannot read it."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
     flops = float(cost.get("flops", 0.0))
@@ -269,7 +279,7 @@ def analyze(name: str, compiled, topology: Topology, compile_seconds: float = 0.
     try:
         text = compiled.as_text()
     except Exception:  # noqa: BLE001  (seen: a libtpu newer than jaxlib emits HLO jaxlib cannot parse)
-        text = None
+        text = hlo_text
     return CompileReport(
         name=name, memory=memory_report(compiled), flops=flops, bytes_accessed=moved,
         transcendentals=float(cost.get("transcendentals", 0.0)),
@@ -325,7 +335,6 @@ def write_report(report: dict[str, Any], json_path: str | None, failure: str | N
     stderr as 'error: ...'). Returns the exit status: 0 fits, 1 does not fit or refused."""
     import json
     import sys
-    from pathlib import Path
 
     if json_path:
         path = Path(json_path)

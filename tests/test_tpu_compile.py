@@ -61,6 +61,28 @@ def test_collective_counts_read_sync_and_async_ops():
                       "collective-permute": 1}
 
 
+def test_collectives_from_the_compilers_own_text_when_as_text_fails():
+    """libtpu 0.0.52 on v5p emits HLO jaxlib cannot parse back: the counts then come from
+    the text the compiler wrote (compile_program dumps it)."""
+    import jax
+    import jax.numpy as jnp
+
+    compiled = jax.jit(lambda x: x * 2).lower(jnp.zeros(4)).compile()
+
+    class Unreadable:
+        def __getattr__(self, name):
+            return getattr(compiled, name)
+
+        def as_text(self):
+            raise RuntimeError("INVALID_ARGUMENT: unknown opcode")
+
+    topology = tpu.Topology("cpu", tpu.CHIPS["v5e"], [jax.devices()[0]], 1)
+    text = "%ar = f32[4] all-reduce(f32[4] %p)\n%w = (f32[4]) while((f32[4]) %t)"
+    report = tpu.analyze("f", Unreadable(), topology, hlo_text=text)
+    assert report.collectives["all-reduce"] == 1 and report.while_loops == 1
+    assert tpu.analyze("f", Unreadable(), topology).collectives is None
+
+
 def test_acceptance_profile_from_a_number_and_from_a_stats_json(tmp_path):
     from decode.bench.compile_only import CompileOnlyError, parse_acceptance
 
