@@ -313,10 +313,9 @@ class Captioner:
         kind, _, path = drafter.partition(":")
         if kind != "model" or not path:
             raise ValueError(f"unknown drafter {drafter!r}: use imitation, eagle or model:CKPT")
-        if path == "demo-draft":
-            from fastvlm_jax.demo import demo_draft_checkpoint
+        from fastvlm_jax import demo
 
-            path = demo_draft_checkpoint()
+        path = demo.resolve(path)
         small = load_checkpoint(path, mesh=mesh, dtype=self.dtype)
         check_same_tokenizer(self.tokenizer, small.tokenizer, path)
         if small.image_config != self.image_config:

@@ -248,12 +248,12 @@ def resolve_checkpoint(ckpt: str) -> str:
     to be a checkpoint folder."""
     from fastvlm_jax.checkpoint import CheckpointError, load_config
 
-    if ckpt in ("demo", "demo-draft"):
-        from fastvlm_jax.demo import DemoMissingError, demo_checkpoint, demo_draft_checkpoint
+    from fastvlm_jax import demo
 
+    if ckpt in demo.DEMO_NAMES:
         try:
-            return os.fspath(demo_checkpoint() if ckpt == "demo" else demo_draft_checkpoint())
-        except DemoMissingError as e:
+            return os.fspath(demo.resolve(ckpt))
+        except demo.DemoMissingError as e:
             raise UsageError(f"--ckpt {ckpt}: {e}") from None
     from fastvlm_jax.paths import is_url
 

@@ -26,34 +26,41 @@ def cache_root() -> Path:
     return Path(os.environ.get("FASTVLM_CACHE", Path.home() / ".cache" / "fastvlm_jax")) / "demo"
 
 
-def demo_checkpoint(progress: bool = True) -> Path:
-    """Path of the demo checkpoint: the packaged one, else one built into `cache_root()`.
+# The names `--ckpt` and `--drafter model:` accept for the shipped checkpoints.
+DEMO_NAMES = ("demo", "demo-draft")
 
-    progress: unused (kept for callers; the demo is never trained from here).
-    """
-    del progress
-    if (ASSET_DIR / "config.json").is_file():
-        return ASSET_DIR
-    export = cache_root() / "refine" / "export"
-    if (export / "config.json").is_file():
-        return export
-    raise DemoMissingError(
-        f"the demo model is not bundled with this install ({ASSET_DIR} is missing): build it with "
-        f"`python -m train.demo_recipe --root {cache_root()}` (about an hour on 2 CPU cores), or "
-        "reinstall fastvlm-jax with its package data")
+
+def _packaged_or_built(asset_dir: Path, built: str, what: str, how: str) -> Path:
+    """asset_dir if it holds a checkpoint, else cache_root() / built; DemoMissingError
+    saying how to build it otherwise."""
+    for folder in (asset_dir, cache_root() / built):
+        if (folder / "config.json").is_file():
+            return folder
+    raise DemoMissingError(f"{what} is not bundled with this install ({asset_dir} is missing): build it with "
+                           f"`python -m train.demo_recipe --root {cache_root()}{how}, or reinstall "
+                           "fastvlm-jax with its package data")
+
+
+def demo_checkpoint() -> Path:
+    """Path of the demo checkpoint: the packaged one, else one built into `cache_root()`."""
+    return _packaged_or_built(ASSET_DIR, "refine/export", "the demo model",
+                              "` (about an hour on 2 CPU cores)")
 
 
 def demo_draft_checkpoint() -> Path:
     """Path of the demo's draft model: the packaged one, else one built into `cache_root()`."""
-    if (DRAFT_ASSET_DIR / "config.json").is_file():
-        return DRAFT_ASSET_DIR
-    export = cache_root() / "draft_model" / "export"
-    if (export / "config.json").is_file():
-        return export
-    raise DemoMissingError(
-        f"the demo's draft model is not bundled with this install ({DRAFT_ASSET_DIR} is missing): build "
-        f"it with `python -m train.demo_recipe --root {cache_root()} --draft-model` (about 10 minutes on "
-        "2 CPU cores once the demo is built), or reinstall fastvlm-jax with its package data")
+    return _packaged_or_built(DRAFT_ASSET_DIR, "draft_model/export", "the demo's draft model",
+                              " --draft-model` (about 10 minutes on 2 CPU cores once the demo is built)")
+
+
+def resolve(ckpt: str | os.PathLike) -> str | os.PathLike:
+    """`demo` / `demo-draft` -> the shipped checkpoint's folder (DemoMissingError if it is
+    absent); any other name or path unchanged."""
+    if ckpt == "demo":
+        return demo_checkpoint()
+    if ckpt == "demo-draft":
+        return demo_draft_checkpoint()
+    return ckpt
 
 
 def package_demo(export_dir: str | os.PathLike, out_dir: str | os.PathLike = ASSET_DIR) -> Path:

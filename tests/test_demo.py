@@ -13,7 +13,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def test_demo_is_shipped_and_loads():
-    path = demo.demo_checkpoint(progress=False)
+    path = demo.demo_checkpoint()
     assert path == demo.ASSET_DIR, "the demo must ship with the package, not be rebuilt"
     ckpt = load_checkpoint(path)
     assert ckpt.tokenizer is not None and ckpt.image_config is not None

@@ -77,14 +77,12 @@ def _load(spec: str, seed: int) -> BenchModel:
         return BenchModel(config, jax.jit(VLM(config).init)(jax.random.key(seed)), source=spec)
     from fastvlm_jax.checkpoint import CheckpointError, load_checkpoint
 
-    path = spec
-    if spec in ("demo", "demo-draft"):
-        from fastvlm_jax import demo
+    from fastvlm_jax import demo
 
-        try:
-            path = demo.demo_checkpoint() if spec == "demo" else demo.demo_draft_checkpoint()
-        except demo.DemoMissingError as err:
-            raise SystemExit(f"error: {err}")
+    try:
+        path = demo.resolve(spec)
+    except demo.DemoMissingError as err:
+        raise SystemExit(f"error: {err}")
     try:
         ckpt = load_checkpoint(path)
     except CheckpointError as err:
@@ -116,7 +114,7 @@ def load_drafter(bench: BenchModel, name: str) -> BenchDrafter:
     kind, _, path = name.partition(":")
     if kind != "model" or not path:
         raise SystemExit(f"error: unknown --drafter {name!r}: use imitation, eagle or model:CKPT")
-    small = _load("demo-draft" if path == "demo-draft" else path, 0)
+    small = _load(path, 0)
     if bench.tokenizer is not None:
         from decode.captioner import check_same_tokenizer
         from fastvlm_jax.checkpoint import CheckpointError
