@@ -100,7 +100,7 @@ class StepSpec:
       REMAT_POLICIES); only the base stage differentiates through the layer stack.
     loss_start: the first position that can carry loss (the prompt's last token predicts
       the caption's first): the LM head, the imitation losses and the metrics run on
-      positions [loss_start, seq) only. With LLaVA's 576 image tokens that is ~44 of 640
+      positions [loss_start, seq) only. With LLaVA's 576 image tokens that is a few dozen of 640
       positions, and the [batch, seq, vocab] logits are the step's largest activations.
     """
 

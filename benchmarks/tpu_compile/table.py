@@ -47,13 +47,58 @@ def decode_rows(paths):
             yield "| " + " | ".join(cells) + " |"
 
 
+def stage_rows(paths):
+    """run.sh train-stages / refine-stages: every stage, with what it trains and the loss window."""
+    yield ("| config:stage | topology | mesh | batch x seq (loss positions) | trained params | remat | "
+           "peak per chip | of HBM | fits | FLOPs per step | roofline step time | collectives (static) | compile |")
+    yield "|---|---|---|---|--:|---|--:|--:|:-:|--:|--:|---|--:|"
+    for path in paths:
+        r = json.loads(path.read_text())
+        coll = "; ".join(f"{name}: " + (", ".join(f"{k} {v}" for k, v in p["collectives"].items() if v)
+                                        if p["collectives"] is not None else "n/a")
+                         for name, p in r["programs"].items())
+        compile_s = " + ".join(f"{p['compile_seconds']:.0f}" for p in r["programs"].values())
+        mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
+        yield (f"| {Path(r['config']).name} | {r['topology']} | {mesh} | {r['batch_size']} x {r['seq_len']} "
+               f"({r['loss_positions']}) | {r['trainable_params'] / 1e9:.3f}e9 | {r['remat']} | "
+               f"{r['per_chip_peak_bytes'] / GiB:.2f} GiB | {r['hbm_bytes_per_chip'] / GiB:.0f} GiB | "
+               f"{'yes' if r['fits'] else 'no'} | {r['flops_per_step']:.3g} | "
+               f"{1000 * r['step_time_lower_bound_s']:.0f} ms | {coll} | {compile_s} s |")
+
+
+def batch_rows(paths):
+    """run.sh decode-batches: the pieces per batch size and the predictions at the demo's
+    measured profile and at the paper's implied acceptances."""
+    yield ("| model | topology | mesh | batch | KV cache per chip | peak per chip | AR step | draft step | "
+           "verify (G+1) | demo profile: tokens/round, speedup | paper 1.55x: a, tokens/round, speedup | "
+           "paper 1.85x: a, tokens/round, speedup |")
+    yield "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+    for path in paths:
+        r = json.loads(path.read_text())
+        mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
+        for run in r["runs"]:
+            p = run["pieces"]
+            ms = {k: f"{1000 * p[k]['time_lower_bound_s']:.2f} ms" for k in ("ar_step", "draft_step", "verify")}
+            paper = {e["paper_speedup"]: e for e in run.get("paper_implied", [])}
+            cells = [r["model"], r["topology"], mesh, str(run["batch_size"]),
+                     f"{run['kv_cache_bytes_per_device'] * r['devices_per_chip'] / GiB:.2f} GiB",
+                     f"{run['per_chip_peak_bytes'] / GiB:.2f} GiB", ms["ar_step"], ms["draft_step"], ms["verify"],
+                     f"{run['tokens_per_round']:.2f}, {run['predicted_speedup']:.2f}x"]
+            for speedup in (1.55, 1.85):
+                e = paper.get(speedup)
+                cells.append(f"{e['per_position_acceptance']:.3f}, {e['tokens_per_round']:.2f}, "
+                             f"{e['predicted_speedup']:.2f}x" if e and e["per_position_acceptance"] else "-")
+            yield "| " + " | ".join(cells) + " |"
+
+
 if __name__ == "__main__":
     files = sorted(HERE.glob("*.json"))
-    train = [f for f in files if not f.name.startswith("decode_")]
-    decode = [f for f in files if f.name.startswith("decode_")]
-    if train:
-        print("\n".join(train_rows(train)))
-    if decode:
-        print()
-        print("\n".join(decode_rows(decode)))
+    stages = [f for f in files if f.name.startswith("stages_")]
+    batches = [f for f in files if f.name.startswith("decode_batches_")]
+    train = [f for f in files if f.name.startswith("llava15_")]
+    decode = [f for f in files if f.name.startswith("decode_llava15_")]
+    for rows, group in ((stage_rows, stages), (batch_rows, batches), (train_rows, train), (decode_rows, decode)):
+        if group:
+            print("\n".join(rows(group)))
+            print()
     sys.exit(0)
