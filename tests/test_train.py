@@ -195,14 +195,86 @@ def test_worker_processes_give_the_same_batches(data_dir, tokenizer):
 
 
 def test_compose_refine_sequences():
-    ids = jnp.asarray([[1, 5, 6, 7, 8, 9], [1, 5, 6, 7, 8, 9]], jnp.int32)
-    plen = jnp.asarray([2, 3], jnp.int32)
-    gen = jnp.asarray([[20, 21, 2, -1], [30, 31, 32, 33]], jnp.int32)
-    num = jnp.asarray([3, 4], jnp.int32)
+    ids = np.asarray([[1, 5, 6, 7, 8, 9], [1, 5, 6, 7, 8, 9]], np.int32)
+    plen = np.asarray([2, 3], np.int32)
+    gen = np.asarray([[20, 21, 2, -1], [30, 31, 32, 33]], np.int32)
+    num = np.asarray([3, 4], np.int32)
     out = compose_sequences(ids, plen, gen, num, pad_id=0)
     np.testing.assert_array_equal(out["input_ids"], [[1, 5, 20, 21, 2, 0], [1, 5, 6, 30, 31, 32]])
     np.testing.assert_array_equal(out["targets"], [[5, 20, 21, 2, 0, 0], [5, 6, 30, 31, 32, 0]])
     np.testing.assert_array_equal(out["loss_mask"], [[0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0]])
+
+
+def test_refine_sequences_are_generated_once_resumed_and_checked(data_dir, tokenizer, tmp_path,
+                                                                  monkeypatch):
+    """The refine pre-pass with a stand-in generator (a function of the pixels): every record
+    once, a killed pass resumes from its finished parts, a finished set is reused, another
+    run's set is refused; the training example is prompt + the stored tokens."""
+    from fastvlm_jax import sharding
+    from fastvlm_jax.data import tfds_builders
+    from train import refine
+    from train.step import batch_shardings
+
+    source = tfds_builders.open_split("synthetic_captions/tiny", "train", str(data_dir), decode=False)
+    image_config = input_lib.default_image_config("clip", 16)
+    transform = input_lib.CaptionExample(tokenizer, image_config, "Describe the image.", 4, 48)
+    shardings = batch_shardings(sharding.make_mesh(sharding.MeshConfig(data=-1)))
+    # 21 of the records a 3-step run reads: 3 global batches of 8, the last one part padding.
+    record_ids = refine.records_to_generate(len(source), 8, 3, seed=0)[:21]
+    assert len(set(record_ids.tolist())) == 21
+    max_new = 5
+
+    @jax.jit
+    def fake(prompts):  # a record's "generation" depends on its pixels only, as greedy decoding does
+        key = (jnp.abs(prompts["pixels"]).sum(axis=(1, 2, 3)) * 100).astype(jnp.int32)
+        return (key[:, None] + jnp.arange(max_new)[None]) % 50, key % max_new + 1
+
+    calls = []
+
+    def generate_fn(prompts):
+        if len(calls) == fail_at:
+            raise KeyboardInterrupt("killed")
+        calls.append(1)
+        return fake(prompts)
+
+    def run(max_new_tokens=max_new):
+        wanted = refine.identity(init_from="model", compute_dtype="float32", max_new_tokens=max_new_tokens,
+                                 eos_ids=(2,), prompt_ids=transform.text.prompt, image_config=image_config,
+                                 source=source, record_ids=record_ids)
+        return refine.pregenerate(tmp_path / "seq", wanted, source, transform, record_ids, generate_fn,
+                                  shardings, 8, max_new_tokens)
+
+    monkeypatch.setattr(refine, "CHUNK_BATCHES", 1)
+    fail_at = 1  # killed in the second batch: the first one's part is kept
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    assert len(refine.part_files(tmp_path / "seq")) == 1
+    fail_at = None
+    done = run()
+    assert len(calls) == 3 and done.stats["batches_generated"] == 2  # resumed: batches 1 and 2 only
+    np.testing.assert_array_equal(done.record_ids, np.sort(record_ids))
+    for i, record in enumerate(done.record_ids):
+        prompt = refine.prompt_example(transform, source[int(record)])
+        want_tokens, want_length = jax.device_get(fake({k: v[None] for k, v in prompt.items()}))
+        np.testing.assert_array_equal(done.tokens[i], want_tokens[0])
+        assert done.lengths[i] == want_length[0]
+    again = run()  # complete: reused, nothing generated
+    assert len(calls) == 3 and np.array_equal(again.tokens, done.tokens)
+    with pytest.raises(config_lib.ConfigError, match=r"seq holds refine sequences generated with "
+                                                     r"max_new_tokens=5.*needs max_new_tokens=6.*delete"):
+        run(max_new_tokens=6)
+
+    # Training examples: the caption example's prompt and pixels, then the stored tokens.
+    example = refine.RefineExample(tokenizer, image_config, "Describe the image.", 4, 48)
+    record = int(done.record_ids[4])
+    item = refine.WithSequences(source, done)[record]
+    got = example.random_map(item, np.random.default_rng(0))
+    base = transform.random_map(source[record], np.random.default_rng(0))
+    plen, n = int(base["prompt_len"]), int(done.lengths[4])
+    np.testing.assert_array_equal(got["pixels"], base["pixels"])
+    np.testing.assert_array_equal(got["input_ids"][:plen], base["input_ids"][:plen])
+    np.testing.assert_array_equal(got["input_ids"][plen:plen + n], done.tokens[4][:n])
+    assert got["loss_mask"].sum() == n
 
 
 def test_split_and_merge_params():
@@ -384,3 +456,24 @@ def test_draft_stages_leave_the_base_model_bit_identical(data_dir, tmp_path):
     assert any(not np.array_equal(middle[k], after[k]) for k in moved)
     records = th.losses(tmp_path / "refine")
     assert len(records) == 3 and all(np.isfinite(list(records.values())))
+    # The refine stage trained on sequences generated once, before its first step: one per
+    # record its 3 steps read, and each is the full model's greedy decoding of that record
+    # alone (the pre-pass decoded it within another batch).
+    from decode.engine import DecodeSpec, Prompts, generate
+    from fastvlm_jax.data import tfds_builders
+    from fastvlm_jax.model import VLM
+    from fastvlm_jax.prompts import stop_ids
+    from train import refine as refine_lib
+
+    stored = refine_lib.load_sequences(tmp_path / "refine" / refine_lib.SEQUENCES_DIR)
+    assert stored.tokens.shape == (3 * 8, 8) and len(set(stored.record_ids.tolist())) == 3 * 8
+    model_ckpt = load_checkpoint(imitation.export_dir)
+    source = tfds_builders.open_split("synthetic_captions/tiny", "train", str(data_dir), decode=False)
+    transform = input_lib.CaptionExample(model_ckpt.tokenizer, model_ckpt.image_config, "Describe the image.",
+                                         model_ckpt.config.num_image_tokens, 48)
+    prompt = refine_lib.prompt_example(transform, source[int(stored.record_ids[5])])
+    out = generate(VLM(model_ckpt.config), model_ckpt.params,
+                   Prompts(prompt["input_ids"][None], prompt["prompt_len"][None], prompt["pixels"][None]),
+                   DecodeSpec(mode="ar", capacity=8, eos_ids=stop_ids(model_ckpt.config, model_ckpt.tokenizer)),
+                   8)
+    np.testing.assert_array_equal(np.asarray(out.tokens[0]), stored.tokens[5])

@@ -6,9 +6,10 @@ The same pieces as train.run build the program (mesh rules, trainable split, opt
 shardings, batch, seq_len, dtype, the jitted step of train/step.py), but every input is
 a ShapeDtypeStruct with a NamedSharding on a Mesh of the topology's abstract devices, so
 no parameter is allocated. The refine stage also compiles its generation program
-(train/refine.py), which runs before every step. Reported per program: memory per chip,
-FLOPs and bytes per step, collectives, roofline time (fastvlm_jax.tpu); the run fits
-when every program fits.
+(`refine_pregenerate`, train/refine.py: one global batch of the one-off pre-pass that
+writes the full model's greedy sequences before training, not a per-step cost).
+Reported per program: memory per chip, FLOPs and bytes per step, collectives, roofline
+time (fastvlm_jax.tpu); the run fits when every program fits.
 
 Where the model comes from: `model` (from scratch), else the `init_from` checkpoint's
 config.json and saved dtypes (its params are not read), else the config's named
@@ -197,16 +198,18 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
     programs = [("train_step", train_program, (state, frozen, batch))]
     if cfg.stage == "refine":
         from fastvlm_jax.prompts import stop_ids
-        from train.refine import refine_program
+        from train.refine import generate_program
 
         if source.tokenizer is not None:
             eos = stop_ids(source.config, source.tokenizer)
-            pad = source.tokenizer.pad_id
         else:
-            eos, pad = (2,), 0
+            eos = (2,)
         max_new = cfg.refine_max_new_tokens or (cfg.seq_len - prompt_len)
-        programs.insert(0, ("refine_generate", refine_program(model, shardings, prompt_len, max_new, eos, pad),
-                            (state.params, frozen, batch)))
+        prompts = {"input_ids": jax.ShapeDtypeStruct((cfg.batch_size, prompt_len), jnp.int32,
+                                                     sharding=shardings.batch["input_ids"]),
+                   "prompt_len": batch["prompt_len"], "pixels": batch["pixels"]}
+        programs.insert(0, ("refine_pregenerate", generate_program(model, shardings, max_new, eos),
+                            (state.params, frozen, prompts)))
     for name, program, args in programs:
         report, refusal = tpu.compile_program(name, program, args, mesh, topology)
         if report is None:
@@ -245,7 +248,8 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
         "hbm_bytes_per_device": hbm,
         "fits": not refusals and not over,
         "reason": reason,
-        # The train step's figures (refine also runs `refine_generate` first, see programs).
+        # The train step's figures (refine also runs `refine_pregenerate`, once per global batch
+        # of its records before training, see programs).
         # flops_per_step: the model FLOPs of the step (model_flops); compiled_flops_per_step:
         # the compiler's, which count each layer scan's body once.
         "flops_per_step": estimate,

@@ -1,8 +1,9 @@
 """Training CLI and loop: `python -m train.run --config configs/NAME.py[:ARG] [--workdir DIR] [k=v ...]`.
 
-One loop serves the three stages (base / imitation / refine); they differ in which
-parameters are trainable and in the loss (train/step.py). The run resumes from the
-latest checkpoint in the workdir automatically, saves every `checkpoint.save_every`
+One loop serves the stages (base / imitation / refine / eagle); they differ in which
+parameters are trainable and in the loss (train/step.py), and the refine stage first
+writes the frozen model's greedy sequences once (train/refine.py) and trains on them.
+The run resumes from the latest checkpoint in the workdir automatically, saves every `checkpoint.save_every`
 steps and on SIGTERM, and exports the final model to workdir/export in our checkpoint
 format (with tokenizer and preprocessor), loadable by `python -m decode.run --ckpt`.
 
@@ -158,16 +159,44 @@ def step_spec(cfg: TrainConfig, loss_start: int) -> step_lib.StepSpec:
     return step_lib.StepSpec(cfg.stage, cfg.loss, cfg.grad_accum, cfg.remat, loss_start)
 
 
-def build_data(cfg: TrainConfig, model: VLM, tokenizer, image_config, shardings):
-    """(iterator over this host's rows of each global batch, the prompt length)."""
-    source = open_source(cfg)
-    transform = input_lib.CaptionExample(tokenizer, image_config, cfg.data.question,
-                                         model.config.num_image_tokens, cfg.seq_len,
-                                         cfg.data.caption_index, model.config.model_type)
+def caption_transform(cfg: TrainConfig, model: VLM, tokenizer, image_config,
+                      cls: type = input_lib.CaptionExample) -> input_lib.CaptionExample:
+    """Record -> training example (`cls`: the caption pipeline's, or the refine stage's)."""
+    return cls(tokenizer, image_config, cfg.data.question, model.config.num_image_tokens, cfg.seq_len,
+               cfg.data.caption_index, model.config.model_type)
+
+
+def build_data(cfg: TrainConfig, source, transform, shardings):
+    """Iterator over this host's rows of each global batch."""
     rows = input_lib.host_rows(shardings.batch["input_ids"], cfg.batch_size)
     loader = input_lib.make_loader(source, transform, cfg.batch_size, rows, cfg.seed,
                                    cfg.data.worker_count, cfg.data.read_threads)
-    return iter(loader), transform.text.prompt_len
+    return iter(loader)
+
+
+def refine_sequences(cfg: TrainConfig, workdir, model: VLM, mesh, shardings, trainable, frozen,
+                     tokenizer, image_config, source, transform, progress: bool):
+    """The refine stage's pre-pass: the frozen full model's greedy generation for every record
+    the run reads, made once (or reused) in workdir/refine_sequences (train.refine)."""
+    from fastvlm_jax.prompts import stop_ids
+    from train import refine as refine_lib
+
+    prompt_len = transform.text.prompt_len
+    max_new = cfg.refine_max_new_tokens or (cfg.seq_len - prompt_len)
+    eos = stop_ids(model.config, tokenizer)
+    record_ids = refine_lib.records_to_generate(len(source), cfg.batch_size, cfg.steps, cfg.seed)
+    wanted = refine_lib.identity(init_from=cfg.init_from, compute_dtype=cfg.compute_dtype,
+                                 max_new_tokens=max_new, eos_ids=eos, prompt_ids=transform.text.prompt,
+                                 image_config=image_config, source=source, record_ids=record_ids)
+    program = refine_lib.generate_program(model, shardings, max_new, eos)
+
+    def generate_fn(prompts):
+        with jax.set_mesh(mesh):
+            return program(trainable, frozen, prompts)
+
+    return refine_lib.pregenerate(workdir / refine_lib.SEQUENCES_DIR, wanted, source, transform, record_ids,
+                                  generate_fn, shardings.batch, cfg.batch_size, max_new, progress=progress,
+                                  read_threads=cfg.data.read_threads)
 
 
 def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progress: bool = True,
@@ -202,8 +231,6 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
     saved_dtypes = jax.tree.map(lambda x: x.dtype, trainable)
     trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
 
-    data_iter, prompt_len = build_data(cfg, model, tokenizer, image_config, shardings)
-
     # State: resume from the workdir, or start fresh.
     checkpointer = checkpointing.Checkpointer(workdir / CHECKPOINT_DIR, cfg.checkpoint.keep,
                                               cfg.checkpoint.async_save)
@@ -216,7 +243,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
         meta["eagle"] = {"hidden_size": cfg.eagle_hidden_size, "image_pool": cfg.eagle_image_pool,
                          "compressor": cfg.eagle_compressor}
     latest = checkpointer.latest_step()
-    if latest is not None:
+    if latest is not None:  # the run must match the checkpoint it resumes
         saved_meta = checkpointer.read_meta(latest)
         for key in meta:
             if key not in saved_meta and key not in ("stage", "init_from", "seed", "process_count"):
@@ -225,6 +252,22 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
                 raise ConfigError(f"{workdir} holds a checkpoint with {key}={saved_meta.get(key)!r}, "
                                   f"this run has {key}={meta[key]!r}: a resumed run must keep it "
                                   "(use a fresh workdir, or init_from the export to start a new run)")
+
+    # Data (after the checks above: a mismatched resume fails before the refine pre-pass).
+    source = open_source(cfg)
+    transform = caption_transform(cfg, model, tokenizer, image_config)
+    if cfg.stage == "refine":
+        # Generated once before training (not per step): the full model is frozen and the
+        # prompt fixed, so each record's greedy sequence never changes during the stage.
+        from train.refine import RefineExample, WithSequences
+
+        sequences = refine_sequences(cfg, workdir, model, mesh, shardings, trainable, frozen, tokenizer,
+                                     image_config, source, transform, progress and primary)
+        source = WithSequences(source, sequences)
+        transform = caption_transform(cfg, model, tokenizer, image_config, RefineExample)
+    data_iter = build_data(cfg, source, transform, shardings)
+
+    if latest is not None:
         target = step_lib.abstract_state(shardings, param_lib.split(abstract, trainable_paths)[0], tx)
         state = checkpointer.restore(latest, target, data_iter)
     else:
@@ -235,17 +278,8 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
     start_step = int(state.step)
 
     # The prompt's last token predicts the caption's first: no position before it carries loss.
-    loss_start = prompt_len - 1
+    loss_start = transform.text.prompt_len - 1
     train_step = step_lib.jit_train_step(model, step_spec(cfg, loss_start), tx, schedule, shardings, mesh)
-    refine_fn = None
-    if cfg.stage == "refine":
-        from fastvlm_jax.prompts import stop_ids
-        from train.refine import make_refine_fn
-
-        max_new = cfg.refine_max_new_tokens or (cfg.seq_len - prompt_len)
-        refine_fn = make_refine_fn(model, shardings, mesh, prompt_len, max_new,
-                                   stop_ids(model.config, tokenizer), tokenizer.pad_id)
-
     logger = metrics_lib.MetricsLogger(workdir, cfg.steps, start_step, progress=progress and primary)
     preemption = checkpointing.PreemptionFlag(sync_every=cfg.log_every)
     status, step, last, saved_step = "done", start_step, {}, latest
@@ -256,8 +290,6 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
             rows = next(data_iter)
             input_lib.check_loss_window(rows, loss_start)
             batch = input_lib.to_global(rows, shardings.batch, cfg.batch_size)
-            if refine_fn is not None:
-                batch = refine_fn(state.params, frozen, batch)
             state, metrics = train_step(state, frozen, batch)
             step += 1
             window_steps += 1
