@@ -210,6 +210,9 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
                    "prompt_len": batch["prompt_len"], "pixels": batch["pixels"]}
         programs.insert(0, ("refine_pregenerate", generate_program(model, shardings, max_new, eos),
                             (state.params, frozen, prompts)))
+        notes.append("refine_pregenerate is the one-off pre-pass before training (one call per global "
+                     "batch of the records the run reads), not part of a step: its per-step figures "
+                     "are per call")
     for name, program, args in programs:
         report, refusal = tpu.compile_program(name, program, args, mesh, topology)
         if report is None:

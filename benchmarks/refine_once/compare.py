@@ -6,9 +6,10 @@
 --run trains both, one after the other (old first), with the same command in each checkout;
 without it the workdirs ROOT/old and ROOT/new of an earlier --run (or of the printed commands
 run by hand) are compared. Reported: the per-step time of each (the mean of the logged
-`step_time_s` windows after the first step, which holds the compilation), the pre-pass time
-(its generate loop, compilation included, from refine_sequences/complete.json), wall times,
-and the largest absolute difference between the two loss curves at the logged steps.
+`step_time_s` windows after the first step, which holds the compilation), the training
+loop's time (compilation included), the pre-pass time (its generate loop, compilation
+included, from refine_sequences/complete.json), wall times (with --run), and the largest
+absolute difference between the two loss curves at the logged steps.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -43,6 +45,13 @@ def mean_step_time(metrics: dict[int, dict], log_every: int = 5) -> float:
     return sum(n * t for n, t in windows) / sum(n for n, _ in windows)
 
 
+def loop_seconds(metrics: dict[int, dict]) -> float:
+    """The training loop's time: the first window (compilation + step 1) and every later one."""
+    steps = sorted(metrics)
+    later = sum((s - p) * metrics[s]["step_time_s"] for p, s in zip(steps, steps[1:]))
+    return metrics[steps[0]]["compile_and_first_step_s"] + later
+
+
 def compare(old: Path, new: Path) -> dict:
     a, b = read_metrics(old), read_metrics(new)
     if sorted(a) != sorted(b):
@@ -61,6 +70,9 @@ def compare(old: Path, new: Path) -> dict:
         "step_time_s_logged_new": {s: b[s]["step_time_s"] for s in sorted(b)},
         "compile_and_first_step_s_old": a[1]["compile_and_first_step_s"],
         "compile_and_first_step_s_new": b[1]["compile_and_first_step_s"],
+        "train_loop_s_old": loop_seconds(a),
+        "train_loop_s_new": loop_seconds(b),
+        "stage_s_new": complete["stats"]["generate_seconds"] + loop_seconds(b),
         "prepass_s": complete["stats"]["generate_seconds"],
         "prepass": complete["stats"],
         "prepass_records": complete["identity"]["records"]["count"],
@@ -76,6 +88,7 @@ def main(argv=None) -> int:
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--run", action="store_true", help="train both first (old, then new)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--note", default="", help="free text stored with the numbers (load, caveats)")
     args = parser.parse_args(argv)
 
     commands = {name: command(args.python, args.root, name, args.steps) for name in ("old", "new")}
@@ -88,15 +101,17 @@ def main(argv=None) -> int:
             wall[name] = time.perf_counter() - start
     result = compare(args.root / "old", args.root / "new")
     result.update(
-        commands={name: f"cd {repos[name]} && " + " ".join(cmd) for name, cmd in commands.items()},
+        commands={name: f"cd {repos[name]} && {shlex.join(cmd)}" for name, cmd in commands.items()},
         wall_s=wall or None,
-        compare_command=" ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
-        machine=f"{platform.machine()}, {platform.processor() or 'cpu'}; shared with other jobs",
+        compare_command=shlex.join(["python", Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
+        machine=f"{platform.machine()}, {platform.processor() or 'cpu'}",
+        note=args.note or None,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("loss_max_abs_diff", "step_time_s_old", "step_time_s_new",
-                                              "prepass_s", "prepass_records")}))
+                                              "prepass_s", "prepass_records", "train_loop_s_old",
+                                              "stage_s_new")}))
     return 0
 
 
