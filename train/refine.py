@@ -45,7 +45,7 @@ import hashlib
 import io
 import json
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
