@@ -93,9 +93,11 @@ def main(argv=None) -> int:
 
     commands = {name: command(args.python, args.root, name, args.steps) for name in ("old", "new")}
     repos = {"old": args.old_repo.resolve(), "new": args.new_repo.resolve()}
-    wall = {}
+    wall, commits = {}, {}
     if args.run:
         for name in ("old", "new"):  # one at a time: they share the CPU
+            commits[name] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repos[name], check=True,
+                                           capture_output=True, text=True).stdout.strip()
             start = time.perf_counter()
             subprocess.run(commands[name], cwd=repos[name], check=True)
             wall[name] = time.perf_counter() - start
@@ -103,6 +105,7 @@ def main(argv=None) -> int:
     result.update(
         commands={name: f"cd {repos[name]} && {shlex.join(cmd)}" for name, cmd in commands.items()},
         wall_s=wall or None,
+        commits=commits or None,  # what each checkout held when its run started
         compare_command=shlex.join(["python", Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
         machine=f"{platform.machine()}, {platform.processor() or 'cpu'}",
         note=args.note or None,
