@@ -3,9 +3,10 @@
 One loop serves the stages (base / imitation / refine / eagle); they differ in which
 parameters are trainable and in the loss (train/step.py), and the refine stage first
 writes the frozen model's greedy sequences once (train/refine.py) and trains on them.
-The run resumes from the latest checkpoint in the workdir automatically, saves every `checkpoint.save_every`
-steps and on SIGTERM, and exports the final model to workdir/export in our checkpoint
-format (with tokenizer and preprocessor), loadable by `python -m decode.run --ckpt`.
+The run resumes from the latest checkpoint in the workdir automatically, saves every
+`checkpoint.save_every` steps and on SIGTERM, and exports the final model to
+workdir/export in our checkpoint format (with tokenizer and preprocessor), loadable by
+`python -m decode.run --ckpt`.
 
 Multi-host: pass --coordinator/--num-processes/--process-id, or set
 JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID, or run on a cluster JAX
