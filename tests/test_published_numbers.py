@@ -59,11 +59,15 @@ def json_numbers(value) -> list[float]:
     return []
 
 
-def rounds_to(value: float, text: str) -> bool:
+def rounding_unit(text: str) -> float:
+    """Half the last digit's place of a printed number ('2.42e+15' -> 0.5e13)."""
     mantissa, _, exponent = text.partition("e")
     decimals = len(mantissa.split(".")[1]) if "." in mantissa else 0
-    unit = 0.5 * 10.0 ** (int(exponent or 0) - decimals)
-    return abs(value - float(text)) <= unit * (1 + 1e-9) + 1e-12
+    return 0.5 * 10.0 ** (int(exponent or 0) - decimals)
+
+
+def rounds_to(value: float, text: str) -> bool:
+    return abs(value - float(text)) <= rounding_unit(text) * (1 + 1e-9) + 1e-12
 
 
 def tables(markdown: str):
@@ -128,12 +132,15 @@ def test_table_numbers_come_from_their_json(document, line, note, rows):
                 else:
                     pool = values
                 target = float(number)
-                if not any(rounds_to(v, number) for v in _near(pool, target)):
+                if not any(rounds_to(v, number) for v in _near(pool, target, rounding_unit(number))):
                     missing.append(f"{column}={number} (row {row[0]!r})")
     assert not missing, f"{document}:{line}: not in {[p.name for p in paths]}: " + "; ".join(missing)
 
 
-def _near(pool, target: float):
+def _near(pool, target: float, unit: float):
+    """The pool's values near target (a superset of those that round to it: a 3-digit
+    '2.42e+15' stands for values up to half its last digit's place away)."""
     pool = np.asarray(pool)
-    lo, hi = np.searchsorted(pool, [target - 1.0 - 1e-3 * target, target + 1.0 + 1e-3 * target])
+    width = 1.0 + 1e-3 * abs(target) + 2 * unit
+    lo, hi = np.searchsorted(pool, [target - width, target + width])
     return pool[lo:hi]
