@@ -8,17 +8,25 @@ GiB = 1024**3
 HERE = Path(__file__).parent
 
 
+def collectives_cell(report):
+    """'program: op count, ...; program: ...' of a train compile-only report."""
+    return "; ".join(f"{name}: " + (", ".join(f"{k} {v}" for k, v in p["collectives"].items() if v)
+                                    if p["collectives"] is not None else "n/a")
+                     for name, p in report["programs"].items())
+
+
+def mesh_cell(report):
+    return ",".join(f"{k}={v}" for k, v in report["mesh"].items() if v > 1)
+
+
 def train_rows(paths):
     yield ("| config:stage | topology | mesh | batch x seq | peak per chip | HBM per chip | fits | "
            "FLOPs per step | roofline step time | collectives (static) | compile |")
     yield "|---|---|---|---|---:|---:|:-:|---:|---:|---|---:|"
     for path in paths:
         r = json.loads(path.read_text())
-        coll = "; ".join(f"{name}: " + (", ".join(f"{k} {v}" for k, v in p["collectives"].items() if v)
-                                        if p["collectives"] is not None else "n/a")
-                         for name, p in r["programs"].items())
+        coll, mesh = collectives_cell(r), mesh_cell(r)
         compile_s = sum(p["compile_seconds"] for p in r["programs"].values())
-        mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
         yield (f"| {Path(r['config']).name} | {r['topology']} | {mesh} | {r['batch_size']} x {r['seq_len']} | "
                f"{r['per_chip_peak_bytes'] / GiB:.2f} GiB | {r['hbm_bytes_per_chip'] / GiB:.0f} GiB | "
                f"{'yes' if r['fits'] else 'no'} | {r['flops_per_step']:.3g} | "
@@ -32,7 +40,7 @@ def decode_rows(paths):
     yield "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
     for path in paths:
         r = json.loads(path.read_text())
-        mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
+        mesh = mesh_cell(r)
         for run in r["runs"]:
             p = run["pieces"]
             ms = {k: f"{1000 * p[k]['time_lower_bound_s']:.2f} ms" if k in p else "-"
@@ -54,11 +62,8 @@ def stage_rows(paths):
     yield "|---|---|---|---|--:|---|--:|--:|:-:|--:|--:|---|--:|"
     for path in paths:
         r = json.loads(path.read_text())
-        coll = "; ".join(f"{name}: " + (", ".join(f"{k} {v}" for k, v in p["collectives"].items() if v)
-                                        if p["collectives"] is not None else "n/a")
-                         for name, p in r["programs"].items())
+        coll, mesh = collectives_cell(r), mesh_cell(r)
         compile_s = " + ".join(f"{p['compile_seconds']:.0f}" for p in r["programs"].values())
-        mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
         yield (f"| {Path(r['config']).name} | {r['topology']} | {mesh} | {r['batch_size']} x {r['seq_len']} "
                f"({r['loss_positions']}) | {r['trainable_params'] / 1e9:.3f}e9 | {r['remat']} | "
                f"{r['per_chip_peak_bytes'] / GiB:.2f} GiB | {r['hbm_bytes_per_chip'] / GiB:.0f} GiB | "
@@ -75,7 +80,7 @@ def batch_rows(paths):
     yield "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
     for path in paths:
         r = json.loads(path.read_text())
-        mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
+        mesh = mesh_cell(r)
         for run in r["runs"]:
             p = run["pieces"]
             ms = {k: f"{1000 * p[k]['time_lower_bound_s']:.2f} ms" for k in ("ar_step", "draft_step", "verify")}
