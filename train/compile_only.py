@@ -191,6 +191,8 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
 
     notes = []
     prompt_len, loss_start = prompt_width(cfg, source, notes)
+    # The eagle stage's losses read every position (train/eagle.py): no window there.
+    loss_positions = cfg.seq_len - loss_start if cfg.stage != "eagle" else cfg.seq_len
     reports, refusals = [], []
     train_program = step_lib.train_step_program(
         model, step_lib.StepSpec(cfg.stage, cfg.loss, cfg.grad_accum, cfg.remat, loss_start), tx, schedule,
@@ -222,7 +224,7 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
 
     hbm = topology.hbm_bytes_per_device
     estimate = model_flops(cfg.stage, source.config, abstract, cfg.batch_size, cfg.seq_len,
-                           cfg.seq_len - loss_start if cfg.stage != "eagle" else cfg.seq_len)
+                           loss_positions)
     train_report = next((r for r in reports if r.name == "train_step"), None)
     # The step's time bound: the compiled costs, with the FLOPs raised to the model's own
     # count where the compiler's (one layer per scan) fall short.
@@ -243,7 +245,7 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
         "config": spec_name, "stage": cfg.stage, **tpu.topology_summary(topology),
         "mesh": dict(mesh.shape), "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
         "seq_len": cfg.seq_len, "compute_dtype": cfg.compute_dtype, "remat": cfg.remat,
-        "prompt_len": prompt_len, "loss_positions": cfg.seq_len - loss_start if cfg.stage != "eagle" else cfg.seq_len,
+        "prompt_len": prompt_len, "loss_positions": loss_positions,
         "frozen_param_dtypes": sorted({jnp.dtype(x.dtype).name for x in jax.tree.leaves(frozen)}),
         "model_source": source.where, "trainable_params": param_lib.count(trainable_abs),
         "frozen_params": param_lib.count(frozen_abs),

@@ -19,6 +19,17 @@ def mesh_cell(report):
     return ",".join(f"{k}={v}" for k, v in report["mesh"].items() if v > 1)
 
 
+def decode_run_cells(report, run):
+    """The cells a decode table's row starts with: model, topology, mesh, batch, KV cache per chip."""
+    return [report["model"], report["topology"], mesh_cell(report), str(run["batch_size"]),
+            f"{run['kv_cache_bytes_per_device'] * report['devices_per_chip'] / GiB:.2f} GiB"]
+
+
+def piece_times(pieces, names):
+    """{piece: 'x.xx ms'} of its lower-bound time, '-' for a piece not compiled."""
+    return {k: f"{1000 * pieces[k]['time_lower_bound_s']:.2f} ms" if k in pieces else "-" for k in names}
+
+
 def train_rows(paths):
     yield ("| config:stage | topology | mesh | batch x seq | peak per chip | HBM per chip | fits | "
            "FLOPs per step | roofline step time | collectives (static) | compile |")
@@ -40,18 +51,15 @@ def decode_rows(paths):
     yield "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
     for path in paths:
         r = json.loads(path.read_text())
-        mesh = mesh_cell(r)
         for run in r["runs"]:
             p = run["pieces"]
-            ms = {k: f"{1000 * p[k]['time_lower_bound_s']:.2f} ms" if k in p else "-"
-                  for k in ("ar_step", "draft_step", "shallow_step", "verify")}
+            ms = piece_times(p, ("ar_step", "draft_step", "shallow_step", "verify"))
             gen = p.get("generate_ssd", {}).get("per_chip_peak_bytes")
-            cells = [r["model"], r["topology"], mesh, str(run["batch_size"]),
-                     f"{run['kv_cache_bytes_per_device'] * r['devices_per_chip'] / GiB:.2f} GiB",
-                     f"{gen / GiB:.2f} GiB" if gen else "-",
-                     ms["ar_step"], ms["draft_step"], ms["shallow_step"], ms["verify"],
-                     f"{run.get('tokens_per_round', 0):.2f}",
-                     f"{run.get('predicted_speedup', 0):.2f}x / {run.get('predicted_speedup_bytes_accessed', 0):.2f}x"]
+            cells = decode_run_cells(r, run) + [
+                f"{gen / GiB:.2f} GiB" if gen else "-",
+                ms["ar_step"], ms["draft_step"], ms["shallow_step"], ms["verify"],
+                f"{run.get('tokens_per_round', 0):.2f}",
+                f"{run.get('predicted_speedup', 0):.2f}x / {run.get('predicted_speedup_bytes_accessed', 0):.2f}x"]
             yield "| " + " | ".join(cells) + " |"
 
 
@@ -80,15 +88,12 @@ def batch_rows(paths):
     yield "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
     for path in paths:
         r = json.loads(path.read_text())
-        mesh = mesh_cell(r)
         for run in r["runs"]:
-            p = run["pieces"]
-            ms = {k: f"{1000 * p[k]['time_lower_bound_s']:.2f} ms" for k in ("ar_step", "draft_step", "verify")}
+            ms = piece_times(run["pieces"], ("ar_step", "draft_step", "verify"))
             paper = {e["paper_speedup"]: e for e in run.get("paper_implied", [])}
-            cells = [r["model"], r["topology"], mesh, str(run["batch_size"]),
-                     f"{run['kv_cache_bytes_per_device'] * r['devices_per_chip'] / GiB:.2f} GiB",
-                     f"{run['per_chip_peak_bytes'] / GiB:.2f} GiB", ms["ar_step"], ms["draft_step"], ms["verify"],
-                     f"{run['tokens_per_round']:.2f}, {run['predicted_speedup']:.2f}x"]
+            cells = decode_run_cells(r, run) + [
+                f"{run['per_chip_peak_bytes'] / GiB:.2f} GiB", ms["ar_step"], ms["draft_step"], ms["verify"],
+                f"{run['tokens_per_round']:.2f}, {run['predicted_speedup']:.2f}x"]
             for speedup in (1.55, 1.85):
                 e = paper.get(speedup)
                 cells.append(f"{e['per_position_acceptance']:.3f}, {e['tokens_per_round']:.2f}, "
