@@ -54,6 +54,12 @@ k, k+n, ...), with --mesh laying out its own chips; it writes OUT.part-k-of-n.js
 STATS.part-k-of-n.json) as batches finish and resumes from it. When every image has a line,
 the last process to finish writes OUT (each image once, in input order); rerunning the same
 command as one process resumes from the parts and merges them too. Part files are kept.
+The processes share no work: each loads the checkpoint onto its own chips without waiting
+for the others, and one with nothing (left) to do exits at once, except process 0, which
+hosts the run's coordinator and so waits until every other process has finished or its
+heartbeat has stopped for --peer-timeout seconds (it says whom it waits for). A process
+that is killed loses nothing written; if it was process 0, the runtime stops the others
+too. After a preemption, run the same command on every host again.
 
 Timing (--stats): seconds and tokens_per_s cover decoding only; each new program shape is
 compiled by a warm-up call first, reported as compile_seconds. wall_seconds is the whole run.
@@ -147,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "slices, SLURM and MPI; see MULTI-PROCESS below)")
     parser.add_argument("--num-processes", type=int, default=None, help="multi-process: how many")
     parser.add_argument("--process-id", type=int, default=None, help="multi-process: this one's rank")
+    parser.add_argument("--peer-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="multi-process: process 0, which hosts the coordinator, waits for the "
+                             "others before it exits; it gives up on one whose heartbeat has "
+                             "stopped for this long (default 30)")
     return parser
 
 
@@ -185,6 +195,7 @@ def _check_args(args: argparse.Namespace) -> None:
         (args.prompt is None or bool(args.prompt.strip()), "--prompt must not be empty"),
         (args.num_processes is None or args.num_processes >= 1, "--num-processes must be >= 1"),
         (args.process_id is None or args.process_id >= 0, "--process-id must be >= 0"),
+        (args.peer_timeout > 0, "--peer-timeout must be > 0"),
     ]
     for ok, message in checks:
         if not ok:
@@ -465,10 +476,12 @@ def _run(args: argparse.Namespace, ckpt: str, started: float) -> int:
 
     from decode import parts
     from decode.inputs import expand_inputs
-    from fastvlm_jax.distributed import maybe_initialize
+    from fastvlm_jax.distributed import finish_independent, maybe_initialize, start_heartbeat
 
     try:
-        maybe_initialize(args.coordinator, args.num_processes, args.process_id)
+        # Each process captions its own share on its own devices: independent processes.
+        if maybe_initialize(args.coordinator, args.num_processes, args.process_id, independent=True):
+            start_heartbeat()
     except (RuntimeError, ValueError) as e:
         raise UsageError(f"cannot join the multi-process run: {' '.join(str(e).split())} "
                          "(check --coordinator, --num-processes and --process-id)") from None
@@ -525,8 +538,16 @@ def _run(args: argparse.Namespace, ckpt: str, started: float) -> int:
             out.write(json_line({"image": error.spec, "error": error.message}))
         out.flush()
         status = _caption_all(args, ckpt, pending, skipped, input_errors, out, started)
+    image_ids = [item.id for item in all_items] + [e.spec for e in input_errors]
     if status in (EXIT_OK, EXIT_SOME_FAILED) and (count > 1 or parts.existing_parts(final_out)):
-        _merge_parts(final_out, [item.id for item in all_items] + [e.spec for e in input_errors])
+        _merge_parts(final_out, image_ids)
+    if count > 1 and status != EXIT_INTERRUPTED:
+        died = finish_independent(lambda line: _say(f"{PROG}: {line}"), give_up_seconds=args.peer_timeout)
+        if index == 0 and status in (EXIT_OK, EXIT_SOME_FAILED) and not os.path.exists(final_out):
+            _merge_parts(final_out, image_ids, quiet_if_missing=bool(died))
+            if died and not os.path.exists(final_out):
+                _say(f"{PROG}: process(es) {', '.join(map(str, died))} stopped before finishing their "
+                     "share; rerun the same command on every host to caption what is left")
     return status
 
 
@@ -546,11 +567,13 @@ def _done_elsewhere(final_out: str, count: int, index: int) -> frozenset[str]:
     return frozenset(done)
 
 
-def _merge_parts(final_out: str, image_ids: list[str]) -> None:
+def _merge_parts(final_out: str, image_ids: list[str], quiet_if_missing: bool = False) -> None:
     from decode import parts
 
     missing = parts.merge(final_out, image_ids, lambda path: read_previous(path).lines, _write_atomic,
                           json_line, is_caption_line)
+    if missing and quiet_if_missing:
+        return
     if missing:
         _say(f"{PROG}: {len(missing)} image(s) not yet in any part of {final_out} (other processes "
              "still running?); the last one to finish writes it")
@@ -709,8 +732,10 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
     if out_of_memory:
         return EXIT_USAGE
     if failed == 0:
-        if not pending:
+        if not pending and skipped:
             _say(f"{PROG}: nothing to do: every image is already captioned in {args.out}")
+        elif not pending:
+            _say(f"{PROG}: nothing to do: this process's share of the images is empty")
         return EXIT_OK
     _say(f"{PROG}: {failed} image(s) failed (error lines in {args.out}); "
          f"{captioned + skipped} captioned")

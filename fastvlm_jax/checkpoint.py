@@ -131,7 +131,7 @@ def load_checkpoint(path: str | os.PathLike, mesh=None, rules=None, dtype=None) 
         print(f"note: {path} is in checkpoint format 1 (one param tree per decoder layer); restacking "
               f"it while loading. Upgrade it once with `python -m fastvlm_jax.checkpoint --upgrade {path}`",
               file=sys.stderr)
-        params = upgrade_params(ocp.StandardCheckpointer().restore(path / PARAMS_DIR), abstract, path)
+        params = upgrade_params(_checkpointer().restore(path / PARAMS_DIR), abstract, path)
         params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x).astype(wanted_dtype(x.dtype)), s),
                               params, shardings)
         return Checkpoint(config, params, _load_tokenizer(path), _load_image_config(path))
@@ -143,8 +143,27 @@ def load_checkpoint(path: str | os.PathLike, mesh=None, rules=None, dtype=None) 
         return jax.ShapeDtypeStruct(leaf.shape, wanted_dtype(saved_dtype), sharding=leaf_sharding)
 
     restore_target = jax.tree_util.tree_map_with_path(target, abstract, shardings)
-    params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, restore_target)
+    params = _checkpointer(shardings).restore(path / PARAMS_DIR, restore_target)
     return Checkpoint(config, params, _load_tokenizer(path), _load_image_config(path))
+
+
+def _checkpointer(shardings=None) -> ocp.StandardCheckpointer:
+    """An orbax checkpointer for reading onto `shardings` (None: to host memory).
+
+    Under `jax.distributed`, orbax's default restore ends in a barrier that every process of
+    the run must reach. Where every target device belongs to this process (one device, or a
+    mesh over its own chips, as decode.run lays out), the restore involves no other process,
+    so it must not wait for them either: a host with no images, or one that already finished,
+    would otherwise leave the others hanging in that barrier. Restores onto a mesh that spans
+    processes keep orbax's collective behaviour (every process loads together).
+    """
+    this_process = jax.process_index()
+    devices = {d for s in jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+               for d in s.device_set}
+    if jax.process_count() == 1 or any(d.process_index != this_process for d in devices):
+        return ocp.StandardCheckpointer()
+    alone = ocp.options.MultiprocessingOptions(primary_host=this_process, active_processes={this_process})
+    return ocp.StandardCheckpointer(multiprocessing_options=alone)
 
 
 def load_without_params(path: str | os.PathLike) -> Checkpoint:
@@ -187,7 +206,7 @@ def _saved_metadata(params_dir: Path, abstract) -> dict:
     """{keystr: saved array metadata (shape, dtype)}; fails readably when they do not match
     the config."""
     try:
-        metadata = ocp.StandardCheckpointer().metadata(params_dir)
+        metadata = _checkpointer().metadata(params_dir)
         saved = getattr(metadata, "item_metadata", metadata)
         saved = getattr(saved, "tree", saved)
     except Exception:  # metadata layout varies across orbax versions; restore will still check

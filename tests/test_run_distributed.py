@@ -7,8 +7,11 @@ also after a process is killed mid-write and the command is run again.
 from __future__ import annotations
 
 import json
+import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,21 +91,34 @@ def test_mesh_usage_errors(setup, tmp_path, capsys):
         assert expected in err[-1], (mesh, err)
 
 
-def _two_processes(root, ckpt, folder, out) -> list[str]:
+def _launch(root, ckpt, images, out, count: int, devices: int = 1, extra=()) -> list[subprocess.Popen]:
+    """`count` decode.run processes joined by --coordinator, each on `devices` CPU devices."""
     port = _free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "decode.run", "--ckpt", ckpt, "--images", str(folder), "--out", str(out),
-         "--mesh", "data=2", *COMMON, "--coordinator", f"localhost:{port}", "--num-processes", "2",
-         "--process-id", str(pid)],
-        cwd=th.REPO, env=th.subprocess_env(root / "cache", 2), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True) for pid in range(2)]
+    return [subprocess.Popen(
+        [sys.executable, "-m", "decode.run", "--ckpt", ckpt, "--images", str(images), "--out", str(out),
+         *COMMON, *extra, "--peer-timeout", "5", "--coordinator", f"localhost:{port}",
+         "--num-processes", str(count), "--process-id", str(pid)],
+        cwd=th.REPO, env=th.subprocess_env(root / "cache", devices), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for pid in range(count)]
+
+
+def _finish(procs, statuses) -> list[str]:
+    """Waits for every process; checks exit statuses (None: any); returns their stderr."""
     errors = []
-    # Process 0's share holds the broken image (exit 1: some failed), process 1's does not.
-    for proc, status in zip(procs, (1, 0)):
+    for proc, status in zip(procs, statuses):
         _, err = proc.communicate(timeout=300)
-        assert proc.returncode == status, err[-3000:]
+        assert status is None or proc.returncode == status, (proc.returncode, err[-3000:])
         errors.append(err)
     return errors
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _two_processes(root, ckpt, folder, out) -> list[str]:
+    # Process 0's share holds the broken image (exit 1: some failed), process 1's does not.
+    return _finish(_launch(root, ckpt, folder, out, 2, devices=2, extra=["--mesh", "data=2"]), (1, 0))
 
 
 def test_two_processes_write_parts_and_merge_every_image_once(setup, tmp_path):
@@ -116,16 +132,66 @@ def test_two_processes_write_parts_and_merge_every_image_once(setup, tmp_path):
     assert [len(s) for s in shares] == [4, 4]  # broken, img1, img3, img5 | img0, img2, img4, img6
     _same_tokens(_by_image(out), reference)
 
-    # A process killed while writing: its part ends in half a line, and OUT is not written yet.
-    out.unlink()
-    text = parts[1].read_text()
-    first = text.index("\n") + 1
-    parts[1].write_text(text[:first] + text[first:first + 25])
-    errors = _two_processes(root, ckpt, folder, out)
-    assert "skipping them" in errors[0]  # process 0 had nothing left to do
-    _same_tokens(_by_image(out), reference)
-
     # One process rerunning the same command resumes from the parts and merges them.
     out.unlink()
     assert run.main(["--ckpt", ckpt, "--images", str(folder), "--out", str(out), *COMMON]) == 1
     _same_tokens(_by_image(out), reference)
+
+
+@pytest.fixture(scope="module")
+def many(setup, tmp_path_factory):
+    """16 images and their one-process captions at batch 2 (8 per process with two
+    processes: four batches each, so a kill can land between them)."""
+    root, ckpt, _, _ = setup
+    folder = tmp_path_factory.mktemp("many")
+    for index in range(16):
+        write_image(folder / f"p{index:02d}.png", seed=100 + index)
+    reference = folder.parent / f"{folder.name}.jsonl"
+    assert run.main(["--ckpt", ckpt, "--images", str(folder), "--out", str(reference), *COMMON,
+                     "--batch-size", "2"]) == 0
+    return folder, _by_image(reference)
+
+
+@pytest.mark.parametrize("victim, devices", [(1, 1), (0, 2)], ids=["kill-1", "kill-0-mesh"])
+def test_a_killed_process_is_rerun_and_out_holds_every_image_once(setup, many, tmp_path, victim, devices):
+    """A host is preempted (SIGKILL after a random number of finished batches); the same
+    command is run again on both hosts. Killing process 1 leaves process 0 with nothing to do
+    on the rerun (it must still let process 1 finish: it hosts the coordinator); killing
+    process 0 takes the coordinator, and with it process 1, down. Either way the rerun
+    writes OUT with every image once and the one-process tokens."""
+    root, ckpt, _, _ = setup
+    folder, reference = many
+    out = tmp_path / "captions.jsonl"
+    extra = ["--batch-size", "2"] + (["--mesh", "data=2"] if devices == 2 else [])
+    part = tmp_path / f"captions.part-{victim}-of-2.jsonl"
+    kill_at = random.Random().choice([2, 4, 6])  # lines of its 8 (each batch of 2 is written whole)
+    procs = _launch(root, ckpt, folder, out, 2, devices, extra)
+    deadline = time.monotonic() + 240
+    while _lines(part) < kill_at and procs[victim].poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    procs[victim].send_signal(signal.SIGKILL)
+    errors = _finish(procs, (None, None))
+    assert procs[victim].returncode == -signal.SIGKILL, errors[victim][-2000:]
+    assert _lines(part) < 8, f"process {victim} finished before the kill (kill_at={kill_at})"
+    assert not out.exists()
+
+    errors = _finish(_launch(root, ckpt, folder, out, 2, devices, extra), (0, 0))
+    if victim == 1:  # process 0 had nothing left, and said so and whom it waited for
+        assert "nothing to do: every image is already captioned" in errors[0], errors[0][-2000:]
+    _same_tokens(_by_image(out), reference)
+
+
+def test_three_processes_two_images(setup, tmp_path):
+    """A process whose share is empty (process 2 of 3, 2 images) exits cleanly; OUT is whole."""
+    root, ckpt, _, reference = setup
+    folder = tmp_path / "two"
+    for name in ("img0.png", "img1.png"):
+        (folder).mkdir(exist_ok=True)
+        (folder / name).write_bytes((root / "images" / name).read_bytes())
+    out = tmp_path / "captions.jsonl"
+    errors = _finish(_launch(root, ckpt, folder, out, 3), (0, 0, 0))
+    assert "this process's share of the images is empty" in errors[2], errors[2][-2000:]
+    got = _by_image(out)
+    assert len(got) == 2
+    for name, line in got.items():
+        assert line["token_ids"] == reference[str(root / "images" / Path(name).name)]["token_ids"]
