@@ -25,10 +25,10 @@ FFN block of width 10240 after layer 8 of 32) has float32 master weights.
 import importlib.util
 from pathlib import Path
 
-from fastvlm_jax.architectures import BLIP2_OPT_EOS_NEWLINE_ID as EOS_NEWLINE_ID  # noqa: F401
-from fastvlm_jax.architectures import blip2_opt_2_7b
-from fastvlm_jax.blip2 import Blip2Config
-from fastvlm_jax.sharding import MeshConfig
+from fastvlm_jax.nn.architectures import BLIP2_OPT_EOS_NEWLINE_ID as EOS_NEWLINE_ID  # noqa: F401
+from fastvlm_jax.nn.architectures import blip2_opt_2_7b
+from fastvlm_jax.nn.blip2 import Blip2Config
+from fastvlm_jax.runtime.sharding import MeshConfig
 from train.config import CheckpointConfig, DataConfig, TrainConfig
 
 # The draft stages' schedules are the LLaVA-1.5-7B config's (a config file is loaded by path).

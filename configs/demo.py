@@ -20,7 +20,7 @@ or after the demo's four stages in one process: `python -m train.demo_recipe --r
 3 layers: a drafted token then costs 3 of the demo's 16 layers (plus the shared-size head),
 as the demo's own draft path does (2 layers + a one-layer imitation network).
 
-A fifth stage gives the shipped demo its EAGLE head (fastvlm_jax.eagle), a second drafter:
+A fifth stage gives the shipped demo its EAGLE head (fastvlm_jax.nn.eagle), a second drafter:
 
     python -m train.run --config configs/demo.py:eagle        # -> ROOT/eagle/export
     python -m train.run --config configs/demo.py:eagle_pool4  # -> ROOT/eagle_pool4/export
@@ -58,9 +58,10 @@ CPUs this was tuned on, bf16 matmuls (oneDNN) made a step 2.4x faster than float
 the same loss curve (measured: 0.95 s vs 2.3 s per step of 32 x 96 tokens).
 """
 
-from fastvlm_jax.config import DraftConfig, TextConfig, VisionConfig, VLMConfig
+from fastvlm_jax.nn.config import DraftConfig, TextConfig, VisionConfig
+from fastvlm_jax.nn.llava import LlavaConfig
 from fastvlm_jax.demo import ASSET_DIR
-from fastvlm_jax.sharding import MeshConfig
+from fastvlm_jax.runtime.sharding import MeshConfig
 from train.config import (CheckpointConfig, DataConfig, LossConfig, OptimConfig, TokenizerConfig,
                           TrainConfig)
 
@@ -79,8 +80,8 @@ EAGLE_STEPS = 240
 EAGLE_UNROLL_STEPS = 3
 
 
-def demo_model() -> VLMConfig:
-    return VLMConfig(
+def demo_model() -> LlavaConfig:
+    return LlavaConfig(
         vision=VisionConfig(kind="clip", image_size=96, patch_size=16, hidden_size=192,
                             intermediate_size=768, num_layers=4, num_heads=4),
         text=TextConfig(vocab_size=0, hidden_size=256, intermediate_size=512, num_layers=8,

@@ -13,7 +13,7 @@ SwiGLU block of width 13824, 212M params) trains in float32.
 import importlib.util
 from pathlib import Path
 
-from fastvlm_jax.sharding import MeshConfig
+from fastvlm_jax.runtime.sharding import MeshConfig
 from train.config import TrainConfig
 
 _spec = importlib.util.spec_from_file_location("_llava15_7b", Path(__file__).with_name("llava15_7b.py"))

@@ -26,7 +26,7 @@ has float32 master weights and Adam moments. Layers 0-7 run once per step and fe
 both the frozen layers 8-31 (the teacher) and the imitation network.
 """
 
-from fastvlm_jax.sharding import MeshConfig
+from fastvlm_jax.runtime.sharding import MeshConfig
 from train.config import CheckpointConfig, DataConfig, LossConfig, OptimConfig, TrainConfig
 
 CHECKPOINT = "checkpoints/llava-1.5-7b"

@@ -38,16 +38,16 @@ from decode.drafters import EagleDrafter, ImitationDrafter, ModelDrafter
 from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
 from decode.sampling import SamplingConfig
 from decode.tree import TreeShape
-from fastvlm_jax.checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from fastvlm_jax.image_processing import ImageSource, preprocess_image
-from fastvlm_jax.model import VLM, cast_params, params_dtype
-from fastvlm_jax.prompts import DEFAULT_QUESTIONS, build_prompt_ids, default_question, stop_ids
-from fastvlm_jax.sharding import data_sharding, shard_params
-from fastvlm_jax.tokenizer import check_image_token_id
+from fastvlm_jax.ckpt.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from fastvlm_jax.image.processing import ImageSource, preprocess_image
+from fastvlm_jax.nn.model import VLM, cast_params, params_dtype
+from fastvlm_jax.nn.families import DEFAULT_QUESTIONS, build_prompt_ids, default_question, stop_ids
+from fastvlm_jax.runtime.sharding import data_sharding, shard_params
+from fastvlm_jax.text.prompts import check_image_token_id
 
 # LLaVA's question for a caption: the same one the training recipe uses (train.config's
 # default `question`), so a model trained here answers with a caption. A prompt of None means
-# the model family's default (fastvlm_jax.prompts: this for LLaVA, no question for BLIP-2).
+# the model family's default (fastvlm_jax.nn.families: this for LLaVA, no question for BLIP-2).
 DEFAULT_PROMPT = DEFAULT_QUESTIONS["llava"]
 DEFAULT_MAX_NEW_TOKENS = 64
 MIN_CAPACITY = 16
@@ -335,12 +335,12 @@ class Captioner:
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
-        """Ids that end a caption (fastvlm_jax.prompts.stop_ids)."""
+        """Ids that end a caption (fastvlm_jax.nn.families.stop_ids)."""
         return stop_ids(self.config, self.tokenizer)
 
     def prompt_ids(self, prompt: str | None = None) -> list[int]:
         """Prompt ids for one image and `prompt` (the user's question; None: `default_prompt`),
-        in the model family's layout (fastvlm_jax.prompts)."""
+        in the model family's layout (fastvlm_jax.nn.families)."""
         question = self.default_prompt if prompt is None else prompt
         return build_prompt_ids(self.config, self.tokenizer, question)
 

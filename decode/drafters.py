@@ -33,9 +33,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from fastvlm_jax.eagle import compact_slots, compress
-from fastvlm_jax.kv_cache import KVCache, TreeSlots
-from fastvlm_jax.model import VLM
+from fastvlm_jax.nn.eagle import compact_slots, compress
+from fastvlm_jax.nn.kv_cache import KVCache, TreeSlots
+from fastvlm_jax.nn.model import VLM
 
 Array = jax.Array
 
@@ -157,7 +157,7 @@ class ImitationDrafter:
 class EagleCarry:
     """The EAGLE head's state between rounds.
 
-    cache: its one-layer KV cache (slot = position - removed, see fastvlm_jax.eagle).
+    cache: its one-layer KV cache (slot = position - removed, see fastvlm_jax.nn.eagle).
     removed: [batch] slots the visual compressor saved on the row's prompt.
     features / tokens: [batch, draft_len + 1, embed] / [batch, draft_len + 1]: the pairs
       (f_t, token t+1) at t = base .. base + draft_len that the head has not read yet (the
@@ -187,7 +187,7 @@ def _chain_slots(slots: Array, cache_slots: int, valid: Array | None = None) -> 
 @dataclasses.dataclass(frozen=True)
 class EagleDrafter:
     """SpecVLM's EagleVLM: the EAGLE head reads the full model's top features (see
-    fastvlm_jax.eagle). Verification runs the full model from layer 0; the next round's
+    fastvlm_jax.nn.eagle). Verification runs the full model from layer 0; the next round's
     first call feeds the head the states that verification produced."""
 
     name: str = "eagle"

@@ -42,8 +42,8 @@ from decode import tree as tree_lib
 from decode.drafters import Drafter, ImitationDrafter, ModelDrafter, PrefillStates, RoundContext, Verified
 from decode.sampling import SamplingConfig, accept_greedy, accept_speculative, next_token, warp
 from decode.tree import TreeShape, accept_speculative_tree
-from fastvlm_jax.kv_cache import KVCache
-from fastvlm_jax.model import VLM
+from fastvlm_jax.nn.kv_cache import KVCache
+from fastvlm_jax.nn.model import VLM
 
 Array = jax.Array
 Mode = Literal["ar", "ssd"]

@@ -49,7 +49,7 @@ class InputItem:
 
     id: stable name (see the module docstring); `image` of the output line.
     path: the file to read, or None for images that come from elsewhere (TFDS).
-    loader: returns what `fastvlm_jax.image_processing.load_image` accepts (bytes) when
+    loader: returns what `fastvlm_jax.image.processing.load_image` accepts (bytes) when
       there is no path.
     """
 

@@ -211,7 +211,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a folder; pass a file name such as {args.out.rstrip('/')}/captions.jsonl")
     if args.mesh is not None:
-        from fastvlm_jax.sharding import parse_mesh
+        from fastvlm_jax.runtime.sharding import parse_mesh
 
         try:
             parse_mesh(args.mesh)
@@ -257,7 +257,7 @@ def _tree_options(args: argparse.Namespace):
 def resolve_checkpoint(ckpt: str) -> str:
     """`demo` / `demo-draft` -> the shipped demo / its draft model's folder; a path is checked
     to be a checkpoint folder."""
-    from fastvlm_jax.checkpoint import CheckpointError, load_config
+    from fastvlm_jax.ckpt.checkpoint import CheckpointError, load_config
 
     from fastvlm_jax import demo
 
@@ -266,7 +266,7 @@ def resolve_checkpoint(ckpt: str) -> str:
             return os.fspath(demo.resolve(ckpt))
         except demo.DemoMissingError as e:
             raise UsageError(f"--ckpt {ckpt}: {e}") from None
-    from fastvlm_jax.paths import is_url
+    from fastvlm_jax.runtime.paths import is_url
 
     if is_url(ckpt):  # a bucket: only config.json can be checked cheaply
         try:
@@ -394,7 +394,7 @@ def _reason(item, error: BaseException) -> str:
 
 def _load(captioner, item, fast_decode: bool):
     """(pixels [H, W, 3], None) or (None, reason)."""
-    from fastvlm_jax.image_processing import ImageLoadError
+    from fastvlm_jax.image.processing import ImageLoadError
 
     try:
         return captioner.preprocess(item.load(), fast_decode=fast_decode), None
@@ -476,7 +476,7 @@ def _run(args: argparse.Namespace, ckpt: str, started: float) -> int:
 
     from decode import parts
     from decode.inputs import expand_inputs
-    from fastvlm_jax.distributed import finish_independent, maybe_initialize, start_heartbeat
+    from fastvlm_jax.runtime.distributed import finish_independent, maybe_initialize, start_heartbeat
 
     try:
         # Each process captions its own share on its own devices: independent processes.
@@ -588,7 +588,7 @@ def _local_mesh(args):
         return None
     import jax
 
-    from fastvlm_jax.sharding import make_mesh, parse_mesh
+    from fastvlm_jax.runtime.sharding import make_mesh, parse_mesh
 
     try:
         mesh = make_mesh(parse_mesh(args.mesh), jax.local_devices())
@@ -610,7 +610,7 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
     from decode.captioner import BatchStats, Captioner, GenerationOptions, describe_device, summarize
     from decode.engine import DraftPolicy
     from decode.sampling import SamplingConfig
-    from fastvlm_jax.model import param_bytes
+    from fastvlm_jax.nn.model import param_bytes
 
     options = GenerationOptions(
         mode=args.mode, max_new_tokens=args.max_new_tokens,

@@ -20,7 +20,7 @@ depends only on what was drawn before it, and a sibling never ranks above an ear
 
 Cache layout: node i of a row at position `pos` (the row's committed length) is written
 at cache slot pos + i and rotated as position pos + depth(i); a node sees the committed
-context and its own ancestors (`fastvlm_jax.kv_cache.TreeSlots`). After verification the
+context and its own ancestors (`fastvlm_jax.nn.kv_cache.TreeSlots`). After verification the
 accepted root path is moved to the contiguous slots pos, pos + 1, ... (`KVCache.move_slots`).
 """
 
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from decode.sampling import sample
-from fastvlm_jax.kv_cache import TreeSlots
+from fastvlm_jax.nn.kv_cache import TreeSlots
 
 Array = jax.Array
 

@@ -2,8 +2,8 @@
 
     python -m fastvlm_jax.convert --hf HF_DIR --out CKPT_DIR [--exit-layer K] [--dtype bfloat16]
 
-config.json's model_type picks the family's converter from `fastvlm_jax.families`
-('llava': `fastvlm_jax.convert_llava`, 'blip-2': `fastvlm_jax.convert_blip2`). The
+config.json's model_type picks the family's converter from `fastvlm_jax.nn.families`
+('llava': `fastvlm_jax.ckpt.convert.llava`, 'blip-2': `fastvlm_jax.ckpt.convert.blip2`). The
 checkpoint keeps the dtype it is converted to (`--dtype`), and decoding uses it by default.
 Never touches the network.
 """
@@ -16,11 +16,10 @@ import json
 import sys
 from pathlib import Path
 
-from fastvlm_jax.config import ConfigError
-from fastvlm_jax.convert_common import ConversionError
-from fastvlm_jax.convert_llava import (config_from_hf, convert_params, open_safetensors,  # noqa: F401
-                                       state_dict_source)
-from fastvlm_jax.families import family_named
+from fastvlm_jax.nn.config import ConfigError
+from fastvlm_jax.ckpt.convert.common import ConversionError
+from fastvlm_jax.ckpt.convert.llava import config_from_hf, convert_params, open_safetensors, state_dict_source
+from fastvlm_jax.nn.families import family_named
 
 
 def convert(hf_dir: str | Path, out_dir: str | Path, exit_layer: int | None = None,

@@ -75,8 +75,8 @@ def package_demo(export_dir: str | os.PathLike, out_dir: str | os.PathLike = ASS
 
     import jax.numpy as jnp
 
-    from fastvlm_jax.checkpoint import load_checkpoint, save_checkpoint
-    from fastvlm_jax.model import cast_params
+    from fastvlm_jax.ckpt.checkpoint import load_checkpoint, save_checkpoint
+    from fastvlm_jax.nn.model import cast_params
 
     ckpt = load_checkpoint(export_dir)
     params = cast_params(cast_params(ckpt.params, jnp.bfloat16), jnp.float32)

@@ -247,7 +247,7 @@ def compile_program(name: str, program, args, mesh, topology: "Topology"):
     (None, the compiler's one-line refusal, e.g. out of HBM)."""
     import jax
 
-    from fastvlm_jax import sharding
+    from fastvlm_jax.runtime import sharding
 
     start = time.perf_counter()
     with jax.set_mesh(mesh), sharding.axis_rules(sharding.DEFAULT_RULES):

@@ -15,10 +15,10 @@ import jax
 import numpy as np
 from PIL import Image
 
-from fastvlm_jax.checkpoint import save_checkpoint
-from fastvlm_jax.image_processing import ImageProcessorConfig
-from fastvlm_jax.model import VLM
-from fastvlm_jax.tokenizer import SentencePieceTokenizer
+from fastvlm_jax.ckpt.checkpoint import save_checkpoint
+from fastvlm_jax.image.processing import ImageProcessorConfig
+from fastvlm_jax.nn.model import VLM
+from fastvlm_jax.text.tokenizer import SentencePieceTokenizer
 from tests.sp_fixtures import train_tiny_sentencepiece
 from tests.tiny import tiny_config
 

@@ -110,7 +110,7 @@ def test_prefill_and_rounds_reproduce_generate(mode):
 
     from decode import engine
     from decode.bench.models import load_bench_model, make_prompts
-    from fastvlm_jax.model import VLM
+    from fastvlm_jax.nn.model import VLM
 
     bench = load_bench_model("random:tiny")
     model = VLM(bench.config)

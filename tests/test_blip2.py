@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 
 from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
-from fastvlm_jax import convert, convert_blip2, sharding
-from fastvlm_jax.blip2 import Blip2Config, OPTConfig, OPTDecoder, init_imitation
-from fastvlm_jax.checkpoint import load_checkpoint
-from fastvlm_jax.config import ConfigError
-from fastvlm_jax.model import VLM
+from fastvlm_jax import convert
+from fastvlm_jax.ckpt.convert import blip2 as convert_blip2
+from fastvlm_jax.runtime import sharding
+from fastvlm_jax.nn.blip2 import Blip2Config, OPTConfig, OPTDecoder, init_imitation
+from fastvlm_jax.ckpt.checkpoint import load_checkpoint
+from fastvlm_jax.nn.config import ConfigError
+from fastvlm_jax.nn.model import VLM
 from tests.hf_blip2 import build_tiny_blip2, perturb_norms, random_prompt_ids
 
 CONFIGS = {
@@ -103,7 +105,7 @@ def test_converter_errors_are_clear(tmp_path, capsys):
 def test_blip2_opt_2_7b_config_from_sparse_hub_config():
     """The hub's config.json leaves most keys at HF defaults; our preset has the same sizes."""
     from configs.blip2_opt_2_7b import get_model_config
-    from fastvlm_jax.model import param_count
+    from fastvlm_jax.nn.model import param_count
 
     hub = {
         "architectures": ["Blip2ForConditionalGeneration"], "image_text_hidden_size": 256,

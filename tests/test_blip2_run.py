@@ -15,10 +15,10 @@ from PIL import Image
 
 from decode import run
 from fastvlm_jax import convert
-from fastvlm_jax.tokenizer import HFTokenizer
-from fastvlm_jax.checkpoint import load_checkpoint
-from fastvlm_jax.image_processing import preprocess_image
-from fastvlm_jax.prompts import build_prompt_ids, stop_ids
+from fastvlm_jax.text.tokenizer import HFTokenizer
+from fastvlm_jax.ckpt.checkpoint import load_checkpoint
+from fastvlm_jax.image.processing import preprocess_image
+from fastvlm_jax.nn.families import build_prompt_ids, stop_ids
 from tests.hf_blip2 import build_tiny_blip2, save_tiny_blip2_processor
 from tests.run_fixtures import write_image
 

@@ -7,7 +7,7 @@ import pytest
 
 from decode import engine
 from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
-from fastvlm_jax.model import VLM
+from fastvlm_jax.nn.model import VLM
 from tests.tiny import tiny_config
 
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from decode import run
 from fastvlm_jax import demo
-from fastvlm_jax.checkpoint import load_checkpoint
+from fastvlm_jax.ckpt.checkpoint import load_checkpoint
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

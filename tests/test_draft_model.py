@@ -11,10 +11,10 @@ import pytest
 
 from decode import run as decode_run
 from fastvlm_jax import demo
-from fastvlm_jax.blip2 import Blip2Config, Blip2VisionConfig, OPTConfig, QFormerConfig
-from fastvlm_jax.checkpoint import load_checkpoint, save_checkpoint
-from fastvlm_jax.config import DraftConfig
-from fastvlm_jax.model import VLM
+from fastvlm_jax.nn.blip2 import Blip2Config, Blip2VisionConfig, OPTConfig, QFormerConfig
+from fastvlm_jax.ckpt.checkpoint import load_checkpoint, save_checkpoint
+from fastvlm_jax.nn.config import DraftConfig
+from fastvlm_jax.nn.model import VLM
 from tests.tiny import tiny_config
 from train import make_draft_model as mdm
 from train.draft_agreement import vocabulary

@@ -17,8 +17,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from fastvlm_jax.checkpoint import load_checkpoint
-from fastvlm_jax.model import VLM
+from fastvlm_jax.ckpt.checkpoint import load_checkpoint
+from fastvlm_jax.nn.model import VLM
 from tests import train_helpers as th
 from tests.train_tiny_config import tiny_model
 from train import config as config_lib

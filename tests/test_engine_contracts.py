@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
-from fastvlm_jax.blip2 import Blip2Config, Blip2VisionConfig, OPTConfig, QFormerConfig
-from fastvlm_jax.config import DraftConfig
-from fastvlm_jax.model import VLM, cast_params, param_bytes
+from fastvlm_jax.nn.blip2 import Blip2Config, Blip2VisionConfig, OPTConfig, QFormerConfig
+from fastvlm_jax.nn.config import DraftConfig
+from fastvlm_jax.nn.model import VLM, cast_params, param_bytes
 from tests.test_decode import _near_identity_deep_layers, _prompts, _tokens
 from tests.tiny import tiny_config
 

@@ -7,10 +7,11 @@ import pytest
 from PIL import Image
 
 from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
-from fastvlm_jax import checkpoint, convert
-from fastvlm_jax.image_processing import load_image, preprocess_image
-from fastvlm_jax.model import VLM
-from fastvlm_jax.tokenizer import build_llava_input_ids
+from fastvlm_jax.ckpt import checkpoint
+from fastvlm_jax import convert
+from fastvlm_jax.image.processing import load_image, preprocess_image
+from fastvlm_jax.nn.model import VLM
+from fastvlm_jax.text.prompts import build_llava_input_ids
 from tests.hf_models import build_tiny_llava
 from tests.sp_fixtures import make_hf_llama_tokenizer_dir, train_tiny_sentencepiece
 

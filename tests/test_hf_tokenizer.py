@@ -1,4 +1,4 @@
-"""Tokenizers run by the `tokenizers` library (fastvlm_jax.hf_tokenizer) against transformers.
+"""Tokenizers run by the `tokenizers` library (fastvlm_jax.text.hf_tokenizer) against transformers.
 
 1. Hugging Face folders built in-process whose tokenizer.json differs from what sentencepiece
    would do, each as a LLaVA checkpoint (config.json model_type "llava": transformers runs
@@ -8,7 +8,7 @@
    prompt ids AutoProcessor's.
 2. BLIP-2 OPT's GPT-2 byte-level BPE (GPT2Tokenizer): folders written by transformers 5 and in
    the older hub layout, persistence, `load_tokenizer` dispatch, and the per-family prompt
-   helpers (fastvlm_jax.prompts).
+   helpers (fastvlm_jax.nn.families).
 """
 
 import json
@@ -20,15 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastvlm_jax.prompts import answer_ids, build_prompt_ids, prompt_ids_for, stop_ids
-from fastvlm_jax.tokenizer import (
-    HFTokenizer,
-    SentencePieceTokenizer,
-    build_llava_input_ids,
-    format_llava_prompt,
-    from_hf_dir,
-    load_tokenizer,
-)
+from fastvlm_jax.nn.families import answer_ids, build_prompt_ids, prompt_ids_for, stop_ids
+from fastvlm_jax.text.tokenizer import HFTokenizer, SentencePieceTokenizer, from_hf_dir, load_tokenizer
+from fastvlm_jax.text.prompts import build_llava_input_ids, format_llava_prompt
 from tests.hf_blip2 import save_tiny_blip2_processor
 from tests.sp_fixtures import make_hf_llama_tokenizer_dir, train_tiny_sentencepiece
 
@@ -390,7 +384,7 @@ def test_prompt_helpers(saved, tmp_path):
 
 def test_training_text_format_for_blip2(saved):
     """train.input builds BLIP-2 prompts and answers, and ships the tokenizer to workers."""
-    from fastvlm_jax.image_processing import ImageProcessorConfig
+    from fastvlm_jax.image.processing import ImageProcessorConfig
     from train import input as input_lib
 
     folder, hf = saved

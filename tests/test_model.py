@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastvlm_jax import checkpoint, sharding
-from fastvlm_jax import model as model_lib
-from fastvlm_jax.model import VLM
+from fastvlm_jax.ckpt import checkpoint
+from fastvlm_jax.runtime import sharding
+from fastvlm_jax.nn import model as model_lib
+from fastvlm_jax.nn.model import VLM
 from tests.tiny import tiny_config
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fastvlm_jax import convert
-from fastvlm_jax.model import VLM
+from fastvlm_jax.nn.model import VLM
 from tests.hf_models import build_tiny_llava, random_prompt_ids
 
 CONFIGS = {

@@ -15,10 +15,10 @@ import pytest
 from etils import epath
 from etils.epath import testing as epath_testing
 
-from fastvlm_jax import checkpoint
-from fastvlm_jax.image_processing import ImageProcessorConfig
-from fastvlm_jax.paths import as_path, is_url
-from fastvlm_jax.tokenizer import load_tokenizer
+from fastvlm_jax.ckpt import checkpoint
+from fastvlm_jax.image.processing import ImageProcessorConfig
+from fastvlm_jax.runtime.paths import as_path, is_url
+from fastvlm_jax.text.tokenizer import load_tokenizer
 from tests.run_fixtures import make_tiny_tokenizer
 from tests.tiny import tiny_config
 from train.metrics import MetricsLogger, read_metrics

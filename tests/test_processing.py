@@ -21,25 +21,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastvlm_jax.image_processing import (
-    ImageLoadError,
-    ImageProcessorConfig,
-    MAX_IMAGE_PIXELS,
-    OPENAI_CLIP_MEAN,
-    load_image,
-    preprocess_batch,
-    preprocess_image,
-)
-from fastvlm_jax.tokenizer import (
-    HFTokenizer,
-    SentencePieceTokenizer,
-    Tokenizer,
-    build_llava_input_ids,
-    format_llava_prompt,
-    from_hf_dir,
-    load_tokenizer,
-    num_image_tokens,
-)
+from fastvlm_jax.image.processing import (ImageLoadError, ImageProcessorConfig, MAX_IMAGE_PIXELS, OPENAI_CLIP_MEAN, load_image, preprocess_batch, preprocess_image)
+from fastvlm_jax.text.tokenizer import (HFTokenizer, SentencePieceTokenizer, Tokenizer, from_hf_dir, load_tokenizer)
+from fastvlm_jax.text.prompts import build_llava_input_ids, format_llava_prompt, num_image_tokens
 from tests.sp_fixtures import make_hf_llama_tokenizer_dir, train_tiny_sentencepiece
 
 transformers = pytest.importorskip("transformers")

@@ -19,7 +19,7 @@ from decode import engine, run
 from decode.captioner import (BatchStats, Captioner, CaptionResult, GenerationOptions, capacity_bucket,
                               summarize)
 from decode.inputs import expand_inputs
-from fastvlm_jax.checkpoint import load_checkpoint
+from fastvlm_jax.ckpt.checkpoint import load_checkpoint
 from tests.run_fixtures import make_tiny_checkpoint, write_image, write_truncated_png
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ from decode import engine
 from decode import sampling as sampling_lib
 from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
 from decode.sampling import SamplingConfig, sample, warp
-from fastvlm_jax.model import VLM
+from fastvlm_jax.nn.model import VLM
 from tests.tiny import tiny_config
 
 # --- SamplingConfig validation -------------------------------------------------------------

@@ -13,9 +13,10 @@ import sys
 import flax.linen as nn
 import pytest
 
-from fastvlm_jax import sharding, tpu
-from fastvlm_jax.architectures import architecture
-from fastvlm_jax.model import VLM, param_count
+from fastvlm_jax.runtime import sharding
+from fastvlm_jax import tpu
+from fastvlm_jax.nn.architectures import architecture
+from fastvlm_jax.nn.model import VLM, param_count
 from tests import train_helpers as th
 
 TOPOLOGY = "v5e:2x2"
@@ -183,8 +184,8 @@ def test_checkpoint_shapes_without_reading_params(tmp_path):
     import jax
     import jax.numpy as jnp
 
-    from fastvlm_jax.checkpoint import load_without_params, save_checkpoint
-    from fastvlm_jax.model import cast_params
+    from fastvlm_jax.ckpt.checkpoint import load_without_params, save_checkpoint
+    from fastvlm_jax.nn.model import cast_params
     from tests.tiny import tiny_config
 
     config = tiny_config()
@@ -317,8 +318,8 @@ def tiny_draft_checkpoint(path):
     import jax
     import jax.numpy as jnp
 
-    from fastvlm_jax.checkpoint import save_checkpoint
-    from fastvlm_jax.model import cast_params
+    from fastvlm_jax.ckpt.checkpoint import save_checkpoint
+    from fastvlm_jax.nn.model import cast_params
     from tests.tiny import tiny_config
 
     config = tiny_config(vocab_size=512, num_layers=2, exit_layer=1, num_kv_heads=4, image_size=32, hidden_size=64)

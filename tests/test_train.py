@@ -210,7 +210,7 @@ def test_refine_sequences_are_generated_once_resumed_and_checked(data_dir, token
     """The refine pre-pass with a stand-in generator (a function of the pixels): every record
     once, a killed pass resumes from its finished parts, a finished set is reused, another
     run's set is refused; the training example is prompt + the stored tokens."""
-    from fastvlm_jax import sharding
+    from fastvlm_jax.runtime import sharding
     from fastvlm_jax.data import tfds_builders
     from train import refine
     from train.step import batch_shardings
@@ -294,7 +294,7 @@ def test_split_and_merge_params():
 
 
 def test_deepened_model_computes_the_same_function():
-    from fastvlm_jax.model import VLM
+    from fastvlm_jax.nn.model import VLM
     from tests.tiny import tiny_config
     from train import deepen
 
@@ -372,7 +372,7 @@ def test_same_losses_on_one_and_eight_devices(data_dir, tmp_path):
 def test_loss_window_gives_the_losses_of_every_position(stage):
     """The step's losses on positions [loss_start, seq) (StepSpec.loss_start) equal those
     on all positions when no earlier position carries loss; the gradients too."""
-    from fastvlm_jax.model import VLM
+    from fastvlm_jax.nn.model import VLM
     from tests.tiny import tiny_config
     from train import step as step_lib
 
@@ -417,7 +417,7 @@ def _flat(params):
 
 
 def test_draft_stages_leave_the_base_model_bit_identical(data_dir, tmp_path):
-    from fastvlm_jax.checkpoint import load_checkpoint
+    from fastvlm_jax.ckpt.checkpoint import load_checkpoint
 
     # One device: the property does not depend on sharding (the tests above cover that),
     # and single-device programs compile several times faster.
@@ -461,8 +461,8 @@ def test_draft_stages_leave_the_base_model_bit_identical(data_dir, tmp_path):
     # alone (the pre-pass decoded it within another batch).
     from decode.engine import DecodeSpec, Prompts, generate
     from fastvlm_jax.data import tfds_builders
-    from fastvlm_jax.model import VLM
-    from fastvlm_jax.prompts import stop_ids
+    from fastvlm_jax.nn.model import VLM
+    from fastvlm_jax.nn.families import stop_ids
     from train import refine as refine_lib
 
     stored = refine_lib.load_sequences(tmp_path / "refine" / refine_lib.SEQUENCES_DIR)

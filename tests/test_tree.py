@@ -9,8 +9,8 @@ from decode import engine
 from decode import tree as tree_lib
 from decode.engine import DecodeSpec, Prompts, generate
 from decode.tree import TreeShape
-from fastvlm_jax.kv_cache import KVCache
-from fastvlm_jax.model import VLM
+from fastvlm_jax.nn.kv_cache import KVCache
+from fastvlm_jax.nn.model import VLM
 from tests.test_decode import _near_identity_deep_layers, _perturbed_imitation, _prompts, _tokens
 from tests.test_blip2 import converted  # noqa: F401 (a pytest fixture: a converted tiny HF BLIP-2)
 from tests.test_sampling import tiny  # noqa: F401 (a pytest fixture: the 6-token model)
@@ -285,7 +285,7 @@ def test_tree_sampling_without_the_residual_update_is_detected(tiny, monkeypatch
 def test_greedy_tree_ssd_equals_ar_and_hf_on_converted_blip2(converted):
     """A converted Hugging Face model (BLIP-2 / OPT: learned positions, its own layer and
     imitation code) with a one-layer imitation network: tree SSD == AR == HF generate."""
-    from fastvlm_jax.blip2 import init_imitation
+    from fastvlm_jax.nn.blip2 import init_imitation
     from tests.test_blip2 import EOS, MAX_NEW
 
     checkpoint, prompts, hf_tokens, ar, _ = converted

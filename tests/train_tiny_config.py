@@ -5,12 +5,13 @@ synthetic_captions/tiny data and a small word-level tokenizer trained on the fly
 Tests set data.data_dir, workdir and init_from by overrides.
 """
 
-from fastvlm_jax.config import DraftConfig, TextConfig, VisionConfig, VLMConfig
+from fastvlm_jax.nn.config import DraftConfig, TextConfig, VisionConfig
+from fastvlm_jax.nn.llava import LlavaConfig
 from train.config import CheckpointConfig, DataConfig, OptimConfig, TokenizerConfig, TrainConfig
 
 
-def tiny_model() -> VLMConfig:
-    return VLMConfig(
+def tiny_model() -> LlavaConfig:
+    return LlavaConfig(
         vision=VisionConfig(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64,
                             num_layers=2, num_heads=4),
         text=TextConfig(vocab_size=0, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,

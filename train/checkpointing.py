@@ -11,7 +11,7 @@ Frozen parameters are not saved: they are a pure function of `init_from` (a chec
 in our format) or of the seed (from-scratch init), and for a draft stage on a 7B model
 they are >99% of the bytes. Resuming re-reads them from the same source; `meta` records
 that source and a resume from a different one fails loudly. The full model is written
-once, at the end, by `export` (fastvlm_jax.checkpoint format).
+once, at the end, by `export` (fastvlm_jax.ckpt.checkpoint format).
 
 Preemption: `PreemptionFlag` catches SIGTERM and only sets a flag; the loop saves at the
 next step boundary and exits, so a save never races a half-done update.
@@ -30,8 +30,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from fastvlm_jax.checkpoint import save_checkpoint
-from fastvlm_jax.paths import as_path
+from fastvlm_jax.ckpt.checkpoint import save_checkpoint
+from fastvlm_jax.runtime.paths import as_path
 
 
 class _FrozenIteratorState:

@@ -27,9 +27,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastvlm_jax import sharding, tpu
-from fastvlm_jax.architectures import architecture
-from fastvlm_jax.model import VLM
+from fastvlm_jax.runtime import sharding
+from fastvlm_jax import tpu
+from fastvlm_jax.nn.architectures import architecture
+from fastvlm_jax.nn.model import VLM
 from train import deepen
 from train import params as param_lib
 from train import step as step_lib
@@ -54,7 +55,7 @@ class ModelSource:
 
 def resolve_model(cfg: TrainConfig) -> ModelSource:
     """The model config, param dtypes and tokenizer of `cfg`, without loading any params."""
-    from fastvlm_jax import checkpoint as ckpt_lib
+    from fastvlm_jax.ckpt import checkpoint as ckpt_lib
     from train import model_setup
 
     compute = jnp.dtype(cfg.compute_dtype)
@@ -199,7 +200,7 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
         shardings)
     programs = [("train_step", train_program, (state, frozen, batch))]
     if cfg.stage == "refine":
-        from fastvlm_jax.prompts import stop_ids
+        from fastvlm_jax.nn.families import stop_ids
         from train.refine import generate_program
 
         if source.tokenizer is not None:

@@ -20,9 +20,9 @@ import types
 import typing
 from typing import Any, Literal
 
-from fastvlm_jax.config import ConfigError as LibraryConfigError
-from fastvlm_jax.config import VLMConfig
-from fastvlm_jax.sharding import MeshConfig
+from fastvlm_jax.nn.config import ConfigError as LibraryConfigError
+from fastvlm_jax.nn.llava import LlavaConfig
+from fastvlm_jax.runtime.sharding import MeshConfig
 
 Stage = Literal["base", "imitation", "refine", "eagle"]
 STAGES: tuple[str, ...] = ("base", "imitation", "refine", "eagle")
@@ -150,7 +150,7 @@ class TrainConfig:
     model: the VLM to build from scratch (seeded), or None with `init_from` set.
       model.text.vocab_size == 0 means "the tokenizer's size, rounded up to a multiple of
       128", and then image_token_id is taken from the tokenizer too.
-    init_from: a checkpoint in our format (fastvlm_jax.checkpoint) to start from. Frozen
+    init_from: a checkpoint in our format (fastvlm_jax.ckpt.checkpoint) to start from. Frozen
       parameters always come from here (or from the seed), never from a training checkpoint.
     trainable: regexes over '/'-joined param paths ("language_model/layers_3/.*"); empty ->
       DEFAULT_TRAINABLE[stage].
@@ -159,25 +159,25 @@ class TrainConfig:
     compute_dtype: "float32" or "bfloat16" (master weights and optimizer state stay float32).
     remat: what each decoder layer keeps for the backward pass: "none", "full" (recompute
       the layer, keep only its input) or "dots" (keep its weight matmuls' outputs too); see
-      fastvlm_jax.layers.REMAT_POLICIES. Only the base stage backpropagates through the
+      fastvlm_jax.nn.layers.REMAT_POLICIES. Only the base stage backpropagates through the
       layers: a 7B base stage needs "full" (or "dots") to fit, the draft stages ignore it.
     num_devices: use the first N devices (0: all), e.g. to run a 1-device reference.
     refine_max_new_tokens: refine stage: most tokens the full model generates per example
       (0: fill seq_len).
     deepen_to: base stage from init_from only: first grow the decoder to this many layers
       with new layers that start as the identity (train.deepen), then train (0: off).
-    architecture: the named architecture (fastvlm_jax.architectures) that `init_from` holds;
+    architecture: the named architecture (fastvlm_jax.nn.architectures) that `init_from` holds;
       only `--compile-only` reads it, when the checkpoint is not on this machine.
     eagle_hidden_size, eagle_image_pool, eagle_compressor: eagle stage: the EAGLE head the
       stage adds to an `init_from` checkpoint without one (draft.eagle_* of
-      fastvlm_jax.config.DraftConfig: FFN width, 0 -> the decoder's; image tokens per head
+      fastvlm_jax.nn.config.DraftConfig: FFN width, 0 -> the decoder's; image tokens per head
       cache slot; 'pool' or 'prune'). A checkpoint that has a head already must have
       these settings: its head is trained further, unless eagle_reinit, which replaces
       it by a fresh head of these settings.
     """
 
     stage: Stage = "base"
-    model: VLMConfig | None = None
+    model: LlavaConfig | None = None
     init_from: str | None = None
     trainable: tuple[str, ...] = ()
     data: DataConfig = DataConfig()

@@ -14,13 +14,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from fastvlm_jax.config import VLMConfig
+from fastvlm_jax.nn.llava import LlavaConfig
 
 # The two projections that write a layer's output into the residual stream.
 OUTPUT_PROJECTIONS = (("self_attn", "o_proj"), ("mlp", "down_proj"))
 
 
-def deepened_config(config: VLMConfig, num_layers: int) -> VLMConfig:
+def deepened_config(config: LlavaConfig, num_layers: int) -> LlavaConfig:
     old = config.text.num_layers
     if num_layers <= old:
         raise ValueError(f"deepen_to={num_layers} must exceed the checkpoint's {old} decoder layers")

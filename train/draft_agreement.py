@@ -38,7 +38,7 @@ SEQ_LEN = 112  # configs/demo.py's seq_len
 
 def load_pair(target: str, draft: str):
     """(target Checkpoint, draft Checkpoint), float32; ValueError if their vocabularies differ."""
-    from fastvlm_jax.checkpoint import load_checkpoint
+    from fastvlm_jax.ckpt.checkpoint import load_checkpoint
     from fastvlm_jax.demo import demo_draft_checkpoint
     from train.make_draft_model import resolve_source
 
@@ -102,7 +102,7 @@ def target_greedy_examples(model, params, tokenizer, examples: dict[str, np.ndar
     """The target's greedy captions after each prompt: (input_ids [n, SEQ_LEN], mask [n, SEQ_LEN]),
     mask 1 where the next token is one of the target's generated tokens (its EOS included)."""
     from decode.engine import DecodeSpec, Prompts, generate
-    from fastvlm_jax.prompts import stop_ids
+    from fastvlm_jax.nn.families import stop_ids
 
     capacity = SEQ_LEN - prompt_len
     spec = DecodeSpec("ar", capacity=capacity, eos_ids=tuple(stop_ids(model.config, tokenizer)))
@@ -124,7 +124,7 @@ def target_greedy_examples(model, params, tokenizer, examples: dict[str, np.ndar
 def agreement(target: str, draft: str, data_dir: str | None = None, split: str = "validation",
               count: int = 256, batch: int = 64) -> dict[str, Any]:
     """Top-1 agreement of `draft` with `target` (and both models' accuracy on the references)."""
-    from fastvlm_jax.model import VLM
+    from fastvlm_jax.nn.model import VLM
 
     target_ckpt, draft_ckpt = load_pair(target, draft)
     examples = load_examples(target_ckpt, data_dir, split, count)

@@ -1,4 +1,4 @@
-"""The eagle stage's loss: the EAGLE head (fastvlm_jax.eagle) learns from the frozen model.
+"""The eagle stage's loss: the EAGLE head (fastvlm_jax.nn.eagle) learns from the frozen model.
 
 At position t the head reads f_t (the full model's last-layer state, before the final
 norm) and e_{t+1} (the embedding of token t+1, image features merged in) at RoPE
@@ -26,7 +26,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from fastvlm_jax.eagle import compact_slots, compress
+from fastvlm_jax.nn.eagle import compact_slots, compress
 from train import losses
 from train.config import LossConfig
 

@@ -32,9 +32,10 @@ import jax
 import numpy as np
 import sentencepiece as spm
 
-from fastvlm_jax.image_processing import ImageProcessorConfig, preprocess_image
-from fastvlm_jax.prompts import answer_ids, prompt_ids_for
-from fastvlm_jax.tokenizer import SentencePieceTokenizer, Tokenizer, format_llava_prompt, load_tokenizer
+from fastvlm_jax.image.processing import ImageProcessorConfig, preprocess_image
+from fastvlm_jax.nn.families import answer_ids, prompt_ids_for
+from fastvlm_jax.text.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
+from fastvlm_jax.text.prompts import format_llava_prompt
 
 # Large enough to never run out; grain needs a length for its sampler dataset.
 _ENDLESS = 2**62
@@ -74,7 +75,7 @@ def train_caption_tokenizer(corpus: Sequence[str], vocab_size: int = 512, byte_f
 class TextFormat:
     """Prompt + caption -> fixed-length ids, targets and loss mask.
 
-    The prompt is the model family's (fastvlm_jax.prompts): LLaVA-1.5's
+    The prompt is the model family's (fastvlm_jax.nn.families): LLaVA-1.5's
     "USER: <image>*N\\n{question} ASSISTANT:" (with BOS), or BLIP-2's "<image>*N" + BOS +
     question; the caption follows as the answer, then EOS. Loss positions are those whose
     *target* (next token) is a caption token or the EOS.

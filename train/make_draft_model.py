@@ -67,7 +67,7 @@ def truncated_params(params: dict[str, Any], num_layers: int) -> dict[str, Any]:
 def _check_against_config(params, config) -> None:
     """Fails if `params` do not have exactly the shapes `config` builds (a family whose
     decoder is not one stacked 'language_model/layers' tree would land here)."""
-    from fastvlm_jax.model import VLM
+    from fastvlm_jax.nn.model import VLM
 
     want = nn.meta.unbox(VLM(config).abstract_params())
     flat_want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(want)[0]}
@@ -105,7 +105,7 @@ def make_draft_model(source: str | os.PathLike, num_layers: int, out: str | os.P
     Params keep the source's dtype. tokenizer/ and preprocessor.json are copied byte for
     byte, so the draft model tokenizes and preprocesses exactly as the source does.
     """
-    from fastvlm_jax.checkpoint import CheckpointError, load_checkpoint, load_config, save_checkpoint
+    from fastvlm_jax.ckpt.checkpoint import CheckpointError, load_checkpoint, load_config, save_checkpoint
 
     source = resolve_source(os.fspath(source))
     try:

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from fastvlm_jax.paths import as_path, is_url
+from fastvlm_jax.runtime.paths import as_path, is_url
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from fastvlm_jax.config import VLMConfig
-from fastvlm_jax.tokenizer import Tokenizer, check_image_token_id, load_tokenizer
+from fastvlm_jax.nn.llava import LlavaConfig
+from fastvlm_jax.text.tokenizer import Tokenizer, load_tokenizer
+from fastvlm_jax.text.prompts import check_image_token_id
 from train import input as input_lib
 from train import params as param_lib
 from train import step as step_lib
@@ -30,7 +31,7 @@ def make_tokenizer(cfg: TrainConfig, init_ckpt_tokenizer) -> Tokenizer:
                                              prompt_lines=[input_lib.prompt_text(cfg.data.question)])
 
 
-def resolve_model_config(model: VLMConfig, tokenizer: Tokenizer) -> VLMConfig:
+def resolve_model_config(model: LlavaConfig, tokenizer: Tokenizer) -> LlavaConfig:
     """vocab_size 0 -> the tokenizer's size rounded up to 128 (and its image token id)."""
     if model.text.vocab_size == 0:
         vocab = -(-tokenizer.vocab_size // 128) * 128
@@ -43,7 +44,7 @@ def resolve_model_config(model: VLMConfig, tokenizer: Tokenizer) -> VLMConfig:
     return model
 
 
-def with_eagle_head(cfg: TrainConfig, model: VLMConfig, where: str) -> VLMConfig:
+def with_eagle_head(cfg: TrainConfig, model: LlavaConfig, where: str) -> LlavaConfig:
     """The eagle stage's model: `model` with the head of cfg's eagle_* settings added when
     it has none (or cfg.eagle_reinit); one that has a head must already have those
     settings (ConfigError). Other stages: `model` unchanged."""

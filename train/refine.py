@@ -51,8 +51,8 @@ import jax
 import numpy as np
 
 from decode.engine import DecodeSpec, Prompts, generate
-from fastvlm_jax.image_processing import preprocess_image
-from fastvlm_jax.model import VLM
+from fastvlm_jax.image.processing import preprocess_image
+from fastvlm_jax.nn.model import VLM
 from train import input as input_lib
 from train import params as param_lib
 from train.config import ConfigError

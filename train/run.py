@@ -30,12 +30,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastvlm_jax import checkpoint as ckpt_lib
-from fastvlm_jax import sharding
-from fastvlm_jax.config import VLMConfig
-from fastvlm_jax.distributed import maybe_initialize
-from fastvlm_jax.model import VLM
-from fastvlm_jax.paths import as_path
+from fastvlm_jax.ckpt import checkpoint as ckpt_lib
+from fastvlm_jax.runtime import sharding
+from fastvlm_jax.nn.llava import LlavaConfig
+from fastvlm_jax.runtime.distributed import maybe_initialize
+from fastvlm_jax.nn.model import VLM
+from fastvlm_jax.runtime.paths import as_path
 from train import checkpointing, deepen, input as input_lib, metrics as metrics_lib
 from train import params as param_lib
 from train import step as step_lib
@@ -79,7 +79,7 @@ def open_source(cfg: TrainConfig):
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_init(config: VLMConfig, dtype) -> Callable:
+def _jitted_init(config: LlavaConfig, dtype) -> Callable:
     return jax.jit(VLM(config, dtype).init)
 
 
@@ -97,7 +97,7 @@ def init_params(model: VLM, seed: int, shardings) -> Any:
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_eagle_init(config: VLMConfig, dtype) -> Callable:
+def _jitted_eagle_init(config: LlavaConfig, dtype) -> Callable:
     return jax.jit(VLM(config, dtype).init_eagle)
 
 
@@ -108,7 +108,7 @@ def init_eagle(model: VLM, seed: int, params, shardings) -> Any:
     dtype throughout; computed on the host like `init_params`, so every mesh starts from
     the same values.
     """
-    from fastvlm_jax.model import params_dtype
+    from fastvlm_jax.nn.model import params_dtype
 
     dtype = params_dtype(params)
     # A key of its own: the seed also drives the data order.
@@ -179,7 +179,7 @@ def refine_sequences(cfg: TrainConfig, workdir, model: VLM, mesh, shardings, tra
                      tokenizer, image_config, source, transform, progress: bool):
     """The refine stage's pre-pass: the frozen full model's greedy generation for every record
     the run reads, made once (or reused) in workdir/refine_sequences (train.refine)."""
-    from fastvlm_jax.prompts import stop_ids
+    from fastvlm_jax.nn.families import stop_ids
     from train import refine as refine_lib
 
     prompt_len = transform.text.prompt_len

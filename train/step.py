@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from fastvlm_jax import sharding
-from fastvlm_jax.model import VLM
+from fastvlm_jax.runtime import sharding
+from fastvlm_jax.nn.model import VLM
 from train import eagle as eagle_lib
 from train import losses
 from train import params as param_lib
@@ -96,7 +96,7 @@ def make_optimizer(optim: OptimConfig, total_steps: int) -> optax.GradientTransf
 class StepSpec:
     """Static settings of the step (hashable: part of the jitted function).
 
-    remat: what each decoder layer keeps for the backward pass (fastvlm_jax.layers.
+    remat: what each decoder layer keeps for the backward pass (fastvlm_jax.nn.layers.
       REMAT_POLICIES); only the base stage differentiates through the layer stack.
     loss_start: the first position that can carry loss (the prompt's last token predicts
       the caption's first): the LM head, the imitation losses and the metrics run on

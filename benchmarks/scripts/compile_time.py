@@ -24,12 +24,13 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path.cwd()))
 
 from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate  # noqa: E402
-from fastvlm_jax.config import DraftConfig, TextConfig, VisionConfig, VLMConfig  # noqa: E402
-from fastvlm_jax.model import VLM  # noqa: E402
+from fastvlm_jax.nn.config import DraftConfig, TextConfig, VisionConfig  # noqa: E402
+from fastvlm_jax.nn.llava import LlavaConfig
+from fastvlm_jax.nn.model import VLM  # noqa: E402
 
 
-def config_with(num_layers: int, width: int) -> VLMConfig:
-    return VLMConfig(
+def config_with(num_layers: int, width: int) -> LlavaConfig:
+    return LlavaConfig(
         vision=VisionConfig(image_size=32, patch_size=16, hidden_size=64, intermediate_size=128,
                             num_layers=1, num_heads=2),
         text=TextConfig(vocab_size=1024, hidden_size=width, intermediate_size=2 * width,

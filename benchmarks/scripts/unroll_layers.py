@@ -22,7 +22,7 @@ from decode.bench.machine import machine_info  # noqa: E402
 from decode.bench.models import decode_sets, eos_ids, load_bench_model, make_prompts  # noqa: E402
 from decode.bench.timing import time_interleaved  # noqa: E402
 from decode.engine import DecodeSpec, DraftPolicy  # noqa: E402
-from fastvlm_jax.model import VLM  # noqa: E402
+from fastvlm_jax.nn.model import VLM  # noqa: E402
 
 
 def main(argv=None) -> int:

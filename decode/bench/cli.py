@@ -38,8 +38,8 @@ from decode.captioner import describe_device
 from decode.engine import DraftPolicy
 from decode.sampling import SamplingConfig
 from decode.tree import TreeShape
-from fastvlm_jax.architectures import ARCHITECTURES
-from fastvlm_jax.model import param_bytes, param_count
+from fastvlm_jax.nn.architectures import ARCHITECTURES
+from fastvlm_jax.nn.model import param_bytes, param_count
 
 POLICIES = ("static", "confidence", "context")
 # Copied from the first run to the top level of the JSON (DESIGN.md section 4).

@@ -78,11 +78,12 @@ from decode import engine
 from decode.drafters import EagleCarry, EagleDrafter, ImitationDrafter, ModelCarry, ModelDrafter, RoundContext
 from decode.engine import DecodeSpec, DraftPolicy, Prompts
 from decode.tree import TreeShape, tree_slots
-from fastvlm_jax import sharding, tpu
-from fastvlm_jax.architectures import architecture
-from fastvlm_jax.config import ConfigError
-from fastvlm_jax.kv_cache import KVCache
-from fastvlm_jax.model import VLM
+from fastvlm_jax.runtime import sharding
+from fastvlm_jax import tpu
+from fastvlm_jax.nn.architectures import architecture
+from fastvlm_jax.nn.config import ConfigError
+from fastvlm_jax.nn.kv_cache import KVCache
+from fastvlm_jax.nn.model import VLM
 
 # Text tokens of the benchmark's random prompts besides the image tokens: BOS + 12
 # (decode.bench.models.make_prompts), about a LLaVA chat prompt's length.
@@ -127,7 +128,7 @@ def load_shapes(spec: str, dtype: str | None = None) -> ModelShapes:
         dtype = dtype or ("bfloat16" if kind == "shapes" else "float32")
         source = spec
     else:
-        from fastvlm_jax.checkpoint import CheckpointError, load_without_params
+        from fastvlm_jax.ckpt.checkpoint import CheckpointError, load_without_params
 
         path = spec
         if spec == "demo":

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from decode import engine
 from decode.bench.models import BenchModel, with_exit_layer
 from decode.engine import DecodeSpec, DraftPolicy, Prompts
-from fastvlm_jax.model import VLM
+from fastvlm_jax.nn.model import VLM
 
 
 def seconds_per_call(run: Callable[[], object], calls: int, repeats: int) -> dict:

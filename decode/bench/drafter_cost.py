@@ -40,7 +40,7 @@ def _cache_bytes(carry) -> int:
 
 def build_timers(bench, drafter, batch: int, draft_len: int, max_new: int, iters: int, images, seed: int):
     """(round_start, draft_step) zero-argument timers and the drafter's cache bytes."""
-    from fastvlm_jax.model import VLM
+    from fastvlm_jax.nn.model import VLM
 
     model = VLM(bench.config, bench.dtype)
     spec = DecodeSpec("ssd", capacity=max_new, eos_ids=(), policy=DraftPolicy(draft_len=draft_len),

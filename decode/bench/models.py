@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from decode.engine import DecodeOutput, DecodeSpec, Prompts, generate
-from fastvlm_jax.config import DraftConfig, TextConfig, VisionConfig, VLMConfig
-from fastvlm_jax.model import VLM, cast_params, params_dtype
-from fastvlm_jax.prompts import stop_ids
+from fastvlm_jax.nn.config import DraftConfig, TextConfig, VisionConfig
+from fastvlm_jax.nn.llava import LlavaConfig
+from fastvlm_jax.nn.model import VLM, cast_params, params_dtype
+from fastvlm_jax.nn.families import stop_ids
 
 # The vision tower of the two larger random presets: only the text decoder differs.
 _PRESET_VISION = VisionConfig(image_size=64, patch_size=8, hidden_size=256, intermediate_size=1024,
@@ -22,18 +23,18 @@ _PRESET_VISION = VisionConfig(image_size=64, patch_size=8, hidden_size=256, inte
 
 # Random-weight presets for speed measurements (acceptance of an untrained draft is low).
 RANDOM_PRESETS = {
-    "tiny": VLMConfig(
+    "tiny": LlavaConfig(
         vision=VisionConfig(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128,
                             num_layers=2, num_heads=4),
         text=TextConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=4,
                         num_heads=4, num_kv_heads=4),
         draft=DraftConfig(exit_layer=1), image_token_id=511),
-    "50m": VLMConfig(
+    "50m": LlavaConfig(
         vision=_PRESET_VISION,
         text=TextConfig(vocab_size=32064, hidden_size=512, intermediate_size=1408, num_layers=8,
                         num_heads=8, num_kv_heads=8),
         draft=DraftConfig(exit_layer=2), image_token_id=32000),
-    "150m": VLMConfig(
+    "150m": LlavaConfig(
         vision=_PRESET_VISION,
         text=TextConfig(vocab_size=32064, hidden_size=768, intermediate_size=2048, num_layers=16,
                         num_heads=12, num_kv_heads=12),
@@ -46,7 +47,7 @@ class BenchModel:
     """A loaded model: its config and params, and (checkpoints only) the tokenizer and
     image processor config that real prompts need. source: where it came from."""
 
-    config: VLMConfig
+    config: LlavaConfig
     params: object
     tokenizer: object = None
     image_config: object = None
@@ -75,7 +76,7 @@ def _load(spec: str, seed: int) -> BenchModel:
         config = RANDOM_PRESETS[preset]
         # One jitted init (an eager init compiles every op on its own: seconds).
         return BenchModel(config, jax.jit(VLM(config).init)(jax.random.key(seed)), source=spec)
-    from fastvlm_jax.checkpoint import CheckpointError, load_checkpoint
+    from fastvlm_jax.ckpt.checkpoint import CheckpointError, load_checkpoint
 
     from fastvlm_jax import demo
 
@@ -117,7 +118,7 @@ def load_drafter(bench: BenchModel, name: str) -> BenchDrafter:
     small = _load(path, 0)
     if bench.tokenizer is not None:
         from decode.captioner import check_same_tokenizer
-        from fastvlm_jax.checkpoint import CheckpointError
+        from fastvlm_jax.ckpt.checkpoint import CheckpointError
 
         try:
             check_same_tokenizer(bench.tokenizer, small.tokenizer, path)
@@ -133,7 +134,7 @@ def eos_ids(bench: BenchModel) -> tuple[int, ...]:
 
 
 @functools.cache
-def fresh_imitation(config: VLMConfig, dtype) -> dict:
+def fresh_imitation(config: LlavaConfig, dtype) -> dict:
     """The untrained imitation network of `config` (the identity draft), in `dtype`.
 
     Cached because a sweep asks for the same exit layer at every batch size and draft
@@ -142,7 +143,7 @@ def fresh_imitation(config: VLMConfig, dtype) -> dict:
     return cast_params(jax.jit(VLM(config).init_imitation)(jax.random.key(0)), dtype)
 
 
-def with_exit_layer(bench: BenchModel, exit_layer: int) -> tuple[VLMConfig, dict, bool]:
+def with_exit_layer(bench: BenchModel, exit_layer: int) -> tuple[LlavaConfig, dict, bool]:
     """(config, params, reset): the model with another exit layer. Its imitation network is
     reset to the identity (an untrained early exit, reset=True) when the layer differs from
     the one it was trained for; the other params are the loaded ones, not copies."""
@@ -167,8 +168,8 @@ def make_prompts(bench: BenchModel, batch: int, images: list[str], prompt: str |
     """
     config = bench.config
     if bench.tokenizer is not None and bench.image_config is not None and images != ["random"]:
-        from fastvlm_jax.image_processing import load_image, preprocess_image
-        from fastvlm_jax.prompts import build_prompt_ids, default_question
+        from fastvlm_jax.image.processing import load_image, preprocess_image
+        from fastvlm_jax.nn.families import build_prompt_ids, default_question
 
         if not images or images == ["synthetic"]:
             from fastvlm_jax.data.synthetic import make_example

@@ -44,7 +44,7 @@ from decode.bench.models import decode_sets
 from decode.bench.timing import acceptance_report, speed_report, time_interleaved
 from decode.captioner import describe_device
 from decode.engine import DecodeOutput, DecodeSpec, DraftPolicy, Prompts
-from fastvlm_jax.model import param_count
+from fastvlm_jax.nn.model import param_count
 
 PRESETS = {
     # ~134M parameters: 12 x 768 LLaMA, vocab 32064 (LLaVA-1.5's), untied head.
@@ -67,8 +67,8 @@ def build_models(size: str, exit_layer: int, seed: int = 0, deep_scale: float = 
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
-    from fastvlm_jax.convert_llava import config_from_hf, convert_params, state_dict_source
-    from fastvlm_jax.model import VLM
+    from fastvlm_jax.ckpt.convert.llava import config_from_hf, convert_params, state_dict_source
+    from fastvlm_jax.nn.model import VLM
 
     preset = dict(PRESETS[size])
     image_token = preset.pop("image_token_index")

@@ -19,7 +19,7 @@ import numpy as np
 from decode.bench.models import BenchModel, decode_sets, eos_ids, make_prompts, with_exit_layer
 from decode.engine import DecodeOutput, DecodeSpec, DraftPolicy, Prompts
 from decode.sampling import SamplingConfig
-from fastvlm_jax.model import VLM
+from fastvlm_jax.nn.model import VLM
 
 
 @functools.cache

@@ -25,7 +25,7 @@ from decode.drafters import EagleDrafter, ImitationDrafter, ModelDrafter
 from decode.engine import DecodeOutput, DecodeSpec, DraftPolicy, Prompts
 from decode.sampling import SamplingConfig
 from decode.tree import TreeShape
-from fastvlm_jax.model import VLM, param_bytes
+from fastvlm_jax.nn.model import VLM, param_bytes
 
 
 def time_interleaved(calls: dict[str, Callable[[], object]], repeats: int,

@@ -43,7 +43,7 @@ from etils import epath
 from PIL import Image
 
 from fastvlm_jax.data import synthetic
-from fastvlm_jax.image_processing import raise_pil_pixel_limit
+from fastvlm_jax.image.processing import raise_pil_pixel_limit
 
 # ----------------------------------------------------------------------------------
 # Shared features and helpers

@@ -1,7 +1,7 @@
 """SentencePiece tokenizer with added tokens, matching transformers 5.x `LlamaTokenizer`.
 
 Used for Hugging Face folders that have only `tokenizer.model` (with tokenizer.json,
-`fastvlm_jax.hf_tokenizer.HFTokenizer` runs that file instead), and for the tokenizers we train
+`fastvlm_jax.text.hf_tokenizer.HFTokenizer` runs that file instead), and for the tokenizers we train
 ourselves (train.input), saved in our checkpoints as tokenizer.model + tokenizer_config.json.
 
 transformers 5.x converts the sentencepiece file into a `tokenizers` BPE pipeline; we reproduce
@@ -41,10 +41,10 @@ from typing import Any
 
 import sentencepiece as spm
 
-from fastvlm_jax.tokenizer_base import AddedToken, HFFolder, Tokenizer, read_json
+from fastvlm_jax.text.base import AddedToken, HFFolder, Tokenizer, read_json
 
 SP_MODEL_FILE = "tokenizer.model"
-FORMAT_TAG = "fastvlm_jax.tokenizer/1"
+FORMAT_TAG = "fastvlm_jax.tokenizer/1"  # an on-disk tag: kept when the module moved
 
 # tokenizer_class values whose HF behaviour is the LLaMA one we reproduce (None: unnamed).
 _LLAMA_CLASSES = {None, "LlamaTokenizer"}

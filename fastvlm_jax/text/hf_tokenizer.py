@@ -41,10 +41,10 @@ from tokenizers import AddedToken as BackendAddedToken
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, processors
 
-from fastvlm_jax.tokenizer_base import AddedToken, HFFolder, Tokenizer, read_json
+from fastvlm_jax.text.base import AddedToken, HFFolder, Tokenizer, read_json
 
 TOKENIZER_FILE = "tokenizer.json"
-FORMAT_TAG = "fastvlm_jax.hf_tokenizer/1"
+FORMAT_TAG = "fastvlm_jax.hf_tokenizer/1"  # an on-disk tag: kept when the module moved
 # Saved by the GPT-2-only BPETokenizer this class replaced: same files, but its tokenizer.json
 # has no post-processor because that class prepended BOS itself.
 _BPE_FORMAT_TAG = "fastvlm_jax.bpe_tokenizer/1"
@@ -151,7 +151,7 @@ class HFTokenizer(Tokenizer):
     Args:
       backend: a `tokenizers.Tokenizer` holding the whole pipeline (post-processor included)
         and the added tokens.
-      bos_id, eos_id, pad_id, unk_id, image_token: see `fastvlm_jax.tokenizer_base.Tokenizer`.
+      bos_id, eos_id, pad_id, unk_id, image_token: see `fastvlm_jax.text.base.Tokenizer`.
       split_special_tokens: HF flag: added tokens in the text are encoded as plain text.
     """
 

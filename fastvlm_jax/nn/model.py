@@ -1,7 +1,7 @@
 """The functional handle on a VLM of any family: every method is pure in `params`.
 
-The family modules (`fastvlm_jax.llava`, `fastvlm_jax.blip2`) hold the Flax code;
-`fastvlm_jax.families` maps a config to its module. `VLM` wraps one so that callers
+The family modules (`fastvlm_jax.nn.llava`, `fastvlm_jax.nn.blip2`) hold the Flax code;
+`fastvlm_jax.nn.families` maps a config to its module. `VLM` wraps one so that callers
 pass params explicitly and compose the pieces under jax.jit: `encode_images`, `embed`,
 `run_layers(start, stop)` (any layer range, over the stacked layers, with or without the
 stacked KV cache), `logits`, `imitate`, `eagle_draft` and the caches.
@@ -15,16 +15,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastvlm_jax.families import family_of
-from fastvlm_jax.kv_cache import KVCache
-from fastvlm_jax.llava import ImitationNetwork, TextDecoder, VLMModule  # noqa: F401 (re-exported)
-from fastvlm_jax.vlm_common import full_and_draft_logits, merge_image_features  # noqa: F401
+from fastvlm_jax.nn.config import FamilyConfig
+from fastvlm_jax.nn.families import family_of
+from fastvlm_jax.nn.kv_cache import KVCache
+from fastvlm_jax.nn.llava import ImitationNetwork, TextDecoder, LlavaModule  # noqa: F401 (re-exported)
+from fastvlm_jax.nn.common import full_and_draft_logits, merge_image_features  # noqa: F401
 
 Array = jax.Array
 Params = Any
 
 
-def build_module(config, dtype=jnp.float32, unroll_layers: bool = False) -> nn.Module:
+def build_module(config: FamilyConfig, dtype=jnp.float32, unroll_layers: bool = False) -> nn.Module:
     """The Flax module of the config's family."""
     return family_of(config).module_class(config, dtype, unroll_layers)
 
@@ -37,10 +38,10 @@ class VLM:
     'language_model/layers' with a leading [num_layers] axis.
     dtype: the compute dtype (activations and KV cache); params keep their own dtype.
     unroll_layers: compile layer ranges as unrolled code rather than a loop; the same
-      for every call of a program (see `fastvlm_jax.layers.run_layer_stack`).
+      for every call of a program (see `fastvlm_jax.nn.layers.run_layer_stack`).
     """
 
-    def __init__(self, config, dtype=jnp.float32, unroll_layers: bool = False):
+    def __init__(self, config: FamilyConfig, dtype=jnp.float32, unroll_layers: bool = False):
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.unroll_layers = unroll_layers
@@ -85,7 +86,7 @@ class VLM:
 
     # --- pure pieces --------------------------------------------------------------------
     def _apply(self, params, method: str, *args, **kwargs):
-        # By name: every family module has these methods (fastvlm_jax.vlm_common.FamilyModule).
+        # By name: every family module has these methods (fastvlm_jax.nn.common.FamilyModule).
         return self.module.apply({"params": params}, *args, method=method, **kwargs)
 
     def encode_images(self, params, pixels):
@@ -97,8 +98,8 @@ class VLM:
     def run_layers(self, params, hidden, positions, start, stop, cache=None, key_mask=None,
                    collect=(), tree=None, remat="none"):
         """Layers [start, stop): (state stop [batch, seq, embed], cache, {index: state}).
-        tree: a `fastvlm_jax.kv_cache.TreeSlots` for a token tree's nodes (with a cache).
-        remat: what each layer keeps for a backward pass (fastvlm_jax.layers.REMAT_POLICIES)."""
+        tree: a `fastvlm_jax.nn.kv_cache.TreeSlots` for a token tree's nodes (with a cache).
+        remat: what each layer keeps for a backward pass (fastvlm_jax.nn.layers.REMAT_POLICIES)."""
         return self._apply(params, "run_layers", hidden, positions, start, stop, cache,
                            key_mask, tuple(collect), tree, remat)
 
@@ -140,14 +141,14 @@ class VLM:
 
     def init_eagle_cache(self, batch: int, slots: int, dtype=None) -> KVCache:
         """The EAGLE head's own one-layer cache: [1, batch, kv_heads, slots, head_dim]."""
-        from fastvlm_jax.eagle import head_text_config
+        from fastvlm_jax.nn.eagle import head_text_config
 
         text = head_text_config(self.config.text, self.config.draft)
         return KVCache.zeros(1, batch, slots, text.num_kv_heads, text.resolved_head_dim, dtype or self.dtype)
 
     def init_eagle(self, rng: Array) -> Params:
         """Fresh EAGLE-head params alone (for a model trained without one)."""
-        from fastvlm_jax.eagle import init_eagle_params
+        from fastvlm_jax.nn.eagle import init_eagle_params
 
         return init_eagle_params(self.config, rng, self.dtype)
 

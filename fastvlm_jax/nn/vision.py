@@ -6,8 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastvlm_jax.config import VisionConfig
-from fastvlm_jax.layers import INIT_STD, LayerNorm, activation, dense, full_attention, split_heads
+from fastvlm_jax.nn.config import VisionConfig
+from fastvlm_jax.nn.layers import INIT_STD, LayerNorm, activation, dense, full_attention, split_heads
 
 Array = jax.Array
 

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastvlm_jax.kv_cache import KVCache, TreeSlots
+from fastvlm_jax.nn.kv_cache import KVCache, TreeSlots
 
 Array = jax.Array
 
@@ -24,12 +24,12 @@ class FamilyModule(nn.Module):
 
     A subclass's `setup` creates `language_model` (a decoder with `run_layers` and
     `logits`, its layers stacked) and `imitation` (the draft's imitation network), plus
-    its vision side, and `eagle` (`fastvlm_jax.eagle.make_eagle_head`: the EAGLE head or None),
+    its vision side, and `eagle` (`fastvlm_jax.nn.eagle.make_eagle_head`: the EAGLE head or None),
     and defines `encode_images` and `embed`. Callers reach every method
-    through `Module.apply(..., method=name)` (see `fastvlm_jax.model.VLM`).
+    through `Module.apply(..., method=name)` (see `fastvlm_jax.nn.model.VLM`).
 
     unroll_layers: run layer ranges as unrolled code instead of a loop (a whole-program
-    choice, see `fastvlm_jax.model.VLM`).
+    choice, see `fastvlm_jax.nn.model.VLM`).
     """
 
     config: Any
@@ -50,7 +50,7 @@ class FamilyModule(nn.Module):
                    cache: KVCache | None = None, key_mask: Array | None = None,
                    collect: tuple[int, ...] = (), tree: TreeSlots | None = None, remat: str = "none"):
         """Decoder layers [start, stop) over the stacked params -> (state stop, cache,
-        {index: state}); see `fastvlm_jax.layers.run_layer_stack`."""
+        {index: state}); see `fastvlm_jax.nn.layers.run_layer_stack`."""
         return self.language_model.run_layers(hidden, positions, start, stop, cache, key_mask, collect, tree,
                                               remat)
 
@@ -65,7 +65,7 @@ class FamilyModule(nn.Module):
 
     def eagle_draft(self, features: Array, embeds: Array, positions: Array, cache: KVCache | None = None,
                     key_mask: Array | None = None, tree: TreeSlots | None = None):
-        """The EAGLE head (fastvlm_jax.eagle): (f_t, e_{t+1}) at t -> (predicted f_{t+1}, cache)."""
+        """The EAGLE head (fastvlm_jax.nn.eagle): (f_t, e_{t+1}) at t -> (predicted f_{t+1}, cache)."""
         if self.eagle is None:
             raise ValueError("this model has no EAGLE head (draft.eagle_layers=0): train one with the "
                              "'eagle' stage of train.run")

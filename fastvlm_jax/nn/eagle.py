@@ -21,9 +21,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastvlm_jax.config import DraftConfig, TextConfig
-from fastvlm_jax.kv_cache import KVCache, TreeSlots
-from fastvlm_jax.layers import DecoderLayer, RMSNorm, dense
+from fastvlm_jax.nn.config import DraftConfig, TextConfig
+from fastvlm_jax.nn.kv_cache import KVCache, TreeSlots
+from fastvlm_jax.nn.layers import DecoderLayer, RMSNorm, dense
 
 Array = jax.Array
 

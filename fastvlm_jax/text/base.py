@@ -7,11 +7,11 @@
     added_tokens, special_ids, id_to_piece(id)         save(dir), load(dir) (our own format)
 
 Two implementations subclass it:
-- `fastvlm_jax.hf_tokenizer.HFTokenizer`: a `tokenizers` library pipeline, for Hugging Face
+- `fastvlm_jax.text.hf_tokenizer.HFTokenizer`: a `tokenizers` library pipeline, for Hugging Face
   folders with tokenizer.json (or GPT-2 vocab.json + merges.txt), set up as transformers 5.x does.
-- `fastvlm_jax.sp_tokenizer.SentencePieceTokenizer`: sentencepiece, for folders with only
+- `fastvlm_jax.text.sp_tokenizer.SentencePieceTokenizer`: sentencepiece, for folders with only
   tokenizer.model, and for the tokenizers we train ourselves.
-`fastvlm_jax.tokenizer.load_tokenizer` picks the one a folder needs. This module imports neither
+`fastvlm_jax.text.tokenizer.load_tokenizer` picks the one a folder needs. This module imports neither
 implementation, so that both can import it.
 
 It also holds the reading of Hugging Face's settings files (`HFFolder`), which both
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from fastvlm_jax.paths import as_path
+from fastvlm_jax.runtime.paths import as_path
 
 CONFIG_FILE = "tokenizer_config.json"
 DEFAULT_IMAGE_TOKEN = "<image>"
@@ -305,7 +305,7 @@ class Tokenizer(abc.ABC):
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Tokenizer":
-        """Read a folder written by `save` (Hugging Face folders: `fastvlm_jax.tokenizer.load_tokenizer`)."""
+        """Read a folder written by `save` (Hugging Face folders: `fastvlm_jax.text.tokenizer.load_tokenizer`)."""
         folder = as_path(directory)
         settings = read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else {}
         if settings.get("format") not in cls.FORMAT_TAGS:

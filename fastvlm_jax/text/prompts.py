@@ -1,60 +1,80 @@
-"""Tokenizers: the interface, its two implementations, and loading the one a folder needs.
+"""Prompt building, in one place: how each model family lays out a one-image prompt (what
+its Hugging Face processor builds), and the LLaVA prompt helpers.
 
-- `Tokenizer` (fastvlm_jax.tokenizer_base): the interface the rest of the code uses.
-- `HFTokenizer` (fastvlm_jax.hf_tokenizer): Hugging Face's `tokenizers` library, for folders with
-  tokenizer.json (what transformers runs, set up as transformers 5.x does) or GPT-2 style
-  vocab.json + merges.txt.
-- `SentencePieceTokenizer` (fastvlm_jax.sp_tokenizer): for folders with only tokenizer.model, and
-  for the tokenizers we train ourselves.
+- LLaVA-1.5: "USER: <image>*N\\n{question} ASSISTANT:" with the tokenizer's special tokens
+  (BOS first for llava-hf) (`fastvlm_jax.text.prompts.build_llava_input_ids`, as LlavaProcessor
+  + the llava-1.5 template).
+- BLIP-2 OPT: N image tokens, then the question text as typed with the tokenizer's special
+  tokens (BOS for OPT), exactly as Blip2Processor lays them out (image tokens before BOS, no
+  chat template). An empty question is plain captioning (what HF BLIP-2 does with no text);
+  VQA prompts look like "Question: what is on the table? Answer:".
 
-`load_tokenizer(dir)` reads our saved folders (CKPT/tokenizer/) and Hugging Face folders;
-`from_hf_dir(dir)` reads Hugging Face folders only (the converters use it).
-
-Also the LLaVA prompt helpers (the prompt text, the image token count, the prompt ids).
+N is the config's `num_image_tokens` (LLaVA: image patches; BLIP-2: Q-Former queries). The
+family registry (`fastvlm_jax.nn.families`) holds one layout per family.
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
+from typing import Any
 
-from fastvlm_jax.hf_tokenizer import HFTokenizer
-from fastvlm_jax.sp_tokenizer import SentencePieceTokenizer
-from fastvlm_jax.paths import as_path
-from fastvlm_jax.tokenizer_base import CONFIG_FILE, DEFAULT_IMAGE_TOKEN, AddedToken, Tokenizer, read_json
-
-# The implementations whose folders `save` writes, found by their format tag.
-_SAVED_CLASSES: tuple[type[Tokenizer], ...] = (SentencePieceTokenizer, HFTokenizer)
+from fastvlm_jax.text.base import DEFAULT_IMAGE_TOKEN, Tokenizer
 
 
-def from_hf_dir(directory: str | os.PathLike) -> Tokenizer:
-    """The tokenizer of a Hugging Face folder, as transformers 5.x would run it.
+@dataclasses.dataclass(frozen=True)
+class PromptLayout:
+    """One family's prompt layout.
 
-    tokenizer.json (or vocab.json + merges.txt) -> HFTokenizer, which runs it with the
-    `tokenizers` library; only tokenizer.model -> SentencePieceTokenizer.
+    default_question: what is asked when the user gives no question.
     """
-    folder = as_path(directory)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"tokenizer folder not found: {folder}")
-    if (folder / "tokenizer.json").is_file() or (
-            (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
-        return HFTokenizer.from_hf_dir(folder)
-    if (folder / "tokenizer.model").is_file():
-        return SentencePieceTokenizer.from_hf_dir(folder)
-    raise FileNotFoundError(f"{folder}: no tokenizer files (tokenizer.json, vocab.json + merges.txt or "
-                            "tokenizer.model)")
+
+    default_question: str
+
+    def prompt_ids(self, tokenizer: Tokenizer, question: str, num_image_tokens: int) -> list[int]:
+        """Prompt ids for one image and `question`."""
+        raise NotImplementedError
+
+    def answer_ids(self, tokenizer: Tokenizer, question: str, answer: str) -> list[int]:
+        """The ids of `answer` following the prompt for `question` (no EOS), for training targets."""
+        raise NotImplementedError
+
+    def stop_ids(self, tokenizer: Tokenizer, config: Any) -> tuple[int, ...]:
+        """Token ids that end a generation: the tokenizer's EOS."""
+        return (int(tokenizer.eos_id),)
 
 
-def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
-    """The tokenizer in `directory`: one we saved (its format tag names the class), else a
-    Hugging Face folder (`from_hf_dir`)."""
-    folder = as_path(directory)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"tokenizer folder not found: {folder}")
-    tag = read_json(folder / CONFIG_FILE).get("format") if (folder / CONFIG_FILE).is_file() else None
-    for cls in _SAVED_CLASSES:
-        if tag in cls.FORMAT_TAGS:
-            return cls.load(folder)
-    return from_hf_dir(folder)
+@dataclasses.dataclass(frozen=True)
+class LlavaPrompts(PromptLayout):
+    # The training recipe's default question.
+    default_question: str = "Describe the image."
+
+    def prompt_ids(self, tokenizer, question, num_image_tokens):
+        return build_llava_input_ids(tokenizer, question, num_image_tokens)
+
+    def answer_ids(self, tokenizer, question, answer):
+        # Sentencepiece's "▁" prefix separates the answer from "ASSISTANT:".
+        return tokenizer.encode(answer.strip(), add_special_tokens=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Blip2Prompts(PromptLayout):
+    # BLIP-2 captions from the image alone.
+    default_question: str = ""
+
+    def prompt_ids(self, tokenizer, question, num_image_tokens):
+        image_prompt_token(tokenizer, question, num_image_tokens)
+        return [tokenizer.image_token_id] * num_image_tokens + tokenizer.encode(question)
+
+    def answer_ids(self, tokenizer, question, answer):
+        # Byte-level BPE marks word starts with a space: an answer after a question
+        # ("... Answer: a cat") starts with one, a caption right after BOS does not.
+        text = answer.strip()
+        return tokenizer.encode(" " + text if question else text, add_special_tokens=False)
+
+    def stop_ids(self, tokenizer, config):
+        # The released OPT checkpoints set eos_token_id to "\n" (50118): HF's `generate`
+        # stops there, and captions end with it; "</s>" ends them too.
+        return tuple(dict.fromkeys((int(tokenizer.eos_id), int(config.text.eos_token_id))))
 
 
 # ------------------------------------------------------------------------------------------
@@ -124,19 +144,3 @@ def build_llava_input_ids(tokenizer: Tokenizer, question: str, num_image_tokens:
     image_token = image_prompt_token(tokenizer, question, num_image_tokens)
     prompt = format_llava_prompt(question, image_token)
     return tokenizer.encode(prompt.replace(image_token, image_token * num_image_tokens))
-
-
-__all__ = [
-    "AddedToken",
-    "DEFAULT_IMAGE_TOKEN",
-    "HFTokenizer",
-    "SentencePieceTokenizer",
-    "Tokenizer",
-    "build_llava_input_ids",
-    "check_image_token_id",
-    "format_llava_prompt",
-    "from_hf_dir",
-    "image_prompt_token",
-    "load_tokenizer",
-    "num_image_tokens",
-]

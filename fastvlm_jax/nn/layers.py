@@ -1,6 +1,6 @@
 """Building blocks shared by the vision tower, the decoder and the imitation network.
 
-Parameters carry logical axis names (see `fastvlm_jax.sharding`), so the same
+Parameters carry logical axis names (see `fastvlm_jax.runtime.sharding`), so the same
 modules run on one device or sharded over a Mesh.
 """
 
@@ -12,8 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastvlm_jax.config import TextConfig
-from fastvlm_jax.kv_cache import KVCache, TreeSlots
+from fastvlm_jax.nn.config import TextConfig
+from fastvlm_jax.nn.kv_cache import KVCache, TreeSlots
 
 Array = jax.Array
 DType = Any

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastvlm_jax.layers import LAYERS_AXIS
+from fastvlm_jax.nn.layers import LAYERS_AXIS
 
 STACKED_PREFIX = f"language_model/{LAYERS_AXIS}/"
 

@@ -4,14 +4,14 @@
       config.json        the model config (`to_dict()`, model_type names the family) plus
                          "format_version"
       params/            the parameter pytree, saved with orbax in the dtype it was saved in
-      tokenizer/         a tokenizers-library tokenizer.json (fastvlm_jax.hf_tokenizer) or a
-                         sentencepiece model (fastvlm_jax.sp_tokenizer), + tokenizer_config.json
-      preprocessor.json  image preprocessing (fastvlm_jax.image_processing)
+      tokenizer/         a tokenizers-library tokenizer.json (fastvlm_jax.text.hf_tokenizer) or a
+                         sentencepiece model (fastvlm_jax.text.sp_tokenizer), + tokenizer_config.json
+      preprocessor.json  image preprocessing (fastvlm_jax.image.processing)
 
 Format versions: 1 (no "format_version" key) kept one param subtree per decoder layer
 ('language_model/layers_0', ...); 2 stacks them ('language_model/layers', [num_layers, ...]).
 Loading a version-1 checkpoint restacks it on the fly (exact) and says how to upgrade it
-on disk: `python -m fastvlm_jax.checkpoint --upgrade CKPT_DIR`.
+on disk: `python -m fastvlm_jax.ckpt.checkpoint --upgrade CKPT_DIR`.
 
 Loading can restore straight onto a Mesh: each array lands with the sharding its
 logical axes ask for, without a full host copy first (version 2).
@@ -33,8 +33,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from fastvlm_jax.families import config_from_dict
-from fastvlm_jax.paths import as_path
+from fastvlm_jax.nn.families import config_from_dict
+from fastvlm_jax.runtime.paths import as_path
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -49,16 +49,16 @@ class CheckpointError(ValueError):
 
 
 class Checkpoint(NamedTuple):
-    config: Any  # the family's config (fastvlm_jax.config.VLMConfig, fastvlm_jax.blip2.Blip2Config)
+    config: Any  # the family's config (fastvlm_jax.nn.llava.LlavaConfig, fastvlm_jax.nn.blip2.Blip2Config)
     params: Any
-    tokenizer: Any  # a fastvlm_jax.tokenizer.Tokenizer, or None
-    image_config: Any  # fastvlm_jax.image_processing.ImageProcessorConfig or None
+    tokenizer: Any  # a fastvlm_jax.text.tokenizer.Tokenizer, or None
+    image_config: Any  # fastvlm_jax.image.processing.ImageProcessorConfig or None
 
 
 def save_checkpoint(path: str | os.PathLike, config, params, tokenizer=None,
                     image_config=None) -> epath.Path:
     """Writes a checkpoint directory (overwriting its params if present), params in their own
-    dtype. `path` may be local or a bucket (fastvlm_jax.paths)."""
+    dtype. `path` may be local or a bucket (fastvlm_jax.runtime.paths)."""
     path = as_path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / CONFIG_FILE).write_text(json.dumps({**config.to_dict(), FORMAT_KEY: FORMAT_VERSION},
@@ -93,7 +93,7 @@ def format_version(path: str | os.PathLike) -> int:
 
 
 def load_config(path: str | os.PathLike):
-    """config.json -> the family's config (model_type picks it: VLMConfig, Blip2Config, ...)."""
+    """config.json -> the family's config (model_type picks it: LlavaConfig, Blip2Config, ...)."""
     data = _read_config_json(as_path(path))
     data.pop(FORMAT_KEY, None)
     return config_from_dict(data)
@@ -105,8 +105,8 @@ def load_checkpoint(path: str | os.PathLike, mesh=None, rules=None, dtype=None) 
     dtype: cast floating params to this dtype while restoring; None keeps the dtype each
     param was saved in (a bfloat16 checkpoint stays bfloat16 on device).
     """
-    from fastvlm_jax import sharding
-    from fastvlm_jax.model import VLM
+    from fastvlm_jax.runtime import sharding
+    from fastvlm_jax.nn.model import VLM
 
     path = as_path(path)
     config = load_config(path)
@@ -129,7 +129,7 @@ def load_checkpoint(path: str | os.PathLike, mesh=None, rules=None, dtype=None) 
 
     if version == 1:
         print(f"note: {path} is in checkpoint format 1 (one param tree per decoder layer); restacking "
-              f"it while loading. Upgrade it once with `python -m fastvlm_jax.checkpoint --upgrade {path}`",
+              f"it while loading. Upgrade it once with `python -m fastvlm_jax.ckpt.checkpoint --upgrade {path}`",
               file=sys.stderr)
         params = upgrade_params(_checkpointer().restore(path / PARAMS_DIR), abstract, path)
         params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x).astype(wanted_dtype(x.dtype)), s),
@@ -170,7 +170,7 @@ def load_without_params(path: str | os.PathLike) -> Checkpoint:
     """A checkpoint's config, tokenizer and image config, and its params as
     ShapeDtypeStructs in their saved dtypes (nothing is read from params/ but metadata):
     what compile-only runs need."""
-    from fastvlm_jax.model import VLM
+    from fastvlm_jax.nn.model import VLM
 
     path = as_path(path)
     config = load_config(path)
@@ -234,7 +234,7 @@ def _check_shapes(tree, abstract, where, flat: bool = False) -> None:
 def _load_tokenizer(path: Path):
     if not (path / TOKENIZER_DIR).is_dir():
         return None
-    from fastvlm_jax.tokenizer import load_tokenizer
+    from fastvlm_jax.text.tokenizer import load_tokenizer
 
     return load_tokenizer(path / TOKENIZER_DIR)
 
@@ -242,13 +242,13 @@ def _load_tokenizer(path: Path):
 def _load_image_config(path: Path):
     if not (path / PREPROCESSOR_FILE).is_file():
         return None
-    from fastvlm_jax.image_processing import ImageProcessorConfig
+    from fastvlm_jax.image.processing import ImageProcessorConfig
 
     return ImageProcessorConfig.from_dict(json.loads((path / PREPROCESSOR_FILE).read_text()))
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastvlm_jax.checkpoint",
+    parser = argparse.ArgumentParser(prog="python -m fastvlm_jax.ckpt.checkpoint",
                                      description="Inspect or upgrade a fastvlm-jax checkpoint.")
     parser.add_argument("--upgrade", metavar="CKPT_DIR", required=True,
                         help="rewrite a format-1 checkpoint in the current format, in place")

@@ -1,15 +1,17 @@
-"""Typed, frozen configs for the VLM and its draft path.
+"""Typed, frozen configs every model family builds on: the vision tower, the decoder, the
+draft path, and what a family's top-level config offers (`FamilyConfig`).
 
-A checkpoint stores `VLMConfig.to_dict()` as JSON; `VLMConfig.from_dict` reads it
-back and rejects unknown keys so a mismatched config fails loudly instead of
-silently building a different model.
+A checkpoint stores its family config's `to_dict()` as JSON; `from_dict` reads it back and
+rejects unknown keys, so a mismatched config fails loudly instead of silently building a
+different model. The family configs live with their families (`fastvlm_jax.nn.llava.LlavaConfig`,
+`fastvlm_jax.nn.blip2.Blip2Config`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 VisionKind = Literal["clip", "siglip"]
 ImitationKind = Literal["ffn", "layer"]
@@ -88,7 +90,7 @@ class DraftConfig:
     kind="layer": one full decoder layer with its own KV cache.
     hidden_size: the FFN width of the imitation network (0 -> the decoder's intermediate size).
 
-    The EAGLE-style head (fastvlm_jax.eagle), a second drafter on the same model:
+    The EAGLE-style head (fastvlm_jax.nn.eagle), a second drafter on the same model:
     eagle_layers: 1 gives the model an EAGLE head (params under 'eagle'), 0 none.
     eagle_hidden_size: its FFN width (0 -> the decoder's intermediate size).
     eagle_image_pool: its visual compressor: one cache entry per this many consecutive
@@ -138,48 +140,23 @@ class ModelConfigMixin:
         return _build(cls, data, "model")
 
 
-@dataclasses.dataclass(frozen=True)
-class VLMConfig(ModelConfigMixin):
-    """A LLaVA-style VLM: vision tower -> 2-layer projector -> decoder, plus the draft path."""
+class FamilyConfig(Protocol):
+    """What every family's top-level config offers (LlavaConfig, Blip2Config): the code above
+    the family modules (the VLM handle, the engine, checkpoints, training) reads only these."""
 
-    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
-    text: TextConfig = dataclasses.field(default_factory=TextConfig)
-    draft: DraftConfig = dataclasses.field(default_factory=DraftConfig)
-    vision_feature_layer: int | tuple[int, ...] = -2
-    vision_feature_select_strategy: SelectStrategy = "default"
-    projector_hidden_act: str = "gelu"
-    projector_bias: bool = True
-    image_token_id: int = 32000
-    model_type: str = "llava"
-
-    SUB_CONFIGS: ClassVar[dict[str, type]] = {"vision": VisionConfig, "text": TextConfig,
-                                              "draft": DraftConfig}
-
-    def __post_init__(self):
-        if isinstance(self.vision_feature_layer, list):
-            object.__setattr__(self, "vision_feature_layer", tuple(self.vision_feature_layer))
-        if not 1 <= self.draft.exit_layer < self.text.num_layers:
-            raise ConfigError(
-                f"draft.exit_layer={self.draft.exit_layer} must be in [1, {self.text.num_layers - 1}] "
-                f"for a decoder of {self.text.num_layers} layers"
-            )
-        if self.vision_feature_select_strategy not in ("default", "full"):
-            raise ConfigError(
-                f"vision_feature_select_strategy={self.vision_feature_select_strategy!r}: "
-                "use 'default' or 'full'"
-            )
+    model_type: str
+    text: TextConfig
+    draft: DraftConfig
+    image_token_id: int
 
     @property
-    def feature_layers(self) -> tuple[int, ...]:
-        layers = self.vision_feature_layer
-        return (layers,) if isinstance(layers, int) else tuple(layers)
+    def num_image_tokens(self) -> int: ...
 
-    @property
-    def num_image_tokens(self) -> int:
-        tokens = self.vision.num_patches + (1 if self.vision.has_class_token else 0)
-        if self.vision_feature_select_strategy == "default":
-            tokens -= 1  # HF drops the first token (CLS for CLIP) under 'default'
-        return tokens
+    def replace(self, **changes) -> FamilyConfig: ...
+
+    def with_draft(self, **changes) -> FamilyConfig: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 def _build(cls, data: dict[str, Any], where: str):

@@ -15,28 +15,72 @@ state 0 is the token embeddings.
 from __future__ import annotations
 
 import functools
-from typing import Any
+import dataclasses
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastvlm_jax.config import DraftConfig, TextConfig, VLMConfig
-from fastvlm_jax.eagle import make_eagle_head
-from fastvlm_jax.kv_cache import KVCache, TreeSlots
-from fastvlm_jax.layers import (INIT_STD, DecoderLayer, GatedMLP, RMSNorm, activation, dense,
-                                init_layer_stack, run_layer_stack)
-from fastvlm_jax.vision import VisionTower
-from fastvlm_jax.vlm_common import FamilyModule, init_imitation_params, merge_image_features
+from fastvlm_jax.nn.config import ConfigError, DraftConfig, ModelConfigMixin, SelectStrategy, TextConfig, VisionConfig
+from fastvlm_jax.nn.eagle import make_eagle_head
+from fastvlm_jax.nn.kv_cache import KVCache, TreeSlots
+from fastvlm_jax.nn.layers import (INIT_STD, DecoderLayer, GatedMLP, RMSNorm, activation, dense, init_layer_stack, run_layer_stack)
+from fastvlm_jax.nn.vision import VisionTower
+from fastvlm_jax.nn.common import FamilyModule, init_imitation_params, merge_image_features
 
 Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaConfig(ModelConfigMixin):
+    """A LLaVA-style VLM: vision tower -> 2-layer projector -> decoder, plus the draft path."""
+
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    text: TextConfig = dataclasses.field(default_factory=TextConfig)
+    draft: DraftConfig = dataclasses.field(default_factory=DraftConfig)
+    vision_feature_layer: int | tuple[int, ...] = -2
+    vision_feature_select_strategy: SelectStrategy = "default"
+    projector_hidden_act: str = "gelu"
+    projector_bias: bool = True
+    image_token_id: int = 32000
+    model_type: str = "llava"
+
+    SUB_CONFIGS: ClassVar[dict[str, type]] = {"vision": VisionConfig, "text": TextConfig,
+                                              "draft": DraftConfig}
+
+    def __post_init__(self):
+        if isinstance(self.vision_feature_layer, list):
+            object.__setattr__(self, "vision_feature_layer", tuple(self.vision_feature_layer))
+        if not 1 <= self.draft.exit_layer < self.text.num_layers:
+            raise ConfigError(
+                f"draft.exit_layer={self.draft.exit_layer} must be in [1, {self.text.num_layers - 1}] "
+                f"for a decoder of {self.text.num_layers} layers"
+            )
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ConfigError(
+                f"vision_feature_select_strategy={self.vision_feature_select_strategy!r}: "
+                "use 'default' or 'full'"
+            )
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        layers = self.vision_feature_layer
+        return (layers,) if isinstance(layers, int) else tuple(layers)
+
+    @property
+    def num_image_tokens(self) -> int:
+        tokens = self.vision.num_patches + (1 if self.vision.has_class_token else 0)
+        if self.vision_feature_select_strategy == "default":
+            tokens -= 1  # HF drops the first token (CLS for CLIP) under 'default'
+        return tokens
 
 
 class TextDecoder(nn.Module):
     """Token embedding, the stacked decoder layers, final norm and LM head.
 
     unroll_layers: run layer ranges as unrolled straight-line code instead of a loop
-    (same weights and cache; a whole-program choice, see `fastvlm_jax.model.VLM`).
+    (same weights and cache; a whole-program choice, see `fastvlm_jax.nn.model.VLM`).
     """
 
     config: TextConfig
@@ -125,7 +169,7 @@ class ImitationNetwork(nn.Module):
 class Projector(nn.Module):
     """LLaVA's 2-layer MLP from vision features to text embeddings."""
 
-    config: VLMConfig
+    config: LlavaConfig
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -138,13 +182,13 @@ class Projector(nn.Module):
                      dtype=self.dtype, name="linear_2")(h)
 
 
-class VLMModule(FamilyModule):
+class LlavaModule(FamilyModule):
     """Vision tower + projector + decoder + imitation network (the LLaVA family).
 
     run_layers / logits / imitate / __call__ come from `FamilyModule`.
     """
 
-    config: VLMConfig
+    config: LlavaConfig
 
     def setup(self):
         cfg = self.config
@@ -176,7 +220,7 @@ class VLMModule(FamilyModule):
         return merge_image_features(embeds, input_ids, image_features, self.config.image_token_id)
 
 
-def init_imitation(config: VLMConfig, rng: Array, dtype=jnp.float32):
+def init_imitation(config: LlavaConfig, rng: Array, dtype=jnp.float32):
     """Fresh (unboxed) imitation-network params alone (the identity draft)."""
     return init_imitation_params(ImitationNetwork(config.text, config.draft, dtype),
                                  config.text.hidden_size, rng, dtype)

@@ -16,6 +16,8 @@ from collections.abc import Callable
 import jax
 from jax._src import distributed as _jax_distributed  # the runtime client: its key-value store
 
+from fastvlm_jax.runtime.platforms import tpu_attached
+
 # Variables that mark one process of a cluster JAX's own detection knows how to join.
 _CLUSTER_SIZE_VARIABLES = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 
@@ -26,8 +28,7 @@ def on_cloud_tpu_vm() -> bool:
     are attached (/dev/accel* on v2-v4, /dev/vfio/* on v5e and later)."""
     if os.environ.get("TPU_ACCELERATOR_TYPE") or os.environ.get("TPU_WORKER_HOSTNAMES"):
         return True
-    chips = os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0")
-    return chips and importlib.util.find_spec("libtpu") is not None
+    return tpu_attached() and importlib.util.find_spec("libtpu") is not None
 
 
 def maybe_initialize(coordinator: str | None = None, num_processes: int | None = None,

@@ -1,7 +1,7 @@
 """BLIP-2 (ViT -> Q-Former -> OPT decoder) with the VLM's functional API.
 
-`Blip2Module` is a `FamilyModule` like the LLaVA-style `VLMModule` (`encode_images`,
-`embed`, `run_layers`, `logits`, `imitate`), so `fastvlm_jax.model.VLM`, the decoding
+`Blip2Module` is a `FamilyModule` like the LLaVA-style `LlavaModule` (`encode_images`,
+`embed`, `run_layers`, `logits`, `imitate`), so `fastvlm_jax.nn.model.VLM`, the decoding
 engine, checkpoints and the training step work on it unchanged:
 
   pixels [B, H, W, 3] -> ViT (post-LayerNorm) -> Q-Former (num_query_tokens learned
@@ -28,13 +28,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastvlm_jax.config import ConfigError, DraftConfig, ModelConfigMixin
-from fastvlm_jax.eagle import make_eagle_head
-from fastvlm_jax.kv_cache import KVCache, TreeSlots
-from fastvlm_jax.layers import (INIT_STD, activation, causal_attention, dense, full_attention,
-                                init_layer_stack, run_layer_stack, split_heads)
-from fastvlm_jax.vision import vit_embeddings
-from fastvlm_jax.vlm_common import FamilyModule, init_imitation_params, merge_image_features
+from fastvlm_jax.nn.config import ConfigError, DraftConfig, ModelConfigMixin
+from fastvlm_jax.nn.eagle import make_eagle_head
+from fastvlm_jax.nn.kv_cache import KVCache, TreeSlots
+from fastvlm_jax.nn.layers import (INIT_STD, activation, causal_attention, dense, full_attention, init_layer_stack, run_layer_stack, split_heads)
+from fastvlm_jax.nn.vision import vit_embeddings
+from fastvlm_jax.nn.common import FamilyModule, init_imitation_params, merge_image_features
 
 Array = jax.Array
 DType = Any
@@ -424,7 +423,7 @@ class OPTDecoder(nn.Module):
     def run_layers(self, hidden: Array, positions: Array, start: int, stop: int,
                    cache: KVCache | None = None, key_mask: Array | None = None,
                    collect: tuple[int, ...] = (), tree: TreeSlots | None = None, remat: str = "none"):
-        """Runs layers [start, stop); see `fastvlm_jax.llava.TextDecoder.run_layers`."""
+        """Runs layers [start, stop); see `fastvlm_jax.nn.llava.TextDecoder.run_layers`."""
         return run_layer_stack(self._layer(), self.layers, hidden, positions, start, stop, cache,
                                key_mask, collect, self.unroll_layers, tree, remat)
 

@@ -15,17 +15,18 @@ from __future__ import annotations
 
 from typing import Callable
 
-from fastvlm_jax.blip2 import Blip2Config, Blip2VisionConfig, OPTConfig, QFormerConfig
-from fastvlm_jax.config import ConfigError, DraftConfig, TextConfig, VisionConfig, VLMConfig
+from fastvlm_jax.nn.blip2 import Blip2Config, Blip2VisionConfig, OPTConfig, QFormerConfig
+from fastvlm_jax.nn.config import ConfigError, DraftConfig, TextConfig, VisionConfig
+from fastvlm_jax.nn.llava import LlavaConfig
 
 # BLIP-2 OPT captions end at "\n" (text_config.eos_token_id of the released models).
 BLIP2_OPT_EOS_NEWLINE_ID = 50118
 
 
-def llava15_7b(exit_layer: int = 8, kind: str = "ffn", draft_hidden: int = 0) -> VLMConfig:
+def llava15_7b(exit_layer: int = 8, kind: str = "ffn", draft_hidden: int = 0) -> LlavaConfig:
     """llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14 at 336 px (576 image tokens), Vicuna-7B
     (32 layers, width 4096, FFN 11008, 32 heads, vocab 32064 with <image> at 32000)."""
-    return VLMConfig(
+    return LlavaConfig(
         vision=VisionConfig(kind="clip", image_size=336, patch_size=14, hidden_size=1024,
                             intermediate_size=4096, num_layers=24, num_heads=16),
         text=TextConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_layers=32,
@@ -36,7 +37,7 @@ def llava15_7b(exit_layer: int = 8, kind: str = "ffn", draft_hidden: int = 0) ->
     )
 
 
-def llava15_13b(exit_layer: int = 10, kind: str = "ffn", draft_hidden: int = 0) -> VLMConfig:
+def llava15_13b(exit_layer: int = 10, kind: str = "ffn", draft_hidden: int = 0) -> LlavaConfig:
     """llava-hf/llava-1.5-13b-hf: the 7B's vision tower, Vicuna-13B (40 layers, width 5120,
     FFN 13824, 40 heads)."""
     base = llava15_7b(exit_layer=1)
@@ -67,7 +68,7 @@ def blip2_opt_2_7b(exit_layer: int = 8, kind: str = "ffn", draft_hidden: int = 0
     )
 
 
-def llava15_7b_eagle(image_pool: int = 1) -> VLMConfig:
+def llava15_7b_eagle(image_pool: int = 1) -> LlavaConfig:
     """LLaVA-1.5-7B with an EAGLE head (SpecVLM's EagleVLM): one LLaMA-style decoder layer
     of the model's width with FFN 11008 (one Vicuna-7B layer's shape, 202M params; 236M
     with the [f, e] -> width fuse projection), its visual compressor keeping one cache entry per
@@ -76,7 +77,7 @@ def llava15_7b_eagle(image_pool: int = 1) -> VLMConfig:
     return llava15_7b().with_draft(eagle_layers=1, eagle_hidden_size=11008, eagle_image_pool=image_pool)
 
 
-def llava_draft(num_layers: int) -> VLMConfig:
+def llava_draft(num_layers: int) -> LlavaConfig:
     """A small LLaMA-style draft VLM for LLaVA-1.5-7B (a separate model, Spec-LLaVA style):
     the 7B's CLIP ViT-L/14-336 tower (576 image tokens) and a projector to width 768, a
     decoder of `num_layers` layers (width 768, 12 heads, FFN 3072) over the 7B's vocab of

@@ -6,7 +6,7 @@ conv kernel). Both HF key layouts are accepted: the on-disk one
 (`language_model.model.*`, `vision_tower.vision_model.*`) and the one newer
 transformers use in memory (`model.language_model.*`, `model.vision_tower.*`).
 Decoder layers are read one HF tensor per layer and stacked
-(`fastvlm_jax.convert_common.fill_param_tree`). Never touches the network.
+(`fastvlm_jax.ckpt.convert.common.fill_param_tree`). Never touches the network.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from fastvlm_jax import convert_common
-from fastvlm_jax.config import DraftConfig, TextConfig, VisionConfig, VLMConfig
-from fastvlm_jax.convert_common import ConversionError, conv, fill_param_tree, identity, linear
-from fastvlm_jax.model import VLM
+from fastvlm_jax.ckpt.convert import common as convert_common
+from fastvlm_jax.nn.config import DraftConfig, TextConfig, VisionConfig
+from fastvlm_jax.nn.llava import LlavaConfig
+from fastvlm_jax.ckpt.convert.common import ConversionError, conv, fill_param_tree, identity, linear
+from fastvlm_jax.nn.model import VLM
 
-# --- HF config -> VLMConfig ---------------------------------------------------------------
+# --- HF config -> LlavaConfig ---------------------------------------------------------------
 
 # HF omits keys that equal its class defaults (llava-1.5-7b-hf's text_config has only a
 # handful of keys), so we must know those defaults. Values from transformers' configs.
@@ -99,11 +100,11 @@ def vision_config_from_hf(hf: dict) -> VisionConfig:
 
 
 def config_from_hf(hf: dict, exit_layer: int | None = None, draft_kind: str = "ffn",
-                   draft_hidden: int = 0) -> VLMConfig:
+                   draft_hidden: int = 0) -> LlavaConfig:
     """Builds our config from a HF LLaVA config.json dict."""
     model_type = hf.get("model_type")
     if model_type != "llava":
-        hint = " (BLIP-2: use fastvlm_jax.convert_blip2)" if model_type == "blip-2" else ""
+        hint = " (BLIP-2: use fastvlm_jax.ckpt.convert.blip2)" if model_type == "blip-2" else ""
         raise ConversionError(f"model type {model_type!r} is not supported: this converter reads "
                               f"LLaVA checkpoints (model_type 'llava'){hint}")
     text = text_config_from_hf(hf.get("text_config") or {})
@@ -114,7 +115,7 @@ def config_from_hf(hf: dict, exit_layer: int | None = None, draft_kind: str = "f
     if exit_layer is None:
         exit_layer = max(1, text.num_layers // 4)
     image_token = hf.get("image_token_index", hf.get("image_token_id", 32000))
-    return VLMConfig(
+    return LlavaConfig(
         vision=vision, text=text,
         draft=DraftConfig(exit_layer=exit_layer, kind=draft_kind, hidden_size=draft_hidden),
         vision_feature_layer=feature_layer,
@@ -197,7 +198,7 @@ def state_dict_source(state_dict) -> convert_common.StateDictSource:
     return convert_common.StateDictSource(state_dict, canonical=canonical_name)
 
 
-def convert_params(source, config: VLMConfig, rng, dtype=jnp.float32, progress: bool = True):
+def convert_params(source, config: LlavaConfig, rng, dtype=jnp.float32, progress: bool = True):
     """Reads every parameter our model needs; the imitation network gets a fresh init.
 
     source: anything with `get(canonical_name) -> array` (open_safetensors, state_dict_source).
@@ -212,9 +213,9 @@ def convert(hf_dir: str | Path, out_dir: str | Path, exit_layer: int | None = No
             draft_kind: str = "ffn", draft_hidden: int = 0, dtype: str = "float32",
             seed: int = 0, progress: bool = True) -> Path:
     """Converts a HF LLaVA folder into our checkpoint directory; returns its path."""
-    from fastvlm_jax.checkpoint import save_checkpoint
-    from fastvlm_jax.image_processing import ImageProcessorConfig
-    from fastvlm_jax.tokenizer import from_hf_dir
+    from fastvlm_jax.ckpt.checkpoint import save_checkpoint
+    from fastvlm_jax.image.processing import ImageProcessorConfig
+    from fastvlm_jax.text.tokenizer import from_hf_dir
 
     hf_dir = Path(hf_dir)
     hf_config = json.loads((hf_dir / "config.json").read_text())
