@@ -1,4 +1,5 @@
-"""Every number in the tables of README.md and BENCHMARKS.md comes from a JSON in benchmarks/.
+"""Every number in the tables of README.md, BENCHMARKS.md (the current state) and
+benchmarks/HISTORY.md (earlier reports) comes from a JSON in benchmarks/.
 
 Each table is preceded (in the prose since the previous table) by one annotation naming
 its sources, which may use shell globs and {a,b} alternatives:
@@ -29,7 +30,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTS = ("README.md", "BENCHMARKS.md")
+DOCUMENTS = ("README.md", "BENCHMARKS.md", "benchmarks/HISTORY.md")
 
 ANNOTATION = re.compile(r"<!--\s*numbers:\s*(.*?)\s*-->", re.S)
 # A number not glued to a word on its left (v5e, b32, run3) and followed by at most an 'x'.
@@ -144,3 +145,34 @@ def _near(pool, target: float, unit: float):
     width = 1.0 + 1e-3 * abs(target) + 2 * unit
     lo, hi = np.searchsorted(pool, [target - width, target + width])
     return pool[lo:hi]
+
+
+# A relative link or image in a document: [text](path) or ![alt](path), without a scheme or anchor.
+LINK = re.compile(r"\]\((?![a-z]+:|#)([^)\s#]+)")
+
+
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_relative_links_resolve(document):
+    # The history file lives in benchmarks/: its image paths are relative to that folder.
+    path = ROOT / document
+    broken = [target for target in LINK.findall(path.read_text()) if not (path.parent / target).exists()]
+    assert not broken, f"{document}: links to missing files {broken}"
+
+
+def test_benchmarks_page_links_the_history_and_both_have_tables():
+    current, history = (ROOT / "BENCHMARKS.md").read_text(), (ROOT / "benchmarks/HISTORY.md").read_text()
+    assert "](benchmarks/HISTORY.md)" in current
+    assert list(tables(current)) and list(tables(history))
+
+
+def github_anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_anchor_links_within_a_document_resolve(document):
+    text = (ROOT / document).read_text()
+    anchors = {github_anchor(line.lstrip("#")) for line in text.splitlines() if re.match(r"#{1,6} ", line)}
+    broken = [a for a in re.findall(r"\]\(#([^)]+)\)", text) if a not in anchors]
+    assert not broken, f"{document}: links to missing headings {broken}"
