@@ -16,9 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from fastvlm_jax.nn.config import ConfigError
 from fastvlm_jax.ckpt.convert.common import ConversionError
-from fastvlm_jax.ckpt.convert.llava import config_from_hf, convert_params, open_safetensors, state_dict_source
+from fastvlm_jax.nn.config import ConfigError
 from fastvlm_jax.nn.families import family_named
 
 

@@ -8,9 +8,16 @@ instead of starting that training by itself.
 
 from __future__ import annotations
 
+import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
+
+import jax.numpy as jnp
+
+from fastvlm_jax.ckpt.checkpoint import load_checkpoint, save_checkpoint
+from fastvlm_jax.nn.model import cast_params
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets" / "demo"
 # demo-draft: a separate 3-layer draft model for the demo (same tokenizer and image
@@ -71,12 +78,8 @@ def package_demo(export_dir: str | os.PathLike, out_dir: str | os.PathLike = ASS
     demo decodes about 2x faster in float32 than in bfloat16 on the 2-core CPU we measure
     on (XLA's CPU backend has no fast bf16 matmul); `--dtype bfloat16` gives the bf16 model.
     """
-    import shutil
 
-    import jax.numpy as jnp
 
-    from fastvlm_jax.ckpt.checkpoint import load_checkpoint, save_checkpoint
-    from fastvlm_jax.nn.model import cast_params
 
     ckpt = load_checkpoint(export_dir)
     params = cast_params(cast_params(ckpt.params, jnp.bfloat16), jnp.float32)
@@ -87,7 +90,6 @@ def package_demo(export_dir: str | os.PathLike, out_dir: str | os.PathLike = ASS
 
 
 def main(argv=None) -> int:
-    import argparse
 
     parser = argparse.ArgumentParser(prog="python -m fastvlm_jax.demo",
                                      description="Print the demo checkpoint path, or package a new one (or a new draft model).")

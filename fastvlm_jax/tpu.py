@@ -16,13 +16,21 @@ max(flops / peak FLOP/s, bytes / HBM bandwidth) of one chip, from the public fig
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import topologies
+
+from fastvlm_jax.runtime import sharding
 
 GiB = 1024**3
 
@@ -125,7 +133,6 @@ def get_topology(name: str) -> Topology:
         import libtpu  # noqa: F401  (the AOT compiler lives in libtpu)
     except ImportError:
         raise LibtpuMissingError(LIBTPU_HINT) from None
-    from jax.experimental import topologies
 
     # libtpu takes a host-wide lockfile (/tmp/libtpu_lockfile) meant to keep two processes
     # off one TPU; here no TPU is opened, and any other JAX process on the host (a test run,
@@ -245,9 +252,7 @@ def compile_program(name: str, program, args, mesh, topology: "Topology"):
     """Lowers `program` (a jitted function) on `args` under the library's logical-axis rules
     over `mesh`, compiles it for `topology` and analyzes it: (CompileReport, None), or
     (None, the compiler's one-line refusal, e.g. out of HBM)."""
-    import jax
 
-    from fastvlm_jax.runtime import sharding
 
     start = time.perf_counter()
     with jax.set_mesh(mesh), sharding.axis_rules(sharding.DEFAULT_RULES):
@@ -333,8 +338,6 @@ def write_report(report: dict[str, Any], json_path: str | None, failure: str | N
     """The end of a compile-only run: `report` as JSON at `json_path` (if any), then the
     verdict. failure: None when every program fits, else the one-line reason (printed to
     stderr as 'error: ...'). Returns the exit status: 0 fits, 1 does not fit or refused."""
-    import json
-    import sys
 
     if json_path:
         path = Path(json_path)
@@ -370,7 +373,6 @@ def program_lines(name: str, p: dict[str, Any], hbm_bytes_per_device: int) -> li
 
 def shard_bytes(shape: Sequence[int], dtype, sharding) -> int:
     """Bytes of one device's shard of an array of `shape` placed with `sharding`."""
-    import numpy as np
 
     local = sharding.shard_shape(tuple(shape)) if sharding is not None else tuple(shape)
     return math.prod(local) * np.dtype(dtype).itemsize

@@ -33,8 +33,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from fastvlm_jax.image.processing import ImageProcessorConfig
 from fastvlm_jax.nn.families import config_from_dict
+from fastvlm_jax.nn.model import VLM
+from fastvlm_jax.runtime import sharding
 from fastvlm_jax.runtime.paths import as_path
+from fastvlm_jax.text.tokenizer import load_tokenizer
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -105,8 +109,6 @@ def load_checkpoint(path: str | os.PathLike, mesh=None, rules=None, dtype=None) 
     dtype: cast floating params to this dtype while restoring; None keeps the dtype each
     param was saved in (a bfloat16 checkpoint stays bfloat16 on device).
     """
-    from fastvlm_jax.runtime import sharding
-    from fastvlm_jax.nn.model import VLM
 
     path = as_path(path)
     config = load_config(path)
@@ -170,7 +172,6 @@ def load_without_params(path: str | os.PathLike) -> Checkpoint:
     """A checkpoint's config, tokenizer and image config, and its params as
     ShapeDtypeStructs in their saved dtypes (nothing is read from params/ but metadata):
     what compile-only runs need."""
-    from fastvlm_jax.nn.model import VLM
 
     path = as_path(path)
     config = load_config(path)
@@ -234,7 +235,6 @@ def _check_shapes(tree, abstract, where, flat: bool = False) -> None:
 def _load_tokenizer(path: Path):
     if not (path / TOKENIZER_DIR).is_dir():
         return None
-    from fastvlm_jax.text.tokenizer import load_tokenizer
 
     return load_tokenizer(path / TOKENIZER_DIR)
 
@@ -242,7 +242,6 @@ def _load_tokenizer(path: Path):
 def _load_image_config(path: Path):
     if not (path / PREPROCESSOR_FILE).is_file():
         return None
-    from fastvlm_jax.image.processing import ImageProcessorConfig
 
     return ImageProcessorConfig.from_dict(json.loads((path / PREPROCESSOR_FILE).read_text()))
 

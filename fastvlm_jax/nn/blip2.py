@@ -28,12 +28,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fastvlm_jax.nn.common import FamilyModule, init_imitation_params, merge_image_features
 from fastvlm_jax.nn.config import ConfigError, DraftConfig, ModelConfigMixin
 from fastvlm_jax.nn.eagle import make_eagle_head
 from fastvlm_jax.nn.kv_cache import KVCache, TreeSlots
-from fastvlm_jax.nn.layers import (INIT_STD, activation, causal_attention, dense, full_attention, init_layer_stack, run_layer_stack, split_heads)
+from fastvlm_jax.nn.layers import (
+    INIT_STD,
+    activation,
+    causal_attention,
+    dense,
+    full_attention,
+    init_layer_stack,
+    run_layer_stack,
+    split_heads,
+)
 from fastvlm_jax.nn.vision import vit_embeddings
-from fastvlm_jax.nn.common import FamilyModule, init_imitation_params, merge_image_features
 
 Array = jax.Array
 DType = Any

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 VisionKind = Literal["clip", "siglip"]
 ImitationKind = Literal["ffn", "layer"]

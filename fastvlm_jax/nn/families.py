@@ -16,13 +16,12 @@ import jax
 
 from fastvlm_jax.nn.blip2 import Blip2Config, Blip2Module
 from fastvlm_jax.nn.blip2 import init_imitation as blip2_init_imitation
+from fastvlm_jax.nn.common import FamilyModule
 from fastvlm_jax.nn.config import ConfigError
-from fastvlm_jax.nn.llava import LlavaConfig
-from fastvlm_jax.nn.llava import LlavaModule
+from fastvlm_jax.nn.llava import LlavaConfig, LlavaModule
 from fastvlm_jax.nn.llava import init_imitation as llava_init_imitation
 from fastvlm_jax.text.base import Tokenizer
 from fastvlm_jax.text.prompts import Blip2Prompts, LlavaPrompts, PromptLayout
-from fastvlm_jax.nn.common import FamilyModule
 
 Array = jax.Array
 

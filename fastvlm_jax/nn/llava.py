@@ -14,20 +14,29 @@ state 0 is the token embeddings.
 
 from __future__ import annotations
 
-import functools
 import dataclasses
+import functools
 from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fastvlm_jax.nn.common import FamilyModule, init_imitation_params, merge_image_features
 from fastvlm_jax.nn.config import ConfigError, DraftConfig, ModelConfigMixin, SelectStrategy, TextConfig, VisionConfig
 from fastvlm_jax.nn.eagle import make_eagle_head
 from fastvlm_jax.nn.kv_cache import KVCache, TreeSlots
-from fastvlm_jax.nn.layers import (INIT_STD, DecoderLayer, GatedMLP, RMSNorm, activation, dense, init_layer_stack, run_layer_stack)
+from fastvlm_jax.nn.layers import (
+    INIT_STD,
+    DecoderLayer,
+    GatedMLP,
+    RMSNorm,
+    activation,
+    dense,
+    init_layer_stack,
+    run_layer_stack,
+)
 from fastvlm_jax.nn.vision import VisionTower
-from fastvlm_jax.nn.common import FamilyModule, init_imitation_params, merge_image_features
 
 Array = jax.Array
 

@@ -15,11 +15,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fastvlm_jax.nn.common import full_and_draft_logits, merge_image_features  # noqa: F401
 from fastvlm_jax.nn.config import FamilyConfig
+from fastvlm_jax.nn.eagle import head_text_config, init_eagle_params
 from fastvlm_jax.nn.families import family_of
 from fastvlm_jax.nn.kv_cache import KVCache
-from fastvlm_jax.nn.llava import ImitationNetwork, TextDecoder, LlavaModule  # noqa: F401 (re-exported)
-from fastvlm_jax.nn.common import full_and_draft_logits, merge_image_features  # noqa: F401
+from fastvlm_jax.nn.llava import ImitationNetwork, LlavaModule, TextDecoder  # noqa: F401 (re-exported)
 
 Array = jax.Array
 Params = Any
@@ -141,14 +142,12 @@ class VLM:
 
     def init_eagle_cache(self, batch: int, slots: int, dtype=None) -> KVCache:
         """The EAGLE head's own one-layer cache: [1, batch, kv_heads, slots, head_dim]."""
-        from fastvlm_jax.nn.eagle import head_text_config
 
         text = head_text_config(self.config.text, self.config.draft)
         return KVCache.zeros(1, batch, slots, text.num_kv_heads, text.resolved_head_dim, dtype or self.dtype)
 
     def init_eagle(self, rng: Array) -> Params:
         """Fresh EAGLE-head params alone (for a model trained without one)."""
-        from fastvlm_jax.nn.eagle import init_eagle_params
 
         return init_eagle_params(self.config, rng, self.dtype)
 

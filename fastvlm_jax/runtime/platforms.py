@@ -38,6 +38,7 @@ def skip_absent_tpu() -> bool:
         return False
     os.environ["JAX_PLATFORMS"] = "cpu"
     if "jax" in sys.modules:  # imported already: its config read the variable before we set it
+        # (imported here, not at the top: this module must run before JAX reads its variables)
         import jax
 
         jax.config.update("jax_platforms", "cpu")

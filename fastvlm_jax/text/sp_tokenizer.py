@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 from fastvlm_jax.text.base import AddedToken, HFFolder, Tokenizer, read_json
 
@@ -59,7 +60,6 @@ def _no_prefix_model(model_bytes: bytes) -> tuple[bytes, list[int]]:
     itself, per segment; so we turn both off in sentencepiece and add the prefix ourselves.
     Also returns the ids of user-defined pieces, which HF treats as (non-special) added tokens.
     """
-    from sentencepiece import sentencepiece_model_pb2  # needs protobuf, a dependency of tfds/orbax
 
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(model_bytes)

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import os
 
-from fastvlm_jax.text.hf_tokenizer import HFTokenizer
-from fastvlm_jax.text.sp_tokenizer import SentencePieceTokenizer
 from fastvlm_jax.runtime.paths import as_path
 from fastvlm_jax.text.base import CONFIG_FILE, DEFAULT_IMAGE_TOKEN, AddedToken, Tokenizer, read_json  # noqa: F401 (re-exported)
+from fastvlm_jax.text.hf_tokenizer import HFTokenizer
+from fastvlm_jax.text.sp_tokenizer import SentencePieceTokenizer
 
 # The implementations whose folders `save` writes, found by their format tag.
 _SAVED_CLASSES: tuple[type[Tokenizer], ...] = (SentencePieceTokenizer, HFTokenizer)

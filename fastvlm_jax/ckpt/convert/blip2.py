@@ -33,14 +33,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastvlm_jax.nn.blip2 import (Blip2Config, Blip2VisionConfig, OPTConfig, OPTDecoder, QFormerConfig, init_imitation)
-from fastvlm_jax.nn.config import ConfigError, DraftConfig
+from fastvlm_jax.ckpt.checkpoint import save_checkpoint
 from fastvlm_jax.ckpt.convert import common as convert_common
 from fastvlm_jax.ckpt.convert.common import ConversionError, fill_param_tree
 from fastvlm_jax.ckpt.convert.common import conv as _conv
 from fastvlm_jax.ckpt.convert.common import identity as _identity
 from fastvlm_jax.ckpt.convert.common import linear as _linear
+from fastvlm_jax.image.processing import ImageProcessorConfig
+from fastvlm_jax.nn.blip2 import Blip2Config, Blip2VisionConfig, OPTConfig, OPTDecoder, QFormerConfig, init_imitation
+from fastvlm_jax.nn.config import ConfigError, DraftConfig
 from fastvlm_jax.nn.model import VLM
+from fastvlm_jax.text.prompts import check_image_token_id
+from fastvlm_jax.text.tokenizer import from_hf_dir
 
 # --- HF config -> Blip2Config ---------------------------------------------------------------
 
@@ -266,8 +270,6 @@ def convert(hf_dir: str | Path, out_dir: str | Path, exit_layer: int | None = No
             draft_kind: str = "ffn", draft_hidden: int = 0, dtype: str = "float32",
             seed: int = 0, progress: bool = True) -> Path:
     """Converts a HF BLIP-2 OPT folder into our checkpoint directory; returns its path."""
-    from fastvlm_jax.ckpt.checkpoint import save_checkpoint
-    from fastvlm_jax.image.processing import ImageProcessorConfig
 
     hf_dir = Path(hf_dir)
     config = config_from_hf(json.loads((hf_dir / "config.json").read_text()), exit_layer,
@@ -291,8 +293,6 @@ def convert(hf_dir: str | Path, out_dir: str | Path, exit_layer: int | None = No
 
 def load_hf_tokenizer(hf_dir: str | Path, config: Blip2Config):
     """The folder's GPT-2 BPE tokenizer checked against `config`, or None when it has none."""
-    from fastvlm_jax.text.prompts import check_image_token_id
-    from fastvlm_jax.text.tokenizer import from_hf_dir
 
     hf_dir = Path(hf_dir)
     has_files = (hf_dir / "tokenizer.json").is_file() or (

@@ -16,6 +16,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
+from tqdm.auto import tqdm
 
 from fastvlm_jax.nn.layers import LAYERS_AXIS
 
@@ -56,7 +58,6 @@ class SafetensorsFolder:
     """
 
     def __init__(self, folder: Path, canonical: Callable[[str], str | None]):
-        from safetensors import safe_open
 
         folder = Path(folder)
         index_file = folder / "model.safetensors.index.json"
@@ -125,7 +126,6 @@ def fill_param_tree(source, abstract, source_for: Callable[[str], tuple[str, Cal
     source_for: per-layer param path -> (canonical HF name, transform); tied: the LM head
     reads the token embeddings; 'imitation/...' leaves come from `fresh_imitation`.
     """
-    from tqdm.auto import tqdm
 
     flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
 

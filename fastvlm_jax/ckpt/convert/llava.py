@@ -20,11 +20,14 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from fastvlm_jax.ckpt.checkpoint import save_checkpoint
 from fastvlm_jax.ckpt.convert import common as convert_common
+from fastvlm_jax.ckpt.convert.common import ConversionError, conv, fill_param_tree, identity, linear
+from fastvlm_jax.image.processing import ImageProcessorConfig
 from fastvlm_jax.nn.config import DraftConfig, TextConfig, VisionConfig
 from fastvlm_jax.nn.llava import LlavaConfig
-from fastvlm_jax.ckpt.convert.common import ConversionError, conv, fill_param_tree, identity, linear
 from fastvlm_jax.nn.model import VLM
+from fastvlm_jax.text.tokenizer import from_hf_dir
 
 # --- HF config -> LlavaConfig ---------------------------------------------------------------
 
@@ -213,9 +216,6 @@ def convert(hf_dir: str | Path, out_dir: str | Path, exit_layer: int | None = No
             draft_kind: str = "ffn", draft_hidden: int = 0, dtype: str = "float32",
             seed: int = 0, progress: bool = True) -> Path:
     """Converts a HF LLaVA folder into our checkpoint directory; returns its path."""
-    from fastvlm_jax.ckpt.checkpoint import save_checkpoint
-    from fastvlm_jax.image.processing import ImageProcessorConfig
-    from fastvlm_jax.text.tokenizer import from_hf_dir
 
     hf_dir = Path(hf_dir)
     hf_config = json.loads((hf_dir / "config.json").read_text())
