@@ -7,15 +7,15 @@ Four stages, one config each (ARG = "stage[,ROOT]", ROOT default workdirs/demo):
     python -m train.run --config configs/demo.py:imitation   # -> ROOT/imitation/export
     python -m train.run --config configs/demo.py:refine      # -> ROOT/refine/export (the demo)
 
-or all four in one process: `python -m train.demo_recipe --root ROOT`.
+or all four in one process: `python -m train.recipes.demo --root ROOT`.
 
 demo-draft, the demo's separate draft model (its first DRAFT_MODEL_LAYERS = 3 layers,
 fine-tuned with plain cross-entropy on the same captions; same tokenizer and images):
 
-    python -m train.make_draft_model --from ROOT/refine/export --layers 3 --out ROOT/draft_init
+    python -m train.recipes.make_draft_model --from ROOT/refine/export --layers 3 --out ROOT/draft_init
     python -m train.run --config configs/demo.py:draft_model   # -> ROOT/draft_model/export
 
-or after the demo's four stages in one process: `python -m train.demo_recipe --root ROOT
+or after the demo's four stages in one process: `python -m train.recipes.demo --root ROOT
 --draft-model`; `python -m fastvlm_jax.demo --package-draft ROOT/draft_model/export` ships it.
 3 layers: a drafted token then costs 3 of the demo's 16 layers (plus the shared-size head),
 as the demo's own draft path does (2 layers + a one-layer imitation network).
@@ -31,7 +31,7 @@ result's base params are the asset's, bit for bit. The head is always a fresh on
 (eagle_reinit: the shipped asset already holds the head this stage trained): FFN width 512,
 every image token its own head cache slot; eagle_pool4 pools 4 image tokens per slot (36
 image tokens -> 9 slots), the visual compressor comparison. Steps: what fits in about 8
-minutes on the 2-core CPU (EAGLE_STEPS below). `python -m train.demo_eagle` runs either
+minutes on the 2-core CPU (EAGLE_STEPS below). `python -m train.recipes.demo_eagle` runs either
 and records its cost to a JSON (benchmarks/eagle_train/).
 
 Sizes: the 64x64 scenes are resized to 96x96 and cut into 16x16 patches, a 6x6 grid
@@ -97,7 +97,7 @@ def get_config(arg: str = "base") -> TrainConfig:
     previous = {"deepen": "base", "imitation": "deepen", "refine": "imitation"}.get(stage)
     init_from = f"{root}/{previous}/export" if previous else None
     if stage == "draft_model":
-        init_from = f"{root}/draft_init"  # written by train.make_draft_model (see the docstring)
+        init_from = f"{root}/draft_init"  # written by train.recipes.make_draft_model (see the docstring)
     elif stage in ("eagle", "eagle_pool4"):
         init_from = str(ASSET_DIR)
     common = dict(

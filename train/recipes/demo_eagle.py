@@ -1,6 +1,6 @@
 """Trains the demo's EAGLE head (configs/demo.py:eagle or :eagle_pool4) and records its cost.
 
-    python -m train.demo_eagle [--variant eagle|eagle_pool4] [--root DIR] [--json OUT.json] [key=value ...]
+    python -m train.recipes.demo_eagle [--variant eagle|eagle_pool4] [--root DIR] [--json OUT.json] [key=value ...]
 
 Runs the stage like `python -m train.run --config configs/demo.py:VARIANT,DIR` (resuming
 from DIR/VARIANT if it holds a checkpoint) and writes a JSON with the exact command, the
@@ -25,7 +25,7 @@ from train.config import apply_overrides, load_config_file, parse_overrides
 from train.metrics import read_metrics
 from train.run import train
 
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "demo.py")
+CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "demo.py")
 PARTS = ("loss", "eagle_ce", "eagle_feature_l1", "eagle_agreement", "eagle_acc", "full_acc",
          "eagle_agreement_unrolled1", "eagle_agreement_unrolled2")
 
@@ -47,7 +47,7 @@ def summarize(workdir: Path, tail: int = 3) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.demo_eagle", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.recipes.demo_eagle", description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="eagle", choices=("eagle", "eagle_pool4"))
     parser.add_argument("--root", default="workdirs/demo")
     parser.add_argument("--json", default=None, help="write the cost record here")
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         print(f"stopped ({result.status}) at step {result.step}", file=sys.stderr)
         return 1
     record = {
-        "command": "python -m train.demo_eagle " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m train.recipes.demo_eagle " + shlex.join(sys.argv[1:] if argv is None else argv),
         "config": f"configs/demo.py:{args.variant}",
         "init_from": cfg.init_from,
         "export": str(result.export_dir),

@@ -1,6 +1,6 @@
 """How often a separate draft model's greedy next token equals its target's, on held-out captions.
 
-    python -m train.draft_agreement --target demo --draft DIR [--data-dir TFDS_DIR] [--examples 256]
+    python -m train.recipes.draft_agreement --target demo --draft DIR [--data-dir TFDS_DIR] [--examples 256]
 
 Greedy speculative decoding accepts a drafted token exactly when it is the target's
 argmax, so this top-1 agreement is the per-token acceptance rate of a one-token draft
@@ -40,7 +40,7 @@ def load_pair(target: str, draft: str):
     """(target Checkpoint, draft Checkpoint), float32; ValueError if their vocabularies differ."""
     from fastvlm_jax.checkpoint import load_checkpoint
     from fastvlm_jax.demo import demo_draft_checkpoint
-    from train.make_draft_model import resolve_source
+    from train.recipes.make_draft_model import resolve_source
 
     def path(name):  # `demo`, `demo-draft` or a folder
         return demo_draft_checkpoint() if name == "demo-draft" else resolve_source(name)
@@ -153,7 +153,7 @@ def agreement(target: str, draft: str, data_dir: str | None = None, split: str =
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.draft_agreement", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.recipes.draft_agreement", description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="demo", help="target checkpoint folder (or `demo`)")
     parser.add_argument("--draft", required=True, help="draft model checkpoint folder (or `demo-draft`)")
     parser.add_argument("--data-dir", default=None, help="TFDS data dir holding synthetic_captions/default")

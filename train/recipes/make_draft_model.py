@@ -1,6 +1,6 @@
 """Makes a small draft VLM from a checkpoint: the same model with only its first N decoder layers.
 
-    python -m train.make_draft_model --from CKPT --layers N --out DIR [--overwrite]
+    python -m train.recipes.make_draft_model --from CKPT --layers N --out DIR [--overwrite]
 
 A separate draft model must share the target's tokenizer (the verifier checks the
 drafted ids) and should start close to it. Truncating the target does both: the result
@@ -135,7 +135,7 @@ def make_draft_model(source: str | os.PathLike, num_layers: int, out: str | os.P
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.make_draft_model",
+    parser = argparse.ArgumentParser(prog="python -m train.recipes.make_draft_model",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--from", dest="source", required=True, metavar="CKPT|demo",
                         help="the target checkpoint folder (or `demo`)")
