@@ -34,7 +34,7 @@ from train import deepen
 from train import params as param_lib
 from train import step as step_lib
 from train.config import ConfigError, TrainConfig
-from train.model_setup import plan_training
+from train.model_setup import plan_training, step_spec
 
 # Tokens of a LLaVA/BLIP-2 prompt around the image tokens (chat template + a short question),
 # for the prompt width (the refine program's, the loss window's start) without a tokenizer.
@@ -168,7 +168,7 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
     """Compiles what `train.run` would execute per step for `cfg` on `topology`; the report
     as a JSON-ready dict (fits, reason, per program figures). ConfigError for configs the
     real run would refuse too (mesh, batch divisibility, trainable patterns)."""
-    devices = list(topology.devices[: cfg.num_devices] if cfg.num_devices else topology.devices)
+    devices = list(topology.devices)
     try:
         mesh = sharding.make_mesh(cfg.mesh, devices)
     except ValueError as err:
@@ -195,8 +195,7 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
     loss_positions = cfg.seq_len - loss_start if cfg.stage != "eagle" else cfg.seq_len
     reports, refusals = [], []
     train_program = step_lib.train_step_program(
-        model, step_lib.StepSpec(cfg.stage, cfg.loss, cfg.grad_accum, cfg.remat, loss_start), tx, schedule,
-        shardings)
+        model, step_spec(cfg, loss_start), tx, schedule, shardings)
     programs = [("train_step", train_program, (state, frozen, batch))]
     if cfg.stage == "refine":
         from fastvlm_jax.prompts import stop_ids
@@ -206,7 +205,7 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
             eos = stop_ids(source.config, source.tokenizer)
         else:
             eos = (2,)
-        max_new = cfg.refine_max_new_tokens or (cfg.seq_len - prompt_len)
+        max_new = cfg.refine.max_new_tokens or (cfg.seq_len - prompt_len)
         prompts = {"input_ids": jax.ShapeDtypeStruct((cfg.batch_size, prompt_len), jnp.int32,
                                                      sharding=shardings.batch["input_ids"]),
                    "prompt_len": batch["prompt_len"], "pixels": batch["pixels"]}

@@ -44,20 +44,27 @@ def resolve_model_config(model: VLMConfig, tokenizer: Tokenizer) -> VLMConfig:
 
 
 def with_eagle_head(cfg: TrainConfig, model: VLMConfig, where: str) -> VLMConfig:
-    """The eagle stage's model: `model` with the head of cfg's eagle_* settings added when
-    it has none (or cfg.eagle_reinit); one that has a head must already have those
-    settings (ConfigError). Other stages: `model` unchanged."""
+    """The eagle stage's model: `model` with the head of cfg.eagle added when it has none
+    (or cfg.eagle.reinit); one that has a head must already have those settings
+    (ConfigError). Other stages: `model` unchanged."""
     if cfg.stage != "eagle":
         return model
-    wanted = dict(eagle_layers=1, eagle_hidden_size=cfg.eagle_hidden_size,
-                  eagle_image_pool=cfg.eagle_image_pool, eagle_compressor=cfg.eagle_compressor)
-    if model.draft.eagle_layers and not cfg.eagle_reinit:
+    wanted = cfg.eagle.head_settings()
+    if model.draft.eagle_layers and not cfg.eagle.reinit:
         have = {k: getattr(model.draft, k) for k in wanted}
         if have != wanted:
             raise ConfigError(f"{where} has an EAGLE head with {have}; this run asks for {wanted}: set "
-                              "the eagle_* settings to the checkpoint's to train its head further")
+                              "eagle.hidden_size, eagle.image_pool and eagle.compressor to the checkpoint's "
+                              "to train its head further")
         return model
-    return model.replace(draft=dataclasses.replace(model.draft, **wanted))
+    return model.replace(draft=cfg.eagle.head(model.draft))
+
+
+def step_spec(cfg: TrainConfig, loss_start: int) -> step_lib.StepSpec:
+    """The static settings of `cfg`'s train step; loss_start: the first position that can
+    carry loss (the prompt length - 1)."""
+    return step_lib.StepSpec(cfg.stage, cfg.loss, cfg.grad_accum, cfg.remat, loss_start,
+                             cfg.refine.disagreement_weight, cfg.eagle)
 
 
 def plan_training(cfg: TrainConfig, model, mesh, abstract):

@@ -24,7 +24,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -40,7 +40,7 @@ from train import checkpointing, deepen, input as input_lib, metrics as metrics_
 from train import params as param_lib
 from train import step as step_lib
 from train.config import ConfigError, TrainConfig, apply_overrides, load_config_file, parse_overrides
-from train.model_setup import make_tokenizer, plan_training, resolve_model_config, with_eagle_head
+from train.model_setup import make_tokenizer, plan_training, resolve_model_config, step_spec, with_eagle_head
 
 EXPORT_DIR = "export"
 CHECKPOINT_DIR = "checkpoints"
@@ -154,12 +154,6 @@ def build_model(cfg: TrainConfig, mesh):
     return VLM(model_config, dtype), tokenizer, image_config, (init.params if init else None)
 
 
-def step_spec(cfg: TrainConfig, loss_start: int) -> step_lib.StepSpec:
-    """The static settings of `cfg`'s train step; loss_start: the first position that can
-    carry loss (the prompt length - 1)."""
-    return step_lib.StepSpec(cfg.stage, cfg.loss, cfg.grad_accum, cfg.remat, loss_start)
-
-
 def caption_transform(cfg: TrainConfig, model: VLM, tokenizer, image_config,
                       cls: type = input_lib.CaptionExample) -> input_lib.CaptionExample:
     """Record -> training example (`cls`: the caption pipeline's, or the refine stage's)."""
@@ -183,7 +177,7 @@ def refine_sequences(cfg: TrainConfig, workdir, model: VLM, mesh, shardings, tra
     from train import refine as refine_lib
 
     prompt_len = transform.text.prompt_len
-    max_new = cfg.refine_max_new_tokens or (cfg.seq_len - prompt_len)
+    max_new = cfg.refine.max_new_tokens or (cfg.seq_len - prompt_len)
     eos = stop_ids(model.config, tokenizer)
     record_ids = refine_lib.records_to_generate(len(source), cfg.batch_size, cfg.steps, cfg.seed)
     wanted = refine_lib.identity(init_from=cfg.init_from, compute_dtype=cfg.compute_dtype,
@@ -201,16 +195,16 @@ def refine_sequences(cfg: TrainConfig, workdir, model: VLM, mesh, shardings, tra
 
 
 def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progress: bool = True,
-          stop_after: int | None = None) -> RunResult:
+          stop_after: int | None = None, devices: Sequence[jax.Device] | None = None) -> RunResult:
     """Runs (or resumes) `cfg` in `workdir`; returns when done, when preempted (SIGTERM),
-    or after `stop_after` steps in this call."""
+    or after `stop_after` steps in this call. devices: the mesh's (default: all), e.g. one
+    device for a reference run."""
     if not (workdir or cfg.workdir):
         raise ConfigError("no workdir: pass --workdir or set workdir in the config")
     workdir = as_path(workdir or cfg.workdir)  # local, or a bucket (gs://...)
     primary = jax.process_index() == 0
     if primary:
         workdir.mkdir(parents=True, exist_ok=True)
-    devices = jax.devices()[: cfg.num_devices] if cfg.num_devices else jax.devices()
     mesh = sharding.make_mesh(cfg.mesh, devices)
     model, tokenizer, image_config, params = build_model(cfg, mesh)
 
@@ -223,7 +217,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
     elif cfg.deepen_to:
         params = deepen.deepen_params(params, init_params(model, cfg.seed, placement),
                                       model.config.draft.exit_layer)
-    elif "eagle" in abstract and ("eagle" not in params or cfg.eagle_reinit):
+    elif "eagle" in abstract and ("eagle" not in params or cfg.eagle.reinit):
         params = dict(params, eagle=init_eagle(model, cfg.seed, params, placement["eagle"]))
     trainable, frozen = param_lib.split(params, trainable_paths)
     del params
@@ -241,8 +235,8 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
             "process_count": jax.process_count(), "steps": cfg.steps, "batch_size": cfg.batch_size,
             "grad_accum": cfg.grad_accum, "optim": dataclasses.asdict(cfg.optim)}
     if cfg.stage == "eagle":  # the head's shape and what its training data looks like
-        meta["eagle"] = {"hidden_size": cfg.eagle_hidden_size, "image_pool": cfg.eagle_image_pool,
-                         "compressor": cfg.eagle_compressor}
+        meta["eagle"] = {"hidden_size": cfg.eagle.hidden_size, "image_pool": cfg.eagle.image_pool,
+                         "compressor": cfg.eagle.compressor}
     latest = checkpointer.latest_step()
     if latest is not None:  # the run must match the checkpoint it resumes
         saved_meta = checkpointer.read_meta(latest)
@@ -294,8 +288,6 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
             state, metrics = train_step(state, frozen, batch)
             step += 1
             window_steps += 1
-            if cfg.debug_step_delay_s:
-                time.sleep(cfg.debug_step_delay_s)
             if step % cfg.log_every == 0 or step == cfg.steps or step == start_step + 1:
                 metrics = jax.device_get(metrics)  # waits for the step: the timings are real
                 elapsed = time.perf_counter() - window_start

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import jax
 
-from train.config import apply_overrides, load_config_file, parse_overrides
+from configs import demo as demo_config
+from train.config import apply_overrides, parse_overrides
 from train.metrics import read_metrics
 from train.run import train
 
-CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "demo.py")
 STAGES = ("base", "deepen", "imitation", "refine")
 
 
@@ -43,8 +43,8 @@ def run_recipe(root: str | Path, overrides: dict[str, str] | None = None, progre
         if stage == "draft_model" and not (root / "draft_init" / "config.json").is_file():
             from train.recipes.make_draft_model import make_draft_model
 
-            make_draft_model(root / "refine" / "export", _draft_model_layers(), root / "draft_init")
-        cfg = apply_overrides(load_config_file(f"{CONFIG}:{stage},{root}"), dict(overrides or {}))
+            make_draft_model(root / "refine" / "export", demo_config.DRAFT_MODEL_LAYERS, root / "draft_init")
+        cfg = apply_overrides(demo_config.get_config(f"{stage},{root}"), dict(overrides or {}))
         start = time.perf_counter()
         result = train(cfg, progress=progress)
         if result.status != "done":
@@ -65,16 +65,6 @@ def run_recipe(root: str | Path, overrides: dict[str, str] | None = None, progre
     if jax.process_index() == 0:
         (root / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def _draft_model_layers() -> int:
-    """configs/demo.py's DRAFT_MODEL_LAYERS (the config is a file, not a package module)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_demo_config", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.DRAFT_MODEL_LAYERS
 
 
 def main(argv=None) -> int:

@@ -30,10 +30,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-DATASET = "synthetic_captions/default"
-QUESTION = "Describe the image."  # configs/demo.py's DataConfig default question
-CAPTION_INDEX = 1  # the demo's answer style (configs/demo.py)
-SEQ_LEN = 112  # configs/demo.py's seq_len
+from configs import demo as demo_config
+
+# The demo's examples, as its training stages see them: data set, question, answer style
+# (caption_index) and sequence length.
+_DEMO = demo_config.get_config("base")
+DATASET = _DEMO.data.name
+QUESTION = _DEMO.data.question
+CAPTION_INDEX = _DEMO.data.caption_index
+SEQ_LEN = _DEMO.seq_len
 
 
 def load_pair(target: str, draft: str):
