@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from fastvlm_jax.config import VLMConfig
+from fastvlm_jax.data import synthetic
 from fastvlm_jax.tokenizer import Tokenizer, check_image_token_id, load_tokenizer
 from train import input as input_lib
 from train import params as param_lib
@@ -22,8 +23,6 @@ def make_tokenizer(cfg: TrainConfig, init_ckpt_tokenizer) -> Tokenizer:
         return init_ckpt_tokenizer
     if cfg.init_from:
         raise ConfigError(f"{cfg.init_from} has no tokenizer/ folder: set tokenizer.path")
-    from fastvlm_jax.data import synthetic
-
     corpus = synthetic.caption_corpus(cfg.tokenizer.train_corpus_size)
     return input_lib.train_caption_tokenizer(corpus, cfg.tokenizer.train_vocab_size,
                                              cfg.tokenizer.byte_fallback,

@@ -29,15 +29,18 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 
 from fastvlm_jax import checkpoint as ckpt_lib
 from fastvlm_jax import sharding
 from fastvlm_jax.config import VLMConfig
 from fastvlm_jax.distributed import maybe_initialize
-from fastvlm_jax.model import VLM
+from fastvlm_jax.model import VLM, params_dtype
 from fastvlm_jax.paths import as_path
-from train import checkpointing, deepen, input as input_lib, metrics as metrics_lib
+from fastvlm_jax.prompts import stop_ids
+from train import checkpointing, compile_only, deepen, input as input_lib, metrics as metrics_lib
 from train import params as param_lib
+from train import refine as refine_lib
 from train import step as step_lib
 from train.config import ConfigError, TrainConfig, apply_overrides, load_config_file, parse_overrides
 from train.model_setup import make_tokenizer, plan_training, resolve_model_config, step_spec, with_eagle_head
@@ -58,8 +61,8 @@ def open_source(cfg: TrainConfig):
     Process 0 builds first; the others wait at a barrier and then only find the files,
     so no two processes write one dataset.
     """
-    from jax.experimental import multihost_utils
-
+    # Here, not at the top: tensorflow_datasets takes about a second to import, and only a
+    # run that reads data needs it (not --help, nor --compile-only).
     from fastvlm_jax.data import tfds_builders
 
     data = cfg.data
@@ -108,8 +111,6 @@ def init_eagle(model: VLM, seed: int, params, shardings) -> Any:
     dtype throughout; computed on the host like `init_params`, so every mesh starts from
     the same values.
     """
-    from fastvlm_jax.model import params_dtype
-
     dtype = params_dtype(params)
     # A key of its own: the seed also drives the data order.
     key = jax.random.fold_in(jax.random.key(seed), 0xEA61E)
@@ -173,9 +174,6 @@ def refine_sequences(cfg: TrainConfig, workdir, model: VLM, mesh, shardings, tra
                      tokenizer, image_config, source, transform, progress: bool):
     """The refine stage's pre-pass: the frozen full model's greedy generation for every record
     the run reads, made once (or reused) in workdir/refine_sequences (train.refine)."""
-    from fastvlm_jax.prompts import stop_ids
-    from train import refine as refine_lib
-
     prompt_len = transform.text.prompt_len
     max_new = cfg.refine.max_new_tokens or (cfg.seq_len - prompt_len)
     eos = stop_ids(model.config, tokenizer)
@@ -254,12 +252,10 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
     if cfg.stage == "refine":
         # Generated once before training (not per step): the full model is frozen and the
         # prompt fixed, so each record's greedy sequence never changes during the stage.
-        from train.refine import RefineExample, WithSequences
-
         sequences = refine_sequences(cfg, workdir, model, mesh, shardings, trainable, frozen, tokenizer,
                                      image_config, source, transform, progress and primary)
-        source = WithSequences(source, sequences)
-        transform = caption_transform(cfg, model, tokenizer, image_config, RefineExample)
+        source = refine_lib.WithSequences(source, sequences)
+        transform = caption_transform(cfg, model, tokenizer, image_config, refine_lib.RefineExample)
     data_iter = build_data(cfg, source, transform, shardings)
 
     if latest is not None:
@@ -355,8 +351,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.compile_only:
-        from train import compile_only
-
         return compile_only.main(cfg, args.config, args.compile_only, args.json)
     maybe_initialize(args.coordinator, args.num_processes, args.process_id)
     result = train(cfg, args.workdir, progress=not args.no_progress)

@@ -25,6 +25,7 @@ import jax
 from configs import demo as demo_config
 from train.config import apply_overrides, parse_overrides
 from train.metrics import read_metrics
+from train.recipes.make_draft_model import make_draft_model
 from train.run import train
 
 STAGES = ("base", "deepen", "imitation", "refine")
@@ -41,8 +42,6 @@ def run_recipe(root: str | Path, overrides: dict[str, str] | None = None, progre
     summary = {}
     for stage in STAGES + (("draft_model",) if draft_model else ()):
         if stage == "draft_model" and not (root / "draft_init" / "config.json").is_file():
-            from train.recipes.make_draft_model import make_draft_model
-
             make_draft_model(root / "refine" / "export", demo_config.DRAFT_MODEL_LAYERS, root / "draft_init")
         cfg = apply_overrides(demo_config.get_config(f"{stage},{root}"), dict(overrides or {}))
         start = time.perf_counter()

@@ -31,6 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import demo as demo_config
+from decode.engine import DecodeSpec, Prompts, generate
+from fastvlm_jax.checkpoint import load_checkpoint
+from fastvlm_jax.demo import demo_draft_checkpoint
+from fastvlm_jax.model import VLM
+from fastvlm_jax.prompts import stop_ids
+from train.input import CaptionExample, collate
+from train.recipes.make_draft_model import resolve_source
 
 # The demo's examples, as its training stages see them: data set, question, answer style
 # (caption_index) and sequence length.
@@ -43,9 +50,6 @@ SEQ_LEN = _DEMO.seq_len
 
 def load_pair(target: str, draft: str):
     """(target Checkpoint, draft Checkpoint), float32; ValueError if their vocabularies differ."""
-    from fastvlm_jax.checkpoint import load_checkpoint
-    from fastvlm_jax.demo import demo_draft_checkpoint
-    from train.recipes.make_draft_model import resolve_source
 
     def path(name):  # `demo`, `demo-draft` or a folder
         return demo_draft_checkpoint() if name == "demo-draft" else resolve_source(name)
@@ -66,8 +70,8 @@ def vocabulary(tokenizer) -> list[str]:
 def load_examples(ckpt, data_dir: str | None, split: str, count: int) -> dict[str, np.ndarray]:
     """The first `count` records of `split` as the demo's training examples (stacked):
     input_ids / targets [count, SEQ_LEN], loss_mask [count, SEQ_LEN], pixels [count, H, W, 3]."""
+    # Here, not at the top: tensorflow_datasets takes about a second to import (--help needs none).
     from fastvlm_jax.data.tfds_builders import open_split
-    from train.input import CaptionExample, collate
 
     source = open_split(DATASET, split, data_dir, decode=False)
     transform = CaptionExample(ckpt.tokenizer, ckpt.image_config, QUESTION, ckpt.config.num_image_tokens,
@@ -106,9 +110,6 @@ def target_greedy_examples(model, params, tokenizer, examples: dict[str, np.ndar
                            batch: int) -> tuple[np.ndarray, np.ndarray]:
     """The target's greedy captions after each prompt: (input_ids [n, SEQ_LEN], mask [n, SEQ_LEN]),
     mask 1 where the next token is one of the target's generated tokens (its EOS included)."""
-    from decode.engine import DecodeSpec, Prompts, generate
-    from fastvlm_jax.prompts import stop_ids
-
     capacity = SEQ_LEN - prompt_len
     spec = DecodeSpec("ar", capacity=capacity, eos_ids=tuple(stop_ids(model.config, tokenizer)))
     ids = np.full_like(examples["input_ids"], tokenizer.pad_id)
@@ -129,8 +130,6 @@ def target_greedy_examples(model, params, tokenizer, examples: dict[str, np.ndar
 def agreement(target: str, draft: str, data_dir: str | None = None, split: str = "validation",
               count: int = 256, batch: int = 64) -> dict[str, Any]:
     """Top-1 agreement of `draft` with `target` (and both models' accuracy on the references)."""
-    from fastvlm_jax.model import VLM
-
     target_ckpt, draft_ckpt = load_pair(target, draft)
     examples = load_examples(target_ckpt, data_dir, split, count)
     target_model, draft_model = VLM(target_ckpt.config), VLM(draft_ckpt.config)
@@ -158,7 +157,8 @@ def agreement(target: str, draft: str, data_dir: str | None = None, split: str =
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.recipes.draft_agreement", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.recipes.draft_agreement",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="demo", help="target checkpoint folder (or `demo`)")
     parser.add_argument("--draft", required=True, help="draft model checkpoint folder (or `demo-draft`)")
     parser.add_argument("--data-dir", default=None, help="TFDS data dir holding synthetic_captions/default")
