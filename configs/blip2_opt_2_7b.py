@@ -22,19 +22,12 @@ The frozen model is bf16 and FSDP-sharded over 8 chips; only the imitation netwo
 FFN block of width 10240 after layer 8 of 32) has float32 master weights.
 """
 
-import importlib.util
-from pathlib import Path
-
+from configs import llava15_7b
 from fastvlm_jax.nn.architectures import BLIP2_OPT_EOS_NEWLINE_ID as EOS_NEWLINE_ID  # noqa: F401
 from fastvlm_jax.nn.architectures import blip2_opt_2_7b
 from fastvlm_jax.nn.blip2 import Blip2Config
 from fastvlm_jax.runtime.sharding import MeshConfig
 from train.config import CheckpointConfig, DataConfig, TrainConfig
-
-# The draft stages' schedules are the LLaVA-1.5-7B config's (a config file is loaded by path).
-_spec = importlib.util.spec_from_file_location("_llava15_7b", Path(__file__).with_name("llava15_7b.py"))
-_llava = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_llava)
 
 
 def get_model_config(exit_layer: int = 8, kind: str = "ffn", draft_hidden: int = 0) -> Blip2Config:
@@ -63,4 +56,5 @@ def get_config(arg: str = "imitation", *, checkpoint: str = CHECKPOINT, workdir:
         checkpoint=CheckpointConfig(save_every=500, keep=3, async_save=True),
         log_every=20,
     )
-    return _llava.draft_stage(stage, common)
+    # The draft stages' schedules and loss weights are the LLaVA-1.5-7B config's.
+    return llava15_7b.draft_stage(stage, common)

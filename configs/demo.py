@@ -7,15 +7,15 @@ Four stages, one config each (ARG = "stage[,ROOT]", ROOT default workdirs/demo):
     python -m train.run --config configs/demo.py:imitation   # -> ROOT/imitation/export
     python -m train.run --config configs/demo.py:refine      # -> ROOT/refine/export (the demo)
 
-or all four in one process: `python -m train.demo_recipe --root ROOT`.
+or all four in one process: `python -m train.recipes.demo --root ROOT`.
 
 demo-draft, the demo's separate draft model (its first DRAFT_MODEL_LAYERS = 3 layers,
 fine-tuned with plain cross-entropy on the same captions; same tokenizer and images):
 
-    python -m train.make_draft_model --from ROOT/refine/export --layers 3 --out ROOT/draft_init
+    python -m train.recipes.make_draft_model --from ROOT/refine/export --layers 3 --out ROOT/draft_init
     python -m train.run --config configs/demo.py:draft_model   # -> ROOT/draft_model/export
 
-or after the demo's four stages in one process: `python -m train.demo_recipe --root ROOT
+or after the demo's four stages in one process: `python -m train.recipes.demo --root ROOT
 --draft-model`; `python -m fastvlm_jax.demo --package-draft ROOT/draft_model/export` ships it.
 3 layers: a drafted token then costs 3 of the demo's 16 layers (plus the shared-size head),
 as the demo's own draft path does (2 layers + a one-layer imitation network).
@@ -28,55 +28,47 @@ A fifth stage gives the shipped demo its EAGLE head (fastvlm_jax.nn.eagle), a se
 It starts from the shipped demo checkpoint (fastvlm_jax/assets/demo), not ROOT/refine/export,
 so it runs on a fresh clone without the hour-long recipe; the VLM is frozen, so the
 result's base params are the asset's, bit for bit. The head is always a fresh one
-(eagle_reinit: the shipped asset already holds the head this stage trained): FFN width 512,
+(eagle.reinit: the shipped asset already holds the head this stage trained): FFN width 512,
 every image token its own head cache slot; eagle_pool4 pools 4 image tokens per slot (36
-image tokens -> 9 slots), the visual compressor comparison. Steps: what fits in about 8
-minutes on the 2-core CPU (EAGLE_STEPS below). `python -m train.demo_eagle` runs either
-and records its cost to a JSON (benchmarks/eagle_train/).
+image tokens -> 9 slots), the visual compressor comparison. `python -m train.recipes.demo_eagle`
+runs either and records its cost to a JSON (benchmarks/eagle_train/).
 
 Sizes: the 64x64 scenes are resized to 96x96 and cut into 16x16 patches, a 6x6 grid
 aligned with the scenes' 3x3 cells (2x2 patches per cell), so every image token belongs
-to exactly one cell: 36 image tokens from a 4-layer ViT of width 192. Coarser grids
-trained worse: with 16 tokens over the 3x3 cells (64 px, patch 16, 600 steps) the decoder
-learned the background and little else, and one 32-pixel patch per cell was still at the
-same loss after 400 steps. This grid gets colours, counts and positions; shapes and sizes
-are still at chance after 1500 steps.
+to exactly one cell: 36 image tokens from a 4-layer ViT of width 192 (coarser grids,
+with image tokens that straddle cells, trained worse).
 
 Depth: the decoder (width 256) is trained with 8 layers, then grown to 16 (`deepen`:
 train.deepen puts 8 identity-initialised layers between and after layers 2-7, so training resumes
 from exactly the 8-layer model, and trains all 16 for DEEPEN_STEPS more steps). The
 draft path exits after layer 2 into a one-layer imitation network (kind "layer": its own
 attention can read the image tokens' exit-layer states), about 3 of 16 layers per drafted
-token. Depth is what self-speculative decoding trades on: with 8 layers the draft cost 3
-of 8 layers, and on a 2-core CPU a verification pass of 6 tokens cost about twice a
-one-token step, which held the batch-1 speedup near 1.1x (BENCHMARKS.md, section 0).
+token. Depth is what self-speculative decoding trades on: the fewer of the full model's
+layers a drafted token costs, the more a verification pass that accepts it saves.
 The word-level tokenizer (510 sentencepiece pieces + <image> + <pad> = 512 ids) is
 trained on the synthetic caption corpus.
 
-Compute is bfloat16 with float32 master weights and optimizer state: on the 2-core AVX-512
-CPUs this was tuned on, bf16 matmuls (oneDNN) made a step 2.4x faster than float32 at
-the same loss curve (measured: 0.95 s vs 2.3 s per step of 32 x 96 tokens).
+Compute is bfloat16 with float32 master weights and optimizer state: on CPUs with bf16
+matmuls (oneDNN on AVX-512) a step is faster than in float32 at the same loss curve.
 """
 
 from fastvlm_jax.nn.config import DraftConfig, TextConfig, VisionConfig
 from fastvlm_jax.nn.llava import LlavaConfig
 from fastvlm_jax.demo import ASSET_DIR
 from fastvlm_jax.runtime.sharding import MeshConfig
-from train.config import (CheckpointConfig, DataConfig, LossConfig, OptimConfig, TokenizerConfig,
-                          TrainConfig)
+from train.config import (CheckpointConfig, DataConfig, EagleStageConfig, ImitationLossConfig, OptimConfig,
+                          RefineConfig, TokenizerConfig, TrainConfig)
 
 DEFAULT_ROOT = "workdirs/demo"
 DEEP_LAYERS = 16
 DEEPEN_STEPS = 600
 DRAFT_MODEL_LAYERS = 3  # demo-draft: the demo's first 3 layers (see draft_model below)
 DRAFT_MODEL_STEPS = 300
-# The eagle stage: 7-8 minutes on the 2-core CPU while other jobs shared it (batch 32,
-# bfloat16, 2.4-2.8 s per step; pool 1: 405 s, pool 4: 460 s for 160 steps, compilation
-# and export included: benchmarks/eagle_train/demo_eagle*.json).
+# The eagle stage's steps: about 10 minutes on the 2-core CPU (benchmarks/eagle_train/).
 EAGLE_STEPS = 240
-# Passes per step on the head's own predictions (LossConfig.eagle_unroll_steps): trained with
-# one pass (160 steps), the demo's head was accepted 0.76 at the first draft position but
-# only 0.40 and 0.19 at the fourth and fifth (6 example images, decode.run --drafter eagle).
+# Passes per step on the head's own predictions (EagleStageConfig.unroll_steps): a head
+# trained with one pass is accepted far less often at the later draft positions, where
+# drafting feeds it its own predictions.
 EAGLE_UNROLL_STEPS = 3
 
 
@@ -98,7 +90,7 @@ def get_config(arg: str = "base") -> TrainConfig:
     previous = {"deepen": "base", "imitation": "deepen", "refine": "imitation"}.get(stage)
     init_from = f"{root}/{previous}/export" if previous else None
     if stage == "draft_model":
-        init_from = f"{root}/draft_init"  # written by train.make_draft_model (see the docstring)
+        init_from = f"{root}/draft_init"  # written by train.recipes.make_draft_model (see the docstring)
     elif stage in ("eagle", "eagle_pool4"):
         init_from = str(ASSET_DIR)
     common = dict(
@@ -133,14 +125,14 @@ def get_config(arg: str = "base") -> TrainConfig:
         return TrainConfig(
             stage="imitation", batch_size=32, steps=600,
             optim=OptimConfig(learning_rate=2e-3, warmup_steps=10, end_lr_factor=0.1),
-            loss=LossConfig(cos=1.0, kd=1.0, ce=0.1, temperature=1.0),
+            loss=ImitationLossConfig(cos=1.0, kd=1.0, ce=0.1, temperature=1.0),
             **common)
     if stage == "refine":
         return TrainConfig(
             stage="refine", batch_size=32, steps=150,
             optim=OptimConfig(learning_rate=5e-4, warmup_steps=5, end_lr_factor=0.1),
-            loss=LossConfig(cos=1.0, kd=1.0, ce=0.1, temperature=1.0, refine_disagreement_weight=4.0),
-            refine_max_new_tokens=64,
+            loss=ImitationLossConfig(cos=1.0, kd=1.0, ce=0.1, temperature=1.0),
+            refine=RefineConfig(max_new_tokens=64, disagreement_weight=4.0),
             **common)
     if stage == "draft_model":
         # demo-draft, a separate draft model for the demo: plain cross-entropy on the demo's
@@ -157,10 +149,9 @@ def get_config(arg: str = "base") -> TrainConfig:
         return TrainConfig(
             stage="eagle", batch_size=32, steps=EAGLE_STEPS,
             optim=OptimConfig(learning_rate=2e-3, warmup_steps=10, end_lr_factor=0.1),
-            loss=LossConfig(eagle_ce_weight=1.0, eagle_feature_weight=0.1, temperature=1.0,
-                            eagle_unroll_steps=EAGLE_UNROLL_STEPS),
-            eagle_hidden_size=512, eagle_image_pool=4 if stage == "eagle_pool4" else 1,
-            eagle_compressor="pool", eagle_reinit=True,
+            eagle=EagleStageConfig(hidden_size=512, image_pool=4 if stage == "eagle_pool4" else 1,
+                                   compressor="pool", reinit=True, ce_weight=1.0, feature_weight=0.1,
+                                   temperature=1.0, unroll_steps=EAGLE_UNROLL_STEPS),
             **common)
     raise ValueError(f"unknown demo stage {stage!r}: use base, deepen, imitation, refine, "
                      "draft_model, eagle or eagle_pool4")

@@ -10,18 +10,12 @@ in bf16) is FSDP-sharded over 16 chips (~1.7 GB each); the imitation network (on
 SwiGLU block of width 13824, 212M params) trains in float32.
 """
 
-import importlib.util
-from pathlib import Path
-
+from configs import llava15_7b
 from fastvlm_jax.runtime.sharding import MeshConfig
 from train.config import TrainConfig
 
-_spec = importlib.util.spec_from_file_location("_llava15_7b", Path(__file__).with_name("llava15_7b.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
-
 
 def get_config(arg: str = "imitation") -> TrainConfig:
-    return _base.get_config(arg, checkpoint="checkpoints/llava-1.5-13b", workdir="workdirs/llava15_13b",
-                            batch_size=256, mesh=MeshConfig(data=-1, fsdp=16, tensor=1),
-                            architecture="llava15_13b")
+    return llava15_7b.get_config(arg, checkpoint="checkpoints/llava-1.5-13b", workdir="workdirs/llava15_13b",
+                                 batch_size=256, mesh=MeshConfig(data=-1, fsdp=16, tensor=1),
+                                 architecture="llava15_13b")

@@ -27,7 +27,7 @@ both the frozen layers 8-31 (the teacher) and the imitation network.
 """
 
 from fastvlm_jax.runtime.sharding import MeshConfig
-from train.config import CheckpointConfig, DataConfig, LossConfig, OptimConfig, TrainConfig
+from train.config import CheckpointConfig, DataConfig, ImitationLossConfig, OptimConfig, RefineConfig, TrainConfig
 
 CHECKPOINT = "checkpoints/llava-1.5-7b"
 WORKDIR = "workdirs/llava15_7b"
@@ -81,11 +81,10 @@ def draft_stage(stage: str, common: dict) -> TrainConfig:
     if stage == "imitation":
         return TrainConfig(steps=6000, optim=OptimConfig(learning_rate=3e-4, warmup_steps=300,
                                                          end_lr_factor=0.05, weight_decay=0.0),
-                           loss=LossConfig(cos=1.0, kd=1.0, ce=0.1, temperature=1.0), **common)
+                           loss=ImitationLossConfig(cos=1.0, kd=1.0, ce=0.1, temperature=1.0), **common)
     if stage == "refine":
         return TrainConfig(steps=1500, optim=OptimConfig(learning_rate=1e-4, warmup_steps=100,
                                                          end_lr_factor=0.1),
-                           loss=LossConfig(cos=1.0, kd=1.0, ce=0.1, temperature=1.0,
-                                           refine_disagreement_weight=4.0),
-                           refine_max_new_tokens=48, **common)
+                           loss=ImitationLossConfig(cos=1.0, kd=1.0, ce=0.1, temperature=1.0),
+                           refine=RefineConfig(max_new_tokens=48, disagreement_weight=4.0), **common)
     raise ValueError(f"stage {stage!r}: this config has the stages 'base', 'imitation' and 'refine'")

@@ -2,7 +2,7 @@
 
 It ships inside the package (fastvlm_jax/assets/demo, float32 params, ~48 MB), so
 `--ckpt demo` works on a fresh machine without a network. An install without the assets
-says how to rebuild them (`python -m train.demo_recipe`, about an hour on 2 CPU cores)
+says how to rebuild them (`python -m train.recipes.demo`, about an hour on 2 CPU cores)
 instead of starting that training by itself.
 """
 
@@ -21,7 +21,7 @@ from fastvlm_jax.nn.model import cast_params
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets" / "demo"
 # demo-draft: a separate 3-layer draft model for the demo (same tokenizer and image
-# preprocessing), made by train.make_draft_model and fine-tuned by configs/demo.py:draft_model.
+# preprocessing), made by train.recipes.make_draft_model and fine-tuned by configs/demo.py:draft_model.
 DRAFT_ASSET_DIR = Path(__file__).resolve().parent / "assets" / "demo-draft"
 
 
@@ -44,7 +44,7 @@ def _packaged_or_built(asset_dir: Path, built: str, what: str, how: str) -> Path
         if (folder / "config.json").is_file():
             return folder
     raise DemoMissingError(f"{what} is not bundled with this install ({asset_dir} is missing): build it with "
-                           f"`python -m train.demo_recipe --root {cache_root()}{how}, or reinstall "
+                           f"`python -m train.recipes.demo --root {cache_root()}{how}, or reinstall "
                            "fastvlm-jax with its package data")
 
 
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastvlm_jax.demo",
                                      description="Print the demo checkpoint path, or package a new one (or a new draft model).")
     parser.add_argument("--package", metavar="EXPORT_DIR",
-                        help="copy this trained export (train.demo_recipe's ROOT/refine/export) into the "
+                        help="copy this trained export (train.recipes.demo's ROOT/refine/export) into the "
                              "package assets")
     parser.add_argument("--package-draft", metavar="EXPORT_DIR",
                         help="copy this trained draft model (ROOT/draft_model/export) into the package "

@@ -9,6 +9,7 @@ program at batch 3); the tests check its results.
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -134,10 +135,10 @@ def test_imitation_training_runs_and_the_export_decodes(blip2_run, tmp_path):
     _, ckpt, images, _, _, _ = blip2_run
     data_dir = tmp_path / "data"
     tfds_builders.build_dataset("synthetic_captions/tiny", str(data_dir))
-    cfg = th.tiny_config("imitation", init_from=str(ckpt), steps=2, seq_len=40, num_devices=1,
+    cfg = th.tiny_config("imitation", init_from=str(ckpt), steps=2, seq_len=40,
                          **{"data.data_dir": str(data_dir), "data.question": "", "mesh.data": 1,
                             "checkpoint.export": True})
-    result = train(cfg, tmp_path / "work", progress=False)
+    result = train(cfg, tmp_path / "work", progress=False, devices=jax.devices()[:1])
     assert result.status == "done" and result.step == 2
     losses = th.losses(tmp_path / "work")
     assert sorted(losses) == [1, 2] and all(np.isfinite(v) for v in losses.values())

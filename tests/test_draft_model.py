@@ -1,4 +1,4 @@
-"""Separate draft models: train.make_draft_model and the shipped demo-draft."""
+"""Separate draft models: train.recipes.make_draft_model and the shipped demo-draft."""
 
 import functools
 import json
@@ -16,8 +16,8 @@ from fastvlm_jax.ckpt.checkpoint import load_checkpoint, save_checkpoint
 from fastvlm_jax.nn.config import DraftConfig
 from fastvlm_jax.nn.model import VLM
 from tests.tiny import tiny_config
-from train import make_draft_model as mdm
-from train.draft_agreement import vocabulary
+from train.recipes import make_draft_model as mdm
+from train.recipes.draft_agreement import vocabulary
 
 
 def tiny_blip2():

@@ -18,7 +18,7 @@ from tests.test_blip2 import converted  # noqa: F401 (a pytest fixture: a conver
 from tests.test_decode import _prompts, _tokens
 from tests.test_sampling import PROMPT, ROWS, VOCAB, WARPED, _chi_square, _exact_joint
 from tests.tiny import tiny_config
-from train.make_draft_model import truncated_config, truncated_params
+from train.recipes.make_draft_model import truncated_config, truncated_params
 
 
 def _scaled_residuals(params, scale):
@@ -44,7 +44,7 @@ def _echo_eagle(params, scale=0.05):
 
 def _truncated(model: VLM, params, num_layers: int):
     """A small draft VLM: the first num_layers layers of the model, its embeddings, head and
-    vision side (train.make_draft_model's truncation)."""
+    vision side (train.recipes.make_draft_model's truncation)."""
     return (VLM(truncated_config(model.config, num_layers)), truncated_params(params, num_layers))
 
 

@@ -25,7 +25,7 @@ from train import config as config_lib
 from train import eagle as eagle_lib
 from train import losses
 from train import params as param_lib
-from train.config import LossConfig
+from train.config import EagleStageConfig
 from train.run import train
 
 IMAGE_ID = 60
@@ -88,7 +88,7 @@ def test_pool1_loss_equals_the_head_on_the_shifted_sequence(params):
     model = _model(1)
     ids, targets, loss_mask, f, e, _ = _arrays()
     full_logits = model.logits(params, f)
-    loss_cfg = LossConfig(eagle_ce_weight=1.0, eagle_feature_weight=0.5, temperature=2.0)
+    loss_cfg = EagleStageConfig(ce_weight=1.0, feature_weight=0.5, temperature=2.0)
     total, metrics = _eagle_losses(model, params, loss_cfg, e, f, full_logits, ids, targets, loss_mask)
 
     positions = jnp.broadcast_to(jnp.arange(11), (2, 11))
@@ -132,7 +132,7 @@ def test_pooled_loss_masks_unused_slots_and_differs_from_pool1(params):
     ids, targets, loss_mask, f, e, _ = _arrays()
     model = _model(2)
     full_logits = model.logits(params, f)
-    loss_cfg = LossConfig()
+    loss_cfg = EagleStageConfig()
     total, metrics = _eagle_losses(model, params, loss_cfg, e, f, full_logits, ids, targets, loss_mask)
 
     inputs = eagle_lib.head_inputs(f, e, ids, loss_mask, IMAGE_ID, 2, "pool")
@@ -168,7 +168,12 @@ def test_soft_cross_entropy_and_smooth_l1_reference_values():
 # ---------------------------------------------------------------------------------------
 
 
-ONE_DEVICE = {"num_devices": 1, "mesh.data": 1}
+ONE_DEVICE = {"mesh.data": 1}  # the mesh of _train's default: the first device
+
+
+def _train(cfg, workdir, **kwargs):
+    """train() on the first device, unless `devices` says otherwise."""
+    return train(cfg, workdir, progress=False, **{"devices": jax.devices()[:1], **kwargs})
 
 
 @pytest.fixture(scope="module")
@@ -178,13 +183,13 @@ def base(tmp_path_factory):
     th.build_tiny_data(root / "data")
     cfg = th.tiny_config("base", steps=3, **{"data.data_dir": root / "data", "checkpoint.export": True},
                          **ONE_DEVICE)
-    result = train(cfg, root / "base", progress=False)
+    result = _train(cfg, root / "base")
     return root / "data", result.export_dir
 
 
 def _eagle(base, **overrides):
     data_dir, export = base
-    settings = {"data.data_dir": data_dir, "init_from": export, "eagle_hidden_size": 96, **ONE_DEVICE}
+    settings = {"data.data_dir": data_dir, "init_from": export, "eagle.hidden_size": 96, **ONE_DEVICE}
     settings.update(overrides)
     return th.tiny_config("eagle", **settings)
 
@@ -198,7 +203,7 @@ def trained(base, tmp_path_factory):
     """A 20-step eagle run with its export: (workdir, config, result)."""
     workdir = tmp_path_factory.mktemp("eagle_run") / "eagle"
     cfg = _eagle(base, steps=20, **{"checkpoint.export": True})
-    return workdir, cfg, train(cfg, workdir, progress=False)
+    return workdir, cfg, _train(cfg, workdir)
 
 
 def test_eagle_stage_trains_the_head_and_leaves_the_vlm_bit_identical(base, trained, tmp_path):
@@ -226,10 +231,10 @@ def test_eagle_stage_trains_the_head_and_leaves_the_vlm_bit_identical(base, trai
 
     # Training an exported head further needs its settings; other settings are refused.
     with pytest.raises(config_lib.ConfigError, match="has an EAGLE head"):
-        train(_eagle(base, init_from=result.export_dir, eagle_image_pool=2), tmp_path / "x", progress=False)
+        _train(_eagle(base, init_from=result.export_dir, **{"eagle.image_pool": 2}), tmp_path / "x")
     # Draft stages train only their drafter.
     with pytest.raises(config_lib.ConfigError, match="may only train eagle"):
-        train(_eagle(base, trainable="eagle/.*,projector/.*"), tmp_path / "y", progress=False)
+        _train(_eagle(base, trainable="eagle/.*,projector/.*"), tmp_path / "y")
 
 
 def _final_state(workdir, step):
@@ -240,11 +245,11 @@ def test_eagle_stage_resumes_exactly(trained, tmp_path):
     """Stopped after 10 of the 20 steps and resumed: the same params and optimizer state,
     bit for bit, as the uninterrupted run; a resume with other head settings is refused."""
     whole, cfg, _ = trained
-    first = train(cfg, tmp_path / "resumed", progress=False, stop_after=10)
+    first = _train(cfg, tmp_path / "resumed", stop_after=10)
     assert (first.status, first.step) == ("stopped", 10)
     with pytest.raises(config_lib.ConfigError, match="eagle="):
-        train(cfg.replace(eagle_image_pool=2), tmp_path / "resumed", progress=False)
-    second = train(cfg, tmp_path / "resumed", progress=False)
+        _train(cfg.replace(eagle=dataclasses.replace(cfg.eagle, image_pool=2)), tmp_path / "resumed")
+    second = _train(cfg, tmp_path / "resumed")
     assert (second.status, second.step) == ("done", 20)
     a, b = _final_state(whole, 20), _final_state(tmp_path / "resumed", 20)
     assert a.keys() == b.keys() and any(k.startswith("opt_state") for k in a)
@@ -258,16 +263,15 @@ def test_eagle_stage_resumes_exactly(trained, tmp_path):
 def short_pool1(base, tmp_path_factory):
     """The loss curve of a 3-step pool-1 run on one device."""
     workdir = tmp_path_factory.mktemp("eagle_short") / "pool1"
-    assert train(_eagle(base, steps=3), workdir, progress=False).status == "done"
+    assert _train(_eagle(base, steps=3), workdir).status == "done"
     return th.losses(workdir)
 
 
 def test_eagle_stage_on_a_mesh_matches_one_device(base, short_pool1, tmp_path):
     """data 2 x fsdp 2 x tensor 2 over 8 CPU devices, with 2 micro-batches: the
     1-device loss curve (float32, relative 1e-5)."""
-    mesh = _eagle(base, steps=3, num_devices=8, grad_accum=2,
-                  **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
-    assert train(mesh, tmp_path / "eight", progress=False).status == "done"
+    mesh = _eagle(base, steps=3, grad_accum=2, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+    assert _train(mesh, tmp_path / "eight", devices=jax.devices()[:8]).status == "done"
     curve = th.losses(tmp_path / "eight")
     assert sorted(curve) == sorted(short_pool1) == [1, 2, 3]
     np.testing.assert_allclose([curve[s] for s in short_pool1], list(short_pool1.values()), rtol=1e-5)
@@ -276,12 +280,12 @@ def test_eagle_stage_on_a_mesh_matches_one_device(base, short_pool1, tmp_path):
 def test_pooled_stage_trains_and_differs_from_pool1(base, short_pool1, tmp_path):
     """The compressed path through the whole stage: same data and head init, another
     first loss (the head's image context is pooled)."""
-    assert train(_eagle(base, steps=3, eagle_image_pool=2), tmp_path / "pool2", progress=False).status == "done"
+    assert _train(_eagle(base, steps=3, **{"eagle.image_pool": 2}), tmp_path / "pool2").status == "done"
     curve = th.losses(tmp_path / "pool2")
     assert sorted(curve) == [1, 2, 3] and np.isfinite(list(curve.values())).all()
     assert abs(curve[1] - short_pool1[1]) > 1e-6
     saved = json.loads((tmp_path / "pool2" / "train_config.json").read_text())
-    assert saved["eagle_image_pool"] == 2
+    assert saved["eagle"]["image_pool"] == 2
 
 
 def test_demo_eagle_configs():
@@ -292,14 +296,14 @@ def test_demo_eagle_configs():
     one = config_lib.load_config_file(str(th.REPO / "configs" / "demo.py:eagle"))
     four = config_lib.load_config_file(str(th.REPO / "configs" / "demo.py:eagle_pool4"))
     assert one.stage == four.stage == "eagle" and one.init_from == str(ASSET_DIR)
-    assert (one.eagle_hidden_size, one.eagle_image_pool, one.eagle_reinit) == (512, 1, True)
-    assert four.eagle_image_pool == 4
-    assert four.replace(eagle_image_pool=1, workdir=one.workdir) == one
+    assert (one.eagle.hidden_size, one.eagle.image_pool, one.eagle.reinit) == (512, 1, True)
+    assert four.eagle.image_pool == 4
+    assert four.replace(eagle=dataclasses.replace(four.eagle, image_pool=1), workdir=one.workdir) == one
     assert one.trainable_patterns == ("eagle/.*",)
 
 
 def test_unrolled_passes_feed_the_previous_slots_prediction():
-    """eagle_unroll_steps > 1: a slot reads the previous slot's prediction only where that
+    """eagle.unroll_steps > 1: a slot reads the previous slot's prediction only where that
     slot is the previous position (not across a pooled image run, nor at the start)."""
     from train.eagle import feed_predictions
 

@@ -6,6 +6,7 @@ tests are in test_train_distributed.py.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -66,6 +67,39 @@ def test_overrides_convert_types_and_reject_unknown_keys():
 def test_config_files_load(spec):
     cfg = config_lib.load_config_file(str(th.REPO / "configs" / spec))
     assert isinstance(cfg, config_lib.TrainConfig)
+
+
+def test_stage_groups_take_nested_overrides():
+    cfg = th.tiny_config("eagle", init_from="/x")
+    new = config_lib.apply_overrides(cfg, {"refine.disagreement_weight": "2", "refine.max_new_tokens": "8",
+                                           "eagle.image_pool": "4", "eagle.compressor": "prune",
+                                           "eagle.unroll_steps": "3", "loss.kd": "0.5"})
+    assert (new.refine.disagreement_weight, new.refine.max_new_tokens) == (2.0, 8)
+    assert (new.eagle.image_pool, new.eagle.compressor, new.eagle.unroll_steps, new.loss.kd) == (4, "prune", 3, 0.5)
+    # The head's settings are validated where they live (fastvlm_jax.nn.config.DraftConfig).
+    with pytest.raises(config_lib.ConfigError, match="eagle_image_pool=0 must be >= 1"):
+        config_lib.apply_overrides(cfg, {"eagle.image_pool": "0"})
+    with pytest.raises(config_lib.ConfigError, match="choose one of"):
+        config_lib.apply_overrides(cfg, {"eagle.compressor": "mean"})
+    # A key of the flat layout names its new home.
+    with pytest.raises(config_lib.ConfigError, match="'eagle_image_pool' is now 'eagle.image_pool'"):
+        config_lib.apply_overrides(cfg, {"eagle_image_pool": "4"})
+    with pytest.raises(config_lib.ConfigError, match="'loss.refine_disagreement_weight' is now"):
+        config_lib.apply_overrides(cfg, {"loss.refine_disagreement_weight": "2"})
+
+
+def test_config_files_of_the_configs_package_are_its_modules(tmp_path):
+    """configs/NAME.py loads as the module configs.NAME (its siblings are imported as modules);
+    any other file loads from its path."""
+    import configs.llava15_7b
+
+    module = config_lib.config_module(th.REPO / "configs" / "llava15_13b.py")
+    assert module.__name__ == "configs.llava15_13b" and module.llava15_7b is configs.llava15_7b
+    other = tmp_path / "mine.py"
+    other.write_text("from tests.train_tiny_config import get_config  # noqa: F401\n")
+    assert config_lib.load_config_file(f"{other}:imitation").stage == "imitation"
+    with pytest.raises(config_lib.ConfigError, match="no config file"):
+        config_lib.load_config_file(str(tmp_path / "missing.py"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -349,7 +383,7 @@ def test_same_losses_on_one_and_eight_devices(data_dir, tmp_path):
     pass (remat). float32: relative 1e-5."""
     common = {"data.data_dir": data_dir, "steps": 20, "checkpoint.save_final": False}
     runs = {
-        "1dev": dict(num_devices=1, **{"mesh.data": 1}),
+        "1dev": {"mesh.data": 1},
         "data8": {"mesh.data": 8},
         "data2_tensor4_accum2": {"mesh.data": 2, "mesh.tensor": 4, "grad_accum": 2},
         "fsdp4_tensor2_remat_full": {"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2, "remat": "full"},
@@ -357,7 +391,8 @@ def test_same_losses_on_one_and_eight_devices(data_dir, tmp_path):
     curves = {}
     for name, overrides in runs.items():
         cfg = th.tiny_config("base", **common, **overrides)
-        result = train(cfg, tmp_path / name, progress=False)
+        devices = jax.devices()[:1] if name == "1dev" else None
+        result = train(cfg, tmp_path / name, progress=False, devices=devices)
         assert result.status == "done" and result.step == 20
         curves[name] = th.losses(tmp_path / name)
     reference = curves.pop("1dev")
@@ -391,10 +426,10 @@ def test_loss_window_gives_the_losses_of_every_position(stage):
     mask[2, prompt + 2:prompt + 6] = 1
     data = {"pixels": jnp.asarray(rng.normal(size=(batch, 16, 16, 3)), jnp.float32), "input_ids": jnp.asarray(ids),
             "targets": jnp.asarray(np.roll(ids, -1, axis=1)), "loss_mask": jnp.asarray(mask)}
-    loss_config = config_lib.LossConfig(cos=1.0, kd=1.0, ce=0.1, refine_disagreement_weight=4.0)
+    loss_config = config_lib.ImitationLossConfig(cos=1.0, kd=1.0, ce=0.1)
 
     def run(loss_start):
-        spec = step_lib.StepSpec(stage, loss_config, loss_start=loss_start)
+        spec = step_lib.StepSpec(stage, loss_config, loss_start=loss_start, disagreement_weight=4.0)
         fn = jax.value_and_grad(step_lib.forward_losses, argnums=2, has_aux=True)
         return jax.jit(fn, static_argnums=(0, 1))(model, spec, trainable, frozen, data, jnp.sum(data["loss_mask"]))
 
@@ -421,25 +456,26 @@ def test_draft_stages_leave_the_base_model_bit_identical(data_dir, tmp_path):
 
     # One device: the property does not depend on sharding (the tests above cover that),
     # and single-device programs compile several times faster.
-    common = {"data.data_dir": data_dir, "checkpoint.export": True, "num_devices": 1, "mesh.data": 1}
-    base = train(th.tiny_config("base", steps=3, **common), tmp_path / "base", progress=False)
+    common = {"data.data_dir": data_dir, "checkpoint.export": True, "mesh.data": 1}
+    one_device = functools.partial(train, devices=jax.devices()[:1])
+    base = one_device(th.tiny_config("base", steps=3, **common), tmp_path / "base", progress=False)
     # Resuming with another length (hence another learning-rate schedule) is refused.
     with pytest.raises(config_lib.ConfigError, match="steps=3.*this run has steps=5"):
-        train(th.tiny_config("base", steps=5, **common), tmp_path / "base", progress=False)
+        one_device(th.tiny_config("base", steps=5, **common), tmp_path / "base", progress=False)
     assert json.loads((tmp_path / "base" / "train_config.json").read_text())["steps"] == 3
     # Growing the trained decoder starts from exactly its function: the first step's loss
     # (before any update) equals the un-grown model's on the same batch.
     from_base = th.tiny_config("base", steps=1, **common).replace(model=None, init_from=str(base.export_dir))
-    same = train(from_base, tmp_path / "same", progress=False)
-    deeper = train(from_base.replace(deepen_to=4), tmp_path / "deeper", progress=False)
+    same = one_device(from_base, tmp_path / "same", progress=False)
+    deeper = one_device(from_base.replace(deepen_to=4), tmp_path / "deeper", progress=False)
     assert same.status == deeper.status == "done"
     assert load_checkpoint(deeper.export_dir).config.text.num_layers == 4
     assert th.losses(tmp_path / "deeper")[1] == pytest.approx(th.losses(tmp_path / "same")[1], rel=1e-6)
-    imitation = train(th.tiny_config("imitation", steps=4, init_from=base.export_dir, **common),
-                      tmp_path / "imitation", progress=False)
-    refine = train(th.tiny_config("refine", steps=3, init_from=imitation.export_dir,
-                                  refine_max_new_tokens=8, **common),
-                   tmp_path / "refine", progress=False)
+    imitation = one_device(th.tiny_config("imitation", steps=4, init_from=base.export_dir, **common),
+                           tmp_path / "imitation", progress=False)
+    refine = one_device(th.tiny_config("refine", steps=3, init_from=imitation.export_dir,
+                                       **{"refine.max_new_tokens": 8}, **common),
+                        tmp_path / "refine", progress=False)
     before = _flat(load_checkpoint(base.export_dir).params)
     middle = _flat(load_checkpoint(imitation.export_dir).params)
     after = load_checkpoint(refine.export_dir)

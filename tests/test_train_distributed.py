@@ -59,15 +59,16 @@ def test_two_processes_match_one_and_resume(setup, reference):
     overrides = {**overrides, "checkpoint.save_every": 0}
     workdir = root / "two_processes"
 
-    def start(extra):
+    def start(module):
         port = _free_port()
         return [subprocess.Popen(
-            th.cli("base", workdir, {**overrides, **extra},
-                   ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(pid)]),
+            th.cli("base", workdir, overrides,
+                   ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(pid)],
+                   module=module),
             cwd=th.REPO, env=th.subprocess_env(root / "cache", 4),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for pid in range(2)]
 
-    procs = start({"debug_step_delay_s": 0.3})  # room to interrupt; numerics unchanged
+    procs = start(th.SLOW_RUN)  # room to interrupt; numerics unchanged
     _wait_for(lambda: len(th.losses(workdir)) >= 3, procs[0], what="step 3")
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
@@ -78,7 +79,7 @@ def test_two_processes_match_one_and_resume(setup, reference):
     assert result["status"] == "preempted" and 3 <= result["step"] < STEPS, result
     assert _saved_steps(workdir) == [result["step"]]
 
-    procs = start({})
+    procs = start("train.run")
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-4000:]
@@ -113,10 +114,9 @@ def test_sigterm_and_sigkill_resume_exactly(setup, reference):
     root, overrides = setup
     workdir = root / "interrupted"
     env = th.subprocess_env(root / "cache", 8)
-    slow = {**overrides, "debug_step_delay_s": 0.3}  # room to interrupt; numerics unchanged
 
-    def start():
-        return subprocess.Popen(th.cli("base", workdir, slow), cwd=th.REPO, env=env,
+    def start():  # the slow CLI: room to interrupt; numerics unchanged
+        return subprocess.Popen(th.cli("base", workdir, overrides, module=th.SLOW_RUN), cwd=th.REPO, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     # 1. SIGTERM mid-way: the run saves at the next step boundary and exits cleanly.

@@ -12,6 +12,8 @@ from train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(REPO / "tests" / "train_tiny_config.py")
+# train.run's CLI with a pause after each step (tests/slow_train_run.py): room to interrupt.
+SLOW_RUN = "tests.slow_train_run"
 
 
 def build_tiny_data(data_dir: Path) -> None:
@@ -52,8 +54,8 @@ def subprocess_env(cache_dir: Path, devices: int, **extra) -> dict[str, str]:
     return env
 
 
-def cli(stage: str, workdir, overrides: dict, extra_args=()) -> list[str]:
-    args = [sys.executable, "-m", "train.run", "--config", f"{TINY_CONFIG}:{stage}",
+def cli(stage: str, workdir, overrides: dict, extra_args=(), module: str = "train.run") -> list[str]:
+    args = [sys.executable, "-m", module, "--config", f"{TINY_CONFIG}:{stage}",
             "--workdir", str(workdir), "--no-progress", *extra_args]
     return args + [f"{k}={_text(v)}" for k, v in overrides.items()]
 

@@ -20,6 +20,7 @@ commands write them).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +28,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fastvlm_jax.ckpt import checkpoint as ckpt_lib
 from fastvlm_jax.runtime import sharding
 from fastvlm_jax import tpu
 from fastvlm_jax.nn.architectures import architecture
 from fastvlm_jax.nn.model import VLM
+from fastvlm_jax.nn.families import stop_ids
 from train import deepen
+from train import input as input_lib
+from train import model_setup
 from train import params as param_lib
 from train import step as step_lib
 from train.config import ConfigError, TrainConfig
-from train.model_setup import plan_training
+from train.refine import generate_program
 
 # Tokens of a LLaVA/BLIP-2 prompt around the image tokens (chat template + a short question),
 # for the prompt width (the refine program's, the loss window's start) without a tokenizer.
@@ -55,9 +60,6 @@ class ModelSource:
 
 def resolve_model(cfg: TrainConfig) -> ModelSource:
     """The model config, param dtypes and tokenizer of `cfg`, without loading any params."""
-    from fastvlm_jax.ckpt import checkpoint as ckpt_lib
-    from train import model_setup
-
     compute = jnp.dtype(cfg.compute_dtype)
     if cfg.model is not None:
         tokenizer = model_setup.make_tokenizer(cfg, None) if (cfg.model.text.vocab_size == 0
@@ -153,8 +155,6 @@ def prompt_width(cfg: TrainConfig, source: ModelSource, notes: list[str]) -> tup
     """
     image_tokens = source.config.num_image_tokens
     if source.tokenizer is not None:
-        from train import input as input_lib
-
         prompt_len = input_lib.TextFormat(source.tokenizer, cfg.data.question, image_tokens,
                                           cfg.seq_len, source.config.model_type).prompt_len
         return prompt_len, prompt_len - 1
@@ -169,7 +169,7 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
     """Compiles what `train.run` would execute per step for `cfg` on `topology`; the report
     as a JSON-ready dict (fits, reason, per program figures). ConfigError for configs the
     real run would refuse too (mesh, batch divisibility, trainable patterns)."""
-    devices = list(topology.devices[: cfg.num_devices] if cfg.num_devices else topology.devices)
+    devices = list(topology.devices)
     try:
         mesh = sharding.make_mesh(cfg.mesh, devices)
     except ValueError as err:
@@ -178,7 +178,7 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
     model = VLM(source.config, jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32)
 
     abstract = nn.meta.unbox(model.abstract_params())
-    trainable_paths, tx, schedule, shardings = plan_training(cfg, model, mesh, abstract)
+    trainable_paths, tx, schedule, shardings = model_setup.plan_training(cfg, model, mesh, abstract)
 
     trainable_abs, frozen_abs = param_lib.split(abstract, trainable_paths)
     # The trainable params are float32 master weights (train.run casts them); the frozen
@@ -196,18 +196,14 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
     loss_positions = cfg.seq_len - loss_start if cfg.stage != "eagle" else cfg.seq_len
     reports, refusals = [], []
     train_program = step_lib.train_step_program(
-        model, step_lib.StepSpec(cfg.stage, cfg.loss, cfg.grad_accum, cfg.remat, loss_start), tx, schedule,
-        shardings)
+        model, model_setup.step_spec(cfg, loss_start), tx, schedule, shardings)
     programs = [("train_step", train_program, (state, frozen, batch))]
     if cfg.stage == "refine":
-        from fastvlm_jax.nn.families import stop_ids
-        from train.refine import generate_program
-
         if source.tokenizer is not None:
             eos = stop_ids(source.config, source.tokenizer)
         else:
             eos = (2,)
-        max_new = cfg.refine_max_new_tokens or (cfg.seq_len - prompt_len)
+        max_new = cfg.refine.max_new_tokens or (cfg.seq_len - prompt_len)
         prompts = {"input_ids": jax.ShapeDtypeStruct((cfg.batch_size, prompt_len), jnp.int32,
                                                      sharding=shardings.batch["input_ids"]),
                    "prompt_len": batch["prompt_len"], "pixels": batch["pixels"]}
@@ -273,8 +269,6 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
 def main(cfg: TrainConfig, spec_name: str, topology_name: str, json_path: str | None) -> int:
     """The CLI's compile-only branch: 0 if it fits, 1 (with a one-line reason) if not,
     2 for a bad topology or config; libtpu missing is a one-line error too."""
-    import sys
-
     try:
         topology = tpu.get_topology(topology_name)
         result = compile_run(cfg, topology, spec_name)

@@ -1,11 +1,12 @@
 """Typed, frozen training configs and `key=value` overrides.
 
-A config file is Python in configs/ that defines `get_config(arg: str | None)` and
-returns a `TrainConfig`. The CLI applies dotted overrides on top of it, converting each
-value to the type of the field it replaces:
+A config file is Python that defines `get_config(arg: str | None)` and returns a
+`TrainConfig`; the named ones are the modules of the configs package (configs/NAME.py).
+The CLI applies dotted overrides on top of it, converting each value to the type of the
+field it replaces:
 
-    python -m train.run --config configs/demo.py:imitation steps=50 optim.learning_rate=3e-4 \
-        model.text.num_layers=4 mesh.tensor=2 trainable=imitation/.*,projector/.*
+    python -m train.run --config configs/demo.py:refine steps=50 optim.learning_rate=3e-4 \
+        model.text.num_layers=4 mesh.tensor=2 refine.disagreement_weight=2 trainable=imitation/.*
 
 Unknown keys fail with the list of keys that exist, so a typo never trains a different
 model silently.
@@ -14,18 +15,24 @@ model silently.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.util
 import json
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 from fastvlm_jax.nn.config import ConfigError as LibraryConfigError
+from fastvlm_jax.nn.config import DraftConfig
 from fastvlm_jax.nn.llava import LlavaConfig
+from fastvlm_jax.nn.layers import REMAT_POLICIES
 from fastvlm_jax.runtime.sharding import MeshConfig
 
 Stage = Literal["base", "imitation", "refine", "eagle"]
-STAGES: tuple[str, ...] = ("base", "imitation", "refine", "eagle")
+STAGES: tuple[str, ...] = typing.get_args(Stage)
+ComputeDtype = Literal["float32", "bfloat16"]
+ImagePreset = Literal["clip", "siglip"]  # train.input.default_image_config
 
 # Which parameters each stage trains by default (regexes over '/'-joined param paths).
 # The draft stages leave the VLM frozen, so the full model's outputs never change.
@@ -38,6 +45,22 @@ DEFAULT_TRAINABLE: dict[str, tuple[str, ...]] = {
 
 # The parameter subtree each draft stage may train (the rest of the VLM stays frozen).
 DRAFT_STAGE_PARAMS: dict[str, str] = {"imitation": "imitation", "refine": "imitation", "eagle": "eagle"}
+
+# The configs package: a config file in it is imported as the module configs.NAME.
+CONFIGS_PACKAGE = "configs"
+
+# Keys of the flat layout before the stage groups, for a one-line hint in the error.
+RENAMED_KEYS = {
+    "refine_max_new_tokens": "refine.max_new_tokens",
+    "loss.refine_disagreement_weight": "refine.disagreement_weight",
+    "eagle_hidden_size": "eagle.hidden_size",
+    "eagle_image_pool": "eagle.image_pool",
+    "eagle_compressor": "eagle.compressor",
+    "eagle_reinit": "eagle.reinit",
+    "loss.eagle_ce_weight": "eagle.ce_weight",
+    "loss.eagle_feature_weight": "eagle.feature_weight",
+    "loss.eagle_unroll_steps": "eagle.unroll_steps",
+}
 
 
 class ConfigError(LibraryConfigError):
@@ -101,37 +124,86 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """Weights of the draft-stage losses (the base stage uses plain cross-entropy).
+class ImitationLossConfig:
+    """The imitation network's loss, in the imitation and refine stages (the base stage
+    uses plain cross-entropy, the eagle stage EagleStageConfig's loss).
 
-    cos: 1 - cos(imitation(h_exit), h_last); kd: T^2 * KL(full/T || draft/T);
-    ce: cross-entropy of the draft logits on the labels. refine_disagreement_weight: in the
-    refine stage, positions where the draft's argmax differs from the full model's count
-    this many times (1 disables the reweighting).
+    cos: weight of 1 - cos(imitation(h_exit), h_last); kd: of T^2 * KL(full/T || draft/T)
+    at T = temperature; ce: of the cross-entropy of the draft logits on the labels.
     """
 
     cos: float = 1.0
     kd: float = 1.0
     ce: float = 0.1
     temperature: float = 1.0
-    refine_disagreement_weight: float = 4.0
-    # The eagle stage (SpecVLM's online distillation): soft-label CE of the head's logits
-    # against the full model's distribution of the same token (at `temperature`, scaled
-    # by T^2 like kd), plus Smooth L1 (delta 1, mean over features) between the predicted
-    # and the full model's next last-layer feature, at SpecVLM's weights (CE 1, L1 0.1).
-    # The last-layer features are unnormalised (the demo's start at a Smooth L1 of about
-    # 40, all in the linear part), and both consumers of a predicted feature (the final
-    # norm, the head's own input norm) are scale-free, so at weight 1 the L1 term drove
-    # most of the clipped gradient: on the demo, 40 steps reached a top-1 agreement of
-    # 0.72 at L1 weight 1 and 0.77 at 0.1 (same data order).
-    eagle_ce_weight: float = 1.0
-    eagle_feature_weight: float = 0.1
-    # Drafting feeds the head its own predicted features: from the second drafted token on,
-    # its input f is a prediction, not the full model's. With eagle_unroll_steps = n the
-    # head is also trained on n - 1 further passes whose input features are its previous
-    # pass's predictions (one position back, gradient stopped), each pass scored like the
-    # first (the idea of EAGLE-3's training-time test, without its special masks).
-    eagle_unroll_steps: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RefineConfig:
+    """The refine stage: the imitation loss on the frozen full model's own greedy sequences
+    (generated once before training, train/refine.py).
+
+    max_new_tokens: most tokens the full model generates per example (0: fill seq_len).
+    disagreement_weight: positions where the draft's argmax differs from the full model's
+      count this many times in the loss (1 disables the reweighting).
+    """
+
+    max_new_tokens: int = 0
+    disagreement_weight: float = 4.0
+
+
+@dataclasses.dataclass(frozen=True)
+class EagleStageConfig:
+    """The eagle stage: trains an EAGLE head (fastvlm_jax.nn.eagle) on the frozen VLM.
+
+    The head: the stage adds one of these settings to an `init_from` checkpoint without a
+    head. They are the model's draft.eagle_hidden_size / eagle_image_pool / eagle_compressor
+    (fastvlm_jax.nn.config.DraftConfig, which validates them): FFN width (0 -> the decoder's),
+    image tokens per head cache slot, 'pool' or 'prune'. A checkpoint that has a head
+    already must have these settings and its head is trained further, unless `reinit`,
+    which replaces it by a fresh head of these settings.
+
+    The loss (SpecVLM's online distillation): soft-label cross-entropy of the head's logits
+    against the full model's distribution of the same token (at `temperature`, scaled by
+    T^2 like the imitation loss's kd), plus Smooth L1 (delta 1, mean over features) between
+    the predicted and the full model's next last-layer feature, at SpecVLM's weights (CE 1,
+    L1 0.1). The last-layer features are unnormalised and both consumers of a predicted
+    feature (the final norm, the head's own input norm) are scale-free, so a large L1
+    weight lets the feature term drive most of the clipped gradient.
+
+    unroll_steps: drafting feeds the head its own predicted features (from the second
+    drafted token on, its input is a prediction, not the full model's). With n, the head is
+    also trained on n - 1 further passes whose input features are its previous pass's
+    predictions (one position back, gradient stopped), each scored like the first (the idea
+    of EAGLE-3's training-time test, without its special masks).
+    """
+
+    hidden_size: int = 0
+    image_pool: int = 1
+    compressor: Literal["pool", "prune"] = "pool"
+    reinit: bool = False
+    ce_weight: float = 1.0
+    feature_weight: float = 0.1
+    temperature: float = 1.0
+    unroll_steps: int = 1
+
+    def __post_init__(self):
+        if self.hidden_size < 0:
+            raise ConfigError(f"eagle.hidden_size={self.hidden_size} must be >= 0 (0: the decoder's FFN width)")
+        try:
+            self.head(DraftConfig())
+        except LibraryConfigError as err:
+            raise ConfigError(f"eagle: {err} (eagle.image_pool and eagle.compressor set the head's "
+                              "draft.eagle_image_pool and draft.eagle_compressor)") from None
+
+    def head_settings(self) -> dict[str, Any]:
+        """The head as DraftConfig fields."""
+        return dict(eagle_layers=1, eagle_hidden_size=self.hidden_size, eagle_image_pool=self.image_pool,
+                    eagle_compressor=self.compressor)
+
+    def head(self, draft: DraftConfig) -> DraftConfig:
+        """`draft` with this head (DraftConfig validates it)."""
+        return dataclasses.replace(draft, **self.head_settings())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,8 +224,12 @@ class TrainConfig:
       128", and then image_token_id is taken from the tokenizer too.
     init_from: a checkpoint in our format (fastvlm_jax.ckpt.checkpoint) to start from. Frozen
       parameters always come from here (or from the seed), never from a training checkpoint.
+    architecture: the named architecture (fastvlm_jax.nn.architectures) that `init_from` holds;
+      only `--compile-only` reads it, when the checkpoint is not on this machine.
     trainable: regexes over '/'-joined param paths ("language_model/layers_3/.*"); empty ->
       DEFAULT_TRAINABLE[stage].
+    image_preset: the image preprocessing of a model built from scratch (a checkpoint
+      brings its own): 'clip' or 'siglip'.
     batch_size: global batch (all hosts), split into grad_accum micro-batches per step.
     seq_len: prompt (with image tokens) + caption + EOS, right-padded / truncated.
     compute_dtype: "float32" or "bfloat16" (master weights and optimizer state stay float32).
@@ -161,50 +237,39 @@ class TrainConfig:
       the layer, keep only its input) or "dots" (keep its weight matmuls' outputs too); see
       fastvlm_jax.nn.layers.REMAT_POLICIES. Only the base stage backpropagates through the
       layers: a 7B base stage needs "full" (or "dots") to fit, the draft stages ignore it.
-    num_devices: use the first N devices (0: all), e.g. to run a 1-device reference.
-    refine_max_new_tokens: refine stage: most tokens the full model generates per example
-      (0: fill seq_len).
+
+    What only one stage reads:
     deepen_to: base stage from init_from only: first grow the decoder to this many layers
       with new layers that start as the identity (train.deepen), then train (0: off).
-    architecture: the named architecture (fastvlm_jax.nn.architectures) that `init_from` holds;
-      only `--compile-only` reads it, when the checkpoint is not on this machine.
-    eagle_hidden_size, eagle_image_pool, eagle_compressor: eagle stage: the EAGLE head the
-      stage adds to an `init_from` checkpoint without one (draft.eagle_* of
-      fastvlm_jax.nn.config.DraftConfig: FFN width, 0 -> the decoder's; image tokens per head
-      cache slot; 'pool' or 'prune'). A checkpoint that has a head already must have
-      these settings: its head is trained further, unless eagle_reinit, which replaces
-      it by a fresh head of these settings.
+    loss: the imitation and refine stages' loss weights.
+    refine: the refine stage's generation and reweighting.
+    eagle: the eagle stage's head and loss.
     """
 
     stage: Stage = "base"
     model: LlavaConfig | None = None
     init_from: str | None = None
+    architecture: str = ""
     trainable: tuple[str, ...] = ()
     data: DataConfig = DataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
-    image_preset: str = "clip"
+    image_preset: ImagePreset = "clip"
     batch_size: int = 32
     grad_accum: int = 1
     seq_len: int = 128
     steps: int = 1000
     optim: OptimConfig = OptimConfig()
-    loss: LossConfig = LossConfig()
     mesh: MeshConfig = MeshConfig()
-    num_devices: int = 0
     checkpoint: CheckpointConfig = CheckpointConfig()
     seed: int = 0
-    compute_dtype: str = "float32"
+    compute_dtype: ComputeDtype = "float32"
     remat: str = "none"
     log_every: int = 10
     workdir: str = ""
-    refine_max_new_tokens: int = 0
     deepen_to: int = 0
-    architecture: str = ""
-    eagle_hidden_size: int = 0
-    eagle_image_pool: int = 1
-    eagle_compressor: str = "pool"
-    eagle_reinit: bool = False
-    debug_step_delay_s: float = 0.0  # sleep after each step (tests interrupt runs mid-way)
+    loss: ImitationLossConfig = ImitationLossConfig()
+    refine: RefineConfig = RefineConfig()
+    eagle: EagleStageConfig = EagleStageConfig()
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -216,19 +281,14 @@ class TrainConfig:
         if self.deepen_to and (self.stage != "base" or not self.init_from):
             raise ConfigError("deepen_to grows a trained checkpoint in the base stage: set init_from "
                               "and stage='base'")
-        if self.compute_dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"compute_dtype={self.compute_dtype!r}: use 'float32' or 'bfloat16'")
+        if self.compute_dtype not in typing.get_args(ComputeDtype):
+            raise ConfigError(f"compute_dtype={self.compute_dtype!r}: use one of {typing.get_args(ComputeDtype)}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size={self.batch_size} is not a multiple of grad_accum={self.grad_accum}")
-        if self.eagle_image_pool < 1 or self.eagle_hidden_size < 0:
-            raise ConfigError(f"eagle_image_pool={self.eagle_image_pool} must be >= 1 and "
-                              f"eagle_hidden_size={self.eagle_hidden_size} >= 0")
-        if self.eagle_compressor not in ("pool", "prune"):
-            raise ConfigError(f"eagle_compressor={self.eagle_compressor!r}: use 'pool' or 'prune'")
-        if self.remat not in ("none", "full", "dots"):
-            raise ConfigError(f"remat={self.remat!r}: use 'none', 'full' or 'dots'")
-        if self.image_preset not in ("clip", "siglip"):
-            raise ConfigError(f"image_preset={self.image_preset!r}: use 'clip' or 'siglip'")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"remat={self.remat!r}: use one of {tuple(REMAT_POLICIES)}")
+        if self.image_preset not in typing.get_args(ImagePreset):
+            raise ConfigError(f"image_preset={self.image_preset!r}: use one of {typing.get_args(ImagePreset)}")
 
     @property
     def trainable_patterns(self) -> tuple[str, ...]:
@@ -252,17 +312,32 @@ class TrainConfig:
 def load_config_file(spec: str) -> TrainConfig:
     """"path/to/config.py[:arg]" -> get_config(arg) (big_vision's convention)."""
     path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("_train_config", path)
-    if module_spec is None or module_spec.loader is None:
-        raise ConfigError(f"cannot load config file {path!r}")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    module = config_module(Path(path))
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} does not define get_config()")
     config = module.get_config(arg) if arg else module.get_config()
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, not TrainConfig")
     return config
+
+
+def config_module(path: Path) -> types.ModuleType:
+    """The module of config file `path`: configs/NAME.py of the importable configs package
+    is imported as configs.NAME (once per process, like any module; its sibling imports
+    are that package's); any other file is loaded from its path."""
+    if not path.is_file():
+        raise ConfigError(f"no config file {path}")
+    name = f"{CONFIGS_PACKAGE}.{path.stem}"
+    if path.parent.name == CONFIGS_PACKAGE and path.stem.isidentifier():
+        found = importlib.util.find_spec(name)
+        if found is not None and found.origin and Path(found.origin).resolve() == path.resolve():
+            return importlib.import_module(name)
+    module_spec = importlib.util.spec_from_file_location("_train_config", path)
+    if module_spec is None or module_spec.loader is None:
+        raise ConfigError(f"cannot load config file {path!r}")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
 
 
 def parse_overrides(args: list[str]) -> dict[str, str]:
@@ -301,6 +376,8 @@ def _apply(config: Any, tree: dict[str, Any], prefix: str) -> Any:
     changes = {}
     for name, value in tree.items():
         if name not in fields:
+            if prefix + name in RENAMED_KEYS:
+                raise ConfigError(f"config key {prefix + name!r} is now {RENAMED_KEYS[prefix + name]!r}")
             where = f"keys of {prefix.rstrip('.')}" if prefix else "top-level keys"
             raise ConfigError(f"unknown config key {prefix + name!r}; {where} are: {sorted(fields)}")
         current = getattr(config, name)

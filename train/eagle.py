@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from fastvlm_jax.nn.eagle import compact_slots, compress
 from train import losses
-from train.config import LossConfig
+from train.config import EagleStageConfig
 
 Array = jax.Array
 
@@ -90,7 +90,7 @@ def _at(x: Array, index: Array) -> Array:
     return jnp.take_along_axis(x, index, axis=1)
 
 
-def eagle_losses(model, params, loss: LossConfig, state0: Array, h_last: Array, full_logits: Array,
+def eagle_losses(model, params, eagle: EagleStageConfig, state0: Array, h_last: Array, full_logits: Array,
                  input_ids: Array, targets: Array, loss_mask: Array) -> tuple[Array, dict[str, Array]]:
     """(loss, metrics) of the head on one batch, as sums over caption positions (the
     caller divides by the number of text positions, as for the other stages).
@@ -109,14 +109,14 @@ def eagle_losses(model, params, loss: LossConfig, state0: Array, h_last: Array, 
     target_features = _at(teacher_features, inputs.target_index)
     w = inputs.weights
     features, total, metrics = inputs.features, 0.0, {}
-    for step in range(max(loss.eagle_unroll_steps, 1)):
+    for step in range(max(eagle.unroll_steps, 1)):
         predicted, _ = model.eagle_draft(params, features, inputs.embeds, inputs.positions,
                                          key_mask=inputs.key_mask)
         # The frozen final norm + LM head: gradients flow through them into the head only.
         logits = model.logits(params, predicted)
-        ce = losses.soft_cross_entropy(logits, target_logits, w, loss.temperature)
+        ce = losses.soft_cross_entropy(logits, target_logits, w, eagle.temperature)
         feature = losses.smooth_l1(predicted, target_features, w)
-        total = total + loss.eagle_ce_weight * ce + loss.eagle_feature_weight * feature
+        total = total + eagle.ce_weight * ce + eagle.feature_weight * feature
         logits = jax.lax.stop_gradient(logits)
         suffix = "" if step == 0 else f"_unrolled{step}"
         metrics.update({

@@ -31,6 +31,7 @@ import grain
 import jax
 import numpy as np
 import sentencepiece as spm
+from absl import flags
 
 from fastvlm_jax.image.processing import ImageProcessorConfig, preprocess_image
 from fastvlm_jax.nn.families import answer_ids, prompt_ids_for
@@ -287,8 +288,6 @@ def make_loader(source, transform: CaptionExample, global_batch: int, rows: tupl
     batches for any worker_count."""
     order = GlobalBatchSampler(len(source), global_batch, rows, seed)
     if worker_count > 0:
-        from absl import flags
-
         if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
             flags.FLAGS.mark_as_parsed()
     return grain.DataLoader(

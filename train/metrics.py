@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from fastvlm_jax.runtime.paths import as_path, is_url
 
@@ -26,7 +27,7 @@ def _tensorboard_writer(directory: Path):
     Probed with find_spec first: importing torch only to find tensorboard missing costs
     seconds at every start.
     """
-    try:
+    try:  # optional dependencies, imported only where installed
         if importlib.util.find_spec("tensorboardX"):
             from tensorboardX import SummaryWriter
         elif importlib.util.find_spec("tensorboard") and importlib.util.find_spec("torch"):
@@ -62,8 +63,6 @@ class MetricsLogger:
         if self._lines is not None:
             self._lines = kept
         if progress:
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
         if tensorboard and not is_url(workdir):  # torch's writer is local only
             self._tb = _tensorboard_writer(Path(workdir) / "tensorboard")

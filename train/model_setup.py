@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from fastvlm_jax.nn.llava import LlavaConfig
+from fastvlm_jax.data import synthetic
 from fastvlm_jax.text.tokenizer import Tokenizer, load_tokenizer
 from fastvlm_jax.text.prompts import check_image_token_id
 from train import input as input_lib
@@ -23,8 +24,6 @@ def make_tokenizer(cfg: TrainConfig, init_ckpt_tokenizer) -> Tokenizer:
         return init_ckpt_tokenizer
     if cfg.init_from:
         raise ConfigError(f"{cfg.init_from} has no tokenizer/ folder: set tokenizer.path")
-    from fastvlm_jax.data import synthetic
-
     corpus = synthetic.caption_corpus(cfg.tokenizer.train_corpus_size)
     return input_lib.train_caption_tokenizer(corpus, cfg.tokenizer.train_vocab_size,
                                              cfg.tokenizer.byte_fallback,
@@ -45,20 +44,27 @@ def resolve_model_config(model: LlavaConfig, tokenizer: Tokenizer) -> LlavaConfi
 
 
 def with_eagle_head(cfg: TrainConfig, model: LlavaConfig, where: str) -> LlavaConfig:
-    """The eagle stage's model: `model` with the head of cfg's eagle_* settings added when
-    it has none (or cfg.eagle_reinit); one that has a head must already have those
-    settings (ConfigError). Other stages: `model` unchanged."""
+    """The eagle stage's model: `model` with the head of cfg.eagle added when it has none
+    (or cfg.eagle.reinit); one that has a head must already have those settings
+    (ConfigError). Other stages: `model` unchanged."""
     if cfg.stage != "eagle":
         return model
-    wanted = dict(eagle_layers=1, eagle_hidden_size=cfg.eagle_hidden_size,
-                  eagle_image_pool=cfg.eagle_image_pool, eagle_compressor=cfg.eagle_compressor)
-    if model.draft.eagle_layers and not cfg.eagle_reinit:
+    wanted = cfg.eagle.head_settings()
+    if model.draft.eagle_layers and not cfg.eagle.reinit:
         have = {k: getattr(model.draft, k) for k in wanted}
         if have != wanted:
             raise ConfigError(f"{where} has an EAGLE head with {have}; this run asks for {wanted}: set "
-                              "the eagle_* settings to the checkpoint's to train its head further")
+                              "eagle.hidden_size, eagle.image_pool and eagle.compressor to the checkpoint's "
+                              "to train its head further")
         return model
-    return model.replace(draft=dataclasses.replace(model.draft, **wanted))
+    return model.replace(draft=cfg.eagle.head(model.draft))
+
+
+def step_spec(cfg: TrainConfig, loss_start: int) -> step_lib.StepSpec:
+    """The static settings of `cfg`'s train step; loss_start: the first position that can
+    carry loss (the prompt length - 1)."""
+    return step_lib.StepSpec(cfg.stage, cfg.loss, cfg.grad_accum, cfg.remat, loss_start,
+                             cfg.refine.disagreement_weight, cfg.eagle)
 
 
 def plan_training(cfg: TrainConfig, model, mesh, abstract):

@@ -49,6 +49,8 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from decode.engine import DecodeSpec, Prompts, generate
 from fastvlm_jax.image.processing import preprocess_image
@@ -275,8 +277,6 @@ def load_sequences(directory) -> Sequences:
 
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -284,8 +284,6 @@ def _agree(mask: np.ndarray) -> np.ndarray:
     """Process 0's `mask` on every process (so all run the same collective calls)."""
     if jax.process_count() == 1:
         return mask
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.broadcast_one_to_all(mask.astype(np.int32))).astype(bool)
 
 
@@ -337,8 +335,6 @@ def pregenerate(directory, wanted: dict, source, transform: input_lib.CaptionExa
     start = time.perf_counter()
     bar = None
     if progress and primary:
-        from tqdm import tqdm
-
         bar = tqdm(total=num_batches, initial=num_batches - len(todo), desc="refine: generating",
                    unit="batch", dynamic_ncols=True)
     with concurrent.futures.ThreadPoolExecutor(max(1, read_threads)) as pool:

@@ -24,23 +24,26 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 
 from fastvlm_jax.ckpt import checkpoint as ckpt_lib
 from fastvlm_jax.runtime import sharding
 from fastvlm_jax.nn.llava import LlavaConfig
 from fastvlm_jax.runtime.distributed import maybe_initialize
-from fastvlm_jax.nn.model import VLM
+from fastvlm_jax.nn.model import VLM, params_dtype
 from fastvlm_jax.runtime.paths import as_path
-from train import checkpointing, deepen, input as input_lib, metrics as metrics_lib
+from fastvlm_jax.nn.families import stop_ids
+from train import checkpointing, compile_only, deepen, input as input_lib, metrics as metrics_lib
 from train import params as param_lib
+from train import refine as refine_lib
 from train import step as step_lib
 from train.config import ConfigError, TrainConfig, apply_overrides, load_config_file, parse_overrides
-from train.model_setup import make_tokenizer, plan_training, resolve_model_config, with_eagle_head
+from train.model_setup import make_tokenizer, plan_training, resolve_model_config, step_spec, with_eagle_head
 
 EXPORT_DIR = "export"
 CHECKPOINT_DIR = "checkpoints"
@@ -58,8 +61,8 @@ def open_source(cfg: TrainConfig):
     Process 0 builds first; the others wait at a barrier and then only find the files,
     so no two processes write one dataset.
     """
-    from jax.experimental import multihost_utils
-
+    # Here, not at the top: tensorflow_datasets takes about a second to import, and only a
+    # run that reads data needs it (not --help, nor --compile-only).
     from fastvlm_jax.data import tfds_builders
 
     data = cfg.data
@@ -108,8 +111,6 @@ def init_eagle(model: VLM, seed: int, params, shardings) -> Any:
     dtype throughout; computed on the host like `init_params`, so every mesh starts from
     the same values.
     """
-    from fastvlm_jax.nn.model import params_dtype
-
     dtype = params_dtype(params)
     # A key of its own: the seed also drives the data order.
     key = jax.random.fold_in(jax.random.key(seed), 0xEA61E)
@@ -154,12 +155,6 @@ def build_model(cfg: TrainConfig, mesh):
     return VLM(model_config, dtype), tokenizer, image_config, (init.params if init else None)
 
 
-def step_spec(cfg: TrainConfig, loss_start: int) -> step_lib.StepSpec:
-    """The static settings of `cfg`'s train step; loss_start: the first position that can
-    carry loss (the prompt length - 1)."""
-    return step_lib.StepSpec(cfg.stage, cfg.loss, cfg.grad_accum, cfg.remat, loss_start)
-
-
 def caption_transform(cfg: TrainConfig, model: VLM, tokenizer, image_config,
                       cls: type = input_lib.CaptionExample) -> input_lib.CaptionExample:
     """Record -> training example (`cls`: the caption pipeline's, or the refine stage's)."""
@@ -179,11 +174,8 @@ def refine_sequences(cfg: TrainConfig, workdir, model: VLM, mesh, shardings, tra
                      tokenizer, image_config, source, transform, progress: bool):
     """The refine stage's pre-pass: the frozen full model's greedy generation for every record
     the run reads, made once (or reused) in workdir/refine_sequences (train.refine)."""
-    from fastvlm_jax.nn.families import stop_ids
-    from train import refine as refine_lib
-
     prompt_len = transform.text.prompt_len
-    max_new = cfg.refine_max_new_tokens or (cfg.seq_len - prompt_len)
+    max_new = cfg.refine.max_new_tokens or (cfg.seq_len - prompt_len)
     eos = stop_ids(model.config, tokenizer)
     record_ids = refine_lib.records_to_generate(len(source), cfg.batch_size, cfg.steps, cfg.seed)
     wanted = refine_lib.identity(init_from=cfg.init_from, compute_dtype=cfg.compute_dtype,
@@ -201,16 +193,16 @@ def refine_sequences(cfg: TrainConfig, workdir, model: VLM, mesh, shardings, tra
 
 
 def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progress: bool = True,
-          stop_after: int | None = None) -> RunResult:
+          stop_after: int | None = None, devices: Sequence[jax.Device] | None = None) -> RunResult:
     """Runs (or resumes) `cfg` in `workdir`; returns when done, when preempted (SIGTERM),
-    or after `stop_after` steps in this call."""
+    or after `stop_after` steps in this call. devices: the mesh's (default: all), e.g. one
+    device for a reference run."""
     if not (workdir or cfg.workdir):
         raise ConfigError("no workdir: pass --workdir or set workdir in the config")
     workdir = as_path(workdir or cfg.workdir)  # local, or a bucket (gs://...)
     primary = jax.process_index() == 0
     if primary:
         workdir.mkdir(parents=True, exist_ok=True)
-    devices = jax.devices()[: cfg.num_devices] if cfg.num_devices else jax.devices()
     mesh = sharding.make_mesh(cfg.mesh, devices)
     model, tokenizer, image_config, params = build_model(cfg, mesh)
 
@@ -223,7 +215,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
     elif cfg.deepen_to:
         params = deepen.deepen_params(params, init_params(model, cfg.seed, placement),
                                       model.config.draft.exit_layer)
-    elif "eagle" in abstract and ("eagle" not in params or cfg.eagle_reinit):
+    elif "eagle" in abstract and ("eagle" not in params or cfg.eagle.reinit):
         params = dict(params, eagle=init_eagle(model, cfg.seed, params, placement["eagle"]))
     trainable, frozen = param_lib.split(params, trainable_paths)
     del params
@@ -241,8 +233,8 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
             "process_count": jax.process_count(), "steps": cfg.steps, "batch_size": cfg.batch_size,
             "grad_accum": cfg.grad_accum, "optim": dataclasses.asdict(cfg.optim)}
     if cfg.stage == "eagle":  # the head's shape and what its training data looks like
-        meta["eagle"] = {"hidden_size": cfg.eagle_hidden_size, "image_pool": cfg.eagle_image_pool,
-                         "compressor": cfg.eagle_compressor}
+        meta["eagle"] = {"hidden_size": cfg.eagle.hidden_size, "image_pool": cfg.eagle.image_pool,
+                         "compressor": cfg.eagle.compressor}
     latest = checkpointer.latest_step()
     if latest is not None:  # the run must match the checkpoint it resumes
         saved_meta = checkpointer.read_meta(latest)
@@ -260,12 +252,10 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
     if cfg.stage == "refine":
         # Generated once before training (not per step): the full model is frozen and the
         # prompt fixed, so each record's greedy sequence never changes during the stage.
-        from train.refine import RefineExample, WithSequences
-
         sequences = refine_sequences(cfg, workdir, model, mesh, shardings, trainable, frozen, tokenizer,
                                      image_config, source, transform, progress and primary)
-        source = WithSequences(source, sequences)
-        transform = caption_transform(cfg, model, tokenizer, image_config, RefineExample)
+        source = refine_lib.WithSequences(source, sequences)
+        transform = caption_transform(cfg, model, tokenizer, image_config, refine_lib.RefineExample)
     data_iter = build_data(cfg, source, transform, shardings)
 
     if latest is not None:
@@ -294,8 +284,6 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
             state, metrics = train_step(state, frozen, batch)
             step += 1
             window_steps += 1
-            if cfg.debug_step_delay_s:
-                time.sleep(cfg.debug_step_delay_s)
             if step % cfg.log_every == 0 or step == cfg.steps or step == start_step + 1:
                 metrics = jax.device_get(metrics)  # waits for the step: the timings are real
                 elapsed = time.perf_counter() - window_start
@@ -363,8 +351,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.compile_only:
-        from train import compile_only
-
         return compile_only.main(cfg, args.config, args.compile_only, args.json)
     maybe_initialize(args.coordinator, args.num_processes, args.process_id)
     result = train(cfg, args.workdir, progress=not args.no_progress)

@@ -39,7 +39,7 @@ from fastvlm_jax.nn.model import VLM
 from train import eagle as eagle_lib
 from train import losses
 from train import params as param_lib
-from train.config import LossConfig, OptimConfig
+from train.config import EagleStageConfig, ImitationLossConfig, OptimConfig
 
 Array = jax.Array
 Params = Any
@@ -102,13 +102,17 @@ class StepSpec:
       the caption's first): the LM head, the imitation losses and the metrics run on
       positions [loss_start, seq) only. With LLaVA's 576 image tokens that is a few dozen of 640
       positions, and the [batch, seq, vocab] logits are the step's largest activations.
+    loss: the imitation and refine stages' loss weights; disagreement_weight: the refine
+      stage's (RefineConfig); eagle: the eagle stage's head and loss (EagleStageConfig).
     """
 
     stage: str
-    loss: LossConfig
+    loss: ImitationLossConfig
     grad_accum: int = 1
     remat: str = "none"
     loss_start: int = 0
+    disagreement_weight: float = 1.0
+    eagle: EagleStageConfig = EagleStageConfig()
 
 
 def forward_losses(model: VLM, spec: StepSpec, trainable: Params, frozen: Params, batch: Batch,
@@ -127,7 +131,7 @@ def forward_losses(model: VLM, spec: StepSpec, trainable: Params, frozen: Params
         # The head reads only the model's first and last states: no exit-layer states.
         h_last, _, _ = model.run_layers(params, hidden, positions, 0, num_layers)
         full_logits = model.logits(params, h_last)
-        loss, metrics = eagle_lib.eagle_losses(model, params, spec.loss, hidden, h_last, full_logits,
+        loss, metrics = eagle_lib.eagle_losses(model, params, spec.eagle, hidden, h_last, full_logits,
                                                ids, targets, mask)
         metrics["full_acc"] = losses.top1_accuracy(jax.lax.stop_gradient(full_logits), targets, mask)
         metrics = {k: v / num_text for k, v in metrics.items()}
@@ -158,7 +162,7 @@ def forward_losses(model: VLM, spec: StepSpec, trainable: Params, frozen: Params
         weights = mask
         if spec.stage == "refine":
             weights = losses.disagreement_weights(draft_logits, teacher_logits, mask,
-                                                  spec.loss.refine_disagreement_weight)
+                                                  spec.disagreement_weight)
         cos = losses.cosine_distance(draft_hidden, teacher_hidden, weights)
         kd = losses.kl_distillation(draft_logits, teacher_logits, weights, spec.loss.temperature)
         ce = losses.cross_entropy(draft_logits, targets, weights)

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     common = {"data.data_dir": root / "data", "mesh.data": 4, "mesh.tensor": 2}
     if not (root / "base" / "export").exists():
         th.run_cli("base", root / "base", {**common, "steps": 2, "checkpoint.export": True}, env8)
-    refine = {**common, "steps": 10, "init_from": root / "base" / "export", "refine_max_new_tokens": 8}
+    refine = {**common, "steps": 10, "init_from": root / "base" / "export", "refine.max_new_tokens": 8}
 
     start = time.perf_counter()
     th.run_cli("refine", root / "one", refine, env8)

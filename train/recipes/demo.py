@@ -1,9 +1,9 @@
 """Trains the offline `demo` checkpoint: base -> deepen -> imitation -> refine, in one process.
 
-    python -m train.demo_recipe --root DIR [--data-dir TFDS_DIR] [--draft-model] [key=value ...]
+    python -m train.recipes.demo --root DIR [--data-dir TFDS_DIR] [--draft-model] [key=value ...]
 
 --draft-model: then also make demo-draft, the demo's separate draft model: its first
-configs/demo.py:DRAFT_MODEL_LAYERS layers (train.make_draft_model, into DIR/draft_init),
+configs/demo.py:DRAFT_MODEL_LAYERS layers (train.recipes.make_draft_model, into DIR/draft_init),
 fine-tuned by the `draft_model` stage (DIR/draft_model/export).
 
 Each stage is `configs/demo.py:STAGE,DIR` (overrides apply to every stage) and resumes
@@ -22,11 +22,12 @@ from pathlib import Path
 
 import jax
 
-from train.config import apply_overrides, load_config_file, parse_overrides
+from configs import demo as demo_config
+from train.config import apply_overrides, parse_overrides
 from train.metrics import read_metrics
+from train.recipes.make_draft_model import make_draft_model
 from train.run import train
 
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "demo.py")
 STAGES = ("base", "deepen", "imitation", "refine")
 
 
@@ -41,10 +42,8 @@ def run_recipe(root: str | Path, overrides: dict[str, str] | None = None, progre
     summary = {}
     for stage in STAGES + (("draft_model",) if draft_model else ()):
         if stage == "draft_model" and not (root / "draft_init" / "config.json").is_file():
-            from train.make_draft_model import make_draft_model
-
-            make_draft_model(root / "refine" / "export", _draft_model_layers(), root / "draft_init")
-        cfg = apply_overrides(load_config_file(f"{CONFIG}:{stage},{root}"), dict(overrides or {}))
+            make_draft_model(root / "refine" / "export", demo_config.DRAFT_MODEL_LAYERS, root / "draft_init")
+        cfg = apply_overrides(demo_config.get_config(f"{stage},{root}"), dict(overrides or {}))
         start = time.perf_counter()
         result = train(cfg, progress=progress)
         if result.status != "done":
@@ -67,18 +66,8 @@ def run_recipe(root: str | Path, overrides: dict[str, str] | None = None, progre
     return summary
 
 
-def _draft_model_layers() -> int:
-    """configs/demo.py's DRAFT_MODEL_LAYERS (the config is a file, not a package module)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_demo_config", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.DRAFT_MODEL_LAYERS
-
-
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.demo_recipe", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.recipes.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default="workdirs/demo", help="folder for the stage workdirs")
     parser.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's)")
     parser.add_argument("--no-progress", action="store_true")

@@ -1,6 +1,6 @@
 """Makes a small draft VLM from a checkpoint: the same model with only its first N decoder layers.
 
-    python -m train.make_draft_model --from CKPT --layers N --out DIR [--overwrite]
+    python -m train.recipes.make_draft_model --from CKPT --layers N --out DIR [--overwrite]
 
 A separate draft model must share the target's tokenizer (the verifier checks the
 drafted ids) and should start close to it. Truncating the target does both: the result
@@ -28,6 +28,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+
+from fastvlm_jax.ckpt.checkpoint import CheckpointError, load_checkpoint, load_config, save_checkpoint
+from fastvlm_jax.demo import DemoMissingError, demo_checkpoint
+from fastvlm_jax.nn.model import VLM
 
 MIN_LAYERS = 2  # with one layer there is no exit layer in [1, num_layers - 1] to keep a valid config
 
@@ -67,8 +71,6 @@ def truncated_params(params: dict[str, Any], num_layers: int) -> dict[str, Any]:
 def _check_against_config(params, config) -> None:
     """Fails if `params` do not have exactly the shapes `config` builds (a family whose
     decoder is not one stacked 'language_model/layers' tree would land here)."""
-    from fastvlm_jax.nn.model import VLM
-
     want = nn.meta.unbox(VLM(config).abstract_params())
     flat_want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(want)[0]}
     flat_got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -82,8 +84,6 @@ def _check_against_config(params, config) -> None:
 def resolve_source(source: str) -> Path:
     """`demo` -> the shipped demo; else a local checkpoint folder (checked)."""
     if source == "demo":
-        from fastvlm_jax.demo import DemoMissingError, demo_checkpoint
-
         try:
             return demo_checkpoint()
         except DemoMissingError as err:
@@ -105,8 +105,6 @@ def make_draft_model(source: str | os.PathLike, num_layers: int, out: str | os.P
     Params keep the source's dtype. tokenizer/ and preprocessor.json are copied byte for
     byte, so the draft model tokenizes and preprocesses exactly as the source does.
     """
-    from fastvlm_jax.ckpt.checkpoint import CheckpointError, load_checkpoint, load_config, save_checkpoint
-
     source = resolve_source(os.fspath(source))
     try:
         config = truncated_config(load_config(source), num_layers)  # checks N before reading params
@@ -135,7 +133,7 @@ def make_draft_model(source: str | os.PathLike, num_layers: int, out: str | os.P
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.make_draft_model",
+    parser = argparse.ArgumentParser(prog="python -m train.recipes.make_draft_model",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--from", dest="source", required=True, metavar="CKPT|demo",
                         help="the target checkpoint folder (or `demo`)")

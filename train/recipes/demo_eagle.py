@@ -1,6 +1,6 @@
 """Trains the demo's EAGLE head (configs/demo.py:eagle or :eagle_pool4) and records its cost.
 
-    python -m train.demo_eagle [--variant eagle|eagle_pool4] [--root DIR] [--json OUT.json] [key=value ...]
+    python -m train.recipes.demo_eagle [--variant eagle|eagle_pool4] [--root DIR] [--json OUT.json] [key=value ...]
 
 Runs the stage like `python -m train.run --config configs/demo.py:VARIANT,DIR` (resuming
 from DIR/VARIANT if it holds a checkpoint) and writes a JSON with the exact command, the
@@ -21,11 +21,11 @@ from pathlib import Path
 
 import jax
 
-from train.config import apply_overrides, load_config_file, parse_overrides
+from configs import demo as demo_config
+from train.config import apply_overrides, parse_overrides
 from train.metrics import read_metrics
 from train.run import train
 
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "demo.py")
 PARTS = ("loss", "eagle_ce", "eagle_feature_l1", "eagle_agreement", "eagle_acc", "full_acc",
          "eagle_agreement_unrolled1", "eagle_agreement_unrolled2")
 
@@ -47,15 +47,14 @@ def summarize(workdir: Path, tail: int = 3) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.demo_eagle", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.recipes.demo_eagle", description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="eagle", choices=("eagle", "eagle_pool4"))
     parser.add_argument("--root", default="workdirs/demo")
     parser.add_argument("--json", default=None, help="write the cost record here")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
-    cfg = apply_overrides(load_config_file(f"{CONFIG}:{args.variant},{args.root}"),
-                          parse_overrides(args.overrides))
+    cfg = apply_overrides(demo_config.get_config(f"{args.variant},{args.root}"), parse_overrides(args.overrides))
     start = time.perf_counter()
     result = train(cfg, progress=not args.no_progress)
     seconds = time.perf_counter() - start
@@ -63,17 +62,18 @@ def main(argv=None) -> int:
         print(f"stopped ({result.status}) at step {result.step}", file=sys.stderr)
         return 1
     record = {
-        "command": "python -m train.demo_eagle " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m train.recipes.demo_eagle " + shlex.join(sys.argv[1:] if argv is None else argv),
         "config": f"configs/demo.py:{args.variant}",
         "init_from": cfg.init_from,
         "export": str(result.export_dir),
         "stage": cfg.stage,
-        "eagle": {"hidden_size": cfg.eagle_hidden_size, "image_pool": cfg.eagle_image_pool,
-                  "compressor": cfg.eagle_compressor},
-        "loss_weights": {"eagle_ce_weight": cfg.loss.eagle_ce_weight,
-                         "eagle_feature_weight": cfg.loss.eagle_feature_weight,
-                         "eagle_unroll_steps": cfg.loss.eagle_unroll_steps,
-                         "temperature": cfg.loss.temperature},
+        # The record's keys are those of the earlier records in benchmarks/eagle_train/.
+        "eagle": {"hidden_size": cfg.eagle.hidden_size, "image_pool": cfg.eagle.image_pool,
+                  "compressor": cfg.eagle.compressor},
+        "loss_weights": {"eagle_ce_weight": cfg.eagle.ce_weight,
+                         "eagle_feature_weight": cfg.eagle.feature_weight,
+                         "eagle_unroll_steps": cfg.eagle.unroll_steps,
+                         "temperature": cfg.eagle.temperature},
         "steps": result.step,
         "batch_size": cfg.batch_size,
         "seq_len": cfg.seq_len,

@@ -1,6 +1,6 @@
 """How often a separate draft model's greedy next token equals its target's, on held-out captions.
 
-    python -m train.draft_agreement --target demo --draft DIR [--data-dir TFDS_DIR] [--examples 256]
+    python -m train.recipes.draft_agreement --target demo --draft DIR [--data-dir TFDS_DIR] [--examples 256]
 
 Greedy speculative decoding accepts a drafted token exactly when it is the target's
 argmax, so this top-1 agreement is the per-token acceptance rate of a one-token draft
@@ -30,17 +30,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-DATASET = "synthetic_captions/default"
-QUESTION = "Describe the image."  # configs/demo.py's DataConfig default question
-CAPTION_INDEX = 1  # the demo's answer style (configs/demo.py)
-SEQ_LEN = 112  # configs/demo.py's seq_len
+from configs import demo as demo_config
+from decode.engine import DecodeSpec, Prompts, generate
+from fastvlm_jax.ckpt.checkpoint import load_checkpoint
+from fastvlm_jax.demo import demo_draft_checkpoint
+from fastvlm_jax.nn.model import VLM
+from fastvlm_jax.nn.families import stop_ids
+from train.input import CaptionExample, collate
+from train.recipes.make_draft_model import resolve_source
+
+# The demo's examples, as its training stages see them: data set, question, answer style
+# (caption_index) and sequence length.
+_DEMO = demo_config.get_config("base")
+DATASET = _DEMO.data.name
+QUESTION = _DEMO.data.question
+CAPTION_INDEX = _DEMO.data.caption_index
+SEQ_LEN = _DEMO.seq_len
 
 
 def load_pair(target: str, draft: str):
     """(target Checkpoint, draft Checkpoint), float32; ValueError if their vocabularies differ."""
-    from fastvlm_jax.ckpt.checkpoint import load_checkpoint
-    from fastvlm_jax.demo import demo_draft_checkpoint
-    from train.make_draft_model import resolve_source
 
     def path(name):  # `demo`, `demo-draft` or a folder
         return demo_draft_checkpoint() if name == "demo-draft" else resolve_source(name)
@@ -61,8 +70,8 @@ def vocabulary(tokenizer) -> list[str]:
 def load_examples(ckpt, data_dir: str | None, split: str, count: int) -> dict[str, np.ndarray]:
     """The first `count` records of `split` as the demo's training examples (stacked):
     input_ids / targets [count, SEQ_LEN], loss_mask [count, SEQ_LEN], pixels [count, H, W, 3]."""
+    # Here, not at the top: tensorflow_datasets takes about a second to import (--help needs none).
     from fastvlm_jax.data.tfds_builders import open_split
-    from train.input import CaptionExample, collate
 
     source = open_split(DATASET, split, data_dir, decode=False)
     transform = CaptionExample(ckpt.tokenizer, ckpt.image_config, QUESTION, ckpt.config.num_image_tokens,
@@ -101,9 +110,6 @@ def target_greedy_examples(model, params, tokenizer, examples: dict[str, np.ndar
                            batch: int) -> tuple[np.ndarray, np.ndarray]:
     """The target's greedy captions after each prompt: (input_ids [n, SEQ_LEN], mask [n, SEQ_LEN]),
     mask 1 where the next token is one of the target's generated tokens (its EOS included)."""
-    from decode.engine import DecodeSpec, Prompts, generate
-    from fastvlm_jax.nn.families import stop_ids
-
     capacity = SEQ_LEN - prompt_len
     spec = DecodeSpec("ar", capacity=capacity, eos_ids=tuple(stop_ids(model.config, tokenizer)))
     ids = np.full_like(examples["input_ids"], tokenizer.pad_id)
@@ -124,8 +130,6 @@ def target_greedy_examples(model, params, tokenizer, examples: dict[str, np.ndar
 def agreement(target: str, draft: str, data_dir: str | None = None, split: str = "validation",
               count: int = 256, batch: int = 64) -> dict[str, Any]:
     """Top-1 agreement of `draft` with `target` (and both models' accuracy on the references)."""
-    from fastvlm_jax.nn.model import VLM
-
     target_ckpt, draft_ckpt = load_pair(target, draft)
     examples = load_examples(target_ckpt, data_dir, split, count)
     target_model, draft_model = VLM(target_ckpt.config), VLM(draft_ckpt.config)
@@ -153,7 +157,8 @@ def agreement(target: str, draft: str, data_dir: str | None = None, split: str =
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.draft_agreement", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.recipes.draft_agreement",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="demo", help="target checkpoint folder (or `demo`)")
     parser.add_argument("--draft", required=True, help="draft model checkpoint folder (or `demo-draft`)")
     parser.add_argument("--data-dir", default=None, help="TFDS data dir holding synthetic_captions/default")
