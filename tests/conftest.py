@@ -1,6 +1,8 @@
 """Test setup: 8 host devices for mesh tests, float32 everywhere, no network."""
 
 import os
+import shutil
+import tempfile
 
 # The suite compiles hundreds of tiny programs; on CPU most of each compile is LLVM's
 # optimisation, which buys nothing at these sizes (measured on 2 cores: a greedy drafter test
@@ -19,3 +21,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# One persistent compilation cache per test run, shared by the xdist workers (and the CLI
+# subprocesses that inherit the variable): the tests compile the same tiny programs in
+# several processes, and each is then compiled once. A fresh folder each run, so a run's
+# time never depends on an earlier one's. FASTVLM_TEST_COMPILE_CACHE=off turns it off.
+_CACHE_VARIABLE = "FASTVLM_TEST_COMPILE_CACHE"
+
+
+def pytest_configure(config):
+    if os.environ.get(_CACHE_VARIABLE) == "off":
+        return
+    if not os.environ.get(_CACHE_VARIABLE):  # the controller (or a run without xdist)
+        os.environ[_CACHE_VARIABLE] = tempfile.mkdtemp(prefix="fastvlm-jax-test-cache-")
+        config._fastvlm_cache_owner = True
+    jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VARIABLE])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_fastvlm_cache_owner", False):
+        shutil.rmtree(os.environ.pop(_CACHE_VARIABLE), ignore_errors=True)

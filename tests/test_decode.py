@@ -206,12 +206,12 @@ def test_same_bucket_reuses_the_compiled_program():
 def test_greedy_ssd_equals_ar_on_converted_hf_model(tmp_path):
     import json
 
-    from fastvlm_jax import convert
+    from fastvlm_jax.ckpt.convert import llava as convert_llava
     from tests.hf_models import build_tiny_llava, random_prompt_ids
 
     hf_model = build_tiny_llava(tmp_path, seed=3, num_kv_heads=2)
-    config = convert.config_from_hf(json.loads((tmp_path / "config.json").read_text()), exit_layer=2)
-    params = convert.convert_params(convert.open_safetensors(tmp_path), config, jax.random.key(0),
+    config = convert_llava.config_from_hf(json.loads((tmp_path / "config.json").read_text()), exit_layer=2)
+    params = convert_llava.convert_params(convert_llava.open_safetensors(tmp_path), config, jax.random.key(0),
                                     progress=False)
     model = VLM(config)
     rng = np.random.RandomState(1)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from fastvlm_jax import convert
+from fastvlm_jax.ckpt.convert import llava as convert_llava
 from fastvlm_jax.nn.model import VLM
 from tests.hf_models import build_tiny_llava, random_prompt_ids
 
@@ -24,8 +25,8 @@ def test_logits_match_hf(tmp_path, name):
     import torch
 
     hf_model = build_tiny_llava(tmp_path, seed=len(name), **CONFIGS[name])
-    config = convert.config_from_hf(json.loads((tmp_path / "config.json").read_text()), exit_layer=2)
-    params = convert.convert_params(convert.open_safetensors(tmp_path), config,
+    config = convert_llava.config_from_hf(json.loads((tmp_path / "config.json").read_text()), exit_layer=2)
+    params = convert_llava.convert_params(convert_llava.open_safetensors(tmp_path), config,
                                     __import__("jax").random.key(0), progress=False)
     rng = np.random.RandomState(0)
     ids = np.array([random_prompt_ids(hf_model.config, rng, text_len=7) for _ in range(2)])
@@ -56,11 +57,11 @@ def test_converter_reads_sharded_checkpoint_and_new_key_layout(tmp_path):
         save_file({k: state[k] for k in keys}, str(out / file))
         weight_map.update({k: file for k in keys})
     (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    config = convert.config_from_hf(json.loads((tmp_path / "ref" / "config.json").read_text()), exit_layer=1)
+    config = convert_llava.config_from_hf(json.loads((tmp_path / "ref" / "config.json").read_text()), exit_layer=1)
     import jax
 
-    sharded = convert.convert_params(convert.open_safetensors(out), config, jax.random.key(0), progress=False)
-    single = convert.convert_params(convert.open_safetensors(tmp_path / "ref"), config, jax.random.key(0),
+    sharded = convert_llava.convert_params(convert_llava.open_safetensors(out), config, jax.random.key(0), progress=False)
+    single = convert_llava.convert_params(convert_llava.open_safetensors(tmp_path / "ref"), config, jax.random.key(0),
                                     progress=False)
     for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -75,7 +76,7 @@ def test_converter_errors_are_clear(tmp_path):
         convert.convert(tmp_path, tmp_path / "out")
     hf = {"model_type": "llava", "text_config": {"model_type": "llama", "rope_scaling": {"rope_type": "yarn"}}}
     with pytest.raises(convert.ConversionError, match="rope type"):
-        convert.config_from_hf(hf)
+        convert_llava.config_from_hf(hf)
 
 
 def test_converter_shape_mismatch_names_tensor(tmp_path):
@@ -84,9 +85,9 @@ def test_converter_shape_mismatch_names_tensor(tmp_path):
     build_tiny_llava(tmp_path)
     hf_config = json.loads((tmp_path / "config.json").read_text())
     hf_config["text_config"]["intermediate_size"] = 80  # lie about the MLP width
-    config = convert.config_from_hf(hf_config, exit_layer=1)
+    config = convert_llava.config_from_hf(hf_config, exit_layer=1)
     with pytest.raises(convert.ConversionError, match="shape mismatch for text.layers.0.mlp"):
-        convert.convert_params(convert.open_safetensors(tmp_path), config, jax.random.key(0), progress=False)
+        convert_llava.convert_params(convert_llava.open_safetensors(tmp_path), config, jax.random.key(0), progress=False)
 
 
 def test_llava15_7b_defaults_from_sparse_config():
@@ -100,7 +101,7 @@ def test_llava15_7b_defaults_from_sparse_config():
                           "model_type": "clip_vision_model", "num_attention_heads": 16,
                           "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768},
     }
-    config = convert.config_from_hf(sparse)
+    config = convert_llava.config_from_hf(sparse)
     assert (config.text.num_layers, config.text.hidden_size, config.text.num_kv_heads) == (32, 4096, 32)
     assert config.text.intermediate_size == 11008 and config.num_image_tokens == 576
     assert config.draft.exit_layer == 8

@@ -45,7 +45,9 @@ def subprocess_env(cache_dir: Path, devices: int, **extra) -> dict[str, str]:
     env.update(
         PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+        # the run's shared cache (tests/conftest.py) when there is one, else the test's own
+        JAX_COMPILATION_CACHE_DIR=os.environ.get("FASTVLM_TEST_COMPILE_CACHE", "off") != "off"
+        and os.environ["FASTVLM_TEST_COMPILE_CACHE"] or str(cache_dir),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
         JAX_PLATFORMS="cpu",

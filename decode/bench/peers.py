@@ -4,8 +4,8 @@
         [--batch-size 1 8] [--max-new-tokens N] [--repeats R] [--deep-scale S] --json OUT.json
 
 Builds a random LLaVA-shaped model in transformers (LlavaForConditionalGeneration with a
-LLaMA text model), converts its weights with our converter (`convert.config_from_hf` +
-`convert.convert_params`, read from the in-memory state dict), and decodes the same
+LLaMA text model), converts its weights with our converter (`convert_llava.config_from_hf` +
+`convert_llava.convert_params`, read from the in-memory state dict), and decodes the same
 text-only prompt ids with four systems:
 
   hf_ar          LlamaForCausalLM (the LLaVA language model + its lm_head) `.generate`, greedy
