@@ -121,7 +121,7 @@ def test_acceptance_per_drafter_from_a_bench_json(tmp_path):
 
 def test_tree_acceptance_measured_or_modelled(tmp_path):
     from decode.bench.compile_only import CompileOnlyError, parse_acceptance, parse_tree_acceptance, parse_trees
-    from decode.tree import TreeShape
+    from decode.engine.tree import TreeShape
 
     chain = parse_acceptance("0.5")
     # Modelled: each depth is reached with p = 1 - (1 - 0.5)^2 = 0.75, up to 8 / 2 = 4 deep.

@@ -31,7 +31,7 @@ Every such number is a compiler-model prediction, not a measurement.
 speedup implies under the plain layer-count cost model (layer_count_acceptance) and what
 the compiled pieces predict at that acceptance.
 
-`--drafter imitation eagle eagle:pool=N model:SPEC` compares drafters (decode/drafters.py);
+`--drafter imitation eagle eagle:pool=N model:SPEC` compares drafters (decode/engine/drafters.py);
 the lines above are the imitation drafter's. The EAGLE head's pieces are its catch-up
 pass (the draft_len + 1 pairs a round starts with) and its one-pair step, each with the
 LM head; `pool=N` overrides the checkpoint's visual compressor. A draft VLM (SPEC as
@@ -43,7 +43,7 @@ Must-read bytes: the head's (the draft model's) weights, its own cache, the LM h
     model: speedup = tokens * t_AR / (t_start + (drafted - 1) * t_step + t_verify_tokens)
 
 `--tree-nodes N [N ...] --tree-width K` adds the imitation drafter's draft trees
-(decode/tree.py TreeShape: steps = N / K drafting steps, N + 1 nodes verified), compiled
+(decode/engine/tree.py TreeShape: steps = N / K drafting steps, N + 1 nodes verified), compiled
 as decode/engine.py `_draft_tree` and `_tree_round` run them, with the tree attention
 mask: the root pass (one node through [0, k) + imitation network + head), one drafting
 step (K nodes, the same), the verification (N + 1 nodes through [k, L) + head) and the
@@ -75,9 +75,9 @@ import jax
 import jax.numpy as jnp
 
 from decode import engine
-from decode.drafters import EagleCarry, EagleDrafter, ImitationDrafter, ModelCarry, ModelDrafter, RoundContext
+from decode.engine.drafters import EagleCarry, EagleDrafter, ImitationDrafter, ModelCarry, ModelDrafter, RoundContext
 from decode.engine import DecodeSpec, DraftPolicy, Prompts
-from decode.tree import TreeShape, tree_slots
+from decode.engine.tree import TreeShape, tree_slots
 from fastvlm_jax import sharding, tpu
 from fastvlm_jax.architectures import architecture
 from fastvlm_jax.config import ConfigError
@@ -394,7 +394,7 @@ def tree_functions(model: VLM, shape: TreeShape) -> dict[str, Any]:
       [batch, n, size] bool) -> (cache, draft_cache, children [batch, n, width]): the nodes
       (n = 1: the root, n = width: a drafting step) through layers [0, exit) and the
       imitation network with the tree mask, then the head and each node's `width`
-      best children (the greedy proposal; the table bookkeeping of decode.tree's
+      best children (the greedy proposal; the table bookkeeping of decode.engine.tree's
       propose_children / grow, on [batch, size * width] arrays, is left out).
     verify(params, cache, states [batch, size, embed], depths [batch, size], ancestors
       [batch, size, size]) -> (cache, argmax [batch, size]): layers [exit, L) + head.
@@ -447,7 +447,7 @@ def verify_tokens_function(model: VLM, draft_len: int):
 
 
 def drafter_functions(drafter, model: VLM, draft_len: int, own_params: bool) -> dict[str, Any]:
-    """A chain drafter's calls as the engine makes them (decode.drafters; the full model's
+    """A chain drafter's calls as the engine makes them (decode.engine.drafters; the full model's
     cache passes through them untouched, so None stands for it):
     start(params, carry, last_token [batch], pos [batch]) -> (carry, argmax [batch]): the
       round's first call (EAGLE: the catch-up pass; a draft model: two tokens);
