@@ -257,9 +257,8 @@ def _tree_options(args: argparse.Namespace):
 def resolve_checkpoint(ckpt: str) -> str:
     """`demo` / `demo-draft` -> the shipped demo / its draft model's folder; a path is checked
     to be a checkpoint folder."""
-    from fastvlm_jax.checkpoint import CheckpointError, load_config
-
     from fastvlm_jax import demo
+    from fastvlm_jax.checkpoint import CheckpointError, load_config
 
     if ckpt in demo.DEMO_NAMES:
         try:
@@ -607,8 +606,8 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
     import numpy as np
     from tqdm import tqdm
 
-    from decode.engine.captioner import BatchStats, Captioner, GenerationOptions, describe_device, summarize
     from decode.engine import DraftPolicy
+    from decode.engine.captioner import BatchStats, Captioner, GenerationOptions, describe_device, summarize
     from decode.engine.sampling import SamplingConfig
     from fastvlm_jax.model import param_bytes
 

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from decode.engine.drafters import EagleDrafter, ModelDrafter
 from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
+from decode.engine.drafters import EagleDrafter, ModelDrafter
 from fastvlm_jax.eagle import compact_slots, compress
 from fastvlm_jax.model import VLM
 from tests.test_blip2 import converted  # noqa: F401 (a pytest fixture: a converted tiny HF BLIP-2)

@@ -16,8 +16,7 @@ import pytest
 from PIL import Image
 
 from decode import engine, run
-from decode.engine.captioner import (BatchStats, Captioner, CaptionResult, GenerationOptions, capacity_bucket,
-                              summarize)
+from decode.engine.captioner import BatchStats, Captioner, CaptionResult, GenerationOptions, capacity_bucket, summarize
 from decode.inputs import expand_inputs
 from fastvlm_jax.checkpoint import load_checkpoint
 from tests.run_fixtures import make_tiny_checkpoint, write_image, write_truncated_png

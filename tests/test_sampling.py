@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from decode.engine import loop
+from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate, loop
 from decode.engine import sampling as sampling_lib
-from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
 from decode.engine.sampling import SamplingConfig, sample, warp
 from fastvlm_jax.model import VLM
 from tests.tiny import tiny_config

@@ -6,17 +6,15 @@ import numpy as np
 import pytest
 
 from decode import engine
-from decode.engine import loop
+from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate, loop
 from decode.engine import tree as tree_lib
-from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
 from decode.engine.tree import TreeShape
 from fastvlm_jax.kv_cache import KVCache
 from fastvlm_jax.model import VLM
-from tests.test_decode import _near_identity_deep_layers, _perturbed_imitation, _prompts, _tokens
 from tests.test_blip2 import converted  # noqa: F401 (a pytest fixture: a converted tiny HF BLIP-2)
+from tests.test_decode import _near_identity_deep_layers, _perturbed_imitation, _prompts, _tokens
 from tests.test_sampling import tiny  # noqa: F401 (a pytest fixture: the 6-token model)
 from tests.tiny import tiny_config
-
 
 # (exit layer, imitation kind, nodes, width): both kinds, a narrow and a wide tree. (Width 1,
 # a chain drafted as a tree, runs in the decode.run test below.)

@@ -4,7 +4,8 @@ Each primitive is one of the engine's own round pieces (decode.engine.steps), ti
 jitted loop of `iters` calls, so dispatch costs do not count: a full AR step for one token
 (steps.ar_step), a draft step (steps.draft_step: layers [0, k) + imitation + head for one
 token), the shallow pass alone (steps.shallow_pass), and a verification pass of
-draft_len + 1 states through layers [k, L) + head (steps.verify). Ideal speedup = E[tokens per round] * t_AR / (drafted * t_draft + t_shallow + t_verify)
+draft_len + 1 states through layers [k, L) + head (steps.verify).
+Ideal speedup = E[tokens per round] * t_AR / (drafted * t_draft + t_shallow + t_verify)
 (the engine also runs the shallow layers on the last drafted token, which verification
 needs); engine efficiency = measured decode-phase speedup / ideal. A whole engine round
 (decode.engine.prefill / decode_round) is timed too, to compare with the sum of its parts.

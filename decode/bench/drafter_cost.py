@@ -29,9 +29,9 @@ import jax.numpy as jnp
 
 from decode import engine
 from decode.bench.models import load_bench_model, load_drafter, make_prompts
+from decode.engine import DecodeSpec, DraftPolicy
 from decode.engine.captioner import describe_device
 from decode.engine.drafters import RoundContext
-from decode.engine import DecodeSpec, DraftPolicy
 
 
 def _cache_bytes(carry) -> int:

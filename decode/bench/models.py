@@ -75,9 +75,8 @@ def _load(spec: str, seed: int) -> BenchModel:
         config = RANDOM_PRESETS[preset]
         # One jitted init (an eager init compiles every op on its own: seconds).
         return BenchModel(config, jax.jit(VLM(config).init)(jax.random.key(seed)), source=spec)
-    from fastvlm_jax.checkpoint import CheckpointError, load_checkpoint
-
     from fastvlm_jax import demo
+    from fastvlm_jax.checkpoint import CheckpointError, load_checkpoint
 
     try:
         path = demo.resolve(spec)

@@ -17,12 +17,12 @@ from typing import Callable
 
 import numpy as np
 
-from decode.engine.autodraft import AutoDraft, Choice, is_tree
 from decode.bench.cost import CostModel
 from decode.bench.models import BenchDrafter, BenchModel, decode_sets, eos_ids, with_exit_layer
 from decode.bench.replay import replay_report
-from decode.engine.drafters import EagleDrafter, ImitationDrafter, ModelDrafter
 from decode.engine import DecodeOutput, DecodeSpec, DraftPolicy, Prompts
+from decode.engine.autodraft import AutoDraft, Choice, is_tree
+from decode.engine.drafters import EagleDrafter, ImitationDrafter, ModelDrafter
 from decode.engine.sampling import SamplingConfig
 from decode.engine.tree import TreeShape
 from fastvlm_jax.model import VLM, param_bytes

@@ -12,8 +12,18 @@
     captioner.py  batched captioning on top of generate (used by decode.run)
 """
 
-from decode.engine.loop import (DecodeOutput, DecodeSpec, DraftPolicy, Prompts, RoundStats, check_inputs,
-                                compiled_programs, decode_round, generate, prefill)
+from decode.engine.loop import (
+                                DecodeOutput,
+                                DecodeSpec,
+                                DraftPolicy,
+                                Prompts,
+                                RoundStats,
+                                check_inputs,
+                                compiled_programs,
+                                decode_round,
+                                generate,
+                                prefill,
+)
 
 __all__ = ["DecodeOutput", "DecodeSpec", "DraftPolicy", "Prompts", "RoundStats", "check_inputs",
            "compiled_programs", "decode_round", "generate", "prefill"]

@@ -33,9 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
 from decode.engine.autodraft import AutoDraft, AutoDraftConfig, Choice, choice_label, is_tree
 from decode.engine.drafters import EagleDrafter, ImitationDrafter, ModelDrafter
-from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
 from decode.engine.sampling import SamplingConfig
 from decode.engine.tree import TreeShape
 from fastvlm_jax.checkpoint import Checkpoint, CheckpointError, load_checkpoint

@@ -332,7 +332,8 @@ class EagleDrafter(Drafter):
         predicted, carry = self._head(ctx, carry, carry.features, carry.tokens, positions)
         # Pairs past `count` wrote slots at or past pos: hidden now, overwritten by the drafts.
         feature = jnp.take_along_axis(predicted, (carry.count - 1)[:, None, None], axis=1)[:, 0]
-        return DraftOut(ctx.model.logits(ctx.params, feature[:, None])[:, 0], None, cache, carry.replace(feature=feature))
+        logits = ctx.model.logits(ctx.params, feature[:, None])[:, 0]
+        return DraftOut(logits, None, cache, carry.replace(feature=feature))
 
     def step(self, ctx, cache, carry: EagleCarry, token, position):
         # Token j sits at `position`; its pair is (f_hat at position - 1, token j).

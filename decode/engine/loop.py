@@ -1,5 +1,9 @@
 """The decoding engine: plain autoregressive (AR) and self-speculative (SSD) generation.
 
+The model passes of a round are the named pure functions of decode/engine/steps.py (the
+same ones decode.bench's cost model times and --compile-only compiles); this module owns
+the loop, the sampling of drafts, acceptance and the stats around them.
+
 Each mode is one jitted program, prefill to last token, built around a
 `lax.while_loop`; nothing returns to the host per token or per round. Shapes are
 fixed by (batch, prompt bucket, new-token capacity, draft_len), while the actual
@@ -39,8 +43,15 @@ import numpy as np
 
 from decode.engine import steps
 from decode.engine import tree as tree_lib
-from decode.engine.drafters import (Drafter, ImitationDrafter, ModelDrafter, PrefillStates, RoundContext, TreeDrafter,
-                                    Verified)
+from decode.engine.drafters import (
+    Drafter,
+    ImitationDrafter,
+    ModelDrafter,
+    PrefillStates,
+    RoundContext,
+    TreeDrafter,
+    Verified,
+)
 from decode.engine.sampling import SamplingConfig, accept_greedy, accept_speculative, next_token, warp
 from decode.engine.tree import TreeShape, accept_speculative_tree
 from fastvlm_jax.kv_cache import KVCache
