@@ -83,8 +83,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from decode.autodraft import parse_choice, parse_draft_len
-    from decode.captioner import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
+    from decode.engine.autodraft import parse_choice, parse_draft_len
+    from decode.engine.captioner import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
 
     parser = _Parser(prog=PROG, description="Caption images with a fastvlm-jax checkpoint "
                      "(self-speculative or plain autoregressive decoding).",
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _auto_options(args: argparse.Namespace):
     """The AutoDraftConfig of --draft-len auto (None otherwise); raises UsageError."""
-    from decode.autodraft import AutoDraftConfig
+    from decode.engine.autodraft import AutoDraftConfig
 
     if args.draft_len != "auto":
         if args.auto_choices is not None:
@@ -200,7 +200,7 @@ def _check_args(args: argparse.Namespace) -> None:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
-    from decode.sampling import SamplingConfig
+    from decode.engine.sampling import SamplingConfig
 
     try:  # the library checks --temperature, --top-k and --top-p (NaN and inf included)
         SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
@@ -235,7 +235,7 @@ def resolve_drafter(drafter: str) -> str:
 
 def _tree_options(args: argparse.Namespace):
     """The TreeShape of --tree-nodes / --tree-width; raises UsageError for a bad one."""
-    from decode.tree import TreeShape
+    from decode.engine.tree import TreeShape
 
     try:
         tree = TreeShape(nodes=args.tree_nodes, width=args.tree_width)
@@ -257,9 +257,8 @@ def _tree_options(args: argparse.Namespace):
 def resolve_checkpoint(ckpt: str) -> str:
     """`demo` / `demo-draft` -> the shipped demo / its draft model's folder; a path is checked
     to be a checkpoint folder."""
-    from fastvlm_jax.ckpt.checkpoint import CheckpointError, load_config
-
     from fastvlm_jax import demo
+    from fastvlm_jax.ckpt.checkpoint import CheckpointError, load_config
 
     if ckpt in demo.DEMO_NAMES:
         try:
@@ -607,9 +606,9 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
     import numpy as np
     from tqdm import tqdm
 
-    from decode.captioner import BatchStats, Captioner, GenerationOptions, describe_device, summarize
     from decode.engine import DraftPolicy
-    from decode.sampling import SamplingConfig
+    from decode.engine.captioner import BatchStats, Captioner, GenerationOptions, describe_device, summarize
+    from decode.engine.sampling import SamplingConfig
     from fastvlm_jax.nn.model import param_bytes
 
     options = GenerationOptions(

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from decode.autodraft import AutoDraft, AutoDraftConfig, choice_label, parse_choice
-from decode.tree import TreeShape
+from decode.engine.autodraft import AutoDraft, AutoDraftConfig, choice_label, parse_choice
+from decode.engine.tree import TreeShape
 
 
 def test_expected_tokens_follow_the_observed_acceptance():

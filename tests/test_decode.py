@@ -127,16 +127,16 @@ def test_caches_after_ssd_rounds_equal_a_cache_free_pass(trained_draft):
 
     @jax.jit
     def three_rounds(params):
-        state = engine._prefill(model, params, prompts, spec, jax.random.key(0), jnp.int32(20))
+        state = engine.prefill(model, params, prompts, spec, 20)
         for _ in range(3):
-            state = engine._ssd_round(model, params, spec, state, jnp.int32(20))
+            state = engine.decode_round(model, params, spec, state, 20)
         return state
 
     state = three_rounds(params)
     if trained_draft:  # some drafts rejected, some accepted
-        assert 0 < int(state.accepted.sum()) < int(state.drafted.sum())
+        assert 0 < int(state.stats.accepted.sum()) < int(state.stats.drafted.sum())
     else:
-        assert int(np.max(state.accepted)) == 3 * 3  # whole drafts taken
+        assert int(np.max(state.stats.accepted)) == 3 * 3  # whole drafts taken
     slots = state.cache.slots
     for row in range(2):
         length = int(prompts.lengths[row])
@@ -192,15 +192,15 @@ def test_same_bucket_reuses_the_compiled_program():
     spec = DecodeSpec("ssd", capacity=16, policy=DraftPolicy(draft_len=3))
     n = config.num_image_tokens
     generate(model, params, _prompts(config, [n + 4, n + 6], seed=1), spec, 16)
-    before = engine.TRACE_COUNTS["ssd"]
+    before = engine.compiled_programs()
     # Same shapes, different prompts, lengths, budgets and seeds: no new trace.
     for seed, max_new in [(2, 5), (3, 16), (4, 1)]:
         out = generate(model, params, _prompts(config, [n + 6, n + 2], seed=seed), spec, max_new,
                        jax.random.key(seed))
         assert int(np.max(np.asarray(out.num_tokens))) <= max_new
-    assert engine.TRACE_COUNTS["ssd"] == before
+    assert engine.compiled_programs() == before
     generate(model, params, _prompts(config, [n + 9, n + 2], seed=5), spec, 4)  # new bucket
-    assert engine.TRACE_COUNTS["ssd"] == before + 1
+    assert engine.compiled_programs() == before + 1
 
 
 def test_greedy_ssd_equals_ar_on_converted_hf_model(tmp_path):

@@ -1,4 +1,4 @@
-"""The other drafters in the same engine (decode.drafters): the EAGLE head (with and
+"""The other drafters in the same engine (decode.engine.drafters): the EAGLE head (with and
 without its visual compressor) and a separate small draft VLM. Greedy: exactly AR's
 tokens; sampling: exactly the full model's distribution (chi-square against enumeration).
 The imitation drafter's own tests are test_decode / test_sampling / test_tree."""
@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from decode.drafters import EagleDrafter, ModelDrafter
 from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
+from decode.engine.drafters import EagleDrafter, ModelDrafter
 from fastvlm_jax.nn.eagle import compact_slots, compress
 from fastvlm_jax.nn.model import VLM
 from tests.test_blip2 import converted  # noqa: F401 (a pytest fixture: a converted tiny HF BLIP-2)
@@ -143,7 +143,7 @@ def test_drafter_errors_are_clear():
     small, _ = _truncated(model, params, 2)
     with pytest.raises(ValueError, match="draft_params"):
         generate(model, params, prompts, dataclasses.replace(spec, drafter=ModelDrafter(small)), 8)
-    from decode.tree import TreeShape
+    from decode.engine.tree import TreeShape
     with pytest.raises(ValueError, match="imitation drafter only"):
         DecodeSpec("ssd", tree=TreeShape(nodes=4, width=2), drafter=EagleDrafter())
 
@@ -194,18 +194,18 @@ def test_drafters_sample_the_exact_distribution(tiny_eagle, drafter):
 def test_a_wrong_draft_distribution_is_detected(tiny_eagle, monkeypatch):
     """Power: if the engine judged the EAGLE drafts by a distribution other than the one
     they were drawn from (here: sharpened), the chi-square test must fail."""
-    from decode import engine
+    from decode.engine import loop
 
     model, params, _ = tiny_eagle
     steps = 4
     joint = _exact_joint(tiny_eagle, steps, WARPED)
-    original = engine.accept_speculative
+    original = loop.accept_speculative
 
     def sharpened(rng, target_probs, draft_probs, *args):
         sharp = draft_probs ** 3
         return original(rng, target_probs, sharp / jnp.maximum(sharp.sum(-1, keepdims=True), 1e-30), *args)
 
-    monkeypatch.setattr(engine, "accept_speculative", sharpened)
+    monkeypatch.setattr(loop, "accept_speculative", sharpened)
     prompts = Prompts(jnp.asarray([PROMPT] * ROWS, jnp.int32), jnp.full((ROWS,), len(PROMPT), jnp.int32))
     spec = DecodeSpec("ssd", capacity=steps + 1, sampling=WARPED, eos_ids=(), policy=DraftPolicy(draft_len=2),
                       drafter=EagleDrafter())

@@ -126,14 +126,14 @@ def test_compiled_ssd_program_never_copies_the_kv_cache():
     program (prefill, draft loop, verification, while loop) is its zero initialisation."""
     import re
 
-    from decode import engine
+    from decode.engine import loop
 
     config = tiny_config(num_layers=6, exit_layer=2, kind="layer")
     model = VLM(config)
     params = jax.jit(model.init)(jax.random.key(0))
     prompts = Prompts(jnp.full((2, 16), 5, jnp.int32), jnp.full((2,), 16, jnp.int32))
     spec = DecodeSpec("ssd", capacity=32, eos_ids=(), policy=DraftPolicy(draft_len=4))
-    hlo = engine._generate_jit.lower(model, spec, params, prompts, jnp.int32(32),
+    hlo = loop._generate_jit.lower(model, spec, params, prompts, jnp.int32(32),
                                      jax.random.key(0)).compile().as_text()
     shape = r"f32\[6,2,2,%d,16\]" % spec.cache_slots(16)
     assert re.search(shape, hlo), "the cache shape should appear in the program"

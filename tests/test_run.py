@@ -16,8 +16,7 @@ import pytest
 from PIL import Image
 
 from decode import engine, run
-from decode.captioner import (BatchStats, Captioner, CaptionResult, GenerationOptions, capacity_bucket,
-                              summarize)
+from decode.engine.captioner import BatchStats, Captioner, CaptionResult, GenerationOptions, capacity_bucket, summarize
 from decode.inputs import expand_inputs
 from fastvlm_jax.ckpt.checkpoint import load_checkpoint
 from tests.run_fixtures import make_tiny_checkpoint, write_image, write_truncated_png
@@ -268,7 +267,7 @@ def test_captioner_api_sources_buckets_and_stats(ckpt):
     pil.save(buffer, format="PNG")
     images = [pil, buffer.getvalue(), array, pil, pil, array]  # 6 images: batches of 4 and 2
     results = captioner.caption(images, max_new_tokens=8)
-    traces = dict(engine.TRACE_COUNTS)
+    programs = engine.compiled_programs()
     assert len(results) == 6 and all(isinstance(r, CaptionResult) for r in results)
     # The same pixels give the same caption, whatever the source type or batch position.
     assert len({r.token_ids for r in results}) == 1
@@ -276,7 +275,7 @@ def test_captioner_api_sources_buckets_and_stats(ckpt):
     assert capacity_bucket(5) == capacity_bucket(8) == 16 and capacity_bucket(17) == 32
     short = captioner.caption(images[:3], max_new_tokens=5)
     assert [r.token_ids for r in short] == [results[0].token_ids[:5]] * 3
-    assert dict(engine.TRACE_COUNTS) == traces
+    assert engine.compiled_programs() == programs
 
     batches = list(captioner.caption_batches(images[:3], options=GenerationOptions(max_new_tokens=8)))
     assert len(batches) == 1 and batches[0].stats.images == 3  # dummy row excluded

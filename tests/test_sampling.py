@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from decode import engine
-from decode import sampling as sampling_lib
-from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
-from decode.sampling import SamplingConfig, sample, warp
+from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate, loop
+from decode.engine import sampling as sampling_lib
+from decode.engine.sampling import SamplingConfig, sample, warp
 from fastvlm_jax.nn.model import VLM
 from tests.tiny import tiny_config
 
@@ -261,7 +260,7 @@ def test_broken_acceptance_rule_is_detected(tiny, monkeypatch, mutation, draft_l
     # jit cache would reuse a program compiled for the same (model, spec) with the correct
     # rule, so this spec gets a capacity of its own (no token changes), and `traced`
     # proves the patched rule went into the program that ran.
-    monkeypatch.setattr(engine, "accept_speculative", recording)
+    monkeypatch.setattr(loop, "accept_speculative", recording)
     capacity = steps + 1 + [m[0] for m in MUTATIONS].index(mutation)
     try:
         out, tokens = _generate(tiny, "ssd", draft_len, steps, sampling, seed=0, capacity=capacity)

@@ -122,7 +122,7 @@ def test_acceptance_per_drafter_from_a_bench_json(tmp_path):
 
 def test_tree_acceptance_measured_or_modelled(tmp_path):
     from decode.bench.compile_only import CompileOnlyError, parse_acceptance, parse_tree_acceptance, parse_trees
-    from decode.tree import TreeShape
+    from decode.engine.tree import TreeShape
 
     chain = parse_acceptance("0.5")
     # Modelled: each depth is reached with p = 1 - (1 - 0.5)^2 = 0.75, up to 8 / 2 = 4 deep.
@@ -275,8 +275,12 @@ def test_decode_compile_only_pieces_cache_sharding_and_speedup(tmp_path):
     # prompts; SSD slots 29 + 16 + 3 + 1. The heads are split over tensor=4: one per chip.
     assert run["kv_cache_bytes_per_device"] == 2 * 4 * 4 * 1 * (29 + 16 + 3 + 1) * 32 * 4
     ar, draft, verify = (run["pieces"][k] for k in ("ar_step", "draft_step", "verify"))
-    # The pieces are unrolled, so their costs count every layer; generate loops.
-    assert ar["while_loops"] == 0 and run["pieces"]["generate_ssd"]["while_loops"] > 0
+    # The pieces are compiled as the engine runs them (a layer scan is a while loop) and
+    # counted by their unrolled twins, so their costs count every layer; generate loops.
+    assert ar["while_loops"] >= 1 and ar["cost_counting"] == "unrolled_twin"
+    assert ar["scanned_program"]["flops_per_device"] < ar["flops_per_device"]  # the scan's body counted once
+    assert run["pieces"]["generate_ssd"]["while_loops"] > 0
+    assert run["pieces"]["generate_ssd"]["cost_counting"] == "static_loop_bodies_once"
     assert ar["collectives"]["all-reduce"] > 0  # tensor parallel
     # The draft runs 1 of 4 layers: less to read than the full step (in FLOPs the tiny
     # model's imitation network and 512-word head outweigh 3 layers); verification scores 4
@@ -349,7 +353,8 @@ def test_decode_compile_only_per_drafter_pieces_and_speedups(tmp_path):
         assert set(pieces) == roles[drafter["kind"]], name
         for piece in pieces.values():
             assert piece["flops_per_device"] > 0 and piece["bytes_per_device"] > 0
-            assert piece["must_read_bytes_per_device"] > 0 and piece["while_loops"] == 0
+            assert piece["must_read_bytes_per_device"] > 0
+            assert piece["cost_counting"] in ("unrolled_twin", "straight_line")
         t = {role: p["time_lower_bound_s"] for role, p in pieces.items()}
         draft_cost = {"imitation": lambda: 3 * t["draft_step"] + t["shallow_step"],
                       "eagle": lambda: t["catchup"] + 2 * t["step"],
@@ -406,7 +411,7 @@ def test_decode_compile_only_tree_pieces_and_speedup(tmp_path):
     assert set(pieces) == {"root", "step", "verify", "move"}
     for piece in pieces.values():
         assert piece["bytes_per_device"] > 0 and piece["must_read_bytes_per_device"] > 0
-        assert piece["while_loops"] == 0
+        assert piece["cost_counting"] == ("straight_line" if piece is pieces["move"] else "unrolled_twin")
     for role in ("root", "step", "verify"):
         assert pieces[role]["flops_per_device"] > 0, role
     ar = run["pieces"]["ar_step"]

@@ -6,16 +6,15 @@ import numpy as np
 import pytest
 
 from decode import engine
-from decode import tree as tree_lib
-from decode.engine import DecodeSpec, Prompts, generate
-from decode.tree import TreeShape
+from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate, loop
+from decode.engine import tree as tree_lib
+from decode.engine.tree import TreeShape
 from fastvlm_jax.nn.kv_cache import KVCache
 from fastvlm_jax.nn.model import VLM
-from tests.test_decode import _near_identity_deep_layers, _perturbed_imitation, _prompts, _tokens
 from tests.test_blip2 import converted  # noqa: F401 (a pytest fixture: a converted tiny HF BLIP-2)
+from tests.test_decode import _near_identity_deep_layers, _perturbed_imitation, _prompts, _tokens
 from tests.test_sampling import tiny  # noqa: F401 (a pytest fixture: the 6-token model)
 from tests.tiny import tiny_config
-
 
 # (exit layer, imitation kind, nodes, width): both kinds, a narrow and a wide tree. (Width 1,
 # a chain drafted as a tree, runs in the decode.run test below.)
@@ -128,15 +127,14 @@ def test_caches_after_tree_rounds_equal_a_cache_free_pass():
 
     @jax.jit
     def three_rounds(params):
-        state = engine._prefill(model, params, prompts, spec, jax.random.key(0), jnp.int32(24))
-        return jax.lax.fori_loop(0, 3, lambda i, s: engine._tree_round(model, params, spec, s, jnp.int32(24)),
-                                 state)
+        state = engine.prefill(model, params, prompts, spec, 24)
+        return jax.lax.fori_loop(0, 3, lambda i, s: engine.decode_round(model, params, spec, s, 24), state)
 
     state = three_rounds(params)
-    assert 0 < int(state.accepted.sum()) < int(state.drafted.sum())
+    assert 0 < int(state.stats.accepted.sum()) < int(state.stats.drafted.sum())
     # Some round accepted a path of depth >= 2, whose nodes sit at table indices >= 3
     # (width 2): their entries were really moved.
-    assert int(state.position_accepts[1]) > 0
+    assert int(state.stats.position_accepts[1]) > 0
     slots = state.cache.slots
     committed = [int(x) for x in state.cache.pos]
     ids = np.zeros((2, max(committed)), np.int32)  # each row's committed tokens, right-padded
@@ -169,7 +167,7 @@ def test_tree_shape_is_checked():
     with pytest.raises(ValueError, match="multiple of the tree width"):
         TreeShape(nodes=5, width=2)
     with pytest.raises(ValueError, match="static shape"):
-        DecodeSpec("ssd", tree=TreeShape(4, 2), policy=engine.DraftPolicy(min_confidence=0.5))
+        DecodeSpec("ssd", tree=TreeShape(4, 2), policy=DraftPolicy(min_confidence=0.5))
     assert DecodeSpec("ssd", tree=TreeShape(16, 4)).lookahead == 17
     assert DecodeSpec("ssd", tree=TreeShape(16, 4)).draft_depth == 4
 
@@ -304,7 +302,7 @@ def test_greedy_tree_ssd_equals_ar_and_hf_on_converted_blip2(converted):
 # --- the flags and the statistics -----------------------------------------------------------
 
 def test_accepted_depth_histogram_and_tree_stats():
-    from decode.captioner import BatchStats, accepted_depth_histogram, summarize
+    from decode.engine.captioner import BatchStats, accepted_depth_histogram, summarize
 
     # 10 rounds: 4 accepted nothing, 3 accepted 1, 2 accepted 2, 1 accepted 3.
     assert accepted_depth_histogram(10, [6, 3, 1]) == [4, 3, 2, 1]
@@ -381,7 +379,7 @@ def test_compiled_tree_program_never_copies_the_kv_cache():
     params = jax.jit(model.init)(jax.random.key(0))
     prompts = Prompts(jnp.full((2, 16), 5, jnp.int32), jnp.full((2,), 16, jnp.int32))
     spec = DecodeSpec("ssd", capacity=32, eos_ids=(), tree=TreeShape(6, 2))
-    hlo = engine._generate_jit.lower(model, spec, params, prompts, jnp.int32(32),
+    hlo = loop._generate_jit.lower(model, spec, params, prompts, jnp.int32(32),
                                      jax.random.key(0)).compile().as_text()
     for layers in (6, 1):  # the decoder's cache and the imitation layer's own
         shape = r"f32\[%d,2,2,%d,16\]" % (layers, spec.cache_slots(16))

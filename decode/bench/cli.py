@@ -31,13 +31,20 @@ from decode.bench.cost import CostModel
 from decode.bench.machine import loadavg, machine_info
 from decode.bench.models import RANDOM_PRESETS, load_bench_model, load_drafter, make_prompts
 from decode.bench.replay import context_acceptance
-from decode.autodraft import (DEFAULT_CHOICES, AutoDraft, AutoDraftConfig, choice_label, is_tree, parse_choice,
-                              parse_draft_len)
 from decode.bench.timing import bench_one, choose_auto_draft
-from decode.captioner import describe_device
 from decode.engine import DraftPolicy
-from decode.sampling import SamplingConfig
-from decode.tree import TreeShape
+from decode.engine.autodraft import (
+    DEFAULT_CHOICES,
+    AutoDraft,
+    AutoDraftConfig,
+    choice_label,
+    is_tree,
+    parse_choice,
+    parse_draft_len,
+)
+from decode.engine.captioner import describe_device
+from decode.engine.sampling import SamplingConfig
+from decode.engine.tree import TreeShape
 from fastvlm_jax.nn.architectures import ARCHITECTURES
 from fastvlm_jax.nn.model import param_bytes, param_count
 
@@ -88,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="exit layers to try (default: the checkpoint's)")
     parser.add_argument("--draft-len", type=parse_draft_len, nargs="+", default=[5],
                         help="draft lengths to sweep; 'auto' chooses a setting per batch size among "
-                        "--auto-choices from measured round costs and acceptance (decode.autodraft)")
+                        "--auto-choices from measured round costs and acceptance (decode.engine.autodraft)")
     parser.add_argument("--auto-choices", type=parse_choice, nargs="+", default=list(DEFAULT_CHOICES),
                         metavar="G|tree:NxK",
                         help="--draft-len auto: the settings to choose among: chain draft lengths (0 = plain "
@@ -135,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", required=True, help="output JSON file")
     compile_group = parser.add_argument_group(
         "compile-only", "compile the decoding programs for a TPU slice instead of running them "
-        "(decode/bench/compile_only.py; needs libtpu: pip install -e '.[tpu]')")
+        "(decode/bench/compile_only/; needs libtpu: pip install -e '.[tpu]')")
     compile_group.add_argument("--compile-only", metavar="TOPOLOGY", default=None,
                                help="e.g. v5e:2x2, v5e:4x8, v5p:2x2x4; exit 1 if a program does not fit")
     compile_group.add_argument("--mesh", default=None,

@@ -1,9 +1,11 @@
 """The cost model: measured cost of single decoding primitives, and the speedup they predict.
 
-Each primitive is timed as a jitted loop of `iters` calls, so dispatch costs do not count:
-a full AR step for one token, a draft step (layers [0, k) + imitation + head for one token),
-the shallow pass alone, and a verification pass of draft_len + 1 tokens through layers [k, L) +
-head. Ideal speedup = E[tokens per round] * t_AR / (drafted * t_draft + t_shallow + t_verify)
+Each primitive is one of the engine's own round pieces (decode.engine.steps), timed as a
+jitted loop of `iters` calls, so dispatch costs do not count: a full AR step for one token
+(steps.ar_step), a draft step (steps.draft_step: layers [0, k) + imitation + head for one
+token), the shallow pass alone (steps.shallow_pass), and a verification pass of
+draft_len + 1 states through layers [k, L) + head (steps.verify).
+Ideal speedup = E[tokens per round] * t_AR / (drafted * t_draft + t_shallow + t_verify)
 (the engine also runs the shallow layers on the last drafted token, which verification
 needs); engine efficiency = measured decode-phase speedup / ideal. A whole engine round
 (decode.engine.prefill / decode_round) is timed too, to compare with the sum of its parts.
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 
 from decode import engine
 from decode.bench.models import BenchModel, with_exit_layer
-from decode.engine import DecodeSpec, DraftPolicy, Prompts
+from decode.engine import DecodeSpec, DraftPolicy, Prompts, steps
 from fastvlm_jax.nn.model import VLM
 
 
@@ -76,42 +78,35 @@ class CostModel:
         return model, params, slots, pos, token
 
     def ar_step(self, batch: int) -> dict:
-        """One full-model step for one token: embed, layers [0, L), head, argmax."""
+        """One full-model step for one token (decode.engine.steps.ar_step), then argmax."""
         def measure():
             model, params, slots, pos, token = self._setup(batch, self.bench.config.draft.exit_layer, 1)
-            num_layers = model.config.text.num_layers
-            positions = jnp.full((batch, 1), pos, jnp.int32)
 
             def step(p, carry):
                 cache, token = carry
-                h = model.embed(p, token[:, None], None, positions)
-                h, cache, _ = model.run_layers(p, h, positions, 0, num_layers, cache)
-                return cache, jnp.argmax(model.logits(p, h)[:, 0], -1).astype(jnp.int32)
+                logits, cache = steps.ar_step(model, p, cache, token)
+                return cache, jnp.argmax(logits, -1).astype(jnp.int32)
 
-            return loop_seconds(step, params, (model.init_cache(batch, slots), token), self.iters, self.repeats)
+            cache = model.init_cache(batch, slots).replace(pos=jnp.full((batch,), pos, jnp.int32))
+            return loop_seconds(step, params, (cache, token), self.iters, self.repeats)
         return self._get(("ar", batch), measure)
 
     def draft_steps(self, batch: int, exit_layer: int, draft_len: int) -> dict:
-        """{'draft': shallow + imitation + head for one token, 'shallow': the shallow pass alone}."""
+        """{'draft': steps.draft_step (shallow + imitation + head for one token), 'shallow':
+        steps.shallow_pass alone}."""
         def measure():
             model, params, slots, pos, token = self._setup(batch, exit_layer, draft_len + 1)
-            positions = jnp.full((batch, 1), pos, jnp.int32)
+            position = jnp.full((batch,), pos, jnp.int32)
             vocab = model.config.text.vocab_size
-
-            def shallow(p, token, cache):
-                h = model.embed(p, token[:, None], None, positions)
-                h, cache, _ = model.run_layers(p, h, positions, 0, exit_layer, cache)
-                return h, cache
 
             def draft(p, carry):
                 cache, draft_cache, token = carry
-                h, cache = shallow(p, token, cache)
-                d, draft_cache = model.imitate(p, h, positions, draft_cache)
-                return cache, draft_cache, jnp.argmax(model.logits(p, d)[:, 0], -1).astype(jnp.int32)
+                logits, _, cache, draft_cache = steps.draft_step(model, p, cache, draft_cache, token, position)
+                return cache, draft_cache, jnp.argmax(logits, -1).astype(jnp.int32)
 
             def shallow_only(p, carry):
                 cache, token = carry
-                h, cache = shallow(p, token, cache)
+                h, cache = steps.shallow_pass(model, p, cache, token[:, None], position[:, None])
                 # A token that depends on h, so the loop cannot drop the pass.
                 return cache, (jnp.argmax(h[:, 0], -1) % vocab).astype(jnp.int32)
 
@@ -126,18 +121,18 @@ class CostModel:
         return self._get(("draft", batch, exit_layer), measure)
 
     def verify(self, batch: int, exit_layer: int, draft_len: int) -> dict:
-        """One verification pass: draft_len + 1 exit-layer states through layers [k, L) + head."""
+        """One verification pass (steps.verify): draft_len + 1 exit-layer states through
+        layers [k, L) + head."""
         def measure():
             model, params, slots, pos, _ = self._setup(batch, exit_layer, draft_len + 1)
-            num_layers = model.config.text.num_layers
             tokens = draft_len + 1
             positions = pos + jnp.broadcast_to(jnp.arange(tokens, dtype=jnp.int32), (batch, tokens))
             states = 0.02 * jax.random.normal(jax.random.key(1), (batch, tokens, model.config.text.hidden_size))
 
             def step(p, carry):
                 cache, acc = carry
-                h, cache, _ = model.run_layers(p, states, positions, exit_layer, num_layers, cache)
-                return cache, acc + jnp.sum(jnp.argmax(model.logits(p, h), -1))
+                logits, _, cache = steps.verify(model, p, cache, states, positions, exit_layer)
+                return cache, acc + jnp.sum(jnp.argmax(logits, -1))
 
             carry = (model.init_cache(batch, slots), jnp.int32(0))
             return loop_seconds(step, params, carry, self.iters, self.repeats)

@@ -29,9 +29,9 @@ import jax.numpy as jnp
 
 from decode import engine
 from decode.bench.models import load_bench_model, load_drafter, make_prompts
-from decode.captioner import describe_device
-from decode.drafters import RoundContext
 from decode.engine import DecodeSpec, DraftPolicy
+from decode.engine.captioner import describe_device
+from decode.engine.drafters import RoundContext
 
 
 def _cache_bytes(carry) -> int:
@@ -54,18 +54,17 @@ def build_timers(bench, drafter, batch: int, draft_len: int, max_new: int, iters
     def round_start(params, draft_params, state):
         def body(_, carry):
             cache, draft, token = carry
-            logits, _, cache, draft = drafter.drafter.start(context(params, draft_params), cache, draft, token,
-                                                            state.cache.pos)
-            return cache, draft, jnp.argmax(logits, -1).astype(jnp.int32)
+            out = drafter.drafter.start(context(params, draft_params), cache, draft, token, state.cache.pos)
+            return out.cache, out.carry, jnp.argmax(out.logits, -1).astype(jnp.int32)
         return jax.lax.fori_loop(0, iters, body, (state.cache, state.draft, state.last_token))
 
     @jax.jit
     def draft_step(params, draft_params, state):
         def body(i, carry):
             cache, draft, token = carry
-            logits, _, cache, draft = drafter.drafter.step(context(params, draft_params), cache, draft, token,
-                                                           state.cache.pos + 1 + i % draft_len)
-            return cache, draft, jnp.argmax(logits, -1).astype(jnp.int32)
+            out = drafter.drafter.step(context(params, draft_params), cache, draft, token,
+                                       state.cache.pos + 1 + i % draft_len)
+            return out.cache, out.carry, jnp.argmax(out.logits, -1).astype(jnp.int32)
         return jax.lax.fori_loop(0, iters, body, (state.cache, state.draft, state.last_token))
 
     def timer(fn):

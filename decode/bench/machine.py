@@ -1,4 +1,4 @@
-"""What a result was measured on: the host and its load (the device: decode.captioner.describe_device)."""
+"""What a result was measured on: the host and its load (the device: decode.engine.captioner.describe_device)."""
 
 from __future__ import annotations
 

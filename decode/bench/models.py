@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decode.engine import DecodeOutput, DecodeSpec, Prompts, generate
+from decode.engine import DecodeOutput, DecodeSpec, Prompts, RoundStats, generate
 from fastvlm_jax.nn.config import DraftConfig, TextConfig, VisionConfig
 from fastvlm_jax.nn.llava import LlavaConfig
 from fastvlm_jax.nn.model import VLM, cast_params, params_dtype
@@ -76,9 +76,8 @@ def _load(spec: str, seed: int) -> BenchModel:
         config = RANDOM_PRESETS[preset]
         # One jitted init (an eager init compiles every op on its own: seconds).
         return BenchModel(config, jax.jit(VLM(config).init)(jax.random.key(seed)), source=spec)
-    from fastvlm_jax.ckpt.checkpoint import CheckpointError, load_checkpoint
-
     from fastvlm_jax import demo
+    from fastvlm_jax.ckpt.checkpoint import CheckpointError, load_checkpoint
 
     try:
         path = demo.resolve(spec)
@@ -103,7 +102,7 @@ class BenchDrafter:
 def load_drafter(bench: BenchModel, name: str) -> BenchDrafter:
     """--drafter imitation | eagle | model:CKPT (CKPT a folder or demo-draft); errors exit
     with one line."""
-    from decode.drafters import EagleDrafter, ImitationDrafter, ModelDrafter
+    from decode.engine.drafters import EagleDrafter, ImitationDrafter, ModelDrafter
 
     if name == "imitation":
         return BenchDrafter(ImitationDrafter())
@@ -117,7 +116,7 @@ def load_drafter(bench: BenchModel, name: str) -> BenchDrafter:
         raise SystemExit(f"error: unknown --drafter {name!r}: use imitation, eagle or model:CKPT")
     small = _load(path, 0)
     if bench.tokenizer is not None:
-        from decode.captioner import check_same_tokenizer
+        from decode.engine.captioner import check_same_tokenizer
         from fastvlm_jax.ckpt.checkpoint import CheckpointError
 
         try:
@@ -200,8 +199,8 @@ def decode_sets(model: VLM, params, prompt_sets: list[Prompts], spec: DecodeSpec
         generate(model, params, p, spec, max_new, draft_params=draft_params))) for p in prompt_sets]
     if len(outs) == 1:
         return outs[0]
-    stack = {f: np.concatenate([getattr(o, f) for o in outs]) for f in
-             ("tokens", "num_tokens", "rounds", "drafted", "accepted")}
-    sums = {f: np.sum([getattr(o, f) for o in outs], axis=0) for f in
+    stack = {f: np.concatenate([getattr(o.stats, f) for o in outs]) for f in ("rounds", "drafted", "accepted")}
+    sums = {f: np.sum([getattr(o.stats, f) for o in outs], axis=0) for f in
             ("position_attempts", "position_accepts")}
-    return DecodeOutput(**stack, **sums)
+    return DecodeOutput(tokens=np.concatenate([o.tokens for o in outs]),
+                        num_tokens=np.concatenate([o.num_tokens for o in outs]), stats=RoundStats(**stack, **sums))

@@ -42,8 +42,8 @@ import numpy as np
 from decode.bench.machine import machine_info
 from decode.bench.models import decode_sets
 from decode.bench.timing import acceptance_report, speed_report, time_interleaved
-from decode.captioner import describe_device
 from decode.engine import DecodeOutput, DecodeSpec, DraftPolicy, Prompts
+from decode.engine.captioner import describe_device
 from fastvlm_jax.nn.model import param_count
 
 PRESETS = {

@@ -18,7 +18,7 @@ import numpy as np
 
 from decode.bench.models import BenchModel, decode_sets, eos_ids, make_prompts, with_exit_layer
 from decode.engine import DecodeOutput, DecodeSpec, DraftPolicy, Prompts
-from decode.sampling import SamplingConfig
+from decode.engine.sampling import SamplingConfig
 from fastvlm_jax.nn.model import VLM
 
 

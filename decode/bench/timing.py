@@ -17,14 +17,14 @@ from typing import Callable
 
 import numpy as np
 
-from decode.autodraft import AutoDraft, Choice, is_tree
 from decode.bench.cost import CostModel
 from decode.bench.models import BenchDrafter, BenchModel, decode_sets, eos_ids, with_exit_layer
 from decode.bench.replay import replay_report
-from decode.drafters import EagleDrafter, ImitationDrafter, ModelDrafter
 from decode.engine import DecodeOutput, DecodeSpec, DraftPolicy, Prompts
-from decode.sampling import SamplingConfig
-from decode.tree import TreeShape
+from decode.engine.autodraft import AutoDraft, Choice, is_tree
+from decode.engine.drafters import EagleDrafter, ImitationDrafter, ModelDrafter
+from decode.engine.sampling import SamplingConfig
+from decode.engine.tree import TreeShape
 from fastvlm_jax.nn.model import VLM, param_bytes
 
 
@@ -66,7 +66,7 @@ def speed_report(tokens: int, rows: int, times: list[float], sets: int = 1) -> d
 def acceptance_report(out: DecodeOutput, verified_per_round: int | None = None) -> dict:
     """The SSD counters of a DecodeOutput, per verification round and per draft position.
     verified_per_round: positions a round's verification scores (spec.lookahead)."""
-    from decode.captioner import accepted_depth_histogram
+    from decode.engine.captioner import accepted_depth_histogram
 
     tokens = int(np.sum(out.num_tokens))
     rows = len(out.num_tokens)
@@ -109,7 +109,7 @@ def mode_report(out: DecodeOutput, times: list[float], first_call: float, mode: 
 def choose_auto_draft(bench: BenchModel, prompts: Prompts, exit_layer: int, auto: AutoDraft, max_new: int,
                       sampling: SamplingConfig, drafter: BenchDrafter = BenchDrafter(ImitationDrafter())) -> Choice:
     """--draft-len auto: measures every choice's round cost on `prompts` (as decode.run does
-    on the first batch of a shape; decode.autodraft) and returns the chosen one (a draft
+    on the first batch of a shape; decode.engine.autodraft) and returns the chosen one (a draft
     length, 0 for AR rounds, or a TreeShape)."""
     config, params, _ = with_exit_layer(bench, exit_layer)
     model, ar_model = VLM(config, bench.dtype), VLM(bench.config, bench.dtype)
@@ -141,7 +141,7 @@ def bench_one(bench: BenchModel, prompt_sets: list[Prompts], exit_layer: int, po
     tree: SSD drafts this token tree instead of the policy's chain (the cost model and the
     replay model chains only, and are skipped for trees). policy None: the 'SSD' program is
     AR's own (what --draft-len auto runs when it chooses 0). drafter: what drafts SSD rounds
-    (decode.drafters; the cost model and the replay model the imitation drafter only)."""
+    (decode.engine.drafters; the cost model and the replay model the imitation drafter only)."""
     config, params, reset = with_exit_layer(bench, exit_layer)
     model = VLM(config, bench.dtype)
     # AR does not depend on the exit layer: one program (compiled once per batch shape)

@@ -2,7 +2,7 @@
 acceptance observed so far.
 
 A choice is a chain draft length g (an int; 0 = plain AR rounds) or a draft tree
-(`decode.tree.TreeShape`, written `tree:NODESxWIDTH` on the command line). Rows advance in
+(`decode.engine.tree.TreeShape`, written `tree:NODESxWIDTH` on the command line). Rows advance in
 lockstep, so a choice's throughput is (expected tokens per round and row) / (seconds per
 round of the batch), with
 
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Callable, Union
 import numpy as np
 
 if TYPE_CHECKING:
-    from decode.tree import TreeShape
+    from decode.engine.tree import TreeShape
 
 DEFAULT_CHOICES = (0, 2, 4, 6)
 Choice = Union[int, "TreeShape"]
@@ -68,7 +68,7 @@ def parse_choice(text: str) -> Choice:
     nodes, sep, width = text[len("tree:"):].partition("x")
     if not (sep and nodes.isdigit() and width.isdigit()):
         raise argparse.ArgumentTypeError(f"expected tree:NODESxWIDTH (e.g. tree:16x2), got {text!r}")
-    from decode.tree import TreeShape
+    from decode.engine.tree import TreeShape
 
     try:
         tree = TreeShape(nodes=int(nodes), width=int(width))

@@ -32,7 +32,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from decode.sampling import sample
+from decode.engine.sampling import sample
 from fastvlm_jax.nn.kv_cache import TreeSlots
 
 Array = jax.Array

@@ -33,11 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decode.autodraft import AutoDraft, AutoDraftConfig, Choice, choice_label, is_tree
-from decode.drafters import EagleDrafter, ImitationDrafter, ModelDrafter
 from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
-from decode.sampling import SamplingConfig
-from decode.tree import TreeShape
+from decode.engine.autodraft import AutoDraft, AutoDraftConfig, Choice, choice_label, is_tree
+from decode.engine.drafters import EagleDrafter, ImitationDrafter, ModelDrafter
+from decode.engine.sampling import SamplingConfig
+from decode.engine.tree import TreeShape
 from fastvlm_jax.ckpt.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from fastvlm_jax.image.processing import ImageSource, preprocess_image
 from fastvlm_jax.nn.model import VLM, cast_params, params_dtype
@@ -210,7 +210,7 @@ class GenerationOptions:
     tree: SSD draft tree (nodes 0, the default, drafts a chain by `policy`).
     auto_draft: SSD chooses each batch's setting among auto_draft.choices (chain lengths,
       0 for AR rounds, and draft trees) from measured costs and running acceptance
-      (decode.autodraft); `policy` and `tree` are then not used.
+      (decode.engine.autodraft); `policy` and `tree` are then not used.
     """
 
     mode: str = "ssd"
@@ -256,7 +256,7 @@ class Captioner:
         data x fsdp, which must divide batch_size.
       dtype: the params' and compute dtype (e.g. 'bfloat16'); None: the checkpoint's own.
         Activations and the KV cache follow it; logits and acceptance stay float32.
-      drafter: what drafts SSD rounds (decode.drafters): 'imitation' (the draft path of the
+      drafter: what drafts SSD rounds (decode.engine.drafters): 'imitation' (the draft path of the
         checkpoint), 'eagle' (its EAGLE head), or 'model:CKPT' (a separate small VLM with the
         same tokenizer and image preprocessing; CKPT a folder or `demo-draft`).
     """
@@ -302,7 +302,7 @@ class Captioner:
         self.auto_draft: AutoDraft | None = None  # the state of auto draft lengths, once used
 
     def _load_drafter(self, drafter: str, mesh):
-        """'imitation' | 'eagle' | 'model:CKPT' -> (decode.drafters drafter, its own params or None)."""
+        """'imitation' | 'eagle' | 'model:CKPT' -> (decode.engine.drafters drafter, its own params or None)."""
         if drafter == "imitation":
             return ImitationDrafter(), None
         if drafter == "eagle":

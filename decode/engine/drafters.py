@@ -1,13 +1,14 @@
 """Drafters: what proposes the tokens an SSD round verifies.
 
-The engine (decode/engine.py) owns the round: the while loop, sampling the drafts,
-verification by the full model, acceptance, the policies and the stats. A drafter owns
-its own state (a cache, pending features) and answers four calls:
+The engine (decode/engine/loop.py) owns the round: the while loop, sampling the drafts,
+verification by the full model, acceptance, the policies and the stats. A drafter (the
+`Drafter` base class) owns its own state (a cache, pending features: its `carry`) and
+answers five calls:
 
     carry = drafter.prefill(ctx, prefill_states, first_token, drafter.cache_slots(model, slots))
-    logits, verify_state, cache, carry = drafter.start(ctx, cache, carry, last_token, pos)
-    logits, verify_state, cache, carry = drafter.step(ctx, cache, carry, token, position)
-    verify_state, cache, carry = drafter.finish(ctx, cache, carry, token, position)
+    out = drafter.start(ctx, cache, carry, last_token, pos)         # DraftOut
+    out = drafter.step(ctx, cache, carry, token, position)          # DraftOut
+    out = drafter.finish(ctx, cache, carry, token, position)        # DraftOut, logits None
     carry = drafter.commit(ctx, carry, Verified(...))
 
 `start` gives the distribution of the round's first draft token (the row's `last_token`
@@ -16,7 +17,11 @@ the distribution of token j + 1, `finish` feeds the last drafted token (no distr
 needed), `commit` learns what verification accepted. `cache` is the full model's KV
 cache: the imitation drafter runs the full model's shallow layers and writes their slots;
 the others leave it alone. Verification starts at layer `verify_from(model)`: from the
-kept exit-layer states (`verify_state`, imitation) or from the token embeddings (0).
+kept exit-layer states (`DraftOut.kept`, imitation) or from the token embeddings (0).
+
+A `TreeDrafter` also drafts token trees (decode/engine/tree.py): `tree_step` feeds a
+drafting step's nodes under the tree mask and `tree_commit` moves the accepted path to
+contiguous cache slots. Only the imitation drafter is one.
 
 Drafters (all static, hashable: they are part of the compiled program's identity):
   ImitationDrafter  layers [0, exit_layer) + imitation network + shared head (FastVLM).
@@ -26,13 +31,15 @@ Drafters (all static, hashable: they are part of the compiled program's identity
 
 from __future__ import annotations
 
+import abc
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
+from decode.engine import steps
 from fastvlm_jax.nn.eagle import compact_slots, compress
 from fastvlm_jax.nn.kv_cache import KVCache, TreeSlots
 from fastvlm_jax.nn.model import VLM
@@ -90,6 +97,74 @@ class Verified:
     last_token: Array
 
 
+class DraftOut(NamedTuple):
+    """What a drafter call returns.
+
+    logits: [batch, vocab] ([batch, n, vocab] from tree_step) the distribution of the next
+      draft token, or None (finish: no next token);
+    kept: [batch, embed] ([batch, n, embed]) the state verification starts from, or None
+      (verification embeds the tokens);
+    cache: the full model's KV cache; carry: the drafter's own state.
+    """
+
+    logits: Array | None
+    kept: Array | None
+    cache: KVCache
+    carry: Any
+
+
+class Drafter(abc.ABC):
+    """What proposes a round's chain of drafts (the module docstring has the calls).
+    Subclasses are frozen dataclasses with a `name`."""
+
+    name: str
+
+    @abc.abstractmethod
+    def verify_from(self, model: VLM) -> int:
+        """The layer verification starts at: from `DraftOut.kept` if > 0, else the tokens."""
+
+    @abc.abstractmethod
+    def cache_slots(self, model: VLM, slots: int) -> int:
+        """The slots of the drafter's own cache, for a full-model cache of `slots`."""
+
+    @abc.abstractmethod
+    def prefill(self, ctx: RoundContext, states: PrefillStates, first_token: Array, slots: int) -> Any:
+        """The carry before the first round, from the full model's prefill."""
+
+    @abc.abstractmethod
+    def start(self, ctx: RoundContext, cache: KVCache, carry, last_token: Array, pos: Array) -> DraftOut:
+        """last_token [batch] at pos [batch] -> the first draft's distribution."""
+
+    @abc.abstractmethod
+    def step(self, ctx: RoundContext, cache: KVCache, carry, token: Array, position: Array) -> DraftOut:
+        """Drafted token [batch] at position [batch] -> the next draft's distribution."""
+
+    @abc.abstractmethod
+    def finish(self, ctx: RoundContext, cache: KVCache, carry, token: Array, position: Array) -> DraftOut:
+        """Feeds the last drafted token as far as verification and the carry need (logits None)."""
+
+    @abc.abstractmethod
+    def commit(self, ctx: RoundContext, carry, verified: Verified) -> Any:
+        """The carry after verification accepted `verified`."""
+
+
+class TreeDrafter(Drafter):
+    """A drafter that also drafts token trees (decode/engine/tree.py)."""
+
+    @abc.abstractmethod
+    def tree_step(self, ctx: RoundContext, cache: KVCache, carry, tokens: Array, positions: Array,
+                  layout: TreeSlots) -> DraftOut:
+        """The nodes tokens, positions [batch, n] at layout.slots -> DraftOut with logits
+        [batch, n, vocab] and kept [batch, n, embed] (what tree verification starts from)."""
+
+    @abc.abstractmethod
+    def tree_commit(self, ctx: RoundContext, cache: KVCache, carry, pos: Array, path: Array,
+                    advance: Array) -> tuple[KVCache, Any]:
+        """Moves the accepted path [batch, depth + 1] (table indices, root first) of rows at
+        pos [batch] to contiguous slots in the full model's cache and the drafter's own;
+        the rows advance by `advance` [batch]. -> (cache, carry)."""
+
+
 def _token_states(ctx: RoundContext, tokens: Array, positions: Array) -> Array:
     return ctx.model.embed(ctx.params, tokens, None, positions)
 
@@ -98,7 +173,7 @@ def _token_states(ctx: RoundContext, tokens: Array, positions: Array) -> Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class ImitationDrafter:
+class ImitationDrafter(TreeDrafter):
     """The self-speculative draft path: layers [0, exit_layer) -> imitation network -> head.
     Its carry is the imitation network's own KV cache (kind 'layer') or None ('ffn')."""
 
@@ -119,35 +194,32 @@ class ImitationDrafter:
         _, cache = ctx.model.imitate(ctx.params, states.exit_states, positions, cache)
         return cache.replace(pos=states.lengths.astype(jnp.int32))
 
-    def _feed(self, ctx, cache, carry, token, position):
-        model, params = ctx.model, ctx.params
-        positions = position[:, None]
-        h, cache, _ = model.run_layers(params, _token_states(ctx, token[:, None], positions), positions, 0,
-                                       model.config.draft.exit_layer, cache)
-        draft_hidden, carry = model.imitate(params, h, positions, carry)
-        return model.logits(params, draft_hidden)[:, 0], h[:, 0], cache, carry
-
     def start(self, ctx, cache, carry, last_token, pos):
-        return self._feed(ctx, cache, carry, last_token, pos)
+        return DraftOut(*steps.draft_step(ctx.model, ctx.params, cache, carry, last_token, pos))
 
     def step(self, ctx, cache, carry, token, position):
-        return self._feed(ctx, cache, carry, token, position)
+        return DraftOut(*steps.draft_step(ctx.model, ctx.params, cache, carry, token, position))
 
     def finish(self, ctx, cache, carry, token, position):
         # The last draft's shallow state is verified, and the imitation cache needs its
         # entry in case every draft is accepted; its own next-token logits are not needed.
-        model, params = ctx.model, ctx.params
         positions = position[:, None]
-        h, cache, _ = model.run_layers(params, _token_states(ctx, token[:, None], positions), positions, 0,
-                                       model.config.draft.exit_layer, cache)
+        hidden, cache = steps.shallow_pass(ctx.model, ctx.params, cache, token[:, None], positions)
         if carry is not None:
-            _, carry = model.imitate(params, h, positions, carry)
-        return h[:, 0], cache, carry
+            _, carry = ctx.model.imitate(ctx.params, hidden, positions, carry)
+        return DraftOut(None, hidden[:, 0], cache, carry)
 
     def commit(self, ctx, carry, verified: Verified):
         if carry is None:
             return None
         return carry.replace(pos=verified.pos + verified.advance)
+
+    def tree_step(self, ctx, cache, carry, tokens, positions, layout):
+        return DraftOut(*steps.tree_step(ctx.model, ctx.params, cache, carry, tokens, positions, layout))
+
+    def tree_commit(self, ctx, cache, carry, pos, path, advance):
+        cache, carry = steps.move_path(cache, carry, pos, path)
+        return cache, None if carry is None else carry.replace(pos=pos + advance)
 
 
 # --- EAGLE head -----------------------------------------------------------------------------------
@@ -185,7 +257,7 @@ def _chain_slots(slots: Array, cache_slots: int, valid: Array | None = None) -> 
 
 
 @dataclasses.dataclass(frozen=True)
-class EagleDrafter:
+class EagleDrafter(Drafter):
     """SpecVLM's EagleVLM: the EAGLE head reads the full model's top features (see
     fastvlm_jax.nn.eagle). Verification runs the full model from layer 0; the next round's
     first call feeds the head the states that verification produced."""
@@ -260,16 +332,17 @@ class EagleDrafter:
         predicted, carry = self._head(ctx, carry, carry.features, carry.tokens, positions)
         # Pairs past `count` wrote slots at or past pos: hidden now, overwritten by the drafts.
         feature = jnp.take_along_axis(predicted, (carry.count - 1)[:, None, None], axis=1)[:, 0]
-        return ctx.model.logits(ctx.params, feature[:, None])[:, 0], None, cache, carry.replace(feature=feature)
+        logits = ctx.model.logits(ctx.params, feature[:, None])[:, 0]
+        return DraftOut(logits, None, cache, carry.replace(feature=feature))
 
     def step(self, ctx, cache, carry: EagleCarry, token, position):
         # Token j sits at `position`; its pair is (f_hat at position - 1, token j).
         predicted, carry = self._head(ctx, carry, carry.feature[:, None], token[:, None], (position - 1)[:, None])
         feature = predicted[:, 0]
-        return ctx.model.logits(ctx.params, predicted)[:, 0], None, cache, carry.replace(feature=feature)
+        return DraftOut(ctx.model.logits(ctx.params, predicted)[:, 0], None, cache, carry.replace(feature=feature))
 
     def finish(self, ctx, cache, carry, token, position):
-        return None, cache, carry
+        return DraftOut(None, None, cache, carry)
 
     def commit(self, ctx, carry: EagleCarry, verified: Verified):
         return carry.replace(features=verified.last_states.astype(carry.features.dtype),
@@ -292,7 +365,7 @@ class ModelCarry:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelDrafter:
+class ModelDrafter(Drafter):
     """Spec-LLaVA's separate draft VLM: its own image encoding, decoder, KV cache and head;
     the same tokenizer as the full model (checked where it is loaded). Its params are the
     engine's draft_params."""
@@ -332,14 +405,14 @@ class ModelDrafter:
         slots = jnp.stack([jnp.where(carry.refeed, pos - 1, size), pos], axis=1)
         tokens = jnp.stack([carry.prev_token, last_token], axis=1)
         logits, carry = self._run(ctx, carry, tokens, jnp.maximum(positions, 0), slots)
-        return logits, None, cache, carry
+        return DraftOut(logits, None, cache, carry)
 
     def step(self, ctx, cache, carry, token, position):
         logits, carry = self._run(ctx, carry, token[:, None], position[:, None], position[:, None])
-        return logits, None, cache, carry
+        return DraftOut(logits, None, cache, carry)
 
     def finish(self, ctx, cache, carry, token, position):
-        return None, cache, carry
+        return DraftOut(None, None, cache, carry)
 
     def commit(self, ctx, carry: ModelCarry, verified: Verified):
         accepted = verified.accepted
@@ -347,5 +420,3 @@ class ModelDrafter:
         return carry.replace(prev_token=jnp.where(accepted > 0, previous, verified.last_token),
                              refeed=(verified.advance > 0) & (accepted >= ctx.draft_len))
 
-
-Drafter = ImitationDrafter | EagleDrafter | ModelDrafter

@@ -1,5 +1,9 @@
 """The decoding engine: plain autoregressive (AR) and self-speculative (SSD) generation.
 
+The model passes of a round are the named pure functions of decode/engine/steps.py (the
+same ones decode.bench's cost model times and --compile-only compiles); this module owns
+the loop, the sampling of drafts, acceptance and the stats around them.
+
 Each mode is one jitted program, prefill to last token, built around a
 `lax.while_loop`; nothing returns to the host per token or per round. Shapes are
 fixed by (batch, prompt bucket, new-token capacity, draft_len), while the actual
@@ -7,7 +11,7 @@ fixed by (batch, prompt bucket, new-token capacity, draft_len), while the actual
 the capacity.
 
 SSD round, per batch row (all rows in lockstep, each with its own position):
-  1. draft: up to `draft_len` tokens with the spec's drafter (decode.drafters). The
+  1. draft: up to `draft_len` tokens with the spec's drafter (decode.engine.drafters). The
      default, the draft path (layers [0, exit_layer) -> imitation network -> shared head),
      writes the shallow layers' slots of the shared KV cache and keeps the exit-layer
      state of every drafted token; the EAGLE head and a separate draft model keep caches
@@ -20,7 +24,7 @@ SSD round, per batch row (all rows in lockstep, each with its own position):
      slots lie past the row's position: masked now, overwritten later.
 
 With `DecodeSpec.tree` (tree.nodes > 0) a round drafts a token tree instead of a chain
-(decode/tree.py): the shallow layers run once per drafting step over that step's nodes
+(decode/engine/tree.py): the shallow layers run once per drafting step over that step's nodes
 with a tree attention mask, verification runs layers [exit_layer, L) over all nodes at
 once, the longest agreeing root path is accepted (greedy) or recursive rejection
 sampling picks it (sampling), and its cache entries (every layer, and the imitation
@@ -29,7 +33,6 @@ network's own cache) are moved to contiguous slots, all inside the same loop.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from typing import Any, Literal
 
@@ -38,20 +41,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decode import tree as tree_lib
-from decode.drafters import Drafter, ImitationDrafter, ModelDrafter, PrefillStates, RoundContext, Verified
-from decode.sampling import SamplingConfig, accept_greedy, accept_speculative, next_token, warp
-from decode.tree import TreeShape, accept_speculative_tree
+from decode.engine import steps
+from decode.engine import tree as tree_lib
+from decode.engine.drafters import (
+    Drafter,
+    ImitationDrafter,
+    ModelDrafter,
+    PrefillStates,
+    RoundContext,
+    TreeDrafter,
+    Verified,
+)
+from decode.engine.sampling import SamplingConfig, accept_greedy, accept_speculative, next_token, warp
+from decode.engine.tree import TreeShape, accept_speculative_tree
 from fastvlm_jax.nn.kv_cache import KVCache
 from fastvlm_jax.nn.model import VLM
 
 Array = jax.Array
 Mode = Literal["ar", "ssd"]
-
-# Counts traces of the generation programs, keyed by mode: a test asserts that calls
-# with the same shapes reuse one compiled program.
-TRACE_COUNTS: collections.Counter = collections.Counter()
-
 
 @dataclasses.dataclass(frozen=True)
 class DraftPolicy:
@@ -99,12 +106,12 @@ class DecodeSpec:
     policy: DraftPolicy = DraftPolicy()
     eos_ids: tuple[int, ...] = (2,)
     tree: TreeShape = TreeShape()  # tree.nodes > 0: SSD rounds draft a token tree, not a chain
-    drafter: Drafter = ImitationDrafter()  # what drafts (decode.drafters)
+    drafter: Drafter = ImitationDrafter()  # what drafts (decode.engine.drafters)
 
     def __post_init__(self):
         if self.mode not in ("ar", "ssd"):
             raise ValueError(f"unknown decoding mode {self.mode!r}: use 'ar' or 'ssd'")
-        if self.tree.enabled and not isinstance(self.drafter, ImitationDrafter):
+        if self.tree.enabled and not isinstance(self.drafter, TreeDrafter):
             raise ValueError(f"draft trees are built by the imitation drafter only; the {self.drafter.name} "
                              "drafter drafts chains: drop --tree-nodes or use --drafter imitation")
         if self.tree.enabled and (self.policy.min_confidence > 0 or self.policy.schedule != "static"):
@@ -146,40 +153,71 @@ class Prompts:
 
 
 @flax.struct.dataclass
-class DecodeOutput:
-    """tokens: [batch, capacity] generated ids (prompt excluded), -1 past num_tokens.
+class RoundStats:
+    """What the rounds did, counted inside the loop and returned as they are.
 
-    Per row: num_tokens, rounds (full-model calls after prefill), drafted (tokens the
-    draft proposed), accepted (drafted tokens the full model accepted *and* that were
-    emitted: drafts past an EOS or past the row's budget are not counted).
-    Per draft position j: position_attempts[j] rows that proposed a j-th token and
+    Per row [batch]: rounds (full-model calls after prefill), drafted (tokens the draft
+    proposed), accepted (drafted tokens the full model accepted *and* that were emitted:
+    drafts past an EOS or past the row's budget are not counted).
+    Per draft position j [depth]: position_attempts[j] rows that proposed a j-th token and
     position_accepts[j] how many of those were accepted and emitted (with a draft tree:
     position j is depth j + 1, and a round accepting a path of depth a counts at 0..a-1).
     """
 
-    tokens: Array
-    num_tokens: Array
     rounds: Array
     drafted: Array
     accepted: Array
     position_attempts: Array
     position_accepts: Array
+
+    @classmethod
+    def zeros(cls, batch: int, depth: int) -> "RoundStats":
+        rows, positions = jnp.zeros((batch,), jnp.int32), jnp.zeros((depth,), jnp.int32)
+        return cls(rounds=rows, drafted=rows, accepted=rows, position_attempts=positions,
+                   position_accepts=positions)
+
+
+@flax.struct.dataclass
+class DecodeOutput:
+    """tokens: [batch, capacity] generated ids (prompt excluded), -1 past num_tokens;
+    num_tokens: [batch]; stats: RoundStats (its counters also read as attributes here:
+    out.rounds, out.drafted, out.accepted, out.position_attempts, out.position_accepts)."""
+
+    tokens: Array
+    num_tokens: Array
+    stats: RoundStats
+
+    @property
+    def rounds(self) -> Array:
+        return self.stats.rounds
+
+    @property
+    def drafted(self) -> Array:
+        return self.stats.drafted
+
+    @property
+    def accepted(self) -> Array:
+        return self.stats.accepted
+
+    @property
+    def position_attempts(self) -> Array:
+        return self.stats.position_attempts
+
+    @property
+    def position_accepts(self) -> Array:
+        return self.stats.position_accepts
 
 
 @flax.struct.dataclass
 class _LoopState:
     cache: KVCache
-    draft: Any  # the drafter's carry (decode.drafters); the imitation network's cache or None
+    draft: Any  # the drafter's carry (decode.engine.drafters); the imitation network's cache or None
     last_token: Array  # [batch] generated but not yet in the cache
     tokens: Array  # [batch, capacity]
     num_tokens: Array  # [batch]
     done: Array  # [batch] bool
     rng: Array
-    rounds: Array
-    drafted: Array
-    accepted: Array
-    position_attempts: Array
-    position_accepts: Array
+    stats: RoundStats
 
 
 def _split(rng: Array, spec: DecodeSpec, num: int = 2):
@@ -215,8 +253,8 @@ def _emit(state: _LoopState, new_tokens: Array, count: Array, max_new: Array, eo
                          last_token=jnp.where(count > 0, last, state.last_token))
 
 
-def _prefill(model: VLM, params, prompts: Prompts, spec: DecodeSpec, rng: Array, max_new: Array,
-             draft_params=None) -> _LoopState:
+def _prefill(ctx: RoundContext, prompts: Prompts, spec: DecodeSpec, rng: Array, max_new: Array) -> _LoopState:
+    model, params = ctx.model, ctx.params
     cfg = model.config
     batch, prompt_len = prompts.input_ids.shape
     slots = spec.cache_slots(prompt_len)
@@ -234,39 +272,30 @@ def _prefill(model: VLM, params, prompts: Prompts, spec: DecodeSpec, rng: Array,
     cache = cache.replace(pos=prompts.lengths.astype(jnp.int32))
     draft = None
     if spec.mode == "ssd":
-        context = RoundContext(model, params, draft_params, spec.draft_depth)
         states = PrefillStates(input_ids=prompts.input_ids, lengths=prompts.lengths, pixels=prompts.pixels,
                                embeds=hidden, exit_states=h_exit, last_states=h_last)
-        draft = spec.drafter.prefill(context, states, first, spec.drafter.cache_slots(model, slots))
-    draft_len = spec.draft_depth
+        draft = spec.drafter.prefill(ctx, states, first, spec.drafter.cache_slots(model, slots))
     state = _LoopState(
         cache=cache, draft=draft, last_token=first,
         tokens=jnp.full((batch, spec.capacity), -1, jnp.int32),
-        num_tokens=jnp.zeros((batch,), jnp.int32), done=jnp.zeros((batch,), bool), rng=rng,
-        rounds=jnp.zeros((batch,), jnp.int32), drafted=jnp.zeros((batch,), jnp.int32),
-        accepted=jnp.zeros((batch,), jnp.int32),
-        position_attempts=jnp.zeros((draft_len,), jnp.int32),
-        position_accepts=jnp.zeros((draft_len,), jnp.int32))
-    state = state.replace(done=jnp.broadcast_to(max_new <= 0, (batch,)))
+        num_tokens=jnp.zeros((batch,), jnp.int32), done=jnp.broadcast_to(max_new <= 0, (batch,)), rng=rng,
+        stats=RoundStats.zeros(batch, spec.draft_depth))
     return _emit(state, first[:, None], jnp.ones((batch,), jnp.int32), max_new, spec.eos_ids)
 
 
-def _ar_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new: Array,
-              draft_params=None) -> _LoopState:
+def _ar_round(ctx: RoundContext, spec: DecodeSpec, state: _LoopState, max_new: Array) -> _LoopState:
     """One full-model step for every live row."""
     pos = state.cache.pos
-    hidden = model.embed(params, state.last_token[:, None], None, pos[:, None])
-    hidden, cache, _ = model.run_layers(params, hidden, pos[:, None], 0, model.config.text.num_layers,
-                                        state.cache)
+    logits, cache = steps.ar_step(ctx.model, ctx.params, state.cache, state.last_token)
     rng, step_rng = _split(state.rng, spec)
-    token = next_token(step_rng, model.logits(params, hidden)[:, 0], spec.sampling)
+    token = next_token(step_rng, logits, spec.sampling)
     live = ~state.done
     state = state.replace(cache=cache.replace(pos=pos + live), rng=rng,
-                          rounds=state.rounds + live)
+                          stats=state.stats.replace(rounds=state.stats.rounds + live))
     return _emit(state, token[:, None], jnp.ones_like(pos), max_new, spec.eos_ids)
 
 
-def _draft(context: RoundContext, spec: DecodeSpec, state: _LoopState, rng: Array):
+def _draft(ctx: RoundContext, spec: DecodeSpec, state: _LoopState, rng: Array):
     """Drafts up to draft_len tokens per live row with the spec's drafter.
 
     Returns (tokens [batch, draft_len + 1] with the round's first token at 0, verification
@@ -277,11 +306,11 @@ def _draft(context: RoundContext, spec: DecodeSpec, state: _LoopState, rng: Arra
     drafter, draft_len = spec.drafter, spec.policy.draft_len
     batch = state.last_token.shape[0]
     pos = state.cache.pos
-    logits, kept, cache, carry = drafter.start(context, state.cache, state.draft, state.last_token, pos)
+    first = drafter.start(ctx, state.cache, state.draft, state.last_token, pos)
     tokens = jnp.zeros((batch, draft_len + 1), jnp.int32).at[:, 0].set(state.last_token)
-    states = None if kept is None else jnp.zeros((batch, draft_len + 1) + kept.shape[1:], kept.dtype
-                                                 ).at[:, 0].set(kept)
-    probs = None if spec.sampling.greedy else jnp.zeros((batch, draft_len, logits.shape[-1]), jnp.float32)
+    states = None if first.kept is None else jnp.zeros((batch, draft_len + 1) + first.kept.shape[1:],
+                                                       first.kept.dtype).at[:, 0].set(first.kept)
+    probs = None if spec.sampling.greedy else jnp.zeros((batch, draft_len, first.logits.shape[-1]), jnp.float32)
     limit = spec.policy.limit(state.num_tokens)
 
     def propose(slot, logits, tokens, probs, drafting, draft_lens, rng):
@@ -312,18 +341,19 @@ def _draft(context: RoundContext, spec: DecodeSpec, state: _LoopState, rng: Arra
         slot, logits, tokens, states, probs, drafting, draft_lens, cache, carry, rng = loop
         token, tokens, probs, drafting, draft_lens, rng = propose(slot, logits, tokens, probs, drafting,
                                                                   draft_lens, rng)
-        logits, kept, cache, carry = drafter.step(context, cache, carry, token, pos + slot + 1)
-        return slot + 1, logits, tokens, keep(states, kept, slot + 1), probs, drafting, draft_lens, cache, carry, rng
+        out = drafter.step(ctx, cache, carry, token, pos + slot + 1)
+        return (slot + 1, out.logits, tokens, keep(states, out.kept, slot + 1), probs, drafting, draft_lens,
+                out.cache, out.carry, rng)
 
-    loop = (jnp.int32(0), logits, tokens, states, probs, ~state.done, jnp.zeros((batch,), jnp.int32), cache,
-            carry, rng)
+    loop = (jnp.int32(0), first.logits, tokens, states, probs, ~state.done, jnp.zeros((batch,), jnp.int32),
+            first.cache, first.carry, rng)
     slot, logits, tokens, states, probs, drafting, draft_lens, cache, carry, rng = jax.lax.while_loop(
         cond, body, loop)
     # The last draft (slot + 1): drawn, then fed to the drafter only as far as it needs
     # (the imitation drafter's shallow state is what verification reads).
     token, tokens, probs, _, draft_lens, _ = propose(slot, logits, tokens, probs, drafting, draft_lens, rng)
-    kept, cache, carry = drafter.finish(context, cache, carry, token, pos + slot + 1)
-    return tokens, keep(states, kept, slot + 1), probs, draft_lens, cache, carry
+    last = drafter.finish(ctx, cache, carry, token, pos + slot + 1)
+    return tokens, keep(states, last.kept, slot + 1), probs, draft_lens, last.cache, last.carry
 
 
 def _commit_round(spec: DecodeSpec, state: _LoopState, cache: KVCache, draft, rng: Array,
@@ -351,31 +381,30 @@ def _commit_round(spec: DecodeSpec, state: _LoopState, cache: KVCache, draft, rn
     # the emitted tokens are the first `emitted` of [accepted drafts..., final].
     emitted_drafts = jnp.minimum(accepted, state.num_tokens - before)
     level = jnp.arange(drafted_tokens.shape[1])[None]
-    state = state.replace(
-        rounds=state.rounds + live, drafted=state.drafted + jnp.where(live, drafted, 0),
-        accepted=state.accepted + emitted_drafts,
-        position_attempts=state.position_attempts + attempts,
-        position_accepts=state.position_accepts + jnp.sum(level < emitted_drafts[:, None], axis=0))
+    stats = state.stats
+    state = state.replace(stats=stats.replace(
+        rounds=stats.rounds + live, drafted=stats.drafted + jnp.where(live, drafted, 0),
+        accepted=stats.accepted + emitted_drafts,
+        position_attempts=stats.position_attempts + attempts,
+        position_accepts=stats.position_accepts + jnp.sum(level < emitted_drafts[:, None], axis=0)))
     return state, new_tokens, advance
 
 
-def _ssd_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new: Array,
-               draft_params=None) -> _LoopState:
-    cfg = model.config
+def _ssd_round(ctx: RoundContext, spec: DecodeSpec, state: _LoopState, max_new: Array) -> _LoopState:
+    model, params = ctx.model, ctx.params
     draft_len = spec.policy.draft_len
-    context = RoundContext(model, params, draft_params, draft_len)
     rng, draft_rng, accept_rng = _split(state.rng, spec, 3)
-    tokens, states, draft_probs, draft_lens, cache, carry = _draft(context, spec, state, draft_rng)
+    tokens, states, draft_probs, draft_lens, cache, carry = _draft(ctx, spec, state, draft_rng)
 
     # Verification: layers [verify_from, L), from the drafter's kept states (imitation:
     # the exit-layer states, the shallow layers are not run again) or the tokens' embeddings.
     pos = state.cache.pos
     positions = pos[:, None] + jnp.arange(draft_len + 1, dtype=jnp.int32)[None]
-    start = spec.drafter.verify_from(model)
     if states is None:
-        states = model.embed(params, tokens, None, positions)
-    h_last, cache, _ = model.run_layers(params, states, positions, start, cfg.text.num_layers, cache)
-    logits = model.logits(params, h_last)  # [batch, draft_len + 1, vocab]
+        logits, h_last, cache = steps.verify_tokens(model, params, cache, tokens, positions)
+    else:
+        logits, h_last, cache = steps.verify(model, params, cache, states, positions,
+                                             spec.drafter.verify_from(model))
     drafted_tokens = tokens[:, 1:]
     if spec.sampling.greedy:
         target = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -391,47 +420,43 @@ def _ssd_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new:
                                                max_new, draft_lens, attempts)
     verified = Verified(pos=pos, last_states=h_last, new_tokens=new_tokens, accepted=accepted,
                         advance=advance, last_token=last_token)
-    return state.replace(draft=spec.drafter.commit(context, state.draft, verified))
+    return state.replace(draft=spec.drafter.commit(ctx, state.draft, verified))
 
 
-def _draft_tree(model: VLM, params, spec: DecodeSpec, state: _LoopState, rng: Array):
-    """Grows each live row's draft tree (see decode.tree): the root, then `steps` steps of
-    `width` nodes, each step one pass of the shallow layers and the imitation network over
-    its new nodes. Every node's shallow-layer and imitation-cache entries are written at
-    slot pos + index and its exit-layer state is kept in the table.
+def _draft_tree(ctx: RoundContext, spec: DecodeSpec, state: _LoopState, rng: Array):
+    """Grows each live row's draft tree (see decode.engine.tree): the root, then `steps`
+    steps of `width` nodes, each step one `tree_step` of the drafter over its new nodes
+    (the imitation drafter: the shallow layers and the imitation network, whose entries
+    are written at slot pos + index; the node's exit-layer state is kept in the table).
     Returns (tree, draft probs [batch, size, vocab] after each node (warped; None when
-    greedy; leaves' rows unset), cache, draft cache)."""
-    cfg = model.config
-    exit_layer = cfg.draft.exit_layer
+    greedy; leaves' rows unset), cache, drafter carry)."""
+    model, drafter = ctx.model, spec.drafter
     shape = spec.tree
     batch = state.last_token.shape[0]
     pos = state.cache.pos
     cache_slots = state.cache.slots
-    tree = tree_lib.Tree.root(state.last_token, shape.size, cfg.text.hidden_size, model.dtype)
+    tree = tree_lib.Tree.root(state.last_token, shape.size, model.config.text.hidden_size, model.dtype)
 
-    def shallow(tree, ids, cache, draft_cache):
-        """Shallow layers and imitation network over the nodes ids [batch, n] (already in
-        the table): -> (tree with their states, cache, draft cache, draft states)."""
+    def feed(tree, ids, cache, carry):
+        """The nodes ids [batch, n] (already in the table) through the drafter: -> (tree with
+        their states, cache, carry, their draft logits [batch, n, vocab])."""
         positions = pos[:, None] + jnp.take_along_axis(tree.depths, ids, axis=1)
         layout = tree_lib.tree_slots(pos, ids, jnp.take_along_axis(tree.ancestors, ids[:, :, None], axis=1),
                                      cache_slots)
-        tokens = jnp.take_along_axis(tree.tokens, ids, axis=1)
-        h, cache, _ = model.run_layers(params, model.embed(params, tokens, None, positions), positions, 0,
-                                       exit_layer, cache, tree=layout)
-        tree = tree.replace(states=tree.states.at[jnp.arange(batch)[:, None], ids].set(h))
-        draft_hidden, draft_cache = model.imitate(params, h, positions, draft_cache, tree=layout)
-        return tree, cache, draft_cache, draft_hidden
+        out = drafter.tree_step(ctx, cache, carry, jnp.take_along_axis(tree.tokens, ids, axis=1), positions,
+                                layout)
+        tree = tree.replace(states=tree.states.at[jnp.arange(batch)[:, None], ids].set(out.kept))
+        return tree, out.cache, out.carry, out.logits
 
     def step_ids(step):  # table indices of the nodes added at drafting step `step` >= 1
         first = 1 + (step - 1) * shape.width
         return jnp.broadcast_to(first + jnp.arange(shape.width, dtype=jnp.int32), (batch, shape.width))
 
     greedy = spec.sampling.greedy
-    probs = None if greedy else jnp.zeros((batch, shape.size, cfg.text.vocab_size), jnp.float32)
+    probs = None if greedy else jnp.zeros((batch, shape.size, model.config.text.vocab_size), jnp.float32)
 
-    def expand(step, tree, candidates, probs, ids, draft_hidden):
+    def expand(step, tree, candidates, probs, ids, logits):
         """The nodes ids propose their children (and, sampling, keep their draft distributions)."""
-        logits = model.logits(params, draft_hidden)
         if greedy:
             return tree_lib.propose_children(candidates, tree, ids, jax.nn.log_softmax(logits, axis=-1)), probs
         step_probs = warp(logits, spec.sampling)
@@ -440,45 +465,44 @@ def _draft_tree(model: VLM, params, spec: DecodeSpec, state: _LoopState, rng: Ar
                                          jax.random.fold_in(rng, step)), probs
 
     root_ids = jnp.zeros((batch, 1), jnp.int32)
-    tree, cache, draft_cache, draft_hidden = shallow(tree, root_ids, state.cache, state.draft)
+    tree, cache, carry, logits = feed(tree, root_ids, state.cache, state.draft)
     candidates, probs = expand(0, tree, tree_lib.Candidates.empty(batch, shape.size, shape.width), probs,
-                               root_ids, draft_hidden)
+                               root_ids, logits)
 
-    def body(step, carry):
-        tree, candidates, probs, cache, draft_cache = carry
+    def body(step, loop):
+        tree, candidates, probs, cache, carry = loop
         ids = step_ids(step)
         tree, candidates = tree_lib.grow(tree, candidates, ids)
-        tree, cache, draft_cache, draft_hidden = shallow(tree, ids, cache, draft_cache)
-        candidates, probs = expand(step, tree, candidates, probs, ids, draft_hidden)
-        return tree, candidates, probs, cache, draft_cache
+        tree, cache, carry, logits = feed(tree, ids, cache, carry)
+        candidates, probs = expand(step, tree, candidates, probs, ids, logits)
+        return tree, candidates, probs, cache, carry
 
-    tree, candidates, probs, cache, draft_cache = jax.lax.fori_loop(
-        1, shape.steps, body, (tree, candidates, probs, cache, draft_cache))
-    # The last step's nodes propose no children: their draft states only fill the
-    # imitation network's cache (the next round may build on any of them).
+    tree, candidates, probs, cache, carry = jax.lax.fori_loop(
+        1, shape.steps, body, (tree, candidates, probs, cache, carry))
+    # The last step's nodes propose no children (their logits are dropped, and so not
+    # computed): they go through the drafter only to fill its cache, since the next round
+    # may build on any of them.
     ids = step_ids(shape.steps)
     tree, _ = tree_lib.grow(tree, candidates, ids)
-    tree, cache, draft_cache, _ = shallow(tree, ids, cache, draft_cache)
-    return tree, probs, cache, draft_cache
+    tree, cache, carry, _ = feed(tree, ids, cache, carry)
+    return tree, probs, cache, carry
 
 
-def _tree_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new: Array,
-                draft_params=None) -> _LoopState:
+def _tree_round(ctx: RoundContext, spec: DecodeSpec, state: _LoopState, max_new: Array) -> _LoopState:
     """An SSD round with a draft tree: draft, verify every node in one pass of the deep
     layers, accept the longest agreeing root path, move its cache entries to contiguous slots."""
-    cfg = model.config
+    model, params = ctx.model, ctx.params
     shape = spec.tree
     depth = shape.steps
     rng, draft_rng, accept_rng = _split(state.rng, spec, 3)
-    tree, draft_probs, cache, draft_cache = _draft_tree(model, params, spec, state, draft_rng)
+    tree, draft_probs, cache, carry = _draft_tree(ctx, spec, state, draft_rng)
 
     # Verification: layers [exit_layer, L) over all nodes, each seeing its ancestors.
     pos = state.cache.pos
     ids = jnp.broadcast_to(jnp.arange(shape.size, dtype=jnp.int32), tree.tokens.shape)
     layout = tree_lib.tree_slots(pos, ids, tree.ancestors, cache.slots)
-    h_last, cache, _ = model.run_layers(params, tree.states, pos[:, None] + tree.depths, cfg.draft.exit_layer,
-                                        cfg.text.num_layers, cache, tree=layout)
-    logits = model.logits(params, h_last)  # [batch, size, vocab]
+    logits, _, cache = steps.verify(model, params, cache, tree.states, pos[:, None] + tree.depths,
+                                    spec.drafter.verify_from(model), layout)  # logits: [batch, size, vocab]
     if spec.sampling.greedy:
         target = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         last = tree_lib.accept_greedy_tree(tree, target)
@@ -489,21 +513,16 @@ def _tree_round(model: VLM, params, spec: DecodeSpec, state: _LoopState, max_new
     accepted = jnp.take_along_axis(tree.depths, last[:, None], axis=1)[:, 0]
 
     # The accepted path's entries (slots pos + node) move to slots pos + depth, in the
-    # decoder's cache and the imitation network's own.
-    path = tree_lib.root_path(tree, last, depth)  # [batch, depth + 1]
-    sources, targets = pos[:, None] + path, pos[:, None] + jnp.arange(depth + 1)[None]
-    cache = cache.move_slots(sources, targets)
-    if draft_cache is not None:
-        draft_cache = draft_cache.move_slots(sources, targets)
-
+    # decoder's cache and the drafter's own.
     live = ~state.done
+    path = tree_lib.root_path(tree, last, depth)  # [batch, depth + 1]
+    cache, carry = spec.drafter.tree_commit(ctx, cache, carry, pos, path, jnp.where(live, accepted + 1, 0))
+
     drafted_tokens = jnp.take_along_axis(tree.tokens, path[:, 1:], axis=1)  # [batch, depth]
     reached = jnp.max(jnp.where(tree.valid, tree.depths, 0), axis=1)  # the tree's depth in this row
     attempts = jnp.sum((jnp.arange(depth)[None] < reached[:, None]) & live[:, None], axis=0)
-    state, _, advance = _commit_round(spec, state, cache, draft_cache, rng, drafted_tokens, accepted, final,
-                                      max_new, jnp.full_like(accepted, shape.nodes), attempts)
-    if draft_cache is not None:
-        state = state.replace(draft=draft_cache.replace(pos=pos + advance))
+    state, _, _ = _commit_round(spec, state, cache, carry, rng, drafted_tokens, accepted, final,
+                                max_new, jnp.full_like(accepted, shape.nodes), attempts)
     return state
 
 
@@ -515,27 +534,30 @@ def _round_fn(spec: DecodeSpec):
 
 def _generate(model: VLM, spec: DecodeSpec, params, prompts: Prompts, max_new: Array, rng: Array,
               draft_params=None) -> DecodeOutput:
-    TRACE_COUNTS[spec.mode] += 1
+    ctx = RoundContext(model, params, draft_params, spec.draft_depth)
     max_new = jnp.minimum(jnp.asarray(max_new, jnp.int32), spec.capacity)
-    state = _prefill(model, params, prompts, spec, rng, max_new, draft_params)
+    state = _prefill(ctx, prompts, spec, rng, max_new)
     round_fn = _round_fn(spec)
-    state = jax.lax.while_loop(lambda s: jnp.any(~s.done),
-                               lambda s: round_fn(model, params, spec, s, max_new, draft_params), state)
-    return DecodeOutput(tokens=state.tokens, num_tokens=state.num_tokens, rounds=state.rounds,
-                        drafted=state.drafted, accepted=state.accepted,
-                        position_attempts=state.position_attempts,
-                        position_accepts=state.position_accepts)
+    state = jax.lax.while_loop(lambda s: jnp.any(~s.done), lambda s: round_fn(ctx, spec, s, max_new), state)
+    return DecodeOutput(tokens=state.tokens, num_tokens=state.num_tokens, stats=state.stats)
 
 
 _generate_jit = jax.jit(_generate, static_argnums=(0, 1))
+
+
+def compiled_programs() -> int:
+    """How many generation programs this process has compiled (jit's own cache of
+    `generate`, one entry per model, spec and input shapes): a test reads it to check that
+    calls with the same shapes reuse one program."""
+    return _generate_jit._cache_size()
 
 
 def generate(model: VLM, params, prompts: Prompts, spec: DecodeSpec, max_new_tokens: int | Array,
              rng: Array | None = None, draft_params=None) -> DecodeOutput:
     """Generates up to `max_new_tokens` tokens per row; see DecodeSpec.
 
-    draft_params: the drafter's own params (decode.drafters.ModelDrafter's small model);
-      None for the drafters that live in `params` (imitation, eagle).
+    draft_params: the drafter's own params (decode.engine.drafters.ModelDrafter's small
+      model); None for the drafters that live in `params` (imitation, eagle).
 
     max_new_tokens: an int or a [batch] array of per-row budgets, each at most
       spec.capacity (the program's static size: a larger budget is an error, not a
@@ -560,7 +582,7 @@ def prefill(model: VLM, params, prompts: Prompts, spec: DecodeSpec, max_new_toke
     in jax.jit); the inputs are not checked (see generate)."""
     rng = jax.random.key(0) if rng is None else rng
     max_new = jnp.minimum(jnp.asarray(max_new_tokens, jnp.int32), spec.capacity)
-    return _prefill(model, params, prompts, spec, rng, max_new, draft_params)
+    return _prefill(RoundContext(model, params, draft_params, spec.draft_depth), prompts, spec, rng, max_new)
 
 
 def decode_round(model: VLM, params, spec: DecodeSpec, state, max_new_tokens: int | Array, draft_params=None):
@@ -570,7 +592,7 @@ def decode_round(model: VLM, params, spec: DecodeSpec, state, max_new_tokens: in
     max_new_tokens: the same budget the state was prefilled with."""
     round_fn = _round_fn(spec)
     max_new = jnp.minimum(jnp.asarray(max_new_tokens, jnp.int32), spec.capacity)
-    return round_fn(model, params, spec, state, max_new, draft_params)
+    return round_fn(RoundContext(model, params, draft_params, spec.draft_depth), spec, state, max_new)
 
 
 def check_inputs(model: VLM, prompts: Prompts, spec: DecodeSpec, max_new_tokens) -> None:
