@@ -24,9 +24,15 @@ The public face, for notebooks and scripts:
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastvlm_jax.runtime.platforms import skip_absent_tpu
+
+if TYPE_CHECKING:  # what __getattr__ resolves, for type checkers and editors
+    from fastvlm_jax.ckpt.checkpoint import load_checkpoint, save_checkpoint
+    from fastvlm_jax.demo import demo_checkpoint
+    from fastvlm_jax.nn.model import VLM
+    from fastvlm_jax.text.tokenizer import load_tokenizer
 
 # Before any backend starts: on a host without a TPU, do not start libtpu's (its errors would
 # open every command's output). See fastvlm_jax.runtime.platforms.
@@ -41,7 +47,7 @@ _PUBLIC = {
     "demo_checkpoint": "fastvlm_jax.demo",
 }
 
-__all__ = sorted(_PUBLIC)
+__all__ = ["VLM", "demo_checkpoint", "load_checkpoint", "load_tokenizer", "save_checkpoint"]  # sorted(_PUBLIC)
 
 
 def __getattr__(name: str) -> Any:

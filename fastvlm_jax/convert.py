@@ -13,17 +13,20 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
+from etils import epath
+
 from fastvlm_jax.ckpt.convert.common import ConversionError
-from fastvlm_jax.nn.config import ConfigError
+from fastvlm_jax.nn.config import ConfigError, ImitationKind
 from fastvlm_jax.nn.families import family_named
 
 
-def convert(hf_dir: str | Path, out_dir: str | Path, exit_layer: int | None = None,
-            draft_kind: str = "ffn", draft_hidden: int = 0, dtype: str = "float32",
-            seed: int = 0, progress: bool = True) -> Path:
+def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, exit_layer: int | None = None,
+            draft_kind: ImitationKind = "ffn", draft_hidden: int = 0, dtype: str = "float32",
+            seed: int = 0, progress: bool = True) -> epath.Path:
     """Converts a HF folder of any supported family into our checkpoint; returns its path."""
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
@@ -42,7 +45,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, exit_layer: int | None = No
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastvlm_jax.convert", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fastvlm_jax.convert", description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--hf", required=True, help="local Hugging Face LLaVA or BLIP-2 (OPT) folder")
     parser.add_argument("--out", required=True, help="output checkpoint folder")
     parser.add_argument("--exit-layer", type=int, default=None,

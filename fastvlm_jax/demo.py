@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import jax.numpy as jnp
+from etils import epath
 
 from fastvlm_jax.ckpt.checkpoint import load_checkpoint, save_checkpoint
 from fastvlm_jax.nn.model import cast_params
@@ -70,7 +71,7 @@ def resolve(ckpt: str | os.PathLike) -> str | os.PathLike:
     return ckpt
 
 
-def package_demo(export_dir: str | os.PathLike, out_dir: str | os.PathLike = ASSET_DIR) -> Path:
+def package_demo(export_dir: str | os.PathLike, out_dir: str | os.PathLike = ASSET_DIR) -> epath.Path:
     """Copies a trained export into the package assets: params rounded to bfloat16 (the
     shipped weights are exactly bf16 values) but stored as float32.
 

@@ -24,7 +24,6 @@ import json
 import os
 import re
 import sys
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -77,7 +76,7 @@ def save_checkpoint(path: str | os.PathLike, config, params, tokenizer=None,
     return path
 
 
-def _read_config_json(path: Path) -> dict:
+def _read_config_json(path: epath.Path) -> dict:
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
         hint = (" (this looks like a Hugging Face folder: convert it first with "
@@ -187,7 +186,7 @@ def load_without_params(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(config, params, _load_tokenizer(path), _load_image_config(path))
 
 
-def upgrade_params(params, abstract, where: Path | str = "params"):
+def upgrade_params(params, abstract, where: str | os.PathLike = "params"):
     """Format-1 params (decoder layers as 'layers_0', 'layers_1', ...) -> the stacked layout.
 
     abstract: the format-2 tree of the config (shapes), to check the result against.
@@ -203,7 +202,7 @@ def upgrade_params(params, abstract, where: Path | str = "params"):
     return upgraded
 
 
-def _saved_metadata(params_dir: Path, abstract) -> dict:
+def _saved_metadata(params_dir: epath.Path, abstract) -> dict:
     """{keystr: saved array metadata (shape, dtype)}; fails readably when they do not match
     the config."""
     try:
@@ -232,14 +231,14 @@ def _check_shapes(tree, abstract, where, flat: bool = False) -> None:
                                   f"needs {tuple(want.shape)}")
 
 
-def _load_tokenizer(path: Path):
+def _load_tokenizer(path: epath.Path):
     if not (path / TOKENIZER_DIR).is_dir():
         return None
 
     return load_tokenizer(path / TOKENIZER_DIR)
 
 
-def _load_image_config(path: Path):
+def _load_image_config(path: epath.Path):
     if not (path / PREPROCESSOR_FILE).is_file():
         return None
 

@@ -35,12 +35,13 @@ import io
 import json
 import os
 import re
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Sequence, cast
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
+from tensorflow_datasets.core import constants as tfds_constants
 
 from fastvlm_jax.data import synthetic
 from fastvlm_jax.image.processing import raise_pil_pixel_limit
@@ -113,6 +114,10 @@ class _CaptionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     # defined inside a package when that module is absent. Our code path is this file.
     code_path = epath.Path(__file__)
 
+    # Each builder's default config (the first of its BUILDER_CONFIGS); our name, read by
+    # build_dataset and find_dataset_dir. `builder_config` is always one of BUILDER_CONFIGS.
+    DEFAULT_CONFIG_NAME: ClassVar[str]
+
 
 # ----------------------------------------------------------------------------------
 # synthetic_captions
@@ -158,12 +163,12 @@ class SyntheticCaptions(_CaptionBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download
-        cfg = self.builder_config
+        cfg = cast(SyntheticCaptionsConfig, self.builder_config)
         sizes = {"train": cfg.num_train, "validation": cfg.num_validation, "test": cfg.num_test}
         return {split: self._generate_examples(split, n) for split, n in sizes.items() if n > 0}
 
     def _generate_examples(self, split: str, num_examples: int):
-        size = self.builder_config.image_size
+        size = cast(SyntheticCaptionsConfig, self.builder_config).image_size
         for index in range(num_examples):
             image, captions, _ = synthetic.make_example(split, index, size)
             yield index, {
@@ -286,7 +291,7 @@ class LocalCaptions(_CaptionBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager):
         del dl_manager
-        cfg = self.builder_config
+        cfg = cast(LocalCaptionsConfig, self.builder_config)
         if not cfg.annotations:
             raise ValueError("local_captions needs annotations={split: file} (see build_dataset)")
         by_split: dict[str, list[dict]] = collections.defaultdict(list)
@@ -390,7 +395,7 @@ class CocoCaptions(_CaptionBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager):
         manual_dir = epath.Path(dl_manager.manual_dir)
-        year = self.builder_config.year
+        year = cast(CocoCaptionsConfig, self.builder_config).year
         items = _karpathy_items(manual_dir) if year == "karpathy" else _coco_year_items(manual_dir, year)
         return {split: _generate_captioned(split_items) for split, split_items in items.items()}
 
@@ -412,7 +417,7 @@ BUILDERS: dict[str, type[_CaptionBuilder]] = {
 
 def default_data_dir() -> str:
     """TFDS's default ($TFDS_DATA_DIR, else ~/tensorflow_datasets)."""
-    return os.fspath(tfds.core.constants.DATA_DIR)
+    return os.fspath(tfds_constants.DATA_DIR)
 
 
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
@@ -551,7 +556,8 @@ class CaptionSource:
         builder = tfds.builder_from_directory(self.dataset_dir)
         self.info = builder.info
         self._source = builder.as_data_source(
-            split=self.split, decoders={"image": tfds.decode.SkipDecoding()}
+            split=self.split,  # pyright: ignore[reportCallIssue] tfds's logging decorator hides this parameter
+            decoders={"image": tfds.decode.SkipDecoding()},
         )
 
     def __getstate__(self) -> dict:

@@ -424,7 +424,7 @@ class ImageProcessorConfig:
 
         def triple(value: Any) -> tuple[float, float, float]:
             if isinstance(value, (int, float)):
-                return (float(value),) * 3
+                return float(value), float(value), float(value)
             return tuple(float(x) for x in value)  # type: ignore[return-value]
 
         return cls(

@@ -16,14 +16,14 @@ from __future__ import annotations
 from typing import Callable
 
 from fastvlm_jax.nn.blip2 import Blip2Config, Blip2VisionConfig, OPTConfig, QFormerConfig
-from fastvlm_jax.nn.config import ConfigError, DraftConfig, TextConfig, VisionConfig
+from fastvlm_jax.nn.config import ConfigError, DraftConfig, ImitationKind, TextConfig, VisionConfig
 from fastvlm_jax.nn.llava import LlavaConfig
 
 # BLIP-2 OPT captions end at "\n" (text_config.eos_token_id of the released models).
 BLIP2_OPT_EOS_NEWLINE_ID = 50118
 
 
-def llava15_7b(exit_layer: int = 8, kind: str = "ffn", draft_hidden: int = 0) -> LlavaConfig:
+def llava15_7b(exit_layer: int = 8, kind: ImitationKind = "ffn", draft_hidden: int = 0) -> LlavaConfig:
     """llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14 at 336 px (576 image tokens), Vicuna-7B
     (32 layers, width 4096, FFN 11008, 32 heads, vocab 32064 with <image> at 32000)."""
     return LlavaConfig(
@@ -37,7 +37,7 @@ def llava15_7b(exit_layer: int = 8, kind: str = "ffn", draft_hidden: int = 0) ->
     )
 
 
-def llava15_13b(exit_layer: int = 10, kind: str = "ffn", draft_hidden: int = 0) -> LlavaConfig:
+def llava15_13b(exit_layer: int = 10, kind: ImitationKind = "ffn", draft_hidden: int = 0) -> LlavaConfig:
     """llava-hf/llava-1.5-13b-hf: the 7B's vision tower, Vicuna-13B (40 layers, width 5120,
     FFN 13824, 40 heads)."""
     base = llava15_7b(exit_layer=1)
@@ -47,7 +47,7 @@ def llava15_13b(exit_layer: int = 10, kind: str = "ffn", draft_hidden: int = 0) 
         draft=DraftConfig(exit_layer=exit_layer, kind=kind, hidden_size=draft_hidden))
 
 
-def blip2_opt_2_7b(exit_layer: int = 8, kind: str = "ffn", draft_hidden: int = 0) -> Blip2Config:
+def blip2_opt_2_7b(exit_layer: int = 8, kind: ImitationKind = "ffn", draft_hidden: int = 0) -> Blip2Config:
     """Salesforce/blip2-opt-2.7b (3,744,761,856 parameters without the imitation network):
     EVA ViT-g/14 at 224 px (39 layers, width 1408), a 12-layer Q-Former (width 768,
     cross-attention every 2nd layer, 32 queries), OPT-2.7b (32 layers, width 2560, FFN

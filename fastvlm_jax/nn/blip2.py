@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.spmd import with_logical_constraint
 
 from fastvlm_jax.nn.common import FamilyModule, init_imitation_params, merge_image_features
 from fastvlm_jax.nn.config import ConfigError, DraftConfig, ModelConfigMixin
@@ -294,7 +295,7 @@ class QFormer(nn.Module):
         queries = self.param(
             "query_tokens",
             nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), (None, "embed")),
-            (self.num_query_tokens, cfg.hidden_size))
+            (self.num_query_tokens, cfg.hidden_size), unbox=True)  # flax's default; typed as the array
         x = jnp.broadcast_to(queries.astype(self.dtype), (image.shape[0], *queries.shape))
         x = layer_norm(cfg.layer_norm_eps, "layernorm")(x)
         for i in range(cfg.num_layers):
@@ -372,7 +373,7 @@ class OPTLayer(nn.Module):
         x = x + h
         if not pre:
             x = ffn_norm(x)
-        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        x = with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         return x, cache
 
 
@@ -396,7 +397,7 @@ class OPTDecoder(nn.Module):
         self.embed_positions = self.param(
             "embed_positions",
             nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("positions", "embed")),
-            (cfg.max_position_embeddings + OPT_POSITION_OFFSET, cfg.hidden_size))
+            (cfg.max_position_embeddings + OPT_POSITION_OFFSET, cfg.hidden_size), unbox=True)  # (as above)
         if cfg.embed_dim != cfg.hidden_size:
             self.project_in = _setup_dense(cfg.hidden_size, ("embed_out", "embed"), self.dtype)
             self.project_out = _setup_dense(cfg.embed_dim, ("embed", "embed_out"), self.dtype)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 VisionKind = Literal["clip", "siglip"]
 ImitationKind = Literal["ffn", "layer"]
@@ -115,13 +115,24 @@ class DraftConfig:
             raise ConfigError(f"draft.eagle_compressor={self.eagle_compressor!r}: use 'pool' or 'prune'")
 
 
-class ModelConfigMixin:
-    """replace / with_draft / JSON for the top-level model configs (LLaVA, BLIP-2)."""
+_ConfigT = TypeVar("_ConfigT", bound="ModelConfigMixin")
 
-    def replace(self, **changes):
+
+class ModelConfigMixin:
+    """replace / with_draft / JSON for the top-level model configs (LLaVA, BLIP-2).
+
+    Mixed into frozen dataclasses: the annotations below (no values, so no fields) tell the
+    type checker what those dataclasses provide.
+    """
+
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+    SUB_CONFIGS: ClassVar[dict[str, type]]  # field name -> the config class of that field
+    draft: DraftConfig
+
+    def replace(self: _ConfigT, **changes) -> _ConfigT:
         return dataclasses.replace(self, **changes)
 
-    def with_draft(self, **changes):
+    def with_draft(self: _ConfigT, **changes) -> _ConfigT:
         return dataclasses.replace(self, draft=dataclasses.replace(self.draft, **changes))
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,7 +142,7 @@ class ModelConfigMixin:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]):
+    def from_dict(cls: type[_ConfigT], data: dict[str, Any]) -> _ConfigT:
         """Builds the config, sub-configs included; unknown keys raise ConfigError."""
         data = dict(data)
         for key, sub_cls in cls.SUB_CONFIGS.items():
@@ -140,14 +151,92 @@ class ModelConfigMixin:
         return _build(cls, data, "model")
 
 
+class VisionTowerConfig(Protocol):
+    """What the code above the family modules reads of a family's vision config
+    (VisionConfig, fastvlm_jax.nn.blip2.Blip2VisionConfig)."""
+
+    @property
+    def image_size(self) -> int: ...
+
+    @property
+    def patch_size(self) -> int: ...
+
+    @property
+    def num_channels(self) -> int: ...
+
+    @property
+    def hidden_size(self) -> int: ...
+
+    @property
+    def intermediate_size(self) -> int: ...
+
+    @property
+    def num_layers(self) -> int: ...
+
+    @property
+    def num_heads(self) -> int: ...
+
+    @property
+    def num_patches(self) -> int: ...
+
+
+class DecoderConfig(Protocol):
+    """What the code above the family modules reads of a family's language model config
+    (TextConfig, fastvlm_jax.nn.blip2.OPTConfig)."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def hidden_size(self) -> int: ...
+
+    @property
+    def intermediate_size(self) -> int: ...
+
+    @property
+    def num_layers(self) -> int: ...
+
+    @property
+    def num_heads(self) -> int: ...
+
+    @property
+    def num_kv_heads(self) -> int: ...
+
+    @property
+    def resolved_head_dim(self) -> int: ...
+
+    @property
+    def max_position_embeddings(self) -> int: ...
+
+    @property
+    def position_limit(self) -> int | None: ...
+
+    @property
+    def tie_word_embeddings(self) -> bool: ...
+
+    @property
+    def hidden_act(self) -> str: ...
+
+
 class FamilyConfig(Protocol):
     """What every family's top-level config offers (LlavaConfig, Blip2Config): the code above
-    the family modules (the VLM handle, the engine, checkpoints, training) reads only these."""
+    the family modules (the VLM handle, the engine, checkpoints, training) reads only these.
+    (Read-only: the configs are frozen dataclasses.)"""
 
-    model_type: str
-    text: TextConfig
-    draft: DraftConfig
-    image_token_id: int
+    @property
+    def model_type(self) -> str: ...
+
+    @property
+    def vision(self) -> VisionTowerConfig: ...
+
+    @property
+    def text(self) -> DecoderConfig: ...
+
+    @property
+    def draft(self) -> DraftConfig: ...
+
+    @property
+    def image_token_id(self) -> int: ...
 
     @property
     def num_image_tokens(self) -> int: ...

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -25,6 +27,10 @@ class KVCache:
     keys: Array
     values: Array
     pos: Array
+
+    if TYPE_CHECKING:  # flax.struct.dataclass adds it at runtime (dataclasses.replace)
+
+        def replace(self, **changes: Any) -> KVCache: ...
 
     @classmethod
     def zeros(cls, num_layers: int, batch: int, slots: int, kv_heads: int, head_dim: int,

@@ -6,11 +6,12 @@ modules run on one device or sharded over a Mesh.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.spmd import with_logical_constraint
 
 from fastvlm_jax.nn.config import TextConfig
 from fastvlm_jax.nn.kv_cache import KVCache, TreeSlots
@@ -146,6 +147,8 @@ def causal_attention(q: Array, k: Array, v: Array, positions: Array, cache: KVCa
     head_dim], cache).
     """
     if tree is not None:
+        if cache is None:
+            raise ValueError("attention over a token tree needs a KV cache")
         cache = cache.write(layer, k, v, tree.slots)
         keys, values = cache.layer(layer)
         return attend(q, keys.astype(dtype), values.astype(dtype), tree.visible), cache
@@ -243,7 +246,7 @@ class DecoderLayer(nn.Module):
         mlp = GatedMLP(cfg.hidden_size, self.intermediate_size or cfg.intermediate_size,
                        cfg.hidden_act, self.dtype, self.zero_init_out, name="mlp")
         x = x + mlp(RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")(x))
-        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        x = with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         return x, cache
 
 
@@ -314,11 +317,15 @@ def run_layer_stack(layer: nn.Module, stacked, hidden: Array, positions: Array, 
 
     def body(carry, inputs):
         h, cache, saved = carry
-        index, layer_params = inputs if whole else (inputs, None)
-        if not whole:
+        if whole:
+            index, layer_params = inputs
+        else:
+            index = inputs
             layer_params = jax.tree.map(
                 lambda w: jax.lax.dynamic_index_in_dim(w, index, 0, keepdims=False), stacked)
-        h, cache = layer.apply({"params": layer_params}, h, positions, cache, index, key_mask, tree)
+        # apply without `mutable` returns the layer's output alone: (state, cache)
+        h, cache = cast("tuple[Array, KVCache | None]",
+                        layer.apply({"params": layer_params}, h, positions, cache, index, key_mask, tree))
         saved = tuple(jnp.where(index + 1 == target, h, kept) for target, kept in zip(targets, saved))
         return (h, cache, saved), None
 

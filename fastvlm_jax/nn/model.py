@@ -86,8 +86,9 @@ class VLM:
         return jax.eval_shape(self.init_boxed, jax.random.key(0))
 
     # --- pure pieces --------------------------------------------------------------------
-    def _apply(self, params, method: str, *args, **kwargs):
-        # By name: every family module has these methods (fastvlm_jax.nn.common.FamilyModule).
+    def _apply(self, params, method: str, *args, **kwargs) -> Any:
+        # By name: every family module has these methods (fastvlm_jax.nn.common.FamilyModule);
+        # without `mutable`, apply returns the method's own result.
         return self.module.apply({"params": params}, *args, method=method, **kwargs)
 
     def encode_images(self, params, pixels):

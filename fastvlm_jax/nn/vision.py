@@ -36,12 +36,12 @@ def vit_embeddings(module: nn.Module, pixels: Array, *, patch_size: int, hidden_
     if class_token:
         cls = module.param("class_embedding",
                            nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("embed",)),
-                           (hidden_size,))
+                           (hidden_size,), unbox=True)  # flax's default; typed as the array
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, hidden_size)), x], 1)
     positions = module.param(
         "position_embedding",
         nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("positions", "embed")),
-        (num_positions, hidden_size))
+        (num_positions, hidden_size), unbox=True)  # (as above)
     return x + positions.astype(x.dtype)[None, : x.shape[1]]
 
 

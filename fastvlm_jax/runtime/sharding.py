@@ -60,7 +60,8 @@ class MeshConfig:
         if math.prod(sizes) != num_devices:
             raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                              f"but {num_devices} are in use")
-        return tuple(sizes)
+        data, fsdp, tensor = sizes
+        return data, fsdp, tensor
 
 
 def parse_mesh(text: str) -> MeshConfig:
@@ -80,7 +81,10 @@ def parse_mesh(text: str) -> MeshConfig:
     return MeshConfig(**{axis: sizes.get(axis, 1) for axis in MESH_AXES})
 
 
-def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    config: MeshConfig = MeshConfig(),
+    devices: Sequence[jax.Device] | None = None,  # pyright: ignore[reportInvalidTypeForm] jax.Device: a runtime alias
+) -> Mesh:
     """A ('data', 'fsdp', 'tensor') Mesh over the given (default: all) devices."""
     devices = list(devices if devices is not None else jax.devices())
     shape = config.shape(len(devices))
@@ -107,7 +111,7 @@ def logical_to_sharding(logical: Sequence[str | None], shape: Sequence[int], mes
         axes_tuple = tuple(a for a in axes_tuple if a not in used and a in mesh.shape)
         if axes_tuple and dim % _mesh_axes_size(mesh, axes_tuple) == 0:
             used.update(axes_tuple)
-            spec.append(axes_tuple if len(axes_tuple) > 1 else axes_tuple[0])
+            spec.append(axes_tuple[0] if len(axes_tuple) == 1 else axes_tuple)
         else:
             spec.append(None)
     return NamedSharding(mesh, PartitionSpec(*spec))

@@ -37,7 +37,7 @@ DEFAULT_IMAGE_TOKEN = "<image>"
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
     """A JSON file's content; a malformed file is a ValueError that names it."""
     try:
         return json.loads(as_path(path).read_text(encoding="utf-8"))

@@ -133,10 +133,11 @@ def _gpt2_pipeline(vocab: dict[str, int], merges: list, add_prefix_space: bool) 
 def _special_template(bos: str | None, bos_id: int | None, eos: str | None, eos_id: int | None,
                       add_bos: bool, add_eos: bool) -> processors.TemplateProcessing:
     """The post-processor transformers' `update_post_processor` builds from the BOS / EOS flags."""
-    add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
-    single = f"{(bos + ':0 ') if add_bos else ''}$A:0{(' ' + eos + ':0') if add_eos else ''}"
-    pair = f"{single}{(' ' + bos + ':1') if add_bos else ''} $B:1{(' ' + eos + ':1') if add_eos else ''}"
-    specials = ([(bos, bos_id)] if add_bos else []) + ([(eos, eos_id)] if add_eos else [])
+    bos, eos = (bos if add_bos else None), (eos if add_eos else None)  # None: not added
+    single = f"{(bos + ':0 ') if bos is not None else ''}$A:0{(' ' + eos + ':0') if eos is not None else ''}"
+    pair = (f"{single}{(' ' + bos + ':1') if bos is not None else ''} "
+            f"$B:1{(' ' + eos + ':1') if eos is not None else ''}")
+    specials = ([(bos, bos_id)] if bos is not None else []) + ([(eos, eos_id)] if eos is not None else [])
     return processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
 
 
@@ -207,6 +208,7 @@ class HFTokenizer(Tokenizer):
         config = hf.config
 
         if kind == "as-is":
+            assert text is not None  # _pipeline_kind says "as-is" only when there is a tokenizer.json
             backend = Backend.from_str(text)
         else:
             vocab, merges = _vocab_and_merges(hf.path, parsed)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import sentencepiece as spm
-from sentencepiece import sentencepiece_model_pb2
+from sentencepiece.sentencepiece_model_pb2 import ModelProto  # pyright: ignore[reportAttributeAccessIssue] protobuf-made
 
 from fastvlm_jax.text.base import AddedToken, HFFolder, Tokenizer, read_json
 
@@ -61,7 +61,7 @@ def _no_prefix_model(model_bytes: bytes) -> tuple[bytes, list[int]]:
     Also returns the ids of user-defined pieces, which HF treats as (non-special) added tokens.
     """
 
-    proto = sentencepiece_model_pb2.ModelProto()
+    proto = ModelProto()
     proto.ParseFromString(model_bytes)
     norm = proto.normalizer_spec
     norm.name = "identity"
@@ -72,7 +72,7 @@ def _no_prefix_model(model_bytes: bytes) -> tuple[bytes, list[int]]:
     proto.ClearField("denormalizer_spec")
     user_defined = [
         i for i, piece in enumerate(proto.pieces)
-        if piece.type == sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+        if piece.type == ModelProto.SentencePiece.USER_DEFINED
     ]
     return proto.SerializeToString(), user_defined
 
@@ -213,7 +213,8 @@ class SentencePieceTokenizer(Tokenizer):
         return list(self._sp.encode(text))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids: list[int] = [self.bos_id] if add_special_tokens and self._add_bos_token else []
+        bos_id = self.bos_id  # never None here: __init__ requires a BOS piece
+        ids: list[int] = [bos_id] if add_special_tokens and self._add_bos_token and bos_id is not None else []
         for offset, part in self._segments(text):
             if isinstance(part, AddedToken):
                 ids.append(part.id)

@@ -24,6 +24,7 @@ num_query_tokens, when present, must equal the model's.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from etils import epath
 
 from fastvlm_jax.ckpt.checkpoint import save_checkpoint
 from fastvlm_jax.ckpt.convert import common as convert_common
@@ -41,7 +43,7 @@ from fastvlm_jax.ckpt.convert.common import identity as _identity
 from fastvlm_jax.ckpt.convert.common import linear as _linear
 from fastvlm_jax.image.processing import ImageProcessorConfig
 from fastvlm_jax.nn.blip2 import Blip2Config, Blip2VisionConfig, OPTConfig, OPTDecoder, QFormerConfig, init_imitation
-from fastvlm_jax.nn.config import ConfigError, DraftConfig
+from fastvlm_jax.nn.config import ConfigError, DraftConfig, ImitationKind
 from fastvlm_jax.nn.model import VLM
 from fastvlm_jax.text.prompts import check_image_token_id
 from fastvlm_jax.text.tokenizer import from_hf_dir
@@ -98,7 +100,7 @@ def _first(value) -> int:
     return int(value[0] if isinstance(value, (list, tuple)) else value)
 
 
-def config_from_hf(hf: dict, exit_layer: int | None = None, draft_kind: str = "ffn",
+def config_from_hf(hf: dict, exit_layer: int | None = None, draft_kind: ImitationKind = "ffn",
                    draft_hidden: int = 0) -> Blip2Config:
     """Builds our config from a HF Blip2ForConditionalGeneration config.json dict."""
     if hf.get("model_type") != "blip-2":
@@ -137,12 +139,16 @@ def config_from_hf(hf: dict, exit_layer: int | None = None, draft_kind: str = "f
     )
     if exit_layer is None:
         exit_layer = max(1, text.num_layers // 4)
+    image_token_id = hf.get("image_token_index", hf.get("image_token_id"))
+    if image_token_id is None:
+        raise ConversionError("config.json has no image_token_index: the model needs the id of the "
+                              "image token its prompts carry")
     try:
         return Blip2Config(
             vision=vision, qformer=qformer, text=text,
             draft=DraftConfig(exit_layer=exit_layer, kind=draft_kind, hidden_size=draft_hidden),
             num_query_tokens=hf.get("num_query_tokens", 32),
-            image_token_id=hf.get("image_token_index", hf.get("image_token_id")),
+            image_token_id=image_token_id,
         )
     except ConfigError as err:
         raise ConversionError(str(err)) from None
@@ -266,9 +272,9 @@ def convert_opt_params(source, text: OPTConfig, dtype=jnp.float32) -> dict:
                            progress=False)["language_model"]
 
 
-def convert(hf_dir: str | Path, out_dir: str | Path, exit_layer: int | None = None,
-            draft_kind: str = "ffn", draft_hidden: int = 0, dtype: str = "float32",
-            seed: int = 0, progress: bool = True) -> Path:
+def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, exit_layer: int | None = None,
+            draft_kind: ImitationKind = "ffn", draft_hidden: int = 0, dtype: str = "float32",
+            seed: int = 0, progress: bool = True) -> epath.Path:
     """Converts a HF BLIP-2 OPT folder into our checkpoint directory; returns its path."""
 
     hf_dir = Path(hf_dir)

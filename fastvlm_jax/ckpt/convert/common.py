@@ -139,6 +139,8 @@ def fill_param_tree(source, abstract, source_for: Callable[[str], tuple[str, Cal
     for key_path, leaf in tqdm(flat, desc="converting", unit="tensor", disable=not progress):
         path = "/".join(str(getattr(k, "key", k)) for k in key_path)
         if path.startswith("imitation/"):
+            if fresh_imitation is None:
+                raise ValueError(f"{path}: the tree has an imitation network but no fresh_imitation was given")
             value = fresh_imitation
             for part in path.split("/")[1:]:
                 value = value[part]

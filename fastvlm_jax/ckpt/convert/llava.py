@@ -12,6 +12,7 @@ Decoder layers are read one HF tensor per layer and stacked
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -19,12 +20,13 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 
 from fastvlm_jax.ckpt.checkpoint import save_checkpoint
 from fastvlm_jax.ckpt.convert import common as convert_common
 from fastvlm_jax.ckpt.convert.common import ConversionError, conv, fill_param_tree, identity, linear
 from fastvlm_jax.image.processing import ImageProcessorConfig
-from fastvlm_jax.nn.config import DraftConfig, TextConfig, VisionConfig
+from fastvlm_jax.nn.config import DraftConfig, ImitationKind, TextConfig, VisionConfig
 from fastvlm_jax.nn.llava import LlavaConfig
 from fastvlm_jax.nn.model import VLM
 from fastvlm_jax.text.tokenizer import from_hf_dir
@@ -102,7 +104,7 @@ def vision_config_from_hf(hf: dict) -> VisionConfig:
     )
 
 
-def config_from_hf(hf: dict, exit_layer: int | None = None, draft_kind: str = "ffn",
+def config_from_hf(hf: dict, exit_layer: int | None = None, draft_kind: ImitationKind = "ffn",
                    draft_hidden: int = 0) -> LlavaConfig:
     """Builds our config from a HF LLaVA config.json dict."""
     model_type = hf.get("model_type")
@@ -212,9 +214,9 @@ def convert_params(source, config: LlavaConfig, rng, dtype=jnp.float32, progress
                            dtype=dtype, progress=progress, fresh_imitation=model.init_imitation(rng))
 
 
-def convert(hf_dir: str | Path, out_dir: str | Path, exit_layer: int | None = None,
-            draft_kind: str = "ffn", draft_hidden: int = 0, dtype: str = "float32",
-            seed: int = 0, progress: bool = True) -> Path:
+def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, exit_layer: int | None = None,
+            draft_kind: ImitationKind = "ffn", draft_hidden: int = 0, dtype: str = "float32",
+            seed: int = 0, progress: bool = True) -> epath.Path:
     """Converts a HF LLaVA folder into our checkpoint directory; returns its path."""
 
     hf_dir = Path(hf_dir)
