@@ -39,16 +39,20 @@ CHECKPOINT = "checkpoints/blip2_opt_2_7b"
 WORKDIR = "workdirs/blip2_opt_2_7b"
 
 
-def get_config(arg: str = "imitation", *, checkpoint: str = CHECKPOINT, workdir: str = WORKDIR,
-               batch_size: int = 256, mesh: MeshConfig = MeshConfig(data=-1, fsdp=8, tensor=1)
-               ) -> TrainConfig:
+def get_config(
+    arg: str = "imitation",
+    *,
+    checkpoint: str = CHECKPOINT,
+    workdir: str = WORKDIR,
+    batch_size: int = 256,
+    mesh: MeshConfig = MeshConfig(data=-1, fsdp=8, tensor=1),
+) -> TrainConfig:
     stage = arg or "imitation"
     common = dict(
         stage=stage,
         workdir=f"{workdir}/{stage}",
         init_from=checkpoint if stage == "imitation" else f"{workdir}/imitation/export",
-        data=DataConfig(name="coco_captions/karpathy", split="train", question="",
-                        worker_count=8, read_threads=16),
+        data=DataConfig(name="coco_captions/karpathy", split="train", question="", worker_count=8, read_threads=16),
         batch_size=batch_size,
         seq_len=96,  # 32 query tokens + BOS + a COCO caption (< 40 BPE tokens) + "\n"
         compute_dtype="bfloat16",

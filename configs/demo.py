@@ -52,12 +52,20 @@ Compute is bfloat16 with float32 master weights and optimizer state: on CPUs wit
 matmuls (oneDNN on AVX-512) a step is faster than in float32 at the same loss curve.
 """
 
+from fastvlm_jax.demo import ASSET_DIR
 from fastvlm_jax.nn.config import DraftConfig, TextConfig, VisionConfig
 from fastvlm_jax.nn.llava import LlavaConfig
-from fastvlm_jax.demo import ASSET_DIR
 from fastvlm_jax.runtime.sharding import MeshConfig
-from train.config import (CheckpointConfig, DataConfig, EagleStageConfig, ImitationLossConfig, OptimConfig,
-                          RefineConfig, TokenizerConfig, TrainConfig)
+from train.config import (
+    CheckpointConfig,
+    DataConfig,
+    EagleStageConfig,
+    ImitationLossConfig,
+    OptimConfig,
+    RefineConfig,
+    TokenizerConfig,
+    TrainConfig,
+)
 
 DEFAULT_ROOT = "workdirs/demo"
 DEEP_LAYERS = 16
@@ -74,10 +82,18 @@ EAGLE_UNROLL_STEPS = 3
 
 def demo_model() -> LlavaConfig:
     return LlavaConfig(
-        vision=VisionConfig(kind="clip", image_size=96, patch_size=16, hidden_size=192,
-                            intermediate_size=768, num_layers=4, num_heads=4),
-        text=TextConfig(vocab_size=0, hidden_size=256, intermediate_size=512, num_layers=8,
-                        num_heads=4, num_kv_heads=2, max_position_embeddings=512),
+        vision=VisionConfig(
+            kind="clip", image_size=96, patch_size=16, hidden_size=192, intermediate_size=768, num_layers=4, num_heads=4
+        ),
+        text=TextConfig(
+            vocab_size=0,
+            hidden_size=256,
+            intermediate_size=512,
+            num_layers=8,
+            num_heads=4,
+            num_kv_heads=2,
+            max_position_embeddings=512,
+        ),
         draft=DraftConfig(exit_layer=2, kind="layer", hidden_size=512),
         vision_feature_layer=-2,
         image_token_id=-1,  # vocab_size 0: both come from the tokenizer
@@ -111,47 +127,77 @@ def get_config(arg: str = "base") -> TrainConfig:
     )
     if stage == "base":
         return TrainConfig(
-            stage="base", batch_size=32, steps=1500,
-            optim=OptimConfig(learning_rate=2e-3, warmup_steps=30, end_lr_factor=0.05,
-                              weight_decay=0.01, grad_clip_norm=1.0),
-            **common)
+            stage="base",
+            batch_size=32,
+            steps=1500,
+            optim=OptimConfig(
+                learning_rate=2e-3, warmup_steps=30, end_lr_factor=0.05, weight_decay=0.01, grad_clip_norm=1.0
+            ),
+            **common,
+        )
     if stage == "deepen":
         return TrainConfig(
-            stage="base", deepen_to=DEEP_LAYERS, batch_size=32, steps=DEEPEN_STEPS,
-            optim=OptimConfig(learning_rate=1e-3, warmup_steps=20, end_lr_factor=0.05,
-                              weight_decay=0.01, grad_clip_norm=1.0),
-            **common)
+            stage="base",
+            deepen_to=DEEP_LAYERS,
+            batch_size=32,
+            steps=DEEPEN_STEPS,
+            optim=OptimConfig(
+                learning_rate=1e-3, warmup_steps=20, end_lr_factor=0.05, weight_decay=0.01, grad_clip_norm=1.0
+            ),
+            **common,
+        )
     if stage == "imitation":
         return TrainConfig(
-            stage="imitation", batch_size=32, steps=600,
+            stage="imitation",
+            batch_size=32,
+            steps=600,
             optim=OptimConfig(learning_rate=2e-3, warmup_steps=10, end_lr_factor=0.1),
             loss=ImitationLossConfig(cos=1.0, kd=1.0, ce=0.1, temperature=1.0),
-            **common)
+            **common,
+        )
     if stage == "refine":
         return TrainConfig(
-            stage="refine", batch_size=32, steps=150,
+            stage="refine",
+            batch_size=32,
+            steps=150,
             optim=OptimConfig(learning_rate=5e-4, warmup_steps=5, end_lr_factor=0.1),
             loss=ImitationLossConfig(cos=1.0, kd=1.0, ce=0.1, temperature=1.0),
             refine=RefineConfig(max_new_tokens=64, disagreement_weight=4.0),
-            **common)
+            **common,
+        )
     if stage == "draft_model":
         # demo-draft, a separate draft model for the demo: plain cross-entropy on the demo's
         # own data, starting from its truncated copy. The vision tower stays frozen (the
         # truncation keeps the demo's, already trained on these images), so the step only
         # backpropagates through the 3 decoder layers and the projector.
         return TrainConfig(
-            stage="base", batch_size=32, steps=DRAFT_MODEL_STEPS,
+            stage="base",
+            batch_size=32,
+            steps=DRAFT_MODEL_STEPS,
             trainable=("projector/.*", "language_model/.*"),
-            optim=OptimConfig(learning_rate=1e-3, warmup_steps=20, end_lr_factor=0.05,
-                              weight_decay=0.01, grad_clip_norm=1.0),
-            **common)
+            optim=OptimConfig(
+                learning_rate=1e-3, warmup_steps=20, end_lr_factor=0.05, weight_decay=0.01, grad_clip_norm=1.0
+            ),
+            **common,
+        )
     if stage in ("eagle", "eagle_pool4"):
         return TrainConfig(
-            stage="eagle", batch_size=32, steps=EAGLE_STEPS,
+            stage="eagle",
+            batch_size=32,
+            steps=EAGLE_STEPS,
             optim=OptimConfig(learning_rate=2e-3, warmup_steps=10, end_lr_factor=0.1),
-            eagle=EagleStageConfig(hidden_size=512, image_pool=4 if stage == "eagle_pool4" else 1,
-                                   compressor="pool", reinit=True, ce_weight=1.0, feature_weight=0.1,
-                                   temperature=1.0, unroll_steps=EAGLE_UNROLL_STEPS),
-            **common)
-    raise ValueError(f"unknown demo stage {stage!r}: use base, deepen, imitation, refine, "
-                     "draft_model, eagle or eagle_pool4")
+            eagle=EagleStageConfig(
+                hidden_size=512,
+                image_pool=4 if stage == "eagle_pool4" else 1,
+                compressor="pool",
+                reinit=True,
+                ce_weight=1.0,
+                feature_weight=0.1,
+                temperature=1.0,
+                unroll_steps=EAGLE_UNROLL_STEPS,
+            ),
+            **common,
+        )
+    raise ValueError(
+        f"unknown demo stage {stage!r}: use base, deepen, imitation, refine, draft_model, eagle or eagle_pool4"
+    )

@@ -16,6 +16,11 @@ from train.config import TrainConfig
 
 
 def get_config(arg: str = "imitation") -> TrainConfig:
-    return llava15_7b.get_config(arg, checkpoint="checkpoints/llava-1.5-13b", workdir="workdirs/llava15_13b",
-                                 batch_size=256, mesh=MeshConfig(data=-1, fsdp=16, tensor=1),
-                                 architecture="llava15_13b")
+    return llava15_7b.get_config(
+        arg,
+        checkpoint="checkpoints/llava-1.5-13b",
+        workdir="workdirs/llava15_13b",
+        batch_size=256,
+        mesh=MeshConfig(data=-1, fsdp=16, tensor=1),
+        architecture="llava15_13b",
+    )

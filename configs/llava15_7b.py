@@ -35,9 +35,15 @@ WORKDIR = "workdirs/llava15_7b"
 QUESTION = "Provide a one-sentence caption for the provided image."
 
 
-def get_config(arg: str = "imitation", *, checkpoint: str = CHECKPOINT, workdir: str = WORKDIR,
-               batch_size: int = 256, mesh: MeshConfig = MeshConfig(data=-1, fsdp=8, tensor=1),
-               architecture: str = "llava15_7b") -> TrainConfig:
+def get_config(
+    arg: str = "imitation",
+    *,
+    checkpoint: str = CHECKPOINT,
+    workdir: str = WORKDIR,
+    batch_size: int = 256,
+    mesh: MeshConfig = MeshConfig(data=-1, fsdp=8, tensor=1),
+    architecture: str = "llava15_7b",
+) -> TrainConfig:
     stage = arg or "imitation"
     if stage == "base":
         return base_stage(checkpoint, workdir, architecture)
@@ -46,8 +52,9 @@ def get_config(arg: str = "imitation", *, checkpoint: str = CHECKPOINT, workdir:
         architecture=architecture,  # what `--compile-only` builds where the checkpoint is absent
         workdir=f"{workdir}/{stage}",
         init_from=checkpoint if stage == "imitation" else f"{workdir}/imitation/export",
-        data=DataConfig(name="coco_captions/karpathy", split="train", question=QUESTION,
-                        worker_count=8, read_threads=16),
+        data=DataConfig(
+            name="coco_captions/karpathy", split="train", question=QUESTION, worker_count=8, read_threads=16
+        ),
         batch_size=batch_size,
         seq_len=640,  # 576 image tokens + ~20 prompt tokens + captions (COCO: < 40 tokens)
         compute_dtype="bfloat16",
@@ -63,11 +70,19 @@ def base_stage(checkpoint: str, workdir: str, architecture: str) -> TrainConfig:
     with LLaVA-1.5's fine-tune settings (batch 128, peak lr 2e-5, 3% warmup, cosine to 0, no
     weight decay) for one epoch of COCO Karpathy train (113k images / 128 = 885 steps)."""
     return TrainConfig(
-        stage="base", architecture=architecture, workdir=f"{workdir}/base", init_from=checkpoint,
+        stage="base",
+        architecture=architecture,
+        workdir=f"{workdir}/base",
+        init_from=checkpoint,
         trainable=("projector/.*", "language_model/.*"),
-        data=DataConfig(name="coco_captions/karpathy", split="train", question=QUESTION,
-                        worker_count=8, read_threads=16),
-        batch_size=128, seq_len=640, steps=900, compute_dtype="bfloat16", remat="full",
+        data=DataConfig(
+            name="coco_captions/karpathy", split="train", question=QUESTION, worker_count=8, read_threads=16
+        ),
+        batch_size=128,
+        seq_len=640,
+        steps=900,
+        compute_dtype="bfloat16",
+        remat="full",
         optim=OptimConfig(learning_rate=2e-5, warmup_steps=27, end_lr_factor=0.0, weight_decay=0.0),
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
         checkpoint=CheckpointConfig(save_every=200, keep=2, async_save=True),
@@ -79,12 +94,18 @@ def draft_stage(stage: str, common: dict) -> TrainConfig:
     """The two draft stages (imitation, then refine) with the schedules and loss weights of
     these 7B-scale runs; `common` holds everything else (the BLIP-2 config uses it too)."""
     if stage == "imitation":
-        return TrainConfig(steps=6000, optim=OptimConfig(learning_rate=3e-4, warmup_steps=300,
-                                                         end_lr_factor=0.05, weight_decay=0.0),
-                           loss=ImitationLossConfig(cos=1.0, kd=1.0, ce=0.1, temperature=1.0), **common)
+        return TrainConfig(
+            steps=6000,
+            optim=OptimConfig(learning_rate=3e-4, warmup_steps=300, end_lr_factor=0.05, weight_decay=0.0),
+            loss=ImitationLossConfig(cos=1.0, kd=1.0, ce=0.1, temperature=1.0),
+            **common,
+        )
     if stage == "refine":
-        return TrainConfig(steps=1500, optim=OptimConfig(learning_rate=1e-4, warmup_steps=100,
-                                                         end_lr_factor=0.1),
-                           loss=ImitationLossConfig(cos=1.0, kd=1.0, ce=0.1, temperature=1.0),
-                           refine=RefineConfig(max_new_tokens=48, disagreement_weight=4.0), **common)
+        return TrainConfig(
+            steps=1500,
+            optim=OptimConfig(learning_rate=1e-4, warmup_steps=100, end_lr_factor=0.1),
+            loss=ImitationLossConfig(cos=1.0, kd=1.0, ce=0.1, temperature=1.0),
+            refine=RefineConfig(max_new_tokens=48, disagreement_weight=4.0),
+            **common,
+        )
     raise ValueError(f"stage {stage!r}: this config has the stages 'base', 'imitation' and 'refine'")

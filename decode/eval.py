@@ -35,7 +35,7 @@ import os
 import re
 import sys
 from collections import Counter
-from typing import Iterable
+from collections.abc import Iterable
 
 from decode.metrics import TOKENIZERS, compute_metrics
 
@@ -48,6 +48,7 @@ class EvalError(Exception):
 # Predictions
 # ---------------------------------------------------------------------------
 
+
 def read_predictions(path: str) -> tuple[dict[str, str], dict[str, int]]:
     """Read a decode.run JSONL file.
 
@@ -57,11 +58,11 @@ def read_predictions(path: str) -> tuple[dict[str, str], dict[str, int]]:
       ``skipped_no_image``, ``duplicates``.
     """
     if not os.path.isfile(path):
-        raise EvalError(f"--pred file not found: {path} (pass the JSONL written by "
-                        "`python -m decode.run --out OUT.jsonl`)")
+        raise EvalError(
+            f"--pred file not found: {path} (pass the JSONL written by `python -m decode.run --out OUT.jsonl`)"
+        )
     predictions: dict[str, str] = {}
-    counts = Counter(lines=0, skipped_error=0, skipped_no_caption=0, skipped_no_image=0,
-                     duplicates=0)
+    counts = Counter(lines=0, skipped_error=0, skipped_no_caption=0, skipped_no_image=0, duplicates=0)
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -70,8 +71,9 @@ def read_predictions(path: str) -> tuple[dict[str, str], dict[str, int]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise EvalError(f"--pred {path}:{lineno}: not valid JSON ({exc.msg}); each line "
-                                "must be one JSON object") from None
+                raise EvalError(
+                    f"--pred {path}:{lineno}: not valid JSON ({exc.msg}); each line must be one JSON object"
+                ) from None
             if not isinstance(row, dict):
                 raise EvalError(f"--pred {path}:{lineno}: expected a JSON object per line")
             if row.get("error") is not None:
@@ -96,6 +98,7 @@ def read_predictions(path: str) -> tuple[dict[str, str], dict[str, int]]:
 # ---------------------------------------------------------------------------
 # References
 # ---------------------------------------------------------------------------
+
 
 def _as_text(value) -> str:
     """A caption or id from JSON/TFDS as str (TFDS gives bytes and numpy scalars)."""
@@ -123,10 +126,11 @@ def _refs_from_rows(rows: Iterable[tuple[int, object]], where: str) -> dict[str,
     """Merge (line number, object) rows of {"image", "captions"|"caption"} into a mapping."""
     refs: dict[str, list[str]] = {}
     for lineno, row in rows:
-        if not isinstance(row, dict) or "image" not in row or not (
-                "captions" in row or "caption" in row):
-            raise EvalError(f"--refs {where}:{lineno}: expected an object with \"image\" and "
-                            "\"captions\" (a list) or \"caption\" (a string)")
+        if not isinstance(row, dict) or "image" not in row or not ("captions" in row or "caption" in row):
+            raise EvalError(
+                f'--refs {where}:{lineno}: expected an object with "image" and '
+                '"captions" (a list) or "caption" (a string)'
+            )
         captions = row["captions"] if "captions" in row else row["caption"]
         refs.setdefault(str(row["image"]), []).extend(_caption_list(captions))
     return refs
@@ -141,8 +145,7 @@ def _refs_from_coco(data: dict, where: str) -> tuple[dict[str, list[str]], dict[
     refs: dict[str, list[str]] = {}
     for ann in data["annotations"]:
         if "image_id" not in ann or "caption" not in ann:
-            raise EvalError(f"--refs {where}: every COCO annotation needs \"image_id\" and "
-                            "\"caption\"")
+            raise EvalError(f'--refs {where}: every COCO annotation needs "image_id" and "caption"')
         key = names.get(ann["image_id"], str(ann["image_id"]))
         refs.setdefault(key, []).append(str(ann["caption"]))
     aliases = {str(i): name for i, name in names.items() if name in refs and str(i) != name}
@@ -157,8 +160,10 @@ def load_reference_file(path: str) -> tuple[dict[str, list[str]], dict[str, str]
       a key (COCO numeric ids), alias -> key.
     """
     if not os.path.isfile(path):
-        raise EvalError(f"--refs file not found: {path} (pass a JSON/JSONL references file, "
-                        "a COCO captions_*.json, or tfds:NAME:SPLIT)")
+        raise EvalError(
+            f"--refs file not found: {path} (pass a JSON/JSONL references file, "
+            "a COCO captions_*.json, or tfds:NAME:SPLIT)"
+        )
     with open(path, encoding="utf-8") as f:
         text = f.read()
     try:
@@ -179,8 +184,10 @@ def load_reference_file(path: str) -> tuple[dict[str, list[str]], dict[str, str]
             try:
                 rows.append((lineno, json.loads(line)))
             except json.JSONDecodeError as exc:
-                raise EvalError(f"--refs {path}:{lineno}: not valid JSON ({exc.msg}); expected a "
-                                "JSON mapping, COCO annotations or JSONL lines") from None
+                raise EvalError(
+                    f"--refs {path}:{lineno}: not valid JSON ({exc.msg}); expected a "
+                    "JSON mapping, COCO annotations or JSONL lines"
+                ) from None
         refs, aliases = _refs_from_rows(rows, path), {}
     empty = [k for k, v in refs.items() if not v]
     if empty:
@@ -227,6 +234,7 @@ def load_references(spec: str, data_dir: str | None = None):
 # Matching
 # ---------------------------------------------------------------------------
 
+
 def _basename(name: str) -> str:
     """Last path component; also splits "tfds:NAME:SPLIT/ID"-style names on '/'."""
     return os.path.basename(name.rstrip("/"))
@@ -236,8 +244,7 @@ def _stem(name: str) -> str:
     return os.path.splitext(_basename(name))[0]
 
 
-def match_predictions(pred_keys: Iterable[str], ref_keys: Iterable[str],
-                      aliases: dict[str, str] | None = None):
+def match_predictions(pred_keys: Iterable[str], ref_keys: Iterable[str], aliases: dict[str, str] | None = None):
     """Map prediction image names to reference keys.
 
     Tried in order: exact name (or alias), basename, stem, and when ``aliases`` are given
@@ -285,8 +292,14 @@ def match_predictions(pred_keys: Iterable[str], ref_keys: Iterable[str],
 # Evaluation and CLI
 # ---------------------------------------------------------------------------
 
-def evaluate(pred_path: str, refs_spec: str, data_dir: str | None = None,
-             use_meteor: bool | None = None, tokenizer: str = "python") -> dict:
+
+def evaluate(
+    pred_path: str,
+    refs_spec: str,
+    data_dir: str | None = None,
+    use_meteor: bool | None = None,
+    tokenizer: str = "python",
+) -> dict:
     """Score a predictions file against references; returns the report dict.
 
     ``tokenizer`` is "python" or "ptb" (see ``decode.metrics``). The report holds the
@@ -301,28 +314,48 @@ def evaluate(pred_path: str, refs_spec: str, data_dir: str | None = None,
         example_pred = next(iter(predictions), None)
         example_ref = next(iter(references))
         if example_pred is None:
-            raise EvalError(f"--pred {pred_path}: no usable prediction lines "
-                            f"({counts['lines']} lines, {counts['skipped_error']} with an error, "
-                            f"{counts['skipped_no_caption']} without a caption)")
-        raise EvalError(f"no prediction matched a reference (e.g. prediction {example_pred!r} vs "
-                        f"reference {example_ref!r}); check that --refs is the right split")
+            raise EvalError(
+                f"--pred {pred_path}: no usable prediction lines "
+                f"({counts['lines']} lines, {counts['skipped_error']} with an error, "
+                f"{counts['skipped_no_caption']} without a caption)"
+            )
+        raise EvalError(
+            f"no prediction matched a reference (e.g. prediction {example_pred!r} vs "
+            f"reference {example_ref!r}); check that --refs is the right split"
+        )
     notes: list[str] = []
     try:
-        metrics = compute_metrics({p: predictions[p] for p in matches},
-                                  {p: references[r] for p, r in matches.items()},
-                                  tokenizer=tokenizer, use_meteor=use_meteor, notes=notes)
+        metrics = compute_metrics(
+            {p: predictions[p] for p in matches},
+            {p: references[r] for p, r in matches.items()},
+            tokenizer=tokenizer,
+            use_meteor=use_meteor,
+            notes=notes,
+        )
     except RuntimeError as exc:  # Java missing or a jar failed (--meteor on, --tokenizer ptb)
         raise EvalError(str(exc)) from None
     used_refs = set(matches.values())
     if len(used_refs) < len(matches):
-        notes.append(f"{len(matches) - len(used_refs)} predictions share a reference image "
-                     "with another prediction; each is scored separately.")
-    counts.update(scored=len(matches), no_reference=len(unmatched),
-                  references=len(references),
-                  references_without_prediction=len(references) - len(used_refs))
+        notes.append(
+            f"{len(matches) - len(used_refs)} predictions share a reference image "
+            "with another prediction; each is scored separately."
+        )
+    counts.update(
+        scored=len(matches),
+        no_reference=len(unmatched),
+        references=len(references),
+        references_without_prediction=len(references) - len(used_refs),
+    )
     report = dict(metrics)
-    report.update(counts=counts, matched_by=dict(how), unmatched_examples=unmatched[:5],
-                  notes=notes, tokenizer=tokenizer, pred=pred_path, refs=refs_spec)
+    report.update(
+        counts=counts,
+        matched_by=dict(how),
+        unmatched_examples=unmatched[:5],
+        notes=notes,
+        tokenizer=tokenizer,
+        pred=pred_path,
+        refs=refs_spec,
+    )
     return report
 
 
@@ -335,8 +368,7 @@ def format_report(report: dict) -> str:
         f"({c['skipped_error']} error, {c['skipped_no_caption']} no caption, "
         f"{c['skipped_no_image']} no image), {c['duplicates']} duplicate, "
         f"{c['no_reference']} without reference",
-        f"references:  {c['references']} images, {c['references_without_prediction']} "
-        "without prediction",
+        f"references:  {c['references']} images, {c['references_without_prediction']} without prediction",
         "matched by:  " + (", ".join(f"{k} {v}" for k, v in report["matched_by"].items())),
     ]
     if report["unmatched_examples"]:
@@ -355,21 +387,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m decode.eval",
         description="Caption metrics (BLEU-1..4, ROUGE-L, CIDEr-D, METEOR with Java) of a "
-                    "decode.run predictions file against reference captions.")
-    parser.add_argument("--pred", required=True, metavar="OUT.jsonl",
-                        help="predictions JSONL from `python -m decode.run --out`")
-    parser.add_argument("--refs", required=True, metavar="REFS",
-                        help="references: JSON {image: [captions]}, JSONL {image, captions}, "
-                             "COCO captions_*.json, or tfds:NAME:SPLIT")
+        "decode.run predictions file against reference captions.",
+    )
+    parser.add_argument(
+        "--pred", required=True, metavar="OUT.jsonl", help="predictions JSONL from `python -m decode.run --out`"
+    )
+    parser.add_argument(
+        "--refs",
+        required=True,
+        metavar="REFS",
+        help="references: JSON {image: [captions]}, JSONL {image, captions}, COCO captions_*.json, or tfds:NAME:SPLIT",
+    )
     parser.add_argument("--json", metavar="METRICS.json", help="also write the report as JSON")
-    parser.add_argument("--meteor", choices=("auto", "on", "off"), default="auto",
-                        help="METEOR needs Java; auto: compute it when `java` is on PATH")
-    parser.add_argument("--tokenizer", choices=TOKENIZERS, default="python",
-                        help="python: decode.metrics.tokenize, no Java, same numbers on every "
-                             "machine (default); ptb: pycocoevalcap's PTBTokenizer, the official "
-                             "COCO pipeline, needs Java")
-    parser.add_argument("--data-dir", metavar="DIR",
-                        help="TFDS data directory for tfds:NAME:SPLIT references")
+    parser.add_argument(
+        "--meteor",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="METEOR needs Java; auto: compute it when `java` is on PATH",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        choices=TOKENIZERS,
+        default="python",
+        help="python: decode.metrics.tokenize, no Java, same numbers on every "
+        "machine (default); ptb: pycocoevalcap's PTBTokenizer, the official "
+        "COCO pipeline, needs Java",
+    )
+    parser.add_argument("--data-dir", metavar="DIR", help="TFDS data directory for tfds:NAME:SPLIT references")
     return parser
 
 
@@ -380,12 +424,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         out_dir = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(out_dir):
-            print(f"decode.eval: error: --json folder does not exist: {out_dir} (create it or "
-                  "choose another path)", file=sys.stderr)
+            print(
+                f"decode.eval: error: --json folder does not exist: {out_dir} (create it or choose another path)",
+                file=sys.stderr,
+            )
             return 2
     try:
-        report = evaluate(args.pred, args.refs, data_dir=args.data_dir, use_meteor=use_meteor,
-                          tokenizer=args.tokenizer)
+        report = evaluate(args.pred, args.refs, data_dir=args.data_dir, use_meteor=use_meteor, tokenizer=args.tokenizer)
     except EvalError as exc:
         print(f"decode.eval: error: {exc}", file=sys.stderr)
         return 2

@@ -34,10 +34,34 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-IMAGE_EXTENSIONS = frozenset({
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".gif", ".bmp", ".dib", ".webp", ".tif", ".tiff",
-    ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".jp2", ".j2k", ".sgi", ".im", ".pcx", ".dds",
-})
+IMAGE_EXTENSIONS = frozenset(
+    {
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".png",
+        ".apng",
+        ".gif",
+        ".bmp",
+        ".dib",
+        ".webp",
+        ".tif",
+        ".tiff",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".pnm",
+        ".tga",
+        ".ico",
+        ".jp2",
+        ".j2k",
+        ".sgi",
+        ".im",
+        ".pcx",
+        ".dds",
+    }
+)
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list"})
 TFDS_PREFIX = "tfds:"
 _GLOB_CHARS = ("*", "?", "[")
@@ -94,8 +118,7 @@ def _walk_images(folder: str) -> list[str]:
                 visited.add(real)
                 kept.append(d)
         dirs[:] = kept
-        found.extend(os.path.join(root, f) for f in files
-                     if not _is_hidden(f) and has_image_extension(f))
+        found.extend(os.path.join(root, f) for f in files if not _is_hidden(f) and has_image_extension(f))
     return sorted(found)
 
 
@@ -141,13 +164,11 @@ def _tfds_items(spec: str, data_dir: str | None) -> list[InputItem]:
     # previous run captioned); the images are read again, lazily, when captioned.
     for index in range(len(source)):
         image_id = source[index]["image_id"]
-        items.append(InputItem(id=f"tfds:{name}:{split}/{image_id}",
-                               loader=lambda i=index: locked.image(i)))
+        items.append(InputItem(id=f"tfds:{name}:{split}/{image_id}", loader=lambda i=index: locked.image(i)))
     return items
 
 
-def _expand_one(spec: str, data_dir: str | None, seen_lists: set[str]
-                ) -> Iterator[InputItem | InputError]:
+def _expand_one(spec: str, data_dir: str | None, seen_lists: set[str]) -> Iterator[InputItem | InputError]:
     if spec.startswith(TFDS_PREFIX):
         try:
             yield from _tfds_items(spec, data_dir)
@@ -159,8 +180,10 @@ def _expand_one(spec: str, data_dir: str | None, seen_lists: set[str]
     if os.path.isdir(spec):
         paths = _walk_images(spec)
         if not paths:
-            yield InputError(spec, "folder contains no image files (extensions: "
-                                   + ", ".join(sorted(IMAGE_EXTENSIONS)[:6]) + ", ...)")
+            yield InputError(
+                spec,
+                "folder contains no image files (extensions: " + ", ".join(sorted(IMAGE_EXTENSIONS)[:6]) + ", ...)",
+            )
         for path in paths:
             yield InputItem(id=os.path.normpath(path), path=path)
         return
@@ -215,8 +238,7 @@ def _expand_one(spec: str, data_dir: str | None, seen_lists: set[str]
     yield InputError(spec, "no such file or folder")
 
 
-def expand_inputs(specs: Sequence[str], data_dir: str | None = None
-                  ) -> tuple[list[InputItem], list[InputError]]:
+def expand_inputs(specs: Sequence[str], data_dir: str | None = None) -> tuple[list[InputItem], list[InputError]]:
     """All images named by `specs`, in order, each id once; plus the specs that gave none."""
     items: list[InputItem] = []
     errors: list[InputError] = []

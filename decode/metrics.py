@@ -37,7 +37,7 @@ from __future__ import annotations
 import re
 import shutil
 import threading
-from typing import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
@@ -68,8 +68,7 @@ TOKENIZERS = ("python", "ptb")
 
 # The note compute_metrics adds to say which tokenizer produced the scored tokens.
 TOKENIZER_NOTES = {
-    "python": "Tokenized with decode.metrics.tokenize (a Java-free imitation of "
-              "pycocoevalcap's PTBTokenizer).",
+    "python": "Tokenized with decode.metrics.tokenize (a Java-free imitation of pycocoevalcap's PTBTokenizer).",
     "ptb": "Tokenized with pycocoevalcap's PTBTokenizer (Stanford CoreNLP jar, Java).",
 }
 
@@ -79,22 +78,62 @@ TOKENIZER_NOTES = {
 
 # Unicode punctuation PTBTokenizer normalises to its ASCII forms (which are then dropped).
 _UNICODE_MAP = {
-    "\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"',
-    "\u2026": " ... ", "\u2014": " -- ", "\u2013": " -- ",
+    "\u2018": "'",
+    "\u2019": "'",
+    "\u201c": '"',
+    "\u201d": '"',
+    "\u2026": " ... ",
+    "\u2014": " -- ",
+    "\u2013": " -- ",
 }
 # Brackets become these tokens. They survive the punctuation filter because PTB's
 # -lowerCase turns -LRB- into -lrb- before pycocoevalcap compares against "-LRB-".
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
 # Abbreviations whose final period PTB keeps (a small list covering caption-like text).
 _ABBREVIATIONS = frozenset(
-    ["mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "etc", "prof", "mt", "ft", "inc",
-     "co", "corp", "ltd", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept",
-     "oct", "nov", "dec", "ave", "blvd", "gen", "gov", "sen", "rep", "capt", "lt", "sgt"]
+    [
+        "mr",
+        "mrs",
+        "ms",
+        "dr",
+        "st",
+        "jr",
+        "sr",
+        "vs",
+        "etc",
+        "prof",
+        "mt",
+        "ft",
+        "inc",
+        "co",
+        "corp",
+        "ltd",
+        "jan",
+        "feb",
+        "mar",
+        "apr",
+        "jun",
+        "jul",
+        "aug",
+        "sep",
+        "sept",
+        "oct",
+        "nov",
+        "dec",
+        "ave",
+        "blvd",
+        "gen",
+        "gov",
+        "sen",
+        "rep",
+        "capt",
+        "lt",
+        "sgt",
+    ]
 )
 # Whole words PTB splits in two.
 _BRACKET_TOKENS = frozenset(_BRACKETS.values())
-_SPLIT_WORDS = {"cannot": ["can", "not"], "gonna": ["gon", "na"], "gotta": ["got", "ta"],
-                "wanna": ["wan", "na"]}
+_SPLIT_WORDS = {"cannot": ["can", "not"], "gonna": ["gon", "na"], "gotta": ["got", "ta"], "wanna": ["wan", "na"]}
 _CLITIC_RE = re.compile(r"^(.+?)('s|'re|'ve|'d|'ll|'m)$")
 _ABBREV_LETTERS_RE = re.compile(r"^(?:[a-z]\.)+$")  # a. / u.s. / a.m. / e.g.
 
@@ -112,8 +151,7 @@ def _split_chunk(chunk: str) -> list[str]:
         stem = chunk[:-1]
         # Kept: u.s. / a. / mr. / x.y. ; dropped: "dog." and numbers such as "3.5.".
         is_number = re.fullmatch(r"[\d.,]+", stem) is not None
-        keep = not is_number and (
-            "." in stem or _ABBREV_LETTERS_RE.match(chunk) or stem in _ABBREVIATIONS)
+        keep = not is_number and ("." in stem or _ABBREV_LETTERS_RE.match(chunk) or stem in _ABBREVIATIONS)
         if not keep:
             chunk = stem
     elif chunk == ".":
@@ -185,8 +223,10 @@ def tokenize_ptb(captions: Sequence[str]) -> list[str]:
       RuntimeError: no ``java`` on PATH, or the jar could not run.
     """
     if shutil.which("java") is None:
-        raise RuntimeError("the ptb tokenizer needs a `java` executable on PATH (Stanford "
-                           "PTBTokenizer is a Java jar); install Java or use the python tokenizer")
+        raise RuntimeError(
+            "the ptb tokenizer needs a `java` executable on PATH (Stanford "
+            "PTBTokenizer is a Java jar); install Java or use the python tokenizer"
+        )
     # The wrapper sends the jar one caption per line and pairs the output lines with the
     # captions by position, so a line break inside a caption (\r, \f, \u2028, ...) would
     # shift every later caption: make each caption one line (PTB splits on any whitespace).
@@ -196,8 +236,7 @@ def tokenize_ptb(captions: Sequence[str]) -> list[str]:
     except OSError as exc:  # e.g. it writes its input file next to the jar, in site-packages
         raise RuntimeError(f"pycocoevalcap's PTBTokenizer could not run: {exc}") from None
     if len(tokens) != len(lines):  # a jar that died early: the wrapper would drop captions
-        raise RuntimeError(f"pycocoevalcap's PTBTokenizer returned {len(tokens)} lines for "
-                           f"{len(lines)} captions")
+        raise RuntimeError(f"pycocoevalcap's PTBTokenizer returned {len(tokens)} lines for {len(lines)} captions")
     return [tokens[i][0] for i in range(len(lines))]
 
 
@@ -212,8 +251,7 @@ def _check_inputs(hyps: Mapping, refs: Mapping) -> list:
     for key in hyps:
         if not isinstance(hyps[key], str):
             raise TypeError(f"hypothesis for {key!r} must be a str, got {type(hyps[key]).__name__}")
-        if (isinstance(refs[key], str) or len(refs[key]) == 0
-                or not all(isinstance(r, str) for r in refs[key])):
+        if isinstance(refs[key], str) or len(refs[key]) == 0 or not all(isinstance(r, str) for r in refs[key]):
             raise ValueError(f"references for {key!r} must be a non-empty list of str")
     return list(hyps)
 
@@ -222,6 +260,7 @@ def _check_inputs(hyps: Mapping, refs: Mapping) -> list:
 # METEOR (Java)
 # ---------------------------------------------------------------------------
 
+
 def meteor_available() -> tuple[bool, str]:
     """Whether METEOR can run here; the second item says why not (empty when it can)."""
     if shutil.which("java") is None:
@@ -229,8 +268,7 @@ def meteor_available() -> tuple[bool, str]:
     return True, ""
 
 
-def meteor(hyps: Mapping[Hashable, str], refs: Mapping[Hashable, Sequence[str]],
-           timeout_s: float = 600.0) -> float:
+def meteor(hyps: Mapping[Hashable, str], refs: Mapping[Hashable, Sequence[str]], timeout_s: float = 600.0) -> float:
     """Corpus METEOR of tokenized captions via pycocoevalcap's ``Meteor`` (the 1.5 jar).
 
     Args:
@@ -276,11 +314,16 @@ def meteor(hyps: Mapping[Hashable, str], refs: Mapping[Hashable, Sequence[str]],
 # Entry point
 # ---------------------------------------------------------------------------
 
-def compute_metrics(predictions: Mapping[Hashable, str],
-                    references: Mapping[Hashable, Sequence[str]],
-                    *, tokenized: bool = False, tokenizer: str = "python",
-                    use_meteor: bool | None = None, notes: list | None = None
-                    ) -> dict[str, float]:
+
+def compute_metrics(
+    predictions: Mapping[Hashable, str],
+    references: Mapping[Hashable, Sequence[str]],
+    *,
+    tokenized: bool = False,
+    tokenizer: str = "python",
+    use_meteor: bool | None = None,
+    notes: list | None = None,
+) -> dict[str, float]:
     """Caption metrics of ``predictions`` against ``references``, by pycocoevalcap's scorers.
 
     Args:
@@ -343,4 +386,3 @@ def compute_metrics(predictions: Mapping[Hashable, str],
     if notes is not None and not tokenized:
         notes.append(TOKENIZER_NOTES[tokenizer])
     return metrics
-

@@ -28,8 +28,11 @@ def existing_parts(out: str) -> list[str]:
     prefix, suffix = f"{stem}.part-", ext or ".jsonl"
     if not os.path.isdir(folder):
         return []
-    return sorted(os.path.join(folder, name) for name in os.listdir(folder)
-                  if name.startswith(prefix) and name.endswith(suffix) and "-of-" in name)
+    return sorted(
+        os.path.join(folder, name)
+        for name in os.listdir(folder)
+        if name.startswith(prefix) and name.endswith(suffix) and "-of-" in name
+    )
 
 
 def share(items: Sequence, index: int, count: int) -> list:
@@ -37,9 +40,14 @@ def share(items: Sequence, index: int, count: int) -> list:
     return list(items[index::count])
 
 
-def merge(out: str, image_ids: Sequence[str], read_lines: Callable[[str], list[Any]],
-          write: Callable[[str, str], None], json_line: Callable[[dict], str],
-          is_caption: Callable[[Any], bool]) -> list[str]:
+def merge(
+    out: str,
+    image_ids: Sequence[str],
+    read_lines: Callable[[str], list[Any]],
+    write: Callable[[str, str], None],
+    json_line: Callable[[dict], str],
+    is_caption: Callable[[Any], bool],
+) -> list[str]:
     """Writes OUT from OUT itself and its parts if every id has a line; returns the ids
     still missing (nothing is written then).
 

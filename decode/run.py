@@ -86,77 +86,156 @@ def build_parser() -> argparse.ArgumentParser:
     from decode.engine.autodraft import parse_choice, parse_draft_len
     from decode.engine.captioner import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
 
-    parser = _Parser(prog=PROG, description="Caption images with a fastvlm-jax checkpoint "
-                     "(self-speculative or plain autoregressive decoding).",
-                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-                     allow_abbrev=False)
-    parser.add_argument("--ckpt", required=True, metavar="CKPT_DIR|demo",
-                        help="checkpoint directory (python -m fastvlm_jax.convert / train.run), "
-                             "or `demo` for the built-in demo model (`demo-draft`: its 3-layer draft model)")
-    parser.add_argument("--images", required=True, nargs="+", metavar="PATH",
-                        help="image files, folders, globs, list files or tfds:NAME[:SPLIT]")
+    parser = _Parser(
+        prog=PROG,
+        description="Caption images with a fastvlm-jax checkpoint (self-speculative or plain autoregressive decoding).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument(
+        "--ckpt",
+        required=True,
+        metavar="CKPT_DIR|demo",
+        help="checkpoint directory (python -m fastvlm_jax.convert / train.run), "
+        "or `demo` for the built-in demo model (`demo-draft`: its 3-layer draft model)",
+    )
+    parser.add_argument(
+        "--images",
+        required=True,
+        nargs="+",
+        metavar="PATH",
+        help="image files, folders, globs, list files or tfds:NAME[:SPLIT]",
+    )
     parser.add_argument("--out", required=True, metavar="OUT.jsonl", help="JSONL output (resumed if present)")
-    parser.add_argument("--mode", choices=("ssd", "ar"), default="ssd",
-                        help="ssd: self-speculative decoding (default); ar: plain autoregressive")
+    parser.add_argument(
+        "--mode",
+        choices=("ssd", "ar"),
+        default="ssd",
+        help="ssd: self-speculative decoding (default); ar: plain autoregressive",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                        help=f"caption length limit in tokens (default {DEFAULT_MAX_NEW_TOKENS})")
-    parser.add_argument("--prompt", default=None,
-                        help=f"the question asked about each image (default: {DEFAULT_PROMPT!r} for "
-                             "LLaVA; none for BLIP-2, which captions from the image alone)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        help=f"caption length limit in tokens (default {DEFAULT_MAX_NEW_TOKENS})",
+    )
+    parser.add_argument(
+        "--prompt",
+        default=None,
+        help=f"the question asked about each image (default: {DEFAULT_PROMPT!r} for "
+        "LLaVA; none for BLIP-2, which captions from the image alone)",
+    )
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0 = off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (batch i uses fold_in(seed, i))")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="params and compute dtype (default: the checkpoint's own)")
-    parser.add_argument("--draft-len", type=parse_draft_len, default=5,
-                        help="SSD: most tokens drafted per round, or 'auto': each batch's setting chosen "
-                             "among --auto-choices from measured round costs and running acceptance")
-    parser.add_argument("--auto-choices", type=parse_choice, nargs="+", default=None, metavar="G|tree:NxK",
-                        help="--draft-len auto: the settings to choose among: chain draft lengths (0 = "
-                             "plain AR rounds) and draft trees tree:NODESxWIDTH (default 0 2 4 6)")
-    parser.add_argument("--min-confidence", type=float, default=0.0,
-                        help="SSD: stop drafting when the draft's top probability is below this")
-    parser.add_argument("--draft-schedule", choices=("static", "context"), default="static",
-                        help="SSD: fixed draft length, or growing with the caption length")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="params and compute dtype (default: the checkpoint's own)",
+    )
+    parser.add_argument(
+        "--draft-len",
+        type=parse_draft_len,
+        default=5,
+        help="SSD: most tokens drafted per round, or 'auto': each batch's setting chosen "
+        "among --auto-choices from measured round costs and running acceptance",
+    )
+    parser.add_argument(
+        "--auto-choices",
+        type=parse_choice,
+        nargs="+",
+        default=None,
+        metavar="G|tree:NxK",
+        help="--draft-len auto: the settings to choose among: chain draft lengths (0 = "
+        "plain AR rounds) and draft trees tree:NODESxWIDTH (default 0 2 4 6)",
+    )
+    parser.add_argument(
+        "--min-confidence",
+        type=float,
+        default=0.0,
+        help="SSD: stop drafting when the draft's top probability is below this",
+    )
+    parser.add_argument(
+        "--draft-schedule",
+        choices=("static", "context"),
+        default="static",
+        help="SSD: fixed draft length, or growing with the caption length",
+    )
     parser.add_argument("--draft-start-len", type=int, default=1, help="SSD context schedule: first length")
-    parser.add_argument("--draft-grow-every", type=int, default=16,
-                        help="SSD context schedule: +1 draft token every this many tokens")
-    parser.add_argument("--tree-nodes", type=int, default=0,
-                        help="SSD: draft a token tree of this many nodes per round (0 = a chain of "
-                             "--draft-len tokens, the default)")
-    parser.add_argument("--tree-width", type=int, default=2,
-                        help="SSD tree: nodes added per drafting step and children per node "
-                             "(--tree-nodes must be a multiple of it)")
-    parser.add_argument("--drafter", default="imitation", metavar="imitation|eagle|model:CKPT",
-                        help="SSD: what drafts: imitation (the checkpoint's draft path, default), eagle (its "
-                             "EAGLE head), or model:CKPT (a separate small VLM with the same tokenizer, "
-                             "e.g. model:demo-draft)")
+    parser.add_argument(
+        "--draft-grow-every", type=int, default=16, help="SSD context schedule: +1 draft token every this many tokens"
+    )
+    parser.add_argument(
+        "--tree-nodes",
+        type=int,
+        default=0,
+        help="SSD: draft a token tree of this many nodes per round (0 = a chain of --draft-len tokens, the default)",
+    )
+    parser.add_argument(
+        "--tree-width",
+        type=int,
+        default=2,
+        help="SSD tree: nodes added per drafting step and children per node (--tree-nodes must be a multiple of it)",
+    )
+    parser.add_argument(
+        "--drafter",
+        default="imitation",
+        metavar="imitation|eagle|model:CKPT",
+        help="SSD: what drafts: imitation (the checkpoint's draft path, default), eagle (its "
+        "EAGLE head), or model:CKPT (a separate small VLM with the same tokenizer, "
+        "e.g. model:demo-draft)",
+    )
     parser.add_argument("--stats", metavar="STATS.json", help="write run statistics here")
     parser.add_argument("--data-dir", help="TFDS data dir for tfds: inputs (default $TFDS_DATA_DIR)")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="image loading threads (they prefetch the next batch during decoding)")
-    parser.add_argument("--fast-decode", action="store_true",
-                        help="decode very large images at reduced size first (faster, not "
-                             "bit-exact with Hugging Face preprocessing)")
-    parser.add_argument("--prompt-bucket", type=int, default=32,
-                        help="pad prompts to a multiple of this many tokens (fewer compilations)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="image loading threads (they prefetch the next batch during decoding)",
+    )
+    parser.add_argument(
+        "--fast-decode",
+        action="store_true",
+        help="decode very large images at reduced size first (faster, not bit-exact with Hugging Face preprocessing)",
+    )
+    parser.add_argument(
+        "--prompt-bucket",
+        type=int,
+        default=32,
+        help="pad prompts to a multiple of this many tokens (fewer compilations)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--mesh", default=None, metavar="AXIS=N,...",
-                        help="lay the model out over this process's chips, e.g. data=2,tensor=4 "
-                             "(axes data, fsdp, tensor; -1 takes the remaining chips; default: "
-                             "one chip). tensor splits heads/MLP/vocab, data and fsdp split the "
-                             "batch (--batch-size must divide by data x fsdp)")
-    parser.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                        help="multi-process: address of process 0 (auto-detected on Cloud TPU "
-                             "slices, SLURM and MPI; see MULTI-PROCESS below)")
+    parser.add_argument(
+        "--mesh",
+        default=None,
+        metavar="AXIS=N,...",
+        help="lay the model out over this process's chips, e.g. data=2,tensor=4 "
+        "(axes data, fsdp, tensor; -1 takes the remaining chips; default: "
+        "one chip). tensor splits heads/MLP/vocab, data and fsdp split the "
+        "batch (--batch-size must divide by data x fsdp)",
+    )
+    parser.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="multi-process: address of process 0 (auto-detected on Cloud TPU "
+        "slices, SLURM and MPI; see MULTI-PROCESS below)",
+    )
     parser.add_argument("--num-processes", type=int, default=None, help="multi-process: how many")
     parser.add_argument("--process-id", type=int, default=None, help="multi-process: this one's rank")
-    parser.add_argument("--peer-timeout", type=float, default=30.0, metavar="SECONDS",
-                        help="multi-process: process 0, which hosts the coordinator, waits for the "
-                             "others before it exits; it gives up on one whose heartbeat has "
-                             "stopped for this long (default 30)")
+    parser.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="multi-process: process 0, which hosts the coordinator, waits for the "
+        "others before it exits; it gives up on one whose heartbeat has "
+        "stopped for this long (default 30)",
+    )
     return parser
 
 
@@ -169,16 +248,19 @@ def _auto_options(args: argparse.Namespace):
             raise UsageError("--auto-choices needs --draft-len auto")
         return None
     if args.tree_nodes or args.min_confidence > 0 or args.draft_schedule != "static":
-        raise UsageError("--draft-len auto chooses among static chains and trees: it does not combine with "
-                         "--tree-nodes (name trees in --auto-choices, e.g. tree:16x2), --min-confidence or "
-                         "--draft-schedule")
+        raise UsageError(
+            "--draft-len auto chooses among static chains and trees: it does not combine with "
+            "--tree-nodes (name trees in --auto-choices, e.g. tree:16x2), --min-confidence or "
+            "--draft-schedule"
+        )
     try:
         config = AutoDraftConfig(choices=tuple(args.auto_choices)) if args.auto_choices else AutoDraftConfig()
     except ValueError as e:
         raise UsageError(f"--auto-choices: {e}") from None
     if config.trees and args.drafter != "imitation":
-        raise UsageError(f"--auto-choices: draft trees are built by the imitation drafter only, not by "
-                         f"--drafter {args.drafter}")
+        raise UsageError(
+            f"--auto-choices: draft trees are built by the imitation drafter only, not by --drafter {args.drafter}"
+        )
     return config
 
 
@@ -209,7 +291,9 @@ def _check_args(args: argparse.Namespace) -> None:
     _tree_options(args)
     _auto_options(args)
     if os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out} is a folder; pass a file name such as {args.out.rstrip('/')}/captions.jsonl")
+        raise UsageError(
+            f"--out {args.out} is a folder; pass a file name such as {args.out.rstrip('/')}/captions.jsonl"
+        )
     if args.mesh is not None:
         from fastvlm_jax.runtime.sharding import parse_mesh
 
@@ -242,11 +326,13 @@ def _tree_options(args: argparse.Namespace):
     except ValueError as e:
         raise UsageError(f"--tree-nodes / --tree-width: {e}") from None
     if tree.enabled and (args.min_confidence > 0 or args.draft_schedule != "static"):
-        raise UsageError("--tree-nodes drafts a tree of a static shape: --min-confidence and "
-                         "--draft-schedule apply to chains only")
+        raise UsageError(
+            "--tree-nodes drafts a tree of a static shape: --min-confidence and --draft-schedule apply to chains only"
+        )
     if tree.enabled and args.drafter != "imitation":
-        raise UsageError(f"--tree-nodes: draft trees are built by the imitation drafter only, not by "
-                         f"--drafter {args.drafter}")
+        raise UsageError(
+            f"--tree-nodes: draft trees are built by the imitation drafter only, not by --drafter {args.drafter}"
+        )
     return tree
 
 
@@ -274,23 +360,27 @@ def resolve_checkpoint(ckpt: str) -> str:
             raise UsageError(f"--ckpt {ckpt}: {' '.join(str(e).split())}") from None
         return ckpt
     if not os.path.exists(ckpt):
-        raise UsageError(f"--ckpt {ckpt}: no such folder (pass a fastvlm-jax checkpoint folder, "
-                         "or `demo`)")
+        raise UsageError(f"--ckpt {ckpt}: no such folder (pass a fastvlm-jax checkpoint folder, or `demo`)")
     if not os.path.isdir(ckpt):
-        raise UsageError(f"--ckpt {ckpt}: not a folder (a checkpoint is a folder with config.json "
-                         "and params/)")
+        raise UsageError(f"--ckpt {ckpt}: not a folder (a checkpoint is a folder with config.json and params/)")
     if _looks_like_hf(Path(ckpt)):
-        raise UsageError(f"--ckpt {ckpt} is a Hugging Face model folder; convert it first: "
-                         f"python -m fastvlm_jax.convert --hf {ckpt} --out CKPT_DIR, then pass --ckpt CKPT_DIR")
+        raise UsageError(
+            f"--ckpt {ckpt} is a Hugging Face model folder; convert it first: "
+            f"python -m fastvlm_jax.convert --hf {ckpt} --out CKPT_DIR, then pass --ckpt CKPT_DIR"
+        )
     try:
         load_config(ckpt)  # cheap: fails fast on a Hugging Face folder or a wrong path
     except CheckpointError as e:
         message = str(e)
         if "convert" not in message:  # (a Hugging Face folder already gets the convert hint)
-            inner = sorted(p.name for p in Path(ckpt).iterdir()
-                           if (p / "config.json").is_file() and (p / "params").is_dir())
-            hint = (f"did you mean {os.path.join(ckpt, inner[0])}?" if inner else
-                    "pass a folder written by fastvlm_jax.convert or train.run, or `demo`")
+            inner = sorted(
+                p.name for p in Path(ckpt).iterdir() if (p / "config.json").is_file() and (p / "params").is_dir()
+            )
+            hint = (
+                f"did you mean {os.path.join(ckpt, inner[0])}?"
+                if inner
+                else "pass a folder written by fastvlm_jax.convert or train.run, or `demo`"
+            )
             message = f"{message} ({hint})"
         raise UsageError(f"--ckpt: {message}") from None
     except ValueError as e:  # e.g. an unknown config key
@@ -302,8 +392,11 @@ def _looks_like_hf(path: Path) -> bool:
     """Weights in Hugging Face layout, or a config.json written by transformers."""
     if (path / "params").is_dir():
         return False
-    if any(path.glob("*.safetensors")) or (path / "pytorch_model.bin").exists() \
-            or (path / "model.safetensors.index.json").exists():
+    if (
+        any(path.glob("*.safetensors"))
+        or (path / "pytorch_model.bin").exists()
+        or (path / "model.safetensors.index.json").exists()
+    ):
         return True
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
@@ -332,8 +425,12 @@ class PreviousOutput:
 
 
 def is_caption_line(line: Any) -> bool:
-    return (isinstance(line, dict) and isinstance(line.get("image"), str)
-            and isinstance(line.get("caption"), str) and line.get("error") is None)
+    return (
+        isinstance(line, dict)
+        and isinstance(line.get("image"), str)
+        and isinstance(line.get("caption"), str)
+        and line.get("error") is None
+    )
 
 
 def is_error_line(line: Any) -> bool:
@@ -385,9 +482,9 @@ def _write_atomic(path: str, text: str) -> None:
 def _reason(item, error: BaseException) -> str:
     """One-line reason without the file name prefix load_image puts first (we add the id)."""
     message = " ".join(str(error).split()) or type(error).__name__
-    for prefix in ([f"{item.path}: "] if item.path is not None else []):
+    for prefix in [f"{item.path}: "] if item.path is not None else []:
         if message.startswith(prefix):
-            return message[len(prefix):]
+            return message[len(prefix) :]
     return re.sub(r"^<\d+ bytes>: ", "", message)
 
 
@@ -405,8 +502,9 @@ def _load(captioner, item, fast_decode: bool):
         return None, f"cannot load image ({type(e).__name__}: {_reason(item, e)})"
 
 
-def load_in_background(captioner, items: Sequence, workers: int, window: int, fast_decode: bool
-                       ) -> Iterator[tuple[Any, Any, str | None]]:
+def load_in_background(
+    captioner, items: Sequence, workers: int, window: int, fast_decode: bool
+) -> Iterator[tuple[Any, Any, str | None]]:
     """Yields (item, pixels or None, error or None) in order, loading up to `window` ahead.
 
     The threads keep decoding while the caller runs the model (PIL and XLA release the GIL),
@@ -482,8 +580,10 @@ def _run(args: argparse.Namespace, ckpt: str, started: float) -> int:
         if maybe_initialize(args.coordinator, args.num_processes, args.process_id, independent=True):
             start_heartbeat()
     except (RuntimeError, ValueError) as e:
-        raise UsageError(f"cannot join the multi-process run: {' '.join(str(e).split())} "
-                         "(check --coordinator, --num-processes and --process-id)") from None
+        raise UsageError(
+            f"cannot join the multi-process run: {' '.join(str(e).split())} "
+            "(check --coordinator, --num-processes and --process-id)"
+        ) from None
     index, count = jax.process_index(), jax.process_count()
     all_items, input_errors = expand_inputs(args.images, args.data_dir)
     if index > 0:
@@ -497,8 +597,13 @@ def _run(args: argparse.Namespace, ckpt: str, started: float) -> int:
     items = all_items
     if count > 1:
         items = parts.share(all_items, index, count)
-        args = argparse.Namespace(**{**vars(args), "out": parts.part_path(final_out, index, count),
-                                     "stats": args.stats and parts.part_path(args.stats, index, count)})
+        args = argparse.Namespace(
+            **{
+                **vars(args),
+                "out": parts.part_path(final_out, index, count),
+                "stats": args.stats and parts.part_path(args.stats, index, count),
+            }
+        )
         _say(f"{PROG}: process {index} of {count}: {len(items)} of {len(all_items)} images -> {args.out}")
 
     try:
@@ -512,16 +617,20 @@ def _run(args: argparse.Namespace, ckpt: str, started: float) -> int:
     named = {item.id for item in items} | {error.spec for error in input_errors}
     kept = [line for line in previous.lines if not (is_error_line(line) and line["image"] in named)]
     if previous.dropped:
-        _say(f"{PROG}: {args.out}: dropping {len(previous.dropped)} unreadable line(s) "
-             f"(line {', '.join(map(str, previous.dropped[:5]))}; a run killed while writing)")
+        _say(
+            f"{PROG}: {args.out}: dropping {len(previous.dropped)} unreadable line(s) "
+            f"(line {', '.join(map(str, previous.dropped[:5]))}; a run killed while writing)"
+        )
     if not previous.clean or len(kept) != len(previous.lines):
         _write_atomic(args.out, "".join(json_line(line) for line in kept))
     modes = collections.Counter(line.get("mode") for line in kept if is_caption_line(line))
     other = {m: n for m, n in modes.items() if m is not None and m != args.mode}
     if other:
-        _say(f"{PROG}: note: {args.out} already holds captions made with "
-             + ", ".join(f"--mode {m} ({n})" for m, n in other.items())
-             + "; they are kept and skipped. Use another --out to compare modes.")
+        _say(
+            f"{PROG}: note: {args.out} already holds captions made with "
+            + ", ".join(f"--mode {m} ({n})" for m, n in other.items())
+            + "; they are kept and skipped. Use another --out to compare modes."
+        )
     if skipped:
         _say(f"{PROG}: {skipped} of {len(items)} images already captioned in {args.out}, skipping them")
 
@@ -529,7 +638,7 @@ def _run(args: argparse.Namespace, ckpt: str, started: float) -> int:
         parent = os.path.dirname(args.out)
         if parent:
             os.makedirs(parent, exist_ok=True)
-        out = open(args.out, "a", encoding="utf-8")
+        out = open(args.out, "a", encoding="utf-8")  # noqa: SIM115 (closed by `with out:` below)
     except OSError as e:
         raise UsageError(f"--out {args.out}: cannot write ({e.strerror or e})") from None
     with out:
@@ -545,8 +654,10 @@ def _run(args: argparse.Namespace, ckpt: str, started: float) -> int:
         if index == 0 and status in (EXIT_OK, EXIT_SOME_FAILED) and not os.path.exists(final_out):
             _merge_parts(final_out, image_ids, quiet_if_missing=bool(died))
             if died and not os.path.exists(final_out):
-                _say(f"{PROG}: process(es) {', '.join(map(str, died))} stopped before finishing their "
-                     "share; rerun the same command on every host to caption what is left")
+                _say(
+                    f"{PROG}: process(es) {', '.join(map(str, died))} stopped before finishing their "
+                    "share; rerun the same command on every host to caption what is left"
+                )
     return status
 
 
@@ -569,16 +680,21 @@ def _done_elsewhere(final_out: str, count: int, index: int) -> frozenset[str]:
 def _merge_parts(final_out: str, image_ids: list[str], quiet_if_missing: bool = False) -> None:
     from decode import parts
 
-    missing = parts.merge(final_out, image_ids, lambda path: read_previous(path).lines, _write_atomic,
-                          json_line, is_caption_line)
+    missing = parts.merge(
+        final_out, image_ids, lambda path: read_previous(path).lines, _write_atomic, json_line, is_caption_line
+    )
     if missing and quiet_if_missing:
         return
     if missing:
-        _say(f"{PROG}: {len(missing)} image(s) not yet in any part of {final_out} (other processes "
-             "still running?); the last one to finish writes it")
+        _say(
+            f"{PROG}: {len(missing)} image(s) not yet in any part of {final_out} (other processes "
+            "still running?); the last one to finish writes it"
+        )
     else:
-        _say(f"{PROG}: wrote {final_out}: {len(dict.fromkeys(image_ids))} images from "
-             f"{len(parts.existing_parts(final_out))} part file(s)")
+        _say(
+            f"{PROG}: wrote {final_out}: {len(dict.fromkeys(image_ids))} images from "
+            f"{len(parts.existing_parts(final_out))} part file(s)"
+        )
 
 
 def _local_mesh(args):
@@ -595,13 +711,14 @@ def _local_mesh(args):
         raise UsageError(f"--mesh {args.mesh}: {e} ({len(jax.local_devices())} devices here)") from None
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
     if args.batch_size % rows:
-        raise UsageError(f"--batch-size {args.batch_size} does not divide over --mesh {args.mesh} "
-                         f"(data x fsdp = {rows}); use a multiple of {rows}")
+        raise UsageError(
+            f"--batch-size {args.batch_size} does not divide over --mesh {args.mesh} "
+            f"(data x fsdp = {rows}); use a multiple of {rows}"
+        )
     return mesh
 
 
-def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: list, out: TextIO,
-                 started: float) -> int:
+def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: list, out: TextIO, started: float) -> int:
     import jax
     import numpy as np
     from tqdm import tqdm
@@ -612,13 +729,19 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
     from fastvlm_jax.nn.model import param_bytes
 
     options = GenerationOptions(
-        mode=args.mode, max_new_tokens=args.max_new_tokens,
+        mode=args.mode,
+        max_new_tokens=args.max_new_tokens,
         sampling=SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
-        policy=DraftPolicy(draft_len=5 if args.draft_len == "auto" else args.draft_len,
-                           min_confidence=args.min_confidence,
-                           schedule=args.draft_schedule, start_len=args.draft_start_len,
-                           grow_every=args.draft_grow_every),
-        tree=_tree_options(args), auto_draft=_auto_options(args))
+        policy=DraftPolicy(
+            draft_len=5 if args.draft_len == "auto" else args.draft_len,
+            min_confidence=args.min_confidence,
+            schedule=args.draft_schedule,
+            start_len=args.draft_start_len,
+            grow_every=args.draft_grow_every,
+        ),
+        tree=_tree_options(args),
+        auto_draft=_auto_options(args),
+    )
     failures = [{"image": error.spec, "error": error.message} for error in input_errors]
     totals = BatchStats()
     interrupted = out_of_memory = False
@@ -626,9 +749,14 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
     prompt = args.prompt  # the question actually asked (the model's default when None)
     if pending:
         try:
-            captioner = Captioner(ckpt, batch_size=args.batch_size, prompt_bucket=args.prompt_bucket,
-                                  dtype=args.dtype, mesh=_local_mesh(args),
-                                  drafter=args.drafter if args.mode == "ssd" else "imitation")
+            captioner = Captioner(
+                ckpt,
+                batch_size=args.batch_size,
+                prompt_bucket=args.prompt_bucket,
+                dtype=args.dtype,
+                mesh=_local_mesh(args),
+                drafter=args.drafter if args.mode == "ssd" else "imitation",
+            )
         except ValueError as e:  # CheckpointError (a ValueError) or a config the loader rejects
             raise UsageError(f"--ckpt {args.ckpt}: {' '.join(str(e).split())}") from None
         try:
@@ -637,8 +765,7 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
         except ValueError as e:  # e.g. the prompt contains the image placeholder
             raise UsageError(f"--prompt: {e}") from None
 
-        progress = tqdm(total=len(pending), unit="img", dynamic_ncols=True,
-                        disable=True if args.no_progress else None)
+        progress = tqdm(total=len(pending), unit="img", dynamic_ncols=True, disable=True if args.no_progress else None)
         batch_items: list = []
         batch_pixels: list = []
         base_rng = jax.random.key(args.seed)
@@ -646,14 +773,28 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
 
         def run_batch():
             nonlocal totals, batches
-            result = captioner.generate_batch(np.stack(batch_pixels), [prompt_ids] * len(batch_items),
-                                              options, jax.random.fold_in(base_rng, batches))
+            result = captioner.generate_batch(
+                np.stack(batch_pixels), [prompt_ids] * len(batch_items), options, jax.random.fold_in(base_rng, batches)
+            )
             batches += 1
-            out.write("".join(json_line({
-                "image": item.id, "caption": r.caption, "token_ids": list(r.token_ids),
-                "num_tokens": r.num_tokens, "stop": r.stop, "mode": args.mode, "rounds": r.rounds,
-                "drafted": r.drafted, "accepted": r.accepted,
-            }) for item, r in zip(batch_items, result.results)))
+            out.write(
+                "".join(
+                    json_line(
+                        {
+                            "image": item.id,
+                            "caption": r.caption,
+                            "token_ids": list(r.token_ids),
+                            "num_tokens": r.num_tokens,
+                            "stop": r.stop,
+                            "mode": args.mode,
+                            "rounds": r.rounds,
+                            "drafted": r.drafted,
+                            "accepted": r.accepted,
+                        }
+                    )
+                    for item, r in zip(batch_items, result.results)
+                )
+            )
             out.flush()  # a killed run keeps every finished batch
             totals = totals + result.stats
             summary = summarize(totals)
@@ -684,15 +825,18 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
                 run_batch()
         except KeyboardInterrupt:
             interrupted = True
-            _say(f"{PROG}: interrupted; finished batches are in {args.out}, rerun the same "
-                 "command to continue", progress)
+            _say(
+                f"{PROG}: interrupted; finished batches are in {args.out}, rerun the same command to continue", progress
+            )
         except Exception as e:
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
             out_of_memory = True
-            _say(f"{PROG}: error: the device ran out of memory at --batch-size {args.batch_size}; "
-                 f"rerun with a smaller --batch-size (finished batches are kept in {args.out})",
-                 progress)
+            _say(
+                f"{PROG}: error: the device ran out of memory at --batch-size {args.batch_size}; "
+                f"rerun with a smaller --batch-size (finished batches are kept in {args.out})",
+                progress,
+            )
         finally:
             stream.close()
             progress.close()
@@ -701,29 +845,46 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
     captioned = totals.images
     if args.stats:
         stats = summarize(totals)
-        stats.update({
-            "mode": args.mode, "failed": failed, "skipped_done": skipped,
-            "images_total": captioned + skipped + failed, "interrupted": interrupted,
-            "out_of_memory": out_of_memory, "wall_seconds": time.perf_counter() - started,
-            "timing": ("seconds and tokens_per_s exclude compilation: each new program shape is "
-                       "compiled by a warm-up call, timed separately as compile_seconds"),
-            "device": describe_device(), "mesh": args.mesh,
-            "process_index": jax.process_index(), "process_count": jax.process_count(),
-            "batch_size": args.batch_size,
-            "max_new_tokens": args.max_new_tokens, "prompt": prompt,
-            "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-            "seed": args.seed, "draft_len": args.draft_len if args.mode == "ssd" else None,
-            "tree_nodes": args.tree_nodes if args.mode == "ssd" else None,
-            "drafter": args.drafter if args.mode == "ssd" else None,
-            "tree_width": args.tree_width if args.mode == "ssd" and args.tree_nodes else None,
-            "auto_draft": (captioner.auto_draft.report() if captioner and captioner.auto_draft
-                           and args.mode == "ssd" else None),
-            "min_confidence": args.min_confidence, "draft_schedule": args.draft_schedule,
-            "checkpoint": os.fspath(ckpt), "out": args.out,
-            "dtype": captioner.dtype.name if captioner else None,
-            "param_bytes": param_bytes(captioner.params) if captioner else None,
-            "failures": failures,
-        })
+        stats.update(
+            {
+                "mode": args.mode,
+                "failed": failed,
+                "skipped_done": skipped,
+                "images_total": captioned + skipped + failed,
+                "interrupted": interrupted,
+                "out_of_memory": out_of_memory,
+                "wall_seconds": time.perf_counter() - started,
+                "timing": (
+                    "seconds and tokens_per_s exclude compilation: each new program shape is "
+                    "compiled by a warm-up call, timed separately as compile_seconds"
+                ),
+                "device": describe_device(),
+                "mesh": args.mesh,
+                "process_index": jax.process_index(),
+                "process_count": jax.process_count(),
+                "batch_size": args.batch_size,
+                "max_new_tokens": args.max_new_tokens,
+                "prompt": prompt,
+                "temperature": args.temperature,
+                "top_k": args.top_k,
+                "top_p": args.top_p,
+                "seed": args.seed,
+                "draft_len": args.draft_len if args.mode == "ssd" else None,
+                "tree_nodes": args.tree_nodes if args.mode == "ssd" else None,
+                "drafter": args.drafter if args.mode == "ssd" else None,
+                "tree_width": args.tree_width if args.mode == "ssd" and args.tree_nodes else None,
+                "auto_draft": (
+                    captioner.auto_draft.report() if captioner and captioner.auto_draft and args.mode == "ssd" else None
+                ),
+                "min_confidence": args.min_confidence,
+                "draft_schedule": args.draft_schedule,
+                "checkpoint": os.fspath(ckpt),
+                "out": args.out,
+                "dtype": captioner.dtype.name if captioner else None,
+                "param_bytes": param_bytes(captioner.params) if captioner else None,
+                "failures": failures,
+            }
+        )
         _write_stats(args.stats, stats)
 
     if interrupted:
@@ -736,8 +897,7 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
         elif not pending:
             _say(f"{PROG}: nothing to do: this process's share of the images is empty")
         return EXIT_OK
-    _say(f"{PROG}: {failed} image(s) failed (error lines in {args.out}); "
-         f"{captioned + skipped} captioned")
+    _say(f"{PROG}: {failed} image(s) failed (error lines in {args.out}); {captioned + skipped} captioned")
     return EXIT_SOME_FAILED if captioned + skipped > 0 else EXIT_USAGE
 
 

@@ -24,9 +24,16 @@ from fastvlm_jax.nn.config import ConfigError, ImitationKind
 from fastvlm_jax.nn.families import family_named
 
 
-def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, exit_layer: int | None = None,
-            draft_kind: ImitationKind = "ffn", draft_hidden: int = 0, dtype: str = "float32",
-            seed: int = 0, progress: bool = True) -> epath.Path:
+def convert(
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    exit_layer: int | None = None,
+    draft_kind: ImitationKind = "ffn",
+    draft_hidden: int = 0,
+    dtype: str = "float32",
+    seed: int = 0,
+    progress: bool = True,
+) -> epath.Path:
     """Converts a HF folder of any supported family into our checkpoint; returns its path."""
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
@@ -38,8 +45,10 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, exit_layer: i
     try:
         family = family_named(model_type)
     except ConfigError:
-        raise ConversionError(f"model type {model_type!r} is not supported: this converter reads "
-                              "LLaVA (model_type 'llava') and BLIP-2 OPT ('blip-2') checkpoints") from None
+        raise ConversionError(
+            f"model type {model_type!r} is not supported: this converter reads "
+            "LLaVA (model_type 'llava') and BLIP-2 OPT ('blip-2') checkpoints"
+        ) from None
     converter = importlib.import_module(family.converter)
     return converter.convert(hf_dir, out_dir, exit_layer, draft_kind, draft_hidden, dtype, seed, progress)
 
@@ -48,19 +57,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastvlm_jax.convert", description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--hf", required=True, help="local Hugging Face LLaVA or BLIP-2 (OPT) folder")
     parser.add_argument("--out", required=True, help="output checkpoint folder")
-    parser.add_argument("--exit-layer", type=int, default=None,
-                        help="draft path exit layer (default: a quarter of the decoder depth)")
-    parser.add_argument("--draft-kind", choices=["ffn", "layer"], default="ffn",
-                        help="imitation network kind")
-    parser.add_argument("--draft-hidden", type=int, default=0,
-                        help="imitation network FFN width (0: the decoder's)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="parameter dtype of the converted checkpoint (kept when it is loaded)")
+    parser.add_argument(
+        "--exit-layer", type=int, default=None, help="draft path exit layer (default: a quarter of the decoder depth)"
+    )
+    parser.add_argument("--draft-kind", choices=["ffn", "layer"], default="ffn", help="imitation network kind")
+    parser.add_argument("--draft-hidden", type=int, default=0, help="imitation network FFN width (0: the decoder's)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="parameter dtype of the converted checkpoint (kept when it is loaded)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the fresh imitation network")
     args = parser.parse_args(argv)
     try:
-        out = convert(args.hf, args.out, args.exit_layer, args.draft_kind, args.draft_hidden,
-                      args.dtype, args.seed)
+        out = convert(args.hf, args.out, args.exit_layer, args.draft_kind, args.draft_hidden, args.dtype, args.seed)
     except (ConversionError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

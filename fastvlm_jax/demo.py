@@ -44,21 +44,26 @@ def _packaged_or_built(asset_dir: Path, built: str, what: str, how: str) -> Path
     for folder in (asset_dir, cache_root() / built):
         if (folder / "config.json").is_file():
             return folder
-    raise DemoMissingError(f"{what} is not bundled with this install ({asset_dir} is missing): build it with "
-                           f"`python -m train.recipes.demo --root {cache_root()}{how}, or reinstall "
-                           "fastvlm-jax with its package data")
+    raise DemoMissingError(
+        f"{what} is not bundled with this install ({asset_dir} is missing): build it with "
+        f"`python -m train.recipes.demo --root {cache_root()}{how}, or reinstall "
+        "fastvlm-jax with its package data"
+    )
 
 
 def demo_checkpoint() -> Path:
     """Path of the demo checkpoint: the packaged one, else one built into `cache_root()`."""
-    return _packaged_or_built(ASSET_DIR, "refine/export", "the demo model",
-                              "` (about an hour on 2 CPU cores)")
+    return _packaged_or_built(ASSET_DIR, "refine/export", "the demo model", "` (about an hour on 2 CPU cores)")
 
 
 def demo_draft_checkpoint() -> Path:
     """Path of the demo's draft model: the packaged one, else one built into `cache_root()`."""
-    return _packaged_or_built(DRAFT_ASSET_DIR, "draft_model/export", "the demo's draft model",
-                              " --draft-model` (about 10 minutes on 2 CPU cores once the demo is built)")
+    return _packaged_or_built(
+        DRAFT_ASSET_DIR,
+        "draft_model/export",
+        "the demo's draft model",
+        " --draft-model` (about 10 minutes on 2 CPU cores once the demo is built)",
+    )
 
 
 def resolve(ckpt: str | os.PathLike) -> str | os.PathLike:
@@ -80,8 +85,6 @@ def package_demo(export_dir: str | os.PathLike, out_dir: str | os.PathLike = ASS
     on (XLA's CPU backend has no fast bf16 matmul); `--dtype bfloat16` gives the bf16 model.
     """
 
-
-
     ckpt = load_checkpoint(export_dir)
     params = cast_params(cast_params(ckpt.params, jnp.bfloat16), jnp.float32)
     out_dir = Path(out_dir)
@@ -92,14 +95,20 @@ def package_demo(export_dir: str | os.PathLike, out_dir: str | os.PathLike = ASS
 
 def main(argv=None) -> int:
 
-    parser = argparse.ArgumentParser(prog="python -m fastvlm_jax.demo",
-                                     description="Print the demo checkpoint path, or package a new one (or a new draft model).")
-    parser.add_argument("--package", metavar="EXPORT_DIR",
-                        help="copy this trained export (train.recipes.demo's ROOT/refine/export) into the "
-                             "package assets")
-    parser.add_argument("--package-draft", metavar="EXPORT_DIR",
-                        help="copy this trained draft model (ROOT/draft_model/export) into the package "
-                             "assets as demo-draft")
+    parser = argparse.ArgumentParser(
+        prog="python -m fastvlm_jax.demo",
+        description="Print the demo checkpoint path, or package a new one (or a new draft model).",
+    )
+    parser.add_argument(
+        "--package",
+        metavar="EXPORT_DIR",
+        help="copy this trained export (train.recipes.demo's ROOT/refine/export) into the package assets",
+    )
+    parser.add_argument(
+        "--package-draft",
+        metavar="EXPORT_DIR",
+        help="copy this trained draft model (ROOT/draft_model/export) into the package assets as demo-draft",
+    )
     args = parser.parse_args(argv)
     try:
         if args.package_draft:

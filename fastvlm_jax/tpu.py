@@ -23,8 +23,9 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -70,7 +71,8 @@ class ChipSpec:
 #   v5p: 459 TFLOP/s bf16, 95 GiB HBM2e, 2,765 GB/s
 #   v6e: 918 TFLOP/s bf16, 32 GiB HBM,   1,640 GB/s
 CHIPS: dict[str, ChipSpec] = {
-    chip.name: chip for chip in (
+    chip.name: chip
+    for chip in (
         ChipSpec("v4", "TPU v4", 275e12, 1200e9, 32 * GiB, 3),
         ChipSpec("v5e", "TPU v5 lite", 197e12, 819e9, 16 * GiB, 2),
         ChipSpec("v5p", "TPU v5", 459e12, 2765e9, 95 * GiB, 3),
@@ -82,8 +84,7 @@ _NAME = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+)*)$")
 
 
 def valid_forms() -> str:
-    return ("v5e:2x2, v5e:4x8, v6e:2x2 (2D: v5e, v6e); v4:2x2x2, v5p:2x2x4 (3D: v4, v5p); "
-            "each dimension a power of two")
+    return "v5e:2x2, v5e:4x8, v6e:2x2 (2D: v5e, v6e); v4:2x2x2, v5p:2x2x4 (3D: v4, v5p); each dimension a power of two"
 
 
 def parse_topology(name: str) -> tuple[ChipSpec, tuple[int, ...]]:
@@ -94,8 +95,10 @@ def parse_topology(name: str) -> tuple[ChipSpec, tuple[int, ...]]:
     chip = CHIPS[match.group(1)]
     dims = tuple(int(d) for d in match.group(2).split("x"))
     if len(dims) != chip.dims or any(d < 1 or d & (d - 1) for d in dims):
-        raise TopologyError(f"TPU topology {name!r}: {chip.name} takes {chip.dims} power-of-two "
-                            f"dimensions; valid forms: {valid_forms()}")
+        raise TopologyError(
+            f"TPU topology {name!r}: {chip.name} takes {chip.dims} power-of-two "
+            f"dimensions; valid forms: {valid_forms()}"
+        )
     return chip, dims
 
 
@@ -141,8 +144,9 @@ def get_topology(name: str) -> Topology:
     try:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=name.strip())
     except Exception as err:  # libtpu's message is long; keep its first line
-        raise TopologyError(f"libtpu rejects topology {name!r}: {str(err).splitlines()[0]}; "
-                            f"valid forms: {valid_forms()}") from None
+        raise TopologyError(
+            f"libtpu rejects topology {name!r}: {str(err).splitlines()[0]}; valid forms: {valid_forms()}"
+        ) from None
     devices = tuple(desc.devices)
     if devices[0].device_kind != chip.device_kind:
         raise TopologyError(f"{name!r} gave {devices[0].device_kind!r} devices, expected {chip.device_kind!r}")
@@ -201,9 +205,15 @@ def memory_report(compiled) -> MemoryReport:
     args, outs = int(stats.argument_size_in_bytes), int(stats.output_size_in_bytes)
     alias, temps = int(stats.alias_size_in_bytes), int(stats.temp_size_in_bytes)
     compiler_peak = int(getattr(stats, "peak_memory_in_bytes", 0) or 0)
-    return MemoryReport(arguments=args, outputs=outs, aliased=alias, temporaries=temps,
-                        generated_code=int(stats.generated_code_size_in_bytes),
-                        compiler_peak=compiler_peak, peak=max(compiler_peak, args + outs - alias + temps))
+    return MemoryReport(
+        arguments=args,
+        outputs=outs,
+        aliased=alias,
+        temporaries=temps,
+        generated_code=int(stats.generated_code_size_in_bytes),
+        compiler_peak=compiler_peak,
+        peak=max(compiler_peak, args + outs - alias + temps),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,11 +258,10 @@ def roofline_seconds(flops: float, bytes_moved: float, topology: Topology) -> tu
     return max(compute, memory), compute, memory
 
 
-def compile_program(name: str, program, args, mesh, topology: "Topology"):
+def compile_program(name: str, program, args, mesh, topology: Topology):
     """Lowers `program` (a jitted function) on `args` under the library's logical-axis rules
     over `mesh`, compiles it for `topology` and analyzes it: (CompileReport, None), or
     (None, the compiler's one-line refusal, e.g. out of HBM)."""
-
 
     start = time.perf_counter()
     with jax.set_mesh(mesh), sharding.axis_rules(sharding.DEFAULT_RULES):
@@ -271,8 +280,9 @@ def compile_program(name: str, program, args, mesh, topology: "Topology"):
     return analyze(name, compiled, topology, time.perf_counter() - start, hlo_text), None
 
 
-def analyze(name: str, compiled, topology: Topology, compile_seconds: float = 0.0,
-            hlo_text: str | None = None) -> CompileReport:
+def analyze(
+    name: str, compiled, topology: Topology, compile_seconds: float = 0.0, hlo_text: str | None = None
+) -> CompileReport:
     """The compiler's memory and cost figures of `compiled` (a jax.stages.Compiled);
     hlo_text: its optimized HLO as the compiler wrote it, when `as_text` cannot read it."""
     cost = compiled.cost_analysis()
@@ -283,16 +293,22 @@ def analyze(name: str, compiled, topology: Topology, compile_seconds: float = 0.
     optimal = cost.get("optimal_seconds")
     try:
         text = compiled.as_text()
-    except Exception:  # noqa: BLE001  (seen: a libtpu newer than jaxlib emits HLO jaxlib cannot parse)
+    except Exception:
         text = hlo_text
     return CompileReport(
-        name=name, memory=memory_report(compiled), flops=flops, bytes_accessed=moved,
+        name=name,
+        memory=memory_report(compiled),
+        flops=flops,
+        bytes_accessed=moved,
         transcendentals=float(cost.get("transcendentals", 0.0)),
         compiler_seconds=float(optimal) if optimal is not None else None,
         collectives=collective_counts(text) if text is not None else None,
         while_loops=while_loops(text) if text is not None else None,
         compile_seconds=compile_seconds,
-        step_time_lower_bound_s=bound, flops_time_s=compute, bytes_time_s=memory)
+        step_time_lower_bound_s=bound,
+        flops_time_s=compute,
+        bytes_time_s=memory,
+    )
 
 
 def fits(peak_bytes_per_device: int, topology: Topology) -> bool:
@@ -302,8 +318,11 @@ def fits(peak_bytes_per_device: int, topology: Topology) -> bool:
 def topology_summary(topology: Topology) -> dict[str, Any]:
     """The JSON keys that describe the slice (DESIGN.md section 4)."""
     return {
-        "topology": topology.name, "chips": topology.chips, "devices": len(topology.devices),
-        "devices_per_chip": topology.devices_per_chip, "device_kind": topology.device_kind,
+        "topology": topology.name,
+        "chips": topology.chips,
+        "devices": len(topology.devices),
+        "devices_per_chip": topology.devices_per_chip,
+        "device_kind": topology.device_kind,
         "hbm_bytes_per_chip": topology.chip.hbm_bytes,
         "peak_bf16_flops_per_chip": topology.chip.peak_bf16_flops,
         "hbm_bandwidth_per_chip": topology.chip.hbm_bandwidth,
@@ -357,8 +376,11 @@ def format_bytes(n: float) -> str:
 def program_lines(name: str, p: dict[str, Any], hbm_bytes_per_device: int) -> list[str]:
     """Console lines for one program's `report_dict`."""
     m = p["memory_per_device"]
-    coll = ("(HLO text unavailable)" if p["collectives"] is None
-            else ", ".join(f"{k} {v}" for k, v in p["collectives"].items() if v) or "none")
+    coll = (
+        "(HLO text unavailable)"
+        if p["collectives"] is None
+        else ", ".join(f"{k} {v}" for k, v in p["collectives"].items() if v) or "none"
+    )
     return [
         f"{name}: compiled in {p['compile_seconds']:.1f} s",
         f"  per device: arguments {format_bytes(m['arguments'])}, outputs {format_bytes(m['outputs'])} "

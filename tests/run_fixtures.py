@@ -39,8 +39,9 @@ def random_params(config, seed: int = 0):
     """
     rng = np.random.RandomState(seed)
     boxed = VLM(config).abstract_params()
-    abstract = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, boxed,
-                            is_leaf=lambda x: hasattr(x, "names"))
+    abstract = jax.tree.map(
+        lambda x: x.value if hasattr(x, "value") else x, boxed, is_leaf=lambda x: hasattr(x, "names")
+    )
 
     def draw(path, leaf):
         name = jax.tree_util.keystr(path)
@@ -59,8 +60,15 @@ def random_params(config, seed: int = 0):
     return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
-def make_tiny_checkpoint(directory: str | os.PathLike, *, seed: int = 0, deep_scale: float = 0.3,
-                         image_size: int = 16, eagle: bool = False, **config_overrides) -> Path:
+def make_tiny_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    seed: int = 0,
+    deep_scale: float = 0.3,
+    image_size: int = 16,
+    eagle: bool = False,
+    **config_overrides,
+) -> Path:
     """Writes a tiny random checkpoint to `directory` and returns its path.
 
     deep_scale: multiplies the residual branches of the layers after the draft exit, so the
@@ -82,12 +90,10 @@ def make_tiny_checkpoint(directory: str | os.PathLike, *, seed: int = 0, deep_sc
     for block, projection in (("self_attn", "o_proj"), ("mlp", "down_proj")):
         kernel = layers[block][projection]["kernel"]
         layers[block][projection]["kernel"] = np.concatenate([kernel[:deep], kernel[deep:] * deep_scale])
-    return save_checkpoint(directory / "ckpt", config, params, tokenizer,
-                           ImageProcessorConfig.clip(image_size))
+    return save_checkpoint(directory / "ckpt", config, params, tokenizer, ImageProcessorConfig.clip(image_size))
 
 
-def write_image(path: str | os.PathLike, size=(24, 20), mode: str = "RGB", seed: int = 0,
-                solid: bool = False) -> Path:
+def write_image(path: str | os.PathLike, size=(24, 20), mode: str = "RGB", seed: int = 0, solid: bool = False) -> Path:
     """Writes a small image file (format from the extension) and returns its path.
 
     mode: 'RGB', 'L', 'RGBA', 'P', 'I;16', ...; solid: one colour (compresses to a few KB even

@@ -40,7 +40,7 @@ CORPUS: tuple[str, ...] = (
     "Describe the image in detail. Provide a one-sentence caption.",
     "A close-up of a pizza with cheese, tomatoes & basil; it's 12 inches wide.",
     "Is there a person in the picture? Yes, there is (a man) near the door.",
-    "The sign says \"STOP\" - it was taken in 2019 at 10:30 am.",
+    'The sign says "STOP" - it was taken in 2019 at 10:30 am.',
     "A laptop computer sitting on top of a wooden desk.",
     "A herd of sheep grazing on a green hillside.",
 )
@@ -48,8 +48,9 @@ CORPUS: tuple[str, ...] = (
 LLAMA_SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2}
 
 
-def train_tiny_sentencepiece(directory: str | os.PathLike, vocab_size: int = 512, model_type: str = "bpe",
-                             byte_fallback: bool = True) -> Path:
+def train_tiny_sentencepiece(
+    directory: str | os.PathLike, vocab_size: int = 512, model_type: str = "bpe", byte_fallback: bool = True
+) -> Path:
     """Train a tiny LLaMA-style sentencepiece model; returns the path of `tokenizer.model`.
 
     Args:

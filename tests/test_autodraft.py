@@ -37,7 +37,7 @@ def test_estimates_are_non_increasing_and_shrunk_to_the_prior_where_unseen():
     auto.observe(2, [4, 4], [4, 4])  # draft length 2 only, everything accepted
     estimate = auto.accept_at_least()
     assert np.all(np.diff(estimate) <= 0)
-    assert estimate[0] > 0.8 and estimate[5] <= 0.5 ** 3
+    assert estimate[0] > 0.8 and estimate[5] <= 0.5**3
 
 
 def test_run_cli_auto_draft_len_equals_ar_and_reports_choices(tmp_path):
@@ -48,8 +48,23 @@ def test_run_cli_auto_draft_len_equals_ar_and_reports_choices(tmp_path):
     images = [str(write_image(tmp_path / "in" / f"{i}.png", seed=i)) for i in range(4)]
     common = ["--ckpt", ckpt, "--images", *images, "--batch-size", "2", "--max-new-tokens", "8", "--no-progress"]
     assert run.main([*common, "--out", str(tmp_path / "ar.jsonl"), "--mode", "ar"]) == run.EXIT_OK
-    assert run.main([*common, "--out", str(tmp_path / "auto.jsonl"), "--draft-len", "auto", "--auto-choices",
-                     "0", "2", "--stats", str(tmp_path / "stats.json")]) == run.EXIT_OK
+    assert (
+        run.main(
+            [
+                *common,
+                "--out",
+                str(tmp_path / "auto.jsonl"),
+                "--draft-len",
+                "auto",
+                "--auto-choices",
+                "0",
+                "2",
+                "--stats",
+                str(tmp_path / "stats.json"),
+            ]
+        )
+        == run.EXIT_OK
+    )
 
     def token_ids(name):
         lines = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
@@ -70,13 +85,16 @@ def test_parse_choice_reads_chains_and_trees():
     assert choice_label(TreeShape(nodes=16, width=2)) == "tree:16x2" and choice_label(4) == 4
 
 
-@pytest.mark.parametrize("text,message", [
-    ("four", "expected a draft length or tree:NODESxWIDTH"),
-    ("tree:16", "expected tree:NODESxWIDTH"),
-    ("tree:ax2", "expected tree:NODESxWIDTH"),
-    ("tree:7x2", "multiple of the tree width"),
-    ("tree:0x2", "nodes >= 1"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("four", "expected a draft length or tree:NODESxWIDTH"),
+        ("tree:16", "expected tree:NODESxWIDTH"),
+        ("tree:ax2", "expected tree:NODESxWIDTH"),
+        ("tree:7x2", "multiple of the tree width"),
+        ("tree:0x2", "nodes >= 1"),
+    ],
+)
 def test_parse_choice_rejects_bad_ones(text, message):
     import argparse
 
@@ -136,8 +154,22 @@ def test_run_cli_auto_chooses_among_chains_and_trees(tmp_path):
     assert run.main([*common, "--out", str(tmp_path / "ar.jsonl"), "--mode", "ar"]) == run.EXIT_OK
     # The choice itself, and a tree as the only choice (so a tree surely decodes the batches).
     for name, choices in (("mixed", ["0", "2", "tree:4x2"]), ("tree", ["tree:4x2"])):
-        assert run.main([*common, "--out", str(tmp_path / f"{name}.jsonl"), "--draft-len", "auto",
-                         "--auto-choices", *choices, "--stats", str(tmp_path / f"{name}.json")]) == run.EXIT_OK
+        assert (
+            run.main(
+                [
+                    *common,
+                    "--out",
+                    str(tmp_path / f"{name}.jsonl"),
+                    "--draft-len",
+                    "auto",
+                    "--auto-choices",
+                    *choices,
+                    "--stats",
+                    str(tmp_path / f"{name}.json"),
+                ]
+            )
+            == run.EXIT_OK
+        )
 
     def token_ids(name):
         lines = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
@@ -149,24 +181,36 @@ def test_run_cli_auto_chooses_among_chains_and_trees(tmp_path):
     report = mixed["auto_draft"]
     (costs,) = report["round_ms"].values()
     assert report["choices"] == [0, 2, "tree:4x2"] and set(costs) == {"0", "2", "tree:4x2"}
-    assert set(report["expected_tokens_per_round"]) == set(costs) and len(report["tree_accept_at_least"]["tree:4x2"]) == 2
+    assert (
+        set(report["expected_tokens_per_round"]) == set(costs) and len(report["tree_accept_at_least"]["tree:4x2"]) == 2
+    )
     tree = json.loads((tmp_path / "tree.json").read_text())
     assert tree["draft_len_per_batch"] == ["tree:4x2", "tree:4x2"]
     assert tree["nodes_verified_per_call"] == 5  # 4 nodes and the root: the tree's program ran
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--draft-len", "auto", "--tree-nodes", "4"], "does not combine"),
-    (["--draft-len", "auto", "--auto-choices", "0", "tree:5x2"], "multiple of the tree width"),
-    (["--draft-len", "auto", "--auto-choices", "0", "tree:4x2", "--drafter", "eagle"], "imitation drafter only"),
-    (["--auto-choices", "0", "2"], "needs --draft-len auto"),
-    (["--draft-len", "auto", "--auto-choices", "2", "2"], "distinct"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--draft-len", "auto", "--tree-nodes", "4"], "does not combine"),
+        (["--draft-len", "auto", "--auto-choices", "0", "tree:5x2"], "multiple of the tree width"),
+        (["--draft-len", "auto", "--auto-choices", "0", "tree:4x2", "--drafter", "eagle"], "imitation drafter only"),
+        (["--auto-choices", "0", "2"], "needs --draft-len auto"),
+        (["--draft-len", "auto", "--auto-choices", "2", "2"], "distinct"),
+    ],
+)
 def test_run_cli_rejects_bad_auto_flags(tmp_path, capsys, flags, message):
     from decode import run
 
-    argv = ["--ckpt", str(tmp_path / "no-ckpt"), "--images", str(tmp_path / "no.png"),
-            "--out", str(tmp_path / "out.jsonl"), *flags]
+    argv = [
+        "--ckpt",
+        str(tmp_path / "no-ckpt"),
+        "--images",
+        str(tmp_path / "no.png"),
+        "--out",
+        str(tmp_path / "out.jsonl"),
+        *flags,
+    ]
     assert run.main(argv) == run.EXIT_USAGE
     assert message in capsys.readouterr().err
 
@@ -175,8 +219,28 @@ def test_bench_cli_auto_draft_len(tmp_path):
     from decode.bench import cli
 
     out = tmp_path / "bench.json"
-    assert cli.main(["--ckpt", "random:tiny", "--draft-len", "2", "auto", "--auto-choices", "0", "tree:4x2",
-                     "--max-new-tokens", "8", "--repeats", "1", "--no-plots", "--json", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "--ckpt",
+                "random:tiny",
+                "--draft-len",
+                "2",
+                "auto",
+                "--auto-choices",
+                "0",
+                "tree:4x2",
+                "--max-new-tokens",
+                "8",
+                "--repeats",
+                "1",
+                "--no-plots",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     static, auto = json.loads(out.read_text())["runs"]
     assert static["draft_len"] == 2 and auto["policy"]["name"] == "auto"
     chosen = auto["auto_draft"]["chosen"]

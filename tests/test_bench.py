@@ -12,12 +12,32 @@ from decode.bench import cli, peers, replay
 
 def test_bench_sweep_writes_json_keys_and_plots(tmp_path):
     out = tmp_path / "bench.json"
-    assert cli.main(["--ckpt", "random:tiny", "--draft-len", "1", "2", "--max-new-tokens", "8",
-                     "--repeats", "1", "--cost-model", "--cost-iters", "2", "--context-acceptance",
-                     "--replay-rows", "1", "--json", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "--ckpt",
+                "random:tiny",
+                "--draft-len",
+                "1",
+                "2",
+                "--max-new-tokens",
+                "8",
+                "--repeats",
+                "1",
+                "--cost-model",
+                "--cost-iters",
+                "2",
+                "--context-acceptance",
+                "--replay-rows",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
-    for key in ("device", "memory", "runs", "speedup", "identical", "mean_accepted_length",
-                "acceptance_rate"):
+    for key in ("device", "memory", "runs", "speedup", "identical", "mean_accepted_length", "acceptance_rate"):
         assert key in report, key
     assert report["ar"]["tokens_per_s"] > 0 and report["ssd"]["tokens_per_s"] > 0
     assert [r["draft_len"] for r in report["runs"]] == [1, 2]
@@ -46,9 +66,14 @@ def test_replayed_rounds_follow_the_policies():
 
     # One row of 8 tokens; the draft agrees with the full model except at tokens 3 and 6.
     agree = np.array([[True, True, True, False, True, True, False, True]])
-    rep = replay.Replay(prompt_len=10, num_tokens=np.array([8]), ar_tokens=np.zeros((1, 8), int),
-                       full_top1=np.zeros((1, 8), int), draft_top1=np.where(agree, 0, 1)[:, :8],
-                       draft_conf=np.array([[1, 1, 1, 1, 1, 0.2, 1, 1]]))
+    rep = replay.Replay(
+        prompt_len=10,
+        num_tokens=np.array([8]),
+        ar_tokens=np.zeros((1, 8), int),
+        full_top1=np.zeros((1, 8), int),
+        draft_top1=np.where(agree, 0, 1)[:, :8],
+        draft_conf=np.array([[1, 1, 1, 1, 1, 0.2, 1, 1]]),
+    )
     # static draft_len 4: round 1 drafts tokens 1-4 (accepts 1, 2; rejects 3; emits 3 tokens),
     # round 2 drafts 4-7 (accepts 4, 5; rejects 6), round 3 drafts token 7 (accepted, ends).
     rounds = replay.simulate_rounds(rep, DraftPolicy(draft_len=4))
@@ -67,9 +92,29 @@ def test_replayed_rounds_follow_the_policies():
 def test_bench_peers_tiny_reports_token_equality(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "peers.json"
-    assert peers.main(["--size", "tiny", "--exit-layer", "2", "--draft-len", "3", "--batch-size", "1",
-                       "--max-new-tokens", "8", "--prompt-len", "6", "--repeats", "1",
-                       "--json", str(out)]) == 0
+    assert (
+        peers.main(
+            [
+                "--size",
+                "tiny",
+                "--exit-layer",
+                "2",
+                "--draft-len",
+                "3",
+                "--batch-size",
+                "1",
+                "--max-new-tokens",
+                "8",
+                "--prompt-len",
+                "6",
+                "--repeats",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     systems = {r["system"] for r in report["results"]}
     assert systems == {"hf_ar", "hf_early_exit", "ours_ar", "ours_ssd"}
@@ -83,20 +128,45 @@ def test_bench_package_runs_as_a_module_without_torch_or_matplotlib():
     # `python -m decode.bench` keeps the flags that README/BENCHMARKS commands use, and
     # importing the package (peers and plots included) pulls in neither torch,
     # transformers nor matplotlib: only running peers / drawing plots does.
-    code = ("import sys, runpy\n"
-            "import decode.bench.cli, decode.bench.peers, decode.bench.plots\n"
-            "print(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))\n"
-            "sys.argv = ['decode.bench', '--help']\n"
-            "runpy.run_module('decode.bench', run_name='__main__')\n")
+    code = (
+        "import sys, runpy\n"
+        "import decode.bench.cli, decode.bench.peers, decode.bench.plots\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))\n"
+        "sys.argv = ['decode.bench', '--help']\n"
+        "runpy.run_module('decode.bench', run_name='__main__')\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     first, usage = out.stdout.split("\n", 1)
     assert first == "[]", first
-    for flag in ("--ckpt", "--images", "--prompt", "--batch-size", "--exit-layer", "--draft-len", "--policy",
-                 "--min-confidence", "--draft-schedule", "--confidence-threshold", "--start-len",
-                 "--grow-every", "--max-new-tokens", "--repeats", "--prompt-sets", "--temperature", "--seed",
-                 "--dtype", "--cost-model", "--cost-iters", "--layer-scaling", "--context-acceptance",
-                 "--replay-rows", "--context-bucket", "--no-plots", "--json"):
+    for flag in (
+        "--ckpt",
+        "--images",
+        "--prompt",
+        "--batch-size",
+        "--exit-layer",
+        "--draft-len",
+        "--policy",
+        "--min-confidence",
+        "--draft-schedule",
+        "--confidence-threshold",
+        "--start-len",
+        "--grow-every",
+        "--max-new-tokens",
+        "--repeats",
+        "--prompt-sets",
+        "--temperature",
+        "--seed",
+        "--dtype",
+        "--cost-model",
+        "--cost-iters",
+        "--layer-scaling",
+        "--context-acceptance",
+        "--replay-rows",
+        "--context-bucket",
+        "--no-plots",
+        "--json",
+    ):
         assert flag in usage, flag
 
 
@@ -121,8 +191,9 @@ def test_prefill_and_rounds_reproduce_generate(mode):
     @jax.jit
     def rounds(params):
         state = engine.prefill(model, params, prompts, spec, 6)
-        return jax.lax.while_loop(lambda s: jnp.any(~s.done),
-                                  lambda s: engine.decode_round(model, params, spec, s, 6), state)
+        return jax.lax.while_loop(
+            lambda s: jnp.any(~s.done), lambda s: engine.decode_round(model, params, spec, s, 6), state
+        )
 
     got = rounds(bench.params)
     for field in ("tokens", "num_tokens"):
@@ -139,9 +210,30 @@ def test_bench_compares_the_three_drafters(tmp_path):
     ckpt = make_tiny_checkpoint(tmp_path / "main", eagle=True)
     draft = make_tiny_checkpoint(tmp_path / "draft", num_layers=2, exit_layer=1, seed=1)
     out = tmp_path / "bench.json"
-    assert cli.main(["--ckpt", str(ckpt), "--drafter", "imitation", "eagle", f"model:{draft}",
-                     "--batch-size", "2", "--draft-len", "3", "--max-new-tokens", "8", "--repeats", "1",
-                     "--no-plots", "--json", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "--ckpt",
+                str(ckpt),
+                "--drafter",
+                "imitation",
+                "eagle",
+                f"model:{draft}",
+                "--batch-size",
+                "2",
+                "--draft-len",
+                "3",
+                "--max-new-tokens",
+                "8",
+                "--repeats",
+                "1",
+                "--no-plots",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     runs = json.loads(out.read_text())["runs"]
     assert [r["drafter"] for r in runs] == ["imitation", "eagle", f"model:{draft}"]
     for run in runs:
@@ -153,8 +245,26 @@ def test_bench_compares_the_three_drafters(tmp_path):
     from decode.bench import drafter_cost
 
     cost = tmp_path / "cost.json"
-    assert drafter_cost.main(["--ckpt", str(ckpt), "--drafter", "eagle", f"model:{draft}", "--iters", "2",
-                              "--repeats", "1", "--max-new-tokens", "8", "--json", str(cost)]) == 0
+    assert (
+        drafter_cost.main(
+            [
+                "--ckpt",
+                str(ckpt),
+                "--drafter",
+                "eagle",
+                f"model:{draft}",
+                "--iters",
+                "2",
+                "--repeats",
+                "1",
+                "--max-new-tokens",
+                "8",
+                "--json",
+                str(cost),
+            ]
+        )
+        == 0
+    )
     rows = json.loads(cost.read_text())["results"]
     assert [r["drafter"] for r in rows] == ["eagle", f"model:{draft}"]
     for row in rows:

@@ -10,21 +10,29 @@ import pytest
 
 from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
 from fastvlm_jax import convert
-from fastvlm_jax.ckpt.convert import blip2 as convert_blip2
-from fastvlm_jax.runtime import sharding
-from fastvlm_jax.nn.blip2 import Blip2Config, OPTConfig, OPTDecoder, init_imitation
 from fastvlm_jax.ckpt.checkpoint import load_checkpoint
+from fastvlm_jax.ckpt.convert import blip2 as convert_blip2
+from fastvlm_jax.nn.blip2 import Blip2Config, OPTConfig, OPTDecoder, init_imitation
 from fastvlm_jax.nn.config import ConfigError
 from fastvlm_jax.nn.model import VLM
+from fastvlm_jax.runtime import sharding
 from tests.hf_blip2 import build_tiny_blip2, perturb_norms, random_prompt_ids
 
 CONFIGS = {
     # cross-attention in every Q-Former layer, tied LM head, 32px / 8px patches, 4 queries
     "xattn1_tied": dict(),
     # cross-attention every 2nd layer, untied head, no qkv / OPT biases, 48px / 16px, 6 queries
-    "xattn2_untied_nobias": dict(qkv_bias=False, qformer_layers=3, cross_attention_frequency=2,
-                                 tie=False, enable_bias=False, image_size=48, patch_size=16,
-                                 num_query_tokens=6, text_layers=3),
+    "xattn2_untied_nobias": dict(
+        qkv_bias=False,
+        qformer_layers=3,
+        cross_attention_frequency=2,
+        tie=False,
+        enable_bias=False,
+        image_size=48,
+        patch_size=16,
+        num_query_tokens=6,
+        text_layers=3,
+    ),
 }
 
 
@@ -37,11 +45,13 @@ def _hf_logits(hf_model, ids, pixels):
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_logits_match_hf(tmp_path, name):
-    hf_model = build_tiny_blip2(tmp_path, seed=len(name), text_init_std=0.15, vision_init_std=0.2,
-                                projection_std=0.5, **CONFIGS[name])
+    hf_model = build_tiny_blip2(
+        tmp_path, seed=len(name), text_init_std=0.15, vision_init_std=0.2, projection_std=0.5, **CONFIGS[name]
+    )
     config = convert_blip2.config_from_hf(json.loads((tmp_path / "config.json").read_text()), exit_layer=2)
-    params = convert_blip2.convert_params(convert_blip2.open_safetensors(tmp_path), config,
-                                          jax.random.key(0), progress=False)
+    params = convert_blip2.convert_params(
+        convert_blip2.open_safetensors(tmp_path), config, jax.random.key(0), progress=False
+    )
     rng = np.random.RandomState(0)
     ids = np.array([random_prompt_ids(hf_model.config, rng, text_len=7) for _ in range(2)])
     size = hf_model.config.vision_config.image_size
@@ -52,8 +62,9 @@ def test_logits_match_hf(tmp_path, name):
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=0)
 
     # The in-memory state dict (same key layout in transformers 5) converts identically.
-    in_memory = convert_blip2.convert_params(convert_blip2.state_dict_source(hf_model.state_dict()), config,
-                                             jax.random.key(0), progress=False)
+    in_memory = convert_blip2.convert_params(
+        convert_blip2.state_dict_source(hf_model.state_dict()), config, jax.random.key(0), progress=False
+    )
     for a, b in zip(jax.tree.leaves(in_memory), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -65,9 +76,16 @@ def test_opt_project_in_out_and_post_norm_match_hf():
     from transformers import OPTForCausalLM
 
     torch.manual_seed(0)
-    hf_config = HFOPTConfig(vocab_size=80, hidden_size=32, word_embed_proj_dim=16, ffn_dim=48,
-                            num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64,
-                            do_layer_norm_before=False)
+    hf_config = HFOPTConfig(
+        vocab_size=80,
+        hidden_size=32,
+        word_embed_proj_dim=16,
+        ffn_dim=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        do_layer_norm_before=False,
+    )
     hf_model = OPTForCausalLM(hf_config).eval()
     perturb_norms(hf_model)
     with torch.no_grad():  # larger weights than HF's init, so the logits are far from zero
@@ -92,8 +110,7 @@ def test_opt_project_in_out_and_post_norm_match_hf():
 
 
 def test_converter_errors_are_clear(tmp_path, capsys):
-    hf = {"model_type": "blip-2", "image_token_index": 50265,
-          "text_config": {"model_type": "t5", "d_model": 2048}}
+    hf = {"model_type": "blip-2", "image_token_index": 50265, "text_config": {"model_type": "t5", "d_model": 2048}}
     (tmp_path / "config.json").write_text(json.dumps(hf))
     with pytest.raises(convert.ConversionError, match="Flan-T5.*not supported yet"):
         convert.convert(tmp_path, tmp_path / "out")
@@ -108,16 +125,34 @@ def test_blip2_opt_2_7b_config_from_sparse_hub_config():
     from fastvlm_jax.nn.model import param_count
 
     hub = {
-        "architectures": ["Blip2ForConditionalGeneration"], "image_text_hidden_size": 256,
-        "image_token_index": 50265, "model_type": "blip-2", "num_query_tokens": 32,
+        "architectures": ["Blip2ForConditionalGeneration"],
+        "image_text_hidden_size": 256,
+        "image_token_index": 50265,
+        "model_type": "blip-2",
+        "num_query_tokens": 32,
         "qformer_config": {"classifier_dropout": None, "model_type": "blip_2_qformer"},
-        "text_config": {"_name_or_path": "facebook/opt-2.7b", "activation_dropout": 0.0,
-                        "architectures": ["OPTForCausalLM"], "eos_token_id": 50118, "ffn_dim": 10240,
-                        "hidden_size": 2560, "model_type": "opt", "num_attention_heads": 32,
-                        "num_hidden_layers": 32, "prefix": "</s>", "torch_dtype": "float16",
-                        "vocab_size": 50304, "word_embed_proj_dim": 2560},
-        "vision_config": {"dropout": 0.0, "initializer_factor": 1.0, "model_type": "blip_2_vision_model",
-                          "num_channels": 3, "projection_dim": 512},
+        "text_config": {
+            "_name_or_path": "facebook/opt-2.7b",
+            "activation_dropout": 0.0,
+            "architectures": ["OPTForCausalLM"],
+            "eos_token_id": 50118,
+            "ffn_dim": 10240,
+            "hidden_size": 2560,
+            "model_type": "opt",
+            "num_attention_heads": 32,
+            "num_hidden_layers": 32,
+            "prefix": "</s>",
+            "torch_dtype": "float16",
+            "vocab_size": 50304,
+            "word_embed_proj_dim": 2560,
+        },
+        "vision_config": {
+            "dropout": 0.0,
+            "initializer_factor": 1.0,
+            "model_type": "blip_2_vision_model",
+            "num_channels": 3,
+            "projection_dim": 512,
+        },
     }
     config = convert_blip2.config_from_hf(hub)
     assert config == get_model_config()
@@ -140,8 +175,7 @@ def converted(tmp_path_factory):
     import torch
 
     root = tmp_path_factory.mktemp("blip2")
-    hf_model = build_tiny_blip2(root / "hf", seed=3, text_init_std=0.15, deep_scale=0.3,
-                                exit_layer=EXIT_LAYER)
+    hf_model = build_tiny_blip2(root / "hf", seed=3, text_init_std=0.15, deep_scale=0.3, exit_layer=EXIT_LAYER)
     convert.convert(root / "hf", root / "ckpt", exit_layer=EXIT_LAYER, progress=False)
     checkpoint = load_checkpoint(root / "ckpt")
 
@@ -152,17 +186,21 @@ def converted(tmp_path_factory):
     hf_tokens = []
     with torch.no_grad():  # one row at a time: no padding on the HF side
         for row, image in zip(rows, pixels):
-            out = hf_model.generate(input_ids=torch.tensor([row]), pixel_values=torch.tensor(image[None]),
-                                    max_new_tokens=MAX_NEW, do_sample=False)
-            hf_tokens.append(out[0, len(row):].tolist())
+            out = hf_model.generate(
+                input_ids=torch.tensor([row]),
+                pixel_values=torch.tensor(image[None]),
+                max_new_tokens=MAX_NEW,
+                do_sample=False,
+            )
+            hf_tokens.append(out[0, len(row) :].tolist())
     ids = np.zeros((len(rows), max(map(len, rows))), np.int32)  # right-padded, as the engine wants
     for i, row in enumerate(rows):
         ids[i, : len(row)] = row
-    prompts = Prompts(jnp.asarray(ids), jnp.asarray([len(r) for r in rows], jnp.int32),
-                      jnp.asarray(pixels.transpose(0, 2, 3, 1)))
+    prompts = Prompts(
+        jnp.asarray(ids), jnp.asarray([len(r) for r in rows], jnp.int32), jnp.asarray(pixels.transpose(0, 2, 3, 1))
+    )
     model = VLM(checkpoint.config)
-    ar = generate(model, checkpoint.params, prompts, DecodeSpec("ar", capacity=MAX_NEW, eos_ids=(EOS,)),
-                  MAX_NEW)
+    ar = generate(model, checkpoint.params, prompts, DecodeSpec("ar", capacity=MAX_NEW, eos_ids=(EOS,)), MAX_NEW)
     return checkpoint, prompts, hf_tokens, ar, root / "ckpt"
 
 
@@ -203,8 +241,13 @@ def test_greedy_ssd_equals_ar(converted, kind, draft_len):
     # A trained-looking imitation network: small random output projections instead of zeros.
     imitation = init_imitation(config, jax.random.key(1))
     imitation = jax.tree_util.tree_map_with_path(
-        lambda path, x: x + 0.02 * jax.random.normal(jax.random.key(len(str(path))), x.shape)
-        if "fc2" in str(path) or "out_proj" in str(path) else x, imitation)
+        lambda path, x: (
+            x + 0.02 * jax.random.normal(jax.random.key(len(str(path))), x.shape)
+            if "fc2" in str(path) or "out_proj" in str(path)
+            else x
+        ),
+        imitation,
+    )
     params = {**checkpoint.params, "imitation": imitation}
     spec = DecodeSpec("ssd", capacity=MAX_NEW, eos_ids=(EOS,), policy=DraftPolicy(draft_len=draft_len))
     ssd = generate(model, params, prompts, spec, MAX_NEW)

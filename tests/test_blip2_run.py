@@ -16,10 +16,10 @@ from PIL import Image
 
 from decode import run
 from fastvlm_jax import convert
-from fastvlm_jax.text.tokenizer import HFTokenizer
 from fastvlm_jax.ckpt.checkpoint import load_checkpoint
 from fastvlm_jax.image.processing import preprocess_image
 from fastvlm_jax.nn.families import build_prompt_ids, stop_ids
+from fastvlm_jax.text.tokenizer import HFTokenizer
 from tests.hf_blip2 import build_tiny_blip2, save_tiny_blip2_processor
 from tests.run_fixtures import write_image
 
@@ -41,7 +41,7 @@ def _hf_generate(processor, hf_model, path, eos_ids):
     inputs = processor(images=Image.open(path), text="", return_tensors="pt")
     with torch.no_grad():
         out = hf_model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=list(eos_ids))
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +52,19 @@ def blip2_run(tmp_path_factory):
     hf_tokenizer = processor.tokenizer
     # The model's vocabulary is padded past the tokenizer's (50272 vs 50266 in blip2-opt); deep
     # layers scaled so that drafts get accepted; vision weights redrawn so that the image matters.
-    hf_model = build_tiny_blip2(hf_dir, seed=3, text_init_std=0.15, deep_scale=0.3, exit_layer=EXIT_LAYER,
-                                vision_init_std=0.2, projection_std=0.5,
-                                vocab_size=len(hf_tokenizer) + 7,
-                                image_token_index=hf_tokenizer.convert_tokens_to_ids("<image>"),
-                                num_query_tokens=QUERIES, image_size=IMAGE_SIZE)
+    hf_model = build_tiny_blip2(
+        hf_dir,
+        seed=3,
+        text_init_std=0.15,
+        deep_scale=0.3,
+        exit_layer=EXIT_LAYER,
+        vision_init_std=0.2,
+        projection_std=0.5,
+        vocab_size=len(hf_tokenizer) + 7,
+        image_token_index=hf_tokenizer.convert_tokens_to_ids("<image>"),
+        num_query_tokens=QUERIES,
+        image_size=IMAGE_SIZE,
+    )
     images = [write_image(root / "images" / f"im{i}.png", size=(40 + 8 * i, 36), seed=i) for i in range(3)]
 
     # The released checkpoints stop at "\n" (text_config.eos_token_id 50118) besides "</s>";
@@ -73,9 +81,23 @@ def blip2_run(tmp_path_factory):
     outputs = {}
     for mode in ("ssd", "ar"):
         out = root / f"{mode}.jsonl"
-        code = run.main(["--ckpt", str(ckpt), "--images", str(root / "images"), "--out", str(out),
-                         "--mode", mode, "--batch-size", "3", "--max-new-tokens", str(MAX_NEW),
-                         "--no-progress"])
+        code = run.main(
+            [
+                "--ckpt",
+                str(ckpt),
+                "--images",
+                str(root / "images"),
+                "--out",
+                str(out),
+                "--mode",
+                mode,
+                "--batch-size",
+                "3",
+                "--max-new-tokens",
+                str(MAX_NEW),
+                "--no-progress",
+            ]
+        )
         assert code == 0
         outputs[mode] = {Path(line["image"]).name: line for line in _read_jsonl(out)}
     return processor, ckpt, images, outputs, expected, stop
@@ -135,9 +157,13 @@ def test_imitation_training_runs_and_the_export_decodes(blip2_run, tmp_path):
     _, ckpt, images, _, _, _ = blip2_run
     data_dir = tmp_path / "data"
     tfds_builders.build_dataset("synthetic_captions/tiny", str(data_dir))
-    cfg = th.tiny_config("imitation", init_from=str(ckpt), steps=2, seq_len=40,
-                         **{"data.data_dir": str(data_dir), "data.question": "", "mesh.data": 1,
-                            "checkpoint.export": True})
+    cfg = th.tiny_config(
+        "imitation",
+        init_from=str(ckpt),
+        steps=2,
+        seq_len=40,
+        **{"data.data_dir": str(data_dir), "data.question": "", "mesh.data": 1, "checkpoint.export": True},
+    )
     result = train(cfg, tmp_path / "work", progress=False, devices=jax.devices()[:1])
     assert result.status == "done" and result.step == 2
     losses = th.losses(tmp_path / "work")
@@ -145,8 +171,25 @@ def test_imitation_training_runs_and_the_export_decodes(blip2_run, tmp_path):
     outputs = {}
     for mode in ("ssd", "ar"):
         out = tmp_path / f"{mode}.jsonl"
-        assert run.main(["--ckpt", str(result.export_dir), "--images", *map(str, images), "--out", str(out),
-                         "--mode", mode, "--batch-size", "3", "--max-new-tokens", str(MAX_NEW),
-                         "--no-progress"]) == 0
+        assert (
+            run.main(
+                [
+                    "--ckpt",
+                    str(result.export_dir),
+                    "--images",
+                    *map(str, images),
+                    "--out",
+                    str(out),
+                    "--mode",
+                    mode,
+                    "--batch-size",
+                    "3",
+                    "--max-new-tokens",
+                    str(MAX_NEW),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         outputs[mode] = {line["image"]: line["token_ids"] for line in _read_jsonl(out)}
     assert outputs["ssd"] == outputs["ar"]

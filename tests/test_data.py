@@ -36,10 +36,7 @@ def test_make_example_is_deterministic():
 
 
 def test_splits_are_disjoint_scenes():
-    keys = {
-        split: {synthetic.make_scene(split, i).key() for i in range(300)}
-        for split in synthetic.SPLITS
-    }
+    keys = {split: {synthetic.make_scene(split, i).key() for i in range(300)} for split in synthetic.SPLITS}
     assert not keys["train"] & keys["validation"]
     assert not keys["train"] & keys["test"]
     assert not keys["validation"] & keys["test"]
@@ -107,9 +104,7 @@ def test_write_example_images(tmp_path):
 @pytest.fixture(scope="module")
 def synth_dir(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp("tfds"))
-    builder = tb.build_dataset(
-        "synthetic_captions", data_dir, num_train=16, num_validation=8, num_test=8
-    )
+    builder = tb.build_dataset("synthetic_captions", data_dir, num_train=16, num_validation=8, num_test=8)
     return data_dir, builder
 
 
@@ -226,10 +221,15 @@ def _fake_coco(root):
         folder = "val2014" if split != "train" else "train2014"
         name = f"COCO_{folder}_{n:012d}.jpg"
         _save(root / folder / name, "RGB", (n * 40, 0, 0), "JPEG")
-        karpathy.append({
-            "filepath": folder, "filename": name, "cocoid": 1000 + n, "split": split,
-            "sentences": [{"raw": f"karpathy {n} {j}", "tokens": []} for j in range(5)],
-        })
+        karpathy.append(
+            {
+                "filepath": folder,
+                "filename": name,
+                "cocoid": 1000 + n,
+                "split": split,
+                "sentences": [{"raw": f"karpathy {n} {j}", "tokens": []} for j in range(5)],
+            }
+        )
     (root / "dataset_coco.json").write_text(json.dumps({"images": karpathy, "dataset": "coco"}))
 
 

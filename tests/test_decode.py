@@ -17,7 +17,7 @@ def _near_identity_deep_layers(params, config, scale):
     layers = params["language_model"]["layers"]
     for block, projection in (("self_attn", "o_proj"), ("mlp", "down_proj")):
         kernel = layers[block][projection]["kernel"]
-        layers[block][projection]["kernel"] = kernel.at[config.draft.exit_layer:].multiply(scale)
+        layers[block][projection]["kernel"] = kernel.at[config.draft.exit_layer :].multiply(scale)
     return params
 
 
@@ -53,7 +53,12 @@ def _tokens(output):
 # Each exit layer with each imitation kind, draft lengths from 1 to 8 (the drafters' tests
 # in test_drafters.py cover more lengths).
 CASES = [
-    (1, "ffn", 1), (2, "ffn", 3), (3, "ffn", 8), (1, "layer", 5), (2, "layer", 2), (3, "layer", 4),
+    (1, "ffn", 1),
+    (2, "ffn", 3),
+    (3, "ffn", 8),
+    (1, "layer", 5),
+    (2, "layer", 2),
+    (3, "layer", 4),
 ]
 
 
@@ -86,8 +91,10 @@ def test_greedy_ssd_policies_equal_ar():
     n = config.num_image_tokens
     prompts = _prompts(config, [n + 4, n + 2], seed=3)
     ar = generate(model, params, prompts, DecodeSpec("ar", capacity=32, eos_ids=()), 32)
-    for policy in [DraftPolicy(draft_len=4, min_confidence=0.3),
-                   DraftPolicy(draft_len=5, schedule="context", start_len=1, grow_every=6)]:
+    for policy in [
+        DraftPolicy(draft_len=4, min_confidence=0.3),
+        DraftPolicy(draft_len=5, schedule="context", start_len=1, grow_every=6),
+    ]:
         ssd = generate(model, params, prompts, DecodeSpec("ssd", capacity=32, eos_ids=(), policy=policy), 32)
         assert _tokens(ssd) == _tokens(ar)
         assert int(ssd.drafted.sum()) < int(ssd.rounds.sum()) * policy.draft_len  # policy drafted less
@@ -141,20 +148,21 @@ def test_caches_after_ssd_rounds_equal_a_cache_free_pass(trained_draft):
     for row in range(2):
         length = int(prompts.lengths[row])
         committed = int(state.cache.pos[row])
-        ids = np.concatenate([np.asarray(prompts.input_ids[row, :length]),
-                              np.asarray(state.tokens[row, :committed - length])])[None]
+        ids = np.concatenate(
+            [np.asarray(prompts.input_ids[row, :length]), np.asarray(state.tokens[row, : committed - length])]
+        )[None]
         positions = jnp.arange(committed)[None]
-        pixels = prompts.pixels[row:row + 1]
+        pixels = prompts.pixels[row : row + 1]
         hidden = model.embed(params, jnp.asarray(ids), model.encode_images(params, pixels), positions)
         fresh = model.init_cache(1, slots)
         h_exit, fresh, _ = model.run_layers(params, hidden, positions, 0, config.draft.exit_layer, fresh)
-        _, fresh, _ = model.run_layers(params, h_exit, positions, config.draft.exit_layer,
-                                       config.text.num_layers, fresh)
+        _, fresh, _ = model.run_layers(
+            params, h_exit, positions, config.draft.exit_layer, config.text.num_layers, fresh
+        )
         _, draft_kv = model.imitate(params, h_exit, positions, model.init_draft_cache(1, slots))
         pairs = [(state.cache.keys[i][row], fresh.keys[i][0]) for i in range(config.text.num_layers)]
         pairs += [(state.cache.values[i][row], fresh.values[i][0]) for i in range(config.text.num_layers)]
-        pairs += [(state.draft.keys[0][row], draft_kv.keys[0][0]),
-                  (state.draft.values[0][row], draft_kv.values[0][0])]
+        pairs += [(state.draft.keys[0][row], draft_kv.keys[0][0]), (state.draft.values[0][row], draft_kv.values[0][0])]
         for got, want in pairs:
             np.testing.assert_allclose(got[:, :committed], want[:, :committed], rtol=1e-4, atol=1e-5)
 
@@ -195,8 +203,7 @@ def test_same_bucket_reuses_the_compiled_program():
     before = engine.compiled_programs()
     # Same shapes, different prompts, lengths, budgets and seeds: no new trace.
     for seed, max_new in [(2, 5), (3, 16), (4, 1)]:
-        out = generate(model, params, _prompts(config, [n + 6, n + 2], seed=seed), spec, max_new,
-                       jax.random.key(seed))
+        out = generate(model, params, _prompts(config, [n + 6, n + 2], seed=seed), spec, max_new, jax.random.key(seed))
         assert int(np.max(np.asarray(out.num_tokens))) <= max_new
     assert engine.compiled_programs() == before
     generate(model, params, _prompts(config, [n + 9, n + 2], seed=5), spec, 4)  # new bucket
@@ -211,8 +218,9 @@ def test_greedy_ssd_equals_ar_on_converted_hf_model(tmp_path):
 
     hf_model = build_tiny_llava(tmp_path, seed=3, num_kv_heads=2)
     config = convert_llava.config_from_hf(json.loads((tmp_path / "config.json").read_text()), exit_layer=2)
-    params = convert_llava.convert_params(convert_llava.open_safetensors(tmp_path), config, jax.random.key(0),
-                                    progress=False)
+    params = convert_llava.convert_params(
+        convert_llava.open_safetensors(tmp_path), config, jax.random.key(0), progress=False
+    )
     model = VLM(config)
     rng = np.random.RandomState(1)
     rows = [random_prompt_ids(hf_model.config, rng, text_len=t) for t in (3, 8)]
@@ -221,9 +229,13 @@ def test_greedy_ssd_equals_ar_on_converted_hf_model(tmp_path):
     for i, row in enumerate(rows):
         ids[i, : len(row)] = row
     size = config.vision.image_size
-    prompts = Prompts(jnp.asarray(ids), jnp.asarray([len(r) for r in rows], jnp.int32),
-                      jnp.asarray(rng.randn(2, size, size, 3).astype(np.float32)))
+    prompts = Prompts(
+        jnp.asarray(ids),
+        jnp.asarray([len(r) for r in rows], jnp.int32),
+        jnp.asarray(rng.randn(2, size, size, 3).astype(np.float32)),
+    )
     ar = generate(model, params, prompts, DecodeSpec("ar", capacity=20, eos_ids=(2,)), 20)
-    ssd = generate(model, params, prompts, DecodeSpec("ssd", capacity=20, eos_ids=(2,),
-                                                      policy=DraftPolicy(draft_len=3)), 20)
+    ssd = generate(
+        model, params, prompts, DecodeSpec("ssd", capacity=20, eos_ids=(2,), policy=DraftPolicy(draft_len=3)), 20
+    )
     assert _tokens(ssd) == _tokens(ar)

@@ -20,8 +20,7 @@ def test_demo_is_shipped_and_loads():
     config = ckpt.config
     # The draft path must be much cheaper than the full path.
     assert config.draft.exit_layer * 3 <= config.text.num_layers
-    assert all(np.isfinite(np.asarray(x, np.float32)).all() for x in
-               __import__("jax").tree.leaves(ckpt.params))
+    assert all(np.isfinite(np.asarray(x, np.float32)).all() for x in __import__("jax").tree.leaves(ckpt.params))
 
 
 def test_readme_command_captions_the_examples_ssd_equal_ar(tmp_path):
@@ -29,8 +28,21 @@ def test_readme_command_captions_the_examples_ssd_equal_ar(tmp_path):
     for mode in ("ssd", "ar"):
         out = tmp_path / f"{mode}.jsonl"
         stats = tmp_path / f"{mode}.json"
-        code = run.main(["--ckpt", "demo", "--images", str(EXAMPLES), "--out", str(out), "--mode", mode,
-                         "--stats", str(stats), "--no-progress"])
+        code = run.main(
+            [
+                "--ckpt",
+                "demo",
+                "--images",
+                str(EXAMPLES),
+                "--out",
+                str(out),
+                "--mode",
+                mode,
+                "--stats",
+                str(stats),
+                "--no-progress",
+            ]
+        )
         assert code == 0
         lines = [json.loads(line) for line in out.read_text().splitlines()]
         assert len(lines) == len(list(EXAMPLES.glob("*.png"))) and all(line["caption"] for line in lines)

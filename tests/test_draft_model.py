@@ -11,8 +11,8 @@ import pytest
 
 from decode import run as decode_run
 from fastvlm_jax import demo
-from fastvlm_jax.nn.blip2 import Blip2Config, Blip2VisionConfig, OPTConfig, QFormerConfig
 from fastvlm_jax.ckpt.checkpoint import load_checkpoint, save_checkpoint
+from fastvlm_jax.nn.blip2 import Blip2Config, Blip2VisionConfig, OPTConfig, QFormerConfig
 from fastvlm_jax.nn.config import DraftConfig
 from fastvlm_jax.nn.model import VLM
 from tests.tiny import tiny_config
@@ -22,15 +22,20 @@ from train.recipes.draft_agreement import vocabulary
 
 def tiny_blip2():
     return Blip2Config(
-        vision=Blip2VisionConfig(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64,
-                                 num_layers=1, num_heads=4),
+        vision=Blip2VisionConfig(
+            image_size=16, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4
+        ),
         qformer=QFormerConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4),
-        text=OPTConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
-                       max_position_embeddings=64),
-        draft=DraftConfig(exit_layer=2), num_query_tokens=2, image_token_id=63)
+        text=OPTConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, max_position_embeddings=64
+        ),
+        draft=DraftConfig(exit_layer=2),
+        num_query_tokens=2,
+        image_token_id=63,
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def jitted_init(config):
     return jax.jit(VLM(config).init)  # eager flax init is ~3x slower, and compiled once per config
 
@@ -58,8 +63,11 @@ def random_inputs(config, seq=12, batch=2, seed=1):
 
 @pytest.mark.parametrize("family,num_layers", [("llava", 2), ("llava", 3), ("blip-2", 3)])
 def test_truncated_model_is_the_sources_early_exit(tmp_path, family, num_layers):
-    config = (tiny_config(num_layers=4, exit_layer=2, kind="layer").with_draft(eagle_layers=1)
-              if family == "llava" else tiny_blip2())
+    config = (
+        tiny_config(num_layers=4, exit_layer=2, kind="layer").with_draft(eagle_layers=1)
+        if family == "llava"
+        else tiny_blip2()
+    )
     params = write_source(tmp_path / "src", config)
     out = mdm.make_draft_model(tmp_path / "src", num_layers, tmp_path / "draft")
 
@@ -95,15 +103,18 @@ def tiny_source(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--from", "{tmp}/missing", "--layers", "2"], "--from {tmp}/missing: no such folder"),
-    (["--from", "{tmp}", "--layers", "2"], "not a fastvlm-jax checkpoint"),
-    (["--from", "{tmp}/src", "--layers", "1"], "--layers 1: a draft model needs at least 2 decoder layers"),
-    (["--from", "{tmp}/src", "--layers", "4"], "--layers 4: the source has 4 decoder layers"),
-    (["--from", "{tmp}/src", "--layers", "2", "--out", "{tmp}/src"], "is or holds the source checkpoint"),
-    (["--from", "{tmp}/src", "--layers", "2", "--out", "{tmp}", "--overwrite"], "is or holds the source"),
-    (["--from", "{tmp}/src", "--layers", "2", "--out", "{tmp}/full"], "exists and is not empty"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--from", "{tmp}/missing", "--layers", "2"], "--from {tmp}/missing: no such folder"),
+        (["--from", "{tmp}", "--layers", "2"], "not a fastvlm-jax checkpoint"),
+        (["--from", "{tmp}/src", "--layers", "1"], "--layers 1: a draft model needs at least 2 decoder layers"),
+        (["--from", "{tmp}/src", "--layers", "4"], "--layers 4: the source has 4 decoder layers"),
+        (["--from", "{tmp}/src", "--layers", "2", "--out", "{tmp}/src"], "is or holds the source checkpoint"),
+        (["--from", "{tmp}/src", "--layers", "2", "--out", "{tmp}", "--overwrite"], "is or holds the source"),
+        (["--from", "{tmp}/src", "--layers", "2", "--out", "{tmp}/full"], "exists and is not empty"),
+    ],
+)
 def test_bad_input_is_a_one_line_error(tmp_path, tiny_source, capsys, args, message):
     shutil.copytree(tiny_source, tmp_path / "src")
     (tmp_path / "full").mkdir()
@@ -126,16 +137,24 @@ def test_shipped_demo_draft_shares_the_demos_tokenizer_and_images():
     assert vocabulary(draft.tokenizer) == vocabulary(target.tokenizer)
     assert draft.tokenizer.image_token_id == target.tokenizer.image_token_id
     assert draft.image_config == target.image_config
-    assert json.loads((path / "preprocessor.json").read_text()) == \
-        json.loads((demo.ASSET_DIR / "preprocessor.json").read_text())
+    assert json.loads((path / "preprocessor.json").read_text()) == json.loads(
+        (demo.ASSET_DIR / "preprocessor.json").read_text()
+    )
     # Same family and widths, so it reads the same prompts; fewer layers, so it is cheap.
     t, d = target.config, draft.config
-    assert (d.model_type, d.text.vocab_size, d.text.hidden_size, d.image_token_id, d.vision) == \
-        (t.model_type, t.text.vocab_size, t.text.hidden_size, t.image_token_id, t.vision)
+    assert (d.model_type, d.text.vocab_size, d.text.hidden_size, d.image_token_id, d.vision) == (
+        t.model_type,
+        t.text.vocab_size,
+        t.text.hidden_size,
+        t.image_token_id,
+        t.vision,
+    )
     assert d.text.num_layers * 5 <= t.text.num_layers
     leaves = jax.tree.leaves(draft.params)
     assert all(x.dtype == jnp.float32 and np.isfinite(np.asarray(x)).all() for x in leaves)
     # Fine-tuned: the decoder differs from the demo's first layers.
-    first = jax.tree.map(lambda x: x[:d.text.num_layers], target.params["language_model"]["layers"])
-    assert not all(np.array_equal(a, b) for a, b in
-                   zip(jax.tree.leaves(first), jax.tree.leaves(draft.params["language_model"]["layers"])))
+    first = jax.tree.map(lambda x: x[: d.text.num_layers], target.params["language_model"]["layers"])
+    assert not all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(draft.params["language_model"]["layers"]))
+    )

@@ -56,13 +56,16 @@ def _eagle_config(pool=1, compressor="pool", **kwargs):
 # (drafter, image pool, compressor, draft_len, residual scale: how far the full model is
 # from what the drafter can guess)
 GREEDY_CASES = [
-    ("eagle", 1, "pool", 4, 0.3), ("eagle", 4, "prune", 6, 0.3), ("model", 1, "pool", 4, 0.6),
+    ("eagle", 1, "pool", 4, 0.3),
+    ("eagle", 4, "prune", 6, 0.3),
+    ("model", 1, "pool", 4, 0.6),
     ("model", 1, "pool", 1, 0.8),
 ]
 
 
-@pytest.mark.parametrize("drafter,pool,compressor,draft_len,scale", GREEDY_CASES,
-                         ids=["eagle", "eagle-prune4", "model", "model-draft1"])
+@pytest.mark.parametrize(
+    "drafter,pool,compressor,draft_len,scale", GREEDY_CASES, ids=["eagle", "eagle-prune4", "model", "model-draft1"]
+)
 def test_greedy_drafters_equal_ar(drafter, pool, compressor, draft_len, scale):
     config = _eagle_config(pool, compressor, num_layers=4, exit_layer=2, kind="layer")
     model = VLM(config)
@@ -77,8 +80,7 @@ def test_greedy_drafters_equal_ar(drafter, pool, compressor, draft_len, scale):
     else:
         small, draft_params = _truncated(model, params, 2)
         spec_drafter = ModelDrafter(small)
-    spec = DecodeSpec("ssd", capacity=24, eos_ids=(eos,), policy=DraftPolicy(draft_len=draft_len),
-                      drafter=spec_drafter)
+    spec = DecodeSpec("ssd", capacity=24, eos_ids=(eos,), policy=DraftPolicy(draft_len=draft_len), drafter=spec_drafter)
     ssd = generate(model, params, prompts, spec, 24, draft_params=draft_params)
     assert _tokens(ssd) == _tokens(ar)
     assert int(ar.tokens[0, int(ar.num_tokens[0]) - 1]) == eos
@@ -144,6 +146,7 @@ def test_drafter_errors_are_clear():
     with pytest.raises(ValueError, match="draft_params"):
         generate(model, params, prompts, dataclasses.replace(spec, drafter=ModelDrafter(small)), 8)
     from decode.engine.tree import TreeShape
+
     with pytest.raises(ValueError, match="imitation drafter only"):
         DecodeSpec("ssd", tree=TreeShape(nodes=4, width=2), drafter=EagleDrafter())
 
@@ -178,8 +181,14 @@ def test_drafters_sample_the_exact_distribution(tiny_eagle, drafter):
         draft_params["language_model"] = {**draft_params["language_model"], "lm_head": {"kernel": head["kernel"] * 0.5}}
         spec_drafter = ModelDrafter(small)
     prompts = Prompts(jnp.asarray([PROMPT] * ROWS, jnp.int32), jnp.full((ROWS,), len(PROMPT), jnp.int32))
-    spec = DecodeSpec("ssd", capacity=steps, sampling=WARPED, eos_ids=(), policy=DraftPolicy(draft_len=draft_len),
-                      drafter=spec_drafter)
+    spec = DecodeSpec(
+        "ssd",
+        capacity=steps,
+        sampling=WARPED,
+        eos_ids=(),
+        policy=DraftPolicy(draft_len=draft_len),
+        drafter=spec_drafter,
+    )
     out = generate(model, params, prompts, spec, steps, jax.random.key(3), draft_params=draft_params)
     assert np.all(np.asarray(out.num_tokens) == steps)
     accepted, drafted = int(out.accepted.sum()), int(out.drafted.sum())
@@ -202,17 +211,17 @@ def test_a_wrong_draft_distribution_is_detected(tiny_eagle, monkeypatch):
     original = loop.accept_speculative
 
     def sharpened(rng, target_probs, draft_probs, *args):
-        sharp = draft_probs ** 3
+        sharp = draft_probs**3
         return original(rng, target_probs, sharp / jnp.maximum(sharp.sum(-1, keepdims=True), 1e-30), *args)
 
     monkeypatch.setattr(loop, "accept_speculative", sharpened)
     prompts = Prompts(jnp.asarray([PROMPT] * ROWS, jnp.int32), jnp.full((ROWS,), len(PROMPT), jnp.int32))
-    spec = DecodeSpec("ssd", capacity=steps + 1, sampling=WARPED, eos_ids=(), policy=DraftPolicy(draft_len=2),
-                      drafter=EagleDrafter())
+    spec = DecodeSpec(
+        "ssd", capacity=steps + 1, sampling=WARPED, eos_ids=(), policy=DraftPolicy(draft_len=2), drafter=EagleDrafter()
+    )
     out = generate(model, params, prompts, spec, steps, jax.random.key(3))
     pvalue, impossible = _chi_square(np.asarray(out.tokens)[:, :steps], joint)
     assert impossible > 0 or pvalue < 1e-3, f"the broken rule went unnoticed: p = {pvalue:.3g}"
-
 
 
 def test_the_compressor_shrinks_the_eagle_cache_by_the_pooled_image_slots():
@@ -248,7 +257,13 @@ def test_drafters_on_a_converted_hf_blip2_equal_ar_and_hf(converted, drafter):
         out = generate(model, params, prompts, dataclasses.replace(spec, drafter=EagleDrafter()), MAX_NEW)
     else:
         small, small_params = _truncated(model, checkpoint.params, 2)
-        out = generate(model, checkpoint.params, prompts, dataclasses.replace(spec, drafter=ModelDrafter(small)),
-                       MAX_NEW, draft_params=small_params)
+        out = generate(
+            model,
+            checkpoint.params,
+            prompts,
+            dataclasses.replace(spec, drafter=ModelDrafter(small)),
+            MAX_NEW,
+            draft_params=small_params,
+        )
         assert int(out.accepted.sum()) > 0
     assert _tokens(out) == _tokens(ar) == hf_tokens

@@ -10,12 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
-import jax
-import jax.numpy as jnp
 
 from fastvlm_jax.ckpt.checkpoint import load_checkpoint
 from fastvlm_jax.nn.model import VLM
@@ -137,12 +136,12 @@ def test_pooled_loss_masks_unused_slots_and_differs_from_pool1(params):
 
     inputs = eagle_lib.head_inputs(f, e, ids, loss_mask, IMAGE_ID, 2, "pool")
     used = 10  # both rows: 12 positions - 2 merged away
-    pred, _ = model.eagle_draft(params, inputs.features[:, :used], inputs.embeds[:, :used],
-                                inputs.positions[:, :used])
+    pred, _ = model.eagle_draft(params, inputs.features[:, :used], inputs.embeds[:, :used], inputs.positions[:, :used])
     index = inputs.target_index[:, :used]
     w = inputs.weights[:, :used]
-    ce = losses.soft_cross_entropy(model.logits(params, pred),
-                                   jnp.take_along_axis(full_logits, index[..., None], axis=1), w)
+    ce = losses.soft_cross_entropy(
+        model.logits(params, pred), jnp.take_along_axis(full_logits, index[..., None], axis=1), w
+    )
     np.testing.assert_allclose(metrics["eagle_ce"], ce, rtol=1e-5)
 
     pool1 = _model(1)
@@ -159,8 +158,9 @@ def test_soft_cross_entropy_and_smooth_l1_reference_values():
     pred = jnp.array([[[0.0, 0.0, 0.0, 0.0]]])
     target = jnp.array([[[0.5, -0.5, 3.0, -2.0]]])
     # 0.5 * 0.25, 0.5 * 0.25, 3 - 0.5, 2 - 0.5 -> mean over 4 features.
-    np.testing.assert_allclose(losses.smooth_l1(pred, target, 2.0 * w), 2.0 * (0.125 + 0.125 + 2.5 + 1.5) / 4,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        losses.smooth_l1(pred, target, 2.0 * w), 2.0 * (0.125 + 0.125 + 2.5 + 1.5) / 4, rtol=1e-6
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -181,8 +181,7 @@ def base(tmp_path_factory):
     """(data dir, a 3-step tiny base export): the frozen VLM the head learns from."""
     root = tmp_path_factory.mktemp("eagle_train")
     th.build_tiny_data(root / "data")
-    cfg = th.tiny_config("base", steps=3, **{"data.data_dir": root / "data", "checkpoint.export": True},
-                         **ONE_DEVICE)
+    cfg = th.tiny_config("base", steps=3, **{"data.data_dir": root / "data", "checkpoint.export": True}, **ONE_DEVICE)
     result = _train(cfg, root / "base")
     return root / "data", result.export_dir
 

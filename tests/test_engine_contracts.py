@@ -45,12 +45,17 @@ def test_left_padded_prompts_are_rejected(tiny):
 
 def test_learned_positions_past_the_table_are_an_error():
     config = Blip2Config(
-        vision=Blip2VisionConfig(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64,
-                                 num_layers=1, num_heads=4),
+        vision=Blip2VisionConfig(
+            image_size=16, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4
+        ),
         qformer=QFormerConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4),
-        text=OPTConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                       max_position_embeddings=24),
-        draft=DraftConfig(exit_layer=1), num_query_tokens=2, image_token_id=63)
+        text=OPTConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, max_position_embeddings=24
+        ),
+        draft=DraftConfig(exit_layer=1),
+        num_query_tokens=2,
+        image_token_id=63,
+    )
     model = VLM(config)
     prompts = Prompts(jnp.full((1, 10), 5, jnp.int32), jnp.asarray([10]))
     with pytest.raises(ValueError, match="learned position table has 24"):
@@ -83,8 +88,9 @@ def test_per_row_budgets_and_acceptance_counts_only_emitted_drafts(tiny):
 
     # An EOS that the draft proposes mid-round: drafts after it are not counted either.
     eos = int(ar.tokens[2, 2])
-    with_eos = generate(model, params, prompts, DecodeSpec("ssd", capacity=16, eos_ids=(eos,),
-                                                           policy=DraftPolicy(draft_len=4)), 16)
+    with_eos = generate(
+        model, params, prompts, DecodeSpec("ssd", capacity=16, eos_ids=(eos,), policy=DraftPolicy(draft_len=4)), 16
+    )
     stop = _tokens(with_eos)[2]
     assert stop[-1] == eos and len(stop) <= 3
     assert int(with_eos.accepted[2]) <= len(stop) - 1
@@ -111,7 +117,7 @@ def test_bfloat16_decoding_keeps_the_float32_tokens_where_margins_are_clear(tiny
     for row in range(2):
         length = int(prompts.lengths[row])
         ids = jnp.asarray(np.concatenate([np.asarray(prompts.input_ids[row, :length]), want[row]]))[None]
-        logits = model.forward(params, ids, prompts.pixels[row:row + 1])[0, length - 1:-1]
+        logits = model.forward(params, ids, prompts.pixels[row : row + 1])[0, length - 1 : -1]
         logits = np.asarray(logits)
         top2 = np.sort(logits, axis=-1)[:, -2:]
         # bf16 moves these logits by ~0.4% of their range (measured): 2% is clear of that.
@@ -133,9 +139,8 @@ def test_compiled_ssd_program_never_copies_the_kv_cache():
     params = jax.jit(model.init)(jax.random.key(0))
     prompts = Prompts(jnp.full((2, 16), 5, jnp.int32), jnp.full((2,), 16, jnp.int32))
     spec = DecodeSpec("ssd", capacity=32, eos_ids=(), policy=DraftPolicy(draft_len=4))
-    hlo = loop._generate_jit.lower(model, spec, params, prompts, jnp.int32(32),
-                                     jax.random.key(0)).compile().as_text()
-    shape = r"f32\[6,2,2,%d,16\]" % spec.cache_slots(16)
+    hlo = loop._generate_jit.lower(model, spec, params, prompts, jnp.int32(32), jax.random.key(0)).compile().as_text()
+    shape = rf"f32\[6,2,2,{spec.cache_slots(16)},16\]"
     assert re.search(shape, hlo), "the cache shape should appear in the program"
-    copies = re.findall(r"= %s\{[^}]*\} copy\((\S+)\)" % shape, hlo)
+    copies = re.findall("= " + shape + r"\{[^}]*\} copy\((\S+)\)", hlo)
     assert all("broadcast" in source for source in copies), copies

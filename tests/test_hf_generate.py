@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
-from fastvlm_jax.ckpt import checkpoint
 from fastvlm_jax import convert
+from fastvlm_jax.ckpt import checkpoint
 from fastvlm_jax.image.processing import load_image, preprocess_image
 from fastvlm_jax.nn.model import VLM
 from fastvlm_jax.text.prompts import build_llava_input_ids
@@ -16,10 +16,13 @@ from tests.hf_models import build_tiny_llava
 from tests.sp_fixtures import make_hf_llama_tokenizer_dir, train_tiny_sentencepiece
 
 
-@pytest.mark.parametrize("case", [
-    dict(image_size=32, feature_layer=-2, strategy="default", num_kv_heads=2),
-    dict(image_size=48, feature_layer=-1, strategy="full", num_kv_heads=4),
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(image_size=32, feature_layer=-2, strategy="default", num_kv_heads=2),
+        dict(image_size=48, feature_layer=-1, strategy="full", num_kv_heads=4),
+    ],
+)
 def test_greedy_20_tokens_match_hf_processor_and_generate(tmp_path, case):
     import torch
     from transformers import CLIPImageProcessor, LlavaProcessor
@@ -28,12 +31,16 @@ def test_greedy_20_tokens_match_hf_processor_and_generate(tmp_path, case):
     sp_model = train_tiny_sentencepiece(tmp_path / "sp")
     hf_tokenizer = make_hf_llama_tokenizer_dir(hf_dir, sp_model)
     image_token = hf_tokenizer.convert_tokens_to_ids("<image>")
-    hf_model = build_tiny_llava(hf_dir, seed=5, vocab_size=len(hf_tokenizer), image_token_index=image_token,
-                                **case)
+    hf_model = build_tiny_llava(hf_dir, seed=5, vocab_size=len(hf_tokenizer), image_token_index=image_token, **case)
     size = case["image_size"]
     image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=hf_tokenizer, patch_size=8,
-                               vision_feature_select_strategy=case["strategy"], num_additional_image_tokens=1)
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=hf_tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy=case["strategy"],
+        num_additional_image_tokens=1,
+    )
 
     image_path = tmp_path / "photo.png"
     rng = np.random.RandomState(0)
@@ -45,7 +52,7 @@ def test_greedy_20_tokens_match_hf_processor_and_generate(tmp_path, case):
     hf_model.generation_config.pad_token_id = 0
     with torch.no_grad():
         hf_out = hf_model.generate(**inputs, max_new_tokens=20, do_sample=False)
-    hf_new = hf_out[0, inputs["input_ids"].shape[1]:].tolist()
+    hf_new = hf_out[0, inputs["input_ids"].shape[1] :].tolist()
 
     ckpt_dir = convert.convert(hf_dir, tmp_path / "ckpt", exit_layer=2, progress=False)
     ckpt = checkpoint.load_checkpoint(ckpt_dir)
@@ -54,10 +61,11 @@ def test_greedy_20_tokens_match_hf_processor_and_generate(tmp_path, case):
     pixels = preprocess_image(load_image(image_path), ckpt.image_config)
     np.testing.assert_allclose(pixels, inputs["pixel_values"][0].numpy().transpose(1, 2, 0), atol=1e-6)
 
-    prompts = Prompts(jnp.asarray([ids], jnp.int32), jnp.asarray([len(ids)], jnp.int32),
-                      jnp.asarray(pixels[None]))
+    prompts = Prompts(jnp.asarray([ids], jnp.int32), jnp.asarray([len(ids)], jnp.int32), jnp.asarray(pixels[None]))
     model = VLM(ckpt.config)
-    for spec in [DecodeSpec("ar", capacity=20, eos_ids=()),
-                 DecodeSpec("ssd", capacity=20, eos_ids=(), policy=DraftPolicy(draft_len=3))]:
+    for spec in [
+        DecodeSpec("ar", capacity=20, eos_ids=()),
+        DecodeSpec("ssd", capacity=20, eos_ids=(), policy=DraftPolicy(draft_len=3)),
+    ]:
         out = generate(model, ckpt.params, prompts, spec, 20)
         assert np.asarray(out.tokens[0]).tolist() == hf_new, spec.mode

@@ -21,17 +21,45 @@ import pytest
 from PIL import Image
 
 from fastvlm_jax.nn.families import answer_ids, build_prompt_ids, prompt_ids_for, stop_ids
-from fastvlm_jax.text.tokenizer import HFTokenizer, SentencePieceTokenizer, from_hf_dir, load_tokenizer
 from fastvlm_jax.text.prompts import build_llava_input_ids, format_llava_prompt
+from fastvlm_jax.text.tokenizer import HFTokenizer, SentencePieceTokenizer, from_hf_dir, load_tokenizer
 from tests.hf_blip2 import save_tiny_blip2_processor
 from tests.sp_fixtures import make_hf_llama_tokenizer_dir, train_tiny_sentencepiece
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
-PIECES = ["a", " photo", " of", " cat", "Question:", " Answer:", " ", "  ", "\n", "\t", ".", "?", "!",
-          "'s", "42", "é", "ö", "☕", "日本", "🙂", "<image>", "</s>", "<pad>", "<s>", " <image>", "<mask>",
-          "xyz", "Hello", " world"]
+PIECES = [
+    "a",
+    " photo",
+    " of",
+    " cat",
+    "Question:",
+    " Answer:",
+    " ",
+    "  ",
+    "\n",
+    "\t",
+    ".",
+    "?",
+    "!",
+    "'s",
+    "42",
+    "é",
+    "ö",
+    "☕",
+    "日本",
+    "🙂",
+    "<image>",
+    "</s>",
+    "<pad>",
+    "<s>",
+    " <image>",
+    "<mask>",
+    "xyz",
+    "Hello",
+    " world",
+]
 
 
 def _random_texts(count: int, seed: int = 0, pieces=PIECES) -> list[str]:
@@ -60,28 +88,59 @@ def _check_parity(ours, hf, texts, seed: int = 0) -> None:
 
 # A tiny image processor: 32 px crops, 16 px patches, every patch kept: 4 image tokens.
 CROP, PATCH = 32, 16
-QUESTIONS = ["What is shown in this image?", "  Describe it, briefly!  ", "Qu'est-ce que c'est ? 🙂 日本",
-             "", "a <grounding> b <|im_start|>"]
+QUESTIONS = [
+    "What is shown in this image?",
+    "  Describe it, briefly!  ",
+    "Qu'est-ce que c'est ? 🙂 日本",
+    "",
+    "a <grounding> b <|im_start|>",
+]
 LLAVA_TEXTS = [
     format_llava_prompt("What is shown in this image?"),
     "USER: <image>\nWhat color is the bus? ASSISTANT: The bus is yellow.",
-    "<image>\nhello", "\nhello", "hello", " hello", "  two leading spaces", "trailing   ", " ", "",
-    "a\n\nb\tc\r\nd", "héllo wörld — naïve café", "日本語 中文 한국어 🙂👍🏽",
+    "<image>\nhello",
+    "\nhello",
+    "hello",
+    " hello",
+    "  two leading spaces",
+    "trailing   ",
+    " ",
+    "",
+    "a\n\nb\tc\r\nd",
+    "héllo wörld — naïve café",
+    "日本語 中文 한국어 🙂👍🏽",
     "\u2581literal metaspace",
-    "x<image>y<image><image>", "</s> inside <s> text <unk> <pad>", "<ima ge> not a token <imag",
+    "x<image>y<image><image>",
+    "</s> inside <s> text <unk> <pad>",
+    "<ima ge> not a token <imag",
     "a <grounding> b<grounding>c <|im_start|>user\nhi<|im_end|> <box> the<box>x <video>",
 ]
 LLAVA_PIECES = list("abcxyzABC  \n\t.,!?'-:0129éü日🙂▁") + [
-    "<image>", "<pad>", "<s>", "</s>", " the ", "ing", "<im", "<grounding>", " <grounding> ", "<|im_start|>",
-    "<|im_end|>", "<box>", " <box>", "<video>"]
+    "<image>",
+    "<pad>",
+    "<s>",
+    "</s>",
+    " the ",
+    "ing",
+    "<im",
+    "<grounding>",
+    " <grounding> ",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<box>",
+    " <box>",
+    "<video>",
+]
 
 
 def _no_bos(tokenizer_json):
     """(a) The post-processor adds nothing (tokenizer_config.json still says add_bos_token)."""
     tokenizer_json["post_processor"] = {
-        "type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}}],
+        "type": "TemplateProcessing",
+        "single": [{"Sequence": {"id": "A", "type_id": 0}}],
         "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-        "special_tokens": {}}
+        "special_tokens": {},
+    }
 
 
 def _no_byte_fallback(tokenizer_json):
@@ -92,9 +151,13 @@ def _no_byte_fallback(tokenizer_json):
 def _legacy_normalizer(tokenizer_json):
     """(d) The older conversion of LLaMA tokenizers (as early llava-hf folders ship): a normalizer
     prepends "▁" to every text segment and replaces spaces, no pre-tokenizer."""
-    tokenizer_json["normalizer"] = {"type": "Sequence", "normalizers": [
-        {"type": "Prepend", "prepend": "\u2581"},
-        {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    tokenizer_json["normalizer"] = {
+        "type": "Sequence",
+        "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+        ],
+    }
     tokenizer_json["pre_tokenizer"] = None
 
 
@@ -103,25 +166,43 @@ def _extra_tokens(tokenizer):
     single-word one. tokenizer_config.json also names a <video> token no file has yet."""
     from transformers import AddedToken
 
-    tokenizer.add_tokens([AddedToken("<grounding>", lstrip=True, rstrip=True, special=False, normalized=False),
-                          AddedToken("<box>", single_word=True, special=False, normalized=False)])
-    tokenizer.add_tokens([AddedToken("<|im_start|>", special=True, normalized=False),
-                          AddedToken("<|im_end|>", special=True, normalized=False)], special_tokens=True)
+    tokenizer.add_tokens(
+        [
+            AddedToken("<grounding>", lstrip=True, rstrip=True, special=False, normalized=False),
+            AddedToken("<box>", single_word=True, special=False, normalized=False),
+        ]
+    )
+    tokenizer.add_tokens(
+        [
+            AddedToken("<|im_start|>", special=True, normalized=False),
+            AddedToken("<|im_end|>", special=True, normalized=False),
+        ],
+        special_tokens=True,
+    )
 
 
 # case -> (byte_fallback of the sentencepiece model, tokenizer.json edit, tokenizer edit, config additions)
 LLAVA_CASES = {
     "no_bos": (True, _no_bos, None, {}),
     "no_byte_fallback": (False, _no_byte_fallback, None, {}),
-    "extra_tokens": (True, None, _extra_tokens, {"image_token": "<image>", "video_token": "<video>",
-                                                 "extra_special_tokens": ["<|im_start|>", "<|im_end|>"]}),
+    "extra_tokens": (
+        True,
+        None,
+        _extra_tokens,
+        {"image_token": "<image>", "video_token": "<video>", "extra_special_tokens": ["<|im_start|>", "<|im_end|>"]},
+    ),
     "legacy_normalizer": (True, _legacy_normalizer, None, {}),
 }
 # Where our sentencepiece implementation (tokenizer.model) would give other ids than the folder's
 # tokenizer.json: what makes these folders worth testing. (In a bare LlamaTokenizer folder,
 # transformers rebuilds the pre-tokenizer, so the legacy normalizer has no effect there.)
-DIFFERS_FROM_SENTENCEPIECE = {("no_bos", True), ("no_bos", False), ("no_byte_fallback", True),
-                              ("no_byte_fallback", False), ("legacy_normalizer", True)}
+DIFFERS_FROM_SENTENCEPIECE = {
+    ("no_bos", True),
+    ("no_bos", False),
+    ("no_byte_fallback", True),
+    ("no_byte_fallback", False),
+    ("legacy_normalizer", True),
+}
 
 
 def _build_llava_folder(folder, case: str, checkpoint: bool) -> None:
@@ -138,8 +219,13 @@ def _build_llava_folder(folder, case: str, checkpoint: bool) -> None:
     if edit_tokenizer is not None:
         edit_tokenizer(tokenizer)
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": CROP}, crop_size={"height": CROP, "width": CROP})
-    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
-                   vision_feature_select_strategy="full", num_additional_image_tokens=0).save_pretrained(str(folder))
+    LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH,
+        vision_feature_select_strategy="full",
+        num_additional_image_tokens=0,
+    ).save_pretrained(str(folder))
     shutil.rmtree(folder / "sp")
     if edit_json is not None:
         data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
@@ -153,8 +239,11 @@ def _build_llava_folder(folder, case: str, checkpoint: bool) -> None:
         (folder / "config.json").write_text(json.dumps({"model_type": "llava"}))
 
 
-@pytest.fixture(scope="module", params=[(case, checkpoint) for case in LLAVA_CASES for checkpoint in (True, False)],
-                ids=lambda p: f"{p[0]}-{'checkpoint' if p[1] else 'tokenizer_only'}")
+@pytest.fixture(
+    scope="module",
+    params=[(case, checkpoint) for case in LLAVA_CASES for checkpoint in (True, False)],
+    ids=lambda p: f"{p[0]}-{'checkpoint' if p[1] else 'tokenizer_only'}",
+)
 def llava_folder(request, tmp_path_factory):
     from transformers import AutoProcessor, AutoTokenizer
 
@@ -176,7 +265,11 @@ def test_llava_folders_encode_decode_like_transformers(llava_folder):
     assert ours.added_tokens == {str(t): i for i, t in hf.added_tokens_decoder.items()}
     assert ours.special_ids == {i for i, t in hf.added_tokens_decoder.items() if t.special}
     assert (ours.bos_id, ours.eos_id, ours.pad_id, ours.image_token_id) == (
-        hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, hf.convert_tokens_to_ids("<image>"))
+        hf.bos_token_id,
+        hf.eos_token_id,
+        hf.pad_token_id,
+        hf.convert_tokens_to_ids("<image>"),
+    )
     texts = LLAVA_TEXTS + _random_texts(200, seed=3, pieces=LLAVA_PIECES)
     _check_parity(ours, hf, texts, seed=3)
     # The folder really is one where tokenizer.model alone would mislead.
@@ -241,20 +334,36 @@ def hub_style(saved, tmp_path_factory):
         (hub / "merges.txt").write_text("\n".join(merges) + "\n")
 
         def entry(content, special, lstrip=False):
-            return {"content": content, "lstrip": lstrip, "normalized": not special, "rstrip": False,
-                    "single_word": False, "special": special}
+            return {
+                "content": content,
+                "lstrip": lstrip,
+                "normalized": not special,
+                "rstrip": False,
+                "single_word": False,
+                "special": special,
+            }
 
         config = {
-            "add_bos_token": True, "add_prefix_space": prefix, "errors": "replace",
-            "added_tokens_decoder": {"1": entry("<pad>", True), "2": entry("</s>", True),
-                                     str(image_id): entry("<image>", True),
-                                     str(image_id + 1): entry("<mask>", False, lstrip=True)},
-            "bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<pad>",
-            "tokenizer_class": "GPT2Tokenizer", "model_max_length": 1000000000000000019884624838656,
+            "add_bos_token": True,
+            "add_prefix_space": prefix,
+            "errors": "replace",
+            "added_tokens_decoder": {
+                "1": entry("<pad>", True),
+                "2": entry("</s>", True),
+                str(image_id): entry("<image>", True),
+                str(image_id + 1): entry("<mask>", False, lstrip=True),
+            },
+            "bos_token": "</s>",
+            "eos_token": "</s>",
+            "unk_token": "</s>",
+            "pad_token": "<pad>",
+            "tokenizer_class": "GPT2Tokenizer",
+            "model_max_length": 1000000000000000019884624838656,
         }
         (hub / "tokenizer_config.json").write_text(json.dumps(config))
-        (hub / "special_tokens_map.json").write_text(json.dumps(
-            {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<pad>"}))
+        (hub / "special_tokens_map.json").write_text(
+            json.dumps({"bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<pad>"})
+        )
         (hub / "added_tokens.json").write_text(json.dumps({"<image>": image_id, "<mask>": image_id + 1}))
         out[prefix] = (hub, AutoTokenizer.from_pretrained(hub))
     return out
@@ -313,10 +422,23 @@ def test_save_load_and_pickle(saved, tmp_path):
     assert isinstance(again, HFTokenizer)
     copy = pickle.loads(pickle.dumps(ours))
     for other in (again, copy):
-        assert (other.vocab_size, other.bos_id, other.eos_id, other.pad_id, other.unk_id,
-                other.image_token_id, other.added_tokens) == (
-                    ours.vocab_size, ours.bos_id, ours.eos_id, ours.pad_id, ours.unk_id,
-                    ours.image_token_id, ours.added_tokens)
+        assert (
+            other.vocab_size,
+            other.bos_id,
+            other.eos_id,
+            other.pad_id,
+            other.unk_id,
+            other.image_token_id,
+            other.added_tokens,
+        ) == (
+            ours.vocab_size,
+            ours.bos_id,
+            ours.eos_id,
+            ours.pad_id,
+            ours.unk_id,
+            ours.image_token_id,
+            ours.added_tokens,
+        )
         for text in _random_texts(30, seed=2):
             assert other.encode(text) == ours.encode(text)
             assert other.decode(ours.encode(text)) == ours.decode(ours.encode(text))

@@ -8,17 +8,23 @@ import numpy as np
 import pytest
 
 from fastvlm_jax.ckpt import checkpoint
-from fastvlm_jax.runtime import sharding
 from fastvlm_jax.nn import model as model_lib
 from fastvlm_jax.nn.model import VLM
+from fastvlm_jax.runtime import sharding
 from tests.tiny import tiny_config
 
 
 def _inputs(config, batch=2, text_len=9, seed=0):
     rng = np.random.RandomState(seed)
     n = config.num_image_tokens
-    ids = np.concatenate([np.ones((batch, 1), np.int32), np.full((batch, n), config.image_token_id),
-                          rng.randint(3, config.image_token_id, (batch, text_len))], axis=1)
+    ids = np.concatenate(
+        [
+            np.ones((batch, 1), np.int32),
+            np.full((batch, n), config.image_token_id),
+            rng.randint(3, config.image_token_id, (batch, text_len)),
+        ],
+        axis=1,
+    )
     size = config.vision.image_size
     pixels = rng.randn(batch, size, size, 3).astype(np.float32)
     return jnp.asarray(ids, jnp.int32), jnp.asarray(pixels)
@@ -43,8 +49,7 @@ def test_cached_incremental_decoding_equals_full_forward(kind):
     out, cache = run(params, hidden[:, :prefix], positions[:, :prefix], cache)
     steps = [logits(params, out)]
     # Then two tokens at once, then one at a time: chunks of any size must agree.
-    for start, stop in [(prefix, prefix + 2), (prefix + 2, prefix + 3), (prefix + 3, prefix + 4),
-                        (prefix + 4, seq)]:
+    for start, stop in [(prefix, prefix + 2), (prefix + 2, prefix + 3), (prefix + 3, prefix + 4), (prefix + 4, seq)]:
         out, cache = run(params, hidden[:, start:stop], positions[:, start:stop], cache)
         steps.append(logits(params, out))
     np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(full), atol=1e-5)
@@ -68,8 +73,7 @@ def test_unrolled_layers_equal_the_layer_loop(start, stop):
     """unroll_layers compiles the same layers over the same stacked params and cache."""
     model, params, hidden, positions, cache = _range_inputs()
     unrolled_model = VLM(model.config, unroll_layers=True)
-    run = jax.jit(lambda m, p, h, c: m.run_layers(p, h, positions, start, stop, c, collect=(stop,)),
-                  static_argnums=0)
+    run = jax.jit(lambda m, p, h, c: m.run_layers(p, h, positions, start, stop, c, collect=(stop,)), static_argnums=0)
     looped, unrolled = run(model, params, hidden, cache), run(unrolled_model, params, hidden, cache)
     np.testing.assert_allclose(np.asarray(looped[0]), np.asarray(unrolled[0]), atol=1e-5)
     np.testing.assert_allclose(np.asarray(looped[1].keys), np.asarray(unrolled[1].keys), atol=1e-5)
@@ -82,10 +86,13 @@ def test_layer_ranges_read_the_stacked_params_and_write_only_their_cache_layers(
     model, params, hidden, positions, cache = _range_inputs()
     layers = params["language_model"]["layers"]
     assert layers["mlp"]["down_proj"]["kernel"].shape[0] == 5
-    changed = {**params, "language_model": {**params["language_model"], "layers": jax.tree.map(
-        lambda x: x.at[3].multiply(2.0), layers)}}
-    run = jax.jit(lambda p, start, stop: model.run_layers(p, hidden, positions, start, stop, cache)[:2],
-                  static_argnums=(1, 2))
+    changed = {
+        **params,
+        "language_model": {**params["language_model"], "layers": jax.tree.map(lambda x: x.at[3].multiply(2.0), layers)},
+    }
+    run = jax.jit(
+        lambda p, start, stop: model.run_layers(p, hidden, positions, start, stop, cache)[:2], static_argnums=(1, 2)
+    )
     deep, deep_cache = run(params, 2, 5)
     assert not np.allclose(np.asarray(run(changed, 2, 5)[0]), np.asarray(deep), atol=1e-3)
     np.testing.assert_array_equal(np.asarray(run(changed, 0, 2)[0]), np.asarray(run(params, 0, 2)[0]))
@@ -148,8 +155,9 @@ def test_sharded_forward_matches_single_device(mesh_shape):
     if mesh_shape[2] > 1:
         assert q.sharding.shard_shape(q.shape) != q.shape
     with jax.set_mesh(mesh), sharding.axis_rules():
-        fn = jax.jit(model.forward, in_shardings=(shardings, sharding.data_sharding(mesh, 2),
-                                                  sharding.data_sharding(mesh, 4)))
+        fn = jax.jit(
+            model.forward, in_shardings=(shardings, sharding.data_sharding(mesh, 2), sharding.data_sharding(mesh, 4))
+        )
         got = fn(sharded_params, ids, pixels)
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
 
@@ -176,8 +184,9 @@ def test_checkpoint_restores_onto_mesh(tmp_path):
     loaded = checkpoint.load_checkpoint(tmp_path / "ckpt", mesh=mesh)
     kernel = loaded.params["language_model"]["layers"]["mlp"]["up_proj"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
-    np.testing.assert_array_equal(np.asarray(kernel),
-                                  np.asarray(params["language_model"]["layers"]["mlp"]["up_proj"]["kernel"]))
+    np.testing.assert_array_equal(
+        np.asarray(kernel), np.asarray(params["language_model"]["layers"]["mlp"]["up_proj"]["kernel"])
+    )
 
 
 def test_checkpoint_errors(tmp_path):
@@ -187,7 +196,8 @@ def test_checkpoint_errors(tmp_path):
     checkpoint.save_checkpoint(tmp_path / "a", config, VLM(config).init(jax.random.key(0)))
     wider = tiny_config(hidden_size=96)
     (tmp_path / "a" / "config.json").write_text(
-        json.dumps({**wider.to_dict(), "format_version": checkpoint.FORMAT_VERSION}))
+        json.dumps({**wider.to_dict(), "format_version": checkpoint.FORMAT_VERSION})
+    )
     with pytest.raises(checkpoint.CheckpointError, match="shape"):
         checkpoint.load_checkpoint(tmp_path / "a")
 

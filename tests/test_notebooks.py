@@ -11,7 +11,6 @@ test never trains the demo model as a side effect.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -69,19 +68,36 @@ def overrides(name: str, ckpt: str, tmp: Path) -> dict:
         return dict(CKPT=ckpt, NUM_IMAGES=4, BATCH_SIZE=4, MAX_NEW_TOKENS=48, REPEATS=2)
     if name == "convert_and_caption":
         # No checkpoint at HF_DIR: the notebook must fall back to a tiny random HF LLaVA.
-        return dict(HF_DIR=str(tmp / "no_such_hf_checkpoint"), WORK_DIR=str(tmp / "work"),
-                    NUM_IMAGES=3, MAX_NEW_TOKENS=16, BATCH_SIZE=4)
+        return dict(
+            HF_DIR=str(tmp / "no_such_hf_checkpoint"),
+            WORK_DIR=str(tmp / "work"),
+            NUM_IMAGES=3,
+            MAX_NEW_TOKENS=16,
+            BATCH_SIZE=4,
+        )
     if name == "train_draft":
-        return dict(BASE_CKPT=ckpt, WORK_DIR=str(tmp / "work"), NUM_TRAIN_IMAGES=256, STEPS=20,
-                    BATCH_SIZE=8, EVAL_IMAGES=4, MAX_NEW_TOKENS=48, TIMING_REPEATS=1)
+        return dict(
+            BASE_CKPT=ckpt,
+            WORK_DIR=str(tmp / "work"),
+            NUM_TRAIN_IMAGES=256,
+            STEPS=20,
+            BATCH_SIZE=8,
+            EVAL_IMAGES=4,
+            MAX_NEW_TOKENS=48,
+            TIMING_REPEATS=1,
+        )
     raise KeyError(name)
 
 
 def inject(nb, values: dict) -> None:
-    index = next(i for i, cell in enumerate(nb.cells)
-                 if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []))
+    index = next(
+        i
+        for i, cell in enumerate(nb.cells)
+        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", [])
+    )
     source = "# Parameters injected by tests/test_notebooks.py\n" + "".join(
-        f"{key} = {value!r}\n" for key, value in values.items())
+        f"{key} = {value!r}\n" for key, value in values.items()
+    )
     cell = nbformat.v4.new_code_cell(source)
     cell.metadata["tags"] = ["injected-parameters"]
     nb.cells.insert(index + 1, cell)
@@ -112,8 +128,9 @@ def test_notebook_runs(name, model_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     monkeypatch.setenv("FASTVLM_CACHE", str(tmp_path / "cache"))  # never the user's demo cache
-    client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                                     resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK_DIR)}}
+    )
     start = time.perf_counter()
     client.execute()
     seconds = time.perf_counter() - start
@@ -128,7 +145,7 @@ def test_notebook_runs(name, model_checkpoint, tmp_path, monkeypatch):
         assert "TINY RANDOM" in out  # the fallback says so clearly
         assert "identical: True" in out
         lines = (tmp_path / "work" / "captions.jsonl").read_text().splitlines()
-        assert len(lines) == 3 and all({"image", "caption", "token_ids"} <= json.loads(l).keys() for l in lines)
+        assert len(lines) == 3 and all({"image", "caption", "token_ids"} <= json.loads(line).keys() for line in lines)
     elif name == "train_draft":
         summary = json.loads((tmp_path / "work" / "acceptance.json").read_text())
         before, after = summary["before"], summary["after"]

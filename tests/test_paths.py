@@ -29,6 +29,7 @@ _FUNCTIONS = ("open", "exists", "isdir", "listdir", "makedirs", "mkdir", "glob",
 @pytest.fixture
 def bucket(tmp_path):
     """gs://bucket/... is tmp_path/bucket/... for the duration of the test."""
+
     def local(path):
         return os.fspath(path).replace("gs://", f"{tmp_path}/")
 

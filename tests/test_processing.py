@@ -21,9 +21,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastvlm_jax.image.processing import (ImageLoadError, ImageProcessorConfig, MAX_IMAGE_PIXELS, OPENAI_CLIP_MEAN, load_image, preprocess_batch, preprocess_image)
-from fastvlm_jax.text.tokenizer import (HFTokenizer, SentencePieceTokenizer, Tokenizer, from_hf_dir, load_tokenizer)
+from fastvlm_jax.image.processing import (
+    MAX_IMAGE_PIXELS,
+    OPENAI_CLIP_MEAN,
+    ImageLoadError,
+    ImageProcessorConfig,
+    load_image,
+    preprocess_batch,
+    preprocess_image,
+)
 from fastvlm_jax.text.prompts import build_llava_input_ids, format_llava_prompt, num_image_tokens
+from fastvlm_jax.text.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, from_hf_dir, load_tokenizer
 from tests.sp_fixtures import make_hf_llama_tokenizer_dir, train_tiny_sentencepiece
 
 transformers = pytest.importorskip("transformers")
@@ -87,7 +95,9 @@ IMAGE_CASES = [
 HF_PROCESSORS = {
     # llava-hf/llava-1.5-7b-hf preprocessor_config.json, through CLIPImageProcessor.
     "clip336": lambda: CLIPImageProcessorPil(
-        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, resample=3,
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        resample=3,
         rescale_factor=0.00392156862745098,
     ),
     "siglip224": lambda: SiglipImageProcessorPil(size={"height": 224, "width": 224}),
@@ -163,9 +173,15 @@ def test_llava_hf_style_configs():
     """Old-style int sizes and the documented processor types, each against HF."""
     image = _random_image(400, 300, "RGB", 3)
     legacy_clip = {
-        "crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
-        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": list(OPENAI_CLIP_MEAN),
-        "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224,
+        "crop_size": 224,
+        "do_center_crop": True,
+        "do_normalize": True,
+        "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor",
+        "image_mean": list(OPENAI_CLIP_MEAN),
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "resample": 3,
+        "size": 224,
     }
     config = ImageProcessorConfig.from_hf_dict(legacy_clip)
     assert (config.shortest_edge, config.output_size) == (224, (224, 224))
@@ -186,8 +202,11 @@ def test_llava_hf_style_configs():
 
 
 def test_config_roundtrip_and_validation():
-    for config in (ImageProcessorConfig.clip(336), ImageProcessorConfig.siglip(384),
-                   ImageProcessorConfig.from_hf_dict(HF_PROCESSORS["llava_pad64"]().to_dict())):
+    for config in (
+        ImageProcessorConfig.clip(336),
+        ImageProcessorConfig.siglip(384),
+        ImageProcessorConfig.from_hf_dict(HF_PROCESSORS["llava_pad64"]().to_dict()),
+    ):
         as_json = json.loads(json.dumps(config.to_dict()))
         assert ImageProcessorConfig.from_dict(as_json) == config
     assert ImageProcessorConfig.siglip(384).output_size == (384, 384)
@@ -231,7 +250,7 @@ def test_image_modes():
     cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))  # pure red in CMYK
     assert np.asarray(load_image(cmyk))[0, 0].tolist() == [255, 0, 0]
     # 16-bit grayscale is scaled to 8 bits (PIL's convert, used by HF, would clip to white).
-    values = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000)
+    values = np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000
     sixteen = Image.fromarray(values)
     assert sixteen.mode == "I;16"
     got = np.asarray(load_image(sixteen))[..., 0]
@@ -274,8 +293,9 @@ def _png_claiming(width: int, height: int) -> bytes:
         return struct.pack(">I", len(payload)) + body + struct.pack(">I", zlib.crc32(body))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def _assert_one_line(err: pytest.ExceptionInfo, *fragments: str) -> None:
@@ -327,7 +347,7 @@ def test_load_image_errors(tmp_path):
     _assert_one_line(err, "<9 bytes>", "not a recognised image")
 
     # Decompression bomb: a header claiming 20000 x 20000 pixels is refused before decoding.
-    assert 20000 * 20000 > MAX_IMAGE_PIXELS
+    assert MAX_IMAGE_PIXELS < 20000 * 20000
     with pytest.raises(ImageLoadError) as err:
         load_image(_png_claiming(20000, 20000))
     _assert_one_line(err, "decompression bomb")
@@ -413,7 +433,8 @@ def test_decode_parity(tok, hf_tok):
         ids = hf_tok.encode(text)
         for skip in (True, False):
             assert tok.decode(ids, skip_special_tokens=skip) == hf_tok.decode(ids, skip_special_tokens=skip), (
-                repr(text), skip,
+                repr(text),
+                skip,
             )
     # Arbitrary id sequences, as a model may generate them: specials, lone byte pieces (invalid
     # UTF-8), and ids past the vocabulary (skipped by both).
@@ -431,9 +452,9 @@ def test_encode_fuzz_and_prefix_schemes(tmp_path, sp_model, legacy, add_prefix_s
     make_hf_llama_tokenizer_dir(tmp_path, sp_model, legacy=legacy, add_prefix_space=add_prefix_space)
     hf = LlamaTokenizer.from_pretrained(str(tmp_path))
     scheme = hf.backend_tokenizer.pre_tokenizer.prepend_scheme
-    assert scheme == {(False, None): "first", (True, None): "always", (False, False): "never"}[
-        (legacy, add_prefix_space)
-    ]
+    assert (
+        scheme == {(False, None): "first", (True, None): "always", (False, False): "never"}[(legacy, add_prefix_space)]
+    )
     ours = IMPLEMENTATIONS[implementation].from_hf_dir(tmp_path)
     pool = list("abcxyzABC  \n\t.,!?'-:0129éü日🙂▁") + ["<image>", "<pad>", "<s>", "</s>", " the ", "ing", "<im"]
     rng = np.random.default_rng(1)
@@ -448,22 +469,44 @@ def test_llava_hf_style_folder_without_tokenizer_json(tmp_path, sp_model, hf_tok
     """A folder as llava-hf ships it: tokenizer.model + tokenizer_config.json + special map."""
     (tmp_path / "tokenizer.model").write_bytes(sp_model.read_bytes())
     entry = lambda content: {  # noqa: E731
-        "content": content, "lstrip": False, "normalized": False, "rstrip": False,
-        "single_word": False, "special": True,
+        "content": content,
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,
+        "single_word": False,
+        "special": True,
     }
     config = {
-        "add_bos_token": True, "add_eos_token": False, "legacy": False,
-        "added_tokens_decoder": {"0": entry("<unk>"), "1": entry("<s>"), "2": entry("</s>"),
-                                 "512": entry("<image>"), "513": entry("<pad>")},
-        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
-        "clean_up_tokenization_spaces": False, "padding_side": "left",
-        "processor_class": "LlavaProcessor", "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": False,
+        "added_tokens_decoder": {
+            "0": entry("<unk>"),
+            "1": entry("<s>"),
+            "2": entry("</s>"),
+            "512": entry("<image>"),
+            "513": entry("<pad>"),
+        },
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "clean_up_tokenization_spaces": False,
+        "padding_side": "left",
+        "processor_class": "LlavaProcessor",
+        "tokenizer_class": "LlamaTokenizer",
     }
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
-    (tmp_path / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": {"content": "<s>"}, "eos_token": {"content": "</s>"}, "pad_token": "<pad>",
-         "unk_token": "<unk>"}
-    ))
+    (tmp_path / "special_tokens_map.json").write_text(
+        json.dumps(
+            {
+                "bos_token": {"content": "<s>"},
+                "eos_token": {"content": "</s>"},
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+            }
+        )
+    )
     hf = LlamaTokenizer.from_pretrained(str(tmp_path))
     ours = from_hf_dir(tmp_path)
     assert isinstance(ours, SentencePieceTokenizer)
@@ -479,7 +522,10 @@ def test_save_load_pickle(tmp_path, tok, hf_dir):
     for other in (load_tokenizer(tmp_path / "ours"), load_tokenizer(hf_dir), pickle.loads(pickle.dumps(tok))):
         assert other.added_tokens == tok.added_tokens
         assert (other.bos_id, other.eos_id, other.pad_id, other.image_token_id) == (
-            tok.bos_id, tok.eos_id, tok.pad_id, tok.image_token_id,
+            tok.bos_id,
+            tok.eos_id,
+            tok.pad_id,
+            tok.image_token_id,
         )
         for text in PROMPTS:
             ids = tok.encode(text)
@@ -487,8 +533,9 @@ def test_save_load_pickle(tmp_path, tok, hf_dir):
 
 
 def test_constructor_and_errors(tmp_path, sp_model, tok):
-    direct = SentencePieceTokenizer(sp_model, {"<image>": 512, "<pad>": 513}, bos_id=1, eos_id=2, pad_id=513,
-                                    image_token="<image>")
+    direct = SentencePieceTokenizer(
+        sp_model, {"<image>": 512, "<pad>": 513}, bos_id=1, eos_id=2, pad_id=513, image_token="<image>"
+    )
     for text in PROMPTS:
         assert direct.encode(text) == tok.encode(text)
     plain = SentencePieceTokenizer(sp_model)  # no added tokens: no image token, pad falls back to <unk>
@@ -529,8 +576,11 @@ def test_format_and_count():
 def test_llava_processor_input_ids(hf_tok, tok, crop, patch, extra, strategy):
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop})
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=hf_tok, patch_size=patch,
-        vision_feature_select_strategy=strategy, num_additional_image_tokens=extra,
+        image_processor=image_processor,
+        tokenizer=hf_tok,
+        patch_size=patch,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=extra,
     )
     count = num_image_tokens(crop, patch, extra, strategy)
     image = _random_image(80, 60, "RGB")

@@ -36,7 +36,7 @@ ANNOTATION = re.compile(r"<!--\s*numbers:\s*(.*?)\s*-->", re.S)
 # A number not glued to a word on its left (v5e, b32, run3) and followed by at most an 'x'.
 NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?:e[+-]?\d+)?(?![0-9A-Za-wyz_])")
 # as is, percent, milli, kilo, mega, giga, and binary KiB / MiB / GiB
-SCALES = (1.0, 100.0, 1e3, 1e-3, 1e-6, 1e-9, 2.0 ** -10, 2.0 ** -20, 2.0 ** -30)
+SCALES = (1.0, 100.0, 1e3, 1e-3, 1e-6, 1e-9, 2.0**-10, 2.0**-20, 2.0**-30)
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -44,7 +44,7 @@ def expand_braces(pattern: str) -> list[str]:
     match = re.search(r"\{([^{}]*)\}", pattern)
     if match is None:
         return [pattern]
-    head, tail = pattern[:match.start()], pattern[match.end():]
+    head, tail = pattern[: match.start()], pattern[match.end() :]
     return [p for choice in match.group(1).split(",") for p in expand_braces(head + choice + tail)]
 
 
@@ -99,7 +99,7 @@ def parse_annotation(note: str) -> tuple[list[Path], set[str]]:
     columns = set()
     if derived.strip():
         assert derived.strip().startswith("derived:"), f"unknown annotation part {derived!r}"
-        columns = {c.strip() for c in derived.strip()[len("derived:"):].split(",")}
+        columns = {c.strip() for c in derived.strip()[len("derived:") :].split(",")}
     return paths, columns
 
 
@@ -111,11 +111,14 @@ def table_cases():
 
 @pytest.mark.parametrize("document,line,note,rows", list(table_cases()))
 def test_table_numbers_come_from_their_json(document, line, note, rows):
-    assert note is not None, (f"{document}:{line}: table without a '<!-- numbers: benchmarks/... -->' "
-                              "annotation naming the JSON its numbers come from")
+    assert note is not None, (
+        f"{document}:{line}: table without a '<!-- numbers: benchmarks/... -->' "
+        "annotation naming the JSON its numbers come from"
+    )
     paths, derived_columns = parse_annotation(note)
-    values = sorted({round(x * scale, 12) for path in paths
-                     for x in json_numbers(json.loads(path.read_text())) for scale in SCALES})
+    values = sorted(
+        {round(x * scale, 12) for path in paths for x in json_numbers(json.loads(path.read_text())) for scale in SCALES}
+    )
     header, body = rows[0], [r for r in rows[2:]]
     unknown = derived_columns - set(header)
     assert not unknown, f"{document}:{line}: derived columns {unknown} are not in the header {header}"
@@ -126,8 +129,9 @@ def test_table_numbers_come_from_their_json(document, line, note, rows):
             for number in NUMBER.findall(cell):
                 if column in derived_columns:
                     if ratios is None:
-                        raw = np.array(sorted({x for path in paths
-                                               for x in json_numbers(json.loads(path.read_text())) if x}))
+                        raw = np.array(
+                            sorted({x for path in paths for x in json_numbers(json.loads(path.read_text())) if x})
+                        )
                         ratios = np.unique(raw[:, None] / raw[None, :])
                     pool = ratios
                 else:

@@ -70,8 +70,21 @@ def _read_jsonl(path):
 
 
 def _main(ckpt, images, out, *extra):
-    return run.main(["--ckpt", ckpt, "--images", *map(str, images), "--out", str(out),
-                     "--batch-size", BATCH, "--max-new-tokens", MAX_NEW, *extra])
+    return run.main(
+        [
+            "--ckpt",
+            ckpt,
+            "--images",
+            *map(str, images),
+            "--out",
+            str(out),
+            "--batch-size",
+            BATCH,
+            "--max-new-tokens",
+            MAX_NEW,
+            *extra,
+        ]
+    )
 
 
 def _captions(lines):
@@ -80,8 +93,9 @@ def _captions(lines):
 
 def test_help_documents_exit_codes():
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "decode.run", "--help"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "decode.run", "--help"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     for text in ("--ckpt", "--images", "--stats", "--draft-len", "Exit status", "130", "Resuming"):
         assert text in proc.stdout
@@ -107,9 +121,23 @@ def test_mixed_folder_good_captioned_bad_reported_and_rerun(ckpt, mixed, tmp_pat
         assert line["stop"] in ("eos", "length")
 
     stats = json.loads(stats_path.read_text())
-    for key in ("images", "tokens", "seconds", "tokens_per_s", "mean_accepted_length", "acceptance_rate",
-                "full_model_calls", "failed", "skipped_done", "mode", "device", "batch_size",
-                "acceptance_per_position", "compile_seconds", "timing"):
+    for key in (
+        "images",
+        "tokens",
+        "seconds",
+        "tokens_per_s",
+        "mean_accepted_length",
+        "acceptance_rate",
+        "full_model_calls",
+        "failed",
+        "skipped_done",
+        "mode",
+        "device",
+        "batch_size",
+        "acceptance_per_position",
+        "compile_seconds",
+        "timing",
+    ):
         assert key in stats, key
     assert stats["images"] == len(good) and stats["failed"] == len(bad) and stats["skipped_done"] == 0
     assert stats["tokens"] == sum(line["num_tokens"] for line in captions.values())
@@ -203,12 +231,16 @@ def test_list_files_globs_and_folders(ckpt, tmp_path, capsys):
     lists = tmp_path / "lists"
     lists.mkdir()
     listing = lists / "images.txt"
-    listing.write_text("# images to caption\n\n../data/b/three.bmp\n  ../data/a/one.png  \n"
-                       "../data/missing.png\n" + str(d) + "\n")
+    listing.write_text(
+        "# images to caption\n\n../data/b/three.bmp\n  ../data/a/one.png  \n../data/missing.png\n" + str(d) + "\n"
+    )
 
     items, errors = expand_inputs([str(listing)])
-    assert [item.id for item in items] == [os.path.normpath(str(lists / "../data/b/three.bmp")),
-                                           os.path.normpath(str(lists / "../data/a/one.png")), str(d)]
+    assert [item.id for item in items] == [
+        os.path.normpath(str(lists / "../data/b/three.bmp")),
+        os.path.normpath(str(lists / "../data/a/one.png")),
+        str(d),
+    ]
     assert len(errors) == 1 and "missing.png" in errors[0].spec and "images.txt:5" in errors[0].message
 
     items, errors = expand_inputs([str(data / "a"), str(data / "**" / "*.png"), str(a)])
@@ -218,15 +250,19 @@ def test_list_files_globs_and_folders(ckpt, tmp_path, capsys):
     assert not errors
 
     items, errors = expand_inputs([str(data / "*.nothing"), str(tmp_path / "nope"), str(tmp_path / "lists")])
-    assert not items and [e.spec for e in errors] == [str(data / "*.nothing"), str(tmp_path / "nope"),
-                                                       str(tmp_path / "lists")]
+    assert not items and [e.spec for e in errors] == [
+        str(data / "*.nothing"),
+        str(tmp_path / "nope"),
+        str(tmp_path / "lists"),
+    ]
 
     out = tmp_path / "out.jsonl"
     assert _main(ckpt, [listing, str(data / "a" / "*")], out) == run.EXIT_SOME_FAILED
     lines = _read_jsonl(out)
     assert sorted(_captions(lines)) == sorted(os.path.normpath(str(p)) for p in (a, b, c, d))
     assert [line["image"] for line in lines if "error" in line] == [
-        os.path.normpath(str(lists / "../data/missing.png"))]
+        os.path.normpath(str(lists / "../data/missing.png"))
+    ]
     assert "missing.png" in capsys.readouterr().err
 
 
@@ -250,8 +286,7 @@ def test_usage_errors_exit_2_with_one_line(ckpt, mixed, tmp_path, capsys):
     (hf / "model.safetensors").write_bytes(b"")
     assert "fastvlm_jax.convert" in error_line(["--ckpt", str(hf), *base])
     assert "--batch-size" in error_line(["--ckpt", ckpt, *base, "--batch-size", "0"])
-    assert "no images found" in error_line(["--ckpt", ckpt, "--images", str(tmp_path / "none*.png"),
-                                            "--out", str(out)])
+    assert "no images found" in error_line(["--ckpt", ckpt, "--images", str(tmp_path / "none*.png"), "--out", str(out)])
     # Every image fails: nothing could be captioned.
     assert _main(ckpt, bad, out) == run.EXIT_USAGE
     assert not out.exists() or all("error" in line for line in _read_jsonl(out))
@@ -290,8 +325,9 @@ def test_tfds_images(ckpt, tmp_path):
     from fastvlm_jax.data import tfds_builders
 
     data_dir = str(tmp_path / "tfds")
-    builder = tfds_builders.build_dataset("synthetic_captions", data_dir, num_train=1, num_validation=1,
-                                          num_test=3, image_size=16)
+    builder = tfds_builders.build_dataset(
+        "synthetic_captions", data_dir, num_train=1, num_validation=1, num_test=3, image_size=16
+    )
     spec = f"tfds:synthetic_captions/{builder.builder_config.name}:test"
     items, errors = expand_inputs([spec], data_dir)
     assert not errors and len(items) == 3

@@ -57,8 +57,24 @@ def test_mesh_data_and_tensor_gives_the_one_device_tokens(setup, tmp_path):
     root, ckpt, folder, reference = setup
     out = tmp_path / "mesh.jsonl"
     stats = tmp_path / "stats.json"
-    assert run.main(["--ckpt", ckpt, "--images", str(folder), "--out", str(out), "--mesh", "data=2,tensor=4",
-                     "--stats", str(stats), *COMMON]) == 1
+    assert (
+        run.main(
+            [
+                "--ckpt",
+                ckpt,
+                "--images",
+                str(folder),
+                "--out",
+                str(out),
+                "--mesh",
+                "data=2,tensor=4",
+                "--stats",
+                str(stats),
+                *COMMON,
+            ]
+        )
+        == 1
+    )
     _same_tokens(_by_image(out), reference)
     assert json.loads(stats.read_text())["mesh"] == "data=2,tensor=4"
 
@@ -74,8 +90,26 @@ def test_other_drafters_on_a_mesh_give_the_one_device_tokens(setup, tmp_path, dr
         ckpt = setup[1]
         flag = "model:" + str(make_tiny_checkpoint(tmp_path / "draft", num_layers=2, exit_layer=1, seed=1))
     out, stats = tmp_path / "mesh.jsonl", tmp_path / "stats.json"
-    assert run.main(["--ckpt", ckpt, "--images", str(folder), "--out", str(out), "--mesh", "data=2,tensor=4",
-                     "--drafter", flag, "--stats", str(stats), *COMMON]) == 1
+    assert (
+        run.main(
+            [
+                "--ckpt",
+                ckpt,
+                "--images",
+                str(folder),
+                "--out",
+                str(out),
+                "--mesh",
+                "data=2,tensor=4",
+                "--drafter",
+                flag,
+                "--stats",
+                str(stats),
+                *COMMON,
+            ]
+        )
+        == 1
+    )
     _same_tokens(_by_image(out), reference)
     summary = json.loads(stats.read_text())
     assert summary["drafter"].startswith(drafter) and summary["drafted"] > 0
@@ -83,10 +117,17 @@ def test_other_drafters_on_a_mesh_give_the_one_device_tokens(setup, tmp_path, dr
 
 def test_mesh_usage_errors(setup, tmp_path, capsys):
     _, ckpt, folder, _ = setup
-    for mesh, expected in [("data=3", "devices"), ("data=8", "--batch-size 4 does not divide"),
-                           ("rows=2", "axis=size")]:
-        assert run.main(["--ckpt", ckpt, "--images", str(folder), "--out", str(tmp_path / "x.jsonl"),
-                         "--mesh", mesh, *COMMON]) == 2
+    for mesh, expected in [
+        ("data=3", "devices"),
+        ("data=8", "--batch-size 4 does not divide"),
+        ("rows=2", "axis=size"),
+    ]:
+        assert (
+            run.main(
+                ["--ckpt", ckpt, "--images", str(folder), "--out", str(tmp_path / "x.jsonl"), "--mesh", mesh, *COMMON]
+            )
+            == 2
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert expected in err[-1], (mesh, err)
 
@@ -94,12 +135,37 @@ def test_mesh_usage_errors(setup, tmp_path, capsys):
 def _launch(root, ckpt, images, out, count: int, devices: int = 1, extra=()) -> list[subprocess.Popen]:
     """`count` decode.run processes joined by --coordinator, each on `devices` CPU devices."""
     port = _free_port()
-    return [subprocess.Popen(
-        [sys.executable, "-m", "decode.run", "--ckpt", ckpt, "--images", str(images), "--out", str(out),
-         *COMMON, *extra, "--peer-timeout", "5", "--coordinator", f"localhost:{port}",
-         "--num-processes", str(count), "--process-id", str(pid)],
-        cwd=th.REPO, env=th.subprocess_env(root / "cache", devices), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True) for pid in range(count)]
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "decode.run",
+                "--ckpt",
+                ckpt,
+                "--images",
+                str(images),
+                "--out",
+                str(out),
+                *COMMON,
+                *extra,
+                "--peer-timeout",
+                "5",
+                "--coordinator",
+                f"localhost:{port}",
+                "--num-processes",
+                str(count),
+                "--process-id",
+                str(pid),
+            ],
+            cwd=th.REPO,
+            env=th.subprocess_env(root / "cache", devices),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for pid in range(count)
+    ]
 
 
 def _finish(procs, statuses) -> list[str]:
@@ -147,8 +213,9 @@ def many(setup, tmp_path_factory):
     for index in range(16):
         write_image(folder / f"p{index:02d}.png", seed=100 + index)
     reference = folder.parent / f"{folder.name}.jsonl"
-    assert run.main(["--ckpt", ckpt, "--images", str(folder), "--out", str(reference), *COMMON,
-                     "--batch-size", "2"]) == 0
+    assert (
+        run.main(["--ckpt", ckpt, "--images", str(folder), "--out", str(reference), *COMMON, "--batch-size", "2"]) == 0
+    )
     return folder, _by_image(reference)
 
 

@@ -26,9 +26,17 @@ from tests.tiny import tiny_config
 # --- SamplingConfig validation -------------------------------------------------------------
 
 BAD_VALUES = [
-    ("temperature", -0.5), ("temperature", float("nan")), ("temperature", float("inf")),
-    ("top_k", -1), ("top_k", 2.5), ("top_k", float("inf")),
-    ("top_p", 0.0), ("top_p", -0.1), ("top_p", 1.5), ("top_p", float("nan")), ("top_p", float("inf")),
+    ("temperature", -0.5),
+    ("temperature", float("nan")),
+    ("temperature", float("inf")),
+    ("top_k", -1),
+    ("top_k", 2.5),
+    ("top_k", float("inf")),
+    ("top_p", 0.0),
+    ("top_p", -0.1),
+    ("top_p", 1.5),
+    ("top_p", float("nan")),
+    ("top_p", float("inf")),
 ]
 
 
@@ -57,16 +65,30 @@ def test_tiny_top_p_keeps_only_the_likeliest_token():
     np.testing.assert_array_equal(np.asarray(probs), [[0.0, 1.0, 0.0, 0.0]])
 
 
-@pytest.mark.parametrize("flag,value,field", [
-    ("--temperature", "-1", "temperature"), ("--temperature", "nan", "temperature"),
-    ("--top-k", "-2", "top_k"), ("--top-p", "0", "top_p"), ("--top-p", "inf", "top_p"),
-])
+@pytest.mark.parametrize(
+    "flag,value,field",
+    [
+        ("--temperature", "-1", "temperature"),
+        ("--temperature", "nan", "temperature"),
+        ("--top-k", "-2", "top_k"),
+        ("--top-p", "0", "top_p"),
+        ("--top-p", "inf", "top_p"),
+    ],
+)
 def test_run_cli_reports_bad_sampling_values_in_one_line(tmp_path, capsys, flag, value, field):
     from decode import run
 
     # The values are checked before the checkpoint or the images are looked at.
-    argv = ["--ckpt", str(tmp_path / "no-ckpt"), "--images", str(tmp_path / "no.png"),
-            "--out", str(tmp_path / "out.jsonl"), flag, value]
+    argv = [
+        "--ckpt",
+        str(tmp_path / "no-ckpt"),
+        "--images",
+        str(tmp_path / "no.png"),
+        "--out",
+        str(tmp_path / "out.jsonl"),
+        flag,
+        value,
+    ]
     assert run.main(argv) == run.EXIT_USAGE
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"python -m decode.run: error: {field} must be"), err
@@ -116,7 +138,7 @@ def _exact_joint(tiny, steps, sampling):
     if (steps, sampling) not in joints:
         prefixes = np.array(list(itertools.product(range(VOCAB), repeat=steps - 1)), np.int32)
         ids = np.concatenate([np.tile(PROMPT, (len(prefixes), 1)), prefixes], axis=1)
-        logits = jax.jit(model.forward)(params, jnp.asarray(ids))[:, len(PROMPT) - 1:]  # [n, steps, vocab]
+        logits = jax.jit(model.forward)(params, jnp.asarray(ids))[:, len(PROMPT) - 1 :]  # [n, steps, vocab]
         probs = np.asarray(warp(logits, sampling), np.float64)
         rows = np.arange(len(prefixes))
         joint = probs[:, -1]
@@ -154,8 +176,9 @@ def _generate(tiny, mode, draft_len, steps, sampling, seed, capacity=None):
     prompts = Prompts(jnp.asarray([PROMPT] * ROWS, jnp.int32), jnp.full((ROWS,), len(PROMPT), jnp.int32))
     # No EOS: every row samples exactly `steps` tokens. A larger capacity than `steps`
     # changes no token, only the compiled program (the mutation tests rely on that).
-    spec = DecodeSpec(mode, capacity=capacity or steps, sampling=sampling, eos_ids=(),
-                      policy=DraftPolicy(draft_len=draft_len))
+    spec = DecodeSpec(
+        mode, capacity=capacity or steps, sampling=sampling, eos_ids=(), policy=DraftPolicy(draft_len=draft_len)
+    )
     out = generate(model, params, prompts, spec, steps, jax.random.key(seed))
     assert np.all(np.asarray(out.num_tokens) == steps)
     return out, np.asarray(out.tokens)[:, :steps]  # (output, sampled tokens [ROWS, steps])
@@ -199,10 +222,12 @@ def test_plain_sampling_matches_exact_distribution(tiny):
 
 # --- the check has power: broken acceptance rules fail it ----------------------------------
 
+
 def _bonus_from_residual(original):
     """The bonus token (every draft accepted) drawn from norm(max(p - q, 0)) instead of p,
     with q the last draft distribution: e.g. q indexed by a clipped position where the
     correct rule pads q with zeros past the draft."""
+
     def rule(rng, target_probs, draft_probs, draft_tokens, draft_lens):
         accepted, token = original(rng, target_probs, draft_probs, draft_tokens, draft_lens)
         rows = jnp.arange(accepted.shape[0])
@@ -213,27 +238,31 @@ def _bonus_from_residual(original):
         residual = jnp.where(mass > 0, residual / jnp.maximum(mass, 1e-30), p)
         bonus = sample(jax.random.fold_in(rng, 1), residual)
         return accepted, jnp.where(accepted == draft_lens, bonus, token)
+
     return rule
 
 
 def _always_accept(original):
     """Every draft token accepted (as if p == q at the drafted positions); the bonus
     token still comes from p."""
+
     def rule(rng, target_probs, draft_probs, draft_tokens, draft_lens):
         draft_len = draft_probs.shape[1]
-        return original(rng, target_probs.at[:, :draft_len].set(draft_probs), draft_probs, draft_tokens,
-                        draft_lens)
+        return original(rng, target_probs.at[:, :draft_len].set(draft_probs), draft_probs, draft_tokens, draft_lens)
+
     return rule
 
 
 def _resample_from_p(original):
     """The right acceptance test, but a rejected token replaced by a draw from p instead
     of norm(max(p - q, 0))."""
+
     def rule(rng, target_probs, draft_probs, draft_tokens, draft_lens):
         accepted, token = original(rng, target_probs, draft_probs, draft_tokens, draft_lens)
         p = target_probs[jnp.arange(accepted.shape[0]), accepted]
         replacement = sample(jax.random.fold_in(rng, 1), p)
         return accepted, jnp.where(accepted < draft_lens, replacement, token)
+
     return rule
 
 
@@ -245,8 +274,9 @@ MUTATIONS = [
 ]
 
 
-@pytest.mark.parametrize("mutation,draft_len,steps,sampling", MUTATIONS,
-                         ids=[m[0].__name__.strip("_") for m in MUTATIONS])
+@pytest.mark.parametrize(
+    "mutation,draft_len,steps,sampling", MUTATIONS, ids=[m[0].__name__.strip("_") for m in MUTATIONS]
+)
 def test_broken_acceptance_rule_is_detected(tiny, monkeypatch, mutation, draft_len, steps, sampling):
     joint = _exact_joint(tiny, steps, sampling)
     traced = []
@@ -270,6 +300,7 @@ def test_broken_acceptance_rule_is_detected(tiny, monkeypatch, mutation, draft_l
     assert traced, "the patched acceptance rule was not traced"
     assert _bonus_rows(out, draft_len) > 0.2
     pvalue, impossible = _chi_square(tokens, joint)
-    print(f"{mutation.__name__}, draft_len {draft_len}, {steps} steps: p = {pvalue:.3g}, "
-          f"{impossible} impossible samples")
+    print(
+        f"{mutation.__name__}, draft_len {draft_len}, {steps} steps: p = {pvalue:.3g}, {impossible} impossible samples"
+    )
     assert impossible > 0 or pvalue < 1e-6, f"{mutation.__name__} went undetected: p = {pvalue:.3g}"

@@ -13,10 +13,10 @@ import sys
 import flax.linen as nn
 import pytest
 
-from fastvlm_jax.runtime import sharding
 from fastvlm_jax import tpu
 from fastvlm_jax.nn.architectures import architecture
 from fastvlm_jax.nn.model import VLM, param_count
+from fastvlm_jax.runtime import sharding
 from tests import train_helpers as th
 
 TOPOLOGY = "v5e:2x2"
@@ -58,8 +58,7 @@ def test_collective_counts_read_sync_and_async_ops():
       %cp = f32[2] collective-permute(f32[2] %rs), source_target_pairs={{0,1}}
     """
     counts = tpu.collective_counts(hlo)
-    assert counts == {"all-reduce": 1, "all-gather": 1, "reduce-scatter": 1, "all-to-all": 0,
-                      "collective-permute": 1}
+    assert counts == {"all-reduce": 1, "all-gather": 1, "reduce-scatter": 1, "all-to-all": 0, "collective-permute": 1}
 
 
 def test_collectives_from_the_compilers_own_text_when_as_text_fails():
@@ -103,10 +102,12 @@ def test_acceptance_per_drafter_from_a_bench_json(tmp_path):
     from decode.bench.compile_only import CompileOnlyError, parse_acceptances
 
     bench = tmp_path / "bench.json"
-    runs = [{"drafter": "imitation", "mean_accepted_length": 3.0, "acceptance_rate": 0.5},
-            {"drafter": "eagle", "mean_accepted_length": 4.0, "acceptance_rate": 0.75},
-            {"drafter": "model:demo-draft", "mean_accepted_length": 2.0, "acceptance_rate": 0.25},
-            {"drafter": "eagle", "mean_accepted_length": 1.0, "acceptance_rate": 0.0}]  # a later run: ignored
+    runs = [
+        {"drafter": "imitation", "mean_accepted_length": 3.0, "acceptance_rate": 0.5},
+        {"drafter": "eagle", "mean_accepted_length": 4.0, "acceptance_rate": 0.75},
+        {"drafter": "model:demo-draft", "mean_accepted_length": 2.0, "acceptance_rate": 0.25},
+        {"drafter": "eagle", "mean_accepted_length": 1.0, "acceptance_rate": 0.0},
+    ]  # a later run: ignored
     bench.write_text(json.dumps({"mean_accepted_length": 3.0, "acceptance_rate": 0.5, "runs": runs}))
     table = parse_acceptances(str(bench))
     assert table.for_drafter("imitation").per_round(5) == (3.0, 4.0)
@@ -131,20 +132,25 @@ def test_tree_acceptance_measured_or_modelled(tmp_path):
     assert modelled.per_position == 0.5 and "assumption" in modelled.source
     # Measured: the first run with the same tree (a chain run has tree_nodes 0).
     bench = tmp_path / "bench.json"
-    runs = [{"tree_nodes": 0, "tree_width": None, "mean_accepted_length": 3.0, "acceptance_rate": 0.4},
-            {"tree_nodes": 8, "tree_width": 2, "mean_accepted_length": 4.25, "acceptance_rate": 0.3},
-            {"tree_nodes": 8, "tree_width": 2, "mean_accepted_length": 1.0, "acceptance_rate": 0.0}]
+    runs = [
+        {"tree_nodes": 0, "tree_width": None, "mean_accepted_length": 3.0, "acceptance_rate": 0.4},
+        {"tree_nodes": 8, "tree_width": 2, "mean_accepted_length": 4.25, "acceptance_rate": 0.3},
+        {"tree_nodes": 8, "tree_width": 2, "mean_accepted_length": 1.0, "acceptance_rate": 0.0},
+    ]
     bench.write_text(json.dumps({"mean_accepted_length": 3.0, "acceptance_rate": 0.4, "runs": runs}))
     measured = parse_tree_acceptance(str(bench), TreeShape(8, 2), parse_acceptance(str(bench)))
     assert measured.tokens_per_round == 4.25 and measured.per_position is None
     # A tree the JSON did not run: modelled from its (chain) acceptance rate.
     other = parse_tree_acceptance(str(bench), TreeShape(16, 4), parse_acceptance(str(bench)))
     assert other.per_position == 0.4 and other.tokens_per_round == pytest.approx(
-        sum((1 - 0.6**4) ** depth for depth in range(5)))
+        sum((1 - 0.6**4) ** depth for depth in range(5))
+    )
     assert parse_trees([0, 8, 16], 2, ["imitation"]) == (TreeShape(8, 2), TreeShape(16, 2))
-    for nodes, width, drafters, message in (([5], 2, ["imitation"], "multiple of the tree width"),
-                                            ([4], 0, ["imitation"], "width >= 1"),
-                                            ([4], 2, ["eagle"], "imitation drafter only")):
+    for nodes, width, drafters, message in (
+        ([5], 2, ["imitation"], "multiple of the tree width"),
+        ([4], 0, ["imitation"], "width >= 1"),
+        ([4], 2, ["eagle"], "imitation drafter only"),
+    ):
         with pytest.raises(CompileOnlyError, match=message) as err:
             parse_trees(nodes, width, drafters)
         assert "\n" not in str(err.value)
@@ -175,7 +181,10 @@ def test_drafter_architectures_for_llava15_7b():
     for name, low, high in (("llava_draft_68m", 60e6, 75e6), ("llava_draft_160m", 150e6, 170e6)):
         small = architecture(name)
         assert (small.text.vocab_size, small.image_token_id, small.num_image_tokens) == (
-            base.text.vocab_size, base.image_token_id, base.num_image_tokens)
+            base.text.vocab_size,
+            base.image_token_id,
+            base.num_image_tokens,
+        )
         assert low < param_count(nn.meta.unbox(VLM(small).abstract_params())["language_model"]) < high
 
 
@@ -193,8 +202,7 @@ def test_checkpoint_shapes_without_reading_params(tmp_path):
     save_checkpoint(tmp_path / "ckpt", config, params)
     ckpt = load_without_params(tmp_path / "ckpt")
     assert ckpt.config == config
-    assert jax.tree.map(lambda x: (x.shape, x.dtype), ckpt.params) == jax.tree.map(
-        lambda x: (x.shape, x.dtype), params)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), ckpt.params) == jax.tree.map(lambda x: (x.shape, x.dtype), params)
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(ckpt.params))
 
 
@@ -249,8 +257,15 @@ def test_train_compile_only_too_big_exits_1_with_the_reason(tmp_path, capsys):
 
     out = tmp_path / "big.json"
     # ~6 GB of float32 MLP weights per layer, with gradients and Adam moments: far over 16 GiB.
-    args = [*TINY_TRAIN[:1], "--compile-only", TOPOLOGY, "--json", str(out), *TINY_TRAIN[1:],
-            "model.text.intermediate_size=8000000"]
+    args = [
+        *TINY_TRAIN[:1],
+        "--compile-only",
+        TOPOLOGY,
+        "--json",
+        str(out),
+        *TINY_TRAIN[1:],
+        "model.text.intermediate_size=8000000",
+    ]
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"error: does not fit on {TOPOLOGY}: ") and "HBM" in err[-1]
@@ -263,14 +278,32 @@ def test_decode_compile_only_pieces_cache_sharding_and_speedup(tmp_path):
     from decode.bench.cli import main
 
     out = tmp_path / "decode.json"
-    assert main(["--ckpt", "random:tiny", "--compile-only", TOPOLOGY, "--batch-size", "4", "--draft-len", "3",
-                 "--max-new-tokens", "16", "--acceptance", "0.6", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--ckpt",
+                "random:tiny",
+                "--compile-only",
+                TOPOLOGY,
+                "--batch-size",
+                "4",
+                "--draft-len",
+                "3",
+                "--max-new-tokens",
+                "16",
+                "--acceptance",
+                "0.6",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert report["topology"] == TOPOLOGY and report["chips"] == 4 and report["fits"] is True
     assert report["mesh"] == {"data": 1, "fsdp": 1, "tensor": 4}
     run = report["runs"][0]
-    assert set(run["pieces"]) == {"ar_step", "draft_step", "shallow_step", "verify", "generate_ar",
-                                  "generate_ssd"}
+    assert set(run["pieces"]) == {"ar_step", "draft_step", "shallow_step", "verify", "generate_ar", "generate_ssd"}
     # random:tiny: 4 layers, 4 kv heads of width 32, float32; 16 image tokens + 13 -> 29-token
     # prompts; SSD slots 29 + 16 + 3 + 1. The heads are split over tensor=4: one per chip.
     assert run["kv_cache_bytes_per_device"] == 2 * 4 * 4 * 1 * (29 + 16 + 3 + 1) * 32 * 4
@@ -286,14 +319,17 @@ def test_decode_compile_only_pieces_cache_sharding_and_speedup(tmp_path):
     # model's imitation network and 512-word head outweigh 3 layers); verification scores 4
     # tokens through 3 layers.
     shallow = run["pieces"]["shallow_step"]
-    assert shallow["must_read_bytes_per_device"] < draft["must_read_bytes_per_device"] < ar["must_read_bytes_per_device"]
+    assert (
+        shallow["must_read_bytes_per_device"] < draft["must_read_bytes_per_device"] < ar["must_read_bytes_per_device"]
+    )
     assert shallow["flops_per_device"] < ar["flops_per_device"] < verify["flops_per_device"]
     assert run["pieces"]["generate_ssd"]["memory_per_device"]["peak"] >= run["kv_cache_bytes_per_device"]
     tokens = 1 + 0.6 + 0.36 + 0.216
     assert run["tokens_per_round"] == pytest.approx(tokens)
     t = {k: run["pieces"][k]["time_lower_bound_s"] for k in ("ar_step", "draft_step", "shallow_step", "verify")}
     assert run["predicted_speedup"] == pytest.approx(
-        tokens * t["ar_step"] / (3 * t["draft_step"] + t["shallow_step"] + t["verify"]))
+        tokens * t["ar_step"] / (3 * t["draft_step"] + t["shallow_step"] + t["verify"])
+    )
     assert report["predicted_speedup"] == run["predicted_speedup"]
     # The paper's speedups (the default --paper-speedup 1.55 1.85) as acceptances (exit 1 of
     # 4 layers, draft 3: a round costs 4/4 + 3/4 AR steps under the layer-count model).
@@ -302,8 +338,10 @@ def test_decode_compile_only_pieces_cache_sharding_and_speedup(tmp_path):
         a = implied[speedup]["per_position_acceptance"]
         assert sum(a**j for j in range(4)) == pytest.approx(speedup * 1.75)
         assert implied[speedup]["predicted_speedup"] == pytest.approx(
-            implied[speedup]["tokens_per_round"] * t["ar_step"]
-            / (3 * t["draft_step"] + t["shallow_step"] + t["verify"]))
+            implied[speedup]["tokens_per_round"]
+            * t["ar_step"]
+            / (3 * t["draft_step"] + t["shallow_step"] + t["verify"])
+        )
     assert implied[1.85]["predicted_speedup"] > implied[1.55]["predicted_speedup"]
 
 
@@ -338,14 +376,38 @@ def test_decode_compile_only_per_drafter_pieces_and_speedups(tmp_path):
     out = tmp_path / "drafters.json"
     draft = tiny_draft_checkpoint(tmp_path / "draft")
     drafters = ["imitation", "eagle", "eagle:pool=4", f"model:{draft}"]
-    assert main(["--ckpt", "random:tiny", "--compile-only", TOPOLOGY, "--batch-size", "4", "--draft-len", "3",
-                 "--max-new-tokens", "16", "--acceptance", "0.6", "--no-generate", "--drafter", *drafters,
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--ckpt",
+                "random:tiny",
+                "--compile-only",
+                TOPOLOGY,
+                "--batch-size",
+                "4",
+                "--draft-len",
+                "3",
+                "--max-new-tokens",
+                "16",
+                "--acceptance",
+                "0.6",
+                "--no-generate",
+                "--drafter",
+                *drafters,
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     run = report["runs"][0]
     assert list(run["drafters"]) == drafters and report["notes"]  # random:tiny got a fresh EAGLE head
-    roles = {"imitation": {"draft_step", "shallow_step", "verify"}, "eagle": {"catchup", "step", "verify"},
-             "model": {"start", "step", "verify"}}
+    roles = {
+        "imitation": {"draft_step", "shallow_step", "verify"},
+        "eagle": {"catchup", "step", "verify"},
+        "model": {"start", "step", "verify"},
+    }
     ar = run["pieces"]["ar_step"]
     tokens = 1 + 0.6 + 0.36 + 0.216
     for name, drafter in run["drafters"].items():
@@ -356,23 +418,29 @@ def test_decode_compile_only_per_drafter_pieces_and_speedups(tmp_path):
             assert piece["must_read_bytes_per_device"] > 0
             assert piece["cost_counting"] in ("unrolled_twin", "straight_line")
         t = {role: p["time_lower_bound_s"] for role, p in pieces.items()}
-        draft_cost = {"imitation": lambda: 3 * t["draft_step"] + t["shallow_step"],
-                      "eagle": lambda: t["catchup"] + 2 * t["step"],
-                      "model": lambda: t["start"] + 2 * t["step"]}[drafter["kind"]]()
+        draft_cost = {
+            "imitation": lambda: 3 * t["draft_step"] + t["shallow_step"],
+            "eagle": lambda: t["catchup"] + 2 * t["step"],
+            "model": lambda: t["start"] + 2 * t["step"],
+        }[drafter["kind"]]()
         assert drafter["predicted_speedup"] == pytest.approx(
-            tokens * ar["time_lower_bound_s"] / (draft_cost + t["verify"])), name
+            tokens * ar["time_lower_bound_s"] / (draft_cost + t["verify"])
+        ), name
     eagle, pooled, small = (run["drafters"][k] for k in drafters[1:])
     # Verification from the tokens runs every layer: more to read than the imitation
     # drafter's [exit, L), and the same program for both drafters that need it.
     assert eagle["pieces"]["verify"] == small["pieces"]["verify"]
-    assert (eagle["pieces"]["verify"]["must_read_bytes_per_device"]
-            > run["pieces"]["verify"]["must_read_bytes_per_device"])
+    assert (
+        eagle["pieces"]["verify"]["must_read_bytes_per_device"] > run["pieces"]["verify"]["must_read_bytes_per_device"]
+    )
     # The catch-up pass reads the head once for 4 pairs: 4 times the step's FLOPs or so.
     assert eagle["pieces"]["catchup"]["flops_per_device"] > 2 * eagle["pieces"]["step"]["flops_per_device"]
     # 16 image tokens pooled 4 to a slot save 12 of the head's cache slots (29 + 16 + 4 = 49).
     assert (eagle["eagle_cache_slots"], pooled["eagle_cache_slots"]) == (49, 37)
     assert pooled["draft_cache_bytes_per_device"] == eagle["draft_cache_bytes_per_device"] * 37 // 49
-    assert pooled["pieces"]["step"]["must_read_bytes_per_device"] < eagle["pieces"]["step"]["must_read_bytes_per_device"]
+    assert (
+        pooled["pieces"]["step"]["must_read_bytes_per_device"] < eagle["pieces"]["step"]["must_read_bytes_per_device"]
+    )
     # The draft VLM (2 layers of width 64, bf16) reads less per step than the full model
     # (4 layers of width 128, float32), and its start feeds two tokens.
     assert small["pieces"]["step"]["must_read_bytes_per_device"] < ar["must_read_bytes_per_device"]
@@ -386,8 +454,11 @@ def test_decode_compile_only_bad_drafter_is_one_line(capsys):
     from decode.bench.cli import main
 
     base = ["--ckpt", "random:tiny", "--compile-only", TOPOLOGY, "--json", "/dev/null", "--drafter"]
-    for drafter, message in (("medusa", "unknown --drafter 'medusa'"), ("eagle:pool=0", "eagle:pool=N"),
-                             ("model:shapes:llava_draft_160m", "vocabulary")):
+    for drafter, message in (
+        ("medusa", "unknown --drafter 'medusa'"),
+        ("eagle:pool=0", "eagle:pool=N"),
+        ("model:shapes:llava_draft_160m", "vocabulary"),
+    ):
         assert main([*base, "imitation", drafter]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err, err
@@ -398,9 +469,32 @@ def test_decode_compile_only_tree_pieces_and_speedup(tmp_path):
     from decode.bench.cli import main
 
     out = tmp_path / "trees.json"
-    assert main(["--ckpt", "random:tiny", "--compile-only", TOPOLOGY, "--batch-size", "4", "--draft-len", "3",
-                 "--max-new-tokens", "16", "--acceptance", "0.6", "--tree-nodes", "4", "--tree-width", "2",
-                 "--no-generate", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--ckpt",
+                "random:tiny",
+                "--compile-only",
+                TOPOLOGY,
+                "--batch-size",
+                "4",
+                "--draft-len",
+                "3",
+                "--max-new-tokens",
+                "16",
+                "--acceptance",
+                "0.6",
+                "--tree-nodes",
+                "4",
+                "--tree-width",
+                "2",
+                "--no-generate",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     run = report["runs"][0]
     tree = run["trees"]["4x2"]
@@ -420,14 +514,14 @@ def test_decode_compile_only_tree_pieces_and_speedup(tmp_path):
     assert pieces["step"]["flops_per_device"] > pieces["root"]["flops_per_device"]
     assert pieces["step"]["must_read_bytes_per_device"] == pieces["root"]["must_read_bytes_per_device"]
     assert pieces["verify"]["must_read_bytes_per_device"] < ar["must_read_bytes_per_device"]
-    assert pieces["move"]["must_read_bytes_per_device"] == pytest.approx(
-        2 * 3 / 50 * tree["kv_cache_bytes_per_device"])
+    assert pieces["move"]["must_read_bytes_per_device"] == pytest.approx(2 * 3 / 50 * tree["kv_cache_bytes_per_device"])
     # Modelled acceptance: each depth reached with 1 - 0.4^2 = 0.84, 2 deep.
     tokens = 1 + 0.84 + 0.84**2
     assert tree["tokens_per_round"] == pytest.approx(tokens)
     t = {role: p["time_lower_bound_s"] for role, p in pieces.items()}
     assert tree["predicted_speedup"] == pytest.approx(
-        tokens * ar["time_lower_bound_s"] / (t["root"] + 2 * t["step"] + t["verify"] + t["move"]))
+        tokens * ar["time_lower_bound_s"] / (t["root"] + 2 * t["step"] + t["verify"] + t["move"])
+    )
     assert report["tree_acceptance"]["4x2"]["per_position"] == 0.6
 
 
@@ -435,8 +529,23 @@ def test_decode_compile_only_bad_tree_is_one_line(capsys):
     needs_libtpu()
     from decode.bench.cli import main
 
-    assert main(["--ckpt", "random:tiny", "--compile-only", TOPOLOGY, "--json", "/dev/null",
-                 "--tree-nodes", "5", "--tree-width", "2"]) == 2
+    assert (
+        main(
+            [
+                "--ckpt",
+                "random:tiny",
+                "--compile-only",
+                TOPOLOGY,
+                "--json",
+                "/dev/null",
+                "--tree-nodes",
+                "5",
+                "--tree-width",
+                "2",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --tree-nodes") and "multiple of the tree width" in err and "\n" not in err, err
 
@@ -447,8 +556,24 @@ def test_decode_compile_only_too_big_exits_1_with_the_reason(tmp_path, capsys):
 
     out = tmp_path / "decode_big.json"
     # A KV cache of 4 layers x 64 rows x 300k slots: ~20 GB per chip.
-    assert main(["--ckpt", "random:tiny", "--compile-only", TOPOLOGY, "--batch-size", "64",
-                 "--max-new-tokens", "300000", "--no-generate", "--json", str(out)]) == 1
+    assert (
+        main(
+            [
+                "--ckpt",
+                "random:tiny",
+                "--compile-only",
+                TOPOLOGY,
+                "--batch-size",
+                "64",
+                "--max-new-tokens",
+                "300000",
+                "--no-generate",
+                "--json",
+                str(out),
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"error: batch 64 does not fit on {TOPOLOGY}: ") and "HBM" in err[-1]
     assert json.loads(out.read_text())["fits"] is False

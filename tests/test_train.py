@@ -9,11 +9,10 @@ from __future__ import annotations
 import functools
 import json
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from tests import train_helpers as th
 from train import config as config_lib
@@ -38,11 +37,21 @@ def data_dir(tmp_path_factory):
 
 def test_overrides_convert_types_and_reject_unknown_keys():
     cfg = th.tiny_config("base")
-    new = config_lib.apply_overrides(cfg, {
-        "steps": "7", "optim.learning_rate": "3e-4", "checkpoint.async_save": "false",
-        "data.data_dir": "/x", "init_from": "none", "trainable": "imitation/.*,projector/.*",
-        "model.text.num_layers": "3", "model.draft.exit_layer": "2", "mesh.tensor": "2",
-        "compute_dtype": "bfloat16"})
+    new = config_lib.apply_overrides(
+        cfg,
+        {
+            "steps": "7",
+            "optim.learning_rate": "3e-4",
+            "checkpoint.async_save": "false",
+            "data.data_dir": "/x",
+            "init_from": "none",
+            "trainable": "imitation/.*,projector/.*",
+            "model.text.num_layers": "3",
+            "model.draft.exit_layer": "2",
+            "mesh.tensor": "2",
+            "compute_dtype": "bfloat16",
+        },
+    )
     assert new.steps == 7 and new.optim.learning_rate == 3e-4 and new.checkpoint.async_save is False
     assert new.data.data_dir == "/x" and new.init_from is None
     assert new.trainable == ("imitation/.*", "projector/.*")
@@ -60,10 +69,21 @@ def test_overrides_convert_types_and_reject_unknown_keys():
         config_lib.apply_overrides(cfg, {"model.draft.exit_layer": "3"})
 
 
-@pytest.mark.parametrize("spec", ["demo.py:base", "demo.py:deepen", "demo.py:imitation", "demo.py:refine",
-                                  "llava15_7b.py", "llava15_7b.py:base", "llava15_13b.py:base", "llava15_13b.py",
-                                  "blip2_opt_2_7b.py",
-                                  "blip2_opt_2_7b.py:refine"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "demo.py:base",
+        "demo.py:deepen",
+        "demo.py:imitation",
+        "demo.py:refine",
+        "llava15_7b.py",
+        "llava15_7b.py:base",
+        "llava15_13b.py:base",
+        "llava15_13b.py",
+        "blip2_opt_2_7b.py",
+        "blip2_opt_2_7b.py:refine",
+    ],
+)
 def test_config_files_load(spec):
     cfg = config_lib.load_config_file(str(th.REPO / "configs" / spec))
     assert isinstance(cfg, config_lib.TrainConfig)
@@ -71,9 +91,17 @@ def test_config_files_load(spec):
 
 def test_stage_groups_take_nested_overrides():
     cfg = th.tiny_config("eagle", init_from="/x")
-    new = config_lib.apply_overrides(cfg, {"refine.disagreement_weight": "2", "refine.max_new_tokens": "8",
-                                           "eagle.image_pool": "4", "eagle.compressor": "prune",
-                                           "eagle.unroll_steps": "3", "loss.kd": "0.5"})
+    new = config_lib.apply_overrides(
+        cfg,
+        {
+            "refine.disagreement_weight": "2",
+            "refine.max_new_tokens": "8",
+            "eagle.image_pool": "4",
+            "eagle.compressor": "prune",
+            "eagle.unroll_steps": "3",
+            "loss.kd": "0.5",
+        },
+    )
     assert (new.refine.disagreement_weight, new.refine.max_new_tokens) == (2.0, 8)
     assert (new.eagle.image_pool, new.eagle.compressor, new.eagle.unroll_steps, new.loss.kd) == (4, "prune", 3, 0.5)
     # The head's settings are validated where they live (fastvlm_jax.nn.config.DraftConfig).
@@ -214,8 +242,9 @@ def test_worker_processes_give_the_same_batches(data_dir, tokenizer):
     from fastvlm_jax.data import tfds_builders
 
     source = tfds_builders.open_split("synthetic_captions/tiny", "train", str(data_dir), decode=False)
-    transform = input_lib.CaptionExample(tokenizer, input_lib.default_image_config("clip", 16),
-                                         "Describe the image.", 4, 48)
+    transform = input_lib.CaptionExample(
+        tokenizer, input_lib.default_image_config("clip", 16), "Describe the image.", 4, 48
+    )
     batches = {}
     for workers in (0, 2):
         it = iter(input_lib.make_loader(source, transform, 6, (2, 5), seed=1, worker_count=workers))
@@ -239,13 +268,12 @@ def test_compose_refine_sequences():
     np.testing.assert_array_equal(out["loss_mask"], [[0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0]])
 
 
-def test_refine_sequences_are_generated_once_resumed_and_checked(data_dir, tokenizer, tmp_path,
-                                                                  monkeypatch):
+def test_refine_sequences_are_generated_once_resumed_and_checked(data_dir, tokenizer, tmp_path, monkeypatch):
     """The refine pre-pass with a stand-in generator (a function of the pixels): every record
     once, a killed pass resumes from its finished parts, a finished set is reused, another
     run's set is refused; the training example is prompt + the stored tokens."""
-    from fastvlm_jax.runtime import sharding
     from fastvlm_jax.data import tfds_builders
+    from fastvlm_jax.runtime import sharding
     from train import refine
     from train.step import batch_shardings
 
@@ -272,11 +300,19 @@ def test_refine_sequences_are_generated_once_resumed_and_checked(data_dir, token
         return fake(prompts)
 
     def run(max_new_tokens=max_new):
-        wanted = refine.identity(init_from="model", compute_dtype="float32", max_new_tokens=max_new_tokens,
-                                 eos_ids=(2,), prompt_ids=transform.text.prompt, image_config=image_config,
-                                 source=source, record_ids=record_ids)
-        return refine.pregenerate(tmp_path / "seq", wanted, source, transform, record_ids, generate_fn,
-                                  shardings, 8, max_new_tokens)
+        wanted = refine.identity(
+            init_from="model",
+            compute_dtype="float32",
+            max_new_tokens=max_new_tokens,
+            eos_ids=(2,),
+            prompt_ids=transform.text.prompt,
+            image_config=image_config,
+            source=source,
+            record_ids=record_ids,
+        )
+        return refine.pregenerate(
+            tmp_path / "seq", wanted, source, transform, record_ids, generate_fn, shardings, 8, max_new_tokens
+        )
 
     monkeypatch.setattr(refine, "CHUNK_BATCHES", 1)
     fail_at = 1  # killed in the second batch: the first one's part is kept
@@ -294,8 +330,11 @@ def test_refine_sequences_are_generated_once_resumed_and_checked(data_dir, token
         assert done.lengths[i] == want_length[0]
     again = run()  # complete: reused, nothing generated
     assert len(calls) == 3 and np.array_equal(again.tokens, done.tokens)
-    with pytest.raises(config_lib.ConfigError, match=r"seq holds refine sequences generated with "
-                                                     r"max_new_tokens=5.*needs max_new_tokens=6.*delete"):
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"seq holds refine sequences generated with "
+        r"max_new_tokens=5.*needs max_new_tokens=6.*delete",
+    ):
         run(max_new_tokens=6)
 
     # Training examples: the caption example's prompt and pixels, then the stored tokens.
@@ -307,7 +346,7 @@ def test_refine_sequences_are_generated_once_resumed_and_checked(data_dir, token
     plen, n = int(base["prompt_len"]), int(done.lengths[4])
     np.testing.assert_array_equal(got["pixels"], base["pixels"])
     np.testing.assert_array_equal(got["input_ids"][:plen], base["input_ids"][:plen])
-    np.testing.assert_array_equal(got["input_ids"][plen:plen + n], done.tokens[4][:n])
+    np.testing.assert_array_equal(got["input_ids"][plen : plen + n], done.tokens[4][:n])
     assert got["loss_mask"].sum() == n
 
 
@@ -338,11 +377,13 @@ def test_deepened_model_computes_the_same_function():
     grown_config = deepen.deepened_config(config, 7)
     grown = deepen.deepen_params(params, jax.jit(VLM(grown_config).init)(jax.random.key(1)), 1)
     assert all(x.shape[0] == 7 for x in jax.tree.leaves(grown["language_model"]["layers"]))
-    np.testing.assert_array_equal(grown["language_model"]["layers"]["mlp"]["up_proj"]["kernel"][4],
-                                  params["language_model"]["layers"]["mlp"]["up_proj"]["kernel"][2])
+    np.testing.assert_array_equal(
+        grown["language_model"]["layers"]["mlp"]["up_proj"]["kernel"][4],
+        params["language_model"]["layers"]["mlp"]["up_proj"]["kernel"][2],
+    )
 
     ids = jax.random.randint(jax.random.key(2), (2, 9), 0, config.text.vocab_size - 1)
-    ids = ids.at[:, 1:1 + config.num_image_tokens].set(config.image_token_id)
+    ids = ids.at[:, 1 : 1 + config.num_image_tokens].set(config.image_token_id)
     pixels = jax.random.normal(jax.random.key(3), (2, 16, 16, 3))
     model, grown_model = VLM(config), VLM(grown_config)
 
@@ -399,8 +440,9 @@ def test_same_losses_on_one_and_eight_devices(data_dir, tmp_path):
     assert sorted(reference) == list(range(1, 21))
     assert reference[20] < reference[1]  # it learns
     for name, curve in curves.items():
-        np.testing.assert_allclose([curve[s] for s in range(1, 21)],
-                                   [reference[s] for s in range(1, 21)], rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(
+            [curve[s] for s in range(1, 21)], [reference[s] for s in range(1, 21)], rtol=1e-5, err_msg=name
+        )
 
 
 @pytest.mark.parametrize("stage", ["base", "refine"])
@@ -419,13 +461,17 @@ def test_loss_window_gives_the_losses_of_every_position(stage):
     rng = np.random.default_rng(0)
     batch, seq, prompt = 3, 24, 9  # 4 image tokens + text; loss from position prompt - 1 on
     ids = rng.integers(0, 60, size=(batch, seq)).astype(np.int32)
-    ids[:, 1:1 + config.num_image_tokens] = config.image_token_id
+    ids[:, 1 : 1 + config.num_image_tokens] = config.image_token_id
     mask = np.zeros((batch, seq), np.float32)
-    mask[0, prompt - 1:seq - 1] = 1
-    mask[1, prompt - 1:prompt + 4] = 1
-    mask[2, prompt + 2:prompt + 6] = 1
-    data = {"pixels": jnp.asarray(rng.normal(size=(batch, 16, 16, 3)), jnp.float32), "input_ids": jnp.asarray(ids),
-            "targets": jnp.asarray(np.roll(ids, -1, axis=1)), "loss_mask": jnp.asarray(mask)}
+    mask[0, prompt - 1 : seq - 1] = 1
+    mask[1, prompt - 1 : prompt + 4] = 1
+    mask[2, prompt + 2 : prompt + 6] = 1
+    data = {
+        "pixels": jnp.asarray(rng.normal(size=(batch, 16, 16, 3)), jnp.float32),
+        "input_ids": jnp.asarray(ids),
+        "targets": jnp.asarray(np.roll(ids, -1, axis=1)),
+        "loss_mask": jnp.asarray(mask),
+    }
     loss_config = config_lib.ImitationLossConfig(cos=1.0, kd=1.0, ce=0.1)
 
     def run(loss_start):
@@ -447,8 +493,7 @@ def test_loss_window_gives_the_losses_of_every_position(stage):
 
 
 def _flat(params):
-    return {param_lib.path_str(p): np.asarray(v)
-            for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    return {param_lib.path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def test_draft_stages_leave_the_base_model_bit_identical(data_dir, tmp_path):
@@ -471,11 +516,16 @@ def test_draft_stages_leave_the_base_model_bit_identical(data_dir, tmp_path):
     assert same.status == deeper.status == "done"
     assert load_checkpoint(deeper.export_dir).config.text.num_layers == 4
     assert th.losses(tmp_path / "deeper")[1] == pytest.approx(th.losses(tmp_path / "same")[1], rel=1e-6)
-    imitation = one_device(th.tiny_config("imitation", steps=4, init_from=base.export_dir, **common),
-                           tmp_path / "imitation", progress=False)
-    refine = one_device(th.tiny_config("refine", steps=3, init_from=imitation.export_dir,
-                                       **{"refine.max_new_tokens": 8}, **common),
-                        tmp_path / "refine", progress=False)
+    imitation = one_device(
+        th.tiny_config("imitation", steps=4, init_from=base.export_dir, **common),
+        tmp_path / "imitation",
+        progress=False,
+    )
+    refine = one_device(
+        th.tiny_config("refine", steps=3, init_from=imitation.export_dir, **{"refine.max_new_tokens": 8}, **common),
+        tmp_path / "refine",
+        progress=False,
+    )
     before = _flat(load_checkpoint(base.export_dir).params)
     middle = _flat(load_checkpoint(imitation.export_dir).params)
     after = load_checkpoint(refine.export_dir)
@@ -497,19 +547,23 @@ def test_draft_stages_leave_the_base_model_bit_identical(data_dir, tmp_path):
     # alone (the pre-pass decoded it within another batch).
     from decode.engine import DecodeSpec, Prompts, generate
     from fastvlm_jax.data import tfds_builders
-    from fastvlm_jax.nn.model import VLM
     from fastvlm_jax.nn.families import stop_ids
+    from fastvlm_jax.nn.model import VLM
     from train import refine as refine_lib
 
     stored = refine_lib.load_sequences(tmp_path / "refine" / refine_lib.SEQUENCES_DIR)
     assert stored.tokens.shape == (3 * 8, 8) and len(set(stored.record_ids.tolist())) == 3 * 8
     model_ckpt = load_checkpoint(imitation.export_dir)
     source = tfds_builders.open_split("synthetic_captions/tiny", "train", str(data_dir), decode=False)
-    transform = input_lib.CaptionExample(model_ckpt.tokenizer, model_ckpt.image_config, "Describe the image.",
-                                         model_ckpt.config.num_image_tokens, 48)
+    transform = input_lib.CaptionExample(
+        model_ckpt.tokenizer, model_ckpt.image_config, "Describe the image.", model_ckpt.config.num_image_tokens, 48
+    )
     prompt = refine_lib.prompt_example(transform, source[int(stored.record_ids[5])])
-    out = generate(VLM(model_ckpt.config), model_ckpt.params,
-                   Prompts(prompt["input_ids"][None], prompt["prompt_len"][None], prompt["pixels"][None]),
-                   DecodeSpec(mode="ar", capacity=8, eos_ids=stop_ids(model_ckpt.config, model_ckpt.tokenizer)),
-                   8)
+    out = generate(
+        VLM(model_ckpt.config),
+        model_ckpt.params,
+        Prompts(prompt["input_ids"][None], prompt["prompt_len"][None], prompt["pixels"][None]),
+        DecodeSpec(mode="ar", capacity=8, eos_ids=stop_ids(model_ckpt.config, model_ckpt.tokenizer)),
+        8,
+    )
     np.testing.assert_array_equal(np.asarray(out.tokens[0]), stored.tokens[5])

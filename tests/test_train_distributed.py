@@ -22,8 +22,7 @@ import pytest
 from tests import train_helpers as th
 
 STEPS = 12
-COMMON = {"steps": STEPS, "mesh.data": 4, "mesh.tensor": 2, "checkpoint.save_every": 3,
-          "checkpoint.keep": 10}
+COMMON = {"steps": STEPS, "mesh.data": 4, "mesh.tensor": 2, "checkpoint.save_every": 3, "checkpoint.keep": 10}
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +60,23 @@ def test_two_processes_match_one_and_resume(setup, reference):
 
     def start(module):
         port = _free_port()
-        return [subprocess.Popen(
-            th.cli("base", workdir, overrides,
-                   ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(pid)],
-                   module=module),
-            cwd=th.REPO, env=th.subprocess_env(root / "cache", 4),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for pid in range(2)]
+        return [
+            subprocess.Popen(
+                th.cli(
+                    "base",
+                    workdir,
+                    overrides,
+                    ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(pid)],
+                    module=module,
+                ),
+                cwd=th.REPO,
+                env=th.subprocess_env(root / "cache", 4),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for pid in range(2)
+        ]
 
     procs = start(th.SLOW_RUN)  # room to interrupt; numerics unchanged
     _wait_for(lambda: len(th.losses(workdir)) >= 3, procs[0], what="step 3")
@@ -86,8 +96,7 @@ def test_two_processes_match_one_and_resume(setup, reference):
     assert json.loads(outputs[0][0].strip().splitlines()[-1])["status"] == "done"
     curve = th.losses(workdir)  # written by process 0 only
     assert sorted(curve) == sorted(reference)
-    np.testing.assert_allclose([curve[s] for s in sorted(curve)],
-                               [reference[s] for s in sorted(reference)], rtol=1e-5)
+    np.testing.assert_allclose([curve[s] for s in sorted(curve)], [reference[s] for s in sorted(reference)], rtol=1e-5)
 
 
 def _wait_for(predicate, proc, timeout=240.0, what=""):
@@ -116,8 +125,14 @@ def test_sigterm_and_sigkill_resume_exactly(setup, reference):
     env = th.subprocess_env(root / "cache", 8)
 
     def start():  # the slow CLI: room to interrupt; numerics unchanged
-        return subprocess.Popen(th.cli("base", workdir, overrides, module=th.SLOW_RUN), cwd=th.REPO, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            th.cli("base", workdir, overrides, module=th.SLOW_RUN),
+            cwd=th.REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     # 1. SIGTERM mid-way: the run saves at the next step boundary and exits cleanly.
     proc = start()
@@ -134,8 +149,9 @@ def test_sigterm_and_sigkill_resume_exactly(setup, reference):
     proc = start()
     target = (stopped // 3 + 1) * 3
     assert target < STEPS
-    _wait_for(lambda: target in _saved_steps(workdir) and max(th.losses(workdir)) > target, proc,
-              what=f"checkpoint {target}")
+    _wait_for(
+        lambda: target in _saved_steps(workdir) and max(th.losses(workdir)) > target, proc, what=f"checkpoint {target}"
+    )
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
 

@@ -50,8 +50,7 @@ def _tree_from_parents(parents, tokens):
     size = len(parents)
     tree = tree_lib.Tree.root(jnp.asarray([tokens[0]]), size, 4, jnp.float32)
     for i in range(1, size):
-        tree = tree.add(jnp.asarray([[i]]), jnp.asarray([[tokens[i]]]), jnp.asarray([[parents[i]]]),
-                        jnp.zeros((1, 1)))
+        tree = tree.add(jnp.asarray([[i]]), jnp.asarray([[tokens[i]]]), jnp.asarray([[parents[i]]]), jnp.zeros((1, 1)))
     return tree
 
 
@@ -75,8 +74,9 @@ def test_tree_table_layout_and_greedy_path():
     assert int(last[0]) == 3
     np.testing.assert_array_equal(tree_lib.root_path(tree, last, 3)[0], [0, 1, 3, 0])
     # Node 2's subtree agrees too (15 after 2) but 12 is not the argmax after the root.
-    layout = tree_lib.tree_slots(jnp.asarray([5]), jnp.asarray([[4, 6]]), tree.ancestors[:, jnp.asarray([4, 6])],
-                                 cache_slots=14)
+    layout = tree_lib.tree_slots(
+        jnp.asarray([5]), jnp.asarray([[4, 6]]), tree.ancestors[:, jnp.asarray([4, 6])], cache_slots=14
+    )
     np.testing.assert_array_equal(layout.slots, [[9, 11]])
     visible = np.asarray(layout.visible[0])
     np.testing.assert_array_equal(np.nonzero(visible[0])[0], [0, 1, 2, 3, 4, 5, 6, 9])  # context, 0, 1, 4
@@ -140,8 +140,9 @@ def test_caches_after_tree_rounds_equal_a_cache_free_pass():
     ids = np.zeros((2, max(committed)), np.int32)  # each row's committed tokens, right-padded
     for row in range(2):
         length = int(prompts.lengths[row])
-        ids[row, :committed[row]] = np.concatenate([np.asarray(prompts.input_ids[row, :length]),
-                                                    np.asarray(state.tokens[row, :committed[row] - length])])
+        ids[row, : committed[row]] = np.concatenate(
+            [np.asarray(prompts.input_ids[row, :length]), np.asarray(state.tokens[row, : committed[row] - length])]
+        )
 
     @jax.jit
     def one_pass(params, ids):  # the caches one causal pass over the committed tokens writes
@@ -149,18 +150,24 @@ def test_caches_after_tree_rounds_equal_a_cache_free_pass():
         hidden = model.embed(params, ids, model.encode_images(params, prompts.pixels), positions)
         fresh = model.init_cache(2, slots)
         h_exit, fresh, _ = model.run_layers(params, hidden, positions, 0, config.draft.exit_layer, fresh)
-        _, fresh, _ = model.run_layers(params, h_exit, positions, config.draft.exit_layer,
-                                       config.text.num_layers, fresh)
+        _, fresh, _ = model.run_layers(
+            params, h_exit, positions, config.draft.exit_layer, config.text.num_layers, fresh
+        )
         _, draft_kv = model.imitate(params, h_exit, positions, model.init_draft_cache(2, slots))
         return fresh, draft_kv
 
     fresh, draft_kv = one_pass(params, jnp.asarray(ids))
-    pairs = [(state.cache.keys, fresh.keys), (state.cache.values, fresh.values),
-             (state.draft.keys, draft_kv.keys), (state.draft.values, draft_kv.values)]
+    pairs = [
+        (state.cache.keys, fresh.keys),
+        (state.cache.values, fresh.values),
+        (state.draft.keys, draft_kv.keys),
+        (state.draft.values, draft_kv.values),
+    ]
     for row in range(2):
         for got, want in pairs:  # [layers, batch, kv_heads, slots, head_dim]
-            np.testing.assert_allclose(got[:, row, :, :committed[row]], want[:, row, :, :committed[row]],
-                                       rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(
+                got[:, row, :, : committed[row]], want[:, row, :, : committed[row]], rtol=1e-4, atol=1e-5
+            )
 
 
 def test_tree_shape_is_checked():
@@ -174,6 +181,7 @@ def test_tree_shape_is_checked():
 
 # --- sampling with trees reproduces the full model's distribution --------------------------
 
+
 def _one_node_tree_samples(p, q, width, rows, seed):
     """The round's first token under accept_speculative_tree at a root whose `width`
     children are drawn from q without replacement, the target being p: ([rows] tokens,
@@ -181,13 +189,22 @@ def _one_node_tree_samples(p, q, width, rows, seed):
     vocab = p.shape[0]
     draw_rng, accept_rng = jax.random.split(jax.random.key(seed))
     tree = tree_lib.Tree.root(jnp.zeros((rows,), jnp.int32), width + 1, 1, jnp.float32)
-    candidates = tree_lib.propose_children(tree_lib.Candidates.empty(rows, width + 1, width), tree,
-                                           jnp.zeros((rows, 1), jnp.int32),
-                                           jnp.log(jnp.broadcast_to(q, (rows, 1, vocab))), draw_rng)
+    candidates = tree_lib.propose_children(
+        tree_lib.Candidates.empty(rows, width + 1, width),
+        tree,
+        jnp.zeros((rows, 1), jnp.int32),
+        jnp.log(jnp.broadcast_to(q, (rows, 1, vocab))),
+        draw_rng,
+    )
     tree, _ = tree_lib.grow(tree, candidates, jnp.broadcast_to(jnp.arange(1, width + 1), (rows, width)))
     node, token = tree_lib.accept_speculative_tree(
-        accept_rng, tree, jnp.broadcast_to(p, (rows, width + 1, vocab)),
-        jnp.broadcast_to(q, (rows, width + 1, vocab)), width, 1)
+        accept_rng,
+        tree,
+        jnp.broadcast_to(p, (rows, width + 1, vocab)),
+        jnp.broadcast_to(q, (rows, width + 1, vocab)),
+        width,
+        1,
+    )
     return jnp.where(node > 0, tree.tokens[jnp.arange(rows), node], token), node
 
 
@@ -225,8 +242,7 @@ def _tree_generate(tiny, nodes, width, steps, sampling, seed, capacity=None):
 
     model, params, _ = tiny
     prompts = Prompts(jnp.asarray([PROMPT] * ROWS, jnp.int32), jnp.full((ROWS,), len(PROMPT), jnp.int32))
-    spec = DecodeSpec("ssd", capacity=capacity or steps, sampling=sampling, eos_ids=(),
-                      tree=TreeShape(nodes, width))
+    spec = DecodeSpec("ssd", capacity=capacity or steps, sampling=sampling, eos_ids=(), tree=TreeShape(nodes, width))
     out = generate(model, params, prompts, spec, steps, jax.random.key(seed))
     assert np.all(np.asarray(out.num_tokens) == steps)
     return out, np.asarray(out.tokens)[:, :steps]
@@ -290,8 +306,13 @@ def test_greedy_tree_ssd_equals_ar_and_hf_on_converted_blip2(converted):
     config = checkpoint.config.with_draft(kind="layer")
     imitation = init_imitation(config, jax.random.key(1))
     imitation = jax.tree_util.tree_map_with_path(
-        lambda path, x: x + 0.02 * jax.random.normal(jax.random.key(len(str(path))), x.shape)
-        if "fc2" in str(path) or "out_proj" in str(path) else x, imitation)
+        lambda path, x: (
+            x + 0.02 * jax.random.normal(jax.random.key(len(str(path))), x.shape)
+            if "fc2" in str(path) or "out_proj" in str(path)
+            else x
+        ),
+        imitation,
+    )
     params = {**checkpoint.params, "imitation": imitation}
     spec = DecodeSpec("ssd", capacity=MAX_NEW, eos_ids=(EOS,), tree=TreeShape(6, 2))
     ssd = generate(VLM(config), params, prompts, spec, MAX_NEW)
@@ -301,29 +322,51 @@ def test_greedy_tree_ssd_equals_ar_and_hf_on_converted_blip2(converted):
 
 # --- the flags and the statistics -----------------------------------------------------------
 
+
 def test_accepted_depth_histogram_and_tree_stats():
     from decode.engine.captioner import BatchStats, accepted_depth_histogram, summarize
 
     # 10 rounds: 4 accepted nothing, 3 accepted 1, 2 accepted 2, 1 accepted 3.
     assert accepted_depth_histogram(10, [6, 3, 1]) == [4, 3, 2, 1]
-    stats = summarize(BatchStats(images=2, tokens=22, first_tokens=2, rounds=10, drafted=80, accepted=10,
-                                 seconds=1.0, position_attempts=(10, 10, 9), position_accepts=(6, 3, 1),
-                                 verified=90))
+    stats = summarize(
+        BatchStats(
+            images=2,
+            tokens=22,
+            first_tokens=2,
+            rounds=10,
+            drafted=80,
+            accepted=10,
+            seconds=1.0,
+            position_attempts=(10, 10, 9),
+            position_accepts=(6, 3, 1),
+            verified=90,
+        )
+    )
     assert stats["accepted_depth_histogram"] == [4, 3, 2, 1]
     assert stats["nodes_verified_per_call"] == 9.0
     assert stats["tokens_per_full_model_call"] == 22 / 12
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--tree-nodes", "5", "--tree-width", "2"], "multiple of the tree width"),
-    (["--tree-nodes", "-1"], "must be >= 0"),
-    (["--tree-nodes", "4", "--min-confidence", "0.5"], "chains only"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--tree-nodes", "5", "--tree-width", "2"], "multiple of the tree width"),
+        (["--tree-nodes", "-1"], "must be >= 0"),
+        (["--tree-nodes", "4", "--min-confidence", "0.5"], "chains only"),
+    ],
+)
 def test_run_cli_rejects_bad_tree_flags(tmp_path, capsys, flags, message):
     from decode import run
 
-    argv = ["--ckpt", str(tmp_path / "no-ckpt"), "--images", str(tmp_path / "no.png"),
-            "--out", str(tmp_path / "out.jsonl"), *flags]
+    argv = [
+        "--ckpt",
+        str(tmp_path / "no-ckpt"),
+        "--images",
+        str(tmp_path / "no.png"),
+        "--out",
+        str(tmp_path / "out.jsonl"),
+        *flags,
+    ]
     assert run.main(argv) == run.EXIT_USAGE
     assert message in capsys.readouterr().err
 
@@ -338,8 +381,22 @@ def test_run_cli_tree_equals_ar_and_reports_tree_stats(tmp_path):
     images = [str(write_image(tmp_path / "in" / f"{i}.png", seed=i)) for i in range(3)]
     common = ["--ckpt", ckpt, "--images", *images, "--batch-size", "2", "--max-new-tokens", "8", "--no-progress"]
     assert run.main([*common, "--out", str(tmp_path / "ar.jsonl"), "--mode", "ar"]) == run.EXIT_OK
-    assert run.main([*common, "--out", str(tmp_path / "tree.jsonl"), "--tree-nodes", "3", "--tree-width", "1",
-                     "--stats", str(tmp_path / "stats.json")]) == run.EXIT_OK
+    assert (
+        run.main(
+            [
+                *common,
+                "--out",
+                str(tmp_path / "tree.jsonl"),
+                "--tree-nodes",
+                "3",
+                "--tree-width",
+                "1",
+                "--stats",
+                str(tmp_path / "stats.json"),
+            ]
+        )
+        == run.EXIT_OK
+    )
 
     def token_ids(name):
         lines = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
@@ -359,8 +416,26 @@ def test_bench_cli_runs_a_tree(tmp_path):
     from decode.bench import cli
 
     out = tmp_path / "bench.json"
-    assert cli.main(["--ckpt", "random:tiny", "--tree-nodes", "4", "--tree-width", "2",
-                     "--max-new-tokens", "8", "--repeats", "1", "--no-plots", "--json", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "--ckpt",
+                "random:tiny",
+                "--tree-nodes",
+                "4",
+                "--tree-width",
+                "2",
+                "--max-new-tokens",
+                "8",
+                "--repeats",
+                "1",
+                "--no-plots",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     (run,) = json.loads(out.read_text())["runs"]
     assert run["tree_nodes"] == 4 and run["tree_width"] == 2 and run["draft_len"] == 2  # depth
     assert run["identical"] is True and run["nodes_verified_per_call"] == 5
@@ -379,10 +454,9 @@ def test_compiled_tree_program_never_copies_the_kv_cache():
     params = jax.jit(model.init)(jax.random.key(0))
     prompts = Prompts(jnp.full((2, 16), 5, jnp.int32), jnp.full((2,), 16, jnp.int32))
     spec = DecodeSpec("ssd", capacity=32, eos_ids=(), tree=TreeShape(6, 2))
-    hlo = loop._generate_jit.lower(model, spec, params, prompts, jnp.int32(32),
-                                     jax.random.key(0)).compile().as_text()
+    hlo = loop._generate_jit.lower(model, spec, params, prompts, jnp.int32(32), jax.random.key(0)).compile().as_text()
     for layers in (6, 1):  # the decoder's cache and the imitation layer's own
-        shape = r"f32\[%d,2,2,%d,16\]" % (layers, spec.cache_slots(16))
+        shape = rf"f32\[{layers},2,2,{spec.cache_slots(16)},16\]"
         assert re.search(shape, hlo), "the cache shape should appear in the program"
-        copies = re.findall(r"= %s\{[^}]*\} copy\((\S+)\)" % shape, hlo)
+        copies = re.findall("= " + shape + r"\{[^}]*\} copy\((\S+)\)", hlo)
         assert all("broadcast" in source for source in copies), copies

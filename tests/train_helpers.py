@@ -47,7 +47,8 @@ def subprocess_env(cache_dir: Path, devices: int, **extra) -> dict[str, str]:
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
         # the run's shared cache (tests/conftest.py) when there is one, else the test's own
         JAX_COMPILATION_CACHE_DIR=os.environ.get("FASTVLM_TEST_COMPILE_CACHE", "off") != "off"
-        and os.environ["FASTVLM_TEST_COMPILE_CACHE"] or str(cache_dir),
+        and os.environ["FASTVLM_TEST_COMPILE_CACHE"]
+        or str(cache_dir),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
         JAX_PLATFORMS="cpu",
@@ -57,14 +58,24 @@ def subprocess_env(cache_dir: Path, devices: int, **extra) -> dict[str, str]:
 
 
 def cli(stage: str, workdir, overrides: dict, extra_args=(), module: str = "train.run") -> list[str]:
-    args = [sys.executable, "-m", module, "--config", f"{TINY_CONFIG}:{stage}",
-            "--workdir", str(workdir), "--no-progress", *extra_args]
+    args = [
+        sys.executable,
+        "-m",
+        module,
+        "--config",
+        f"{TINY_CONFIG}:{stage}",
+        "--workdir",
+        str(workdir),
+        "--no-progress",
+        *extra_args,
+    ]
     return args + [f"{k}={_text(v)}" for k, v in overrides.items()]
 
 
 def run_cli(stage: str, workdir, overrides: dict, env: dict, extra_args=(), timeout=300):
-    result = subprocess.run(cli(stage, workdir, overrides, extra_args), env=env, cwd=REPO,
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        cli(stage, workdir, overrides, extra_args), env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
     if result.returncode != 0:
         raise AssertionError(f"train.run failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result

@@ -12,10 +12,18 @@ from train.config import CheckpointConfig, DataConfig, OptimConfig, TokenizerCon
 
 def tiny_model() -> LlavaConfig:
     return LlavaConfig(
-        vision=VisionConfig(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64,
-                            num_layers=2, num_heads=4),
-        text=TextConfig(vocab_size=0, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                        num_kv_heads=2, max_position_embeddings=256),
+        vision=VisionConfig(
+            image_size=16, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4
+        ),
+        text=TextConfig(
+            vocab_size=0,
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            max_position_embeddings=256,
+        ),
         draft=DraftConfig(exit_layer=1, kind="ffn"),
         image_token_id=-1,  # vocab_size 0: both come from the tokenizer
     )

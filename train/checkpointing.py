@@ -53,25 +53,32 @@ class Checkpointer:
     """Save / restore TrainState + data iterator + metadata under `directory`."""
 
     def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(
             as_path(directory),
             item_names=("state", "data", "meta"),
-            item_handlers={"state": ocp.StandardCheckpointHandler(),
-                           "data": grain.checkpoint.CheckpointHandler(),
-                           "meta": ocp.JsonCheckpointHandler()},
-            options=options)
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+            options=options,
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_iterator: Any, meta: dict[str, Any]) -> None:
         snapshot = _FrozenIteratorState(data_iterator.get_state())
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(snapshot),
-            meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(snapshot),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
 
     def read_meta(self, step: int) -> dict[str, Any]:
         """The metadata alone (checked before restoring arrays into a target)."""
@@ -80,9 +87,12 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
         """Restores the state into `abstract_state` (ShapeDtypeStructs carrying shardings)
         and moves `data_iterator` to the saved position."""
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)
+            ),
+        )
         return restored["state"]
 
     def wait(self) -> None:
@@ -136,6 +146,10 @@ def export(path: str | Path, model_config, params, tokenizer=None, image_config=
     tokenizer and preprocessor files (same content, one writer).
     """
     primary = jax.process_index() == 0
-    return save_checkpoint(path, model_config, params,
-                           tokenizer=tokenizer if primary else None,
-                           image_config=image_config if primary else None)
+    return save_checkpoint(
+        path,
+        model_config,
+        params,
+        tokenizer=tokenizer if primary else None,
+        image_config=image_config if primary else None,
+    )

@@ -28,15 +28,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastvlm_jax.ckpt import checkpoint as ckpt_lib
-from fastvlm_jax.runtime import sharding
 from fastvlm_jax import tpu
+from fastvlm_jax.ckpt import checkpoint as ckpt_lib
 from fastvlm_jax.nn.architectures import architecture
-from fastvlm_jax.nn.model import VLM
 from fastvlm_jax.nn.families import stop_ids
-from train import deepen
+from fastvlm_jax.nn.model import VLM
+from fastvlm_jax.runtime import sharding
+from train import deepen, model_setup
 from train import input as input_lib
-from train import model_setup
 from train import params as param_lib
 from train import step as step_lib
 from train.config import ConfigError, TrainConfig
@@ -62,16 +61,19 @@ def resolve_model(cfg: TrainConfig) -> ModelSource:
     """The model config, param dtypes and tokenizer of `cfg`, without loading any params."""
     compute = jnp.dtype(cfg.compute_dtype)
     if cfg.model is not None:
-        tokenizer = model_setup.make_tokenizer(cfg, None) if (cfg.model.text.vocab_size == 0
-                                                          or cfg.tokenizer.path) else None
+        tokenizer = (
+            model_setup.make_tokenizer(cfg, None) if (cfg.model.text.vocab_size == 0 or cfg.tokenizer.path) else None
+        )
         config = model_setup.resolve_model_config(cfg.model, tokenizer) if tokenizer else cfg.model
         # From scratch: float32 params from the init (train.run.init_params).
         return ModelSource(config, {}, tokenizer, "model (from scratch)")
     path = Path(cfg.init_from)
     if (path / ckpt_lib.CONFIG_FILE).is_file():
         ckpt = ckpt_lib.load_without_params(path)
-        dtypes = {param_lib.path_str(p): jnp.dtype(x.dtype).name
-                  for p, x in jax.tree_util.tree_flatten_with_path(ckpt.params)[0]}
+        dtypes = {
+            param_lib.path_str(p): jnp.dtype(x.dtype).name
+            for p, x in jax.tree_util.tree_flatten_with_path(ckpt.params)[0]
+        }
         tokenizer = model_setup.make_tokenizer(cfg, ckpt.tokenizer) if (ckpt.tokenizer or cfg.tokenizer.path) else None
         config = ckpt.config
         where = f"init_from {cfg.init_from}"
@@ -79,8 +81,10 @@ def resolve_model(cfg: TrainConfig) -> ModelSource:
         config, dtypes, tokenizer = architecture(cfg.architecture), None, None
         where = f"architecture {cfg.architecture} (init_from {cfg.init_from} is not on this machine)"
     else:
-        raise ConfigError(f"init_from {cfg.init_from} has no {ckpt_lib.CONFIG_FILE} and the config names no "
-                          "architecture: --compile-only needs the model's shapes (set architecture=NAME)")
+        raise ConfigError(
+            f"init_from {cfg.init_from} has no {ckpt_lib.CONFIG_FILE} and the config names no "
+            "architecture: --compile-only needs the model's shapes (set architecture=NAME)"
+        )
     if cfg.deepen_to:
         config = deepen.deepened_config(config, cfg.deepen_to)
     config = model_setup.with_eagle_head(cfg, config, where)
@@ -103,9 +107,13 @@ def model_flops(stage: str, config, abstract, batch: int, seq_len: int, loss_pos
     runs on the `loss_positions` of each row that can carry loss (train.step.StepSpec's
     window; default all of them).
     """
+
     def count(prefix):
-        return sum(x.size for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]
-                   if param_lib.path_str(p).startswith(prefix))
+        return sum(
+            x.size
+            for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]
+            if param_lib.path_str(p).startswith(prefix)
+        )
 
     text = config.text
     tokens = batch * seq_len
@@ -115,9 +123,10 @@ def model_flops(stage: str, config, abstract, batch: int, seq_len: int, loss_pos
     vision = sum(count(k) for k in ("vision_tower/", "projector/", "qformer/"))
     vision_tokens = config.vision.num_patches + 1
     attention = 4 * tokens * seq_len * text.num_heads * text.resolved_head_dim * text.num_layers
-    vision_attention = (4 * batch * vision_tokens**2 * config.vision.hidden_size * config.vision.num_layers)
-    full = (2 * tokens * layers + 2 * head_tokens * head + attention + 2 * batch * vision_tokens * vision
-            + vision_attention)
+    vision_attention = 4 * batch * vision_tokens**2 * config.vision.hidden_size * config.vision.num_layers
+    full = (
+        2 * tokens * layers + 2 * head_tokens * head + attention + 2 * batch * vision_tokens * vision + vision_attention
+    )
     if stage == "eagle":  # the EAGLE head is the drafter (and the imitation network idle)
         imitation = count("eagle/")
     draft = 2 * tokens * imitation + 2 * head_tokens * head
@@ -128,6 +137,7 @@ def model_flops(stage: str, config, abstract, batch: int, seq_len: int, loss_pos
 
 def _abstract(tree, shardings, dtype_of=None):
     """ShapeDtypeStructs of `tree`'s leaves with `shardings` (and dtypes by path, if given)."""
+
     def leaf(path, x, sh):
         dtype = dtype_of(param_lib.path_str(path), x.dtype) if dtype_of else x.dtype
         return jax.ShapeDtypeStruct(x.shape, dtype, sharding=sh)
@@ -139,11 +149,14 @@ def abstract_batch(cfg: TrainConfig, config, shardings: step_lib.Shardings) -> d
     """The global batch of train/step.py as ShapeDtypeStructs (pixels [B, S, S, 3] float32,
     input_ids / targets [B, seq] int32, loss_mask [B, seq] float32, prompt_len [B] int32)."""
     b, s, size = cfg.batch_size, cfg.seq_len, config.vision.image_size
-    shapes = {"pixels": ((b, size, size, 3), jnp.float32), "input_ids": ((b, s), jnp.int32),
-              "targets": ((b, s), jnp.int32), "loss_mask": ((b, s), jnp.float32),
-              "prompt_len": ((b,), jnp.int32)}
-    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings.batch[k])
-            for k, (shape, dtype) in shapes.items()}
+    shapes = {
+        "pixels": ((b, size, size, 3), jnp.float32),
+        "input_ids": ((b, s), jnp.int32),
+        "targets": ((b, s), jnp.int32),
+        "loss_mask": ((b, s), jnp.float32),
+        "prompt_len": ((b,), jnp.int32),
+    }
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings.batch[k]) for k, (shape, dtype) in shapes.items()}
 
 
 def prompt_width(cfg: TrainConfig, source: ModelSource, notes: list[str]) -> tuple[int, int]:
@@ -155,13 +168,16 @@ def prompt_width(cfg: TrainConfig, source: ModelSource, notes: list[str]) -> tup
     """
     image_tokens = source.config.num_image_tokens
     if source.tokenizer is not None:
-        prompt_len = input_lib.TextFormat(source.tokenizer, cfg.data.question, image_tokens,
-                                          cfg.seq_len, source.config.model_type).prompt_len
+        prompt_len = input_lib.TextFormat(
+            source.tokenizer, cfg.data.question, image_tokens, cfg.seq_len, source.config.model_type
+        ).prompt_len
         return prompt_len, prompt_len - 1
     prompt_len = min(cfg.seq_len - 2, image_tokens + PROMPT_TEXT_ESTIMATE)
     loss_start = min(image_tokens, prompt_len - 1)
-    notes.append(f"no tokenizer here: the prompt width is estimated as {prompt_len} ({image_tokens} image "
-                 f"tokens + {PROMPT_TEXT_ESTIMATE}), the loss window as positions [{loss_start}, {cfg.seq_len})")
+    notes.append(
+        f"no tokenizer here: the prompt width is estimated as {prompt_len} ({image_tokens} image "
+        f"tokens + {PROMPT_TEXT_ESTIMATE}), the loss window as positions [{loss_start}, {cfg.seq_len})"
+    )
     return prompt_len, loss_start
 
 
@@ -184,10 +200,10 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
     # The trainable params are float32 master weights (train.run casts them); the frozen
     # ones keep the dtype they are loaded in.
     state = step_lib.abstract_state(
-        shardings, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), trainable_abs), tx)
+        shardings, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), trainable_abs), tx
+    )
     frozen_dtypes = source.frozen_dtypes
-    frozen = _abstract(frozen_abs, shardings.frozen,
-                       lambda path, dtype: frozen_dtypes.get(path, jnp.dtype(dtype).name))
+    frozen = _abstract(frozen_abs, shardings.frozen, lambda path, dtype: frozen_dtypes.get(path, jnp.dtype(dtype).name))
     batch = abstract_batch(cfg, source.config, shardings)
 
     notes = []
@@ -195,8 +211,7 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
     # The eagle stage's losses read every position (train/eagle.py): no window there.
     loss_positions = cfg.seq_len - loss_start if cfg.stage != "eagle" else cfg.seq_len
     reports, refusals = [], []
-    train_program = step_lib.train_step_program(
-        model, model_setup.step_spec(cfg, loss_start), tx, schedule, shardings)
+    train_program = step_lib.train_step_program(model, model_setup.step_spec(cfg, loss_start), tx, schedule, shardings)
     programs = [("train_step", train_program, (state, frozen, batch))]
     if cfg.stage == "refine":
         if source.tokenizer is not None:
@@ -204,14 +219,21 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
         else:
             eos = (2,)
         max_new = cfg.refine.max_new_tokens or (cfg.seq_len - prompt_len)
-        prompts = {"input_ids": jax.ShapeDtypeStruct((cfg.batch_size, prompt_len), jnp.int32,
-                                                     sharding=shardings.batch["input_ids"]),
-                   "prompt_len": batch["prompt_len"], "pixels": batch["pixels"]}
-        programs.insert(0, ("refine_pregenerate", generate_program(model, shardings, max_new, eos),
-                            (state.params, frozen, prompts)))
-        notes.append("refine_pregenerate is the one-off pre-pass before training (one call per global "
-                     "batch of the records the run reads), not part of a step: its per-step figures "
-                     "are per call")
+        prompts = {
+            "input_ids": jax.ShapeDtypeStruct(
+                (cfg.batch_size, prompt_len), jnp.int32, sharding=shardings.batch["input_ids"]
+            ),
+            "prompt_len": batch["prompt_len"],
+            "pixels": batch["pixels"],
+        }
+        programs.insert(
+            0, ("refine_pregenerate", generate_program(model, shardings, max_new, eos), (state.params, frozen, prompts))
+        )
+        notes.append(
+            "refine_pregenerate is the one-off pre-pass before training (one call per global "
+            "batch of the records the run reads), not part of a step: its per-step figures "
+            "are per call"
+        )
     for name, program, args in programs:
         report, refusal = tpu.compile_program(name, program, args, mesh, topology)
         if report is None:
@@ -220,31 +242,42 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
             reports.append(report)
 
     hbm = topology.hbm_bytes_per_device
-    estimate = model_flops(cfg.stage, source.config, abstract, cfg.batch_size, cfg.seq_len,
-                           loss_positions)
+    estimate = model_flops(cfg.stage, source.config, abstract, cfg.batch_size, cfg.seq_len, loss_positions)
     train_report = next((r for r in reports if r.name == "train_step"), None)
     # The step's time bound: the compiled costs, with the FLOPs raised to the model's own
     # count where the compiler's (one layer per scan) fall short.
-    train_bound = (tpu.roofline_seconds(max(train_report.flops, estimate / len(devices)),
-                                        train_report.bytes_accessed, topology)[0]
-                   if train_report else 0.0)
+    train_bound = (
+        tpu.roofline_seconds(max(train_report.flops, estimate / len(devices)), train_report.bytes_accessed, topology)[0]
+        if train_report
+        else 0.0
+    )
     over = [r for r in reports if not tpu.fits(r.memory.peak, topology)]
     reason = None
     if refusals:
         reason = refusals[0]
     elif over:
         worst = max(over, key=lambda r: r.memory.peak)
-        reason = (f"{worst.name} needs {tpu.format_bytes(worst.memory.peak)} per device, more than the "
-                  f"{tpu.format_bytes(hbm)} of HBM of a {topology.device_kind} device")
+        reason = (
+            f"{worst.name} needs {tpu.format_bytes(worst.memory.peak)} per device, more than the "
+            f"{tpu.format_bytes(hbm)} of HBM of a {topology.device_kind} device"
+        )
     programs_json = {r.name: tpu.report_dict(r, topology) for r in reports}
     peak = max((r.memory.peak for r in reports), default=0)
     return {
-        "config": spec_name, "stage": cfg.stage, **tpu.topology_summary(topology),
-        "mesh": dict(mesh.shape), "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-        "seq_len": cfg.seq_len, "compute_dtype": cfg.compute_dtype, "remat": cfg.remat,
-        "prompt_len": prompt_len, "loss_positions": loss_positions,
+        "config": spec_name,
+        "stage": cfg.stage,
+        **tpu.topology_summary(topology),
+        "mesh": dict(mesh.shape),
+        "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum,
+        "seq_len": cfg.seq_len,
+        "compute_dtype": cfg.compute_dtype,
+        "remat": cfg.remat,
+        "prompt_len": prompt_len,
+        "loss_positions": loss_positions,
         "frozen_param_dtypes": sorted({jnp.dtype(x.dtype).name for x in jax.tree.leaves(frozen)}),
-        "model_source": source.where, "trainable_params": param_lib.count(trainable_abs),
+        "model_source": source.where,
+        "trainable_params": param_lib.count(trainable_abs),
         "frozen_params": param_lib.count(frozen_abs),
         "per_chip_peak_bytes": peak * topology.devices_per_chip,
         "hbm_bytes_per_device": hbm,
@@ -283,21 +316,27 @@ def main(cfg: TrainConfig, spec_name: str, topology_name: str, json_path: str | 
 
 def summary_lines(result: dict, topology: tpu.Topology) -> list[str]:
     """The console report: one block per program, then the verdict."""
-    lines = [f"{result['config']} stage {result['stage']} on {topology.name} ({topology.chips} chips, "
-             f"{len(topology.devices)} devices of {topology.device_kind}), mesh {result['mesh']}, "
-             f"batch {result['batch_size']} x seq {result['seq_len']}, {result['compute_dtype']}; "
-             f"model: {result['model_source']}"]
+    lines = [
+        f"{result['config']} stage {result['stage']} on {topology.name} ({topology.chips} chips, "
+        f"{len(topology.devices)} devices of {topology.device_kind}), mesh {result['mesh']}, "
+        f"batch {result['batch_size']} x seq {result['seq_len']}, {result['compute_dtype']}; "
+        f"model: {result['model_source']}"
+    ]
     for name, p in result["programs"].items():
         lines += tpu.program_lines(name, p, result["hbm_bytes_per_device"])
         if p.get("while_loops"):
-            lines.append(f"  ({p['while_loops']} while loops: the compiler's FLOPs and bytes count each "
-                         "loop body once)")
+            lines.append(
+                f"  ({p['while_loops']} while loops: the compiler's FLOPs and bytes count each loop body once)"
+            )
     if result["step_time_lower_bound_s"]:
-        lines.append(f"train step: {result['flops_per_step']:.3e} model FLOPs; roofline >= "
-                     f"{1000 * result['step_time_lower_bound_s']:.1f} ms per step on {topology.name}")
+        lines.append(
+            f"train step: {result['flops_per_step']:.3e} model FLOPs; roofline >= "
+            f"{1000 * result['step_time_lower_bound_s']:.1f} ms per step on {topology.name}"
+        )
     lines += [f"note: {n}" for n in result["notes"]]
     if result["programs"] and len(result["programs"]) == len(result["program_names"]):
-        lines.append(f"per-chip peak {tpu.format_bytes(result['per_chip_peak_bytes'])} of "
-                     f"{tpu.format_bytes(result['hbm_bytes_per_chip'])}: "
-                     + ("fits" if result["fits"] else "does not fit"))
+        lines.append(
+            f"per-chip peak {tpu.format_bytes(result['per_chip_peak_bytes'])} of "
+            f"{tpu.format_bytes(result['hbm_bytes_per_chip'])}: " + ("fits" if result["fits"] else "does not fit")
+        )
     return lines

@@ -25,8 +25,8 @@ from typing import Any, Literal
 
 from fastvlm_jax.nn.config import ConfigError as LibraryConfigError
 from fastvlm_jax.nn.config import DraftConfig
-from fastvlm_jax.nn.llava import LlavaConfig
 from fastvlm_jax.nn.layers import REMAT_POLICIES
+from fastvlm_jax.nn.llava import LlavaConfig
 from fastvlm_jax.runtime.sharding import MeshConfig
 
 Stage = Literal["base", "imitation", "refine", "eagle"]
@@ -193,13 +193,19 @@ class EagleStageConfig:
         try:
             self.head(DraftConfig())
         except LibraryConfigError as err:
-            raise ConfigError(f"eagle: {err} (eagle.image_pool and eagle.compressor set the head's "
-                              "draft.eagle_image_pool and draft.eagle_compressor)") from None
+            raise ConfigError(
+                f"eagle: {err} (eagle.image_pool and eagle.compressor set the head's "
+                "draft.eagle_image_pool and draft.eagle_compressor)"
+            ) from None
 
     def head_settings(self) -> dict[str, Any]:
         """The head as DraftConfig fields."""
-        return dict(eagle_layers=1, eagle_hidden_size=self.hidden_size, eagle_image_pool=self.image_pool,
-                    eagle_compressor=self.compressor)
+        return dict(
+            eagle_layers=1,
+            eagle_hidden_size=self.hidden_size,
+            eagle_image_pool=self.image_pool,
+            eagle_compressor=self.compressor,
+        )
 
     def head(self, draft: DraftConfig) -> DraftConfig:
         """`draft` with this head (DraftConfig validates it)."""
@@ -279,8 +285,7 @@ class TrainConfig:
         if self.stage != "base" and not self.init_from:
             raise ConfigError(f"stage {self.stage!r} trains the draft of a trained VLM: set init_from")
         if self.deepen_to and (self.stage != "base" or not self.init_from):
-            raise ConfigError("deepen_to grows a trained checkpoint in the base stage: set init_from "
-                              "and stage='base'")
+            raise ConfigError("deepen_to grows a trained checkpoint in the base stage: set init_from and stage='base'")
         if self.compute_dtype not in typing.get_args(ComputeDtype):
             raise ConfigError(f"compute_dtype={self.compute_dtype!r}: use one of {typing.get_args(ComputeDtype)}")
         if self.batch_size % self.grad_accum:
@@ -294,7 +299,7 @@ class TrainConfig:
     def trainable_patterns(self) -> tuple[str, ...]:
         return self.trainable or DEFAULT_TRAINABLE[self.stage]
 
-    def replace(self, **changes) -> "TrainConfig":
+    def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -310,7 +315,7 @@ class TrainConfig:
 
 
 def load_config_file(spec: str) -> TrainConfig:
-    """"path/to/config.py[:arg]" -> get_config(arg) (big_vision's convention)."""
+    """ "path/to/config.py[:arg]" -> get_config(arg) (big_vision's convention)."""
     path, _, arg = spec.partition(":")
     module = config_module(Path(path))
     if not hasattr(module, "get_config"):
@@ -385,8 +390,10 @@ def _apply(config: Any, tree: dict[str, Any], prefix: str) -> Any:
             changes[name] = _apply(current, value, f"{prefix}{name}.")
         else:
             if dataclasses.is_dataclass(current):
-                raise ConfigError(f"{prefix + name!r} is a group of settings; set its fields, e.g. "
-                                  f"{prefix + name}.{dataclasses.fields(current)[0].name}=...")
+                raise ConfigError(
+                    f"{prefix + name!r} is a group of settings; set its fields, e.g. "
+                    f"{prefix + name}.{dataclasses.fields(current)[0].name}=..."
+                )
             changes[name] = convert(value, hints[name], prefix + name)
     try:
         return dataclasses.replace(config, **changes)

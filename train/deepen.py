@@ -25,8 +25,9 @@ def deepened_config(config: LlavaConfig, num_layers: int) -> LlavaConfig:
     if num_layers <= old:
         raise ValueError(f"deepen_to={num_layers} must exceed the checkpoint's {old} decoder layers")
     if config.draft.exit_layer >= old:
-        raise ValueError(f"the draft exit layer {config.draft.exit_layer} must lie inside the "
-                         f"checkpoint's {old} decoder layers")
+        raise ValueError(
+            f"the draft exit layer {config.draft.exit_layer} must lie inside the checkpoint's {old} decoder layers"
+        )
     return config.replace(text=dataclasses.replace(config.text, num_layers=num_layers))
 
 

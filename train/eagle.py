@@ -56,8 +56,15 @@ class HeadInputs:
     weights: Array
 
 
-def head_inputs(features: Array, embeds: Array, input_ids: Array, loss_mask: Array,
-                image_token_id: int, image_pool: int, compressor: str) -> HeadInputs:
+def head_inputs(
+    features: Array,
+    embeds: Array,
+    input_ids: Array,
+    loss_mask: Array,
+    image_token_id: int,
+    image_pool: int,
+    compressor: str,
+) -> HeadInputs:
     """The head's compact input sequence from one full-model pass.
 
     features: [batch, seq, embed] f_t (last layer, pre final norm); embeds: [batch, seq,
@@ -80,8 +87,7 @@ def head_inputs(features: Array, embeds: Array, input_ids: Array, loss_mask: Arr
     target_index = jnp.minimum(slot_positions + 1, seq - 1)
     keep = used & ~slot_is_image & has_next
     weights = jnp.take_along_axis(loss_mask, target_index, axis=1) * keep
-    return HeadInputs(slot_features, slot_embeds, slot_positions, used, target_index,
-                      weights.astype(jnp.float32))
+    return HeadInputs(slot_features, slot_embeds, slot_positions, used, target_index, weights.astype(jnp.float32))
 
 
 def _at(x: Array, index: Array) -> Array:
@@ -90,8 +96,17 @@ def _at(x: Array, index: Array) -> Array:
     return jnp.take_along_axis(x, index, axis=1)
 
 
-def eagle_losses(model, params, eagle: EagleStageConfig, state0: Array, h_last: Array, full_logits: Array,
-                 input_ids: Array, targets: Array, loss_mask: Array) -> tuple[Array, dict[str, Array]]:
+def eagle_losses(
+    model,
+    params,
+    eagle: EagleStageConfig,
+    state0: Array,
+    h_last: Array,
+    full_logits: Array,
+    input_ids: Array,
+    targets: Array,
+    loss_mask: Array,
+) -> tuple[Array, dict[str, Array]]:
     """(loss, metrics) of the head on one batch, as sums over caption positions (the
     caller divides by the number of text positions, as for the other stages).
 
@@ -102,16 +117,22 @@ def eagle_losses(model, params, eagle: EagleStageConfig, state0: Array, h_last: 
     draft = model.config.draft
     teacher_features = jax.lax.stop_gradient(h_last)
     teacher_logits = jax.lax.stop_gradient(full_logits)
-    inputs = head_inputs(teacher_features, jax.lax.stop_gradient(state0), input_ids, loss_mask,
-                         model.config.image_token_id, draft.eagle_image_pool, draft.eagle_compressor)
+    inputs = head_inputs(
+        teacher_features,
+        jax.lax.stop_gradient(state0),
+        input_ids,
+        loss_mask,
+        model.config.image_token_id,
+        draft.eagle_image_pool,
+        draft.eagle_compressor,
+    )
     # Full logits at t+1 are the full model's distribution of token t+2, the head's token.
     target_logits = _at(teacher_logits, inputs.target_index)
     target_features = _at(teacher_features, inputs.target_index)
     w = inputs.weights
     features, total, metrics = inputs.features, 0.0, {}
     for step in range(max(eagle.unroll_steps, 1)):
-        predicted, _ = model.eagle_draft(params, features, inputs.embeds, inputs.positions,
-                                         key_mask=inputs.key_mask)
+        predicted, _ = model.eagle_draft(params, features, inputs.embeds, inputs.positions, key_mask=inputs.key_mask)
         # The frozen final norm + LM head: gradients flow through them into the head only.
         logits = model.logits(params, predicted)
         ce = losses.soft_cross_entropy(logits, target_logits, w, eagle.temperature)
@@ -119,12 +140,14 @@ def eagle_losses(model, params, eagle: EagleStageConfig, state0: Array, h_last: 
         total = total + eagle.ce_weight * ce + eagle.feature_weight * feature
         logits = jax.lax.stop_gradient(logits)
         suffix = "" if step == 0 else f"_unrolled{step}"
-        metrics.update({
-            f"eagle_ce{suffix}": ce,
-            f"eagle_feature_l1{suffix}": feature,
-            # Greedy acceptance proxy: the head's top-1 equals the full model's.
-            f"eagle_agreement{suffix}": losses.top1_agreement(logits, target_logits, w),
-        })
+        metrics.update(
+            {
+                f"eagle_ce{suffix}": ce,
+                f"eagle_feature_l1{suffix}": feature,
+                # Greedy acceptance proxy: the head's top-1 equals the full model's.
+                f"eagle_agreement{suffix}": losses.top1_agreement(logits, target_logits, w),
+            }
+        )
         if step == 0:
             metrics["eagle_acc"] = losses.top1_accuracy(logits, _at(targets, inputs.target_index), w)
         features = feed_predictions(inputs.features, jax.lax.stop_gradient(predicted), inputs.positions)
@@ -137,7 +160,8 @@ def feed_predictions(features: Array, predicted: Array, positions: Array) -> Arr
     own real feature (the first slot, and slots after a pooled image run).
 
     features, predicted: [batch, seq, embed]; positions: [batch, seq] of the slots."""
-    follows = jnp.concatenate([jnp.zeros_like(positions[:, :1], bool), positions[:, 1:] == positions[:, :-1] + 1],
-                              axis=1)
+    follows = jnp.concatenate(
+        [jnp.zeros_like(positions[:, :1], bool), positions[:, 1:] == positions[:, :-1] + 1], axis=1
+    )
     fed = jnp.concatenate([features[:, :1], predicted[:, :-1].astype(features.dtype)], axis=1)
     return jnp.where(follows[..., None], fed, features)

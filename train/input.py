@@ -24,8 +24,9 @@ from __future__ import annotations
 import functools
 import io
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import grain
 import jax
@@ -35,8 +36,8 @@ from absl import flags
 
 from fastvlm_jax.image.processing import ImageProcessorConfig, preprocess_image
 from fastvlm_jax.nn.families import answer_ids, prompt_ids_for
-from fastvlm_jax.text.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
 from fastvlm_jax.text.prompts import format_llava_prompt
+from fastvlm_jax.text.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
 
 # Large enough to never run out; grain needs a length for its sampler dataset.
 _ENDLESS = 2**62
@@ -47,8 +48,9 @@ _ENDLESS = 2**62
 # ---------------------------------------------------------------------------------------
 
 
-def train_caption_tokenizer(corpus: Sequence[str], vocab_size: int = 512, byte_fallback: bool = True,
-                            prompt_lines: Sequence[str] = ()) -> Tokenizer:
+def train_caption_tokenizer(
+    corpus: Sequence[str], vocab_size: int = 512, byte_fallback: bool = True, prompt_lines: Sequence[str] = ()
+) -> Tokenizer:
     """A LLaMA-style sentencepiece BPE tokenizer trained in memory (deterministic).
 
     Ids: unk=0, bos=1, eos=2, then the pieces; "<image>" and "<pad>" are added right after
@@ -58,14 +60,29 @@ def train_caption_tokenizer(corpus: Sequence[str], vocab_size: int = 512, byte_f
     model = io.BytesIO()
     sentences = list(corpus) + [line for line in prompt_lines for _ in range(100)]
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=model, model_type="bpe",
-        vocab_size=vocab_size, hard_vocab_limit=False, byte_fallback=byte_fallback,
-        character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
-        pad_id=-1, unk_id=0, bos_id=1, eos_id=2, num_threads=1, minloglevel=2)
+        sentence_iterator=iter(sentences),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        byte_fallback=byte_fallback,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        pad_id=-1,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        num_threads=1,
+        minloglevel=2,
+    )
     size = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
-    return SentencePieceTokenizer(model.getvalue(), added_tokens={"<image>": size, "<pad>": size + 1},
-                                  pad_id=size + 1, image_token="<image>")
+    return SentencePieceTokenizer(
+        model.getvalue(), added_tokens={"<image>": size, "<pad>": size + 1}, pad_id=size + 1, image_token="<image>"
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -82,16 +99,18 @@ class TextFormat:
     *target* (next token) is a caption token or the EOS.
     """
 
-    def __init__(self, tokenizer: Tokenizer, question: str, num_image_tokens: int, seq_len: int,
-                 model_type: str = "llava"):
+    def __init__(
+        self, tokenizer: Tokenizer, question: str, num_image_tokens: int, seq_len: int, model_type: str = "llava"
+    ):
         self.tokenizer = tokenizer
         self.seq_len = seq_len
         self.question = question
         self.model_type = model_type
         self.prompt = prompt_ids_for(model_type, tokenizer, question, num_image_tokens)
         if len(self.prompt) + 2 > seq_len:
-            raise ValueError(f"seq_len={seq_len} leaves no room for a caption after the "
-                             f"{len(self.prompt)}-token prompt")
+            raise ValueError(
+                f"seq_len={seq_len} leaves no room for a caption after the {len(self.prompt)}-token prompt"
+            )
 
     @property
     def prompt_len(self) -> int:
@@ -107,9 +126,13 @@ class TextFormat:
         targets = np.full((self.seq_len,), self.tokenizer.pad_id, np.int32)
         targets[: n - 1] = ids[1:]
         loss_mask = np.zeros((self.seq_len,), np.float32)
-        loss_mask[self.prompt_len - 1: n - 1] = 1.0
-        return {"input_ids": input_ids, "targets": targets, "loss_mask": loss_mask,
-                "prompt_len": np.int32(self.prompt_len)}
+        loss_mask[self.prompt_len - 1 : n - 1] = 1.0
+        return {
+            "input_ids": input_ids,
+            "targets": targets,
+            "loss_mask": loss_mask,
+            "prompt_len": np.int32(self.prompt_len),
+        }
 
 
 class CaptionExample(grain.transforms.RandomMap):
@@ -118,8 +141,16 @@ class CaptionExample(grain.transforms.RandomMap):
     Picklable for grain worker processes: the tokenizer travels as its saved files.
     """
 
-    def __init__(self, tokenizer: Tokenizer, image_config: ImageProcessorConfig, question: str,
-                 num_image_tokens: int, seq_len: int, caption_index: int = -1, model_type: str = "llava"):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        image_config: ImageProcessorConfig,
+        question: str,
+        num_image_tokens: int,
+        seq_len: int,
+        caption_index: int = -1,
+        model_type: str = "llava",
+    ):
         self._args = (image_config, question, num_image_tokens, seq_len, caption_index, model_type)
         self._setup(tokenizer)
 
@@ -199,13 +230,14 @@ class GlobalBatchSampler:
         position = self.global_position(index)
         epoch, offset = divmod(position, self.num_records)
         record = int(_epoch_permutation(self.seed, epoch, self.num_records)[offset])
-        return grain.RecordMetadata(index=index, record_key=record,
-                                    rng=np.random.default_rng([self.seed, position]))
+        return grain.RecordMetadata(index=index, record_key=record, rng=np.random.default_rng([self.seed, position]))
 
     def __repr__(self) -> str:
         # grain checks repr(sampler) when restoring an iterator state: it must be stable.
-        return (f"GlobalBatchSampler(num_records={self.num_records}, global_batch={self.global_batch}, "
-                f"rows={self.rows}, seed={self.seed})")
+        return (
+            f"GlobalBatchSampler(num_records={self.num_records}, global_batch={self.global_batch}, "
+            f"rows={self.rows}, seed={self.seed})"
+        )
 
 
 def host_rows(batch_sharding: jax.sharding.Sharding, global_batch: int) -> tuple[int, int]:
@@ -282,23 +314,33 @@ class CaptionBatch(grain.transforms.Map):
         return collate([self.example.random_map(record, rng) for record, rng in items])
 
 
-def make_loader(source, transform: CaptionExample, global_batch: int, rows: tuple[int, int],
-                seed: int, worker_count: int = 0, read_threads: int = 4) -> grain.DataLoader:
+def make_loader(
+    source,
+    transform: CaptionExample,
+    global_batch: int,
+    rows: tuple[int, int],
+    seed: int,
+    worker_count: int = 0,
+    read_threads: int = 4,
+) -> grain.DataLoader:
     """A grain DataLoader yielding this host's rows of each global batch, endlessly; the same
     batches for any worker_count."""
     order = GlobalBatchSampler(len(source), global_batch, rows, seed)
-    if worker_count > 0:
-        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
-            flags.FLAGS.mark_as_parsed()
+    if worker_count > 0 and not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
+        flags.FLAGS.mark_as_parsed()
     return grain.DataLoader(
-        data_source=HostBatches(source, order), sampler=BatchIndices(order),
+        data_source=HostBatches(source, order),
+        sampler=BatchIndices(order),
         operations=[CaptionBatch(transform)],
-        worker_count=worker_count, shard_options=grain.sharding.NoSharding(),
-        read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4))
+        worker_count=worker_count,
+        shard_options=grain.sharding.NoSharding(),
+        read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4),
+    )
 
 
-def to_global(local: dict[str, np.ndarray], shardings: dict[str, jax.sharding.Sharding],
-              global_batch: int) -> dict[str, jax.Array]:
+def to_global(
+    local: dict[str, np.ndarray], shardings: dict[str, jax.sharding.Sharding], global_batch: int
+) -> dict[str, jax.Array]:
     """This host's rows -> global arrays (each process passes only its own slice)."""
     out = {}
     for key, value in local.items():
@@ -313,9 +355,11 @@ def check_loss_window(rows: dict[str, np.ndarray], loss_start: int) -> None:
     early = np.asarray(rows["loss_mask"])[:, :loss_start]
     if early.any():
         row, position = np.argwhere(early)[0]
-        raise ValueError(f"a row's loss mask starts at position {position}, before the loss window's start "
-                         f"{loss_start} (the prompt length - 1): the data transform and the prompt "
-                         f"length disagree (row {row} of this host's batch)")
+        raise ValueError(
+            f"a row's loss mask starts at position {position}, before the loss window's start "
+            f"{loss_start} (the prompt length - 1): the data transform and the prompt "
+            f"length disagree (row {row} of this host's batch)"
+        )
 
 
 def default_image_config(preset: str, image_size: int) -> ImageProcessorConfig:
@@ -331,6 +375,15 @@ def prompt_text(question: str) -> str:
 
 
 __all__ = [
-    "CaptionExample", "GlobalBatchSampler", "TextFormat", "check_loss_window", "collate", "default_image_config",
-    "host_rows", "make_loader", "prompt_text", "to_global", "train_caption_tokenizer",
+    "CaptionExample",
+    "GlobalBatchSampler",
+    "TextFormat",
+    "check_loss_window",
+    "collate",
+    "default_image_config",
+    "host_rows",
+    "make_loader",
+    "prompt_text",
+    "to_global",
+    "train_caption_tokenizer",
 ]

@@ -36,8 +36,7 @@ def cosine_distance(pred: Array, target: Array, weights: Array, eps: float = 1e-
     return jnp.sum((1.0 - dot / jnp.maximum(norms, eps)) * weights)
 
 
-def kl_distillation(student_logits: Array, teacher_logits: Array, weights: Array,
-                    temperature: float = 1.0) -> Array:
+def kl_distillation(student_logits: Array, teacher_logits: Array, weights: Array, temperature: float = 1.0) -> Array:
     """sum_t w_t * T^2 * KL(softmax(teacher_t / T) || softmax(student_t / T)).
 
     The T^2 factor keeps the gradient scale independent of T (Hinton et al.).
@@ -61,8 +60,7 @@ def top1_accuracy(logits: Array, targets: Array, weights: Array) -> Array:
     return jnp.sum((jnp.argmax(logits, axis=-1) == targets) * weights)
 
 
-def disagreement_weights(student_logits: Array, teacher_logits: Array, mask: Array,
-                         factor: float) -> Array:
+def disagreement_weights(student_logits: Array, teacher_logits: Array, mask: Array, factor: float) -> Array:
     """mask * (factor where the draft's argmax differs from the full model's, else 1).
 
     The refine stage's imitation-learning weighting: the draft's mistakes on sequences the
@@ -72,8 +70,7 @@ def disagreement_weights(student_logits: Array, teacher_logits: Array, mask: Arr
     return jax.lax.stop_gradient(mask * jnp.where(differs, factor, 1.0))
 
 
-def soft_cross_entropy(student_logits: Array, teacher_logits: Array, weights: Array,
-                       temperature: float = 1.0) -> Array:
+def soft_cross_entropy(student_logits: Array, teacher_logits: Array, weights: Array, temperature: float = 1.0) -> Array:
     """sum_t w_t * T^2 * -sum_v softmax(teacher_t / T)_v log softmax(student_t / T)_v.
 
     The EAGLE head's distillation term: cross-entropy against the full model's whole

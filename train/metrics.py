@@ -47,8 +47,14 @@ def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
 
 
 class MetricsLogger:
-    def __init__(self, workdir: str | Path, total_steps: int, start_step: int = 0,
-                 progress: bool = True, tensorboard: bool = True):
+    def __init__(
+        self,
+        workdir: str | Path,
+        total_steps: int,
+        start_step: int = 0,
+        progress: bool = True,
+        tensorboard: bool = True,
+    ):
         self.primary = jax.process_index() == 0
         self.path = as_path(workdir) / METRICS_FILE
         # Buckets have no append: there the whole file is rewritten per record (small).

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from fastvlm_jax.nn.llava import LlavaConfig
 from fastvlm_jax.data import synthetic
-from fastvlm_jax.text.tokenizer import Tokenizer, load_tokenizer
+from fastvlm_jax.nn.llava import LlavaConfig
 from fastvlm_jax.text.prompts import check_image_token_id
+from fastvlm_jax.text.tokenizer import Tokenizer, load_tokenizer
 from train import input as input_lib
 from train import params as param_lib
 from train import step as step_lib
@@ -25,20 +25,25 @@ def make_tokenizer(cfg: TrainConfig, init_ckpt_tokenizer) -> Tokenizer:
     if cfg.init_from:
         raise ConfigError(f"{cfg.init_from} has no tokenizer/ folder: set tokenizer.path")
     corpus = synthetic.caption_corpus(cfg.tokenizer.train_corpus_size)
-    return input_lib.train_caption_tokenizer(corpus, cfg.tokenizer.train_vocab_size,
-                                             cfg.tokenizer.byte_fallback,
-                                             prompt_lines=[input_lib.prompt_text(cfg.data.question)])
+    return input_lib.train_caption_tokenizer(
+        corpus,
+        cfg.tokenizer.train_vocab_size,
+        cfg.tokenizer.byte_fallback,
+        prompt_lines=[input_lib.prompt_text(cfg.data.question)],
+    )
 
 
 def resolve_model_config(model: LlavaConfig, tokenizer: Tokenizer) -> LlavaConfig:
     """vocab_size 0 -> the tokenizer's size rounded up to 128 (and its image token id)."""
     if model.text.vocab_size == 0:
         vocab = -(-tokenizer.vocab_size // 128) * 128
-        model = model.replace(text=dataclasses.replace(model.text, vocab_size=vocab),
-                              image_token_id=tokenizer.image_token_id)
+        model = model.replace(
+            text=dataclasses.replace(model.text, vocab_size=vocab), image_token_id=tokenizer.image_token_id
+        )
     if tokenizer.vocab_size > model.text.vocab_size:
-        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
-                          f"{model.text.vocab_size}")
+        raise ConfigError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {model.text.vocab_size}"
+        )
     check_image_token_id(tokenizer, model.image_token_id, ConfigError)
     return model
 
@@ -53,9 +58,11 @@ def with_eagle_head(cfg: TrainConfig, model: LlavaConfig, where: str) -> LlavaCo
     if model.draft.eagle_layers and not cfg.eagle.reinit:
         have = {k: getattr(model.draft, k) for k in wanted}
         if have != wanted:
-            raise ConfigError(f"{where} has an EAGLE head with {have}; this run asks for {wanted}: set "
-                              "eagle.hidden_size, eagle.image_pool and eagle.compressor to the checkpoint's "
-                              "to train its head further")
+            raise ConfigError(
+                f"{where} has an EAGLE head with {have}; this run asks for {wanted}: set "
+                "eagle.hidden_size, eagle.image_pool and eagle.compressor to the checkpoint's "
+                "to train its head further"
+            )
         return model
     return model.replace(draft=cfg.eagle.head(model.draft))
 
@@ -63,8 +70,9 @@ def with_eagle_head(cfg: TrainConfig, model: LlavaConfig, where: str) -> LlavaCo
 def step_spec(cfg: TrainConfig, loss_start: int) -> step_lib.StepSpec:
     """The static settings of `cfg`'s train step; loss_start: the first position that can
     carry loss (the prompt length - 1)."""
-    return step_lib.StepSpec(cfg.stage, cfg.loss, cfg.grad_accum, cfg.remat, loss_start,
-                             cfg.refine.disagreement_weight, cfg.eagle)
+    return step_lib.StepSpec(
+        cfg.stage, cfg.loss, cfg.grad_accum, cfg.remat, loss_start, cfg.refine.disagreement_weight, cfg.eagle
+    )
 
 
 def plan_training(cfg: TrainConfig, model, mesh, abstract):
@@ -82,13 +90,17 @@ def plan_training(cfg: TrainConfig, model, mesh, abstract):
     drafter = DRAFT_STAGE_PARAMS.get(cfg.stage)
     if drafter and any(not p.startswith(f"{drafter}/") for p in trainable_paths):
         # The draft stages promise an untouched full model (the LM head is shared with it).
-        raise ConfigError(f"stage {cfg.stage!r} may only train {drafter}/* parameters; "
-                          f"trainable={cfg.trainable_patterns} selects others too")
+        raise ConfigError(
+            f"stage {cfg.stage!r} may only train {drafter}/* parameters; "
+            f"trainable={cfg.trainable_patterns} selects others too"
+        )
     tx = step_lib.make_optimizer(cfg.optim, cfg.steps)
     schedule = step_lib.make_schedule(cfg.optim, cfg.steps)
     shardings = step_lib.make_shardings(model, mesh, trainable_paths, tx)
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     if (cfg.batch_size // cfg.grad_accum) % data_parallel:
-        raise ConfigError(f"micro-batch {cfg.batch_size // cfg.grad_accum} is not divisible by the "
-                          f"{data_parallel} data-parallel shards of mesh {dict(mesh.shape)}")
+        raise ConfigError(
+            f"micro-batch {cfg.batch_size // cfg.grad_accum} is not divisible by the "
+            f"{data_parallel} data-parallel shards of mesh {dict(mesh.shape)}"
+        )
     return trainable_paths, tx, schedule, shardings

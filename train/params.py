@@ -9,7 +9,8 @@ own leaves; `merge` puts them back together for the model.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 
@@ -41,8 +42,7 @@ def trainable_paths(params: Params, patterns: Sequence[str]) -> set[str]:
     for pattern, regex in compiled:
         hits = {path for path in paths if regex.fullmatch(path)}
         if not hits:
-            raise ValueError(f"trainable pattern {pattern!r} matches no parameter; params look like "
-                             f"{paths[:3]}")
+            raise ValueError(f"trainable pattern {pattern!r} matches no parameter; params look like {paths[:3]}")
         chosen |= hits
     return chosen
 

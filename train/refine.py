@@ -45,7 +45,8 @@ import hashlib
 import io
 import json
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -77,8 +78,9 @@ PROMPT_KEYS = ("input_ids", "prompt_len", "pixels")
 # ---------------------------------------------------------------------------------------
 
 
-def compose_sequences(input_ids: np.ndarray, prompt_len: np.ndarray, generated: np.ndarray,
-                      num_generated: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
+def compose_sequences(
+    input_ids: np.ndarray, prompt_len: np.ndarray, generated: np.ndarray, num_generated: np.ndarray, pad_id: int
+) -> dict[str, np.ndarray]:
     """Prompt + generated tokens -> input_ids, targets, loss_mask of the same length.
 
     input_ids: [batch, seq]; prompt_len: [batch]; generated: [batch, capacity] (-1 padded);
@@ -116,10 +118,20 @@ def batch_positions(batch: int, global_batch: int, count: int) -> np.ndarray:
     return np.minimum(np.arange(batch * global_batch, (batch + 1) * global_batch), count - 1)
 
 
-def identity(*, init_from: str | None, compute_dtype: str, max_new_tokens: int, eos_ids: Sequence[int],
-             prompt_ids: Sequence[int], image_config: Any, source: Any, record_ids: np.ndarray) -> dict:
+def identity(
+    *,
+    init_from: str | None,
+    compute_dtype: str,
+    max_new_tokens: int,
+    eos_ids: Sequence[int],
+    prompt_ids: Sequence[int],
+    image_config: Any,
+    source: Any,
+    record_ids: np.ndarray,
+) -> dict:
     """What a stored set depends on (JSON-ready): a set made with anything else is not this
     run's. The prompt's ids stand for the tokenizer, question and prompt layout."""
+
     def digest(data: bytes) -> str:
         return hashlib.sha256(data).hexdigest()
 
@@ -133,8 +145,7 @@ def identity(*, init_from: str | None, compute_dtype: str, max_new_tokens: int, 
         "prompt_sha256": digest(np.asarray(prompt_ids, np.int64).tobytes()),
         "image_config": json.loads(json.dumps(image, default=str)),
         "source": {"repr": repr(source), "num_records": len(source)},
-        "records": {"count": int(len(record_ids)),
-                    "sha256": digest(np.asarray(record_ids, np.int64).tobytes())},
+        "records": {"count": int(len(record_ids)), "sha256": digest(np.asarray(record_ids, np.int64).tobytes())},
     }
 
 
@@ -145,7 +156,8 @@ def identity_mismatch(directory, stored: dict, wanted: dict) -> ConfigError | No
             return ConfigError(
                 f"{directory} holds refine sequences generated with {key}={stored.get(key)!r}, this "
                 f"run needs {key}={wanted.get(key)!r}: delete {directory} to generate them again for "
-                "this run (or use a fresh workdir)")
+                "this run (or use a fresh workdir)"
+            )
     return None
 
 
@@ -167,14 +179,22 @@ def generate_program(model: VLM, shardings: Shardings, max_new_tokens: int, eos_
 
     def run(trainable, frozen, prompts):
         params = param_lib.merge(trainable, frozen)
-        out = generate(model, params, Prompts(input_ids=prompts["input_ids"], lengths=prompts["prompt_len"],
-                                              pixels=prompts["pixels"]),
-                       spec, max_new_tokens, jax.random.key(0))
+        out = generate(
+            model,
+            params,
+            Prompts(input_ids=prompts["input_ids"], lengths=prompts["prompt_len"], pixels=prompts["pixels"]),
+            spec,
+            max_new_tokens,
+            jax.random.key(0),
+        )
         return out.tokens, out.num_tokens
 
     prompt_shardings = {k: shardings.batch[k] for k in PROMPT_KEYS}
-    return jax.jit(run, in_shardings=(shardings.state.params, shardings.frozen, prompt_shardings),
-                   out_shardings=(shardings.batch["input_ids"], shardings.batch["prompt_len"]))
+    return jax.jit(
+        run,
+        in_shardings=(shardings.state.params, shardings.frozen, prompt_shardings),
+        out_shardings=(shardings.batch["input_ids"], shardings.batch["prompt_len"]),
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -186,8 +206,11 @@ def prompt_example(transform: input_lib.CaptionExample, record: dict) -> dict[st
     """Record -> the prompt half of its training example: input_ids [prompt_len] int32,
     prompt_len [] int32, pixels [size, size, 3] float32 (no caption is read)."""
     prompt = np.asarray(transform.text.prompt, np.int32)
-    return {"input_ids": prompt, "prompt_len": np.int32(len(prompt)),
-            "pixels": preprocess_image(record["image"], transform.image_config)}
+    return {
+        "input_ids": prompt,
+        "prompt_len": np.int32(len(prompt)),
+        "pixels": preprocess_image(record["image"], transform.image_config),
+    }
 
 
 def local_rows(array: Array, rows: tuple[int, int]) -> np.ndarray:
@@ -303,10 +326,20 @@ def check_stored(directory, wanted: dict) -> bool:
     return False
 
 
-def pregenerate(directory, wanted: dict, source, transform: input_lib.CaptionExample,
-                record_ids: np.ndarray, generate_fn: Callable[[dict], tuple[Array, Array]],
-                batch_shardings: dict, global_batch: int, max_new_tokens: int, *,
-                progress: bool = False, read_threads: int = 4) -> Sequences:
+def pregenerate(
+    directory,
+    wanted: dict,
+    source,
+    transform: input_lib.CaptionExample,
+    record_ids: np.ndarray,
+    generate_fn: Callable[[dict], tuple[Array, Array]],
+    batch_shardings: dict,
+    global_batch: int,
+    max_new_tokens: int,
+    *,
+    progress: bool = False,
+    read_threads: int = 4,
+) -> Sequences:
     """Generates (or resumes, or reuses) the set of `record_ids` in `directory`.
 
     generate_fn: global prompt batch (PROMPT_KEYS, [global_batch, ...]) -> (tokens
@@ -328,25 +361,31 @@ def pregenerate(directory, wanted: dict, source, transform: input_lib.CaptionExa
     num_batches = -(-count // global_batch)
     rows = input_lib.host_rows(batch_shardings["input_ids"], global_batch)
     covered = covered_positions(directory, count) if primary else np.zeros((count,), bool)
-    batch_done = np.asarray([covered[b * global_batch:(b + 1) * global_batch].all()
-                             for b in range(num_batches)], bool)
+    batch_done = np.asarray(
+        [covered[b * global_batch : (b + 1) * global_batch].all() for b in range(num_batches)], bool
+    )
     todo = np.flatnonzero(~_agree(batch_done))
 
     start = time.perf_counter()
     bar = None
     if progress and primary:
-        bar = tqdm(total=num_batches, initial=num_batches - len(todo), desc="refine: generating",
-                   unit="batch", dynamic_ncols=True)
+        bar = tqdm(
+            total=num_batches,
+            initial=num_batches - len(todo),
+            desc="refine: generating",
+            unit="batch",
+            dynamic_ncols=True,
+        )
     with concurrent.futures.ThreadPoolExecutor(max(1, read_threads)) as pool:
+
         def feed(batch: int):
-            positions = batch_positions(batch, global_batch, count)[rows[0]:rows[1]]
-            examples = list(pool.map(lambda p: prompt_example(transform, source[int(record_ids[p])]),
-                                     positions))
+            positions = batch_positions(batch, global_batch, count)[rows[0] : rows[1]]
+            examples = list(pool.map(lambda p: prompt_example(transform, source[int(record_ids[p])]), positions))
             local = input_lib.collate(examples)
             return positions, generate_fn(input_lib.to_global(local, batch_shardings, global_batch))
 
         for first in range(0, len(todo), CHUNK_BATCHES):
-            chunk = todo[first:first + CHUNK_BATCHES]
+            chunk = todo[first : first + CHUNK_BATCHES]
             # Dispatch is asynchronous: the next batch's records are read while this one generates.
             pending = feed(int(chunk[0]))
             parts = []
@@ -359,9 +398,12 @@ def pregenerate(directory, wanted: dict, source, transform: input_lib.CaptionExa
                 if bar is not None:
                     bar.update(1)
             name = f"part-{int(chunk[0]):07d}-{int(chunk[-1]):07d}-p{jax.process_index():05d}.npz"
-            _save_npz(directory / name, positions=np.concatenate([p[0] for p in parts]),
-                      tokens=np.concatenate([p[1] for p in parts]).astype(np.int32),
-                      lengths=np.concatenate([p[2] for p in parts]).astype(np.int32))
+            _save_npz(
+                directory / name,
+                positions=np.concatenate([p[0] for p in parts]),
+                tokens=np.concatenate([p[1] for p in parts]).astype(np.int32),
+                lengths=np.concatenate([p[2] for p in parts]).astype(np.int32),
+            )
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - start
@@ -369,10 +411,13 @@ def pregenerate(directory, wanted: dict, source, transform: input_lib.CaptionExa
     _barrier("refine sequences: parts written")
     if primary:
         tokens, lengths = merge_parts(directory, count, max_new_tokens)
-        _save_npz(directory / MERGED, record_ids=np.asarray(record_ids, np.int64), tokens=tokens,
-                  lengths=lengths)
-        stats = {"generate_seconds": seconds, "batches_generated": int(len(todo)),
-                 "batches": int(num_batches), "mean_length": float(lengths.mean())}
+        _save_npz(directory / MERGED, record_ids=np.asarray(record_ids, np.int64), tokens=tokens, lengths=lengths)
+        stats = {
+            "generate_seconds": seconds,
+            "batches_generated": int(len(todo)),
+            "batches": int(num_batches),
+            "mean_length": float(lengths.mean()),
+        }
         _write_json(directory / COMPLETE, {"identity": wanted, "stats": stats})
         for path in part_files(directory):  # merged: the parts are no longer read
             path.unlink()
@@ -416,12 +461,25 @@ class RefineExample(input_lib.CaptionExample):
 
     def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         example = super().random_map(record, rng)
-        new = compose_sequences(example["input_ids"][None], np.asarray([example["prompt_len"]]),
-                                record["refine_tokens"][None], np.asarray([record["refine_length"]]),
-                                self.tokenizer.pad_id)
+        new = compose_sequences(
+            example["input_ids"][None],
+            np.asarray([example["prompt_len"]]),
+            record["refine_tokens"][None],
+            np.asarray([record["refine_length"]]),
+            self.tokenizer.pad_id,
+        )
         example.update({k: v[0] for k, v in new.items()})
         return example
 
 
-__all__ = ["RefineExample", "Sequences", "WithSequences", "compose_sequences", "generate_program",
-           "identity", "load_sequences", "pregenerate", "records_to_generate"]
+__all__ = [
+    "RefineExample",
+    "Sequences",
+    "WithSequences",
+    "compose_sequences",
+    "generate_program",
+    "identity",
+    "load_sequences",
+    "pregenerate",
+    "records_to_generate",
+]

@@ -23,8 +23,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -32,13 +33,15 @@ import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
 from fastvlm_jax.ckpt import checkpoint as ckpt_lib
-from fastvlm_jax.runtime import sharding
-from fastvlm_jax.nn.llava import LlavaConfig
-from fastvlm_jax.runtime.distributed import maybe_initialize
-from fastvlm_jax.nn.model import VLM, params_dtype
-from fastvlm_jax.runtime.paths import as_path
 from fastvlm_jax.nn.families import stop_ids
-from train import checkpointing, compile_only, deepen, input as input_lib, metrics as metrics_lib
+from fastvlm_jax.nn.llava import LlavaConfig
+from fastvlm_jax.nn.model import VLM, params_dtype
+from fastvlm_jax.runtime import sharding
+from fastvlm_jax.runtime.distributed import maybe_initialize
+from fastvlm_jax.runtime.paths import as_path
+from train import checkpointing, compile_only, deepen
+from train import input as input_lib
+from train import metrics as metrics_lib
 from train import params as param_lib
 from train import refine as refine_lib
 from train import step as step_lib
@@ -70,8 +73,9 @@ def open_source(cfg: TrainConfig):
         return tfds_builders.open_split(data.name, data.split, data.data_dir, decode=False)
     kwargs = {}
     if data.synthetic_num_train > 0:
-        kwargs = dict(num_train=data.synthetic_num_train, num_validation=0, num_test=0,
-                      image_size=data.synthetic_image_size)
+        kwargs = dict(
+            num_train=data.synthetic_num_train, num_validation=0, num_test=0, image_size=data.synthetic_image_size
+        )
     if jax.process_index() == 0:
         tfds_builders.build_dataset(data.name, data.data_dir, **kwargs)
     if jax.process_count() > 1:
@@ -96,7 +100,8 @@ def init_params(model: VLM, seed: int, shardings) -> Any:
     """
     host = jax.device_get(_jitted_init(model.config, model.dtype)(jax.random.key(seed)))
     return jax.tree.map(
-        lambda x, sh: jax.make_array_from_callback(x.shape, sh, lambda index: x[index]), host, shardings)
+        lambda x, sh: jax.make_array_from_callback(x.shape, sh, lambda index: x[index]), host, shardings
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -115,8 +120,9 @@ def init_eagle(model: VLM, seed: int, params, shardings) -> Any:
     # A key of its own: the seed also drives the data order.
     key = jax.random.fold_in(jax.random.key(seed), 0xEA61E)
     host = jax.device_get(_jitted_eagle_init(model.config, model.dtype)(key))
-    return jax.tree.map(lambda x, sh: jax.make_array_from_callback(
-        x.shape, sh, lambda index: x.astype(dtype)[index]), host, shardings)
+    return jax.tree.map(
+        lambda x, sh: jax.make_array_from_callback(x.shape, sh, lambda index: x.astype(dtype)[index]), host, shardings
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -149,51 +155,98 @@ def build_model(cfg: TrainConfig, mesh):
         except ValueError as err:
             raise ConfigError(f"{cfg.init_from}: {err}") from None
     model_config = with_eagle_head(cfg, model_config, cfg.init_from)
-    image_config = (init.image_config if init and init.image_config is not None
-                    else input_lib.default_image_config(cfg.image_preset, model_config.vision.image_size))
+    image_config = (
+        init.image_config
+        if init and init.image_config is not None
+        else input_lib.default_image_config(cfg.image_preset, model_config.vision.image_size)
+    )
     dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
     return VLM(model_config, dtype), tokenizer, image_config, (init.params if init else None)
 
 
-def caption_transform(cfg: TrainConfig, model: VLM, tokenizer, image_config,
-                      cls: type = input_lib.CaptionExample) -> input_lib.CaptionExample:
+def caption_transform(
+    cfg: TrainConfig, model: VLM, tokenizer, image_config, cls: type = input_lib.CaptionExample
+) -> input_lib.CaptionExample:
     """Record -> training example (`cls`: the caption pipeline's, or the refine stage's)."""
-    return cls(tokenizer, image_config, cfg.data.question, model.config.num_image_tokens, cfg.seq_len,
-               cfg.data.caption_index, model.config.model_type)
+    return cls(
+        tokenizer,
+        image_config,
+        cfg.data.question,
+        model.config.num_image_tokens,
+        cfg.seq_len,
+        cfg.data.caption_index,
+        model.config.model_type,
+    )
 
 
 def build_data(cfg: TrainConfig, source, transform, shardings):
     """Iterator over this host's rows of each global batch."""
     rows = input_lib.host_rows(shardings.batch["input_ids"], cfg.batch_size)
-    loader = input_lib.make_loader(source, transform, cfg.batch_size, rows, cfg.seed,
-                                   cfg.data.worker_count, cfg.data.read_threads)
+    loader = input_lib.make_loader(
+        source, transform, cfg.batch_size, rows, cfg.seed, cfg.data.worker_count, cfg.data.read_threads
+    )
     return iter(loader)
 
 
-def refine_sequences(cfg: TrainConfig, workdir, model: VLM, mesh, shardings, trainable, frozen,
-                     tokenizer, image_config, source, transform, progress: bool):
+def refine_sequences(
+    cfg: TrainConfig,
+    workdir,
+    model: VLM,
+    mesh,
+    shardings,
+    trainable,
+    frozen,
+    tokenizer,
+    image_config,
+    source,
+    transform,
+    progress: bool,
+):
     """The refine stage's pre-pass: the frozen full model's greedy generation for every record
     the run reads, made once (or reused) in workdir/refine_sequences (train.refine)."""
     prompt_len = transform.text.prompt_len
     max_new = cfg.refine.max_new_tokens or (cfg.seq_len - prompt_len)
     eos = stop_ids(model.config, tokenizer)
     record_ids = refine_lib.records_to_generate(len(source), cfg.batch_size, cfg.steps, cfg.seed)
-    wanted = refine_lib.identity(init_from=cfg.init_from, compute_dtype=cfg.compute_dtype,
-                                 max_new_tokens=max_new, eos_ids=eos, prompt_ids=transform.text.prompt,
-                                 image_config=image_config, source=source, record_ids=record_ids)
+    wanted = refine_lib.identity(
+        init_from=cfg.init_from,
+        compute_dtype=cfg.compute_dtype,
+        max_new_tokens=max_new,
+        eos_ids=eos,
+        prompt_ids=transform.text.prompt,
+        image_config=image_config,
+        source=source,
+        record_ids=record_ids,
+    )
     program = refine_lib.generate_program(model, shardings, max_new, eos)
 
     def generate_fn(prompts):
         with jax.set_mesh(mesh):
             return program(trainable, frozen, prompts)
 
-    return refine_lib.pregenerate(workdir / refine_lib.SEQUENCES_DIR, wanted, source, transform, record_ids,
-                                  generate_fn, shardings.batch, cfg.batch_size, max_new, progress=progress,
-                                  read_threads=cfg.data.read_threads)
+    return refine_lib.pregenerate(
+        workdir / refine_lib.SEQUENCES_DIR,
+        wanted,
+        source,
+        transform,
+        record_ids,
+        generate_fn,
+        shardings.batch,
+        cfg.batch_size,
+        max_new,
+        progress=progress,
+        read_threads=cfg.data.read_threads,
+    )
 
 
-def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progress: bool = True,
-          stop_after: int | None = None, devices: Sequence[jax.Device] | None = None) -> RunResult:
+def train(
+    cfg: TrainConfig,
+    workdir: str | os.PathLike | None = None,
+    *,
+    progress: bool = True,
+    stop_after: int | None = None,
+    devices: Sequence[jax.Device] | None = None,
+) -> RunResult:
     """Runs (or resumes) `cfg` in `workdir`; returns when done, when preempted (SIGTERM),
     or after `stop_after` steps in this call. devices: the mesh's (default: all), e.g. one
     device for a reference run."""
@@ -213,8 +266,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
     if params is None:
         params = init_params(model, cfg.seed, placement)
     elif cfg.deepen_to:
-        params = deepen.deepen_params(params, init_params(model, cfg.seed, placement),
-                                      model.config.draft.exit_layer)
+        params = deepen.deepen_params(params, init_params(model, cfg.seed, placement), model.config.draft.exit_layer)
     elif "eagle" in abstract and ("eagle" not in params or cfg.eagle.reinit):
         params = dict(params, eagle=init_eagle(model, cfg.seed, params, placement["eagle"]))
     trainable, frozen = param_lib.split(params, trainable_paths)
@@ -225,16 +277,25 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
     trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
 
     # State: resume from the workdir, or start fresh.
-    checkpointer = checkpointing.Checkpointer(workdir / CHECKPOINT_DIR, cfg.checkpoint.keep,
-                                              cfg.checkpoint.async_save)
+    checkpointer = checkpointing.Checkpointer(workdir / CHECKPOINT_DIR, cfg.checkpoint.keep, cfg.checkpoint.async_save)
     # What a resumed run must share with the one that saved: the model, the data order,
     # and everything the learning-rate schedule and the optimizer state depend on.
-    meta = {"stage": cfg.stage, "init_from": cfg.init_from, "seed": cfg.seed,
-            "process_count": jax.process_count(), "steps": cfg.steps, "batch_size": cfg.batch_size,
-            "grad_accum": cfg.grad_accum, "optim": dataclasses.asdict(cfg.optim)}
+    meta = {
+        "stage": cfg.stage,
+        "init_from": cfg.init_from,
+        "seed": cfg.seed,
+        "process_count": jax.process_count(),
+        "steps": cfg.steps,
+        "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum,
+        "optim": dataclasses.asdict(cfg.optim),
+    }
     if cfg.stage == "eagle":  # the head's shape and what its training data looks like
-        meta["eagle"] = {"hidden_size": cfg.eagle.hidden_size, "image_pool": cfg.eagle.image_pool,
-                         "compressor": cfg.eagle.compressor}
+        meta["eagle"] = {
+            "hidden_size": cfg.eagle.hidden_size,
+            "image_pool": cfg.eagle.image_pool,
+            "compressor": cfg.eagle.compressor,
+        }
     latest = checkpointer.latest_step()
     if latest is not None:  # the run must match the checkpoint it resumes
         saved_meta = checkpointer.read_meta(latest)
@@ -242,9 +303,11 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
             if key not in saved_meta and key not in ("stage", "init_from", "seed", "process_count"):
                 continue  # saved before this key was recorded
             if saved_meta.get(key) != meta[key]:
-                raise ConfigError(f"{workdir} holds a checkpoint with {key}={saved_meta.get(key)!r}, "
-                                  f"this run has {key}={meta[key]!r}: a resumed run must keep it "
-                                  "(use a fresh workdir, or init_from the export to start a new run)")
+                raise ConfigError(
+                    f"{workdir} holds a checkpoint with {key}={saved_meta.get(key)!r}, "
+                    f"this run has {key}={meta[key]!r}: a resumed run must keep it "
+                    "(use a fresh workdir, or init_from the export to start a new run)"
+                )
 
     # Data (after the checks above: a mismatched resume fails before the refine pre-pass).
     source = open_source(cfg)
@@ -252,8 +315,20 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
     if cfg.stage == "refine":
         # Generated once before training (not per step): the full model is frozen and the
         # prompt fixed, so each record's greedy sequence never changes during the stage.
-        sequences = refine_sequences(cfg, workdir, model, mesh, shardings, trainable, frozen, tokenizer,
-                                     image_config, source, transform, progress and primary)
+        sequences = refine_sequences(
+            cfg,
+            workdir,
+            model,
+            mesh,
+            shardings,
+            trainable,
+            frozen,
+            tokenizer,
+            image_config,
+            source,
+            transform,
+            progress and primary,
+        )
         source = refine_lib.WithSequences(source, sequences)
         transform = caption_transform(cfg, model, tokenizer, image_config, refine_lib.RefineExample)
     data_iter = build_data(cfg, source, transform, shardings)
@@ -287,8 +362,9 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
             if step % cfg.log_every == 0 or step == cfg.steps or step == start_step + 1:
                 metrics = jax.device_get(metrics)  # waits for the step: the timings are real
                 elapsed = time.perf_counter() - window_start
-                metrics.update(step_time_s=elapsed / window_steps,
-                               tokens_per_s=tokens_per_batch * window_steps / elapsed)
+                metrics.update(
+                    step_time_s=elapsed / window_steps, tokens_per_s=tokens_per_batch * window_steps / elapsed
+                )
                 if step == start_step + 1:
                     metrics["compile_and_first_step_s"] = elapsed
                 last = logger.log(step, metrics) or last
@@ -308,8 +384,9 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
         export_dir = None
         if status == "done" and cfg.checkpoint.export:
             trained = jax.tree.map(lambda x, dtype: x.astype(dtype), state.params, saved_dtypes)
-            export_dir = checkpointing.export(workdir / EXPORT_DIR, model.config,
-                                              param_lib.merge(trained, frozen), tokenizer, image_config)
+            export_dir = checkpointing.export(
+                workdir / EXPORT_DIR, model.config, param_lib.merge(trained, frozen), tokenizer, image_config
+            )
     finally:
         logger.close()
         checkpointer.close()
@@ -324,20 +401,26 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike | None = None, *, progres
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m train.run", description=__doc__.split("\n\n")[0],
+        prog="python -m train.run",
+        description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Overrides are dotted key=value pairs, e.g. steps=100 optim.learning_rate=3e-4 "
-               "mesh.tensor=2 model.text.num_layers=4 trainable='imitation/.*'.")
+        "mesh.tensor=2 model.text.num_layers=4 trainable='imitation/.*'.",
+    )
     parser.add_argument("--config", required=True, help="configs/NAME.py[:ARG] (ARG goes to get_config)")
     parser.add_argument("--workdir", default=None, help="run folder (default: the config's workdir)")
     parser.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-host)")
     parser.add_argument("--num-processes", type=int, default=None)
     parser.add_argument("--process-id", type=int, default=None)
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    parser.add_argument("--compile-only", metavar="TOPOLOGY", default=None,
-                        help="compile the step for a TPU slice (e.g. v5e:4x8, v5p:2x2x4) and report "
-                        "memory per chip, FLOPs, collectives and a roofline time; runs nothing "
-                        "(needs libtpu: pip install -e '.[tpu]'); exit 1 if it does not fit")
+    parser.add_argument(
+        "--compile-only",
+        metavar="TOPOLOGY",
+        default=None,
+        help="compile the step for a TPU slice (e.g. v5e:4x8, v5p:2x2x4) and report "
+        "memory per chip, FLOPs, collectives and a roofline time; runs nothing "
+        "(needs libtpu: pip install -e '.[tpu]'); exit 1 if it does not fit",
+    )
     parser.add_argument("--json", default=None, help="--compile-only: write the report here")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     return parser.parse_args(argv)
@@ -355,9 +438,17 @@ def main(argv: list[str] | None = None) -> int:
     maybe_initialize(args.coordinator, args.num_processes, args.process_id)
     result = train(cfg, args.workdir, progress=not args.no_progress)
     if jax.process_index() == 0:
-        print(json.dumps({"status": result.status, "step": result.step, "workdir": str(result.workdir),
-                          "export": str(result.export_dir) if result.export_dir else None,
-                          "metrics": result.last_metrics}))
+        print(
+            json.dumps(
+                {
+                    "status": result.status,
+                    "step": result.step,
+                    "workdir": str(result.workdir),
+                    "export": str(result.export_dir) if result.export_dir else None,
+                    "metrics": result.last_metrics,
+                }
+            )
+        )
     return 0
 
 

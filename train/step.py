@@ -25,7 +25,8 @@ Stages (all share one forward: the shallow layers run once and feed both paths):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -34,8 +35,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from fastvlm_jax.runtime import sharding
 from fastvlm_jax.nn.model import VLM
+from fastvlm_jax.runtime import sharding
 from train import eagle as eagle_lib
 from train import losses
 from train import params as param_lib
@@ -72,8 +73,12 @@ def make_schedule(optim: OptimConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0, then cosine decay to end_lr_factor * peak at total_steps."""
     warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=optim.learning_rate, warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1), end_value=optim.learning_rate * optim.end_lr_factor)
+        init_value=0.0,
+        peak_value=optim.learning_rate,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=optim.learning_rate * optim.end_lr_factor,
+    )
 
 
 def make_optimizer(optim: OptimConfig, total_steps: int) -> optax.GradientTransformation:
@@ -82,8 +87,16 @@ def make_optimizer(optim: OptimConfig, total_steps: int) -> optax.GradientTransf
     parts = []
     if optim.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
-    parts.append(optax.adamw(make_schedule(optim, total_steps), b1=optim.b1, b2=optim.b2,
-                             eps=optim.eps, weight_decay=optim.weight_decay, mask=decay_mask))
+    parts.append(
+        optax.adamw(
+            make_schedule(optim, total_steps),
+            b1=optim.b1,
+            b2=optim.b2,
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+            mask=decay_mask,
+        )
+    )
     return optax.chain(*parts)
 
 
@@ -115,8 +128,9 @@ class StepSpec:
     eagle: EagleStageConfig = EagleStageConfig()
 
 
-def forward_losses(model: VLM, spec: StepSpec, trainable: Params, frozen: Params, batch: Batch,
-                   num_text: Array) -> tuple[Array, dict[str, Array]]:
+def forward_losses(
+    model: VLM, spec: StepSpec, trainable: Params, frozen: Params, batch: Batch, num_text: Array
+) -> tuple[Array, dict[str, Array]]:
     """(loss, metrics) of one (micro-)batch, both normalised by `num_text`, the number of
     text positions of the whole global batch (so micro-batch values add up exactly)."""
     params = param_lib.merge(trainable, frozen)
@@ -131,16 +145,18 @@ def forward_losses(model: VLM, spec: StepSpec, trainable: Params, frozen: Params
         # The head reads only the model's first and last states: no exit-layer states.
         h_last, _, _ = model.run_layers(params, hidden, positions, 0, num_layers)
         full_logits = model.logits(params, h_last)
-        loss, metrics = eagle_lib.eagle_losses(model, params, spec.eagle, hidden, h_last, full_logits,
-                                               ids, targets, mask)
+        loss, metrics = eagle_lib.eagle_losses(
+            model, params, spec.eagle, hidden, h_last, full_logits, ids, targets, mask
+        )
         metrics["full_acc"] = losses.top1_accuracy(jax.lax.stop_gradient(full_logits), targets, mask)
         metrics = {k: v / num_text for k, v in metrics.items()}
         return loss / num_text, metrics
     # One pass over the whole layer stack (which scans the stacked params directly, so
     # the base stage's gradients stay one [num_layers, ...] array per leaf) that also
     # returns the exit-layer states the draft path reads.
-    h_last, _, states = model.run_layers(params, hidden, positions, 0, num_layers, collect=(exit_layer,),
-                                         remat=spec.remat)
+    h_last, _, states = model.run_layers(
+        params, hidden, positions, 0, num_layers, collect=(exit_layer,), remat=spec.remat
+    )
     # The imitation network sees every position (it may attend); everything after it
     # only the loss window.
     draft_hidden, _ = model.imitate(params, jax.lax.stop_gradient(states[exit_layer]), positions)
@@ -161,8 +177,7 @@ def forward_losses(model: VLM, spec: StepSpec, trainable: Params, frozen: Params
         draft_logits = model.logits(params, draft_hidden)
         weights = mask
         if spec.stage == "refine":
-            weights = losses.disagreement_weights(draft_logits, teacher_logits, mask,
-                                                  spec.disagreement_weight)
+            weights = losses.disagreement_weights(draft_logits, teacher_logits, mask, spec.disagreement_weight)
         cos = losses.cosine_distance(draft_hidden, teacher_hidden, weights)
         kd = losses.kl_distillation(draft_logits, teacher_logits, weights, spec.loss.temperature)
         ce = losses.cross_entropy(draft_logits, targets, weights)
@@ -185,6 +200,7 @@ def _micro_batches(batch: Batch, num: int) -> Batch:
     Strided rather than contiguous so that each device's rows split evenly into the
     micro-batches and the data sharding of the leading axis survives the reshape.
     """
+
     def one(x):
         x = x.reshape((x.shape[0] // num, num) + x.shape[1:])
         return jnp.swapaxes(x, 0, 1)
@@ -192,9 +208,15 @@ def _micro_batches(batch: Batch, num: int) -> Batch:
     return jax.tree.map(one, batch)
 
 
-def train_step(model: VLM, spec: StepSpec, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, state: TrainState, frozen: Params, batch: Batch
-               ) -> tuple[TrainState, dict[str, Array]]:
+def train_step(
+    model: VLM,
+    spec: StepSpec,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    state: TrainState,
+    frozen: Params,
+    batch: Batch,
+) -> tuple[TrainState, dict[str, Array]]:
     """One optimizer update from one global batch (pure; jit it with `jit_train_step`)."""
     num_text = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
     grad_fn = jax.value_and_grad(forward_losses, argnums=2, has_aux=True)
@@ -202,20 +224,21 @@ def train_step(model: VLM, spec: StepSpec, tx: optax.GradientTransformation,
     if spec.grad_accum == 1:
         (loss, metrics), grads = grad_fn(model, spec, state.params, frozen, batch, num_text)
     else:
+
         def micro_step(grads, micro):
             (loss, metrics), micro_grads = grad_fn(model, spec, state.params, frozen, micro, num_text)
             return jax.tree.map(jnp.add, grads, micro_grads), (loss, metrics)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, (loss, metrics) = jax.lax.scan(micro_step, zeros,
-                                              _micro_batches(batch, spec.grad_accum))
+        grads, (loss, metrics) = jax.lax.scan(micro_step, zeros, _micro_batches(batch, spec.grad_accum))
         # Each micro-batch term is already divided by the global count: sums are exact.
         loss, metrics = jnp.sum(loss), jax.tree.map(jnp.sum, metrics)
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                   learning_rate=schedule(state.step), text_tokens=num_text)
+    metrics = dict(
+        metrics, loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step), text_tokens=num_text
+    )
     new_state = state.replace(step=state.step + 1, params=new_params, opt_state=opt_state)
     return new_state, metrics
 
@@ -240,8 +263,9 @@ def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
     return {k: sharding.data_sharding(mesh, n) for k, n in ndims.items()}
 
 
-def make_shardings(model: VLM, mesh: Mesh, trainable: set[str], tx: optax.GradientTransformation,
-                   rules=sharding.DEFAULT_RULES) -> Shardings:
+def make_shardings(
+    model: VLM, mesh: Mesh, trainable: set[str], tx: optax.GradientTransformation, rules=sharding.DEFAULT_RULES
+) -> Shardings:
     """Params by their logical axes; optimizer moments like their params; scalars replicated."""
     boxed = model.abstract_params()
     param_sh = sharding.param_shardings(boxed, mesh, rules)
@@ -250,16 +274,20 @@ def make_shardings(model: VLM, mesh: Mesh, trainable: set[str], tx: optax.Gradie
     abstract_opt = jax.eval_shape(tx.init, abstract_trainable)
     replicated = sharding.replicated(mesh)
     opt_sh = optax.tree_map_params(
-        tx, lambda _, s: s, abstract_opt, trainable_sh,
+        tx,
+        lambda _, s: s,
+        abstract_opt,
+        trainable_sh,
         transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, NamedSharding))
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
     state_sh = TrainState(step=replicated, params=trainable_sh, opt_state=opt_sh, rng=replicated)
-    return Shardings(state=state_sh, frozen=frozen_sh, batch=batch_shardings(mesh),
-                     replicated=replicated)
+    return Shardings(state=state_sh, frozen=frozen_sh, batch=batch_shardings(mesh), replicated=replicated)
 
 
-def train_step_program(model: VLM, spec: StepSpec, tx: optax.GradientTransformation,
-                       schedule: optax.Schedule, shardings: Shardings):
+def train_step_program(
+    model: VLM, spec: StepSpec, tx: optax.GradientTransformation, schedule: optax.Schedule, shardings: Shardings
+):
     """The jitted step with explicit shardings, the state's buffers donated (updated in
     place). Trace it (call or `.lower`) inside `jax.set_mesh(mesh)` and the axis rules, as
     `jit_train_step` does; train.compile_only lowers it for a TPU topology."""
@@ -267,12 +295,19 @@ def train_step_program(model: VLM, spec: StepSpec, tx: optax.GradientTransformat
         lambda state, frozen, batch: train_step(model, spec, tx, schedule, state, frozen, batch),
         in_shardings=(shardings.state, shardings.frozen, shardings.batch),
         out_shardings=(shardings.state, shardings.replicated),
-        donate_argnums=(0,))
+        donate_argnums=(0,),
+    )
 
 
-def jit_train_step(model: VLM, spec: StepSpec, tx: optax.GradientTransformation,
-                   schedule: optax.Schedule, shardings: Shardings, mesh: Mesh,
-                   rules=sharding.DEFAULT_RULES) -> Callable:
+def jit_train_step(
+    model: VLM,
+    spec: StepSpec,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    shardings: Shardings,
+    mesh: Mesh,
+    rules=sharding.DEFAULT_RULES,
+) -> Callable:
     """`step(state, frozen, batch) -> (state, metrics)` compiled with explicit shardings;
     the state's buffers are donated (updated in place)."""
     fn = train_step_program(model, spec, tx, schedule, shardings)
@@ -286,24 +321,26 @@ def jit_train_step(model: VLM, spec: StepSpec, tx: optax.GradientTransformation,
     return step
 
 
-def init_state(trainable: Params, tx: optax.GradientTransformation, seed: int,
-               shardings: Shardings) -> TrainState:
+def init_state(trainable: Params, tx: optax.GradientTransformation, seed: int, shardings: Shardings) -> TrainState:
     """A fresh TrainState for already-placed trainable params (optimizer state sharded)."""
+
     def build(params):
         rng = jax.random.key_data(jax.random.key(seed))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          rng=rng)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
 
     return jax.jit(build, in_shardings=(shardings.state.params,), out_shardings=shardings.state)(trainable)
 
 
-def abstract_state(shardings: Shardings, abstract_trainable: Params,
-                   tx: optax.GradientTransformation) -> TrainState:
+def abstract_state(shardings: Shardings, abstract_trainable: Params, tx: optax.GradientTransformation) -> TrainState:
     """ShapeDtypeStructs with shardings: the restore target of a training checkpoint."""
+
     def build(params):
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          rng=jax.random.key_data(jax.random.key(0)))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(jax.random.key(0)),
+        )
 
     shapes = jax.eval_shape(build, abstract_trainable)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, shardings.state)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings.state)

@@ -23,14 +23,29 @@ import sys
 import time
 from pathlib import Path
 
-OVERRIDES = ("steps={steps}", "log_every=5", "init_from=fastvlm_jax/assets/demo",
-             "data.data_dir={root}/data", "checkpoint.export=false", "checkpoint.save_every=0",
-             "checkpoint.save_final=false")
+OVERRIDES = (
+    "steps={steps}",
+    "log_every=5",
+    "init_from=fastvlm_jax/assets/demo",
+    "data.data_dir={root}/data",
+    "checkpoint.export=false",
+    "checkpoint.save_every=0",
+    "checkpoint.save_final=false",
+)
 
 
 def command(python: str, root: Path, name: str, steps: int) -> list[str]:
-    return [python, "-m", "train.run", "--config", "configs/demo.py:refine", "--workdir", str(root / name),
-            "--no-progress", *(o.format(steps=steps, root=root) for o in OVERRIDES)]
+    return [
+        python,
+        "-m",
+        "train.run",
+        "--config",
+        "configs/demo.py:refine",
+        "--workdir",
+        str(root / name),
+        "--no-progress",
+        *(o.format(steps=steps, root=root) for o in OVERRIDES),
+    ]
 
 
 def read_metrics(workdir: Path) -> dict[int, dict]:
@@ -96,8 +111,9 @@ def main(argv=None) -> int:
     wall, commits = {}, {}
     if args.run:
         for name in ("old", "new"):  # one at a time: they share the CPU
-            commits[name] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repos[name], check=True,
-                                           capture_output=True, text=True).stdout.strip()
+            commits[name] = subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=repos[name], check=True, capture_output=True, text=True
+            ).stdout.strip()
             start = time.perf_counter()
             subprocess.run(commands[name], cwd=repos[name], check=True)
             wall[name] = time.perf_counter() - start
@@ -112,9 +128,22 @@ def main(argv=None) -> int:
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("loss_max_abs_diff", "step_time_s_old", "step_time_s_new",
-                                              "prepass_s", "prepass_records", "train_loop_s_old",
-                                              "stage_s_new")}))
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in (
+                    "loss_max_abs_diff",
+                    "step_time_s_old",
+                    "step_time_s_new",
+                    "prepass_s",
+                    "prepass_records",
+                    "train_loop_s_old",
+                    "stage_s_new",
+                )
+            }
+        )
+    )
     return 0
 
 

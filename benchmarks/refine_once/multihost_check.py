@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests import train_helpers as th  # noqa: E402
+from tests import train_helpers as th
 
 
 def free_port() -> int:
@@ -49,10 +49,22 @@ def main(argv=None) -> int:
     th.run_cli("refine", root / "one", refine, env8)
     one_s = time.perf_counter() - start
     port, start = free_port(), time.perf_counter()
-    procs = [subprocess.Popen(
-        th.cli("refine", root / "two", refine,
-               ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(pid)]),
-        cwd=th.REPO, env=env4, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for pid in range(2)]
+    procs = [
+        subprocess.Popen(
+            th.cli(
+                "refine",
+                root / "two",
+                refine,
+                ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(pid)],
+            ),
+            cwd=th.REPO,
+            env=env4,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for pid in range(2)
+    ]
     for proc, (_, err) in zip(procs, [p.communicate(timeout=900) for p in procs]):
         if proc.returncode != 0:
             raise SystemExit(err[-3000:])
@@ -63,10 +75,12 @@ def main(argv=None) -> int:
     ids = sets["two"]["record_ids"]
     losses = {name: th.losses(root / name) for name in ("one", "two")}
     result = {
-        "records": int(len(ids)), "records_unique": int(len(np.unique(ids))),
+        "records": int(len(ids)),
+        "records_unique": int(len(np.unique(ids))),
         "sets_equal": equal,
         "loss_max_abs_diff": max(abs(losses["one"][s] - losses["two"][s]) for s in losses["one"]),
-        "one_process_s": one_s, "two_processes_s": two_s,
+        "one_process_s": one_s,
+        "two_processes_s": two_s,
         "files_two": sorted(p.name for p in (root / "two" / "refine_sequences").iterdir()),
         "command": " ".join(["python", *sys.argv]),
     }

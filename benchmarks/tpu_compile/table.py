@@ -10,9 +10,11 @@ HERE = Path(__file__).parent
 
 def collectives_cell(report):
     """'program: op count, ...; program: ...' of a train compile-only report."""
-    return "; ".join(f"{name}: " + (", ".join(f"{k} {v}" for k, v in p["collectives"].items() if v)
-                                    if p["collectives"] is not None else "n/a")
-                     for name, p in report["programs"].items())
+    return "; ".join(
+        f"{name}: "
+        + (", ".join(f"{k} {v}" for k, v in p["collectives"].items() if v) if p["collectives"] is not None else "n/a")
+        for name, p in report["programs"].items()
+    )
 
 
 def mesh_cell(report):
@@ -21,8 +23,13 @@ def mesh_cell(report):
 
 def decode_run_cells(report, run):
     """The cells a decode table's row starts with: model, topology, mesh, batch, KV cache per chip."""
-    return [report["model"], report["topology"], mesh_cell(report), str(run["batch_size"]),
-            f"{run['kv_cache_bytes_per_device'] * report['devices_per_chip'] / GiB:.2f} GiB"]
+    return [
+        report["model"],
+        report["topology"],
+        mesh_cell(report),
+        str(run["batch_size"]),
+        f"{run['kv_cache_bytes_per_device'] * report['devices_per_chip'] / GiB:.2f} GiB",
+    ]
 
 
 def piece_times(pieces, names):
@@ -31,23 +38,29 @@ def piece_times(pieces, names):
 
 
 def train_rows(paths):
-    yield ("| config:stage | topology | mesh | batch x seq | peak per chip | HBM per chip | fits | "
-           "FLOPs per step | roofline step time | collectives (static) | compile |")
+    yield (
+        "| config:stage | topology | mesh | batch x seq | peak per chip | HBM per chip | fits | "
+        "FLOPs per step | roofline step time | collectives (static) | compile |"
+    )
     yield "|---|---|---|---|---:|---:|:-:|---:|---:|---|---:|"
     for path in paths:
         r = json.loads(path.read_text())
         coll, mesh = collectives_cell(r), mesh_cell(r)
         compile_s = sum(p["compile_seconds"] for p in r["programs"].values())
-        yield (f"| {Path(r['config']).name} | {r['topology']} | {mesh} | {r['batch_size']} x {r['seq_len']} | "
-               f"{r['per_chip_peak_bytes'] / GiB:.2f} GiB | {r['hbm_bytes_per_chip'] / GiB:.0f} GiB | "
-               f"{'yes' if r['fits'] else 'no'} | {r['flops_per_step']:.3g} | "
-               f"{1000 * r['step_time_lower_bound_s']:.0f} ms | {coll} | {compile_s:.0f} s |")
+        yield (
+            f"| {Path(r['config']).name} | {r['topology']} | {mesh} | {r['batch_size']} x {r['seq_len']} | "
+            f"{r['per_chip_peak_bytes'] / GiB:.2f} GiB | {r['hbm_bytes_per_chip'] / GiB:.0f} GiB | "
+            f"{'yes' if r['fits'] else 'no'} | {r['flops_per_step']:.3g} | "
+            f"{1000 * r['step_time_lower_bound_s']:.0f} ms | {coll} | {compile_s:.0f} s |"
+        )
 
 
 def decode_rows(paths):
-    yield ("| model | topology | mesh | batch | KV cache per chip | peak per chip (generate SSD) | "
-           "AR step | draft step | shallow | verify (G+1) | tokens/round | predicted speedup "
-           "(must-read / bytes-accessed basis) |")
+    yield (
+        "| model | topology | mesh | batch | KV cache per chip | peak per chip (generate SSD) | "
+        "AR step | draft step | shallow | verify (G+1) | tokens/round | predicted speedup "
+        "(must-read / bytes-accessed basis) |"
+    )
     yield "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
     for path in paths:
         r = json.loads(path.read_text())
@@ -57,26 +70,34 @@ def decode_rows(paths):
             gen = p.get("generate_ssd", {}).get("per_chip_peak_bytes")
             cells = decode_run_cells(r, run) + [
                 f"{gen / GiB:.2f} GiB" if gen else "-",
-                ms["ar_step"], ms["draft_step"], ms["shallow_step"], ms["verify"],
+                ms["ar_step"],
+                ms["draft_step"],
+                ms["shallow_step"],
+                ms["verify"],
                 f"{run.get('tokens_per_round', 0):.2f}",
-                f"{run.get('predicted_speedup', 0):.2f}x / {run.get('predicted_speedup_bytes_accessed', 0):.2f}x"]
+                f"{run.get('predicted_speedup', 0):.2f}x / {run.get('predicted_speedup_bytes_accessed', 0):.2f}x",
+            ]
             yield "| " + " | ".join(cells) + " |"
 
 
 def stage_rows(paths):
     """run.sh train-stages / refine-stages: every stage, with what it trains and the loss window."""
-    yield ("| config:stage | topology | mesh | batch x seq (loss positions) | trained params | remat | "
-           "peak per chip | of HBM | fits | FLOPs per step | roofline step time | collectives (static) | compile |")
+    yield (
+        "| config:stage | topology | mesh | batch x seq (loss positions) | trained params | remat | "
+        "peak per chip | of HBM | fits | FLOPs per step | roofline step time | collectives (static) | compile |"
+    )
     yield "|---|---|---|---|--:|---|--:|--:|:-:|--:|--:|---|--:|"
     for path in paths:
         r = json.loads(path.read_text())
         coll, mesh = collectives_cell(r), mesh_cell(r)
         compile_s = " + ".join(f"{p['compile_seconds']:.0f}" for p in r["programs"].values())
-        yield (f"| {Path(r['config']).name} | {r['topology']} | {mesh} | {r['batch_size']} x {r['seq_len']} "
-               f"({r['loss_positions']}) | {r['trainable_params'] / 1e9:.3f}e9 | {r['remat']} | "
-               f"{r['per_chip_peak_bytes'] / GiB:.2f} GiB | {r['hbm_bytes_per_chip'] / GiB:.0f} GiB | "
-               f"{'yes' if r['fits'] else 'no'} | {r['flops_per_step']:.3g} | "
-               f"{1000 * r['step_time_lower_bound_s']:.0f} ms | {coll} | {compile_s} s |")
+        yield (
+            f"| {Path(r['config']).name} | {r['topology']} | {mesh} | {r['batch_size']} x {r['seq_len']} "
+            f"({r['loss_positions']}) | {r['trainable_params'] / 1e9:.3f}e9 | {r['remat']} | "
+            f"{r['per_chip_peak_bytes'] / GiB:.2f} GiB | {r['hbm_bytes_per_chip'] / GiB:.0f} GiB | "
+            f"{'yes' if r['fits'] else 'no'} | {r['flops_per_step']:.3g} | "
+            f"{1000 * r['step_time_lower_bound_s']:.0f} ms | {coll} | {compile_s} s |"
+        )
 
 
 def both_bases(entry):
@@ -88,10 +109,12 @@ def both_bases(entry):
 def batch_rows(paths):
     """run.sh decode-batches: the pieces per batch size and the predictions at the demo's
     measured profile and at the paper's implied acceptances, on both time bases."""
-    yield ("| model | topology | mesh | batch | KV cache per chip | peak per chip | AR step | draft step | "
-           "verify (G+1) | demo profile: tokens/round, speedup (must-read / bytes accessed) | "
-           "paper 1.55x: a, tokens/round, speedup (must-read / bytes accessed) | "
-           "paper 1.85x: a, tokens/round, speedup (must-read / bytes accessed) |")
+    yield (
+        "| model | topology | mesh | batch | KV cache per chip | peak per chip | AR step | draft step | "
+        "verify (G+1) | demo profile: tokens/round, speedup (must-read / bytes accessed) | "
+        "paper 1.55x: a, tokens/round, speedup (must-read / bytes accessed) | "
+        "paper 1.85x: a, tokens/round, speedup (must-read / bytes accessed) |"
+    )
     yield "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
     for path in paths:
         r = json.loads(path.read_text())
@@ -99,12 +122,19 @@ def batch_rows(paths):
             ms = piece_times(run["pieces"], ("ar_step", "draft_step", "verify"))
             paper = {e["paper_speedup"]: e for e in run.get("paper_implied", [])}
             cells = decode_run_cells(r, run) + [
-                f"{run['per_chip_peak_bytes'] / GiB:.2f} GiB", ms["ar_step"], ms["draft_step"], ms["verify"],
-                f"{run['tokens_per_round']:.2f}, {both_bases(run)}"]
+                f"{run['per_chip_peak_bytes'] / GiB:.2f} GiB",
+                ms["ar_step"],
+                ms["draft_step"],
+                ms["verify"],
+                f"{run['tokens_per_round']:.2f}, {both_bases(run)}",
+            ]
             for speedup in (1.55, 1.85):
                 e = paper.get(speedup)
-                cells.append(f"{e['per_position_acceptance']:.3f}, {e['tokens_per_round']:.2f}, {both_bases(e)}"
-                             if e and e["per_position_acceptance"] else "-")
+                cells.append(
+                    f"{e['per_position_acceptance']:.3f}, {e['tokens_per_round']:.2f}, {both_bases(e)}"
+                    if e and e["per_position_acceptance"]
+                    else "-"
+                )
             yield "| " + " | ".join(cells) + " |"
 
 

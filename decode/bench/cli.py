@@ -50,8 +50,18 @@ from fastvlm_jax.nn.model import param_bytes, param_count
 
 POLICIES = ("static", "confidence", "context")
 # Copied from the first run to the top level of the JSON (DESIGN.md section 4).
-TOP_LEVEL_KEYS = ("batch_size", "exit_layer", "draft_len", "ar", "ssd", "speedup", "identical",
-                  "mean_accepted_length", "acceptance_rate", "memory")
+TOP_LEVEL_KEYS = (
+    "batch_size",
+    "exit_layer",
+    "draft_len",
+    "ar",
+    "ssd",
+    "speedup",
+    "identical",
+    "mean_accepted_length",
+    "acceptance_rate",
+    "memory",
+)
 
 
 def make_policy(name: str, draft_len: int, args: argparse.Namespace) -> DraftPolicy:
@@ -62,12 +72,17 @@ def make_policy(name: str, draft_len: int, args: argparse.Namespace) -> DraftPol
     if name == "confidence":
         return DraftPolicy(draft_len=draft_len, min_confidence=args.confidence_threshold)
     if name == "context":
-        return DraftPolicy(draft_len=draft_len, schedule="context", start_len=args.start_len,
-                           grow_every=args.grow_every)
+        return DraftPolicy(
+            draft_len=draft_len, schedule="context", start_len=args.start_len, grow_every=args.grow_every
+        )
     if name == "custom":
-        return DraftPolicy(draft_len=draft_len, min_confidence=args.min_confidence,
-                           schedule=args.draft_schedule, start_len=args.start_len,
-                           grow_every=args.grow_every)
+        return DraftPolicy(
+            draft_len=draft_len,
+            min_confidence=args.min_confidence,
+            schedule=args.draft_schedule,
+            start_len=args.start_len,
+            grow_every=args.grow_every,
+        )
     raise ValueError(f"unknown policy {name!r}")
 
 
@@ -82,80 +97,147 @@ def policy_names(args: argparse.Namespace) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m decode.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--ckpt", required=True, help="checkpoint dir, 'demo', random:PRESET "
-                        f"({', '.join(sorted(RANDOM_PRESETS))}), or (with --compile-only) shapes:NAME "
-                        f"({', '.join(sorted(ARCHITECTURES))})")
-    parser.add_argument("--images", nargs="*", default=[],
-                        help="image files, 'synthetic' (default for checkpoints with a tokenizer: "
-                        "synthetic test scenes) or 'random' (random pixels and text ids)")
-    parser.add_argument("--prompt", default=None,
-                        help="the question (default: 'Describe the image.' for LLaVA, none for BLIP-2)")
+    parser.add_argument(
+        "--ckpt",
+        required=True,
+        help="checkpoint dir, 'demo', random:PRESET "
+        f"({', '.join(sorted(RANDOM_PRESETS))}), or (with --compile-only) shapes:NAME "
+        f"({', '.join(sorted(ARCHITECTURES))})",
+    )
+    parser.add_argument(
+        "--images",
+        nargs="*",
+        default=[],
+        help="image files, 'synthetic' (default for checkpoints with a tokenizer: "
+        "synthetic test scenes) or 'random' (random pixels and text ids)",
+    )
+    parser.add_argument(
+        "--prompt", default=None, help="the question (default: 'Describe the image.' for LLaVA, none for BLIP-2)"
+    )
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1])
-    parser.add_argument("--exit-layer", type=int, nargs="+", default=None,
-                        help="exit layers to try (default: the checkpoint's)")
-    parser.add_argument("--draft-len", type=parse_draft_len, nargs="+", default=[5],
-                        help="draft lengths to sweep; 'auto' chooses a setting per batch size among "
-                        "--auto-choices from measured round costs and acceptance (decode.engine.autodraft)")
-    parser.add_argument("--auto-choices", type=parse_choice, nargs="+", default=list(DEFAULT_CHOICES),
-                        metavar="G|tree:NxK",
-                        help="--draft-len auto: the settings to choose among: chain draft lengths (0 = plain "
-                        "AR rounds) and draft trees tree:NODESxWIDTH")
-    parser.add_argument("--drafter", nargs="+", default=["imitation"],
-                        help="drafters to compare: imitation (the checkpoint's draft path), eagle (its "
-                        "EAGLE head), model:CKPT (a small VLM with the same tokenizer, e.g. model:demo-draft); with "
-                        "--compile-only also eagle:pool=N (the head's visual compressor) and model:shapes:NAME "
-                        "(a draft architecture without weights)")
-    parser.add_argument("--tree-nodes", type=int, nargs="+", default=[0],
-                        help="SSD draft trees to sweep, in nodes per round (0 = the chains of "
-                        "--draft-len; e.g. 0 16 runs the chains and a 16-node tree)")
-    parser.add_argument("--tree-width", type=int, default=2,
-                        help="draft tree: nodes per drafting step and children per node")
-    parser.add_argument("--policy", nargs="+", choices=POLICIES, default=None,
-                        help="draft-length policies to sweep (default: one policy from "
-                        "--min-confidence / --draft-schedule)")
+    parser.add_argument(
+        "--exit-layer", type=int, nargs="+", default=None, help="exit layers to try (default: the checkpoint's)"
+    )
+    parser.add_argument(
+        "--draft-len",
+        type=parse_draft_len,
+        nargs="+",
+        default=[5],
+        help="draft lengths to sweep; 'auto' chooses a setting per batch size among "
+        "--auto-choices from measured round costs and acceptance (decode.engine.autodraft)",
+    )
+    parser.add_argument(
+        "--auto-choices",
+        type=parse_choice,
+        nargs="+",
+        default=list(DEFAULT_CHOICES),
+        metavar="G|tree:NxK",
+        help="--draft-len auto: the settings to choose among: chain draft lengths (0 = plain "
+        "AR rounds) and draft trees tree:NODESxWIDTH",
+    )
+    parser.add_argument(
+        "--drafter",
+        nargs="+",
+        default=["imitation"],
+        help="drafters to compare: imitation (the checkpoint's draft path), eagle (its "
+        "EAGLE head), model:CKPT (a small VLM with the same tokenizer, e.g. model:demo-draft); with "
+        "--compile-only also eagle:pool=N (the head's visual compressor) and model:shapes:NAME "
+        "(a draft architecture without weights)",
+    )
+    parser.add_argument(
+        "--tree-nodes",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="SSD draft trees to sweep, in nodes per round (0 = the chains of "
+        "--draft-len; e.g. 0 16 runs the chains and a 16-node tree)",
+    )
+    parser.add_argument(
+        "--tree-width", type=int, default=2, help="draft tree: nodes per drafting step and children per node"
+    )
+    parser.add_argument(
+        "--policy",
+        nargs="+",
+        choices=POLICIES,
+        default=None,
+        help="draft-length policies to sweep (default: one policy from --min-confidence / --draft-schedule)",
+    )
     parser.add_argument("--min-confidence", type=float, default=0.0)
     parser.add_argument("--draft-schedule", choices=["static", "context"], default="static")
-    parser.add_argument("--confidence-threshold", type=float, default=0.5,
-                        help="stop threshold of the 'confidence' policy")
+    parser.add_argument(
+        "--confidence-threshold", type=float, default=0.5, help="stop threshold of the 'confidence' policy"
+    )
     parser.add_argument("--start-len", type=int, default=1, help="'context' schedule: first draft length")
     parser.add_argument("--grow-every", type=int, default=16, help="'context' schedule: +1 every N tokens")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--prompt-sets", type=int, default=1,
-                        help="distinct prompt batches decoded per timed repeat (more scenes, "
-                        "steadier acceptance)")
+    parser.add_argument(
+        "--prompt-sets",
+        type=int,
+        default=1,
+        help="distinct prompt batches decoded per timed repeat (more scenes, steadier acceptance)",
+    )
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="params and compute dtype (default: the checkpoint's own)")
-    parser.add_argument("--cost-model", action="store_true",
-                        help="time the primitives and report ideal speedup + engine efficiency")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="params and compute dtype (default: the checkpoint's own)",
+    )
+    parser.add_argument(
+        "--cost-model", action="store_true", help="time the primitives and report ideal speedup + engine efficiency"
+    )
     parser.add_argument("--cost-iters", type=int, default=32)
-    parser.add_argument("--layer-scaling", action="store_true",
-                        help="time one cached step through layers [0, n) for several n (batch 1)")
-    parser.add_argument("--context-acceptance", action="store_true",
-                        help="replay AR outputs with teacher forcing: acceptance vs context length")
-    parser.add_argument("--replay-rows", type=int, default=16,
-                        help="distinct prompts for the acceptance-vs-context replay")
+    parser.add_argument(
+        "--layer-scaling",
+        action="store_true",
+        help="time one cached step through layers [0, n) for several n (batch 1)",
+    )
+    parser.add_argument(
+        "--context-acceptance",
+        action="store_true",
+        help="replay AR outputs with teacher forcing: acceptance vs context length",
+    )
+    parser.add_argument(
+        "--replay-rows", type=int, default=16, help="distinct prompts for the acceptance-vs-context replay"
+    )
     parser.add_argument("--context-bucket", type=int, default=8)
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--json", required=True, help="output JSON file")
     compile_group = parser.add_argument_group(
-        "compile-only", "compile the decoding programs for a TPU slice instead of running them "
-        "(decode/bench/compile_only/; needs libtpu: pip install -e '.[tpu]')")
-    compile_group.add_argument("--compile-only", metavar="TOPOLOGY", default=None,
-                               help="e.g. v5e:2x2, v5e:4x8, v5p:2x2x4; exit 1 if a program does not fit")
-    compile_group.add_argument("--mesh", default=None,
-                               help="data=D,tensor=T[,fsdp=F] over the slice's devices (default: tensor "
-                               "parallel over all of them)")
-    compile_group.add_argument("--acceptance", default="0.7",
-                               help="per-position acceptance probability, or a decode.run --stats / "
-                               "decode.bench JSON (default 0.7, the demo's measured acceptance)")
-    compile_group.add_argument("--paper-speedup", type=float, nargs="*", default=[1.55, 1.85],
-                               help="published speedups whose implied acceptance (layer-count cost model) "
-                               "is also predicted (default: the paper's 1.55 1.85; none: no values)")
-    compile_group.add_argument("--no-generate", action="store_true",
-                               help="compile the round's pieces only, not the whole generate programs")
+        "compile-only",
+        "compile the decoding programs for a TPU slice instead of running them "
+        "(decode/bench/compile_only/; needs libtpu: pip install -e '.[tpu]')",
+    )
+    compile_group.add_argument(
+        "--compile-only",
+        metavar="TOPOLOGY",
+        default=None,
+        help="e.g. v5e:2x2, v5e:4x8, v5p:2x2x4; exit 1 if a program does not fit",
+    )
+    compile_group.add_argument(
+        "--mesh",
+        default=None,
+        help="data=D,tensor=T[,fsdp=F] over the slice's devices (default: tensor parallel over all of them)",
+    )
+    compile_group.add_argument(
+        "--acceptance",
+        default="0.7",
+        help="per-position acceptance probability, or a decode.run --stats / "
+        "decode.bench JSON (default 0.7, the demo's measured acceptance)",
+    )
+    compile_group.add_argument(
+        "--paper-speedup",
+        type=float,
+        nargs="*",
+        default=[1.55, 1.85],
+        help="published speedups whose implied acceptance (layer-count cost model) "
+        "is also predicted (default: the paper's 1.55 1.85; none: no values)",
+    )
+    compile_group.add_argument(
+        "--no-generate", action="store_true", help="compile the round's pieces only, not the whole generate programs"
+    )
     return parser
 
 
@@ -165,17 +247,21 @@ def run_line(result: dict, policy_name: str) -> str:
     if "cost" in result:
         cost = result["cost"]
         eff = cost["engine_efficiency"]
-        extra = (f"  ideal {cost['ideal_speedup']:.2f}x  efficiency {eff:.2f}" if eff is not None
-                 else "  efficiency n/a")
+        extra = f"  ideal {cost['ideal_speedup']:.2f}x  efficiency {eff:.2f}" if eff is not None else "  efficiency n/a"
         extra += f"  round/parts {cost['round_over_parts']:.2f}"
-    shape = (f"tree {result['tree_nodes']:2d}x{result['tree_width']}" if result.get("tree_nodes")
-             else f"draft {result['draft_len']:2d}")
-    return (f"batch {result['batch_size']:3d} {result.get('drafter', 'imitation'):>10s} exit {result['exit_layer']:2d} "
-            f"{policy_name:>8s} "
-            f"{shape}: AR {result['ar']['tokens_per_s']:8.1f} tok/s  "
-            f"SSD {result['ssd']['tokens_per_s']:8.1f} tok/s  speedup {result['speedup']:.2f}x  "
-            f"tokens/round {result['mean_accepted_length']:.2f}  acceptance {result['acceptance_rate']:.2f}  "
-            f"identical {result['identical']}{extra}")
+    shape = (
+        f"tree {result['tree_nodes']:2d}x{result['tree_width']}"
+        if result.get("tree_nodes")
+        else f"draft {result['draft_len']:2d}"
+    )
+    return (
+        f"batch {result['batch_size']:3d} {result.get('drafter', 'imitation'):>10s} exit {result['exit_layer']:2d} "
+        f"{policy_name:>8s} "
+        f"{shape}: AR {result['ar']['tokens_per_s']:8.1f} tok/s  "
+        f"SSD {result['ssd']['tokens_per_s']:8.1f} tok/s  speedup {result['speedup']:.2f}x  "
+        f"tokens/round {result['mean_accepted_length']:.2f}  acceptance {result['acceptance_rate']:.2f}  "
+        f"identical {result['identical']}{extra}"
+    )
 
 
 def main(argv=None) -> int:
@@ -218,15 +304,23 @@ def main(argv=None) -> int:
     cost = None
     runs = []
     for batch in args.batch_size:
-        prompt_sets = [make_prompts(bench, batch, args.images, args.prompt, args.seed, offset=s * batch)
-                       for s in range(args.prompt_sets)]
+        prompt_sets = [
+            make_prompts(bench, batch, args.images, args.prompt, args.seed, offset=s * batch)
+            for s in range(args.prompt_sets)
+        ]
         prompt_len = prompt_sets[0].input_ids.shape[1]
         if args.cost_model and (cost is None or cost.prompt_len != prompt_len):
             cost = CostModel(bench, prompt_len, args.max_new_tokens, args.cost_iters, max(args.repeats, 3))
         for exit_layer in exit_layers:
             # Chains: every policy and draft length; trees: one run each (static shape).
-            points = [(name, make_policy(name, draft_len, args), tree) for tree in trees if not tree.enabled
-                      for name in policies for draft_len in args.draft_len if draft_len != "auto"]
+            points = [
+                (name, make_policy(name, draft_len, args), tree)
+                for tree in trees
+                if not tree.enabled
+                for name in policies
+                for draft_len in args.draft_len
+                if draft_len != "auto"
+            ]
             if "auto" in args.draft_len:
                 points.append(("auto", "auto", TreeShape()))
             points += [("tree", DraftPolicy(), tree) for tree in trees if tree.enabled]
@@ -234,43 +328,70 @@ def main(argv=None) -> int:
                 auto_report = None
                 if policy == "auto":
                     auto = AutoDraft(auto_config)
-                    chosen = choose_auto_draft(bench, prompt_sets[0], exit_layer, auto, args.max_new_tokens,
-                                               sampling, drafter)
+                    chosen = choose_auto_draft(
+                        bench, prompt_sets[0], exit_layer, auto, args.max_new_tokens, sampling, drafter
+                    )
                     if is_tree(chosen):
                         policy, tree = DraftPolicy(), chosen
                     else:
                         policy = DraftPolicy(draft_len=chosen) if chosen else None
                     policy_name, auto_report = "auto", {"chosen": choice_label(chosen), **auto.report()}
-                result = bench_one(bench, prompt_sets, exit_layer, policy_name, policy,
-                                   args.max_new_tokens, args.repeats, sampling, cost,
-                                   replay_rounds=True, bucket=args.context_bucket, tree=tree, drafter=drafter)
+                result = bench_one(
+                    bench,
+                    prompt_sets,
+                    exit_layer,
+                    policy_name,
+                    policy,
+                    args.max_new_tokens,
+                    args.repeats,
+                    sampling,
+                    cost,
+                    replay_rounds=True,
+                    bucket=args.context_bucket,
+                    tree=tree,
+                    drafter=drafter,
+                )
                 if auto_report:
                     result["auto_draft"] = auto_report
                 runs.append(result)
                 print(run_line(result, policy_name), flush=True)
     report = {
-        "device": describe_device(), "machine": info, "model": bench.source,
-        "params": param_count(bench.params), "num_layers": bench.config.text.num_layers,
-        "dtype": bench.dtype.name, "param_bytes": param_bytes(bench.params),
+        "device": describe_device(),
+        "machine": info,
+        "model": bench.source,
+        "params": param_count(bench.params),
+        "num_layers": bench.config.text.num_layers,
+        "dtype": bench.dtype.name,
+        "param_bytes": param_bytes(bench.params),
         "checkpoint_exit_layer": bench.config.draft.exit_layer,
-        "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "prompt_sets": args.prompt_sets,
-        "temperature": args.temperature, "argv": sys.argv[1:] if argv is None else list(argv),
+        "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
+        "prompt_sets": args.prompt_sets,
+        "temperature": args.temperature,
+        "argv": sys.argv[1:] if argv is None else list(argv),
         **{k: runs[0][k] for k in TOP_LEVEL_KEYS},
         "runs": runs,
     }
     if args.layer_scaling:
         prompt_len = make_prompts(bench, 1, args.images, args.prompt, args.seed).input_ids.shape[1]
-        scaling_cost = cost or CostModel(bench, prompt_len, args.max_new_tokens, args.cost_iters,
-                                         max(args.repeats, 3))
+        scaling_cost = cost or CostModel(bench, prompt_len, args.max_new_tokens, args.cost_iters, max(args.repeats, 3))
         report["layer_scaling"] = scaling_cost.layer_scaling(1)
         for row in report["layer_scaling"]:
-            print(f"layers [0, {row['layers']}): {row['ms_min']:.3f} ms per step "
-                  f"({row['ms_per_layer']:.3f} ms per layer)")
+            print(
+                f"layers [0, {row['layers']}): {row['ms_min']:.3f} ms per step ({row['ms_per_layer']:.3f} ms per layer)"
+            )
     if args.context_acceptance and sampling.greedy:
         report["context_acceptance"] = context_acceptance(
-            bench, exit_layers, [d for d in args.draft_len if d != "auto"], args.replay_rows, args.images,
-            args.prompt, args.seed,
-            args.max_new_tokens, args.context_bucket)
+            bench,
+            exit_layers,
+            [d for d in args.draft_len if d != "auto"],
+            args.replay_rows,
+            args.images,
+            args.prompt,
+            args.seed,
+            args.max_new_tokens,
+            args.context_bucket,
+        )
     load = loadavg()
     if load is not None:
         report["machine"]["loadavg_at_end"] = load

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +79,7 @@ class CostModel:
 
     def ar_step(self, batch: int) -> dict:
         """One full-model step for one token (decode.engine.steps.ar_step), then argmax."""
+
         def measure():
             model, params, slots, pos, token = self._setup(batch, self.bench.config.draft.exit_layer, 1)
 
@@ -89,11 +90,13 @@ class CostModel:
 
             cache = model.init_cache(batch, slots).replace(pos=jnp.full((batch,), pos, jnp.int32))
             return loop_seconds(step, params, (cache, token), self.iters, self.repeats)
+
         return self._get(("ar", batch), measure)
 
     def draft_steps(self, batch: int, exit_layer: int, draft_len: int) -> dict:
         """{'draft': steps.draft_step (shallow + imitation + head for one token), 'shallow':
         steps.shallow_pass alone}."""
+
         def measure():
             model, params, slots, pos, token = self._setup(batch, exit_layer, draft_len + 1)
             position = jnp.full((batch,), pos, jnp.int32)
@@ -112,17 +115,21 @@ class CostModel:
 
             cache = model.init_cache(batch, slots)
             return {
-                "draft": loop_seconds(draft, params, (cache, model.init_draft_cache(batch, slots), token),
-                                      self.iters, self.repeats),
-                "shallow": loop_seconds(shallow_only, params, (model.init_cache(batch, slots), token),
-                                        self.iters, self.repeats),
+                "draft": loop_seconds(
+                    draft, params, (cache, model.init_draft_cache(batch, slots), token), self.iters, self.repeats
+                ),
+                "shallow": loop_seconds(
+                    shallow_only, params, (model.init_cache(batch, slots), token), self.iters, self.repeats
+                ),
             }
+
         # The cost of a draft step does not depend on draft_len beyond the cache size: share it.
         return self._get(("draft", batch, exit_layer), measure)
 
     def verify(self, batch: int, exit_layer: int, draft_len: int) -> dict:
         """One verification pass (steps.verify): draft_len + 1 exit-layer states through
         layers [k, L) + head."""
+
         def measure():
             model, params, slots, pos, _ = self._setup(batch, exit_layer, draft_len + 1)
             tokens = draft_len + 1
@@ -136,6 +143,7 @@ class CostModel:
 
             carry = (model.init_cache(batch, slots), jnp.int32(0))
             return loop_seconds(step, params, carry, self.iters, self.repeats)
+
         return self._get(("verify", batch, exit_layer, draft_len), measure)
 
     def ssd_round(self, batch: int, exit_layer: int, draft_len: int) -> dict:
@@ -143,21 +151,26 @@ class CostModel:
         of rounds from a text-only prefill. Against the sum of the primitives above it shows
         what running them together in one program costs (weights evicted between the draft
         and the verification, loop carries), which timing each alone cannot."""
+
         def measure():
             config, params, _ = with_exit_layer(self.bench, exit_layer)
             model = VLM(config, self.bench.dtype)
             rounds = self.iters
             # No stop id and room for every round: all rows draft `draft_len` tokens every round.
             capacity = rounds * (draft_len + 1) + 1
-            spec = DecodeSpec(mode="ssd", capacity=capacity, eos_ids=(),
-                              policy=DraftPolicy(draft_len=draft_len))
-            prompts = Prompts(jnp.full((batch, self.prompt_len), 1, jnp.int32),
-                              jnp.full((batch,), self.prompt_len, jnp.int32))
+            spec = DecodeSpec(mode="ssd", capacity=capacity, eos_ids=(), policy=DraftPolicy(draft_len=draft_len))
+            prompts = Prompts(
+                jnp.full((batch, self.prompt_len), 1, jnp.int32), jnp.full((batch,), self.prompt_len, jnp.int32)
+            )
             start = jax.jit(lambda p: engine.prefill(model, p, prompts, spec, capacity))(params)
             # Not donated: every timing starts again from the same prefilled state.
-            loop = jax.jit(lambda p, s: jax.lax.fori_loop(
-                0, rounds, lambda i, s: engine.decode_round(model, p, spec, s, capacity), s))
+            loop = jax.jit(
+                lambda p, s: jax.lax.fori_loop(
+                    0, rounds, lambda i, s: engine.decode_round(model, p, spec, s, capacity), s
+                )
+            )
             return seconds_per_call(lambda: jax.block_until_ready(loop(params, start)), rounds, self.repeats)
+
         return self._get(("round", batch, exit_layer, draft_len), measure)
 
     def layer_scaling(self, batch: int = 1) -> list[dict]:
@@ -169,18 +182,26 @@ class CostModel:
         out = []
         layers = model.config.text.num_layers
         for n in sorted({1, 2, layers // 2, (3 * layers) // 4, layers} - {0}):
+
             def step(p, carry, n=n):
                 cache, acc = carry
                 # acc ties each iteration to the last, so the loop cannot be collapsed.
                 hidden, cache, _ = model.run_layers(p, h + 0 * acc, positions, 0, n, cache)
                 return cache, acc + 0 * jnp.sum(hidden)
-            t = loop_seconds(step, params, (model.init_cache(batch, slots), jnp.float32(0)),
-                             self.iters, self.repeats)
+
+            t = loop_seconds(step, params, (model.init_cache(batch, slots), jnp.float32(0)), self.iters, self.repeats)
             out.append({"layers": n, "ms_min": 1000 * t["min"], "ms_per_layer": 1000 * t["min"] / n})
         return out
 
-    def predict(self, batch: int, exit_layer: int, draft_len: int, tokens_per_round: float,
-                drafted_per_round: float, measured_speedup: float | None) -> dict:
+    def predict(
+        self,
+        batch: int,
+        exit_layer: int,
+        draft_len: int,
+        tokens_per_round: float,
+        drafted_per_round: float,
+        measured_speedup: float | None,
+    ) -> dict:
         """The ideal speedup for the measured tokens and drafts per round, and how close the
         engine's measured (decode-phase) speedup comes to it."""
         ar = self.ar_step(batch)["min"]
@@ -194,9 +215,14 @@ class CostModel:
             # A full round (draft_len drafted) as the engine runs it, against its parts.
             "t_round_ms": 1000 * engine_round,
             "round_over_parts": engine_round / (draft_len * draft + shallow + verify),
-            "t_ar_step_ms": 1000 * ar, "t_draft_step_ms": 1000 * draft, "t_shallow_ms": 1000 * shallow,
-            "t_verify_ms": 1000 * verify, "draft_over_ar": draft / ar, "verify_over_ar": verify / ar,
-            "tokens_per_round": tokens_per_round, "drafted_per_round": drafted_per_round,
+            "t_ar_step_ms": 1000 * ar,
+            "t_draft_step_ms": 1000 * draft,
+            "t_shallow_ms": 1000 * shallow,
+            "t_verify_ms": 1000 * verify,
+            "draft_over_ar": draft / ar,
+            "verify_over_ar": verify / ar,
+            "tokens_per_round": tokens_per_round,
+            "drafted_per_round": drafted_per_round,
             "round_cost_ms": 1000 * round_cost,
             # measured_speedup is the decode-phase speedup (prefill excluded), like the model.
             "ideal_speedup": ideal,

@@ -43,11 +43,13 @@ def build_timers(bench, drafter, batch: int, draft_len: int, max_new: int, iters
     from fastvlm_jax.nn.model import VLM
 
     model = VLM(bench.config, bench.dtype)
-    spec = DecodeSpec("ssd", capacity=max_new, eos_ids=(), policy=DraftPolicy(draft_len=draft_len),
-                      drafter=drafter.drafter)
+    spec = DecodeSpec(
+        "ssd", capacity=max_new, eos_ids=(), policy=DraftPolicy(draft_len=draft_len), drafter=drafter.drafter
+    )
     prompts = make_prompts(bench, batch, images, None, seed)
     state = jax.jit(lambda p, d, pr: engine.prefill(model, p, pr, spec, max_new, draft_params=d))(
-        bench.params, drafter.params, prompts)
+        bench.params, drafter.params, prompts
+    )
     context = lambda p, d: RoundContext(model, p, d, draft_len)  # noqa: E731 (traced inside jit)
 
     @jax.jit
@@ -56,15 +58,18 @@ def build_timers(bench, drafter, batch: int, draft_len: int, max_new: int, iters
             cache, draft, token = carry
             out = drafter.drafter.start(context(params, draft_params), cache, draft, token, state.cache.pos)
             return out.cache, out.carry, jnp.argmax(out.logits, -1).astype(jnp.int32)
+
         return jax.lax.fori_loop(0, iters, body, (state.cache, state.draft, state.last_token))
 
     @jax.jit
     def draft_step(params, draft_params, state):
         def body(i, carry):
             cache, draft, token = carry
-            out = drafter.drafter.step(context(params, draft_params), cache, draft, token,
-                                       state.cache.pos + 1 + i % draft_len)
+            out = drafter.drafter.step(
+                context(params, draft_params), cache, draft, token, state.cache.pos + 1 + i % draft_len
+            )
             return out.cache, out.carry, jnp.argmax(out.logits, -1).astype(jnp.int32)
+
         return jax.lax.fori_loop(0, iters, body, (state.cache, state.draft, state.last_token))
 
     def timer(fn):
@@ -93,13 +98,18 @@ def main(argv=None) -> int:
         for name in args.drafter:
             drafter = load_drafter(bench, name)
             for batch in args.batch_size:
-                start, step, cache_bytes = build_timers(bench, drafter, batch, args.draft_len, args.max_new_tokens,
-                                                        args.iters, args.images, args.seed)
+                start, step, cache_bytes = build_timers(
+                    bench, drafter, batch, args.draft_len, args.max_new_tokens, args.iters, args.images, args.seed
+                )
                 key = (ckpt, name, batch)
-                timers[key] = {"round_start": start, "draft_step": step, "cache_bytes": cache_bytes,
-                               "config": bench.config.draft}
+                timers[key] = {
+                    "round_start": start,
+                    "draft_step": step,
+                    "cache_bytes": cache_bytes,
+                    "config": bench.config.draft,
+                }
     times = {key: {"round_start": [], "draft_step": []} for key in timers}
-    for key, t in timers.items():  # compile and warm up
+    for t in timers.values():  # compile and warm up
         t["round_start"](), t["draft_step"]()
     for _ in range(args.repeats):  # interleaved over every (checkpoint, drafter, batch)
         for key, t in timers.items():
@@ -110,19 +120,33 @@ def main(argv=None) -> int:
     results = []
     for key, t in timers.items():
         ckpt, name, batch = key
-        row = {"ckpt": ckpt, "drafter": name, "batch_size": batch, "draft_cache_bytes": t["cache_bytes"],
-               "eagle_image_pool": t["config"].eagle_image_pool, "eagle_compressor": t["config"].eagle_compressor}
+        row = {
+            "ckpt": ckpt,
+            "drafter": name,
+            "batch_size": batch,
+            "draft_cache_bytes": t["cache_bytes"],
+            "eagle_image_pool": t["config"].eagle_image_pool,
+            "eagle_compressor": t["config"].eagle_compressor,
+        }
         for piece in ("round_start", "draft_step"):
             ms = times[key][piece]
             row[f"{piece}_ms_median"] = statistics.median(ms)
             row[f"{piece}_ms_range"] = [min(ms), max(ms)]
         results.append(row)
-        print(f"{ckpt} {name:>12s} batch {batch:3d}: draft step {row['draft_step_ms_median']:.3f} ms "
-              f"(range {min(times[key]['draft_step']):.3f}-{max(times[key]['draft_step']):.3f}), round start "
-              f"{row['round_start_ms_median']:.3f} ms, draft cache {t['cache_bytes'] / 2**10:.1f} KiB")
-    report = {"device": describe_device(), "argv": sys.argv[1:] if argv is None else list(argv),
-              "iters": args.iters, "repeats": args.repeats, "draft_len": args.draft_len,
-              "max_new_tokens": args.max_new_tokens, "results": results}
+        print(
+            f"{ckpt} {name:>12s} batch {batch:3d}: draft step {row['draft_step_ms_median']:.3f} ms "
+            f"(range {min(times[key]['draft_step']):.3f}-{max(times[key]['draft_step']):.3f}), round start "
+            f"{row['round_start_ms_median']:.3f} ms, draft cache {t['cache_bytes'] / 2**10:.1f} KiB"
+        )
+    report = {
+        "device": describe_device(),
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "iters": args.iters,
+        "repeats": args.repeats,
+        "draft_len": args.draft_len,
+        "max_new_tokens": args.max_new_tokens,
+        "results": results,
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.json}")

@@ -13,32 +13,43 @@ import numpy as np
 
 from decode.engine import DecodeOutput, DecodeSpec, Prompts, RoundStats, generate
 from fastvlm_jax.nn.config import DraftConfig, TextConfig, VisionConfig
+from fastvlm_jax.nn.families import stop_ids
 from fastvlm_jax.nn.llava import LlavaConfig
 from fastvlm_jax.nn.model import VLM, cast_params, params_dtype
-from fastvlm_jax.nn.families import stop_ids
 
 # The vision tower of the two larger random presets: only the text decoder differs.
-_PRESET_VISION = VisionConfig(image_size=64, patch_size=8, hidden_size=256, intermediate_size=1024,
-                              num_layers=4, num_heads=4)
+_PRESET_VISION = VisionConfig(
+    image_size=64, patch_size=8, hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4
+)
 
 # Random-weight presets for speed measurements (acceptance of an untrained draft is low).
 RANDOM_PRESETS = {
     "tiny": LlavaConfig(
-        vision=VisionConfig(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128,
-                            num_layers=2, num_heads=4),
-        text=TextConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=4,
-                        num_heads=4, num_kv_heads=4),
-        draft=DraftConfig(exit_layer=1), image_token_id=511),
+        vision=VisionConfig(
+            image_size=32, patch_size=8, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4
+        ),
+        text=TextConfig(
+            vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4, num_kv_heads=4
+        ),
+        draft=DraftConfig(exit_layer=1),
+        image_token_id=511,
+    ),
     "50m": LlavaConfig(
         vision=_PRESET_VISION,
-        text=TextConfig(vocab_size=32064, hidden_size=512, intermediate_size=1408, num_layers=8,
-                        num_heads=8, num_kv_heads=8),
-        draft=DraftConfig(exit_layer=2), image_token_id=32000),
+        text=TextConfig(
+            vocab_size=32064, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8, num_kv_heads=8
+        ),
+        draft=DraftConfig(exit_layer=2),
+        image_token_id=32000,
+    ),
     "150m": LlavaConfig(
         vision=_PRESET_VISION,
-        text=TextConfig(vocab_size=32064, hidden_size=768, intermediate_size=2048, num_layers=16,
-                        num_heads=12, num_kv_heads=12),
-        draft=DraftConfig(exit_layer=4), image_token_id=32000),
+        text=TextConfig(
+            vocab_size=32064, hidden_size=768, intermediate_size=2048, num_layers=16, num_heads=12, num_kv_heads=12
+        ),
+        draft=DraftConfig(exit_layer=4),
+        image_token_id=32000,
+    ),
 }
 
 
@@ -82,11 +93,11 @@ def _load(spec: str, seed: int) -> BenchModel:
     try:
         path = demo.resolve(spec)
     except demo.DemoMissingError as err:
-        raise SystemExit(f"error: {err}")
+        raise SystemExit(f"error: {err}") from None
     try:
         ckpt = load_checkpoint(path)
     except CheckpointError as err:
-        raise SystemExit(f"error: {err}")
+        raise SystemExit(f"error: {err}") from None
     return BenchModel(ckpt.config, ckpt.params, ckpt.tokenizer, ckpt.image_config, source=str(path))
 
 
@@ -108,8 +119,10 @@ def load_drafter(bench: BenchModel, name: str) -> BenchDrafter:
         return BenchDrafter(ImitationDrafter())
     if name == "eagle":
         if not bench.config.draft.eagle_layers:
-            raise SystemExit(f"error: --drafter eagle: {bench.source} has no EAGLE head (train one with the "
-                             "'eagle' stage of train.run)")
+            raise SystemExit(
+                f"error: --drafter eagle: {bench.source} has no EAGLE head (train one with the "
+                "'eagle' stage of train.run)"
+            )
         return BenchDrafter(EagleDrafter(), name="eagle")
     kind, _, path = name.partition(":")
     if kind != "model" or not path:
@@ -122,7 +135,7 @@ def load_drafter(bench: BenchModel, name: str) -> BenchDrafter:
         try:
             check_same_tokenizer(bench.tokenizer, small.tokenizer, path)
         except CheckpointError as err:
-            raise SystemExit(f"error: --drafter {name}: {err}")
+            raise SystemExit(f"error: --drafter {name}: {err}") from None
     params = cast_params(small.params, bench.dtype)
     return BenchDrafter(ModelDrafter(VLM(small.config, bench.dtype)), params, name=name)
 
@@ -152,8 +165,9 @@ def with_exit_layer(bench: BenchModel, exit_layer: int) -> tuple[LlavaConfig, di
     return config, {**bench.params, "imitation": fresh_imitation(config, bench.dtype)}, True
 
 
-def make_prompts(bench: BenchModel, batch: int, images: list[str], prompt: str | None, seed: int,
-                 offset: int = 0) -> Prompts:
+def make_prompts(
+    bench: BenchModel, batch: int, images: list[str], prompt: str | None, seed: int, offset: int = 0
+) -> Prompts:
     """`batch` prompts, all of one length (no padding): real images through the checkpoint's
     processor, else random pixels and text ids.
 
@@ -187,20 +201,26 @@ def make_prompts(bench: BenchModel, batch: int, images: list[str], prompt: str |
     input_ids = np.concatenate([np.ones((batch, 1)), image, text], axis=1).astype(np.int32)
     size = config.vision.image_size
     pixels = rng.randn(batch, size, size, 3).astype(np.float32)
-    return Prompts(jnp.asarray(input_ids), jnp.full((batch,), input_ids.shape[1], jnp.int32),
-                   jnp.asarray(pixels))
+    return Prompts(jnp.asarray(input_ids), jnp.full((batch,), input_ids.shape[1], jnp.int32), jnp.asarray(pixels))
 
 
-def decode_sets(model: VLM, params, prompt_sets: list[Prompts], spec: DecodeSpec, max_new: int,
-                draft_params=None) -> DecodeOutput:
+def decode_sets(
+    model: VLM, params, prompt_sets: list[Prompts], spec: DecodeSpec, max_new: int, draft_params=None
+) -> DecodeOutput:
     """generate on each prompt set in turn, waiting for each; the outputs joined as numpy
     arrays: rows stacked in order, per-draft-position counters summed."""
-    outs = [jax.tree.map(np.asarray, jax.block_until_ready(
-        generate(model, params, p, spec, max_new, draft_params=draft_params))) for p in prompt_sets]
+    outs = [
+        jax.tree.map(
+            np.asarray, jax.block_until_ready(generate(model, params, p, spec, max_new, draft_params=draft_params))
+        )
+        for p in prompt_sets
+    ]
     if len(outs) == 1:
         return outs[0]
     stack = {f: np.concatenate([getattr(o.stats, f) for o in outs]) for f in ("rounds", "drafted", "accepted")}
-    sums = {f: np.sum([getattr(o.stats, f) for o in outs], axis=0) for f in
-            ("position_attempts", "position_accepts")}
-    return DecodeOutput(tokens=np.concatenate([o.tokens for o in outs]),
-                        num_tokens=np.concatenate([o.num_tokens for o in outs]), stats=RoundStats(**stack, **sums))
+    sums = {f: np.sum([getattr(o.stats, f) for o in outs], axis=0) for f in ("position_attempts", "position_accepts")}
+    return DecodeOutput(
+        tokens=np.concatenate([o.tokens for o in outs]),
+        num_tokens=np.concatenate([o.num_tokens for o in outs]),
+        stats=RoundStats(**stack, **sums),
+    )

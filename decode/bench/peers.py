@@ -48,11 +48,25 @@ from fastvlm_jax.nn.model import param_count
 
 PRESETS = {
     # ~134M parameters: 12 x 768 LLaMA, vocab 32064 (LLaVA-1.5's), untied head.
-    "134m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                 num_key_value_heads=12, vocab_size=32064, image_token_index=32000),
+    "134m": dict(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        vocab_size=32064,
+        image_token_index=32000,
+    ),
     # A few M parameters, for tests.
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, image_token_index=511),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        image_token_index=511,
+    ),
 }
 
 
@@ -72,10 +86,18 @@ def build_models(size: str, exit_layer: int, seed: int = 0, deep_scale: float = 
 
     preset = dict(PRESETS[size])
     image_token = preset.pop("image_token_index")
-    text = LlamaConfig(**preset, rms_norm_eps=1e-5, max_position_embeddings=2048, bos_token_id=1,
-                       eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    vision = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=48,
-                              num_hidden_layers=2, num_attention_heads=4)
+    text = LlamaConfig(
+        **preset,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    vision = CLIPVisionConfig(
+        image_size=32, patch_size=8, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4
+    )
     config = LlavaConfig(text_config=text, vision_config=vision, image_token_index=image_token)
     torch.manual_seed(seed)
     llava = LlavaForConditionalGeneration(config).eval()
@@ -83,9 +105,9 @@ def build_models(size: str, exit_layer: int, seed: int = 0, deep_scale: float = 
         for name, param in llava.named_parameters():
             if "norm" in name:
                 param.add_(0.1 * torch.randn_like(param))
-            if deep_scale != 1.0 and (".o_proj." in name or ".down_proj." in name) and ".layers." in name:
-                if int(name.split(".layers.")[1].split(".")[0]) >= exit_layer:
-                    param.mul_(deep_scale)
+            deep = ".layers." in name and int(name.split(".layers.")[1].split(".")[0]) >= exit_layer
+            if deep_scale != 1.0 and (".o_proj." in name or ".down_proj." in name) and deep:
+                param.mul_(deep_scale)
     state = llava.state_dict()
     ours_config = config_from_hf(config.to_dict(), exit_layer=exit_layer)
     params = convert_params(state_dict_source(state), ours_config, jax.random.key(seed), progress=False)
@@ -99,9 +121,18 @@ def build_models(size: str, exit_layer: int, seed: int = 0, deep_scale: float = 
     return llama, VLM(ours_config), params, config
 
 
-def run(size: str = "134m", exit_layer: int = 3, draft_len: int = 4, batch_sizes=(1, 8),
-        max_new_tokens: int = 64, prompt_len: int = 32, repeats: int = 5, threads: int | None = None,
-        seed: int = 0, deep_scale: float = 1.0) -> dict:
+def run(
+    size: str = "134m",
+    exit_layer: int = 3,
+    draft_len: int = 4,
+    batch_sizes=(1, 8),
+    max_new_tokens: int = 64,
+    prompt_len: int = 32,
+    repeats: int = 5,
+    threads: int | None = None,
+    seed: int = 0,
+    deep_scale: float = 1.0,
+) -> dict:
     import torch
     import transformers
 
@@ -113,14 +144,20 @@ def run(size: str = "134m", exit_layer: int = 3, draft_len: int = 4, batch_sizes
     ar_spec = DecodeSpec("ar", capacity=n, eos_ids=())
     ssd_spec = DecodeSpec("ssd", capacity=n, eos_ids=(), policy=DraftPolicy(draft_len=draft_len))
     hf_kwargs = dict(do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0, eos_token_id=None)
-    ee_kwargs = dict(hf_kwargs, assistant_early_exit=exit_layer, num_assistant_tokens=draft_len,
-                     num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)
+    ee_kwargs = dict(
+        hf_kwargs,
+        assistant_early_exit=exit_layer,
+        num_assistant_tokens=draft_len,
+        num_assistant_tokens_schedule="constant",
+        assistant_confidence_threshold=0.0,
+    )
 
     results, identical, first_calls, acceptance = [], {}, {}, {}
     for batch in batch_sizes:
         rng = np.random.RandomState(seed + batch)
-        ids = np.concatenate([np.ones((batch, 1)), rng.randint(3, min(vocab, hf_config.image_token_index),
-                                                               (batch, prompt_len - 1))], 1).astype(np.int32)
+        ids = np.concatenate(
+            [np.ones((batch, 1)), rng.randint(3, min(vocab, hf_config.image_token_index), (batch, prompt_len - 1))], 1
+        ).astype(np.int32)
         torch_ids = torch.as_tensor(ids, dtype=torch.long)
         mask = torch.ones_like(torch_ids)
         prompts = Prompts(jnp.asarray(ids), jnp.full((batch,), prompt_len, jnp.int32), None)
@@ -129,6 +166,7 @@ def run(size: str = "134m", exit_layer: int = 3, draft_len: int = 4, batch_sizes
             def call():
                 with torch.inference_mode():
                     return llama.generate(torch_ids, attention_mask=mask, **kwargs)[:, prompt_len:].numpy()
+
             return call
 
         def ours(spec):
@@ -138,8 +176,9 @@ def run(size: str = "134m", exit_layer: int = 3, draft_len: int = 4, batch_sizes
         systems = {"hf_ar": hf(hf_kwargs), "ours_ar": ours(ar_spec), "ours_ssd": ours(ssd_spec)}
         if batch == 1:
             systems["hf_early_exit"] = hf(ee_kwargs)
-        timed = time_interleaved(systems, repeats, log=lambda line: print(f"  batch {batch} {line}",
-                                                                           file=sys.stderr, flush=True))
+        timed = time_interleaved(
+            systems, repeats, log=lambda line: print(f"  batch {batch} {line}", file=sys.stderr, flush=True)
+        )
         tokens = {}
         for name, (out, times, first_call) in timed.items():
             first_calls[f"{name}_b{batch}"] = first_call
@@ -174,18 +213,32 @@ def run(size: str = "134m", exit_layer: int = 3, draft_len: int = 4, batch_sizes
         ratios[f"ours_ssd_over_ours_ar_b{batch}"] = tps("ours_ssd", batch) / tps("ours_ar", batch)
     text = hf_config.text_config
     return {
-        "kind": "peers", "device": describe_device(), "machine": machine_info(),
+        "kind": "peers",
+        "device": describe_device(),
+        "machine": machine_info(),
         "versions": {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
         "torch_threads": torch.get_num_threads(),
-        "model": {"size": size, "params": param_count({k: v for k, v in params.items()
-                                                        if k in ("language_model",)}),
-                  "hidden_size": text.hidden_size, "num_layers": text.num_hidden_layers,
-                  "intermediate_size": text.intermediate_size, "vocab_size": text.vocab_size,
-                  "num_heads": text.num_attention_heads, "num_kv_heads": text.num_key_value_heads},
-        "exit_layer": exit_layer, "draft_len": draft_len, "deep_scale": deep_scale,
-        "max_new_tokens": n, "prompt_len": prompt_len,
-        "repeats": repeats, "results": results, "ratios": ratios, "identical": identical,
-        "ours_ssd_acceptance": acceptance, "first_call_seconds": first_calls,
+        "model": {
+            "size": size,
+            "params": param_count({k: v for k, v in params.items() if k in ("language_model",)}),
+            "hidden_size": text.hidden_size,
+            "num_layers": text.num_hidden_layers,
+            "intermediate_size": text.intermediate_size,
+            "vocab_size": text.vocab_size,
+            "num_heads": text.num_attention_heads,
+            "num_kv_heads": text.num_key_value_heads,
+        },
+        "exit_layer": exit_layer,
+        "draft_len": draft_len,
+        "deep_scale": deep_scale,
+        "max_new_tokens": n,
+        "prompt_len": prompt_len,
+        "repeats": repeats,
+        "results": results,
+        "ratios": ratios,
+        "identical": identical,
+        "ours_ssd_acceptance": acceptance,
+        "first_call_seconds": first_calls,
     }
 
 
@@ -200,16 +253,29 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--deep-scale", type=float, default=1.0,
-                        help="scale of the deep layers' output projections (see build_models)")
+    parser.add_argument(
+        "--deep-scale", type=float, default=1.0, help="scale of the deep layers' output projections (see build_models)"
+    )
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
-    report = run(args.size, args.exit_layer, args.draft_len, tuple(args.batch_size), args.max_new_tokens,
-                 args.prompt_len, args.repeats, args.threads, args.seed, args.deep_scale)
+    report = run(
+        args.size,
+        args.exit_layer,
+        args.draft_len,
+        tuple(args.batch_size),
+        args.max_new_tokens,
+        args.prompt_len,
+        args.repeats,
+        args.threads,
+        args.seed,
+        args.deep_scale,
+    )
     for r in report["results"]:
-        print(f"{r['system']:>14s} batch {r['batch_size']:3d}: {r['tokens_per_s']:8.1f} tok/s "
-              f"(best {r['tokens_per_s_best']:8.1f})")
+        print(
+            f"{r['system']:>14s} batch {r['batch_size']:3d}: {r['tokens_per_s']:8.1f} tok/s "
+            f"(best {r['tokens_per_s_best']:8.1f})"
+        )
     for key, value in report["ratios"].items():
         print(f"{key}: {value:.2f}")
     print("identical:", json.dumps(report["identical"]))

@@ -76,8 +76,9 @@ def plot_speedup_vs_draft(report: dict, out: Path) -> Path | None:
         color = f"C{index % 10}"
         ax.plot([r["draft_len"] for r in rs], [r["speedup"] for r in rs], "o-", color=color, label=label)
         if all("cost" in r for r in rs):
-            ax.plot([r["draft_len"] for r in rs], [r["cost"]["ideal_speedup"] for r in rs], "--",
-                    color=color, alpha=0.6)
+            ax.plot(
+                [r["draft_len"] for r in rs], [r["cost"]["ideal_speedup"] for r in rs], "--", color=color, alpha=0.6
+            )
     ax.axhline(1.0, color="grey", lw=0.8)
     title = f"{Path(str(report.get('model', ''))).name or report.get('model')}: batch {batch}"
     if any("cost" in r for r in runs):
@@ -92,17 +93,27 @@ def plot_acceptance_vs_context(report: dict, out: Path) -> Path | None:
     if ctx:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for index, (exit_layer, entry) in enumerate(sorted(ctx.items(), key=lambda kv: int(kv[0]))):
-            ax.plot(entry["bucket_start"], entry["agreement"], "o-", color=f"C{index % 10}",
-                    label=f"exit {exit_layer}: per-token acceptance")
+            ax.plot(
+                entry["bucket_start"],
+                entry["agreement"],
+                "o-",
+                color=f"C{index % 10}",
+                label=f"exit {exit_layer}: per-token acceptance",
+            )
             rounds = entry.get("rounds_static", {})
             if rounds:
                 draft_len = max(rounds, key=int)
                 r = rounds[draft_len]
-                ax.plot(r["bucket_start"], r["acceptance_rate"], "x:", color=f"C{index % 10}", alpha=0.7,
-                        label=f"exit {exit_layer}: per-round acceptance, gamma {draft_len}")
+                ax.plot(
+                    r["bucket_start"],
+                    r["acceptance_rate"],
+                    "x:",
+                    color=f"C{index % 10}",
+                    alpha=0.7,
+                    label=f"exit {exit_layer}: per-round acceptance, gamma {draft_len}",
+                )
         rows = next(iter(ctx.values()))["rows"]
-        ax.set_title(f"draft acceptance vs context length ({rows} prompts, greedy, teacher-forced replay)",
-                     fontsize=9)
+        ax.set_title(f"draft acceptance vs context length ({rows} prompts, greedy, teacher-forced replay)", fontsize=9)
     else:
         runs = [r for r in report["runs"] if r.get("acceptance_vs_context", {}).get("bucket_start")]
         if not runs:
@@ -110,8 +121,13 @@ def plot_acceptance_vs_context(report: dict, out: Path) -> Path | None:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for index, r in enumerate(runs[:8]):
             a = r["acceptance_vs_context"]
-            ax.plot(a["bucket_start"], a["acceptance_rate"], "o-", color=f"C{index % 10}",
-                    label=f"b{r['batch_size']} exit {r['exit_layer']} {_policy(r)} g{r['draft_len']}")
+            ax.plot(
+                a["bucket_start"],
+                a["acceptance_rate"],
+                "o-",
+                color=f"C{index % 10}",
+                label=f"b{r['batch_size']} exit {r['exit_layer']} {_policy(r)} g{r['draft_len']}",
+            )
         ax.set_title("per-round acceptance vs context length (replayed rounds)", fontsize=9)
     ax.set_ylim(0, 1.02)
     return _save(fig, ax, out, "context length at drafting (prompt + generated tokens)", "acceptance", 7)
@@ -129,8 +145,12 @@ def plot_tokens_vs_batch(report: dict, out: Path) -> Path | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.plot(xs, [chosen[b]["ar"]["tokens_per_s"] for b in xs], "o-", label="ours AR")
-    ax.plot(xs, [chosen[b]["ssd"]["tokens_per_s"] for b in xs], "s-",
-            label=f"ours SSD (exit {key[0]}, {key[1]}, gamma {key[2]})")
+    ax.plot(
+        xs,
+        [chosen[b]["ssd"]["tokens_per_s"] for b in xs],
+        "s-",
+        label=f"ours SSD (exit {key[0]}, {key[1]}, gamma {key[2]})",
+    )
     _batch_axis(ax, xs)
     ax.set_yscale("log")
     ax.set_title(f"{Path(str(report.get('model', ''))).name}: throughput vs batch size", fontsize=9)
@@ -138,9 +158,11 @@ def plot_tokens_vs_batch(report: dict, out: Path) -> Path | None:
 
 
 def plot_bench(report: dict, json_path: Path) -> list[Path]:
-    made = [plot_speedup_vs_draft(report, _stem(json_path, "_speedup")),
-            plot_acceptance_vs_context(report, _stem(json_path, "_context")),
-            plot_tokens_vs_batch(report, _stem(json_path, "_batch"))]
+    made = [
+        plot_speedup_vs_draft(report, _stem(json_path, "_speedup")),
+        plot_acceptance_vs_context(report, _stem(json_path, "_context")),
+        plot_tokens_vs_batch(report, _stem(json_path, "_batch")),
+    ]
     return [p for p in made if p is not None]
 
 
@@ -158,11 +180,15 @@ def plot_peers(report: dict, json_path: Path) -> list[Path]:
     _batch_axis(ax, sorted({b for v in series.values() for b in v}))
     ax.set_yscale("log")
     m = report.get("model", {})
-    ax.set_title(f"same weights, text-only prompts: {m.get('params', 0) / 1e6:.1f}M-param LLaMA, "
-                 f"exit {report.get('exit_layer')}, gamma {report.get('draft_len')}, "
-                 f"deep scale {report.get('deep_scale', 1.0)}", fontsize=9)
-    return [_save(fig, ax, _stem(json_path, "_batch"), "batch size", "generated tokens/s (all rows, median)",
-                  8, "both")]
+    ax.set_title(
+        f"same weights, text-only prompts: {m.get('params', 0) / 1e6:.1f}M-param LLaMA, "
+        f"exit {report.get('exit_layer')}, gamma {report.get('draft_len')}, "
+        f"deep scale {report.get('deep_scale', 1.0)}",
+        fontsize=9,
+    )
+    return [
+        _save(fig, ax, _stem(json_path, "_batch"), "batch size", "generated tokens/s (all rows, median)", 8, "both")
+    ]
 
 
 def plot_file(json_path: str | Path) -> list[Path]:

@@ -40,6 +40,7 @@ def _top1_fn(model: VLM):
         full = model.logits(params, h_last)
         draft = model.logits(params, draft_hidden)
         return (jnp.argmax(full, -1), jnp.argmax(draft, -1), jnp.max(jax.nn.softmax(draft, -1), -1))
+
     return run
 
 
@@ -76,7 +77,7 @@ def replay(bench: BenchModel, prompt_sets: list[Prompts], ar_out: DecodeOutput, 
         if not np.all(np.asarray(prompts.lengths) == plen):
             raise ValueError("replay needs unpadded prompts of one length")
         prompt_len = plen
-        gen = np.maximum(tokens[start:start + rows], 0)
+        gen = np.maximum(tokens[start : start + rows], 0)
         full_ids = np.concatenate([ids, gen[:, :-1]], axis=1).astype(np.int32)
         full, draft, conf = (np.asarray(x) for x in run(params, jnp.asarray(full_ids), prompts.pixels))
         # Position plen - 1 + t predicts generated token t.
@@ -141,8 +142,13 @@ def simulate_rounds(rep: Replay, policy: DraftPolicy) -> list[tuple[int, int, in
 
 def rounds_by_context(rounds, bucket: int, prompt_len: int) -> dict:
     """Per-round acceptance of `simulate_rounds` output, bucketed by context length."""
-    out = {"bucket_start": [], "rounds": [], "mean_accepted_drafts": [], "mean_tokens_per_round": [],
-           "acceptance_rate": []}
+    out = {
+        "bucket_start": [],
+        "rounds": [],
+        "mean_accepted_drafts": [],
+        "mean_tokens_per_round": [],
+        "acceptance_rate": [],
+    }
     if not rounds:
         return out
     ctx = np.asarray([r[1] for r in rounds])
@@ -159,15 +165,23 @@ def rounds_by_context(rounds, bucket: int, prompt_len: int) -> dict:
     return out
 
 
-def replay_report(bench: BenchModel, prompt_sets: list[Prompts], ar_out: DecodeOutput, exit_layer: int,
-                  policy: DraftPolicy, engine_rounds: int, bucket: int) -> dict:
+def replay_report(
+    bench: BenchModel,
+    prompt_sets: list[Prompts],
+    ar_out: DecodeOutput,
+    exit_layer: int,
+    policy: DraftPolicy,
+    engine_rounds: int,
+    bucket: int,
+) -> dict:
     """The engine's greedy SSD rounds replayed on its AR output: {'replay': round counts
     and whether they match the engine's, 'acceptance_vs_context': rounds_by_context}."""
     rep = replay(bench, prompt_sets, ar_out, exit_layer)
     rounds = simulate_rounds(rep, policy)
     return {
         "replay": {
-            "rounds": len(rounds), "engine_rounds": engine_rounds,
+            "rounds": len(rounds),
+            "engine_rounds": engine_rounds,
             "accepted": int(sum(r[3] for r in rounds)),
             "matches_engine": len(rounds) == engine_rounds,
         },
@@ -175,8 +189,17 @@ def replay_report(bench: BenchModel, prompt_sets: list[Prompts], ar_out: DecodeO
     }
 
 
-def context_acceptance(bench: BenchModel, exit_layers, draft_lens, rows: int, images: list[str],
-                       prompt: str | None, seed: int, max_new: int, bucket: int) -> dict:
+def context_acceptance(
+    bench: BenchModel,
+    exit_layers,
+    draft_lens,
+    rows: int,
+    images: list[str],
+    prompt: str | None,
+    seed: int,
+    max_new: int,
+    bucket: int,
+) -> dict:
     """Figure 5: greedy AR on `rows` distinct prompts (not the timed ones), then per exit
     layer the teacher-forced token agreement by context, and the replayed rounds of a static
     policy for each draft length. Keyed by str(exit layer)."""

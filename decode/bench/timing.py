@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -28,8 +28,9 @@ from decode.engine.tree import TreeShape
 from fastvlm_jax.nn.model import VLM, param_bytes
 
 
-def time_interleaved(calls: dict[str, Callable[[], object]], repeats: int,
-                     log: Callable[[str], None] | None = None) -> dict[str, tuple[object, list[float], float]]:
+def time_interleaved(
+    calls: dict[str, Callable[[], object]], repeats: int, log: Callable[[str], None] | None = None
+) -> dict[str, tuple[object, list[float], float]]:
     """Calls each zero-argument function once (compile + first run), then `repeats` times
     each, interleaved. Returns {name: (last output, [seconds per repeat], first-call seconds)}.
     log: called with a line after each first call and each repeat (progress of long runs)."""
@@ -55,8 +56,12 @@ def speed_report(tokens: int, rows: int, times: list[float], sets: int = 1) -> d
     decoded once per entry of `times` (seconds)."""
     median = statistics.median(times)
     return {
-        "tokens": tokens, "seconds_median": median, "seconds_min": min(times), "seconds_all": times,
-        "tokens_per_s": tokens / median, "tokens_per_s_best": tokens / min(times),
+        "tokens": tokens,
+        "seconds_median": median,
+        "seconds_min": min(times),
+        "seconds_all": times,
+        "tokens_per_s": tokens / median,
+        "tokens_per_s_best": tokens / min(times),
         # Wall time per generated token of one row (rows decode in lockstep; with several
         # prompt sets the time is theirs together): batch / tokens_per_s.
         "latency_ms_per_token": 1000 * median / max(tokens / rows, 1) / sets,
@@ -82,7 +87,9 @@ def acceptance_report(out: DecodeOutput, verified_per_round: int | None = None) 
         "mean_accepted_drafts": accepted / max(rounds, 1),
         "mean_drafted": drafted / max(rounds, 1),
         "acceptance_rate": accepted / max(drafted, 1),
-        "drafted": drafted, "accepted": accepted, "rounds": rounds,
+        "drafted": drafted,
+        "accepted": accepted,
+        "rounds": rounds,
         # Per draft position j: of the rounds that proposed a j-th token, the share
         # whose j-th token was accepted (so P(accepted >= j+1) under a static policy).
         "acceptance_per_position": [float(a / max(n, 1)) for a, n in zip(accepts, attempts)],
@@ -92,22 +99,40 @@ def acceptance_report(out: DecodeOutput, verified_per_round: int | None = None) 
     }
 
 
-def mode_report(out: DecodeOutput, times: list[float], first_call: float, mode: str, sets: int = 1,
-                verified_per_round: int | None = None) -> dict:
+def mode_report(
+    out: DecodeOutput,
+    times: list[float],
+    first_call: float,
+    mode: str,
+    sets: int = 1,
+    verified_per_round: int | None = None,
+) -> dict:
     """One mode's timed runs: speed, full-model calls, and (SSD) acceptance."""
     rows = len(out.num_tokens)
     tokens = int(np.sum(out.num_tokens))
     report = speed_report(tokens, rows, times, sets)
     calls = int(np.sum(out.rounds)) + rows
-    report.update({"full_model_calls": calls, "tokens_per_full_model_call": tokens / max(calls, 1),
-                   "first_call_seconds": first_call})
+    report.update(
+        {
+            "full_model_calls": calls,
+            "tokens_per_full_model_call": tokens / max(calls, 1),
+            "first_call_seconds": first_call,
+        }
+    )
     if mode == "ssd":
         report.update(acceptance_report(out, verified_per_round))
     return report
 
 
-def choose_auto_draft(bench: BenchModel, prompts: Prompts, exit_layer: int, auto: AutoDraft, max_new: int,
-                      sampling: SamplingConfig, drafter: BenchDrafter = BenchDrafter(ImitationDrafter())) -> Choice:
+def choose_auto_draft(
+    bench: BenchModel,
+    prompts: Prompts,
+    exit_layer: int,
+    auto: AutoDraft,
+    max_new: int,
+    sampling: SamplingConfig,
+    drafter: BenchDrafter = BenchDrafter(ImitationDrafter()),
+) -> Choice:
     """--draft-len auto: measures every choice's round cost on `prompts` (as decode.run does
     on the first batch of a shape; decode.engine.autodraft) and returns the chosen one (a draft
     length, 0 for AR rounds, or a TreeShape)."""
@@ -120,8 +145,18 @@ def choose_auto_draft(bench: BenchModel, prompts: Prompts, exit_layer: int, auto
             use, spec = (ar_model, bench.params), DecodeSpec("ar", capacity=max_new, sampling=sampling, eos_ids=eos)
         else:
             policy, tree = (DraftPolicy(), choice) if is_tree(choice) else (DraftPolicy(draft_len=choice), TreeShape())
-            use, spec = (model, params), DecodeSpec("ssd", capacity=max_new, sampling=sampling, eos_ids=eos,
-                                                    policy=policy, tree=tree, drafter=drafter.drafter)
+            use, spec = (
+                (model, params),
+                DecodeSpec(
+                    "ssd",
+                    capacity=max_new,
+                    sampling=sampling,
+                    eos_ids=eos,
+                    policy=policy,
+                    tree=tree,
+                    drafter=drafter.drafter,
+                ),
+            )
         start = time.perf_counter()
         out = decode_sets(*use, [prompts], spec, max_new if full else 1, drafter.params)
         return time.perf_counter() - start, out
@@ -131,10 +166,21 @@ def choose_auto_draft(bench: BenchModel, prompts: Prompts, exit_layer: int, auto
     return auto.choose(shape)
 
 
-def bench_one(bench: BenchModel, prompt_sets: list[Prompts], exit_layer: int, policy_name: str,
-              policy: DraftPolicy | None, max_new: int, repeats: int, sampling: SamplingConfig,
-              cost: CostModel | None = None, replay_rounds: bool = False, bucket: int = 8,
-              tree: TreeShape = TreeShape(), drafter: BenchDrafter = BenchDrafter(ImitationDrafter())) -> dict:
+def bench_one(
+    bench: BenchModel,
+    prompt_sets: list[Prompts],
+    exit_layer: int,
+    policy_name: str,
+    policy: DraftPolicy | None,
+    max_new: int,
+    repeats: int,
+    sampling: SamplingConfig,
+    cost: CostModel | None = None,
+    replay_rounds: bool = False,
+    bucket: int = 8,
+    tree: TreeShape = TreeShape(),
+    drafter: BenchDrafter = BenchDrafter(ImitationDrafter()),
+) -> dict:
     """AR vs SSD at one sweep point: speed, acceptance, memory; with `cost`, the cost
     model's prediction; with `replay_rounds` (greedy only, and only when SSD reproduced AR),
     the replayed rounds by context length (decode.bench.replay), `bucket` tokens a bucket.
@@ -152,23 +198,28 @@ def bench_one(bench: BenchModel, prompt_sets: list[Prompts], exit_layer: int, po
     if policy is None:
         model, params, ssd_spec = ar_model, bench.params, ar_spec
     else:
-        ssd_spec = DecodeSpec("ssd", capacity=max_new, sampling=sampling, eos_ids=eos, policy=policy, tree=tree,
-                              drafter=drafter.drafter)
+        ssd_spec = DecodeSpec(
+            "ssd", capacity=max_new, sampling=sampling, eos_ids=eos, policy=policy, tree=tree, drafter=drafter.drafter
+        )
 
     def runner(model, params, spec, budget, draft_params=None):
         return lambda: decode_sets(model, params, prompt_sets, spec, budget, draft_params)
 
-    timed = time_interleaved({
-        "ar": runner(ar_model, bench.params, ar_spec, max_new),
-        "ssd": runner(model, params, ssd_spec, max_new, drafter.params),
-        # The same compiled programs with max_new_tokens=1: the prefill alone.
-        "ar_prefill": runner(ar_model, bench.params, ar_spec, 1),
-        "ssd_prefill": runner(model, params, ssd_spec, 1, drafter.params),
-    }, repeats)
+    timed = time_interleaved(
+        {
+            "ar": runner(ar_model, bench.params, ar_spec, max_new),
+            "ssd": runner(model, params, ssd_spec, max_new, drafter.params),
+            # The same compiled programs with max_new_tokens=1: the prefill alone.
+            "ar_prefill": runner(ar_model, bench.params, ar_spec, 1),
+            "ssd_prefill": runner(model, params, ssd_spec, 1, drafter.params),
+        },
+        repeats,
+    )
     ar_out, ssd_out = timed["ar"][0], timed["ssd"][0]
     ar = mode_report(*timed["ar"], "ar", len(prompt_sets))
-    ssd = mode_report(*timed["ssd"], "ssd", len(prompt_sets),
-                      verified_per_round=ssd_spec.lookahead if policy is not None else 1)
+    ssd = mode_report(
+        *timed["ssd"], "ssd", len(prompt_sets), verified_per_round=ssd_spec.lookahead if policy is not None else 1
+    )
     rows_total = len(ar_out.num_tokens)
     for report, name in ((ar, "ar"), (ssd, "ssd")):
         prefill = statistics.median(timed[f"{name}_prefill"][1])
@@ -176,22 +227,32 @@ def bench_one(bench: BenchModel, prompt_sets: list[Prompts], exit_layer: int, po
         decode_seconds = report["seconds_median"] - prefill
         # After the prefill's first token: tokens/s of the decoding loop alone (None when
         # the decode phase is too short to tell apart from timing noise).
-        report["decode_tokens_per_s"] = ((report["tokens"] - rows_total) / decode_seconds
-                                         if decode_seconds > 0.2 * report["seconds_median"] else None)
+        report["decode_tokens_per_s"] = (
+            (report["tokens"] - rows_total) / decode_seconds
+            if decode_seconds > 0.2 * report["seconds_median"]
+            else None
+        )
     batch, prompt_len = prompt_sets[0].input_ids.shape
     identical = bool(np.array_equal(ar_out.tokens, ssd_out.tokens))
     result = {
-        "batch_size": batch, "exit_layer": exit_layer, "drafter": drafter.name,
+        "batch_size": batch,
+        "exit_layer": exit_layer,
+        "drafter": drafter.name,
         "draft_len": 0 if policy is None else ssd_spec.draft_depth if tree.enabled else policy.draft_len,
-        "tree_nodes": tree.nodes, "tree_width": tree.width if tree.enabled else None,
+        "tree_nodes": tree.nodes,
+        "tree_width": tree.width if tree.enabled else None,
         "policy": {"name": policy_name, **(dataclasses.asdict(policy) if policy else {})},
         "prompt_sets": len(prompt_sets),
         "imitation": "reset to identity (exit layer differs from checkpoint)" if reset else "as loaded",
-        "ar": ar, "ssd": ssd,
+        "ar": ar,
+        "ssd": ssd,
         "speedup": ssd["tokens_per_s"] / ar["tokens_per_s"],
         "speedup_best": ssd["tokens_per_s_best"] / ar["tokens_per_s_best"],
-        "speedup_decode": (ssd["decode_tokens_per_s"] / ar["decode_tokens_per_s"]
-                           if ssd["decode_tokens_per_s"] and ar["decode_tokens_per_s"] else None),
+        "speedup_decode": (
+            ssd["decode_tokens_per_s"] / ar["decode_tokens_per_s"]
+            if ssd["decode_tokens_per_s"] and ar["decode_tokens_per_s"]
+            else None
+        ),
         "identical": identical if sampling.greedy else None,
         "mean_accepted_length": ssd["mean_accepted_length"],
         "acceptance_rate": ssd["acceptance_rate"],
@@ -203,15 +264,28 @@ def bench_one(bench: BenchModel, prompt_sets: list[Prompts], exit_layer: int, po
     }
     imitation = isinstance(drafter.drafter, ImitationDrafter)
     if cost is not None and not tree.enabled and policy is not None and imitation:
-        result["cost"] = cost.predict(batch, exit_layer, policy.draft_len, ssd["mean_accepted_length"],
-                                      ssd["mean_drafted"], result["speedup_decode"])
+        result["cost"] = cost.predict(
+            batch,
+            exit_layer,
+            policy.draft_len,
+            ssd["mean_accepted_length"],
+            ssd["mean_drafted"],
+            result["speedup_decode"],
+        )
     if replay_rounds and sampling.greedy and identical and not tree.enabled and policy is not None and imitation:
         result.update(replay_report(bench, prompt_sets, ar_out, exit_layer, policy, ssd["rounds"], bucket))
     return result
 
 
-def memory_report(model: VLM, params, ar_spec: DecodeSpec, ssd_spec: DecodeSpec, batch: int,
-                  prompt_len: int, drafter: BenchDrafter = BenchDrafter(ImitationDrafter())) -> dict:
+def memory_report(
+    model: VLM,
+    params,
+    ar_spec: DecodeSpec,
+    ssd_spec: DecodeSpec,
+    batch: int,
+    prompt_len: int,
+    drafter: BenchDrafter = BenchDrafter(ImitationDrafter()),
+) -> dict:
     """Bytes of the params (base model, the drafter's own) and of each mode's caches."""
     base = {k: v for k, v in params.items() if k not in ("imitation", "eagle")}
     slots = ssd_spec.cache_slots(prompt_len)

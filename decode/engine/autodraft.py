@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import TYPE_CHECKING, Callable, Union
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
@@ -64,8 +65,9 @@ def parse_choice(text: str) -> Choice:
             return int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"expected a draft length or tree:NODESxWIDTH (e.g. tree:16x2), got {text!r}") from None
-    nodes, sep, width = text[len("tree:"):].partition("x")
+                f"expected a draft length or tree:NODESxWIDTH (e.g. tree:16x2), got {text!r}"
+            ) from None
+    nodes, sep, width = text[len("tree:") :].partition("x")
     if not (sep and nodes.isdigit() and width.isdigit()):
         raise argparse.ArgumentTypeError(f"expected tree:NODESxWIDTH (e.g. tree:16x2), got {text!r}")
     from decode.engine.tree import TreeShape
@@ -173,20 +175,23 @@ class AutoDraft:
     def report(self) -> dict:
         """JSON-ready: the estimates, and per shape ('BxPxC') each choice's measured ms per
         round and expected tokens per second; choices are keyed by str(choice_label)."""
+
         def name(choice):
             return str(choice_label(choice))
 
         return {
             "choices": [choice_label(c) for c in self.config.choices],
             "accept_at_least": [float(x) for x in self.accept_at_least()],
-            "tree_accept_at_least": {name(t): [float(x) for x in self.accept_at_least(t)]
-                                     for t in self.config.trees},
+            "tree_accept_at_least": {name(t): [float(x) for x in self.accept_at_least(t)] for t in self.config.trees},
             "expected_tokens_per_round": {name(c): self.expected_tokens(c) for c in self.config.choices},
-            "round_ms": {"x".join(map(str, shape)): {name(c): 1000 * s for c, s in costs.items()}
-                         for shape, costs in self.round_seconds.items()},
-            "expected_tokens_per_s": {"x".join(map(str, shape)): {name(c): self.expected_tokens(c) / s
-                                                                  for c, s in costs.items()}
-                                      for shape, costs in self.round_seconds.items()},
+            "round_ms": {
+                "x".join(map(str, shape)): {name(c): 1000 * s for c, s in costs.items()}
+                for shape, costs in self.round_seconds.items()
+            },
+            "expected_tokens_per_s": {
+                "x".join(map(str, shape)): {name(c): self.expected_tokens(c) / s for c, s in costs.items()}
+                for shape, costs in self.round_seconds.items()
+            },
         }
 
 

@@ -40,8 +40,8 @@ from decode.engine.sampling import SamplingConfig
 from decode.engine.tree import TreeShape
 from fastvlm_jax.ckpt.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from fastvlm_jax.image.processing import ImageSource, preprocess_image
-from fastvlm_jax.nn.model import VLM, cast_params, params_dtype
 from fastvlm_jax.nn.families import DEFAULT_QUESTIONS, build_prompt_ids, default_question, stop_ids
+from fastvlm_jax.nn.model import VLM, cast_params, params_dtype
 from fastvlm_jax.runtime.sharding import data_sharding, shard_params
 from fastvlm_jax.text.prompts import check_image_token_id
 
@@ -120,21 +120,26 @@ class BatchStats:
     # With auto draft lengths: each batch's choice (a chain's length, or 'tree:NODESxWIDTH').
     draft_lens: tuple[int | str, ...] = ()
 
-    def __add__(self, other: "BatchStats") -> "BatchStats":
+    def __add__(self, other: BatchStats) -> BatchStats:
         def add_lists(a, b):
             width = max(len(a), len(b))
             a, b = list(a) + [0] * (width - len(a)), list(b) + [0] * (width - len(b))
             return tuple(x + y for x, y in zip(a, b))
 
         return BatchStats(
-            images=self.images + other.images, tokens=self.tokens + other.tokens,
+            images=self.images + other.images,
+            tokens=self.tokens + other.tokens,
             first_tokens=self.first_tokens + other.first_tokens,
-            rounds=self.rounds + other.rounds, drafted=self.drafted + other.drafted,
-            accepted=self.accepted + other.accepted, seconds=self.seconds + other.seconds,
+            rounds=self.rounds + other.rounds,
+            drafted=self.drafted + other.drafted,
+            accepted=self.accepted + other.accepted,
+            seconds=self.seconds + other.seconds,
             compile_seconds=self.compile_seconds + other.compile_seconds,
             position_attempts=add_lists(self.position_attempts, other.position_attempts),
             position_accepts=add_lists(self.position_accepts, other.position_accepts),
-            verified=self.verified + other.verified, draft_lens=self.draft_lens + other.draft_lens)
+            verified=self.verified + other.verified,
+            draft_lens=self.draft_lens + other.draft_lens,
+        )
 
 
 def _ratio(numerator: float, denominator: float) -> float | None:
@@ -185,8 +190,7 @@ def summarize(stats: BatchStats | Iterable[BatchStats]) -> dict[str, Any]:
         "rounds": stats.rounds,
         "drafted": stats.drafted,
         "accepted": stats.accepted,
-        "acceptance_per_position": [_ratio(a, n) for a, n in
-                                    zip(stats.position_accepts, stats.position_attempts)],
+        "acceptance_per_position": [_ratio(a, n) for a, n in zip(stats.position_accepts, stats.position_attempts)],
         "position_attempts": list(stats.position_attempts),
         "position_accepts": list(stats.position_accepts),
         "accepted_depth_histogram": accepted_depth_histogram(stats.rounds, stats.position_accepts),
@@ -233,9 +237,12 @@ def check_same_tokenizer(tokenizer, other, where) -> None:
     if other is None:
         raise CheckpointError(f"draft model {where} has no tokenizer/ folder")
     if other.vocab_size != tokenizer.vocab_size or any(
-            other.id_to_piece(i) != tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)):
-        raise CheckpointError(f"draft model {where} has a different tokenizer from the checkpoint: a draft "
-                              "model must share its tokenizer (same ids for the same pieces)")
+        other.id_to_piece(i) != tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)
+    ):
+        raise CheckpointError(
+            f"draft model {where} has a different tokenizer from the checkpoint: a draft "
+            "model must share its tokenizer (same ids for the same pieces)"
+        )
 
 
 def describe_device() -> str:
@@ -261,21 +268,32 @@ class Captioner:
         same tokenizer and image preprocessing; CKPT a folder or `demo-draft`).
     """
 
-    def __init__(self, checkpoint: str | os.PathLike | Checkpoint, *, batch_size: int = 8,
-                 prompt_bucket: int = 32, mesh=None, dtype=None, drafter: str = "imitation"):
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike | Checkpoint,
+        *,
+        batch_size: int = 8,
+        prompt_bucket: int = 32,
+        mesh=None,
+        dtype=None,
+        drafter: str = "imitation",
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if mesh is not None and batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
-            raise ValueError(f"batch_size {batch_size} does not divide over the mesh's data x fsdp "
-                             f"= {mesh.shape['data'] * mesh.shape['fsdp']} devices")
+            raise ValueError(
+                f"batch_size {batch_size} does not divide over the mesh's data x fsdp "
+                f"= {mesh.shape['data'] * mesh.shape['fsdp']} devices"
+            )
         if not isinstance(checkpoint, Checkpoint):
             checkpoint = load_checkpoint(checkpoint, mesh=mesh, dtype=dtype)
         else:
             if dtype is not None:
                 checkpoint = checkpoint._replace(params=cast_params(checkpoint.params, dtype))
             if mesh is not None:
-                checkpoint = checkpoint._replace(params=shard_params(
-                    VLM(checkpoint.config).abstract_params(), checkpoint.params, mesh))
+                checkpoint = checkpoint._replace(
+                    params=shard_params(VLM(checkpoint.config).abstract_params(), checkpoint.params, mesh)
+                )
         config = checkpoint.config
         if checkpoint.tokenizer is None:
             raise CheckpointError("the checkpoint has no tokenizer/ folder: captioning needs one")
@@ -285,8 +303,10 @@ class Captioner:
         check_image_token_id(tokenizer, config.image_token_id, CheckpointError)
         size = (config.vision.image_size, config.vision.image_size)
         if checkpoint.image_config.output_size != size:
-            raise CheckpointError(f"preprocessor.json makes {checkpoint.image_config.output_size} images "
-                                  f"but the vision tower takes {size}")
+            raise CheckpointError(
+                f"preprocessor.json makes {checkpoint.image_config.output_size} images "
+                f"but the vision tower takes {size}"
+            )
         self.checkpoint = checkpoint
         self.config = config
         self.params = checkpoint.params
@@ -307,8 +327,10 @@ class Captioner:
             return ImitationDrafter(), None
         if drafter == "eagle":
             if not self.config.draft.eagle_layers:
-                raise CheckpointError("the eagle drafter needs an EAGLE head and this checkpoint has none; "
-                                      "train one with the 'eagle' stage of train.run (or use the imitation drafter)")
+                raise CheckpointError(
+                    "the eagle drafter needs an EAGLE head and this checkpoint has none; "
+                    "train one with the 'eagle' stage of train.run (or use the imitation drafter)"
+                )
             return EagleDrafter(), None
         kind, _, path = drafter.partition(":")
         if kind != "model" or not path:
@@ -319,11 +341,15 @@ class Captioner:
         small = load_checkpoint(path, mesh=mesh, dtype=self.dtype)
         check_same_tokenizer(self.tokenizer, small.tokenizer, path)
         if small.image_config != self.image_config:
-            raise CheckpointError(f"draft model {path} preprocesses images differently from the checkpoint "
-                                  "(preprocessor.json): a draft model must read the same pixels")
+            raise CheckpointError(
+                f"draft model {path} preprocesses images differently from the checkpoint "
+                "(preprocessor.json): a draft model must read the same pixels"
+            )
         if small.config.image_token_id != self.config.image_token_id:
-            raise CheckpointError(f"draft model {path} has image token id {small.config.image_token_id}, "
-                                  f"the checkpoint {self.config.image_token_id}: they must share the tokenizer")
+            raise CheckpointError(
+                f"draft model {path} has image token id {small.config.image_token_id}, "
+                f"the checkpoint {self.config.image_token_id}: they must share the tokenizer"
+            )
         return ModelDrafter(shared_model(small.config, self.dtype)), small.params
 
     # -- inputs ------------------------------------------------------------------------------
@@ -355,12 +381,17 @@ class Captioner:
         # settings share one program.
         policy = options.policy if options.mode == "ssd" else DraftPolicy()
         tree = options.tree if options.mode == "ssd" else TreeShape()
-        return DecodeSpec(mode=options.mode, capacity=capacity_bucket(options.max_new_tokens),
-                          sampling=options.sampling, policy=policy, eos_ids=self.eos_ids, tree=tree,
-                          drafter=self.drafter if options.mode == "ssd" else ImitationDrafter())
+        return DecodeSpec(
+            mode=options.mode,
+            capacity=capacity_bucket(options.max_new_tokens),
+            sampling=options.sampling,
+            policy=policy,
+            eos_ids=self.eos_ids,
+            tree=tree,
+            drafter=self.drafter if options.mode == "ssd" else ImitationDrafter(),
+        )
 
-    def _prompts(self, pixels: np.ndarray, prompt_ids: Sequence[Sequence[int]]
-                 ) -> tuple[Prompts, int]:
+    def _prompts(self, pixels: np.ndarray, prompt_ids: Sequence[Sequence[int]]) -> tuple[Prompts, int]:
         """Pads n rows to batch_size rows and prompts to the bucket: returns (Prompts, n)."""
         n = len(prompt_ids)
         if not 1 <= n <= self.batch_size:
@@ -392,11 +423,13 @@ class Captioner:
             return self.spec(dataclasses.replace(options, policy=DraftPolicy(), tree=choice, auto_draft=None))
         if choice == 0:
             return self.spec(dataclasses.replace(options, mode="ar", auto_draft=None))
-        return self.spec(dataclasses.replace(options, policy=DraftPolicy(draft_len=choice),
-                                             tree=TreeShape(), auto_draft=None))
+        return self.spec(
+            dataclasses.replace(options, policy=DraftPolicy(draft_len=choice), tree=TreeShape(), auto_draft=None)
+        )
 
-    def _auto_draft_len(self, prompts: Prompts, options: GenerationOptions, budget: np.ndarray,
-                        rng: jax.Array) -> tuple[Choice, float]:
+    def _auto_draft_len(
+        self, prompts: Prompts, options: GenerationOptions, budget: np.ndarray, rng: jax.Array
+    ) -> tuple[Choice, float]:
         """This batch's choice (a draft length or a TreeShape); the first batch of a shape
         measures every choice on it (compiling each program once). Returns (choice, seconds
         spent measuring)."""
@@ -410,9 +443,17 @@ class Captioner:
             def run(choice, full):
                 spec = self._spec_with_draft_len(options, choice)
                 begin = time.perf_counter()
-                out = jax.device_get(generate(self.model, self.params, prompts, spec,
-                                              jnp.asarray(budget if full else np.minimum(budget, 1)), rng,
-                                              draft_params=self.draft_params))
+                out = jax.device_get(
+                    generate(
+                        self.model,
+                        self.params,
+                        prompts,
+                        spec,
+                        jnp.asarray(budget if full else np.minimum(budget, 1)),
+                        rng,
+                        draft_params=self.draft_params,
+                    )
+                )
                 return time.perf_counter() - begin, out
 
             auto.calibrate(shape, run)
@@ -425,16 +466,26 @@ class Captioner:
         if key in self._warm:
             return 0.0
         start = time.perf_counter()
-        out = generate(self.model, self.params, prompts, spec,
-                       self._place(np.zeros((self.batch_size,), np.int32)), jax.random.key(0),
-                       draft_params=self.draft_params)
+        out = generate(
+            self.model,
+            self.params,
+            prompts,
+            spec,
+            self._place(np.zeros((self.batch_size,), np.int32)),
+            jax.random.key(0),
+            draft_params=self.draft_params,
+        )
         jax.block_until_ready(out)
         self._warm.add(key)
         return time.perf_counter() - start
 
-    def generate_batch(self, pixels: np.ndarray, prompt_ids: Sequence[Sequence[int]],
-                       options: GenerationOptions = GenerationOptions(), rng: jax.Array | None = None
-                       ) -> BatchResult:
+    def generate_batch(
+        self,
+        pixels: np.ndarray,
+        prompt_ids: Sequence[Sequence[int]],
+        options: GenerationOptions = GenerationOptions(),
+        rng: jax.Array | None = None,
+    ) -> BatchResult:
         """Captions up to batch_size preprocessed images.
 
         pixels: [n, H, W, 3] float32 (from `preprocess`); prompt_ids: n prompts (`prompt_ids`).
@@ -453,8 +504,7 @@ class Captioner:
             spec, measure_seconds = self.spec(options), 0.0
         compile_seconds = self._warm_up(prompts, spec) + measure_seconds
         start = time.perf_counter()
-        out = generate(self.model, self.params, prompts, spec, self._place(budget), rng,
-                       draft_params=self.draft_params)
+        out = generate(self.model, self.params, prompts, spec, self._place(budget), rng, draft_params=self.draft_params)
         out = jax.device_get(out)  # waits for the device, one transfer
         seconds = time.perf_counter() - start
 
@@ -463,29 +513,46 @@ class Captioner:
         for row in range(n):
             count = int(out.num_tokens[row])
             token_ids = tuple(int(t) for t in out.tokens[row, :count])
-            results.append(CaptionResult(
-                caption=self.tokenizer.decode(token_ids).strip(), token_ids=token_ids,
-                num_tokens=count, stop="eos" if token_ids and token_ids[-1] in eos else "length",
-                rounds=int(out.rounds[row]), drafted=int(out.drafted[row]),
-                accepted=int(out.accepted[row]), seconds=seconds))
+            results.append(
+                CaptionResult(
+                    caption=self.tokenizer.decode(token_ids).strip(),
+                    token_ids=token_ids,
+                    num_tokens=count,
+                    stop="eos" if token_ids and token_ids[-1] in eos else "length",
+                    rounds=int(out.rounds[row]),
+                    drafted=int(out.drafted[row]),
+                    accepted=int(out.accepted[row]),
+                    seconds=seconds,
+                )
+            )
         stats = BatchStats(
-            images=n, tokens=sum(r.num_tokens for r in results),
+            images=n,
+            tokens=sum(r.num_tokens for r in results),
             first_tokens=sum(r.num_tokens > 0 for r in results),
-            rounds=sum(r.rounds for r in results), drafted=sum(r.drafted for r in results),
-            accepted=sum(r.accepted for r in results), seconds=seconds,
+            rounds=sum(r.rounds for r in results),
+            drafted=sum(r.drafted for r in results),
+            accepted=sum(r.accepted for r in results),
+            seconds=seconds,
             compile_seconds=compile_seconds,
             # Dummy rows are done from the start, so these engine-wide sums count real rows only.
             position_attempts=tuple(int(x) for x in out.position_attempts),
             position_accepts=tuple(int(x) for x in out.position_accepts),
             verified=sum(r.rounds for r in results) * (spec.lookahead if spec.mode == "ssd" else 1),
-            draft_lens=() if chosen is None else (choice_label(chosen),))
+            draft_lens=() if chosen is None else (choice_label(chosen),),
+        )
         if chosen is not None:
             self.auto_draft.observe(chosen, out.position_attempts, out.position_accepts)
         return BatchResult(results, stats)
 
-    def caption_batches(self, images: Sequence[ImageSource], prompt: str | Sequence[str] | None = None,
-                        options: GenerationOptions = GenerationOptions(), *, seed: int = 0,
-                        fast_decode: bool = False) -> Iterator[BatchResult]:
+    def caption_batches(
+        self,
+        images: Sequence[ImageSource],
+        prompt: str | Sequence[str] | None = None,
+        options: GenerationOptions = GenerationOptions(),
+        *,
+        seed: int = 0,
+        fast_decode: bool = False,
+    ) -> Iterator[BatchResult]:
         """Captions `images` batch by batch (in order); raises ImageLoadError on a bad image.
 
         prompt: one question for all images, or one per image (None: `default_prompt`). Batch i
@@ -499,17 +566,29 @@ class Captioner:
         for index, start in enumerate(range(0, len(images), self.batch_size)):
             chunk = slice(start, start + self.batch_size)
             pixels = np.stack([self.preprocess(im, fast_decode=fast_decode) for im in images[chunk]])
-            yield self.generate_batch(pixels, [ids_of[p] for p in prompts[chunk]], options,
-                                      jax.random.fold_in(base, index))
+            yield self.generate_batch(
+                pixels, [ids_of[p] for p in prompts[chunk]], options, jax.random.fold_in(base, index)
+            )
 
-    def caption(self, images: Sequence[ImageSource], prompt: str | Sequence[str] | None = None,
-                max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, mode: str = "ssd", *,
-                sampling: SamplingConfig = SamplingConfig(), policy: DraftPolicy = DraftPolicy(),
-                tree: TreeShape = TreeShape(),
-                seed: int = 0, fast_decode: bool = False) -> list[CaptionResult]:
+    def caption(
+        self,
+        images: Sequence[ImageSource],
+        prompt: str | Sequence[str] | None = None,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        mode: str = "ssd",
+        *,
+        sampling: SamplingConfig = SamplingConfig(),
+        policy: DraftPolicy = DraftPolicy(),
+        tree: TreeShape = TreeShape(),
+        seed: int = 0,
+        fast_decode: bool = False,
+    ) -> list[CaptionResult]:
         """Captions for `images` (paths, bytes, PIL images, uint8 arrays), in order."""
-        options = GenerationOptions(mode=mode, max_new_tokens=max_new_tokens, sampling=sampling,
-                                    policy=policy, tree=tree)
-        return [result for batch in self.caption_batches(images, prompt, options, seed=seed,
-                                                         fast_decode=fast_decode)
-                for result in batch.results]
+        options = GenerationOptions(
+            mode=mode, max_new_tokens=max_new_tokens, sampling=sampling, policy=policy, tree=tree
+        )
+        return [
+            result
+            for batch in self.caption_batches(images, prompt, options, seed=seed, fast_decode=fast_decode)
+            for result in batch.results
+        ]

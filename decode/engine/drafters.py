@@ -152,14 +152,16 @@ class TreeDrafter(Drafter):
     """A drafter that also drafts token trees (decode/engine/tree.py)."""
 
     @abc.abstractmethod
-    def tree_step(self, ctx: RoundContext, cache: KVCache, carry, tokens: Array, positions: Array,
-                  layout: TreeSlots) -> DraftOut:
+    def tree_step(
+        self, ctx: RoundContext, cache: KVCache, carry, tokens: Array, positions: Array, layout: TreeSlots
+    ) -> DraftOut:
         """The nodes tokens, positions [batch, n] at layout.slots -> DraftOut with logits
         [batch, n, vocab] and kept [batch, n, embed] (what tree verification starts from)."""
 
     @abc.abstractmethod
-    def tree_commit(self, ctx: RoundContext, cache: KVCache, carry, pos: Array, path: Array,
-                    advance: Array) -> tuple[KVCache, Any]:
+    def tree_commit(
+        self, ctx: RoundContext, cache: KVCache, carry, pos: Array, path: Array, advance: Array
+    ) -> tuple[KVCache, Any]:
         """Moves the accepted path [batch, depth + 1] (table indices, root first) of rows at
         pos [batch] to contiguous slots in the full model's cache and the drafter's own;
         the rows advance by `advance` [batch]. -> (cache, carry)."""
@@ -282,8 +284,10 @@ class EagleDrafter(Drafter):
         model, params = ctx.model, ctx.params
         cfg = model.config
         if not cfg.draft.eagle_layers:
-            raise ValueError("--drafter eagle: this checkpoint has no EAGLE head (draft.eagle_layers=0); "
-                             "train one with the 'eagle' stage of train.run")
+            raise ValueError(
+                "--drafter eagle: this checkpoint has no EAGLE head (draft.eagle_layers=0); "
+                "train one with the 'eagle' stage of train.run"
+            )
         batch, prompt_len = states.input_ids.shape
         size = slots  # already this drafter's cache_slots (the engine sizes every drafter's cache)
         positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
@@ -310,10 +314,14 @@ class EagleDrafter(Drafter):
         last_feature = jnp.take_along_axis(states.last_states, (lengths - 1)[:, None, None], axis=1)
         pending = jnp.zeros((batch, width, states.last_states.shape[-1]), states.last_states.dtype)
         return EagleCarry(
-            cache=cache, removed=removed, features=pending.at[:, 0].set(last_feature[:, 0]),
+            cache=cache,
+            removed=removed,
+            features=pending.at[:, 0].set(last_feature[:, 0]),
             tokens=jnp.zeros((batch, width), jnp.int32).at[:, 0].set(first_token),
-            base=lengths - 1, count=jnp.ones((batch,), jnp.int32),
-            feature=jnp.zeros((batch, states.last_states.shape[-1]), states.last_states.dtype))
+            base=lengths - 1,
+            count=jnp.ones((batch,), jnp.int32),
+            feature=jnp.zeros((batch, states.last_states.shape[-1]), states.last_states.dtype),
+        )
 
     def _head(self, ctx, carry: EagleCarry, features, tokens, positions):
         """The head over pairs at positions [batch, n] -> (predicted features, carry)."""
@@ -321,8 +329,14 @@ class EagleDrafter(Drafter):
         embeds = _token_states(ctx, tokens, positions + 1)
         slots = positions - carry.removed[:, None]
         size = carry.cache.slots
-        predicted, cache = model.eagle_draft(ctx.params, features, embeds, positions, carry.cache,
-                                             tree=_chain_slots(jnp.where(slots < size, slots, size), size))
+        predicted, cache = model.eagle_draft(
+            ctx.params,
+            features,
+            embeds,
+            positions,
+            carry.cache,
+            tree=_chain_slots(jnp.where(slots < size, slots, size), size),
+        )
         return predicted, carry.replace(cache=cache)
 
     def start(self, ctx, cache, carry: EagleCarry, last_token, pos):
@@ -345,9 +359,12 @@ class EagleDrafter(Drafter):
         return DraftOut(None, None, cache, carry)
 
     def commit(self, ctx, carry: EagleCarry, verified: Verified):
-        return carry.replace(features=verified.last_states.astype(carry.features.dtype),
-                             tokens=verified.new_tokens, base=verified.pos,
-                             count=jnp.maximum(verified.advance, 1))
+        return carry.replace(
+            features=verified.last_states.astype(carry.features.dtype),
+            tokens=verified.new_tokens,
+            base=verified.pos,
+            count=jnp.maximum(verified.advance, 1),
+        )
 
 
 # --- a separate small VLM -------------------------------------------------------------------------
@@ -385,16 +402,18 @@ class ModelDrafter(Drafter):
         positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
         features = None if states.pixels is None else small.encode_images(params, states.pixels)
         hidden = small.embed(params, states.input_ids, features, positions)
-        _, cache, _ = small.run_layers(params, hidden, positions, 0, small.config.text.num_layers,
-                                       small.init_cache(batch, slots))
+        _, cache, _ = small.run_layers(
+            params, hidden, positions, 0, small.config.text.num_layers, small.init_cache(batch, slots)
+        )
         return ModelCarry(cache=cache, prev_token=first_token, refeed=jnp.zeros((batch,), bool))
 
     def _run(self, ctx, carry: ModelCarry, tokens, positions, slots):
         small, params = self.draft_model, ctx.draft_params
         size = carry.cache.slots
         hidden = small.embed(params, tokens, None, positions)
-        hidden, cache, _ = small.run_layers(params, hidden, positions, 0, small.config.text.num_layers,
-                                            carry.cache, tree=_chain_slots(slots, size))
+        hidden, cache, _ = small.run_layers(
+            params, hidden, positions, 0, small.config.text.num_layers, carry.cache, tree=_chain_slots(slots, size)
+        )
         return small.logits(params, hidden[:, -1:])[:, 0], carry.replace(cache=cache)
 
     def start(self, ctx, cache, carry: ModelCarry, last_token, pos):
@@ -417,6 +436,7 @@ class ModelDrafter(Drafter):
     def commit(self, ctx, carry: ModelCarry, verified: Verified):
         accepted = verified.accepted
         previous = jnp.take_along_axis(verified.new_tokens, jnp.maximum(accepted - 1, 0)[:, None], axis=1)[:, 0]
-        return carry.replace(prev_token=jnp.where(accepted > 0, previous, verified.last_token),
-                             refeed=(verified.advance > 0) & (accepted >= ctx.draft_len))
-
+        return carry.replace(
+            prev_token=jnp.where(accepted > 0, previous, verified.last_token),
+            refeed=(verified.advance > 0) & (accepted >= ctx.draft_len),
+        )

@@ -60,6 +60,7 @@ from fastvlm_jax.nn.model import VLM
 Array = jax.Array
 Mode = Literal["ar", "ssd"]
 
+
 @dataclasses.dataclass(frozen=True)
 class DraftPolicy:
     """How many tokens each SSD round drafts.
@@ -112,11 +113,14 @@ class DecodeSpec:
         if self.mode not in ("ar", "ssd"):
             raise ValueError(f"unknown decoding mode {self.mode!r}: use 'ar' or 'ssd'")
         if self.tree.enabled and not isinstance(self.drafter, TreeDrafter):
-            raise ValueError(f"draft trees are built by the imitation drafter only; the {self.drafter.name} "
-                             "drafter drafts chains: drop --tree-nodes or use --drafter imitation")
+            raise ValueError(
+                f"draft trees are built by the imitation drafter only; the {self.drafter.name} "
+                "drafter drafts chains: drop --tree-nodes or use --drafter imitation"
+            )
         if self.tree.enabled and (self.policy.min_confidence > 0 or self.policy.schedule != "static"):
-            raise ValueError("a draft tree has a static shape: the chain policy's min_confidence and "
-                             "schedule do not apply to it")
+            raise ValueError(
+                "a draft tree has a static shape: the chain policy's min_confidence and schedule do not apply to it"
+            )
 
     @property
     def uses_tree(self) -> bool:
@@ -171,10 +175,9 @@ class RoundStats:
     position_accepts: Array
 
     @classmethod
-    def zeros(cls, batch: int, depth: int) -> "RoundStats":
+    def zeros(cls, batch: int, depth: int) -> RoundStats:
         rows, positions = jnp.zeros((batch,), jnp.int32), jnp.zeros((depth,), jnp.int32)
-        return cls(rounds=rows, drafted=rows, accepted=rows, position_attempts=positions,
-                   position_accepts=positions)
+        return cls(rounds=rows, drafted=rows, accepted=rows, position_attempts=positions, position_accepts=positions)
 
 
 @flax.struct.dataclass
@@ -249,8 +252,9 @@ def _emit(state: _LoopState, new_tokens: Array, count: Array, max_new: Array, eo
     num_tokens = state.num_tokens + count
     done = state.done | (first_eos < count) | (num_tokens >= max_new)
     last = jnp.take_along_axis(new_tokens, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
-    return state.replace(tokens=tokens, num_tokens=num_tokens, done=done,
-                         last_token=jnp.where(count > 0, last, state.last_token))
+    return state.replace(
+        tokens=tokens, num_tokens=num_tokens, done=done, last_token=jnp.where(count > 0, last, state.last_token)
+    )
 
 
 def _prefill(ctx: RoundContext, prompts: Prompts, spec: DecodeSpec, rng: Array, max_new: Array) -> _LoopState:
@@ -272,14 +276,25 @@ def _prefill(ctx: RoundContext, prompts: Prompts, spec: DecodeSpec, rng: Array, 
     cache = cache.replace(pos=prompts.lengths.astype(jnp.int32))
     draft = None
     if spec.mode == "ssd":
-        states = PrefillStates(input_ids=prompts.input_ids, lengths=prompts.lengths, pixels=prompts.pixels,
-                               embeds=hidden, exit_states=h_exit, last_states=h_last)
+        states = PrefillStates(
+            input_ids=prompts.input_ids,
+            lengths=prompts.lengths,
+            pixels=prompts.pixels,
+            embeds=hidden,
+            exit_states=h_exit,
+            last_states=h_last,
+        )
         draft = spec.drafter.prefill(ctx, states, first, spec.drafter.cache_slots(model, slots))
     state = _LoopState(
-        cache=cache, draft=draft, last_token=first,
+        cache=cache,
+        draft=draft,
+        last_token=first,
         tokens=jnp.full((batch, spec.capacity), -1, jnp.int32),
-        num_tokens=jnp.zeros((batch,), jnp.int32), done=jnp.broadcast_to(max_new <= 0, (batch,)), rng=rng,
-        stats=RoundStats.zeros(batch, spec.draft_depth))
+        num_tokens=jnp.zeros((batch,), jnp.int32),
+        done=jnp.broadcast_to(max_new <= 0, (batch,)),
+        rng=rng,
+        stats=RoundStats.zeros(batch, spec.draft_depth),
+    )
     return _emit(state, first[:, None], jnp.ones((batch,), jnp.int32), max_new, spec.eos_ids)
 
 
@@ -290,8 +305,9 @@ def _ar_round(ctx: RoundContext, spec: DecodeSpec, state: _LoopState, max_new: A
     rng, step_rng = _split(state.rng, spec)
     token = next_token(step_rng, logits, spec.sampling)
     live = ~state.done
-    state = state.replace(cache=cache.replace(pos=pos + live), rng=rng,
-                          stats=state.stats.replace(rounds=state.stats.rounds + live))
+    state = state.replace(
+        cache=cache.replace(pos=pos + live), rng=rng, stats=state.stats.replace(rounds=state.stats.rounds + live)
+    )
     return _emit(state, token[:, None], jnp.ones_like(pos), max_new, spec.eos_ids)
 
 
@@ -308,8 +324,11 @@ def _draft(ctx: RoundContext, spec: DecodeSpec, state: _LoopState, rng: Array):
     pos = state.cache.pos
     first = drafter.start(ctx, state.cache, state.draft, state.last_token, pos)
     tokens = jnp.zeros((batch, draft_len + 1), jnp.int32).at[:, 0].set(state.last_token)
-    states = None if first.kept is None else jnp.zeros((batch, draft_len + 1) + first.kept.shape[1:],
-                                                       first.kept.dtype).at[:, 0].set(first.kept)
+    states = (
+        None
+        if first.kept is None
+        else jnp.zeros((batch, draft_len + 1) + first.kept.shape[1:], first.kept.dtype).at[:, 0].set(first.kept)
+    )
     probs = None if spec.sampling.greedy else jnp.zeros((batch, draft_len, first.logits.shape[-1]), jnp.float32)
     limit = spec.policy.limit(state.num_tokens)
 
@@ -318,8 +337,7 @@ def _draft(ctx: RoundContext, spec: DecodeSpec, state: _LoopState, rng: Array):
         rng, step_rng = _split(rng, spec)
         if spec.sampling.greedy:
             token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            confidence = (jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
-                          if spec.policy.min_confidence > 0 else None)
+            confidence = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1) if spec.policy.min_confidence > 0 else None
         else:
             step_probs = warp(logits, spec.sampling)
             token = jax.random.categorical(step_rng, jnp.log(jnp.maximum(step_probs, 1e-30))).astype(jnp.int32)
@@ -339,16 +357,36 @@ def _draft(ctx: RoundContext, spec: DecodeSpec, state: _LoopState, rng: Array):
 
     def body(loop):
         slot, logits, tokens, states, probs, drafting, draft_lens, cache, carry, rng = loop
-        token, tokens, probs, drafting, draft_lens, rng = propose(slot, logits, tokens, probs, drafting,
-                                                                  draft_lens, rng)
+        token, tokens, probs, drafting, draft_lens, rng = propose(
+            slot, logits, tokens, probs, drafting, draft_lens, rng
+        )
         out = drafter.step(ctx, cache, carry, token, pos + slot + 1)
-        return (slot + 1, out.logits, tokens, keep(states, out.kept, slot + 1), probs, drafting, draft_lens,
-                out.cache, out.carry, rng)
+        return (
+            slot + 1,
+            out.logits,
+            tokens,
+            keep(states, out.kept, slot + 1),
+            probs,
+            drafting,
+            draft_lens,
+            out.cache,
+            out.carry,
+            rng,
+        )
 
-    loop = (jnp.int32(0), first.logits, tokens, states, probs, ~state.done, jnp.zeros((batch,), jnp.int32),
-            first.cache, first.carry, rng)
-    slot, logits, tokens, states, probs, drafting, draft_lens, cache, carry, rng = jax.lax.while_loop(
-        cond, body, loop)
+    loop = (
+        jnp.int32(0),
+        first.logits,
+        tokens,
+        states,
+        probs,
+        ~state.done,
+        jnp.zeros((batch,), jnp.int32),
+        first.cache,
+        first.carry,
+        rng,
+    )
+    slot, logits, tokens, states, probs, drafting, draft_lens, cache, carry, rng = jax.lax.while_loop(cond, body, loop)
     # The last draft (slot + 1): drawn, then fed to the drafter only as far as it needs
     # (the imitation drafter's shallow state is what verification reads).
     token, tokens, probs, _, draft_lens, _ = propose(slot, logits, tokens, probs, drafting, draft_lens, rng)
@@ -356,9 +394,19 @@ def _draft(ctx: RoundContext, spec: DecodeSpec, state: _LoopState, rng: Array):
     return tokens, keep(states, last.kept, slot + 1), probs, draft_lens, last.cache, last.carry
 
 
-def _commit_round(spec: DecodeSpec, state: _LoopState, cache: KVCache, draft, rng: Array,
-                  drafted_tokens: Array, accepted: Array, final: Array, max_new: Array,
-                  drafted: Array, attempts: Array):
+def _commit_round(
+    spec: DecodeSpec,
+    state: _LoopState,
+    cache: KVCache,
+    draft,
+    rng: Array,
+    drafted_tokens: Array,
+    accepted: Array,
+    final: Array,
+    max_new: Array,
+    drafted: Array,
+    attempts: Array,
+):
     """Emits a round's accepted drafts and the full model's own token, advances the caches
     and books the stats; shared by chain and tree rounds.
 
@@ -375,18 +423,27 @@ def _commit_round(spec: DecodeSpec, state: _LoopState, cache: KVCache, draft, rn
     pos = state.cache.pos
     advance = jnp.where(live, accepted + 1, 0)
     before = state.num_tokens
-    state = _emit(state.replace(cache=cache.replace(pos=pos + advance), draft=draft, rng=rng),
-                  new_tokens, accepted + 1, max_new, spec.eos_ids)
+    state = _emit(
+        state.replace(cache=cache.replace(pos=pos + advance), draft=draft, rng=rng),
+        new_tokens,
+        accepted + 1,
+        max_new,
+        spec.eos_ids,
+    )
     # Count only the accepted drafts that were emitted (not those past an EOS or the budget);
     # the emitted tokens are the first `emitted` of [accepted drafts..., final].
     emitted_drafts = jnp.minimum(accepted, state.num_tokens - before)
     level = jnp.arange(drafted_tokens.shape[1])[None]
     stats = state.stats
-    state = state.replace(stats=stats.replace(
-        rounds=stats.rounds + live, drafted=stats.drafted + jnp.where(live, drafted, 0),
-        accepted=stats.accepted + emitted_drafts,
-        position_attempts=stats.position_attempts + attempts,
-        position_accepts=stats.position_accepts + jnp.sum(level < emitted_drafts[:, None], axis=0)))
+    state = state.replace(
+        stats=stats.replace(
+            rounds=stats.rounds + live,
+            drafted=stats.drafted + jnp.where(live, drafted, 0),
+            accepted=stats.accepted + emitted_drafts,
+            position_attempts=stats.position_attempts + attempts,
+            position_accepts=stats.position_accepts + jnp.sum(level < emitted_drafts[:, None], axis=0),
+        )
+    )
     return state, new_tokens, advance
 
 
@@ -403,23 +460,25 @@ def _ssd_round(ctx: RoundContext, spec: DecodeSpec, state: _LoopState, max_new: 
     if states is None:
         logits, h_last, cache = steps.verify_tokens(model, params, cache, tokens, positions)
     else:
-        logits, h_last, cache = steps.verify(model, params, cache, states, positions,
-                                             spec.drafter.verify_from(model))
+        logits, h_last, cache = steps.verify(model, params, cache, states, positions, spec.drafter.verify_from(model))
     drafted_tokens = tokens[:, 1:]
     if spec.sampling.greedy:
         target = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         accepted = accept_greedy(target[:, :draft_len], drafted_tokens, draft_lens)
         final = jnp.take_along_axis(target, accepted[:, None], axis=1)[:, 0]
     else:
-        accepted, final = accept_speculative(accept_rng, warp(logits, spec.sampling), draft_probs,
-                                             drafted_tokens, draft_lens)
+        accepted, final = accept_speculative(
+            accept_rng, warp(logits, spec.sampling), draft_probs, drafted_tokens, draft_lens
+        )
     live = ~state.done
     attempts = jnp.sum((jnp.arange(draft_len)[None] < draft_lens[:, None]) & live[:, None], axis=0)
     last_token = state.last_token
-    state, new_tokens, advance = _commit_round(spec, state, cache, carry, rng, drafted_tokens, accepted, final,
-                                               max_new, draft_lens, attempts)
-    verified = Verified(pos=pos, last_states=h_last, new_tokens=new_tokens, accepted=accepted,
-                        advance=advance, last_token=last_token)
+    state, new_tokens, advance = _commit_round(
+        spec, state, cache, carry, rng, drafted_tokens, accepted, final, max_new, draft_lens, attempts
+    )
+    verified = Verified(
+        pos=pos, last_states=h_last, new_tokens=new_tokens, accepted=accepted, advance=advance, last_token=last_token
+    )
     return state.replace(draft=spec.drafter.commit(ctx, state.draft, verified))
 
 
@@ -441,10 +500,10 @@ def _draft_tree(ctx: RoundContext, spec: DecodeSpec, state: _LoopState, rng: Arr
         """The nodes ids [batch, n] (already in the table) through the drafter: -> (tree with
         their states, cache, carry, their draft logits [batch, n, vocab])."""
         positions = pos[:, None] + jnp.take_along_axis(tree.depths, ids, axis=1)
-        layout = tree_lib.tree_slots(pos, ids, jnp.take_along_axis(tree.ancestors, ids[:, :, None], axis=1),
-                                     cache_slots)
-        out = drafter.tree_step(ctx, cache, carry, jnp.take_along_axis(tree.tokens, ids, axis=1), positions,
-                                layout)
+        layout = tree_lib.tree_slots(
+            pos, ids, jnp.take_along_axis(tree.ancestors, ids[:, :, None], axis=1), cache_slots
+        )
+        out = drafter.tree_step(ctx, cache, carry, jnp.take_along_axis(tree.tokens, ids, axis=1), positions, layout)
         tree = tree.replace(states=tree.states.at[jnp.arange(batch)[:, None], ids].set(out.kept))
         return tree, out.cache, out.carry, out.logits
 
@@ -461,13 +520,15 @@ def _draft_tree(ctx: RoundContext, spec: DecodeSpec, state: _LoopState, rng: Arr
             return tree_lib.propose_children(candidates, tree, ids, jax.nn.log_softmax(logits, axis=-1)), probs
         step_probs = warp(logits, spec.sampling)
         probs = probs.at[jnp.arange(batch)[:, None], ids].set(step_probs)
-        return tree_lib.propose_children(candidates, tree, ids, jnp.log(step_probs),
-                                         jax.random.fold_in(rng, step)), probs
+        return tree_lib.propose_children(
+            candidates, tree, ids, jnp.log(step_probs), jax.random.fold_in(rng, step)
+        ), probs
 
     root_ids = jnp.zeros((batch, 1), jnp.int32)
     tree, cache, carry, logits = feed(tree, root_ids, state.cache, state.draft)
-    candidates, probs = expand(0, tree, tree_lib.Candidates.empty(batch, shape.size, shape.width), probs,
-                               root_ids, logits)
+    candidates, probs = expand(
+        0, tree, tree_lib.Candidates.empty(batch, shape.size, shape.width), probs, root_ids, logits
+    )
 
     def body(step, loop):
         tree, candidates, probs, cache, carry = loop
@@ -478,7 +539,8 @@ def _draft_tree(ctx: RoundContext, spec: DecodeSpec, state: _LoopState, rng: Arr
         return tree, candidates, probs, cache, carry
 
     tree, candidates, probs, cache, carry = jax.lax.fori_loop(
-        1, shape.steps, body, (tree, candidates, probs, cache, carry))
+        1, shape.steps, body, (tree, candidates, probs, cache, carry)
+    )
     # The last step's nodes propose no children (their logits are dropped, and so not
     # computed): they go through the drafter only to fill its cache, since the next round
     # may build on any of them.
@@ -501,15 +563,17 @@ def _tree_round(ctx: RoundContext, spec: DecodeSpec, state: _LoopState, max_new:
     pos = state.cache.pos
     ids = jnp.broadcast_to(jnp.arange(shape.size, dtype=jnp.int32), tree.tokens.shape)
     layout = tree_lib.tree_slots(pos, ids, tree.ancestors, cache.slots)
-    logits, _, cache = steps.verify(model, params, cache, tree.states, pos[:, None] + tree.depths,
-                                    spec.drafter.verify_from(model), layout)  # logits: [batch, size, vocab]
+    logits, _, cache = steps.verify(
+        model, params, cache, tree.states, pos[:, None] + tree.depths, spec.drafter.verify_from(model), layout
+    )  # logits: [batch, size, vocab]
     if spec.sampling.greedy:
         target = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         last = tree_lib.accept_greedy_tree(tree, target)
         final = jnp.take_along_axis(target, last[:, None], axis=1)[:, 0]
     else:
-        last, final = accept_speculative_tree(accept_rng, tree, warp(logits, spec.sampling), draft_probs,
-                                              shape.width, depth)
+        last, final = accept_speculative_tree(
+            accept_rng, tree, warp(logits, spec.sampling), draft_probs, shape.width, depth
+        )
     accepted = jnp.take_along_axis(tree.depths, last[:, None], axis=1)[:, 0]
 
     # The accepted path's entries (slots pos + node) move to slots pos + depth, in the
@@ -521,8 +585,19 @@ def _tree_round(ctx: RoundContext, spec: DecodeSpec, state: _LoopState, max_new:
     drafted_tokens = jnp.take_along_axis(tree.tokens, path[:, 1:], axis=1)  # [batch, depth]
     reached = jnp.max(jnp.where(tree.valid, tree.depths, 0), axis=1)  # the tree's depth in this row
     attempts = jnp.sum((jnp.arange(depth)[None] < reached[:, None]) & live[:, None], axis=0)
-    state, _, _ = _commit_round(spec, state, cache, carry, rng, drafted_tokens, accepted, final,
-                                max_new, jnp.full_like(accepted, shape.nodes), attempts)
+    state, _, _ = _commit_round(
+        spec,
+        state,
+        cache,
+        carry,
+        rng,
+        drafted_tokens,
+        accepted,
+        final,
+        max_new,
+        jnp.full_like(accepted, shape.nodes),
+        attempts,
+    )
     return state
 
 
@@ -532,8 +607,9 @@ def _round_fn(spec: DecodeSpec):
     return _tree_round if spec.tree.enabled else _ssd_round
 
 
-def _generate(model: VLM, spec: DecodeSpec, params, prompts: Prompts, max_new: Array, rng: Array,
-              draft_params=None) -> DecodeOutput:
+def _generate(
+    model: VLM, spec: DecodeSpec, params, prompts: Prompts, max_new: Array, rng: Array, draft_params=None
+) -> DecodeOutput:
     ctx = RoundContext(model, params, draft_params, spec.draft_depth)
     max_new = jnp.minimum(jnp.asarray(max_new, jnp.int32), spec.capacity)
     state = _prefill(ctx, prompts, spec, rng, max_new)
@@ -552,8 +628,15 @@ def compiled_programs() -> int:
     return _generate_jit._cache_size()
 
 
-def generate(model: VLM, params, prompts: Prompts, spec: DecodeSpec, max_new_tokens: int | Array,
-             rng: Array | None = None, draft_params=None) -> DecodeOutput:
+def generate(
+    model: VLM,
+    params,
+    prompts: Prompts,
+    spec: DecodeSpec,
+    max_new_tokens: int | Array,
+    rng: Array | None = None,
+    draft_params=None,
+) -> DecodeOutput:
     """Generates up to `max_new_tokens` tokens per row; see DecodeSpec.
 
     draft_params: the drafter's own params (decode.engine.drafters.ModelDrafter's small
@@ -569,14 +652,21 @@ def generate(model: VLM, params, prompts: Prompts, spec: DecodeSpec, max_new_tok
     check_inputs(model, prompts, spec, max_new_tokens)
     if isinstance(spec.drafter, ModelDrafter) and spec.mode == "ssd" and draft_params is None:
         raise ValueError("the model drafter needs its params: generate(..., draft_params=...)")
-    return _generate_jit(model, spec, params, prompts, jnp.asarray(max_new_tokens, jnp.int32), rng,
-                         draft_params)
+    return _generate_jit(model, spec, params, prompts, jnp.asarray(max_new_tokens, jnp.int32), rng, draft_params)
 
 
 # --- generate's two phases, one round at a time (for measuring a round: decode.bench.cost) --
 
-def prefill(model: VLM, params, prompts: Prompts, spec: DecodeSpec, max_new_tokens: int | Array,
-            rng: Array | None = None, draft_params=None):
+
+def prefill(
+    model: VLM,
+    params,
+    prompts: Prompts,
+    spec: DecodeSpec,
+    max_new_tokens: int | Array,
+    rng: Array | None = None,
+    draft_params=None,
+):
     """generate's prefill alone: the loop state before its first round, whose first token
     is already emitted. The state is opaque: pass it to `decode_round`. Not jitted (wrap it
     in jax.jit); the inputs are not checked (see generate)."""
@@ -607,21 +697,28 @@ def check_inputs(model: VLM, prompts: Prompts, spec: DecodeSpec, max_new_tokens)
     except jax.errors.TracerArrayConversionError:
         return
     if budgets.size and int(budgets.max()) > spec.capacity:
-        raise ValueError(f"max_new_tokens={int(budgets.max())} exceeds the program's capacity of "
-                         f"{spec.capacity} new tokens: build the DecodeSpec with capacity >= it")
+        raise ValueError(
+            f"max_new_tokens={int(budgets.max())} exceeds the program's capacity of "
+            f"{spec.capacity} new tokens: build the DecodeSpec with capacity >= it"
+        )
     width = input_ids.shape[1]
     if lengths.size and (lengths.min() < 1 or lengths.max() > width):
-        raise ValueError(f"prompt lengths must lie in [1, {width}] (the padded width), "
-                         f"got {lengths.min()}..{lengths.max()}")
+        raise ValueError(
+            f"prompt lengths must lie in [1, {width}] (the padded width), got {lengths.min()}..{lengths.max()}"
+        )
     for row, length in enumerate(lengths):
         tail = input_ids[row, length:]
         if tail.size > 1 and np.any(tail != tail[0]):
-            raise ValueError(f"prompt row {row} has varied tokens after its length {length}: it looks "
-                             "left-padded; right-pad prompts (real tokens first, then padding)")
+            raise ValueError(
+                f"prompt row {row} has varied tokens after its length {length}: it looks "
+                "left-padded; right-pad prompts (real tokens first, then padding)"
+            )
     limit = getattr(model.config.text, "position_limit", None)
     if limit is not None and lengths.size:
         needed = int(lengths.max()) + int(budgets.max()) + spec.lookahead
         if needed > limit:
-            raise ValueError(f"a prompt of {int(lengths.max())} tokens plus {int(budgets.max())} new tokens "
-                             f"(and {spec.lookahead} lookahead) needs {needed} positions, but the model's "
-                             f"learned position table has {limit}: shorten the prompt or max_new_tokens")
+            raise ValueError(
+                f"a prompt of {int(lengths.max())} tokens plus {int(budgets.max())} new tokens "
+                f"(and {spec.lookahead} lookahead) needs {needed} positions, but the model's "
+                f"learned position table has {limit}: shorten the prompt or max_new_tokens"
+            )

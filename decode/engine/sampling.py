@@ -92,8 +92,9 @@ def accept_greedy(target_tokens: Array, draft_tokens: Array, draft_lens: Array) 
     return jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
 
 
-def accept_speculative(rng: Array, target_probs: Array, draft_probs: Array, draft_tokens: Array,
-                       draft_lens: Array) -> tuple[Array, Array]:
+def accept_speculative(
+    rng: Array, target_probs: Array, draft_probs: Array, draft_tokens: Array, draft_lens: Array
+) -> tuple[Array, Array]:
     """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023).
 
     target_probs: [batch, draft_len + 1, vocab] full-model distributions after each prefix;

@@ -40,19 +40,20 @@ def ar_step(model: VLM, params, cache: KVCache, token: Array) -> tuple[Array, KV
     return model.logits(params, hidden)[:, 0], cache
 
 
-def shallow_pass(model: VLM, params, cache: KVCache, tokens: Array, positions: Array,
-                 tree: TreeSlots | None = None) -> tuple[Array, KVCache]:
+def shallow_pass(
+    model: VLM, params, cache: KVCache, tokens: Array, positions: Array, tree: TreeSlots | None = None
+) -> tuple[Array, KVCache]:
     """tokens, positions [batch, n] -> (exit-layer states [batch, n, embed], cache):
     embedding and layers [0, exit_layer), writing those layers' cache slots (at the
     positions, or at tree.slots for a token tree's nodes)."""
     hidden = model.embed(params, tokens, None, positions)
-    hidden, cache, _ = model.run_layers(params, hidden, positions, 0, model.config.draft.exit_layer, cache,
-                                        tree=tree)
+    hidden, cache, _ = model.run_layers(params, hidden, positions, 0, model.config.draft.exit_layer, cache, tree=tree)
     return hidden, cache
 
 
-def draft_step(model: VLM, params, cache: KVCache, draft_cache: KVCache | None, token: Array,
-               position: Array) -> tuple[Array, Array, KVCache, KVCache | None]:
+def draft_step(
+    model: VLM, params, cache: KVCache, draft_cache: KVCache | None, token: Array, position: Array
+) -> tuple[Array, Array, KVCache, KVCache | None]:
     """One token of the draft path: token, position [batch] -> (draft logits [batch, vocab],
     exit-layer state [batch, embed] (what verification starts from), cache, draft_cache).
     draft_cache: the imitation network's own one-layer cache, or None (an FFN imitation)."""
@@ -62,25 +63,27 @@ def draft_step(model: VLM, params, cache: KVCache, draft_cache: KVCache | None, 
     return model.logits(params, drafted)[:, 0], hidden[:, 0], cache, draft_cache
 
 
-def verify(model: VLM, params, cache: KVCache, states: Array, positions: Array, start: int,
-           tree: TreeSlots | None = None) -> tuple[Array, Array, KVCache]:
+def verify(
+    model: VLM, params, cache: KVCache, states: Array, positions: Array, start: int, tree: TreeSlots | None = None
+) -> tuple[Array, Array, KVCache]:
     """states [batch, n, embed] (state `start`), positions [batch, n] -> (logits [batch, n,
     vocab], last-layer states [batch, n, embed], cache): layers [start, L) + head. The
     imitation drafter starts at its exit layer (the shallow layers are not run again)."""
-    hidden, cache, _ = model.run_layers(params, states, positions, start, model.config.text.num_layers, cache,
-                                        tree=tree)
+    hidden, cache, _ = model.run_layers(
+        params, states, positions, start, model.config.text.num_layers, cache, tree=tree
+    )
     return model.logits(params, hidden), hidden, cache
 
 
-def verify_tokens(model: VLM, params, cache: KVCache, tokens: Array,
-                  positions: Array) -> tuple[Array, Array, KVCache]:
+def verify_tokens(model: VLM, params, cache: KVCache, tokens: Array, positions: Array) -> tuple[Array, Array, KVCache]:
     """verify from the tokens' embeddings: tokens, positions [batch, n] -> (logits [batch, n,
     vocab], last-layer states, cache): layers [0, L) + head."""
     return verify(model, params, cache, model.embed(params, tokens, None, positions), positions, 0)
 
 
-def tree_step(model: VLM, params, cache: KVCache, draft_cache: KVCache | None, tokens: Array,
-              positions: Array, tree: TreeSlots) -> tuple[Array, Array, KVCache, KVCache | None]:
+def tree_step(
+    model: VLM, params, cache: KVCache, draft_cache: KVCache | None, tokens: Array, positions: Array, tree: TreeSlots
+) -> tuple[Array, Array, KVCache, KVCache | None]:
     """One drafting step of a token tree: the nodes' tokens, positions [batch, n] (each at
     its depth past the row's pos), written at tree.slots and seeing their ancestors ->
     (draft logits [batch, n, vocab], exit-layer states [batch, n, embed], cache, draft_cache)."""
@@ -89,8 +92,7 @@ def tree_step(model: VLM, params, cache: KVCache, draft_cache: KVCache | None, t
     return model.logits(params, drafted), hidden, cache, draft_cache
 
 
-def move_path(cache: KVCache, draft_cache: KVCache | None, pos: Array,
-              path: Array) -> tuple[KVCache, KVCache | None]:
+def move_path(cache: KVCache, draft_cache: KVCache | None, pos: Array, path: Array) -> tuple[KVCache, KVCache | None]:
     """A tree's accepted path [batch, depth + 1] of table indices (root first): its entries
     at slots pos + path move to slots pos + 0..depth, in every layer of the decoder's cache
     and in the imitation network's own (pos [batch])."""

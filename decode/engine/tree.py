@@ -55,8 +55,10 @@ class TreeShape:
         if self.nodes < 0 or self.width < 1:
             raise ValueError(f"tree nodes must be >= 0 and width >= 1, got {self.nodes} and {self.width}")
         if self.nodes % self.width:
-            raise ValueError(f"tree nodes ({self.nodes}) must be a multiple of the tree width ({self.width}): "
-                             "each drafting step adds `width` nodes")
+            raise ValueError(
+                f"tree nodes ({self.nodes}) must be a multiple of the tree width ({self.width}): "
+                "each drafting step adds `width` nodes"
+            )
 
     @property
     def enabled(self) -> bool:
@@ -97,18 +99,31 @@ class Tree:
     states: Array
 
     @classmethod
-    def root(cls, tokens: Array, size: int, embed: int, dtype) -> "Tree":
+    def root(cls, tokens: Array, size: int, embed: int, dtype) -> Tree:
         """A table holding only the root, tokens [batch]."""
         batch = tokens.shape[0]
         zeros = jnp.zeros((batch, size), jnp.int32)
         ancestors = jnp.zeros((batch, size, size), bool).at[:, 0, 0].set(True)
-        return cls(tokens=zeros.at[:, 0].set(tokens), parents=zeros, depths=zeros, ranks=zeros,
-                   valid=jnp.zeros((batch, size), bool).at[:, 0].set(True),
-                   scores=jnp.zeros((batch, size), jnp.float32), ancestors=ancestors,
-                   states=jnp.zeros((batch, size, embed), dtype))
+        return cls(
+            tokens=zeros.at[:, 0].set(tokens),
+            parents=zeros,
+            depths=zeros,
+            ranks=zeros,
+            valid=jnp.zeros((batch, size), bool).at[:, 0].set(True),
+            scores=jnp.zeros((batch, size), jnp.float32),
+            ancestors=ancestors,
+            states=jnp.zeros((batch, size, embed), dtype),
+        )
 
-    def add(self, ids: Array, tokens: Array, parents: Array, scores: Array, ranks: Array | None = None,
-            valid: Array | None = None) -> "Tree":
+    def add(
+        self,
+        ids: Array,
+        tokens: Array,
+        parents: Array,
+        scores: Array,
+        ranks: Array | None = None,
+        valid: Array | None = None,
+    ) -> Tree:
         """Writes new nodes at table indices ids [batch, n] (the rest: [batch, n] each)."""
         rows = jnp.arange(ids.shape[0])[:, None]
         ranks = jnp.zeros_like(ids) if ranks is None else ranks
@@ -122,7 +137,8 @@ class Tree:
             ranks=self.ranks.at[rows, ids].set(ranks),
             valid=self.valid.at[rows, ids].set(valid),
             scores=self.scores.at[rows, ids].set(jnp.where(valid, scores, -jnp.inf)),
-            ancestors=self.ancestors.at[rows, ids].set(parent_ancestors | own))
+            ancestors=self.ancestors.at[rows, ids].set(parent_ancestors | own),
+        )
 
     def children(self, width: int) -> Array:
         """children[b, i, j]: the table index of node i's j-th child (draw order), -1 if none:
@@ -134,7 +150,8 @@ class Tree:
         table = jnp.full((batch, size, width), -1, jnp.int32)
         # Invalid nodes go to an out-of-range parent and are dropped.
         return table.at[rows, jnp.where(is_child, self.parents, size), self.ranks].set(
-            jnp.broadcast_to(index, (batch, size)).astype(jnp.int32), mode="drop")
+            jnp.broadcast_to(index, (batch, size)).astype(jnp.int32), mode="drop"
+        )
 
 
 @flax.struct.dataclass
@@ -150,15 +167,17 @@ class Candidates:
     open: Array
 
     @classmethod
-    def empty(cls, batch: int, size: int, width: int) -> "Candidates":
+    def empty(cls, batch: int, size: int, width: int) -> Candidates:
         shape = (batch, size * width)
         minus_inf = jnp.full(shape, -jnp.inf, jnp.float32)
-        return cls(tokens=jnp.zeros(shape, jnp.int32), priorities=minus_inf, scores=minus_inf,
-                   open=jnp.zeros(shape, bool))
+        return cls(
+            tokens=jnp.zeros(shape, jnp.int32), priorities=minus_inf, scores=minus_inf, open=jnp.zeros(shape, bool)
+        )
 
 
-def propose_children(candidates: Candidates, tree: Tree, ids: Array, logprobs: Array,
-                     rng: Array | None = None) -> Candidates:
+def propose_children(
+    candidates: Candidates, tree: Tree, ids: Array, logprobs: Array, rng: Array | None = None
+) -> Candidates:
     """Each node ids [batch, n] proposes `width` children from its draft log-probabilities
     logprobs [batch, n, vocab]: the top `width` (rng None, greedy), or `width` draws without
     replacement (Gumbel top-k with rng), in draw order. Tokens of probability 0 are never
@@ -187,8 +206,12 @@ def propose_children(candidates: Candidates, tree: Tree, ids: Array, logprobs: A
     def put(table, values):
         return table.at[rows, entries].set(values.reshape(entries.shape).astype(table.dtype))
 
-    return candidates.replace(tokens=put(candidates.tokens, tokens), priorities=put(candidates.priorities, priorities),
-                              scores=put(candidates.scores, scores), open=put(candidates.open, is_open))
+    return candidates.replace(
+        tokens=put(candidates.tokens, tokens),
+        priorities=put(candidates.priorities, priorities),
+        scores=put(candidates.scores, scores),
+        open=put(candidates.open, is_open),
+    )
 
 
 def grow(tree: Tree, candidates: Candidates, ids: Array) -> tuple[Tree, Candidates]:
@@ -254,8 +277,9 @@ def reject_sibling(residual: Array, draft: Array, token: Array) -> tuple[Array, 
     return residual, draft / jnp.maximum(draft_mass, 1e-30)
 
 
-def accept_speculative_tree(rng: Array, tree: Tree, target_probs: Array, draft_probs: Array, width: int,
-                            max_depth: int) -> tuple[Array, Array]:
+def accept_speculative_tree(
+    rng: Array, tree: Tree, target_probs: Array, draft_probs: Array, width: int, max_depth: int
+) -> tuple[Array, Array]:
     """Multi-draft speculative sampling down a tree: recursive rejection over siblings
     drawn without replacement (SpecInfer's multi-step speculative sampling; the
     without-replacement form of Jeon et al. 2024, "Recursive Speculative Decoding").

@@ -58,14 +58,14 @@ class Checkpoint(NamedTuple):
     image_config: Any  # fastvlm_jax.image.processing.ImageProcessorConfig or None
 
 
-def save_checkpoint(path: str | os.PathLike, config, params, tokenizer=None,
-                    image_config=None) -> epath.Path:
+def save_checkpoint(path: str | os.PathLike, config, params, tokenizer=None, image_config=None) -> epath.Path:
     """Writes a checkpoint directory (overwriting its params if present), params in their own
     dtype. `path` may be local or a bucket (fastvlm_jax.runtime.paths)."""
     path = as_path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / CONFIG_FILE).write_text(json.dumps({**config.to_dict(), FORMAT_KEY: FORMAT_VERSION},
-                                               indent=2, sort_keys=True))
+    (path / CONFIG_FILE).write_text(
+        json.dumps({**config.to_dict(), FORMAT_KEY: FORMAT_VERSION}, indent=2, sort_keys=True)
+    )
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path / PARAMS_DIR, params, force=True)
     checkpointer.wait_until_finished()
@@ -79,10 +79,12 @@ def save_checkpoint(path: str | os.PathLike, config, params, tokenizer=None,
 def _read_config_json(path: epath.Path) -> dict:
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
-        hint = (" (this looks like a Hugging Face folder: convert it first with "
-                "`python -m fastvlm_jax.convert --hf DIR --out CKPT`)"
-                if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists()
-                else "")
+        hint = (
+            " (this looks like a Hugging Face folder: convert it first with "
+            "`python -m fastvlm_jax.convert --hf DIR --out CKPT`)"
+            if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists()
+            else ""
+        )
         raise CheckpointError(f"{path} is not a fastvlm-jax checkpoint: {CONFIG_FILE} is missing{hint}")
     return json.loads(config_file.read_text())
 
@@ -90,8 +92,10 @@ def _read_config_json(path: epath.Path) -> dict:
 def format_version(path: str | os.PathLike) -> int:
     version = int(_read_config_json(as_path(path)).get(FORMAT_KEY, 1))
     if version > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format {version}, newer than this fastvlm-jax "
-                              f"reads ({FORMAT_VERSION}): upgrade fastvlm-jax")
+        raise CheckpointError(
+            f"{path} has checkpoint format {version}, newer than this fastvlm-jax "
+            f"reads ({FORMAT_VERSION}): upgrade fastvlm-jax"
+        )
     return version
 
 
@@ -115,8 +119,9 @@ def load_checkpoint(path: str | os.PathLike, mesh=None, rules=None, dtype=None) 
     if not (path / PARAMS_DIR).is_dir():
         raise CheckpointError(f"{path} has no {PARAMS_DIR}/ folder: the checkpoint is incomplete")
     boxed = VLM(config).abstract_params()
-    abstract = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, boxed,
-                            is_leaf=lambda x: hasattr(x, "names"))
+    abstract = jax.tree.map(
+        lambda x: x.value if hasattr(x, "value") else x, boxed, is_leaf=lambda x: hasattr(x, "names")
+    )
     if mesh is not None:
         shardings = sharding.param_shardings(boxed, mesh, rules or sharding.DEFAULT_RULES)
     else:
@@ -129,12 +134,15 @@ def load_checkpoint(path: str | os.PathLike, mesh=None, rules=None, dtype=None) 
         return jnp.dtype(leaf_dtype)
 
     if version == 1:
-        print(f"note: {path} is in checkpoint format 1 (one param tree per decoder layer); restacking "
-              f"it while loading. Upgrade it once with `python -m fastvlm_jax.ckpt.checkpoint --upgrade {path}`",
-              file=sys.stderr)
+        print(
+            f"note: {path} is in checkpoint format 1 (one param tree per decoder layer); restacking "
+            f"it while loading. Upgrade it once with `python -m fastvlm_jax.ckpt.checkpoint --upgrade {path}`",
+            file=sys.stderr,
+        )
         params = upgrade_params(_checkpointer().restore(path / PARAMS_DIR), abstract, path)
-        params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x).astype(wanted_dtype(x.dtype)), s),
-                              params, shardings)
+        params = jax.tree.map(
+            lambda x, s: jax.device_put(np.asarray(x).astype(wanted_dtype(x.dtype)), s), params, shardings
+        )
         return Checkpoint(config, params, _load_tokenizer(path), _load_image_config(path))
 
     saved = _saved_metadata(path / PARAMS_DIR, abstract)
@@ -159,8 +167,11 @@ def _checkpointer(shardings=None) -> ocp.StandardCheckpointer:
     processes keep orbax's collective behaviour (every process loads together).
     """
     this_process = jax.process_index()
-    devices = {d for s in jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-               for d in s.device_set}
+    devices = {
+        d
+        for s in jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+        for d in s.device_set
+    }
     if jax.process_count() == 1 or any(d.process_index != this_process for d in devices):
         return ocp.StandardCheckpointer()
     alone = ocp.options.MultiprocessingOptions(primary_host=this_process, active_processes={this_process})
@@ -174,8 +185,11 @@ def load_without_params(path: str | os.PathLike) -> Checkpoint:
 
     path = as_path(path)
     config = load_config(path)
-    abstract = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, VLM(config).abstract_params(),
-                            is_leaf=lambda x: hasattr(x, "names"))
+    abstract = jax.tree.map(
+        lambda x: x.value if hasattr(x, "value") else x,
+        VLM(config).abstract_params(),
+        is_leaf=lambda x: hasattr(x, "names"),
+    )
     saved = _saved_metadata(path / PARAMS_DIR, abstract) if format_version(path) >= 2 else {}
 
     def leaf(key, x):
@@ -217,18 +231,22 @@ def _saved_metadata(params_dir: epath.Path, abstract) -> dict:
 
 
 def _check_shapes(tree, abstract, where, flat: bool = False) -> None:
-    flat_saved = tree if flat else {jax.tree_util.keystr(k): v
-                                    for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    flat_saved = (
+        tree if flat else {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    )
     flat_wanted = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}
     missing = sorted(set(flat_wanted) - set(flat_saved))
     if missing:
-        raise CheckpointError(f"{where} lacks {len(missing)} params the config needs, "
-                              f"e.g. {missing[:3]}: config.json and params/ do not match")
+        raise CheckpointError(
+            f"{where} lacks {len(missing)} params the config needs, "
+            f"e.g. {missing[:3]}: config.json and params/ do not match"
+        )
     for key, want in flat_wanted.items():
         got = getattr(flat_saved[key], "shape", None)
         if got is not None and tuple(got) != tuple(want.shape):
-            raise CheckpointError(f"{where}: param {key} has shape {tuple(got)} but config.json "
-                                  f"needs {tuple(want.shape)}")
+            raise CheckpointError(
+                f"{where}: param {key} has shape {tuple(got)} but config.json needs {tuple(want.shape)}"
+            )
 
 
 def _load_tokenizer(path: epath.Path):
@@ -246,10 +264,15 @@ def _load_image_config(path: epath.Path):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastvlm_jax.ckpt.checkpoint",
-                                     description="Inspect or upgrade a fastvlm-jax checkpoint.")
-    parser.add_argument("--upgrade", metavar="CKPT_DIR", required=True,
-                        help="rewrite a format-1 checkpoint in the current format, in place")
+    parser = argparse.ArgumentParser(
+        prog="python -m fastvlm_jax.ckpt.checkpoint", description="Inspect or upgrade a fastvlm-jax checkpoint."
+    )
+    parser.add_argument(
+        "--upgrade",
+        metavar="CKPT_DIR",
+        required=True,
+        help="rewrite a format-1 checkpoint in the current format, in place",
+    )
     args = parser.parse_args(argv)
     try:
         if format_version(args.upgrade) == FORMAT_VERSION:

@@ -27,7 +27,7 @@ import json
 import math
 import os
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 from PIL import Image, ImageDraw
 
@@ -142,9 +142,7 @@ class Scene:
 
     def key(self) -> str:
         """Canonical description of everything captions depend on."""
-        objs = "|".join(
-            f"{o.row}{o.col}:{o.size}:{o.colour}:{o.shape}" for o in self.objects
-        )
+        objs = "|".join(f"{o.row}{o.col}:{o.size}:{o.colour}:{o.shape}" for o in self.objects)
         return f"{self.background}:{self.texture};{objs}"
 
     def to_dict(self) -> dict:
@@ -312,9 +310,7 @@ def scene_captions(scene: Scene) -> list[str]:
     if n == 1:
         sentences.append(f"it is a {_full(objs[0])} {objs[0].position}.")
     else:
-        sentences += [
-            f"the {ORDINALS[i]} is a {_full(o)} {o.position}." for i, o in enumerate(objs)
-        ]
+        sentences += [f"the {ORDINALS[i]} is a {_full(o)} {o.position}." for i, o in enumerate(objs)]
     caps.append(" ".join(sentences))
     return caps
 
@@ -430,9 +426,7 @@ def _draw_object(draw: ImageDraw.ImageDraw, o: SceneObject, side: int) -> None:
     elif o.shape == "star":
         draw.polygon(_star_points(cx, cy, r * 1.1), fill=fill)
     elif o.shape == "diamond":
-        draw.polygon(
-            [(cx, cy - r), (cx + r * 0.75, cy), (cx, cy + r), (cx - r * 0.75, cy)], fill=fill
-        )
+        draw.polygon([(cx, cy - r), (cx + r * 0.75, cy), (cx, cy + r), (cx - r * 0.75, cy)], fill=fill)
     elif o.shape == "cross":
         t = r * 0.36
         draw.rectangle([cx - r, cy - t, cx + r, cy + t], fill=fill)
@@ -457,9 +451,7 @@ def render_scene(scene: Scene, image_size: int = DEFAULT_IMAGE_SIZE) -> Image.Im
 # ----------------------------------------------------------------------------------
 
 
-def make_example(
-    split: str, index: int, image_size: int = DEFAULT_IMAGE_SIZE
-) -> tuple[Image.Image, list[str], dict]:
+def make_example(split: str, index: int, image_size: int = DEFAULT_IMAGE_SIZE) -> tuple[Image.Image, list[str], dict]:
     """Example `index` of `split`: (RGB image, 5 reference captions, scene dict)."""
     scene = make_scene(split, index)
     return render_scene(scene, image_size), scene_captions(scene), scene.to_dict()

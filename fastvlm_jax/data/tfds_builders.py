@@ -35,7 +35,8 @@ import io
 import json
 import os
 import re
-from typing import Any, ClassVar, Iterator, Mapping, Sequence, cast
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -90,8 +91,13 @@ def encoded_rgb_image(path: str | os.PathLike) -> bytes:
     return buffer.getvalue()
 
 
-def _info(builder: tfds.core.DatasetBuilder, description: str, encoding: str | None,
-          homepage: str | None = None, citation: str | None = None) -> tfds.core.DatasetInfo:
+def _info(
+    builder: tfds.core.DatasetBuilder,
+    description: str,
+    encoding: str | None,
+    homepage: str | None = None,
+    citation: str | None = None,
+) -> tfds.core.DatasetInfo:
     # DatasetInfo directly, not `dataset_info_from_configs`: that one reads metadata
     # files (README, CITATIONS.bib) from the builder's package folder.
     return tfds.core.DatasetInfo(
@@ -147,7 +153,10 @@ class SyntheticCaptions(_CaptionBuilder, skip_registration=True):
     BUILDER_CONFIGS = [
         SyntheticCaptionsConfig(name="default", description="20000/500/500 at 64x64."),
         SyntheticCaptionsConfig(
-            name="tiny", num_train=64, num_validation=16, num_test=16,
+            name="tiny",
+            num_train=64,
+            num_validation=16,
+            num_test=16,
             description="64/16/16 at 64x64, for smoke tests.",
         ),
     ]
@@ -171,11 +180,14 @@ class SyntheticCaptions(_CaptionBuilder, skip_registration=True):
         size = cast(SyntheticCaptionsConfig, self.builder_config).image_size
         for index in range(num_examples):
             image, captions, _ = synthetic.make_example(split, index, size)
-            yield index, {
-                "image_id": f"{split}_{index:06d}",
-                "image": _png_bytes(image),
-                "captions": captions,
-            }
+            yield (
+                index,
+                {
+                    "image_id": f"{split}_{index:06d}",
+                    "image": _png_bytes(image),
+                    "captions": captions,
+                },
+            )
 
 
 # ----------------------------------------------------------------------------------
@@ -269,11 +281,14 @@ def _generate_captioned(items: Sequence[CaptionedImage]):
         if not os.path.exists(item.path):
             raise FileNotFoundError(f"image listed in the annotations is missing: {item.path}")
         # Key by path: unique within a split even if two files share an image_id.
-        yield item.path, {
-            "image_id": item.image_id,
-            "image": encoded_rgb_image(item.path),
-            "captions": list(item.captions),
-        }
+        yield (
+            item.path,
+            {
+                "image_id": item.image_id,
+                "image": encoded_rgb_image(item.path),
+                "captions": list(item.captions),
+            },
+        )
 
 
 class LocalCaptions(_CaptionBuilder, skip_registration=True):
@@ -306,10 +321,7 @@ class LocalCaptions(_CaptionBuilder, skip_registration=True):
                 by_split[record.get("split", split)].append(
                     {**record, "image": os.path.join(image_dir, rel), "image_id": record.get("image_id", rel)}
                 )
-        return {
-            split: _generate_captioned(group_records(records, image_dir=""))
-            for split, records in by_split.items()
-        }
+        return {split: _generate_captioned(group_records(records, image_dir="")) for split, records in by_split.items()}
 
     def _generate_examples(self, items):  # required by the base class
         yield from _generate_captioned(items)
@@ -379,7 +391,8 @@ class CocoCaptions(_CaptionBuilder, skip_registration=True):
         CocoCaptionsConfig(name="2017", year="2017", description="COCO 2017 train/val."),
         CocoCaptionsConfig(name="2014", year="2014", description="COCO 2014 train/val."),
         CocoCaptionsConfig(
-            name="karpathy", year="karpathy",
+            name="karpathy",
+            year="karpathy",
             description="COCO 2014 images, Karpathy & Fei-Fei splits (train includes restval).",
         ),
     ]
@@ -424,7 +437,7 @@ _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 
 
 def parse_dataset_name(name: str) -> tuple[str, str | None, str | None]:
-    """"name[/config][:version]" -> (name, config or None, version or None)."""
+    """ "name[/config][:version]" -> (name, config or None, version or None)."""
     version = None
     if ":" in name:
         name, version = name.split(":", 1)
@@ -479,8 +492,11 @@ def build_dataset(
         raise TypeError(f"unexpected arguments for {base}: {sorted(config_kwargs)}")
 
     builder = cls(data_dir=data_dir or default_data_dir(), config=config, file_format="array_record")
-    mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
-            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+    mode = (
+        tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
+        if overwrite
+        else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+    )
     download_config = tfds.download.DownloadConfig(
         manual_dir=manual_dir,
         download_mode=mode,
@@ -498,10 +514,7 @@ def build_dataset(
 def _latest_version_dir(folder: epath.Path) -> epath.Path | None:
     if not folder.is_dir():
         return None
-    versions = [
-        p for p in folder.iterdir()
-        if _VERSION_RE.match(p.name) and (p / "dataset_info.json").exists()
-    ]
+    versions = [p for p in folder.iterdir() if _VERSION_RE.match(p.name) and (p / "dataset_info.json").exists()]
     if not versions:
         return None
     return max(versions, key=lambda p: tuple(int(x) for x in p.name.split(".")))
@@ -622,18 +635,18 @@ def open_split(
 
 
 def parse_tfds_spec(spec: str, default_split: str = "test") -> tuple[str, str]:
-    """"tfds:NAME[/CONFIG][:SPLIT]" -> (name, split); the "tfds:" prefix is optional.
+    """ "tfds:NAME[/CONFIG][:SPLIT]" -> (name, split); the "tfds:" prefix is optional.
 
     A version may be given as NAME[/CONFIG]:X.Y.Z[:SPLIT]. SPLIT may use TFDS slicing
     ("test[:64]").
     """
-    rest = spec[len("tfds:"):] if spec.startswith("tfds:") else spec
+    rest = spec[len("tfds:") :] if spec.startswith("tfds:") else spec
     # Split only at the first colon (and a version's): slices contain colons too.
     name, _, split = rest.partition(":")
     version = re.match(r"^(\d+\.\d+\.\d+)(?::|$)", split)
     if version:
         name = f"{name}:{version.group(1)}"
-        split = split[version.end():]
+        split = split[version.end() :]
     if not name or "[" in name:
         raise ValueError(f"bad tfds spec {spec!r}; expected tfds:NAME[/CONFIG][:SPLIT]")
     return name, split or default_split

@@ -33,7 +33,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -51,7 +51,7 @@ IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
 
 BICUBIC = int(Image.Resampling.BICUBIC)  # 3, the value HF configs store as "resample"
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
 
 
 class ImageLoadError(ValueError):
@@ -99,8 +99,9 @@ def raise_pil_pixel_limit() -> None:
         Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 
-def _reduce_for_fast_decode(image: Image.Image, fast_decode_size: tuple[int, int] | None, *,
-                            use_jpeg_draft: bool) -> Image.Image:
+def _reduce_for_fast_decode(
+    image: Image.Image, fast_decode_size: tuple[int, int] | None, *, use_jpeg_draft: bool
+) -> Image.Image:
     """Cheaply shrink a large image so that it stays at least `fast_decode_size` (width, height).
 
     JPEG files can decode at 1/2, 1/4 or 1/8 scale (PIL's JPEG "draft" mode, `Image.draft`:
@@ -245,9 +246,7 @@ def load_image(source: ImageSource, *, fast_decode_size: tuple[int, int] | None 
     elif isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
         image = _open(source, name, fast_decode_size)
     else:
-        raise TypeError(
-            f"image source must be a path, bytes, PIL image or uint8 array, got {type(source).__name__}"
-        )
+        raise TypeError(f"image source must be a path, bytes, PIL image or uint8 array, got {type(source).__name__}")
     return convert_to_rgb(image)
 
 
@@ -258,20 +257,36 @@ def load_image(source: ImageSource, *, fast_decode_size: tuple[int, int] | None 
 # image_processor_type (without "Fast"/"Pil") -> defaults of that class in transformers 5.x.
 _HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "CLIPImageProcessor": dict(
-        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, do_center_crop=True,
-        image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, default_to_square=False,
+        size={"shortest_edge": 224},
+        crop_size={"height": 224, "width": 224},
+        do_center_crop=True,
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+        default_to_square=False,
     ),
     "LlavaImageProcessor": dict(
-        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, do_center_crop=True,
-        image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, default_to_square=False,
+        size={"shortest_edge": 224},
+        crop_size={"height": 224, "width": 224},
+        do_center_crop=True,
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+        default_to_square=False,
     ),
     "SiglipImageProcessor": dict(
-        size={"height": 224, "width": 224}, crop_size=None, do_center_crop=False,
-        image_mean=IMAGENET_STANDARD_MEAN, image_std=IMAGENET_STANDARD_STD, default_to_square=False,
+        size={"height": 224, "width": 224},
+        crop_size=None,
+        do_center_crop=False,
+        image_mean=IMAGENET_STANDARD_MEAN,
+        image_std=IMAGENET_STANDARD_STD,
+        default_to_square=False,
     ),
     "BlipImageProcessor": dict(
-        size={"height": 384, "width": 384}, crop_size=None, do_center_crop=False,
-        image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, default_to_square=True,
+        size={"height": 384, "width": 384},
+        crop_size=None,
+        do_center_crop=False,
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+        default_to_square=True,
     ),
 }
 _KIND_OF_TYPE = {
@@ -331,9 +346,7 @@ class ImageProcessorConfig:
             if fixed and (self.resize_height is None or self.resize_width is None):
                 raise ValueError("resize_height and resize_width must be given together")
             if fixed == (self.shortest_edge is not None):
-                raise ValueError(
-                    "give exactly one of shortest_edge or (resize_height, resize_width) when do_resize"
-                )
+                raise ValueError("give exactly one of shortest_edge or (resize_height, resize_width) when do_resize")
         if self.do_center_crop and (self.crop_height is None or self.crop_width is None):
             raise ValueError("do_center_crop needs crop_height and crop_width")
         try:
@@ -344,17 +357,23 @@ class ImageProcessorConfig:
     # Named presets -------------------------------------------------------------------------
 
     @classmethod
-    def clip(cls, size: int = 336) -> "ImageProcessorConfig":
+    def clip(cls, size: int = 336) -> ImageProcessorConfig:
         """CLIP / LLaVA-1.5: shortest edge to `size`, center crop `size x size`, OpenAI stats."""
         return cls(kind="clip", shortest_edge=size, crop_height=size, crop_width=size)
 
     @classmethod
-    def siglip(cls, size: int = 224) -> "ImageProcessorConfig":
+    def siglip(cls, size: int = 224) -> ImageProcessorConfig:
         """SigLIP: resize to `size x size` (aspect ratio not kept), mean = std = 0.5."""
         return cls(
-            kind="siglip", shortest_edge=None, resize_height=size, resize_width=size,
-            do_center_crop=False, crop_height=None, crop_width=None,
-            image_mean=IMAGENET_STANDARD_MEAN, image_std=IMAGENET_STANDARD_STD,
+            kind="siglip",
+            shortest_edge=None,
+            resize_height=size,
+            resize_width=size,
+            do_center_crop=False,
+            crop_height=None,
+            crop_width=None,
+            image_mean=IMAGENET_STANDARD_MEAN,
+            image_std=IMAGENET_STANDARD_STD,
         )
 
     @property
@@ -369,7 +388,7 @@ class ImageProcessorConfig:
     # HF preprocessor_config.json --------------------------------------------------------------
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "ImageProcessorConfig":
+    def from_hf_dict(cls, d: dict[str, Any]) -> ImageProcessorConfig:
         """Read a Hugging Face `preprocessor_config.json` dict.
 
         Recognizes `image_processor_type` CLIPImageProcessor, LlavaImageProcessor,
@@ -457,7 +476,7 @@ class ImageProcessorConfig:
         return out
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ImageProcessorConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ImageProcessorConfig:
         """Inverse of `to_dict`; unknown keys are an error (a typo would silently change pixels)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
@@ -527,9 +546,7 @@ def _center_crop(pixels: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
     return padded[max(0, top) : min(new_h, top + crop_h), max(0, left) : min(new_w, left + crop_w)]
 
 
-def preprocess_image(
-    image: ImageSource, config: ImageProcessorConfig, *, fast_decode: bool = False
-) -> np.ndarray:
+def preprocess_image(image: ImageSource, config: ImageProcessorConfig, *, fast_decode: bool = False) -> np.ndarray:
     """One image -> float32 pixels [height, width, 3] (channels-last).
 
     Args:

@@ -13,7 +13,7 @@ sizes of our own choosing, modelled on the papers' drafters: not released checkp
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from fastvlm_jax.nn.blip2 import Blip2Config, Blip2VisionConfig, OPTConfig, QFormerConfig
 from fastvlm_jax.nn.config import ConfigError, DraftConfig, ImitationKind, TextConfig, VisionConfig
@@ -27,10 +27,24 @@ def llava15_7b(exit_layer: int = 8, kind: ImitationKind = "ffn", draft_hidden: i
     """llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14 at 336 px (576 image tokens), Vicuna-7B
     (32 layers, width 4096, FFN 11008, 32 heads, vocab 32064 with <image> at 32000)."""
     return LlavaConfig(
-        vision=VisionConfig(kind="clip", image_size=336, patch_size=14, hidden_size=1024,
-                            intermediate_size=4096, num_layers=24, num_heads=16),
-        text=TextConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_layers=32,
-                        num_heads=32, num_kv_heads=32, max_position_embeddings=4096),
+        vision=VisionConfig(
+            kind="clip",
+            image_size=336,
+            patch_size=14,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_layers=24,
+            num_heads=16,
+        ),
+        text=TextConfig(
+            vocab_size=32064,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_layers=32,
+            num_heads=32,
+            num_kv_heads=32,
+            max_position_embeddings=4096,
+        ),
         draft=DraftConfig(exit_layer=exit_layer, kind=kind, hidden_size=draft_hidden),
         vision_feature_layer=-2,
         image_token_id=32000,
@@ -42,9 +56,17 @@ def llava15_13b(exit_layer: int = 10, kind: ImitationKind = "ffn", draft_hidden:
     FFN 13824, 40 heads)."""
     base = llava15_7b(exit_layer=1)
     return base.replace(
-        text=TextConfig(vocab_size=32064, hidden_size=5120, intermediate_size=13824, num_layers=40,
-                        num_heads=40, num_kv_heads=40, max_position_embeddings=4096),
-        draft=DraftConfig(exit_layer=exit_layer, kind=kind, hidden_size=draft_hidden))
+        text=TextConfig(
+            vocab_size=32064,
+            hidden_size=5120,
+            intermediate_size=13824,
+            num_layers=40,
+            num_heads=40,
+            num_kv_heads=40,
+            max_position_embeddings=4096,
+        ),
+        draft=DraftConfig(exit_layer=exit_layer, kind=kind, hidden_size=draft_hidden),
+    )
 
 
 def blip2_opt_2_7b(exit_layer: int = 8, kind: ImitationKind = "ffn", draft_hidden: int = 0) -> Blip2Config:
@@ -53,15 +75,39 @@ def blip2_opt_2_7b(exit_layer: int = 8, kind: ImitationKind = "ffn", draft_hidde
     cross-attention every 2nd layer, 32 queries), OPT-2.7b (32 layers, width 2560, FFN
     10240, vocab 50304 with the image token at 50265)."""
     return Blip2Config(
-        vision=Blip2VisionConfig(image_size=224, patch_size=14, hidden_size=1408, intermediate_size=6144,
-                                 num_layers=39, num_heads=16, layer_norm_eps=1e-6, hidden_act="gelu",
-                                 qkv_bias=True),
-        qformer=QFormerConfig(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12,
-                              layer_norm_eps=1e-12, hidden_act="gelu", cross_attention_frequency=2),
-        text=OPTConfig(vocab_size=50304, hidden_size=2560, intermediate_size=10240, num_layers=32,
-                       num_heads=32, max_position_embeddings=2048, do_layer_norm_before=True,
-                       hidden_act="relu", tie_word_embeddings=True, bos_token_id=2,
-                       eos_token_id=BLIP2_OPT_EOS_NEWLINE_ID),
+        vision=Blip2VisionConfig(
+            image_size=224,
+            patch_size=14,
+            hidden_size=1408,
+            intermediate_size=6144,
+            num_layers=39,
+            num_heads=16,
+            layer_norm_eps=1e-6,
+            hidden_act="gelu",
+            qkv_bias=True,
+        ),
+        qformer=QFormerConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_layers=12,
+            num_heads=12,
+            layer_norm_eps=1e-12,
+            hidden_act="gelu",
+            cross_attention_frequency=2,
+        ),
+        text=OPTConfig(
+            vocab_size=50304,
+            hidden_size=2560,
+            intermediate_size=10240,
+            num_layers=32,
+            num_heads=32,
+            max_position_embeddings=2048,
+            do_layer_norm_before=True,
+            hidden_act="relu",
+            tie_word_embeddings=True,
+            bos_token_id=2,
+            eos_token_id=BLIP2_OPT_EOS_NEWLINE_ID,
+        ),
         draft=DraftConfig(exit_layer=exit_layer, kind=kind, hidden_size=draft_hidden),
         num_query_tokens=32,
         image_token_id=50265,
@@ -85,9 +131,17 @@ def llava_draft(num_layers: int) -> LlavaConfig:
     LLaMA-68M / LLaMA-160M drafts Spec-LLaVA starts from; not a released checkpoint."""
     base = llava15_7b(exit_layer=1)
     return base.replace(
-        text=TextConfig(vocab_size=32064, hidden_size=768, intermediate_size=3072, num_layers=num_layers,
-                        num_heads=12, num_kv_heads=12, max_position_embeddings=4096),
-        draft=DraftConfig(exit_layer=1))
+        text=TextConfig(
+            vocab_size=32064,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_layers=num_layers,
+            num_heads=12,
+            num_kv_heads=12,
+            max_position_embeddings=4096,
+        ),
+        draft=DraftConfig(exit_layer=1),
+    )
 
 
 ARCHITECTURES: dict[str, Callable[[], object]] = {

@@ -118,8 +118,7 @@ class OPTConfig:
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
-            raise ConfigError(
-                f"hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
+            raise ConfigError(f"hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
 
     # The engine and the KV cache read these names (shared with the LLaMA TextConfig).
     @property
@@ -156,8 +155,12 @@ class Blip2Config(ModelConfigMixin):
     image_token_id: int = 50265
     model_type: str = "blip-2"
 
-    SUB_CONFIGS: ClassVar[dict[str, type]] = {"vision": Blip2VisionConfig, "qformer": QFormerConfig,
-                                              "text": OPTConfig, "draft": DraftConfig}
+    SUB_CONFIGS: ClassVar[dict[str, type]] = {
+        "vision": Blip2VisionConfig,
+        "qformer": QFormerConfig,
+        "text": OPTConfig,
+        "draft": DraftConfig,
+    }
 
     def __post_init__(self):
         if self.model_type != "blip-2":
@@ -180,17 +183,20 @@ class Blip2Config(ModelConfigMixin):
         return self.num_query_tokens
 
 
-
 # --- shared pieces --------------------------------------------------------------------------
 
 
 def layer_norm(eps: float, name: str, affine: bool = True) -> nn.LayerNorm:
     """torch-style LayerNorm (two-pass variance) with logical axes on its parameters."""
     return nn.LayerNorm(
-        epsilon=eps, use_bias=affine, use_scale=affine, use_fast_variance=False,
+        epsilon=eps,
+        use_bias=affine,
+        use_scale=affine,
+        use_fast_variance=False,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-        name=name)
+        name=name,
+    )
 
 
 # --- vision encoder -------------------------------------------------------------------------
@@ -208,16 +214,13 @@ class Blip2VisionLayer(nn.Module):
         cfg = self.config
         dim = cfg.hidden_size
         h = layer_norm(cfg.layer_norm_eps, "layer_norm1")(x)
-        qkv = dense(3 * dim, ("embed", "heads"), use_bias=cfg.qkv_bias, dtype=self.dtype,
-                    name="qkv")(h)
+        qkv = dense(3 * dim, ("embed", "heads"), use_bias=cfg.qkv_bias, dtype=self.dtype, name="qkv")(h)
         q, k, v = (split_heads(t, cfg.num_heads) for t in jnp.split(qkv, 3, axis=-1))
-        h = dense(dim, ("heads", "embed"), use_bias=True, dtype=self.dtype,
-                  name="projection")(full_attention(q, k, v))
+        h = dense(dim, ("heads", "embed"), use_bias=True, dtype=self.dtype, name="projection")(full_attention(q, k, v))
         x = x + h
         h = layer_norm(cfg.layer_norm_eps, "layer_norm2")(x)
         h = dense(cfg.intermediate_size, ("embed", "mlp"), use_bias=True, dtype=self.dtype, name="fc1")(h)
-        h = dense(dim, ("mlp", "embed"), use_bias=True, dtype=self.dtype,
-                  name="fc2")(activation(cfg.hidden_act)(h))
+        h = dense(dim, ("mlp", "embed"), use_bias=True, dtype=self.dtype, name="fc2")(activation(cfg.hidden_act)(h))
         return x + h
 
 
@@ -231,9 +234,16 @@ class Blip2VisionEncoder(nn.Module):
     def __call__(self, pixels: Array) -> Array:
         """pixels: [batch, height, width, channels] -> [batch, 1 + num_patches, dim]."""
         cfg = self.config
-        x = vit_embeddings(self, pixels, patch_size=cfg.patch_size, hidden_size=cfg.hidden_size,
-                           patch_bias=True, class_token=True, num_positions=cfg.num_patches + 1,
-                           dtype=self.dtype)
+        x = vit_embeddings(
+            self,
+            pixels,
+            patch_size=cfg.patch_size,
+            hidden_size=cfg.hidden_size,
+            patch_bias=True,
+            class_token=True,
+            num_positions=cfg.num_patches + 1,
+            dtype=self.dtype,
+        )
         for i in range(cfg.num_layers):
             x = Blip2VisionLayer(cfg, self.dtype, name=f"layers_{i}")(x)
         return layer_norm(cfg.layer_norm_eps, "post_layernorm")(x)
@@ -276,8 +286,9 @@ class QFormerLayer(nn.Module):
         if self.has_cross_attention:
             x = QFormerAttention(cfg, self.dtype, name="cross_attn")(x, image)
         h = dense(cfg.intermediate_size, ("embed", "mlp"), use_bias=True, dtype=self.dtype, name="fc1")(x)
-        h = dense(cfg.hidden_size, ("mlp", "embed"), use_bias=True, dtype=self.dtype,
-                  name="fc2")(activation(cfg.hidden_act)(h))
+        h = dense(cfg.hidden_size, ("mlp", "embed"), use_bias=True, dtype=self.dtype, name="fc2")(
+            activation(cfg.hidden_act)(h)
+        )
         return layer_norm(cfg.layer_norm_eps, "ffn_norm")(h + x)
 
 
@@ -295,7 +306,9 @@ class QFormer(nn.Module):
         queries = self.param(
             "query_tokens",
             nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), (None, "embed")),
-            (self.num_query_tokens, cfg.hidden_size), unbox=True)  # flax's default; typed as the array
+            (self.num_query_tokens, cfg.hidden_size),
+            unbox=True,
+        )  # flax's default; typed as the array
         x = jnp.broadcast_to(queries.astype(self.dtype), (image.shape[0], *queries.shape))
         x = layer_norm(cfg.layer_norm_eps, "layernorm")(x)
         for i in range(cfg.num_layers):
@@ -314,8 +327,15 @@ class OPTAttention(nn.Module):
     zero_init_out: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, cache: KVCache | None = None,
-                 layer: Array | int = 0, key_mask: Array | None = None, tree: TreeSlots | None = None):
+    def __call__(
+        self,
+        x: Array,
+        positions: Array,
+        cache: KVCache | None = None,
+        layer: Array | int = 0,
+        key_mask: Array | None = None,
+        tree: TreeSlots | None = None,
+    ):
         """x: [batch, seq, hidden]; positions: [batch, seq] absolute.
 
         cache: the stacked KV cache; the new entries are written into its layer `layer` at
@@ -325,15 +345,20 @@ class OPTAttention(nn.Module):
         cfg = self.config
 
         def proj(name):
-            out = dense(cfg.hidden_size, ("embed", "heads"), use_bias=cfg.enable_bias,
-                        dtype=self.dtype, name=name)(x)
+            out = dense(cfg.hidden_size, ("embed", "heads"), use_bias=cfg.enable_bias, dtype=self.dtype, name=name)(x)
             return split_heads(out, cfg.num_heads)
 
         q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
         out, cache = causal_attention(q, k, v, positions, cache, layer, key_mask, self.dtype, tree)
         out = out.reshape(*x.shape[:2], cfg.hidden_size)
-        out = dense(cfg.hidden_size, ("heads", "embed"), use_bias=cfg.enable_bias, dtype=self.dtype,
-                    name="out_proj", zero_init=self.zero_init_out)(out)
+        out = dense(
+            cfg.hidden_size,
+            ("heads", "embed"),
+            use_bias=cfg.enable_bias,
+            dtype=self.dtype,
+            name="out_proj",
+            zero_init=self.zero_init_out,
+        )(out)
         return out, cache
 
 
@@ -351,8 +376,15 @@ class OPTLayer(nn.Module):
     pre_norm: bool | None = None
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, cache: KVCache | None = None,
-                 layer: Array | int = 0, key_mask: Array | None = None, tree: TreeSlots | None = None):
+    def __call__(
+        self,
+        x: Array,
+        positions: Array,
+        cache: KVCache | None = None,
+        layer: Array | int = 0,
+        key_mask: Array | None = None,
+        tree: TreeSlots | None = None,
+    ):
         """x: [batch, seq, hidden] -> ([batch, seq, hidden], cache); see OPTAttention."""
         cfg = self.config
         pre = cfg.do_layer_norm_before if self.pre_norm is None else self.pre_norm
@@ -361,15 +393,27 @@ class OPTLayer(nn.Module):
         ffn_norm = layer_norm(cfg.layer_norm_eps, "final_layer_norm", affine)
 
         h, cache = OPTAttention(cfg, self.dtype, self.zero_init_out, name="self_attn")(
-            attn_norm(x) if pre else x, positions, cache, layer, key_mask, tree)
+            attn_norm(x) if pre else x, positions, cache, layer, key_mask, tree
+        )
         x = x + h
         if not pre:
             x = attn_norm(x)
         h = ffn_norm(x) if pre else x
-        h = dense(self.intermediate_size or cfg.intermediate_size, ("embed", "mlp"),
-                  use_bias=cfg.enable_bias, dtype=self.dtype, name="fc1")(h)
-        h = dense(cfg.hidden_size, ("mlp", "embed"), use_bias=cfg.enable_bias, dtype=self.dtype,
-                  name="fc2", zero_init=self.zero_init_out)(activation(cfg.hidden_act)(h))
+        h = dense(
+            self.intermediate_size or cfg.intermediate_size,
+            ("embed", "mlp"),
+            use_bias=cfg.enable_bias,
+            dtype=self.dtype,
+            name="fc1",
+        )(h)
+        h = dense(
+            cfg.hidden_size,
+            ("mlp", "embed"),
+            use_bias=cfg.enable_bias,
+            dtype=self.dtype,
+            name="fc2",
+            zero_init=self.zero_init_out,
+        )(activation(cfg.hidden_act)(h))
         x = x + h
         if not pre:
             x = ffn_norm(x)
@@ -391,24 +435,32 @@ class OPTDecoder(nn.Module):
     def setup(self):
         cfg = self.config
         self.embed_tokens = nn.Embed(
-            cfg.vocab_size, cfg.embed_dim, dtype=self.dtype,
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD),
-                                                        ("vocab", "embed")))
+            cfg.vocab_size,
+            cfg.embed_dim,
+            dtype=self.dtype,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("vocab", "embed")),
+        )
         self.embed_positions = self.param(
             "embed_positions",
             nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("positions", "embed")),
-            (cfg.max_position_embeddings + OPT_POSITION_OFFSET, cfg.hidden_size), unbox=True)  # (as above)
+            (cfg.max_position_embeddings + OPT_POSITION_OFFSET, cfg.hidden_size),
+            unbox=True,
+        )  # (as above)
         if cfg.embed_dim != cfg.hidden_size:
             self.project_in = _setup_dense(cfg.hidden_size, ("embed_out", "embed"), self.dtype)
             self.project_out = _setup_dense(cfg.embed_dim, ("embed", "embed_out"), self.dtype)
-        self.layers = self.param("layers", functools.partial(
-            init_layer_stack, self._layer(), cfg.num_layers, cfg.hidden_size))
+        self.layers = self.param(
+            "layers", functools.partial(init_layer_stack, self._layer(), cfg.num_layers, cfg.hidden_size)
+        )
         if cfg.has_final_layer_norm:
             self.final_layer_norm = nn.LayerNorm(
-                epsilon=cfg.layer_norm_eps, use_bias=cfg.layer_norm_elementwise_affine,
-                use_scale=cfg.layer_norm_elementwise_affine, use_fast_variance=False,
+                epsilon=cfg.layer_norm_eps,
+                use_bias=cfg.layer_norm_elementwise_affine,
+                use_scale=cfg.layer_norm_elementwise_affine,
+                use_fast_variance=False,
                 scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+            )
         if not cfg.tie_word_embeddings:
             self.lm_head = _setup_dense(cfg.vocab_size, ("embed", "vocab"), self.dtype)
 
@@ -430,12 +482,33 @@ class OPTDecoder(nn.Module):
         rows = jnp.take(self.embed_positions, positions + OPT_POSITION_OFFSET, axis=0, mode="clip")
         return embeds + rows.astype(embeds.dtype)
 
-    def run_layers(self, hidden: Array, positions: Array, start: int, stop: int,
-                   cache: KVCache | None = None, key_mask: Array | None = None,
-                   collect: tuple[int, ...] = (), tree: TreeSlots | None = None, remat: str = "none"):
+    def run_layers(
+        self,
+        hidden: Array,
+        positions: Array,
+        start: int,
+        stop: int,
+        cache: KVCache | None = None,
+        key_mask: Array | None = None,
+        collect: tuple[int, ...] = (),
+        tree: TreeSlots | None = None,
+        remat: str = "none",
+    ):
         """Runs layers [start, stop); see `fastvlm_jax.nn.llava.TextDecoder.run_layers`."""
-        return run_layer_stack(self._layer(), self.layers, hidden, positions, start, stop, cache,
-                               key_mask, collect, self.unroll_layers, tree, remat)
+        return run_layer_stack(
+            self._layer(),
+            self.layers,
+            hidden,
+            positions,
+            start,
+            stop,
+            cache,
+            key_mask,
+            collect,
+            self.unroll_layers,
+            tree,
+            remat,
+        )
 
     def logits(self, hidden: Array) -> Array:
         """[batch, seq, hidden] -> [batch, seq, vocab] float32."""
@@ -456,9 +529,13 @@ class OPTDecoder(nn.Module):
 
 def _setup_dense(features: int, axes: tuple[str, str], dtype: DType, use_bias: bool = False) -> nn.Dense:
     """A Dense for `setup` (named by its attribute) with logical axes."""
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype,
-                    kernel_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), axes),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)))
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
+    )
 
 
 class OPTImitationNetwork(nn.Module):
@@ -472,28 +549,35 @@ class OPTImitationNetwork(nn.Module):
     dtype: DType = jnp.float32
 
     @nn.compact
-    def __call__(self, hidden: Array, positions: Array, cache: KVCache | None = None,
-                 key_mask: Array | None = None, tree: TreeSlots | None = None):
+    def __call__(
+        self,
+        hidden: Array,
+        positions: Array,
+        cache: KVCache | None = None,
+        key_mask: Array | None = None,
+        tree: TreeSlots | None = None,
+    ):
         """hidden: [batch, seq, hidden] (state exit_layer) -> ([batch, seq, hidden], cache)."""
         cfg = self.text
         width = self.draft.hidden_size or cfg.intermediate_size
         if self.draft.kind == "ffn":
             h = layer_norm(cfg.layer_norm_eps, "norm")(hidden)
             h = dense(width, ("embed", "mlp"), use_bias=True, dtype=self.dtype, name="fc1")(h)
-            h = dense(cfg.hidden_size, ("mlp", "embed"), use_bias=True, dtype=self.dtype, name="fc2",
-                      zero_init=True)(activation(cfg.hidden_act)(h))
+            h = dense(cfg.hidden_size, ("mlp", "embed"), use_bias=True, dtype=self.dtype, name="fc2", zero_init=True)(
+                activation(cfg.hidden_act)(h)
+            )
             return hidden + h, cache
         if self.draft.kind == "layer":
-            layer = OPTLayer(cfg, self.dtype, intermediate_size=width, zero_init_out=True,
-                             pre_norm=True, name="layer")
+            layer = OPTLayer(cfg, self.dtype, intermediate_size=width, zero_init_out=True, pre_norm=True, name="layer")
             return layer(hidden, positions, cache, 0, key_mask, tree)
         raise ValueError(f"unknown imitation network kind {self.draft.kind!r}: use 'ffn' or 'layer'")
 
 
-def init_imitation(config: "Blip2Config", rng: Array, dtype: DType = jnp.float32):
+def init_imitation(config: Blip2Config, rng: Array, dtype: DType = jnp.float32):
     """Fresh (unboxed) imitation-network params alone (the identity draft)."""
-    return init_imitation_params(OPTImitationNetwork(config.text, config.draft, dtype),
-                                 config.text.hidden_size, rng, dtype)
+    return init_imitation_params(
+        OPTImitationNetwork(config.text, config.draft, dtype), config.text.hidden_size, rng, dtype
+    )
 
 
 # --- the whole model ------------------------------------------------------------------------
@@ -512,8 +596,7 @@ class Blip2Module(FamilyModule):
         cfg = self.config
         self.vision_tower = Blip2VisionEncoder(cfg.vision, self.dtype)
         self.qformer = QFormer(cfg.qformer, cfg.num_query_tokens, self.dtype)
-        self.projector = _setup_dense(cfg.text.hidden_size, ("embed", "embed_out"), self.dtype,
-                                      use_bias=True)
+        self.projector = _setup_dense(cfg.text.hidden_size, ("embed", "embed_out"), self.dtype, use_bias=True)
         self.language_model = OPTDecoder(cfg.text, self.dtype, self.unroll_layers)
         self.imitation = OPTImitationNetwork(cfg.text, cfg.draft, self.dtype)
         self.eagle = make_eagle_head(cfg, self.dtype)
@@ -522,8 +605,7 @@ class Blip2Module(FamilyModule):
         """pixels: [batch, height, width, 3] -> [batch, num_query_tokens, text hidden]."""
         return self.projector(self.qformer(self.vision_tower(pixels)))
 
-    def embed(self, input_ids: Array, image_features: Array | None = None,
-              positions: Array | None = None) -> Array:
+    def embed(self, input_ids: Array, image_features: Array | None = None, positions: Array | None = None) -> Array:
         """State 0: token embeddings, image tokens replaced in order, + OPT positions.
 
         input_ids: [batch, seq]; image_features: [batch, num_query_tokens, hidden];

@@ -40,35 +40,56 @@ class FamilyModule(nn.Module):
         """[batch, height, width, channels] -> image tokens [batch, num_image_tokens, embed]."""
         raise NotImplementedError
 
-    def embed(self, input_ids: Array, image_features: Array | None = None,
-              positions: Array | None = None) -> Array:
+    def embed(self, input_ids: Array, image_features: Array | None = None, positions: Array | None = None) -> Array:
         """[batch, seq] ids (image placeholders replaced by image tokens) -> state 0
         [batch, seq, embed]. positions: [batch, seq] absolute (default 0..seq-1)."""
         raise NotImplementedError
 
-    def run_layers(self, hidden: Array, positions: Array, start: int, stop: int,
-                   cache: KVCache | None = None, key_mask: Array | None = None,
-                   collect: tuple[int, ...] = (), tree: TreeSlots | None = None, remat: str = "none"):
+    def run_layers(
+        self,
+        hidden: Array,
+        positions: Array,
+        start: int,
+        stop: int,
+        cache: KVCache | None = None,
+        key_mask: Array | None = None,
+        collect: tuple[int, ...] = (),
+        tree: TreeSlots | None = None,
+        remat: str = "none",
+    ):
         """Decoder layers [start, stop) over the stacked params -> (state stop, cache,
         {index: state}); see `fastvlm_jax.nn.layers.run_layer_stack`."""
-        return self.language_model.run_layers(hidden, positions, start, stop, cache, key_mask, collect, tree,
-                                              remat)
+        return self.language_model.run_layers(hidden, positions, start, stop, cache, key_mask, collect, tree, remat)
 
     def logits(self, hidden: Array) -> Array:
         """[batch, seq, embed] -> float32 [batch, seq, vocab] (final norm + LM head)."""
         return self.language_model.logits(hidden)
 
-    def imitate(self, hidden: Array, positions: Array, cache: KVCache | None = None,
-                key_mask: Array | None = None, tree: TreeSlots | None = None):
+    def imitate(
+        self,
+        hidden: Array,
+        positions: Array,
+        cache: KVCache | None = None,
+        key_mask: Array | None = None,
+        tree: TreeSlots | None = None,
+    ):
         """Exit-layer states -> (draft states, the imitation network's own cache or None)."""
         return self.imitation(hidden, positions, cache, key_mask, tree)
 
-    def eagle_draft(self, features: Array, embeds: Array, positions: Array, cache: KVCache | None = None,
-                    key_mask: Array | None = None, tree: TreeSlots | None = None):
+    def eagle_draft(
+        self,
+        features: Array,
+        embeds: Array,
+        positions: Array,
+        cache: KVCache | None = None,
+        key_mask: Array | None = None,
+        tree: TreeSlots | None = None,
+    ):
         """The EAGLE head (fastvlm_jax.nn.eagle): (f_t, e_{t+1}) at t -> (predicted f_{t+1}, cache)."""
         if self.eagle is None:
-            raise ValueError("this model has no EAGLE head (draft.eagle_layers=0): train one with the "
-                             "'eagle' stage of train.run")
+            raise ValueError(
+                "this model has no EAGLE head (draft.eagle_layers=0): train one with the 'eagle' stage of train.run"
+            )
         return self.eagle(features, embeds, positions, cache, key_mask, tree)
 
     def __call__(self, input_ids: Array, pixels: Array, positions: Array | None = None):
@@ -87,8 +108,7 @@ def init_imitation_params(network: nn.Module, hidden_size: int, rng: Array, dtyp
     return nn.meta.unbox(network.init(rng, hidden, positions)["params"])
 
 
-def merge_image_features(embeds: Array, input_ids: Array, image_features: Array,
-                         image_token_id: int) -> Array:
+def merge_image_features(embeds: Array, input_ids: Array, image_features: Array, image_token_id: int) -> Array:
     """Replaces the image placeholder tokens, in order, by the image features.
 
     embeds: [batch, seq, embed]; input_ids: [batch, seq];
@@ -110,8 +130,7 @@ def full_and_draft_logits(module, input_ids: Array, pixels: Array, positions: Ar
         positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
     hidden = module.embed(input_ids, module.encode_images(pixels), positions)
     exit_layer = module.config.draft.exit_layer
-    h_last, _, states = module.run_layers(hidden, positions, 0, module.config.text.num_layers,
-                                          collect=(exit_layer,))
+    h_last, _, states = module.run_layers(hidden, positions, 0, module.config.text.num_layers, collect=(exit_layer,))
     draft_hidden, _ = module.imitate(states[exit_layer], positions)
     if getattr(module, "eagle", None) is not None:  # traced so that init creates its params
         module.eagle_draft(h_last, hidden, positions)

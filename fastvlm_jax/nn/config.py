@@ -77,9 +77,7 @@ class TextConfig:
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(
-                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
-            )
+            raise ConfigError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
 
 
 @dataclasses.dataclass(frozen=True)

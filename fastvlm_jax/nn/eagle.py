@@ -33,11 +33,16 @@ def head_text_config(text, draft: DraftConfig) -> TextConfig:
     width and heads as the model (so it reads its features), its own FFN width."""
     heads = text.num_heads
     return TextConfig(
-        vocab_size=text.vocab_size, hidden_size=text.hidden_size,
-        intermediate_size=draft.eagle_hidden_size or text.intermediate_size, num_layers=1,
-        num_heads=heads, num_kv_heads=getattr(text, "num_kv_heads", heads),
-        head_dim=getattr(text, "head_dim", None), rms_norm_eps=getattr(text, "rms_norm_eps", 1e-5),
-        rope_theta=getattr(text, "rope_theta", 10000.0))
+        vocab_size=text.vocab_size,
+        hidden_size=text.hidden_size,
+        intermediate_size=draft.eagle_hidden_size or text.intermediate_size,
+        num_layers=1,
+        num_heads=heads,
+        num_kv_heads=getattr(text, "num_kv_heads", heads),
+        head_dim=getattr(text, "head_dim", None),
+        rms_norm_eps=getattr(text, "rms_norm_eps", 1e-5),
+        rope_theta=getattr(text, "rope_theta", 10000.0),
+    )
 
 
 class EagleHead(nn.Module):
@@ -48,13 +53,24 @@ class EagleHead(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, features: Array, embeds: Array, positions: Array, cache: KVCache | None = None,
-                 key_mask: Array | None = None, tree: TreeSlots | None = None):
+    def __call__(
+        self,
+        features: Array,
+        embeds: Array,
+        positions: Array,
+        cache: KVCache | None = None,
+        key_mask: Array | None = None,
+        tree: TreeSlots | None = None,
+    ):
         eps = self.text.rms_norm_eps
-        joined = jnp.concatenate([RMSNorm(eps, name="feature_norm")(features.astype(self.dtype)),
-                                  RMSNorm(eps, name="embed_norm")(embeds.astype(self.dtype))], axis=-1)
-        x = dense(self.text.hidden_size, ("mlp", "embed"), use_bias=False, dtype=self.dtype,
-                  name="fuse")(joined)
+        joined = jnp.concatenate(
+            [
+                RMSNorm(eps, name="feature_norm")(features.astype(self.dtype)),
+                RMSNorm(eps, name="embed_norm")(embeds.astype(self.dtype)),
+            ],
+            axis=-1,
+        )
+        x = dense(self.text.hidden_size, ("mlp", "embed"), use_bias=False, dtype=self.dtype, name="fuse")(joined)
         return DecoderLayer(self.text, self.dtype, name="layer")(x, positions, cache, 0, key_mask, tree)
 
 
@@ -102,8 +118,9 @@ def compress(values: Array, positions: Array, slots: Array, is_image: Array, mod
     batch, seq = slots.shape
     rows = jnp.arange(batch)[:, None]
     first = jnp.concatenate([jnp.ones((batch, 1), bool), slots[:, 1:] != slots[:, :-1]], axis=1)
-    by_slot_pos = jnp.zeros((batch, seq), positions.dtype).at[rows, jnp.where(first, slots, seq)].set(
-        positions, mode="drop")
+    by_slot_pos = (
+        jnp.zeros((batch, seq), positions.dtype).at[rows, jnp.where(first, slots, seq)].set(positions, mode="drop")
+    )
     if mode == "prune":
         picked = jnp.where(first, slots, seq)
         return jnp.zeros_like(values).at[rows, picked].set(values, mode="drop"), by_slot_pos

@@ -10,7 +10,8 @@ asking which family it holds.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -46,11 +47,26 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    family.name: family for family in (
-        Family("llava", LlavaConfig, LlavaModule, llava_init_imitation, "fastvlm_jax.ckpt.convert.llava",
-               "sentencepiece", LlavaPrompts()),
-        Family("blip-2", Blip2Config, Blip2Module, blip2_init_imitation, "fastvlm_jax.ckpt.convert.blip2",
-               "bpe", Blip2Prompts()),
+    family.name: family
+    for family in (
+        Family(
+            "llava",
+            LlavaConfig,
+            LlavaModule,
+            llava_init_imitation,
+            "fastvlm_jax.ckpt.convert.llava",
+            "sentencepiece",
+            LlavaPrompts(),
+        ),
+        Family(
+            "blip-2",
+            Blip2Config,
+            Blip2Module,
+            blip2_init_imitation,
+            "fastvlm_jax.ckpt.convert.blip2",
+            "bpe",
+            Blip2Prompts(),
+        ),
     )
 }
 
@@ -89,8 +105,7 @@ def default_question(model_type: str) -> str:
     return _layout(model_type).default_question
 
 
-def prompt_ids_for(model_type: str, tokenizer: Tokenizer, question: str,
-                   num_image_tokens: int) -> list[int]:
+def prompt_ids_for(model_type: str, tokenizer: Tokenizer, question: str, num_image_tokens: int) -> list[int]:
     """Prompt ids for one image and `question` in `model_type`'s layout."""
     return _layout(model_type).prompt_ids(tokenizer, question, num_image_tokens)
 

@@ -33,11 +33,9 @@ class KVCache:
         def replace(self, **changes: Any) -> KVCache: ...
 
     @classmethod
-    def zeros(cls, num_layers: int, batch: int, slots: int, kv_heads: int, head_dim: int,
-              dtype=jnp.float32) -> "KVCache":
+    def zeros(cls, num_layers: int, batch: int, slots: int, kv_heads: int, head_dim: int, dtype=jnp.float32) -> KVCache:
         shape = (num_layers, batch, kv_heads, slots, head_dim)
-        return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
-                   pos=jnp.zeros((batch,), jnp.int32))
+        return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype), pos=jnp.zeros((batch,), jnp.int32))
 
     @property
     def num_layers(self) -> int:
@@ -48,7 +46,7 @@ class KVCache:
         """Cache slots per row (prompt + new tokens + a round's lookahead)."""
         return self.keys.shape[3]
 
-    def write(self, layer: Array | int, keys: Array, values: Array, positions: Array) -> "KVCache":
+    def write(self, layer: Array | int, keys: Array, values: Array, positions: Array) -> KVCache:
         """Scatters one layer's new entries at per-row positions.
 
         layer: scalar layer index (may be traced); keys/values: [batch, seq, kv_heads,
@@ -67,10 +65,12 @@ class KVCache:
 
     def layer(self, layer: Array | int) -> tuple[Array, Array]:
         """Keys and values of one layer: ([batch, kv_heads, slots, head_dim],) * 2."""
-        return (jax.lax.dynamic_index_in_dim(self.keys, layer, 0, keepdims=False),
-                jax.lax.dynamic_index_in_dim(self.values, layer, 0, keepdims=False))
+        return (
+            jax.lax.dynamic_index_in_dim(self.keys, layer, 0, keepdims=False),
+            jax.lax.dynamic_index_in_dim(self.values, layer, 0, keepdims=False),
+        )
 
-    def move_slots(self, sources: Array, targets: Array) -> "KVCache":
+    def move_slots(self, sources: Array, targets: Array) -> KVCache:
         """Copies the entries at slots sources [batch, n] to slots targets [batch, n] of the
         same row, in every layer: one gather and one scatter over the whole stack (a token
         tree's accepted path, moved to contiguous slots). All sources are read before any
@@ -86,7 +86,7 @@ class KVCache:
 
         return self.replace(keys=move(self.keys), values=move(self.values))
 
-    def advance(self, counts: Array) -> "KVCache":
+    def advance(self, counts: Array) -> KVCache:
         """Commits `counts` [batch] more tokens per row."""
         return self.replace(pos=self.pos + counts.astype(jnp.int32))
 

@@ -38,8 +38,9 @@ def activation(name: str):
     return table[name]
 
 
-def dense(features: int, axes: tuple[str, str], *, use_bias: bool, dtype: DType,
-          name: str, zero_init: bool = False) -> nn.Dense:
+def dense(
+    features: int, axes: tuple[str, str], *, use_bias: bool, dtype: DType, name: str, zero_init: bool = False
+) -> nn.Dense:
     """A Dense layer whose kernel and bias carry logical axis names."""
     kernel_init = nn.initializers.zeros if zero_init else nn.initializers.normal(INIT_STD)
     return nn.Dense(
@@ -59,9 +60,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],)
-        )
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],))
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return jnp.asarray(scale, x.dtype) * normed.astype(x.dtype)
@@ -126,16 +125,24 @@ def attend(query: Array, keys: Array, values: Array, mask: Array) -> Array:
     kv_heads = keys.shape[1]
     query = query.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
     logits = jnp.einsum("bqkgd,bktd->bkgqt", query, keys).astype(jnp.float32)
-    logits = logits * (head_dim ** -0.5)
+    logits = logits * (head_dim**-0.5)
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
     out = jnp.einsum("bkgqt,bktd->bqkgd", probs, values)
     return out.reshape(batch, q_len, heads, head_dim)
 
 
-def causal_attention(q: Array, k: Array, v: Array, positions: Array, cache: KVCache | None = None,
-                     layer: Array | int = 0, key_mask: Array | None = None,
-                     dtype: DType = jnp.float32, tree: TreeSlots | None = None):
+def causal_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    positions: Array,
+    cache: KVCache | None = None,
+    layer: Array | int = 0,
+    key_mask: Array | None = None,
+    dtype: DType = jnp.float32,
+    tree: TreeSlots | None = None,
+):
     """Causal attention by absolute position, with or without the stacked KV cache.
 
     q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim];
@@ -174,8 +181,15 @@ class TextAttention(nn.Module):
     zero_init_out: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, cache: KVCache | None = None,
-                 layer: Array | int = 0, key_mask: Array | None = None, tree: TreeSlots | None = None):
+    def __call__(
+        self,
+        x: Array,
+        positions: Array,
+        cache: KVCache | None = None,
+        layer: Array | int = 0,
+        key_mask: Array | None = None,
+        tree: TreeSlots | None = None,
+    ):
         """x: [batch, seq, embed]; positions: [batch, seq]; tree: see causal_attention.
 
         With a cache, the new keys/values are written into its layer `layer` at
@@ -187,20 +201,27 @@ class TextAttention(nn.Module):
         head_dim = cfg.resolved_head_dim
         qkv_bias = cfg.attention_bias or cfg.qkv_bias
         batch, seq, _ = x.shape
-        q = dense(cfg.num_heads * head_dim, ("embed", "heads"), use_bias=qkv_bias,
-                  dtype=self.dtype, name="q_proj")(x)
-        k = dense(cfg.num_kv_heads * head_dim, ("embed", "kv_heads"), use_bias=qkv_bias,
-                  dtype=self.dtype, name="k_proj")(x)
-        v = dense(cfg.num_kv_heads * head_dim, ("embed", "kv_heads"), use_bias=qkv_bias,
-                  dtype=self.dtype, name="v_proj")(x)
+        q = dense(cfg.num_heads * head_dim, ("embed", "heads"), use_bias=qkv_bias, dtype=self.dtype, name="q_proj")(x)
+        k = dense(
+            cfg.num_kv_heads * head_dim, ("embed", "kv_heads"), use_bias=qkv_bias, dtype=self.dtype, name="k_proj"
+        )(x)
+        v = dense(
+            cfg.num_kv_heads * head_dim, ("embed", "kv_heads"), use_bias=qkv_bias, dtype=self.dtype, name="v_proj"
+        )(x)
         q = apply_rope(q.reshape(batch, seq, cfg.num_heads, head_dim), positions, cfg.rope_theta)
         k = apply_rope(k.reshape(batch, seq, cfg.num_kv_heads, head_dim), positions, cfg.rope_theta)
         v = v.reshape(batch, seq, cfg.num_kv_heads, head_dim)
 
         out, cache = causal_attention(q, k, v, positions, cache, layer, key_mask, self.dtype, tree)
         out = out.reshape(batch, seq, cfg.num_heads * head_dim)
-        out = dense(cfg.hidden_size, ("heads", "embed"), use_bias=cfg.attention_bias,
-                    dtype=self.dtype, name="o_proj", zero_init=self.zero_init_out)(out)
+        out = dense(
+            cfg.hidden_size,
+            ("heads", "embed"),
+            use_bias=cfg.attention_bias,
+            dtype=self.dtype,
+            name="o_proj",
+            zero_init=self.zero_init_out,
+        )(out)
         return out, cache
 
 
@@ -215,12 +236,16 @@ class GatedMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        gate = dense(self.intermediate_size, ("embed", "mlp"), use_bias=False, dtype=self.dtype,
-                     name="gate_proj")(x)
-        up = dense(self.intermediate_size, ("embed", "mlp"), use_bias=False, dtype=self.dtype,
-                   name="up_proj")(x)
-        return dense(self.hidden_size, ("mlp", "embed"), use_bias=False, dtype=self.dtype,
-                     name="down_proj", zero_init=self.zero_init_out)(activation(self.act)(gate) * up)
+        gate = dense(self.intermediate_size, ("embed", "mlp"), use_bias=False, dtype=self.dtype, name="gate_proj")(x)
+        up = dense(self.intermediate_size, ("embed", "mlp"), use_bias=False, dtype=self.dtype, name="up_proj")(x)
+        return dense(
+            self.hidden_size,
+            ("mlp", "embed"),
+            use_bias=False,
+            dtype=self.dtype,
+            name="down_proj",
+            zero_init=self.zero_init_out,
+        )(activation(self.act)(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -236,15 +261,29 @@ class DecoderLayer(nn.Module):
     zero_init_out: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, cache: KVCache | None = None,
-                 layer: Array | int = 0, key_mask: Array | None = None, tree: TreeSlots | None = None):
+    def __call__(
+        self,
+        x: Array,
+        positions: Array,
+        cache: KVCache | None = None,
+        layer: Array | int = 0,
+        key_mask: Array | None = None,
+        tree: TreeSlots | None = None,
+    ):
         """x: [batch, seq, embed] -> ([batch, seq, embed], cache); see TextAttention."""
         cfg = self.config
         attn_out, cache = TextAttention(cfg, self.dtype, self.zero_init_out, name="self_attn")(
-            RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x), positions, cache, layer, key_mask, tree)
+            RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x), positions, cache, layer, key_mask, tree
+        )
         x = x + attn_out
-        mlp = GatedMLP(cfg.hidden_size, self.intermediate_size or cfg.intermediate_size,
-                       cfg.hidden_act, self.dtype, self.zero_init_out, name="mlp")
+        mlp = GatedMLP(
+            cfg.hidden_size,
+            self.intermediate_size or cfg.intermediate_size,
+            cfg.hidden_act,
+            self.dtype,
+            self.zero_init_out,
+            name="mlp",
+        )
         x = x + mlp(RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")(x))
         x = with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         return x, cache
@@ -271,18 +310,32 @@ def init_layer_stack(layer: nn.Module, num_layers: int, width: int, rng: Array):
     """
     hidden = jnp.zeros((1, 1, width), layer.dtype)
     positions = jnp.zeros((1, 1), jnp.int32)
-    stacked = jax.vmap(lambda key: layer.init(key, hidden, positions)["params"])(
-        jax.random.split(rng, num_layers))
+    stacked = jax.vmap(lambda key: layer.init(key, hidden, positions)["params"])(jax.random.split(rng, num_layers))
     return jax.tree.map(
-        lambda leaf: leaf.replace(names=(LAYERS_AXIS,) + tuple(leaf.names))
-        if isinstance(leaf, nn.LogicallyPartitioned) else leaf,
-        stacked, is_leaf=lambda leaf: isinstance(leaf, nn.LogicallyPartitioned))
+        lambda leaf: (
+            leaf.replace(names=(LAYERS_AXIS,) + tuple(leaf.names))
+            if isinstance(leaf, nn.LogicallyPartitioned)
+            else leaf
+        ),
+        stacked,
+        is_leaf=lambda leaf: isinstance(leaf, nn.LogicallyPartitioned),
+    )
 
 
-def run_layer_stack(layer: nn.Module, stacked, hidden: Array, positions: Array, start: int, stop: int,
-                    cache: KVCache | None = None, key_mask: Array | None = None,
-                    collect: tuple[int, ...] = (), unroll: bool = False, tree: TreeSlots | None = None,
-                    remat: str = "none"):
+def run_layer_stack(
+    layer: nn.Module,
+    stacked,
+    hidden: Array,
+    positions: Array,
+    start: int,
+    stop: int,
+    cache: KVCache | None = None,
+    key_mask: Array | None = None,
+    collect: tuple[int, ...] = (),
+    unroll: bool = False,
+    tree: TreeSlots | None = None,
+    remat: str = "none",
+):
     """Runs layers [start, stop) of a stack as one lax.scan, reading the weights in place.
 
     layer: the (unbound) layer module; stacked: its params with a leading [num_layers]
@@ -321,11 +374,12 @@ def run_layer_stack(layer: nn.Module, stacked, hidden: Array, positions: Array, 
             index, layer_params = inputs
         else:
             index = inputs
-            layer_params = jax.tree.map(
-                lambda w: jax.lax.dynamic_index_in_dim(w, index, 0, keepdims=False), stacked)
+            layer_params = jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, index, 0, keepdims=False), stacked)
         # apply without `mutable` returns the layer's output alone: (state, cache)
-        h, cache = cast("tuple[Array, KVCache | None]",
-                        layer.apply({"params": layer_params}, h, positions, cache, index, key_mask, tree))
+        h, cache = cast(
+            "tuple[Array, KVCache | None]",
+            layer.apply({"params": layer_params}, h, positions, cache, index, key_mask, tree),
+        )
         saved = tuple(jnp.where(index + 1 == target, h, kept) for target, kept in zip(targets, saved))
         return (h, cache, saved), None
 
@@ -338,7 +392,7 @@ def run_layer_stack(layer: nn.Module, stacked, hidden: Array, positions: Array, 
     indices = jnp.arange(start, stop, dtype=jnp.int32)
     saved = tuple(jnp.zeros_like(hidden) for _ in targets)
     (hidden, cache, saved), _ = jax.lax.scan(
-        body, (hidden, cache, saved), (indices, stacked) if whole else indices,
-        unroll=(stop - start) if unroll else 1)
+        body, (hidden, cache, saved), (indices, stacked) if whole else indices, unroll=(stop - start) if unroll else 1
+    )
     collected.update(zip(targets, saved))
     return hidden, cache, collected

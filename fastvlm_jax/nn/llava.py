@@ -55,8 +55,7 @@ class LlavaConfig(ModelConfigMixin):
     image_token_id: int = 32000
     model_type: str = "llava"
 
-    SUB_CONFIGS: ClassVar[dict[str, type]] = {"vision": VisionConfig, "text": TextConfig,
-                                              "draft": DraftConfig}
+    SUB_CONFIGS: ClassVar[dict[str, type]] = {"vision": VisionConfig, "text": TextConfig, "draft": DraftConfig}
 
     def __post_init__(self):
         if isinstance(self.vision_feature_layer, list):
@@ -68,8 +67,7 @@ class LlavaConfig(ModelConfigMixin):
             )
         if self.vision_feature_select_strategy not in ("default", "full"):
             raise ConfigError(
-                f"vision_feature_select_strategy={self.vision_feature_select_strategy!r}: "
-                "use 'default' or 'full'"
+                f"vision_feature_select_strategy={self.vision_feature_select_strategy!r}: use 'default' or 'full'"
             )
 
     @property
@@ -99,15 +97,17 @@ class TextDecoder(nn.Module):
     def setup(self):
         cfg = self.config
         self.embed_tokens = nn.Embed(
-            cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD),
-                                                        ("vocab", "embed")))
-        self.layers = self.param("layers", functools.partial(
-            init_layer_stack, self._layer(), cfg.num_layers, cfg.hidden_size))
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=self.dtype,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("vocab", "embed")),
+        )
+        self.layers = self.param(
+            "layers", functools.partial(init_layer_stack, self._layer(), cfg.num_layers, cfg.hidden_size)
+        )
         self.norm = RMSNorm(cfg.rms_norm_eps)
         if not cfg.tie_word_embeddings:
-            self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False,
-                                 dtype=self.dtype, name="lm_head")
+            self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype, name="lm_head")
 
     def _layer(self) -> DecoderLayer:
         # Detached (parent=None): the layer loop applies it to one layer's slice of the
@@ -118,9 +118,18 @@ class TextDecoder(nn.Module):
         """input_ids: [batch, seq] -> [batch, seq, embed]."""
         return self.embed_tokens(input_ids)
 
-    def run_layers(self, hidden: Array, positions: Array, start: int, stop: int,
-                   cache: KVCache | None = None, key_mask: Array | None = None,
-                   collect: tuple[int, ...] = (), tree: TreeSlots | None = None, remat: str = "none"):
+    def run_layers(
+        self,
+        hidden: Array,
+        positions: Array,
+        start: int,
+        stop: int,
+        cache: KVCache | None = None,
+        key_mask: Array | None = None,
+        collect: tuple[int, ...] = (),
+        tree: TreeSlots | None = None,
+        remat: str = "none",
+    ):
         """Runs layers [start, stop).
 
         hidden: [batch, seq, embed] (state `start`); positions: [batch, seq] absolute.
@@ -128,8 +137,20 @@ class TextDecoder(nn.Module):
         collect: state indices in [start, stop] to return.
         Returns (state `stop`, cache, {index: [batch, seq, embed]}).
         """
-        return run_layer_stack(self._layer(), self.layers, hidden, positions, start, stop, cache,
-                               key_mask, collect, self.unroll_layers, tree, remat)
+        return run_layer_stack(
+            self._layer(),
+            self.layers,
+            hidden,
+            positions,
+            start,
+            stop,
+            cache,
+            key_mask,
+            collect,
+            self.unroll_layers,
+            tree,
+            remat,
+        )
 
     def logits(self, hidden: Array) -> Array:
         """Final norm + LM head: [batch, seq, embed] -> [batch, seq, vocab] (float32)."""
@@ -157,20 +178,26 @@ class ImitationNetwork(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, hidden: Array, positions: Array, cache: KVCache | None = None,
-                 key_mask: Array | None = None, tree: TreeSlots | None = None):
+    def __call__(
+        self,
+        hidden: Array,
+        positions: Array,
+        cache: KVCache | None = None,
+        key_mask: Array | None = None,
+        tree: TreeSlots | None = None,
+    ):
         """hidden: [batch, seq, embed] (state exit_layer) -> ([batch, seq, embed], cache).
 
         cache: the network's own one-layer KV cache (kind 'layer'), else None.
         """
         width = self.draft.hidden_size or self.text.intermediate_size
         if self.draft.kind == "ffn":
-            mlp = GatedMLP(self.text.hidden_size, width, self.text.hidden_act, self.dtype,
-                           zero_init_out=True, name="mlp")
+            mlp = GatedMLP(
+                self.text.hidden_size, width, self.text.hidden_act, self.dtype, zero_init_out=True, name="mlp"
+            )
             return hidden + mlp(RMSNorm(self.text.rms_norm_eps, name="norm")(hidden)), cache
         if self.draft.kind == "layer":
-            layer = DecoderLayer(self.text, self.dtype, intermediate_size=width,
-                                 zero_init_out=True, name="layer")
+            layer = DecoderLayer(self.text, self.dtype, intermediate_size=width, zero_init_out=True, name="layer")
             return layer(hidden, positions, cache, 0, key_mask, tree)
         raise ValueError(f"unknown imitation network kind {self.draft.kind!r}: use 'ffn' or 'layer'")
 
@@ -184,11 +211,17 @@ class Projector(nn.Module):
     @nn.compact
     def __call__(self, features: Array) -> Array:
         cfg = self.config
-        h = dense(cfg.text.hidden_size, ("vision_embed", "embed"), use_bias=cfg.projector_bias,
-                  dtype=self.dtype, name="linear_1")(features)
+        h = dense(
+            cfg.text.hidden_size,
+            ("vision_embed", "embed"),
+            use_bias=cfg.projector_bias,
+            dtype=self.dtype,
+            name="linear_1",
+        )(features)
         h = activation(cfg.projector_hidden_act)(h)
-        return dense(cfg.text.hidden_size, ("embed", "embed_out"), use_bias=cfg.projector_bias,
-                     dtype=self.dtype, name="linear_2")(h)
+        return dense(
+            cfg.text.hidden_size, ("embed", "embed_out"), use_bias=cfg.projector_bias, dtype=self.dtype, name="linear_2"
+        )(h)
 
 
 class LlavaModule(FamilyModule):
@@ -214,8 +247,7 @@ class LlavaModule(FamilyModule):
             states = [s[:, 1:] for s in states]
         return self.projector(jnp.concatenate(states, axis=-1))
 
-    def embed(self, input_ids: Array, image_features: Array | None = None,
-              positions: Array | None = None) -> Array:
+    def embed(self, input_ids: Array, image_features: Array | None = None, positions: Array | None = None) -> Array:
         """Token embeddings with image placeholder tokens replaced, in order, by image tokens.
 
         input_ids: [batch, seq]; image_features: [batch, num_image_tokens, embed];
@@ -231,5 +263,6 @@ class LlavaModule(FamilyModule):
 
 def init_imitation(config: LlavaConfig, rng: Array, dtype=jnp.float32):
     """Fresh (unboxed) imitation-network params alone (the identity draft)."""
-    return init_imitation_params(ImitationNetwork(config.text, config.draft, dtype),
-                                 config.text.hidden_size, rng, dtype)
+    return init_imitation_params(
+        ImitationNetwork(config.text, config.draft, dtype), config.text.hidden_size, rng, dtype
+    )

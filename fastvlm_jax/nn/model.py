@@ -64,8 +64,7 @@ class VLM:
     def _dummy_inputs(self):
         cfg = self.config
         ids = jnp.full((1, cfg.num_image_tokens + 1), cfg.image_token_id, jnp.int32)
-        pixels = jnp.zeros((1, cfg.vision.image_size, cfg.vision.image_size,
-                            cfg.vision.num_channels), jnp.float32)
+        pixels = jnp.zeros((1, cfg.vision.image_size, cfg.vision.image_size, cfg.vision.num_channels), jnp.float32)
         return ids, pixels
 
     def init_boxed(self, rng: Array) -> Params:
@@ -97,13 +96,15 @@ class VLM:
     def embed(self, params, input_ids, image_features=None, positions=None):
         return self._apply(params, "embed", input_ids, image_features, positions)
 
-    def run_layers(self, params, hidden, positions, start, stop, cache=None, key_mask=None,
-                   collect=(), tree=None, remat="none"):
+    def run_layers(
+        self, params, hidden, positions, start, stop, cache=None, key_mask=None, collect=(), tree=None, remat="none"
+    ):
         """Layers [start, stop): (state stop [batch, seq, embed], cache, {index: state}).
         tree: a `fastvlm_jax.nn.kv_cache.TreeSlots` for a token tree's nodes (with a cache).
         remat: what each layer keeps for a backward pass (fastvlm_jax.nn.layers.REMAT_POLICIES)."""
-        return self._apply(params, "run_layers", hidden, positions, start, stop, cache,
-                           key_mask, tuple(collect), tree, remat)
+        return self._apply(
+            params, "run_layers", hidden, positions, start, stop, cache, key_mask, tuple(collect), tree, remat
+        )
 
     def logits(self, params, hidden):
         return self._apply(params, "logits", hidden)
@@ -121,25 +122,23 @@ class VLM:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         features = None if pixels is None else self.encode_images(params, pixels)
         hidden = self.embed(params, input_ids, features, positions)
-        hidden, _, _ = self.run_layers(params, hidden, positions, 0, self.config.text.num_layers,
-                                       key_mask=key_mask)
+        hidden, _, _ = self.run_layers(params, hidden, positions, 0, self.config.text.num_layers, key_mask=key_mask)
         return self.logits(params, hidden)
 
     # --- caches -------------------------------------------------------------------------
     def init_cache(self, batch: int, slots: int, dtype=None) -> KVCache:
         """The decoder's stacked KV cache: [num_layers, batch, kv_heads, slots, head_dim]."""
         text = self.config.text
-        return KVCache.zeros(text.num_layers, batch, slots, text.num_kv_heads,
-                             text.resolved_head_dim, dtype or self.dtype)
+        return KVCache.zeros(
+            text.num_layers, batch, slots, text.num_kv_heads, text.resolved_head_dim, dtype or self.dtype
+        )
 
     def init_draft_cache(self, batch: int, slots: int, dtype=None) -> KVCache | None:
         """The imitation network's own one-layer cache (kind 'layer'), else None."""
         if self.config.draft.kind != "layer":
             return None
         text = self.config.text
-        return KVCache.zeros(1, batch, slots, text.num_kv_heads, text.resolved_head_dim,
-                             dtype or self.dtype)
-
+        return KVCache.zeros(1, batch, slots, text.num_kv_heads, text.resolved_head_dim, dtype or self.dtype)
 
     def init_eagle_cache(self, batch: int, slots: int, dtype=None) -> KVCache:
         """The EAGLE head's own one-layer cache: [1, batch, kv_heads, slots, head_dim]."""

@@ -12,8 +12,17 @@ from fastvlm_jax.nn.layers import INIT_STD, LayerNorm, activation, dense, full_a
 Array = jax.Array
 
 
-def vit_embeddings(module: nn.Module, pixels: Array, *, patch_size: int, hidden_size: int,
-                   patch_bias: bool, class_token: bool, num_positions: int, dtype) -> Array:
+def vit_embeddings(
+    module: nn.Module,
+    pixels: Array,
+    *,
+    patch_size: int,
+    hidden_size: int,
+    patch_bias: bool,
+    class_token: bool,
+    num_positions: int,
+    dtype,
+) -> Array:
     """ViT input embeddings: patch conv, an optional learned CLS token first, + learned positions.
 
     The CLIP/SigLIP tower and BLIP-2's ViT both build their inputs this way. Call it from the
@@ -25,23 +34,32 @@ def vit_embeddings(module: nn.Module, pixels: Array, *, patch_size: int, hidden_
     pixels: [batch, height, width, channels] -> [batch, tokens, hidden_size].
     """
     patches = nn.Conv(
-        hidden_size, (patch_size, patch_size), strides=patch_size, padding="VALID",
-        use_bias=patch_bias, dtype=dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD),
-                                                 (None, None, None, "embed")),
+        hidden_size,
+        (patch_size, patch_size),
+        strides=patch_size,
+        padding="VALID",
+        use_bias=patch_bias,
+        dtype=dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), (None, None, None, "embed")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-        name="patch_embedding")(pixels.astype(dtype))
+        name="patch_embedding",
+    )(pixels.astype(dtype))
     batch = patches.shape[0]
     x = patches.reshape(batch, -1, hidden_size)
     if class_token:
-        cls = module.param("class_embedding",
-                           nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("embed",)),
-                           (hidden_size,), unbox=True)  # flax's default; typed as the array
+        cls = module.param(
+            "class_embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("embed",)),
+            (hidden_size,),
+            unbox=True,
+        )  # flax's default; typed as the array
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, hidden_size)), x], 1)
     positions = module.param(
         "position_embedding",
         nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("positions", "embed")),
-        (num_positions, hidden_size), unbox=True)  # (as above)
+        (num_positions, hidden_size),
+        unbox=True,
+    )  # (as above)
     return x + positions.astype(x.dtype)[None, : x.shape[1]]
 
 
@@ -71,13 +89,12 @@ class VisionLayer(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        x = x + VisionAttention(cfg, self.dtype, name="self_attn")(
-            LayerNorm(cfg.layer_norm_eps, name="layer_norm1")(x))
+        x = x + VisionAttention(cfg, self.dtype, name="self_attn")(LayerNorm(cfg.layer_norm_eps, name="layer_norm1")(x))
         h = LayerNorm(cfg.layer_norm_eps, name="layer_norm2")(x)
-        h = dense(cfg.intermediate_size, ("embed", "mlp"), use_bias=True, dtype=self.dtype,
-                  name="fc1")(h)
-        h = dense(cfg.hidden_size, ("mlp", "embed"), use_bias=True, dtype=self.dtype,
-                  name="fc2")(activation(cfg.hidden_act)(h))
+        h = dense(cfg.intermediate_size, ("embed", "mlp"), use_bias=True, dtype=self.dtype, name="fc1")(h)
+        h = dense(cfg.hidden_size, ("mlp", "embed"), use_bias=True, dtype=self.dtype, name="fc2")(
+            activation(cfg.hidden_act)(h)
+        )
         return x + h
 
 
@@ -98,9 +115,16 @@ class VisionTower(nn.Module):
         cfg = self.config
         num_states = cfg.num_layers + 1
         wanted = [i % num_states for i in state_indices]
-        x = vit_embeddings(self, pixels, patch_size=cfg.patch_size, hidden_size=cfg.hidden_size,
-                           patch_bias=cfg.kind == "siglip", class_token=cfg.has_class_token,
-                           num_positions=cfg.num_patches + int(cfg.has_class_token), dtype=self.dtype)
+        x = vit_embeddings(
+            self,
+            pixels,
+            patch_size=cfg.patch_size,
+            hidden_size=cfg.hidden_size,
+            patch_bias=cfg.kind == "siglip",
+            class_token=cfg.has_class_token,
+            num_positions=cfg.num_patches + int(cfg.has_class_token),
+            dtype=self.dtype,
+        )
         if cfg.has_class_token:
             x = LayerNorm(cfg.layer_norm_eps, name="pre_layrnorm")(x)
 

@@ -31,8 +31,12 @@ def on_cloud_tpu_vm() -> bool:
     return tpu_attached() and importlib.util.find_spec("libtpu") is not None
 
 
-def maybe_initialize(coordinator: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None, independent: bool = False) -> bool:
+def maybe_initialize(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    independent: bool = False,
+) -> bool:
     """Calls jax.distributed.initialize() when flags, env variables or the machine ask for it.
 
     Returns whether it did. A single process named explicitly (num_processes 1) is left alone.
@@ -53,8 +57,7 @@ def maybe_initialize(coordinator: str | None = None, num_processes: int | None =
             return False
         if independent:
             jax.config.update("jax_enable_recoverability", True)
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
         return True
     if on_cloud_tpu_vm() or any(int(os.environ.get(v, "1")) > 1 for v in _CLUSTER_SIZE_VARIABLES):
         if independent:
@@ -92,8 +95,9 @@ def start_heartbeat() -> None:
     threading.Thread(target=beat, name="heartbeat", daemon=True).start()
 
 
-def finish_independent(say: Callable[[str], None], poll_seconds: float = 1.0,
-                       give_up_seconds: float = GIVE_UP_SECONDS) -> list[int]:
+def finish_independent(
+    say: Callable[[str], None], poll_seconds: float = 1.0, give_up_seconds: float = GIVE_UP_SECONDS
+) -> list[int]:
     """Marks this process of an independent run as finished; process 0 then waits for the rest.
 
     Process 0 hosts JAX's coordination service: if it exits, the runtime terminates every other
@@ -113,8 +117,9 @@ def finish_independent(say: Callable[[str], None], poll_seconds: float = 1.0,
         return []
 
     def read(folder: str) -> dict[int, str]:
-        return {int(key.rsplit("/", 1)[-1]): value
-                for key, value in client.key_value_dir_get(f"{_KEY_PREFIX}{folder}/")}
+        return {
+            int(key.rsplit("/", 1)[-1]): value for key, value in client.key_value_dir_get(f"{_KEY_PREFIX}{folder}/")
+        }
 
     started = time.monotonic()
     last_beat: dict[int, tuple[str | None, float]] = {k: (None, started) for k in range(1, count)}
@@ -131,8 +136,10 @@ def finish_independent(say: Callable[[str], None], poll_seconds: float = 1.0,
         if not waiting:
             return sorted(dead)
         if waiting != announced:
-            say(f"process 0 is done; it hosts the run's coordinator, so it waits for process(es) "
+            say(
+                f"process 0 is done; it hosts the run's coordinator, so it waits for process(es) "
                 f"{', '.join(map(str, waiting))} to finish (one whose heartbeat stops is given up "
-                f"after {give_up_seconds:.0f} s)")
+                f"after {give_up_seconds:.0f} s)"
+            )
             announced = waiting
         time.sleep(poll_seconds)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -58,8 +59,9 @@ class MeshConfig:
                 raise ValueError(f"{num_devices} devices do not divide into mesh {sizes}")
             sizes[sizes.index(-1)] = num_devices // known
         if math.prod(sizes) != num_devices:
-            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-                             f"but {num_devices} are in use")
+            raise ValueError(
+                f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, but {num_devices} are in use"
+            )
         data, fsdp, tensor = sizes
         return data, fsdp, tensor
 
@@ -98,8 +100,9 @@ def _mesh_axes_size(mesh: Mesh, axes) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
-def logical_to_sharding(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                        rules=DEFAULT_RULES) -> NamedSharding:
+def logical_to_sharding(
+    logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=DEFAULT_RULES
+) -> NamedSharding:
     """NamedSharding for one array from its logical axis names; indivisible dims replicate."""
     table = dict(rules)
     used: set[str] = set()
@@ -125,8 +128,7 @@ def param_shardings(abstract_boxed_params, mesh: Mesh, rules=DEFAULT_RULES):
             return logical_to_sharding(leaf.names, leaf.value.shape, mesh, rules)
         return NamedSharding(mesh, PartitionSpec())
 
-    return jax.tree.map(one, abstract_boxed_params,
-                        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    return jax.tree.map(one, abstract_boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 def shard_params(abstract_boxed_params, params, mesh: Mesh, rules=DEFAULT_RULES):

@@ -75,7 +75,7 @@ class AddedToken:
     normalized: bool = False
 
     @classmethod
-    def from_hf(cls, entry: Mapping[str, Any], idx: int | None = None) -> "AddedToken":
+    def from_hf(cls, entry: Mapping[str, Any], idx: int | None = None) -> AddedToken:
         """From a Hugging Face record ({"content", "id", "special", "lstrip", ...})."""
         special = bool(entry.get("special", False))
         return cls(
@@ -104,14 +104,15 @@ class HFFolder:
     model_type: str | None
 
     @classmethod
-    def read(cls, directory: str | os.PathLike) -> "HFFolder":
+    def read(cls, directory: str | os.PathLike) -> HFFolder:
         path = Path(directory)
 
         def optional(name: str) -> dict[str, Any]:
             return read_json(path / name) if (path / name).is_file() else {}
 
-        return cls(path, optional(CONFIG_FILE), optional("special_tokens_map.json"),
-                   optional("config.json").get("model_type"))
+        return cls(
+            path, optional(CONFIG_FILE), optional("special_tokens_map.json"), optional("config.json").get("model_type")
+        )
 
     @property
     def tokenizer_class(self) -> str | None:
@@ -134,8 +135,11 @@ class HFFolder:
         the extra / additional special tokens.
         """
         found = [self.special_token(name, (defaults or {}).get(name)) for name in SPECIAL_TOKEN_NAMES]
-        found += [value for key, value in self.config.items()
-                  if key.endswith("_token") and key not in SPECIAL_TOKEN_NAMES and isinstance(value, str)]
+        found += [
+            value
+            for key, value in self.config.items()
+            if key.endswith("_token") and key not in SPECIAL_TOKEN_NAMES and isinstance(value, str)
+        ]
         for key in ("additional_special_tokens", "extra_special_tokens"):
             for source in (self.config, self.special_map):
                 extra = source.get(key) or []
@@ -150,8 +154,9 @@ class HFFolder:
         if (self.path / "added_tokens.json").is_file():
             specials = set(self.named_special_tokens())
             for content, idx in read_json(self.path / "added_tokens.json").items():
-                found[content] = AddedToken(content, int(idx), special=content in specials,
-                                            normalized=content not in specials)
+                found[content] = AddedToken(
+                    content, int(idx), special=content in specials, normalized=content not in specials
+                )
         for entry in (tokenizer_json or {}).get("added_tokens") or []:
             found[entry["content"]] = AddedToken.from_hf(entry)
         for idx, entry in (self.config.get("added_tokens_decoder") or {}).items():
@@ -188,16 +193,30 @@ class Tokenizer(abc.ABC):
     FORMAT_TAGS: ClassVar[tuple[str, ...]]
     MODEL_FILE: ClassVar[str]
 
-    def __init__(self, added: Iterable[AddedToken], vocab_size: int, *, bos_id: int | None, eos_id: int | None,
-                 pad_id: int | None = None, unk_id: int | None = None, image_token: str | None = None) -> None:
+    def __init__(
+        self,
+        added: Iterable[AddedToken],
+        vocab_size: int,
+        *,
+        bos_id: int | None,
+        eos_id: int | None,
+        pad_id: int | None = None,
+        unk_id: int | None = None,
+        image_token: str | None = None,
+    ) -> None:
         self._added: dict[str, AddedToken] = {t.content: t for t in added}
         self._vocab_size = int(vocab_size)
         if eos_id is None:
             raise ValueError("the tokenizer has no EOS token (generation and training need one)")
         if pad_id is None:
             pad_id = eos_id if unk_id is None else unk_id
-        for name, idx in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id), ("unk_id", unk_id),
-                          *((f"added token {t.content!r}", t.id) for t in self._added.values())):
+        for name, idx in (
+            ("bos_id", bos_id),
+            ("eos_id", eos_id),
+            ("pad_id", pad_id),
+            ("unk_id", unk_id),
+            *((f"added token {t.content!r}", t.id) for t in self._added.values()),
+        ):
             if idx is not None and not 0 <= idx < self._vocab_size:
                 raise ValueError(f"{name}={idx} is outside the vocabulary (size {self._vocab_size})")
         self._bos_id = None if bos_id is None else int(bos_id)
@@ -238,7 +257,7 @@ class Tokenizer(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def _from_saved(cls, model: bytes, settings: Mapping[str, Any]) -> "Tokenizer":
+    def _from_saved(cls, model: bytes, settings: Mapping[str, Any]) -> Tokenizer:
         """Rebuild from `_model_bytes()` and the saved settings (with their format tag)."""
 
     # -- shared properties --------------------------------------------------------------------
@@ -291,7 +310,10 @@ class Tokenizer(abc.ABC):
         """The settings this base class keeps, for subclasses' `_settings`."""
         return {
             "added_tokens": [asdict(t) for t in sorted(self._added.values(), key=lambda t: t.id)],
-            "bos_id": self._bos_id, "eos_id": self._eos_id, "pad_id": self._pad_id, "unk_id": self._unk_id,
+            "bos_id": self._bos_id,
+            "eos_id": self._eos_id,
+            "pad_id": self._pad_id,
+            "unk_id": self._unk_id,
             "image_token": self._image_token,
         }
 
@@ -304,7 +326,7 @@ class Tokenizer(abc.ABC):
         (out / CONFIG_FILE).write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "Tokenizer":
+    def load(cls, directory: str | os.PathLike) -> Tokenizer:
         """Read a folder written by `save` (Hugging Face folders: `fastvlm_jax.text.tokenizer.load_tokenizer`)."""
         folder = as_path(directory)
         settings = read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else {}

@@ -77,9 +77,11 @@ def _pipeline_kind(hf: HFFolder, tokenizer_json: str | None) -> str:
     if name in _AS_IS_CLASSES:
         # Without tokenizer.json, vocab.json + merges.txt can only be GPT-2's.
         return "as-is" if tokenizer_json is not None else "gpt2"
-    raise ValueError(f"{hf.path}: tokenizer_class {hf.config.get('tokenizer_class')!r} is not supported: it "
-                     "builds its own pipeline; supported are LlamaTokenizer, GPT2Tokenizer and folders "
-                     "whose tokenizer.json runs as it is (TokenizersBackend, LLaVA checkpoints)")
+    raise ValueError(
+        f"{hf.path}: tokenizer_class {hf.config.get('tokenizer_class')!r} is not supported: it "
+        "builds its own pipeline; supported are LlamaTokenizer, GPT2Tokenizer and folders "
+        "whose tokenizer.json runs as it is (TokenizersBackend, LLaVA checkpoints)"
+    )
 
 
 def _read_merges(merges: Sequence[Any]) -> list[tuple[str, str]]:
@@ -123,27 +125,43 @@ def _llama_pipeline(vocab: dict[str, int], merges: list, add_prefix_space: bool,
 
 def _gpt2_pipeline(vocab: dict[str, int], merges: list, add_prefix_space: bool) -> Backend:
     """transformers 5.x GPT2Tokenizer's pipeline over `vocab` and `merges`."""
-    backend = Backend(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                                 end_of_word_suffix="", fuse_unk=False))
+    backend = Backend(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+        )
+    )
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
     backend.decoder = decoders.ByteLevel()
     return backend
 
 
-def _special_template(bos: str | None, bos_id: int | None, eos: str | None, eos_id: int | None,
-                      add_bos: bool, add_eos: bool) -> processors.TemplateProcessing:
+def _special_template(
+    bos: str | None, bos_id: int | None, eos: str | None, eos_id: int | None, add_bos: bool, add_eos: bool
+) -> processors.TemplateProcessing:
     """The post-processor transformers' `update_post_processor` builds from the BOS / EOS flags."""
     bos, eos = (bos if add_bos else None), (eos if add_eos else None)  # None: not added
     single = f"{(bos + ':0 ') if bos is not None else ''}$A:0{(' ' + eos + ':0') if eos is not None else ''}"
-    pair = (f"{single}{(' ' + bos + ':1') if bos is not None else ''} "
-            f"$B:1{(' ' + eos + ':1') if eos is not None else ''}")
+    pair = (
+        f"{single}{(' ' + bos + ':1') if bos is not None else ''} $B:1{(' ' + eos + ':1') if eos is not None else ''}"
+    )
     specials = ([(bos, bos_id)] if bos is not None else []) + ([(eos, eos_id)] if eos is not None else [])
     return processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
 
 
 def _backend_token(token: AddedToken) -> BackendAddedToken:
-    return BackendAddedToken(token.content, single_word=token.single_word, lstrip=token.lstrip,
-                             rstrip=token.rstrip, normalized=token.normalized, special=token.special)
+    return BackendAddedToken(
+        token.content,
+        single_word=token.single_word,
+        lstrip=token.lstrip,
+        rstrip=token.rstrip,
+        normalized=token.normalized,
+        special=token.special,
+    )
 
 
 class HFTokenizer(Tokenizer):
@@ -159,20 +177,38 @@ class HFTokenizer(Tokenizer):
     FORMAT_TAGS = (FORMAT_TAG, _BPE_FORMAT_TAG)
     MODEL_FILE = TOKENIZER_FILE
 
-    def __init__(self, backend: Backend, *, bos_id: int | None, eos_id: int | None, pad_id: int | None = None,
-                 unk_id: int | None = None, image_token: str | None = None,
-                 split_special_tokens: bool = False) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        bos_id: int | None,
+        eos_id: int | None,
+        pad_id: int | None = None,
+        unk_id: int | None = None,
+        image_token: str | None = None,
+        split_special_tokens: bool = False,
+    ) -> None:
         self._backend = backend
         self._split_special_tokens = bool(split_special_tokens)
         backend.encode_special_tokens = self._split_special_tokens  # not kept by tokenizer.json
-        added = [AddedToken(t.content, i, special=t.special, lstrip=t.lstrip, rstrip=t.rstrip,
-                            single_word=t.single_word, normalized=t.normalized)
-                 for i, t in backend.get_added_tokens_decoder().items()]
+        added = [
+            AddedToken(
+                t.content,
+                i,
+                special=t.special,
+                lstrip=t.lstrip,
+                rstrip=t.rstrip,
+                single_word=t.single_word,
+                normalized=t.normalized,
+            )
+            for i, t in backend.get_added_tokens_decoder().items()
+        ]
         # HF's len(tokenizer) when the ids are contiguous (they are in real folders); the highest
         # id + 1 otherwise, which is what an embedding table needs.
         vocab_size = max([backend.get_vocab_size(with_added_tokens=False) - 1, *(t.id for t in added)]) + 1
-        super().__init__(added, vocab_size, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, unk_id=unk_id,
-                         image_token=image_token)
+        super().__init__(
+            added, vocab_size, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, unk_id=unk_id, image_token=image_token
+        )
 
     @property
     def backend(self) -> Backend:
@@ -194,7 +230,7 @@ class HFTokenizer(Tokenizer):
     # -- from a Hugging Face folder -----------------------------------------------------------
 
     @classmethod
-    def from_hf_dir(cls, directory: str | os.PathLike) -> "HFTokenizer":
+    def from_hf_dir(cls, directory: str | os.PathLike) -> HFTokenizer:
         """Build from a Hugging Face folder with tokenizer.json, or vocab.json + merges.txt.
 
         Reads tokenizer_config.json, special_tokens_map.json, added_tokens.json and (when the
@@ -214,8 +250,12 @@ class HFTokenizer(Tokenizer):
             vocab, merges = _vocab_and_merges(hf.path, parsed)
             if kind == "llama":
                 prefix = config.get("add_prefix_space")  # LlamaTokenizer: None means True
-                backend = _llama_pipeline(vocab, merges, add_prefix_space=True if prefix is None else bool(prefix),
-                                          legacy=bool(config.get("legacy", False)))
+                backend = _llama_pipeline(
+                    vocab,
+                    merges,
+                    add_prefix_space=True if prefix is None else bool(prefix),
+                    legacy=bool(config.get("legacy", False)),
+                )
             else:
                 backend = _gpt2_pipeline(vocab, merges, bool(config.get("add_prefix_space", False)))
             if text is not None:
@@ -239,15 +279,20 @@ class HFTokenizer(Tokenizer):
         backend.add_tokens(new_tokens)
         for t in new:
             if backend.token_to_id(t.content) != t.id:
-                raise ValueError(f"{hf.path}: added token {t.content!r} should have id {t.id} but gets "
-                                 f"{backend.token_to_id(t.content)}: the added tokens leave gaps after the vocabulary")
+                raise ValueError(
+                    f"{hf.path}: added token {t.content!r} should have id {t.id} but gets "
+                    f"{backend.token_to_id(t.content)}: the added tokens leave gaps after the vocabulary"
+                )
 
         if config.get("clean_up_tokenization_spaces") and type(backend.model).__name__ != "BPE":
-            raise ValueError(f"{hf.path}: clean_up_tokenization_spaces with a "
-                             f"{type(backend.model).__name__} model is not supported")
+            raise ValueError(
+                f"{hf.path}: clean_up_tokenization_spaces with a {type(backend.model).__name__} model is not supported"
+            )
 
-        specials = {name: hf.special_token(name, defaults.get(name))
-                    for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        specials = {
+            name: hf.special_token(name, defaults.get(name))
+            for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+        }
         ids = {name: None if content is None else backend.token_to_id(content) for name, content in specials.items()}
 
         if text is None or backend.post_processor is None:
@@ -255,12 +300,23 @@ class HFTokenizer(Tokenizer):
             # tokenizer.json (with one, a missing post-processor means no special tokens).
             flags = config if text is None else {}
             backend.post_processor = _special_template(
-                specials["bos_token"], ids["bos_token"], specials["eos_token"], ids["eos_token"],
-                bool(flags.get("add_bos_token", False)), bool(flags.get("add_eos_token", False)))
+                specials["bos_token"],
+                ids["bos_token"],
+                specials["eos_token"],
+                ids["eos_token"],
+                bool(flags.get("add_bos_token", False)),
+                bool(flags.get("add_eos_token", False)),
+            )
 
-        return cls(backend, bos_id=ids["bos_token"], eos_id=ids["eos_token"], pad_id=ids["pad_token"],
-                   unk_id=ids["unk_token"], image_token=hf.image_token(),
-                   split_special_tokens=bool(config.get("split_special_tokens", False)))
+        return cls(
+            backend,
+            bos_id=ids["bos_token"],
+            eos_id=ids["eos_token"],
+            pad_id=ids["pad_token"],
+            unk_id=ids["unk_token"],
+            image_token=hf.image_token(),
+            split_special_tokens=bool(config.get("split_special_tokens", False)),
+        )
 
     # -- persistence -------------------------------------------------------------------------
 
@@ -271,15 +327,21 @@ class HFTokenizer(Tokenizer):
         return {**self._base_settings(), "split_special_tokens": self._split_special_tokens}
 
     @classmethod
-    def _from_saved(cls, model: bytes, settings: Mapping[str, Any]) -> "HFTokenizer":
+    def _from_saved(cls, model: bytes, settings: Mapping[str, Any]) -> HFTokenizer:
         backend = Backend.from_str(model.decode("utf-8"))
         if settings.get("format") == _BPE_FORMAT_TAG:
             # That class always prepended BOS when asked for special tokens, and never EOS.
             bos = backend.id_to_token(settings["bos_id"])
             backend.post_processor = _special_template(bos, settings["bos_id"], None, None, True, False)
-        tokenizer = cls(backend, bos_id=settings["bos_id"], eos_id=settings["eos_id"], pad_id=settings["pad_id"],
-                        unk_id=settings.get("unk_id"), image_token=settings.get("image_token"),
-                        split_special_tokens=settings.get("split_special_tokens", False))
+        tokenizer = cls(
+            backend,
+            bos_id=settings["bos_id"],
+            eos_id=settings["eos_id"],
+            pad_id=settings["pad_id"],
+            unk_id=settings.get("unk_id"),
+            image_token=settings.get("image_token"),
+            split_special_tokens=settings.get("split_special_tokens", False),
+        )
         if tokenizer.added_tokens != {t["content"]: t["id"] for t in settings["added_tokens"]}:
             raise ValueError(f"the saved {TOKENIZER_FILE} and tokenizer_config.json disagree on the added tokens")
         return tokenizer

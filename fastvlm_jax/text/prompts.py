@@ -122,8 +122,9 @@ def image_prompt_token(tokenizer: Tokenizer, question: str, num_image_tokens: in
     return image_token
 
 
-def check_image_token_id(tokenizer: Tokenizer, image_token_id: int, error: type[Exception],
-                         model_side: str = "the model's image_token_id") -> None:
+def check_image_token_id(
+    tokenizer: Tokenizer, image_token_id: int, error: type[Exception], model_side: str = "the model's image_token_id"
+) -> None:
     """Raises `error` unless the tokenizer's image token has the id the model replaces by
     image features (`model_side` names where that id comes from, for the message).
 

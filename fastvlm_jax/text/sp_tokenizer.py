@@ -70,10 +70,7 @@ def _no_prefix_model(model_bytes: bytes) -> tuple[bytes, list[int]]:
     norm.remove_extra_whitespaces = False
     norm.escape_whitespaces = True
     proto.ClearField("denormalizer_spec")
-    user_defined = [
-        i for i, piece in enumerate(proto.pieces)
-        if piece.type == ModelProto.SentencePiece.USER_DEFINED
-    ]
+    user_defined = [i for i, piece in enumerate(proto.pieces) if piece.type == ModelProto.SentencePiece.USER_DEFINED]
     return proto.SerializeToString(), user_defined
 
 
@@ -147,8 +144,10 @@ class SentencePieceTokenizer(Tokenizer):
             if tok.id < 0:
                 raise ValueError(f"added token {tok.content!r} has a negative id {tok.id}")
             if tok.id < self._sp_size and sp.id_to_piece(tok.id) != tok.content:
-                raise ValueError(f"added token {tok.content!r} has id {tok.id}, which is the sentencepiece "
-                                 f"piece {sp.id_to_piece(tok.id)!r}")
+                raise ValueError(
+                    f"added token {tok.content!r} has id {tok.id}, which is the sentencepiece "
+                    f"piece {sp.id_to_piece(tok.id)!r}"
+                )
         self._by_id: dict[int, AddedToken] = {t.id: t for t in tokens.values()}
         # Leftmost match; among matches at one position the longest (alternation tries longer first).
         contents = sorted(tokens, key=len, reverse=True)
@@ -159,9 +158,15 @@ class SentencePieceTokenizer(Tokenizer):
         if bos_id < 0 or eos_id < 0:
             raise ValueError("the sentencepiece model defines no bos/eos piece: pass bos_id and eos_id")
         unk_id = sp.unk_id() if unk_id is None else unk_id
-        super().__init__(tokens.values(), max([self._sp_size - 1, *self._by_id]) + 1, bos_id=bos_id,
-                         eos_id=eos_id, pad_id=pad_id, unk_id=unk_id,
-                         image_token=image_token)
+        super().__init__(
+            tokens.values(),
+            max([self._sp_size - 1, *self._by_id]) + 1,
+            bos_id=bos_id,
+            eos_id=eos_id,
+            pad_id=pad_id,
+            unk_id=unk_id,
+            image_token=image_token,
+        )
         self._add_prefix_space = bool(add_prefix_space)
         self._legacy = bool(legacy)
         self._add_bos_token = bool(add_bos_token)
@@ -206,10 +211,9 @@ class SentencePieceTokenizer(Tokenizer):
         """Sentencepiece ids for text containing no added token, with HF's "▁" prefix rule."""
         if not text:
             return []
-        if self._add_prefix_space and not text.startswith((" ", "\u2581")):
-            # Metaspace: "always" (legacy) prefixes every segment, "first" only the one at offset 0.
-            if self._legacy or offset == 0:
-                text = " " + text
+        # Metaspace: "always" (legacy) prefixes every segment, "first" only the one at offset 0.
+        if self._add_prefix_space and not text.startswith((" ", "\u2581")) and (self._legacy or offset == 0):
+            text = " " + text
         return list(self._sp.encode(text))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -261,11 +265,16 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp_bytes
 
     def _settings(self) -> dict[str, Any]:
-        return {**self._base_settings(), "add_prefix_space": self._add_prefix_space, "legacy": self._legacy,
-                "add_bos_token": self._add_bos_token, "add_eos_token": self._add_eos_token}
+        return {
+            **self._base_settings(),
+            "add_prefix_space": self._add_prefix_space,
+            "legacy": self._legacy,
+            "add_bos_token": self._add_bos_token,
+            "add_eos_token": self._add_eos_token,
+        }
 
     @classmethod
-    def _from_saved(cls, model: bytes, settings: Mapping[str, Any]) -> "SentencePieceTokenizer":
+    def _from_saved(cls, model: bytes, settings: Mapping[str, Any]) -> SentencePieceTokenizer:
         options = [AddedToken(**t) for t in settings["added_tokens"]]
         return cls(
             model,
@@ -284,7 +293,7 @@ class SentencePieceTokenizer(Tokenizer):
         )
 
     @classmethod
-    def from_hf_dir(cls, directory: str | os.PathLike) -> "SentencePieceTokenizer":
+    def from_hf_dir(cls, directory: str | os.PathLike) -> SentencePieceTokenizer:
         """Build from a Hugging Face LLaMA-style folder with `tokenizer.model`.
 
         Reads, when present, tokenizer_config.json (added_tokens_decoder, bos/eos/unk/pad tokens,
@@ -296,8 +305,10 @@ class SentencePieceTokenizer(Tokenizer):
         if not model_path.is_file():
             raise FileNotFoundError(f"{hf.path}: no {SP_MODEL_FILE}: not a sentencepiece tokenizer folder")
         if hf.tokenizer_class not in _LLAMA_CLASSES:
-            raise ValueError(f"{hf.path}: tokenizer_class {hf.config.get('tokenizer_class')!r} is not supported "
-                             "with a sentencepiece model; only LlamaTokenizer is")
+            raise ValueError(
+                f"{hf.path}: tokenizer_class {hf.config.get('tokenizer_class')!r} is not supported "
+                "with a sentencepiece model; only LlamaTokenizer is"
+            )
         tokenizer_json = hf.path / "tokenizer.json"
         found = hf.added_tokens(read_json(tokenizer_json) if tokenizer_json.is_file() else None)
         for tok in found.values():

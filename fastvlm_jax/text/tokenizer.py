@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 
 from fastvlm_jax.runtime.paths import as_path
-from fastvlm_jax.text.base import CONFIG_FILE, DEFAULT_IMAGE_TOKEN, AddedToken, Tokenizer, read_json  # noqa: F401 (re-exported)
+from fastvlm_jax.text.base import CONFIG_FILE, DEFAULT_IMAGE_TOKEN, AddedToken, Tokenizer, read_json
 from fastvlm_jax.text.hf_tokenizer import HFTokenizer
 from fastvlm_jax.text.sp_tokenizer import SentencePieceTokenizer
 
@@ -36,12 +36,14 @@ def from_hf_dir(directory: str | os.PathLike) -> Tokenizer:
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizer folder not found: {folder}")
     if (folder / "tokenizer.json").is_file() or (
-            (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
+        (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    ):
         return HFTokenizer.from_hf_dir(folder)
     if (folder / "tokenizer.model").is_file():
         return SentencePieceTokenizer.from_hf_dir(folder)
-    raise FileNotFoundError(f"{folder}: no tokenizer files (tokenizer.json, vocab.json + merges.txt or "
-                            "tokenizer.model)")
+    raise FileNotFoundError(
+        f"{folder}: no tokenizer files (tokenizer.json, vocab.json + merges.txt or tokenizer.model)"
+    )
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:

@@ -36,8 +36,9 @@ def _first_last(workdir: Path, key: str):
     return (values[0], values[-1]) if values else (None, None)
 
 
-def run_recipe(root: str | Path, overrides: dict[str, str] | None = None, progress: bool = True,
-               draft_model: bool = False) -> dict:
+def run_recipe(
+    root: str | Path, overrides: dict[str, str] | None = None, progress: bool = True, draft_model: bool = False
+) -> dict:
     root = Path(root).absolute()
     summary = {}
     for stage in STAGES + (("draft_model",) if draft_model else ()):
@@ -71,8 +72,9 @@ def main(argv=None) -> int:
     parser.add_argument("--root", default="workdirs/demo", help="folder for the stage workdirs")
     parser.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's)")
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--draft-model", action="store_true",
-                        help="also make and fine-tune demo-draft, the demo's separate draft model")
+    parser.add_argument(
+        "--draft-model", action="store_true", help="also make and fine-tune demo-draft, the demo's separate draft model"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every stage")
     args = parser.parse_args(argv)
     overrides = parse_overrides(args.overrides)

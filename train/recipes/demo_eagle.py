@@ -26,8 +26,16 @@ from train.config import apply_overrides, parse_overrides
 from train.metrics import read_metrics
 from train.run import train
 
-PARTS = ("loss", "eagle_ce", "eagle_feature_l1", "eagle_agreement", "eagle_acc", "full_acc",
-         "eagle_agreement_unrolled1", "eagle_agreement_unrolled2")
+PARTS = (
+    "loss",
+    "eagle_ce",
+    "eagle_feature_l1",
+    "eagle_agreement",
+    "eagle_acc",
+    "full_acc",
+    "eagle_agreement_unrolled1",
+    "eagle_agreement_unrolled2",
+)
 
 
 def summarize(workdir: Path, tail: int = 3) -> dict:
@@ -39,8 +47,9 @@ def summarize(workdir: Path, tail: int = 3) -> dict:
     return {
         "first": {k: records[0][k] for k in PARTS if k in records[0]} | {"step": records[0]["step"]},
         "last": {k: records[-1][k] for k in PARTS if k in records[-1]} | {"step": records[-1]["step"]},
-        f"mean_last_{len(last)}_logged": {k: sum(m[k] for m in last) / len(last) for k in PARTS
-                                          if all(k in m for m in last)},
+        f"mean_last_{len(last)}_logged": {
+            k: sum(m[k] for m in last) / len(last) for k in PARTS if all(k in m for m in last)
+        },
         "compile_and_first_step_s": records[0].get("compile_and_first_step_s"),
         "steady_step_time_s": sum(steady) / len(steady) if steady else None,
     }
@@ -68,12 +77,17 @@ def main(argv=None) -> int:
         "export": str(result.export_dir),
         "stage": cfg.stage,
         # The record's keys are those of the earlier records in benchmarks/eagle_train/.
-        "eagle": {"hidden_size": cfg.eagle.hidden_size, "image_pool": cfg.eagle.image_pool,
-                  "compressor": cfg.eagle.compressor},
-        "loss_weights": {"eagle_ce_weight": cfg.eagle.ce_weight,
-                         "eagle_feature_weight": cfg.eagle.feature_weight,
-                         "eagle_unroll_steps": cfg.eagle.unroll_steps,
-                         "temperature": cfg.eagle.temperature},
+        "eagle": {
+            "hidden_size": cfg.eagle.hidden_size,
+            "image_pool": cfg.eagle.image_pool,
+            "compressor": cfg.eagle.compressor,
+        },
+        "loss_weights": {
+            "eagle_ce_weight": cfg.eagle.ce_weight,
+            "eagle_feature_weight": cfg.eagle.feature_weight,
+            "eagle_unroll_steps": cfg.eagle.unroll_steps,
+            "temperature": cfg.eagle.temperature,
+        },
         "steps": result.step,
         "batch_size": cfg.batch_size,
         "seq_len": cfg.seq_len,

@@ -34,8 +34,8 @@ from configs import demo as demo_config
 from decode.engine import DecodeSpec, Prompts, generate
 from fastvlm_jax.ckpt.checkpoint import load_checkpoint
 from fastvlm_jax.demo import demo_draft_checkpoint
-from fastvlm_jax.nn.model import VLM
 from fastvlm_jax.nn.families import stop_ids
+from fastvlm_jax.nn.model import VLM
 from train.input import CaptionExample, collate
 from train.recipes.make_draft_model import resolve_source
 
@@ -57,8 +57,7 @@ def load_pair(target: str, draft: str):
     target_ckpt = load_checkpoint(path(target), dtype=jnp.float32)
     draft_ckpt = load_checkpoint(path(draft), dtype=jnp.float32)
     if vocabulary(target_ckpt.tokenizer) != vocabulary(draft_ckpt.tokenizer):
-        raise ValueError(f"{draft} and {target} tokenize differently: a draft model must share its "
-                         "target's tokenizer")
+        raise ValueError(f"{draft} and {target} tokenize differently: a draft model must share its target's tokenizer")
     return target_ckpt, draft_ckpt
 
 
@@ -74,8 +73,15 @@ def load_examples(ckpt, data_dir: str | None, split: str, count: int) -> dict[st
     from fastvlm_jax.data.tfds_builders import open_split
 
     source = open_split(DATASET, split, data_dir, decode=False)
-    transform = CaptionExample(ckpt.tokenizer, ckpt.image_config, QUESTION, ckpt.config.num_image_tokens,
-                               SEQ_LEN, CAPTION_INDEX, ckpt.config.model_type)
+    transform = CaptionExample(
+        ckpt.tokenizer,
+        ckpt.image_config,
+        QUESTION,
+        ckpt.config.num_image_tokens,
+        SEQ_LEN,
+        CAPTION_INDEX,
+        ckpt.config.model_type,
+    )
     rng = np.random.default_rng(0)  # unused with a fixed caption_index, but the transform draws
     return collate([transform.random_map(source[i], rng) for i in range(min(count, len(source)))])
 
@@ -83,9 +89,12 @@ def load_examples(ckpt, data_dir: str | None, split: str, count: int) -> dict[st
 def greedy(model, params, ids: np.ndarray, pixels: np.ndarray, batch: int) -> np.ndarray:
     """Teacher-forced argmax ids of `model` at every position: [n, seq] int32."""
     forward = jax.jit(lambda p, i, x: jnp.argmax(model.forward(p, i, x), axis=-1))
-    return np.concatenate([np.asarray(forward(params, jnp.asarray(ids[s:s + batch]),
-                                              jnp.asarray(pixels[s:s + batch])))
-                           for s in range(0, len(ids), batch)])
+    return np.concatenate(
+        [
+            np.asarray(forward(params, jnp.asarray(ids[s : s + batch]), jnp.asarray(pixels[s : s + batch])))
+            for s in range(0, len(ids), batch)
+        ]
+    )
 
 
 def self_draft_greedy(model, params, ids: np.ndarray, pixels: np.ndarray, batch: int) -> np.ndarray:
@@ -101,13 +110,17 @@ def self_draft_greedy(model, params, ids: np.ndarray, pixels: np.ndarray, batch:
         return jnp.argmax(model.logits(p, hidden), axis=-1)
 
     forward = jax.jit(draft_argmax)
-    return np.concatenate([np.asarray(forward(params, jnp.asarray(ids[s:s + batch]),
-                                              jnp.asarray(pixels[s:s + batch])))
-                           for s in range(0, len(ids), batch)])
+    return np.concatenate(
+        [
+            np.asarray(forward(params, jnp.asarray(ids[s : s + batch]), jnp.asarray(pixels[s : s + batch])))
+            for s in range(0, len(ids), batch)
+        ]
+    )
 
 
-def target_greedy_examples(model, params, tokenizer, examples: dict[str, np.ndarray], prompt_len: int,
-                           batch: int) -> tuple[np.ndarray, np.ndarray]:
+def target_greedy_examples(
+    model, params, tokenizer, examples: dict[str, np.ndarray], prompt_len: int, batch: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The target's greedy captions after each prompt: (input_ids [n, SEQ_LEN], mask [n, SEQ_LEN]),
     mask 1 where the next token is one of the target's generated tokens (its EOS included)."""
     capacity = SEQ_LEN - prompt_len
@@ -115,20 +128,30 @@ def target_greedy_examples(model, params, tokenizer, examples: dict[str, np.ndar
     ids = np.full_like(examples["input_ids"], tokenizer.pad_id)
     mask = np.zeros(examples["input_ids"].shape, np.float32)
     for s in range(0, len(ids), batch):
-        prompt = examples["input_ids"][s:s + batch, :prompt_len]
-        out = generate(model, params, Prompts(jnp.asarray(prompt), jnp.full((len(prompt),), prompt_len, jnp.int32),
-                                              jnp.asarray(examples["pixels"][s:s + batch])), spec, capacity)
+        prompt = examples["input_ids"][s : s + batch, :prompt_len]
+        out = generate(
+            model,
+            params,
+            Prompts(
+                jnp.asarray(prompt),
+                jnp.full((len(prompt),), prompt_len, jnp.int32),
+                jnp.asarray(examples["pixels"][s : s + batch]),
+            ),
+            spec,
+            capacity,
+        )
         tokens, counts = np.asarray(out.tokens), np.asarray(out.num_tokens)
         for row in range(len(prompt)):
             n = int(counts[row])
             ids[s + row, :prompt_len] = prompt[row]
-            ids[s + row, prompt_len:prompt_len + n] = tokens[row, :n]
-            mask[s + row, prompt_len - 1:prompt_len - 1 + n] = 1.0
+            ids[s + row, prompt_len : prompt_len + n] = tokens[row, :n]
+            mask[s + row, prompt_len - 1 : prompt_len - 1 + n] = 1.0
     return ids, mask
 
 
-def agreement(target: str, draft: str, data_dir: str | None = None, split: str = "validation",
-              count: int = 256, batch: int = 64) -> dict[str, Any]:
+def agreement(
+    target: str, draft: str, data_dir: str | None = None, split: str = "validation", count: int = 256, batch: int = 64
+) -> dict[str, Any]:
     """Top-1 agreement of `draft` with `target` (and both models' accuracy on the references)."""
     target_ckpt, draft_ckpt = load_pair(target, draft)
     examples = load_examples(target_ckpt, data_dir, split, count)
@@ -140,25 +163,33 @@ def agreement(target: str, draft: str, data_dir: str | None = None, split: str =
     t = greedy(target_model, target_ckpt.params, examples["input_ids"], examples["pixels"], batch)
     d = greedy(draft_model, draft_ckpt.params, examples["input_ids"], examples["pixels"], batch)
     own = self_draft_greedy(target_model, target_ckpt.params, examples["input_ids"], examples["pixels"], batch)
-    result["reference"] = {"positions": int(mask.sum()), "agreement": float((t == d)[mask].mean()),
-                           "target_self_draft_agreement": float((t == own)[mask].mean()),
-                           "target_acc": float((t == examples["targets"])[mask].mean()),
-                           "draft_acc": float((d == examples["targets"])[mask].mean())}
+    result["reference"] = {
+        "positions": int(mask.sum()),
+        "agreement": float((t == d)[mask].mean()),
+        "target_self_draft_agreement": float((t == own)[mask].mean()),
+        "target_acc": float((t == examples["targets"])[mask].mean()),
+        "draft_acc": float((d == examples["targets"])[mask].mean()),
+    }
 
-    ids, gen_mask = target_greedy_examples(target_model, target_ckpt.params, target_ckpt.tokenizer, examples,
-                                           prompt_len, batch)
+    ids, gen_mask = target_greedy_examples(
+        target_model, target_ckpt.params, target_ckpt.tokenizer, examples, prompt_len, batch
+    )
     gen_mask = gen_mask > 0
     t = greedy(target_model, target_ckpt.params, ids, examples["pixels"], batch)
     d = greedy(draft_model, draft_ckpt.params, ids, examples["pixels"], batch)
     own = self_draft_greedy(target_model, target_ckpt.params, ids, examples["pixels"], batch)
-    result["target_greedy"] = {"positions": int(gen_mask.sum()), "agreement": float((t == d)[gen_mask].mean()),
-                               "target_self_draft_agreement": float((t == own)[gen_mask].mean())}
+    result["target_greedy"] = {
+        "positions": int(gen_mask.sum()),
+        "agreement": float((t == d)[gen_mask].mean()),
+        "target_self_draft_agreement": float((t == own)[gen_mask].mean()),
+    }
     return result
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.recipes.draft_agreement",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m train.recipes.draft_agreement", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--target", default="demo", help="target checkpoint folder (or `demo`)")
     parser.add_argument("--draft", required=True, help="draft model checkpoint folder (or `demo-draft`)")
     parser.add_argument("--data-dir", default=None, help="TFDS data dir holding synthetic_captions/default")

@@ -48,14 +48,17 @@ def truncated_config(config, num_layers: int):
     """
     source_layers = config.text.num_layers
     if num_layers < MIN_LAYERS:
-        raise DraftModelError(f"--layers {num_layers}: a draft model needs at least {MIN_LAYERS} decoder "
-                              f"layers (its draft.exit_layer must lie in [1, layers - 1]); pass "
-                              f"--layers 2..{source_layers - 1}")
+        raise DraftModelError(
+            f"--layers {num_layers}: a draft model needs at least {MIN_LAYERS} decoder "
+            f"layers (its draft.exit_layer must lie in [1, layers - 1]); pass "
+            f"--layers 2..{source_layers - 1}"
+        )
     if num_layers >= source_layers:
-        raise DraftModelError(f"--layers {num_layers}: the source has {source_layers} decoder layers and a "
-                              f"draft model must have fewer; pass --layers {MIN_LAYERS}..{source_layers - 1}")
-    draft = dataclasses.replace(config.draft, exit_layer=min(config.draft.exit_layer, num_layers - 1),
-                                eagle_layers=0)
+        raise DraftModelError(
+            f"--layers {num_layers}: the source has {source_layers} decoder layers and a "
+            f"draft model must have fewer; pass --layers {MIN_LAYERS}..{source_layers - 1}"
+        )
+    draft = dataclasses.replace(config.draft, exit_layer=min(config.draft.exit_layer, num_layers - 1), eagle_layers=0)
     return config.replace(text=dataclasses.replace(config.text, num_layers=num_layers), draft=draft)
 
 
@@ -76,9 +79,11 @@ def _check_against_config(params, config) -> None:
     flat_got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
     if flat_want != flat_got:
         diff = sorted(set(flat_want.items()) ^ set(flat_got.items()))[:3]
-        raise DraftModelError(f"model_type {config.model_type!r}: truncating its decoder does not give the "
-                              f"params its config needs (e.g. {diff}); this family is not supported by "
-                              "make_draft_model")
+        raise DraftModelError(
+            f"model_type {config.model_type!r}: truncating its decoder does not give the "
+            f"params its config needs (e.g. {diff}); this family is not supported by "
+            "make_draft_model"
+        )
 
 
 def resolve_source(source: str) -> Path:
@@ -90,16 +95,21 @@ def resolve_source(source: str) -> Path:
             raise DraftModelError(f"--from demo: {err}") from None
     path = Path(source)
     if not path.is_dir():
-        raise DraftModelError(f"--from {source}: no such folder (pass a fastvlm-jax checkpoint folder with "
-                              "config.json and params/, or `demo`)")
+        raise DraftModelError(
+            f"--from {source}: no such folder (pass a fastvlm-jax checkpoint folder with "
+            "config.json and params/, or `demo`)"
+        )
     if not (path / "config.json").is_file() or not (path / "params").is_dir():
-        raise DraftModelError(f"--from {source}: not a fastvlm-jax checkpoint (it needs config.json and "
-                              "params/; convert a Hugging Face folder first with python -m fastvlm_jax.convert)")
+        raise DraftModelError(
+            f"--from {source}: not a fastvlm-jax checkpoint (it needs config.json and "
+            "params/; convert a Hugging Face folder first with python -m fastvlm_jax.convert)"
+        )
     return path
 
 
-def make_draft_model(source: str | os.PathLike, num_layers: int, out: str | os.PathLike,
-                     overwrite: bool = False) -> Path:
+def make_draft_model(
+    source: str | os.PathLike, num_layers: int, out: str | os.PathLike, overwrite: bool = False
+) -> Path:
     """Writes the `num_layers`-layer draft model of checkpoint `source` to `out`; returns `out`.
 
     Params keep the source's dtype. tokenizer/ and preprocessor.json are copied byte for
@@ -133,12 +143,19 @@ def make_draft_model(source: str | os.PathLike, num_layers: int, out: str | os.P
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.recipes.make_draft_model",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--from", dest="source", required=True, metavar="CKPT|demo",
-                        help="the target checkpoint folder (or `demo`)")
-    parser.add_argument("--layers", type=int, required=True, metavar="N",
-                        help="decoder layers of the draft model: 2 .. source layers - 1")
+    parser = argparse.ArgumentParser(
+        prog="python -m train.recipes.make_draft_model", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--from", dest="source", required=True, metavar="CKPT|demo", help="the target checkpoint folder (or `demo`)"
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        required=True,
+        metavar="N",
+        help="decoder layers of the draft model: 2 .. source layers - 1",
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="new checkpoint folder")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)

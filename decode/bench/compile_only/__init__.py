@@ -86,18 +86,30 @@ depths and its siblings are not independent; the demo's measured trees beat this
 """
 
 from decode.bench.compile_only.predict import (
-                                               Acceptance,
-                                               Acceptances,
-                                               TreeAcceptance,
-                                               layer_count_acceptance,
-                                               parse_acceptance,
-                                               parse_acceptances,
-                                               parse_tree_acceptance,
-                                               parse_trees,
+    Acceptance,
+    Acceptances,
+    TreeAcceptance,
+    layer_count_acceptance,
+    parse_acceptance,
+    parse_acceptances,
+    parse_tree_acceptance,
+    parse_trees,
 )
 from decode.bench.compile_only.programs import CompileOnlyError, ModelShapes, load_shapes
 from decode.bench.compile_only.report import compile_point, run
 
-__all__ = ["Acceptance", "Acceptances", "CompileOnlyError", "ModelShapes", "TreeAcceptance", "compile_point",
-           "layer_count_acceptance", "load_shapes", "parse_acceptance", "parse_acceptances",
-           "parse_tree_acceptance", "parse_trees", "run"]
+__all__ = [
+    "Acceptance",
+    "Acceptances",
+    "CompileOnlyError",
+    "ModelShapes",
+    "TreeAcceptance",
+    "compile_point",
+    "layer_count_acceptance",
+    "load_shapes",
+    "parse_acceptance",
+    "parse_acceptances",
+    "parse_tree_acceptance",
+    "parse_trees",
+    "run",
+]

@@ -39,8 +39,10 @@ def parse_acceptance(text: str) -> Acceptance:
             raise CompileOnlyError(f"--acceptance {text!r}: neither a number in [0, 1) nor a JSON file") from None
         data = json.loads(path.read_text())
         if "mean_accepted_length" not in data or "acceptance_rate" not in data:
-            raise CompileOnlyError(f"--acceptance {text}: the JSON has no mean_accepted_length / acceptance_rate "
-                                   "(use a decode.run --stats or decode.bench JSON)")
+            raise CompileOnlyError(
+                f"--acceptance {text}: the JSON has no mean_accepted_length / acceptance_rate "
+                "(use a decode.run --stats or decode.bench JSON)"
+            ) from None
         return Acceptance(float(data["acceptance_rate"]), float(data["mean_accepted_length"]), str(path))
     if not 0.0 <= rate < 1.0:
         raise CompileOnlyError(f"--acceptance {text}: a per-position acceptance probability lies in [0, 1)")
@@ -66,8 +68,9 @@ class Acceptances:
         same_kind = [key for key in self.by_drafter if key.split(":")[0] == kind]
         if len(same_kind) == 1:
             return self.by_drafter[same_kind[0]]
-        raise CompileOnlyError(f"--acceptance: no measured run of drafter {name!r} (the JSON has "
-                               f"{', '.join(sorted(self.by_drafter))})")
+        raise CompileOnlyError(
+            f"--acceptance: no measured run of drafter {name!r} (the JSON has {', '.join(sorted(self.by_drafter))})"
+        )
 
 
 def parse_acceptances(text: str) -> Acceptances:
@@ -80,8 +83,9 @@ def parse_acceptances(text: str) -> Acceptances:
         for run in runs:
             name = run.get("drafter", "imitation")
             if name not in by_drafter and "mean_accepted_length" in run and "acceptance_rate" in run:
-                by_drafter[name] = Acceptance(float(run["acceptance_rate"]), float(run["mean_accepted_length"]),
-                                              f"{path} (drafter {name})")
+                by_drafter[name] = Acceptance(
+                    float(run["acceptance_rate"]), float(run["mean_accepted_length"]), f"{path} (drafter {name})"
+                )
         if len(by_drafter) > 1:
             return Acceptances(None, by_drafter)
     return Acceptances(parse_acceptance(text), {})
@@ -109,15 +113,22 @@ def parse_tree_acceptance(text: str, shape: TreeShape, chain: Acceptance) -> Tre
     path = Path(text)
     if path.suffix == ".json" and path.is_file():
         for run in json.loads(path.read_text()).get("runs", []):
-            if (run.get("tree_nodes"), run.get("tree_width")) == (shape.nodes, shape.width) \
-                    and "mean_accepted_length" in run:
-                return TreeAcceptance(float(run["mean_accepted_length"]),
-                                      f"{path} (measured tree {label}, batch {run.get('batch_size')})")
+            if (run.get("tree_nodes"), run.get("tree_width")) == (
+                shape.nodes,
+                shape.width,
+            ) and "mean_accepted_length" in run:
+                return TreeAcceptance(
+                    float(run["mean_accepted_length"]), f"{path} (measured tree {label}, batch {run.get('batch_size')})"
+                )
     a = chain.rate
     deeper = 1.0 - (1.0 - a) ** shape.width
     tokens = sum(deeper**depth for depth in range(shape.steps + 1))
-    return TreeAcceptance(tokens, f"modelled: per-position acceptance {a:.3f} from {chain.source}, "
-                          f"each depth {shape.width} independent tries (an assumption)", a)
+    return TreeAcceptance(
+        tokens,
+        f"modelled: per-position acceptance {a:.3f} from {chain.source}, "
+        f"each depth {shape.width} independent tries (an assumption)",
+        a,
+    )
 
 
 def parse_trees(nodes: list[int], width: int, drafters: list[str]) -> tuple[TreeShape, ...]:
@@ -132,10 +143,10 @@ def parse_trees(nodes: list[int], width: int, drafters: list[str]) -> tuple[Tree
         except ValueError as err:
             raise CompileOnlyError(f"--tree-nodes / --tree-width: {err}") from None
     if trees and "imitation" not in drafters:
-        raise CompileOnlyError("--tree-nodes: draft trees are built by the imitation drafter only "
-                               "(add imitation to --drafter)")
+        raise CompileOnlyError(
+            "--tree-nodes: draft trees are built by the imitation drafter only (add imitation to --drafter)"
+        )
     return tuple(trees)
-
 
 
 # A drafter kind's draft cost per round from its pieces' times t (by role) and the drafts per
@@ -166,9 +177,15 @@ def predict_drafter(kind: str, ar: dict, own: dict, acceptance: Acceptance, draf
         return draft, t["verify"], tokens * ar[key] / (draft + t["verify"])
 
     draft, verify, speedup = times("time_lower_bound_s")
-    return {"tokens_per_round": tokens, "drafted_per_round": drafted, "draft_cost_s": draft, "verify_s": verify,
-            "ar_step_s": ar["time_lower_bound_s"], "predicted_speedup": speedup,
-            "predicted_speedup_bytes_accessed": times("step_time_lower_bound_s")[2]}
+    return {
+        "tokens_per_round": tokens,
+        "drafted_per_round": drafted,
+        "draft_cost_s": draft,
+        "verify_s": verify,
+        "ar_step_s": ar["time_lower_bound_s"],
+        "predicted_speedup": speedup,
+        "predicted_speedup_bytes_accessed": times("step_time_lower_bound_s")[2],
+    }
 
 
 def layer_count_acceptance(speedup: float, draft_len: int, exit_layer: int, num_layers: int) -> float | None:
@@ -210,19 +227,25 @@ def paper_implied(point: dict, speedups: list[float], num_layers: int) -> list[d
             entries.append({"paper_speedup": speedup, "per_position_acceptance": None})
             continue
         acc = Acceptance(rate, None, f"implied by {speedup}x under the layer-count model")
-        predicted = predict_drafter("imitation", point["pieces"]["ar_step"], imitation["pieces"], acc,
-                                    point["draft_len"])
-        entries.append({"paper_speedup": speedup, "per_position_acceptance": rate,
-                        "tokens_per_round": predicted["tokens_per_round"],
-                        "predicted_speedup": predicted["predicted_speedup"],
-                        "predicted_speedup_bytes_accessed": predicted["predicted_speedup_bytes_accessed"]})
+        predicted = predict_drafter(
+            "imitation", point["pieces"]["ar_step"], imitation["pieces"], acc, point["draft_len"]
+        )
+        entries.append(
+            {
+                "paper_speedup": speedup,
+                "per_position_acceptance": rate,
+                "tokens_per_round": predicted["tokens_per_round"],
+                "predicted_speedup": predicted["predicted_speedup"],
+                "predicted_speedup_bytes_accessed": predicted["predicted_speedup_bytes_accessed"],
+            }
+        )
     return entries
 
 
 def predict_tree(shape: TreeShape, ar: dict, own: dict, acceptance: TreeAcceptance) -> dict[str, Any]:
     """A draft tree's predicted speedup from its pieces' lower-bound times, on two byte counts:
 
-        tokens_per_round * t_AR / (t_root + steps * t_step + t_verify + t_move)
+    tokens_per_round * t_AR / (t_root + steps * t_step + t_verify + t_move)
     """
     tokens = acceptance.tokens_per_round
 
@@ -231,8 +254,13 @@ def predict_tree(shape: TreeShape, ar: dict, own: dict, acceptance: TreeAcceptan
         return draft, tokens * ar[key] / (draft + own["verify"][key] + own["move"][key])
 
     draft, speedup = times("time_lower_bound_s")
-    return {"tokens_per_round": tokens, "drafted_per_round": shape.nodes, "draft_cost_s": draft,
-            "verify_s": own["verify"]["time_lower_bound_s"], "move_s": own["move"]["time_lower_bound_s"],
-            "ar_step_s": ar["time_lower_bound_s"], "predicted_speedup": speedup,
-            "predicted_speedup_bytes_accessed": times("step_time_lower_bound_s")[1]}
-
+    return {
+        "tokens_per_round": tokens,
+        "drafted_per_round": shape.nodes,
+        "draft_cost_s": draft,
+        "verify_s": own["verify"]["time_lower_bound_s"],
+        "move_s": own["move"]["time_lower_bound_s"],
+        "ar_step_s": ar["time_lower_bound_s"],
+        "predicted_speedup": speedup,
+        "predicted_speedup_bytes_accessed": times("step_time_lower_bound_s")[1],
+    }

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -20,14 +21,14 @@ from decode.bench.models import RANDOM_PRESETS
 from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate, steps
 from decode.engine.drafters import EagleCarry, EagleDrafter, ImitationDrafter, ModelCarry, ModelDrafter, RoundContext
 from decode.engine.tree import TreeShape, tree_slots
-from fastvlm_jax.runtime import sharding
 from fastvlm_jax import tpu
-from fastvlm_jax.nn.architectures import architecture
 from fastvlm_jax.ckpt.checkpoint import CheckpointError, load_without_params
-from fastvlm_jax.nn.config import ConfigError
 from fastvlm_jax.demo import DemoMissingError, demo_checkpoint
+from fastvlm_jax.nn.architectures import architecture
+from fastvlm_jax.nn.config import ConfigError
 from fastvlm_jax.nn.kv_cache import KVCache
 from fastvlm_jax.nn.model import VLM
+from fastvlm_jax.runtime import sharding
 
 # Text tokens of the benchmark's random prompts besides the image tokens: BOS + 12
 # (decode.bench.models.make_prompts), about a LLaVA chat prompt's length.
@@ -82,12 +83,15 @@ def load_shapes(spec: str, dtype: str | None = None) -> ModelShapes:
             raise CompileOnlyError(str(err)) from None
         config, params, source = ckpt.config, ckpt.params, str(path)
     if dtype is not None:
-        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-            x.shape, jnp.dtype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype), params)
+        params = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(
+                x.shape, jnp.dtype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+            ),
+            params,
+        )
     floats = [jnp.dtype(x.dtype) for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
     compute = max(floats, key=lambda d: d.itemsize) if floats else jnp.dtype(jnp.float32)
     return ModelShapes(config, params, compute, source)
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +115,7 @@ def parse_drafter(name: str, shapes: ModelShapes) -> DrafterShapes:
     if name == "eagle" or name.startswith("eagle:"):
         pool = None
         if name != "eagle":
-            key, _, value = name[len("eagle:"):].partition("=")
+            key, _, value = name[len("eagle:") :].partition("=")
             if key != "pool" or not value.isdigit() or int(value) < 1:
                 raise CompileOnlyError(f"--drafter {name!r}: the EAGLE head takes eagle or eagle:pool=N (N >= 1)")
             pool = int(value)
@@ -123,11 +127,15 @@ def parse_drafter(name: str, shapes: ModelShapes) -> DrafterShapes:
     small = load_shapes(spec, shapes.dtype.name)
     config, small_config = shapes.config, small.config
     if (small_config.text.vocab_size, small_config.image_token_id, small_config.num_image_tokens) != (
-            config.text.vocab_size, config.image_token_id, config.num_image_tokens):
+        config.text.vocab_size,
+        config.image_token_id,
+        config.num_image_tokens,
+    ):
         raise CompileOnlyError(
             f"--drafter {name}: a draft VLM needs the model's vocabulary, image token and image token "
             f"count ({config.text.vocab_size}, {config.image_token_id}, {config.num_image_tokens}); it has "
-            f"({small_config.text.vocab_size}, {small_config.image_token_id}, {small_config.num_image_tokens})")
+            f"({small_config.text.vocab_size}, {small_config.image_token_id}, {small_config.num_image_tokens})"
+        )
     return DrafterShapes(name, "model", small=small)
 
 
@@ -152,8 +160,11 @@ def abstract_cache(num_layers: int, batch: int, slots: int, config, dtype, mesh)
     over the batch (data) and the kv heads (tensor) where they divide."""
     text = config.text
     shape = (num_layers, batch, text.num_kv_heads, slots, text.resolved_head_dim)
-    return KVCache(keys=_sds(shape, dtype, mesh, KV_CACHE_AXES), values=_sds(shape, dtype, mesh, KV_CACHE_AXES),
-                   pos=_sds((batch,), jnp.int32, mesh, ("batch",)))
+    return KVCache(
+        keys=_sds(shape, dtype, mesh, KV_CACHE_AXES),
+        values=_sds(shape, dtype, mesh, KV_CACHE_AXES),
+        pos=_sds((batch,), jnp.int32, mesh, ("batch",)),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,10 +277,11 @@ class Point:
     def generate_program(self, model: VLM, spec: DecodeSpec, draft_params=None) -> Program:
         """The whole generate program (prefill + while loop) for `spec`."""
         size = model.config.vision.image_size
-        prompts = Prompts(input_ids=_sds((self.batch, self.prompt_len), jnp.int32, self.mesh, ("batch", None)),
-                          lengths=_sds((self.batch,), jnp.int32, self.mesh, ("batch",)),
-                          pixels=_sds((self.batch, size, size, 3), jnp.float32, self.mesh,
-                                      ("batch", None, None, None)))
+        prompts = Prompts(
+            input_ids=_sds((self.batch, self.prompt_len), jnp.int32, self.mesh, ("batch", None)),
+            lengths=_sds((self.batch,), jnp.int32, self.mesh, ("batch",)),
+            pixels=_sds((self.batch, size, size, 3), jnp.float32, self.mesh, ("batch", None, None, None)),
+        )
         max_new = self.max_new
 
         def whole(params, draft_params, prompts):
@@ -278,15 +290,18 @@ class Point:
         return Program(whole, (), (self.params, draft_params, prompts), None)
 
 
-def make_point(shapes: ModelShapes, mesh, batch: int, draft_len: int, max_new: int, generate: bool,
-               unroll: bool = False) -> Point:
+def make_point(
+    shapes: ModelShapes, mesh, batch: int, draft_len: int, max_new: int, generate: bool, unroll: bool = False
+) -> Point:
     """The point's shared inputs; unroll: its models run their layers as straight-line code
     (the counting twin of the engine's scanned programs, see compile_programs)."""
     config = shapes.config
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch % data_parallel:
-        raise CompileOnlyError(f"--batch-size {batch} is not divisible by the {data_parallel} data-parallel "
-                               f"shards of mesh {dict(mesh.shape)}")
+        raise CompileOnlyError(
+            f"--batch-size {batch} is not divisible by the {data_parallel} data-parallel "
+            f"shards of mesh {dict(mesh.shape)}"
+        )
     params = _place(shapes.params, config, mesh)
     prompt_len = config.num_image_tokens + PROMPT_TEXT_TOKENS
     ssd_spec = DecodeSpec(mode="ssd", capacity=max_new, eos_ids=(), policy=DraftPolicy(draft_len=draft_len))
@@ -296,12 +311,23 @@ def make_point(shapes: ModelShapes, mesh, batch: int, draft_len: int, max_new: i
     draft_cache = abstract_cache(1, batch, slots, config, shapes.dtype, mesh) if config.draft.kind == "layer" else None
     width = config.text.hidden_size
     return Point(
-        shapes=shapes, mesh=mesh, model=VLM(config, shapes.dtype, unroll_layers=unroll), params=params, batch=batch,
-        draft_len=draft_len, max_new=max_new, prompt_len=prompt_len, generate=generate, ssd_spec=ssd_spec, cache=cache,
-        draft_cache=draft_cache, reads=read_bytes(params, config, cache, draft_cache),
+        shapes=shapes,
+        mesh=mesh,
+        model=VLM(config, shapes.dtype, unroll_layers=unroll),
+        params=params,
+        batch=batch,
+        draft_len=draft_len,
+        max_new=max_new,
+        prompt_len=prompt_len,
+        generate=generate,
+        ssd_spec=ssd_spec,
+        cache=cache,
+        draft_cache=draft_cache,
+        reads=read_bytes(params, config, cache, draft_cache),
         token=_sds((batch,), jnp.int32, mesh, ("batch",)),
         states=_sds((batch, draft_len + 1, width), shapes.dtype, mesh, ("batch", None, None)),
-        chain=_sds((batch, draft_len + 1), jnp.int32, mesh, ("batch", None)))
+        chain=_sds((batch, draft_len + 1), jnp.int32, mesh, ("batch", None)),
+    )
 
 
 def ar_programs(point: Point) -> tuple[dict[str, Program], dict[str, Any]]:
@@ -309,17 +335,24 @@ def ar_programs(point: Point) -> tuple[dict[str, Program], dict[str, Any]]:
     Returns ({name: Program}, sizes)."""
     model, config, mesh = point.model, point.model.config, point.mesh
     ar_spec = DecodeSpec(mode="ar", capacity=point.max_new, eos_ids=())
-    ar_cache = abstract_cache(point.num_layers, point.batch, ar_spec.cache_slots(point.prompt_len), config,
-                              model.dtype, mesh)
+    ar_cache = abstract_cache(
+        point.num_layers, point.batch, ar_spec.cache_slots(point.prompt_len), config, model.dtype, mesh
+    )
     ar_reads = read_bytes(point.params, config, ar_cache, None)
 
     def ar_step(params, cache, token):
         logits, cache = steps.ar_step(model, params, cache, token)
         return cache, _argmax(logits)
 
-    programs = {"ar_step": Program(ar_step, (1,), (point.params, ar_cache, point.token),
-                                   ar_reads.span(0, point.num_layers, point.num_layers) + ar_reads.head,
-                                   scanned=True)}
+    programs = {
+        "ar_step": Program(
+            ar_step,
+            (1,),
+            (point.params, ar_cache, point.token),
+            ar_reads.span(0, point.num_layers, point.num_layers) + ar_reads.head,
+            scanned=True,
+        )
+    }
     if point.generate:
         programs["generate_ar"] = point.generate_program(model, ar_spec)
     return programs, {"ar_kv_cache_bytes_per_device": ar_reads.cache}
@@ -343,8 +376,13 @@ def _verify_tokens_program(point: Point) -> Program:
         logits, _, cache = steps.verify_tokens(model, params, cache, tokens, _chain_positions(cache, n))
         return cache, _argmax(logits)
 
-    return Program(verify_tokens, (1,), (point.params, point.cache, point.chain),
-                   point.reads.span(0, point.num_layers, point.num_layers) + point.reads.head, scanned=True)
+    return Program(
+        verify_tokens,
+        (1,),
+        (point.params, point.cache, point.chain),
+        point.reads.span(0, point.num_layers, point.num_layers) + point.reads.head,
+        scanned=True,
+    )
 
 
 def _drafter_calls(drafter, model: VLM, draft_len: int, own_params: bool):
@@ -387,17 +425,29 @@ def imitation_programs(point: Point, d: DrafterShapes) -> DrafterPrograms:
         return cache, _argmax(logits)
 
     programs = {
-        "draft_step": Program(draft_step, (1, 2), (point.params, point.cache, point.draft_cache, point.token),
-                              reads.span(0, k, layers) + reads.imitation + reads.head, scanned=True),
-        "shallow_step": Program(shallow_step, (1,), (point.params, point.cache, point.token),
-                                reads.span(0, k, layers), scanned=True),
-        "verify": Program(verify, (1,), (point.params, point.cache, point.states),
-                          reads.span(k, layers, layers) + reads.head, scanned=True),
+        "draft_step": Program(
+            draft_step,
+            (1, 2),
+            (point.params, point.cache, point.draft_cache, point.token),
+            reads.span(0, k, layers) + reads.imitation + reads.head,
+            scanned=True,
+        ),
+        "shallow_step": Program(
+            shallow_step, (1,), (point.params, point.cache, point.token), reads.span(0, k, layers), scanned=True
+        ),
+        "verify": Program(
+            verify,
+            (1,),
+            (point.params, point.cache, point.states),
+            reads.span(k, layers, layers) + reads.head,
+            scanned=True,
+        ),
     }
     roles = {role: role for role in programs}
     if point.generate:
         programs["generate_ssd"] = point.generate_program(
-            model, dataclasses.replace(point.ssd_spec, drafter=ImitationDrafter()))
+            model, dataclasses.replace(point.ssd_spec, drafter=ImitationDrafter())
+        )
         roles["generate_ssd"] = "generate_ssd"
     return DrafterPrograms(roles, programs, {"draft_bytes_per_device": reads.imitation})
 
@@ -411,22 +461,39 @@ def eagle_programs(point: Point, d: DrafterShapes) -> DrafterPrograms:
     eagle_slots = EagleDrafter().cache_slots(head_model, point.cache.slots)
     eagle_cache = abstract_cache(1, batch, eagle_slots, config, point.model.dtype, mesh)
     row = _sds((batch,), jnp.int32, mesh, ("batch",))
-    carry = EagleCarry(cache=eagle_cache, removed=row, features=point.states, tokens=point.chain, base=row, count=row,
-                       feature=_sds((batch, config.text.hidden_size), point.model.dtype, mesh, ("batch", None)))
+    carry = EagleCarry(
+        cache=eagle_cache,
+        removed=row,
+        features=point.states,
+        tokens=point.chain,
+        base=row,
+        count=row,
+        feature=_sds((batch, config.text.hidden_size), point.model.dtype, mesh, ("batch", None)),
+    )
     cache_bytes = 2 * tpu.shard_bytes(eagle_cache.keys.shape, eagle_cache.keys.dtype, eagle_cache.keys.sharding)
     must = point.reads.eagle + cache_bytes + point.reads.head
     start, step = _drafter_calls(EagleDrafter(), head_model, point.draft_len, own_params=False)
     names = {"catchup": f"{d.name}/catchup", "step": f"{d.name}/step", "verify": "verify_tokens"}
-    programs = {names["catchup"]: Program(start, (1,), (point.params, carry, point.token, point.token), must),
-                names["step"]: Program(step, (1,), (point.params, carry, point.token, point.token), must),
-                "verify_tokens": _verify_tokens_program(point)}
+    programs = {
+        names["catchup"]: Program(start, (1,), (point.params, carry, point.token, point.token), must),
+        names["step"]: Program(step, (1,), (point.params, carry, point.token, point.token), must),
+        "verify_tokens": _verify_tokens_program(point),
+    }
     if point.generate:
         names["generate_ssd"] = f"{d.name}/generate_ssd"
         programs[names["generate_ssd"]] = point.generate_program(
-            head_model, dataclasses.replace(point.ssd_spec, drafter=EagleDrafter()))
-    return DrafterPrograms(names, programs, {
-        "eagle_image_pool": d_config.draft.eagle_image_pool, "eagle_cache_slots": eagle_slots,
-        "draft_cache_bytes_per_device": cache_bytes, "draft_bytes_per_device": point.reads.eagle})
+            head_model, dataclasses.replace(point.ssd_spec, drafter=EagleDrafter())
+        )
+    return DrafterPrograms(
+        names,
+        programs,
+        {
+            "eagle_image_pool": d_config.draft.eagle_image_pool,
+            "eagle_cache_slots": eagle_slots,
+            "draft_cache_bytes_per_device": cache_bytes,
+            "draft_bytes_per_device": point.reads.eagle,
+        },
+    )
 
 
 def model_programs(point: Point, d: DrafterShapes) -> DrafterPrograms:
@@ -443,21 +510,28 @@ def model_programs(point: Point, d: DrafterShapes) -> DrafterPrograms:
     start, step = _drafter_calls(ModelDrafter(small_model), small_model, point.draft_len, own_params=True)
 
     names = {"start": f"{d.name}/start", "step": f"{d.name}/step", "verify": "verify_tokens"}
-    programs = {names["start"]: Program(start, (1,), (small_params, carry, point.token, point.token), must,
-                                               scanned=True),
-                names["step"]: Program(step, (1,), (small_params, carry, point.token, point.token), must,
-                                              scanned=True),
-                "verify_tokens": _verify_tokens_program(point)}
+    programs = {
+        names["start"]: Program(start, (1,), (small_params, carry, point.token, point.token), must, scanned=True),
+        names["step"]: Program(step, (1,), (small_params, carry, point.token, point.token), must, scanned=True),
+        "verify_tokens": _verify_tokens_program(point),
+    }
     if point.generate:
         names["generate_ssd"] = f"{d.name}/generate_ssd"
         programs[names["generate_ssd"]] = point.generate_program(
-            point.model, dataclasses.replace(point.ssd_spec, drafter=ModelDrafter(small_model)), small_params)
-    return DrafterPrograms(names, programs, {
-        "draft_model": d.small.source,
-        "draft_param_bytes_per_device": sum(tpu.shard_bytes(x.shape, x.dtype, x.sharding)
-                                            for x in jax.tree.leaves(small_params)),
-        "draft_cache_bytes_per_device": small_reads.cache,
-        "draft_bytes_per_device": small_reads.layers + small_reads.head})
+            point.model, dataclasses.replace(point.ssd_spec, drafter=ModelDrafter(small_model)), small_params
+        )
+    return DrafterPrograms(
+        names,
+        programs,
+        {
+            "draft_model": d.small.source,
+            "draft_param_bytes_per_device": sum(
+                tpu.shard_bytes(x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(small_params)
+            ),
+            "draft_cache_bytes_per_device": small_reads.cache,
+            "draft_bytes_per_device": small_reads.layers + small_reads.head,
+        },
+    )
 
 
 # One builder per drafter kind: its programs by role, their must-read bytes, its sizes.
@@ -489,14 +563,18 @@ def tree_programs(point: Point, shape: TreeShape) -> DrafterPrograms:
     cache = abstract_cache(layers, batch, slots, config, model.dtype, mesh)
     draft_cache = abstract_cache(1, batch, slots, config, model.dtype, mesh) if config.draft.kind == "layer" else None
     reads = read_bytes(point.params, config, cache, draft_cache)
-    draft_bytes = 0 if draft_cache is None else 2 * tpu.shard_bytes(draft_cache.keys.shape, draft_cache.keys.dtype,
-                                                                    draft_cache.keys.sharding)
+    draft_bytes = (
+        0
+        if draft_cache is None
+        else 2 * tpu.shard_bytes(draft_cache.keys.shape, draft_cache.keys.dtype, draft_cache.keys.sharding)
+    )
 
     def step(params, cache, draft_cache, tokens, ids, depths, ancestors):
         pos = cache.pos
         layout = tree_slots(pos, ids, ancestors, cache.slots)
-        logits, _, cache, draft_cache = steps.tree_step(model, params, cache, draft_cache, tokens,
-                                                        pos[:, None] + depths, layout)
+        logits, _, cache, draft_cache = steps.tree_step(
+            model, params, cache, draft_cache, tokens, pos[:, None] + depths, layout
+        )
         logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         return cache, draft_cache, jax.lax.top_k(logprobs, shape.width)[1]
 
@@ -520,24 +598,39 @@ def tree_programs(point: Point, shape: TreeShape) -> DrafterPrograms:
     states = _sds((batch, shape.size, config.text.hidden_size), model.dtype, mesh, ("batch", None, None))
     path = _sds((batch, shape.steps + 1), jnp.int32, mesh, ("batch", None))
     programs = {
-        names["root"]: Program(step, (1, 2), (point.params, cache, draft_cache, *nodes(1)), draft_must,
-                               scanned=True),
-        names["step"]: Program(step, (1, 2), (point.params, cache, draft_cache, *nodes(shape.width)), draft_must,
-                               scanned=True),
-        names["verify"]: Program(verify, (1,), (point.params, cache, states, *nodes(shape.size)[2:]),
-                                 reads.span(k, layers, layers) + reads.head, scanned=True),
+        names["root"]: Program(step, (1, 2), (point.params, cache, draft_cache, *nodes(1)), draft_must, scanned=True),
+        names["step"]: Program(
+            step, (1, 2), (point.params, cache, draft_cache, *nodes(shape.width)), draft_must, scanned=True
+        ),
+        names["verify"]: Program(
+            verify,
+            (1,),
+            (point.params, cache, states, *nodes(shape.size)[2:]),
+            reads.span(k, layers, layers) + reads.head,
+            scanned=True,
+        ),
         # The move reads and writes the path's steps + 1 entries of each row, every layer:
         # that fraction of the caches, twice (the compiler's bytes accessed may count more
         # if the scatter is not done in place).
-        names["move"]: Program(move, (0, 1), (cache, draft_cache, path),
-                               2 * (shape.steps + 1) / slots * (reads.cache + draft_bytes)),
+        names["move"]: Program(
+            move, (0, 1), (cache, draft_cache, path), 2 * (shape.steps + 1) / slots * (reads.cache + draft_bytes)
+        ),
     }
     if point.generate:
         names["generate_ssd"] = f"tree:{label}/generate_ssd"
         programs[names["generate_ssd"]] = point.generate_program(model, tree_spec)
-    return DrafterPrograms(names, programs, {
-        "nodes": shape.nodes, "width": shape.width, "steps": shape.steps, "size": shape.size,
-        "cache_slots": slots, "kv_cache_bytes_per_device": reads.cache})
+    return DrafterPrograms(
+        names,
+        programs,
+        {
+            "nodes": shape.nodes,
+            "width": shape.width,
+            "steps": shape.steps,
+            "size": shape.size,
+            "cache_slots": slots,
+            "kv_cache_bytes_per_device": reads.cache,
+        },
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -545,28 +638,39 @@ def tree_programs(point: Point, shape: TreeShape) -> DrafterPrograms:
 # ---------------------------------------------------------------------------------------
 
 
-def _piece_entry(program: Program, report: tpu.CompileReport, twin: tpu.CompileReport | None,
-                 topology: tpu.Topology) -> dict[str, Any]:
+def _piece_entry(
+    program: Program, report: tpu.CompileReport, twin: tpu.CompileReport | None, topology: tpu.Topology
+) -> dict[str, Any]:
     """A compiled piece as JSON: its memory, collectives and loops from the engine's own
     (scanned) program; its FLOPs and bytes from the unrolled twin when it has layer scans
     (see compile_programs); the must-read bytes and the time bound they give."""
     if program.must_read is None:
         entry = tpu.report_dict(report, topology)
         entry["cost_counting"] = "static_loop_bodies_once"
-        entry["note"] = ("memory is the program's; FLOPs and bytes are the compiler's static cost, each loop "
-                         "body (a round, a layer) counted once")
+        entry["note"] = (
+            "memory is the program's; FLOPs and bytes are the compiler's static cost, each loop "
+            "body (a round, a layer) counted once"
+        )
         return entry
     counted = report
     if twin is not None:
-        counted = dataclasses.replace(report, flops=twin.flops, bytes_accessed=twin.bytes_accessed,
-                                      transcendentals=twin.transcendentals,
-                                      step_time_lower_bound_s=twin.step_time_lower_bound_s,
-                                      flops_time_s=twin.flops_time_s, bytes_time_s=twin.bytes_time_s)
+        counted = dataclasses.replace(
+            report,
+            flops=twin.flops,
+            bytes_accessed=twin.bytes_accessed,
+            transcendentals=twin.transcendentals,
+            step_time_lower_bound_s=twin.step_time_lower_bound_s,
+            flops_time_s=twin.flops_time_s,
+            bytes_time_s=twin.bytes_time_s,
+        )
     entry = tpu.report_dict(counted, topology)
     entry["cost_counting"] = "unrolled_twin" if twin is not None else "straight_line"
-    entry["scanned_program"] = {"flops_per_device": report.flops, "bytes_per_device": report.bytes_accessed,
-                                "transcendentals_per_device": report.transcendentals,
-                                "compile_seconds": report.compile_seconds}
+    entry["scanned_program"] = {
+        "flops_per_device": report.flops,
+        "bytes_per_device": report.bytes_accessed,
+        "transcendentals_per_device": report.transcendentals,
+        "compile_seconds": report.compile_seconds,
+    }
     if twin is not None:
         entry["twin_compile_seconds"] = twin.compile_seconds
     bound, _, memory = tpu.roofline_seconds(counted.flops, program.must_read, topology)
@@ -578,16 +682,16 @@ def _compile(name: str, program: Program, mesh, topology, failed: dict[str, str]
     """tpu.compile_program, with a program JAX cannot trace (a bug in the engine or a
     drafter) booked in `failed` (the run goes on and exits 1): (report, refusal)."""
     try:
-        return tpu.compile_program(name, jax.jit(program.fn, donate_argnums=program.donate), program.args, mesh,
-                                   topology)
+        return tpu.compile_program(
+            name, jax.jit(program.fn, donate_argnums=program.donate), program.args, mesh, topology
+        )
     except (TypeError, ValueError) as err:
         failed[name] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
         print(f"error: batch {batch}: {name} could not be traced: {failed[name]}", file=sys.stderr, flush=True)
         return None, None
 
 
-def compile_programs(programs: dict[str, Program], twins: dict[str, Program], mesh, topology: tpu.Topology,
-                     batch: int):
+def compile_programs(programs: dict[str, Program], twins: dict[str, Program], mesh, topology: tpu.Topology, batch: int):
     """Compiles every program as the engine runs it and, for those with a layer scan, its
     unrolled twin (twins[name]: the same function on a model with unroll_layers=True),
     whose FLOPs and bytes count every layer.

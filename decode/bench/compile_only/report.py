@@ -35,15 +35,23 @@ from decode.bench.compile_only.programs import (
     with_eagle_head,
 )
 from decode.engine.tree import TreeShape
-from fastvlm_jax.runtime import sharding
 from fastvlm_jax import tpu
 from fastvlm_jax.nn.config import ConfigError
+from fastvlm_jax.runtime import sharding
 
 
-def compile_point(shapes: ModelShapes, topology: tpu.Topology, mesh, batch: int, draft_len: int,
-                  max_new: int, acceptance: Acceptance | Acceptances,
-                  drafters: tuple[DrafterShapes, ...] = (DrafterShapes("imitation", "imitation"),),
-                  generate: bool = True, trees: dict[TreeShape, TreeAcceptance] | None = None) -> dict[str, Any]:
+def compile_point(
+    shapes: ModelShapes,
+    topology: tpu.Topology,
+    mesh,
+    batch: int,
+    draft_len: int,
+    max_new: int,
+    acceptance: Acceptance | Acceptances,
+    drafters: tuple[DrafterShapes, ...] = (DrafterShapes("imitation", "imitation"),),
+    generate: bool = True,
+    trees: dict[TreeShape, TreeAcceptance] | None = None,
+) -> dict[str, Any]:
     """Every program of one (batch, draft_len) point, and the speedup they predict per drafter.
 
     `trees` (shape -> its tokens per round): the imitation drafter's draft trees, each
@@ -74,15 +82,26 @@ def compile_point(shapes: ModelShapes, topology: tpu.Topology, mesh, batch: int,
     hbm = topology.hbm_bytes_per_device
     peak = max((r.memory.peak for r in reports.values()), default=0)
     over = [r for r in reports.values() if not tpu.fits(r.memory.peak, topology)]
-    reason = refusals[0] if refusals else (
-        f"{max(over, key=lambda r: r.memory.peak).name} needs {tpu.format_bytes(peak)} per device, more than "
-        f"the {tpu.format_bytes(hbm)} of HBM of a {topology.device_kind} device" if over else None)
+    reason = (
+        refusals[0]
+        if refusals
+        else (
+            f"{max(over, key=lambda r: r.memory.peak).name} needs {tpu.format_bytes(peak)} per device, more than "
+            f"the {tpu.format_bytes(hbm)} of HBM of a {topology.device_kind} device"
+            if over
+            else None
+        )
+    )
     drafter_entries = {}
     for d in drafters:
         built = per_drafter[d.name]
         own = {role: pieces[name] for role, name in built.roles.items() if name in pieces}
-        entry = {"kind": d.kind, **built.extra, "pieces": own,
-                 "per_chip_peak_bytes": max((p["per_chip_peak_bytes"] for p in own.values()), default=0)}
+        entry = {
+            "kind": d.kind,
+            **built.extra,
+            "pieces": own,
+            "per_chip_peak_bytes": max((p["per_chip_peak_bytes"] for p in own.values()), default=0),
+        }
         needed = [name for role, name in built.roles.items() if role != "generate_ssd"]
         if all(name in pieces for name in needed) and "ar_step" in pieces:
             acc = acceptance.for_drafter(d.name)
@@ -103,12 +122,21 @@ def compile_point(shapes: ModelShapes, topology: tpu.Topology, mesh, batch: int,
     params = point.params
     result = {
         **tpu.topology_summary(topology),
-        "batch_size": batch, "draft_len": draft_len, "exit_layer": point.exit_layer, "prompt_len": point.prompt_len,
+        "batch_size": batch,
+        "draft_len": draft_len,
+        "exit_layer": point.exit_layer,
+        "prompt_len": point.prompt_len,
         "max_new_tokens": max_new,
-        "kv_cache_bytes_per_device": point.reads.cache, **ar_extra,
+        "kv_cache_bytes_per_device": point.reads.cache,
+        **ar_extra,
         "param_bytes_per_device": sum(tpu.shard_bytes(x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(params)),
-        "per_chip_peak_bytes": peak * topology.devices_per_chip, "fits": not refusals and not over,
-        "reason": reason, "pieces": top, "drafters": drafter_entries, "trees": tree_entries, "failed": failed,
+        "per_chip_peak_bytes": peak * topology.devices_per_chip,
+        "fits": not refusals and not over,
+        "reason": reason,
+        "pieces": top,
+        "drafters": drafter_entries,
+        "trees": tree_entries,
+        "failed": failed,
     }
     first = drafter_entries[drafters[0].name]
     for key in ("tokens_per_round", "drafted_per_round", "predicted_speedup", "predicted_speedup_bytes_accessed"):
@@ -130,22 +158,35 @@ def run(args) -> int:
             shapes = dataclasses.replace(shapes, config=shapes.config.with_draft(exit_layer=args.exit_layer[0]))
         drafters = tuple(parse_drafter(name, shapes) for name in args.drafter)
         shape_list = parse_trees(args.tree_nodes, args.tree_width, list(args.drafter))
-        trees = {shape: parse_tree_acceptance(args.acceptance, shape, acceptance.for_drafter("imitation"))
-                 for shape in shape_list}
+        trees = {
+            shape: parse_tree_acceptance(args.acceptance, shape, acceptance.for_drafter("imitation"))
+            for shape in shape_list
+        }
         notes = []
         if any(d.kind == "eagle" for d in drafters):
             shapes, added = with_eagle_head(shapes)
             if added:
-                notes.append(f"{shapes.source} has no EAGLE head: compiled with a fresh one (one layer, FFN "
-                             f"{shapes.config.draft.eagle_hidden_size or shapes.config.text.intermediate_size})")
+                notes.append(
+                    f"{shapes.source} has no EAGLE head: compiled with a fresh one (one layer, FFN "
+                    f"{shapes.config.draft.eagle_hidden_size or shapes.config.text.intermediate_size})"
+                )
                 print(f"note: {notes[-1]}", flush=True)
         runs = []
         for batch in args.batch_size:
             for draft_len in args.draft_len:
                 # Trees do not depend on the chain's draft length: compiled once per batch.
-                point = compile_point(shapes, topology, mesh, batch, draft_len, args.max_new_tokens,
-                                      acceptance, drafters, generate=not args.no_generate,
-                                      trees=trees if draft_len == args.draft_len[0] else None)
+                point = compile_point(
+                    shapes,
+                    topology,
+                    mesh,
+                    batch,
+                    draft_len,
+                    args.max_new_tokens,
+                    acceptance,
+                    drafters,
+                    generate=not args.no_generate,
+                    trees=trees if draft_len == args.draft_len[0] else None,
+                )
                 point["paper_implied"] = paper_implied(point, args.paper_speedup, shapes.config.text.num_layers)
                 runs.append(point)
                 for line in point_lines(point, topology):
@@ -154,18 +195,26 @@ def run(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     report = {
-        **tpu.topology_summary(topology), "model": shapes.source, "dtype": shapes.dtype.name,
-        "mesh": dict(mesh.shape), "hbm_bytes_per_device": topology.hbm_bytes_per_device,
-        "acceptance": (dataclasses.asdict(acceptance.default) if acceptance.default is not None
-                       else {name: dataclasses.asdict(a) for name, a in acceptance.by_drafter.items()}),
-        "drafter_names": [d.name for d in drafters], "notes": notes,
+        **tpu.topology_summary(topology),
+        "model": shapes.source,
+        "dtype": shapes.dtype.name,
+        "mesh": dict(mesh.shape),
+        "hbm_bytes_per_device": topology.hbm_bytes_per_device,
+        "acceptance": (
+            dataclasses.asdict(acceptance.default)
+            if acceptance.default is not None
+            else {name: dataclasses.asdict(a) for name, a in acceptance.by_drafter.items()}
+        ),
+        "drafter_names": [d.name for d in drafters],
+        "notes": notes,
         "tree_acceptance": {tree_label(shape): dataclasses.asdict(acc) for shape, acc in trees.items()},
         "time_basis": "predicted_speedup: max(FLOPs/peak, must-read bytes/bandwidth) per piece; "
-                      "predicted_speedup_bytes_accessed: the same with the compiler's bytes accessed; "
-                      "compiler-model predictions, not measurements",
+        "predicted_speedup_bytes_accessed: the same with the compiler's bytes accessed; "
+        "compiler-model predictions, not measurements",
         "per_chip_peak_bytes": max(r["per_chip_peak_bytes"] for r in runs),
         "fits": all(r["fits"] for r in runs),
-        "batch_size": runs[0]["batch_size"], "predicted_speedup": runs[0].get("predicted_speedup"),
+        "batch_size": runs[0]["batch_size"],
+        "predicted_speedup": runs[0].get("predicted_speedup"),
         "argv": list(args.argv) if getattr(args, "argv", None) is not None else sys.argv[1:],
         "runs": runs,
     }
@@ -181,54 +230,73 @@ def run(args) -> int:
 
 
 def point_lines(point: dict, topology: tpu.Topology) -> list[str]:
-    lines = [f"batch {point['batch_size']} draft_len {point['draft_len']} exit {point['exit_layer']} on "
-             f"{topology.name}: KV cache {tpu.format_bytes(point['kv_cache_bytes_per_device'])} and params "
-             f"{tpu.format_bytes(point['param_bytes_per_device'])} per device"]
+    lines = [
+        f"batch {point['batch_size']} draft_len {point['draft_len']} exit {point['exit_layer']} on "
+        f"{topology.name}: KV cache {tpu.format_bytes(point['kv_cache_bytes_per_device'])} and params "
+        f"{tpu.format_bytes(point['param_bytes_per_device'])} per device"
+    ]
     for name, piece in point["pieces"].items():
         lines += tpu.program_lines(name, piece, topology.hbm_bytes_per_device)
         if "time_lower_bound_s" in piece:
-            lines.append(f"  must read {tpu.format_bytes(piece['must_read_bytes_per_device'])} per device: "
-                         f">= {1000 * piece['time_lower_bound_s']:.3f} ms")
+            lines.append(
+                f"  must read {tpu.format_bytes(piece['must_read_bytes_per_device'])} per device: "
+                f">= {1000 * piece['time_lower_bound_s']:.3f} ms"
+            )
     printed = {id(piece) for piece in point["pieces"].values()}  # the imitation drafter's are there
     for name, drafter in point["drafters"].items():
         for role, piece in drafter["pieces"].items():
             if id(piece) in printed:
                 continue
             printed.add(id(piece))  # verify_tokens is shared by the eagle and model drafters
-            lines += tpu.program_lines("verify_tokens" if role == "verify" else f"{name}/{role}", piece,
-                                       topology.hbm_bytes_per_device)
+            lines += tpu.program_lines(
+                "verify_tokens" if role == "verify" else f"{name}/{role}", piece, topology.hbm_bytes_per_device
+            )
             if "time_lower_bound_s" in piece:
-                lines.append(f"  must read {tpu.format_bytes(piece['must_read_bytes_per_device'])} per device: "
-                             f">= {1000 * piece['time_lower_bound_s']:.3f} ms")
+                lines.append(
+                    f"  must read {tpu.format_bytes(piece['must_read_bytes_per_device'])} per device: "
+                    f">= {1000 * piece['time_lower_bound_s']:.3f} ms"
+                )
     for name, drafter in point["drafters"].items():
         if "predicted_speedup" in drafter:
-            lines.append(f"  {name}: predicted SSD/AR speedup {drafter['predicted_speedup']:.2f}x "
-                         f"({drafter['tokens_per_round']:.2f} tokens per round, draft {1000 * drafter['draft_cost_s']:.3f} "
-                         f"ms + verify {1000 * drafter['verify_s']:.3f} ms per round vs AR step "
-                         f"{1000 * drafter['ar_step_s']:.3f} ms; "
-                         f"{drafter['predicted_speedup_bytes_accessed']:.2f}x on the compiler's bytes accessed)")
+            lines.append(
+                f"  {name}: predicted SSD/AR speedup {drafter['predicted_speedup']:.2f}x "
+                f"({drafter['tokens_per_round']:.2f} tokens per round, draft {1000 * drafter['draft_cost_s']:.3f} "
+                f"ms + verify {1000 * drafter['verify_s']:.3f} ms per round vs AR step "
+                f"{1000 * drafter['ar_step_s']:.3f} ms; "
+                f"{drafter['predicted_speedup_bytes_accessed']:.2f}x on the compiler's bytes accessed)"
+            )
     for label, tree in point.get("trees", {}).items():
         for role, piece in tree["pieces"].items():
             lines += tpu.program_lines(f"tree {label}/{role}", piece, topology.hbm_bytes_per_device)
             if "time_lower_bound_s" in piece:
-                lines.append(f"  must read {tpu.format_bytes(piece['must_read_bytes_per_device'])} per device: "
-                             f">= {1000 * piece['time_lower_bound_s']:.3f} ms")
+                lines.append(
+                    f"  must read {tpu.format_bytes(piece['must_read_bytes_per_device'])} per device: "
+                    f">= {1000 * piece['time_lower_bound_s']:.3f} ms"
+                )
     for label, tree in point.get("trees", {}).items():
         if "predicted_speedup" in tree:
             t = {role: 1000 * tree["pieces"][role]["time_lower_bound_s"] for role in ("root", "step", "verify", "move")}
-            lines.append(f"  tree {label}: predicted SSD/AR speedup {tree['predicted_speedup']:.2f}x "
-                         f"({tree['tokens_per_round']:.2f} tokens per round, root {t['root']:.3f} + {tree['steps']} x "
-                         f"step {t['step']:.3f} + verify {t['verify']:.3f} + move {t['move']:.3f} ms per round vs "
-                         f"AR step {1000 * tree['ar_step_s']:.3f} ms; "
-                         f"{tree['predicted_speedup_bytes_accessed']:.2f}x on the compiler's bytes accessed)")
+            lines.append(
+                f"  tree {label}: predicted SSD/AR speedup {tree['predicted_speedup']:.2f}x "
+                f"({tree['tokens_per_round']:.2f} tokens per round, root {t['root']:.3f} + {tree['steps']} x "
+                f"step {t['step']:.3f} + verify {t['verify']:.3f} + move {t['move']:.3f} ms per round vs "
+                f"AR step {1000 * tree['ar_step_s']:.3f} ms; "
+                f"{tree['predicted_speedup_bytes_accessed']:.2f}x on the compiler's bytes accessed)"
+            )
     for entry in point.get("paper_implied", []):
         if entry["per_position_acceptance"] is None:
-            lines.append(f"  paper's {entry['paper_speedup']}x: not reachable at draft length {point['draft_len']} "
-                         "under the layer-count model")
+            lines.append(
+                f"  paper's {entry['paper_speedup']}x: not reachable at draft length {point['draft_len']} "
+                "under the layer-count model"
+            )
             continue
-        lines.append(f"  paper's {entry['paper_speedup']}x implies acceptance {entry['per_position_acceptance']:.3f} "
-                     f"(layer-count model): predicted {entry['predicted_speedup']:.2f}x here "
-                     f"({entry['tokens_per_round']:.2f} tokens per round)")
-    lines.append(f"  per-chip peak {tpu.format_bytes(point['per_chip_peak_bytes'])}: "
-                 + ("fits" if point["fits"] else f"does not fit: {point['reason']}"))
+        lines.append(
+            f"  paper's {entry['paper_speedup']}x implies acceptance {entry['per_position_acceptance']:.3f} "
+            f"(layer-count model): predicted {entry['predicted_speedup']:.2f}x here "
+            f"({entry['tokens_per_round']:.2f} tokens per round)"
+        )
+    lines.append(
+        f"  per-chip peak {tpu.format_bytes(point['per_chip_peak_bytes'])}: "
+        + ("fits" if point["fits"] else f"does not fit: {point['reason']}")
+    )
     return lines

@@ -27,8 +27,9 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -52,18 +53,45 @@ from fastvlm_jax.text.tokenizer import from_hf_dir
 
 # HF leaves keys equal to its class defaults out of config.json (the hub's blip2-opt-2.7b
 # vision_config is nearly empty), so we must know those defaults (transformers 5.x).
-_VISION_DEFAULTS = dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39,
-                        num_attention_heads=16, image_size=224, patch_size=14, hidden_act="gelu",
-                        layer_norm_eps=1e-6, qkv_bias=True, num_channels=3)
-_QFORMER_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                         intermediate_size=3072, hidden_act="gelu", layer_norm_eps=1e-12,
-                         cross_attention_frequency=2, use_qformer_text_input=False)
-_OPT_DEFAULTS = dict(vocab_size=50272, hidden_size=768, num_hidden_layers=12, ffn_dim=3072,
-                     max_position_embeddings=2048, do_layer_norm_before=True,
-                     _remove_final_layer_norm=False, word_embed_proj_dim=None,
-                     num_attention_heads=12, activation_function="relu", enable_bias=True,
-                     layer_norm_elementwise_affine=True, tie_word_embeddings=True, bos_token_id=2,
-                     eos_token_id=2)
+_VISION_DEFAULTS = dict(
+    hidden_size=1408,
+    intermediate_size=6144,
+    num_hidden_layers=39,
+    num_attention_heads=16,
+    image_size=224,
+    patch_size=14,
+    hidden_act="gelu",
+    layer_norm_eps=1e-6,
+    qkv_bias=True,
+    num_channels=3,
+)
+_QFORMER_DEFAULTS = dict(
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    hidden_act="gelu",
+    layer_norm_eps=1e-12,
+    cross_attention_frequency=2,
+    use_qformer_text_input=False,
+)
+_OPT_DEFAULTS = dict(
+    vocab_size=50272,
+    hidden_size=768,
+    num_hidden_layers=12,
+    ffn_dim=3072,
+    max_position_embeddings=2048,
+    do_layer_norm_before=True,
+    _remove_final_layer_norm=False,
+    word_embed_proj_dim=None,
+    num_attention_heads=12,
+    activation_function="relu",
+    enable_bias=True,
+    layer_norm_elementwise_affine=True,
+    tie_word_embeddings=True,
+    bos_token_id=2,
+    eos_token_id=2,
+)
 
 
 def _with_defaults(defaults: dict, hf: dict) -> dict:
@@ -83,16 +111,21 @@ def opt_config_from_hf(hf: dict) -> OPTConfig:
     c = _with_defaults(_OPT_DEFAULTS, hf)
     hidden = c["hidden_size"]
     return OPTConfig(
-        vocab_size=c["vocab_size"], hidden_size=hidden, intermediate_size=c["ffn_dim"],
-        num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
+        vocab_size=c["vocab_size"],
+        hidden_size=hidden,
+        intermediate_size=c["ffn_dim"],
+        num_layers=c["num_hidden_layers"],
+        num_heads=c["num_attention_heads"],
         max_position_embeddings=c["max_position_embeddings"],
         word_embed_proj_dim=0 if c["word_embed_proj_dim"] in (None, hidden) else c["word_embed_proj_dim"],
         do_layer_norm_before=bool(c["do_layer_norm_before"]),
         remove_final_layer_norm=bool(c["_remove_final_layer_norm"]),
         layer_norm_elementwise_affine=bool(c["layer_norm_elementwise_affine"]),
-        enable_bias=bool(c["enable_bias"]), hidden_act=c["activation_function"],
+        enable_bias=bool(c["enable_bias"]),
+        hidden_act=c["activation_function"],
         tie_word_embeddings=bool(c["tie_word_embeddings"]),
-        bos_token_id=int(c["bos_token_id"]), eos_token_id=_first(c["eos_token_id"]),
+        bos_token_id=int(c["bos_token_id"]),
+        eos_token_id=_first(c["eos_token_id"]),
     )
 
 
@@ -100,52 +133,68 @@ def _first(value) -> int:
     return int(value[0] if isinstance(value, (list, tuple)) else value)
 
 
-def config_from_hf(hf: dict, exit_layer: int | None = None, draft_kind: ImitationKind = "ffn",
-                   draft_hidden: int = 0) -> Blip2Config:
+def config_from_hf(
+    hf: dict, exit_layer: int | None = None, draft_kind: ImitationKind = "ffn", draft_hidden: int = 0
+) -> Blip2Config:
     """Builds our config from a HF Blip2ForConditionalGeneration config.json dict."""
     if hf.get("model_type") != "blip-2":
         raise ConversionError(f"model type {hf.get('model_type')!r} is not BLIP-2 ('blip-2')")
     text_hf = hf.get("text_config")
     if not text_hf:
-        raise ConversionError("BLIP-2 config.json without a text_config is not supported: "
-                              "the language model must be named explicitly")
+        raise ConversionError(
+            "BLIP-2 config.json without a text_config is not supported: the language model must be named explicitly"
+        )
     text_type = text_hf.get("model_type", "opt")
     if text_type == "t5":
-        raise ConversionError("BLIP-2 with a Flan-T5 (encoder-decoder) language model is not "
-                              "supported yet: only BLIP-2 OPT checkpoints convert")
+        raise ConversionError(
+            "BLIP-2 with a Flan-T5 (encoder-decoder) language model is not "
+            "supported yet: only BLIP-2 OPT checkpoints convert"
+        )
     if text_type != "opt":
         raise ConversionError(f"BLIP-2 text model type {text_type!r} is not supported: only 'opt'")
     if hf.get("image_token_index", hf.get("image_token_id")) is None:
-        raise ConversionError("BLIP-2 config.json without image_token_index (the pre-2024 "
-                              "layout, no image tokens in the prompt) is not supported")
+        raise ConversionError(
+            "BLIP-2 config.json without image_token_index (the pre-2024 "
+            "layout, no image tokens in the prompt) is not supported"
+        )
     qformer_hf = _with_defaults(_QFORMER_DEFAULTS, hf.get("qformer_config") or {})
     if qformer_hf["use_qformer_text_input"]:
-        raise ConversionError("Q-Former text input (use_qformer_text_input, InstructBLIP-style) "
-                              "is not supported")
+        raise ConversionError("Q-Former text input (use_qformer_text_input, InstructBLIP-style) is not supported")
     vision_hf = _with_defaults(_VISION_DEFAULTS, hf.get("vision_config") or {})
     text = opt_config_from_hf(text_hf)
     vision = Blip2VisionConfig(
-        image_size=_image_size(vision_hf["image_size"]), patch_size=_image_size(vision_hf["patch_size"]),
-        num_channels=vision_hf["num_channels"], hidden_size=vision_hf["hidden_size"],
-        intermediate_size=vision_hf["intermediate_size"], num_layers=vision_hf["num_hidden_layers"],
-        num_heads=vision_hf["num_attention_heads"], layer_norm_eps=vision_hf["layer_norm_eps"],
-        hidden_act=vision_hf["hidden_act"], qkv_bias=bool(vision_hf["qkv_bias"]),
+        image_size=_image_size(vision_hf["image_size"]),
+        patch_size=_image_size(vision_hf["patch_size"]),
+        num_channels=vision_hf["num_channels"],
+        hidden_size=vision_hf["hidden_size"],
+        intermediate_size=vision_hf["intermediate_size"],
+        num_layers=vision_hf["num_hidden_layers"],
+        num_heads=vision_hf["num_attention_heads"],
+        layer_norm_eps=vision_hf["layer_norm_eps"],
+        hidden_act=vision_hf["hidden_act"],
+        qkv_bias=bool(vision_hf["qkv_bias"]),
     )
     qformer = QFormerConfig(
-        hidden_size=qformer_hf["hidden_size"], intermediate_size=qformer_hf["intermediate_size"],
-        num_layers=qformer_hf["num_hidden_layers"], num_heads=qformer_hf["num_attention_heads"],
-        layer_norm_eps=qformer_hf["layer_norm_eps"], hidden_act=qformer_hf["hidden_act"],
+        hidden_size=qformer_hf["hidden_size"],
+        intermediate_size=qformer_hf["intermediate_size"],
+        num_layers=qformer_hf["num_hidden_layers"],
+        num_heads=qformer_hf["num_attention_heads"],
+        layer_norm_eps=qformer_hf["layer_norm_eps"],
+        hidden_act=qformer_hf["hidden_act"],
         cross_attention_frequency=qformer_hf["cross_attention_frequency"],
     )
     if exit_layer is None:
         exit_layer = max(1, text.num_layers // 4)
     image_token_id = hf.get("image_token_index", hf.get("image_token_id"))
     if image_token_id is None:
-        raise ConversionError("config.json has no image_token_index: the model needs the id of the "
-                              "image token its prompts carry")
+        raise ConversionError(
+            "config.json has no image_token_index: the model needs the id of the image token its prompts carry"
+        )
     try:
         return Blip2Config(
-            vision=vision, qformer=qformer, text=text,
+            vision=vision,
+            qformer=qformer,
+            text=text,
             draft=DraftConfig(exit_layer=exit_layer, kind=draft_kind, hidden_size=draft_hidden),
             num_query_tokens=hf.get("num_query_tokens", 32),
             image_token_id=image_token_id,
@@ -197,8 +246,7 @@ MODULE_RULES: list[tuple[str, str]] = [
     (r"qformer/layers_(\d+)/self_attn/(query|key|value)", r"qformer.encoder.layer.\1.attention.attention.\2"),
     (r"qformer/layers_(\d+)/self_attn/out", r"qformer.encoder.layer.\1.attention.output.dense"),
     (r"qformer/layers_(\d+)/self_attn/norm", r"qformer.encoder.layer.\1.attention.output.LayerNorm"),
-    (r"qformer/layers_(\d+)/cross_attn/(query|key|value)",
-     r"qformer.encoder.layer.\1.crossattention.attention.\2"),
+    (r"qformer/layers_(\d+)/cross_attn/(query|key|value)", r"qformer.encoder.layer.\1.crossattention.attention.\2"),
     (r"qformer/layers_(\d+)/cross_attn/out", r"qformer.encoder.layer.\1.crossattention.output.dense"),
     (r"qformer/layers_(\d+)/cross_attn/norm", r"qformer.encoder.layer.\1.crossattention.output.LayerNorm"),
     (r"qformer/layers_(\d+)/fc1", r"qformer.encoder.layer.\1.intermediate_query.dense"),
@@ -207,8 +255,7 @@ MODULE_RULES: list[tuple[str, str]] = [
     (r"projector", "projector"),
     (r"language_model/embed_tokens", "text.embed_tokens"),
     (r"language_model/(project_in|project_out|final_layer_norm|lm_head)", r"text.\1"),
-    (r"language_model/layers_(\d+)/self_attn/(q_proj|k_proj|v_proj|out_proj)",
-     r"text.layers.\1.self_attn.\2"),
+    (r"language_model/layers_(\d+)/self_attn/(q_proj|k_proj|v_proj|out_proj)", r"text.layers.\1.self_attn.\2"),
     (r"language_model/layers_(\d+)/(fc[12]|self_attn_layer_norm|final_layer_norm)", r"text.layers.\1.\2"),
 ]
 
@@ -255,8 +302,15 @@ def convert_params(source, config: Blip2Config, rng, dtype=jnp.float32, progress
     source: anything with `get(canonical_name) -> array` (open_safetensors, state_dict_source).
     """
     abstract = jax.eval_shape(VLM(config).init, rng)
-    return fill_param_tree(source, abstract, hf_source_for, tied=config.text.tie_word_embeddings,
-                           dtype=dtype, progress=progress, fresh_imitation=init_imitation(config, rng))
+    return fill_param_tree(
+        source,
+        abstract,
+        hf_source_for,
+        tied=config.text.tie_word_embeddings,
+        dtype=dtype,
+        progress=progress,
+        fresh_imitation=init_imitation(config, rng),
+    )
 
 
 def convert_opt_params(source, text: OPTConfig, dtype=jnp.float32) -> dict:
@@ -268,32 +322,44 @@ def convert_opt_params(source, text: OPTConfig, dtype=jnp.float32) -> dict:
     ids = jnp.zeros((1, 1), jnp.int32)
     abstract = jax.eval_shape(OPTDecoder(text).init, jax.random.key(0), ids, ids)["params"]
     abstract = {"language_model": nn.meta.unbox(abstract)}
-    return fill_param_tree(source, abstract, hf_source_for, tied=text.tie_word_embeddings, dtype=dtype,
-                           progress=False)["language_model"]
+    return fill_param_tree(source, abstract, hf_source_for, tied=text.tie_word_embeddings, dtype=dtype, progress=False)[
+        "language_model"
+    ]
 
 
-def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, exit_layer: int | None = None,
-            draft_kind: ImitationKind = "ffn", draft_hidden: int = 0, dtype: str = "float32",
-            seed: int = 0, progress: bool = True) -> epath.Path:
+def convert(
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    exit_layer: int | None = None,
+    draft_kind: ImitationKind = "ffn",
+    draft_hidden: int = 0,
+    dtype: str = "float32",
+    seed: int = 0,
+    progress: bool = True,
+) -> epath.Path:
     """Converts a HF BLIP-2 OPT folder into our checkpoint directory; returns its path."""
 
     hf_dir = Path(hf_dir)
-    config = config_from_hf(json.loads((hf_dir / "config.json").read_text()), exit_layer,
-                            draft_kind, draft_hidden)
+    config = config_from_hf(json.loads((hf_dir / "config.json").read_text()), exit_layer, draft_kind, draft_hidden)
     preprocessor_file = hf_dir / "preprocessor_config.json"
     if not preprocessor_file.is_file():
-        raise ConversionError(f"{preprocessor_file} is missing: copy the image processor config "
-                              "from the original model repository")
+        raise ConversionError(
+            f"{preprocessor_file} is missing: copy the image processor config from the original model repository"
+        )
     image_config = ImageProcessorConfig.from_hf_dict(json.loads(preprocessor_file.read_text()))
     if image_config.output_size != (config.vision.image_size, config.vision.image_size):
-        raise ConversionError(f"the image processor makes {image_config.output_size} images but the "
-                              f"vision model wants {config.vision.image_size}px")
+        raise ConversionError(
+            f"the image processor makes {image_config.output_size} images but the "
+            f"vision model wants {config.vision.image_size}px"
+        )
     tokenizer = load_hf_tokenizer(hf_dir, config)
-    params = convert_params(open_safetensors(hf_dir), config, jax.random.key(seed), jnp.dtype(dtype),
-                            progress)
+    params = convert_params(open_safetensors(hf_dir), config, jax.random.key(seed), jnp.dtype(dtype), progress)
     if tokenizer is None:
-        print(f"note: {hf_dir} has no tokenizer files (tokenizer.json or vocab.json + merges.txt): the "
-              "checkpoint has no tokenizer/ (decode.run needs one)", file=sys.stderr)
+        print(
+            f"note: {hf_dir} has no tokenizer files (tokenizer.json or vocab.json + merges.txt): the "
+            "checkpoint has no tokenizer/ (decode.run needs one)",
+            file=sys.stderr,
+        )
     return save_checkpoint(out_dir, config, params, tokenizer, image_config)
 
 
@@ -302,22 +368,25 @@ def load_hf_tokenizer(hf_dir: str | Path, config: Blip2Config):
 
     hf_dir = Path(hf_dir)
     has_files = (hf_dir / "tokenizer.json").is_file() or (
-        (hf_dir / "vocab.json").is_file() and (hf_dir / "merges.txt").is_file())
+        (hf_dir / "vocab.json").is_file() and (hf_dir / "merges.txt").is_file()
+    )
     if not has_files:
         return None
     try:
         tokenizer = from_hf_dir(hf_dir)
     except (ValueError, KeyError) as err:
         raise ConversionError(f"{hf_dir}: cannot read the tokenizer: {err}") from None
-    check_image_token_id(tokenizer, config.image_token_id, ConversionError,
-                         "config.json's image_token_index")
+    check_image_token_id(tokenizer, config.image_token_id, ConversionError, "config.json's image_token_index")
     if tokenizer.vocab_size > config.text.vocab_size:
-        raise ConversionError(f"the tokenizer has {tokenizer.vocab_size} ids but the language model "
-                              f"only {config.text.vocab_size}")
+        raise ConversionError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but the language model only {config.text.vocab_size}"
+        )
     processor_file = hf_dir / "processor_config.json"
     if processor_file.is_file():
         queries = json.loads(processor_file.read_text()).get("num_query_tokens")
         if queries is not None and int(queries) != config.num_query_tokens:
-            raise ConversionError(f"processor_config.json puts {queries} image tokens in a prompt but "
-                                  f"the model has {config.num_query_tokens} queries")
+            raise ConversionError(
+                f"processor_config.json puts {queries} image tokens in a prompt but "
+                f"the model has {config.num_query_tokens} queries"
+            )
     return tokenizer

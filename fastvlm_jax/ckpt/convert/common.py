@@ -10,8 +10,9 @@ each layer and stacking the results.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +48,7 @@ def canonical_name(hf_name: str, prefixes) -> str | None:
     """
     for prefix, canonical in prefixes:
         if hf_name.startswith(prefix):
-            return canonical + hf_name[len(prefix):]
+            return canonical + hf_name[len(prefix) :]
     return None
 
 
@@ -70,8 +71,11 @@ class SafetensorsFolder:
         else:
             found = sorted(p.name for p in folder.glob("*.safetensors"))
             if not found:
-                extra = " (.bin PyTorch files are not read: re-save with safe_serialization=True)" \
-                    if list(folder.glob("*.bin")) else ""
+                extra = (
+                    " (.bin PyTorch files are not read: re-save with safe_serialization=True)"
+                    if list(folder.glob("*.bin"))
+                    else ""
+                )
                 raise ConversionError(f"no safetensors weights in {folder}{extra}")
             files = found
         self._handles = {}
@@ -81,7 +85,7 @@ class SafetensorsFolder:
                 raise ConversionError(f"{folder / file} is listed in the index but missing")
             handle = safe_open(str(folder / file), framework="flax")
             self._handles[file] = handle
-            for key in handle.keys():
+            for key in handle:
                 name = canonical(key)
                 if name is not None:
                     self._where[name] = (file, key)
@@ -119,8 +123,16 @@ class StateDictSource:
         return np.asarray(value, np.float32)
 
 
-def fill_param_tree(source, abstract, source_for: Callable[[str], tuple[str, Callable]], *,
-                    tied: bool, dtype, progress: bool, fresh_imitation=None):
+def fill_param_tree(
+    source,
+    abstract,
+    source_for: Callable[[str], tuple[str, Callable]],
+    *,
+    tied: bool,
+    dtype,
+    progress: bool,
+    fresh_imitation=None,
+):
     """Our param tree with the shapes of `abstract`, read from `source`.
 
     source_for: per-layer param path -> (canonical HF name, transform); tied: the LM head
@@ -147,13 +159,15 @@ def fill_param_tree(source, abstract, source_for: Callable[[str], tuple[str, Cal
             out.append(jnp.asarray(value, dtype))
             continue
         if path.startswith(STACKED_PREFIX):
-            rest = path[len(STACKED_PREFIX):]
+            rest = path[len(STACKED_PREFIX) :]
             layers = [read(f"language_model/layers_{index}/{rest}") for index in range(leaf.shape[0])]
             name, value = layers[0][0], np.stack([value for _, value in layers])
         else:
             name, value = read(path)
         if value.shape != leaf.shape:
-            raise ConversionError(f"shape mismatch for {name}: checkpoint has {value.shape} after "
-                                  f"conversion, config.json implies {leaf.shape} (param {path})")
+            raise ConversionError(
+                f"shape mismatch for {name}: checkpoint has {value.shape} after "
+                f"conversion, config.json implies {leaf.shape} (param {path})"
+            )
         out.append(jnp.asarray(value, dtype))
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -15,8 +15,8 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,34 +36,76 @@ from fastvlm_jax.text.tokenizer import from_hf_dir
 # HF omits keys that equal its class defaults (llava-1.5-7b-hf's text_config has only a
 # handful of keys), so we must know those defaults. Values from transformers' configs.
 _TEXT_DEFAULTS = {
-    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                  num_attention_heads=32, hidden_act="silu", max_position_embeddings=2048,
-                  rms_norm_eps=1e-6, rope_theta=10000.0, attention_bias=False,
-                  tie_word_embeddings=False),
-    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                    num_attention_heads=32, num_key_value_heads=8, hidden_act="silu",
-                    max_position_embeddings=4096 * 32, rms_norm_eps=1e-6, rope_theta=10000.0,
-                    tie_word_embeddings=False),
-    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=32, hidden_act="silu",
-                  max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=10000.0,
-                  tie_word_embeddings=False),
+    "llama": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        hidden_act="silu",
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        attention_bias=False,
+        tie_word_embeddings=False,
+    ),
+    "mistral": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        hidden_act="silu",
+        max_position_embeddings=4096 * 32,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    ),
+    "qwen2": dict(
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=22016,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        hidden_act="silu",
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    ),
 }
 _VISION_DEFAULTS = {
-    "clip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                              num_attention_heads=12, num_channels=3, image_size=224, patch_size=32,
-                              hidden_act="quick_gelu", layer_norm_eps=1e-5),
-    "siglip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                num_attention_heads=12, num_channels=3, image_size=224, patch_size=16,
-                                hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+    "clip_vision_model": dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_channels=3,
+        image_size=224,
+        patch_size=32,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    ),
+    "siglip_vision_model": dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_channels=3,
+        image_size=224,
+        patch_size=16,
+        hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6,
+    ),
 }
 
 
 def text_config_from_hf(hf: dict) -> TextConfig:
     model_type = hf.get("model_type", "llama")
     if model_type not in _TEXT_DEFAULTS:
-        raise ConversionError(f"text model type {model_type!r} is not supported; "
-                              f"supported: {sorted(_TEXT_DEFAULTS)}")
+        raise ConversionError(f"text model type {model_type!r} is not supported; supported: {sorted(_TEXT_DEFAULTS)}")
     c = {**_TEXT_DEFAULTS[model_type], **{k: v for k, v in hf.items() if v is not None}}
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -72,14 +114,20 @@ def text_config_from_hf(hf: dict) -> TextConfig:
     if c.get("mlp_bias"):
         raise ConversionError("mlp_bias=True text models are not supported yet")
     if c.get("sliding_window") and c.get("use_sliding_window", model_type == "mistral"):
-        print(f"note: sliding_window={c['sliding_window']} is ignored (full attention is used); "
-              "outputs differ only past that many tokens", file=sys.stderr)
+        print(
+            f"note: sliding_window={c['sliding_window']} is ignored (full attention is used); "
+            "outputs differ only past that many tokens",
+            file=sys.stderr,
+        )
     return TextConfig(
-        vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
-        intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"],
+        vocab_size=c["vocab_size"],
+        hidden_size=c["hidden_size"],
+        intermediate_size=c["intermediate_size"],
+        num_layers=c["num_hidden_layers"],
         num_heads=c["num_attention_heads"],
         num_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
-        head_dim=c.get("head_dim"), rms_norm_eps=c["rms_norm_eps"],
+        head_dim=c.get("head_dim"),
+        rms_norm_eps=c["rms_norm_eps"],
         rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
         max_position_embeddings=c["max_position_embeddings"],
         attention_bias=bool(c.get("attention_bias", False)),
@@ -92,26 +140,35 @@ def text_config_from_hf(hf: dict) -> TextConfig:
 def vision_config_from_hf(hf: dict) -> VisionConfig:
     model_type = hf.get("model_type", "clip_vision_model")
     if model_type not in _VISION_DEFAULTS:
-        raise ConversionError(f"vision model type {model_type!r} is not supported; "
-                              f"supported: {sorted(_VISION_DEFAULTS)}")
+        raise ConversionError(
+            f"vision model type {model_type!r} is not supported; supported: {sorted(_VISION_DEFAULTS)}"
+        )
     c = {**_VISION_DEFAULTS[model_type], **{k: v for k, v in hf.items() if v is not None}}
     return VisionConfig(
         kind="clip" if model_type == "clip_vision_model" else "siglip",
-        image_size=c["image_size"], patch_size=c["patch_size"], num_channels=c["num_channels"],
-        hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
-        num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
-        layer_norm_eps=c["layer_norm_eps"], hidden_act=c["hidden_act"],
+        image_size=c["image_size"],
+        patch_size=c["patch_size"],
+        num_channels=c["num_channels"],
+        hidden_size=c["hidden_size"],
+        intermediate_size=c["intermediate_size"],
+        num_layers=c["num_hidden_layers"],
+        num_heads=c["num_attention_heads"],
+        layer_norm_eps=c["layer_norm_eps"],
+        hidden_act=c["hidden_act"],
     )
 
 
-def config_from_hf(hf: dict, exit_layer: int | None = None, draft_kind: ImitationKind = "ffn",
-                   draft_hidden: int = 0) -> LlavaConfig:
+def config_from_hf(
+    hf: dict, exit_layer: int | None = None, draft_kind: ImitationKind = "ffn", draft_hidden: int = 0
+) -> LlavaConfig:
     """Builds our config from a HF LLaVA config.json dict."""
     model_type = hf.get("model_type")
     if model_type != "llava":
         hint = " (BLIP-2: use fastvlm_jax.ckpt.convert.blip2)" if model_type == "blip-2" else ""
-        raise ConversionError(f"model type {model_type!r} is not supported: this converter reads "
-                              f"LLaVA checkpoints (model_type 'llava'){hint}")
+        raise ConversionError(
+            f"model type {model_type!r} is not supported: this converter reads "
+            f"LLaVA checkpoints (model_type 'llava'){hint}"
+        )
     text = text_config_from_hf(hf.get("text_config") or {})
     vision = vision_config_from_hf(hf.get("vision_config") or {})
     feature_layer = hf.get("vision_feature_layer", -2)
@@ -121,7 +178,8 @@ def config_from_hf(hf: dict, exit_layer: int | None = None, draft_kind: Imitatio
         exit_layer = max(1, text.num_layers // 4)
     image_token = hf.get("image_token_index", hf.get("image_token_id", 32000))
     return LlavaConfig(
-        vision=vision, text=text,
+        vision=vision,
+        text=text,
         draft=DraftConfig(exit_layer=exit_layer, kind=draft_kind, hidden_size=draft_hidden),
         vision_feature_layer=feature_layer,
         vision_feature_select_strategy=hf.get("vision_feature_select_strategy", "default"),
@@ -170,8 +228,7 @@ PARAM_RULES: list[tuple[str, str, Callable]] = [
     (r"vision_tower/class_embedding", "vision.embeddings.class_embedding", _identity),
     (r"vision_tower/position_embedding", "vision.embeddings.position_embedding.weight", _identity),
     (r"vision_tower/pre_layrnorm/norm/(scale|bias)", "vision.pre_layrnorm.{norm}", _identity),
-    (r"vision_tower/layers_(\d+)/(layer_norm[12])/norm/(scale|bias)",
-     r"vision.encoder.layers.\1.\2.{norm}", _identity),
+    (r"vision_tower/layers_(\d+)/(layer_norm[12])/norm/(scale|bias)", r"vision.encoder.layers.\1.\2.{norm}", _identity),
     (r"vision_tower/layers_(\d+)/self_attn/(\w+)/kernel", r"vision.encoder.layers.\1.self_attn.\2.weight", _linear),
     (r"vision_tower/layers_(\d+)/self_attn/(\w+)/bias", r"vision.encoder.layers.\1.self_attn.\2.bias", _identity),
     (r"vision_tower/layers_(\d+)/(fc[12])/kernel", r"vision.encoder.layers.\1.mlp.\2.weight", _linear),
@@ -210,13 +267,27 @@ def convert_params(source, config: LlavaConfig, rng, dtype=jnp.float32, progress
     """
     model = VLM(config)
     abstract = jax.eval_shape(model.init, rng)
-    return fill_param_tree(source, abstract, hf_source_for, tied=config.text.tie_word_embeddings,
-                           dtype=dtype, progress=progress, fresh_imitation=model.init_imitation(rng))
+    return fill_param_tree(
+        source,
+        abstract,
+        hf_source_for,
+        tied=config.text.tie_word_embeddings,
+        dtype=dtype,
+        progress=progress,
+        fresh_imitation=model.init_imitation(rng),
+    )
 
 
-def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, exit_layer: int | None = None,
-            draft_kind: ImitationKind = "ffn", draft_hidden: int = 0, dtype: str = "float32",
-            seed: int = 0, progress: bool = True) -> epath.Path:
+def convert(
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    exit_layer: int | None = None,
+    draft_kind: ImitationKind = "ffn",
+    draft_hidden: int = 0,
+    dtype: str = "float32",
+    seed: int = 0,
+    progress: bool = True,
+) -> epath.Path:
     """Converts a HF LLaVA folder into our checkpoint directory; returns its path."""
 
     hf_dir = Path(hf_dir)
@@ -224,8 +295,9 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, exit_layer: i
     config = config_from_hf(hf_config, exit_layer, draft_kind, draft_hidden)
     preprocessor_file = hf_dir / "preprocessor_config.json"
     if not preprocessor_file.is_file():
-        raise ConversionError(f"{preprocessor_file} is missing: copy the image processor config "
-                              "from the original model repository")
+        raise ConversionError(
+            f"{preprocessor_file} is missing: copy the image processor config from the original model repository"
+        )
     image_config = ImageProcessorConfig.from_hf_dict(json.loads(preprocessor_file.read_text()))
     tokenizer = from_hf_dir(hf_dir)
     folder = open_safetensors(hf_dir)
