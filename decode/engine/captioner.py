@@ -39,6 +39,7 @@ from decode.engine.drafters import EagleDrafter, ImitationDrafter, ModelDrafter
 from decode.engine.loop import Mode
 from decode.engine.sampling import SamplingConfig
 from decode.engine.tree import TreeShape
+from fastvlm_jax import demo
 from fastvlm_jax.ckpt.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from fastvlm_jax.image.processing import ImageSource, preprocess_image
 from fastvlm_jax.nn.model import VLM, cast_params, params_dtype
@@ -314,8 +315,6 @@ class Captioner:
         kind, _, path = drafter.partition(":")
         if kind != "model" or not path:
             raise ValueError(f"unknown drafter {drafter!r}: use imitation, eagle or model:CKPT")
-        from fastvlm_jax import demo
-
         path = demo.resolve(path)
         small = load_checkpoint(path, mesh=mesh, dtype=self.dtype)
         check_same_tokenizer(self.tokenizer, small.tokenizer, path)
