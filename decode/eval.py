@@ -208,6 +208,7 @@ def load_tfds_references(spec: str, data_dir: str | None = None) -> dict[str, li
     parts = spec.split(":")
     if len(parts) < 2 or parts[0] != "tfds" or not parts[1]:
         raise EvalError(f"--refs {spec}: expected tfds:NAME:SPLIT, e.g. tfds:coco_captions:val")
+    # Imported here: it pulls in tensorflow_datasets, which only tfds: references need.
     from fastvlm_jax.data.tfds_builders import iter_tfds_images
 
     refs: dict[str, list[str]] = {}

@@ -25,6 +25,33 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from decode import parts
+from decode.engine import DraftPolicy
+from decode.engine.autodraft import AutoDraftConfig, parse_choice, parse_draft_len
+from decode.engine.captioner import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_PROMPT,
+    BatchStats,
+    Captioner,
+    GenerationOptions,
+    describe_device,
+    summarize,
+)
+from decode.engine.sampling import SamplingConfig
+from decode.engine.tree import TreeShape
+from decode.inputs import expand_inputs
+from fastvlm_jax import demo
+from fastvlm_jax.ckpt.checkpoint import CheckpointError, load_config
+from fastvlm_jax.image.processing import ImageLoadError
+from fastvlm_jax.nn.model import param_bytes
+from fastvlm_jax.runtime.distributed import finish_independent, maybe_initialize, start_heartbeat
+from fastvlm_jax.runtime.paths import is_url
+from fastvlm_jax.runtime.sharding import make_mesh, parse_mesh
+
 PROG = "python -m decode.run"
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
@@ -83,9 +110,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from decode.engine.autodraft import parse_choice, parse_draft_len
-    from decode.engine.captioner import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
-
     parser = _Parser(
         prog=PROG,
         description="Caption images with a fastvlm-jax checkpoint (self-speculative or plain autoregressive decoding).",
@@ -241,8 +265,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _auto_options(args: argparse.Namespace):
     """The AutoDraftConfig of --draft-len auto (None otherwise); raises UsageError."""
-    from decode.engine.autodraft import AutoDraftConfig
-
     if args.draft_len != "auto":
         if args.auto_choices is not None:
             raise UsageError("--auto-choices needs --draft-len auto")
@@ -282,8 +304,6 @@ def _check_args(args: argparse.Namespace) -> None:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
-    from decode.engine.sampling import SamplingConfig
-
     try:  # the library checks --temperature, --top-k and --top-p (NaN and inf included)
         SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     except ValueError as e:
@@ -295,8 +315,6 @@ def _check_args(args: argparse.Namespace) -> None:
             f"--out {args.out} is a folder; pass a file name such as {args.out.rstrip('/')}/captions.jsonl"
         )
     if args.mesh is not None:
-        from fastvlm_jax.runtime.sharding import parse_mesh
-
         try:
             parse_mesh(args.mesh)
         except ValueError as e:
@@ -319,8 +337,6 @@ def resolve_drafter(drafter: str) -> str:
 
 def _tree_options(args: argparse.Namespace):
     """The TreeShape of --tree-nodes / --tree-width; raises UsageError for a bad one."""
-    from decode.engine.tree import TreeShape
-
     try:
         tree = TreeShape(nodes=args.tree_nodes, width=args.tree_width)
     except ValueError as e:
@@ -343,16 +359,11 @@ def _tree_options(args: argparse.Namespace):
 def resolve_checkpoint(ckpt: str) -> str:
     """`demo` / `demo-draft` -> the shipped demo / its draft model's folder; a path is checked
     to be a checkpoint folder."""
-    from fastvlm_jax import demo
-    from fastvlm_jax.ckpt.checkpoint import CheckpointError, load_config
-
     if ckpt in demo.DEMO_NAMES:
         try:
             return os.fspath(demo.resolve(ckpt))
         except demo.DemoMissingError as e:
             raise UsageError(f"--ckpt {ckpt}: {e}") from None
-    from fastvlm_jax.runtime.paths import is_url
-
     if is_url(ckpt):  # a bucket: only config.json can be checked cheaply
         try:
             load_config(ckpt)
@@ -490,8 +501,6 @@ def _reason(item, error: BaseException) -> str:
 
 def _load(captioner, item, fast_decode: bool):
     """(pixels [H, W, 3], None) or (None, reason)."""
-    from fastvlm_jax.image.processing import ImageLoadError
-
     try:
         return captioner.preprocess(item.load(), fast_decode=fast_decode), None
     except ImageLoadError as e:
@@ -569,12 +578,6 @@ def main(argv: Sequence[str | os.PathLike] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, ckpt: str, started: float) -> int:
-    import jax
-
-    from decode import parts
-    from decode.inputs import expand_inputs
-    from fastvlm_jax.runtime.distributed import finish_independent, maybe_initialize, start_heartbeat
-
     try:
         # Each process captions its own share on its own devices: independent processes.
         if maybe_initialize(args.coordinator, args.num_processes, args.process_id, independent=True):
@@ -664,8 +667,6 @@ def _run(args: argparse.Namespace, ckpt: str, started: float) -> int:
 def _done_elsewhere(final_out: str, count: int, index: int) -> frozenset[str]:
     """Images captioned in OUT's other files: OUT itself when this process writes a part, and
     every part when it writes OUT (a one-process rerun after a multi-process run)."""
-    from decode import parts
-
     own = parts.part_path(final_out, index, count) if count > 1 else final_out
     others = [p for p in [final_out] + parts.existing_parts(final_out) if p != own]
     done: set[str] = set()
@@ -678,8 +679,6 @@ def _done_elsewhere(final_out: str, count: int, index: int) -> frozenset[str]:
 
 
 def _merge_parts(final_out: str, image_ids: list[str], quiet_if_missing: bool = False) -> None:
-    from decode import parts
-
     missing = parts.merge(
         final_out, image_ids, lambda path: read_previous(path).lines, _write_atomic, json_line, is_caption_line
     )
@@ -701,10 +700,6 @@ def _local_mesh(args):
     """The --mesh over this process's own devices (None: one device)."""
     if args.mesh is None:
         return None
-    import jax
-
-    from fastvlm_jax.runtime.sharding import make_mesh, parse_mesh
-
     try:
         mesh = make_mesh(parse_mesh(args.mesh), jax.local_devices())
     except ValueError as e:
@@ -719,15 +714,6 @@ def _local_mesh(args):
 
 
 def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: list, out: TextIO, started: float) -> int:
-    import jax
-    import numpy as np
-    from tqdm import tqdm
-
-    from decode.engine import DraftPolicy
-    from decode.engine.captioner import BatchStats, Captioner, GenerationOptions, describe_device, summarize
-    from decode.engine.sampling import SamplingConfig
-    from fastvlm_jax.nn.model import param_bytes
-
     options = GenerationOptions(
         mode=args.mode,
         max_new_tokens=args.max_new_tokens,

@@ -27,9 +27,11 @@ import json
 import sys
 from pathlib import Path
 
+from decode.bench import compile_only
 from decode.bench.cost import CostModel
 from decode.bench.machine import loadavg, machine_info
 from decode.bench.models import RANDOM_PRESETS, load_bench_model, load_drafter, make_prompts
+from decode.bench.plots import plot_bench
 from decode.bench.replay import context_acceptance
 from decode.bench.timing import bench_one, choose_auto_draft
 from decode.engine import DraftPolicy
@@ -268,8 +270,6 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.compile_only:
-        from decode.bench import compile_only
-
         args.argv = sys.argv[1:] if argv is None else list(argv)
         return compile_only.run(args)
     if args.ckpt.startswith("shapes:"):
@@ -398,8 +398,6 @@ def main(argv=None) -> int:
     json_path = Path(args.json)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     if not args.no_plots:
-        from decode.bench.plots import plot_bench
-
         report["plots"] = [str(p) for p in plot_bench(report, json_path)]
     json_path.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.json}" + (f" and {', '.join(report['plots'])}" if report.get("plots") else ""))

@@ -32,6 +32,7 @@ from decode.bench.models import load_bench_model, load_drafter, make_prompts
 from decode.engine import DecodeSpec, DraftPolicy
 from decode.engine.captioner import describe_device
 from decode.engine.drafters import RoundContext
+from fastvlm_jax.nn.model import VLM
 
 
 def _cache_bytes(carry) -> int:
@@ -40,8 +41,6 @@ def _cache_bytes(carry) -> int:
 
 def build_timers(bench, drafter, batch: int, draft_len: int, max_new: int, iters: int, images, seed: int):
     """(round_start, draft_step) zero-argument timers and the drafter's cache bytes."""
-    from fastvlm_jax.nn.model import VLM
-
     model = VLM(bench.config, bench.dtype)
     spec = DecodeSpec(
         "ssd", capacity=max_new, eos_ids=(), policy=DraftPolicy(draft_len=draft_len), drafter=drafter.drafter

@@ -12,8 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from decode.engine import DecodeOutput, DecodeSpec, Prompts, RoundStats, generate
+from decode.engine.captioner import check_same_tokenizer
+from decode.engine.drafters import EagleDrafter, ImitationDrafter, ModelDrafter
+from fastvlm_jax import demo
+from fastvlm_jax.ckpt.checkpoint import CheckpointError, load_checkpoint
+from fastvlm_jax.data.synthetic import make_example
+from fastvlm_jax.image.processing import load_image, preprocess_image
 from fastvlm_jax.nn.config import DraftConfig, TextConfig, VisionConfig
-from fastvlm_jax.nn.families import stop_ids
+from fastvlm_jax.nn.families import build_prompt_ids, default_question, stop_ids
 from fastvlm_jax.nn.llava import LlavaConfig
 from fastvlm_jax.nn.model import VLM, cast_params, params_dtype
 
@@ -87,9 +93,6 @@ def _load(spec: str, seed: int) -> BenchModel:
         config = RANDOM_PRESETS[preset]
         # One jitted init (an eager init compiles every op on its own: seconds).
         return BenchModel(config, jax.jit(VLM(config).init)(jax.random.key(seed)), source=spec)
-    from fastvlm_jax import demo
-    from fastvlm_jax.ckpt.checkpoint import CheckpointError, load_checkpoint
-
     try:
         path = demo.resolve(spec)
     except demo.DemoMissingError as err:
@@ -113,8 +116,6 @@ class BenchDrafter:
 def load_drafter(bench: BenchModel, name: str) -> BenchDrafter:
     """--drafter imitation | eagle | model:CKPT (CKPT a folder or demo-draft); errors exit
     with one line."""
-    from decode.engine.drafters import EagleDrafter, ImitationDrafter, ModelDrafter
-
     if name == "imitation":
         return BenchDrafter(ImitationDrafter())
     if name == "eagle":
@@ -129,9 +130,6 @@ def load_drafter(bench: BenchModel, name: str) -> BenchDrafter:
         raise SystemExit(f"error: unknown --drafter {name!r}: use imitation, eagle or model:CKPT")
     small = _load(path, 0)
     if bench.tokenizer is not None:
-        from decode.engine.captioner import check_same_tokenizer
-        from fastvlm_jax.ckpt.checkpoint import CheckpointError
-
         try:
             check_same_tokenizer(bench.tokenizer, small.tokenizer, path)
         except CheckpointError as err:
@@ -181,12 +179,7 @@ def make_prompts(
     """
     config = bench.config
     if bench.tokenizer is not None and bench.image_config is not None and images != ["random"]:
-        from fastvlm_jax.image.processing import load_image, preprocess_image
-        from fastvlm_jax.nn.families import build_prompt_ids, default_question
-
         if not images or images == ["synthetic"]:
-            from fastvlm_jax.data.synthetic import make_example
-
             chosen = [make_example("test", offset + i)[0] for i in range(batch)]
         else:
             chosen = [load_image(images[(offset + i) % len(images)]) for i in range(batch)]

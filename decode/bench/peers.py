@@ -41,10 +41,12 @@ import numpy as np
 
 from decode.bench.machine import machine_info
 from decode.bench.models import decode_sets
+from decode.bench.plots import plot_peers
 from decode.bench.timing import acceptance_report, speed_report, time_interleaved
 from decode.engine import DecodeOutput, DecodeSpec, DraftPolicy, Prompts
 from decode.engine.captioner import describe_device
-from fastvlm_jax.nn.model import param_count
+from fastvlm_jax.ckpt.convert.llava import config_from_hf, convert_params, state_dict_source
+from fastvlm_jax.nn.model import VLM, param_count
 
 PRESETS = {
     # ~134M parameters: 12 x 768 LLaMA, vocab 32064 (LLaVA-1.5's), untied head.
@@ -78,11 +80,9 @@ def build_models(size: str, exit_layer: int, seed: int = 0, deep_scale: float = 
     instead of overturning it, as in a trained model, so the early-exit draft is accepted
     often (with plain random weights it almost never is, and both speculative decoders
     only pay for drafting)."""
+    # torch and transformers: optional (the test extra), imported only when this runs.
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
-
-    from fastvlm_jax.ckpt.convert.llava import config_from_hf, convert_params, state_dict_source
-    from fastvlm_jax.nn.model import VLM
 
     preset = dict(PRESETS[size])
     image_token = preset.pop("image_token_index")
@@ -133,6 +133,7 @@ def run(
     seed: int = 0,
     deep_scale: float = 1.0,
 ) -> dict:
+    # torch and transformers: optional (the test extra), imported only when this runs.
     import torch
     import transformers
 
@@ -282,8 +283,6 @@ def main(argv=None) -> int:
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not args.no_plots:
-        from decode.bench.plots import plot_peers
-
         report["plots"] = [str(p) for p in plot_peers(report, path)]
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")

@@ -21,6 +21,8 @@ from pathlib import Path
 
 
 def _plt():
+    # matplotlib: optional (the test extra) and slow to import; only plotting needs it, after
+    # the backend is chosen.
     import matplotlib
 
     matplotlib.use("Agg")

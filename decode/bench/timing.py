@@ -22,6 +22,7 @@ from decode.bench.models import BenchDrafter, BenchModel, decode_sets, eos_ids, 
 from decode.bench.replay import replay_report
 from decode.engine import DecodeOutput, DecodeSpec, DraftPolicy, Prompts
 from decode.engine.autodraft import AutoDraft, Choice, is_tree
+from decode.engine.captioner import accepted_depth_histogram
 from decode.engine.drafters import EagleDrafter, ImitationDrafter, ModelDrafter
 from decode.engine.sampling import SamplingConfig
 from decode.engine.tree import TreeShape
@@ -71,8 +72,6 @@ def speed_report(tokens: int, rows: int, times: list[float], sets: int = 1) -> d
 def acceptance_report(out: DecodeOutput, verified_per_round: int | None = None) -> dict:
     """The SSD counters of a DecodeOutput, per verification round and per draft position.
     verified_per_round: positions a round's verification scores (spec.lookahead)."""
-    from decode.engine.captioner import accepted_depth_histogram
-
     tokens = int(np.sum(out.num_tokens))
     rows = len(out.num_tokens)
     rounds = int(np.sum(out.rounds))

@@ -32,18 +32,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from decode.engine.tree import TreeShape
+
 if TYPE_CHECKING:
-    from decode.engine.tree import TreeShape
+    from typing_extensions import TypeIs
+
+    from decode.engine.loop import DecodeOutput
 
 DEFAULT_CHOICES = (0, 2, 4, 6)
-Choice = Union[int, "TreeShape"]
+Choice = int | TreeShape
 
 
-def is_tree(choice: Choice) -> bool:
+def is_tree(choice: Choice) -> TypeIs[TreeShape]:
     return not isinstance(choice, int)
 
 
@@ -70,8 +74,6 @@ def parse_choice(text: str) -> Choice:
     nodes, sep, width = text[len("tree:") :].partition("x")
     if not (sep and nodes.isdigit() and width.isdigit()):
         raise argparse.ArgumentTypeError(f"expected tree:NODESxWIDTH (e.g. tree:16x2), got {text!r}")
-    from decode.engine.tree import TreeShape
-
     try:
         tree = TreeShape(nodes=int(nodes), width=int(width))
     except ValueError as e:
@@ -148,7 +150,7 @@ class AutoDraft:
         """Expected tokens per round and row of a choice (the bonus token included)."""
         return 1.0 + float(np.sum(self.accept_at_least(choice)))
 
-    def calibrate(self, shape: tuple, run: Callable[[Choice, bool], tuple[float, object]]) -> None:
+    def calibrate(self, shape: tuple, run: Callable[[Choice, bool], tuple[float, DecodeOutput]]) -> None:
         """Measures seconds per round of every choice for one program shape.
 
         run(choice, full): decodes the shape's measuring batch with that choice's compiled

@@ -36,8 +36,10 @@ import numpy as np
 from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
 from decode.engine.autodraft import AutoDraft, AutoDraftConfig, Choice, choice_label, is_tree
 from decode.engine.drafters import EagleDrafter, ImitationDrafter, ModelDrafter
+from decode.engine.loop import Mode
 from decode.engine.sampling import SamplingConfig
 from decode.engine.tree import TreeShape
+from fastvlm_jax import demo
 from fastvlm_jax.ckpt.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from fastvlm_jax.image.processing import ImageSource, preprocess_image
 from fastvlm_jax.nn.families import DEFAULT_QUESTIONS, build_prompt_ids, default_question, stop_ids
@@ -217,7 +219,7 @@ class GenerationOptions:
       (decode.engine.autodraft); `policy` and `tree` are then not used.
     """
 
-    mode: str = "ssd"
+    mode: Mode = "ssd"
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     sampling: SamplingConfig = SamplingConfig()
     policy: DraftPolicy = DraftPolicy()
@@ -335,8 +337,6 @@ class Captioner:
         kind, _, path = drafter.partition(":")
         if kind != "model" or not path:
             raise ValueError(f"unknown drafter {drafter!r}: use imitation, eagle or model:CKPT")
-        from fastvlm_jax import demo
-
         path = demo.resolve(path)
         small = load_checkpoint(path, mesh=mesh, dtype=self.dtype)
         check_same_tokenizer(self.tokenizer, small.tokenizer, path)
@@ -408,13 +408,14 @@ class Captioner:
             lengths[row] = len(p)
         full = np.zeros((self.batch_size,) + pixels.shape[1:], np.float32)
         full[:n] = pixels
-        return self._place(Prompts(ids, lengths, full)), n
+        return Prompts(*self._place((ids, lengths, full))), n
 
     def _place(self, tree):
         """Host arrays -> device arrays, rows split over the mesh's data x fsdp devices."""
-        if self.mesh is None:
+        mesh = self.mesh
+        if mesh is None:
             return jax.tree.map(jnp.asarray, tree)
-        return jax.tree.map(lambda x: jax.device_put(x, data_sharding(self.mesh, np.ndim(x))), tree)
+        return jax.tree.map(lambda x: jax.device_put(x, data_sharding(mesh, np.ndim(x))), tree)
 
     def _spec_with_draft_len(self, options: GenerationOptions, choice: Choice) -> DecodeSpec:
         """The program of one auto choice: a draft tree (TreeShape), a static chain of that
@@ -433,6 +434,7 @@ class Captioner:
         """This batch's choice (a draft length or a TreeShape); the first batch of a shape
         measures every choice on it (compiling each program once). Returns (choice, seconds
         spent measuring)."""
+        assert options.auto_draft is not None  # called for --draft-len auto only
         if self.auto_draft is None or self.auto_draft.config != options.auto_draft:
             self.auto_draft = AutoDraft(options.auto_draft)
         auto = self.auto_draft
@@ -462,7 +464,7 @@ class Captioner:
 
     def _warm_up(self, prompts: Prompts, spec: DecodeSpec) -> float:
         """Compiles the program for these shapes (if new) with every budget 0; returns seconds."""
-        key = (spec, prompts.input_ids.shape, prompts.pixels.shape)
+        key = (spec, prompts.input_ids.shape, None if prompts.pixels is None else prompts.pixels.shape)
         if key in self._warm:
             return 0.0
         start = time.perf_counter()
@@ -541,6 +543,7 @@ class Captioner:
             draft_lens=() if chosen is None else (choice_label(chosen),),
         )
         if chosen is not None:
+            assert self.auto_draft is not None  # _auto_draft_len set it
             self.auto_draft.observe(chosen, out.position_attempts, out.position_accepts)
         return BatchResult(results, stats)
 
@@ -575,7 +578,7 @@ class Captioner:
         images: Sequence[ImageSource],
         prompt: str | Sequence[str] | None = None,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-        mode: str = "ssd",
+        mode: Mode = "ssd",
         *,
         sampling: SamplingConfig = SamplingConfig(),
         policy: DraftPolicy = DraftPolicy(),

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import flax.struct
 import jax
@@ -77,6 +77,10 @@ class PrefillStates:
     exit_states: Array
     last_states: Array
 
+    if TYPE_CHECKING:  # flax.struct.dataclass adds it at runtime (dataclasses.replace)
+
+        def replace(self, **changes: Any) -> PrefillStates: ...
+
 
 @flax.struct.dataclass
 class Verified:
@@ -95,6 +99,10 @@ class Verified:
     accepted: Array
     advance: Array
     last_token: Array
+
+    if TYPE_CHECKING:  # flax.struct.dataclass adds it at runtime (dataclasses.replace)
+
+        def replace(self, **changes: Any) -> Verified: ...
 
 
 class DraftOut(NamedTuple):
@@ -248,6 +256,10 @@ class EagleCarry:
     count: Array
     feature: Array
 
+    if TYPE_CHECKING:  # flax.struct.dataclass adds it at runtime (dataclasses.replace)
+
+        def replace(self, **changes: Any) -> EagleCarry: ...
+
 
 def _chain_slots(slots: Array, cache_slots: int, valid: Array | None = None) -> TreeSlots:
     """Writes at `slots` [batch, n]; each query sees the cache slots at or before its own
@@ -379,6 +391,10 @@ class ModelCarry:
     cache: KVCache
     prev_token: Array
     refeed: Array
+
+    if TYPE_CHECKING:  # flax.struct.dataclass adds it at runtime (dataclasses.replace)
+
+        def replace(self, **changes: Any) -> ModelCarry: ...
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,7 @@ network's own cache) are moved to contiguous slots, all inside the same loop.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import flax.struct
 import jax
@@ -155,6 +155,10 @@ class Prompts:
     lengths: Array
     pixels: Array | None = None
 
+    if TYPE_CHECKING:  # flax.struct.dataclass adds it at runtime (dataclasses.replace)
+
+        def replace(self, **changes: Any) -> Prompts: ...
+
 
 @flax.struct.dataclass
 class RoundStats:
@@ -174,6 +178,10 @@ class RoundStats:
     position_attempts: Array
     position_accepts: Array
 
+    if TYPE_CHECKING:  # flax.struct.dataclass adds it at runtime (dataclasses.replace)
+
+        def replace(self, **changes: Any) -> RoundStats: ...
+
     @classmethod
     def zeros(cls, batch: int, depth: int) -> RoundStats:
         rows, positions = jnp.zeros((batch,), jnp.int32), jnp.zeros((depth,), jnp.int32)
@@ -189,6 +197,10 @@ class DecodeOutput:
     tokens: Array
     num_tokens: Array
     stats: RoundStats
+
+    if TYPE_CHECKING:  # flax.struct.dataclass adds it at runtime (dataclasses.replace)
+
+        def replace(self, **changes: Any) -> DecodeOutput: ...
 
     @property
     def rounds(self) -> Array:
@@ -221,6 +233,10 @@ class _LoopState:
     done: Array  # [batch] bool
     rng: Array
     stats: RoundStats
+
+    if TYPE_CHECKING:  # flax.struct.dataclass adds it at runtime (dataclasses.replace)
+
+        def replace(self, **changes: Any) -> _LoopState: ...
 
 
 def _split(rng: Array, spec: DecodeSpec, num: int = 2):
@@ -323,6 +339,7 @@ def _draft(ctx: RoundContext, spec: DecodeSpec, state: _LoopState, rng: Array):
     batch = state.last_token.shape[0]
     pos = state.cache.pos
     first = drafter.start(ctx, state.cache, state.draft, state.last_token, pos)
+    assert first.logits is not None  # start always gives the first draft's distribution
     tokens = jnp.zeros((batch, draft_len + 1), jnp.int32).at[:, 0].set(state.last_token)
     states = (
         None
@@ -482,6 +499,12 @@ def _ssd_round(ctx: RoundContext, spec: DecodeSpec, state: _LoopState, max_new: 
     return state.replace(draft=spec.drafter.commit(ctx, state.draft, verified))
 
 
+def _tree_drafter(spec: DecodeSpec) -> TreeDrafter:
+    """The drafter of a spec that drafts trees (DecodeSpec allows trees with a TreeDrafter only)."""
+    assert isinstance(spec.drafter, TreeDrafter), spec.drafter
+    return spec.drafter
+
+
 def _draft_tree(ctx: RoundContext, spec: DecodeSpec, state: _LoopState, rng: Array):
     """Grows each live row's draft tree (see decode.engine.tree): the root, then `steps`
     steps of `width` nodes, each step one `tree_step` of the drafter over its new nodes
@@ -489,7 +512,7 @@ def _draft_tree(ctx: RoundContext, spec: DecodeSpec, state: _LoopState, rng: Arr
     are written at slot pos + index; the node's exit-layer state is kept in the table).
     Returns (tree, draft probs [batch, size, vocab] after each node (warped; None when
     greedy; leaves' rows unset), cache, drafter carry)."""
-    model, drafter = ctx.model, spec.drafter
+    model, drafter = ctx.model, _tree_drafter(spec)
     shape = spec.tree
     batch = state.last_token.shape[0]
     pos = state.cache.pos
@@ -580,7 +603,7 @@ def _tree_round(ctx: RoundContext, spec: DecodeSpec, state: _LoopState, max_new:
     # decoder's cache and the drafter's own.
     live = ~state.done
     path = tree_lib.root_path(tree, last, depth)  # [batch, depth + 1]
-    cache, carry = spec.drafter.tree_commit(ctx, cache, carry, pos, path, jnp.where(live, accepted + 1, 0))
+    cache, carry = _tree_drafter(spec).tree_commit(ctx, cache, carry, pos, path, jnp.where(live, accepted + 1, 0))
 
     drafted_tokens = jnp.take_along_axis(tree.tokens, path[:, 1:], axis=1)  # [batch, depth]
     reached = jnp.max(jnp.where(tree.valid, tree.depths, 0), axis=1)  # the tree's depth in this row
@@ -625,7 +648,7 @@ def compiled_programs() -> int:
     """How many generation programs this process has compiled (jit's own cache of
     `generate`, one entry per model, spec and input shapes): a test reads it to check that
     calls with the same shapes reuse one program."""
-    return _generate_jit._cache_size()
+    return _generate_jit._cache_size()  # pyright: ignore[reportAttributeAccessIssue] jax's private per-jit cache counter
 
 
 def generate(

@@ -27,6 +27,7 @@ accepted root path is moved to the contiguous slots pos, pos + 1, ... (`KVCache.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING, Any
 
 import flax.struct
 import jax
@@ -98,6 +99,10 @@ class Tree:
     ancestors: Array
     states: Array
 
+    if TYPE_CHECKING:  # flax.struct.dataclass adds it at runtime (dataclasses.replace)
+
+        def replace(self, **changes: Any) -> Tree: ...
+
     @classmethod
     def root(cls, tokens: Array, size: int, embed: int, dtype) -> Tree:
         """A table holding only the root, tokens [batch]."""
@@ -165,6 +170,10 @@ class Candidates:
     priorities: Array
     scores: Array
     open: Array
+
+    if TYPE_CHECKING:  # flax.struct.dataclass adds it at runtime (dataclasses.replace)
+
+        def replace(self, **changes: Any) -> Candidates: ...
 
     @classmethod
     def empty(cls, batch: int, size: int, width: int) -> Candidates:

@@ -85,7 +85,7 @@ class SafetensorsFolder:
                 raise ConversionError(f"{folder / file} is listed in the index but missing")
             handle = safe_open(str(folder / file), framework="flax")
             self._handles[file] = handle
-            for key in handle:
+            for key in handle.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
                 name = canonical(key)
                 if name is not None:
                     self._where[name] = (file, key)
