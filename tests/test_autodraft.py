@@ -40,6 +40,7 @@ def test_estimates_are_non_increasing_and_shrunk_to_the_prior_where_unseen():
     assert estimate[0] > 0.8 and estimate[5] <= 0.5**3
 
 
+@pytest.mark.slow
 def test_run_cli_auto_draft_len_equals_ar_and_reports_choices(tmp_path):
     from decode import run
     from tests.run_fixtures import make_tiny_checkpoint, write_image
@@ -144,6 +145,7 @@ def test_choice_between_chains_and_a_tree_follows_tokens_per_second():
     assert report["tree_accept_at_least"]["tree:8x2"] == pytest.approx([0.9, 0.7, 0.4, 0.1])
 
 
+@pytest.mark.slow
 def test_run_cli_auto_chooses_among_chains_and_trees(tmp_path):
     from decode import run
     from tests.run_fixtures import make_tiny_checkpoint, write_image
@@ -215,6 +217,7 @@ def test_run_cli_rejects_bad_auto_flags(tmp_path, capsys, flags, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_cli_auto_draft_len(tmp_path):
     from decode.bench import cli
 

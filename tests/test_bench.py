@@ -10,6 +10,7 @@ import pytest
 from decode.bench import cli, peers, replay
 
 
+@pytest.mark.slow
 def test_bench_sweep_writes_json_keys_and_plots(tmp_path):
     out = tmp_path / "bench.json"
     assert (
@@ -89,6 +90,7 @@ def test_replayed_rounds_follow_the_policies():
     assert sum(by_context["rounds"]) == 4
 
 
+@pytest.mark.slow
 def test_bench_peers_tiny_reports_token_equality(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "peers.json"
@@ -202,6 +204,7 @@ def test_prefill_and_rounds_reproduce_generate(mode):
         np.testing.assert_array_equal(getattr(got.stats, field), getattr(want.stats, field), err_msg=field)
 
 
+@pytest.mark.slow
 def test_bench_compares_the_three_drafters(tmp_path):
     """decode.bench --drafter imitation eagle model:CKPT: one run per drafter on the same
     model and prompts, each reproducing AR's tokens, each with its own memory figures."""

@@ -43,6 +43,7 @@ def _hf_logits(hf_model, ids, pixels):
         return hf_model(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits.numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_logits_match_hf(tmp_path, name):
     hf_model = build_tiny_blip2(
@@ -208,6 +209,7 @@ def _tokens(output):
     return [[int(t) for t in row[: int(n)]] for row, n in zip(np.asarray(output.tokens), output.num_tokens)]
 
 
+@pytest.mark.slow
 def test_converted_checkpoint(converted):
     checkpoint, prompts, *_, path = converted
     assert isinstance(checkpoint.config, Blip2Config)
@@ -233,6 +235,7 @@ def test_greedy_matches_hf_generate(converted):
     assert _tokens(ar) == hf_tokens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,draft_len", [("ffn", 4), ("layer", 3)])
 def test_greedy_ssd_equals_ar(converted, kind, draft_len):
     checkpoint, prompts, hf_tokens, ar, _ = converted

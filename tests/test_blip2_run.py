@@ -103,6 +103,7 @@ def blip2_run(tmp_path_factory):
     return processor, ckpt, images, outputs, expected, stop
 
 
+@pytest.mark.slow
 def test_checkpoint_has_the_bpe_tokenizer(blip2_run):
     processor, ckpt, images, _, _, stop = blip2_run
     checkpoint = load_checkpoint(ckpt)
@@ -147,6 +148,7 @@ def test_ar_matches_hf_generate(blip2_run):
     assert {line["stop"] for line in ar.values()} == {"eos", "length"}
 
 
+@pytest.mark.slow
 def test_imitation_training_runs_and_the_export_decodes(blip2_run, tmp_path):
     """BLIP-2 OPT draft training: two imitation steps from the converted checkpoint (its BPE
     tokenizer, image tokens before BOS, no question), then the export decodes with SSD == AR."""

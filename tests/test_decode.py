@@ -62,6 +62,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exit_layer,kind,draft_len", CASES)
 def test_greedy_ssd_equals_ar(exit_layer, kind, draft_len):
     config = tiny_config(num_layers=4, exit_layer=exit_layer, kind=kind)
@@ -83,6 +84,7 @@ def test_greedy_ssd_equals_ar(exit_layer, kind, draft_len):
     assert int(ssd.rounds.sum()) < int(ar.rounds.sum())
 
 
+@pytest.mark.slow
 def test_greedy_ssd_policies_equal_ar():
     """Confidence early-stop and the context-length schedule never change greedy output."""
     config = tiny_config(num_layers=4, exit_layer=1)
@@ -112,6 +114,7 @@ def test_draft_identical_to_full_model_accepts_everything():
     assert np.all(np.asarray(out.position_accepts) == np.asarray(out.position_attempts))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trained_draft", [False, True])
 def test_caches_after_ssd_rounds_equal_a_cache_free_pass(trained_draft):
     """After SSD rounds, every committed slot of all three caches (shallow and deep layers,
@@ -193,6 +196,7 @@ def test_verification_runs_only_the_deep_layers_for_drafted_tokens():
     assert set(after_prefill) == {(0, 3, 1), (3, 4, draft_len + 1)}
 
 
+@pytest.mark.slow
 def test_same_bucket_reuses_the_compiled_program():
     config = tiny_config(num_layers=2, exit_layer=1)
     model = VLM(config)
@@ -210,6 +214,7 @@ def test_same_bucket_reuses_the_compiled_program():
     assert engine.compiled_programs() == before + 1
 
 
+@pytest.mark.slow
 def test_greedy_ssd_equals_ar_on_converted_hf_model(tmp_path):
     import json
 

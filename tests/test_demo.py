@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from decode import run
 from fastvlm_jax import demo
@@ -23,6 +24,7 @@ def test_demo_is_shipped_and_loads():
     assert all(np.isfinite(np.asarray(x, np.float32)).all() for x in __import__("jax").tree.leaves(ckpt.params))
 
 
+@pytest.mark.slow
 def test_readme_command_captions_the_examples_ssd_equal_ar(tmp_path):
     outputs = {}
     for mode in ("ssd", "ar"):

@@ -61,6 +61,7 @@ def random_inputs(config, seq=12, batch=2, seed=1):
     return jnp.asarray(ids), jnp.asarray(pixels)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,num_layers", [("llava", 2), ("llava", 3), ("blip-2", 3)])
 def test_truncated_model_is_the_sources_early_exit(tmp_path, family, num_layers):
     config = (

@@ -63,6 +63,7 @@ GREEDY_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "drafter,pool,compressor,draft_len,scale", GREEDY_CASES, ids=["eagle", "eagle-prune4", "model", "model-draft1"]
 )
@@ -89,6 +90,7 @@ def test_greedy_drafters_equal_ar(drafter, pool, compressor, draft_len, scale):
     assert int(ssd.rounds.sum()) < int(ar.rounds.sum())
 
 
+@pytest.mark.slow
 def test_the_model_drafting_for_itself_is_always_accepted():
     """A draft model equal to the full model proposes exactly its tokens: every draft is
     accepted, so a stale or missing entry in the draft model's own cache (the last draft of
@@ -166,6 +168,7 @@ def tiny_eagle():
     return model, params, {}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("drafter", ["eagle", "model"])
 def test_drafters_sample_the_exact_distribution(tiny_eagle, drafter):
     model, params, _ = tiny_eagle
@@ -200,6 +203,7 @@ def test_drafters_sample_the_exact_distribution(tiny_eagle, drafter):
     assert pvalue > 1e-3, f"{drafter} samples differ from the exact distribution: p = {pvalue:.3g}"
 
 
+@pytest.mark.slow
 def test_a_wrong_draft_distribution_is_detected(tiny_eagle, monkeypatch):
     """Power: if the engine judged the EAGLE drafts by a distribution other than the one
     they were drawn from (here: sharpened), the chi-square test must fail."""
@@ -224,6 +228,7 @@ def test_a_wrong_draft_distribution_is_detected(tiny_eagle, monkeypatch):
     assert impossible > 0 or pvalue < 1e-3, f"the broken rule went unnoticed: p = {pvalue:.3g}"
 
 
+@pytest.mark.slow
 def test_the_compressor_shrinks_the_eagle_cache_by_the_pooled_image_slots():
     from decode import engine
 
@@ -240,6 +245,7 @@ def test_the_compressor_shrinks_the_eagle_cache_by_the_pooled_image_slots():
     np.testing.assert_array_equal(state.draft.removed, [saved, saved])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("drafter", ["eagle", "model"])
 def test_drafters_on_a_converted_hf_blip2_equal_ar_and_hf(converted, drafter):
     """A converted Hugging Face model of the other family (BLIP-2 / OPT: learned positions,

@@ -125,6 +125,7 @@ def test_pooled_inputs_compress_the_image_and_keep_the_caption():
     np.testing.assert_array_equal(prune.embeds[:, 2], e[:, 4])
 
 
+@pytest.mark.slow
 def test_pooled_loss_masks_unused_slots_and_differs_from_pool1(params):
     """The head over the padded compact sequence (key_mask) gives the loss of the head
     over the used slots alone; and the compressed loss is not the pool-1 loss."""
@@ -205,6 +206,7 @@ def trained(base, tmp_path_factory):
     return workdir, cfg, _train(cfg, workdir)
 
 
+@pytest.mark.slow
 def test_eagle_stage_trains_the_head_and_leaves_the_vlm_bit_identical(base, trained, tmp_path):
     workdir, _, result = trained
     assert result.status == "done" and result.step == 20
@@ -266,6 +268,7 @@ def short_pool1(base, tmp_path_factory):
     return th.losses(workdir)
 
 
+@pytest.mark.slow
 def test_eagle_stage_on_a_mesh_matches_one_device(base, short_pool1, tmp_path):
     """data 2 x fsdp 2 x tensor 2 over 8 CPU devices, with 2 micro-batches: the
     1-device loss curve (float32, relative 1e-5)."""
@@ -276,6 +279,7 @@ def test_eagle_stage_on_a_mesh_matches_one_device(base, short_pool1, tmp_path):
     np.testing.assert_allclose([curve[s] for s in short_pool1], list(short_pool1.values()), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_pooled_stage_trains_and_differs_from_pool1(base, short_pool1, tmp_path):
     """The compressed path through the whole stage: same data and head init, another
     first loss (the head's image context is pooled)."""

@@ -62,6 +62,7 @@ def test_learned_positions_past_the_table_are_an_error():
         generate(model, None, prompts, DecodeSpec("ssd", capacity=16, policy=DraftPolicy(3)), 16)
 
 
+@pytest.mark.slow
 def test_per_row_budgets_and_acceptance_counts_only_emitted_drafts(tiny):
     """Rows stop at their own budget; drafts the full model accepted past the budget or an
     EOS are not counted as accepted (every counted acceptance is an emitted token)."""
@@ -96,6 +97,7 @@ def test_per_row_budgets_and_acceptance_counts_only_emitted_drafts(tiny):
     assert int(with_eos.accepted[2]) <= len(stop) - 1
 
 
+@pytest.mark.slow
 def test_bfloat16_decoding_keeps_the_float32_tokens_where_margins_are_clear(tiny):
     """bf16 params and compute: half the param bytes, SSD == AR, and the float32 greedy
     tokens wherever float32's own top-1 margin is clear of bf16 rounding."""
@@ -127,6 +129,7 @@ def test_bfloat16_decoding_keeps_the_float32_tokens_where_margins_are_clear(tiny
         assert _tokens(ar)[row][:first_unclear] == want[row][:first_unclear]
 
 
+@pytest.mark.slow
 def test_compiled_ssd_program_never_copies_the_kv_cache():
     """The stacked cache is updated in place: the only cache-sized copy in the whole SSD
     program (prefill, draft loop, verification, while loop) is its zero initialisation."""

@@ -16,6 +16,7 @@ from tests.hf_models import build_tiny_llava
 from tests.sp_fixtures import make_hf_llama_tokenizer_dir, train_tiny_sentencepiece
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case",
     [

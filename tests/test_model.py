@@ -68,6 +68,7 @@ def _range_inputs():
     return model, params, hidden, positions, model.init_cache(batch, seq + 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start,stop", [(2, 5), (0, 5), (0, 2)])
 def test_unrolled_layers_equal_the_layer_loop(start, stop):
     """unroll_layers compiles the same layers over the same stacked params and cache."""
@@ -138,6 +139,7 @@ def test_rows_at_different_positions_see_only_their_own_history():
     np.testing.assert_allclose(np.asarray(logits[1]), np.asarray(full[1, 10]), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 1, 4), (1, 2, 4)])
 def test_sharded_forward_matches_single_device(mesh_shape):
     assert jax.device_count() >= 8, "conftest sets 8 host devices"

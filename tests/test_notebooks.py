@@ -118,6 +118,7 @@ def image_outputs(nb) -> int:
     return sum("image/png" in output.get("data", {}) for cell in nb.cells for output in cell.get("outputs", []))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs(name, model_checkpoint, tmp_path, monkeypatch):
     nb = read(name)

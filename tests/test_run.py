@@ -101,6 +101,7 @@ def test_help_documents_exit_codes():
         assert text in proc.stdout
 
 
+@pytest.mark.slow
 def test_mixed_folder_good_captioned_bad_reported_and_rerun(ckpt, mixed, tmp_path, capsys):
     folder, good, bad = mixed
     out, stats_path = tmp_path / "out" / "captions.jsonl", tmp_path / "stats.json"

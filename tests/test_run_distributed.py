@@ -53,6 +53,7 @@ def _same_tokens(got: dict, reference: dict) -> None:
             assert got[image]["token_ids"] == line["token_ids"], image
 
 
+@pytest.mark.slow
 def test_mesh_data_and_tensor_gives_the_one_device_tokens(setup, tmp_path):
     root, ckpt, folder, reference = setup
     out = tmp_path / "mesh.jsonl"
@@ -79,6 +80,7 @@ def test_mesh_data_and_tensor_gives_the_one_device_tokens(setup, tmp_path):
     assert json.loads(stats.read_text())["mesh"] == "data=2,tensor=4"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("drafter", ["eagle", "model"])
 def test_other_drafters_on_a_mesh_give_the_one_device_tokens(setup, tmp_path, drafter):
     """The EAGLE head (its params sharded with the model's) and a separate draft model
@@ -182,28 +184,6 @@ def _lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def _two_processes(root, ckpt, folder, out) -> list[str]:
-    # Process 0's share holds the broken image (exit 1: some failed), process 1's does not.
-    return _finish(_launch(root, ckpt, folder, out, 2, devices=2, extra=["--mesh", "data=2"]), (1, 0))
-
-
-def test_two_processes_write_parts_and_merge_every_image_once(setup, tmp_path):
-    root, ckpt, folder, reference = setup
-    out = tmp_path / "captions.jsonl"
-    errors = _two_processes(root, ckpt, folder, out)
-    assert any(f"wrote {out}" in err for err in errors), errors
-    parts = [tmp_path / "captions.part-0-of-2.jsonl", tmp_path / "captions.part-1-of-2.jsonl"]
-    shares = [_by_image(part) for part in parts]
-    assert not shares[0].keys() & shares[1].keys()
-    assert [len(s) for s in shares] == [4, 4]  # broken, img1, img3, img5 | img0, img2, img4, img6
-    _same_tokens(_by_image(out), reference)
-
-    # One process rerunning the same command resumes from the parts and merges them.
-    out.unlink()
-    assert run.main(["--ckpt", ckpt, "--images", str(folder), "--out", str(out), *COMMON]) == 1
-    _same_tokens(_by_image(out), reference)
-
-
 @pytest.fixture(scope="module")
 def many(setup, tmp_path_factory):
     """16 images and their one-process captions at batch 2 (8 per process with two
@@ -219,6 +199,7 @@ def many(setup, tmp_path_factory):
     return folder, _by_image(reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim, devices", [(1, 1), (0, 2)], ids=["kill-1", "kill-0-mesh"])
 def test_a_killed_process_is_rerun_and_out_holds_every_image_once(setup, many, tmp_path, victim, devices):
     """A host is preempted (SIGKILL after a random number of finished batches); the same
@@ -245,9 +226,18 @@ def test_a_killed_process_is_rerun_and_out_holds_every_image_once(setup, many, t
     errors = _finish(_launch(root, ckpt, folder, out, 2, devices, extra), (0, 0))
     if victim == 1:  # process 0 had nothing left, and said so and whom it waited for
         assert "nothing to do: every image is already captioned" in errors[0], errors[0][-2000:]
+    assert any(f"wrote {out}" in err for err in errors), errors
+    shares = [_by_image(tmp_path / f"captions.part-{k}-of-2.jsonl") for k in range(2)]
+    assert not shares[0].keys() & shares[1].keys() and [len(s) for s in shares] == [8, 8]
+    _same_tokens(_by_image(out), reference)
+
+    # One process rerunning the same command resumes from the parts and merges them.
+    out.unlink()
+    assert run.main(["--ckpt", ckpt, "--images", str(folder), "--out", str(out), *COMMON, "--batch-size", "2"]) == 0
     _same_tokens(_by_image(out), reference)
 
 
+@pytest.mark.slow
 def test_three_processes_two_images(setup, tmp_path):
     """A process whose share is empty (process 2 of 3, 2 images) exits cleanly; OUT is whole."""
     root, ckpt, _, reference = setup

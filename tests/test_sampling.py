@@ -195,6 +195,7 @@ def _bonus_rows(out, draft_len):
     return float(np.mean(np.asarray(out.rounds) == 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("draft_len,steps,sampling", CASES, ids=["draft1-plain", "draft2-warped"])
 def test_speculative_sampling_matches_exact_distribution(tiny, draft_len, steps, sampling):
     joint = _exact_joint(tiny, steps, sampling)
@@ -209,6 +210,7 @@ def test_speculative_sampling_matches_exact_distribution(tiny, draft_len, steps,
     assert pvalue > 1e-3, f"SSD samples differ from the exact distribution: p = {pvalue:.3g}"
 
 
+@pytest.mark.slow
 def test_plain_sampling_matches_exact_distribution(tiny):
     """The reference itself: AR sampling from the cached engine matches the enumeration
     (cache-free forward passes), so a failure above is SSD's, not the enumeration's."""
@@ -274,6 +276,7 @@ MUTATIONS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mutation,draft_len,steps,sampling", MUTATIONS, ids=[m[0].__name__.strip("_") for m in MUTATIONS]
 )

@@ -226,6 +226,7 @@ def test_shapes_checkpoints_need_compile_only(capsys):
 # --- compiled for v5e:2x2 -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_compile_only_fits_and_reports(tmp_path, capsys):
     needs_libtpu()
     from train.run import main
@@ -273,6 +274,7 @@ def test_train_compile_only_too_big_exits_1_with_the_reason(tmp_path, capsys):
     assert report["fits"] is False and "HBM" in report["reason"]
 
 
+@pytest.mark.slow
 def test_decode_compile_only_pieces_cache_sharding_and_speedup(tmp_path):
     needs_libtpu()
     from decode.bench.cli import main
@@ -369,6 +371,7 @@ def tiny_draft_checkpoint(path):
     return path
 
 
+@pytest.mark.slow
 def test_decode_compile_only_per_drafter_pieces_and_speedups(tmp_path):
     needs_libtpu()
     from decode.bench.cli import main
@@ -464,6 +467,7 @@ def test_decode_compile_only_bad_drafter_is_one_line(capsys):
         assert err.startswith("error: ") and message in err and "\n" not in err, err
 
 
+@pytest.mark.slow
 def test_decode_compile_only_tree_pieces_and_speedup(tmp_path):
     needs_libtpu()
     from decode.bench.cli import main

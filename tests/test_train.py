@@ -366,6 +366,7 @@ def test_split_and_merge_params():
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_deepened_model_computes_the_same_function():
     from fastvlm_jax.nn.model import VLM
     from tests.tiny import tiny_config
@@ -418,6 +419,7 @@ def test_deepen_to_is_only_for_the_base_stage_from_a_checkpoint():
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_same_losses_on_one_and_eight_devices(data_dir, tmp_path):
     """20 steps on 1 device and on 8 with data/fsdp/tensor meshes; one run also
     accumulates gradients over 2 micro-batches, one recomputes the layers in the backward
@@ -445,6 +447,7 @@ def test_same_losses_on_one_and_eight_devices(data_dir, tmp_path):
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["base", "refine"])
 def test_loss_window_gives_the_losses_of_every_position(stage):
     """The step's losses on positions [loss_start, seq) (StepSpec.loss_start) equal those
@@ -496,6 +499,7 @@ def _flat(params):
     return {param_lib.path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
+@pytest.mark.slow
 def test_draft_stages_leave_the_base_model_bit_identical(data_dir, tmp_path):
     from fastvlm_jax.ckpt.checkpoint import load_checkpoint
 

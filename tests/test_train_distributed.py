@@ -49,6 +49,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_resume(setup, reference):
     """Two processes train, are preempted (SIGTERM to both: they agree on a step, save it
     and exit), then resume with two processes to the end: the one-process curve."""
@@ -119,6 +120,7 @@ def _saved_steps(workdir) -> list[int]:
     return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
 
 
+@pytest.mark.slow
 def test_sigterm_and_sigkill_resume_exactly(setup, reference):
     root, overrides = setup
     workdir = root / "interrupted"

@@ -21,6 +21,7 @@ from tests.tiny import tiny_config
 CASES = [(1, "ffn", 6, 2), (2, "layer", 8, 4)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exit_layer,kind,nodes,width", CASES)
 def test_greedy_tree_ssd_equals_ar(exit_layer, kind, nodes, width):
     config = tiny_config(num_layers=4, exit_layer=exit_layer, kind=kind)
@@ -83,6 +84,7 @@ def test_tree_table_layout_and_greedy_path():
     np.testing.assert_array_equal(np.nonzero(visible[1])[0], [0, 1, 2, 3, 4, 5, 6, 8, 11])  # 0, 1, 3, 6
 
 
+@pytest.mark.slow
 def test_grow_takes_the_best_open_candidates_best_first():
     tree = tree_lib.Tree.root(jnp.asarray([0]), 5, 4, jnp.float32)
     candidates = tree_lib.Candidates.empty(1, 5, 2)
@@ -114,6 +116,7 @@ def test_move_slots_moves_every_layer_of_one_row():
     np.testing.assert_array_equal(np.asarray(moved.values[..., 0]), -want)
 
 
+@pytest.mark.slow
 def test_caches_after_tree_rounds_equal_a_cache_free_pass():
     """After tree rounds with partial acceptance, every committed slot of all three caches
     (shallow and deep layers, the imitation layer's own) holds what one pass over the
@@ -254,6 +257,7 @@ def _sampling_config(name):
     return {"plain": PLAIN, "warped": WARPED}[name]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nodes,width,steps,sampling", TREE_SAMPLING_CASES, ids=["plain", "warped"])
 def test_tree_speculative_sampling_matches_exact_distribution(tiny, nodes, width, steps, sampling):
     from tests.test_sampling import _chi_square, _exact_joint
@@ -271,6 +275,7 @@ def test_tree_speculative_sampling_matches_exact_distribution(tiny, nodes, width
     assert pvalue > 1e-3, f"tree SSD samples differ from the exact distribution: p = {pvalue:.3g}"
 
 
+@pytest.mark.slow
 def test_tree_sampling_without_the_residual_update_is_detected(tiny, monkeypatch):
     """The end-to-end check has power: accepting the first sibling whose own min(1, p/q)
     test passes, without updating the target to the residual, fails it."""

@@ -44,7 +44,9 @@ def subprocess_env(cache_dir: Path, devices: int, **extra) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        # the suite's cheap compile settings (tests/conftest.py) in the subprocesses too
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0 "
+        "--xla_llvm_disable_expensive_passes=true",
         # the run's shared cache (tests/conftest.py) when there is one, else the test's own
         JAX_COMPILATION_CACHE_DIR=os.environ.get("FASTVLM_TEST_COMPILE_CACHE", "off") != "off"
         and os.environ["FASTVLM_TEST_COMPILE_CACHE"]
