@@ -316,7 +316,7 @@ def fits(peak_bytes_per_device: int, topology: Topology) -> bool:
 
 
 def topology_summary(topology: Topology) -> dict[str, Any]:
-    """The JSON keys that describe the slice (DESIGN.md section 4)."""
+    """The JSON keys that describe the slice (topology, chips, device_kind, hbm_bytes_per_chip)."""
     return {
         "topology": topology.name,
         "chips": topology.chips,

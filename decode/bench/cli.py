@@ -51,7 +51,7 @@ from fastvlm_jax.nn.architectures import ARCHITECTURES
 from fastvlm_jax.nn.model import param_bytes, param_count
 
 POLICIES = ("static", "confidence", "context")
-# Copied from the first run to the top level of the JSON (DESIGN.md section 4).
+# Copied from the first run to the top level of the JSON, where scripts read them (the README's bench keys).
 TOP_LEVEL_KEYS = (
     "batch_size",
     "exit_layer",

@@ -37,7 +37,7 @@ times predict), report.py (one point's JSON, the printed lines, the CLI branch `
 
 Step times are roofline lower bounds on one chip: max(FLOPs / peak FLOP/s, bytes / HBM
 bandwidth). Two byte counts are reported: the compiler's `bytes accessed` (every op's
-operands and results, which overcounts what HBM must deliver, DESIGN.md section 5) and
+operands and results, which overcounts what HBM must deliver; BENCHMARKS.md shows both) and
 the bytes a step must read at least (its layers' weight shards and KV cache shards, the
 LM head, the imitation network), from the shapes. The prediction uses the latter:
 
