@@ -45,13 +45,3 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     if getattr(config, "_fastvlm_cache_owner", False):
         shutil.rmtree(os.environ.pop(_CACHE_VARIABLE), ignore_errors=True)
-
-
-def pytest_collection_modifyitems(config, items):
-    """Modules with the most slow tests first, each module's tests kept together (its module
-    fixtures are built once per worker) and in their own order: the long tests then start
-    early on the xdist workers instead of stretching the end of the run."""
-    slow: dict[str, int] = {}
-    for item in items:
-        slow[item.module.__name__] = slow.get(item.module.__name__, 0) + (item.get_closest_marker("slow") is not None)
-    items.sort(key=lambda item: -slow[item.module.__name__])
