@@ -39,18 +39,19 @@ def losses(workdir) -> dict[int, float]:
 
 
 def subprocess_env(cache_dir: Path, devices: int, **extra) -> dict[str, str]:
-    """Environment of a CLI subprocess: its own CPU device count, and a persistent
-    compilation cache shared by the test's subprocesses (identical programs compile once)."""
+    """Environment of a CLI subprocess: its own CPU device count with the suite's other XLA
+    flags (tests/conftest.py), and a persistent compilation cache: the run's shared one when
+    there is one, else `cache_dir`, shared by the test's subprocesses (identical programs
+    compile once)."""
     env = dict(os.environ)
+    suite_flags = [
+        f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")
+    ]
+    shared_cache = env.get("FASTVLM_TEST_COMPILE_CACHE", "off")
     env.update(
         PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
-        # the suite's cheap compile settings (tests/conftest.py) in the subprocesses too
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0 "
-        "--xla_llvm_disable_expensive_passes=true",
-        # the run's shared cache (tests/conftest.py) when there is one, else the test's own
-        JAX_COMPILATION_CACHE_DIR=os.environ.get("FASTVLM_TEST_COMPILE_CACHE", "off") != "off"
-        and os.environ["FASTVLM_TEST_COMPILE_CACHE"]
-        or str(cache_dir),
+        XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices}", *suite_flags]),
+        JAX_COMPILATION_CACHE_DIR=str(cache_dir) if shared_cache == "off" else shared_cache,
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
         JAX_PLATFORMS="cpu",

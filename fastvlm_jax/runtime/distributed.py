@@ -16,7 +16,7 @@ from collections.abc import Callable
 import jax
 from jax._src import distributed as _jax_distributed  # the runtime client: its key-value store
 
-from fastvlm_jax.runtime.platforms import tpu_attached
+from fastvlm_jax.runtime.platforms import tpu_attached, tpu_runtime_variables
 
 # Variables that mark one process of a cluster JAX's own detection knows how to join.
 _CLUSTER_SIZE_VARIABLES = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
@@ -26,9 +26,7 @@ def on_cloud_tpu_vm() -> bool:
     """True on a Cloud TPU VM, where `jax.distributed.initialize()` detects the slice itself
     (one host or many): its runtime sets TPU_* variables, or libtpu is installed and TPU chips
     are attached (/dev/accel* on v2-v4, /dev/vfio/* on v5e and later)."""
-    if os.environ.get("TPU_ACCELERATOR_TYPE") or os.environ.get("TPU_WORKER_HOSTNAMES"):
-        return True
-    return tpu_attached() and importlib.util.find_spec("libtpu") is not None
+    return tpu_runtime_variables() or (tpu_attached() and importlib.util.find_spec("libtpu") is not None)
 
 
 def maybe_initialize(

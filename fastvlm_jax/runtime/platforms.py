@@ -18,12 +18,15 @@ import sys
 _GPU_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm6_plugin", "jax_rocm7_plugin")
 
 
+def tpu_runtime_variables() -> bool:
+    """A Cloud TPU runtime's TPU_* variables are set."""
+    return bool(os.environ.get("TPU_ACCELERATOR_TYPE") or os.environ.get("TPU_WORKER_HOSTNAMES"))
+
+
 def tpu_attached() -> bool:
     """TPU chips on this host, or a Cloud TPU runtime's TPU_* variables (v2-v4 chips show as
     /dev/accel*, v5e and later as /dev/vfio/*)."""
-    if os.environ.get("TPU_ACCELERATOR_TYPE") or os.environ.get("TPU_WORKER_HOSTNAMES"):
-        return True
-    return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+    return tpu_runtime_variables() or bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
 def skip_absent_tpu() -> bool:
