@@ -3,7 +3,8 @@
     python -m fastvlm_jax.convert --hf HF_DIR --out CKPT_DIR [--exit-layer K] [--dtype bfloat16]
 
 config.json's model_type picks the family's converter from `fastvlm_jax.nn.families`
-('llava': `fastvlm_jax.ckpt.convert.llava`, 'blip-2': `fastvlm_jax.ckpt.convert.blip2`). The
+('llava': `fastvlm_jax.ckpt.convert.llava`, 'blip-2': `fastvlm_jax.ckpt.convert.blip2`,
+'gemma3': `fastvlm_jax.ckpt.convert.gemma3`). The
 checkpoint keeps the dtype it is converted to (`--dtype`), and decoding uses it by default.
 Never touches the network.
 """
@@ -47,7 +48,7 @@ def convert(
     except ConfigError:
         raise ConversionError(
             f"model type {model_type!r} is not supported: this converter reads "
-            "LLaVA (model_type 'llava') and BLIP-2 OPT ('blip-2') checkpoints"
+            "LLaVA (model_type 'llava'), BLIP-2 OPT ('blip-2') and Gemma 3 ('gemma3') checkpoints"
         ) from None
     converter = importlib.import_module(family.converter)
     return converter.convert(hf_dir, out_dir, exit_layer, draft_kind, draft_hidden, dtype, seed, progress)
@@ -55,7 +56,7 @@ def convert(
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastvlm_jax.convert", description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--hf", required=True, help="local Hugging Face LLaVA or BLIP-2 (OPT) folder")
+    parser.add_argument("--hf", required=True, help="local Hugging Face LLaVA, BLIP-2 (OPT) or Gemma 3 folder")
     parser.add_argument("--out", required=True, help="output checkpoint folder")
     parser.add_argument(
         "--exit-layer", type=int, default=None, help="draft path exit layer (default: a quarter of the decoder depth)"

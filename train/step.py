@@ -140,10 +140,11 @@ def forward_losses(
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
 
     hidden = model.embed(params, ids, model.encode_images(params, batch["pixels"]))
+    span = model.image_span(ids)  # None unless the family's image tokens attend both ways
     window = slice(spec.loss_start, None)  # the positions that carry loss (StepSpec)
     if spec.stage == "eagle":
         # The head reads only the model's first and last states: no exit-layer states.
-        h_last, _, _ = model.run_layers(params, hidden, positions, 0, num_layers)
+        h_last, _, _ = model.run_layers(params, hidden, positions, 0, num_layers, image_span=span)
         full_logits = model.logits(params, h_last)
         loss, metrics = eagle_lib.eagle_losses(
             model, params, spec.eagle, hidden, h_last, full_logits, ids, targets, mask
@@ -155,7 +156,7 @@ def forward_losses(
     # the base stage's gradients stay one [num_layers, ...] array per leaf) that also
     # returns the exit-layer states the draft path reads.
     h_last, _, states = model.run_layers(
-        params, hidden, positions, 0, num_layers, collect=(exit_layer,), remat=spec.remat
+        params, hidden, positions, 0, num_layers, collect=(exit_layer,), remat=spec.remat, image_span=span
     )
     # The imitation network sees every position (it may attend); everything after it
     # only the loss window.

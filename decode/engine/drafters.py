@@ -419,7 +419,13 @@ class ModelDrafter(Drafter):
         features = None if states.pixels is None else small.encode_images(params, states.pixels)
         hidden = small.embed(params, states.input_ids, features, positions)
         _, cache, _ = small.run_layers(
-            params, hidden, positions, 0, small.config.text.num_layers, small.init_cache(batch, slots)
+            params,
+            hidden,
+            positions,
+            0,
+            small.config.text.num_layers,
+            small.init_cache(batch, slots),
+            image_span=small.image_span(states.input_ids),
         )
         return ModelCarry(cache=cache, prev_token=first_token, refeed=jnp.zeros((batch,), bool))
 

@@ -283,8 +283,11 @@ def _prefill(ctx: RoundContext, prompts: Prompts, spec: DecodeSpec, rng: Array, 
     positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
     hidden = model.embed(params, prompts.input_ids, features, positions)
     exit_layer = cfg.draft.exit_layer
-    h_exit, cache, _ = model.run_layers(params, hidden, positions, 0, exit_layer, cache)
-    h_last, cache, _ = model.run_layers(params, h_exit, positions, exit_layer, cfg.text.num_layers, cache)
+    span = model.image_span(prompts.input_ids)
+    h_exit, cache, _ = model.run_layers(params, hidden, positions, 0, exit_layer, cache, image_span=span)
+    h_last, cache, _ = model.run_layers(
+        params, h_exit, positions, exit_layer, cfg.text.num_layers, cache, image_span=span
+    )
     last_index = (prompts.lengths - 1)[:, None, None]
     logits = model.logits(params, jnp.take_along_axis(h_last, last_index, axis=1))[:, 0]
     rng, step_rng = _split(rng, spec)
@@ -713,6 +716,14 @@ def check_inputs(model: VLM, prompts: Prompts, spec: DecodeSpec, max_new_tokens)
 
     Skipped for traced values (inside a caller's jit): only concrete arrays can be read.
     """
+    window = getattr(model.config.text, "attention_window", None)
+    if spec.uses_tree and window is not None and window <= spec.tree.steps:
+        # A tree node's cache slot may lie up to its depth past its position (see
+        # fastvlm_jax.nn.layers.causal_attention): exact only inside a wider window.
+        raise ValueError(
+            f"a draft tree {spec.tree.steps} deep needs a sliding window wider than that, but the "
+            f"model's is {window}: use fewer tree steps"
+        )
     try:
         budgets = np.asarray(max_new_tokens)
         lengths = np.asarray(prompts.lengths)

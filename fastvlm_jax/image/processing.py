@@ -50,6 +50,7 @@ IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
 
 BICUBIC = int(Image.Resampling.BICUBIC)  # 3, the value HF configs store as "resample"
+BILINEAR = int(Image.Resampling.BILINEAR)  # 2, Gemma 3's default
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
 
@@ -288,12 +289,23 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
         image_std=OPENAI_CLIP_STD,
         default_to_square=True,
     ),
+    # Gemma 3: SigLIP's fixed-size resize, but bilinear by default (pan-and-scan crops: refused).
+    "Gemma3ImageProcessor": dict(
+        size={"height": 224, "width": 224},
+        crop_size=None,
+        do_center_crop=False,
+        image_mean=IMAGENET_STANDARD_MEAN,
+        image_std=IMAGENET_STANDARD_STD,
+        default_to_square=True,
+        resample=BILINEAR,
+    ),
 }
 _KIND_OF_TYPE = {
     "CLIPImageProcessor": "clip",
     "LlavaImageProcessor": "llava",
     "SiglipImageProcessor": "siglip",
     "BlipImageProcessor": "blip",
+    "Gemma3ImageProcessor": "siglip",
 }
 
 
@@ -416,6 +428,11 @@ class ImageProcessorConfig:
             looks_fixed = isinstance(size, dict) and "height" in size and "crop_size" not in d
             base = "SiglipImageProcessor" if looks_fixed else "CLIPImageProcessor"
         defaults = _HF_DEFAULTS[base]
+        if d.get("do_pan_and_scan"):
+            raise ValueError(
+                "do_pan_and_scan=true (Gemma 3's extra crops of wide images) is not supported: "
+                "set it to false in preprocessor_config.json (one image, 256 soft tokens)"
+            )
 
         def get(key: str, default: Any) -> Any:
             value = d.get(key)
@@ -455,7 +472,7 @@ class ImageProcessorConfig:
             longest_edge=longest,
             resize_height=height,
             resize_width=width,
-            resample=int(get("resample", BICUBIC)),
+            resample=int(get("resample", defaults.get("resample", BICUBIC))),
             do_center_crop=do_center_crop,
             crop_height=crop_h,
             crop_width=crop_w,

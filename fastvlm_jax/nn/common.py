@@ -8,7 +8,7 @@ network, so the families differ only where their models do (vision side, embeddi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -36,6 +36,9 @@ class FamilyModule(nn.Module):
     dtype: Any = jnp.float32
     unroll_layers: bool = False
 
+    # The image's tokens attend to each other both ways during the prompt (Gemma 3).
+    bidirectional_image: ClassVar[bool] = False
+
     def encode_images(self, pixels: Array) -> Array:
         """[batch, height, width, channels] -> image tokens [batch, num_image_tokens, embed]."""
         raise NotImplementedError
@@ -56,10 +59,23 @@ class FamilyModule(nn.Module):
         collect: tuple[int, ...] = (),
         tree: TreeSlots | None = None,
         remat: str = "none",
+        image_span: Array | None = None,
     ):
         """Decoder layers [start, stop) over the stacked params -> (state stop, cache,
-        {index: state}); see `fastvlm_jax.nn.layers.run_layer_stack`."""
-        return self.language_model.run_layers(hidden, positions, start, stop, cache, key_mask, collect, tree, remat)
+        {index: state}); see `fastvlm_jax.nn.layers.run_layer_stack`. image_span: only for
+        families whose image tokens attend both ways (`image_span` below)."""
+        span = {} if image_span is None else {"image_span": image_span}
+        return self.language_model.run_layers(
+            hidden, positions, start, stop, cache, key_mask, collect, tree, remat, **span
+        )
+
+    def image_span(self, input_ids: Array) -> Array | None:
+        """[batch, seq] -> [batch, 2] (first, end) positions of each row's image tokens, for
+        families whose image tokens attend to each other both ways (`bidirectional_image`:
+        Gemma 3); None for causal-only families."""
+        if not self.bidirectional_image:
+            return None
+        return image_token_span(input_ids, self.config.image_token_id)
 
     def logits(self, hidden: Array) -> Array:
         """[batch, seq, embed] -> float32 [batch, seq, vocab] (final norm + LM head)."""
@@ -130,8 +146,27 @@ def full_and_draft_logits(module, input_ids: Array, pixels: Array, positions: Ar
         positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
     hidden = module.embed(input_ids, module.encode_images(pixels), positions)
     exit_layer = module.config.draft.exit_layer
-    h_last, _, states = module.run_layers(hidden, positions, 0, module.config.text.num_layers, collect=(exit_layer,))
+    h_last, _, states = module.run_layers(
+        hidden,
+        positions,
+        0,
+        module.config.text.num_layers,
+        collect=(exit_layer,),
+        image_span=module.image_span(input_ids),
+    )
     draft_hidden, _ = module.imitate(states[exit_layer], positions)
     if getattr(module, "eagle", None) is not None:  # traced so that init creates its params
         module.eagle_draft(h_last, hidden, positions)
     return module.logits(h_last), module.logits(draft_hidden)
+
+
+def image_token_span(input_ids: Array, image_token_id: int) -> Array:
+    """[batch, seq] -> [batch, 2] int32 (first, end): where each row's run of image tokens lies
+    (first == end == 0 for a row without one). One image per prompt: its tokens are contiguous."""
+    is_image = input_ids == image_token_id
+    seq = input_ids.shape[1]
+    index = jnp.arange(seq, dtype=jnp.int32)
+    first = jnp.min(jnp.where(is_image, index, seq), axis=1)
+    end = jnp.max(jnp.where(is_image, index + 1, 0), axis=1)
+    first = jnp.where(end > 0, first, 0)
+    return jnp.stack([first, end], axis=1).astype(jnp.int32)

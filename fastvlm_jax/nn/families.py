@@ -19,10 +19,12 @@ from fastvlm_jax.nn.blip2 import Blip2Config, Blip2Module
 from fastvlm_jax.nn.blip2 import init_imitation as blip2_init_imitation
 from fastvlm_jax.nn.common import FamilyModule
 from fastvlm_jax.nn.config import ConfigError
+from fastvlm_jax.nn.gemma3 import Gemma3Config, Gemma3Module
+from fastvlm_jax.nn.gemma3 import init_imitation as gemma3_init_imitation
 from fastvlm_jax.nn.llava import LlavaConfig, LlavaModule
 from fastvlm_jax.nn.llava import init_imitation as llava_init_imitation
 from fastvlm_jax.text.base import Tokenizer
-from fastvlm_jax.text.prompts import Blip2Prompts, LlavaPrompts, PromptLayout
+from fastvlm_jax.text.prompts import Blip2Prompts, Gemma3Prompts, LlavaPrompts, PromptLayout
 
 Array = jax.Array
 
@@ -33,7 +35,8 @@ class Family:
 
     converter: the module whose `convert(hf_dir, out_dir, ...)` reads this family's
       Hugging Face folders (named, not imported: converters import the model library).
-    tokenizer_kind: 'sentencepiece' (LLaMA) or 'bpe' (GPT-2 byte-level, OPT).
+    tokenizer_kind: 'sentencepiece' (LLaMA), 'bpe' (GPT-2 byte-level, OPT) or 'gemma' (BPE with
+      byte fallback, from tokenizer.json).
     prompts: how a one-image prompt is laid out (as the family's HF processor does it).
     """
 
@@ -66,6 +69,15 @@ FAMILIES: dict[str, Family] = {
             "fastvlm_jax.ckpt.convert.blip2",
             "bpe",
             Blip2Prompts(),
+        ),
+        Family(
+            "gemma3",
+            Gemma3Config,
+            Gemma3Module,
+            gemma3_init_imitation,
+            "fastvlm_jax.ckpt.convert.gemma3",
+            "gemma",
+            Gemma3Prompts(),
         ),
     )
 }

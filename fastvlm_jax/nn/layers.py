@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax.linen.spmd import with_logical_constraint
@@ -82,13 +83,24 @@ class LayerNorm(nn.Module):
         )(x)
 
 
-def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+def rope_frequencies(head_dim: int, theta: float, scaling_factor: float = 1.0) -> Array:
+    """RoPE inverse frequencies [head_dim / 2] (float32); linear scaling divides them by the factor."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    return inv_freq / scaling_factor
+
+
+def apply_rope(x: Array, positions: Array, theta: float | None = None, inv_freq: Array | None = None) -> Array:
     """Rotary embedding in HF's half-split layout.
 
     x: [batch, seq, heads, head_dim]; positions: [batch, seq] absolute positions.
+    theta: the base (default frequencies), or inv_freq [head_dim / 2] given directly (scaled or
+    chosen per layer, e.g. Gemma 3's local and global layers).
     """
     head_dim = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if inv_freq is None:
+        if theta is None:
+            raise ValueError("apply_rope needs theta or inv_freq")
+        inv_freq = rope_frequencies(head_dim, theta)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, head_dim/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
@@ -114,22 +126,56 @@ def full_attention(q: Array, k: Array, v: Array) -> Array:
     return out.reshape(*out.shape[:2], -1)
 
 
-def attend(query: Array, keys: Array, values: Array, mask: Array) -> Array:
+def attend(query: Array, keys: Array, values: Array, mask: Array, scale: float | None = None) -> Array:
     """Grouped-query softmax attention.
 
     query: [batch, q_len, heads, head_dim]; keys/values: [batch, kv_heads, k_len, head_dim]
     (heads-major, so both einsums are plain batched matmuls over (batch, kv_head));
-    mask: [batch, q_len, k_len] (True = may attend). Returns [batch, q_len, heads, head_dim].
+    mask: [batch, q_len, k_len] (True = may attend); scale: the logit scale (default
+    head_dim ** -0.5). Returns [batch, q_len, heads, head_dim].
     """
     batch, q_len, heads, head_dim = query.shape
     kv_heads = keys.shape[1]
     query = query.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
     logits = jnp.einsum("bqkgd,bktd->bkgqt", query, keys).astype(jnp.float32)
-    logits = logits * (head_dim**-0.5)
+    logits = logits * (head_dim**-0.5 if scale is None else scale)
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
     out = jnp.einsum("bkgqt,bktd->bqkgd", probs, values)
     return out.reshape(batch, q_len, heads, head_dim)
+
+
+@flax.struct.dataclass
+class MaskRules:
+    """What a decoder's attention adds to plain causal masking (Gemma 3 needs both).
+
+    window: keys more than `window - 1` positions behind the query are hidden (a sliding
+      window; a scalar, may be traced, so one scanned stack mixes local and global layers;
+      None = no window).
+    image_span: [batch, 2] int32 (first, end) positions of each row's image tokens, which
+      attend to each other in both directions (an empty span, first == end, for rows
+      without an image); None = causal everywhere.
+    scale: the attention logit scale (None = head_dim ** -0.5).
+    """
+
+    window: Array | int | None = None
+    image_span: Array | None = None
+    scale: float | None = flax.struct.field(pytree_node=False, default=None)
+
+
+def _apply_rules(mask: Array, query_pos: Array, key_pos: Array, rules: MaskRules | None) -> Array:
+    """mask [batch, q_len, k_len] with the image block opened and the window applied.
+    query_pos: [batch, q_len]; key_pos: [batch or 1, k_len] positions of the keys."""
+    if rules is None:
+        return mask
+    if rules.image_span is not None:
+        first, end = rules.image_span[:, 0, None], rules.image_span[:, 1, None]
+        query_in = (query_pos >= first) & (query_pos < end)
+        key_in = (key_pos >= first) & (key_pos < end)
+        mask = mask | (query_in[:, :, None] & key_in[:, None, :])
+    if rules.window is not None:
+        mask = mask & (key_pos[:, None, :] > query_pos[:, :, None] - rules.window)
+    return mask
 
 
 def causal_attention(
@@ -142,6 +188,7 @@ def causal_attention(
     key_mask: Array | None = None,
     dtype: DType = jnp.float32,
     tree: TreeSlots | None = None,
+    rules: MaskRules | None = None,
 ):
     """Causal attention by absolute position, with or without the stacked KV cache.
 
@@ -150,27 +197,37 @@ def causal_attention(
     [batch, seq] drops padding). With one, the new entries are written into layer `layer`
     of the cache at `positions`, and each query attends to every slot of that layer at or
     before its own position. With `tree` (a cache is then required), the entries go to
-    tree.slots instead and each query sees tree.visible. Returns (out [batch, seq, heads,
-    head_dim], cache).
+    tree.slots instead and each query sees tree.visible. rules: a sliding window, an image
+    block and the logit scale (MaskRules). Returns (out [batch, seq, heads, head_dim], cache).
+
+    A window is measured on cache slots, which are positions for committed tokens; a token
+    tree's nodes sit past the committed slots at most `depth` positions ahead, so they stay
+    inside any window wider than the tree is deep (the tree drafter checks that).
     """
+    scale = None if rules is None else rules.scale
     if tree is not None:
         if cache is None:
             raise ValueError("attention over a token tree needs a KV cache")
         cache = cache.write(layer, k, v, tree.slots)
         keys, values = cache.layer(layer)
-        return attend(q, keys.astype(dtype), values.astype(dtype), tree.visible), cache
+        slots = jnp.arange(keys.shape[2])[None]
+        mask = _apply_rules(tree.visible, positions, slots, rules)
+        return attend(q, keys.astype(dtype), values.astype(dtype), mask, scale), cache
     if cache is None:
         mask = positions[:, None, :] <= positions[:, :, None]
+        mask = _apply_rules(mask, positions, positions, rules)
         if key_mask is not None:
             mask = mask & key_mask[:, None, :].astype(bool)
-        return attend(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask), None
+        return attend(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask, scale), None
     cache = cache.write(layer, k, v, positions)
     keys, values = cache.layer(layer)
-    slots = jnp.arange(keys.shape[2])
+    slots = jnp.arange(keys.shape[2])[None]
     # Every slot at or before the query's own position holds a committed token; stale
-    # slots (rejected drafts, prompt padding) lie beyond it and stay hidden.
-    mask = slots[None, None, :] <= positions[:, :, None]
-    return attend(q, keys.astype(dtype), values.astype(dtype), mask), cache
+    # slots (rejected drafts, prompt padding) lie beyond it and stay hidden. (An image
+    # block opened by the rules lies inside the prompt, so it never reaches stale slots.)
+    mask = slots[:, None, :] <= positions[:, :, None]
+    mask = _apply_rules(mask, positions, slots, rules)
+    return attend(q, keys.astype(dtype), values.astype(dtype), mask, scale), cache
 
 
 class TextAttention(nn.Module):
@@ -335,6 +392,7 @@ def run_layer_stack(
     unroll: bool = False,
     tree: TreeSlots | None = None,
     remat: str = "none",
+    image_span: Array | None = None,
 ):
     """Runs layers [start, stop) of a stack as one lax.scan, reading the weights in place.
 
@@ -349,6 +407,9 @@ def run_layer_stack(
       intermediate, "full" only the layer's input state (the layer is recomputed in the
       backward pass), "dots" also the outputs of its weight matmuls. Training the whole
       stack needs "full" or "dots" at 7B scale; a stack without gradients ignores it.
+    image_span: [batch, 2] (first, end) positions of each row's image tokens, for layers
+      whose image tokens attend to each other both ways (Gemma 3); passed to the layer only
+      when given, so a causal-only layer refuses it.
     Returns (state `stop`, cache, {index: [batch, seq, embed]}).
 
     The whole stack is scanned over its arrays directly; a sub-range indexes layer i
@@ -367,6 +428,7 @@ def run_layer_stack(
     if start == stop:
         return hidden, cache, collected
     whole = start == 0 and stop == num_layers
+    span: dict[str, Any] = {} if image_span is None else {"image_span": image_span}
 
     def body(carry, inputs):
         h, cache, saved = carry
@@ -378,7 +440,7 @@ def run_layer_stack(
         # apply without `mutable` returns the layer's output alone: (state, cache)
         h, cache = cast(
             "tuple[Array, KVCache | None]",
-            layer.apply({"params": layer_params}, h, positions, cache, index, key_mask, tree),
+            layer.apply({"params": layer_params}, h, positions, cache, index, key_mask, tree, **span),
         )
         saved = tuple(jnp.where(index + 1 == target, h, kept) for target, kept in zip(targets, saved))
         return (h, cache, saved), None

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastvlm_jax.nn.common import full_and_draft_logits, merge_image_features  # noqa: F401
+from fastvlm_jax.nn.common import full_and_draft_logits, image_token_span, merge_image_features  # noqa: F401
 from fastvlm_jax.nn.config import FamilyConfig
 from fastvlm_jax.nn.eagle import head_text_config, init_eagle_params
 from fastvlm_jax.nn.families import family_of
@@ -97,14 +97,46 @@ class VLM:
         return self._apply(params, "embed", input_ids, image_features, positions)
 
     def run_layers(
-        self, params, hidden, positions, start, stop, cache=None, key_mask=None, collect=(), tree=None, remat="none"
+        self,
+        params,
+        hidden,
+        positions,
+        start,
+        stop,
+        cache=None,
+        key_mask=None,
+        collect=(),
+        tree=None,
+        remat="none",
+        image_span=None,
     ):
         """Layers [start, stop): (state stop [batch, seq, embed], cache, {index: state}).
         tree: a `fastvlm_jax.nn.kv_cache.TreeSlots` for a token tree's nodes (with a cache).
-        remat: what each layer keeps for a backward pass (fastvlm_jax.nn.layers.REMAT_POLICIES)."""
+        remat: what each layer keeps for a backward pass (fastvlm_jax.nn.layers.REMAT_POLICIES).
+        image_span: `image_span(input_ids)` of the prompt these states come from, when they
+          include the prompt's image tokens (None is right for every later token)."""
         return self._apply(
-            params, "run_layers", hidden, positions, start, stop, cache, key_mask, tuple(collect), tree, remat
+            params,
+            "run_layers",
+            hidden,
+            positions,
+            start,
+            stop,
+            cache,
+            key_mask,
+            tuple(collect),
+            tree,
+            remat,
+            image_span,
         )
+
+    def image_span(self, input_ids):
+        """[batch, seq] -> [batch, 2] (first, end) positions of each row's image tokens when
+        this family's image tokens attend to each other both ways (Gemma 3), else None. Pass
+        it to every `run_layers` over a prompt; it changes nothing after the prompt."""
+        if not self.family.module_class.bidirectional_image:
+            return None
+        return image_token_span(jnp.asarray(input_ids), self.config.image_token_id)
 
     def logits(self, params, hidden):
         return self._apply(params, "logits", hidden)
@@ -122,7 +154,15 @@ class VLM:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         features = None if pixels is None else self.encode_images(params, pixels)
         hidden = self.embed(params, input_ids, features, positions)
-        hidden, _, _ = self.run_layers(params, hidden, positions, 0, self.config.text.num_layers, key_mask=key_mask)
+        hidden, _, _ = self.run_layers(
+            params,
+            hidden,
+            positions,
+            0,
+            self.config.text.num_layers,
+            key_mask=key_mask,
+            image_span=self.image_span(input_ids),
+        )
         return self.logits(params, hidden)
 
     # --- caches -------------------------------------------------------------------------

@@ -163,6 +163,22 @@ class HFFolder:
             found[entry["content"]] = AddedToken.from_hf(entry, int(idx))
         return found
 
+    def chat_template(self) -> str | None:
+        """The folder's chat template: chat_template.jinja, chat_template.json (a processor's) or
+        tokenizer_config.json's chat_template, the first found (a named set of templates: its
+        "default")."""
+        template: Any = None
+        if (self.path / "chat_template.jinja").is_file():
+            template = (self.path / "chat_template.jinja").read_text(encoding="utf-8")
+        elif (self.path / "chat_template.json").is_file():
+            template = read_json(self.path / "chat_template.json").get("chat_template")
+        else:
+            template = self.config.get("chat_template")
+        if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+            named = {entry.get("name"): entry.get("template") for entry in template}
+            template = named.get("default")
+        return template if isinstance(template, str) else None
+
     def image_token(self) -> str | None:
         """The image placeholder the settings name (image_token), if any."""
         image_token = token_content(self.config.get("image_token"))
@@ -186,6 +202,8 @@ class Tokenizer(abc.ABC):
       pad_id: None picks unk_id, else eos_id.
       image_token: the image placeholder; it must be an added token. None picks "<image>" when
         that is an added token (else the tokenizer has no image token).
+      chat_template: the Jinja chat template of the Hugging Face folder, if any (the prompt
+        layouts that follow a chat template render it: `fastvlm_jax.text.prompts`).
     """
 
     # Our saved format: the first tag is what `save` writes; the others are older tags `load`
@@ -203,8 +221,10 @@ class Tokenizer(abc.ABC):
         pad_id: int | None = None,
         unk_id: int | None = None,
         image_token: str | None = None,
+        chat_template: str | None = None,
     ) -> None:
         self._added: dict[str, AddedToken] = {t.content: t for t in added}
+        self._chat_template = chat_template
         self._vocab_size = int(vocab_size)
         if eos_id is None:
             raise ValueError("the tokenizer has no EOS token (generation and training need one)")
@@ -289,6 +309,16 @@ class Tokenizer(abc.ABC):
         return self._image_token
 
     @property
+    def chat_template(self) -> str | None:
+        return self._chat_template
+
+    def token_id(self, content: str) -> int:
+        """The id of added token `content` (a ValueError naming it if there is none)."""
+        if content not in self._added:
+            raise ValueError(f"the tokenizer has no token {content!r}")
+        return self._added[content].id
+
+    @property
     def image_token_id(self) -> int:
         if self._image_token is None:
             raise ValueError("this tokenizer has no image token")
@@ -315,6 +345,7 @@ class Tokenizer(abc.ABC):
             "pad_id": self._pad_id,
             "unk_id": self._unk_id,
             "image_token": self._image_token,
+            "chat_template": self._chat_template,
         }
 
     def save(self, directory: str | os.PathLike) -> None:

@@ -39,7 +39,7 @@ from typing import Any
 
 from tokenizers import AddedToken as BackendAddedToken
 from tokenizers import Tokenizer as Backend
-from tokenizers import decoders, models, pre_tokenizers, processors
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from fastvlm_jax.text.base import AddedToken, HFFolder, Tokenizer, read_json
 
@@ -52,13 +52,26 @@ _BPE_FORMAT_TAG = "fastvlm_jax.bpe_tokenizer/1"
 # config.json model types for which transformers runs tokenizer.json as it is.
 _AS_IS_MODEL_TYPES = {"llava", "llava_next", "vipllava"}
 # The tokenizer class transformers registers for a model type, used when the folder names none.
-_CLASS_BY_MODEL_TYPE = {"blip-2": "GPT2Tokenizer", "opt": "GPT2Tokenizer", "llama": "LlamaTokenizer"}
+_CLASS_BY_MODEL_TYPE = {
+    "blip-2": "GPT2Tokenizer",
+    "opt": "GPT2Tokenizer",
+    "llama": "LlamaTokenizer",
+    "gemma": "GemmaTokenizer",
+    "gemma3": "GemmaTokenizer",
+}
 # Classes (without "Fast") that run tokenizer.json as it is.
 _AS_IS_CLASSES = {None, "TokenizersBackend", "PreTrainedTokenizer"}
 # The special tokens the rebuilding classes default to.
 _DEFAULT_SPECIALS = {
     "llama": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
     "gpt2": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
+    "gemma": {
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+        "mask_token": "<mask>",
+    },
     "as-is": {},
 }
 
@@ -74,6 +87,8 @@ def _pipeline_kind(hf: HFFolder, tokenizer_json: str | None) -> str:
         return "as-is" if tokenizer_json is not None and '"ByteLevel"' in tokenizer_json else "llama"
     if name == "GPT2Tokenizer":
         return "gpt2"
+    if name == "GemmaTokenizer":
+        return "gemma"
     if name in _AS_IS_CLASSES:
         # Without tokenizer.json, vocab.json + merges.txt can only be GPT-2's.
         return "as-is" if tokenizer_json is not None else "gpt2"
@@ -120,6 +135,18 @@ def _llama_pipeline(vocab: dict[str, int], merges: list, add_prefix_space: bool,
     if add_prefix_space:
         steps.append(decoders.Strip(content=" ", left=1))
     backend.decoder = decoders.Sequence(steps)
+    return backend
+
+
+def _gemma_pipeline(vocab: dict[str, int], merges: list, unk_token: str) -> Backend:
+    """transformers 5.x GemmaTokenizer's pipeline over `vocab` and `merges` (BPE with byte
+    fallback; spaces become "\u2581" in the normalizer, no prefix space)."""
+    backend = Backend(
+        models.BPE(vocab=vocab, merges=merges, fuse_unk=True, unk_token=unk_token, byte_fallback=True, dropout=None)
+    )
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
     return backend
 
 
@@ -172,6 +199,7 @@ class HFTokenizer(Tokenizer):
         and the added tokens.
       bos_id, eos_id, pad_id, unk_id, image_token: see `fastvlm_jax.text.base.Tokenizer`.
       split_special_tokens: HF flag: added tokens in the text are encoded as plain text.
+      chat_template: the folder's Jinja chat template, if it has one.
     """
 
     FORMAT_TAGS = (FORMAT_TAG, _BPE_FORMAT_TAG)
@@ -187,6 +215,7 @@ class HFTokenizer(Tokenizer):
         unk_id: int | None = None,
         image_token: str | None = None,
         split_special_tokens: bool = False,
+        chat_template: str | None = None,
     ) -> None:
         self._backend = backend
         self._split_special_tokens = bool(split_special_tokens)
@@ -207,7 +236,14 @@ class HFTokenizer(Tokenizer):
         # id + 1 otherwise, which is what an embedding table needs.
         vocab_size = max([backend.get_vocab_size(with_added_tokens=False) - 1, *(t.id for t in added)]) + 1
         super().__init__(
-            added, vocab_size, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, unk_id=unk_id, image_token=image_token
+            added,
+            vocab_size,
+            bos_id=bos_id,
+            eos_id=eos_id,
+            pad_id=pad_id,
+            unk_id=unk_id,
+            image_token=image_token,
+            chat_template=chat_template,
         )
 
     @property
@@ -256,6 +292,8 @@ class HFTokenizer(Tokenizer):
                     add_prefix_space=True if prefix is None else bool(prefix),
                     legacy=bool(config.get("legacy", False)),
                 )
+            elif kind == "gemma":
+                backend = _gemma_pipeline(vocab, merges, hf.special_token("unk_token", "<unk>") or "<unk>")
             else:
                 backend = _gpt2_pipeline(vocab, merges, bool(config.get("add_prefix_space", False)))
             if text is not None:
@@ -316,6 +354,7 @@ class HFTokenizer(Tokenizer):
             unk_id=ids["unk_token"],
             image_token=hf.image_token(),
             split_special_tokens=bool(config.get("split_special_tokens", False)),
+            chat_template=hf.chat_template(),
         )
 
     # -- persistence -------------------------------------------------------------------------
@@ -341,6 +380,7 @@ class HFTokenizer(Tokenizer):
             unk_id=settings.get("unk_id"),
             image_token=settings.get("image_token"),
             split_special_tokens=settings.get("split_special_tokens", False),
+            chat_template=settings.get("chat_template"),
         )
         if tokenizer.added_tokens != {t["content"]: t["id"] for t in settings["added_tokens"]}:
             raise ValueError(f"the saved {TOKENIZER_FILE} and tokenizer_config.json disagree on the added tokens")

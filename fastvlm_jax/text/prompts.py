@@ -9,14 +9,22 @@ its Hugging Face processor builds), and the LLaVA prompt helpers.
   chat template). An empty question is plain captioning (what HF BLIP-2 does with no text);
   VQA prompts look like "Question: what is on the table? Answer:".
 
-N is the config's `num_image_tokens` (LLaVA: image patches; BLIP-2: Q-Former queries). The
-family registry (`fastvlm_jax.nn.families`) holds one layout per family.
+- Gemma 3: the folder's chat template rendered for one user turn of [image, question] with the
+  generation prompt, then `<start_of_image>` expanded to "\n\n<start_of_image>" + N soft
+  tokens + "<end_of_image>\n\n", as Gemma3Processor does; BOS comes from the template, so the
+  tokenizer adds no special tokens when the text starts with it (ProcessorMixin's rule).
+
+N is the config's `num_image_tokens` (LLaVA: image patches; BLIP-2: Q-Former queries; Gemma 3:
+soft tokens). The family registry (`fastvlm_jax.nn.families`) holds one layout per family.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
+
+import jinja2
+import jinja2.sandbox
 
 from fastvlm_jax.text.base import DEFAULT_IMAGE_TOKEN, Tokenizer
 
@@ -75,6 +83,79 @@ class Blip2Prompts(PromptLayout):
         # The released OPT checkpoints set eos_token_id to "\n" (50118): HF's `generate`
         # stops there, and captions end with it; "</s>" ends them too.
         return tuple(dict.fromkeys((int(tokenizer.eos_id), int(config.text.eos_token_id))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemma3Prompts(PromptLayout):
+    default_question: str = "Describe this image."
+
+    def prompt_ids(self, tokenizer, question, num_image_tokens):
+        image_token = image_prompt_token(tokenizer, question, num_image_tokens)
+        if GEMMA_BOI in question or GEMMA_EOI in question:
+            raise ValueError(f"the question must not contain {GEMMA_BOI!r} or {GEMMA_EOI!r}")
+        tokenizer.token_id(GEMMA_BOI)  # both must be added tokens: each must stay one id
+        tokenizer.token_id(GEMMA_EOI)
+        text = render_chat_prompt(tokenizer, question)
+        if text.count(GEMMA_BOI) != 1:
+            raise ValueError(f"the chat template must place {GEMMA_BOI!r} once for one image, got: {text!r}")
+        text = text.replace(GEMMA_BOI, f"\n\n{GEMMA_BOI}{image_token * num_image_tokens}{GEMMA_EOI}\n\n")
+        bos = tokenizer.id_to_piece(tokenizer.bos_id) if tokenizer.bos_id is not None else None
+        return tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+
+    def answer_ids(self, tokenizer, question, answer):
+        # The answer starts the model's turn, right after "<start_of_turn>model\n".
+        return tokenizer.encode(answer.strip(), add_special_tokens=False)
+
+    def stop_ids(self, tokenizer, config):
+        # Instruction-tuned Gemma ends its turn with <end_of_turn> (its generation config stops
+        # there and at <eos>).
+        stops = [int(tokenizer.eos_id)]
+        if GEMMA_END_OF_TURN in tokenizer.added_tokens:
+            stops.append(tokenizer.token_id(GEMMA_END_OF_TURN))
+        return tuple(dict.fromkeys(stops))
+
+
+GEMMA_BOI = "<start_of_image>"
+GEMMA_EOI = "<end_of_image>"
+GEMMA_END_OF_TURN = "<end_of_turn>"
+
+
+def _default_gemma_chat(bos: str, question: str) -> str:
+    # Gemma 3's released template, for one user turn of [image, text] + the generation prompt.
+    return f"{bos}<start_of_turn>user\n{GEMMA_BOI}{question.strip()}<end_of_turn>\n<start_of_turn>model\n"
+
+
+def render_chat_prompt(tokenizer: Tokenizer, question: str) -> str:
+    """One user turn holding an image and `question`, with the generation prompt, rendered by
+    the tokenizer's chat template as transformers renders it (a sandboxed Jinja environment
+    with trim_blocks and lstrip_blocks); Gemma 3's template when the folder has none."""
+    specials = {}
+    for name, idx in (
+        ("bos_token", tokenizer.bos_id),
+        ("eos_token", tokenizer.eos_id),
+        ("pad_token", tokenizer.pad_id),
+    ):
+        if idx is not None:
+            specials[name] = tokenizer.id_to_piece(idx)
+    if tokenizer.chat_template is None:
+        return _default_gemma_chat(specials.get("bos_token") or "", question)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return (
+        _chat_environment()
+        .from_string(tokenizer.chat_template)
+        .render(messages=messages, add_generation_prompt=True, **specials)
+    )
+
+
+def _chat_environment() -> jinja2.Environment:
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.globals["raise_exception"] = raise_exception
+    return env
 
 
 # ------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def truncated_config(config, num_layers: int):
     """The source's config with `num_layers` decoder layers and no EAGLE head.
 
     Works for any family whose config has `text.num_layers` and `draft.exit_layer`
-    (llava, blip-2). Raises DraftModelError for a depth outside [2, source layers).
+    (llava, blip-2, gemma3). Raises DraftModelError for a depth outside [2, source layers).
     """
     source_layers = config.text.num_layers
     if num_layers < MIN_LAYERS:
@@ -59,7 +59,10 @@ def truncated_config(config, num_layers: int):
             f"draft model must have fewer; pass --layers {MIN_LAYERS}..{source_layers - 1}"
         )
     draft = dataclasses.replace(config.draft, exit_layer=min(config.draft.exit_layer, num_layers - 1), eagle_layers=0)
-    return config.replace(text=dataclasses.replace(config.text, num_layers=num_layers), draft=draft)
+    text_changes: dict[str, Any] = {"num_layers": num_layers}
+    if hasattr(config.text, "layer_types"):  # Gemma 3: each layer's kind (local / global) goes with it
+        text_changes["layer_types"] = config.text.layer_types[:num_layers]
+    return config.replace(text=dataclasses.replace(config.text, **text_changes), draft=draft)
 
 
 def truncated_params(params: dict[str, Any], num_layers: int) -> dict[str, Any]:

@@ -42,7 +42,6 @@ from fastvlm_jax.ckpt.convert.common import ConversionError, fill_param_tree
 from fastvlm_jax.ckpt.convert.common import conv as _conv
 from fastvlm_jax.ckpt.convert.common import identity as _identity
 from fastvlm_jax.ckpt.convert.common import linear as _linear
-from fastvlm_jax.image.processing import ImageProcessorConfig
 from fastvlm_jax.nn.blip2 import Blip2Config, Blip2VisionConfig, OPTConfig, OPTDecoder, QFormerConfig, init_imitation
 from fastvlm_jax.nn.config import ConfigError, DraftConfig, ImitationKind
 from fastvlm_jax.nn.model import VLM
@@ -341,12 +340,7 @@ def convert(
 
     hf_dir = Path(hf_dir)
     config = config_from_hf(json.loads((hf_dir / "config.json").read_text()), exit_layer, draft_kind, draft_hidden)
-    preprocessor_file = hf_dir / "preprocessor_config.json"
-    if not preprocessor_file.is_file():
-        raise ConversionError(
-            f"{preprocessor_file} is missing: copy the image processor config from the original model repository"
-        )
-    image_config = ImageProcessorConfig.from_hf_dict(json.loads(preprocessor_file.read_text()))
+    image_config = convert_common.read_image_processor(hf_dir)
     if image_config.output_size != (config.vision.image_size, config.vision.image_size):
         raise ConversionError(
             f"the image processor makes {image_config.output_size} images but the "

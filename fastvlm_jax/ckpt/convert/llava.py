@@ -25,7 +25,6 @@ from etils import epath
 from fastvlm_jax.ckpt.checkpoint import save_checkpoint
 from fastvlm_jax.ckpt.convert import common as convert_common
 from fastvlm_jax.ckpt.convert.common import ConversionError, conv, fill_param_tree, identity, linear
-from fastvlm_jax.image.processing import ImageProcessorConfig
 from fastvlm_jax.nn.config import DraftConfig, ImitationKind, TextConfig, VisionConfig
 from fastvlm_jax.nn.llava import LlavaConfig
 from fastvlm_jax.nn.model import VLM
@@ -216,13 +215,8 @@ _identity, _linear, _conv = identity, linear, conv
 _NORM_FIELD = {"scale": "weight", "bias": "bias"}
 
 # (regex on our param path, HF canonical name template, transform)
-PARAM_RULES: list[tuple[str, str, Callable]] = [
-    (r"language_model/embed_tokens/embedding", "text.embed_tokens.weight", _identity),
-    (r"language_model/layers_(\d+)/(self_attn|mlp)/(\w+)/kernel", r"text.layers.\1.\2.\3.weight", _linear),
-    (r"language_model/layers_(\d+)/self_attn/(\w+)/bias", r"text.layers.\1.self_attn.\2.bias", _identity),
-    (r"language_model/layers_(\d+)/(\w+_layernorm)/scale", r"text.layers.\1.\2.weight", _identity),
-    (r"language_model/norm/scale", "text.norm.weight", _identity),
-    (r"language_model/lm_head/kernel", "text.lm_head.weight", _linear),
+# The CLIP / SigLIP tower (`fastvlm_jax.nn.vision.VisionTower`), also Gemma 3's.
+VISION_RULES: list[tuple[str, str, Callable]] = [
     (r"vision_tower/patch_embedding/kernel", "vision.embeddings.patch_embedding.weight", _conv),
     (r"vision_tower/patch_embedding/bias", "vision.embeddings.patch_embedding.bias", _identity),
     (r"vision_tower/class_embedding", "vision.embeddings.class_embedding", _identity),
@@ -233,14 +227,28 @@ PARAM_RULES: list[tuple[str, str, Callable]] = [
     (r"vision_tower/layers_(\d+)/self_attn/(\w+)/bias", r"vision.encoder.layers.\1.self_attn.\2.bias", _identity),
     (r"vision_tower/layers_(\d+)/(fc[12])/kernel", r"vision.encoder.layers.\1.mlp.\2.weight", _linear),
     (r"vision_tower/layers_(\d+)/(fc[12])/bias", r"vision.encoder.layers.\1.mlp.\2.bias", _identity),
+]
+# The LLaMA-style decoder (`fastvlm_jax.nn.llava.TextDecoder`); Gemma 3's names are a superset.
+TEXT_RULES: list[tuple[str, str, Callable]] = [
+    (r"language_model/embed_tokens/embedding", "text.embed_tokens.weight", _identity),
+    (r"language_model/layers_(\d+)/(self_attn|mlp)/(\w+)/kernel", r"text.layers.\1.\2.\3.weight", _linear),
+    (r"language_model/layers_(\d+)/self_attn/(\w+)/bias", r"text.layers.\1.self_attn.\2.bias", _identity),
+    (r"language_model/layers_(\d+)/(\w+_layernorm)/scale", r"text.layers.\1.\2.weight", _identity),
+    (r"language_model/norm/scale", "text.norm.weight", _identity),
+    (r"language_model/lm_head/kernel", "text.lm_head.weight", _linear),
+]
+PARAM_RULES: list[tuple[str, str, Callable]] = [
+    *TEXT_RULES,
+    *VISION_RULES,
     (r"projector/(linear_[12])/kernel", r"projector.\1.weight", _linear),
     (r"projector/(linear_[12])/bias", r"projector.\1.bias", _identity),
 ]
 
 
-def hf_source_for(path: str) -> tuple[str, Callable]:
-    """Our param path ('a/b/c') -> (HF canonical tensor name, transform)."""
-    for pattern, template, transform in PARAM_RULES:
+def hf_source_for(path: str, rules=None) -> tuple[str, Callable]:
+    """Our param path ('a/b/c') -> (HF canonical tensor name, transform), by `rules`
+    (default: LLaVA's PARAM_RULES)."""
+    for pattern, template, transform in PARAM_RULES if rules is None else rules:
         match = re.fullmatch(pattern, path)
         if match:
             name = match.expand(template)
@@ -293,12 +301,7 @@ def convert(
     hf_dir = Path(hf_dir)
     hf_config = json.loads((hf_dir / "config.json").read_text())
     config = config_from_hf(hf_config, exit_layer, draft_kind, draft_hidden)
-    preprocessor_file = hf_dir / "preprocessor_config.json"
-    if not preprocessor_file.is_file():
-        raise ConversionError(
-            f"{preprocessor_file} is missing: copy the image processor config from the original model repository"
-        )
-    image_config = ImageProcessorConfig.from_hf_dict(json.loads(preprocessor_file.read_text()))
+    image_config = convert_common.read_image_processor(hf_dir)
     tokenizer = from_hf_dir(hf_dir)
     folder = open_safetensors(hf_dir)
     params = convert_params(folder, config, jax.random.key(seed), jnp.dtype(dtype), progress)
