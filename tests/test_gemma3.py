@@ -59,11 +59,12 @@ QUESTIONS = ["What is in the picture?", "Describe this image in one sentence ple
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def folder(request, tmp_path_factory):
-    """(config name, HF model, processor, converted checkpoint) for one tiny Gemma 3 folder."""
+    """(config name, HF model, processor, converted checkpoint, its folder) for one tiny Gemma 3
+    folder."""
     root = tmp_path_factory.mktemp(f"gemma3_{request.param}")
     hf_model, processor = build_tiny_gemma3(root / "hf", seed=3, **CONFIGS[request.param])
-    ckpt = checkpoint.load_checkpoint(convert.convert(root / "hf", root / "ckpt", exit_layer=2, progress=False))
-    return request.param, hf_model, processor, ckpt
+    ckpt_dir = convert.convert(root / "hf", root / "ckpt", exit_layer=2, progress=False)
+    return request.param, hf_model, processor, checkpoint.load_checkpoint(ckpt_dir), ckpt_dir
 
 
 def _hf_inputs(processor, image, question):
@@ -75,7 +76,7 @@ def _hf_inputs(processor, image, question):
 def test_prompt_ids_pixels_and_logits_match_transformers(folder):
     import torch
 
-    name, hf_model, processor, ckpt = folder
+    name, hf_model, processor, ckpt, _ = folder
     image = random_image(np.random.RandomState(1))
     model = VLM(ckpt.config)
     for question in QUESTIONS:
@@ -124,7 +125,7 @@ STEPS = 14
 @pytest.mark.slow
 def test_greedy_captions_match_transformers_for_ar_and_every_drafter(folder):
     """Batch 2 (prompts of different lengths): AR and SSD equal HF generate, per row."""
-    name, hf_model, processor, ckpt = folder
+    name, hf_model, processor, ckpt, _ = folder
     rng = np.random.RandomState(2)
     images = [random_image(rng, 40, 52), random_image(rng, 61, 33)]
     want, rows = [], []
@@ -203,7 +204,7 @@ def test_converter_reads_both_rope_layouts_and_refuses_what_it_cannot_run():
 
 
 def test_stop_ids_include_end_of_turn(folder):
-    _, _, processor, ckpt = folder
+    _, _, processor, ckpt, _ = folder
     want = {processor.tokenizer.eos_token_id, processor.tokenizer.convert_tokens_to_ids("<end_of_turn>")}
     assert set(stop_ids(ckpt.config, ckpt.tokenizer)) == want
 
@@ -291,3 +292,51 @@ def test_speculative_sampling_is_exact_on_gemma3():
     # Power: the same samples tell the windowed model from the one without a window.
     wrong_pvalue, _ = _chi_square(np.asarray(out.tokens)[:, :steps], exact_joint(unwindowed))
     assert wrong_pvalue < 1e-6, wrong_pvalue
+
+
+# --- training the draft of a Gemma 3 checkpoint ---------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder", ["A"], indirect=True)
+def test_imitation_stage_trains_the_draft_and_ssd_stays_exact(folder, tmp_path):
+    """train.run's imitation stage on a converted Gemma 3 checkpoint: the base model stays
+    bit-identical, the imitation network moves, and greedy SSD with it equals AR."""
+    import functools
+
+    from fastvlm_jax.ckpt.checkpoint import load_checkpoint
+    from tests import train_helpers as th
+    from train.run import train
+
+    _, _, _, ckpt, ckpt_dir = folder
+    th.build_tiny_data(tmp_path / "data")
+    config = th.tiny_config(
+        "imitation",
+        steps=4,
+        init_from=ckpt_dir,
+        seq_len=96,
+        **{"data.data_dir": tmp_path / "data", "checkpoint.export": True, "mesh.data": 1},
+    )
+    result = functools.partial(train, devices=jax.devices()[:1])(config, tmp_path / "imitation", progress=False)
+    assert result.status == "done"
+    losses = th.losses(tmp_path / "imitation")
+    assert len(losses) == 4 and all(np.isfinite(list(losses.values())))
+    trained = load_checkpoint(result.export_dir)
+    before = jax.tree_util.tree_flatten_with_path(ckpt.params)[0]
+    after = dict(jax.tree_util.tree_flatten_with_path(trained.params)[0])
+    moved = 0
+    for path, value in before:
+        if jax.tree_util.keystr(path).startswith("['imitation']"):
+            moved += not np.array_equal(np.asarray(value), np.asarray(after[path]))
+        else:
+            assert np.array_equal(np.asarray(value), np.asarray(after[path])), jax.tree_util.keystr(path)
+    assert moved
+
+    model = VLM(trained.config)
+    ids = build_prompt_ids(trained.config, trained.tokenizer, QUESTIONS[0])
+    pixels = preprocess_image(random_image(np.random.RandomState(5)), trained.image_config)
+    prompts = Prompts(jnp.asarray([ids], jnp.int32), jnp.asarray([len(ids)], jnp.int32), jnp.asarray(pixels[None]))
+    ar = generate(model, trained.params, prompts, DecodeSpec("ar", capacity=12, eos_ids=()), 12)
+    ssd_spec = DecodeSpec("ssd", capacity=12, eos_ids=(), policy=DraftPolicy(draft_len=3))
+    ssd = generate(model, trained.params, prompts, ssd_spec, 12)
+    assert np.asarray(ssd.tokens).tolist() == np.asarray(ar.tokens).tolist()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compile-only runs for LLaVA-1.5-7B on named TPU topologies (nothing runs on a TPU; libtpu's
-# compiler on this CPU host). Usage: benchmarks/tpu_compile/run.sh CHAIN, CHAIN in {train, train-stages, refine-stages, decode, decode-batches, drafters, trees}.
+# compiler on this CPU host). Usage: benchmarks/tpu_compile/run.sh CHAIN, CHAIN in {train, train-stages, refine-stages, decode, decode-batches, drafters, trees,
+# gemma3-decode, gemma3-train}.
 # Each command's console output goes to benchmarks/tpu_compile/NAME.log, its report to NAME.json.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -88,5 +89,29 @@ case "${1:-}" in
           --json $OUT/stages_$1_refine_$3.json
     done
     ;;
-  *) echo "usage: $0 train|train-stages|refine-stages|decode|decode-batches|drafters|trees" >&2; exit 2 ;;
+  gemma3-decode)
+    # Gemma 3 4B / 12B / 27B: the round's pieces at batch 1, 8, 32 (tensor parallel over the
+    # slice's chips; 27B takes 8 v5e chips), at the demo's measured chain profile.
+    ACC=benchmarks/trees/demo_batch1_8_32_chain5_tree8x2_16x2_quiet.json
+    for spec in "gemma3_4b v5e:2x2 v5e_2x2 data=1,tensor=4" "gemma3_4b v5p:2x2x1 v5p_2x2x1 data=1,tensor=4" \
+                "gemma3_12b v5e:2x2 v5e_2x2 data=1,tensor=4" "gemma3_12b v5p:2x2x1 v5p_2x2x1 data=1,tensor=4" \
+                "gemma3_27b v5e:2x4 v5e_2x4 data=1,tensor=8" "gemma3_27b v5p:2x2x1 v5p_2x2x1 data=1,tensor=4"; do
+      set -- $spec
+      run decode_batches_$1_$3 $PY -m decode.bench --ckpt shapes:$1 --compile-only $2 --mesh $4 \
+          --batch-size 1 8 32 --draft-len 5 --max-new-tokens 64 --acceptance $ACC --no-generate \
+          --json $OUT/decode_batches_$1_$3.json
+    done
+    ;;
+  gemma3-train)
+    # Every draft stage of the Gemma 3 configs (imitation, refine, eagle) on a v5e and a v5p slice.
+    for spec in "gemma3_4b v5e:2x4 v5e_2x4" "gemma3_4b v5p:2x2x1 v5p_2x2x1" \
+                "gemma3_12b v5e:4x4 v5e_4x4" "gemma3_12b v5p:2x2x2 v5p_2x2x2"; do
+      set -- $spec
+      for stage in imitation refine eagle; do
+        run stages_$1_${stage}_$3 $PY -m train.run --config configs/$1.py:$stage --compile-only $2 \
+            --json $OUT/stages_$1_${stage}_$3.json
+      done
+    done
+    ;;
+  *) echo "usage: $0 train|train-stages|refine-stages|decode|decode-batches|drafters|trees|gemma3-decode|gemma3-train" >&2; exit 2 ;;
 esac

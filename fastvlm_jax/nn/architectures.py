@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from fastvlm_jax.nn.blip2 import Blip2Config, Blip2VisionConfig, OPTConfig, QFormerConfig
 from fastvlm_jax.nn.config import ConfigError, DraftConfig, ImitationKind, TextConfig, VisionConfig
+from fastvlm_jax.nn.gemma3 import Gemma3Config, Gemma3TextConfig
 from fastvlm_jax.nn.llava import LlavaConfig
 
 # BLIP-2 OPT captions end at "\n" (text_config.eos_token_id of the released models).
@@ -144,6 +145,55 @@ def llava_draft(num_layers: int) -> LlavaConfig:
     )
 
 
+# Gemma 3 (google/gemma-3-{4b,12b,27b}-it): one SigLIP tower (So400m/14 at 896 px, 256 soft
+# tokens after 4x4 pooling), decoders in the 5:1 local:global pattern with a 1024-token window,
+# RoPE 10k locally and 1M x linear 8 globally, vocab 262208 (<image_soft_token> = 262144).
+_GEMMA3_TEXT = {
+    "gemma3_4b": dict(hidden_size=2560, intermediate_size=10240, num_layers=34, num_heads=8, num_kv_heads=4),
+    "gemma3_12b": dict(hidden_size=3840, intermediate_size=15360, num_layers=48, num_heads=16, num_kv_heads=8),
+    "gemma3_27b": dict(
+        hidden_size=5376,
+        intermediate_size=21504,
+        num_layers=62,
+        num_heads=32,
+        num_kv_heads=16,
+        head_dim=128,
+        query_pre_attn_scalar=168.0,
+    ),
+}
+# The draft exits after about a quarter of the layers, as for LLaVA-1.5 (8 of 32).
+GEMMA3_EXIT_LAYERS = {"gemma3_4b": 9, "gemma3_12b": 12, "gemma3_27b": 16}
+
+
+def gemma3(
+    name: str, exit_layer: int | None = None, kind: ImitationKind = "ffn", draft_hidden: int = 0
+) -> Gemma3Config:
+    """google/gemma-3-4b-it, -12b-it, -27b-it by `name` ('gemma3_4b', ...)."""
+    shared = dict(
+        vocab_size=262_208,
+        head_dim=256,
+        query_pre_attn_scalar=256.0,
+        sliding_window=1024,
+        rope_theta=1_000_000.0,
+        rope_scaling_factor=8.0,
+        rope_local_theta=10_000.0,
+    )
+    text = Gemma3TextConfig(**{**shared, **_GEMMA3_TEXT[name]})
+    vision = VisionConfig(
+        kind="siglip",
+        image_size=896,
+        patch_size=14,
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_layers=27,
+        num_heads=16,
+        layer_norm_eps=1e-6,
+        hidden_act="gelu_pytorch_tanh",
+    )
+    draft = DraftConfig(exit_layer=exit_layer or GEMMA3_EXIT_LAYERS[name], kind=kind, hidden_size=draft_hidden)
+    return Gemma3Config(vision=vision, text=text, draft=draft, mm_tokens_per_image=256, image_token_id=262_144)
+
+
 ARCHITECTURES: dict[str, Callable[[], object]] = {
     "llava15_7b": llava15_7b,
     # EAGLE head without and with its visual compressor (4 image tokens per cache entry).
@@ -155,6 +205,9 @@ ARCHITECTURES: dict[str, Callable[[], object]] = {
     "llava_draft_160m": lambda: llava_draft(12),
     "llava15_13b": llava15_13b,
     "blip2_opt_2_7b": blip2_opt_2_7b,
+    "gemma3_4b": lambda: gemma3("gemma3_4b"),
+    "gemma3_12b": lambda: gemma3("gemma3_12b"),
+    "gemma3_27b": lambda: gemma3("gemma3_27b"),
 }
 
 
