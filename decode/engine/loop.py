@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decode.engine import steps
+from decode.engine import keys, steps
 from decode.engine import tree as tree_lib
 from decode.engine.drafters import (
     Drafter,
@@ -244,7 +244,7 @@ def _split(rng: Array, spec: DecodeSpec, num: int = 2):
     passed through (a threefry split per step is measurable next to a small model's step)."""
     if spec.sampling.greedy:
         return (rng,) * num
-    return tuple(jax.random.split(rng, num))
+    return keys.split(rng, num)
 
 
 def _is_eos(tokens: Array, eos_ids: tuple[int, ...]) -> Array:
@@ -273,11 +273,16 @@ def _emit(state: _LoopState, new_tokens: Array, count: Array, max_new: Array, eo
     )
 
 
-def _prefill(ctx: RoundContext, prompts: Prompts, spec: DecodeSpec, rng: Array, max_new: Array) -> _LoopState:
+def _prefill(
+    ctx: RoundContext, prompts: Prompts, spec: DecodeSpec, rng: Array, max_new: Array, slots: int | None = None
+) -> _LoopState:
+    """The loop state after the prompts' prefill, the first token emitted. rng: one key, or
+    [batch] keys (decode.engine.keys); slots: KV cache slots per row (default: what these
+    prompts need, `spec.cache_slots`; continuous batching sizes every row's cache alike)."""
     model, params = ctx.model, ctx.params
     cfg = model.config
     batch, prompt_len = prompts.input_ids.shape
-    slots = spec.cache_slots(prompt_len)
+    slots = spec.cache_slots(prompt_len) if slots is None else slots
     cache = model.init_cache(batch, slots)
     features = None if prompts.pixels is None else model.encode_images(params, prompts.pixels)
     positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
@@ -360,7 +365,7 @@ def _draft(ctx: RoundContext, spec: DecodeSpec, state: _LoopState, rng: Array):
             confidence = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1) if spec.policy.min_confidence > 0 else None
         else:
             step_probs = warp(logits, spec.sampling)
-            token = jax.random.categorical(step_rng, jnp.log(jnp.maximum(step_probs, 1e-30))).astype(jnp.int32)
+            token = keys.categorical(step_rng, jnp.log(jnp.maximum(step_probs, 1e-30)))
             confidence = jnp.max(step_probs, axis=-1)
             probs = jax.lax.dynamic_update_index_in_dim(probs, step_probs, slot, axis=1)
         confident = True if confidence is None else (slot == 0) | (confidence >= spec.policy.min_confidence)
@@ -546,9 +551,7 @@ def _draft_tree(ctx: RoundContext, spec: DecodeSpec, state: _LoopState, rng: Arr
             return tree_lib.propose_children(candidates, tree, ids, jax.nn.log_softmax(logits, axis=-1)), probs
         step_probs = warp(logits, spec.sampling)
         probs = probs.at[jnp.arange(batch)[:, None], ids].set(step_probs)
-        return tree_lib.propose_children(
-            candidates, tree, ids, jnp.log(step_probs), jax.random.fold_in(rng, step)
-        ), probs
+        return tree_lib.propose_children(candidates, tree, ids, jnp.log(step_probs), keys.fold_in(rng, step)), probs
 
     root_ids = jnp.zeros((batch, 1), jnp.int32)
     tree, cache, carry, logits = feed(tree, root_ids, state.cache, state.draft)

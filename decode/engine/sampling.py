@@ -14,6 +14,8 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from decode.engine import keys
+
 Array = jax.Array
 
 
@@ -71,7 +73,7 @@ def warp(logits: Array, config: SamplingConfig) -> Array:
 
 def sample(rng: Array, probs: Array) -> Array:
     """Draws one token per row: probs [..., vocab] -> [...] int32."""
-    return jax.random.categorical(rng, jnp.log(jnp.maximum(probs, 1e-30)), axis=-1).astype(jnp.int32)
+    return keys.categorical(rng, jnp.log(jnp.maximum(probs, 1e-30)))
 
 
 def next_token(rng: Array, logits: Array, config: SamplingConfig) -> Array:
@@ -105,10 +107,10 @@ def accept_speculative(
     Returns (accepted [batch], next_token [batch]).
     """
     batch, draft_len = draft_tokens.shape
-    accept_rng, resample_rng = jax.random.split(rng)
+    accept_rng, resample_rng = keys.split(rng)
     p_x = jnp.take_along_axis(target_probs[:, :draft_len], draft_tokens[..., None], axis=-1)[..., 0]
     q_x = jnp.take_along_axis(draft_probs, draft_tokens[..., None], axis=-1)[..., 0]
-    uniform = jax.random.uniform(accept_rng, (batch, draft_len))
+    uniform = keys.uniform(accept_rng, (batch, draft_len))
     ok = (uniform * q_x < p_x) & (jnp.arange(draft_len)[None] < draft_lens[:, None])
     accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
 

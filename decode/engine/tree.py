@@ -33,6 +33,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from decode.engine import keys
 from decode.engine.sampling import sample
 from fastvlm_jax.nn.kv_cache import TreeSlots
 
@@ -197,7 +198,7 @@ def propose_children(
     if rng is None:
         _, tokens = jax.lax.top_k(logprobs, width)  # [batch, n, width]
     else:
-        _, tokens = jax.lax.top_k(logprobs + jax.random.gumbel(rng, logprobs.shape), width)
+        _, tokens = jax.lax.top_k(logprobs + keys.gumbel(rng, logprobs.shape), width)
     child_logprobs = jnp.take_along_axis(logprobs, tokens, axis=-1)
     parent = jnp.take_along_axis(tree.scores, ids, axis=1)[:, :, None]
     scores = parent + child_logprobs
@@ -310,8 +311,8 @@ def accept_speculative_tree(
 
     def level(depth, carry):
         node, walking, token = carry
-        uniform_rng, sample_rng = jax.random.split(jax.random.fold_in(rng, depth))
-        uniforms = jax.random.uniform(uniform_rng, (batch, width))
+        uniform_rng, sample_rng = keys.split(keys.fold_in(rng, depth))
+        uniforms = keys.uniform(uniform_rng, (batch, width))
         residual, draft = target_probs[rows, node], draft_probs[rows, node]
         chosen = jnp.full((batch,), -1, jnp.int32)
         for j in range(width):  # static and small: siblings in draw order

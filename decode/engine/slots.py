@@ -1,0 +1,394 @@
+"""Continuous batching: B decoding slots that are refilled as their requests finish.
+
+`generate` decodes a batch in lockstep until its longest row ends, so rows that finish early
+wait. Here the decoder holds B slots; when a request ends (EOS or its budget), its slot is
+handed a waiting request while the others keep decoding. Everything stays fixed-shape and
+is compiled once per shape, in three programs (JetStream's prefill / insert / generate split):
+
+  prefill  P waiting requests together (prompts right-padded to a bucket): their KV caches
+           (every layer, sized for the slots), first tokens and drafter carries, as loop
+           state rows (decode.engine.loop._prefill, the same code `generate` runs);
+  insert   those rows into chosen slots of the slot state, in place: every leaf of the loop
+           state (KV caches, positions, budgets, per-row RNG keys, counters, the drafter's
+           carry) takes the new rows; a row aimed at slot B is dropped (padding);
+  run      rounds of the spec's mode (AR, SSD chain, draft tree; any drafter) in one
+           `lax.while_loop`, until enough slots have finished for the waiting requests (or
+           none is left running, or a round budget is spent): the host is consulted once per
+           refill, not once per token.
+
+Rounds are the engine's own (decode.engine.loop), which already advance each row on its own.
+Every row samples from its own key (decode.engine.keys), derived from its request by the
+caller, so a request's tokens do not depend on its slot, on the batch or on what else is in
+flight: greedy gives each request exactly the tokens it gets decoded alone, and sampling
+the same tokens whatever the batch size, order or number of hosts.
+
+Slot utilization (`SlotStats`): slot-rounds of an occupied, unfinished slot (each emits at
+least one token) over all slot-rounds the programs ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from decode.engine.drafters import RoundContext
+from decode.engine.loop import DecodeSpec, Prompts, RoundStats, _LoopState, _prefill, _round_fn
+from fastvlm_jax.nn.kv_cache import KVCache
+from fastvlm_jax.nn.model import VLM
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class SlotState:
+    """B slots: the engine's loop state over B rows and who occupies each.
+
+    loop: decode.engine.loop._LoopState with batch B (rng: [B] keys).
+    budget: [B] int32 the occupant's max_new_tokens (0 when empty).
+    request: [B] int32 the occupant's request index, -1 when empty (a finished request stays
+      until the host collects it).
+    rounds: [] int32 rounds run; busy: [] int32 slot-rounds of occupied, unfinished slots.
+    """
+
+    loop: _LoopState
+    budget: Array
+    request: Array
+    rounds: Array
+    busy: Array
+
+    if TYPE_CHECKING:  # flax.struct.dataclass adds it at runtime (dataclasses.replace)
+
+        def replace(self, **changes: Any) -> SlotState: ...
+
+
+def _insert_rows(live, new, targets: Array):
+    """Every leaf of `new` ([P] rows) written into `live` ([B] rows) at rows `targets` [P]
+    (targets >= B are dropped). The batch axis is 0, except a KV cache's keys and values
+    ([layers, batch, ...])."""
+
+    def put(axis):
+        def write(live_leaf, new_leaf):
+            index = (slice(None),) * axis + (targets,)
+            return live_leaf.at[index].set(new_leaf, mode="drop")
+
+        return write
+
+    def insert(live_node, new_node):
+        if isinstance(live_node, KVCache):
+            return live_node.replace(
+                keys=put(1)(live_node.keys, new_node.keys),
+                values=put(1)(live_node.values, new_node.values),
+                pos=put(0)(live_node.pos, new_node.pos),
+            )
+        return put(0)(live_node, new_node)
+
+    return jax.tree.map(insert, live, new, is_leaf=lambda node: isinstance(node, KVCache))
+
+
+def insert(slots: SlotState, new: _LoopState, targets: Array, requests: Array, budgets: Array) -> SlotState:
+    """Puts P prefilled rows (`new`) into slots `targets` [P] (B: drop the row), for requests
+    [P] with budgets [P]. The engine-wide per-position counters stay the slots' own."""
+    loop = slots.loop
+    stats = loop.stats
+    rows = dataclasses.replace(
+        new,
+        stats=RoundStats(
+            rounds=new.stats.rounds,
+            drafted=new.stats.drafted,
+            accepted=new.stats.accepted,
+            position_attempts=stats.position_attempts,
+            position_accepts=stats.position_accepts,
+        ),
+    )
+    per_row = {
+        "cache": (loop.cache, rows.cache),
+        "draft": (loop.draft, rows.draft),
+        "last_token": (loop.last_token, rows.last_token),
+        "tokens": (loop.tokens, rows.tokens),
+        "num_tokens": (loop.num_tokens, rows.num_tokens),
+        "done": (loop.done, rows.done),
+        "rng": (loop.rng, rows.rng),
+    }
+    updated = {name: _insert_rows(a, b, targets) for name, (a, b) in per_row.items()}
+    counters = _insert_rows(
+        (stats.rounds, stats.drafted, stats.accepted),
+        (rows.stats.rounds, rows.stats.drafted, rows.stats.accepted),
+        targets,
+    )
+    loop = loop.replace(
+        **updated,
+        stats=stats.replace(rounds=counters[0], drafted=counters[1], accepted=counters[2]),
+    )
+    return slots.replace(
+        loop=loop,
+        budget=_insert_rows(slots.budget, budgets.astype(jnp.int32), targets),
+        request=_insert_rows(slots.request, requests.astype(jnp.int32), targets),
+    )
+
+
+def run_rounds(ctx: RoundContext, spec: DecodeSpec, slots: SlotState, max_rounds: Array, wanted: Array) -> SlotState:
+    """Rounds until `wanted` occupied slots have finished (0: until none is running), no slot
+    is running, or `max_rounds` more rounds ran."""
+    round_fn = _round_fn(spec)
+    start = slots.rounds
+
+    def finished(s: SlotState):
+        return jnp.sum(s.loop.done & (s.request >= 0))
+
+    def cond(s: SlotState):
+        running = jnp.any(~s.loop.done)
+        enough = (wanted > 0) & (finished(s) >= wanted)
+        return running & ~enough & (s.rounds - start < max_rounds)
+
+    def body(s: SlotState):
+        busy = jnp.sum(~s.loop.done & (s.request >= 0))
+        loop = round_fn(ctx, spec, s.loop, s.budget)
+        return s.replace(loop=loop, rounds=s.rounds + 1, busy=s.busy + busy)
+
+    return jax.lax.while_loop(cond, body, slots)
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One caption to make: prompt ids, pixels [H, W, 3] (or None), its own sampling key,
+    its budget, and anything the caller wants back (`tag`)."""
+
+    prompt_ids: tuple[int, ...]
+    pixels: np.ndarray | None
+    key: Array
+    max_new_tokens: int
+    tag: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """A request's result: its generated ids and its counters (as DecodeOutput's per row)."""
+
+    request: Request
+    token_ids: tuple[int, ...]
+    rounds: int
+    drafted: int
+    accepted: int
+
+
+@dataclasses.dataclass
+class SlotStats:
+    """What the slots did: rounds run, busy slot-rounds, inserted requests, prefill calls,
+    and the seconds spent in prefill + insert vs in rounds (device time, synchronised)."""
+
+    slots: int
+    rounds: int = 0
+    busy: int = 0
+    inserts: int = 0
+    prefills: int = 0
+    prefill_seconds: float = 0.0
+    round_seconds: float = 0.0
+    position_attempts: tuple[int, ...] = ()
+    position_accepts: tuple[int, ...] = ()
+
+    @property
+    def utilization(self) -> float | None:
+        return self.busy / (self.rounds * self.slots) if self.rounds else None
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 6))
+def _prefill_jit(model: VLM, spec: DecodeSpec, params, draft_params, prompts: Prompts, keys_and_budgets, slots: int):
+    keys, budgets = keys_and_budgets
+    ctx = RoundContext(model, params, draft_params, spec.draft_depth)
+    return _prefill(ctx, prompts, spec, keys, jnp.minimum(budgets, spec.capacity), slots)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _insert_jit(slots: SlotState, new: _LoopState, targets, requests, budgets) -> SlotState:
+    return insert(slots, new, targets, requests, budgets)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(4,))
+def _run_jit(model: VLM, spec: DecodeSpec, params, draft_params, slots: SlotState, max_rounds, wanted) -> SlotState:
+    ctx = RoundContext(model, params, draft_params, spec.draft_depth)
+    return run_rounds(ctx, spec, slots, max_rounds, wanted)
+
+
+class SlotEngine:
+    """Continuous batching of one model and spec over `batch` slots.
+
+    prompt_len: the longest prompt bucket any request will need (every slot's KV cache holds
+      prompt_len + capacity + lookahead positions); prompt_bucket: prompts are right-padded to
+      a multiple of it for prefill (a program per bucket).
+    prefill_rows: requests prefilled together (P); the loop returns to the host once
+      min(P, waiting) slots have finished. Default: a quarter of the slots.
+    place: host arrays -> device arrays (e.g. rows split over a mesh); default jnp.asarray.
+    """
+
+    def __init__(
+        self,
+        model: VLM,
+        params,
+        spec: DecodeSpec,
+        batch: int,
+        prompt_len: int,
+        *,
+        pad_id: int = 0,
+        prompt_bucket: int = 32,
+        prefill_rows: int | None = None,
+        draft_params=None,
+        place: Callable[[Any], Any] | None = None,
+        max_rounds: int = 1 << 20,
+    ):
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        self.model, self.params, self.spec, self.batch = model, params, spec, int(batch)
+        self.prompt_bucket = int(prompt_bucket)
+        self.prompt_len = -(-int(prompt_len) // self.prompt_bucket) * self.prompt_bucket
+        self.cache_slots = spec.cache_slots(self.prompt_len)
+        self.prefill_rows = max(1, min(self.batch, prefill_rows or self.batch // 4 or 1))
+        self.pad_id = int(pad_id)
+        self.draft_params = draft_params
+        self.place = place or (lambda tree: jax.tree.map(jnp.asarray, tree))
+        self.max_rounds = int(max_rounds)
+
+    # -- host side -------------------------------------------------------------------------------
+
+    def _prompts(self, requests: list[Request], rows: int) -> tuple[Prompts, Array, Array]:
+        """`rows` prefill rows (requests, then copies of the first with budget 0)."""
+        longest = max(len(r.prompt_ids) for r in requests)
+        if longest > self.prompt_len:
+            raise ValueError(f"a prompt of {longest} tokens is longer than the engine's prompt_len {self.prompt_len}")
+        width = -(-longest // self.prompt_bucket) * self.prompt_bucket
+        ids = np.full((rows, width), self.pad_id, np.int32)
+        lengths = np.zeros((rows,), np.int32)
+        budgets = np.zeros((rows,), np.int32)
+        with_pixels = requests[0].pixels is not None
+        pixels = np.zeros((rows, *requests[0].pixels.shape), np.float32) if with_pixels else None
+        for row in range(rows):
+            request = requests[row] if row < len(requests) else requests[0]
+            ids[row, : len(request.prompt_ids)] = request.prompt_ids
+            lengths[row] = len(request.prompt_ids)
+            budgets[row] = request.max_new_tokens if row < len(requests) else 0
+            if pixels is not None:
+                pixels[row] = request.pixels
+        keys = jnp.stack([requests[min(row, len(requests) - 1)].key for row in range(rows)])
+        prompts = Prompts(*self.place((ids, lengths, pixels)))
+        return prompts, keys, self.place(budgets)
+
+    def _prefill(self, requests: list[Request], rows: int) -> _LoopState:
+        prompts, keys, budgets = self._prompts(requests, rows)
+        return _prefill_jit(
+            self.model, self.spec, self.params, self.draft_params, prompts, (keys, budgets), self.cache_slots
+        )
+
+    def stream(self, requests: Iterable[Request], stats: SlotStats | None = None) -> Iterator[Finished]:
+        """Decodes every request; yields each as it finishes (not in input order).
+
+        Requests are pulled from `requests` only as slots free up, so it may be a lazy
+        iterator (images loaded in the background). `stats` (if given) is updated in place.
+        """
+        import time
+
+        stats = stats if stats is not None else SlotStats(self.batch)
+        pending = iter(requests)
+        waiting: list[Request] = []
+
+        def refill_queue(count: int) -> None:
+            while len(waiting) < count:
+                request = next(pending, None)
+                if request is None:
+                    return
+                if request.max_new_tokens > self.spec.capacity:
+                    raise ValueError(
+                        f"max_new_tokens={request.max_new_tokens} exceeds the engine's capacity {self.spec.capacity}"
+                    )
+                waiting.append(request)
+
+        refill_queue(self.batch)
+        if not waiting:
+            return
+        # Every slot starts empty: a prefill of budget-0 rows (done at once) gives the state's
+        # structure (caches, the drafter's carry) at the engine's shapes.
+        begin = time.perf_counter()
+        empty = self._prefill([dataclasses.replace(waiting[0], max_new_tokens=0)], self.batch)
+        slots = SlotState(
+            loop=empty,
+            budget=self.place(np.zeros((self.batch,), np.int32)),
+            request=self.place(np.full((self.batch,), -1, np.int32)),
+            rounds=jnp.int32(0),
+            busy=jnp.int32(0),
+        )
+        jax.block_until_ready(slots)
+        stats.prefill_seconds += time.perf_counter() - begin
+        occupant: dict[int, Request] = {}  # slot -> request
+        next_index = 0
+        free = list(range(self.batch))
+        while waiting or occupant:
+            # Fill free slots, prefill_rows requests per prefill call.
+            begin = time.perf_counter()
+            while waiting and free:
+                take = waiting[: min(self.prefill_rows, len(free))]
+                del waiting[: len(take)]
+                targets = free[: len(take)]
+                del free[: len(take)]
+                new = self._prefill(take, self.prefill_rows)
+                pad = self.prefill_rows - len(take)
+                target_array = np.asarray(targets + [self.batch] * pad, np.int32)
+                indices = np.asarray(list(range(next_index, next_index + len(take))) + [-1] * pad, np.int32)
+                budgets = np.asarray([r.max_new_tokens for r in take] + [0] * pad, np.int32)
+                slots = _insert_jit(slots, new, *self.place((target_array, indices, budgets)))
+                for slot, request in zip(targets, take):
+                    occupant[slot] = request
+                next_index += len(take)
+                stats.prefills += 1
+                stats.inserts += len(take)
+                refill_queue(len(free) + self.prefill_rows)
+            jax.block_until_ready(slots)
+            stats.prefill_seconds += time.perf_counter() - begin
+            # Run rounds until enough slots finish for what is waiting.
+            begin = time.perf_counter()
+            wanted = min(self.prefill_rows, len(waiting)) if waiting else 0
+            rounds_before, busy_before = int(slots.rounds), int(slots.busy)
+            slots = _run_jit(
+                self.model,
+                self.spec,
+                self.params,
+                self.draft_params,
+                slots,
+                jnp.int32(self.max_rounds),
+                jnp.int32(wanted),
+            )
+            done, request_ids, num_tokens, rounds, busy = jax.device_get(
+                (slots.loop.done, slots.request, slots.loop.num_tokens, slots.rounds, slots.busy)
+            )
+            stats.round_seconds += time.perf_counter() - begin
+            stats.rounds += int(rounds) - rounds_before
+            stats.busy += int(busy) - busy_before
+            finished_slots = [s for s in range(self.batch) if done[s] and request_ids[s] >= 0]
+            if not finished_slots:
+                continue
+            tokens, s_rounds, s_drafted, s_accepted = jax.device_get(
+                (slots.loop.tokens, slots.loop.stats.rounds, slots.loop.stats.drafted, slots.loop.stats.accepted)
+            )
+            for slot in finished_slots:
+                request = occupant.pop(slot)
+                count = int(num_tokens[slot])
+                yield Finished(
+                    request,
+                    tuple(int(t) for t in tokens[slot, :count]),
+                    int(s_rounds[slot]),
+                    int(s_drafted[slot]),
+                    int(s_accepted[slot]),
+                )
+            cleared = np.full((self.batch,), -1, np.int32)
+            keep = np.asarray(request_ids)
+            keep = np.where(np.isin(np.arange(self.batch), finished_slots), cleared, keep)
+            slots = slots.replace(request=self.place(keep.astype(np.int32)))
+            free.extend(finished_slots)
+            refill_queue(len(free))
+        attempts, accepts = jax.device_get((slots.loop.stats.position_attempts, slots.loop.stats.position_accepts))
+        stats.position_attempts = tuple(int(x) for x in attempts)
+        stats.position_accepts = tuple(int(x) for x in accepts)
