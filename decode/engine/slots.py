@@ -265,8 +265,8 @@ class SlotEngine:
         ids = np.full((rows, width), self.pad_id, np.int32)
         lengths = np.zeros((rows,), np.int32)
         budgets = np.zeros((rows,), np.int32)
-        with_pixels = requests[0].pixels is not None
-        pixels = np.zeros((rows, *requests[0].pixels.shape), np.float32) if with_pixels else None
+        first_pixels = requests[0].pixels
+        pixels = None if first_pixels is None else np.zeros((rows, *first_pixels.shape), np.float32)
         for row in range(rows):
             request = requests[row] if row < len(requests) else requests[0]
             ids[row, : len(request.prompt_ids)] = request.prompt_ids
