@@ -90,8 +90,21 @@ def test_greedy_drafters_equal_ar(drafter, pool, compressor, draft_len, scale):
     assert int(ssd.rounds.sum()) < int(ar.rounds.sum())
 
 
+# (policy, budget): budgets that cut no round short when every draft is accepted (drafts
+# past the budget would count as not accepted).
+SELF_DRAFT_CASES = [
+    # the prefill's token + 7 rounds of 3 drafts and the full model's own
+    (DraftPolicy(draft_len=3), 29),
+    # rounds of 1, 1, 2, 3, 3, ... drafts (one more every 4 tokens, up to 3): 1 + 2 + 2 + 3
+    # + 4 * 4 tokens. The last draft of a round shorter than draft_len is not fed to the
+    # draft model in its round either.
+    (DraftPolicy(draft_len=3, schedule="context", start_len=1, grow_every=4), 24),
+]
+
+
 @pytest.mark.slow
-def test_the_model_drafting_for_itself_is_always_accepted():
+@pytest.mark.parametrize("policy,budget", SELF_DRAFT_CASES, ids=["static", "context"])
+def test_the_model_drafting_for_itself_is_always_accepted(policy, budget):
     """A draft model equal to the full model proposes exactly its tokens: every draft is
     accepted, so a stale or missing entry in the draft model's own cache (the last draft of
     an all-accepted round is fed again at the next round's start) would show as a rejection."""
@@ -100,11 +113,9 @@ def test_the_model_drafting_for_itself_is_always_accepted():
     params = model.init(jax.random.key(2))
     n = config.num_image_tokens
     prompts = _prompts(config, [n + 2, n + 7], seed=1)
-    # 29 = the prefill's token + 7 rounds of 3 drafts and the full model's own: no round is
-    # cut short by the budget (drafts past it would count as not accepted).
-    spec = DecodeSpec("ssd", capacity=29, eos_ids=(), policy=DraftPolicy(draft_len=3), drafter=ModelDrafter(model))
-    out = generate(model, params, prompts, spec, 29, draft_params=params)
-    ar = generate(model, params, prompts, DecodeSpec("ar", capacity=29, eos_ids=()), 29)
+    spec = DecodeSpec("ssd", capacity=budget, eos_ids=(), policy=policy, drafter=ModelDrafter(model))
+    out = generate(model, params, prompts, spec, budget, draft_params=params)
+    ar = generate(model, params, prompts, DecodeSpec("ar", capacity=budget, eos_ids=()), budget)
     assert _tokens(out) == _tokens(ar)
     assert int(out.accepted.sum()) == int(out.drafted.sum()) > 0
 

@@ -13,8 +13,10 @@ answers five calls:
 
 `start` gives the distribution of the round's first draft token (the row's `last_token`
 sits at `pos`, not yet in the cache), `step` feeds drafted token j (at pos + j) and gives
-the distribution of token j + 1, `finish` feeds the last drafted token (no distribution
-needed), `commit` learns what verification accepted. `cache` is the full model's KV
+the distribution of token j + 1, `finish` feeds the last drafted token where no row may
+draft past it (no distribution needed; after a confidence stop the last drafted token went
+through `step`, whose distribution stopped the draft, and `finish` is not called),
+`commit` learns what verification accepted. `cache` is the full model's KV
 cache: the imitation drafter runs the full model's shallow layers and writes their slots;
 the others leave it alone. Verification starts at layer `verify_from(model)`: from the
 kept exit-layer states (`DraftOut.kept`, imitation) or from the token embeddings (0).
@@ -385,12 +387,14 @@ class EagleDrafter(Drafter):
 @flax.struct.dataclass
 class ModelCarry:
     """The small model's state: its own stacked KV cache; prev_token [batch], the token at
-    pos - 1, which `start` feeds again where the last round accepted every draft (the
-    small model never fed the last draft); refeed [batch] bool."""
+    pos - 1, which `start` feeds again where the small model never fed it (the last draft
+    of a round, when every draft was accepted: `finish` does not feed it); refeed [batch]
+    bool; fed [batch] the position of the last token fed to the small model this round."""
 
     cache: KVCache
     prev_token: Array
     refeed: Array
+    fed: Array
 
     if TYPE_CHECKING:  # flax.struct.dataclass adds it at runtime (dataclasses.replace)
 
@@ -421,7 +425,12 @@ class ModelDrafter(Drafter):
         _, cache, _ = small.run_layers(
             params, hidden, positions, 0, small.config.text.num_layers, small.init_cache(batch, slots)
         )
-        return ModelCarry(cache=cache, prev_token=first_token, refeed=jnp.zeros((batch,), bool))
+        return ModelCarry(
+            cache=cache,
+            prev_token=first_token,
+            refeed=jnp.zeros((batch,), bool),
+            fed=states.lengths.astype(jnp.int32) - 1,
+        )
 
     def _run(self, ctx, carry: ModelCarry, tokens, positions, slots):
         small, params = self.draft_model, ctx.draft_params
@@ -440,11 +449,11 @@ class ModelDrafter(Drafter):
         slots = jnp.stack([jnp.where(carry.refeed, pos - 1, size), pos], axis=1)
         tokens = jnp.stack([carry.prev_token, last_token], axis=1)
         logits, carry = self._run(ctx, carry, tokens, jnp.maximum(positions, 0), slots)
-        return DraftOut(logits, None, cache, carry)
+        return DraftOut(logits, None, cache, carry.replace(fed=pos))
 
     def step(self, ctx, cache, carry, token, position):
         logits, carry = self._run(ctx, carry, token[:, None], position[:, None], position[:, None])
-        return DraftOut(logits, None, cache, carry)
+        return DraftOut(logits, None, cache, carry.replace(fed=position))
 
     def finish(self, ctx, cache, carry, token, position):
         return DraftOut(None, None, cache, carry)
@@ -452,7 +461,9 @@ class ModelDrafter(Drafter):
     def commit(self, ctx, carry: ModelCarry, verified: Verified):
         accepted = verified.accepted
         previous = jnp.take_along_axis(verified.new_tokens, jnp.maximum(accepted - 1, 0)[:, None], axis=1)[:, 0]
+        # The next round starts at pos + accepted + 1: the token before it is fed again
+        # where no step fed it (a round's last draft goes to `finish`, which feeds nothing).
         return carry.replace(
             prev_token=jnp.where(accepted > 0, previous, verified.last_token),
-            refeed=(verified.advance > 0) & (accepted >= ctx.draft_len),
+            refeed=(verified.advance > 0) & (verified.pos + accepted > carry.fed),
         )
