@@ -134,8 +134,12 @@ def load_drafter(bench: BenchModel, name: str) -> BenchDrafter:
             check_same_tokenizer(bench.tokenizer, small.tokenizer, path)
         except CheckpointError as err:
             raise SystemExit(f"error: --drafter {name}: {err}") from None
-    params = cast_params(small.params, bench.dtype)
-    return BenchDrafter(ModelDrafter(VLM(small.config, bench.dtype)), params, name=name)
+    drafter = ModelDrafter(VLM(small.config, bench.dtype))
+    try:
+        drafter.check(VLM(bench.config, bench.dtype))
+    except ValueError as err:
+        raise SystemExit(f"error: --drafter {name}: {err}") from None
+    return BenchDrafter(drafter, cast_params(small.params, bench.dtype), name=name)
 
 
 def eos_ids(bench: BenchModel) -> tuple[int, ...]:

@@ -350,7 +350,12 @@ class Captioner:
                 f"draft model {path} has image token id {small.config.image_token_id}, "
                 f"the checkpoint {self.config.image_token_id}: they must share the tokenizer"
             )
-        return ModelDrafter(shared_model(small.config, self.dtype)), small.params
+        model_drafter = ModelDrafter(shared_model(small.config, self.dtype))
+        try:
+            model_drafter.check(self.model)
+        except ValueError as e:
+            raise CheckpointError(f"draft model {path}: {e}") from None
+        return model_drafter, small.params
 
     # -- inputs ------------------------------------------------------------------------------
 

@@ -133,6 +133,11 @@ class Drafter(abc.ABC):
     def verify_from(self, model: VLM) -> int:
         """The layer verification starts at: from `DraftOut.kept` if > 0, else the tokens."""
 
+    def check(self, model: VLM) -> None:
+        """Raises ValueError (one line) where this drafter cannot draft for the full model
+        `model`; called by generate and where a drafter is loaded."""
+        del model  # the drafters in the full model's own params (imitation, EAGLE) always can
+
     @abc.abstractmethod
     def cache_slots(self, model: VLM, slots: int) -> int:
         """The slots of the drafter's own cache, for a full-model cache of `slots`."""
@@ -404,14 +409,25 @@ class ModelCarry:
 @dataclasses.dataclass(frozen=True)
 class ModelDrafter(Drafter):
     """Spec-LLaVA's separate draft VLM: its own image encoding, decoder, KV cache and head;
-    the same tokenizer as the full model (checked where it is loaded). Its params are the
-    engine's draft_params."""
+    the same tokenizer as the full model (checked where it is loaded) and the same
+    vocabulary (`check`). Its params are the engine's draft_params."""
 
     draft_model: VLM
     name: str = "model"
 
     def verify_from(self, model: VLM) -> int:
         return 0
+
+    def check(self, model: VLM) -> None:
+        # Drafted ids index the full model's embeddings (an id past them embeds as NaN,
+        # which poisons the row through attention) and both distributions share one width.
+        draft_vocab, vocab = self.draft_model.config.text.vocab_size, model.config.text.vocab_size
+        if draft_vocab != vocab:
+            raise ValueError(
+                f"the draft model's vocabulary has {draft_vocab} tokens and the full model's {vocab}: a draft "
+                "model needs the full model's vocabulary; make one from the checkpoint with "
+                "python -m train.recipes.make_draft_model"
+            )
 
     def cache_slots(self, model: VLM, slots: int) -> int:
         return slots

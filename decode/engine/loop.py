@@ -680,6 +680,8 @@ def generate(
     check_inputs(model, prompts, spec, max_new_tokens)
     if spec.uses_tree:
         tree_lib.check_width(spec.tree, model.config.text.vocab_size)
+    if spec.mode == "ssd":
+        spec.drafter.check(model)
     if isinstance(spec.drafter, ModelDrafter) and spec.mode == "ssd" and draft_params is None:
         raise ValueError("the model drafter needs its params: generate(..., draft_params=...)")
     return _generate_jit(model, spec, params, prompts, jnp.asarray(max_new_tokens, jnp.int32), rng, draft_params)
