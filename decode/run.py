@@ -42,7 +42,7 @@ from decode.engine.captioner import (
     summarize,
 )
 from decode.engine.sampling import SamplingConfig
-from decode.engine.tree import TreeShape
+from decode.engine.tree import TreeShape, check_width
 from decode.inputs import expand_inputs
 from fastvlm_jax import demo
 from fastvlm_jax.ckpt.checkpoint import CheckpointError, load_config
@@ -399,6 +399,20 @@ def resolve_checkpoint(ckpt: str) -> str:
     return ckpt
 
 
+def _check_tree_widths(args: argparse.Namespace, ckpt: str) -> None:
+    """The draft trees (--tree-width, or trees among --auto-choices) against the checkpoint's
+    vocabulary, before anything is loaded; raises UsageError."""
+    if args.mode != "ssd":
+        return
+    auto = _auto_options(args)
+    vocab_size = load_config(ckpt).text.vocab_size
+    for tree in [_tree_options(args), *(auto.trees if auto else ())]:
+        try:
+            check_width(tree, vocab_size)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
+
 def _looks_like_hf(path: Path) -> bool:
     """Weights in Hugging Face layout, or a config.json written by transformers."""
     if (path / "params").is_dir():
@@ -570,6 +584,7 @@ def main(argv: Sequence[str | os.PathLike] | None = None) -> int:
     try:
         _check_args(args)
         ckpt = resolve_checkpoint(args.ckpt)
+        _check_tree_widths(args, ckpt)
         args.drafter = resolve_drafter(args.drafter)
         return _run(args, ckpt, started)
     except UsageError as e:

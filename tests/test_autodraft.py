@@ -3,11 +3,17 @@ it (greedy output == AR)."""
 
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
 from decode.engine.autodraft import AutoDraft, AutoDraftConfig, choice_label, parse_choice
+from decode.engine.sampling import SamplingConfig
 from decode.engine.tree import TreeShape
+from tests.test_decode import _near_identity_deep_layers
+from tests.test_sampling import PROMPT, _chi_square, _exact_joint, tiny  # noqa: F401 (tiny: a pytest fixture)
 
 
 def test_expected_tokens_follow_the_observed_acceptance():
@@ -38,6 +44,90 @@ def test_estimates_are_non_increasing_and_shrunk_to_the_prior_where_unseen():
     estimate = auto.accept_at_least()
     assert np.all(np.diff(estimate) <= 0)
     assert estimate[0] > 0.8 and estimate[5] <= 0.5**3
+
+
+@pytest.mark.slow
+def test_auto_draft_len_samples_the_exact_distribution(tiny):
+    """Sampling under --draft-len auto draws from the full model's distribution.
+
+    Many batch-1 batches, each calibrated afresh (AutoDraft.calibrate) then decoded with its
+    own key, as decode.run does the first batch of a shape; fixed costs per round make the
+    choice a plain function of the calibration's acceptance: a draft of 1 where it was
+    accepted, else AR rounds. Had the calibration sampled with the batch's own key, the
+    chain would be chosen exactly where its draft of that very key is accepted, and the
+    output leans to the draft's tokens (p ~ 1e-10 here; 2e-156 over 40,000 calls in the
+    review that found it)."""
+    model, params, _ = tiny
+    # Stronger deep layers than the fixture's: the draft is further from the full model, so
+    # whether a draft is accepted says more about the token drawn.
+    config = model.config
+    params = _near_identity_deep_layers(params, config, 2.0)
+    steps, sampling = 2, SamplingConfig(temperature=1.0)
+    specs = {
+        0: DecodeSpec("ar", capacity=steps, sampling=sampling, eos_ids=()),
+        1: DecodeSpec("ssd", capacity=steps, sampling=sampling, eos_ids=(), policy=DraftPolicy(draft_len=1)),
+    }
+    seconds_per_round = {0: 1.0, 1: 1.5}  # a draft pays when accepted: 2 tokens / 1.5 > 1 / 1
+    prompts = Prompts(jnp.asarray([PROMPT], jnp.int32), jnp.asarray([len(PROMPT)], jnp.int32))
+
+    def decode(choice, key):
+        return jax.device_get(generate(model, params, prompts, specs[choice], steps, key))
+
+    samples, chosen = [], []
+    for seed in range(600):
+        rng = jax.random.key(seed)
+        auto = AutoDraft(AutoDraftConfig(choices=(0, 1), prior_rounds=0.0))
+        runs = {}
+
+        def run(choice, full, key):
+            if not full:
+                return 0.0, None  # no prefill time to take off
+            if choice not in runs:  # the same key gives the same run: decode it once
+                runs[choice] = decode(choice, key)
+            out = runs[choice]
+            return seconds_per_round[choice] * int(np.max(out.rounds)), out
+
+        auto.calibrate(("batch",), run, rng)
+        choice = auto.choose(("batch",))
+        chosen.append(choice)
+        samples.append(np.asarray(decode(choice, rng).tokens)[0, :steps])
+    assert 0.2 < np.mean(chosen) < 0.8, "both choices should be frequent"
+    pvalue, impossible = _chi_square(np.stack(samples), _exact_joint((model, params, {}), steps, sampling))
+    print(f"--draft-len auto, {len(samples)} batches: p = {pvalue:.3g}")
+    assert impossible == 0 and pvalue > 1e-3, (
+        f"auto draft length samples differ from the exact distribution: p = {pvalue:.3g}"
+    )
+
+
+def test_calibration_samples_with_a_key_the_batch_decode_never_uses(tmp_path, monkeypatch):
+    """Captioner (decode.run) with --draft-len auto and sampling: every calibration run gets
+    a key that is neither the batch's nor one that generate splits from it (with JAX's
+    threefry, split(key, n)[i] is fold_in(key, i))."""
+    from decode.engine import DecodeOutput, RoundStats
+    from decode.engine import captioner as captioner_lib
+    from decode.engine.captioner import Captioner, GenerationOptions
+    from tests.run_fixtures import make_tiny_checkpoint
+
+    keys = []
+
+    def recording_generate(model, params, prompts, spec, budget, rng, draft_params=None):
+        keys.append(jax.random.key_data(rng).tolist())
+        batch = prompts.input_ids.shape[0]
+        stats = RoundStats.zeros(batch, spec.draft_depth).replace(rounds=jnp.ones((batch,), jnp.int32))
+        return DecodeOutput(jnp.zeros((batch, spec.capacity), jnp.int32), jnp.ones((batch,), jnp.int32), stats)
+
+    monkeypatch.setattr(captioner_lib, "generate", recording_generate)  # no compile: only the keys matter
+    captioner = Captioner(make_tiny_checkpoint(tmp_path / "ckpt"), batch_size=2)
+    size = captioner.config.vision.image_size
+    options = GenerationOptions(
+        max_new_tokens=4, sampling=SamplingConfig(temperature=1.0), auto_draft=AutoDraftConfig(choices=(0, 2))
+    )
+    rng = jax.random.key(7)
+    captioner.generate_batch(np.zeros((2, size, size, 3), np.float32), [captioner.prompt_ids()] * 2, options, rng)
+    calibration, decoded = keys[:8], keys[-1]  # 4 runs of each choice, (a warm-up,) the batch
+    assert decoded == jax.random.key_data(rng).tolist()
+    used = [decoded] + [jax.random.key_data(k).tolist() for n in (2, 3) for k in jax.random.split(rng, n)]
+    assert all(key not in used for key in calibration), (calibration, used)
 
 
 @pytest.mark.slow

@@ -1,5 +1,8 @@
 """The decoding engine: greedy SSD == AR exactly, structure, compilation (sampling: test_sampling.py)."""
 
+import collections
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +10,10 @@ import pytest
 
 from decode import engine
 from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
+from decode.engine.drafters import Drafter, ImitationDrafter
+from decode.engine.sampling import SamplingConfig
 from fastvlm_jax.nn.model import VLM
+from tests.test_sampling import PROMPT, tiny  # noqa: F401 (tiny: a pytest fixture, the 6-token model)
 from tests.tiny import tiny_config
 
 
@@ -100,6 +106,78 @@ def test_greedy_ssd_policies_equal_ar():
         ssd = generate(model, params, prompts, DecodeSpec("ssd", capacity=32, eos_ids=(), policy=policy), 32)
         assert _tokens(ssd) == _tokens(ar)
         assert int(ssd.drafted.sum()) < int(ssd.rounds.sum()) * policy.draft_len  # policy drafted less
+
+
+DRAFT_PASSES = collections.Counter()  # drafter calls as they run, by kind (see _CountingDrafter)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CountingDrafter(Drafter):
+    """The imitation drafter, counting its passes (start, step, finish) each time one runs
+    inside the compiled loop (a debug callback), not when it is traced."""
+
+    inner: Drafter = ImitationDrafter()
+    name: str = "counting"
+
+    @staticmethod
+    def _count(kind):
+        jax.debug.callback(lambda: DRAFT_PASSES.update([kind]))
+
+    def verify_from(self, model):
+        return self.inner.verify_from(model)
+
+    def cache_slots(self, model, slots):
+        return self.inner.cache_slots(model, slots)
+
+    def prefill(self, ctx, states, first_token, slots):
+        return self.inner.prefill(ctx, states, first_token, slots)
+
+    def start(self, ctx, cache, carry, last_token, pos):
+        self._count("start")
+        return self.inner.start(ctx, cache, carry, last_token, pos)
+
+    def step(self, ctx, cache, carry, token, position):
+        self._count("step")
+        return self.inner.step(ctx, cache, carry, token, position)
+
+    def finish(self, ctx, cache, carry, token, position):
+        self._count("finish")
+        return self.inner.finish(ctx, cache, carry, token, position)
+
+    def commit(self, ctx, carry, verified):
+        return self.inner.commit(ctx, carry, verified)
+
+
+@pytest.mark.parametrize(
+    "policy,temperature",
+    [
+        (DraftPolicy(draft_len=4), 0.0),
+        (DraftPolicy(draft_len=4, min_confidence=0.6), 0.0),
+        (DraftPolicy(draft_len=4, min_confidence=0.6), 1.0),
+        (DraftPolicy(draft_len=4, schedule="context", start_len=1, grow_every=4), 0.0),
+    ],
+    ids=["static", "confidence", "confidence-sampling", "context"],
+)
+def test_a_round_runs_one_draft_pass_per_drafted_token(tiny, policy, temperature):
+    """A round that drafts n tokens runs n + 1 drafter passes: start (the first token's
+    distribution), a step for each drafted token but the last, and for the last a finish,
+    or a step where its distribution is what stops the draft (a confidence stop). No pass
+    for a token nobody proposes. Batch 1, so the round's n is the row's."""
+    model, params, _ = tiny
+    prompts = Prompts(jnp.asarray([PROMPT], jnp.int32), jnp.asarray([len(PROMPT)], jnp.int32))
+    sampling = SamplingConfig(temperature=temperature)
+    spec = DecodeSpec("ssd", capacity=24, sampling=sampling, eos_ids=(), policy=policy, drafter=_CountingDrafter())
+    DRAFT_PASSES.clear()
+    ssd = jax.block_until_ready(generate(model, params, prompts, spec, 24, jax.random.key(1)))
+    jax.effects_barrier()  # every callback has run
+    rounds, drafted = int(ssd.rounds[0]), int(ssd.drafted[0])
+    assert DRAFT_PASSES["start"] == rounds
+    assert sum(DRAFT_PASSES.values()) == rounds + drafted, (DRAFT_PASSES, rounds, drafted)
+    if policy.schedule != "static" or policy.min_confidence > 0:
+        assert drafted < rounds * policy.draft_len, "some rounds should stop early"
+    if sampling.greedy:
+        ar = generate(model, params, prompts, DecodeSpec("ar", capacity=24, eos_ids=()), 24)
+        assert _tokens(ssd) == _tokens(ar)
 
 
 def test_draft_identical_to_full_model_accepts_everything():

@@ -90,8 +90,21 @@ def test_greedy_drafters_equal_ar(drafter, pool, compressor, draft_len, scale):
     assert int(ssd.rounds.sum()) < int(ar.rounds.sum())
 
 
+# (policy, budget): budgets that cut no round short when every draft is accepted (drafts
+# past the budget would count as not accepted).
+SELF_DRAFT_CASES = [
+    # the prefill's token + 7 rounds of 3 drafts and the full model's own
+    (DraftPolicy(draft_len=3), 29),
+    # rounds of 1, 1, 2, 3, 3, ... drafts (one more every 4 tokens, up to 3): 1 + 2 + 2 + 3
+    # + 4 * 4 tokens. The last draft of a round shorter than draft_len is not fed to the
+    # draft model in its round either.
+    (DraftPolicy(draft_len=3, schedule="context", start_len=1, grow_every=4), 24),
+]
+
+
 @pytest.mark.slow
-def test_the_model_drafting_for_itself_is_always_accepted():
+@pytest.mark.parametrize("policy,budget", SELF_DRAFT_CASES, ids=["static", "context"])
+def test_the_model_drafting_for_itself_is_always_accepted(policy, budget):
     """A draft model equal to the full model proposes exactly its tokens: every draft is
     accepted, so a stale or missing entry in the draft model's own cache (the last draft of
     an all-accepted round is fed again at the next round's start) would show as a rejection."""
@@ -100,11 +113,9 @@ def test_the_model_drafting_for_itself_is_always_accepted():
     params = model.init(jax.random.key(2))
     n = config.num_image_tokens
     prompts = _prompts(config, [n + 2, n + 7], seed=1)
-    # 29 = the prefill's token + 7 rounds of 3 drafts and the full model's own: no round is
-    # cut short by the budget (drafts past it would count as not accepted).
-    spec = DecodeSpec("ssd", capacity=29, eos_ids=(), policy=DraftPolicy(draft_len=3), drafter=ModelDrafter(model))
-    out = generate(model, params, prompts, spec, 29, draft_params=params)
-    ar = generate(model, params, prompts, DecodeSpec("ar", capacity=29, eos_ids=()), 29)
+    spec = DecodeSpec("ssd", capacity=budget, eos_ids=(), policy=policy, drafter=ModelDrafter(model))
+    out = generate(model, params, prompts, spec, budget, draft_params=params)
+    ar = generate(model, params, prompts, DecodeSpec("ar", capacity=budget, eos_ids=()), budget)
     assert _tokens(out) == _tokens(ar)
     assert int(out.accepted.sum()) == int(out.drafted.sum()) > 0
 
@@ -151,6 +162,54 @@ def test_drafter_errors_are_clear():
 
     with pytest.raises(ValueError, match="imitation drafter only"):
         DecodeSpec("ssd", tree=TreeShape(nodes=4, width=2), drafter=EagleDrafter())
+
+
+def _padded_vocabulary(config, extra):
+    """The config with `extra` more embedding and head rows (same tokenizer, image token)."""
+    return dataclasses.replace(config, text=dataclasses.replace(config.text, vocab_size=config.text.vocab_size + extra))
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused():
+    """A draft model with more rows than the full model proposes ids the full model has no
+    embedding for (jnp.take fills NaN, which poisons the row through attention); one with
+    fewer gives distributions of another width. generate refuses either in one line."""
+    from tests.run_fixtures import random_params
+
+    config = tiny_config(num_layers=2, exit_layer=1)
+    model = VLM(config)
+    prompts = _prompts(config, [config.num_image_tokens + 3])
+    vocab = config.text.vocab_size
+    for extra in (8, -4):
+        small = _padded_vocabulary(config, extra)
+        spec = DecodeSpec("ssd", capacity=8, policy=DraftPolicy(draft_len=2), drafter=ModelDrafter(VLM(small)))
+        with pytest.raises(ValueError) as info:
+            generate(model, random_params(config), prompts, spec, 8, draft_params=random_params(small, 1))
+        message = str(info.value)
+        assert "\n" not in message and f"{vocab + extra} tokens" in message and f"{vocab}" in message, message
+        assert "make_draft_model" in message  # the fix
+
+
+def test_decode_run_refuses_a_draft_checkpoint_with_another_vocabulary(tmp_path, capsys):
+    """The same tokenizer but a padded embedding table: refused when the Captioner loads the
+    draft model, so the CLI says so in one line before decoding anything."""
+    from decode import run
+    from decode.engine.captioner import Captioner
+    from fastvlm_jax.ckpt.checkpoint import load_checkpoint, save_checkpoint
+    from tests.run_fixtures import make_tiny_checkpoint, random_params, write_image
+
+    ckpt = make_tiny_checkpoint(tmp_path / "full", num_layers=2, exit_layer=1)
+    full = load_checkpoint(ckpt)
+    padded = _padded_vocabulary(full.config, 8)
+    draft = save_checkpoint(tmp_path / "draft", padded, random_params(padded, 1), full.tokenizer, full.image_config)
+    vocab = full.config.text.vocab_size
+    with pytest.raises(ValueError, match=f"{vocab + 8} tokens"):
+        Captioner(full, batch_size=1, drafter=f"model:{draft}")
+    argv = ["--ckpt", str(ckpt), "--images", str(write_image(tmp_path / "in.png")), "--out", str(tmp_path / "o.jsonl")]
+    assert run.main([*argv, "--drafter", f"model:{draft}"]) == run.EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{vocab + 8} tokens" in err[0] and f"{vocab}" in err[0], err
+    out = tmp_path / "o.jsonl"
+    assert not out.exists() or not out.read_text()  # nothing decoded
 
 
 # --- sampling: exact in distribution ------------------------------------------------------------

@@ -130,9 +130,11 @@ def test_bfloat16_decoding_keeps_the_float32_tokens_where_margins_are_clear(tiny
 
 
 @pytest.mark.slow
-def test_compiled_ssd_program_never_copies_the_kv_cache():
+@pytest.mark.parametrize("min_confidence", [0.0, 0.5], ids=["static", "confidence"])
+def test_compiled_ssd_program_never_copies_the_kv_cache(min_confidence):
     """The stacked cache is updated in place: the only cache-sized copy in the whole SSD
-    program (prefill, draft loop, verification, while loop) is its zero initialisation."""
+    program (prefill, draft loop, verification, while loop) is its zero initialisation.
+    With a confidence stop, the draft's last pass sits in a conditional: in place too."""
     import re
 
     from decode.engine import loop
@@ -141,7 +143,7 @@ def test_compiled_ssd_program_never_copies_the_kv_cache():
     model = VLM(config)
     params = jax.jit(model.init)(jax.random.key(0))
     prompts = Prompts(jnp.full((2, 16), 5, jnp.int32), jnp.full((2,), 16, jnp.int32))
-    spec = DecodeSpec("ssd", capacity=32, eos_ids=(), policy=DraftPolicy(draft_len=4))
+    spec = DecodeSpec("ssd", capacity=32, eos_ids=(), policy=DraftPolicy(draft_len=4, min_confidence=min_confidence))
     hlo = loop._generate_jit.lower(model, spec, params, prompts, jnp.int32(32), jax.random.key(0)).compile().as_text()
     shape = rf"f32\[6,2,2,{spec.cache_slots(16)},16\]"
     assert re.search(shape, hlo), "the cache shape should appear in the program"

@@ -65,6 +65,64 @@ def test_tiny_top_p_keeps_only_the_likeliest_token():
     np.testing.assert_array_equal(np.asarray(probs), [[0.0, 1.0, 0.0, 0.0]])
 
 
+def _warp_by_full_sort(logits, config):
+    """The warp as it was before top-p learned to rank only the top-k values: top-p sorts
+    the whole vocabulary. The reference the cheaper warp must equal."""
+    logits = logits.astype(jnp.float32) / max(config.temperature, 1e-6)
+    neg = jnp.finfo(jnp.float32).min
+    if config.top_k > 0:
+        kth = jax.lax.top_k(logits, config.top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if config.top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+        threshold = jnp.min(jnp.where(mass_before < config.top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, neg, logits)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def _primitives(jaxpr):
+    """(primitive name, input shapes) of every equation of a jaxpr, nested ones included."""
+    for eqn in jaxpr.eqns:
+        yield eqn.primitive.name, [tuple(v.aval.shape) for v in eqn.invars]
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)  # a ClosedJaxpr's jaxpr, or a Jaxpr
+            if hasattr(inner, "eqns"):
+                yield from _primitives(inner)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (1, 0.5), (5, 0.3), (5, 0.9), (20, 0.9), (49, 0.95)])
+def test_top_p_over_the_top_k_values_equals_the_full_sort(top_k, top_p):
+    vocab = 50
+    # Logits on a coarse grid: ties, also at the k-th value, where the kept set has more
+    # than k tokens (as with bfloat16 logits).
+    logits = jnp.round(jax.random.normal(jax.random.key(top_k), (64, vocab)) * 4) / 4
+    config = SamplingConfig(temperature=0.7, top_k=top_k, top_p=top_p)
+    want, got = _warp_by_full_sort(logits, config), warp(logits, config)
+    np.testing.assert_array_equal(np.asarray(got) > 0, np.asarray(want) > 0)  # the same tokens kept
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
+    # With top-k, nothing sorts the vocabulary: one top_k picks the k candidates and
+    # top-p's running mass is over those k values.
+    ops = list(_primitives(jax.make_jaxpr(lambda x: warp(x, config))(logits).jaxpr))
+    names = [name for name, _ in ops]
+    if top_k == 0:  # top-p alone ranks the whole vocabulary: the one sort
+        assert names.count("sort") == 1 and "top_k" not in names, names
+    else:
+        assert "sort" not in names and names.count("top_k") == 1, names
+        assert [shapes[0] for name, shapes in ops if name == "cumsum"] == [(64, top_k)]
+
+
+def test_top_k_at_or_above_the_vocabulary_is_off():
+    """top_k >= vocab keeps every token: the same as top_k = 0 (it used to fail at trace
+    for top_k > vocab, as lax.top_k cannot take more values than there are)."""
+    logits = jax.random.normal(jax.random.key(0), (4, 6)) * 3
+    for top_p in (1.0, 0.8):
+        off = warp(logits, SamplingConfig(temperature=1.0, top_p=top_p))
+        for top_k in (6, 7, 100):
+            np.testing.assert_array_equal(warp(logits, SamplingConfig(temperature=1.0, top_k=top_k, top_p=top_p)), off)
+
+
 @pytest.mark.parametrize(
     "flag,value,field",
     [

@@ -182,6 +182,41 @@ def test_tree_shape_is_checked():
     assert DecodeSpec("ssd", tree=TreeShape(16, 4)).draft_depth == 4
 
 
+def test_a_tree_wider_than_the_vocabulary_is_refused_in_one_line(tiny):
+    """Each node proposes `width` distinct tokens: a tree wider than the vocabulary used to
+    fail at trace, deep inside lax.top_k."""
+    from tests.test_sampling import PROMPT, VOCAB
+
+    model, params, _ = tiny
+    prompts = Prompts(jnp.asarray([PROMPT], jnp.int32), jnp.asarray([len(PROMPT)], jnp.int32))
+    spec = DecodeSpec("ssd", capacity=4, eos_ids=(), tree=TreeShape(nodes=2 * (VOCAB + 1), width=VOCAB + 1))
+    with pytest.raises(ValueError) as info:
+        generate(model, params, prompts, spec, 4)
+    message = str(info.value)
+    assert "\n" not in message and f"width {VOCAB + 1}" in message and f"{VOCAB} tokens" in message
+    assert f"tree width <= {VOCAB}" in message  # the fix
+
+
+def test_run_cli_refuses_a_tree_wider_than_the_vocabulary(tmp_path, capsys):
+    from decode import run
+    from fastvlm_jax.ckpt.checkpoint import load_config
+    from tests.run_fixtures import make_tiny_checkpoint, write_image
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
+    vocab = load_config(ckpt).text.vocab_size
+    width = vocab + 1
+    argv = ["--ckpt", str(ckpt), "--images", str(write_image(tmp_path / "in.png")), "--out", str(tmp_path / "o.jsonl")]
+    assert run.main([*argv, "--tree-nodes", str(width), "--tree-width", str(width)]) == run.EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"width {width}" in err[0] and f"tree width <= {vocab}" in err[0], err
+    # A tree among the --draft-len auto choices too.
+    choices = ["--draft-len", "auto", "--auto-choices", "0", f"tree:{width}x{width}"]
+    assert run.main([*argv, *choices]) == run.EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"width {width}" in err[0], err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 # --- sampling with trees reproduces the full model's distribution --------------------------
 
 

@@ -134,8 +134,12 @@ def load_drafter(bench: BenchModel, name: str) -> BenchDrafter:
             check_same_tokenizer(bench.tokenizer, small.tokenizer, path)
         except CheckpointError as err:
             raise SystemExit(f"error: --drafter {name}: {err}") from None
-    params = cast_params(small.params, bench.dtype)
-    return BenchDrafter(ModelDrafter(VLM(small.config, bench.dtype)), params, name=name)
+    drafter = ModelDrafter(VLM(small.config, bench.dtype))
+    try:
+        drafter.check(VLM(bench.config, bench.dtype))
+    except ValueError as err:
+        raise SystemExit(f"error: --drafter {name}: {err}") from None
+    return BenchDrafter(drafter, cast_params(small.params, bench.dtype), name=name)
 
 
 def eos_ids(bench: BenchModel) -> tuple[int, ...]:
@@ -198,13 +202,15 @@ def make_prompts(
 
 
 def decode_sets(
-    model: VLM, params, prompt_sets: list[Prompts], spec: DecodeSpec, max_new: int, draft_params=None
+    model: VLM, params, prompt_sets: list[Prompts], spec: DecodeSpec, max_new: int, draft_params=None, rng=None
 ) -> DecodeOutput:
-    """generate on each prompt set in turn, waiting for each; the outputs joined as numpy
-    arrays: rows stacked in order, per-draft-position counters summed."""
+    """generate on each prompt set in turn (sampling key rng, None: generate's default),
+    waiting for each; the outputs joined as numpy arrays: rows stacked in order,
+    per-draft-position counters summed."""
     outs = [
         jax.tree.map(
-            np.asarray, jax.block_until_ready(generate(model, params, p, spec, max_new, draft_params=draft_params))
+            np.asarray,
+            jax.block_until_ready(generate(model, params, p, spec, max_new, rng, draft_params=draft_params)),
         )
         for p in prompt_sets
     ]

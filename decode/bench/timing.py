@@ -15,6 +15,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import jax
 import numpy as np
 
 from decode.bench.cost import CostModel
@@ -139,7 +140,7 @@ def choose_auto_draft(
     model, ar_model = VLM(config, bench.dtype), VLM(bench.config, bench.dtype)
     eos = eos_ids(bench)
 
-    def run(choice, full):
+    def run(choice, full, key):
         if choice == 0:
             use, spec = (ar_model, bench.params), DecodeSpec("ar", capacity=max_new, sampling=sampling, eos_ids=eos)
         else:
@@ -157,11 +158,11 @@ def choose_auto_draft(
                 ),
             )
         start = time.perf_counter()
-        out = decode_sets(*use, [prompts], spec, max_new if full else 1, drafter.params)
+        out = decode_sets(*use, [prompts], spec, max_new if full else 1, drafter.params, rng=key)
         return time.perf_counter() - start, out
 
     shape = (prompts.input_ids.shape[0], prompts.input_ids.shape[1], max_new)
-    auto.calibrate(shape, run)
+    auto.calibrate(shape, run, jax.random.key(0))  # the key the timed runs decode with
     return auto.choose(shape)
 
 

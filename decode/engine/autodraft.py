@@ -24,7 +24,8 @@ Seconds per round are measured once per program shape (batch, prompt bucket, cap
 choice, on the running device, by timing the choice's own compiled generate program on the
 first batch of that shape (the prefill alone is timed with a one-token budget and taken off).
 Every choice is one of a few programs compiled once: switching between batches never
-recompiles.
+recompiles. Those measuring runs sample with a key of their own (`calibration_key`), never
+the batch's: the choice must not depend on the draws that then decode the batch.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import jax
 import numpy as np
 
 from decode.engine.tree import TreeShape
@@ -45,6 +47,19 @@ if TYPE_CHECKING:
 
 DEFAULT_CHOICES = (0, 2, 4, 6)
 Choice = int | TreeShape
+# fold_in(key, i) is split(key, n)[i] (JAX's partitionable threefry), and generate splits its
+# key in two: the calibration stream's index is far past any split of a batch's key.
+CALIBRATION_STREAM = 0xCA1B
+
+
+def calibration_key(rng: jax.Array) -> jax.Array:
+    """The key the calibration runs of a batch sample with, from the batch's own key `rng`.
+
+    Independent of every draw that decodes the batch, and so is the choice made from those
+    runs. Calibrating on the batch's own key chooses by how the very draws that then decode
+    it come out (a draft length because its drafts were accepted, say): the output is then
+    biased, off the full model's distribution."""
+    return jax.random.fold_in(rng, CALIBRATION_STREAM)
 
 
 def is_tree(choice: Choice) -> TypeIs[TreeShape]:
@@ -150,19 +165,23 @@ class AutoDraft:
         """Expected tokens per round and row of a choice (the bonus token included)."""
         return 1.0 + float(np.sum(self.accept_at_least(choice)))
 
-    def calibrate(self, shape: tuple, run: Callable[[Choice, bool], tuple[float, DecodeOutput]]) -> None:
+    def calibrate(
+        self, shape: tuple, run: Callable[[Choice, bool, jax.Array], tuple[float, DecodeOutput]], rng: jax.Array
+    ) -> None:
         """Measures seconds per round of every choice for one program shape.
 
-        run(choice, full): decodes the shape's measuring batch with that choice's compiled
-        program, the whole budget (full) or a one-token budget (the prefill alone), and
-        returns (seconds, DecodeOutput). The loop's rounds are the most any row took (rows
-        advance in lockstep); the best of two full runs is taken. The SSD runs' acceptance
-        counters are observed too."""
+        run(choice, full, key): decodes the shape's measuring batch with that choice's
+        compiled program and the sampling key `key`, the whole budget (full) or a one-token
+        budget (the prefill alone), and returns (seconds, DecodeOutput). rng: the key the
+        batch is then decoded with; the runs get calibration_key(rng). The loop's rounds are
+        the most any row took (rows advance in lockstep); the best of two full runs is taken.
+        The SSD runs' acceptance counters are observed too."""
+        key = calibration_key(rng)
         costs = {}
         for choice in self.config.choices:
-            run(choice, True)  # compiles the program (if new) and warms it
-            prefill_seconds, _ = run(choice, False)
-            seconds, out = min(run(choice, True), run(choice, True), key=lambda t: t[0])
+            run(choice, True, key)  # compiles the program (if new) and warms it
+            prefill_seconds, _ = run(choice, False, key)
+            seconds, out = min(run(choice, True, key), run(choice, True, key), key=lambda t: t[0])
             loop_rounds = max(int(np.max(out.rounds)), 1)
             costs[choice] = max(seconds - prefill_seconds, 1e-9) / loop_rounds
             self.observe(choice, out.position_attempts, out.position_accepts)

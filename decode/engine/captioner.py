@@ -350,7 +350,12 @@ class Captioner:
                 f"draft model {path} has image token id {small.config.image_token_id}, "
                 f"the checkpoint {self.config.image_token_id}: they must share the tokenizer"
             )
-        return ModelDrafter(shared_model(small.config, self.dtype)), small.params
+        model_drafter = ModelDrafter(shared_model(small.config, self.dtype))
+        try:
+            model_drafter.check(self.model)
+        except ValueError as e:
+            raise CheckpointError(f"draft model {path}: {e}") from None
+        return model_drafter, small.params
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -442,7 +447,7 @@ class Captioner:
         if shape not in auto.round_seconds:
             start = time.perf_counter()
 
-            def run(choice, full):
+            def run(choice, full, key):
                 spec = self._spec_with_draft_len(options, choice)
                 begin = time.perf_counter()
                 out = jax.device_get(
@@ -452,13 +457,13 @@ class Captioner:
                         prompts,
                         spec,
                         jnp.asarray(budget if full else np.minimum(budget, 1)),
-                        rng,
+                        key,
                         draft_params=self.draft_params,
                     )
                 )
                 return time.perf_counter() - begin, out
 
-            auto.calibrate(shape, run)
+            auto.calibrate(shape, run, rng)
             return auto.choose(shape), time.perf_counter() - start
         return auto.choose(shape), 0.0
 

@@ -13,8 +13,10 @@ answers five calls:
 
 `start` gives the distribution of the round's first draft token (the row's `last_token`
 sits at `pos`, not yet in the cache), `step` feeds drafted token j (at pos + j) and gives
-the distribution of token j + 1, `finish` feeds the last drafted token (no distribution
-needed), `commit` learns what verification accepted. `cache` is the full model's KV
+the distribution of token j + 1, `finish` feeds the last drafted token where no row may
+draft past it (no distribution needed; after a confidence stop the last drafted token went
+through `step`, whose distribution stopped the draft, and `finish` is not called),
+`commit` learns what verification accepted. `cache` is the full model's KV
 cache: the imitation drafter runs the full model's shallow layers and writes their slots;
 the others leave it alone. Verification starts at layer `verify_from(model)`: from the
 kept exit-layer states (`DraftOut.kept`, imitation) or from the token embeddings (0).
@@ -130,6 +132,11 @@ class Drafter(abc.ABC):
     @abc.abstractmethod
     def verify_from(self, model: VLM) -> int:
         """The layer verification starts at: from `DraftOut.kept` if > 0, else the tokens."""
+
+    def check(self, model: VLM) -> None:
+        """Raises ValueError (one line) where this drafter cannot draft for the full model
+        `model`; called by generate and where a drafter is loaded."""
+        del model  # the drafters in the full model's own params (imitation, EAGLE) always can
 
     @abc.abstractmethod
     def cache_slots(self, model: VLM, slots: int) -> int:
@@ -385,12 +392,14 @@ class EagleDrafter(Drafter):
 @flax.struct.dataclass
 class ModelCarry:
     """The small model's state: its own stacked KV cache; prev_token [batch], the token at
-    pos - 1, which `start` feeds again where the last round accepted every draft (the
-    small model never fed the last draft); refeed [batch] bool."""
+    pos - 1, which `start` feeds again where the small model never fed it (the last draft
+    of a round, when every draft was accepted: `finish` does not feed it); refeed [batch]
+    bool; fed [batch] the position of the last token fed to the small model this round."""
 
     cache: KVCache
     prev_token: Array
     refeed: Array
+    fed: Array
 
     if TYPE_CHECKING:  # flax.struct.dataclass adds it at runtime (dataclasses.replace)
 
@@ -400,14 +409,25 @@ class ModelCarry:
 @dataclasses.dataclass(frozen=True)
 class ModelDrafter(Drafter):
     """Spec-LLaVA's separate draft VLM: its own image encoding, decoder, KV cache and head;
-    the same tokenizer as the full model (checked where it is loaded). Its params are the
-    engine's draft_params."""
+    the same tokenizer as the full model (checked where it is loaded) and the same
+    vocabulary (`check`). Its params are the engine's draft_params."""
 
     draft_model: VLM
     name: str = "model"
 
     def verify_from(self, model: VLM) -> int:
         return 0
+
+    def check(self, model: VLM) -> None:
+        # Drafted ids index the full model's embeddings (an id past them embeds as NaN,
+        # which poisons the row through attention) and both distributions share one width.
+        draft_vocab, vocab = self.draft_model.config.text.vocab_size, model.config.text.vocab_size
+        if draft_vocab != vocab:
+            raise ValueError(
+                f"the draft model's vocabulary has {draft_vocab} tokens and the full model's {vocab}: a draft "
+                "model needs the full model's vocabulary; make one from the checkpoint with "
+                "python -m train.recipes.make_draft_model"
+            )
 
     def cache_slots(self, model: VLM, slots: int) -> int:
         return slots
@@ -427,7 +447,12 @@ class ModelDrafter(Drafter):
             small.init_cache(batch, slots),
             image_span=small.image_span(states.input_ids),
         )
-        return ModelCarry(cache=cache, prev_token=first_token, refeed=jnp.zeros((batch,), bool))
+        return ModelCarry(
+            cache=cache,
+            prev_token=first_token,
+            refeed=jnp.zeros((batch,), bool),
+            fed=states.lengths.astype(jnp.int32) - 1,
+        )
 
     def _run(self, ctx, carry: ModelCarry, tokens, positions, slots):
         small, params = self.draft_model, ctx.draft_params
@@ -446,11 +471,11 @@ class ModelDrafter(Drafter):
         slots = jnp.stack([jnp.where(carry.refeed, pos - 1, size), pos], axis=1)
         tokens = jnp.stack([carry.prev_token, last_token], axis=1)
         logits, carry = self._run(ctx, carry, tokens, jnp.maximum(positions, 0), slots)
-        return DraftOut(logits, None, cache, carry)
+        return DraftOut(logits, None, cache, carry.replace(fed=pos))
 
     def step(self, ctx, cache, carry, token, position):
         logits, carry = self._run(ctx, carry, token[:, None], position[:, None], position[:, None])
-        return DraftOut(logits, None, cache, carry)
+        return DraftOut(logits, None, cache, carry.replace(fed=position))
 
     def finish(self, ctx, cache, carry, token, position):
         return DraftOut(None, None, cache, carry)
@@ -458,7 +483,9 @@ class ModelDrafter(Drafter):
     def commit(self, ctx, carry: ModelCarry, verified: Verified):
         accepted = verified.accepted
         previous = jnp.take_along_axis(verified.new_tokens, jnp.maximum(accepted - 1, 0)[:, None], axis=1)[:, 0]
+        # The next round starts at pos + accepted + 1: the token before it is fed again
+        # where no step fed it (a round's last draft goes to `finish`, which feeds nothing).
         return carry.replace(
             prev_token=jnp.where(accepted > 0, previous, verified.last_token),
-            refeed=(verified.advance > 0) & (accepted >= ctx.draft_len),
+            refeed=(verified.advance > 0) & (verified.pos + accepted > carry.fed),
         )

@@ -376,19 +376,23 @@ def _draft(ctx: RoundContext, spec: DecodeSpec, state: _LoopState, rng: Array):
     def keep(states, kept, slot):
         return None if states is None else jax.lax.dynamic_update_index_in_dim(states, kept, slot, axis=1)
 
+    # The loop's invariant: token slot + 1 is drawn, `drafting` says which rows propose it,
+    # and it is not yet fed to the drafter. It is fed by a step (which also gives the next
+    # token's distribution) only while some row that proposes it may propose one more:
+    # a pass for a token nobody proposes, or whose successor nobody may propose, is wasted.
     def cond(loop):
         slot, drafting = loop[0], loop[5]
-        return (slot < draft_len - 1) & jnp.any(drafting)
+        return (slot + 1 < draft_len) & jnp.any(drafting & (slot + 1 < limit))
 
     def body(loop):
-        slot, logits, tokens, states, probs, drafting, draft_lens, cache, carry, rng = loop
-        token, tokens, probs, drafting, draft_lens, rng = propose(
-            slot, logits, tokens, probs, drafting, draft_lens, rng
-        )
+        slot, token, tokens, states, probs, drafting, draft_lens, cache, carry, rng = loop
         out = drafter.step(ctx, cache, carry, token, pos + slot + 1)
+        token, tokens, probs, drafting, draft_lens, rng = propose(
+            slot + 1, out.logits, tokens, probs, drafting, draft_lens, rng
+        )
         return (
             slot + 1,
-            out.logits,
+            token,
             tokens,
             keep(states, out.kept, slot + 1),
             probs,
@@ -399,24 +403,25 @@ def _draft(ctx: RoundContext, spec: DecodeSpec, state: _LoopState, rng: Array):
             rng,
         )
 
-    loop = (
-        jnp.int32(0),
-        first.logits,
-        tokens,
-        states,
-        probs,
-        ~state.done,
-        jnp.zeros((batch,), jnp.int32),
-        first.cache,
-        first.carry,
-        rng,
+    token, tokens, probs, drafting, draft_lens, rng = propose(
+        0, first.logits, tokens, probs, ~state.done, jnp.zeros((batch,), jnp.int32), rng
     )
-    slot, logits, tokens, states, probs, drafting, draft_lens, cache, carry, rng = jax.lax.while_loop(cond, body, loop)
-    # The last draft (slot + 1): drawn, then fed to the drafter only as far as it needs
-    # (the imitation drafter's shallow state is what verification reads).
-    token, tokens, probs, _, draft_lens, _ = propose(slot, logits, tokens, probs, drafting, draft_lens, rng)
-    last = drafter.finish(ctx, cache, carry, token, pos + slot + 1)
-    return tokens, keep(states, last.kept, slot + 1), probs, draft_lens, last.cache, last.carry
+    loop = (jnp.int32(0), token, tokens, states, probs, drafting, draft_lens, first.cache, first.carry, rng)
+    slot, token, tokens, states, probs, drafting, draft_lens, cache, carry, _ = jax.lax.while_loop(cond, body, loop)
+
+    # The last drawn token: fed only as far as the drafter needs (the imitation drafter's
+    # shallow state is what verification reads), and only where some row proposes it. Only a
+    # confidence stop leaves it unproposed by every row, so the other policies need no
+    # conditional: their program is the plain sequence of passes.
+    def finish(states, cache, carry):
+        last = drafter.finish(ctx, cache, carry, token, pos + slot + 1)
+        return keep(states, last.kept, slot + 1), last.cache, last.carry
+
+    if spec.policy.min_confidence > 0:
+        states, cache, carry = jax.lax.cond(jnp.any(drafting), finish, lambda *skipped: skipped, states, cache, carry)
+    else:
+        states, cache, carry = finish(states, cache, carry)
+    return tokens, states, probs, draft_lens, cache, carry
 
 
 def _commit_round(
@@ -679,6 +684,10 @@ def generate(
     if rng is None:
         rng = jax.random.key(0)
     check_inputs(model, prompts, spec, max_new_tokens)
+    if spec.uses_tree:
+        tree_lib.check_width(spec.tree, model.config.text.vocab_size)
+    if spec.mode == "ssd":
+        spec.drafter.check(model)
     if isinstance(spec.drafter, ModelDrafter) and spec.mode == "ssd" and draft_params is None:
         raise ValueError("the model drafter needs its params: generate(..., draft_params=...)")
     return _generate_jit(model, spec, params, prompts, jnp.asarray(max_new_tokens, jnp.int32), rng, draft_params)

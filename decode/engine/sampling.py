@@ -54,21 +54,39 @@ def _is_real(value) -> bool:
 
 
 def warp(logits: Array, config: SamplingConfig) -> Array:
-    """Logits [..., vocab] -> probabilities [..., vocab] after temperature / top-k / top-p."""
+    """Logits [..., vocab] -> probabilities [..., vocab] after temperature / top-k / top-p.
+
+    top_k >= vocab keeps every token, like top_k 0 (lax.top_k cannot take more values than
+    there are). With top-k on, top-p ranks only the k largest logits (every other token is
+    masked already), so no call sorts the whole vocabulary.
+    """
     logits = logits.astype(jnp.float32) / max(config.temperature, 1e-6)
     neg = jnp.finfo(jnp.float32).min
-    if config.top_k > 0:
-        kth = jax.lax.top_k(logits, config.top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, neg, logits)
+    top_k = config.top_k if config.top_k < logits.shape[-1] else 0
+    ranked = None  # the logits that top-p may keep, in descending order
+    if top_k > 0:
+        ranked = jax.lax.top_k(logits, top_k)[0]  # [..., k], descending
+        logits = jnp.where(logits < ranked[..., -1:], neg, logits)
     if config.top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-        sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p (the token crossing it included).
-        mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-        keep = mass_before < config.top_p
-        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < threshold, neg, logits)
+        if ranked is None:
+            ranked = jnp.sort(logits, axis=-1)[..., ::-1]
+        logits = jnp.where(logits < top_p_threshold(ranked, logits, config.top_p), neg, logits)
     return jax.nn.softmax(logits, axis=-1)
+
+
+def top_p_threshold(ranked: Array, logits: Array, top_p: float) -> Array:
+    """The smallest logit top-p keeps: [..., 1].
+
+    ranked [..., n]: the n largest of logits [..., vocab] in descending order, n >= the
+    tokens not masked yet (n = vocab, or k after top-k). Top-p keeps the smallest prefix of
+    them whose mass reaches top_p (the token crossing it included), and every token tied
+    with its last one. The mass is under the softmax of all of `logits`, so tokens tied
+    with the k-th logit past the first k count, as they do in a sort of the whole vocabulary.
+    """
+    probs = jnp.exp(ranked - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < top_p
+    return jnp.min(jnp.where(keep, ranked, jnp.inf), axis=-1, keepdims=True)
 
 
 def sample(rng: Array, probs: Array) -> Array:

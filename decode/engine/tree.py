@@ -77,6 +77,16 @@ class TreeShape:
         return self.nodes // self.width
 
 
+def check_width(shape: TreeShape, vocab_size: int) -> None:
+    """Raises ValueError (one line) for a tree wider than the vocabulary: each node proposes
+    `width` distinct tokens (lax.top_k over the vocabulary would fail at trace)."""
+    if shape.enabled and shape.width > vocab_size:
+        raise ValueError(
+            f"a draft tree of width {shape.width} proposes {shape.width} distinct tokens per node, "
+            f"but the model's vocabulary has {vocab_size} tokens: use a tree width <= {vocab_size}"
+        )
+
+
 @flax.struct.dataclass
 class Tree:
     """One round's node table, per row: node 0 is the root; parents precede children.

@@ -504,7 +504,12 @@ def model_programs(point: Point, d: DrafterShapes) -> DrafterPrograms:
     small_layers = small_config.text.num_layers
     small_cache = abstract_cache(small_layers, batch, point.cache.slots, small_config, point.model.dtype, mesh)
     small_reads = read_bytes(small_params, small_config, small_cache, None)
-    carry = ModelCarry(cache=small_cache, prev_token=point.token, refeed=_sds((batch,), jnp.bool_, mesh, ("batch",)))
+    carry = ModelCarry(
+        cache=small_cache,
+        prev_token=point.token,
+        refeed=_sds((batch,), jnp.bool_, mesh, ("batch",)),
+        fed=_sds((batch,), jnp.int32, mesh, ("batch",)),
+    )
     must = small_reads.span(0, small_layers, small_layers) + small_reads.head
     small_model = point.vlm(small_config)
     start, step = _drafter_calls(ModelDrafter(small_model), small_model, point.draft_len, own_params=True)
