@@ -62,6 +62,9 @@ def get_config(
         return TrainConfig(
             stage="eagle",
             steps=4000,
+            # The head's loss reads the full model's distribution over 262k tokens at every
+            # loss position: 4 micro-batches keep those logits within a v5e chip's 16 GiB.
+            grad_accum=4,
             optim=OptimConfig(learning_rate=5e-4, warmup_steps=200, end_lr_factor=0.05, weight_decay=0.0),
             # One Gemma-width layer; the visual compressor keeps one head cache entry per 4
             # soft tokens (256 -> 64), as SpecVLM's elastic compressor at its middle setting.

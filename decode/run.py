@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -42,6 +43,7 @@ from decode.engine.captioner import (
     summarize,
 )
 from decode.engine.sampling import SamplingConfig
+from decode.engine.slots import Request, SlotStats
 from decode.engine.tree import TreeShape, check_width
 from decode.inputs import expand_inputs
 from fastvlm_jax import demo
@@ -109,6 +111,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{PROG}: error: {message} (see `{PROG} --help`)\n")
 
 
+# Measured on the demo (benchmarks/batching/, BENCHMARKS.md): continuous batching is at least as
+# fast as static batching at every batch size there.
+DEFAULT_BATCHING = "continuous"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
@@ -154,7 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0 = off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (batch i uses fold_in(seed, i))")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="sampling seed (continuous batching: each image samples from fold_in(seed, hash of its id), the "
+        "same caption whatever the batch or host; static: batch i uses fold_in(seed, i))",
+    )
     parser.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
@@ -234,6 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
+        "--batching",
+        choices=["continuous", "static"],
+        default=None,
+        help="continuous: --batch-size slots, each refilled with the next image as soon as its "
+        "caption ends (results are written as they finish, not in input order); static: "
+        f"batches decoded in lockstep until their longest caption ends (default {DEFAULT_BATCHING}, "
+        "static with --draft-len auto, which chooses per batch)",
+    )
+    parser.add_argument(
         "--mesh",
         default=None,
         metavar="AXIS=N,...",
@@ -310,6 +332,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(str(e)) from None
     _tree_options(args)
     _auto_options(args)
+    auto = args.mode == "ssd" and args.draft_len == "auto"
+    if args.batching is None:  # auto draft lengths choose per batch: static batching
+        args.batching = "static" if auto else DEFAULT_BATCHING
+    elif args.batching == "continuous" and auto:
+        raise UsageError("--draft-len auto chooses a draft length per batch: use it with --batching static")
     if os.path.isdir(args.out):
         raise UsageError(
             f"--out {args.out} is a folder; pass a file name such as {args.out.rstrip('/')}/captions.jsonl"
@@ -728,6 +755,132 @@ def _local_mesh(args):
     return mesh
 
 
+class _Stopped(Exception):
+    """Captioning stopped early (Ctrl-C, or the device ran out of memory); totals: so far."""
+
+    def __init__(self, totals: BatchStats, interrupted: bool):
+        super().__init__("stopped")
+        self.totals, self.interrupted = totals, interrupted
+
+
+def _stopping(error: BaseException, totals: BatchStats) -> _Stopped | None:
+    if isinstance(error, KeyboardInterrupt):
+        return _Stopped(totals, interrupted=True)
+    if "RESOURCE_EXHAUSTED" in str(error):
+        return _Stopped(totals, interrupted=False)
+    return None
+
+
+def _caption_static(args, captioner, options, prompt_ids, stream, base_rng, record, show, failed_to_load, out):
+    """Batches of --batch-size images in lockstep; each batch's lines written when it ends."""
+    totals = BatchStats()
+    batch_items: list = []
+    batch_pixels: list = []
+    batches = 0
+
+    def run_batch():
+        nonlocal totals, batches
+        result = captioner.generate_batch(
+            np.stack(batch_pixels), [prompt_ids] * len(batch_items), options, jax.random.fold_in(base_rng, batches)
+        )
+        batches += 1
+        for item, r in zip(batch_items, result.results):
+            record(item, r)
+        out.flush()  # a killed run keeps every finished batch
+        totals = totals + result.stats
+        show(totals, len(batch_items))
+        batch_items.clear()
+        batch_pixels.clear()
+
+    try:
+        for item, pixels, error in stream:
+            if error is not None:
+                failed_to_load(item, error)
+                continue
+            batch_items.append(item)
+            batch_pixels.append(pixels)
+            if len(batch_items) == args.batch_size:
+                run_batch()
+        if batch_items:
+            run_batch()
+    except (KeyboardInterrupt, Exception) as e:
+        stopped = _stopping(e, totals)
+        if stopped is None:
+            raise
+        raise stopped from None
+    return totals
+
+
+def request_key(base_rng, image_id: str):
+    """An image's own sampling key: fold_in(key(seed), a hash of its id), so its caption does
+    not depend on its batch, its slot or the number of hosts."""
+    return jax.random.fold_in(base_rng, zlib.crc32(image_id.encode("utf-8")) & 0x7FFFFFFF)
+
+
+def _caption_continuous(args, captioner, options, prompt_ids, stream, base_rng, record, show, failed_to_load, out):
+    """--batch-size slots refilled as captions end; each line written as its caption ends."""
+    engine = captioner.slot_engine(options, len(prompt_ids))
+    budget = options.max_new_tokens
+    # Compile every program (both prefills, insert, rounds) on one dummy image first, so that
+    # seconds and tokens/s measure decoding, as in static batching.
+    begin = time.perf_counter()
+    size = captioner.config.vision.image_size
+    dummy = Request(tuple(prompt_ids), np.zeros((size, size, 3), np.float32), jax.random.key(0), 1)
+    for _ in engine.stream([dummy]):
+        pass
+    compile_seconds = time.perf_counter() - begin
+
+    def requests():
+        for item, pixels, error in stream:
+            if error is not None:
+                failed_to_load(item, error)
+                continue
+            yield Request(tuple(prompt_ids), pixels, request_key(base_rng, item.id), budget, tag=item)
+
+    slot_stats = SlotStats(args.batch_size)
+    counts = {"images": 0, "tokens": 0, "first": 0, "rounds": 0, "drafted": 0, "accepted": 0}
+
+    def totals() -> BatchStats:
+        seconds = slot_stats.prefill_seconds + slot_stats.round_seconds
+        return BatchStats(
+            images=counts["images"],
+            tokens=counts["tokens"],
+            first_tokens=counts["first"],
+            rounds=counts["rounds"],
+            drafted=counts["drafted"],
+            accepted=counts["accepted"],
+            seconds=seconds,
+            compile_seconds=compile_seconds,
+            position_attempts=slot_stats.position_attempts,
+            position_accepts=slot_stats.position_accepts,
+            verified=counts["rounds"] * (engine.spec.lookahead if options.mode == "ssd" else 1),
+            slot_rounds=slot_stats.rounds * slot_stats.slots,
+            busy_rounds=slot_stats.busy,
+            inserts=slot_stats.inserts,
+            prefills=slot_stats.prefills,
+            prefill_seconds=slot_stats.prefill_seconds,
+        )
+
+    try:
+        for finished in engine.stream(requests(), slot_stats):
+            r = captioner.result_of(finished)
+            record(finished.request.tag, r)
+            out.flush()  # a killed run keeps every finished caption
+            counts["images"] += 1
+            counts["tokens"] += r.num_tokens
+            counts["first"] += r.num_tokens > 0
+            counts["rounds"] += r.rounds
+            counts["drafted"] += r.drafted
+            counts["accepted"] += r.accepted
+            show(totals(), 1)
+    except (KeyboardInterrupt, Exception) as e:
+        stopped = _stopping(e, totals())
+        if stopped is None:
+            raise
+        raise stopped from None
+    return totals()
+
+
 def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: list, out: TextIO, started: float) -> int:
     options = GenerationOptions(
         mode=args.mode,
@@ -767,77 +920,68 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
             raise UsageError(f"--prompt: {e}") from None
 
         progress = tqdm(total=len(pending), unit="img", dynamic_ncols=True, disable=True if args.no_progress else None)
-        batch_items: list = []
-        batch_pixels: list = []
         base_rng = jax.random.key(args.seed)
-        batches = 0
 
-        def run_batch():
-            nonlocal totals, batches
-            result = captioner.generate_batch(
-                np.stack(batch_pixels), [prompt_ids] * len(batch_items), options, jax.random.fold_in(base_rng, batches)
-            )
-            batches += 1
+        def record(item, r) -> None:
             out.write(
-                "".join(
-                    json_line(
-                        {
-                            "image": item.id,
-                            "caption": r.caption,
-                            "token_ids": list(r.token_ids),
-                            "num_tokens": r.num_tokens,
-                            "stop": r.stop,
-                            "mode": args.mode,
-                            "rounds": r.rounds,
-                            "drafted": r.drafted,
-                            "accepted": r.accepted,
-                        }
-                    )
-                    for item, r in zip(batch_items, result.results)
+                json_line(
+                    {
+                        "image": item.id,
+                        "caption": r.caption,
+                        "token_ids": list(r.token_ids),
+                        "num_tokens": r.num_tokens,
+                        "stop": r.stop,
+                        "mode": args.mode,
+                        "rounds": r.rounds,
+                        "drafted": r.drafted,
+                        "accepted": r.accepted,
+                    }
                 )
             )
-            out.flush()  # a killed run keeps every finished batch
-            totals = totals + result.stats
-            summary = summarize(totals)
+
+        def show(summary_of, count: int) -> None:
+            summary = summarize(summary_of)
             postfix = {"tok/s": f"{summary['tokens_per_s'] or 0:.1f}"}
             if args.mode == "ssd":
                 postfix["acc"] = f"{summary['acceptance_rate'] or 0:.2f}"
                 postfix["len"] = f"{summary['mean_accepted_length'] or 0:.2f}"
+            if summary["slot_utilization"] is not None:
+                postfix["slots"] = f"{summary['slot_utilization']:.2f}"
             progress.set_postfix(postfix, refresh=False)
-            progress.update(len(batch_items))
-            batch_items.clear()
-            batch_pixels.clear()
+            progress.update(count)
+
+        def failed_to_load(item, error) -> None:
+            _say(f"{PROG}: error: {item.id}: {error} (skipped)", progress)
+            failures.append({"image": item.id, "error": error})
+            out.write(json_line({"image": item.id, "error": error}))
+            out.flush()
+            progress.update(1)
 
         stream = load_in_background(captioner, pending, args.workers, 2 * args.batch_size, args.fast_decode)
         try:
-            for item, pixels, error in stream:
-                if error is not None:
-                    _say(f"{PROG}: error: {item.id}: {error} (skipped)", progress)
-                    failures.append({"image": item.id, "error": error})
-                    out.write(json_line({"image": item.id, "error": error}))
-                    out.flush()
-                    progress.update(1)
-                    continue
-                batch_items.append(item)
-                batch_pixels.append(pixels)
-                if len(batch_items) == args.batch_size:
-                    run_batch()
-            if batch_items:
-                run_batch()
-        except KeyboardInterrupt:
-            interrupted = True
-            _say(
-                f"{PROG}: interrupted; finished batches are in {args.out}, rerun the same command to continue", progress
-            )
-        except Exception as e:
-            if "RESOURCE_EXHAUSTED" not in str(e):
-                raise
-            out_of_memory = True
-            _say(
-                f"{PROG}: error: the device ran out of memory at --batch-size {args.batch_size}; "
-                f"rerun with a smaller --batch-size (finished batches are kept in {args.out})",
-                progress,
-            )
+            if args.batching == "continuous":
+                totals = _caption_continuous(
+                    args, captioner, options, prompt_ids, stream, base_rng, record, show, failed_to_load, out
+                )
+            else:
+                totals = _caption_static(
+                    args, captioner, options, prompt_ids, stream, base_rng, record, show, failed_to_load, out
+                )
+        except _Stopped as stop:
+            totals = stop.totals
+            if stop.interrupted:
+                interrupted = True
+                _say(
+                    f"{PROG}: interrupted; finished captions are in {args.out}, rerun the same command to continue",
+                    progress,
+                )
+            else:
+                out_of_memory = True
+                _say(
+                    f"{PROG}: error: the device ran out of memory at --batch-size {args.batch_size}; "
+                    f"rerun with a smaller --batch-size (finished captions are kept in {args.out})",
+                    progress,
+                )
         finally:
             stream.close()
             progress.close()
@@ -864,6 +1008,7 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
                 "process_index": jax.process_index(),
                 "process_count": jax.process_count(),
                 "batch_size": args.batch_size,
+                "batching": args.batching,
                 "max_new_tokens": args.max_new_tokens,
                 "prompt": prompt,
                 "temperature": args.temperature,

@@ -177,31 +177,37 @@ def test_greedy_ssd_equals_ar(ckpt, mixed, tmp_path):
     assert stats["mean_accepted_length"] == 1.0 and stats["acceptance_rate"] is None
 
 
-def test_killed_run_resumes_without_duplicates_or_losses(ckpt, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_killed_run_resumes_without_duplicates_or_losses(ckpt, tmp_path, monkeypatch, capsys, batching):
     images = [write_image(tmp_path / "in" / f"{i:02d}.png", seed=i) for i in range(10)]
     ids = sorted(str(p) for p in images)
     reference = tmp_path / "reference.jsonl"
-    assert _main(ckpt, [tmp_path / "in"], reference) == run.EXIT_OK
+    assert _main(ckpt, [tmp_path / "in"], reference, "--batching", "static") == run.EXIT_OK
     expected = _captions(_read_jsonl(reference))
 
-    # 1. Interrupted (Ctrl-C) during the third batch: two batches are on disk.
+    # 1. Interrupted (Ctrl-C) mid-run: static, during the third batch (two batches are on
+    # disk); continuous, as the fifth caption finishes (four are on disk).
     calls = {"n": 0}
-    original = Captioner.generate_batch
+    method = "generate_batch" if batching == "static" else "result_of"
+    original = getattr(Captioner, method)
+    stop_at, written = (3, 8) if batching == "static" else (5, 4)
 
     def flaky(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == stop_at:
             raise KeyboardInterrupt
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Captioner, "generate_batch", flaky)
+    monkeypatch.setattr(Captioner, method, flaky)
     out = tmp_path / "out.jsonl"
-    assert _main(ckpt, [tmp_path / "in"], out) == run.EXIT_INTERRUPTED
-    assert len(_read_jsonl(out)) == 8
-    monkeypatch.setattr(Captioner, "generate_batch", original)
-    assert _main(ckpt, [tmp_path / "in"], out) == run.EXIT_OK
+    assert _main(ckpt, [tmp_path / "in"], out, "--batching", batching) == run.EXIT_INTERRUPTED
+    assert len(_read_jsonl(out)) == written
+    monkeypatch.setattr(Captioner, method, original)
+    assert _main(ckpt, [tmp_path / "in"], out, "--batching", batching) == run.EXIT_OK
     lines = _read_jsonl(out)
-    assert [line["image"] for line in lines] == ids  # each exactly once, in order
+    # Each exactly once (static: in input order; continuous: as they finished).
+    got = [line["image"] for line in lines]
+    assert (got if batching == "static" else sorted(got)) == ids
     assert _captions(lines) == expected
 
     # 2. Killed while writing: the last line is cut short (and one image never started).
@@ -338,3 +344,14 @@ def test_tfds_images(ckpt, tmp_path):
     assert sorted(_captions(_read_jsonl(out))) == sorted(item.id for item in items)
     items, errors = expand_inputs(["tfds:no_such_dataset:test"], data_dir)
     assert not items and "cannot read TFDS images" in errors[0].message
+
+
+def test_continuous_batching_stats(ckpt, tmp_path):
+    """--batching continuous (the default) reports its slots: utilization, inserts, prefill share."""
+    images = [write_image(tmp_path / "in" / f"{i:02d}.png", seed=i) for i in range(5)]
+    stats_file = tmp_path / "stats.json"
+    assert _main(ckpt, images, tmp_path / "out.jsonl", "--stats", stats_file) == run.EXIT_OK
+    stats = json.loads(stats_file.read_text())
+    assert stats["batching"] == "continuous" and stats["images"] == 5 and stats["inserts"] == 5
+    assert 0 < stats["slot_utilization"] <= 1 and 0 < stats["prefill_share"] < 1
+    assert stats["prefills"] >= -(-5 // int(BATCH))

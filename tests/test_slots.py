@@ -18,6 +18,7 @@ from fastvlm_jax.nn.model import VLM
 from tests.test_drafters import _eagle_config, _echo_eagle, _scaled_residuals, _truncated
 
 CAPACITY = 16
+PROMPT_LEN = 32
 
 
 def _requests(config, count, seed=0):
@@ -36,14 +37,21 @@ def _requests(config, count, seed=0):
     return requests
 
 
-def _alone(model, params, spec, request, draft_params=None):
-    """The request decoded alone, at batch 1, with generate (its key as the batch's key)."""
-    prompts = Prompts(
-        jnp.asarray([request.prompt_ids], jnp.int32),
+def _one(request):
+    """The request as a batch of one, right-padded to the engine's bucket (one program for all)."""
+    ids = list(request.prompt_ids) + [0] * (PROMPT_LEN - len(request.prompt_ids))
+    return Prompts(
+        jnp.asarray([ids], jnp.int32),
         jnp.asarray([len(request.prompt_ids)], jnp.int32),
         jnp.asarray(request.pixels[None]),
     )
-    out = generate(model, params, prompts, spec, request.max_new_tokens, jax.random.key(0), draft_params=draft_params)
+
+
+def _alone(model, params, spec, request, draft_params=None):
+    """The request decoded alone, at batch 1, with generate (its key as the batch's key)."""
+    out = generate(
+        model, params, _one(request), spec, request.max_new_tokens, jax.random.key(0), draft_params=draft_params
+    )
     return tuple(int(t) for t in np.asarray(out.tokens[0, : int(out.num_tokens[0])]))
 
 
@@ -76,13 +84,13 @@ def test_greedy_continuous_equals_each_request_alone(name):
         spec = DecodeSpec(
             "ssd", capacity=CAPACITY, eos_ids=(), policy=DraftPolicy(draft_len=2), drafter=ModelDrafter(small)
         )
-    requests = _requests(model.config, 11, seed=1)
+    requests = _requests(model.config, 9, seed=1)
     # An EOS that some requests reach mid-way, so slots free up at different rounds.
     eos = int(_alone(model, params, DecodeSpec("ar", capacity=CAPACITY, eos_ids=()), requests[0])[2])
     spec = DecodeSpec(spec.mode, spec.capacity, spec.sampling, spec.policy, (eos,), spec.tree, spec.drafter)
     want = {r.tag: _alone(model, params, spec, r, draft_params) for r in requests}
     stats = SlotStats(4)
-    engine = SlotEngine(model, params, spec, 4, prompt_len=32, prefill_rows=2, draft_params=draft_params)
+    engine = SlotEngine(model, params, spec, 4, prompt_len=PROMPT_LEN, prefill_rows=2, draft_params=draft_params)
     got = {f.request.tag: f.token_ids for f in engine.stream(requests, stats)}
     assert got == want
     assert stats.inserts == len(requests) and stats.prefills >= len(requests) // 2
@@ -102,17 +110,12 @@ def test_sampled_requests_do_not_depend_on_batch_or_order():
     requests = _requests(model.config, 7, seed=2)
     runs = []
     for batch, order in ((2, requests), (5, requests[::-1])):
-        engine = SlotEngine(model, params, spec, batch, prompt_len=32, prefill_rows=1)
+        engine = SlotEngine(model, params, spec, batch, prompt_len=PROMPT_LEN, prefill_rows=1)
         runs.append({f.request.tag: f.token_ids for f in engine.stream(order)})
     assert runs[0] == runs[1]
     # Alone: a batch-1 generate with the request's key as a one-row key array.
     request = requests[3]
-    prompts = Prompts(
-        jnp.asarray([request.prompt_ids], jnp.int32),
-        jnp.asarray([len(request.prompt_ids)], jnp.int32),
-        jnp.asarray(request.pixels[None]),
-    )
-    out = generate(model, params, prompts, spec, request.max_new_tokens, request.key[None])
+    out = generate(model, params, _one(request), spec, request.max_new_tokens, request.key[None])
     assert tuple(int(t) for t in np.asarray(out.tokens[0, : int(out.num_tokens[0])])) == runs[0][3]
     # Different keys give different samples (the keys are used).
     assert len({runs[0][r.tag] for r in requests}) > 1

@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from decode.bench import compile_only
+from decode.bench.batching import bench_batching
 from decode.bench.cost import CostModel
 from decode.bench.machine import loadavg, machine_info
 from decode.bench.models import RANDOM_PRESETS, load_bench_model, load_drafter, make_prompts
@@ -206,6 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--context-bucket", type=int, default=8)
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument(
+        "--batching",
+        nargs="+",
+        choices=["static", "continuous"],
+        default=None,
+        help="compare batchings instead of the sweep: --num-images prompts captioned at each --batch-size "
+        "with each batching, AR and SSD (draft length: the first --draft-len), interleaved (decode/bench/batching.py)",
+    )
+    parser.add_argument(
+        "--num-images", type=int, default=256, help="--batching: the workload's size (synthetic test scenes by default)"
+    )
     parser.add_argument("--json", required=True, help="output JSON file")
     compile_group = parser.add_argument_group(
         "compile-only",
@@ -266,6 +278,44 @@ def run_line(result: dict, policy_name: str) -> str:
     )
 
 
+def _compare_batchings(args: argparse.Namespace, argv, bench) -> int:
+    """--batching: static vs continuous on the same workload (decode/bench/batching.py)."""
+    draft_len = next((d for d in args.draft_len if d != "auto"), 5)
+    info = machine_info()
+    runs = bench_batching(
+        bench,
+        num_images=args.num_images,
+        batch_sizes=args.batch_size,
+        batchings=tuple(args.batching),
+        draft_len=draft_len,
+        max_new_tokens=args.max_new_tokens,
+        repeats=args.repeats,
+        images=args.images,
+        prompt=args.prompt,
+        seed=args.seed,
+    )
+    report = {
+        "device": describe_device(),
+        "machine": info,
+        "model": bench.source,
+        "dtype": bench.dtype.name,
+        "num_images": args.num_images,
+        "max_new_tokens": args.max_new_tokens,
+        "draft_len": draft_len,
+        "repeats": args.repeats,
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "runs": runs,
+    }
+    load = loadavg()
+    if load is not None:
+        report["machine"]["loadavg_at_end"] = load
+    json_path = Path(args.json)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.json}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -280,6 +330,8 @@ def main(argv=None) -> int:
         parser.error(str(e))
 
     bench = load_bench_model(args.ckpt, args.seed, args.dtype)
+    if args.batching:
+        return _compare_batchings(args, argv, bench)
     exit_layers = args.exit_layer or [bench.config.draft.exit_layer]
     for layer in exit_layers:
         if not 1 <= layer < bench.config.text.num_layers:

@@ -38,6 +38,7 @@ from decode.engine.autodraft import AutoDraft, AutoDraftConfig, Choice, choice_l
 from decode.engine.drafters import EagleDrafter, ImitationDrafter, ModelDrafter
 from decode.engine.loop import Mode
 from decode.engine.sampling import SamplingConfig
+from decode.engine.slots import Finished, SlotEngine
 from decode.engine.tree import TreeShape
 from fastvlm_jax import demo
 from fastvlm_jax.ckpt.checkpoint import Checkpoint, CheckpointError, load_checkpoint
@@ -121,6 +122,15 @@ class BatchStats:
     verified: int = 0
     # With auto draft lengths: each batch's choice (a chain's length, or 'tree:NODESxWIDTH').
     draft_lens: tuple[int | str, ...] = ()
+    # Slot-rounds the programs ran (batch rows x rounds), and those of a row still decoding a
+    # real image (each emits at least one token): slot utilization = busy / slot_rounds.
+    slot_rounds: int = 0
+    busy_rounds: int = 0
+    # Continuous batching: requests inserted into slots, prefill calls, and the seconds of
+    # prefill + insert (inside `seconds`).
+    inserts: int = 0
+    prefills: int = 0
+    prefill_seconds: float = 0.0
 
     def __add__(self, other: BatchStats) -> BatchStats:
         def add_lists(a, b):
@@ -141,6 +151,11 @@ class BatchStats:
             position_accepts=add_lists(self.position_accepts, other.position_accepts),
             verified=self.verified + other.verified,
             draft_lens=self.draft_lens + other.draft_lens,
+            slot_rounds=self.slot_rounds + other.slot_rounds,
+            busy_rounds=self.busy_rounds + other.busy_rounds,
+            inserts=self.inserts + other.inserts,
+            prefills=self.prefills + other.prefills,
+            prefill_seconds=self.prefill_seconds + other.prefill_seconds,
         )
 
 
@@ -172,6 +187,9 @@ def summarize(stats: BatchStats | Iterable[BatchStats]) -> dict[str, Any]:
     acceptance_per_position[j]: acceptance rate of the j-th drafted token of a round (trees:
       of a node at depth j + 1 on the accepted path, given the tree reached that depth).
     accepted_depth_histogram[a]: rounds that accepted exactly a drafted tokens.
+    slot_utilization: slot-rounds that decoded a real image (and so emitted a token) over all
+      slot-rounds run; inserts / prefills / prefill_share: continuous batching's refills, its
+      prefill calls, and their share of `seconds`.
     """
     if not isinstance(stats, BatchStats):
         stats = sum(stats, BatchStats())
@@ -197,6 +215,10 @@ def summarize(stats: BatchStats | Iterable[BatchStats]) -> dict[str, Any]:
         "position_accepts": list(stats.position_accepts),
         "accepted_depth_histogram": accepted_depth_histogram(stats.rounds, stats.position_accepts),
         "draft_len_per_batch": list(stats.draft_lens),
+        "slot_utilization": _ratio(stats.busy_rounds, stats.slot_rounds),
+        "inserts": stats.inserts,
+        "prefills": stats.prefills,
+        "prefill_share": _ratio(stats.prefill_seconds, stats.seconds),
     }
 
 
@@ -546,11 +568,47 @@ class Captioner:
             position_accepts=tuple(int(x) for x in out.position_accepts),
             verified=sum(r.rounds for r in results) * (spec.lookahead if spec.mode == "ssd" else 1),
             draft_lens=() if chosen is None else (choice_label(chosen),),
+            # The loop runs until its slowest row is done: every row pays for those rounds.
+            slot_rounds=self.batch_size * int(np.max(out.rounds)),
+            busy_rounds=sum(r.rounds for r in results),
         )
         if chosen is not None:
             assert self.auto_draft is not None  # _auto_draft_len set it
             self.auto_draft.observe(chosen, out.position_attempts, out.position_accepts)
         return BatchResult(results, stats)
+
+    def slot_engine(self, options: GenerationOptions, prompt_len: int, prefill_rows: int | None = None) -> SlotEngine:
+        """Continuous batching over batch_size slots (decode.engine.slots) for prompts of up to
+        prompt_len tokens; auto draft lengths are static batching's only."""
+        if options.mode == "ssd" and options.auto_draft is not None:
+            raise ValueError("auto draft lengths choose per batch: use static batching with them")
+        return SlotEngine(
+            self.model,
+            self.params,
+            self.spec(options),
+            self.batch_size,
+            prompt_len,
+            pad_id=self.tokenizer.pad_id,
+            prompt_bucket=self.prompt_bucket,
+            prefill_rows=prefill_rows,
+            draft_params=self.draft_params,
+            place=self._place,
+        )
+
+    def result_of(self, finished: Finished, seconds: float = 0.0) -> CaptionResult:
+        """A finished slot request as a CaptionResult (seconds: what the caller attributes to it)."""
+        token_ids = finished.token_ids
+        eos = set(self.eos_ids)
+        return CaptionResult(
+            caption=self.tokenizer.decode(token_ids).strip(),
+            token_ids=token_ids,
+            num_tokens=len(token_ids),
+            stop="eos" if token_ids and token_ids[-1] in eos else "length",
+            rounds=finished.rounds,
+            drafted=finished.drafted,
+            accepted=finished.accepted,
+            seconds=seconds,
+        )
 
     def caption_batches(
         self,

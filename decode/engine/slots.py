@@ -92,6 +92,44 @@ def _insert_rows(live, new, targets: Array):
     return jax.tree.map(insert, live, new, is_leaf=lambda node: isinstance(node, KVCache))
 
 
+def _grow_rows(tree, batch: int):
+    """Every leaf's batch axis (as in _insert_rows) grown to `batch` rows by repeating its rows."""
+
+    def grow(axis):
+        def repeat(leaf):
+            copies = -(-batch // leaf.shape[axis])
+            return jax.lax.slice_in_dim(jnp.concatenate([leaf] * copies, axis=axis), 0, batch, axis=axis)
+
+        return repeat
+
+    def node_grow(node):
+        if isinstance(node, KVCache):
+            return node.replace(keys=grow(1)(node.keys), values=grow(1)(node.values), pos=grow(0)(node.pos))
+        return grow(0)(node)
+
+    return jax.tree.map(node_grow, tree, is_leaf=lambda node: isinstance(node, KVCache))
+
+
+def empty_slots(first: _LoopState, batch: int) -> SlotState:
+    """B empty slots shaped like the rows of a prefill (`first`, whose rows are repeated:
+    the slots' values do not matter until a request is inserted, only their structure)."""
+    grown = _grow_rows(first, batch)
+    loop = grown.replace(
+        done=jnp.ones((batch,), bool),
+        stats=grown.stats.replace(
+            position_attempts=jnp.zeros_like(first.stats.position_attempts),
+            position_accepts=jnp.zeros_like(first.stats.position_accepts),
+        ),
+    )
+    return SlotState(
+        loop=loop,
+        budget=jnp.zeros((batch,), jnp.int32),
+        request=jnp.full((batch,), -1, jnp.int32),
+        rounds=jnp.int32(0),
+        busy=jnp.int32(0),
+    )
+
+
 def insert(slots: SlotState, new: _LoopState, targets: Array, requests: Array, budgets: Array) -> SlotState:
     """Puts P prefilled rows (`new`) into slots `targets` [P] (B: drop the row), for requests
     [P] with budgets [P]. The engine-wide per-position counters stay the slots' own."""
@@ -205,6 +243,11 @@ def _prefill_jit(model: VLM, spec: DecodeSpec, params, draft_params, prompts: Pr
     return _prefill(ctx, prompts, spec, keys, jnp.minimum(budgets, spec.capacity), slots)
 
 
+@functools.partial(jax.jit, static_argnums=(1,))
+def _empty_jit(first: _LoopState, batch: int) -> SlotState:
+    return empty_slots(first, batch)
+
+
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _insert_jit(slots: SlotState, new: _LoopState, targets, requests, budgets) -> SlotState:
     return insert(slots, new, targets, requests, budgets)
@@ -310,19 +353,7 @@ class SlotEngine:
         refill_queue(self.batch)
         if not waiting:
             return
-        # Every slot starts empty: a prefill of budget-0 rows (done at once) gives the state's
-        # structure (caches, the drafter's carry) at the engine's shapes.
-        begin = time.perf_counter()
-        empty = self._prefill([dataclasses.replace(waiting[0], max_new_tokens=0)], self.batch)
-        slots = SlotState(
-            loop=empty,
-            budget=self.place(np.zeros((self.batch,), np.int32)),
-            request=self.place(np.full((self.batch,), -1, np.int32)),
-            rounds=jnp.int32(0),
-            busy=jnp.int32(0),
-        )
-        jax.block_until_ready(slots)
-        stats.prefill_seconds += time.perf_counter() - begin
+        slots = None  # made from the first prefill's rows (its structure, at the engine's shapes)
         occupant: dict[int, Request] = {}  # slot -> request
         next_index = 0
         free = list(range(self.batch))
@@ -335,6 +366,8 @@ class SlotEngine:
                 targets = free[: len(take)]
                 del free[: len(take)]
                 new = self._prefill(take, self.prefill_rows)
+                if slots is None:
+                    slots = _empty_jit(new, self.batch)
                 pad = self.prefill_rows - len(take)
                 target_array = np.asarray(targets + [self.batch] * pad, np.int32)
                 indices = np.asarray(list(range(next_index, next_index + len(take))) + [-1] * pad, np.int32)
@@ -346,6 +379,7 @@ class SlotEngine:
                 stats.prefills += 1
                 stats.inserts += len(take)
                 refill_queue(len(free) + self.prefill_rows)
+            assert slots is not None  # the first pass of this loop inserted the first requests
             jax.block_until_ready(slots)
             stats.prefill_seconds += time.perf_counter() - begin
             # Run rounds until enough slots finish for what is waiting.
@@ -389,6 +423,7 @@ class SlotEngine:
             slots = slots.replace(request=self.place(keep.astype(np.int32)))
             free.extend(finished_slots)
             refill_queue(len(free))
+        assert slots is not None
         attempts, accepts = jax.device_get((slots.loop.stats.position_attempts, slots.loop.stats.position_accepts))
         stats.position_attempts = tuple(int(x) for x in attempts)
         stats.position_accepts = tuple(int(x) for x in accepts)
