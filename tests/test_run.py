@@ -355,3 +355,33 @@ def test_continuous_batching_stats(ckpt, tmp_path):
     assert stats["batching"] == "continuous" and stats["images"] == 5 and stats["inserts"] == 5
     assert 0 < stats["slot_utilization"] <= 1 and 0 < stats["prefill_share"] < 1
     assert stats["prefills"] >= -(-5 // int(BATCH))
+
+
+@pytest.mark.slow
+def test_sampled_captions_do_not_depend_on_batch_size_or_a_resume(ckpt, tmp_path, monkeypatch):
+    """--temperature 1 with continuous batching: each image samples from its own key, so the
+    captions are the same at batch 4 and 16, and after an interrupted run is resumed at 8."""
+    images = [write_image(tmp_path / "in" / f"{i:02d}.png", seed=i) for i in range(9)]
+    sampled = ("--temperature", "1.0", "--seed", "7")
+
+    def captions(out, batch):
+        assert _main(ckpt, images, out, *sampled, "--batch-size", batch) == run.EXIT_OK
+        return {line["image"]: line["token_ids"] for line in _read_jsonl(out)}
+
+    at4 = captions(tmp_path / "b4.jsonl", "4")
+    assert captions(tmp_path / "b16.jsonl", "16") == at4
+    assert len({tuple(t) for t in at4.values()}) > 1  # sampled, not one caption for all
+    calls = {"n": 0}
+    original = Captioner.result_of
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Captioner, "result_of", flaky)
+    out = tmp_path / "resumed.jsonl"
+    assert _main(ckpt, images, out, *sampled, "--batch-size", "4") == run.EXIT_INTERRUPTED
+    monkeypatch.setattr(Captioner, "result_of", original)
+    assert captions(out, "8") == at4

@@ -119,3 +119,34 @@ def test_sampled_requests_do_not_depend_on_batch_or_order():
     assert tuple(int(t) for t in np.asarray(out.tokens[0, : int(out.num_tokens[0])])) == runs[0][3]
     # Different keys give different samples (the keys are used).
     assert len({runs[0][r.tag] for r in requests}) > 1
+
+
+@pytest.mark.slow
+def test_speculative_sampling_is_exact_under_continuous_batching():
+    """Chi-square of the 3-token samples of requests decoded in slots, amid requests of other
+    budgets that finish and free their slots at other rounds, against the enumerated
+    distribution (test_sampling's 6-token model)."""
+    from tests.test_sampling import PROMPT, _chi_square, _exact_joint
+    from tests.tiny import tiny_config
+
+    config = tiny_config(vocab_size=6, num_layers=3, exit_layer=1, hidden_size=32)
+    model = VLM(config)
+    params = jax.jit(model.init)(jax.random.key(11))
+    params["language_model"]["lm_head"]["kernel"] = params["language_model"]["lm_head"]["kernel"] * 12
+    steps = 3
+    sampling = SamplingConfig(temperature=1.0)
+    spec = DecodeSpec("ssd", capacity=steps, sampling=sampling, eos_ids=(), policy=DraftPolicy(draft_len=1))
+    base = jax.random.key(5)
+    requests = [
+        Request(tuple(PROMPT), None, jax.random.fold_in(base, i), steps if i % 2 == 0 else 1 + i % 4 // 2, tag=i)
+        for i in range(8000)
+    ]
+    engine = SlotEngine(model, params, spec, 512, prompt_len=len(PROMPT), prompt_bucket=len(PROMPT), prefill_rows=128)
+    stats = SlotStats(512)
+    finished = [f for f in engine.stream(requests, stats) if f.request.max_new_tokens == steps]
+    assert len(finished) == 4000 and stats.inserts == 8000
+    assert 0 < sum(stats.position_accepts) < sum(stats.position_attempts)
+    joint = _exact_joint((model, params, {}), steps, sampling)
+    pvalue, impossible = _chi_square(np.asarray([f.token_ids for f in finished]), joint)
+    print(f"continuous SSD, {steps} steps: p = {pvalue:.3g}")
+    assert impossible == 0 and pvalue > 1e-3, pvalue
