@@ -38,7 +38,7 @@ from decode.engine.autodraft import AutoDraft, AutoDraftConfig, Choice, choice_l
 from decode.engine.drafters import EagleDrafter, ImitationDrafter, ModelDrafter
 from decode.engine.loop import Mode
 from decode.engine.sampling import SamplingConfig
-from decode.engine.slots import Finished, SlotEngine
+from decode.engine.slots import Finished, Request, SlotEngine
 from decode.engine.tree import TreeShape
 from fastvlm_jax import demo
 from fastvlm_jax.ckpt.checkpoint import Checkpoint, CheckpointError, load_checkpoint
@@ -610,6 +610,28 @@ class Captioner:
             seconds=seconds,
         )
 
+    def _caption_continuous(self, images, prompt, options, seed, fast_decode) -> list[CaptionResult]:
+        prompts = [prompt] * len(images) if prompt is None or isinstance(prompt, str) else list(prompt)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        ids_of = {p: tuple(self.prompt_ids(p)) for p in set(prompts)}
+        engine = self.slot_engine(options, max(len(ids) for ids in ids_of.values()))
+        base = jax.random.key(seed)
+        requests = (
+            Request(
+                ids_of[prompts[i]],
+                self.preprocess(image, fast_decode=fast_decode),
+                jax.random.fold_in(base, i),
+                options.max_new_tokens,
+                tag=i,
+            )
+            for i, image in enumerate(images)
+        )
+        results: list[CaptionResult | None] = [None] * len(images)
+        for finished in engine.stream(requests):
+            results[finished.request.tag] = self.result_of(finished)
+        return [r for r in results if r is not None]
+
     def caption_batches(
         self,
         images: Sequence[ImageSource],
@@ -648,11 +670,20 @@ class Captioner:
         tree: TreeShape = TreeShape(),
         seed: int = 0,
         fast_decode: bool = False,
+        batching: str = "static",
     ) -> list[CaptionResult]:
-        """Captions for `images` (paths, bytes, PIL images, uint8 arrays), in order."""
+        """Captions for `images` (paths, bytes, PIL images, uint8 arrays), in order.
+
+        batching: 'static' (batches in lockstep; batch i samples with fold_in(key(seed), i)) or
+        'continuous' (batch_size slots refilled as captions end; image i samples with
+        fold_in(key(seed), i), whatever its slot)."""
         options = GenerationOptions(
             mode=mode, max_new_tokens=max_new_tokens, sampling=sampling, policy=policy, tree=tree
         )
+        if batching == "continuous":
+            return self._caption_continuous(images, prompt, options, seed, fast_decode)
+        if batching != "static":
+            raise ValueError(f"unknown batching {batching!r}: use 'static' or 'continuous'")
         return [
             result
             for batch in self.caption_batches(images, prompt, options, seed=seed, fast_decode=fast_decode)
