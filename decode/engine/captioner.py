@@ -582,6 +582,10 @@ class Captioner:
         prompt_len tokens; auto draft lengths are static batching's only."""
         if options.mode == "ssd" and options.auto_draft is not None:
             raise ValueError("auto draft lengths choose per batch: use static batching with them")
+        # Prefilled rows are split over the mesh's data x fsdp devices like the slots.
+        multiple = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        rows = max(1, self.batch_size // 4) if prefill_rows is None else prefill_rows
+        prefill_rows = min(self.batch_size, round_up(rows, multiple))
         return SlotEngine(
             self.model,
             self.params,
