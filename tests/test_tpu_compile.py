@@ -8,6 +8,7 @@ The tests that compile need libtpu (the `tpu` and `test` extras); the others do 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import flax.linen as nn
@@ -22,6 +23,20 @@ from tests import train_helpers as th
 TOPOLOGY = "v5e:2x2"
 # The tiny training config with a fixed vocabulary, so no tokenizer is trained first.
 TINY_TRAIN = [f"--config={th.TINY_CONFIG}:base", "model.text.vocab_size=128", "model.image_token_id=127"]
+
+
+@pytest.fixture(autouse=True)
+def xla_flags_libtpu_knows(monkeypatch):
+    """libtpu parses XLA_FLAGS when it loads and aborts the process on a flag it does not
+    know: the suite's XLA:CPU-only flags are hidden from it, once the CPU backend has read
+    them (XLA reads XLA_FLAGS once per process, when the first backend starts)."""
+    import jax
+
+    from tests.conftest import CPU_ONLY_FLAGS
+
+    jax.devices()
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f not in CPU_ONLY_FLAGS]
+    monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
 
 
 def needs_libtpu():
