@@ -29,6 +29,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax  # noqa: E402 (after the environment it reads)
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -53,3 +54,23 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     if getattr(config, "_fastvlm_cache_owner", False):
         shutil.rmtree(os.environ.pop(_CACHE_VARIABLE), ignore_errors=True)
+
+
+# Fixtures several modules use, built once per test process (a module-scoped fixture imported
+# into another module is built again there).
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory):
+    """A converted tiny HF BLIP-2 and its greedy outputs (tests/test_blip2.py convert_tiny_blip2)."""
+    from tests.test_blip2 import convert_tiny_blip2
+
+    return convert_tiny_blip2(tmp_path_factory.mktemp("blip2"))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The 6-token model of the sampling tests (tests/test_sampling.py sampling_model)."""
+    from tests.test_sampling import sampling_model
+
+    return sampling_model()

@@ -175,9 +175,9 @@ WARPED = SamplingConfig(temperature=0.7, top_k=4, top_p=0.9)
 CASES = [(1, 3, PLAIN), (2, 4, WARPED)]  # (draft_len, steps, sampling)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    """(model, params, cache of exact joints). With this seed the draft path (layer 0,
+def sampling_model():
+    """(model, params, cache of exact joints): the `tiny` fixture (tests/conftest.py), built
+    once per test process. With this seed the draft path (layer 0,
     then the fresh imitation network, which starts as the identity) is close enough to
     the full model that well over half the draft tokens are accepted: both the rejection
     and the bonus branch are frequent (the tests assert it)."""

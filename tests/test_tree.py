@@ -11,9 +11,7 @@ from decode.engine import tree as tree_lib
 from decode.engine.tree import TreeShape
 from fastvlm_jax.nn.kv_cache import KVCache
 from fastvlm_jax.nn.model import VLM
-from tests.test_blip2 import converted  # noqa: F401 (a pytest fixture: a converted tiny HF BLIP-2)
 from tests.test_decode import _near_identity_deep_layers, _perturbed_imitation, _prompts, _tokens
-from tests.test_sampling import tiny  # noqa: F401 (a pytest fixture: the 6-token model)
 from tests.tiny import tiny_config
 
 # (exit layer, imitation kind, nodes, width): both kinds, a narrow and a wide tree. (Width 1,
