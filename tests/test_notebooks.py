@@ -67,7 +67,7 @@ def model_checkpoint(tmp_path_factory) -> str:
 
 def overrides(name: str, ckpt: str, tmp: Path) -> dict:
     if name == "quickstart":
-        return dict(CKPT=ckpt, NUM_IMAGES=4, BATCH_SIZE=4, MAX_NEW_TOKENS=48, REPEATS=2)
+        return dict(CKPT=ckpt, NUM_IMAGES=4, BATCH_SIZE=4, MAX_NEW_TOKENS=48, REPEATS=1)
     if name == "convert_and_caption":
         # No checkpoint at HF_DIR: the notebook must fall back to a tiny random HF LLaVA.
         return dict(
