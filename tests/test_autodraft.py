@@ -13,7 +13,7 @@ from decode.engine.autodraft import AutoDraft, AutoDraftConfig, choice_label, pa
 from decode.engine.sampling import SamplingConfig
 from decode.engine.tree import TreeShape
 from tests.test_decode import _near_identity_deep_layers
-from tests.test_sampling import PROMPT, _chi_square, _exact_joint, tiny  # noqa: F401 (tiny: a pytest fixture)
+from tests.test_sampling import PROMPT, _chi_square, _exact_joint
 
 
 def test_expected_tokens_follow_the_observed_acceptance():

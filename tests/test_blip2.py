@@ -170,12 +170,12 @@ MAX_NEW = 20
 EOS = 2
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """A tiny HF BLIP-2 (deep layers scaled so early exits often agree), converted with the CLI path."""
+def convert_tiny_blip2(root):
+    """A tiny HF BLIP-2 (deep layers scaled so early exits often agree), converted with the
+    CLI path, and its greedy outputs: (checkpoint, prompts, HF tokens, our AR output, path).
+    The `converted` fixture (tests/conftest.py) builds it once per test process."""
     import torch
 
-    root = tmp_path_factory.mktemp("blip2")
     hf_model = build_tiny_blip2(root / "hf", seed=3, text_init_std=0.15, deep_scale=0.3, exit_layer=EXIT_LAYER)
     convert.convert(root / "hf", root / "ckpt", exit_layer=EXIT_LAYER, progress=False)
     checkpoint = load_checkpoint(root / "ckpt")

@@ -13,7 +13,7 @@ from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
 from decode.engine.drafters import Drafter, ImitationDrafter
 from decode.engine.sampling import SamplingConfig
 from fastvlm_jax.nn.model import VLM
-from tests.test_sampling import PROMPT, tiny  # noqa: F401 (tiny: a pytest fixture, the 6-token model)
+from tests.test_sampling import PROMPT
 from tests.tiny import tiny_config
 
 

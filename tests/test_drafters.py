@@ -14,7 +14,6 @@ from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
 from decode.engine.drafters import EagleDrafter, ModelDrafter
 from fastvlm_jax.nn.eagle import compact_slots, compress
 from fastvlm_jax.nn.model import VLM
-from tests.test_blip2 import converted  # noqa: F401 (a pytest fixture: a converted tiny HF BLIP-2)
 from tests.test_decode import _prompts, _tokens
 from tests.test_sampling import PROMPT, ROWS, VOCAB, WARPED, _chi_square, _exact_joint
 from tests.tiny import tiny_config

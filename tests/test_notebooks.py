@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import train_helpers as th
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
@@ -65,7 +67,7 @@ def model_checkpoint(tmp_path_factory) -> str:
 
 def overrides(name: str, ckpt: str, tmp: Path) -> dict:
     if name == "quickstart":
-        return dict(CKPT=ckpt, NUM_IMAGES=4, BATCH_SIZE=4, MAX_NEW_TOKENS=48, REPEATS=2)
+        return dict(CKPT=ckpt, NUM_IMAGES=4, BATCH_SIZE=4, MAX_NEW_TOKENS=48, REPEATS=1)
     if name == "convert_and_caption":
         # No checkpoint at HF_DIR: the notebook must fall back to a tiny random HF LLaVA.
         return dict(
@@ -123,10 +125,11 @@ def image_outputs(nb) -> int:
 def test_notebook_runs(name, model_checkpoint, tmp_path, monkeypatch):
     nb = read(name)
     inject(nb, overrides(name, model_checkpoint, tmp_path))
-    # A fresh kernel on one CPU device (conftest asks for 8 host devices for the mesh tests),
-    # no package install needed: the notebooks find the repository from notebooks/.
-    monkeypatch.delenv("XLA_FLAGS", raising=False)
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    # A fresh kernel on one CPU device (conftest asks for 8 host devices for the mesh tests)
+    # with the suite's other compile flags and its persistent compilation cache; no package
+    # install needed: the notebooks find the repository from notebooks/.
+    for key, value in th.subprocess_env(tmp_path / "jax_cache", devices=1).items():
+        monkeypatch.setenv(key, value)
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     monkeypatch.setenv("FASTVLM_CACHE", str(tmp_path / "cache"))  # never the user's demo cache
     client = nbclient.NotebookClient(

@@ -175,9 +175,9 @@ WARPED = SamplingConfig(temperature=0.7, top_k=4, top_p=0.9)
 CASES = [(1, 3, PLAIN), (2, 4, WARPED)]  # (draft_len, steps, sampling)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    """(model, params, cache of exact joints). With this seed the draft path (layer 0,
+def sampling_model():
+    """(model, params, cache of exact joints): the `tiny` fixture (tests/conftest.py), built
+    once per test process. With this seed the draft path (layer 0,
     then the fresh imitation network, which starts as the identity) is close enough to
     the full model that well over half the draft tokens are accepted: both the rejection
     and the bonus branch are frequent (the tests assert it)."""
@@ -356,8 +356,10 @@ def test_broken_acceptance_rule_is_detected(tiny, monkeypatch, mutation, draft_l
     try:
         out, tokens = _generate(tiny, "ssd", draft_len, steps, sampling, seed=0, capacity=capacity)
     finally:
-        # Nor may a later test with this spec get the broken program from the cache.
-        jax.clear_caches()
+        # Nor may a later test with this spec get the broken program from the cache: generate's
+        # jit cache is the only one that holds it (the rule is traced inside generate's own
+        # closures; jax.clear_caches() would also drop every other test's programs).
+        loop._generate_jit.clear_cache()
     assert traced, "the patched acceptance rule was not traced"
     assert _bonus_rows(out, draft_len) > 0.2
     pvalue, impossible = _chi_square(tokens, joint)

@@ -8,6 +8,7 @@ The tests that compile need libtpu (the `tpu` and `test` extras); the others do 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import flax.linen as nn
@@ -22,6 +23,20 @@ from tests import train_helpers as th
 TOPOLOGY = "v5e:2x2"
 # The tiny training config with a fixed vocabulary, so no tokenizer is trained first.
 TINY_TRAIN = [f"--config={th.TINY_CONFIG}:base", "model.text.vocab_size=128", "model.image_token_id=127"]
+
+
+@pytest.fixture(autouse=True)
+def xla_flags_libtpu_knows(monkeypatch):
+    """libtpu parses XLA_FLAGS when it loads and aborts the process on a flag it does not
+    know: the suite's XLA:CPU-only flags are hidden from it, once the CPU backend has read
+    them (XLA reads XLA_FLAGS once per process, when the first backend starts)."""
+    import jax
+
+    from tests.conftest import CPU_ONLY_FLAGS
+
+    jax.devices()
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f not in CPU_ONLY_FLAGS]
+    monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
 
 
 def needs_libtpu():
@@ -372,7 +387,9 @@ def tiny_draft_checkpoint(path):
 
 
 @pytest.mark.slow
-def test_decode_compile_only_per_drafter_pieces_and_speedups(tmp_path):
+def test_decode_compile_only_per_drafter_and_tree_pieces_and_speedups(tmp_path):
+    """Each drafter's pieces and predicted speedup, then the imitation drafter's draft tree's,
+    from one run: the AR step and the imitation drafter's pieces, which both need, compile once."""
     needs_libtpu()
     from decode.bench.cli import main
 
@@ -397,6 +414,10 @@ def test_decode_compile_only_per_drafter_pieces_and_speedups(tmp_path):
                 "--no-generate",
                 "--drafter",
                 *drafters,
+                "--tree-nodes",
+                "4",
+                "--tree-width",
+                "2",
                 "--json",
                 str(out),
             ]
@@ -451,56 +472,7 @@ def test_decode_compile_only_per_drafter_pieces_and_speedups(tmp_path):
     assert small["draft_cache_bytes_per_device"] > 0 and small["draft_param_bytes_per_device"] > 0
     assert run["predicted_speedup"] == run["drafters"]["imitation"]["predicted_speedup"]
 
-
-def test_decode_compile_only_bad_drafter_is_one_line(capsys):
-    needs_libtpu()
-    from decode.bench.cli import main
-
-    base = ["--ckpt", "random:tiny", "--compile-only", TOPOLOGY, "--json", "/dev/null", "--drafter"]
-    for drafter, message in (
-        ("medusa", "unknown --drafter 'medusa'"),
-        ("eagle:pool=0", "eagle:pool=N"),
-        ("model:shapes:llava_draft_160m", "vocabulary"),
-    ):
-        assert main([*base, "imitation", drafter]) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error: ") and message in err and "\n" not in err, err
-
-
-@pytest.mark.slow
-def test_decode_compile_only_tree_pieces_and_speedup(tmp_path):
-    needs_libtpu()
-    from decode.bench.cli import main
-
-    out = tmp_path / "trees.json"
-    assert (
-        main(
-            [
-                "--ckpt",
-                "random:tiny",
-                "--compile-only",
-                TOPOLOGY,
-                "--batch-size",
-                "4",
-                "--draft-len",
-                "3",
-                "--max-new-tokens",
-                "16",
-                "--acceptance",
-                "0.6",
-                "--tree-nodes",
-                "4",
-                "--tree-width",
-                "2",
-                "--no-generate",
-                "--json",
-                str(out),
-            ]
-        )
-        == 0
-    )
-    report = json.loads(out.read_text())
-    run = report["runs"][0]
+    # The imitation drafter's draft tree (--tree-nodes 4 --tree-width 2).
     tree = run["trees"]["4x2"]
     assert (tree["steps"], tree["size"]) == (2, 5)
     # The tree's cache looks 5 slots ahead: 29 + 16 + 5, one head of width 32 per chip, float32.
@@ -512,7 +484,6 @@ def test_decode_compile_only_tree_pieces_and_speedup(tmp_path):
         assert piece["cost_counting"] == ("straight_line" if piece is pieces["move"] else "unrolled_twin")
     for role in ("root", "step", "verify"):
         assert pieces[role]["flops_per_device"] > 0, role
-    ar = run["pieces"]["ar_step"]
     # A drafting step scores 2 nodes, the root 1, through the same weights; verification
     # reads layers [1, 4) only; the move touches the path's 3 slots of 50 (read and write).
     assert pieces["step"]["flops_per_device"] > pieces["root"]["flops_per_device"]
@@ -527,6 +498,21 @@ def test_decode_compile_only_tree_pieces_and_speedup(tmp_path):
         tokens * ar["time_lower_bound_s"] / (t["root"] + 2 * t["step"] + t["verify"] + t["move"])
     )
     assert report["tree_acceptance"]["4x2"]["per_position"] == 0.6
+
+
+def test_decode_compile_only_bad_drafter_is_one_line(capsys):
+    needs_libtpu()
+    from decode.bench.cli import main
+
+    base = ["--ckpt", "random:tiny", "--compile-only", TOPOLOGY, "--json", "/dev/null", "--drafter"]
+    for drafter, message in (
+        ("medusa", "unknown --drafter 'medusa'"),
+        ("eagle:pool=0", "eagle:pool=N"),
+        ("model:shapes:llava_draft_160m", "vocabulary"),
+    ):
+        assert main([*base, "imitation", drafter]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, err
 
 
 def test_decode_compile_only_bad_tree_is_one_line(capsys):

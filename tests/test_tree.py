@@ -11,9 +11,7 @@ from decode.engine import tree as tree_lib
 from decode.engine.tree import TreeShape
 from fastvlm_jax.nn.kv_cache import KVCache
 from fastvlm_jax.nn.model import VLM
-from tests.test_blip2 import converted  # noqa: F401 (a pytest fixture: a converted tiny HF BLIP-2)
 from tests.test_decode import _near_identity_deep_layers, _perturbed_imitation, _prompts, _tokens
-from tests.test_sampling import tiny  # noqa: F401 (a pytest fixture: the 6-token model)
 from tests.tiny import tiny_config
 
 # (exit layer, imitation kind, nodes, width): both kinds, a narrow and a wide tree. (Width 1,
@@ -328,8 +326,8 @@ def test_tree_sampling_without_the_residual_update_is_detected(tiny, monkeypatch
     monkeypatch.setattr(tree_lib, "reject_sibling", broken)
     try:  # a capacity of its own: generate's jit cache must not serve the correct program
         _, tokens = _tree_generate(tiny, nodes, width, steps, sampling, seed=0, capacity=steps + 7)
-    finally:
-        jax.clear_caches()
+    finally:  # and no later test may get the broken program (see test_sampling.py)
+        loop._generate_jit.clear_cache()
     assert traced, "the patched rule was not traced"
     pvalue, impossible = _chi_square(tokens, joint)
     print(f"no residual update, tree {nodes}x{width}: p = {pvalue:.3g}, {impossible} impossible")
