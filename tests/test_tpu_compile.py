@@ -180,7 +180,9 @@ def test_named_architectures_have_the_released_sizes():
     assert config.num_image_tokens == 576 and config.draft.exit_layer == 8
     assert architecture("llava15_13b").text.num_layers == 40
     assert architecture("blip2_opt_2_7b").num_image_tokens == 32
-    with pytest.raises(ValueError, match="known: blip2_opt_2_7b, gemma3_12b, gemma3_27b, gemma3_4b, llava15_13b, llava15_7b,"):
+    with pytest.raises(
+        ValueError, match="known: blip2_opt_2_7b, gemma3_12b, gemma3_27b, gemma3_4b, llava15_13b, llava15_7b,"
+    ):
         architecture("llava15_70b")
 
 
