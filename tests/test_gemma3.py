@@ -22,6 +22,7 @@ import pytest
 
 from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
 from decode.engine.drafters import EagleDrafter, ModelDrafter
+from decode.engine.slots import Request, SlotEngine, SlotStats
 from decode.engine.tree import TreeShape
 from fastvlm_jax import convert
 from fastvlm_jax.ckpt import checkpoint
@@ -124,7 +125,8 @@ STEPS = 14
 
 @pytest.mark.slow
 def test_greedy_captions_match_transformers_for_ar_and_every_drafter(folder):
-    """Batch 2 (prompts of different lengths): AR and SSD equal HF generate, per row."""
+    """Batch 2 (prompts of different lengths): AR and SSD equal HF generate, per row, and so do
+    the same prompts under continuous batching."""
     name, hf_model, processor, ckpt, _ = folder
     rng = np.random.RandomState(2)
     images = [random_image(rng, 40, 52), random_image(rng, 61, 33)]
@@ -180,6 +182,19 @@ def test_greedy_captions_match_transformers_for_ar_and_every_drafter(folder):
         out = generate(run_model, params, prompts, spec, STEPS, draft_params=draft_params)
         got = [np.asarray(out.tokens[row, :STEPS]).tolist() for row in range(2)]
         assert got == want, (name, label)
+    # Continuous batching: both prompts at two budgets through 2 slots, one prefill row at a
+    # time, so a slot is refilled while the other keeps decoding.
+    spec = DecodeSpec("ssd", capacity=STEPS, eos_ids=(), policy=DraftPolicy(draft_len=3))
+    requests = [
+        Request(tuple(ids), pixels, jax.random.key(0), budget, tag=(row, budget))
+        for budget in (5, STEPS)
+        for row, (ids, pixels) in enumerate(rows)
+    ]
+    stats = SlotStats(2)
+    engine = SlotEngine(model, params, spec, 2, prompt_len=width, prefill_rows=1)
+    got = {f.request.tag: list(f.token_ids) for f in engine.stream(requests, stats)}
+    assert got == {(row, budget): want[row][:budget] for row in range(2) for budget in (5, STEPS)}, name
+    assert stats.inserts == 4 and stats.prefills == 4
 
 
 def test_converter_reads_both_rope_layouts_and_refuses_what_it_cannot_run():
