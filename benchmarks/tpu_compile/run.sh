@@ -105,7 +105,8 @@ case "${1:-}" in
   gemma3-train)
     # Every draft stage of the Gemma 3 configs (imitation, refine, eagle) on a v5e and a v5p slice.
     for spec in "gemma3_4b v5e:2x4 v5e_2x4" "gemma3_4b v5p:2x2x1 v5p_2x2x1" \
-                "gemma3_12b v5e:4x4 v5e_4x4" "gemma3_12b v5p:2x2x2 v5p_2x2x2"; do
+                "gemma3_12b v5e:4x4 v5e_4x4" "gemma3_12b v5p:2x2x2 v5p_2x2x2" \
+                "gemma3_27b v5e:4x4 v5e_4x4" "gemma3_27b v5p:2x2x4 v5p_2x2x4"; do
       set -- $spec
       for stage in imitation refine eagle; do
         run stages_$1_${stage}_$3 $PY -m train.run --config configs/$1.py:$stage --compile-only $2 \
