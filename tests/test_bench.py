@@ -204,6 +204,29 @@ def test_prefill_and_rounds_reproduce_generate(mode):
         np.testing.assert_array_equal(getattr(got.stats, field), getattr(want.stats, field), err_msg=field)
 
 
+def test_bench_batching_compares_static_and_continuous_on_one_workload(tmp_path):
+    """decode.bench --batching static continuous: every (batching, mode) pair timed on the same
+    prompts, the same greedy tokens from all four, images/s from the pass times."""
+    from tests.run_fixtures import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "batching.json"
+    argv = ["--ckpt", str(ckpt), "--batching", "static", "continuous", "--batch-size", "2"]
+    argv += ["--num-images", "5", "--max-new-tokens", "6", "--draft-len", "3", "--repeats", "1", "--json", str(out)]
+    assert cli.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert [run["batch_size"] for run in report["runs"]] == [2]
+    for run in report["runs"]:
+        assert run["identical"] is True and run["num_images"] == 5
+        for batching in ("static", "continuous"):
+            for mode in ("ar", "ssd"):
+                entry = run[batching][mode]
+                assert entry["images_per_s"] == pytest.approx([5 / s for s in entry["seconds"]])
+                assert 0 < entry["slot_utilization"] <= 1
+        assert run["continuous"]["ssd"]["inserts"] == 5
+        assert run["static"]["ar"]["tokens"] == run["continuous"]["ssd"]["tokens"]
+
+
 @pytest.mark.slow
 def test_bench_compares_the_three_drafters(tmp_path):
     """decode.bench --drafter imitation eagle model:CKPT: one run per drafter on the same
