@@ -312,6 +312,8 @@ def test_decode_compile_only_pieces_cache_sharding_and_speedup(tmp_path):
                 "16",
                 "--acceptance",
                 "0.6",
+                "--batching",
+                "continuous",
                 "--json",
                 str(out),
             ]
@@ -362,6 +364,16 @@ def test_decode_compile_only_pieces_cache_sharding_and_speedup(tmp_path):
             / (3 * t["draft_step"] + t["shallow_step"] + t["verify"])
         )
     assert implied[1.85]["predicted_speedup"] > implied[1.55]["predicted_speedup"]
+    # Continuous batching's programs over the 4 slots (one prompt per prefill): the insert
+    # and the rounds update the donated slot state in place, the rounds run a while loop.
+    slots = run["slots"]
+    assert slots["prefill_rows"] == 1 and set(slots["pieces"]) == {"slot_prefill", "slot_insert", "slot_rounds"}
+    for name in ("slot_insert", "slot_rounds"):
+        memory = slots["pieces"][name]["memory_per_device"]
+        assert memory["aliased"] >= run["kv_cache_bytes_per_device"]  # the cache is written in place
+        assert memory["outputs"] - memory["aliased"] < run["kv_cache_bytes_per_device"] / 4  # no new cache
+    assert slots["pieces"]["slot_rounds"]["while_loops"] > 0
+    assert run["per_chip_peak_bytes"] >= slots["per_chip_peak_bytes"] > 0
 
 
 def test_layer_count_acceptance_inverts_the_round_cost():

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compile-only runs for LLaVA-1.5-7B on named TPU topologies (nothing runs on a TPU; libtpu's
 # compiler on this CPU host). Usage: benchmarks/tpu_compile/run.sh CHAIN, CHAIN in {train, train-stages, refine-stages, decode, decode-batches, drafters, trees,
-# gemma3-decode, gemma3-train}.
+# gemma3-decode, gemma3-train, continuous}.
 # Each command's console output goes to benchmarks/tpu_compile/NAME.log, its report to NAME.json.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -114,5 +114,12 @@ case "${1:-}" in
       done
     done
     ;;
-  *) echo "usage: $0 train|train-stages|refine-stages|decode|decode-batches|drafters|trees|gemma3-decode|gemma3-train" >&2; exit 2 ;;
+  continuous)
+    # Continuous batching's programs (prefill, insert, rounds) for 7B at 32 and 64 slots.
+    run decode_slots_llava15_7b_v5e_2x2 $PY -m decode.bench --ckpt shapes:llava15_7b --compile-only v5e:2x2 \
+        --mesh data=1,tensor=4 --batch-size 32 64 --draft-len 5 --max-new-tokens 64 \
+        --acceptance benchmarks/trees/demo_batch1_8_32_chain5_tree8x2_16x2_quiet.json --no-generate \
+        --batching continuous --json $OUT/decode_slots_llava15_7b_v5e_2x2.json
+    ;;
+  *) echo "usage: $0 train|train-stages|refine-stages|decode|decode-batches|drafters|trees|gemma3-decode|gemma3-train|continuous" >&2; exit 2 ;;
 esac

@@ -213,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["static", "continuous"],
         default=None,
         help="compare batchings instead of the sweep: --num-images prompts captioned at each --batch-size "
-        "with each batching, AR and SSD (draft length: the first --draft-len), interleaved (decode/bench/batching.py)",
+        "with each batching, AR and SSD (draft length: the first --draft-len), interleaved (decode/bench/batching.py); "
+        "with --compile-only, 'continuous' also compiles continuous batching's prefill, insert and rounds "
+        "programs over --batch-size slots",
     )
     parser.add_argument(
         "--num-images", type=int, default=256, help="--batching: the workload's size (synthetic test scenes by default)"

@@ -31,8 +31,12 @@ and multiplying was tried and rejected: a one-layer program's bytes carry ~2.8x 
 marginal bytes of fixed per-program traffic (random:tiny on v5e:2x2: 4.39 MB for one
 layer, 9.04 MB for four), so n times it overcounts; its FLOPs did match.
 
+`--batching continuous` adds continuous batching's three programs over --batch-size slots
+(slot_programs.py: the prefill of a quarter of the slots' prompts, the in-place insert and
+the rounds' while loop, decode/engine/slots.py), for their memory and fit.
+
 The package: programs.py (what to compile: model shapes, one builder per drafter kind,
-the layer bodies, compiling), predict.py (acceptance profiles and the speedups the piece
+the layer bodies, compiling), slot_programs.py, predict.py (acceptance profiles and the speedups the piece
 times predict), report.py (one point's JSON, the printed lines, the CLI branch `run`).
 
 Step times are roofline lower bounds on one chip: max(FLOPs / peak FLOP/s, bytes / HBM

@@ -34,6 +34,7 @@ from decode.bench.compile_only.programs import (
     tree_programs,
     with_eagle_head,
 )
+from decode.bench.compile_only.slot_programs import default_prefill_rows, slot_programs
 from decode.engine.tree import TreeShape
 from fastvlm_jax import tpu
 from fastvlm_jax.nn.config import ConfigError
@@ -51,8 +52,12 @@ def compile_point(
     drafters: tuple[DrafterShapes, ...] = (DrafterShapes("imitation", "imitation"),),
     generate: bool = True,
     trees: dict[TreeShape, TreeAcceptance] | None = None,
+    slot_rows: int | None = None,
 ) -> dict[str, Any]:
     """Every program of one (batch, draft_len) point, and the speedup they predict per drafter.
+
+    `slot_rows` (P): also continuous batching's programs over `batch` slots, P prompts
+    prefilled together (slot_programs), under `slots`; they count in the point's fit.
 
     `trees` (shape -> its tokens per round): the imitation drafter's draft trees, each
     under `trees["NxK"]` with its pieces and predicted speedup (programs.tree_programs).
@@ -78,6 +83,19 @@ def compile_point(
         for own in (*per_drafter.values(), *per_tree.values()):
             out.update(own.programs)
     pieces, reports, refusals, failed = compile_programs(programs, twins, mesh, topology, batch)
+    slot_entry = None
+    if slot_rows:
+        slot_pieces, slot_reports, slot_refusals, slot_failed = compile_programs(
+            slot_programs(point, slot_rows), {}, mesh, topology, batch
+        )
+        reports.update(slot_reports)
+        refusals += slot_refusals
+        failed.update(slot_failed)
+        slot_entry = {
+            "prefill_rows": slot_rows,
+            "pieces": slot_pieces,
+            "per_chip_peak_bytes": max((p["per_chip_peak_bytes"] for p in slot_pieces.values()), default=0),
+        }
 
     hbm = topology.hbm_bytes_per_device
     peak = max((r.memory.peak for r in reports.values()), default=0)
@@ -138,6 +156,8 @@ def compile_point(
         "trees": tree_entries,
         "failed": failed,
     }
+    if slot_entry is not None:
+        result["slots"] = slot_entry
     first = drafter_entries[drafters[0].name]
     for key in ("tokens_per_round", "drafted_per_round", "predicted_speedup", "predicted_speedup_bytes_accessed"):
         if key in first:
@@ -186,6 +206,9 @@ def run(args) -> int:
                     drafters,
                     generate=not args.no_generate,
                     trees=trees if draft_len == args.draft_len[0] else None,
+                    slot_rows=default_prefill_rows(batch, mesh.shape["data"] * mesh.shape["fsdp"])
+                    if "continuous" in (args.batching or ())
+                    else None,
                 )
                 point["paper_implied"] = paper_implied(point, args.paper_speedup, shapes.config.text.num_layers)
                 runs.append(point)
@@ -283,6 +306,11 @@ def point_lines(point: dict, topology: tpu.Topology) -> list[str]:
                 f"AR step {1000 * tree['ar_step_s']:.3f} ms; "
                 f"{tree['predicted_speedup_bytes_accessed']:.2f}x on the compiler's bytes accessed)"
             )
+    slots = point.get("slots")
+    if slots is not None:
+        lines.append(f"  continuous batching: {point['batch_size']} slots, {slots['prefill_rows']} prompts per prefill")
+        for name, piece in slots["pieces"].items():
+            lines += tpu.program_lines(name, piece, topology.hbm_bytes_per_device)
     for entry in point.get("paper_implied", []):
         if entry["per_position_acceptance"] is None:
             lines.append(
