@@ -447,6 +447,9 @@ def test_decode_compile_only_pieces_cache_sharding_and_speedup(tmp_path):
         assert 0 < where["hbm_bytes"] <= where["counted_bytes"]
         assert where["hbm_to_must_read"] == pytest.approx(where["hbm_bytes"] / piece["must_read_bytes_per_device"])
         assert any(row["scope"].startswith(scope) for row in where["top"]), (name, where["top"])
+    for piece in (ar, verify):  # the scanned program's loop body, times the layers
+        engine = piece["explain"]["engine_program"]
+        assert engine["hbm_bytes"] > 0 and engine["hbm_to_must_read"] > 0
     verify_scopes = [row["scope"] for row in verify["explain"]["top"]]
     assert any("/self_attn/attend/" in s for s in verify_scopes) and any("/mlp/" in s for s in verify_scopes)
     assert "explain" not in run["pieces"]["generate_ssd"]  # whole programs: memory only

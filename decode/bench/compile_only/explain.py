@@ -264,18 +264,20 @@ class _Walker:
             return reads + self._fusion_write(ins.calls[0], ins.shape, hbm_only)
         return sum(array_bytes(s, hbm_only) for s in operands) + array_bytes(ins.shape, hbm_only)
 
-    def ops(self) -> list[OpBytes]:
+    def ops(self, loop_trips: int = 1) -> list[OpBytes]:
+        """Every top-level op's bytes; ops in a while loop's body (and condition) count
+        `loop_trips` times."""
         rows: list[OpBytes] = []
         seen: set[str] = set()
 
-        def walk(computation: str) -> None:
+        def walk(computation: str, times: int) -> None:
             if computation in seen:
                 return
             seen.add(computation)
             for ins in self.computations.get(computation, []):
                 if ins.op in _CONTROL:
                     for called in ins.calls:
-                        walk(called)
+                        walk(called, times * loop_trips if ins.op == "while" else times)
                 if ins.op in _FREE or ins.op in _CONTROL:
                     continue
                 rows.append(
@@ -283,12 +285,12 @@ class _Walker:
                         ins.op,
                         re.sub(r"(\.\d+)+$", "", ins.name),
                         scope_of(ins.op_name),
-                        self._op_bytes(ins, False),
-                        self._op_bytes(ins, True),
+                        times * self._op_bytes(ins, False),
+                        times * self._op_bytes(ins, True),
                     )
                 )
 
-        walk(self.entry)
+        walk(self.entry, 1)
         return rows
 
 
@@ -311,12 +313,13 @@ def scope_of(op_name: str) -> str:
     return op_name
 
 
-def explain_hlo(text: str, top: int = 12) -> dict[str, Any]:
+def explain_hlo(text: str, top: int = 12, loop_trips: int = 1) -> dict[str, Any]:
     """A compiled program's bytes by op kind and named scope (see the module docstring):
     {counted_bytes, hbm_bytes, top: [{op, scope, count, counted_bytes,
     hbm_bytes}] biggest counted first}. A group: one op kind, instruction name stem
-    (fusion, slice_bitcast_fusion, copy-start, ...) and named scope."""
-    rows = _Walker(text).ops()
+    (fusion, slice_bitcast_fusion, copy-start, ...) and named scope. loop_trips: how many
+    times a while loop's body runs (a layer scan's layers), its ops counted that often."""
+    rows = _Walker(text).ops(loop_trips)
     groups: dict[tuple[str, str, str], list[OpBytes]] = collections.defaultdict(list)
     for row in rows:
         groups[(row.op, row.stem, row.scope)].append(row)

@@ -222,7 +222,7 @@ class Program:
 
     must_read: bytes per device a call must read at least (None for the whole generate
     programs); scanned: fn runs a layer scan, whose body the compiler's cost analysis
-    counts once (see compile_programs).
+    counts once (see compile_programs); scan_trips: its layers, when known.
     """
 
     fn: Callable
@@ -230,6 +230,7 @@ class Program:
     args: tuple
     must_read: float | None
     scanned: bool = False
+    scan_trips: int = 0  # the layer scan's trip count (for the engine program's HBM estimate)
 
 
 def _argmax(logits):
@@ -352,6 +353,7 @@ def ar_programs(point: Point) -> tuple[dict[str, Program], dict[str, Any]]:
             (point.params, ar_cache, point.token),
             ar_reads.span(0, point.num_layers, point.num_layers) + ar_reads.head,
             scanned=True,
+            scan_trips=point.num_layers,
         )
     }
     if point.generate:
@@ -432,9 +434,15 @@ def imitation_programs(point: Point, d: DrafterShapes) -> DrafterPrograms:
             (point.params, point.cache, point.draft_cache, point.token),
             reads.span(0, k, layers) + reads.imitation + reads.head,
             scanned=True,
+            scan_trips=k,
         ),
         "shallow_step": Program(
-            shallow_step, (1,), (point.params, point.cache, point.token), reads.span(0, k, layers), scanned=True
+            shallow_step,
+            (1,),
+            (point.params, point.cache, point.token),
+            reads.span(0, k, layers),
+            scanned=True,
+            scan_trips=k,
         ),
         "verify": Program(
             verify,
@@ -442,6 +450,7 @@ def imitation_programs(point: Point, d: DrafterShapes) -> DrafterPrograms:
             (point.params, point.cache, point.states),
             reads.span(k, layers, layers) + reads.head,
             scanned=True,
+            scan_trips=layers - k,
         ),
     }
     roles = {role: role for role in programs}
@@ -700,6 +709,11 @@ def _piece_entry(
         where["counted_to_compiler"] = (
             where["counted_bytes"] / counted.bytes_accessed if counted.bytes_accessed else None
         )
+        if twin is not None and program.scan_trips and report.while_loops == 1 and report.hlo_text is not None:
+            # The program the engine runs (layers scanned): its loop body times the layers.
+            engine = explain_hlo(report.hlo_text, explain, loop_trips=program.scan_trips)
+            engine["hbm_to_must_read"] = engine["hbm_bytes"] / program.must_read if program.must_read else None
+            where["engine_program"] = engine
         entry["explain"] = where
     return entry
 
