@@ -227,6 +227,7 @@ class CompileReport:
     collectives, while_loops: None when the compiled HLO text cannot be read back.
     compiler_seconds: the TPU cost model's own time estimate ('optimal_seconds'), if any.
     step_time_lower_bound_s: max(flops / peak FLOP/s, bytes / HBM bandwidth) of one device.
+    hlo_text: the optimized HLO text, None when it cannot be read back.
     """
 
     name: str
@@ -241,6 +242,8 @@ class CompileReport:
     step_time_lower_bound_s: float
     flops_time_s: float
     bytes_time_s: float
+    # The optimized HLO (for a breakdown of where the bytes go); not part of the JSON.
+    hlo_text: str | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 def device_peak_flops(topology: Topology) -> float:
@@ -308,6 +311,7 @@ def analyze(
         step_time_lower_bound_s=bound,
         flops_time_s=compute,
         bytes_time_s=memory,
+        hlo_text=hlo_text if hlo_text is not None else text,
     )
 
 

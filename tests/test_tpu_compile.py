@@ -98,6 +98,76 @@ def test_collectives_from_the_compilers_own_text_when_as_text_fails():
     assert tpu.analyze("f", Unreadable(), topology).collectives is None
 
 
+# The optimized HLO of one bf16 matmul x[8, 4096] @ W[4096, 2752] compiled for v5e (trimmed):
+# W is prefetched into VMEM (S(1)) and the dot reads it there; plus a fusion that reads
+# layer 1 of a stacked [2, 16] table and an in-place update of a [2, 64] buffer.
+PROBE_HLO = """
+%bitcast_fusion.1 (bitcast_input.1: bf16[4096,2752]) -> bf16[4096,2752] {
+  %bitcast_input.1 = bf16[4096,2752]{0,1:T(8,128)(2,1)S(1)} parameter(0)
+  ROOT %bitcast.1 = bf16[4096,2752]{0,1:T(8,128)(2,1)} bitcast(%bitcast_input.1)
+}
+
+%fused_computation (param_0: bf16[8,4096], param_1: bf16[4096,2752]) -> bf16[8,2752] {
+  %param_0 = bf16[8,4096]{1,0:T(8,128)(2,1)} parameter(0)
+  %param_1 = bf16[4096,2752]{0,1:T(8,128)(2,1)S(1)} parameter(1)
+  %fusion.2 = bf16[4096,2752]{0,1:T(8,128)(2,1)} fusion(%param_1), kind=kLoop, calls=%bitcast_fusion.1
+  ROOT %convolution.1 = bf16[8,2752]{1,0:T(8,128)(2,1)} convolution(%param_0, %fusion.2), dim_labels=bf_io->bf
+}
+
+%row_computation (param_0.1: f32[2,16], param_1.1: s32[]) -> f32[1,16] {
+  %param_0.1 = f32[2,16]{1,0} parameter(0)
+  %param_1.1 = s32[]{:T(128)} parameter(1)
+  %c = s32[]{:T(128)} constant(0)
+  ROOT %ds = f32[1,16]{1,0} dynamic-slice(%param_0.1, %param_1.1, %c), dynamic_slice_sizes={1,16}
+}
+
+%update_computation (param_0.2: f32[2,64], param_1.2: f32[1,64], param_2.2: s32[]) -> f32[2,64] {
+  %param_0.2 = f32[2,64]{1,0} parameter(0)
+  %param_1.2 = f32[1,64]{1,0} parameter(1)
+  %param_2.2 = s32[]{:T(128)} parameter(2)
+  %c.1 = s32[]{:T(128)} constant(0)
+  ROOT %dus = f32[2,64]{1,0} dynamic-update-slice(%param_0.2, %param_1.2, %param_2.2, %c.1)
+}
+
+ENTRY %main.1 (x.1: bf16[8,4096], w.1: bf16[4096,2752], t.1: f32[2,16], i.1: s32[], b.1: f32[2,64], u.1: f32[1,64]) -> bf16[8,2752] {
+  %w.1 = bf16[4096,2752]{0,1:T(8,128)(2,1)} parameter(1), metadata={op_name="w"}
+  %copy-start = (bf16[4096,2752]{0,1:T(8,128)(2,1)S(1)}, bf16[4096,2752]{0,1:T(8,128)(2,1)}, u32[]{:S(2)}) copy-start(%w.1), cross_program_prefetch_index=0
+  %x.1 = bf16[8,4096]{1,0:T(8,128)(2,1)} parameter(0)
+  %t.1 = f32[2,16]{1,0} parameter(2)
+  %i.1 = s32[]{:T(128)} parameter(3)
+  %b.1 = f32[2,64]{1,0} parameter(4)
+  %u.1 = f32[1,64]{1,0} parameter(5)
+  %row = f32[1,16]{1,0} fusion(%t.1, %i.1), kind=kLoop, calls=%row_computation, metadata={op_name="jit(f)/table/dynamic_slice"}
+  %upd = f32[2,64]{1,0} fusion(%b.1, %u.1, %i.1), kind=kLoop, calls=%update_computation, metadata={op_name="jit(f)/kv_write/dynamic_update_slice"}
+  %copy-done = bf16[4096,2752]{0,1:T(8,128)(2,1)S(1)} copy-done(%copy-start)
+  ROOT %fusion = bf16[8,2752]{1,0:T(8,128)(2,1)} fusion(%x.1, %copy-done), kind=kOutput, calls=%fused_computation, metadata={op_name="jit(f)/LlavaModule.logits/lm_head/dot_general"}
+}
+"""
+
+
+def test_explain_books_each_ops_bytes_as_counted_and_in_hbm():
+    """The matmul's W (22.5 MB) is read from HBM once, by its prefetch: the cost analysis'
+    rule books it 4 times more (the prefetch's whole output tuple, the done, the dot's
+    read from VMEM), the HBM estimate once. A sliced parameter reads its slice; an in-place
+    update writes the update and does not read the buffer."""
+    from decode.bench.compile_only.explain import explain_hlo
+
+    w, x, out = 4096 * 2752 * 2, 8 * 4096 * 2, 8 * 2752 * 2
+    row, update, index = 16 * 4, 64 * 4, 4
+    where = explain_hlo(PROBE_HLO, top=10)
+    rows = {(r["name"], r["scope"]): r for r in where["top"]}
+    dot = rows[("fusion", "lm_head/dot_general")]
+    assert dot["counted_bytes"] == x + w + out and dot["hbm_bytes"] == x + out
+    prefetch = rows[("copy-start", "(no op_name: compiler-made)")]
+    assert prefetch["counted_bytes"] == w + (2 * w + 4) and prefetch["hbm_bytes"] == w
+    assert rows[("copy-done", "(no op_name: compiler-made)")]["hbm_bytes"] == 0
+    assert rows[("row", "table/dynamic_slice")]["counted_bytes"] == row + index + row
+    assert rows[("upd", "kv_write/dynamic_update_slice")]["counted_bytes"] == update + index + update
+    assert where["counted_bytes"] == sum(r["counted_bytes"] for r in where["top"])
+    assert where["hbm_bytes"] == x + out + w + 2 * row + index + 2 * update + index
+    assert where["counted_bytes"] > 4 * w  # the artefact: W counted about 4 times
+
+
 def test_acceptance_profile_from_a_number_and_from_a_stats_json(tmp_path):
     from decode.bench.compile_only import CompileOnlyError, parse_acceptance
 
@@ -314,6 +384,8 @@ def test_decode_compile_only_pieces_cache_sharding_and_speedup(tmp_path):
                 "0.6",
                 "--batching",
                 "continuous",
+                "--explain",
+                "60",
                 "--json",
                 str(out),
             ]
@@ -364,6 +436,25 @@ def test_decode_compile_only_pieces_cache_sharding_and_speedup(tmp_path):
             / (3 * t["draft_step"] + t["shallow_step"] + t["verify"])
         )
     assert implied[1.85]["predicted_speedup"] > implied[1.55]["predicted_speedup"]
+    # Both byte bases per piece, and (--explain) where the bytes go, under each piece's
+    # named scope (decode/engine/steps.py) and the layer's modules.
+    scopes = {"ar_step": "ar_step/", "draft_step": "draft_step/", "shallow_step": "shallow_pass/", "verify": "verify/"}
+    for name, scope in scopes.items():
+        piece = run["pieces"][name]
+        assert piece["bytes_accessed_per_device"] == piece["bytes_per_device"]
+        assert piece["bytes_accessed_to_must_read"] == pytest.approx(
+            piece["bytes_per_device"] / piece["must_read_bytes_per_device"]
+        )
+        where = piece["explain"]
+        assert 0 < where["hbm_bytes"] <= where["counted_bytes"]
+        assert where["hbm_to_must_read"] == pytest.approx(where["hbm_bytes"] / piece["must_read_bytes_per_device"])
+        assert any(row["scope"].startswith(scope) for row in where["top"]), (name, where["top"])
+    for piece in (ar, verify):  # the scanned program's loop body, times the layers
+        engine = piece["explain"]["engine_program"]
+        assert engine["hbm_bytes"] > 0 and engine["hbm_to_must_read"] > 0
+    verify_scopes = [row["scope"] for row in verify["explain"]["top"]]
+    assert any("/self_attn/attend/" in s for s in verify_scopes) and any("/mlp/" in s for s in verify_scopes)
+    assert "explain" not in run["pieces"]["generate_ssd"]  # whole programs: memory only
     # Continuous batching's programs over the 4 slots (one prompt per prefill): the insert
     # and the rounds update the donated slot state in place, the rounds run a while loop.
     slots = run["slots"]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compile-only runs for LLaVA-1.5-7B on named TPU topologies (nothing runs on a TPU; libtpu's
 # compiler on this CPU host). Usage: benchmarks/tpu_compile/run.sh CHAIN, CHAIN in {train, train-stages, refine-stages, decode, decode-batches, drafters, trees,
-# gemma3-decode, gemma3-train, continuous}.
+# gemma3-decode, gemma3-train, continuous, bytes}.
 # Each command's console output goes to benchmarks/tpu_compile/NAME.log, its report to NAME.json.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -70,6 +70,17 @@ case "${1:-}" in
           --json $OUT/decode_batches_$1_$3.json
     done
     ;;
+  bytes)
+    # Issue 28: where each piece's compiled bytes go (--explain), LLaVA-1.5-7B at batch 1, 8, 32
+    # on v5e and v5p (the decode-batches pieces, with the named scopes and the HBM estimate).
+    ACC=benchmarks/trees/demo_batch1_8_32_chain5_tree8x2_16x2_quiet.json
+    for spec in "v5e:2x2 v5e_2x2" "v5p:2x2x1 v5p_2x2x1"; do
+      set -- $spec
+      run decode_bytes_llava15_7b_$2 $PY -m decode.bench --ckpt shapes:llava15_7b --compile-only $1 \
+          --mesh data=1,tensor=4 --batch-size 1 8 32 --draft-len 5 --max-new-tokens 64 --acceptance $ACC \
+          --no-generate --explain 12 --json $OUT/decode_bytes_llava15_7b_$2.json
+    done
+    ;;
   train-stages)
     # Every training stage of LLaVA-1.5-7B and 13B on v5e and v5p slices, with the loss
     # window (LM head only where loss is) and the base stage's remat (issue 16).
@@ -121,5 +132,5 @@ case "${1:-}" in
         --acceptance benchmarks/trees/demo_batch1_8_32_chain5_tree8x2_16x2_quiet.json --no-generate \
         --batching continuous --json $OUT/decode_slots_llava15_7b_v5e_2x2.json
     ;;
-  *) echo "usage: $0 train|train-stages|refine-stages|decode|decode-batches|drafters|trees|gemma3-decode|gemma3-train|continuous" >&2; exit 2 ;;
+  *) echo "usage: $0 train|train-stages|refine-stages|decode|decode-batches|drafters|trees|gemma3-decode|gemma3-train|continuous|bytes" >&2; exit 2 ;;
 esac

@@ -252,6 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
         "is also predicted (default: the paper's 1.55 1.85; none: no values)",
     )
     compile_group.add_argument(
+        "--explain",
+        type=int,
+        nargs="?",
+        const=12,
+        default=0,
+        metavar="N",
+        help="also say where each piece's compiled bytes go: its N (default 12) biggest groups of ops "
+        "by kind and named scope, with their bytes as the cost analysis counts them and in HBM",
+    )
+    compile_group.add_argument(
         "--no-generate", action="store_true", help="compile the round's pieces only, not the whole generate programs"
     )
     return parser

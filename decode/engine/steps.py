@@ -19,6 +19,10 @@ round is accepted. n is the number of tokens a pass scores.
   verify_tokens  n tokens through layers [0, L) + head             (drafters with their own path)
   tree_step      a drafting step of n tree nodes: [0, k) + imitation network + head, tree mask
   move_path      a tree's accepted path to contiguous cache slots
+
+Each runs under a jax.named_scope of its name, so a compiled program's ops say which
+piece (and, through the flax module path, which layer part) they come from
+(`decode.bench --compile-only --explain`).
 """
 
 from __future__ import annotations
@@ -34,10 +38,11 @@ Array = jax.Array
 
 def ar_step(model: VLM, params, cache: KVCache, token: Array) -> tuple[Array, KVCache]:
     """token [batch] at each row's cache.pos -> (logits [batch, vocab], cache)."""
-    positions = cache.pos[:, None]
-    hidden = model.embed(params, token[:, None], None, positions)
-    hidden, cache, _ = model.run_layers(params, hidden, positions, 0, model.config.text.num_layers, cache)
-    return model.logits(params, hidden)[:, 0], cache
+    with jax.named_scope("ar_step"):
+        positions = cache.pos[:, None]
+        hidden = model.embed(params, token[:, None], None, positions)
+        hidden, cache, _ = model.run_layers(params, hidden, positions, 0, model.config.text.num_layers, cache)
+        return model.logits(params, hidden)[:, 0], cache
 
 
 def shallow_pass(
@@ -46,9 +51,12 @@ def shallow_pass(
     """tokens, positions [batch, n] -> (exit-layer states [batch, n, embed], cache):
     embedding and layers [0, exit_layer), writing those layers' cache slots (at the
     positions, or at tree.slots for a token tree's nodes)."""
-    hidden = model.embed(params, tokens, None, positions)
-    hidden, cache, _ = model.run_layers(params, hidden, positions, 0, model.config.draft.exit_layer, cache, tree=tree)
-    return hidden, cache
+    with jax.named_scope("shallow_pass"):
+        hidden = model.embed(params, tokens, None, positions)
+        hidden, cache, _ = model.run_layers(
+            params, hidden, positions, 0, model.config.draft.exit_layer, cache, tree=tree
+        )
+        return hidden, cache
 
 
 def draft_step(
@@ -57,10 +65,11 @@ def draft_step(
     """One token of the draft path: token, position [batch] -> (draft logits [batch, vocab],
     exit-layer state [batch, embed] (what verification starts from), cache, draft_cache).
     draft_cache: the imitation network's own one-layer cache, or None (an FFN imitation)."""
-    positions = position[:, None]
-    hidden, cache = shallow_pass(model, params, cache, token[:, None], positions)
-    drafted, draft_cache = model.imitate(params, hidden, positions, draft_cache)
-    return model.logits(params, drafted)[:, 0], hidden[:, 0], cache, draft_cache
+    with jax.named_scope("draft_step"):
+        positions = position[:, None]
+        hidden, cache = shallow_pass(model, params, cache, token[:, None], positions)
+        drafted, draft_cache = model.imitate(params, hidden, positions, draft_cache)
+        return model.logits(params, drafted)[:, 0], hidden[:, 0], cache, draft_cache
 
 
 def verify(
@@ -69,10 +78,11 @@ def verify(
     """states [batch, n, embed] (state `start`), positions [batch, n] -> (logits [batch, n,
     vocab], last-layer states [batch, n, embed], cache): layers [start, L) + head. The
     imitation drafter starts at its exit layer (the shallow layers are not run again)."""
-    hidden, cache, _ = model.run_layers(
-        params, states, positions, start, model.config.text.num_layers, cache, tree=tree
-    )
-    return model.logits(params, hidden), hidden, cache
+    with jax.named_scope("verify"):
+        hidden, cache, _ = model.run_layers(
+            params, states, positions, start, model.config.text.num_layers, cache, tree=tree
+        )
+        return model.logits(params, hidden), hidden, cache
 
 
 def verify_tokens(model: VLM, params, cache: KVCache, tokens: Array, positions: Array) -> tuple[Array, Array, KVCache]:
@@ -87,9 +97,10 @@ def tree_step(
     """One drafting step of a token tree: the nodes' tokens, positions [batch, n] (each at
     its depth past the row's pos), written at tree.slots and seeing their ancestors ->
     (draft logits [batch, n, vocab], exit-layer states [batch, n, embed], cache, draft_cache)."""
-    hidden, cache = shallow_pass(model, params, cache, tokens, positions, tree)
-    drafted, draft_cache = model.imitate(params, hidden, positions, draft_cache, tree=tree)
-    return model.logits(params, drafted), hidden, cache, draft_cache
+    with jax.named_scope("tree_step"):
+        hidden, cache = shallow_pass(model, params, cache, tokens, positions, tree)
+        drafted, draft_cache = model.imitate(params, hidden, positions, draft_cache, tree=tree)
+        return model.logits(params, drafted), hidden, cache, draft_cache
 
 
 def move_path(cache: KVCache, draft_cache: KVCache | None, pos: Array, path: Array) -> tuple[KVCache, KVCache | None]:

@@ -136,13 +136,14 @@ def attend(query: Array, keys: Array, values: Array, mask: Array, scale: float |
     """
     batch, q_len, heads, head_dim = query.shape
     kv_heads = keys.shape[1]
-    query = query.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-    logits = jnp.einsum("bqkgd,bktd->bkgqt", query, keys).astype(jnp.float32)
-    logits = logits * (head_dim**-0.5 if scale is None else scale)
-    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
-    out = jnp.einsum("bkgqt,bktd->bqkgd", probs, values)
-    return out.reshape(batch, q_len, heads, head_dim)
+    with jax.named_scope("attend"):
+        query = query.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+        logits = jnp.einsum("bqkgd,bktd->bkgqt", query, keys).astype(jnp.float32)
+        logits = logits * (head_dim**-0.5 if scale is None else scale)
+        logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
+        out = jnp.einsum("bkgqt,bktd->bqkgd", probs, values)
+        return out.reshape(batch, q_len, heads, head_dim)
 
 
 @flax.struct.dataclass
@@ -208,7 +209,8 @@ def causal_attention(
     if tree is not None:
         if cache is None:
             raise ValueError("attention over a token tree needs a KV cache")
-        cache = cache.write(layer, k, v, tree.slots)
+        with jax.named_scope("kv_write"):
+            cache = cache.write(layer, k, v, tree.slots)
         keys, values = cache.layer(layer)
         slots = jnp.arange(keys.shape[2])[None]
         mask = _apply_rules(tree.visible, positions, slots, rules)
@@ -219,7 +221,8 @@ def causal_attention(
         if key_mask is not None:
             mask = mask & key_mask[:, None, :].astype(bool)
         return attend(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask, scale), None
-    cache = cache.write(layer, k, v, positions)
+    with jax.named_scope("kv_write"):
+        cache = cache.write(layer, k, v, positions)
     keys, values = cache.layer(layer)
     slots = jnp.arange(keys.shape[2])[None]
     # Every slot at or before the query's own position holds a committed token; stale

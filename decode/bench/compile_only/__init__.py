@@ -37,7 +37,19 @@ the rounds' while loop, decode/engine/slots.py), for their memory and fit.
 
 The package: programs.py (what to compile: model shapes, one builder per drafter kind,
 the layer bodies, compiling), slot_programs.py, predict.py (acceptance profiles and the speedups the piece
-times predict), report.py (one point's JSON, the printed lines, the CLI branch `run`).
+times predict), report.py (one point's JSON, the printed lines, the CLI branch `run`),
+explain.py (where a compiled program's bytes go).
+
+Where the bytes go. Every piece's JSON has `bytes_accessed_per_device` (the compiler's),
+`must_read_bytes_per_device` and `bytes_accessed_to_must_read`. `--explain [N]` adds
+`explain`: the N biggest groups of HLO ops of the counted program (kind, instruction
+name, named scope: the engine's pieces run under jax.named_scope, attention under
+attend / kv_write), each with its bytes as the cost analysis counts them and in HBM only
+(arrays outside on-chip memory S(n), an async copy or slice once), the HBM estimate
+against must-read, and for a piece with one layer scan `engine_program`: the same for
+the scanned program the engine runs, its loop body counted once per layer. The cost
+analysis counts a weight staged into VMEM several times (explain.matmul_probe: one
+matmul x[8, 4096] @ W[4096, 2752] on v5e reports 5.0x W's bytes, its HBM estimate 1.0x).
 
 Step times are roofline lower bounds on one chip: max(FLOPs / peak FLOP/s, bytes / HBM
 bandwidth). Two byte counts are reported: the compiler's `bytes accessed` (every op's

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from decode.bench.compile_only.explain import explain_hlo
 from decode.bench.models import RANDOM_PRESETS
 from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate, steps
 from decode.engine.drafters import EagleCarry, EagleDrafter, ImitationDrafter, ModelCarry, ModelDrafter, RoundContext
@@ -221,7 +222,7 @@ class Program:
 
     must_read: bytes per device a call must read at least (None for the whole generate
     programs); scanned: fn runs a layer scan, whose body the compiler's cost analysis
-    counts once (see compile_programs).
+    counts once (see compile_programs); scan_trips: its layers, when known.
     """
 
     fn: Callable
@@ -229,6 +230,7 @@ class Program:
     args: tuple
     must_read: float | None
     scanned: bool = False
+    scan_trips: int = 0  # the layer scan's trip count (for the engine program's HBM estimate)
 
 
 def _argmax(logits):
@@ -351,6 +353,7 @@ def ar_programs(point: Point) -> tuple[dict[str, Program], dict[str, Any]]:
             (point.params, ar_cache, point.token),
             ar_reads.span(0, point.num_layers, point.num_layers) + ar_reads.head,
             scanned=True,
+            scan_trips=point.num_layers,
         )
     }
     if point.generate:
@@ -431,9 +434,15 @@ def imitation_programs(point: Point, d: DrafterShapes) -> DrafterPrograms:
             (point.params, point.cache, point.draft_cache, point.token),
             reads.span(0, k, layers) + reads.imitation + reads.head,
             scanned=True,
+            scan_trips=k,
         ),
         "shallow_step": Program(
-            shallow_step, (1,), (point.params, point.cache, point.token), reads.span(0, k, layers), scanned=True
+            shallow_step,
+            (1,),
+            (point.params, point.cache, point.token),
+            reads.span(0, k, layers),
+            scanned=True,
+            scan_trips=k,
         ),
         "verify": Program(
             verify,
@@ -441,6 +450,7 @@ def imitation_programs(point: Point, d: DrafterShapes) -> DrafterPrograms:
             (point.params, point.cache, point.states),
             reads.span(k, layers, layers) + reads.head,
             scanned=True,
+            scan_trips=layers - k,
         ),
     }
     roles = {role: role for role in programs}
@@ -644,11 +654,17 @@ def tree_programs(point: Point, shape: TreeShape) -> DrafterPrograms:
 
 
 def _piece_entry(
-    program: Program, report: tpu.CompileReport, twin: tpu.CompileReport | None, topology: tpu.Topology
+    program: Program,
+    report: tpu.CompileReport,
+    twin: tpu.CompileReport | None,
+    topology: tpu.Topology,
+    explain: int = 0,
 ) -> dict[str, Any]:
     """A compiled piece as JSON: its memory, collectives and loops from the engine's own
     (scanned) program; its FLOPs and bytes from the unrolled twin when it has layer scans
-    (see compile_programs); the must-read bytes and the time bound they give."""
+    (see compile_programs); the must-read bytes, the time bound they give and the ratio of
+    the compiler's bytes to them. explain > 0: also where the bytes go (explain.py), its
+    `explain` rows the `explain` biggest groups of ops of the program the bytes come from."""
     if program.must_read is None:
         entry = tpu.report_dict(report, topology)
         entry["cost_counting"] = "static_loop_bodies_once"
@@ -679,7 +695,26 @@ def _piece_entry(
     if twin is not None:
         entry["twin_compile_seconds"] = twin.compile_seconds
     bound, _, memory = tpu.roofline_seconds(counted.flops, program.must_read, topology)
-    entry.update(must_read_bytes_per_device=program.must_read, must_read_time_s=memory, time_lower_bound_s=bound)
+    entry.update(
+        must_read_bytes_per_device=program.must_read,
+        must_read_time_s=memory,
+        time_lower_bound_s=bound,
+        bytes_accessed_per_device=counted.bytes_accessed,
+        bytes_accessed_to_must_read=counted.bytes_accessed / program.must_read if program.must_read else None,
+    )
+    source = twin if twin is not None else report
+    if explain and source.hlo_text is not None:
+        where = explain_hlo(source.hlo_text, explain)
+        where["hbm_to_must_read"] = where["hbm_bytes"] / program.must_read if program.must_read else None
+        where["counted_to_compiler"] = (
+            where["counted_bytes"] / counted.bytes_accessed if counted.bytes_accessed else None
+        )
+        if twin is not None and program.scan_trips and report.while_loops == 1 and report.hlo_text is not None:
+            # The program the engine runs (layers scanned): its loop body times the layers.
+            engine = explain_hlo(report.hlo_text, explain, loop_trips=program.scan_trips)
+            engine["hbm_to_must_read"] = engine["hbm_bytes"] / program.must_read if program.must_read else None
+            where["engine_program"] = engine
+        entry["explain"] = where
     return entry
 
 
@@ -696,10 +731,17 @@ def _compile(name: str, program: Program, mesh, topology, failed: dict[str, str]
         return None, None
 
 
-def compile_programs(programs: dict[str, Program], twins: dict[str, Program], mesh, topology: tpu.Topology, batch: int):
+def compile_programs(
+    programs: dict[str, Program],
+    twins: dict[str, Program],
+    mesh,
+    topology: tpu.Topology,
+    batch: int,
+    explain: int = 0,
+):
     """Compiles every program as the engine runs it and, for those with a layer scan, its
     unrolled twin (twins[name]: the same function on a model with unroll_layers=True),
-    whose FLOPs and bytes count every layer.
+    whose FLOPs and bytes count every layer. explain: see _piece_entry.
     Returns ({name: piece JSON}, {name: CompileReport}, refusals, {name: trace error})."""
     pieces, reports, refusals, failed = {}, {}, [], {}
     for name, program in programs.items():
@@ -714,5 +756,5 @@ def compile_programs(programs: dict[str, Program], twins: dict[str, Program], me
             if refusal is not None:
                 refusals.append(refusal)
         reports[name] = report
-        pieces[name] = _piece_entry(program, report, twin, topology)
+        pieces[name] = _piece_entry(program, report, twin, topology, explain)
     return pieces, reports, refusals, failed

@@ -53,6 +53,7 @@ def compile_point(
     generate: bool = True,
     trees: dict[TreeShape, TreeAcceptance] | None = None,
     slot_rows: int | None = None,
+    explain: int = 0,
 ) -> dict[str, Any]:
     """Every program of one (batch, draft_len) point, and the speedup they predict per drafter.
 
@@ -61,6 +62,7 @@ def compile_point(
 
     `trees` (shape -> its tokens per round): the imitation drafter's draft trees, each
     under `trees["NxK"]` with its pieces and predicted speedup (programs.tree_programs).
+    explain > 0: each piece also says where its bytes go (its `explain` biggest op groups).
 
     `pieces` holds the AR programs and the imitation drafter's (under their names of
     before drafters); `drafters` holds, per drafter, its own pieces (the imitation's
@@ -82,7 +84,7 @@ def compile_point(
         out.update(ar)
         for own in (*per_drafter.values(), *per_tree.values()):
             out.update(own.programs)
-    pieces, reports, refusals, failed = compile_programs(programs, twins, mesh, topology, batch)
+    pieces, reports, refusals, failed = compile_programs(programs, twins, mesh, topology, batch, explain)
     slot_entry = None
     if slot_rows:
         slot_pieces, slot_reports, slot_refusals, slot_failed = compile_programs(
@@ -209,6 +211,7 @@ def run(args) -> int:
                     slot_rows=default_prefill_rows(batch, mesh.shape["data"] * mesh.shape["fsdp"])
                     if "continuous" in (args.batching or ())
                     else None,
+                    explain=args.explain,
                 )
                 point["paper_implied"] = paper_implied(point, args.paper_speedup, shapes.config.text.num_layers)
                 runs.append(point)
@@ -252,6 +255,31 @@ def run(args) -> int:
     return tpu.write_report(report, args.json, failure)
 
 
+def must_read_lines(piece: dict) -> list[str]:
+    """A piece's must-read bytes, their time bound and the compiler's bytes against them;
+    with --explain, the biggest groups of ops by bytes (explain.py)."""
+    if "time_lower_bound_s" not in piece:
+        return []
+    lines = [
+        f"  must read {tpu.format_bytes(piece['must_read_bytes_per_device'])} per device: "
+        f">= {1000 * piece['time_lower_bound_s']:.3f} ms; bytes accessed / must read "
+        f"{piece['bytes_accessed_to_must_read']:.2f}"
+    ]
+    where = piece.get("explain")
+    if where is not None:
+        lines.append(
+            f"  where the bytes go (HLO ops; {where['counted_to_compiler']:.2f} of the compiler's total "
+            f"accounted; in HBM {tpu.format_bytes(where['hbm_bytes'])} = "
+            f"{where['hbm_to_must_read']:.2f}x must read):"
+        )
+        for row in where["top"]:
+            lines.append(
+                f"    {tpu.format_bytes(row['counted_bytes']):>10} (HBM {tpu.format_bytes(row['hbm_bytes']):>10}) "
+                f"{row['count']:4d} x {row['name']:<22} {row['scope']}"
+            )
+    return lines
+
+
 def point_lines(point: dict, topology: tpu.Topology) -> list[str]:
     lines = [
         f"batch {point['batch_size']} draft_len {point['draft_len']} exit {point['exit_layer']} on "
@@ -260,11 +288,7 @@ def point_lines(point: dict, topology: tpu.Topology) -> list[str]:
     ]
     for name, piece in point["pieces"].items():
         lines += tpu.program_lines(name, piece, topology.hbm_bytes_per_device)
-        if "time_lower_bound_s" in piece:
-            lines.append(
-                f"  must read {tpu.format_bytes(piece['must_read_bytes_per_device'])} per device: "
-                f">= {1000 * piece['time_lower_bound_s']:.3f} ms"
-            )
+        lines += must_read_lines(piece)
     printed = {id(piece) for piece in point["pieces"].values()}  # the imitation drafter's are there
     for name, drafter in point["drafters"].items():
         for role, piece in drafter["pieces"].items():
@@ -274,11 +298,7 @@ def point_lines(point: dict, topology: tpu.Topology) -> list[str]:
             lines += tpu.program_lines(
                 "verify_tokens" if role == "verify" else f"{name}/{role}", piece, topology.hbm_bytes_per_device
             )
-            if "time_lower_bound_s" in piece:
-                lines.append(
-                    f"  must read {tpu.format_bytes(piece['must_read_bytes_per_device'])} per device: "
-                    f">= {1000 * piece['time_lower_bound_s']:.3f} ms"
-                )
+            lines += must_read_lines(piece)
     for name, drafter in point["drafters"].items():
         if "predicted_speedup" in drafter:
             lines.append(
@@ -291,11 +311,7 @@ def point_lines(point: dict, topology: tpu.Topology) -> list[str]:
     for label, tree in point.get("trees", {}).items():
         for role, piece in tree["pieces"].items():
             lines += tpu.program_lines(f"tree {label}/{role}", piece, topology.hbm_bytes_per_device)
-            if "time_lower_bound_s" in piece:
-                lines.append(
-                    f"  must read {tpu.format_bytes(piece['must_read_bytes_per_device'])} per device: "
-                    f">= {1000 * piece['time_lower_bound_s']:.3f} ms"
-                )
+            lines += must_read_lines(piece)
     for label, tree in point.get("trees", {}).items():
         if "predicted_speedup" in tree:
             t = {role: 1000 * tree["pieces"][role]["time_lower_bound_s"] for role in ("root", "step", "verify", "move")}
