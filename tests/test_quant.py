@@ -26,6 +26,10 @@ from tests.test_decode import _near_identity_deep_layers, _prompts, _tokens
 from tests.tiny import tiny_config
 
 
+def shapes(tree):
+    return jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), tree)
+
+
 @pytest.fixture(scope="module")
 def models():
     """(float model, params, int8 model, params): a tiny LLaVA with a one-layer imitation network
@@ -62,9 +66,6 @@ def test_which_params_are_quantized(models):
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(qparams["projector"]))
 
     # the quantized tree is the one the quantized config describes (shardings, checkpoints)
-    def shapes(tree):
-        return jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), tree)
-
     assert shapes(nn.meta.unbox(qmodel.abstract_params())) == shapes(qparams)
     with pytest.raises(QuantizationError, match="already"):
         quantize_params(qparams)
@@ -178,3 +179,48 @@ def test_decode_run_int8_stored_equals_on_load_and_ssd_equals_ar(stored, tmp_pat
     stored_ssd = captions("--ckpt", str(quantized))
     assert captions("--ckpt", str(quantized), "--mode", "ar") == stored_ssd
     assert captions("--ckpt", str(ckpt), "--quantize", "int8") == stored_ssd
+
+
+def _blip2_config():
+    from fastvlm_jax.nn.blip2 import Blip2Config, Blip2VisionConfig, OPTConfig, QFormerConfig
+    from fastvlm_jax.nn.config import DraftConfig
+
+    return Blip2Config(
+        vision=Blip2VisionConfig(
+            image_size=16, patch_size=8, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4
+        ),
+        qformer=QFormerConfig(
+            hidden_size=32, intermediate_size=40, num_layers=1, num_heads=4, cross_attention_frequency=1
+        ),
+        text=OPTConfig(
+            vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4, tie_word_embeddings=False
+        ),
+        draft=DraftConfig(exit_layer=1),
+        num_query_tokens=4,
+        image_token_id=63,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gemma3", "blip2"])
+def test_other_families_quantize(family):
+    """Gemma 3 (tied LM head: stays float) and BLIP-2 (OPT: biases, an untied LM head from setup)."""
+    from tests.test_gemma3 import _sampling_model
+
+    if family == "gemma3":
+        model, params, pixels = _sampling_model()
+        ids = jnp.asarray([[2] + [model.config.image_token_id] * model.config.num_image_tokens + [3, 4, 5]])
+    else:
+        model = VLM(_blip2_config())
+        params = jax.jit(model.init)(jax.random.key(0))
+        pixels = jax.random.uniform(jax.random.key(1), (1, 16, 16, 3))
+        ids = jnp.asarray([[2] + [63] * 4 + [5, 6, 7, 8]])
+    qconfig, qparams = quantize_model(model.config, params)
+    qmodel = VLM(qconfig)
+    assert shapes(nn.meta.unbox(qmodel.abstract_params())) == shapes(qparams)
+    head = qparams["language_model"].get("lm_head")
+    assert (head is None) == (family == "gemma3") and (head is None or head["kernel"].dtype == jnp.int8)
+    float_logits = jax.jit(model.forward)(params, ids, pixels)
+    int8_logits = jax.jit(qmodel.forward)(qparams, ids, pixels)
+    rms = float(jnp.sqrt(jnp.mean(float_logits**2)))
+    assert float(jnp.sqrt(jnp.mean((int8_logits - float_logits) ** 2))) < 0.03 * rms
