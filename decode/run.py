@@ -50,6 +50,7 @@ from fastvlm_jax import demo
 from fastvlm_jax.ckpt.checkpoint import CheckpointError, load_config
 from fastvlm_jax.image.processing import ImageLoadError
 from fastvlm_jax.nn.model import param_bytes
+from fastvlm_jax.nn.quant import QUANTIZATIONS
 from fastvlm_jax.runtime.distributed import finish_independent, maybe_initialize, start_heartbeat
 from fastvlm_jax.runtime.paths import is_url
 from fastvlm_jax.runtime.sharding import make_mesh, parse_mesh
@@ -173,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["float32", "bfloat16", "float16"],
         default=None,
         help="params and compute dtype (default: the checkpoint's own)",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=list(QUANTIZATIONS),
+        default=None,
+        help="int8: quantize the decoding weights to int8 on load (per-output-channel scales, "
+        "fastvlm_jax.nn.quant); a checkpoint stored with `fastvlm_jax.convert --quantize int8` needs no flag",
     )
     parser.add_argument(
         "--draft-len",
@@ -908,6 +916,7 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
                 batch_size=args.batch_size,
                 prompt_bucket=args.prompt_bucket,
                 dtype=args.dtype,
+                quantize=args.quantize,
                 mesh=_local_mesh(args),
                 drafter=args.drafter if args.mode == "ssd" else "imitation",
             )
@@ -1027,6 +1036,7 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
                 "checkpoint": os.fspath(ckpt),
                 "out": args.out,
                 "dtype": captioner.dtype.name if captioner else None,
+                "quantization": captioner.config.quantization if captioner else None,
                 "param_bytes": param_bytes(captioner.params) if captioner else None,
                 "failures": failures,
             }

@@ -70,3 +70,21 @@ def test_greedy_20_tokens_match_hf_processor_and_generate(tmp_path, case):
     ]:
         out = generate(model, ckpt.params, prompts, spec, 20)
         assert np.asarray(out.tokens[0]).tolist() == hf_new, spec.mode
+    if case["image_size"] != 32:
+        return
+    # `fastvlm_jax.convert --quantize int8` on the same HF folder: int8 decoding weights whose
+    # greedy SSD equals their own AR (int8 may move a token or two away from HF's float output).
+    int8_dir = tmp_path / "int8"
+    assert convert.main(["--hf", str(hf_dir), "--out", str(int8_dir), "--exit-layer", "2", "--quantize", "int8"]) == 0
+    int8 = checkpoint.load_checkpoint(int8_dir)
+    assert int8.config.quantization == "int8"
+    assert int8.params["language_model"]["lm_head"]["kernel"].dtype == jnp.int8
+    int8_model = VLM(int8.config)
+    ar, ssd = (
+        np.asarray(generate(int8_model, int8.params, prompts, spec, 20).tokens[0]).tolist()
+        for spec in (
+            DecodeSpec("ar", capacity=20, eos_ids=()),
+            DecodeSpec("ssd", capacity=20, eos_ids=(), policy=DraftPolicy(draft_len=3)),
+        )
+    )
+    assert ssd == ar

@@ -292,6 +292,22 @@ def test_checkpoint_shapes_without_reading_params(tmp_path):
     assert jax.tree.map(lambda x: (x.shape, x.dtype), ckpt.params) == jax.tree.map(lambda x: (x.shape, x.dtype), params)
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(ckpt.params))
 
+    # --quantize int8 from a checkpoint or a named shape: int8 kernels + per-channel scales
+    from decode.bench.compile_only import CompileOnlyError, load_shapes
+    from fastvlm_jax.nn.quant import quantize_model
+
+    for shapes in (load_shapes(str(tmp_path / "ckpt"), quantize="int8"), load_shapes("random:tiny", quantize="int8")):
+        assert shapes.config.quantization == "int8"
+        down = shapes.params["language_model"]["layers"]["mlp"]["down_proj"]
+        assert (
+            down["kernel"].dtype == jnp.int8
+            and down["kernel_scale"].shape == down["kernel"].shape[:1] + down["kernel"].shape[2:]
+        )
+    save_checkpoint(tmp_path / "int8", *quantize_model(config, params))
+    with pytest.raises(CompileOnlyError, match="already int8-quantized"):
+        load_shapes(str(tmp_path / "int8"), quantize="int8")
+    assert load_shapes(str(tmp_path / "int8")).params["language_model"]["lm_head"]["kernel"].dtype == jnp.int8
+
 
 def test_without_libtpu_compile_only_says_how_to_get_it(monkeypatch, capsys):
     from train.run import main
@@ -365,6 +381,7 @@ def test_train_compile_only_too_big_exits_1_with_the_reason(tmp_path, capsys):
 def test_decode_compile_only_pieces_cache_sharding_and_speedup(tmp_path):
     needs_libtpu()
     from decode.bench.cli import main
+    from decode.bench.models import RANDOM_PRESETS
 
     out = tmp_path / "decode.json"
     assert (
@@ -465,6 +482,28 @@ def test_decode_compile_only_pieces_cache_sharding_and_speedup(tmp_path):
         assert memory["outputs"] - memory["aliased"] < run["kv_cache_bytes_per_device"] / 4  # no new cache
     assert slots["pieces"]["slot_rounds"]["while_loops"] > 0
     assert run["per_chip_peak_bytes"] >= slots["per_chip_peak_bytes"] > 0
+
+    # --quantize int8: the decoding kernels go from float32 to int8 in the compiled programs'
+    # arguments and must-read bytes, and no dequantized copy of the stacked weights is built
+    # (that would add the whole stack's float bytes per device to the AR step's temporaries).
+    int8_out = tmp_path / "decode_int8.json"
+    argv = ["--ckpt", "random:tiny", "--compile-only", TOPOLOGY, "--batch-size", "4", "--draft-len", "3"]
+    argv += ["--max-new-tokens", "16", "--acceptance", "0.6", "--no-generate", "--json", str(int8_out)]
+    assert main([*argv, "--quantize", "int8"]) == 0
+    int8_report = json.loads(int8_out.read_text())
+    int8_run = int8_report["runs"][0]
+    assert int8_report["quantization"] == "int8" and report["quantization"] is None
+    int8_ar = int8_run["pieces"]["ar_step"]
+    assert int8_run["param_bytes_per_device"] < 0.5 * run["param_bytes_per_device"]
+    assert int8_ar["must_read_bytes_per_device"] < 0.5 * ar["must_read_bytes_per_device"]
+    assert int8_ar["memory_per_device"]["arguments"] < 0.7 * ar["memory_per_device"]["arguments"]
+    assert int8_ar["time_lower_bound_s"] < ar["time_lower_bound_s"]
+    text = RANDOM_PRESETS["tiny"].text
+    stack_per_device = (
+        4 * text.num_layers * (2 * text.hidden_size**2 + 3 * text.hidden_size * text.intermediate_size) / 4
+    )
+    extra = int8_ar["memory_per_device"]["temporaries"] - ar["memory_per_device"]["temporaries"]
+    assert extra < stack_per_device / 2, (extra, stack_per_device)
 
 
 def test_layer_count_acceptance_inverts_the_round_cost():

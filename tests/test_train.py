@@ -414,6 +414,16 @@ def test_deepen_to_is_only_for_the_base_stage_from_a_checkpoint():
         th.tiny_config("imitation", init_from="/x", deepen_to=4)
 
 
+def test_an_int8_checkpoint_cannot_be_trained(tmp_path):
+    from fastvlm_jax.ckpt.checkpoint import CONFIG_FILE
+    from tests.tiny import tiny_config
+    from train.run import build_model
+
+    (tmp_path / CONFIG_FILE).write_text(tiny_config().replace(quantization="int8").to_json())
+    with pytest.raises(config_lib.ConfigError, match="int8 weights"):
+        build_model(th.tiny_config("imitation", init_from=str(tmp_path)), mesh=None)
+
+
 # ---------------------------------------------------------------------------------------
 # Sharded training
 # ---------------------------------------------------------------------------------------

@@ -146,6 +146,8 @@ def build_model(cfg: TrainConfig, mesh):
     if cfg.init_from:
         if cfg.model is not None:
             raise ConfigError("set either model (from scratch) or init_from (its config is used)")
+        if ckpt_lib.load_config(cfg.init_from).quantization is not None:
+            raise ConfigError(f"{cfg.init_from} has int8 weights (for decoding only): train from its float checkpoint")
         init = ckpt_lib.load_checkpoint(cfg.init_from, mesh=mesh)
     tokenizer = make_tokenizer(cfg, init.tokenizer if init else None)
     model_config = resolve_model_config(init.config if init else cfg.model, tokenizer)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compile-only runs for LLaVA-1.5-7B on named TPU topologies (nothing runs on a TPU; libtpu's
-# compiler on this CPU host). Usage: benchmarks/tpu_compile/run.sh CHAIN, CHAIN in {train, train-stages, refine-stages, decode, decode-batches, drafters, trees,
+# compiler on this CPU host). Usage: benchmarks/tpu_compile/run.sh CHAIN, CHAIN in {train, train-stages, refine-stages, decode, decode-batches, int8, drafters, trees,
 # gemma3-decode, gemma3-train, continuous, bytes}.
 # Each command's console output goes to benchmarks/tpu_compile/NAME.log, its report to NAME.json.
 set -uo pipefail
@@ -81,6 +81,20 @@ case "${1:-}" in
           --no-generate --explain 12 --json $OUT/decode_bytes_llava15_7b_$2.json
     done
     ;;
+  int8)
+    # Int8 weight-only decoding (fastvlm_jax.nn.quant) against bfloat16: LLaVA-1.5-7B and 13B
+    # at batch 1 and 8, the round's pieces, at the same measured chain profile as decode-batches.
+    ACC=benchmarks/trees/demo_batch1_8_32_chain5_tree8x2_16x2_quiet.json
+    for spec in "llava15_7b v5e:2x2 v5e_2x2 data=1,tensor=4" "llava15_13b v5e:2x4 v5e_2x4 data=1,tensor=8"; do
+      set -- $spec
+      for weights in int8 bf16; do
+        quantize=(); [ $weights = int8 ] && quantize=(--quantize int8)
+        run decode_${weights}_$1_$3 $PY -m decode.bench --ckpt shapes:$1 --compile-only $2 --mesh $4 \
+            --batch-size 1 8 --draft-len 5 --max-new-tokens 64 --acceptance $ACC --no-generate "${quantize[@]}" \
+            --json $OUT/decode_${weights}_$1_$3.json
+      done
+    done
+    ;;
   train-stages)
     # Every training stage of LLaVA-1.5-7B and 13B on v5e and v5p slices, with the loss
     # window (LM head only where loss is) and the base stage's remat (issue 16).
@@ -132,5 +146,5 @@ case "${1:-}" in
         --acceptance benchmarks/trees/demo_batch1_8_32_chain5_tree8x2_16x2_quiet.json --no-generate \
         --batching continuous --json $OUT/decode_slots_llava15_7b_v5e_2x2.json
     ;;
-  *) echo "usage: $0 train|train-stages|refine-stages|decode|decode-batches|drafters|trees|gemma3-decode|gemma3-train|continuous|bytes" >&2; exit 2 ;;
+  *) echo "usage: $0 train|train-stages|refine-stages|decode|decode-batches|drafters|trees|gemma3-decode|gemma3-train|continuous|bytes|int8" >&2; exit 2 ;;
 esac

@@ -50,6 +50,7 @@ from decode.engine.sampling import SamplingConfig
 from decode.engine.tree import TreeShape
 from fastvlm_jax.nn.architectures import ARCHITECTURES
 from fastvlm_jax.nn.model import param_bytes, param_count
+from fastvlm_jax.nn.quant import QUANTIZATIONS
 
 POLICIES = ("static", "confidence", "context")
 # Copied from the first run to the top level of the JSON, where scripts read them (the README's bench keys).
@@ -189,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="params and compute dtype (default: the checkpoint's own)",
     )
     parser.add_argument(
+        "--quantize",
+        choices=list(QUANTIZATIONS),
+        default=None,
+        help="int8: weight-only int8 decoding weights, per-output-channel scales (fastvlm_jax.nn.quant); "
+        "quantized on load, or the shapes with --compile-only",
+    )
+    parser.add_argument(
         "--cost-model", action="store_true", help="time the primitives and report ideal speedup + engine efficiency"
     )
     parser.add_argument("--cost-iters", type=int, default=32)
@@ -311,6 +319,7 @@ def _compare_batchings(args: argparse.Namespace, argv, bench) -> int:
         "machine": info,
         "model": bench.source,
         "dtype": bench.dtype.name,
+        "quantization": bench.config.quantization,
         "num_images": args.num_images,
         "max_new_tokens": args.max_new_tokens,
         "draft_len": draft_len,
@@ -341,7 +350,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         parser.error(str(e))
 
-    bench = load_bench_model(args.ckpt, args.seed, args.dtype)
+    bench = load_bench_model(args.ckpt, args.seed, args.dtype, args.quantize)
     if args.batching:
         return _compare_batchings(args, argv, bench)
     exit_layers = args.exit_layer or [bench.config.draft.exit_layer]
@@ -426,6 +435,7 @@ def main(argv=None) -> int:
         "params": param_count(bench.params),
         "num_layers": bench.config.text.num_layers,
         "dtype": bench.dtype.name,
+        "quantization": bench.config.quantization,
         "param_bytes": param_bytes(bench.params),
         "checkpoint_exit_layer": bench.config.draft.exit_layer,
         "max_new_tokens": args.max_new_tokens,

@@ -22,6 +22,7 @@ from fastvlm_jax.nn.config import DraftConfig, TextConfig, VisionConfig
 from fastvlm_jax.nn.families import build_prompt_ids, default_question, stop_ids
 from fastvlm_jax.nn.llava import LlavaConfig
 from fastvlm_jax.nn.model import VLM, cast_params, params_dtype
+from fastvlm_jax.nn.quant import QuantizationError, quantize_model
 
 # The vision tower of the two larger random presets: only the text decoder differs.
 _PRESET_VISION = VisionConfig(
@@ -76,12 +77,18 @@ class BenchModel:
         return params_dtype(self.params)
 
 
-def load_bench_model(spec: str, seed: int = 0, dtype=None) -> BenchModel:
+def load_bench_model(spec: str, seed: int = 0, dtype=None, quantize: str | None = None) -> BenchModel:
     """`random:PRESET`, `demo`, or a checkpoint directory; dtype: cast the params (None: keep
-    the checkpoint's own dtype; random presets are float32). Errors exit with one line."""
+    the checkpoint's own dtype; random presets are float32); quantize: 'int8' quantizes the
+    decoding weights after the cast (fastvlm_jax.nn.quant). Errors exit with one line."""
     bench = _load(spec, seed)
     if dtype is not None:
         bench.params = cast_params(bench.params, dtype)
+    if quantize is not None:
+        try:
+            bench.config, bench.params = quantize_model(bench.config, bench.params, quantize)
+        except QuantizationError as err:
+            raise SystemExit(f"error: --quantize {quantize}: {err}") from None
     return bench
 
 

@@ -45,6 +45,7 @@ from fastvlm_jax.ckpt.checkpoint import Checkpoint, CheckpointError, load_checkp
 from fastvlm_jax.image.processing import ImageSource, preprocess_image
 from fastvlm_jax.nn.families import DEFAULT_QUESTIONS, build_prompt_ids, default_question, stop_ids
 from fastvlm_jax.nn.model import VLM, cast_params, params_dtype
+from fastvlm_jax.nn.quant import quantize_model
 from fastvlm_jax.runtime.sharding import data_sharding, shard_params
 from fastvlm_jax.text.prompts import check_image_token_id
 
@@ -290,6 +291,8 @@ class Captioner:
       drafter: what drafts SSD rounds (decode.engine.drafters): 'imitation' (the draft path of the
         checkpoint), 'eagle' (its EAGLE head), or 'model:CKPT' (a separate small VLM with the
         same tokenizer and image preprocessing; CKPT a folder or `demo-draft`).
+      quantize: 'int8' quantizes the checkpoint's decoding weights after loading
+        (fastvlm_jax.nn.quant; a separate draft model stays as it is).
     """
 
     def __init__(
@@ -301,6 +304,7 @@ class Captioner:
         mesh=None,
         dtype=None,
         drafter: str = "imitation",
+        quantize: str | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -318,6 +322,11 @@ class Captioner:
                 checkpoint = checkpoint._replace(
                     params=shard_params(VLM(checkpoint.config).abstract_params(), checkpoint.params, mesh)
                 )
+        if quantize is not None:
+            config, params = quantize_model(checkpoint.config, checkpoint.params, quantize)
+            if mesh is not None:
+                params = shard_params(VLM(config).abstract_params(), params, mesh)
+            checkpoint = checkpoint._replace(config=config, params=params)
         config = checkpoint.config
         if checkpoint.tokenizer is None:
             raise CheckpointError("the checkpoint has no tokenizer/ folder: captioning needs one")

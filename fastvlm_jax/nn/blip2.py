@@ -21,7 +21,6 @@ untrained draft is the plain early exit at `exit_layer`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -39,10 +38,11 @@ from fastvlm_jax.nn.layers import (
     causal_attention,
     dense,
     full_attention,
-    init_layer_stack,
+    layer_stack_param,
     run_layer_stack,
     split_heads,
 )
+from fastvlm_jax.nn.quant import Dense
 from fastvlm_jax.nn.vision import vit_embeddings
 
 Array = jax.Array
@@ -154,6 +154,7 @@ class Blip2Config(ModelConfigMixin):
     num_query_tokens: int = 32
     image_token_id: int = 50265
     model_type: str = "blip-2"
+    quantization: str | None = None  # "int8": decoding weights stored int8 (fastvlm_jax.nn.quant)
 
     SUB_CONFIGS: ClassVar[dict[str, type]] = {
         "vision": Blip2VisionConfig,
@@ -449,9 +450,7 @@ class OPTDecoder(nn.Module):
         if cfg.embed_dim != cfg.hidden_size:
             self.project_in = _setup_dense(cfg.hidden_size, ("embed_out", "embed"), self.dtype)
             self.project_out = _setup_dense(cfg.embed_dim, ("embed", "embed_out"), self.dtype)
-        self.layers = self.param(
-            "layers", functools.partial(init_layer_stack, self._layer(), cfg.num_layers, cfg.hidden_size)
-        )
+        self.layers = layer_stack_param(self, self._layer(), cfg.num_layers, cfg.hidden_size)
         if cfg.has_final_layer_norm:
             self.final_layer_norm = nn.LayerNorm(
                 epsilon=cfg.layer_norm_eps,
@@ -527,9 +526,9 @@ class OPTDecoder(nn.Module):
         return self.logits(hidden)
 
 
-def _setup_dense(features: int, axes: tuple[str, str], dtype: DType, use_bias: bool = False) -> nn.Dense:
+def _setup_dense(features: int, axes: tuple[str, str], dtype: DType, use_bias: bool = False) -> Dense:
     """A Dense for `setup` (named by its attribute) with logical axes."""
-    return nn.Dense(
+    return Dense(
         features,
         use_bias=use_bias,
         dtype=dtype,

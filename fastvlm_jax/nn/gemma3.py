@@ -24,7 +24,6 @@ them).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -44,7 +43,7 @@ from fastvlm_jax.nn.layers import (
     apply_rope,
     causal_attention,
     dense,
-    init_layer_stack,
+    layer_stack_param,
     rope_frequencies,
     run_layer_stack,
 )
@@ -157,6 +156,7 @@ class Gemma3Config(ModelConfigMixin):
     boi_token_id: int = 255999
     eoi_token_id: int = 256000
     model_type: str = "gemma3"
+    quantization: str | None = None  # "int8": decoding weights stored int8 (fastvlm_jax.nn.quant)
 
     SUB_CONFIGS: ClassVar[dict[str, type]] = {"vision": VisionConfig, "text": Gemma3TextConfig, "draft": DraftConfig}
 
@@ -320,9 +320,7 @@ class Gemma3Decoder(nn.Module):
             dtype=self.dtype,
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("vocab", "embed")),
         )
-        self.layers = self.param(
-            "layers", functools.partial(init_layer_stack, self._layer(), cfg.num_layers, cfg.hidden_size)
-        )
+        self.layers = layer_stack_param(self, self._layer(), cfg.num_layers, cfg.hidden_size)
         self.norm = GemmaRMSNorm(cfg.rms_norm_eps)
         if not cfg.tie_word_embeddings:
             self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype, name="lm_head")

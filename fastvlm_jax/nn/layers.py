@@ -6,6 +6,7 @@ modules run on one device or sharded over a Mesh.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, cast
 
 import flax.linen as nn
@@ -16,6 +17,7 @@ from flax.linen.spmd import with_logical_constraint
 
 from fastvlm_jax.nn.config import TextConfig
 from fastvlm_jax.nn.kv_cache import KVCache, TreeSlots
+from fastvlm_jax.nn.quant import Dense, is_quantized, quantize_tree
 
 Array = jax.Array
 DType = Any
@@ -41,10 +43,11 @@ def activation(name: str):
 
 def dense(
     features: int, axes: tuple[str, str], *, use_bias: bool, dtype: DType, name: str, zero_init: bool = False
-) -> nn.Dense:
-    """A Dense layer whose kernel and bias carry logical axis names."""
+) -> Dense:
+    """A Dense layer whose kernel and bias carry logical axis names (float or int8 kernels,
+    see `fastvlm_jax.nn.quant`)."""
     kernel_init = nn.initializers.zeros if zero_init else nn.initializers.normal(INIT_STD)
-    return nn.Dense(
+    return Dense(
         features,
         use_bias=use_bias,
         dtype=dtype,
@@ -380,6 +383,18 @@ def init_layer_stack(layer: nn.Module, num_layers: int, width: int, rng: Array):
         stacked,
         is_leaf=lambda leaf: isinstance(leaf, nn.LogicallyPartitioned),
     )
+
+
+def layer_stack_param(module: nn.Module, layer: nn.Module, num_layers: int, width: int):
+    """module's 'layers' param: the stacked params of `layer` (init_layer_stack).
+
+    Call in `setup`. An int8 stack (fastvlm_jax.nn.quant) holds a kernel_scale next to each
+    kernel; its shapes are checked against the quantized form of the init instead.
+    """
+    init = functools.partial(init_layer_stack, layer, num_layers, width)
+    if module.has_variable("params", "layers") and is_quantized(module.get_variable("params", "layers")):
+        return module.param("layers", lambda rng: quantize_tree(init(rng)))
+    return module.param("layers", init)
 
 
 def run_layer_stack(

@@ -15,7 +15,6 @@ state 0 is the token embeddings.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -33,7 +32,7 @@ from fastvlm_jax.nn.layers import (
     RMSNorm,
     activation,
     dense,
-    init_layer_stack,
+    layer_stack_param,
     run_layer_stack,
 )
 from fastvlm_jax.nn.vision import VisionTower
@@ -54,6 +53,7 @@ class LlavaConfig(ModelConfigMixin):
     projector_bias: bool = True
     image_token_id: int = 32000
     model_type: str = "llava"
+    quantization: str | None = None  # "int8": decoding weights stored int8 (fastvlm_jax.nn.quant)
 
     SUB_CONFIGS: ClassVar[dict[str, type]] = {"vision": VisionConfig, "text": TextConfig, "draft": DraftConfig}
 
@@ -102,9 +102,7 @@ class TextDecoder(nn.Module):
             dtype=self.dtype,
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("vocab", "embed")),
         )
-        self.layers = self.param(
-            "layers", functools.partial(init_layer_stack, self._layer(), cfg.num_layers, cfg.hidden_size)
-        )
+        self.layers = layer_stack_param(self, self._layer(), cfg.num_layers, cfg.hidden_size)
         self.norm = RMSNorm(cfg.rms_norm_eps)
         if not cfg.tie_word_embeddings:
             self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype, name="lm_head")

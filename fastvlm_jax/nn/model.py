@@ -21,6 +21,7 @@ from fastvlm_jax.nn.eagle import head_text_config, init_eagle_params
 from fastvlm_jax.nn.families import family_of
 from fastvlm_jax.nn.kv_cache import KVCache
 from fastvlm_jax.nn.llava import ImitationNetwork, LlavaModule, TextDecoder  # noqa: F401 (re-exported)
+from fastvlm_jax.nn.quant import check_quantization, quantize_params, quantize_tree
 
 Array = jax.Array
 Params = Any
@@ -36,13 +37,16 @@ class VLM:
 
     params is the plain (unboxed) pytree {'vision_tower', 'projector', 'language_model',
     'imitation'} (BLIP-2 adds 'qformer'), decoder layers stacked under
-    'language_model/layers' with a leading [num_layers] axis.
+    'language_model/layers' with a leading [num_layers] axis. With config.quantization
+    ('int8') the decoding weights are int8 kernels + per-channel scales (fastvlm_jax.nn.quant);
+    init and abstract_params then give that form.
     dtype: the compute dtype (activations and KV cache); params keep their own dtype.
     unroll_layers: compile layer ranges as unrolled code rather than a loop; the same
       for every call of a program (see `fastvlm_jax.nn.layers.run_layer_stack`).
     """
 
     def __init__(self, config: FamilyConfig, dtype=jnp.float32, unroll_layers: bool = False):
+        check_quantization(config.quantization)
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.unroll_layers = unroll_layers
@@ -70,7 +74,8 @@ class VLM:
     def init_boxed(self, rng: Array) -> Params:
         """Parameters with their logical axis metadata (nn.LogicallyPartitioned leaves)."""
         ids, pixels = self._dummy_inputs()
-        return self.module.init(rng, ids, pixels)["params"]
+        params = self.module.init(rng, ids, pixels)["params"]
+        return quantize_params(params, self.config.quantization) if self.config.quantization else params
 
     def init(self, rng: Array) -> Params:
         return nn.meta.unbox(self.init_boxed(rng))
@@ -78,7 +83,8 @@ class VLM:
     def init_imitation(self, rng: Array) -> Params:
         """Fresh imitation-network params alone (the identity draft), without building the
         rest of the model: converting a 7B checkpoint must not allocate a random 7B copy."""
-        return self.family.init_imitation(self.config, rng, self.dtype)
+        params = self.family.init_imitation(self.config, rng, self.dtype)
+        return quantize_tree(params) if self.config.quantization else params
 
     def abstract_params(self) -> Params:
         """Shapes and logical axes of the parameters, without allocating them."""
@@ -189,7 +195,8 @@ class VLM:
     def init_eagle(self, rng: Array) -> Params:
         """Fresh EAGLE-head params alone (for a model trained without one)."""
 
-        return init_eagle_params(self.config, rng, self.dtype)
+        params = init_eagle_params(self.config, rng, self.dtype)
+        return quantize_tree(params) if self.config.quantization else params
 
 
 def param_count(params: Params) -> int:
@@ -201,7 +208,7 @@ def param_bytes(params: Params) -> int:
 
 
 def params_dtype(params: Params):
-    """The dtype of the floating params (the widest, if they are mixed)."""
+    """The dtype of the floating params (the widest, if they are mixed); int8 kernels do not count."""
     floats = {jnp.dtype(x.dtype) for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)}
     if not floats:
         return jnp.dtype(jnp.float32)

@@ -65,6 +65,9 @@ decode.run --stats / decode.bench JSON measured elsewhere (its mean_accepted_len
 acceptance_rate; per drafter from a decode.bench --drafter JSON of several drafters).
 Every such number is a compiler-model prediction, not a measurement.
 
+`--quantize int8` compiles the model with int8 decoding weights (fastvlm_jax.nn.quant): the
+params' shapes and dtypes, and so the must-read bytes, are the int8 model's.
+
 `--paper-speedup 1.55 1.85` (the default) adds, per point, the acceptance a published
 speedup implies under the plain layer-count cost model (layer_count_acceptance) and what
 the compiled pieces predict at that acceptance.

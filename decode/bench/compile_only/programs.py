@@ -29,6 +29,7 @@ from fastvlm_jax.nn.architectures import architecture
 from fastvlm_jax.nn.config import ConfigError
 from fastvlm_jax.nn.kv_cache import KVCache
 from fastvlm_jax.nn.model import VLM
+from fastvlm_jax.nn.quant import quantize_params
 from fastvlm_jax.runtime import sharding
 
 # Text tokens of the benchmark's random prompts besides the image tokens: BOS + 12
@@ -54,9 +55,10 @@ class ModelShapes:
     source: str
 
 
-def load_shapes(spec: str, dtype: str | None = None) -> ModelShapes:
+def load_shapes(spec: str, dtype: str | None = None, quantize: str | None = None) -> ModelShapes:
     """`shapes:NAME` (bfloat16 unless `dtype`), `random:PRESET` (float32), `demo` or a
-    checkpoint dir (its saved dtypes; its params are not read)."""
+    checkpoint dir (its saved dtypes; its params are not read). quantize: 'int8' gives the
+    weight-only quantized model's shapes (fastvlm_jax.nn.quant)."""
     if spec.startswith("shapes:") or spec.startswith("random:"):
         kind, name = spec.split(":", 1)
         if kind == "random":
@@ -68,6 +70,7 @@ def load_shapes(spec: str, dtype: str | None = None) -> ModelShapes:
                 config = architecture(name)
             except ConfigError as err:
                 raise CompileOnlyError(str(err)) from None
+        config = config.replace(quantization=quantize)
         params = nn.meta.unbox(VLM(config).abstract_params())
         dtype = dtype or ("bfloat16" if kind == "shapes" else "float32")
         source = spec
@@ -83,6 +86,11 @@ def load_shapes(spec: str, dtype: str | None = None) -> ModelShapes:
         except CheckpointError as err:
             raise CompileOnlyError(str(err)) from None
         config, params, source = ckpt.config, ckpt.params, str(path)
+        if quantize is not None:
+            if config.quantization is not None:
+                raise CompileOnlyError(f"--quantize {quantize}: {path} is already {config.quantization}-quantized")
+            config = config.replace(quantization=quantize)
+            params = jax.eval_shape(lambda p: quantize_params(p, quantize), params)
     if dtype is not None:
         params = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(

@@ -175,7 +175,7 @@ def run(args) -> int:
         mesh_config = sharding.parse_mesh(args.mesh) if args.mesh else sharding.MeshConfig(data=1, tensor=-1)
         mesh = sharding.make_mesh(mesh_config, topology.devices)
         acceptance = parse_acceptances(args.acceptance)
-        shapes = load_shapes(args.ckpt, args.dtype)
+        shapes = load_shapes(args.ckpt, args.dtype, args.quantize)
         if args.exit_layer:
             shapes = dataclasses.replace(shapes, config=shapes.config.with_draft(exit_layer=args.exit_layer[0]))
         drafters = tuple(parse_drafter(name, shapes) for name in args.drafter)
@@ -224,6 +224,7 @@ def run(args) -> int:
         **tpu.topology_summary(topology),
         "model": shapes.source,
         "dtype": shapes.dtype.name,
+        "quantization": shapes.config.quantization,
         "mesh": dict(mesh.shape),
         "hbm_bytes_per_device": topology.hbm_bytes_per_device,
         "acceptance": (

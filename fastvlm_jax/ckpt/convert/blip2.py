@@ -45,6 +45,7 @@ from fastvlm_jax.ckpt.convert.common import linear as _linear
 from fastvlm_jax.nn.blip2 import Blip2Config, Blip2VisionConfig, OPTConfig, OPTDecoder, QFormerConfig, init_imitation
 from fastvlm_jax.nn.config import ConfigError, DraftConfig, ImitationKind
 from fastvlm_jax.nn.model import VLM
+from fastvlm_jax.nn.quant import quantize_model
 from fastvlm_jax.text.prompts import check_image_token_id
 from fastvlm_jax.text.tokenizer import from_hf_dir
 
@@ -335,6 +336,7 @@ def convert(
     dtype: str = "float32",
     seed: int = 0,
     progress: bool = True,
+    quantize: str | None = None,
 ) -> epath.Path:
     """Converts a HF BLIP-2 OPT folder into our checkpoint directory; returns its path."""
 
@@ -354,6 +356,8 @@ def convert(
             "checkpoint has no tokenizer/ (decode.run needs one)",
             file=sys.stderr,
         )
+    if quantize is not None:  # weight-only int8 decoding weights (fastvlm_jax.nn.quant)
+        config, params = quantize_model(config, params, quantize)
     return save_checkpoint(out_dir, config, params, tokenizer, image_config)
 
 

@@ -29,6 +29,7 @@ from fastvlm_jax.ckpt.convert.llava import TEXT_RULES, VISION_RULES, hf_source_f
 from fastvlm_jax.nn.config import DraftConfig, ImitationKind
 from fastvlm_jax.nn.gemma3 import FULL, SLIDING, Gemma3Config, Gemma3TextConfig
 from fastvlm_jax.nn.model import VLM
+from fastvlm_jax.nn.quant import quantize_model
 from fastvlm_jax.text.prompts import check_image_token_id
 from fastvlm_jax.text.tokenizer import from_hf_dir
 
@@ -205,6 +206,7 @@ def convert(
     dtype: str = "float32",
     seed: int = 0,
     progress: bool = True,
+    quantize: str | None = None,
 ) -> epath.Path:
     """Converts a HF Gemma 3 folder into our checkpoint directory; returns its path."""
     hf_dir = Path(hf_dir)
@@ -219,6 +221,8 @@ def convert(
     check_image_token_id(tokenizer, config.image_token_id, ConversionError, "config.json's image_token_index")
     folder = open_safetensors(hf_dir)
     params = convert_params(folder, config, jax.random.key(seed), jnp.dtype(dtype), progress)
+    if quantize is not None:  # weight-only int8 decoding weights (fastvlm_jax.nn.quant)
+        config, params = quantize_model(config, params, quantize)
     return save_checkpoint(out_dir, config, params, tokenizer, image_config)
 
 

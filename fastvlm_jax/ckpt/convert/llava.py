@@ -28,6 +28,7 @@ from fastvlm_jax.ckpt.convert.common import ConversionError, conv, fill_param_tr
 from fastvlm_jax.nn.config import DraftConfig, ImitationKind, TextConfig, VisionConfig
 from fastvlm_jax.nn.llava import LlavaConfig
 from fastvlm_jax.nn.model import VLM
+from fastvlm_jax.nn.quant import quantize_model
 from fastvlm_jax.text.tokenizer import from_hf_dir
 
 # --- HF config -> LlavaConfig ---------------------------------------------------------------
@@ -295,6 +296,7 @@ def convert(
     dtype: str = "float32",
     seed: int = 0,
     progress: bool = True,
+    quantize: str | None = None,
 ) -> epath.Path:
     """Converts a HF LLaVA folder into our checkpoint directory; returns its path."""
 
@@ -305,4 +307,6 @@ def convert(
     tokenizer = from_hf_dir(hf_dir)
     folder = open_safetensors(hf_dir)
     params = convert_params(folder, config, jax.random.key(seed), jnp.dtype(dtype), progress)
+    if quantize is not None:  # weight-only int8 decoding weights (fastvlm_jax.nn.quant)
+        config, params = quantize_model(config, params, quantize)
     return save_checkpoint(out_dir, config, params, tokenizer, image_config)
