@@ -53,11 +53,15 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_processes_match_one_and_resume(setup, reference):
     """Two processes train, are preempted (SIGTERM to both: they agree on a step, save it
-    and exit), then resume with two processes to the end: the one-process curve."""
+    and exit), then resume with two processes to the end: the one-process curve.
+
+    Metrics every LOG_EVERY steps only: the preemption check must not wait for them (a
+    SIGTERM costs at most the step after the one in flight)."""
     root, overrides = setup
     # No periodic saves: each multi-process save compiles orbax's replica slicing for the
     # new topology, the slowest part of this test; the preemption and final saves remain.
-    overrides = {**overrides, "checkpoint.save_every": 0}
+    log_every = 4
+    overrides = {**overrides, "checkpoint.save_every": 0, "log_every": log_every}
     workdir = root / "two_processes"
 
     def start(module):
@@ -81,14 +85,16 @@ def test_two_processes_match_one_and_resume(setup, reference):
         ]
 
     procs = start(th.SLOW_RUN)  # room to interrupt; numerics unchanged
-    _wait_for(lambda: len(th.losses(workdir)) >= 3, procs[0], what="step 3")
+    _wait_for(lambda: max(th.losses(workdir), default=0) >= log_every, procs[0], what=f"step {log_every}")
+    logged = max(th.losses(workdir))  # finished; the step after it may be in flight
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-4000:]
     result = json.loads(outputs[0][0].strip().splitlines()[-1])
-    assert result["status"] == "preempted" and 3 <= result["step"] < STEPS, result
+    print(f"SIGTERM after step {logged} was logged; the processes stopped after step {result['step']}")
+    assert result["status"] == "preempted" and logged <= result["step"] <= logged + 2, (logged, result)
     assert _saved_steps(workdir) == [result["step"]]
 
     procs = start("train.run")
@@ -96,9 +102,9 @@ def test_two_processes_match_one_and_resume(setup, reference):
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-4000:]
     assert json.loads(outputs[0][0].strip().splitlines()[-1])["status"] == "done"
-    curve = th.losses(workdir)  # written by process 0 only
-    assert sorted(curve) == sorted(reference)
-    np.testing.assert_allclose([curve[s] for s in sorted(curve)], [reference[s] for s in sorted(reference)], rtol=1e-5)
+    curve = th.losses(workdir)  # written by process 0 only: every log_every-th step and the last
+    assert STEPS in curve and set(curve) <= set(reference), sorted(curve)
+    np.testing.assert_allclose([curve[s] for s in sorted(curve)], [reference[s] for s in sorted(curve)], rtol=1e-5)
 
 
 def _wait_for(predicate, proc, timeout=240.0, what=""):

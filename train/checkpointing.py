@@ -13,8 +13,9 @@ they are >99% of the bytes. Resuming re-reads them from the same source; `meta` 
 that source and a resume from a different one fails loudly. The full model is written
 once, at the end, by `export` (fastvlm_jax.ckpt.checkpoint format).
 
-Preemption: `PreemptionFlag` catches SIGTERM and only sets a flag; the loop saves at the
-next step boundary and exits, so a save never races a half-done update.
+Preemption: `PreemptionFlag` notices SIGTERM (on every process, through JAX's preemption
+service, when there are several) and the loop saves at the next step boundary every process
+agrees on, and exits, so a save never races a half-done update.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax._src import distributed as _jax_distributed  # whether the preemption service runs
 from jax.experimental import multihost_utils
 
 from fastvlm_jax.ckpt.checkpoint import save_checkpoint
@@ -104,19 +106,28 @@ class Checkpointer:
 
 
 class PreemptionFlag:
-    """Set by SIGTERM (TPU preemption notice, `kill`); polled at step boundaries.
+    """Set by SIGTERM (TPU preemption notice, `kill`); polled at every step boundary.
 
-    With several processes, all must stop at the same step to join the final save, so the
-    local flags are combined by an all-gather. That is a host-device sync, so it runs only
-    every `sync_every` steps (the loop syncs there anyway to log metrics); a single
-    process checks its flag every step for free.
+    A single process checks its own flag (set by a Python handler). Several processes must
+    all stop at the same step to join the final save: there JAX's preemption service does
+    it (`jax.distributed.initialize` starts it, and its notifier owns SIGTERM): any
+    process's notice reaches all of them through the coordination service, which agrees
+    on a step in the background, and `reached_preemption_sync_point` is a local lookup,
+    cheap enough to ask at every step (the same protocol orbax's
+    CheckpointManager.reached_preemption uses). So a notice costs at most the step after
+    the one in flight. Where the service is switched off (jax_enable_preemption_service)
+    the local flags are all-gathered, a host-device sync, every `sync_every` steps.
     """
 
     def __init__(self, sync_every: int = 1, signals=(signal.SIGTERM,)):
         self._event = threading.Event()
         self._previous = {}
         self.sync_every = max(1, sync_every)
-        if threading.current_thread() is threading.main_thread():
+        # Not our own handler there: a Python handler would replace the service's notifier.
+        self._jax_service = (
+            jax.process_count() > 1 and _jax_distributed.global_state.preemption_sync_manager is not None
+        )
+        if not self._jax_service and threading.current_thread() is threading.main_thread():
             for sig in signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
@@ -125,6 +136,9 @@ class PreemptionFlag:
         self._event.set()
 
     def should_stop(self, step: int) -> bool:
+        """Whether to save and stop after `step`; every process must call it at every step."""
+        if self._jax_service:
+            return multihost_utils.reached_preemption_sync_point(step)
         local = self._event.is_set()
         if jax.process_count() == 1:
             return local
