@@ -239,6 +239,9 @@ class TrainConfig:
     batch_size: global batch (all hosts), split into grad_accum micro-batches per step.
     seq_len: prompt (with image tokens) + caption + EOS, right-padded / truncated.
     compute_dtype: "float32" or "bfloat16" (master weights and optimizer state stay float32).
+      With bfloat16 the gradients are bfloat16 until the optimizer: on TPU the compiler
+      reduces them across chips in bfloat16 and casts after the collective (as MaxText's
+      bf16 runs do; the CPU backend reduces them in float32).
     remat: what each decoder layer keeps for the backward pass: "none", "full" (recompute
       the layer, keep only its input) or "dots" (keep its weight matmuls' outputs too); see
       fastvlm_jax.nn.layers.REMAT_POLICIES. Only the base stage backpropagates through the
