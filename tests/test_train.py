@@ -571,3 +571,18 @@ def test_draft_stages_leave_the_base_model_bit_identical(data_dir, tmp_path):
         8,
     )
     np.testing.assert_array_equal(np.asarray(out.tokens[0]), stored.tokens[5])
+
+
+@pytest.mark.slow
+def test_cli_caches_compiles_in_the_workdir_profiles_and_reports_model_flops(data_dir, tmp_path):
+    """The CLI with no compilation cache configured: the compiled programs land in
+    workdir/compile_cache (a restart loads them); --profile-steps 1 writes a jax.profiler
+    trace; the metrics carry model FLOP/s, and no MFU on CPU (no peak figure to divide by)."""
+    workdir = tmp_path / "run"
+    env = th.subprocess_env(tmp_path / "unused", 1, JAX_COMPILATION_CACHE_DIR="")
+    overrides = {"data.data_dir": data_dir, "steps": 3, "mesh.data": 1, "checkpoint.export": False}
+    th.run_cli("base", workdir, overrides, env, ["--profile-steps", "1"])
+    assert any((workdir / "compile_cache").iterdir())
+    assert list((workdir / "profile").rglob("*.xplane.pb"))
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["model_flops_per_s"] > 0 and "mfu" not in r for r in records), records

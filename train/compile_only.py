@@ -135,6 +135,12 @@ def model_flops(stage: str, config, abstract, batch: int, seq_len: int, loss_pos
     return float(full + draft + 2 * (2 * tokens * imitation) + 2 * head_tokens * head)
 
 
+def head_positions(cfg: TrainConfig, loss_start: int) -> int:
+    """Positions of a row the LM head runs on in a step (model_flops' loss_positions)."""
+    # The eagle stage's losses read every position (train/eagle.py): no window there.
+    return cfg.seq_len - loss_start if cfg.stage != "eagle" else cfg.seq_len
+
+
 def _abstract(tree, shardings, dtype_of=None):
     """ShapeDtypeStructs of `tree`'s leaves with `shardings` (and dtypes by path, if given)."""
 
@@ -208,8 +214,7 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
 
     notes = []
     prompt_len, loss_start = prompt_width(cfg, source, notes)
-    # The eagle stage's losses read every position (train/eagle.py): no window there.
-    loss_positions = cfg.seq_len - loss_start if cfg.stage != "eagle" else cfg.seq_len
+    loss_positions = head_positions(cfg, loss_start)
     reports, refusals = [], []
     train_program = step_lib.train_step_program(model, model_setup.step_spec(cfg, loss_start), tx, schedule, shardings)
     programs = [("train_step", train_program, (state, frozen, batch))]

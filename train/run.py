@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
+from fastvlm_jax import tpu
 from fastvlm_jax.ckpt import checkpoint as ckpt_lib
 from fastvlm_jax.nn.families import stop_ids
 from fastvlm_jax.nn.llava import LlavaConfig
@@ -51,6 +52,8 @@ from train.model_setup import make_tokenizer, plan_training, resolve_model_confi
 EXPORT_DIR = "export"
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "train_config.json"
+COMPILE_CACHE_DIR = "compile_cache"
+PROFILE_DIR = "profile"
 
 
 # ---------------------------------------------------------------------------------------
@@ -83,6 +86,21 @@ def open_source(cfg: TrainConfig):
     # Reuses what process 0 wrote; resolves the folder of custom-size builds by their name.
     builder = tfds_builders.build_dataset(data.name, data.data_dir, **kwargs)
     return tfds_builders.CaptionSource(builder.data_dir, data.split, decode=False)
+
+
+def use_compilation_cache(workdir: str | os.PathLike) -> str:
+    """Turns on JAX's persistent compilation cache in workdir/compile_cache (a bucket path
+    too) unless one is configured already (JAX_COMPILATION_CACHE_DIR); returns the folder.
+
+    A restarted run (preemption, crash) then loads its compiled step instead of compiling
+    it again, which takes minutes for a 7B model.
+    """
+    configured = jax.config.jax_compilation_cache_dir
+    if configured:
+        return configured
+    folder = str(as_path(workdir) / COMPILE_CACHE_DIR)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    return folder
 
 
 @functools.lru_cache(maxsize=8)
@@ -246,10 +264,13 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     devices: Sequence[jax.Device] | None = None,
+    profile_steps: int = 0,
 ) -> RunResult:
     """Runs (or resumes) `cfg` in `workdir`; returns when done, when preempted (SIGTERM),
     or after `stop_after` steps in this call. devices: the mesh's (default: all), e.g. one
-    device for a reference run."""
+    device for a reference run. profile_steps: trace that many steps with jax.profiler into
+    workdir/profile (TensorBoard's profile plugin reads it), starting after the call's first
+    step so that compiling stays out of the trace."""
     if not (workdir or cfg.workdir):
         raise ConfigError("no workdir: pass --workdir or set workdir in the config")
     workdir = as_path(workdir or cfg.workdir)  # local, or a bucket (gs://...)
@@ -350,6 +371,14 @@ def train(
     preemption = checkpointing.PreemptionFlag(sync_every=cfg.log_every)
     status, step, last, saved_step = "done", start_step, {}, latest
     tokens_per_batch = cfg.batch_size * cfg.seq_len
+    # MFU: the model's matmul FLOPs per step by formula (compile_only.model_flops; XLA's cost
+    # analysis counts a layer scan's body once) over the chips' peak; no peak, no MFU.
+    flops_per_step = compile_only.model_flops(
+        cfg.stage, model.config, abstract, cfg.batch_size, cfg.seq_len, compile_only.head_positions(cfg, loss_start)
+    )
+    peak_flops = tpu.peak_flops(mesh.devices.flat)
+    profile_start = start_step + 1 if profile_steps > 0 else None
+    profiling = False
     window_start, window_steps = time.perf_counter(), 0
     try:
         while step < cfg.steps:
@@ -363,12 +392,25 @@ def train(
                 metrics = jax.device_get(metrics)  # waits for the step: the timings are real
                 elapsed = time.perf_counter() - window_start
                 metrics.update(
-                    step_time_s=elapsed / window_steps, tokens_per_s=tokens_per_batch * window_steps / elapsed
+                    step_time_s=elapsed / window_steps,
+                    tokens_per_s=tokens_per_batch * window_steps / elapsed,
+                    model_flops_per_s=flops_per_step * window_steps / elapsed,
                 )
+                if peak_flops:
+                    metrics["mfu"] = flops_per_step * window_steps / elapsed / peak_flops
                 if step == start_step + 1:
                     metrics["compile_and_first_step_s"] = elapsed
+                    metrics.pop("mfu", None)  # compiling is not the model's time
                 last = logger.log(step, metrics) or last
                 window_start, window_steps = time.perf_counter(), 0
+            if profiling and step >= profile_start + profile_steps:
+                jax.block_until_ready(state)  # the traced steps' device work ends inside the trace
+                jax.profiler.stop_trace()
+                profiling = False
+            if step == profile_start:
+                jax.block_until_ready(state)
+                jax.profiler.start_trace(str(workdir / PROFILE_DIR))
+                profiling = True
             if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < cfg.steps:
                 checkpointer.save(step, state, data_iter, meta)
                 saved_step = step
@@ -388,6 +430,8 @@ def train(
                 workdir / EXPORT_DIR, model.config, param_lib.merge(trained, frozen), tokenizer, image_config
             )
     finally:
+        if profiling:  # stopped before the last profiled step
+            jax.profiler.stop_trace()
         logger.close()
         checkpointer.close()
         preemption.restore_handlers()
@@ -414,6 +458,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--process-id", type=int, default=None)
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     parser.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="trace N steps (after the first) with jax.profiler into WORKDIR/profile",
+    )
+    parser.add_argument(
         "--compile-only",
         metavar="TOPOLOGY",
         default=None,
@@ -435,8 +486,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.compile_only:
         return compile_only.main(cfg, args.config, args.compile_only, args.json)
+    if args.profile_steps < 0:
+        print(f"error: --profile-steps {args.profile_steps}: give a number of steps >= 0", file=sys.stderr)
+        return 2
     maybe_initialize(args.coordinator, args.num_processes, args.process_id)
-    result = train(cfg, args.workdir, progress=not args.no_progress)
+    if args.workdir or cfg.workdir:
+        use_compilation_cache(args.workdir or cfg.workdir)
+    result = train(cfg, args.workdir, progress=not args.no_progress, profile_steps=args.profile_steps)
     if jax.process_index() == 0:
         print(
             json.dumps(
