@@ -551,6 +551,7 @@ def test_draft_stages_leave_the_base_model_bit_identical(data_dir, tmp_path):
     # alone (the pre-pass decoded it within another batch).
     from decode.engine import DecodeSpec, Prompts, generate
     from fastvlm_jax.data import tfds_builders
+    from fastvlm_jax.image.processing import rescale_and_normalize
     from fastvlm_jax.nn.families import stop_ids
     from fastvlm_jax.nn.model import VLM
     from train import refine as refine_lib
@@ -566,7 +567,11 @@ def test_draft_stages_leave_the_base_model_bit_identical(data_dir, tmp_path):
     out = generate(
         VLM(model_ckpt.config),
         model_ckpt.params,
-        Prompts(prompt["input_ids"][None], prompt["prompt_len"][None], prompt["pixels"][None]),
+        Prompts(
+            prompt["input_ids"][None],
+            prompt["prompt_len"][None],
+            rescale_and_normalize(prompt["pixels"], model_ckpt.image_config)[None],
+        ),
         DecodeSpec(mode="ar", capacity=8, eos_ids=stop_ids(model_ckpt.config, model_ckpt.tokenizer)),
         8,
     )
@@ -586,3 +591,28 @@ def test_cli_caches_compiles_in_the_workdir_profiles_and_reports_model_flops(dat
     assert list((workdir / "profile").rglob("*.xplane.pb"))
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert all(r["model_flops_per_s"] > 0 and "mfu" not in r for r in records), records
+
+
+@pytest.mark.parametrize("preset", ["llava", "siglip"])
+def test_uint8_pixels_normalised_on_device_equal_the_host_float32_ones(preset):
+    """What the loader sends (uint8) looked up on device (train.step.device_pixels) is the
+    host preprocessing's float32 output bit for bit: the same model input, the same losses."""
+    from fastvlm_jax.image.processing import (
+        ImageProcessorConfig,
+        preprocess_image,
+        preprocess_image_uint8,
+    )
+    from train import step as step_lib
+    from train.model_setup import pixel_table
+
+    config = {
+        "llava": ImageProcessorConfig(shortest_edge=24, crop_height=24, crop_width=24, do_pad_to_square=True),
+        "siglip": ImageProcessorConfig.siglip(24),
+    }[preset]
+    image = np.random.default_rng(0).integers(0, 256, size=(37, 29, 3), dtype=np.uint8)
+    sent = preprocess_image_uint8(image, config)
+    assert sent.dtype == np.uint8
+    got = jax.jit(step_lib.device_pixels, static_argnums=1)(jnp.asarray(sent[None]), pixel_table(config))
+    want = preprocess_image(image, config)
+    assert got.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got[0]).view(np.uint32), want.view(np.uint32))

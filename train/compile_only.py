@@ -152,11 +152,11 @@ def _abstract(tree, shardings, dtype_of=None):
 
 
 def abstract_batch(cfg: TrainConfig, config, shardings: step_lib.Shardings) -> dict:
-    """The global batch of train/step.py as ShapeDtypeStructs (pixels [B, S, S, 3] float32,
+    """The global batch of train/step.py as ShapeDtypeStructs (pixels [B, S, S, 3] uint8,
     input_ids / targets [B, seq] int32, loss_mask [B, seq] float32, prompt_len [B] int32)."""
     b, s, size = cfg.batch_size, cfg.seq_len, config.vision.image_size
     shapes = {
-        "pixels": ((b, size, size, 3), jnp.float32),
+        "pixels": ((b, size, size, 3), jnp.uint8),
         "input_ids": ((b, s), jnp.int32),
         "targets": ((b, s), jnp.int32),
         "loss_mask": ((b, s), jnp.float32),
@@ -216,7 +216,10 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
     prompt_len, loss_start = prompt_width(cfg, source, notes)
     loss_positions = head_positions(cfg, loss_start)
     reports, refusals = [], []
-    train_program = step_lib.train_step_program(model, model_setup.step_spec(cfg, loss_start), tx, schedule, shardings)
+    # The table's values do not change the program, only its constants: the preset's will do.
+    image_config = input_lib.default_image_config(cfg.image_preset, source.config.vision.image_size)
+    spec = model_setup.step_spec(cfg, loss_start, image_config)
+    train_program = step_lib.train_step_program(model, spec, tx, schedule, shardings)
     programs = [("train_step", train_program, (state, frozen, batch))]
     if cfg.stage == "refine":
         if source.tokenizer is not None:
@@ -232,7 +235,12 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
             "pixels": batch["pixels"],
         }
         programs.insert(
-            0, ("refine_pregenerate", generate_program(model, shardings, max_new, eos), (state.params, frozen, prompts))
+            0,
+            (
+                "refine_pregenerate",
+                generate_program(model, shardings, max_new, eos, spec.pixel_table),
+                (state.params, frozen, prompts),
+            ),
         )
         notes.append(
             "refine_pregenerate is the one-off pre-pass before training (one call per global "

@@ -47,7 +47,14 @@ from train import params as param_lib
 from train import refine as refine_lib
 from train import step as step_lib
 from train.config import ConfigError, TrainConfig, apply_overrides, load_config_file, parse_overrides
-from train.model_setup import make_tokenizer, plan_training, resolve_model_config, step_spec, with_eagle_head
+from train.model_setup import (
+    make_tokenizer,
+    pixel_table,
+    plan_training,
+    resolve_model_config,
+    step_spec,
+    with_eagle_head,
+)
 
 EXPORT_DIR = "export"
 CHECKPOINT_DIR = "checkpoints"
@@ -236,7 +243,7 @@ def refine_sequences(
         source=source,
         record_ids=record_ids,
     )
-    program = refine_lib.generate_program(model, shardings, max_new, eos)
+    program = refine_lib.generate_program(model, shardings, max_new, eos, pixel_table(image_config))
 
     def generate_fn(prompts):
         with jax.set_mesh(mesh):
@@ -366,7 +373,8 @@ def train(
 
     # The prompt's last token predicts the caption's first: no position before it carries loss.
     loss_start = transform.text.prompt_len - 1
-    train_step = step_lib.jit_train_step(model, step_spec(cfg, loss_start), tx, schedule, shardings, mesh)
+    spec = step_spec(cfg, loss_start, image_config)
+    train_step = step_lib.jit_train_step(model, spec, tx, schedule, shardings, mesh)
     logger = metrics_lib.MetricsLogger(workdir, cfg.steps, start_step, progress=progress and primary)
     preemption = checkpointing.PreemptionFlag(sync_every=cfg.log_every)
     status, step, last, saved_step = "done", start_step, {}, latest
