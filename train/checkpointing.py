@@ -4,8 +4,11 @@ A training checkpoint holds what the run cannot recompute:
 
     workdir/checkpoints/<step>/
       state/   TrainState: step, *trainable* params, optimizer state, rng (sharded arrays)
-      data/    the grain iterator position, one JSON file per process
-      meta/    {"stage", "init_from", "config"}: what the frozen params come from
+      meta/    {"stage", "init_from", "seed", ...}: what a resumed run must keep
+
+No data iterator state: the data position is the step (each step reads one global batch,
+made of records that depend on the seed and the batch number only, train/input.py), so a
+run resumes on any number of hosts, each reading its rows from that batch on.
 
 Frozen parameters are not saved: they are a pure function of `init_from` (a checkpoint
 in our format) or of the seed (from-scratch init), and for a draft stage on a 7B model
@@ -25,7 +28,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -36,21 +38,6 @@ from fastvlm_jax.ckpt.checkpoint import save_checkpoint
 from fastvlm_jax.runtime.paths import as_path
 
 
-class _FrozenIteratorState:
-    """The data position captured at save time.
-
-    orbax may run item handlers after `save()` returns (async checkpointing) while
-    training already consumes the next batches; grain's handler calls get_state() when it
-    runs, so it gets this snapshot instead of the live iterator.
-    """
-
-    def __init__(self, state: bytes):
-        self._state = state
-
-    def get_state(self) -> bytes:
-        return self._state
-
-
 class Checkpointer:
     """Save / restore TrainState + data iterator + metadata under `directory`."""
 
@@ -58,43 +45,27 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(
             as_path(directory),
-            item_names=("state", "data", "meta"),
-            item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
-                "data": grain.checkpoint.CheckpointHandler(),
-                "meta": ocp.JsonCheckpointHandler(),
-            },
+            item_names=("state", "meta"),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
             options=options,
         )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iterator: Any, meta: dict[str, Any]) -> None:
-        snapshot = _FrozenIteratorState(data_iterator.get_state())
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=grain.checkpoint.CheckpointSave(snapshot),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            force=True,
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
         )
 
     def read_meta(self, step: int) -> dict[str, Any]:
         """The metadata alone (checked before restoring arrays into a target)."""
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
-        """Restores the state into `abstract_state` (ShapeDtypeStructs carrying shardings)
-        and moves `data_iterator` to the saved position."""
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)
-            ),
-        )
+    def restore(self, step: int, abstract_state: Any) -> Any:
+        """Restores the state into `abstract_state` (ShapeDtypeStructs carrying shardings:
+        those of this run's mesh, whatever mesh saved it)."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         return restored["state"]
 
     def wait(self) -> None:

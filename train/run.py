@@ -204,11 +204,19 @@ def caption_transform(
     )
 
 
-def build_data(cfg: TrainConfig, source, transform, shardings):
-    """Iterator over this host's rows of each global batch."""
+def build_data(cfg: TrainConfig, source, transform, shardings, start_step: int = 0):
+    """Iterator over this host's rows of each global batch, from step `start_step`'s on (a
+    step reads one global batch, and which records make it up depends on nothing else)."""
     rows = input_lib.host_rows(shardings.batch["input_ids"], cfg.batch_size)
     loader = input_lib.make_loader(
-        source, transform, cfg.batch_size, rows, cfg.seed, cfg.data.worker_count, cfg.data.read_threads
+        source,
+        transform,
+        cfg.batch_size,
+        rows,
+        cfg.seed,
+        cfg.data.worker_count,
+        cfg.data.read_threads,
+        start_batch=start_step,
     )
     return iter(loader)
 
@@ -312,7 +320,7 @@ def train(
         "stage": cfg.stage,
         "init_from": cfg.init_from,
         "seed": cfg.seed,
-        "process_count": jax.process_count(),
+        "process_count": jax.process_count(),  # recorded, not required: see the check below
         "steps": cfg.steps,
         "batch_size": cfg.batch_size,
         "grad_accum": cfg.grad_accum,
@@ -328,7 +336,11 @@ def train(
     if latest is not None:  # the run must match the checkpoint it resumes
         saved_meta = checkpointer.read_meta(latest)
         for key in meta:
-            if key not in saved_meta and key not in ("stage", "init_from", "seed", "process_count"):
+            if key == "process_count":
+                # The data position is the step (build_data) and the global order does not
+                # depend on how hosts split a batch; orbax reshards the state: any count resumes.
+                continue
+            if key not in saved_meta and key not in ("stage", "init_from", "seed"):
                 continue  # saved before this key was recorded
             if saved_meta.get(key) != meta[key]:
                 raise ConfigError(
@@ -359,17 +371,16 @@ def train(
         )
         source = refine_lib.WithSequences(source, sequences)
         transform = caption_transform(cfg, model, tokenizer, image_config, refine_lib.RefineExample)
-    data_iter = build_data(cfg, source, transform, shardings)
-
     if latest is not None:
         target = step_lib.abstract_state(shardings, param_lib.split(abstract, trainable_paths)[0], tx)
-        state = checkpointer.restore(latest, target, data_iter)
+        state = checkpointer.restore(latest, target)
     else:
         state = step_lib.init_state(trainable, tx, cfg.seed, shardings)
     del trainable
     if primary:  # only once the run is known to match what the workdir holds
         (workdir / CONFIG_FILE).write_text(cfg.to_json())
     start_step = int(state.step)
+    data_iter = build_data(cfg, source, transform, shardings, start_step)
 
     # The prompt's last token predicts the caption's first: no position before it carries loss.
     loss_start = transform.text.prompt_len - 1
@@ -420,7 +431,7 @@ def train(
                 jax.profiler.start_trace(str(workdir / PROFILE_DIR))
                 profiling = True
             if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < cfg.steps:
-                checkpointer.save(step, state, data_iter, meta)
+                checkpointer.save(step, state, meta)
                 saved_step = step
             if preemption.should_stop(step):
                 status = "preempted"
@@ -429,7 +440,7 @@ def train(
                 status = "stopped"
                 break
         if saved_step != step and (status != "done" or cfg.checkpoint.save_final):
-            checkpointer.save(step, state, data_iter, meta)
+            checkpointer.save(step, state, meta)
         checkpointer.wait()
         export_dir = None
         if status == "done" and cfg.checkpoint.export:
