@@ -450,18 +450,21 @@ def test_same_losses_on_one_and_eight_devices(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["base", "refine"])
+@pytest.mark.parametrize("stage", ["base", "refine", "eagle"])
 def test_loss_window_gives_the_losses_of_every_position(stage):
     """The step's losses on positions [loss_start, seq) (StepSpec.loss_start) equal those
-    on all positions when no earlier position carries loss; the gradients too."""
+    on all positions when no earlier position carries loss; the gradients too. The eagle
+    head pools its image slots in pairs, so its window starts in slot space (earlier)."""
     from fastvlm_jax.nn.model import VLM
     from tests.tiny import tiny_config
     from train import step as step_lib
 
     config = tiny_config(vocab_size=64, num_layers=2, exit_layer=1)
+    if stage == "eagle":
+        config = config.with_draft(eagle_layers=1, eagle_hidden_size=96, eagle_image_pool=2)
     model = VLM(config)
     params = model.init(jax.random.key(0))
-    patterns = {"base": ("language_model/.*",), "refine": ("imitation/.*",)}[stage]
+    patterns = {"base": ("language_model/.*",), "refine": ("imitation/.*",), "eagle": ("eagle/.*",)}[stage]
     trainable, frozen = param_lib.split(params, param_lib.trainable_paths(params, patterns))
     rng = np.random.default_rng(0)
     batch, seq, prompt = 3, 24, 9  # 4 image tokens + text; loss from position prompt - 1 on

@@ -136,9 +136,10 @@ def model_flops(stage: str, config, abstract, batch: int, seq_len: int, loss_pos
 
 
 def head_positions(cfg: TrainConfig, loss_start: int) -> int:
-    """Positions of a row the LM head runs on in a step (model_flops' loss_positions)."""
-    # The eagle stage's losses read every position (train/eagle.py): no window there.
-    return cfg.seq_len - loss_start if cfg.stage != "eagle" else cfg.seq_len
+    """Positions of a row the LM head runs on in a step (model_flops' loss_positions): the
+    loss window, in every stage (the eagle head's slots start a few image slots earlier,
+    train.eagle.slot_window_start; not counted)."""
+    return cfg.seq_len - loss_start
 
 
 def _abstract(tree, shardings, dtype_of=None):

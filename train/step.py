@@ -161,11 +161,13 @@ def forward_losses(
     if spec.stage == "eagle":
         # The head reads only the model's first and last states: no exit-layer states.
         h_last, _, _ = model.run_layers(params, hidden, positions, 0, num_layers, image_span=span)
-        full_logits = model.logits(params, h_last)
+        full_logits = model.logits(params, h_last[:, window])
         loss, metrics = eagle_lib.eagle_losses(
-            model, params, spec.eagle, hidden, h_last, full_logits, ids, targets, mask
+            model, params, spec.eagle, hidden, h_last, full_logits, ids, targets, mask, spec.loss_start
         )
-        metrics["full_acc"] = losses.top1_accuracy(jax.lax.stop_gradient(full_logits), targets, mask)
+        metrics["full_acc"] = losses.top1_accuracy(
+            jax.lax.stop_gradient(full_logits), targets[:, window], mask[:, window]
+        )
         metrics = {k: v / num_text for k, v in metrics.items()}
         return loss / num_text, metrics
     # One pass over the whole layer stack (which scans the stacked params directly, so
