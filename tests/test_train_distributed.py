@@ -169,3 +169,52 @@ def test_sigterm_and_sigkill_resume_exactly(setup, reference):
     assert sorted(curve) == sorted(reference)
     for step in sorted(reference):
         assert curve[step] == reference[step], (step, curve[step], reference[step])
+
+
+@pytest.mark.slow
+def test_refine_pre_pass_on_two_processes_matches_one(setup):
+    """The refine stage's pre-pass across two processes (process 0 decides which batches are
+    left and broadcasts it, each process generates within the collective calls and writes
+    the parts of its own rows, barriers, process 0 merges): the same sequences as one
+    process writes, and then the same training losses."""
+    root, overrides = setup
+    base = root / "refine_base"
+    th.run_cli(
+        "base",
+        base,
+        {**overrides, "steps": 3, "checkpoint.save_every": 0, "checkpoint.export": True},
+        th.subprocess_env(root / "cache", 8),
+    )
+    refine = {**overrides, "steps": 3, "checkpoint.save_every": 0, "init_from": base / "export"}
+    one, two = root / "refine_one", root / "refine_two"
+    th.run_cli("refine", one, refine, th.subprocess_env(root / "cache", 8))
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            th.cli(
+                "refine",
+                two,
+                refine,
+                ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(pid)],
+            ),
+            cwd=th.REPO,
+            env=th.subprocess_env(root / "cache", 4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for pid in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-4000:]
+    # Each process generated and wrote half of every batch's rows (its part files, merged and
+    # removed by process 0): the merged set is complete only with both halves.
+    want, got = (np.load(w / "refine_sequences" / "sequences.npz") for w in (one, two))
+    assert sorted(want.files) == sorted(got.files)
+    for key in want.files:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert (want["lengths"] > 0).all()
+    curve_one, curve_two = th.losses(one), th.losses(two)
+    assert sorted(curve_one) == sorted(curve_two) == [1, 2, 3]
+    np.testing.assert_allclose([curve_two[s] for s in (1, 2, 3)], [curve_one[s] for s in (1, 2, 3)], rtol=1e-5)
