@@ -621,3 +621,28 @@ def test_uint8_pixels_normalised_on_device_equal_the_host_float32_ones(preset):
     want = preprocess_image(image, config)
     assert got.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(got[0]).view(np.uint32), want.view(np.uint32))
+
+
+def test_refine_decode_placement_is_tensor_parallel_over_the_same_devices():
+    """refine.decode_tensor: the pre-pass's params over a (data, tensor) mesh of the training
+    mesh's devices (attention heads split over tensor, nothing over fsdp), its batch over data."""
+    import flax.linen as nn
+
+    from fastvlm_jax.nn.model import VLM
+    from fastvlm_jax.runtime import sharding
+    from tests.tiny import tiny_config
+    from train import model_setup
+    from train import refine as refine_lib
+
+    cfg = th.tiny_config("refine", **{"mesh.data": 2, "mesh.fsdp": 4, "mesh.tensor": 1})
+    model = VLM(tiny_config(num_kv_heads=4))
+    mesh = sharding.make_mesh(cfg.mesh)
+    paths, _, _, training = model_setup.plan_training(cfg, model, mesh, nn.meta.unbox(model.abstract_params()))
+    decode_mesh, placed = refine_lib.decode_placement(model, training, mesh, paths, 4)
+    assert dict(decode_mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 4}
+    assert set(decode_mesh.devices.flat) == set(mesh.devices.flat)
+    q = placed.frozen["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"].spec
+    assert "tensor" in q, q  # its fsdp axis has size 1: nothing is gathered per token
+    assert placed.batch["input_ids"].spec[0] == ("data", "fsdp")
+    with pytest.raises(config_lib.ConfigError, match="decode_tensor=3 does not divide the 8 devices"):
+        refine_lib.decode_placement(model, training, mesh, paths, 3)

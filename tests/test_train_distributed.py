@@ -175,8 +175,10 @@ def test_sigterm_and_sigkill_resume_exactly(setup, reference):
 def test_refine_pre_pass_on_two_processes_matches_one(setup):
     """The refine stage's pre-pass across two processes (process 0 decides which batches are
     left and broadcasts it, each process generates within the collective calls and writes
-    the parts of its own rows, barriers, process 0 merges): the same sequences as one
-    process writes, and then the same training losses."""
+    the parts of its own rows, barriers, process 0 merges), there on a tensor-parallel copy
+    of the weights (refine.decode_tensor=4: data=2 x tensor=4) instead of the FSDP training
+    mesh: the same sequences as one process writes on its training mesh, and then the same
+    training losses."""
     root, overrides = setup
     base = root / "refine_base"
     th.run_cli(
@@ -185,9 +187,11 @@ def test_refine_pre_pass_on_two_processes_matches_one(setup):
         {**overrides, "steps": 3, "checkpoint.save_every": 0, "checkpoint.export": True},
         th.subprocess_env(root / "cache", 8),
     )
-    refine = {**overrides, "steps": 3, "checkpoint.save_every": 0, "init_from": base / "export"}
+    fsdp = {"mesh.data": 2, "mesh.fsdp": 4, "mesh.tensor": 1}
+    refine = {**overrides, **fsdp, "steps": 3, "checkpoint.save_every": 0, "init_from": base / "export"}
     one, two = root / "refine_one", root / "refine_two"
     th.run_cli("refine", one, refine, th.subprocess_env(root / "cache", 8))
+    refine = {**refine, "refine.decode_tensor": 4}
     port = _free_port()
     procs = [
         subprocess.Popen(

@@ -146,10 +146,15 @@ class RefineConfig:
     max_new_tokens: most tokens the full model generates per example (0: fill seq_len).
     disagreement_weight: positions where the draft's argmax differs from the full model's
       count this many times in the loss (1 disables the reweighting).
+    decode_tensor: the pre-pass generates on a (data, tensor=decode_tensor) mesh over the
+      same devices, the weights resharded to it once: greedy decoding reads every weight for
+      each token, which on an FSDP training mesh means all-gathering them per token. 0:
+      generate on the training mesh.
     """
 
     max_new_tokens: int = 0
     disagreement_weight: float = 4.0
+    decode_tensor: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,15 +51,17 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from decode.engine import DecodeSpec, Prompts, generate
 from fastvlm_jax.image.processing import preprocess_image_uint8
 from fastvlm_jax.nn.model import VLM
+from fastvlm_jax.runtime import sharding
 from train import input as input_lib
 from train import params as param_lib
 from train.config import ConfigError
-from train.step import Shardings, device_pixels
+from train.step import Shardings, batch_shardings, device_pixels
 
 Array = jax.Array
 
@@ -164,6 +166,26 @@ def identity_mismatch(directory, stored: dict, wanted: dict) -> ConfigError | No
 # ---------------------------------------------------------------------------------------
 # The generation program (the pre-pass's, one global batch)
 # ---------------------------------------------------------------------------------------
+
+
+def decode_placement(model: VLM, training: Shardings, mesh: Mesh, trainable: set[str], tensor: int):
+    """(decode mesh, its Shardings) for the pre-pass: a (data, tensor) mesh over `mesh`'s
+    devices with the params placed by their logical axes (heads / mlp / vocab over tensor,
+    the rest replicated), the batch over data. Only the params and the batch of the
+    returned Shardings are meant to be read (generate_program); the rest is `training`'s.
+    ConfigError where `tensor` does not divide the devices."""
+    devices = list(mesh.devices.flat)
+    if tensor < 1 or len(devices) % tensor:
+        raise ConfigError(f"refine.decode_tensor={tensor} does not divide the {len(devices)} devices")
+    decode_mesh = sharding.make_mesh(sharding.MeshConfig(data=-1, fsdp=1, tensor=tensor), devices)
+    trainable_sh, frozen_sh = param_lib.split(sharding.param_shardings(model.abstract_params(), decode_mesh), trainable)
+    placed = dataclasses.replace(
+        training,
+        state=training.state.replace(params=trainable_sh),
+        frozen=frozen_sh,
+        batch=batch_shardings(decode_mesh),
+    )
+    return decode_mesh, placed
 
 
 def generate_program(

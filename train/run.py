@@ -234,9 +234,11 @@ def refine_sequences(
     source,
     transform,
     progress: bool,
+    trainable_paths: set[str],
 ):
     """The refine stage's pre-pass: the frozen full model's greedy generation for every record
-    the run reads, made once (or reused) in workdir/refine_sequences (train.refine)."""
+    the run reads, made once (or reused) in workdir/refine_sequences (train.refine); on the
+    training mesh, or with refine.decode_tensor on a tensor-parallel copy of the weights."""
     prompt_len = transform.text.prompt_len
     max_new = cfg.refine.max_new_tokens or (cfg.seq_len - prompt_len)
     eos = stop_ids(model.config, tokenizer)
@@ -251,6 +253,18 @@ def refine_sequences(
         source=source,
         record_ids=record_ids,
     )
+    if cfg.refine.decode_tensor:
+        if refine_lib.check_stored(workdir / refine_lib.SEQUENCES_DIR, wanted):  # nothing to generate
+            return refine_lib.load_sequences(workdir / refine_lib.SEQUENCES_DIR)
+        mesh, shardings = refine_lib.decode_placement(model, shardings, mesh, trainable_paths, cfg.refine.decode_tensor)
+        if cfg.batch_size % (mesh.shape["data"]):
+            raise ConfigError(
+                f"refine.decode_tensor={cfg.refine.decode_tensor}: batch_size {cfg.batch_size} does not split "
+                f"over the decode mesh's {mesh.shape['data']} data shards"
+            )
+        # Resharded once: a second copy of the weights, freed when the pre-pass returns.
+        trainable = jax.device_put(trainable, shardings.state.params)
+        frozen = jax.device_put(frozen, shardings.frozen)
     program = refine_lib.generate_program(model, shardings, max_new, eos, pixel_table(image_config))
 
     def generate_fn(prompts):
@@ -368,6 +382,7 @@ def train(
             source,
             transform,
             progress and primary,
+            trainable_paths,
         )
         source = refine_lib.WithSequences(source, sequences)
         transform = caption_transform(cfg, model, tokenizer, image_config, refine_lib.RefineExample)
