@@ -246,6 +246,17 @@ class CompileReport:
     hlo_text: str | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
+def peak_flops(devices: Sequence[Any]) -> float | None:
+    """Dense bf16 FLOP/s of the TPU chips `devices` run on (real or abstract devices), from
+    CHIPS; None for other devices (a CPU or GPU has no entry here, and no figure is made up).
+    Chips are counted by their coordinates: a v4 chip may show up as two devices."""
+    kinds = {d.device_kind for d in devices}
+    chip = next((c for c in CHIPS.values() if kinds == {c.device_kind}), None)
+    if chip is None:
+        return None
+    return chip.peak_bf16_flops * len({tuple(d.coords) for d in devices})
+
+
 def device_peak_flops(topology: Topology) -> float:
     return topology.chip.peak_bf16_flops / topology.devices_per_chip
 

@@ -1,6 +1,7 @@
 """Model library: cached decoding, the layer-range API, sharding and checkpoints."""
 
 import json
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -246,3 +247,21 @@ def test_checkpoint_keeps_its_dtype_and_casts_on_request(tmp_path):
     assert model_lib.param_bytes(kept) * 2 == model_lib.param_bytes(params)
     cast = checkpoint.load_checkpoint(tmp_path / "bf16", dtype=jnp.float32).params
     assert model_lib.params_dtype(cast) == jnp.float32
+
+
+def test_indivisible_dims_warn_once_by_name(monkeypatch):
+    """A vocab of 66 on a tensor axis of 4 replicates: warned about by parameter name, once."""
+    monkeypatch.setattr(sharding, "_WARNED_REPLICATED", set())  # whatever earlier tests warned about
+    model = VLM(tiny_config(vocab_size=66))
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=1, tensor=4))
+    with pytest.warns(UserWarning) as first:
+        shardings = sharding.param_shardings(model.abstract_params(), mesh)
+    messages = [str(w.message) for w in first]
+    embedding = [m for m in messages if m.startswith("language_model/embed_tokens/embedding:")]
+    assert len(embedding) == 1 and "'vocab' dimension (66)" in embedding[0] and "tensor (size 4)" in embedding[0]
+    assert any(m.startswith("language_model/lm_head/kernel:") for m in messages), messages
+    assert "tensor" not in shardings["language_model"]["embed_tokens"]["embedding"].spec
+    assert len(messages) == len(set(messages))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sharding.param_shardings(model.abstract_params(), mesh)  # the same mesh again: no repeat

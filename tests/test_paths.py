@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from etils import epath
@@ -21,6 +22,7 @@ from fastvlm_jax.runtime.paths import as_path, is_url
 from fastvlm_jax.text.tokenizer import load_tokenizer
 from tests.run_fixtures import make_tiny_tokenizer
 from tests.tiny import tiny_config
+from train import metrics as metrics_lib
 from train.metrics import MetricsLogger, read_metrics
 
 _FUNCTIONS = ("open", "exists", "isdir", "listdir", "makedirs", "mkdir", "glob", "remove", "rmtree", "stat", "walk")
@@ -65,11 +67,32 @@ def test_checkpoint_files_and_tokenizer_in_a_bucket(bucket):
     assert checkpoint._load_image_config(folder) == image_config
 
 
-def test_training_metrics_in_a_bucket(bucket):
+class _EventWriter:
+    """A SummaryWriter's interface writing one local text file (no tensorboard installed here)."""
+
+    def __init__(self, directory):
+        self.file = Path(directory) / "events.out"
+        self.lines = []
+
+    def add_scalar(self, key, value, step):
+        self.lines.append(f"{step} {key} {value}\n")
+
+    def flush(self):
+        self.file.write_text("".join(self.lines))
+
+    def close(self):
+        self.flush()
+
+
+def test_training_metrics_in_a_bucket(bucket, monkeypatch):
+    monkeypatch.setattr(metrics_lib, "_tensorboard_writer", _EventWriter)
     workdir = as_path("gs://bucket/runs/base")
     logger = MetricsLogger(workdir, total_steps=3, progress=False)
     for step in (1, 2, 3):
         logger.log(step, {"loss": 1.0 / step})
+        # The event file is in the bucket after each record, not only at the end.
+        events = bucket / "bucket" / "runs" / "base" / "tensorboard" / "events.out"
+        assert events.read_text().splitlines()[-1] == f"{step} loss {1.0 / step}"
     logger.close()
     assert [m["step"] for m in read_metrics(workdir)] == [1, 2, 3]
     # A resumed run from step 2 keeps what came before it and rewrites the rest.

@@ -222,10 +222,12 @@ def test_loader_resumes_from_saved_state(data_dir, tokenizer):
     after = [next(it) for _ in range(2)]
     again = iter(loader)
     again.set_state(state)
+    # A loader started at batch 3 (how a run resumes at step 3, on any host count) too.
+    started = iter(input_lib.make_loader(source, transform, 8, (0, 8), seed=1, start_batch=3))
     for want in after:
-        got = next(again)
-        for key in want:
-            np.testing.assert_array_equal(got[key], want[key])
+        for got in (next(again), next(started)):
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key])
     assert first[0]["pixels"].shape == (8, 16, 16, 3) and first[0]["input_ids"].shape == (8, 48)
     # The transform pickles (grain worker processes) with its tokenizer.
     import pickle
@@ -458,18 +460,21 @@ def test_same_losses_on_one_and_eight_devices(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["base", "refine"])
+@pytest.mark.parametrize("stage", ["base", "refine", "eagle"])
 def test_loss_window_gives_the_losses_of_every_position(stage):
     """The step's losses on positions [loss_start, seq) (StepSpec.loss_start) equal those
-    on all positions when no earlier position carries loss; the gradients too."""
+    on all positions when no earlier position carries loss; the gradients too. The eagle
+    head pools its image slots in pairs, so its window starts in slot space (earlier)."""
     from fastvlm_jax.nn.model import VLM
     from tests.tiny import tiny_config
     from train import step as step_lib
 
     config = tiny_config(vocab_size=64, num_layers=2, exit_layer=1)
+    if stage == "eagle":
+        config = config.with_draft(eagle_layers=1, eagle_hidden_size=96, eagle_image_pool=2)
     model = VLM(config)
     params = model.init(jax.random.key(0))
-    patterns = {"base": ("language_model/.*",), "refine": ("imitation/.*",)}[stage]
+    patterns = {"base": ("language_model/.*",), "refine": ("imitation/.*",), "eagle": ("eagle/.*",)}[stage]
     trainable, frozen = param_lib.split(params, param_lib.trainable_paths(params, patterns))
     rng = np.random.default_rng(0)
     batch, seq, prompt = 3, 24, 9  # 4 image tokens + text; loss from position prompt - 1 on
@@ -561,6 +566,7 @@ def test_draft_stages_leave_the_base_model_bit_identical(data_dir, tmp_path):
     # alone (the pre-pass decoded it within another batch).
     from decode.engine import DecodeSpec, Prompts, generate
     from fastvlm_jax.data import tfds_builders
+    from fastvlm_jax.image.processing import rescale_and_normalize
     from fastvlm_jax.nn.families import stop_ids
     from fastvlm_jax.nn.model import VLM
     from train import refine as refine_lib
@@ -576,8 +582,77 @@ def test_draft_stages_leave_the_base_model_bit_identical(data_dir, tmp_path):
     out = generate(
         VLM(model_ckpt.config),
         model_ckpt.params,
-        Prompts(prompt["input_ids"][None], prompt["prompt_len"][None], prompt["pixels"][None]),
+        Prompts(
+            prompt["input_ids"][None],
+            prompt["prompt_len"][None],
+            rescale_and_normalize(prompt["pixels"], model_ckpt.image_config)[None],
+        ),
         DecodeSpec(mode="ar", capacity=8, eos_ids=stop_ids(model_ckpt.config, model_ckpt.tokenizer)),
         8,
     )
     np.testing.assert_array_equal(np.asarray(out.tokens[0]), stored.tokens[5])
+
+
+@pytest.mark.slow
+def test_cli_caches_compiles_in_the_workdir_profiles_and_reports_model_flops(data_dir, tmp_path):
+    """The CLI with no compilation cache configured: the compiled programs land in
+    workdir/compile_cache (a restart loads them); --profile-steps 1 writes a jax.profiler
+    trace; the metrics carry model FLOP/s, and no MFU on CPU (no peak figure to divide by)."""
+    workdir = tmp_path / "run"
+    env = th.subprocess_env(tmp_path / "unused", 1, JAX_COMPILATION_CACHE_DIR="")
+    overrides = {"data.data_dir": data_dir, "steps": 3, "mesh.data": 1, "checkpoint.export": False}
+    th.run_cli("base", workdir, overrides, env, ["--profile-steps", "1"])
+    assert any((workdir / "compile_cache").iterdir())
+    assert list((workdir / "profile").rglob("*.xplane.pb"))
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["model_flops_per_s"] > 0 and "mfu" not in r for r in records), records
+
+
+@pytest.mark.parametrize("preset", ["llava", "siglip"])
+def test_uint8_pixels_normalised_on_device_equal_the_host_float32_ones(preset):
+    """What the loader sends (uint8) looked up on device (train.step.device_pixels) is the
+    host preprocessing's float32 output bit for bit: the same model input, the same losses."""
+    from fastvlm_jax.image.processing import (
+        ImageProcessorConfig,
+        preprocess_image,
+        preprocess_image_uint8,
+    )
+    from train import step as step_lib
+    from train.model_setup import pixel_table
+
+    config = {
+        "llava": ImageProcessorConfig(shortest_edge=24, crop_height=24, crop_width=24, do_pad_to_square=True),
+        "siglip": ImageProcessorConfig.siglip(24),
+    }[preset]
+    image = np.random.default_rng(0).integers(0, 256, size=(37, 29, 3), dtype=np.uint8)
+    sent = preprocess_image_uint8(image, config)
+    assert sent.dtype == np.uint8
+    got = jax.jit(step_lib.device_pixels, static_argnums=1)(jnp.asarray(sent[None]), pixel_table(config))
+    want = preprocess_image(image, config)
+    assert got.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got[0]).view(np.uint32), want.view(np.uint32))
+
+
+def test_refine_decode_placement_is_tensor_parallel_over_the_same_devices():
+    """refine.decode_tensor: the pre-pass's params over a (data, tensor) mesh of the training
+    mesh's devices (attention heads split over tensor, nothing over fsdp), its batch over data."""
+    import flax.linen as nn
+
+    from fastvlm_jax.nn.model import VLM
+    from fastvlm_jax.runtime import sharding
+    from tests.tiny import tiny_config
+    from train import model_setup
+    from train import refine as refine_lib
+
+    cfg = th.tiny_config("refine", **{"mesh.data": 2, "mesh.fsdp": 4, "mesh.tensor": 1})
+    model = VLM(tiny_config(num_kv_heads=4))
+    mesh = sharding.make_mesh(cfg.mesh)
+    paths, _, _, training = model_setup.plan_training(cfg, model, mesh, nn.meta.unbox(model.abstract_params()))
+    decode_mesh, placed = refine_lib.decode_placement(model, training, mesh, paths, 4)
+    assert dict(decode_mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 4}
+    assert set(decode_mesh.devices.flat) == set(mesh.devices.flat)
+    q = placed.frozen["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"].spec
+    assert "tensor" in q, q  # its fsdp axis has size 1: nothing is gathered per token
+    assert placed.batch["input_ids"].spec[0] == ("data", "fsdp")
+    with pytest.raises(config_lib.ConfigError, match="decode_tensor=3 does not divide the 8 devices"):
+        refine_lib.decode_placement(model, training, mesh, paths, 3)

@@ -39,7 +39,7 @@ from train import input as input_lib
 from train import params as param_lib
 from train import step as step_lib
 from train.config import ConfigError, TrainConfig
-from train.refine import generate_program
+from train.refine import decode_placement, generate_program
 
 # Tokens of a LLaVA/BLIP-2 prompt around the image tokens (chat template + a short question),
 # for the prompt width (the refine program's, the loss window's start) without a tokenizer.
@@ -135,6 +135,13 @@ def model_flops(stage: str, config, abstract, batch: int, seq_len: int, loss_pos
     return float(full + draft + 2 * (2 * tokens * imitation) + 2 * head_tokens * head)
 
 
+def head_positions(cfg: TrainConfig, loss_start: int) -> int:
+    """Positions of a row the LM head runs on in a step (model_flops' loss_positions): the
+    loss window, in every stage (the eagle head's slots start a few image slots earlier,
+    train.eagle.slot_window_start; not counted)."""
+    return cfg.seq_len - loss_start
+
+
 def _abstract(tree, shardings, dtype_of=None):
     """ShapeDtypeStructs of `tree`'s leaves with `shardings` (and dtypes by path, if given)."""
 
@@ -146,11 +153,11 @@ def _abstract(tree, shardings, dtype_of=None):
 
 
 def abstract_batch(cfg: TrainConfig, config, shardings: step_lib.Shardings) -> dict:
-    """The global batch of train/step.py as ShapeDtypeStructs (pixels [B, S, S, 3] float32,
+    """The global batch of train/step.py as ShapeDtypeStructs (pixels [B, S, S, 3] uint8,
     input_ids / targets [B, seq] int32, loss_mask [B, seq] float32, prompt_len [B] int32)."""
     b, s, size = cfg.batch_size, cfg.seq_len, config.vision.image_size
     shapes = {
-        "pixels": ((b, size, size, 3), jnp.float32),
+        "pixels": ((b, size, size, 3), jnp.uint8),
         "input_ids": ((b, s), jnp.int32),
         "targets": ((b, s), jnp.int32),
         "loss_mask": ((b, s), jnp.float32),
@@ -208,34 +215,50 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
 
     notes = []
     prompt_len, loss_start = prompt_width(cfg, source, notes)
-    # The eagle stage's losses read every position (train/eagle.py): no window there.
-    loss_positions = cfg.seq_len - loss_start if cfg.stage != "eagle" else cfg.seq_len
+    loss_positions = head_positions(cfg, loss_start)
     reports, refusals = [], []
-    train_program = step_lib.train_step_program(model, model_setup.step_spec(cfg, loss_start), tx, schedule, shardings)
-    programs = [("train_step", train_program, (state, frozen, batch))]
+    # The table's values do not change the program, only its constants: the preset's will do.
+    image_config = input_lib.default_image_config(cfg.image_preset, source.config.vision.image_size)
+    spec = model_setup.step_spec(cfg, loss_start, image_config)
+    train_program = step_lib.train_step_program(model, spec, tx, schedule, shardings)
+    programs = [("train_step", train_program, (state, frozen, batch), mesh)]
     if cfg.stage == "refine":
         if source.tokenizer is not None:
             eos = stop_ids(source.config, source.tokenizer)
         else:
             eos = (2,)
         max_new = cfg.refine.max_new_tokens or (cfg.seq_len - prompt_len)
+        decode_mesh, decode_sh, params_abs, frozen_abs_placed = mesh, shardings, state.params, frozen
+        if cfg.refine.decode_tensor:  # the pre-pass's own tensor-parallel placement (train.run)
+            decode_mesh, decode_sh = decode_placement(model, shardings, mesh, trainable_paths, cfg.refine.decode_tensor)
+            params_abs = _abstract(state.params, decode_sh.state.params)
+            frozen_abs_placed = _abstract(frozen, decode_sh.frozen)
+            notes.append(
+                f"refine_pregenerate on a data x tensor={cfg.refine.decode_tensor} mesh (refine.decode_tensor)"
+            )
         prompts = {
             "input_ids": jax.ShapeDtypeStruct(
-                (cfg.batch_size, prompt_len), jnp.int32, sharding=shardings.batch["input_ids"]
+                (cfg.batch_size, prompt_len), jnp.int32, sharding=decode_sh.batch["input_ids"]
             ),
-            "prompt_len": batch["prompt_len"],
-            "pixels": batch["pixels"],
+            "prompt_len": jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32, sharding=decode_sh.batch["prompt_len"]),
+            "pixels": jax.ShapeDtypeStruct(batch["pixels"].shape, jnp.uint8, sharding=decode_sh.batch["pixels"]),
         }
         programs.insert(
-            0, ("refine_pregenerate", generate_program(model, shardings, max_new, eos), (state.params, frozen, prompts))
+            0,
+            (
+                "refine_pregenerate",
+                generate_program(model, decode_sh, max_new, eos, spec.pixel_table),
+                (params_abs, frozen_abs_placed, prompts),
+                decode_mesh,
+            ),
         )
         notes.append(
             "refine_pregenerate is the one-off pre-pass before training (one call per global "
             "batch of the records the run reads), not part of a step: its per-step figures "
             "are per call"
         )
-    for name, program, args in programs:
-        report, refusal = tpu.compile_program(name, program, args, mesh, topology)
+    for name, program, args, program_mesh in programs:
+        report, refusal = tpu.compile_program(name, program, args, program_mesh, topology)
         if report is None:
             refusals.append(refusal)
         else:
@@ -293,7 +316,7 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
         "step_time_lower_bound_s": train_bound,
         "time_basis": "max(model FLOPs / chip peak, compiled bytes accessed / HBM bandwidth) per device",
         "tokens_per_step": cfg.batch_size * cfg.seq_len,
-        "program_names": [name for name, _, _ in programs],
+        "program_names": [name for name, _, _, _ in programs],
         "programs": programs_json,
         "notes": notes,
     }

@@ -146,10 +146,15 @@ class RefineConfig:
     max_new_tokens: most tokens the full model generates per example (0: fill seq_len).
     disagreement_weight: positions where the draft's argmax differs from the full model's
       count this many times in the loss (1 disables the reweighting).
+    decode_tensor: the pre-pass generates on a (data, tensor=decode_tensor) mesh over the
+      same devices, the weights resharded to it once: greedy decoding reads every weight for
+      each token, which on an FSDP training mesh means all-gathering them per token. 0:
+      generate on the training mesh.
     """
 
     max_new_tokens: int = 0
     disagreement_weight: float = 4.0
+    decode_tensor: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,6 +244,9 @@ class TrainConfig:
     batch_size: global batch (all hosts), split into grad_accum micro-batches per step.
     seq_len: prompt (with image tokens) + caption + EOS, right-padded / truncated.
     compute_dtype: "float32" or "bfloat16" (master weights and optimizer state stay float32).
+      With bfloat16 the gradients are bfloat16 until the optimizer: on TPU the compiler
+      reduces them across chips in bfloat16 and casts after the collective (as MaxText's
+      bf16 runs do; the CPU backend reduces them in float32).
     remat: what each decoder layer keeps for the backward pass: "none", "full" (recompute
       the layer, keep only its input) or "dots" (keep its weight matmuls' outputs too); see
       fastvlm_jax.nn.layers.REMAT_POLICIES. Only the base stage backpropagates through the

@@ -46,6 +46,8 @@ class HeadInputs:
     weights:      [batch, seq] float  loss_mask[t+1] on text slots with a next position,
                                       0 elsewhere (the head at t predicts token t+2,
                                       whose mask is loss_mask[t+1])
+    slot_of:      [batch, seq] int32  the slot of each *position* (compact_slots); a text
+                                      position has a slot of its own
     """
 
     features: Array
@@ -54,6 +56,7 @@ class HeadInputs:
     key_mask: Array
     target_index: Array
     weights: Array
+    slot_of: Array
 
 
 def head_inputs(
@@ -87,7 +90,9 @@ def head_inputs(
     target_index = jnp.minimum(slot_positions + 1, seq - 1)
     keep = used & ~slot_is_image & has_next
     weights = jnp.take_along_axis(loss_mask, target_index, axis=1) * keep
-    return HeadInputs(slot_features, slot_embeds, slot_positions, used, target_index, weights.astype(jnp.float32))
+    return HeadInputs(
+        slot_features, slot_embeds, slot_positions, used, target_index, weights.astype(jnp.float32), slots
+    )
 
 
 def _at(x: Array, index: Array) -> Array:
@@ -106,13 +111,18 @@ def eagle_losses(
     input_ids: Array,
     targets: Array,
     loss_mask: Array,
+    loss_start: int = 0,
 ) -> tuple[Array, dict[str, Array]]:
     """(loss, metrics) of the head on one batch, as sums over caption positions (the
     caller divides by the number of text positions, as for the other stages).
 
     state0: [batch, seq, embed] the model's embed output; h_last: [batch, seq, embed]
-    last-layer states; full_logits: [batch, seq, vocab] (position t predicts token t+1);
-    input_ids, targets, loss_mask: [batch, seq] as in the batch.
+    last-layer states; full_logits: [batch, seq - loss_start, vocab] the full model's logits
+    of positions [loss_start, seq) (position t predicts token t+1); input_ids, targets,
+    loss_mask: [batch, seq] as in the batch, loss_mask 0 before loss_start. The head runs
+    over every slot (later slots attend to the prompt's); the LM head only over the slots
+    of positions [loss_start - 1, seq - 1), the only ones that can carry loss: [batch, seq,
+    vocab] logits are the step's largest arrays.
     """
     draft = model.config.draft
     teacher_features = jax.lax.stop_gradient(h_last)
@@ -126,17 +136,23 @@ def eagle_losses(
         draft.eagle_image_pool,
         draft.eagle_compressor,
     )
+    # A slot carries loss only if it is a text slot predicting a position >= loss_start: the
+    # slot of a position in [loss_start - 1, seq - 1). Those positions' slots, per row (a text
+    # position has its own slot, so no weighted slot comes twice; image slots weigh 0).
+    window = inputs.slot_of[:, max(loss_start - 1, 0) : -1]  # [batch, W]
+    target_index = _at(inputs.target_index, window)
+    w = _at(inputs.weights, window)
     # Full logits at t+1 are the full model's distribution of token t+2, the head's token.
-    target_logits = _at(teacher_logits, inputs.target_index)
+    # Slots predicting a position before loss_start have weight 0: any in-range logits do.
+    target_logits = _at(teacher_logits, jnp.maximum(target_index - loss_start, 0))
     target_features = _at(teacher_features, inputs.target_index)
-    w = inputs.weights
     features, total, metrics = inputs.features, 0.0, {}
     for step in range(max(eagle.unroll_steps, 1)):
         predicted, _ = model.eagle_draft(params, features, inputs.embeds, inputs.positions, key_mask=inputs.key_mask)
         # The frozen final norm + LM head: gradients flow through them into the head only.
-        logits = model.logits(params, predicted)
+        logits = model.logits(params, _at(predicted, window))
         ce = losses.soft_cross_entropy(logits, target_logits, w, eagle.temperature)
-        feature = losses.smooth_l1(predicted, target_features, w)
+        feature = losses.smooth_l1(predicted, target_features, inputs.weights)
         total = total + eagle.ce_weight * ce + eagle.feature_weight * feature
         logits = jax.lax.stop_gradient(logits)
         suffix = "" if step == 0 else f"_unrolled{step}"
@@ -149,7 +165,7 @@ def eagle_losses(
             }
         )
         if step == 0:
-            metrics["eagle_acc"] = losses.top1_accuracy(logits, _at(targets, inputs.target_index), w)
+            metrics["eagle_acc"] = losses.top1_accuracy(logits, _at(targets, target_index), w)
         features = feed_predictions(inputs.features, jax.lax.stop_gradient(predicted), inputs.positions)
     return total, metrics
 

@@ -34,7 +34,7 @@ import numpy as np
 import sentencepiece as spm
 from absl import flags
 
-from fastvlm_jax.image.processing import ImageProcessorConfig, preprocess_image
+from fastvlm_jax.image.processing import ImageProcessorConfig, preprocess_image_uint8
 from fastvlm_jax.nn.families import answer_ids, prompt_ids_for
 from fastvlm_jax.text.prompts import format_llava_prompt
 from fastvlm_jax.text.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
@@ -179,7 +179,8 @@ class CaptionExample(grain.transforms.RandomMap):
         index = int(rng.integers(len(captions)))  # drawn always, so the rng stream is the same
         caption = captions[self.caption_index if self.caption_index >= 0 else index]
         example = self.text(caption)
-        example["pixels"] = preprocess_image(record["image"], self.image_config)
+        # uint8: normalised on device (train.step.device_pixels), a quarter of the bytes to move.
+        example["pixels"] = preprocess_image_uint8(record["image"], self.image_config)
         return example
 
 
@@ -286,22 +287,24 @@ class HostBatches:
 
 
 class BatchIndices:
-    """A grain sampler over batch numbers 0, 1, 2, ...; its repr names the global order, which
-    grain compares when it restores an iterator state (a changed order fails loudly)."""
+    """A grain sampler over batch numbers start, start + 1, ...; its repr names the global
+    order and the start, which grain compares when it restores an iterator state (a changed
+    order fails loudly)."""
 
-    def __init__(self, order: GlobalBatchSampler):
+    def __init__(self, order: GlobalBatchSampler, start: int = 0):
         self.order = order
+        self.start = start
 
     def __len__(self) -> int:
-        return _ENDLESS // (self.order.rows[1] - self.order.rows[0])
+        return _ENDLESS // (self.order.rows[1] - self.order.rows[0]) - self.start
 
     def __getitem__(self, index: int) -> grain.RecordMetadata:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        return grain.RecordMetadata(index=index, record_key=index)
+        return grain.RecordMetadata(index=index, record_key=self.start + index)
 
     def __repr__(self) -> str:
-        return f"BatchIndices({self.order!r})"
+        return f"BatchIndices({self.order!r}, start={self.start})"
 
 
 class CaptionBatch(grain.transforms.Map):
@@ -322,15 +325,18 @@ def make_loader(
     seed: int,
     worker_count: int = 0,
     read_threads: int = 4,
+    start_batch: int = 0,
 ) -> grain.DataLoader:
-    """A grain DataLoader yielding this host's rows of each global batch, endlessly; the same
-    batches for any worker_count."""
+    """A grain DataLoader yielding this host's rows of each global batch from global batch
+    `start_batch` on, endlessly; the same batches for any worker_count and any split of the
+    rows between hosts (GlobalBatchSampler), so a run resumes at step s with start_batch=s
+    on any number of hosts."""
     order = GlobalBatchSampler(len(source), global_batch, rows, seed)
     if worker_count > 0 and not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
         flags.FLAGS.mark_as_parsed()
     return grain.DataLoader(
         data_source=HostBatches(source, order),
-        sampler=BatchIndices(order),
+        sampler=BatchIndices(order, start_batch),
         operations=[CaptionBatch(transform)],
         worker_count=worker_count,
         shard_options=grain.sharding.NoSharding(),

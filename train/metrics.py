@@ -2,13 +2,18 @@
 
 Only process 0 writes. JSONL lines are appended, so a resumed run continues the same
 file (lines past the restored step are dropped first: they belong to work that the
-checkpoint does not contain and will be redone).
+checkpoint does not contain and will be redone). A workdir in a bucket gets both too:
+the JSONL file is rewritten whole per record (buckets have no append), and the TensorBoard
+event files are written locally and copied to workdir/tensorboard after each record (the
+writers here write local files only).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +24,7 @@ from tqdm import tqdm
 from fastvlm_jax.runtime.paths import as_path, is_url
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def _tensorboard_writer(directory: Path):
@@ -61,6 +67,8 @@ class MetricsLogger:
         self._lines: list[str] | None = [] if is_url(workdir) else None
         self._bar = None
         self._tb = None
+        self._tb_local: Path | None = None
+        self._tb_remote = None  # the bucket folder the local event files are copied to
         if not self.primary:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,8 +78,15 @@ class MetricsLogger:
             self._lines = kept
         if progress:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
-        if tensorboard and not is_url(workdir):  # torch's writer is local only
-            self._tb = _tensorboard_writer(Path(workdir) / "tensorboard")
+        if tensorboard:
+            tb_dir = as_path(workdir) / TENSORBOARD_DIR
+            # The writers write local files: for a bucket, a local folder copied there per record.
+            local = Path(tempfile.mkdtemp(prefix="tensorboard_")) if is_url(workdir) else Path(tb_dir)
+            self._tb = _tensorboard_writer(local)
+            if self._tb is not None:
+                self._tb_local, self._tb_remote = local, (tb_dir if is_url(workdir) else None)
+            elif is_url(workdir):
+                shutil.rmtree(local, ignore_errors=True)
 
     def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         """Writes one record {"step": step, **metrics} (device arrays are fetched)."""
@@ -93,10 +108,25 @@ class MetricsLogger:
         if self._tb is not None:
             for key, value in values.items():
                 self._tb.add_scalar(key, value, step)
+            if self._tb_remote is not None:
+                self._tb.flush()
+                self._copy_tensorboard()
         return record
+
+    def _copy_tensorboard(self) -> None:
+        """Local event files -> the bucket folder (whole files: small, and rewritten)."""
+        assert self._tb_remote is not None and self._tb_local is not None
+        for local in self._tb_local.rglob("*"):
+            if local.is_file():
+                remote = self._tb_remote / local.relative_to(self._tb_local).as_posix()
+                remote.parent.mkdir(parents=True, exist_ok=True)
+                remote.write_bytes(local.read_bytes())
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
+            if self._tb_remote is not None:
+                self._copy_tensorboard()
+                shutil.rmtree(self._tb_local or "", ignore_errors=True)

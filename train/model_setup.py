@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from fastvlm_jax.data import synthetic
+from fastvlm_jax.image.processing import ImageProcessorConfig, pixel_value_table
 from fastvlm_jax.nn.llava import LlavaConfig
 from fastvlm_jax.text.prompts import check_image_token_id
 from fastvlm_jax.text.tokenizer import Tokenizer, load_tokenizer
@@ -67,12 +68,25 @@ def with_eagle_head(cfg: TrainConfig, model: LlavaConfig, where: str) -> LlavaCo
     return model.replace(draft=cfg.eagle.head(model.draft))
 
 
-def step_spec(cfg: TrainConfig, loss_start: int) -> step_lib.StepSpec:
+def step_spec(cfg: TrainConfig, loss_start: int, image_config: ImageProcessorConfig) -> step_lib.StepSpec:
     """The static settings of `cfg`'s train step; loss_start: the first position that can
-    carry loss (the prompt length - 1)."""
+    carry loss (the prompt length - 1); image_config: what turns the batch's uint8 pixels
+    into the model's input."""
     return step_lib.StepSpec(
-        cfg.stage, cfg.loss, cfg.grad_accum, cfg.remat, loss_start, cfg.refine.disagreement_weight, cfg.eagle
+        cfg.stage,
+        cfg.loss,
+        cfg.grad_accum,
+        cfg.remat,
+        loss_start,
+        cfg.refine.disagreement_weight,
+        cfg.eagle,
+        pixel_table=pixel_table(image_config),
     )
+
+
+def pixel_table(image_config: ImageProcessorConfig) -> tuple[tuple[float, float, float], ...]:
+    """pixel_value_table as nested tuples (hashable, for the static StepSpec)."""
+    return tuple(tuple(float(v) for v in row) for row in pixel_value_table(image_config))  # type: ignore[return-value]
 
 
 def plan_training(cfg: TrainConfig, model, mesh, abstract):

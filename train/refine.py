@@ -51,15 +51,17 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from decode.engine import DecodeSpec, Prompts, generate
-from fastvlm_jax.image.processing import preprocess_image
+from fastvlm_jax.image.processing import preprocess_image_uint8
 from fastvlm_jax.nn.model import VLM
+from fastvlm_jax.runtime import sharding
 from train import input as input_lib
 from train import params as param_lib
 from train.config import ConfigError
-from train.step import Shardings
+from train.step import Shardings, batch_shardings, device_pixels
 
 Array = jax.Array
 
@@ -166,14 +168,41 @@ def identity_mismatch(directory, stored: dict, wanted: dict) -> ConfigError | No
 # ---------------------------------------------------------------------------------------
 
 
-def generate_program(model: VLM, shardings: Shardings, max_new_tokens: int, eos_ids: tuple[int, ...]):
+def decode_placement(model: VLM, training: Shardings, mesh: Mesh, trainable: set[str], tensor: int):
+    """(decode mesh, its Shardings) for the pre-pass: a (data, tensor) mesh over `mesh`'s
+    devices with the params placed by their logical axes (heads / mlp / vocab over tensor,
+    the rest replicated), the batch over data. Only the params and the batch of the
+    returned Shardings are meant to be read (generate_program); the rest is `training`'s.
+    ConfigError where `tensor` does not divide the devices."""
+    devices = list(mesh.devices.flat)
+    if tensor < 1 or len(devices) % tensor:
+        raise ConfigError(f"refine.decode_tensor={tensor} does not divide the {len(devices)} devices")
+    decode_mesh = sharding.make_mesh(sharding.MeshConfig(data=-1, fsdp=1, tensor=tensor), devices)
+    trainable_sh, frozen_sh = param_lib.split(sharding.param_shardings(model.abstract_params(), decode_mesh), trainable)
+    placed = dataclasses.replace(
+        training,
+        state=training.state.replace(params=trainable_sh),
+        frozen=frozen_sh,
+        batch=batch_shardings(decode_mesh),
+    )
+    return decode_mesh, placed
+
+
+def generate_program(
+    model: VLM,
+    shardings: Shardings,
+    max_new_tokens: int,
+    eos_ids: tuple[int, ...],
+    pixel_table: tuple[tuple[float, float, float], ...] = (),
+):
     """jit of `(trainable, frozen, prompts) -> (tokens [batch, max_new] int32 (-1 padded),
     num_tokens [batch] int32)`: greedy AR decoding with the full model, to trace inside
     `jax.set_mesh(mesh)` (train.compile_only lowers it for a TPU topology).
 
     prompts: {"input_ids": [batch, prompt_len], "prompt_len": [batch], "pixels":
-    [batch, size, size, 3]}, sharded like the training batch. The trainable params (the
-    draft's) are not read by AR decoding; they complete the params tree.
+    [batch, size, size, 3] uint8, looked up in pixel_table on device (float32 where it is
+    empty)}, sharded like the training batch. The trainable params (the draft's) are not
+    read by AR decoding; they complete the params tree.
     """
     spec = DecodeSpec(mode="ar", capacity=max_new_tokens, eos_ids=tuple(eos_ids))
 
@@ -182,7 +211,11 @@ def generate_program(model: VLM, shardings: Shardings, max_new_tokens: int, eos_
         out = generate(
             model,
             params,
-            Prompts(input_ids=prompts["input_ids"], lengths=prompts["prompt_len"], pixels=prompts["pixels"]),
+            Prompts(
+                input_ids=prompts["input_ids"],
+                lengths=prompts["prompt_len"],
+                pixels=device_pixels(prompts["pixels"], pixel_table),
+            ),
             spec,
             max_new_tokens,
             jax.random.key(0),
@@ -204,12 +237,12 @@ def generate_program(model: VLM, shardings: Shardings, max_new_tokens: int, eos_
 
 def prompt_example(transform: input_lib.CaptionExample, record: dict) -> dict[str, np.ndarray]:
     """Record -> the prompt half of its training example: input_ids [prompt_len] int32,
-    prompt_len [] int32, pixels [size, size, 3] float32 (no caption is read)."""
+    prompt_len [] int32, pixels [size, size, 3] uint8 (no caption is read)."""
     prompt = np.asarray(transform.text.prompt, np.int32)
     return {
         "input_ids": prompt,
         "prompt_len": np.int32(len(prompt)),
-        "pixels": preprocess_image(record["image"], transform.image_config),
+        "pixels": preprocess_image_uint8(record["image"], transform.image_config),
     }
 
 

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
+from fastvlm_jax import tpu
 from fastvlm_jax.ckpt import checkpoint as ckpt_lib
 from fastvlm_jax.nn.families import stop_ids
 from fastvlm_jax.nn.llava import LlavaConfig
@@ -46,11 +47,20 @@ from train import params as param_lib
 from train import refine as refine_lib
 from train import step as step_lib
 from train.config import ConfigError, TrainConfig, apply_overrides, load_config_file, parse_overrides
-from train.model_setup import make_tokenizer, plan_training, resolve_model_config, step_spec, with_eagle_head
+from train.model_setup import (
+    make_tokenizer,
+    pixel_table,
+    plan_training,
+    resolve_model_config,
+    step_spec,
+    with_eagle_head,
+)
 
 EXPORT_DIR = "export"
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "train_config.json"
+COMPILE_CACHE_DIR = "compile_cache"
+PROFILE_DIR = "profile"
 
 
 # ---------------------------------------------------------------------------------------
@@ -83,6 +93,21 @@ def open_source(cfg: TrainConfig):
     # Reuses what process 0 wrote; resolves the folder of custom-size builds by their name.
     builder = tfds_builders.build_dataset(data.name, data.data_dir, **kwargs)
     return tfds_builders.CaptionSource(builder.data_dir, data.split, decode=False)
+
+
+def use_compilation_cache(workdir: str | os.PathLike) -> str:
+    """Turns on JAX's persistent compilation cache in workdir/compile_cache (a bucket path
+    too) unless one is configured already (JAX_COMPILATION_CACHE_DIR); returns the folder.
+
+    A restarted run (preemption, crash) then loads its compiled step instead of compiling
+    it again, which takes minutes for a 7B model.
+    """
+    configured = jax.config.jax_compilation_cache_dir
+    if configured:
+        return configured
+    folder = str(as_path(workdir) / COMPILE_CACHE_DIR)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    return folder
 
 
 @functools.lru_cache(maxsize=8)
@@ -181,11 +206,19 @@ def caption_transform(
     )
 
 
-def build_data(cfg: TrainConfig, source, transform, shardings):
-    """Iterator over this host's rows of each global batch."""
+def build_data(cfg: TrainConfig, source, transform, shardings, start_step: int = 0):
+    """Iterator over this host's rows of each global batch, from step `start_step`'s on (a
+    step reads one global batch, and which records make it up depends on nothing else)."""
     rows = input_lib.host_rows(shardings.batch["input_ids"], cfg.batch_size)
     loader = input_lib.make_loader(
-        source, transform, cfg.batch_size, rows, cfg.seed, cfg.data.worker_count, cfg.data.read_threads
+        source,
+        transform,
+        cfg.batch_size,
+        rows,
+        cfg.seed,
+        cfg.data.worker_count,
+        cfg.data.read_threads,
+        start_batch=start_step,
     )
     return iter(loader)
 
@@ -203,9 +236,11 @@ def refine_sequences(
     source,
     transform,
     progress: bool,
+    trainable_paths: set[str],
 ):
     """The refine stage's pre-pass: the frozen full model's greedy generation for every record
-    the run reads, made once (or reused) in workdir/refine_sequences (train.refine)."""
+    the run reads, made once (or reused) in workdir/refine_sequences (train.refine); on the
+    training mesh, or with refine.decode_tensor on a tensor-parallel copy of the weights."""
     prompt_len = transform.text.prompt_len
     max_new = cfg.refine.max_new_tokens or (cfg.seq_len - prompt_len)
     eos = stop_ids(model.config, tokenizer)
@@ -220,7 +255,19 @@ def refine_sequences(
         source=source,
         record_ids=record_ids,
     )
-    program = refine_lib.generate_program(model, shardings, max_new, eos)
+    if cfg.refine.decode_tensor:
+        if refine_lib.check_stored(workdir / refine_lib.SEQUENCES_DIR, wanted):  # nothing to generate
+            return refine_lib.load_sequences(workdir / refine_lib.SEQUENCES_DIR)
+        mesh, shardings = refine_lib.decode_placement(model, shardings, mesh, trainable_paths, cfg.refine.decode_tensor)
+        if cfg.batch_size % (mesh.shape["data"]):
+            raise ConfigError(
+                f"refine.decode_tensor={cfg.refine.decode_tensor}: batch_size {cfg.batch_size} does not split "
+                f"over the decode mesh's {mesh.shape['data']} data shards"
+            )
+        # Resharded once: a second copy of the weights, freed when the pre-pass returns.
+        trainable = jax.device_put(trainable, shardings.state.params)
+        frozen = jax.device_put(frozen, shardings.frozen)
+    program = refine_lib.generate_program(model, shardings, max_new, eos, pixel_table(image_config))
 
     def generate_fn(prompts):
         with jax.set_mesh(mesh):
@@ -248,10 +295,13 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     devices: Sequence[jax.Device] | None = None,
+    profile_steps: int = 0,
 ) -> RunResult:
     """Runs (or resumes) `cfg` in `workdir`; returns when done, when preempted (SIGTERM),
     or after `stop_after` steps in this call. devices: the mesh's (default: all), e.g. one
-    device for a reference run."""
+    device for a reference run. profile_steps: trace that many steps with jax.profiler into
+    workdir/profile (TensorBoard's profile plugin reads it), starting after the call's first
+    step so that compiling stays out of the trace."""
     if not (workdir or cfg.workdir):
         raise ConfigError("no workdir: pass --workdir or set workdir in the config")
     workdir = as_path(workdir or cfg.workdir)  # local, or a bucket (gs://...)
@@ -286,7 +336,7 @@ def train(
         "stage": cfg.stage,
         "init_from": cfg.init_from,
         "seed": cfg.seed,
-        "process_count": jax.process_count(),
+        "process_count": jax.process_count(),  # recorded, not required: see the check below
         "steps": cfg.steps,
         "batch_size": cfg.batch_size,
         "grad_accum": cfg.grad_accum,
@@ -302,7 +352,11 @@ def train(
     if latest is not None:  # the run must match the checkpoint it resumes
         saved_meta = checkpointer.read_meta(latest)
         for key in meta:
-            if key not in saved_meta and key not in ("stage", "init_from", "seed", "process_count"):
+            if key == "process_count":
+                # The data position is the step (build_data) and the global order does not
+                # depend on how hosts split a batch; orbax reshards the state: any count resumes.
+                continue
+            if key not in saved_meta and key not in ("stage", "init_from", "seed"):
                 continue  # saved before this key was recorded
             if saved_meta.get(key) != meta[key]:
                 raise ConfigError(
@@ -330,28 +384,37 @@ def train(
             source,
             transform,
             progress and primary,
+            trainable_paths,
         )
         source = refine_lib.WithSequences(source, sequences)
         transform = caption_transform(cfg, model, tokenizer, image_config, refine_lib.RefineExample)
-    data_iter = build_data(cfg, source, transform, shardings)
-
     if latest is not None:
         target = step_lib.abstract_state(shardings, param_lib.split(abstract, trainable_paths)[0], tx)
-        state = checkpointer.restore(latest, target, data_iter)
+        state = checkpointer.restore(latest, target)
     else:
         state = step_lib.init_state(trainable, tx, cfg.seed, shardings)
     del trainable
     if primary:  # only once the run is known to match what the workdir holds
         (workdir / CONFIG_FILE).write_text(cfg.to_json())
     start_step = int(state.step)
+    data_iter = build_data(cfg, source, transform, shardings, start_step)
 
     # The prompt's last token predicts the caption's first: no position before it carries loss.
     loss_start = transform.text.prompt_len - 1
-    train_step = step_lib.jit_train_step(model, step_spec(cfg, loss_start), tx, schedule, shardings, mesh)
+    spec = step_spec(cfg, loss_start, image_config)
+    train_step = step_lib.jit_train_step(model, spec, tx, schedule, shardings, mesh)
     logger = metrics_lib.MetricsLogger(workdir, cfg.steps, start_step, progress=progress and primary)
     preemption = checkpointing.PreemptionFlag(sync_every=cfg.log_every)
     status, step, last, saved_step = "done", start_step, {}, latest
     tokens_per_batch = cfg.batch_size * cfg.seq_len
+    # MFU: the model's matmul FLOPs per step by formula (compile_only.model_flops; XLA's cost
+    # analysis counts a layer scan's body once) over the chips' peak; no peak, no MFU.
+    flops_per_step = compile_only.model_flops(
+        cfg.stage, model.config, abstract, cfg.batch_size, cfg.seq_len, compile_only.head_positions(cfg, loss_start)
+    )
+    peak_flops = tpu.peak_flops(mesh.devices.flat)
+    profile_start = start_step + 1 if profile_steps > 0 else None
+    profiling = False
     window_start, window_steps = time.perf_counter(), 0
     try:
         while step < cfg.steps:
@@ -365,14 +428,27 @@ def train(
                 metrics = jax.device_get(metrics)  # waits for the step: the timings are real
                 elapsed = time.perf_counter() - window_start
                 metrics.update(
-                    step_time_s=elapsed / window_steps, tokens_per_s=tokens_per_batch * window_steps / elapsed
+                    step_time_s=elapsed / window_steps,
+                    tokens_per_s=tokens_per_batch * window_steps / elapsed,
+                    model_flops_per_s=flops_per_step * window_steps / elapsed,
                 )
+                if peak_flops:
+                    metrics["mfu"] = flops_per_step * window_steps / elapsed / peak_flops
                 if step == start_step + 1:
                     metrics["compile_and_first_step_s"] = elapsed
+                    metrics.pop("mfu", None)  # compiling is not the model's time
                 last = logger.log(step, metrics) or last
                 window_start, window_steps = time.perf_counter(), 0
+            if profiling and step >= profile_start + profile_steps:
+                jax.block_until_ready(state)  # the traced steps' device work ends inside the trace
+                jax.profiler.stop_trace()
+                profiling = False
+            if step == profile_start:
+                jax.block_until_ready(state)
+                jax.profiler.start_trace(str(workdir / PROFILE_DIR))
+                profiling = True
             if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < cfg.steps:
-                checkpointer.save(step, state, data_iter, meta)
+                checkpointer.save(step, state, meta)
                 saved_step = step
             if preemption.should_stop(step):
                 status = "preempted"
@@ -381,7 +457,7 @@ def train(
                 status = "stopped"
                 break
         if saved_step != step and (status != "done" or cfg.checkpoint.save_final):
-            checkpointer.save(step, state, data_iter, meta)
+            checkpointer.save(step, state, meta)
         checkpointer.wait()
         export_dir = None
         if status == "done" and cfg.checkpoint.export:
@@ -390,6 +466,8 @@ def train(
                 workdir / EXPORT_DIR, model.config, param_lib.merge(trained, frozen), tokenizer, image_config
             )
     finally:
+        if profiling:  # stopped before the last profiled step
+            jax.profiler.stop_trace()
         logger.close()
         checkpointer.close()
         preemption.restore_handlers()
@@ -416,6 +494,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--process-id", type=int, default=None)
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     parser.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="trace N steps (after the first) with jax.profiler into WORKDIR/profile",
+    )
+    parser.add_argument(
         "--compile-only",
         metavar="TOPOLOGY",
         default=None,
@@ -437,8 +522,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.compile_only:
         return compile_only.main(cfg, args.config, args.compile_only, args.json)
+    if args.profile_steps < 0:
+        print(f"error: --profile-steps {args.profile_steps}: give a number of steps >= 0", file=sys.stderr)
+        return 2
     maybe_initialize(args.coordinator, args.num_processes, args.process_id)
-    result = train(cfg, args.workdir, progress=not args.no_progress)
+    if args.workdir or cfg.workdir:
+        use_compilation_cache(args.workdir or cfg.workdir)
+    result = train(cfg, args.workdir, progress=not args.no_progress, profile_steps=args.profile_steps)
     if jax.process_index() == 0:
         print(
             json.dumps(

@@ -6,7 +6,8 @@
 back with the same shardings; `frozen` (the rest of the VLM) is read only. The batch
 is a dict of global arrays sharded over ('data', 'fsdp') on its leading axis:
 
-    pixels     [batch, height, width, 3] float32
+    pixels     [batch, height, width, 3] uint8  resized, not yet normalised: StepSpec.pixel_table
+                                          maps it on device (float32 where the table is empty)
     input_ids  [batch, seq] int32     prompt (with image tokens) + caption + EOS + padding
     targets    [batch, seq] int32     input_ids shifted left by one
     loss_mask  [batch, seq] float32   1 where targets[t] is a caption token or EOS
@@ -117,6 +118,10 @@ class StepSpec:
       positions, and the [batch, seq, vocab] logits are the step's largest activations.
     loss: the imitation and refine stages' loss weights; disagreement_weight: the refine
       stage's (RefineConfig); eagle: the eagle stage's head and loss (EagleStageConfig).
+    pixel_table: fastvlm_jax.image.processing.pixel_value_table as nested tuples: the batch's
+      pixels come as uint8 (a quarter of float32's bytes from host to device) and are looked
+      up in it on device, giving the host preprocessing's float32 values bit for bit. Empty:
+      the pixels come as float32 already.
     """
 
     stage: str
@@ -126,6 +131,16 @@ class StepSpec:
     loss_start: int = 0
     disagreement_weight: float = 1.0
     eagle: EagleStageConfig = EagleStageConfig()
+    pixel_table: tuple[tuple[float, float, float], ...] = ()
+
+
+def device_pixels(pixels: Array, table: tuple[tuple[float, float, float], ...]) -> Array:
+    """uint8 [..., 3] -> float32 [..., 3] by `table` ([256][3]: value v of channel c at
+    [v][c]); pixels unchanged where the table is empty (they are float32 already)."""
+    if not table:
+        return pixels
+    lookup = jnp.asarray(table, jnp.float32)  # [256, 3]
+    return lookup[pixels.astype(jnp.int32), jnp.arange(3)]
 
 
 def forward_losses(
@@ -139,17 +154,20 @@ def forward_losses(
     ids, targets, mask = batch["input_ids"], batch["targets"], batch["loss_mask"]
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
 
-    hidden = model.embed(params, ids, model.encode_images(params, batch["pixels"]))
+    pixels = device_pixels(batch["pixels"], spec.pixel_table)
+    hidden = model.embed(params, ids, model.encode_images(params, pixels))
     span = model.image_span(ids)  # None unless the family's image tokens attend both ways
     window = slice(spec.loss_start, None)  # the positions that carry loss (StepSpec)
     if spec.stage == "eagle":
         # The head reads only the model's first and last states: no exit-layer states.
         h_last, _, _ = model.run_layers(params, hidden, positions, 0, num_layers, image_span=span)
-        full_logits = model.logits(params, h_last)
+        full_logits = model.logits(params, h_last[:, window])
         loss, metrics = eagle_lib.eagle_losses(
-            model, params, spec.eagle, hidden, h_last, full_logits, ids, targets, mask
+            model, params, spec.eagle, hidden, h_last, full_logits, ids, targets, mask, spec.loss_start
         )
-        metrics["full_acc"] = losses.top1_accuracy(jax.lax.stop_gradient(full_logits), targets, mask)
+        metrics["full_acc"] = losses.top1_accuracy(
+            jax.lax.stop_gradient(full_logits), targets[:, window], mask[:, window]
+        )
         metrics = {k: v / num_text for k, v in metrics.items()}
         return loss / num_text, metrics
     # One pass over the whole layer stack (which scans the stacked params directly, so

@@ -101,7 +101,8 @@ case "${1:-}" in
     for spec in "llava15_7b base v5e:4x8 v5e_4x8" "llava15_7b imitation v5e:4x8 v5e_4x8" \
                 "llava15_7b base v5p:2x2x4 v5p_2x2x4" "llava15_13b imitation v5p:2x2x4 v5p_2x2x4" \
                 "llava15_13b imitation v5e:4x8 v5e_4x8" "llava15_7b imitation v5p:2x2x4 v5p_2x2x4" \
-                "llava15_13b base v5e:4x8 v5e_4x8" "llava15_13b base v5p:2x2x4 v5p_2x2x4"; do
+                "llava15_13b base v5e:4x8 v5e_4x8" "llava15_13b base v5p:2x2x4 v5p_2x2x4" \
+                "llava15_7b eagle v5e:4x8 v5e_4x8"; do
       set -- $spec
       run stages_$1_$2_$4 $PY -m train.run --config configs/$1.py:$2 --compile-only $3 \
           --json $OUT/stages_$1_$2_$4.json

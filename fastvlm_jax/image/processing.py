@@ -575,6 +575,16 @@ def preprocess_image(image: ImageSource, config: ImageProcessorConfig, *, fast_d
     Returns:
       float32 array [height, width, 3]; equal to HF's `pixel_values[i].transpose(1, 2, 0)`.
     """
+    return rescale_and_normalize(preprocess_image_uint8(image, config, fast_decode=fast_decode), config)
+
+
+def preprocess_image_uint8(
+    image: ImageSource, config: ImageProcessorConfig, *, fast_decode: bool = False
+) -> np.ndarray:
+    """Steps 1-4 of `preprocess_image` (load, pad, resize, crop): uint8 [height, width, 3].
+
+    A quarter of the float32 bytes to move; `pixel_value_table` finishes the job on device
+    with exactly `preprocess_image`'s values."""
     # Always RGB: the vision towers take 3 channels. (HF's do_convert_rgb=False only differs for
     # non-RGB inputs, which it would then mis-shape; we keep the flag for config round-trips.)
     fast_decode_size = _fast_decode_size(config) if fast_decode else None
@@ -595,7 +605,11 @@ def preprocess_image(image: ImageSource, config: ImageProcessorConfig, *, fast_d
     pixels = np.asarray(pil)  # [H, W, 3] uint8
     if config.do_center_crop:
         pixels = _center_crop(pixels, int(config.crop_height), int(config.crop_width))  # type: ignore[arg-type]
+    return np.ascontiguousarray(pixels, dtype=np.uint8)
 
+
+def rescale_and_normalize(pixels: np.ndarray, config: ImageProcessorConfig) -> np.ndarray:
+    """Steps 5-6 of `preprocess_image`: uint8 [..., 3] -> float32 [..., 3]."""
     if config.do_rescale:
         # HF upcasts to float64 before scaling, then rounds once to float32.
         out = (pixels.astype(np.float64) * config.rescale_factor).astype(np.float32)
@@ -606,6 +620,13 @@ def preprocess_image(image: ImageSource, config: ImageProcessorConfig, *, fast_d
         std = np.asarray(config.image_std, dtype=np.float32)
         out = (out - mean) / std  # float32 throughout, like HF
     return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def pixel_value_table(config: ImageProcessorConfig) -> np.ndarray:
+    """float32 [256, 3]: the value `preprocess_image` gives a uint8 value v in channel c, at
+    [v, c]. Steps 5-6 act on each value alone, so looking a uint8 image up in this table
+    gives `preprocess_image`'s pixels bit for bit, on any device (no float64 needed there)."""
+    return rescale_and_normalize(np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1), config)
 
 
 def _fast_decode_size(config: ImageProcessorConfig) -> tuple[int, int]:

@@ -3,13 +3,15 @@
 Parameters are annotated with logical axes where they are defined (see layers.py);
 this module turns those names into `NamedSharding`s for a given Mesh, the way
 MaxText's `logical_axis_rules` do. An axis whose size the mesh axes do not divide is
-replicated instead of failing, so any model config runs on any mesh.
+replicated instead of failing, so any model config runs on any mesh; it is warned about
+once per array, by name, since every chip then holds all of that dimension.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -100,15 +102,38 @@ def _mesh_axes_size(mesh: Mesh, axes) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
+# (array name, logical axis, size, mesh axes) already warned about: one warning each.
+_WARNED_REPLICATED: set[tuple[str, str, int, tuple[str, ...]]] = set()
+
+
+def _warn_replicated(name: str, logical: str, dim: int, axes: tuple[str, ...], mesh: Mesh) -> None:
+    key = (name, logical, dim, axes)
+    if key in _WARNED_REPLICATED:
+        return
+    _WARNED_REPLICATED.add(key)
+    size = _mesh_axes_size(mesh, axes)
+    warnings.warn(
+        f"{name}: its {logical!r} dimension ({dim}) is not divisible by mesh axes {'x'.join(axes)} "
+        f"(size {size}), so it is replicated there: every chip holds all of it "
+        f"(pick a mesh whose {'x'.join(axes)} size divides {dim})",
+        stacklevel=3,  # the line in logical_to_sharding
+    )
+
+
 def logical_to_sharding(
-    logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=DEFAULT_RULES
+    logical: Sequence[str | None],
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules=DEFAULT_RULES,
+    name: str | None = None,
 ) -> NamedSharding:
-    """NamedSharding for one array from its logical axis names; indivisible dims replicate."""
+    """NamedSharding for one array from its logical axis names; indivisible dims replicate
+    (with a warning, once, naming the array: `name`, else its shape and axes)."""
     table = dict(rules)
     used: set[str] = set()
     spec = []
-    for name, dim in zip(logical, shape):
-        axes = table.get(name) if name is not None else None
+    for logical_name, dim in zip(logical, shape):
+        axes = table.get(logical_name) if logical_name is not None else None
         axes_tuple = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
         # A mesh axis may appear once per array; drop repeats and axes that don't divide.
         axes_tuple = tuple(a for a in axes_tuple if a not in used and a in mesh.shape)
@@ -116,6 +141,8 @@ def logical_to_sharding(
             used.update(axes_tuple)
             spec.append(axes_tuple[0] if len(axes_tuple) == 1 else axes_tuple)
         else:
+            if axes_tuple and logical_name is not None:
+                _warn_replicated(name or f"array {tuple(shape)} {tuple(logical)}", logical_name, dim, axes_tuple, mesh)
             spec.append(None)
     return NamedSharding(mesh, PartitionSpec(*spec))
 
@@ -123,12 +150,15 @@ def logical_to_sharding(
 def param_shardings(abstract_boxed_params, mesh: Mesh, rules=DEFAULT_RULES):
     """Shardings for an (abstract) boxed param tree; returns a tree shaped like the unboxed one."""
 
-    def one(leaf):
+    def one(path, leaf):
         if isinstance(leaf, nn.LogicallyPartitioned):
-            return logical_to_sharding(leaf.names, leaf.value.shape, mesh, rules)
+            name = jax.tree_util.keystr(path, simple=True, separator="/")
+            return logical_to_sharding(leaf.names, leaf.value.shape, mesh, rules, name=name)
         return NamedSharding(mesh, PartitionSpec())
 
-    return jax.tree.map(one, abstract_boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    return jax.tree_util.tree_map_with_path(
+        one, abstract_boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+    )
 
 
 def shard_params(abstract_boxed_params, params, mesh: Mesh, rules=DEFAULT_RULES):

@@ -34,6 +34,7 @@ from configs import demo as demo_config
 from decode.engine import DecodeSpec, Prompts, generate
 from fastvlm_jax.ckpt.checkpoint import load_checkpoint
 from fastvlm_jax.demo import demo_draft_checkpoint
+from fastvlm_jax.image.processing import rescale_and_normalize
 from fastvlm_jax.nn.families import stop_ids
 from fastvlm_jax.nn.model import VLM
 from train.input import CaptionExample, collate
@@ -83,7 +84,10 @@ def load_examples(ckpt, data_dir: str | None, split: str, count: int) -> dict[st
         ckpt.config.model_type,
     )
     rng = np.random.default_rng(0)  # unused with a fixed caption_index, but the transform draws
-    return collate([transform.random_map(source[i], rng) for i in range(min(count, len(source)))])
+    examples = collate([transform.random_map(source[i], rng) for i in range(min(count, len(source)))])
+    # The transform's pixels are uint8 (training normalises them on device): the model's input here.
+    examples["pixels"] = rescale_and_normalize(examples["pixels"], ckpt.image_config)
+    return examples
 
 
 def greedy(model, params, ids: np.ndarray, pixels: np.ndarray, batch: int) -> np.ndarray:
