@@ -57,6 +57,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _start_two_processes(stage, workdir, overrides, cache, module="train.run") -> list[subprocess.Popen]:
+    """train.run's CLI (or `module`) as processes 0 and 1 of one run, 4 devices each."""
+    port = _free_port()
+    return [
+        subprocess.Popen(
+            th.cli(
+                stage,
+                workdir,
+                overrides,
+                ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(pid)],
+                module=module,
+            ),
+            cwd=th.REPO,
+            env=th.subprocess_env(cache, 4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for pid in range(2)
+    ]
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_and_resume_on_one(setup, reference):
     """Two processes train, are preempted (SIGTERM to both: they agree on a step, save it
@@ -74,27 +96,8 @@ def test_two_processes_match_one_and_resume_on_one(setup, reference):
     overrides = {**overrides, "checkpoint.save_every": 0, "log_every": log_every}
     workdir = root / "two_processes"
 
-    def start(module):
-        port = _free_port()
-        return [
-            subprocess.Popen(
-                th.cli(
-                    "base",
-                    workdir,
-                    overrides,
-                    ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(pid)],
-                    module=module,
-                ),
-                cwd=th.REPO,
-                env=th.subprocess_env(root / "cache", 4),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for pid in range(2)
-        ]
-
-    procs = start(th.SLOW_RUN)  # room to interrupt; numerics unchanged
+    # The slow CLI: room to interrupt; numerics unchanged.
+    procs = _start_two_processes("base", workdir, overrides, root / "cache", module=th.SLOW_RUN)
     _wait_for(lambda: max(th.losses(workdir), default=0) >= log_every, procs[0], what=f"step {log_every}")
     logged = max(th.losses(workdir))  # finished; the step after it may be in flight
     for proc in procs:
@@ -194,23 +197,7 @@ def test_refine_pre_pass_on_two_processes_matches_one(setup, reference):
     one, two = root / "refine_one", root / "refine_two"
     th.run_cli("refine", one, refine, th.subprocess_env(root / "cache", 8))
     refine = {**refine, "refine.decode_tensor": 4}
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            th.cli(
-                "refine",
-                two,
-                refine,
-                ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(pid)],
-            ),
-            cwd=th.REPO,
-            env=th.subprocess_env(root / "cache", 4),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for pid in range(2)
-    ]
+    procs = _start_two_processes("refine", two, refine, root / "cache")
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-4000:]

@@ -38,7 +38,7 @@ from decode.engine.autodraft import AutoDraft, AutoDraftConfig, Choice, choice_l
 from decode.engine.drafters import EagleDrafter, ImitationDrafter, ModelDrafter
 from decode.engine.loop import Mode
 from decode.engine.sampling import SamplingConfig
-from decode.engine.slots import Finished, Request, SlotEngine
+from decode.engine.slots import Finished, Request, SlotEngine, default_prefill_rows
 from decode.engine.tree import TreeShape
 from fastvlm_jax import demo
 from fastvlm_jax.ckpt.checkpoint import Checkpoint, CheckpointError, load_checkpoint
@@ -593,8 +593,7 @@ class Captioner:
             raise ValueError("auto draft lengths choose per batch: use static batching with them")
         # Prefilled rows are split over the mesh's data x fsdp devices like the slots.
         multiple = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        rows = max(1, self.batch_size // 4) if prefill_rows is None else prefill_rows
-        prefill_rows = min(self.batch_size, round_up(rows, multiple))
+        prefill_rows = default_prefill_rows(self.batch_size, multiple, prefill_rows)
         return SlotEngine(
             self.model,
             self.params,

@@ -259,6 +259,14 @@ def _run_jit(model: VLM, spec: DecodeSpec, params, draft_params, slots: SlotStat
     return run_rounds(ctx, spec, slots, max_rounds, wanted)
 
 
+def default_prefill_rows(batch: int, data_parallel: int = 1, rows: int | None = None) -> int:
+    """Requests prefilled together: `rows`, else a quarter of the `batch` slots, rounded up to a
+    multiple of the mesh's data-parallel shards (prefilled rows are split over them like the
+    slots), at most `batch`."""
+    rows = max(1, batch // 4) if rows is None else rows
+    return min(batch, -(-rows // data_parallel) * data_parallel)
+
+
 class SlotEngine:
     """Continuous batching of one model and spec over `batch` slots.
 
@@ -291,7 +299,7 @@ class SlotEngine:
         self.prompt_bucket = int(prompt_bucket)
         self.prompt_len = -(-int(prompt_len) // self.prompt_bucket) * self.prompt_bucket
         self.cache_slots = spec.cache_slots(self.prompt_len)
-        self.prefill_rows = max(1, min(self.batch, prefill_rows or self.batch // 4 or 1))
+        self.prefill_rows = max(1, default_prefill_rows(self.batch, rows=prefill_rows or None))
         self.pad_id = int(pad_id)
         self.draft_params = draft_params
         self.place = place or (lambda tree: jax.tree.map(jnp.asarray, tree))

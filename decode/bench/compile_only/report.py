@@ -34,7 +34,8 @@ from decode.bench.compile_only.programs import (
     tree_programs,
     with_eagle_head,
 )
-from decode.bench.compile_only.slot_programs import default_prefill_rows, slot_programs
+from decode.bench.compile_only.slot_programs import slot_programs
+from decode.engine.slots import default_prefill_rows
 from decode.engine.tree import TreeShape
 from fastvlm_jax import tpu
 from fastvlm_jax.nn.config import ConfigError

@@ -29,13 +29,6 @@ from fastvlm_jax.nn.kv_cache import KVCache
 from fastvlm_jax.runtime import sharding
 
 
-def default_prefill_rows(batch: int, data_parallel: int) -> int:
-    """SlotEngine's default (a quarter of the slots), rounded up to a multiple of the mesh's
-    data-parallel shards, as decode.run's Captioner rounds it."""
-    rows = max(1, batch // 4)
-    return min(batch, -(-rows // data_parallel) * data_parallel)
-
-
 def _rows_sharded(abstract, batch: int, mesh):
     """ShapeDtypeStructs of a loop or slot state with shardings: a KV cache's keys and values
     by KV_CACHE_AXES, every other leaf whose leading axis is the `batch` rows over the batch
