@@ -156,7 +156,7 @@ def forward_losses(
 
     pixels = device_pixels(batch["pixels"], spec.pixel_table)
     hidden = model.embed(params, ids, model.encode_images(params, pixels))
-    span = model.image_span(ids)  # None unless the family's image tokens attend both ways
+    span = model.image_span(ids, pixels)  # None unless the family needs where the image lies
     window = slice(spec.loss_start, None)  # the positions that carry loss (StepSpec)
     if spec.stage == "eagle":
         # The head reads only the model's first and last states: no exit-layer states.

@@ -34,7 +34,7 @@ def _top1_fn(model: VLM):
         positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         features = None if pixels is None else model.encode_images(params, pixels)
         hidden = model.embed(params, input_ids, features, positions)
-        span = model.image_span(input_ids)
+        span = model.image_span(input_ids, pixels)
         h_exit, _, _ = model.run_layers(params, hidden, positions, 0, cfg.draft.exit_layer, image_span=span)
         h_last, _, _ = model.run_layers(
             params, h_exit, positions, cfg.draft.exit_layer, cfg.text.num_layers, image_span=span

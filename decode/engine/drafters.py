@@ -445,7 +445,7 @@ class ModelDrafter(Drafter):
             0,
             small.config.text.num_layers,
             small.init_cache(batch, slots),
-            image_span=small.image_span(states.input_ids),
+            image_span=small.image_span(states.input_ids, states.pixels),
         )
         return ModelCarry(
             cache=cache,

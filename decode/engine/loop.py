@@ -288,7 +288,7 @@ def _prefill(
     positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
     hidden = model.embed(params, prompts.input_ids, features, positions)
     exit_layer = cfg.draft.exit_layer
-    span = model.image_span(prompts.input_ids)
+    span = model.image_span(prompts.input_ids, prompts.pixels)
     h_exit, cache, _ = model.run_layers(params, hidden, positions, 0, exit_layer, cache, image_span=span)
     h_last, cache, _ = model.run_layers(
         params, h_exit, positions, exit_layer, cfg.text.num_layers, cache, image_span=span

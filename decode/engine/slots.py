@@ -86,6 +86,7 @@ def _insert_rows(live, new, targets: Array):
                 keys=put(1)(live_node.keys, new_node.keys),
                 values=put(1)(live_node.values, new_node.values),
                 pos=put(0)(live_node.pos, new_node.pos),
+                rope_offset=put(0)(live_node.rope_offset, new_node.rope_offset),
             )
         return put(0)(live_node, new_node)
 
@@ -104,7 +105,12 @@ def _grow_rows(tree, batch: int):
 
     def node_grow(node):
         if isinstance(node, KVCache):
-            return node.replace(keys=grow(1)(node.keys), values=grow(1)(node.values), pos=grow(0)(node.pos))
+            return node.replace(
+                keys=grow(1)(node.keys),
+                values=grow(1)(node.values),
+                pos=grow(0)(node.pos),
+                rope_offset=grow(0)(node.rope_offset),
+            )
         return grow(0)(node)
 
     return jax.tree.map(node_grow, tree, is_leaf=lambda node: isinstance(node, KVCache))

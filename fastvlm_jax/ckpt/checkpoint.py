@@ -33,6 +33,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from fastvlm_jax.image.processing import ImageProcessorConfig
+from fastvlm_jax.image.qwen_vl import QwenImageProcessorConfig
 from fastvlm_jax.nn.families import config_from_dict
 from fastvlm_jax.nn.model import VLM
 from fastvlm_jax.runtime import sharding
@@ -260,7 +261,10 @@ def _load_image_config(path: epath.Path):
     if not (path / PREPROCESSOR_FILE).is_file():
         return None
 
-    return ImageProcessorConfig.from_dict(json.loads((path / PREPROCESSOR_FILE).read_text()))
+    settings = json.loads((path / PREPROCESSOR_FILE).read_text())
+    if "max_pixels" in settings:  # images kept near their own size (Qwen2.5-VL's processor)
+        return QwenImageProcessorConfig.from_dict(settings)
+    return ImageProcessorConfig.from_dict(settings)
 
 
 def main(argv=None) -> int:

@@ -39,6 +39,14 @@ class FamilyModule(nn.Module):
     # The image's tokens attend to each other both ways during the prompt (Gemma 3).
     bidirectional_image: ClassVar[bool] = False
 
+    @classmethod
+    def dummy_inputs(cls, config: Any) -> tuple[Array, Any]:
+        """(input_ids [1, num_image_tokens + 1], pixels of one image): what `init` traces."""
+        ids = jnp.full((1, config.num_image_tokens + 1), config.image_token_id, jnp.int32)
+        vision = config.vision
+        pixels = jnp.zeros((1, vision.image_size, vision.image_size, vision.num_channels), jnp.float32)
+        return ids, pixels
+
     def encode_images(self, pixels: Array) -> Array:
         """[batch, height, width, channels] -> image tokens [batch, num_image_tokens, embed]."""
         raise NotImplementedError
@@ -69,13 +77,20 @@ class FamilyModule(nn.Module):
             hidden, positions, start, stop, cache, key_mask, collect, tree, remat, **span
         )
 
-    def image_span(self, input_ids: Array) -> Array | None:
-        """[batch, seq] -> [batch, 2] (first, end) positions of each row's image tokens, for
-        families whose image tokens attend to each other both ways (`bidirectional_image`:
-        Gemma 3); None for causal-only families."""
-        if not self.bidirectional_image:
+    @classmethod
+    def prompt_span(cls, config: Any, input_ids: Array, pixels: Any = None) -> Array | None:
+        """Where each row's image lies in its prompt, for families whose layers need it, else
+        None: [batch, 2] (first, end) positions of the image tokens when they attend to each
+        other both ways (`bidirectional_image`: Gemma 3); a family with image-shaped positions
+        (multimodal RoPE: Qwen2.5-VL) adds the image's token grid from `pixels`. Needs no
+        parameters: callers compute it outside `apply`. input_ids: [batch, seq]."""
+        if not cls.bidirectional_image:
             return None
-        return image_token_span(input_ids, self.config.image_token_id)
+        return image_token_span(input_ids, config.image_token_id)
+
+    def image_span(self, input_ids: Array, pixels: Any = None) -> Array | None:
+        """`prompt_span` of this module's config."""
+        return type(self).prompt_span(self.config, input_ids, pixels)
 
     def logits(self, hidden: Array) -> Array:
         """[batch, seq, embed] -> float32 [batch, seq, vocab] (final norm + LM head)."""
@@ -152,7 +167,7 @@ def full_and_draft_logits(module, input_ids: Array, pixels: Array, positions: Ar
         0,
         module.config.text.num_layers,
         collect=(exit_layer,),
-        image_span=module.image_span(input_ids),
+        image_span=module.image_span(input_ids, pixels),
     )
     draft_hidden, _ = module.imitate(states[exit_layer], positions)
     if getattr(module, "eagle", None) is not None:  # traced so that init creates its params

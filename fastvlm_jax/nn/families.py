@@ -23,8 +23,10 @@ from fastvlm_jax.nn.gemma3 import Gemma3Config, Gemma3Module
 from fastvlm_jax.nn.gemma3 import init_imitation as gemma3_init_imitation
 from fastvlm_jax.nn.llava import LlavaConfig, LlavaModule
 from fastvlm_jax.nn.llava import init_imitation as llava_init_imitation
+from fastvlm_jax.nn.qwen25vl import Qwen25VLConfig, Qwen25VLModule
+from fastvlm_jax.nn.qwen25vl import init_imitation as qwen25vl_init_imitation
 from fastvlm_jax.text.base import Tokenizer
-from fastvlm_jax.text.prompts import Blip2Prompts, Gemma3Prompts, LlavaPrompts, PromptLayout
+from fastvlm_jax.text.prompts import Blip2Prompts, Gemma3Prompts, LlavaPrompts, PromptLayout, QwenPrompts
 
 Array = jax.Array
 
@@ -35,8 +37,8 @@ class Family:
 
     converter: the module whose `convert(hf_dir, out_dir, ...)` reads this family's
       Hugging Face folders (named, not imported: converters import the model library).
-    tokenizer_kind: 'sentencepiece' (LLaMA), 'bpe' (GPT-2 byte-level, OPT) or 'gemma' (BPE with
-      byte fallback, from tokenizer.json).
+    tokenizer_kind: 'sentencepiece' (LLaMA), 'bpe' (GPT-2 byte-level, OPT), 'gemma' (BPE with
+      byte fallback, from tokenizer.json) or 'qwen2' (byte-level BPE after Qwen's split).
     prompts: how a one-image prompt is laid out (as the family's HF processor does it).
     """
 
@@ -78,6 +80,15 @@ FAMILIES: dict[str, Family] = {
             "fastvlm_jax.ckpt.convert.gemma3",
             "gemma",
             Gemma3Prompts(),
+        ),
+        Family(
+            "qwen2_5_vl",
+            Qwen25VLConfig,
+            Qwen25VLModule,
+            qwen25vl_init_imitation,
+            "fastvlm_jax.ckpt.convert.qwen25vl",
+            "qwen2",
+            QwenPrompts(),
         ),
     )
 }

@@ -22,11 +22,16 @@ class KVCache:
     pos: [batch] int32, the number of committed tokens of each row. Slots at or past
       `pos` may hold stale entries (prompt padding, rejected drafts); attention masks by
       query position, so they are never read before being overwritten.
+    rope_offset: [batch] int32, what RoPE adds to a committed or new token's position past
+      the prompt (multimodal RoPE: an image of h x w tokens spans max(h, w) positions, so
+      every later position shifts by max(h, w) - h * w). Zero for every other family; set by
+      the prefill that writes the prompt.
     """
 
     keys: Array
     values: Array
     pos: Array
+    rope_offset: Array | None = None
 
     if TYPE_CHECKING:  # flax.struct.dataclass adds it at runtime (dataclasses.replace)
 
@@ -35,7 +40,12 @@ class KVCache:
     @classmethod
     def zeros(cls, num_layers: int, batch: int, slots: int, kv_heads: int, head_dim: int, dtype=jnp.float32) -> KVCache:
         shape = (num_layers, batch, kv_heads, slots, head_dim)
-        return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype), pos=jnp.zeros((batch,), jnp.int32))
+        return cls(
+            keys=jnp.zeros(shape, dtype),
+            values=jnp.zeros(shape, dtype),
+            pos=jnp.zeros((batch,), jnp.int32),
+            rope_offset=jnp.zeros((batch,), jnp.int32),
+        )
 
     @property
     def num_layers(self) -> int:

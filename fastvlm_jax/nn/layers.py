@@ -95,7 +95,9 @@ def rope_frequencies(head_dim: int, theta: float, scaling_factor: float = 1.0) -
 def apply_rope(x: Array, positions: Array, theta: float | None = None, inv_freq: Array | None = None) -> Array:
     """Rotary embedding in HF's half-split layout.
 
-    x: [batch, seq, heads, head_dim]; positions: [batch, seq] absolute positions.
+    x: [batch, seq, heads, head_dim]; positions: [batch, seq] absolute positions, or
+    [batch, seq, head_dim / 2] a position per frequency (multimodal RoPE, where each frequency
+    band follows one of an image token's (time, row, column) coordinates).
     theta: the base (default frequencies), or inv_freq [head_dim / 2] given directly (scaled or
     chosen per layer, e.g. Gemma 3's local and global layers).
     """
@@ -104,7 +106,8 @@ def apply_rope(x: Array, positions: Array, theta: float | None = None, inv_freq:
         if theta is None:
             raise ValueError("apply_rope needs theta or inv_freq")
         inv_freq = rope_frequencies(head_dim, theta)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, head_dim/2]
+    per_frequency = positions if positions.ndim == 3 else positions[..., None]
+    angles = per_frequency.astype(jnp.float32) * inv_freq  # [batch, seq, head_dim/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     half = head_dim // 2
@@ -252,8 +255,11 @@ class TextAttention(nn.Module):
         layer: Array | int = 0,
         key_mask: Array | None = None,
         tree: TreeSlots | None = None,
+        rope_positions: Array | None = None,
     ):
         """x: [batch, seq, embed]; positions: [batch, seq]; tree: see causal_attention.
+        rope_positions: what RoPE rotates by when it is not the cache position (`apply_rope`'s
+        positions: [batch, seq] or per frequency [batch, seq, head_dim / 2]); default positions.
 
         With a cache, the new keys/values are written into its layer `layer` at
         `positions` and the queries attend to every slot of that layer at or before their
@@ -271,8 +277,9 @@ class TextAttention(nn.Module):
         v = dense(
             cfg.num_kv_heads * head_dim, ("embed", "kv_heads"), use_bias=qkv_bias, dtype=self.dtype, name="v_proj"
         )(x)
-        q = apply_rope(q.reshape(batch, seq, cfg.num_heads, head_dim), positions, cfg.rope_theta)
-        k = apply_rope(k.reshape(batch, seq, cfg.num_kv_heads, head_dim), positions, cfg.rope_theta)
+        rotate_by = positions if rope_positions is None else rope_positions
+        q = apply_rope(q.reshape(batch, seq, cfg.num_heads, head_dim), rotate_by, cfg.rope_theta)
+        k = apply_rope(k.reshape(batch, seq, cfg.num_kv_heads, head_dim), rotate_by, cfg.rope_theta)
         v = v.reshape(batch, seq, cfg.num_kv_heads, head_dim)
 
         out, cache = causal_attention(q, k, v, positions, cache, layer, key_mask, self.dtype, tree)
@@ -332,11 +339,12 @@ class DecoderLayer(nn.Module):
         layer: Array | int = 0,
         key_mask: Array | None = None,
         tree: TreeSlots | None = None,
+        rope_positions: Array | None = None,
     ):
         """x: [batch, seq, embed] -> ([batch, seq, embed], cache); see TextAttention."""
         cfg = self.config
         attn_out, cache = TextAttention(cfg, self.dtype, self.zero_init_out, name="self_attn")(
-            RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x), positions, cache, layer, key_mask, tree
+            RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x), positions, cache, layer, key_mask, tree, rope_positions
         )
         x = x + attn_out
         mlp = GatedMLP(
@@ -411,6 +419,7 @@ def run_layer_stack(
     tree: TreeSlots | None = None,
     remat: str = "none",
     image_span: Array | None = None,
+    rope_positions: Array | None = None,
 ):
     """Runs layers [start, stop) of a stack as one lax.scan, reading the weights in place.
 
@@ -428,6 +437,8 @@ def run_layer_stack(
     image_span: [batch, 2] (first, end) positions of each row's image tokens, for layers
       whose image tokens attend to each other both ways (Gemma 3); passed to the layer only
       when given, so a causal-only layer refuses it.
+    rope_positions: what RoPE rotates by, when it differs from the cache positions (multimodal
+      RoPE, `apply_rope`); passed to the layer only when given, like image_span.
     Returns (state `stop`, cache, {index: [batch, seq, embed]}).
 
     The whole stack is scanned over its arrays directly; a sub-range indexes layer i
@@ -447,6 +458,8 @@ def run_layer_stack(
         return hidden, cache, collected
     whole = start == 0 and stop == num_layers
     span: dict[str, Any] = {} if image_span is None else {"image_span": image_span}
+    if rope_positions is not None:
+        span["rope_positions"] = rope_positions
 
     def body(carry, inputs):
         h, cache, saved = carry

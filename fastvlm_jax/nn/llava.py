@@ -127,12 +127,14 @@ class TextDecoder(nn.Module):
         collect: tuple[int, ...] = (),
         tree: TreeSlots | None = None,
         remat: str = "none",
+        rope_positions: Array | None = None,
     ):
         """Runs layers [start, stop).
 
         hidden: [batch, seq, embed] (state `start`); positions: [batch, seq] absolute.
         cache: KV cache written at `positions` for these layers (others untouched).
         collect: state indices in [start, stop] to return.
+        rope_positions: what RoPE rotates by, when not `positions` (multimodal RoPE).
         Returns (state `stop`, cache, {index: [batch, seq, embed]}).
         """
         return run_layer_stack(
@@ -148,6 +150,7 @@ class TextDecoder(nn.Module):
             self.unroll_layers,
             tree,
             remat,
+            rope_positions=rope_positions,
         )
 
     def logits(self, hidden: Array) -> Array:

@@ -66,10 +66,7 @@ class VLM:
 
     # --- parameters -------------------------------------------------------------------
     def _dummy_inputs(self):
-        cfg = self.config
-        ids = jnp.full((1, cfg.num_image_tokens + 1), cfg.image_token_id, jnp.int32)
-        pixels = jnp.zeros((1, cfg.vision.image_size, cfg.vision.image_size, cfg.vision.num_channels), jnp.float32)
-        return ids, pixels
+        return self.family.module_class.dummy_inputs(self.config)
 
     def init_boxed(self, rng: Array) -> Params:
         """Parameters with their logical axis metadata (nn.LogicallyPartitioned leaves)."""
@@ -136,13 +133,13 @@ class VLM:
             image_span,
         )
 
-    def image_span(self, input_ids):
-        """[batch, seq] -> [batch, 2] (first, end) positions of each row's image tokens when
-        this family's image tokens attend to each other both ways (Gemma 3), else None. Pass
-        it to every `run_layers` over a prompt; it changes nothing after the prompt."""
-        if not self.family.module_class.bidirectional_image:
-            return None
-        return image_token_span(jnp.asarray(input_ids), self.config.image_token_id)
+    def image_span(self, input_ids, pixels=None):
+        """Where each row's image lies in its prompt, when this family's layers need it (Gemma
+        3: [batch, 2] (first, end) of its image tokens, which attend to each other both ways;
+        Qwen2.5-VL: [batch, 4], with the image's token grid from `pixels`, for its multimodal
+        RoPE), else None (`FamilyModule.prompt_span`). Pass it to every `run_layers` over a
+        prompt (or a training sequence that starts with one); later tokens need none."""
+        return self.family.module_class.prompt_span(self.config, jnp.asarray(input_ids), pixels)
 
     def logits(self, params, hidden):
         return self._apply(params, "logits", hidden)
@@ -167,7 +164,7 @@ class VLM:
             0,
             self.config.text.num_layers,
             key_mask=key_mask,
-            image_span=self.image_span(input_ids),
+            image_span=self.image_span(input_ids, pixels),
         )
         return self.logits(params, hidden)
 

@@ -16,6 +16,8 @@ from a local folder, as `AutoTokenizer` / `AutoProcessor` load it:
     byte-level (LLaMA-3 style), which runs as it is.
   * tokenizer_class GPT2Tokenizer (OPT, BLIP-2 OPT; also model_type blip-2 / opt with no
     class): rebuilt as GPT-2's (byte-level BPE, add_prefix_space from tokenizer_config.json).
+  * tokenizer_class Qwen2Tokenizer (Qwen2, Qwen2.5-VL; also their model types with no class):
+    rebuilt as Qwen2's (NFC, Qwen's pre-tokenizing split, byte-level BPE without prefix space).
   * TokenizersBackend, PreTrainedTokenizerFast or no class: tokenizer.json as it is.
   Other classes rebuild pipelines of their own, which we do not reproduce: refused.
 - What `add_special_tokens` adds: tokenizer.json's post-processor (also for rebuilt pipelines).
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken as BackendAddedToken
+from tokenizers import Regex
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
@@ -58,6 +61,9 @@ _CLASS_BY_MODEL_TYPE = {
     "llama": "LlamaTokenizer",
     "gemma": "GemmaTokenizer",
     "gemma3": "GemmaTokenizer",
+    "qwen2": "Qwen2Tokenizer",
+    "qwen2_vl": "Qwen2Tokenizer",
+    "qwen2_5_vl": "Qwen2Tokenizer",
 }
 # Classes (without "Fast") that run tokenizer.json as it is.
 _AS_IS_CLASSES = {None, "TokenizersBackend", "PreTrainedTokenizer"}
@@ -72,8 +78,16 @@ _DEFAULT_SPECIALS = {
         "pad_token": "<pad>",
         "mask_token": "<mask>",
     },
+    "qwen2": {"eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
     "as-is": {},
 }
+# The image placeholder a family's processor uses when the tokenizer settings name none.
+_DEFAULT_IMAGE_TOKENS = {"qwen2": "<|image_pad|>"}
+# Qwen2Tokenizer's split before byte-level BPE (contractions, letters, single digits,
+# punctuation runs, newlines, spaces).
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def _pipeline_kind(hf: HFFolder, tokenizer_json: str | None) -> str:
@@ -89,6 +103,8 @@ def _pipeline_kind(hf: HFFolder, tokenizer_json: str | None) -> str:
         return "gpt2"
     if name == "GemmaTokenizer":
         return "gemma"
+    if name == "Qwen2Tokenizer":
+        return "qwen2"
     if name in _AS_IS_CLASSES:
         # Without tokenizer.json, vocab.json + merges.txt can only be GPT-2's.
         return "as-is" if tokenizer_json is not None else "gpt2"
@@ -163,6 +179,31 @@ def _gpt2_pipeline(vocab: dict[str, int], merges: list, add_prefix_space: bool) 
         )
     )
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _qwen2_pipeline(vocab: dict[str, int], merges: list, add_prefix_space: bool) -> Backend:
+    """transformers 5.x Qwen2Tokenizer's pipeline over `vocab` and `merges`."""
+    backend = Backend(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            unk_token=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+            byte_fallback=False,
+        )
+    )
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=False),
+        ]
+    )
     backend.decoder = decoders.ByteLevel()
     return backend
 
@@ -294,6 +335,8 @@ class HFTokenizer(Tokenizer):
                 )
             elif kind == "gemma":
                 backend = _gemma_pipeline(vocab, merges, hf.special_token("unk_token", "<unk>") or "<unk>")
+            elif kind == "qwen2":
+                backend = _qwen2_pipeline(vocab, merges, bool(config.get("add_prefix_space") or False))
             else:
                 backend = _gpt2_pipeline(vocab, merges, bool(config.get("add_prefix_space", False)))
             if text is not None:
@@ -352,7 +395,7 @@ class HFTokenizer(Tokenizer):
             eos_id=ids["eos_token"],
             pad_id=ids["pad_token"],
             unk_id=ids["unk_token"],
-            image_token=hf.image_token(),
+            image_token=hf.image_token() or _DEFAULT_IMAGE_TOKENS.get(kind),
             split_special_tokens=bool(config.get("split_special_tokens", False)),
             chat_template=hf.chat_template(),
         )

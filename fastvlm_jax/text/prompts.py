@@ -14,6 +14,10 @@ its Hugging Face processor builds), and the LLaVA prompt helpers.
   tokens + "<end_of_image>\n\n", as Gemma3Processor does; BOS comes from the template, so the
   tokenizer adds no special tokens when the text starts with it (ProcessorMixin's rule).
 
+- Qwen2.5-VL: the folder's chat template rendered the same way (Qwen's own when the folder has
+  none), its `<|image_pad|>` repeated N times as Qwen2VLProcessor does; N varies per image (the
+  image's own grid), so the caller passes each image's count.
+
 N is the config's `num_image_tokens` (LLaVA: image patches; BLIP-2: Q-Former queries; Gemma 3:
 soft tokens). The family registry (`fastvlm_jax.nn.families`) holds one layout per family.
 """
@@ -115,6 +119,46 @@ class Gemma3Prompts(PromptLayout):
         return tuple(dict.fromkeys(stops))
 
 
+@dataclasses.dataclass(frozen=True)
+class QwenPrompts(PromptLayout):
+    default_question: str = "Describe this image."
+
+    def prompt_ids(self, tokenizer, question, num_image_tokens):
+        image_token = image_prompt_token(tokenizer, question, num_image_tokens)
+        for marker in (QWEN_VISION_START, QWEN_VISION_END):
+            if marker in question:
+                raise ValueError(f"the question must not contain {marker!r}")
+        text = render_chat_prompt(tokenizer, question, default=_default_qwen_chat)
+        if text.count(image_token) != 1:
+            raise ValueError(f"the chat template must place {image_token!r} once for one image, got: {text!r}")
+        return tokenizer.encode(text.replace(image_token, image_token * num_image_tokens))
+
+    def answer_ids(self, tokenizer, question, answer):
+        # The answer opens the assistant's turn, right after "<|im_start|>assistant\n".
+        return tokenizer.encode(answer.strip(), add_special_tokens=False)
+
+    def stop_ids(self, tokenizer, config):
+        # Qwen's generation config stops at <|im_end|> (the end of a turn) and <|endoftext|>.
+        stops = [int(tokenizer.eos_id)]
+        stops += [tokenizer.token_id(t) for t in (QWEN_END_OF_TURN, QWEN_END_OF_TEXT) if t in tokenizer.added_tokens]
+        return tuple(dict.fromkeys(stops))
+
+
+QWEN_VISION_START = "<|vision_start|>"
+QWEN_VISION_END = "<|vision_end|>"
+QWEN_END_OF_TURN = "<|im_end|>"
+QWEN_END_OF_TEXT = "<|endoftext|>"
+
+
+def _default_qwen_chat(bos: str, question: str) -> str:
+    # Qwen2.5-VL's released template, for one user turn of [image, text] + the generation prompt.
+    del bos
+    return (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        f"{QWEN_VISION_START}<|image_pad|>{QWEN_VISION_END}{question}<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
 GEMMA_BOI = "<start_of_image>"
 GEMMA_EOI = "<end_of_image>"
 GEMMA_END_OF_TURN = "<end_of_turn>"
@@ -125,10 +169,11 @@ def _default_gemma_chat(bos: str, question: str) -> str:
     return f"{bos}<start_of_turn>user\n{GEMMA_BOI}{question.strip()}<end_of_turn>\n<start_of_turn>model\n"
 
 
-def render_chat_prompt(tokenizer: Tokenizer, question: str) -> str:
+def render_chat_prompt(tokenizer: Tokenizer, question: str, default=None) -> str:
     """One user turn holding an image and `question`, with the generation prompt, rendered by
     the tokenizer's chat template as transformers renders it (a sandboxed Jinja environment
-    with trim_blocks and lstrip_blocks); Gemma 3's template when the folder has none."""
+    with trim_blocks and lstrip_blocks); when the folder has none, `default(bos, question)`
+    (Gemma 3's template unless given)."""
     specials = {}
     for name, idx in (
         ("bos_token", tokenizer.bos_id),
@@ -138,7 +183,7 @@ def render_chat_prompt(tokenizer: Tokenizer, question: str) -> str:
         if idx is not None:
             specials[name] = tokenizer.id_to_piece(idx)
     if tokenizer.chat_template is None:
-        return _default_gemma_chat(specials.get("bos_token") or "", question)
+        return (default or _default_gemma_chat)(specials.get("bos_token") or "", question)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     return (
         _chat_environment()

@@ -109,7 +109,7 @@ def self_draft_greedy(model, params, ids: np.ndarray, pixels: np.ndarray, batch:
     def draft_argmax(p, i, x):
         positions = jnp.broadcast_to(jnp.arange(i.shape[1]), i.shape)
         hidden = model.embed(p, i, model.encode_images(p, x), positions)
-        hidden, _, _ = model.run_layers(p, hidden, positions, 0, exit_layer, image_span=model.image_span(i))
+        hidden, _, _ = model.run_layers(p, hidden, positions, 0, exit_layer, image_span=model.image_span(i, x))
         hidden, _ = model.imitate(p, hidden, positions)
         return jnp.argmax(model.logits(p, hidden), axis=-1)
 

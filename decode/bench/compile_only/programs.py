@@ -173,6 +173,7 @@ def abstract_cache(num_layers: int, batch: int, slots: int, config, dtype, mesh)
         keys=_sds(shape, dtype, mesh, KV_CACHE_AXES),
         values=_sds(shape, dtype, mesh, KV_CACHE_AXES),
         pos=_sds((batch,), jnp.int32, mesh, ("batch",)),
+        rope_offset=_sds((batch,), jnp.int32, mesh, ("batch",)),
     )
 
 

@@ -40,6 +40,7 @@ def _rows_sharded(abstract, batch: int, mesh):
                 keys=_sds(node.keys.shape, node.keys.dtype, mesh, KV_CACHE_AXES),
                 values=_sds(node.values.shape, node.values.dtype, mesh, KV_CACHE_AXES),
                 pos=_sds(node.pos.shape, node.pos.dtype, mesh, ("batch",)),
+                rope_offset=_sds(node.rope_offset.shape, node.rope_offset.dtype, mesh, ("batch",)),
             )
         rows = node.ndim >= 1 and node.shape[0] == batch
         axes = ("batch",) + (None,) * (node.ndim - 1) if rows else (None,) * node.ndim

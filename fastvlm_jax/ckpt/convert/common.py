@@ -30,22 +30,25 @@ class ConversionError(ValueError):
     """The HF folder cannot be converted; the message says what to fix."""
 
 
-def read_image_processor(hf_dir: Path) -> ImageProcessorConfig:
-    """The folder's image processor settings: preprocessor_config.json, or the
+def read_image_processor_settings(hf_dir: Path) -> dict:
+    """The folder's image processor settings as saved: preprocessor_config.json, or the
     "image_processor" entry of processor_config.json (where transformers 5 saves a
     processor's)."""
     preprocessor_file = hf_dir / "preprocessor_config.json"
     processor_file = hf_dir / "processor_config.json"
     if preprocessor_file.is_file():
-        settings = json.loads(preprocessor_file.read_text())
-    elif processor_file.is_file() and isinstance(json.loads(processor_file.read_text()).get("image_processor"), dict):
-        settings = json.loads(processor_file.read_text())["image_processor"]
-    else:
-        raise ConversionError(
-            f"{preprocessor_file} is missing (and {processor_file.name} has no image_processor): copy the "
-            "image processor config from the original model repository"
-        )
-    return ImageProcessorConfig.from_hf_dict(settings)
+        return json.loads(preprocessor_file.read_text())
+    if processor_file.is_file() and isinstance(json.loads(processor_file.read_text()).get("image_processor"), dict):
+        return json.loads(processor_file.read_text())["image_processor"]
+    raise ConversionError(
+        f"{preprocessor_file} is missing (and {processor_file.name} has no image_processor): copy the "
+        "image processor config from the original model repository"
+    )
+
+
+def read_image_processor(hf_dir: Path) -> ImageProcessorConfig:
+    """The folder's image processor (`read_image_processor_settings`) for fixed-size towers."""
+    return ImageProcessorConfig.from_hf_dict(read_image_processor_settings(hf_dir))
 
 
 def identity(x):

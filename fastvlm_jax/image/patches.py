@@ -1,0 +1,62 @@
+"""Images of any size as one batch of patch rows (Qwen2.5-VL's input form).
+
+A resolution-preserving vision tower sees each image as as many patches as its resized size
+gives. One compiled program serves a batch of different sizes when every row is padded to the
+same patch count and carries its own patch grid; `PatchImages` is that batch. Its leading axis
+is the batch, like a pixel array's, so the engine batches, pads and shards it the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import flax.struct
+import numpy as np
+
+
+@flax.struct.dataclass
+class PatchImages:
+    """patches: [batch, max_patches, patch_dim] float32, each row's real patches first (the
+    processor's order) and zeros after; grid: [batch, 3] int32, each row's (t, h, w) in patches
+    (zeros for a row without an image)."""
+
+    patches: Any
+    grid: Any
+
+    if TYPE_CHECKING:
+
+        def replace(self, **changes: Any) -> PatchImages: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """[batch, max_patches, patch_dim], the patches' shape (the program's shape key)."""
+        return tuple(self.patches.shape)
+
+    @property
+    def num_patches(self) -> np.ndarray:
+        """[batch] real patches per row."""
+        return np.prod(np.asarray(self.grid), axis=-1)
+
+
+def stack_patch_images(images: Sequence[tuple[np.ndarray, Sequence[int]]], max_patches: int) -> PatchImages:
+    """One batch from (patches [n, patch_dim], (t, h, w)) pairs, each padded to max_patches rows."""
+    if not images:
+        raise ValueError("no images to stack")
+    dim = images[0][0].shape[-1]
+    patches = np.zeros((len(images), max_patches, dim), np.float32)
+    grid = np.zeros((len(images), 3), np.int32)
+    for row, (rows, thw) in enumerate(images):
+        if rows.shape[0] > max_patches:
+            raise ValueError(f"an image of {rows.shape[0]} patches does not fit a batch of {max_patches}")
+        patches[row, : rows.shape[0]] = rows
+        grid[row] = thw
+    return PatchImages(patches=patches, grid=grid)
+
+
+def patch_bucket(num_patches: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds `num_patches` (buckets ascending)."""
+    for bucket in buckets:
+        if num_patches <= bucket:
+            return bucket
+    raise ValueError(f"an image of {num_patches} patches is larger than the largest bucket {max(buckets)}")
