@@ -370,6 +370,8 @@ class QwenVisionTower(nn.Module):
 
         Returns the merged tokens [batch, max_patches // merge**2, out_hidden_size]; row b's
         first t*h*w // merge**2 are the image's tokens (HF's per-image output), the rest zeros.
+        The caller keeps t*h*w <= max_patches (`image.qwen_vl.patch_count` gives it before
+        loading): a traced grid cannot be checked here, and a longer image would lose its tail.
         """
         cfg = self.config
         batch, max_patches, patch_dim = patches.shape
