@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
 from decode import parts
@@ -42,8 +41,10 @@ from decode.engine.captioner import (
     describe_device,
     summarize,
 )
+from decode.engine.loop import compiled_programs as generate_programs
 from decode.engine.sampling import SamplingConfig
 from decode.engine.slots import Request, SlotStats
+from decode.engine.slots import compiled_programs as slot_programs
 from decode.engine.tree import TreeShape, check_width
 from decode.inputs import expand_inputs
 from fastvlm_jax import demo
@@ -93,6 +94,9 @@ too. After a preemption, run the same command on every host again.
 
 Timing (--stats): seconds and tokens_per_s cover decoding only; each new program shape is
 compiled by a warm-up call first, reported as compile_seconds. wall_seconds is the whole run.
+compiled_programs counts the decoding programs this run compiled (models whose images become
+as many tokens as their size gives compile one per patch bucket and prompt width; continuous
+batching compiles a new bucket's prefill when it first meets it, inside its seconds).
 
 Exit status:
   0    every image is captioned (this run or an earlier one)
@@ -779,7 +783,7 @@ def _stopping(error: BaseException, totals: BatchStats) -> _Stopped | None:
     return None
 
 
-def _caption_static(args, captioner, options, prompt_ids, stream, base_rng, record, show, failed_to_load, out):
+def _caption_static(args, captioner, options, prompt, stream, base_rng, record, show, failed_to_load, out):
     """Batches of --batch-size images in lockstep; each batch's lines written when it ends."""
     totals = BatchStats()
     batch_items: list = []
@@ -789,7 +793,10 @@ def _caption_static(args, captioner, options, prompt_ids, stream, base_rng, reco
     def run_batch():
         nonlocal totals, batches
         result = captioner.generate_batch(
-            np.stack(batch_pixels), [prompt_ids] * len(batch_items), options, jax.random.fold_in(base_rng, batches)
+            list(batch_pixels),
+            [captioner.prompt_ids(prompt, pixels) for pixels in batch_pixels],
+            options,
+            jax.random.fold_in(base_rng, batches),
         )
         batches += 1
         for item, r in zip(batch_items, result.results):
@@ -825,15 +832,15 @@ def request_key(base_rng, image_id: str):
     return jax.random.fold_in(base_rng, zlib.crc32(image_id.encode("utf-8")) & 0x7FFFFFFF)
 
 
-def _caption_continuous(args, captioner, options, prompt_ids, stream, base_rng, record, show, failed_to_load, out):
+def _caption_continuous(args, captioner, options, prompt, stream, base_rng, record, show, failed_to_load, out):
     """--batch-size slots refilled as captions end; each line written as its caption ends."""
-    engine = captioner.slot_engine(options, len(prompt_ids))
+    engine = captioner.slot_engine(options, captioner.longest_prompt(prompt))
     budget = options.max_new_tokens
     # Compile every program (both prefills, insert, rounds) on one dummy image first, so that
     # seconds and tokens/s measure decoding, as in static batching.
     begin = time.perf_counter()
-    size = captioner.config.vision.image_size
-    dummy = Request(tuple(prompt_ids), np.zeros((size, size, 3), np.float32), jax.random.key(0), 1)
+    blank = captioner.dummy_pixels()
+    dummy = Request(tuple(captioner.prompt_ids(prompt, blank)), blank, jax.random.key(0), 1)
     for _ in engine.stream([dummy]):
         pass
     compile_seconds = time.perf_counter() - begin
@@ -843,7 +850,8 @@ def _caption_continuous(args, captioner, options, prompt_ids, stream, base_rng, 
             if error is not None:
                 failed_to_load(item, error)
                 continue
-            yield Request(tuple(prompt_ids), pixels, request_key(base_rng, item.id), budget, tag=item)
+            ids = tuple(captioner.prompt_ids(prompt, pixels))
+            yield Request(ids, pixels, request_key(base_rng, item.id), budget, tag=item)
 
     slot_stats = SlotStats(args.batch_size)
     counts = {"images": 0, "tokens": 0, "first": 0, "rounds": 0, "drafted": 0, "accepted": 0}
@@ -890,6 +898,7 @@ def _caption_continuous(args, captioner, options, prompt_ids, stream, base_rng, 
 
 
 def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: list, out: TextIO, started: float) -> int:
+    programs_before = slot_programs() if args.batching == "continuous" else generate_programs()
     options = GenerationOptions(
         mode=args.mode,
         max_new_tokens=args.max_new_tokens,
@@ -923,8 +932,8 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
         except ValueError as e:  # CheckpointError (a ValueError) or a config the loader rejects
             raise UsageError(f"--ckpt {args.ckpt}: {' '.join(str(e).split())}") from None
         try:
-            prompt_ids = captioner.prompt_ids(args.prompt)
             prompt = captioner.default_prompt if args.prompt is None else args.prompt
+            captioner.prompt_ids(prompt, captioner.dummy_pixels())  # a bad prompt fails here, once
         except ValueError as e:  # e.g. the prompt contains the image placeholder
             raise UsageError(f"--prompt: {e}") from None
 
@@ -970,11 +979,11 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
         try:
             if args.batching == "continuous":
                 totals = _caption_continuous(
-                    args, captioner, options, prompt_ids, stream, base_rng, record, show, failed_to_load, out
+                    args, captioner, options, prompt, stream, base_rng, record, show, failed_to_load, out
                 )
             else:
                 totals = _caption_static(
-                    args, captioner, options, prompt_ids, stream, base_rng, record, show, failed_to_load, out
+                    args, captioner, options, prompt, stream, base_rng, record, show, failed_to_load, out
                 )
         except _Stopped as stop:
             totals = stop.totals
@@ -1038,6 +1047,8 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
                 "dtype": captioner.dtype.name if captioner else None,
                 "quantization": captioner.config.quantization if captioner else None,
                 "param_bytes": param_bytes(captioner.params) if captioner else None,
+                "compiled_programs": (slot_programs() if args.batching == "continuous" else generate_programs())
+                - programs_before,
                 "failures": failures,
             }
         )

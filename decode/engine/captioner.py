@@ -42,8 +42,11 @@ from decode.engine.slots import Finished, Request, SlotEngine, default_prefill_r
 from decode.engine.tree import TreeShape
 from fastvlm_jax import demo
 from fastvlm_jax.ckpt.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from fastvlm_jax.image.patches import PatchImages, batch_pixels, padded_image, patch_buckets
 from fastvlm_jax.image.processing import ImageSource, preprocess_image
-from fastvlm_jax.nn.families import DEFAULT_QUESTIONS, build_prompt_ids, default_question, stop_ids
+from fastvlm_jax.image.qwen_vl import QwenImageProcessorConfig
+from fastvlm_jax.image.qwen_vl import preprocess as preprocess_patches
+from fastvlm_jax.nn.families import DEFAULT_QUESTIONS, default_question, prompt_ids_for, stop_ids
 from fastvlm_jax.nn.model import VLM, cast_params, params_dtype
 from fastvlm_jax.nn.quant import quantize_model
 from fastvlm_jax.runtime.sharding import data_sharding, shard_params
@@ -334,12 +337,9 @@ class Captioner:
             raise CheckpointError("the checkpoint has no preprocessor.json: captioning needs it")
         tokenizer = checkpoint.tokenizer
         check_image_token_id(tokenizer, config.image_token_id, CheckpointError)
-        size = (config.vision.image_size, config.vision.image_size)
-        if checkpoint.image_config.output_size != size:
-            raise CheckpointError(
-                f"preprocessor.json makes {checkpoint.image_config.output_size} images "
-                f"but the vision tower takes {size}"
-            )
+        # Images kept near their own size (Qwen2.5-VL) become as many tokens as their size gives.
+        self.sized_images = isinstance(checkpoint.image_config, QwenImageProcessorConfig)
+        _check_image_config(config, checkpoint.image_config)
         self.checkpoint = checkpoint
         self.config = config
         self.params = checkpoint.params
@@ -400,15 +400,55 @@ class Captioner:
         """Ids that end a caption (fastvlm_jax.nn.families.stop_ids)."""
         return stop_ids(self.config, self.tokenizer)
 
-    def prompt_ids(self, prompt: str | None = None) -> list[int]:
+    def prompt_ids(self, prompt: str | None = None, pixels: Any = None) -> list[int]:
         """Prompt ids for one image and `prompt` (the user's question; None: `default_prompt`),
-        in the model family's layout (fastvlm_jax.nn.families)."""
+        in the model family's layout (fastvlm_jax.nn.families). pixels: the image (`preprocess`),
+        needed when its size sets its token count (`sized_images`)."""
         question = self.default_prompt if prompt is None else prompt
-        return build_prompt_ids(self.config, self.tokenizer, question)
+        return prompt_ids_for(self.config.model_type, self.tokenizer, question, self.image_tokens(pixels))
 
-    def preprocess(self, image: ImageSource, *, fast_decode: bool = False) -> np.ndarray:
-        """One image (path, bytes, PIL, array) -> float32 pixels [H, W, 3]; raises ImageLoadError."""
+    def image_tokens(self, pixels: Any = None) -> int:
+        """How many tokens an image becomes: the config's count, or, for `sized_images`, its
+        own grid's (t * h * w / merge^2; `pixels` from `preprocess`)."""
+        if not self.sized_images:
+            return self.config.num_image_tokens
+        if not isinstance(pixels, PatchImages):
+            raise ValueError("this model's images become as many tokens as their size gives: pass the image's pixels")
+        return int(np.prod(np.asarray(pixels.grid))) // self.config.vision.spatial_merge_size**2
+
+    def longest_prompt(self, prompt: str | None = None) -> int:
+        """The most tokens a prompt for `prompt` can take (the largest image, for `sized_images`)."""
+        if not self.sized_images:
+            return len(self.prompt_ids(prompt))
+        one_token = len(self.prompt_ids(prompt, self.dummy_pixels()))
+        return one_token - 1 + self.config.num_image_tokens
+
+    @functools.cached_property
+    def patch_buckets(self) -> tuple[int, ...]:
+        """The patch counts images are padded to (`sized_images`; fastvlm_jax.image.patches)."""
+        cfg = self.image_config
+        assert isinstance(cfg, QwenImageProcessorConfig)
+        largest = cfg.max_pixels // cfg.patch_size**2 // cfg.merge_size**2 * cfg.merge_size**2
+        return patch_buckets(largest, smallest=64 * cfg.merge_size**2)
+
+    def preprocess(self, image: ImageSource, *, fast_decode: bool = False) -> np.ndarray | PatchImages:
+        """One image (path, bytes, PIL, array) -> float32 pixels [H, W, 3], or, for
+        `sized_images`, its patches padded to their bucket (an unbatched PatchImages); raises
+        ImageLoadError."""
+        if self.sized_images:
+            assert isinstance(self.image_config, QwenImageProcessorConfig)
+            patches, grid = preprocess_patches(image, self.image_config)
+            return padded_image(patches, grid, self.patch_buckets)
         return preprocess_image(image, self.image_config, fast_decode=fast_decode)
+
+    def dummy_pixels(self) -> np.ndarray | PatchImages:
+        """A blank image of the smallest shape (warm-up calls, dummy rows)."""
+        if self.sized_images:
+            merge = self.config.vision.spatial_merge_size
+            patches = np.zeros((merge * merge, self.config.vision.patch_dim), np.float32)
+            return padded_image(patches, (1, merge, merge), self.patch_buckets)
+        size = self.config.vision.image_size
+        return np.zeros((size, size, self.config.vision.num_channels), np.float32)
 
     # -- decoding ----------------------------------------------------------------------------
 
@@ -427,13 +467,13 @@ class Captioner:
             drafter=self.drafter if options.mode == "ssd" else ImitationDrafter(),
         )
 
-    def _prompts(self, pixels: np.ndarray, prompt_ids: Sequence[Sequence[int]]) -> tuple[Prompts, int]:
+    def _prompts(self, pixels: np.ndarray | Sequence[Any], prompt_ids: Sequence[Sequence[int]]) -> tuple[Prompts, int]:
         """Pads n rows to batch_size rows and prompts to the bucket: returns (Prompts, n)."""
         n = len(prompt_ids)
         if not 1 <= n <= self.batch_size:
             raise ValueError(f"a batch holds 1..{self.batch_size} images, got {n}")
-        if pixels.shape[0] != n:
-            raise ValueError(f"{pixels.shape[0]} images but {n} prompts")
+        if len(pixels) != n:
+            raise ValueError(f"{len(pixels)} images but {n} prompts")
         width = round_up(max(len(p) for p in prompt_ids), self.prompt_bucket)
         ids = np.full((self.batch_size, width), self.tokenizer.pad_id, np.int32)
         lengths = np.zeros((self.batch_size,), np.int32)
@@ -442,8 +482,7 @@ class Captioner:
             p = prompt_ids[row] if row < n else prompt_ids[0]
             ids[row, : len(p)] = p
             lengths[row] = len(p)
-        full = np.zeros((self.batch_size,) + pixels.shape[1:], np.float32)
-        full[:n] = pixels
+        full = batch_pixels(list(pixels), self.batch_size)
         return Prompts(*self._place((ids, lengths, full))), n
 
     def _place(self, tree):
@@ -519,17 +558,17 @@ class Captioner:
 
     def generate_batch(
         self,
-        pixels: np.ndarray,
+        pixels: np.ndarray | Sequence[Any],
         prompt_ids: Sequence[Sequence[int]],
         options: GenerationOptions = GenerationOptions(),
         rng: jax.Array | None = None,
     ) -> BatchResult:
         """Captions up to batch_size preprocessed images.
 
-        pixels: [n, H, W, 3] float32 (from `preprocess`); prompt_ids: n prompts (`prompt_ids`).
-        rng: sampling key (unused when greedy).
+        pixels: [n, H, W, 3] float32, or n images, each from `preprocess`; prompt_ids: n prompts
+        (`prompt_ids`). rng: sampling key (unused when greedy).
         """
-        prompts, n = self._prompts(np.asarray(pixels, np.float32), prompt_ids)
+        prompts, n = self._prompts(pixels, prompt_ids)
         # Per-row budgets: the real rows get max_new_tokens, dummy rows 0 (done at prefill).
         budget = np.where(np.arange(self.batch_size) < n, options.max_new_tokens, 0).astype(np.int32)
         if rng is None:
@@ -626,19 +665,15 @@ class Captioner:
         prompts = [prompt] * len(images) if prompt is None or isinstance(prompt, str) else list(prompt)
         if len(prompts) != len(images):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        ids_of = {p: tuple(self.prompt_ids(p)) for p in set(prompts)}
-        engine = self.slot_engine(options, max(len(ids) for ids in ids_of.values()))
+        engine = self.slot_engine(options, max(self.longest_prompt(p) for p in set(prompts)))
         base = jax.random.key(seed)
-        requests = (
-            Request(
-                ids_of[prompts[i]],
-                self.preprocess(image, fast_decode=fast_decode),
-                jax.random.fold_in(base, i),
-                options.max_new_tokens,
-                tag=i,
-            )
-            for i, image in enumerate(images)
-        )
+
+        def request(i: int, image: ImageSource) -> Request:
+            pixels = self.preprocess(image, fast_decode=fast_decode)
+            ids = tuple(self.prompt_ids(prompts[i], pixels))
+            return Request(ids, pixels, jax.random.fold_in(base, i), options.max_new_tokens, tag=i)
+
+        requests = (request(i, image) for i, image in enumerate(images))
         results: list[CaptionResult | None] = [None] * len(images)
         for finished in engine.stream(requests):
             results[finished.request.tag] = self.result_of(finished)
@@ -661,14 +696,12 @@ class Captioner:
         prompts = [prompt] * len(images) if prompt is None or isinstance(prompt, str) else list(prompt)
         if len(prompts) != len(images):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        ids_of = {p: self.prompt_ids(p) for p in set(prompts)}
         base = jax.random.key(seed)
         for index, start in enumerate(range(0, len(images), self.batch_size)):
             chunk = slice(start, start + self.batch_size)
-            pixels = np.stack([self.preprocess(im, fast_decode=fast_decode) for im in images[chunk]])
-            yield self.generate_batch(
-                pixels, [ids_of[p] for p in prompts[chunk]], options, jax.random.fold_in(base, index)
-            )
+            pixels = [self.preprocess(im, fast_decode=fast_decode) for im in images[chunk]]
+            ids = [self.prompt_ids(p, x) for p, x in zip(prompts[chunk], pixels)]
+            yield self.generate_batch(pixels, ids, options, jax.random.fold_in(base, index))
 
     def caption(
         self,
@@ -701,3 +734,21 @@ class Captioner:
             for batch in self.caption_batches(images, prompt, options, seed=seed, fast_decode=fast_decode)
             for result in batch.results
         ]
+
+
+def _check_image_config(config, image_config) -> None:
+    """Raises CheckpointError unless preprocessor.json makes the images the vision tower takes."""
+    if isinstance(image_config, QwenImageProcessorConfig):
+        vision = config.vision
+        ours = (image_config.patch_size, image_config.merge_size, image_config.temporal_patch_size)
+        tower = (vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size)
+        if ours != tower:
+            raise CheckpointError(
+                f"preprocessor.json cuts (patch, merge, temporal) = {ours} but the vision tower takes {tower}"
+            )
+        return
+    size = (config.vision.image_size, config.vision.image_size)
+    if image_config.output_size != size:
+        raise CheckpointError(
+            f"preprocessor.json makes {image_config.output_size} images but the vision tower takes {size}"
+        )

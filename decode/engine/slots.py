@@ -40,6 +40,7 @@ import numpy as np
 
 from decode.engine.drafters import RoundContext
 from decode.engine.loop import DecodeSpec, Prompts, RoundStats, _LoopState, _prefill, _round_fn
+from fastvlm_jax.image.patches import PatchImages, batch_pixels
 from fastvlm_jax.nn.kv_cache import KVCache
 from fastvlm_jax.nn.model import VLM
 
@@ -201,11 +202,12 @@ def run_rounds(ctx: RoundContext, spec: DecodeSpec, slots: SlotState, max_rounds
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """One caption to make: prompt ids, pixels [H, W, 3] (or None), its own sampling key,
-    its budget, and anything the caller wants back (`tag`)."""
+    """One caption to make: prompt ids, pixels [H, W, 3] (an unbatched PatchImages for images
+    kept near their own size, or None), its own sampling key, its budget, and anything the
+    caller wants back (`tag`)."""
 
     prompt_ids: tuple[int, ...]
-    pixels: np.ndarray | None
+    pixels: np.ndarray | PatchImages | None
     key: Array
     max_new_tokens: int
     tag: Any = None
@@ -265,6 +267,13 @@ def _run_jit(model: VLM, spec: DecodeSpec, params, draft_params, slots: SlotStat
     return run_rounds(ctx, spec, slots, max_rounds, wanted)
 
 
+def compiled_programs() -> int:
+    """How many programs continuous batching has compiled in this process (prefills, the empty
+    state, inserts and rounds, one per model, spec and input shapes)."""
+    jitted = (_prefill_jit, _empty_jit, _insert_jit, _run_jit)
+    return sum(fn._cache_size() for fn in jitted)  # pyright: ignore[reportAttributeAccessIssue] jax's private counter
+
+
 def default_prefill_rows(batch: int, data_parallel: int = 1, rows: int | None = None) -> int:
     """Requests prefilled together: `rows`, else a quarter of the `batch` slots, rounded up to a
     multiple of the mesh's data-parallel shards (prefilled rows are split over them like the
@@ -322,15 +331,12 @@ class SlotEngine:
         ids = np.full((rows, width), self.pad_id, np.int32)
         lengths = np.zeros((rows,), np.int32)
         budgets = np.zeros((rows,), np.int32)
-        first_pixels = requests[0].pixels
-        pixels = None if first_pixels is None else np.zeros((rows, *first_pixels.shape), np.float32)
+        pixels = batch_pixels([r.pixels for r in requests], rows)
         for row in range(rows):
             request = requests[row] if row < len(requests) else requests[0]
             ids[row, : len(request.prompt_ids)] = request.prompt_ids
             lengths[row] = len(request.prompt_ids)
             budgets[row] = request.max_new_tokens if row < len(requests) else 0
-            if pixels is not None:
-                pixels[row] = request.pixels
         keys = jnp.stack([requests[min(row, len(requests) - 1)].key for row in range(rows)])
         prompts = Prompts(*self.place((ids, lengths, pixels)))
         return prompts, keys, self.place(budgets)

@@ -39,7 +39,7 @@ class PatchImages:
         return np.prod(np.asarray(self.grid), axis=-1)
 
 
-def stack_patch_images(images: Sequence[tuple[np.ndarray, Sequence[int]]], max_patches: int) -> PatchImages:
+def stack_patch_images(images: Sequence[tuple[np.ndarray, Any]], max_patches: int) -> PatchImages:
     """One batch from (patches [n, patch_dim], (t, h, w)) pairs, each padded to max_patches rows."""
     if not images:
         raise ValueError("no images to stack")
@@ -60,3 +60,38 @@ def patch_bucket(num_patches: int, buckets: Sequence[int]) -> int:
         if num_patches <= bucket:
             return bucket
     raise ValueError(f"an image of {num_patches} patches is larger than the largest bucket {max(buckets)}")
+
+
+def patch_buckets(max_patches: int, smallest: int = 64) -> tuple[int, ...]:
+    """The patch counts images are padded to: `smallest`, doubling, up to and ending at
+    `max_patches` (the processor's largest image). An image then wastes less than half of its
+    row, and a folder of any sizes compiles at most len(buckets) vision programs."""
+    buckets = []
+    size = min(smallest, max_patches)
+    while size < max_patches:
+        buckets.append(size)
+        size *= 2
+    buckets.append(max_patches)
+    return tuple(buckets)
+
+
+def padded_image(patches: np.ndarray, grid: Sequence[int], buckets: Sequence[int]) -> PatchImages:
+    """One image's patches [n, patch_dim] padded to its bucket: an unbatched PatchImages
+    (patches [bucket, patch_dim], grid [3])."""
+    bucket = patch_bucket(patches.shape[0], buckets)
+    rows = np.zeros((bucket, patches.shape[1]), np.float32)
+    rows[: patches.shape[0]] = patches
+    return PatchImages(patches=rows, grid=np.asarray(grid, np.int32))
+
+
+def batch_pixels(items: Sequence[Any], rows: int) -> Any:
+    """`rows` rows of images from `items` (rows past them repeat the first): pixel arrays
+    [H, W, C] -> [rows, H, W, C] float32; unbatched PatchImages -> a PatchImages padded to the
+    largest item's patch count; None (text-only) -> None."""
+    if not items or items[0] is None:
+        return None
+    chosen = [items[row] if row < len(items) else items[0] for row in range(rows)]
+    if isinstance(items[0], PatchImages):
+        width = max(item.patches.shape[0] for item in items)
+        return stack_patch_images([(np.asarray(i.patches), np.asarray(i.grid)) for i in chosen], width)
+    return np.stack([np.asarray(item, np.float32) for item in chosen])

@@ -151,7 +151,10 @@ class ModelConfigMixin:
 
 class VisionTowerConfig(Protocol):
     """What the code above the family modules reads of a family's vision config
-    (VisionConfig, fastvlm_jax.nn.blip2.Blip2VisionConfig)."""
+    (VisionConfig, fastvlm_jax.nn.blip2.Blip2VisionConfig, fastvlm_jax.nn.qwen_vision.QwenVisionConfig).
+
+    image_size / num_patches: the fixed square input of the towers that have one; a tower that
+    keeps images near their own size (Qwen2.5-VL's) has neither, and says so when asked."""
 
     @property
     def image_size(self) -> int: ...

@@ -344,7 +344,13 @@ class DecoderLayer(nn.Module):
         """x: [batch, seq, embed] -> ([batch, seq, embed], cache); see TextAttention."""
         cfg = self.config
         attn_out, cache = TextAttention(cfg, self.dtype, self.zero_init_out, name="self_attn")(
-            RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x), positions, cache, layer, key_mask, tree, rope_positions
+            RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x),
+            positions,
+            cache,
+            layer,
+            key_mask,
+            tree,
+            rope_positions,
         )
         x = x + attn_out
         mlp = GatedMLP(

@@ -121,6 +121,28 @@ class QwenVisionConfig:
         except ValueError as e:
             raise ConfigError(f"vision hidden_act: {e}") from None
 
+    # What the code above the family modules reads of every vision config
+    # (fastvlm_jax.nn.config.VisionTowerConfig).
+    @property
+    def num_layers(self) -> int:
+        return self.depth
+
+    @property
+    def num_channels(self) -> int:
+        return self.in_channels
+
+    @property
+    def image_size(self) -> int:
+        raise ConfigError(
+            "Qwen2.5-VL's vision tower has no fixed image size: an image becomes as many patches as its size gives"
+        )
+
+    @property
+    def num_patches(self) -> int:
+        raise ConfigError(
+            "Qwen2.5-VL's vision tower has no fixed patch count: an image becomes as many patches as its size gives"
+        )
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads

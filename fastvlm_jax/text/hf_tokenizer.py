@@ -40,9 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken as BackendAddedToken
-from tokenizers import Regex
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from fastvlm_jax.text.base import AddedToken, HFFolder, Tokenizer, read_json
 
