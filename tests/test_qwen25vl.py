@@ -444,3 +444,18 @@ def test_decode_run_captions_a_folder_of_mixed_sizes(folder, tmp_path, batching)
         alone = generate(model, ckpt.params, _batch([(ids, patches, grid)]), spec, 6)
         want = np.asarray(alone.tokens[0, : int(alone.num_tokens[0])]).tolist()
         assert lines[f"im{index}.png"]["token_ids"] == want, index
+
+
+def test_named_qwen_architectures_have_the_released_sizes():
+    """The parameter counts of Qwen/Qwen2.5-VL-3B/7B/32B-Instruct (transformers' model on the
+    meta device from the released configs), imitation network excluded."""
+    import flax.linen as nn
+
+    from fastvlm_jax.nn.architectures import architecture
+    from fastvlm_jax.nn.model import param_count
+
+    released = {"qwen25vl_3b": 3_754_622_976, "qwen25vl_7b": 8_292_166_656, "qwen25vl_32b": 33_452_718_336}
+    for name, count in released.items():
+        abstract = nn.meta.unbox(VLM(architecture(name)).abstract_params())
+        assert param_count({k: v for k, v in abstract.items() if k != "imitation"}) == count, name
+    assert architecture("qwen25vl_7b").num_image_tokens == 1280

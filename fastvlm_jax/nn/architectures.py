@@ -19,6 +19,8 @@ from fastvlm_jax.nn.blip2 import Blip2Config, Blip2VisionConfig, OPTConfig, QFor
 from fastvlm_jax.nn.config import ConfigError, DraftConfig, ImitationKind, TextConfig, VisionConfig
 from fastvlm_jax.nn.gemma3 import Gemma3Config, Gemma3TextConfig
 from fastvlm_jax.nn.llava import LlavaConfig
+from fastvlm_jax.nn.qwen25vl import Qwen25VLConfig
+from fastvlm_jax.nn.qwen_vision import QwenVisionConfig
 
 # BLIP-2 OPT captions end at "\n" (text_config.eos_token_id of the released models).
 BLIP2_OPT_EOS_NEWLINE_ID = 50118
@@ -194,6 +196,53 @@ def gemma3(
     return Gemma3Config(vision=vision, text=text, draft=draft, mm_tokens_per_image=256, image_token_id=262_144)
 
 
+# Qwen2.5-VL (Qwen/Qwen2.5-VL-{3B,7B,32B}-Instruct): one windowed ViT (32 blocks of width 1280,
+# full attention in 7, 15, 23, 31, 112-pixel windows, 2x2 merger to the decoder's width), Qwen2
+# decoders with M-RoPE sections (16, 24, 24) and RoPE base 1M, vocab 151936 (3B, tied) or 152064.
+_QWEN25VL_TEXT = {
+    "qwen25vl_3b": dict(
+        vocab_size=151_936,
+        hidden_size=2048,
+        intermediate_size=11_008,
+        num_layers=36,
+        num_heads=16,
+        num_kv_heads=2,
+        tie_word_embeddings=True,
+    ),
+    "qwen25vl_7b": dict(
+        vocab_size=152_064, hidden_size=3584, intermediate_size=18_944, num_layers=28, num_heads=28, num_kv_heads=4
+    ),
+    "qwen25vl_32b": dict(
+        vocab_size=152_064, hidden_size=5120, intermediate_size=27_648, num_layers=64, num_heads=40, num_kv_heads=8
+    ),
+}
+_QWEN25VL_VISION_FFN = {"qwen25vl_3b": 3420, "qwen25vl_7b": 3420, "qwen25vl_32b": 3456}
+# The draft exits after about a quarter of the layers.
+QWEN25VL_EXIT_LAYERS = {"qwen25vl_3b": 9, "qwen25vl_7b": 7, "qwen25vl_32b": 16}
+
+
+def qwen25vl(
+    name: str,
+    exit_layer: int | None = None,
+    kind: ImitationKind = "ffn",
+    draft_hidden: int = 0,
+    max_image_tokens: int = 1280,
+) -> Qwen25VLConfig:
+    """Qwen/Qwen2.5-VL-3B-Instruct, -7B-, -32B- by `name` ('qwen25vl_7b', ...). max_image_tokens:
+    the processor's max_pixels / 28^2 (1280: the setting Qwen recommends for captioning at scale;
+    the released processor allows 16384)."""
+    text = TextConfig(
+        **_QWEN25VL_TEXT[name],
+        rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0,
+        max_position_embeddings=128_000,
+        qkv_bias=True,
+    )
+    vision = QwenVisionConfig(intermediate_size=_QWEN25VL_VISION_FFN[name], out_hidden_size=text.hidden_size)
+    draft = DraftConfig(exit_layer=exit_layer or QWEN25VL_EXIT_LAYERS[name], kind=kind, hidden_size=draft_hidden)
+    return Qwen25VLConfig(vision=vision, text=text, draft=draft, max_image_tokens=max_image_tokens)
+
+
 ARCHITECTURES: dict[str, Callable[[], object]] = {
     "llava15_7b": llava15_7b,
     # EAGLE head without and with its visual compressor (4 image tokens per cache entry).
@@ -208,6 +257,9 @@ ARCHITECTURES: dict[str, Callable[[], object]] = {
     "gemma3_4b": lambda: gemma3("gemma3_4b"),
     "gemma3_12b": lambda: gemma3("gemma3_12b"),
     "gemma3_27b": lambda: gemma3("gemma3_27b"),
+    "qwen25vl_3b": lambda: qwen25vl("qwen25vl_3b"),
+    "qwen25vl_7b": lambda: qwen25vl("qwen25vl_7b"),
+    "qwen25vl_32b": lambda: qwen25vl("qwen25vl_32b"),
 }
 
 
