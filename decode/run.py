@@ -41,10 +41,8 @@ from decode.engine.captioner import (
     describe_device,
     summarize,
 )
-from decode.engine.loop import compiled_programs as generate_programs
 from decode.engine.sampling import SamplingConfig
 from decode.engine.slots import Request, SlotStats
-from decode.engine.slots import compiled_programs as slot_programs
 from decode.engine.tree import TreeShape, check_width
 from decode.inputs import expand_inputs
 from fastvlm_jax import demo
@@ -94,9 +92,10 @@ too. After a preemption, run the same command on every host again.
 
 Timing (--stats): seconds and tokens_per_s cover decoding only; each new program shape is
 compiled by a warm-up call first, reported as compile_seconds. wall_seconds is the whole run.
-compiled_programs counts the decoding programs this run compiled (models whose images become
-as many tokens as their size gives compile one per patch bucket and prompt width; continuous
-batching compiles a new bucket's prefill when it first meets it, inside its seconds).
+compiled_programs counts the decoding programs this run compiled: one per batch shape (models
+whose images become as many tokens as their size gives: one per patch bucket), and for
+continuous batching one per prefill shape plus the slot state's, insert and rounds (a new
+bucket's prefill is compiled when the engine first meets it, inside its seconds).
 
 Exit status:
   0    every image is captioned (this run or an earlier one)
@@ -898,7 +897,6 @@ def _caption_continuous(args, captioner, options, prompt, stream, base_rng, reco
 
 
 def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: list, out: TextIO, started: float) -> int:
-    programs_before = slot_programs() if args.batching == "continuous" else generate_programs()
     options = GenerationOptions(
         mode=args.mode,
         max_new_tokens=args.max_new_tokens,
@@ -934,6 +932,7 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
         try:
             prompt = captioner.default_prompt if args.prompt is None else args.prompt
             captioner.prompt_ids(prompt, captioner.dummy_pixels())  # a bad prompt fails here, once
+            captioner.use_prompts([prompt])
         except ValueError as e:  # e.g. the prompt contains the image placeholder
             raise UsageError(f"--prompt: {e}") from None
 
@@ -1047,8 +1046,7 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
                 "dtype": captioner.dtype.name if captioner else None,
                 "quantization": captioner.config.quantization if captioner else None,
                 "param_bytes": param_bytes(captioner.params) if captioner else None,
-                "compiled_programs": (slot_programs() if args.batching == "continuous" else generate_programs())
-                - programs_before,
+                "compiled_programs": captioner.programs if captioner else 0,
                 "failures": failures,
             }
         )

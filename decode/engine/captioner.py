@@ -38,7 +38,7 @@ from decode.engine.autodraft import AutoDraft, AutoDraftConfig, Choice, choice_l
 from decode.engine.drafters import EagleDrafter, ImitationDrafter, ModelDrafter
 from decode.engine.loop import Mode
 from decode.engine.sampling import SamplingConfig
-from decode.engine.slots import Finished, Request, SlotEngine, default_prefill_rows
+from decode.engine.slots import Finished, Request, SlotEngine, default_prefill_rows, padded_width
 from decode.engine.tree import TreeShape
 from fastvlm_jax import demo
 from fastvlm_jax.ckpt.checkpoint import Checkpoint, CheckpointError, load_checkpoint
@@ -352,6 +352,8 @@ class Captioner:
         self.batch_size = int(batch_size)
         self.prompt_bucket = int(prompt_bucket)
         self._warm: set[tuple] = set()  # program shapes already compiled (see _warm_up)
+        self._widths: tuple[int, ...] = ()  # prompt widths of sized images (use_prompts)
+        self._engine: SlotEngine | None = None  # the last continuous-batching engine
         self.auto_draft: AutoDraft | None = None  # the state of auto draft lengths, once used
 
     def _load_drafter(self, drafter: str, mesh):
@@ -416,6 +418,19 @@ class Captioner:
             raise ValueError("this model's images become as many tokens as their size gives: pass the image's pixels")
         return int(np.prod(np.asarray(pixels.grid))) // self.config.vision.spatial_merge_size**2
 
+    def use_prompts(self, prompts: Iterable[str | None]) -> None:
+        """Declares the questions this captioner will ask, so that prompts of `sized_images` pad
+        to one width per patch bucket (a program per bucket, not per image size)."""
+        if not self.sized_images:
+            return
+        merge = self.config.vision.spatial_merge_size
+        text = {self.longest_prompt(p) - self.config.num_image_tokens for p in set(prompts)}
+        self._widths = tuple(
+            sorted(
+                {round_up(t + bucket // merge**2, self.prompt_bucket) for t in text for bucket in self.patch_buckets}
+            )
+        )
+
     def longest_prompt(self, prompt: str | None = None) -> int:
         """The most tokens a prompt for `prompt` can take (the largest image, for `sized_images`)."""
         if not self.sized_images:
@@ -474,7 +489,7 @@ class Captioner:
             raise ValueError(f"a batch holds 1..{self.batch_size} images, got {n}")
         if len(pixels) != n:
             raise ValueError(f"{len(pixels)} images but {n} prompts")
-        width = round_up(max(len(p) for p in prompt_ids), self.prompt_bucket)
+        width = padded_width(max(len(p) for p in prompt_ids), self.prompt_bucket, self._widths)
         ids = np.full((self.batch_size, width), self.tokenizer.pad_id, np.int32)
         lengths = np.zeros((self.batch_size,), np.int32)
         for row in range(self.batch_size):
@@ -633,7 +648,7 @@ class Captioner:
         # Prefilled rows are split over the mesh's data x fsdp devices like the slots.
         multiple = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         prefill_rows = default_prefill_rows(self.batch_size, multiple, prefill_rows)
-        return SlotEngine(
+        self._engine = SlotEngine(
             self.model,
             self.params,
             self.spec(options),
@@ -641,10 +656,18 @@ class Captioner:
             prompt_len,
             pad_id=self.tokenizer.pad_id,
             prompt_bucket=self.prompt_bucket,
+            prompt_widths=self._widths,
             prefill_rows=prefill_rows,
             draft_params=self.draft_params,
             place=self._place,
         )
+        return self._engine
+
+    @property
+    def programs(self) -> int:
+        """How many decoding programs this captioner has run: one per batch shape (static
+        batching) and, for continuous batching, per prefill shape and slot layout."""
+        return len(self._warm) + (0 if self._engine is None else len(self._engine.programs))
 
     def result_of(self, finished: Finished, seconds: float = 0.0) -> CaptionResult:
         """A finished slot request as a CaptionResult (seconds: what the caller attributes to it)."""
@@ -665,6 +688,7 @@ class Captioner:
         prompts = [prompt] * len(images) if prompt is None or isinstance(prompt, str) else list(prompt)
         if len(prompts) != len(images):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        self.use_prompts(prompts)
         engine = self.slot_engine(options, max(self.longest_prompt(p) for p in set(prompts)))
         base = jax.random.key(seed)
 
@@ -696,6 +720,7 @@ class Captioner:
         prompts = [prompt] * len(images) if prompt is None or isinstance(prompt, str) else list(prompt)
         if len(prompts) != len(images):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        self.use_prompts(prompts)
         base = jax.random.key(seed)
         for index, start in enumerate(range(0, len(images), self.batch_size)):
             chunk = slice(start, start + self.batch_size)

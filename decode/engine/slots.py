@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import flax.struct
@@ -256,22 +256,33 @@ def _empty_jit(first: _LoopState, batch: int) -> SlotState:
     return empty_slots(first, batch)
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _insert_jit(slots: SlotState, new: _LoopState, targets, requests, budgets) -> SlotState:
-    return insert(slots, new, targets, requests, budgets)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(4,))
-def _run_jit(model: VLM, spec: DecodeSpec, params, draft_params, slots: SlotState, max_rounds, wanted) -> SlotState:
+def _run(model: VLM, spec: DecodeSpec, params, draft_params, slots: SlotState, max_rounds, wanted) -> SlotState:
     ctx = RoundContext(model, params, draft_params, spec.draft_depth)
     return run_rounds(ctx, spec, slots, max_rounds, wanted)
 
 
-def compiled_programs() -> int:
-    """How many programs continuous batching has compiled in this process (prefills, the empty
-    state, inserts and rounds, one per model, spec and input shapes)."""
-    jitted = (_prefill_jit, _empty_jit, _insert_jit, _run_jit)
-    return sum(fn._cache_size() for fn in jitted)  # pyright: ignore[reportAttributeAccessIssue] jax's private counter
+# The slot state keeps one placement from its first allocation on: insert and rounds return it
+# laid out as they received it. Left to choose, the compiler lays some outputs out differently
+# on a mesh (replicated vs split over the rows), and every change of an input's layout
+# compiles the program again.
+@functools.cache
+def _insert_program(layout) -> Callable:
+    return jax.jit(insert, donate_argnums=(0,), out_shardings=layout)
+
+
+@functools.cache
+def _run_program(layout) -> Callable:
+    return jax.jit(_run, static_argnums=(0, 1), donate_argnums=(4,), out_shardings=layout)
+
+
+def padded_width(longest: int, bucket: int, widths: Sequence[int] = ()) -> int:
+    """The width a batch of prompts whose longest has `longest` tokens is padded to: the smallest
+    of `widths` that holds it (images that become as many tokens as their size gives: a width per
+    patch bucket, so that programs follow the buckets), else a multiple of `bucket`."""
+    for width in sorted(widths):
+        if longest <= width:
+            return width
+    return -(-longest // bucket) * bucket
 
 
 def default_prefill_rows(batch: int, data_parallel: int = 1, rows: int | None = None) -> int:
@@ -287,7 +298,8 @@ class SlotEngine:
 
     prompt_len: the longest prompt bucket any request will need (every slot's KV cache holds
       prompt_len + capacity + lookahead positions); prompt_bucket: prompts are right-padded to
-      a multiple of it for prefill (a program per bucket).
+      a multiple of it for prefill (a program per bucket); prompt_widths: the widths to pad to
+      instead, where they hold the prompts (`padded_width`).
     prefill_rows: requests prefilled together (P); the loop returns to the host once
       min(P, waiting) slots have finished. Default: a quarter of the slots.
     place: host arrays -> device arrays (e.g. rows split over a mesh); default jnp.asarray.
@@ -303,6 +315,7 @@ class SlotEngine:
         *,
         pad_id: int = 0,
         prompt_bucket: int = 32,
+        prompt_widths: Sequence[int] = (),
         prefill_rows: int | None = None,
         draft_params=None,
         place: Callable[[Any], Any] | None = None,
@@ -312,13 +325,17 @@ class SlotEngine:
             raise ValueError(f"batch must be >= 1, got {batch}")
         self.model, self.params, self.spec, self.batch = model, params, spec, int(batch)
         self.prompt_bucket = int(prompt_bucket)
-        self.prompt_len = -(-int(prompt_len) // self.prompt_bucket) * self.prompt_bucket
+        self.prompt_widths = tuple(prompt_widths)
+        self.prompt_len = padded_width(int(prompt_len), self.prompt_bucket, self.prompt_widths)
         self.cache_slots = spec.cache_slots(self.prompt_len)
         self.prefill_rows = max(1, default_prefill_rows(self.batch, rows=prefill_rows or None))
         self.pad_id = int(pad_id)
         self.draft_params = draft_params
         self.place = place or (lambda tree: jax.tree.map(jnp.asarray, tree))
         self.max_rounds = int(max_rounds)
+        # The programs this engine has run, one per input shapes and slot layout: what it
+        # compiled, unless an engine of the same model and spec compiled it first.
+        self.programs: set[tuple] = set()
 
     # -- host side -------------------------------------------------------------------------------
 
@@ -327,7 +344,7 @@ class SlotEngine:
         longest = max(len(r.prompt_ids) for r in requests)
         if longest > self.prompt_len:
             raise ValueError(f"a prompt of {longest} tokens is longer than the engine's prompt_len {self.prompt_len}")
-        width = -(-longest // self.prompt_bucket) * self.prompt_bucket
+        width = padded_width(longest, self.prompt_bucket, self.prompt_widths)
         ids = np.full((rows, width), self.pad_id, np.int32)
         lengths = np.zeros((rows,), np.int32)
         budgets = np.zeros((rows,), np.int32)
@@ -343,6 +360,8 @@ class SlotEngine:
 
     def _prefill(self, requests: list[Request], rows: int) -> _LoopState:
         prompts, keys, budgets = self._prompts(requests, rows)
+        shapes = jax.tree.map(lambda leaf: leaf.shape, prompts)
+        self.programs.add(("prefill", shapes))
         return _prefill_jit(
             self.model, self.spec, self.params, self.draft_params, prompts, (keys, budgets), self.cache_slots
         )
@@ -388,11 +407,14 @@ class SlotEngine:
                 new = self._prefill(take, self.prefill_rows)
                 if slots is None:
                     slots = _empty_jit(new, self.batch)
+                    layout = jax.tree.map(lambda leaf: leaf.sharding, slots)
+                    insert_program, run_program = _insert_program(layout), _run_program(layout)
+                    self.programs |= {("empty", layout), ("insert", layout), ("rounds", layout)}
                 pad = self.prefill_rows - len(take)
                 target_array = np.asarray(targets + [self.batch] * pad, np.int32)
                 indices = np.asarray(list(range(next_index, next_index + len(take))) + [-1] * pad, np.int32)
                 budgets = np.asarray([r.max_new_tokens for r in take] + [0] * pad, np.int32)
-                slots = _insert_jit(slots, new, *self.place((target_array, indices, budgets)))
+                slots = insert_program(slots, new, *self.place((target_array, indices, budgets)))
                 for slot, request in zip(targets, take):
                     occupant[slot] = request
                 next_index += len(take)
@@ -406,7 +428,7 @@ class SlotEngine:
             begin = time.perf_counter()
             wanted = min(self.prefill_rows, len(waiting)) if waiting else 0
             rounds_before, busy_before = int(slots.rounds), int(slots.busy)
-            slots = _run_jit(
+            slots = run_program(
                 self.model,
                 self.spec,
                 self.params,
@@ -440,7 +462,9 @@ class SlotEngine:
             cleared = np.full((self.batch,), -1, np.int32)
             keep = np.asarray(request_ids)
             keep = np.where(np.isin(np.arange(self.batch), finished_slots), cleared, keep)
-            slots = slots.replace(request=self.place(keep.astype(np.int32)))
+            # Placed as the slot state's own array is, so the next insert and rounds reuse their
+            # programs (a differently placed input would compile them again).
+            slots = slots.replace(request=jax.device_put(keep.astype(np.int32), slots.request.sharding))
             free.extend(finished_slots)
             refill_queue(len(free))
         assert slots is not None
