@@ -28,11 +28,11 @@ from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
 from fastvlm_jax import convert
 from fastvlm_jax.ckpt import checkpoint
 from fastvlm_jax.image.patches import stack_patch_images
-from fastvlm_jax.image.qwen_vl import preprocess
+from fastvlm_jax.image.qwen_vl import QwenImageProcessorConfig, preprocess
 from fastvlm_jax.nn.families import prompt_ids_for
 from fastvlm_jax.nn.model import VLM
 from tests import train_helpers as th
-from tests.hf_qwen25vl import build_tiny_qwen25vl, random_image
+from tests.hf_qwen25vl import QWEN_TEMPLATE, build_tiny_qwen25vl, make_qwen_tokenizer, random_image
 from train import input as input_lib
 from train import step as step_lib
 from train.model_setup import pixel_table
@@ -98,16 +98,20 @@ def _train(config, workdir):
     return result
 
 
-def test_patch_rows_prompts_and_oversized_images(qwen):
+def test_patch_rows_prompts_and_oversized_images(tmp_path):
     """The pipeline's rows: uint8 patches looked up on device equal `preprocess` bit for bit
     (padding zero), each prompt has its image's token count, an oversized image is resized
     by the processor's rule within the budget (or refused by name), and the per-row loss
     window holds every caption position."""
-    ckpt, _, _ = qwen
-    config = ckpt.image_config
-    transform = input_lib.CaptionExample(
-        ckpt.tokenizer, config, QUESTION, ckpt.config.num_image_tokens, 64, 0, "qwen2_5_vl", IMAGE_PATCHES
-    )
+    from fastvlm_jax.text.tokenizer import load_tokenizer
+
+    hf_tokenizer = make_qwen_tokenizer()
+    hf_tokenizer.chat_template = QWEN_TEMPLATE
+    hf_tokenizer.save_pretrained(tmp_path)
+    tokenizer = load_tokenizer(tmp_path)
+    # The tiny checkpoints' processor (tests/hf_qwen25vl.py): 8-pixel patches, 4 to 40 tokens.
+    config = QwenImageProcessorConfig(patch_size=8, min_pixels=16 * 16 * 4, max_pixels=16 * 16 * 40)
+    transform = input_lib.CaptionExample(tokenizer, config, QUESTION, 40, 64, 0, "qwen2_5_vl", IMAGE_PATCHES)
     rng = np.random.RandomState(1)
     rows, lengths = [], set()
     for height, width in TRAIN_SIZES:
@@ -125,7 +129,7 @@ def test_patch_rows_prompts_and_oversized_images(qwen):
         assert np.array_equal(np.asarray(got.patches), want.patches)
         assert np.array_equal(np.asarray(got.grid), want.grid)
         tokens = patches.shape[0] // config.merge_size**2
-        prompt = prompt_ids_for("qwen2_5_vl", ckpt.tokenizer, QUESTION, tokens)
+        prompt = prompt_ids_for("qwen2_5_vl", tokenizer, QUESTION, tokens)
         assert row["input_ids"][: len(prompt)].tolist() == prompt and row["prompt_len"] == len(prompt)
         rows.append(row)
         lengths.add(len(prompt))
@@ -138,6 +142,7 @@ def test_patch_rows_prompts_and_oversized_images(qwen):
         strict(random_image(rng, 160, 160), "big.png")
 
 
+@pytest.mark.slow
 def test_imitation_stage_trains_the_draft_and_ssd_stays_exact(qwen, tmp_path):
     """train.run's imitation stage on a converted Qwen2.5-VL checkpoint with images of eight
     sizes: the base model stays bit-identical, the imitation network moves, and greedy SSD with
