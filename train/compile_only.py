@@ -94,7 +94,15 @@ def resolve_model(cfg: TrainConfig) -> ModelSource:
     return ModelSource(config, dtypes, tokenizer, where)
 
 
-def model_flops(stage: str, config, abstract, batch: int, seq_len: int, loss_positions: int | None = None) -> float:
+def model_flops(
+    stage: str,
+    config,
+    abstract,
+    batch: int,
+    seq_len: int,
+    loss_positions: int | None = None,
+    image_patches: int = 0,
+) -> float:
     """Matmul FLOPs of one training step from the shapes (2 per multiply-add), as MFU counts
     them. XLA's cost analysis counts a layer scan's body once, so the compiled `flops`
     undercount a step by about the number of layers; this estimate does not.
@@ -105,7 +113,8 @@ def model_flops(stage: str, config, abstract, batch: int, seq_len: int, loss_pos
     gradients (base: the full model; draft stages: the imitation network, or the EAGLE
     head in the eagle stage, and, for its input gradient only, the LM head). The LM head
     runs on the `loss_positions` of each row that can carry loss (train.step.StepSpec's
-    window; default all of them).
+    window; default all of them). image_patches: the patch rows per image of a family whose
+    images keep their size (data.image_patches; 0 for fixed-size images).
     """
 
     def count(prefix):
@@ -121,9 +130,13 @@ def model_flops(stage: str, config, abstract, batch: int, seq_len: int, loss_pos
     head = text.hidden_size * text.vocab_size
     layers, imitation = count("language_model/layers/"), count("imitation/")
     vision = sum(count(k) for k in ("vision_tower/", "projector/", "qformer/"))
-    vision_tokens = config.vision.num_patches + 1
+    if image_patches:  # images that keep their size: every row padded to image_patches
+        vision_tokens, vision_layers = image_patches, config.vision.depth
+    else:
+        vision_tokens, vision_layers = config.vision.num_patches + 1, config.vision.num_layers
     attention = 4 * tokens * seq_len * text.num_heads * text.resolved_head_dim * text.num_layers
-    vision_attention = 4 * batch * vision_tokens**2 * config.vision.hidden_size * config.vision.num_layers
+    # (Qwen2.5-VL's windowed vision blocks attend within windows: counted as full attention.)
+    vision_attention = 4 * batch * vision_tokens**2 * config.vision.hidden_size * vision_layers
     full = (
         2 * tokens * layers + 2 * head_tokens * head + attention + 2 * batch * vision_tokens * vision + vision_attention
     )
@@ -153,16 +166,25 @@ def _abstract(tree, shardings, dtype_of=None):
 
 
 def abstract_batch(cfg: TrainConfig, config, shardings: step_lib.Shardings) -> dict:
-    """The global batch of train/step.py as ShapeDtypeStructs (pixels [B, S, S, 3] uint8,
-    input_ids / targets [B, seq] int32, loss_mask [B, seq] float32, prompt_len [B] int32)."""
-    b, s, size = cfg.batch_size, cfg.seq_len, config.vision.image_size
+    """The global batch of train/step.py as ShapeDtypeStructs (pixels [B, S, S, 3] uint8, or
+    for images that keep their size pixels [B, image_patches, patch_dim] uint8 + image_grid
+    [B, 3] int32; input_ids / targets [B, seq] int32, loss_mask [B, seq] float32, prompt_len
+    [B] int32)."""
+    b, s = cfg.batch_size, cfg.seq_len
     shapes = {
-        "pixels": ((b, size, size, 3), jnp.uint8),
         "input_ids": ((b, s), jnp.int32),
         "targets": ((b, s), jnp.int32),
         "loss_mask": ((b, s), jnp.float32),
         "prompt_len": ((b,), jnp.int32),
     }
+    patches = model_setup.image_patches(cfg, config)
+    if patches:
+        vision = config.vision
+        dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        shapes.update(pixels=((b, patches, dim), jnp.uint8), image_grid=((b, 3), jnp.int32))
+    else:
+        size = config.vision.image_size
+        shapes["pixels"] = ((b, size, size, 3), jnp.uint8)
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings.batch[k]) for k, (shape, dtype) in shapes.items()}
 
 
@@ -173,7 +195,9 @@ def prompt_width(cfg: TrainConfig, source: ModelSource, notes: list[str]) -> tup
     image tokens + PROMPT_TEXT_ESTIMATE and the window (conservatively, more positions
     than the run will have) as starting right after the image tokens; `notes` says so.
     """
-    image_tokens = source.config.num_image_tokens
+    patches = model_setup.image_patches(cfg, source.config)
+    # Images that keep their size: the longest prompt's (every row's loss window is as wide).
+    image_tokens = patches // source.config.merge_size**2 if patches else source.config.num_image_tokens
     if source.tokenizer is not None:
         prompt_len = input_lib.TextFormat(
             source.tokenizer, cfg.data.question, image_tokens, cfg.seq_len, source.config.model_type
@@ -218,7 +242,7 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
     loss_positions = head_positions(cfg, loss_start)
     reports, refusals = [], []
     # The table's values do not change the program, only its constants: the preset's will do.
-    image_config = input_lib.default_image_config(cfg.image_preset, source.config.vision.image_size)
+    image_config = model_setup.default_image_config(cfg, source.config)
     spec = model_setup.step_spec(cfg, loss_start, image_config)
     train_program = step_lib.train_step_program(model, spec, tx, schedule, shardings)
     programs = [("train_step", train_program, (state, frozen, batch), mesh)]
@@ -228,6 +252,8 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
         else:
             eos = (2,)
         max_new = cfg.refine.max_new_tokens or (cfg.seq_len - prompt_len)
+        if "image_grid" in batch:  # prompts differ per row: as train.run.refine_sequences
+            max_new = min(max_new, cfg.seq_len - prompt_len)
         decode_mesh, decode_sh, params_abs, frozen_abs_placed = mesh, shardings, state.params, frozen
         if cfg.refine.decode_tensor:  # the pre-pass's own tensor-parallel placement (train.run)
             decode_mesh, decode_sh = decode_placement(model, shardings, mesh, trainable_paths, cfg.refine.decode_tensor)
@@ -241,8 +267,10 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
                 (cfg.batch_size, prompt_len), jnp.int32, sharding=decode_sh.batch["input_ids"]
             ),
             "prompt_len": jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32, sharding=decode_sh.batch["prompt_len"]),
-            "pixels": jax.ShapeDtypeStruct(batch["pixels"].shape, jnp.uint8, sharding=decode_sh.batch["pixels"]),
         }
+        for key in ("pixels", "image_grid"):
+            if key in batch:
+                prompts[key] = jax.ShapeDtypeStruct(batch[key].shape, batch[key].dtype, sharding=decode_sh.batch[key])
         programs.insert(
             0,
             (
@@ -265,7 +293,10 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
             reports.append(report)
 
     hbm = topology.hbm_bytes_per_device
-    estimate = model_flops(cfg.stage, source.config, abstract, cfg.batch_size, cfg.seq_len, loss_positions)
+    image_patches = model_setup.image_patches(cfg, source.config)
+    estimate = model_flops(
+        cfg.stage, source.config, abstract, cfg.batch_size, cfg.seq_len, loss_positions, image_patches
+    )
     train_report = next((r for r in reports if r.name == "train_step"), None)
     # The step's time bound: the compiled costs, with the FLOPs raised to the model's own
     # count where the compiler's (one layer per scan) fall short.
@@ -298,6 +329,7 @@ def compile_run(cfg: TrainConfig, topology: tpu.Topology, spec_name: str = "") -
         "remat": cfg.remat,
         "prompt_len": prompt_len,
         "loss_positions": loss_positions,
+        "image_patches": image_patches,
         "frozen_param_dtypes": sorted({jnp.dtype(x.dtype).name for x in jax.tree.leaves(frozen)}),
         "model_source": source.where,
         "trainable_params": param_lib.count(trainable_abs),

@@ -84,6 +84,16 @@ class DataConfig:
       uses the synthetic set's long multi-sentence description, where SSD pays off most).
     worker_count: grain worker processes (0 reads in the training process).
     read_threads: grain reader threads (record fetching, not transforms).
+
+    For families whose images keep their size (Qwen2.5-VL; fixed-size families ignore both):
+    image_patches: the patch rows every image is padded to, one shape for the whole run (0:
+      the model's max_image_tokens x merge_size^2, the checkpoint processor's largest image).
+      A multiple of merge_size^2; the longest prompt has image_patches / merge_size^2 image
+      tokens, and seq_len must hold it plus the caption.
+    image_overflow: an image with more patches than image_patches: 'resize' shrinks it by the
+      processor's own rule (max_pixels lowered to the budget: aspect ratio kept, as many
+      tokens as fit), so one outsized image in a data set of millions does not stop a run;
+      'error' stops with the image's id (for runs that must train on exactly decoding's inputs).
     """
 
     name: str = "synthetic_captions/tiny"
@@ -95,6 +105,12 @@ class DataConfig:
     caption_index: int = -1
     worker_count: int = 0
     read_threads: int = 4
+    image_patches: int = 0
+    image_overflow: Literal["resize", "error"] = "resize"
+
+    def __post_init__(self):
+        if self.image_patches < 0:
+            raise ConfigError(f"data.image_patches={self.image_patches} must be >= 0 (0: the model's largest image)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -111,17 +111,19 @@ def eagle_losses(
     input_ids: Array,
     targets: Array,
     loss_mask: Array,
-    loss_start: int = 0,
+    loss_start: int | Array = 0,
 ) -> tuple[Array, dict[str, Array]]:
     """(loss, metrics) of the head on one batch, as sums over caption positions (the
     caller divides by the number of text positions, as for the other stages).
 
     state0: [batch, seq, embed] the model's embed output; h_last: [batch, seq, embed]
-    last-layer states; full_logits: [batch, seq - loss_start, vocab] the full model's logits
-    of positions [loss_start, seq) (position t predicts token t+1); input_ids, targets,
-    loss_mask: [batch, seq] as in the batch, loss_mask 0 before loss_start. The head runs
-    over every slot (later slots attend to the prompt's); the LM head only over the slots
-    of positions [loss_start - 1, seq - 1), the only ones that can carry loss: [batch, seq,
+    last-layer states; full_logits: [batch, W, vocab] the full model's logits of positions
+    [loss_start, loss_start + W) of each row (position t predicts token t+1); input_ids,
+    targets, loss_mask: [batch, seq] as in the batch, loss_mask 0 outside that window.
+    loss_start: an int (every row's window is [loss_start, seq)), or [batch] int32 (each
+    row's own, for prompts of different lengths). The head runs over every slot (later
+    slots attend to the prompt's); the LM head only over the slots of positions
+    [loss_start - 1, loss_start - 1 + W), the only ones that can carry loss: [batch, seq,
     vocab] logits are the step's largest arrays.
     """
     draft = model.config.draft
@@ -136,15 +138,21 @@ def eagle_losses(
         draft.eagle_image_pool,
         draft.eagle_compressor,
     )
-    # A slot carries loss only if it is a text slot predicting a position >= loss_start: the
-    # slot of a position in [loss_start - 1, seq - 1). Those positions' slots, per row (a text
-    # position has its own slot, so no weighted slot comes twice; image slots weigh 0).
-    window = inputs.slot_of[:, max(loss_start - 1, 0) : -1]  # [batch, W]
+    # A slot carries loss only if it is a text slot predicting a position in the loss window:
+    # the slot of a position in [loss_start - 1, loss_start - 1 + W). Those positions' slots,
+    # per row (a text position has its own slot, so no weighted slot comes twice; image slots
+    # weigh 0).
+    if isinstance(loss_start, int):
+        window = inputs.slot_of[:, max(loss_start - 1, 0) : -1]  # [batch, W]
+        first = jnp.full((input_ids.shape[0], 1), loss_start, jnp.int32)
+    else:
+        first = loss_start[:, None].astype(jnp.int32)
+        window = _at(inputs.slot_of, first - 1 + jnp.arange(full_logits.shape[1])[None, :])
     target_index = _at(inputs.target_index, window)
     w = _at(inputs.weights, window)
     # Full logits at t+1 are the full model's distribution of token t+2, the head's token.
-    # Slots predicting a position before loss_start have weight 0: any in-range logits do.
-    target_logits = _at(teacher_logits, jnp.maximum(target_index - loss_start, 0))
+    # Slots predicting a position before the window have weight 0: any in-range logits do.
+    target_logits = _at(teacher_logits, jnp.clip(target_index - first, 0, full_logits.shape[1] - 1))
     target_features = _at(teacher_features, inputs.target_index)
     features, total, metrics = inputs.features, 0.0, {}
     for step in range(max(eagle.unroll_steps, 1)):

@@ -21,6 +21,7 @@ on the host count; hence our own sampler over the data source.)
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import tempfile
@@ -35,6 +36,8 @@ import sentencepiece as spm
 from absl import flags
 
 from fastvlm_jax.image.processing import ImageProcessorConfig, preprocess_image_uint8
+from fastvlm_jax.image.qwen_vl import QwenImageProcessorConfig
+from fastvlm_jax.image.qwen_vl import preprocess as qwen_preprocess
 from fastvlm_jax.nn.families import answer_ids, prompt_ids_for
 from fastvlm_jax.text.prompts import format_llava_prompt
 from fastvlm_jax.text.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
@@ -97,6 +100,13 @@ class TextFormat:
     "USER: <image>*N\\n{question} ASSISTANT:" (with BOS), or BLIP-2's "<image>*N" + BOS +
     question; the caption follows as the answer, then EOS. Loss positions are those whose
     *target* (next token) is a caption token or the EOS.
+
+    num_image_tokens: the image tokens of `prompt` (fixed-size families: every image's;
+    families whose images vary: the most an image of the run may have, so `prompt` is the
+    longest prompt). A call may give its own image's count (at most this one): that row's
+    prompt is then shorter, and its answer is cut to `answer_budget` tokens (EOS included),
+    so that every row's loss positions lie in the window [its prompt_len - 1, that +
+    answer_budget), which is the longest prompt's [prompt_len - 1, seq_len).
     """
 
     def __init__(
@@ -106,7 +116,9 @@ class TextFormat:
         self.seq_len = seq_len
         self.question = question
         self.model_type = model_type
+        self.num_image_tokens = num_image_tokens
         self.prompt = prompt_ids_for(model_type, tokenizer, question, num_image_tokens)
+        self._prompts = {num_image_tokens: self.prompt}
         if len(self.prompt) + 2 > seq_len:
             raise ValueError(
                 f"seq_len={seq_len} leaves no room for a caption after the {len(self.prompt)}-token prompt"
@@ -116,27 +128,116 @@ class TextFormat:
     def prompt_len(self) -> int:
         return len(self.prompt)
 
-    def __call__(self, caption: str) -> dict[str, np.ndarray]:
+    @property
+    def answer_budget(self) -> int:
+        """Most answer tokens (EOS included) a row trains on: the loss window's width."""
+        return self.seq_len - self.prompt_len + 1
+
+    def prompt_for(self, num_image_tokens: int) -> list[int]:
+        """The prompt of an image of `num_image_tokens` tokens (cached per count)."""
+        if num_image_tokens not in self._prompts:
+            if not 0 < num_image_tokens <= self.num_image_tokens:
+                raise ValueError(f"an image of {num_image_tokens} tokens: this run allows 1 to {self.num_image_tokens}")
+            self._prompts[num_image_tokens] = prompt_ids_for(
+                self.model_type, self.tokenizer, self.question, num_image_tokens
+            )
+        return self._prompts[num_image_tokens]
+
+    def __call__(self, caption: str, num_image_tokens: int | None = None) -> dict[str, np.ndarray]:
         """caption -> input_ids, targets [seq_len] int32, loss_mask [seq_len] float32, prompt_len []."""
+        prompt = self.prompt if num_image_tokens is None else self.prompt_for(num_image_tokens)
         answer = answer_ids(self.model_type, self.tokenizer, self.question, caption) + [self.tokenizer.eos_id]
-        ids = (self.prompt + answer)[: self.seq_len]  # long captions are cut (EOS lost)
+        ids = (prompt + answer[: self.answer_budget])[: self.seq_len]  # long captions are cut (EOS lost)
         n = len(ids)
         input_ids = np.full((self.seq_len,), self.tokenizer.pad_id, np.int32)
         input_ids[:n] = ids
         targets = np.full((self.seq_len,), self.tokenizer.pad_id, np.int32)
         targets[: n - 1] = ids[1:]
         loss_mask = np.zeros((self.seq_len,), np.float32)
-        loss_mask[self.prompt_len - 1 : n - 1] = 1.0
+        loss_mask[len(prompt) - 1 : n - 1] = 1.0
         return {
             "input_ids": input_ids,
             "targets": targets,
             "loss_mask": loss_mask,
-            "prompt_len": np.int32(self.prompt_len),
+            "prompt_len": np.int32(len(prompt)),
         }
+
+
+class ImageOverflowError(ValueError):
+    """A training image has more patches than the run's data.image_patches (image_overflow='error')."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchInput:
+    """How an image of any size becomes a training row for a family whose images keep their
+    size (Qwen2.5-VL): the checkpoint's processor, then zero-padded to `image_patches` patch
+    rows, the one patch count of the run (one compiled step for every image size).
+
+    The patches travel as uint8 (the resized image's values, a quarter of float32's bytes; the
+    step looks them up in the processor's value table on device, `train.step.model_pixels`,
+    which gives `preprocess`'s float32 patches bit for bit) with the image's grid (t, h, w).
+
+    overflow: what an image larger than `image_patches` patches does. 'resize': it is resized
+    down by the processor's own rule (smart_resize with max_pixels lowered to the budget, so
+    its aspect ratio is kept and it becomes as many tokens as fit); images within the budget
+    are untouched (exactly decoding's input). 'error': ImageOverflowError naming the image.
+    """
+
+    config: QwenImageProcessorConfig
+    image_patches: int
+    overflow: str = "resize"
+
+    def __post_init__(self):
+        per_token = self.config.merge_size**2
+        if self.image_patches < per_token or self.image_patches % per_token:
+            raise ValueError(
+                f"image_patches={self.image_patches} must be a positive multiple of merge_size^2 = {per_token}"
+            )
+        if self.overflow not in ("resize", "error"):
+            raise ValueError(f"image_overflow={self.overflow!r}: use 'resize' or 'error'")
+
+    @property
+    def max_tokens(self) -> int:
+        return self.image_patches // self.config.merge_size**2
+
+    @functools.cached_property
+    def budget_config(self) -> QwenImageProcessorConfig:
+        """The processor with max_pixels lowered to the budget (only where it is larger)."""
+        most = self.image_patches * self.config.patch_size**2
+        if self.config.max_pixels <= most:
+            return self.config
+        return dataclasses.replace(self.config, max_pixels=most, min_pixels=min(self.config.min_pixels, most))
+
+    def __call__(self, image, name: str = "") -> tuple[np.ndarray, np.ndarray, int]:
+        """image -> (patches [image_patches, patch_dim] uint8 (zero rows after the image's),
+        grid [3] int32, the image's token count)."""
+        # The processor without rescale/normalize: float32 copies of the resized uint8 values.
+        raw = dataclasses.replace(self.budget_config, do_rescale=False, do_normalize=False)
+        if self.overflow == "error" and self.budget_config is not self.config:
+            full, grid = qwen_preprocess(image, dataclasses.replace(self.config, do_rescale=False, do_normalize=False))
+            if full.shape[0] > self.image_patches:
+                raise ImageOverflowError(
+                    f"image {name or '?'} becomes {full.shape[0]} patches ({full.shape[0] // self.config.merge_size**2}"
+                    f" tokens) at the checkpoint's max_pixels={self.config.max_pixels}, more than "
+                    f"data.image_patches={self.image_patches}: raise data.image_patches (and seq_len), or set "
+                    "data.image_overflow=resize to shrink such images within the budget"
+                )
+            patches = full
+        else:
+            patches, grid = qwen_preprocess(image, raw)
+        out = np.zeros((self.image_patches, patches.shape[1]), np.uint8)
+        out[: patches.shape[0]] = patches.astype(np.uint8)
+        return out, np.asarray(grid, np.int32), patches.shape[0] // self.config.merge_size**2
 
 
 class CaptionExample(grain.transforms.RandomMap):
     """Record {"image", "captions", ...} -> training example (a grain RandomMap).
+
+    Fixed-size images (an ImageProcessorConfig): "pixels" [size, size, 3] uint8. Images that
+    keep their size (a QwenImageProcessorConfig): "pixels" [image_patches, patch_dim] uint8
+    and "image_grid" [3] int32 (PatchInput), the prompt built with the image's own token
+    count (num_image_tokens is then the most an image of the run has: image_patches over
+    merge_size^2).
 
     Picklable for grain worker processes: the tokenizer travels as its saved files.
     """
@@ -144,20 +245,37 @@ class CaptionExample(grain.transforms.RandomMap):
     def __init__(
         self,
         tokenizer: Tokenizer,
-        image_config: ImageProcessorConfig,
+        image_config: ImageProcessorConfig | QwenImageProcessorConfig,
         question: str,
         num_image_tokens: int,
         seq_len: int,
         caption_index: int = -1,
         model_type: str = "llava",
+        image_patches: int = 0,
+        image_overflow: str = "resize",
     ):
-        self._args = (image_config, question, num_image_tokens, seq_len, caption_index, model_type)
+        self._args = (
+            image_config,
+            question,
+            num_image_tokens,
+            seq_len,
+            caption_index,
+            model_type,
+            image_patches,
+            image_overflow,
+        )
         self._setup(tokenizer)
 
     def _setup(self, tokenizer: Tokenizer) -> None:
-        image_config, question, num_image_tokens, seq_len, self.caption_index, model_type = self._args
+        image_config, question, num_image_tokens, seq_len, self.caption_index, model_type, patches, overflow = (
+            self._args
+        )
         self.tokenizer = tokenizer
         self.image_config = image_config
+        self.patches = None
+        if isinstance(image_config, QwenImageProcessorConfig):
+            self.patches = PatchInput(image_config, patches or num_image_tokens * image_config.merge_size**2, overflow)
+            num_image_tokens = self.patches.max_tokens
         self.text = TextFormat(tokenizer, question, num_image_tokens, seq_len, model_type)
 
     def __getstate__(self):
@@ -174,13 +292,22 @@ class CaptionExample(grain.transforms.RandomMap):
             tokenizer = load_tokenizer(tmp)
         self._setup(tokenizer)
 
+    def image_fields(self, record: dict[str, Any]) -> tuple[dict[str, np.ndarray], int | None]:
+        """The record's image as batch fields, and its token count (None: the run's fixed one)."""
+        if self.patches is None:
+            # uint8: normalised on device (train.step.model_pixels), a quarter of the bytes to move.
+            return {"pixels": preprocess_image_uint8(record["image"], self.image_config)}, None
+        name = record.get("image_id", "")
+        patches, grid, tokens = self.patches(record["image"], name.decode() if isinstance(name, bytes) else str(name))
+        return {"pixels": patches, "image_grid": grid}, tokens
+
     def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         captions = record["captions"]
         index = int(rng.integers(len(captions)))  # drawn always, so the rng stream is the same
         caption = captions[self.caption_index if self.caption_index >= 0 else index]
-        example = self.text(caption)
-        # uint8: normalised on device (train.step.device_pixels), a quarter of the bytes to move.
-        example["pixels"] = preprocess_image_uint8(record["image"], self.image_config)
+        image, tokens = self.image_fields(record)
+        example = self.text(caption, tokens)
+        example.update(image)
         return example
 
 
@@ -355,16 +482,21 @@ def to_global(
     return out
 
 
-def check_loss_window(rows: dict[str, np.ndarray], loss_start: int) -> None:
-    """The train step computes its losses on positions [loss_start, seq) only (StepSpec):
-    refuse rows whose loss mask reaches before that, which the step would silently drop."""
-    early = np.asarray(rows["loss_mask"])[:, :loss_start]
-    if early.any():
-        row, position = np.argwhere(early)[0]
+def check_loss_window(rows: dict[str, np.ndarray], loss_start: int, per_row: bool = False) -> None:
+    """The train step computes its losses on positions [loss_start, seq) only (StepSpec), or
+    with `per_row` on each row's [prompt_len - 1, prompt_len - 1 + seq - loss_start): refuse
+    rows whose loss mask reaches outside, which the step would silently drop."""
+    mask = np.asarray(rows["loss_mask"])
+    seq = mask.shape[1]
+    starts = np.asarray(rows["prompt_len"]) - 1 if per_row else np.full((mask.shape[0],), loss_start)
+    index = np.arange(seq)[None, :]
+    outside = mask.astype(bool) & ((index < starts[:, None]) | (index >= starts[:, None] + seq - loss_start))
+    if outside.any():
+        row, position = np.argwhere(outside)[0]
         raise ValueError(
-            f"a row's loss mask starts at position {position}, before the loss window's start "
-            f"{loss_start} (the prompt length - 1): the data transform and the prompt "
-            f"length disagree (row {row} of this host's batch)"
+            f"a row's loss mask holds position {position}, outside the loss window "
+            f"[{starts[row]}, {starts[row] + seq - loss_start}) (the prompt length - 1 on): the data "
+            f"transform and the prompt length disagree (row {row} of this host's batch)"
         )
 
 
@@ -383,6 +515,8 @@ def prompt_text(question: str) -> str:
 __all__ = [
     "CaptionExample",
     "GlobalBatchSampler",
+    "ImageOverflowError",
+    "PatchInput",
     "TextFormat",
     "check_loss_window",
     "collate",

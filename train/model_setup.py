@@ -7,7 +7,9 @@ import dataclasses
 
 from fastvlm_jax.data import synthetic
 from fastvlm_jax.image.processing import ImageProcessorConfig, pixel_value_table
+from fastvlm_jax.image.qwen_vl import DEFAULT_MIN_PIXELS, QwenImageProcessorConfig
 from fastvlm_jax.nn.llava import LlavaConfig
+from fastvlm_jax.nn.model import VLM
 from fastvlm_jax.text.prompts import check_image_token_id
 from fastvlm_jax.text.tokenizer import Tokenizer, load_tokenizer
 from train import input as input_lib
@@ -68,10 +70,13 @@ def with_eagle_head(cfg: TrainConfig, model: LlavaConfig, where: str) -> LlavaCo
     return model.replace(draft=cfg.eagle.head(model.draft))
 
 
-def step_spec(cfg: TrainConfig, loss_start: int, image_config: ImageProcessorConfig) -> step_lib.StepSpec:
+def step_spec(
+    cfg: TrainConfig, loss_start: int, image_config: ImageProcessorConfig | QwenImageProcessorConfig
+) -> step_lib.StepSpec:
     """The static settings of `cfg`'s train step; loss_start: the first position that can
-    carry loss (the prompt length - 1); image_config: what turns the batch's uint8 pixels
-    into the model's input."""
+    carry loss (the longest prompt's length - 1); image_config: what turns the batch's uint8
+    pixels into the model's input. Images that keep their size (a QwenImageProcessorConfig)
+    make prompts of several lengths: each row then has its own loss window."""
     return step_lib.StepSpec(
         cfg.stage,
         cfg.loss,
@@ -81,12 +86,46 @@ def step_spec(cfg: TrainConfig, loss_start: int, image_config: ImageProcessorCon
         cfg.refine.disagreement_weight,
         cfg.eagle,
         pixel_table=pixel_table(image_config),
+        row_windows=isinstance(image_config, QwenImageProcessorConfig),
     )
 
 
-def pixel_table(image_config: ImageProcessorConfig) -> tuple[tuple[float, float, float], ...]:
-    """pixel_value_table as nested tuples (hashable, for the static StepSpec)."""
+def pixel_table(
+    image_config: ImageProcessorConfig | QwenImageProcessorConfig,
+) -> tuple[tuple[float, float, float], ...]:
+    """pixel_value_table as nested tuples (hashable, for the static StepSpec); a Qwen
+    processor's rescale and normalize steps are processing.py's (its `_pixel_steps`)."""
+    if isinstance(image_config, QwenImageProcessorConfig):
+        image_config = image_config._pixel_steps()
     return tuple(tuple(float(v) for v in row) for row in pixel_value_table(image_config))  # type: ignore[return-value]
+
+
+def default_image_config(cfg: TrainConfig, model) -> ImageProcessorConfig | QwenImageProcessorConfig:
+    """The image preprocessing of a model without a checkpoint's preprocessor file (from
+    scratch, or `--compile-only` from an architecture): the image_preset at the vision
+    tower's size, or, for a family whose images keep their size, a Qwen2-VL processor of
+    the tower's patch sizes with max_pixels at the model's max_image_tokens (HF's other
+    defaults)."""
+    if step_lib.uses_patch_images(VLM(model)):
+        vision = model.vision
+        factor = vision.patch_size * vision.spatial_merge_size
+        most = model.max_image_tokens * factor**2
+        return QwenImageProcessorConfig(
+            patch_size=vision.patch_size,
+            temporal_patch_size=vision.temporal_patch_size,
+            merge_size=vision.spatial_merge_size,
+            min_pixels=min(DEFAULT_MIN_PIXELS, most),
+            max_pixels=most,
+        )
+    return input_lib.default_image_config(cfg.image_preset, model.vision.image_size)
+
+
+def image_patches(cfg: TrainConfig, model) -> int:
+    """The run's patch rows per image: data.image_patches, or (0) the model's
+    max_image_tokens x merge_size^2, the processor's largest image; 0 for fixed-size images."""
+    if not step_lib.uses_patch_images(VLM(model)):
+        return 0
+    return cfg.data.image_patches or model.max_image_tokens * model.vision.spatial_merge_size**2
 
 
 def plan_training(cfg: TrainConfig, model, mesh, abstract):

@@ -55,13 +55,12 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from decode.engine import DecodeSpec, Prompts, generate
-from fastvlm_jax.image.processing import preprocess_image_uint8
 from fastvlm_jax.nn.model import VLM
 from fastvlm_jax.runtime import sharding
 from train import input as input_lib
 from train import params as param_lib
 from train.config import ConfigError
-from train.step import Shardings, batch_shardings, device_pixels
+from train.step import Shardings, batch_shardings, model_pixels
 
 Array = jax.Array
 
@@ -72,7 +71,7 @@ MERGED = "sequences.npz"
 # Global batches per part file: a killed pre-pass loses at most this many batches of work,
 # and a large set is still only a few hundred files.
 CHUNK_BATCHES = 8
-PROMPT_KEYS = ("input_ids", "prompt_len", "pixels")
+PROMPT_KEYS = ("input_ids", "prompt_len", "pixels", "image_grid")  # image_grid: patch images only
 
 
 # ---------------------------------------------------------------------------------------
@@ -183,7 +182,7 @@ def decode_placement(model: VLM, training: Shardings, mesh: Mesh, trainable: set
         training,
         state=training.state.replace(params=trainable_sh),
         frozen=frozen_sh,
-        batch=batch_shardings(decode_mesh),
+        batch=batch_shardings(decode_mesh, patch_images="image_grid" in training.batch),
     )
     return decode_mesh, placed
 
@@ -199,10 +198,11 @@ def generate_program(
     num_tokens [batch] int32)`: greedy AR decoding with the full model, to trace inside
     `jax.set_mesh(mesh)` (train.compile_only lowers it for a TPU topology).
 
-    prompts: {"input_ids": [batch, prompt_len], "prompt_len": [batch], "pixels":
-    [batch, size, size, 3] uint8, looked up in pixel_table on device (float32 where it is
-    empty)}, sharded like the training batch. The trainable params (the draft's) are not
-    read by AR decoding; they complete the params tree.
+    prompts: {"input_ids": [batch, prompt_len] (right-padded), "prompt_len": [batch],
+    "pixels": [batch, size, size, 3] uint8, looked up in pixel_table on device (float32 where
+    it is empty), or uint8 patches with "image_grid" (train.step.model_pixels)}, sharded like
+    the training batch. The trainable params (the draft's) are not read by AR decoding; they
+    complete the params tree.
     """
     spec = DecodeSpec(mode="ar", capacity=max_new_tokens, eos_ids=tuple(eos_ids))
 
@@ -214,7 +214,7 @@ def generate_program(
             Prompts(
                 input_ids=prompts["input_ids"],
                 lengths=prompts["prompt_len"],
-                pixels=device_pixels(prompts["pixels"], pixel_table),
+                pixels=model_pixels(prompts, pixel_table),
             ),
             spec,
             max_new_tokens,
@@ -222,7 +222,7 @@ def generate_program(
         )
         return out.tokens, out.num_tokens
 
-    prompt_shardings = {k: shardings.batch[k] for k in PROMPT_KEYS}
+    prompt_shardings = {k: shardings.batch[k] for k in PROMPT_KEYS if k in shardings.batch}
     return jax.jit(
         run,
         in_shardings=(shardings.state.params, shardings.frozen, prompt_shardings),
@@ -236,14 +236,15 @@ def generate_program(
 
 
 def prompt_example(transform: input_lib.CaptionExample, record: dict) -> dict[str, np.ndarray]:
-    """Record -> the prompt half of its training example: input_ids [prompt_len] int32,
-    prompt_len [] int32, pixels [size, size, 3] uint8 (no caption is read)."""
-    prompt = np.asarray(transform.text.prompt, np.int32)
-    return {
-        "input_ids": prompt,
-        "prompt_len": np.int32(len(prompt)),
-        "pixels": preprocess_image_uint8(record["image"], transform.image_config),
-    }
+    """Record -> the prompt half of its training example: input_ids [prompt_len] int32 (the
+    longest prompt's width, right-padded where the image has fewer tokens), prompt_len [] int32,
+    and the image fields (pixels [size, size, 3] uint8, or patches + image_grid); no caption
+    is read."""
+    image, tokens = transform.image_fields(record)
+    prompt = transform.text.prompt if tokens is None else transform.text.prompt_for(tokens)
+    ids = np.full((transform.text.prompt_len,), transform.tokenizer.pad_id, np.int32)
+    ids[: len(prompt)] = prompt
+    return {"input_ids": ids, "prompt_len": np.int32(len(prompt)), **image}
 
 
 def local_rows(array: Array, rows: tuple[int, int]) -> np.ndarray:

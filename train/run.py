@@ -40,7 +40,7 @@ from fastvlm_jax.nn.model import VLM, params_dtype
 from fastvlm_jax.runtime import sharding
 from fastvlm_jax.runtime.distributed import maybe_initialize
 from fastvlm_jax.runtime.paths import as_path
-from train import checkpointing, compile_only, deepen
+from train import checkpointing, compile_only, deepen, model_setup
 from train import input as input_lib
 from train import metrics as metrics_lib
 from train import params as param_lib
@@ -185,7 +185,7 @@ def build_model(cfg: TrainConfig, mesh):
     image_config = (
         init.image_config
         if init and init.image_config is not None
-        else input_lib.default_image_config(cfg.image_preset, model_config.vision.image_size)
+        else model_setup.default_image_config(cfg, model_config)
     )
     dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
     return VLM(model_config, dtype), tokenizer, image_config, (init.params if init else None)
@@ -203,6 +203,8 @@ def caption_transform(
         cfg.seq_len,
         cfg.data.caption_index,
         model.config.model_type,
+        image_patches=model_setup.image_patches(cfg, model.config),
+        image_overflow=cfg.data.image_overflow,
     )
 
 
@@ -241,8 +243,12 @@ def refine_sequences(
     """The refine stage's pre-pass: the frozen full model's greedy generation for every record
     the run reads, made once (or reused) in workdir/refine_sequences (train.refine); on the
     training mesh, or with refine.decode_tensor on a tensor-parallel copy of the weights."""
-    prompt_len = transform.text.prompt_len
+    prompt_len = transform.text.prompt_len  # the longest prompt's
     max_new = cfg.refine.max_new_tokens or (cfg.seq_len - prompt_len)
+    if transform.patches is not None:
+        # Prompts differ per row: what a row trains on must stay in its loss window (the
+        # answer budget), which the longest prompt's caption room also is.
+        max_new = min(max_new, cfg.seq_len - prompt_len)
     eos = stop_ids(model.config, tokenizer)
     record_ids = refine_lib.records_to_generate(len(source), cfg.batch_size, cfg.steps, cfg.seed)
     wanted = refine_lib.identity(
@@ -410,7 +416,13 @@ def train(
     # MFU: the model's matmul FLOPs per step by formula (compile_only.model_flops; XLA's cost
     # analysis counts a layer scan's body once) over the chips' peak; no peak, no MFU.
     flops_per_step = compile_only.model_flops(
-        cfg.stage, model.config, abstract, cfg.batch_size, cfg.seq_len, compile_only.head_positions(cfg, loss_start)
+        cfg.stage,
+        model.config,
+        abstract,
+        cfg.batch_size,
+        cfg.seq_len,
+        compile_only.head_positions(cfg, loss_start),
+        model_setup.image_patches(cfg, model.config),
     )
     peak_flops = tpu.peak_flops(mesh.devices.flat)
     profile_start = start_step + 1 if profile_steps > 0 else None
@@ -419,7 +431,7 @@ def train(
     try:
         while step < cfg.steps:
             rows = next(data_iter)
-            input_lib.check_loss_window(rows, loss_start)
+            input_lib.check_loss_window(rows, loss_start, spec.row_windows)
             batch = input_lib.to_global(rows, shardings.batch, cfg.batch_size)
             state, metrics = train_step(state, frozen, batch)
             step += 1

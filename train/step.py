@@ -8,10 +8,14 @@ is a dict of global arrays sharded over ('data', 'fsdp') on its leading axis:
 
     pixels     [batch, height, width, 3] uint8  resized, not yet normalised: StepSpec.pixel_table
                                           maps it on device (float32 where the table is empty)
+               or, for images that keep their size (Qwen2.5-VL), [batch, image_patches,
+               patch_dim] uint8 patches, with
+    image_grid [batch, 3] int32       each row's patch grid (t, h, w): model_pixels makes a PatchImages
     input_ids  [batch, seq] int32     prompt (with image tokens) + caption + EOS + padding
     targets    [batch, seq] int32     input_ids shifted left by one
     loss_mask  [batch, seq] float32   1 where targets[t] is a caption token or EOS
-    prompt_len [batch] int32          prompt length (the caption starts there)
+    prompt_len [batch] int32          prompt length (the caption starts there; rows differ when
+                                      their images do: StepSpec.row_windows)
 
 Stages (all share one forward: the shallow layers run once and feed both paths):
   base:       CE of the full model on the captions (+ draft metrics, no gradient).
@@ -36,6 +40,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from fastvlm_jax.image.patches import PatchImages
 from fastvlm_jax.nn.model import VLM
 from fastvlm_jax.runtime import sharding
 from train import eagle as eagle_lib
@@ -48,6 +53,7 @@ Params = Any
 Batch = dict[str, Array]
 
 BATCH_KEYS = ("pixels", "input_ids", "targets", "loss_mask", "prompt_len")
+PATCH_KEYS = ("image_grid",)  # with patch images (Qwen2.5-VL) besides BATCH_KEYS
 
 
 @flax.struct.dataclass
@@ -122,6 +128,11 @@ class StepSpec:
       pixels come as uint8 (a quarter of float32's bytes from host to device) and are looked
       up in it on device, giving the host preprocessing's float32 values bit for bit. Empty:
       the pixels come as float32 already.
+    row_windows: prompts differ in length per row (images that keep their size): each row's
+      loss window is [prompt_len - 1, prompt_len - 1 + seq - loss_start), from the batch's
+      prompt_len, with loss_start the longest prompt's length - 1 (the windows of every row
+      have that width, train.input.TextFormat.answer_budget); the hidden states are gathered
+      per row before the LM head.
     """
 
     stage: str
@@ -132,6 +143,7 @@ class StepSpec:
     disagreement_weight: float = 1.0
     eagle: EagleStageConfig = EagleStageConfig()
     pixel_table: tuple[tuple[float, float, float], ...] = ()
+    row_windows: bool = False
 
 
 def device_pixels(pixels: Array, table: tuple[tuple[float, float, float], ...]) -> Array:
@@ -141,6 +153,41 @@ def device_pixels(pixels: Array, table: tuple[tuple[float, float, float], ...]) 
         return pixels
     lookup = jnp.asarray(table, jnp.float32)  # [256, 3]
     return lookup[pixels.astype(jnp.int32), jnp.arange(3)]
+
+
+def device_patches(patches: Array, grid: Array, table: tuple[tuple[float, float, float], ...]) -> PatchImages:
+    """uint8 patches [batch, max_patches, patch_dim] (each flattened channel-major, as
+    fastvlm_jax.image.qwen_vl.preprocess lays them out) and grid [batch, 3] -> the PatchImages
+    of the host processor's float32 values, bit for bit: each value looked up in `table` by
+    its channel, and the padding rows after each row's t * h * w patches zero
+    (fastvlm_jax.image.patches.stack_patch_images'); float32 patches pass unchanged."""
+    grid = grid.astype(jnp.int32)
+    if not table:
+        return PatchImages(patches=patches, grid=grid)
+    lookup = jnp.asarray(table, jnp.float32)  # [256, 3]
+    dim = patches.shape[-1]
+    channel = jnp.arange(dim) // (dim // 3)
+    values = lookup[patches.astype(jnp.int32), channel]
+    real = jnp.arange(patches.shape[1])[None, :] < jnp.prod(grid, axis=-1)[:, None]
+    return PatchImages(patches=jnp.where(real[..., None], values, 0.0), grid=grid)
+
+
+def model_pixels(batch: Batch, table: tuple[tuple[float, float, float], ...]) -> Any:
+    """The batch's images as the model takes them: float32 pixels (device_pixels), or a
+    PatchImages where the batch has an image_grid (device_patches)."""
+    if "image_grid" in batch:
+        return device_patches(batch["pixels"], batch["image_grid"], table)
+    return device_pixels(batch["pixels"], table)
+
+
+def loss_window(spec: StepSpec, batch: Batch) -> Callable[[Array], Array]:
+    """x [batch, seq, ...] -> its loss positions [batch, seq - loss_start, ...]: the same
+    positions [loss_start, seq) of every row, or each row's own window (StepSpec.row_windows)."""
+    if not spec.row_windows:
+        return lambda x: x[:, spec.loss_start :]
+    seq = batch["input_ids"].shape[1]
+    index = (batch["prompt_len"][:, None] - 1) + jnp.arange(seq - spec.loss_start)[None, :]
+    return lambda x: jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
 def forward_losses(
@@ -154,20 +201,20 @@ def forward_losses(
     ids, targets, mask = batch["input_ids"], batch["targets"], batch["loss_mask"]
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
 
-    pixels = device_pixels(batch["pixels"], spec.pixel_table)
+    pixels = model_pixels(batch, spec.pixel_table)
     hidden = model.embed(params, ids, model.encode_images(params, pixels))
     span = model.image_span(ids, pixels)  # None unless the family needs where the image lies
-    window = slice(spec.loss_start, None)  # the positions that carry loss (StepSpec)
+    window = loss_window(spec, batch)  # the positions that carry loss (StepSpec)
     if spec.stage == "eagle":
         # The head reads only the model's first and last states: no exit-layer states.
         h_last, _, _ = model.run_layers(params, hidden, positions, 0, num_layers, image_span=span)
-        full_logits = model.logits(params, h_last[:, window])
+        full_logits = model.logits(params, window(h_last))
+        # Each row's first loss position (the head's slots are gathered from it on).
+        loss_start = batch["prompt_len"] - 1 if spec.row_windows else spec.loss_start
         loss, metrics = eagle_lib.eagle_losses(
-            model, params, spec.eagle, hidden, h_last, full_logits, ids, targets, mask, spec.loss_start
+            model, params, spec.eagle, hidden, h_last, full_logits, ids, targets, mask, loss_start
         )
-        metrics["full_acc"] = losses.top1_accuracy(
-            jax.lax.stop_gradient(full_logits), targets[:, window], mask[:, window]
-        )
+        metrics["full_acc"] = losses.top1_accuracy(jax.lax.stop_gradient(full_logits), window(targets), window(mask))
         metrics = {k: v / num_text for k, v in metrics.items()}
         return loss / num_text, metrics
     # One pass over the whole layer stack (which scans the stacked params directly, so
@@ -179,8 +226,8 @@ def forward_losses(
     # The imitation network sees every position (it may attend); everything after it
     # only the loss window.
     draft_hidden, _ = model.imitate(params, jax.lax.stop_gradient(states[exit_layer]), positions)
-    h_last, draft_hidden = h_last[:, window], draft_hidden[:, window]
-    targets, mask = targets[:, window], mask[:, window]
+    h_last, draft_hidden = window(h_last), window(draft_hidden)
+    targets, mask = window(targets), window(mask)
     full_logits = model.logits(params, h_last)
 
     if spec.stage == "base":
@@ -277,15 +324,21 @@ class Shardings:
     replicated: NamedSharding
 
 
-def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
+def batch_shardings(mesh: Mesh, patch_images: bool = False) -> dict[str, NamedSharding]:
+    """Every batch array split over (data, fsdp) on its leading axis; patch_images: the batch
+    of a family whose images keep their size (pixels [batch, patches, dim] + image_grid)."""
     ndims = {"pixels": 4, "input_ids": 2, "targets": 2, "loss_mask": 2, "prompt_len": 1}
+    if patch_images:
+        ndims.update(pixels=3, image_grid=2)
     return {k: sharding.data_sharding(mesh, n) for k, n in ndims.items()}
 
 
 def make_shardings(
     model: VLM, mesh: Mesh, trainable: set[str], tx: optax.GradientTransformation, rules=sharding.DEFAULT_RULES
 ) -> Shardings:
-    """Params by their logical axes; optimizer moments like their params; scalars replicated."""
+    """Params by their logical axes; optimizer moments like their params; scalars replicated;
+    the batch split over the data axes (with patch images where the family's images keep
+    their size)."""
     boxed = model.abstract_params()
     param_sh = sharding.param_shardings(boxed, mesh, rules)
     trainable_sh, frozen_sh = param_lib.split(param_sh, trainable)
@@ -301,7 +354,13 @@ def make_shardings(
         is_leaf=lambda x: isinstance(x, NamedSharding),
     )
     state_sh = TrainState(step=replicated, params=trainable_sh, opt_state=opt_sh, rng=replicated)
-    return Shardings(state=state_sh, frozen=frozen_sh, batch=batch_shardings(mesh), replicated=replicated)
+    batch_sh = batch_shardings(mesh, patch_images=uses_patch_images(model))
+    return Shardings(state=state_sh, frozen=frozen_sh, batch=batch_sh, replicated=replicated)
+
+
+def uses_patch_images(model: VLM) -> bool:
+    """Whether the family's images keep their size (it takes PatchImages: Qwen2.5-VL)."""
+    return isinstance(model.family.module_class.dummy_inputs(model.config)[1], PatchImages)
 
 
 def train_step_program(

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compile-only runs for LLaVA-1.5-7B on named TPU topologies (nothing runs on a TPU; libtpu's
 # compiler on this CPU host). Usage: benchmarks/tpu_compile/run.sh CHAIN, CHAIN in {train, train-stages, refine-stages, decode, decode-batches, int8, drafters, trees,
-# gemma3-decode, gemma3-train, continuous, bytes}.
+# gemma3-decode, gemma3-train, qwen25vl-train, continuous, bytes}.
 # Each command's console output goes to benchmarks/tpu_compile/NAME.log, its report to NAME.json.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -140,6 +140,17 @@ case "${1:-}" in
       done
     done
     ;;
+  qwen25vl-train)
+    # The imitation and eagle stages of configs/qwen25vl_7b.py (images padded to 2560 patch rows,
+    # 640 tokens; each row its own prompt length and loss window) on a v5e and a v5p slice.
+    for spec in "qwen25vl_7b v5e:4x4 v5e_4x4" "qwen25vl_7b v5p:2x2x2 v5p_2x2x2"; do
+      set -- $spec
+      for stage in imitation eagle; do
+        run stages_$1_${stage}_$3 $PY -m train.run --config configs/$1.py:$stage --compile-only $2 \
+            --json $OUT/stages_$1_${stage}_$3.json
+      done
+    done
+    ;;
   continuous)
     # Continuous batching's programs (prefill, insert, rounds) for 7B at 32 and 64 slots.
     run decode_slots_llava15_7b_v5e_2x2 $PY -m decode.bench --ckpt shapes:llava15_7b --compile-only v5e:2x2 \
@@ -147,5 +158,5 @@ case "${1:-}" in
         --acceptance benchmarks/trees/demo_batch1_8_32_chain5_tree8x2_16x2_quiet.json --no-generate \
         --batching continuous --json $OUT/decode_slots_llava15_7b_v5e_2x2.json
     ;;
-  *) echo "usage: $0 train|train-stages|refine-stages|decode|decode-batches|drafters|trees|gemma3-decode|gemma3-train|continuous|bytes|int8" >&2; exit 2 ;;
+  *) echo "usage: $0 train|train-stages|refine-stages|decode|decode-batches|drafters|trees|gemma3-decode|gemma3-train|qwen25vl-train|continuous|bytes|int8" >&2; exit 2 ;;
 esac

@@ -14,6 +14,7 @@ sizes of our own choosing, modelled on the papers' drafters: not released checkp
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from fastvlm_jax.nn.blip2 import Blip2Config, Blip2VisionConfig, OPTConfig, QFormerConfig
 from fastvlm_jax.nn.config import ConfigError, DraftConfig, ImitationKind, TextConfig, VisionConfig
@@ -199,7 +200,7 @@ def gemma3(
 # Qwen2.5-VL (Qwen/Qwen2.5-VL-{3B,7B,32B}-Instruct): one windowed ViT (32 blocks of width 1280,
 # full attention in 7, 15, 23, 31, 112-pixel windows, 2x2 merger to the decoder's width), Qwen2
 # decoders with M-RoPE sections (16, 24, 24) and RoPE base 1M, vocab 151936 (3B, tied) or 152064.
-_QWEN25VL_TEXT = {
+_QWEN25VL_TEXT: dict[str, dict[str, Any]] = {
     "qwen25vl_3b": dict(
         vocab_size=151_936,
         hidden_size=2048,
