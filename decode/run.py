@@ -39,6 +39,7 @@ from decode.engine.captioner import (
     Captioner,
     GenerationOptions,
     describe_device,
+    group_by_size,
     summarize,
 )
 from decode.engine.sampling import SamplingConfig
@@ -783,7 +784,9 @@ def _stopping(error: BaseException, totals: BatchStats) -> _Stopped | None:
 
 
 def _caption_static(args, captioner, options, prompt, stream, base_rng, record, show, failed_to_load, out):
-    """Batches of --batch-size images in lockstep; each batch's lines written when it ends."""
+    """Batches of --batch-size images in lockstep; each batch's lines written when it ends.
+    Images that keep their size are batched with others of similar size (a few batches
+    ahead: `group_by_size`), so each batch pads less."""
     totals = BatchStats()
     batch_items: list = []
     batch_pixels: list = []
@@ -806,16 +809,19 @@ def _caption_static(args, captioner, options, prompt, stream, base_rng, record, 
         batch_items.clear()
         batch_pixels.clear()
 
-    try:
+    def loaded():
         for item, pixels, error in stream:
             if error is not None:
                 failed_to_load(item, error)
                 continue
-            batch_items.append(item)
-            batch_pixels.append(pixels)
-            if len(batch_items) == args.batch_size:
-                run_batch()
-        if batch_items:
+            yield item, pixels
+
+    try:
+        size = captioner.image_size
+        for batch in group_by_size(loaded(), args.batch_size, captioner.grouping_window, lambda e: size(e[1])):
+            for item, pixels in batch:
+                batch_items.append(item)
+                batch_pixels.append(pixels)
             run_batch()
     except (KeyboardInterrupt, Exception) as e:
         stopped = _stopping(e, totals)
@@ -974,7 +980,8 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
             out.flush()
             progress.update(1)
 
-        stream = load_in_background(captioner, pending, args.workers, 2 * args.batch_size, args.fast_decode)
+        ahead = max(2 * args.batch_size, captioner.grouping_window + args.batch_size)
+        stream = load_in_background(captioner, pending, args.workers, ahead, args.fast_decode)
         try:
             if args.batching == "continuous":
                 totals = _caption_continuous(

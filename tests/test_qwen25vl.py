@@ -468,3 +468,17 @@ def test_named_qwen_architectures_have_the_released_sizes():
         abstract = nn.meta.unbox(VLM(architecture(name)).abstract_params())
         assert param_count({k: v for k, v in abstract.items() if k != "imitation"}) == count, name
     assert architecture("qwen25vl_7b").num_image_tokens == 1280
+
+
+def test_group_by_size_batches_similar_sizes_and_loses_nothing():
+    from decode.engine.captioner import group_by_size
+
+    sizes = [5, 100, 7, 90, 6, 95, 8, 99, 4, 97]
+    # A window of one batch keeps arrival order.
+    assert list(group_by_size(range(10), 2, 2, lambda i: sizes[i])) == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    batches = list(group_by_size(range(10), 2, 6, lambda i: sizes[i]))
+    assert sorted(i for batch in batches for i in batch) == list(range(10))
+    assert all(len(batch) == 2 for batch in batches)
+    # Each batch pads to its largest: grouping pads far less than arrival order here.
+    padded = sum(2 * max(sizes[i] for i in batch) for batch in batches)
+    assert padded < sum(2 * max(sizes[i], sizes[i + 1]) for i in range(0, 10, 2)) * 0.8

@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -456,6 +456,17 @@ class Captioner:
             return padded_image(patches, grid, self.patch_buckets)
         return preprocess_image(image, self.image_config, fast_decode=fast_decode)
 
+    @property
+    def grouping_window(self) -> int:
+        """How many loaded images static batching groups by size (`group_by_size`): four
+        batches' worth for images that keep their size, one batch (arrival order) otherwise."""
+        return 4 * self.batch_size if self.sized_images else self.batch_size
+
+    @staticmethod
+    def image_size(pixels: Any) -> int:
+        """What `group_by_size` sorts by: an image's own patch count (0 for a fixed size)."""
+        return int(np.prod(np.asarray(pixels.grid))) if isinstance(pixels, PatchImages) else 0
+
     def dummy_pixels(self) -> np.ndarray | PatchImages:
         """A blank image of the smallest shape (warm-up calls, dummy rows)."""
         if self.sized_images:
@@ -777,3 +788,28 @@ def _check_image_config(config, image_config) -> None:
         raise CheckpointError(
             f"preprocessor.json makes {image_config.output_size} images but the vision tower takes {size}"
         )
+
+
+def group_by_size(entries: Iterable[Any], batch_size: int, window: int, size: Callable[[Any], int]) -> Iterator[list]:
+    """Batches of `batch_size` entries, each batch of entries of similar `size`: up to `window`
+    entries are held, sorted largest first, and all but the smallest batch's worth go out in
+    batches (the rest wait for later entries); the last entries go out sorted. A fixed-shape
+    batch pads every row to its largest image, so batching similar sizes pads less. A window no
+    larger than a batch keeps arrival order."""
+    held: list = []
+    for entry in entries:
+        held.append(entry)
+        if window <= batch_size:
+            if len(held) == batch_size:
+                yield held
+                held = []
+            continue
+        if len(held) >= window:
+            held.sort(key=size, reverse=True)
+            ready, held = held[: len(held) - batch_size], held[len(held) - batch_size :]
+            for start in range(0, len(ready), batch_size):
+                yield ready[start : start + batch_size]
+    if window > batch_size:
+        held.sort(key=size, reverse=True)
+    for start in range(0, len(held), batch_size):
+        yield held[start : start + batch_size]
