@@ -445,6 +445,7 @@ def bench_train(args, config, devices) -> dict:
     result = {
         "config": "configs/llava15_7b.py:imitation",
         "stage": cfg.stage,
+        "weights": "random (a step's time does not depend on the values; also with --ckpt)",
         "mesh": dict(mesh.shape),
         "batch_size": cfg.batch_size,
         "grad_accum": cfg.grad_accum,
