@@ -63,7 +63,6 @@ def test_first_hour_smoke_and_compare(tmp_path, capsys):
         "--arch",
         "random:tiny",
         "--batch-size",
-        "1",
         "2",
         "--max-new-tokens",
         "6",
@@ -94,7 +93,7 @@ def test_first_hour_smoke_and_compare(tmp_path, capsys):
     for key in ("device_kind", "platform", "jax_version", "devices", "chips", "topology"):
         assert key in report
     assert report["mesh"] == {"data": 1, "fsdp": 1, "tensor": 2}
-    assert [r["batch_size"] for r in report["runs"]] == [1, 2]
+    assert [r["batch_size"] for r in report["runs"]] == [2]
     for run in report["runs"]:
         assert set(run["pieces"]) == {"ar_step", "draft_step", "shallow_step", "verify"}
         assert all(p["measured_time_s"] > 0 and p["compile_seconds"] > 0 for p in run["pieces"].values())
@@ -113,8 +112,8 @@ def test_first_hour_smoke_and_compare(tmp_path, capsys):
     rows, warnings = compare.compare(report, [decode, train_pred])
     assert not warnings
     sections = {r["section"] for r in rows}
-    assert sections == {"decode batch 1", "decode batch 2", "train imitation batch 2 x 40"}
-    ar_step = next(r for r in rows if r["section"] == "decode batch 1" and r["quantity"] == "ar_step per call")
+    assert sections == {"decode batch 2", "train imitation batch 2 x 40"}
+    ar_step = next(r for r in rows if r["section"] == "decode batch 2" and r["quantity"] == "ar_step per call")
     assert ar_step["ratio"] == pytest.approx(2.0)
     step = next(r for r in rows if r["quantity"] == "step time")
     assert step["ratio"] == pytest.approx(2.0)
