@@ -414,6 +414,7 @@ def test_decode_compile_only_pieces_cache_sharding_and_speedup(tmp_path):
     assert report["mesh"] == {"data": 1, "fsdp": 1, "tensor": 4}
     run = report["runs"][0]
     assert set(run["pieces"]) == {"ar_step", "draft_step", "shallow_step", "verify", "generate_ar", "generate_ssd"}
+    assert "image_tokens" not in run  # a fixed-size tower's JSON is what it was (no patch bucket)
     # random:tiny: 4 layers, 4 kv heads of width 32, float32; 16 image tokens + 13 -> 29-token
     # prompts; SSD slots 29 + 16 + 3 + 1. The heads are split over tensor=4: one per chip.
     assert run["kv_cache_bytes_per_device"] == 2 * 4 * 4 * 1 * (29 + 16 + 3 + 1) * 32 * 4
