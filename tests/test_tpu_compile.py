@@ -414,6 +414,7 @@ def test_decode_compile_only_pieces_cache_sharding_and_speedup(tmp_path):
     assert report["mesh"] == {"data": 1, "fsdp": 1, "tensor": 4}
     run = report["runs"][0]
     assert set(run["pieces"]) == {"ar_step", "draft_step", "shallow_step", "verify", "generate_ar", "generate_ssd"}
+    assert "image_tokens" not in run  # a fixed-size tower's JSON is what it was (no patch bucket)
     # random:tiny: 4 layers, 4 kv heads of width 32, float32; 16 image tokens + 13 -> 29-token
     # prompts; SSD slots 29 + 16 + 3 + 1. The heads are split over tensor=4: one per chip.
     assert run["kv_cache_bytes_per_device"] == 2 * 4 * 4 * 1 * (29 + 16 + 3 + 1) * 32 * 4
@@ -711,3 +712,108 @@ def test_decode_compile_only_too_big_exits_1_with_the_reason(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"error: batch 64 does not fit on {TOPOLOGY}: ") and "HBM" in err[-1]
     assert json.loads(out.read_text())["fits"] is False
+
+
+# --- images of no fixed size (Qwen2.5-VL: patch rows) -----------------------------------------
+
+
+def _tiny_qwen_shapes():
+    """A tiny Qwen2.5-VL (16 image tokens at most, 2x2 merge: 64 patches of 3*2*4*4 values) as
+    compile-only ModelShapes: abstract params, no weights."""
+    import jax.numpy as jnp
+
+    from decode.bench.compile_only import ModelShapes
+    from fastvlm_jax.nn.config import DraftConfig, TextConfig
+    from fastvlm_jax.nn.qwen25vl import Qwen25VLConfig
+    from fastvlm_jax.nn.qwen_vision import QwenVisionConfig
+
+    config = Qwen25VLConfig(
+        vision=QwenVisionConfig(
+            hidden_size=16,
+            depth=2,
+            num_heads=2,
+            intermediate_size=24,
+            out_hidden_size=32,
+            patch_size=4,
+            window_size=16,
+            fullatt_block_indexes=(1,),
+        ),
+        text=TextConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_layers=3,
+            num_heads=2,
+            num_kv_heads=2,
+            qkv_bias=True,
+        ),
+        draft=DraftConfig(exit_layer=1),
+        mrope_section=(2, 3, 3),
+        max_image_tokens=16,
+        image_token_id=63,
+    )
+    return ModelShapes(config, nn.meta.unbox(VLM(config).abstract_params()), jnp.dtype(jnp.float32), "tiny-qwen")
+
+
+def test_compile_only_programs_take_patch_images_of_the_bucket_and_fixed_images_stay_pixels():
+    """The programs that take images (prefill, generate, continuous batching's prefill) get a
+    patch-image model's PatchImages of ShapeDtypeStructs, one patch bucket per row, the prompt
+    sized by it; a fixed-size tower's pixels and prompts are what they were. Shapes and traces
+    only, on 4 CPU devices (no compiler)."""
+    import jax
+    import jax.numpy as jnp
+
+    from decode.bench.compile_only.programs import (
+        PROMPT_TEXT_TOKENS,
+        CompileOnlyError,
+        abstract_images,
+        load_shapes,
+        make_point,
+        prefill_programs,
+        prompt_image_tokens,
+    )
+    from decode.bench.compile_only.slot_programs import slot_programs
+    from fastvlm_jax.image.patches import PatchImages
+
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, tensor=2), jax.devices()[:4])
+    qwen = _tiny_qwen_shapes()
+    patch_dim = qwen.config.vision.patch_dim
+    for tokens, bucket in ((None, 16), (4, 4)):
+        point = make_point(qwen, mesh, 2, 3, 8, generate=True, image_tokens=tokens)
+        assert (point.image_tokens, point.prompt_len) == (bucket, bucket + PROMPT_TEXT_TOKENS)
+        images = [
+            point.generate_program(point.model, point.ssd_spec).args[2].pixels,
+            slot_programs(point, 2)["slot_prefill"].args[1].pixels,
+            prefill_programs(point)["encode_images"].args[1],
+        ]
+        for image in images:
+            assert isinstance(image, PatchImages)
+            assert (image.patches.shape, image.patches.dtype) == ((2, 4 * bucket, patch_dim), jnp.float32)
+            assert (image.grid.shape, image.grid.dtype) == ((2, 3), jnp.int32)
+            # The rows are sharded over the batch like pixels and token ids.
+            assert image.patches.sharding.spec[0] == image.grid.sharding.spec[0] == ("data", "fsdp")
+        for name, program in prefill_programs(point).items() if tokens else ():
+            out = jax.eval_shape(program.fn, *program.args)
+            if name == "encode_images":
+                assert out.shape == (2, bucket, qwen.config.text.hidden_size)
+            else:
+                assert out.cache.keys.shape[3] == point.cache.slots
+    for bad in (0, 17):
+        with pytest.raises(CompileOnlyError, match="--image-tokens"):
+            prompt_image_tokens(qwen.config, bad)
+
+    # A fixed-size tower (random:tiny: 32x32 pixels, 16 image tokens): [batch, H, W, 3] pixels.
+    tiny = load_shapes("random:tiny")
+    point = make_point(tiny, mesh, 2, 3, 8, generate=True)
+    assert (point.image_tokens, point.prompt_len) == (16, 16 + PROMPT_TEXT_TOKENS)
+    pixels = point.generate_program(point.model, point.ssd_spec).args[2].pixels
+    expected = jax.ShapeDtypeStruct(
+        (2, 32, 32, 3),
+        jnp.float32,
+        sharding=sharding.logical_to_sharding(("batch", None, None, None), (2, 32, 32, 3), mesh),
+    )
+    assert pixels == expected == abstract_images(tiny.config, 2, mesh)
+    assert slot_programs(point, 2)["slot_prefill"].args[1].pixels == expected
+    assert make_point(tiny, mesh, 2, 3, 8, generate=False, image_tokens=16).prompt_len == point.prompt_len
+    with pytest.raises(CompileOnlyError, match="fixed size"):
+        prompt_image_tokens(tiny.config, 8)

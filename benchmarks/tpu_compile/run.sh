@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compile-only runs for LLaVA-1.5-7B on named TPU topologies (nothing runs on a TPU; libtpu's
 # compiler on this CPU host). Usage: benchmarks/tpu_compile/run.sh CHAIN, CHAIN in {train, train-stages, refine-stages, decode, decode-batches, int8, drafters, trees,
-# gemma3-decode, gemma3-train, qwen25vl-train, continuous, bytes}.
+# gemma3-decode, gemma3-train, qwen25vl-decode, qwen25vl-plan, qwen25vl-train, continuous, bytes}.
 # Each command's console output goes to benchmarks/tpu_compile/NAME.log, its report to NAME.json.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -128,6 +128,32 @@ case "${1:-}" in
           --json $OUT/decode_batches_$1_$3.json
     done
     ;;
+  qwen25vl-decode)
+    # Qwen2.5-VL-7B (issue 29): the round's pieces, the prefill and the vision tower alone
+    # (--prefill) at batch 1, 8, 32, with images padded to the largest patch bucket (1280 tokens,
+    # 5120 patches per row) and to a 256-token one (1024 patches), at the demo's chain profile.
+    ACC=benchmarks/trees/demo_batch1_8_32_chain5_tree8x2_16x2_quiet.json
+    for spec in "qwen25vl_7b v5e:2x2 v5e_2x2 data=1,tensor=4" "qwen25vl_7b v5p:2x2x1 v5p_2x2x1 data=1,tensor=4"; do
+      set -- $spec
+      for tokens in 1280 256; do
+        run decode_batches_$1_$3_img$tokens $PY -m decode.bench --ckpt shapes:$1 --compile-only $2 --mesh $4 \
+            --batch-size 1 8 32 --draft-len 5 --max-new-tokens 64 --acceptance $ACC --no-generate --prefill \
+            --image-tokens $tokens --json $OUT/decode_batches_$1_$3_img$tokens.json
+      done
+    done
+    ;;
+  qwen25vl-plan)
+    # Qwen2.5-VL-3B and 32B at batch 8 (1280 image tokens): 3B on 4 v5e chips, 32B on 16 v5e
+    # chips and 8 v5p chips (tensor parallel over 8 of them: the decoder's 8 KV heads).
+    ACC=benchmarks/trees/demo_batch1_8_32_chain5_tree8x2_16x2_quiet.json
+    for spec in "qwen25vl_3b v5e:2x2 v5e_2x2 data=1,tensor=4" "qwen25vl_32b v5e:4x4 v5e_4x4 data=2,tensor=8" \
+                "qwen25vl_32b v5p:2x2x2 v5p_2x2x2 data=1,tensor=8"; do
+      set -- $spec
+      run decode_batches_$1_$3_img1280 $PY -m decode.bench --ckpt shapes:$1 --compile-only $2 --mesh $4 \
+          --batch-size 8 --draft-len 5 --max-new-tokens 64 --acceptance $ACC --no-generate --prefill \
+          --image-tokens 1280 --json $OUT/decode_batches_$1_$3_img1280.json
+    done
+    ;;
   gemma3-train)
     # Every draft stage of the Gemma 3 configs (imitation, refine, eagle) on a v5e and a v5p slice.
     for spec in "gemma3_4b v5e:2x4 v5e_2x4" "gemma3_4b v5p:2x2x1 v5p_2x2x1" \
@@ -158,5 +184,5 @@ case "${1:-}" in
         --acceptance benchmarks/trees/demo_batch1_8_32_chain5_tree8x2_16x2_quiet.json --no-generate \
         --batching continuous --json $OUT/decode_slots_llava15_7b_v5e_2x2.json
     ;;
-  *) echo "usage: $0 train|train-stages|refine-stages|decode|decode-batches|drafters|trees|gemma3-decode|gemma3-train|qwen25vl-train|continuous|bytes|int8" >&2; exit 2 ;;
+  *) echo "usage: $0 train|train-stages|refine-stages|decode|decode-batches|drafters|trees|gemma3-decode|gemma3-train|qwen25vl-decode|qwen25vl-plan|qwen25vl-train|continuous|bytes|int8" >&2; exit 2 ;;
 esac

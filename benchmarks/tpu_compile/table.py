@@ -138,13 +138,61 @@ def batch_rows(paths):
             yield "| " + " | ".join(cells) + " |"
 
 
+def both_times(piece):
+    """'14.2 / 60.6 ms': a piece's roofline time on the must-read basis (for the compute-bound
+    prefill pieces, FLOPs / peak), then with the compiler's bytes accessed."""
+    return f"{1000 * piece['time_lower_bound_s']:.1f} / {1000 * piece['step_time_lower_bound_s']:.1f} ms"
+
+
+def prefill_rows(paths):
+    """run.sh qwen25vl-decode / qwen25vl-plan (--prefill --image-tokens N): per batch and patch
+    bucket, the vision tower alone and the whole prefill (peak, FLOPs, time bound) beside the
+    round's pieces and the prediction at the demo's profile."""
+    yield (
+        "| model | topology | mesh | batch | image tokens (patches) per row | prompt | KV cache per chip | "
+        "vision tower: peak per chip, FLOPs per chip, time (must-read / bytes accessed) | prefill: peak per chip, "
+        "time (must-read / bytes accessed) | AR step | draft step | "
+        "verify (G+1) | demo profile: tokens/round, speedup (must-read / bytes accessed) | peak per chip | fits |"
+    )
+    yield "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|:-:|"
+    for path in paths:
+        r = json.loads(path.read_text())
+        for run in r["runs"]:
+            p = run["pieces"]
+            ms = piece_times(p, ("ar_step", "draft_step", "verify"))
+            vision, prefill = p.get("encode_images"), p.get("prefill")
+            cells = decode_run_cells(r, run)
+            cells[4:4] = [f"{run['image_tokens']} ({run['image_patches']})", str(run["prompt_len"])]
+            cells += [
+                f"{vision['per_chip_peak_bytes'] / GiB:.2f} GiB, {vision['flops_per_device'] * r['devices_per_chip']:.3g}, "
+                f"{both_times(vision)}"
+                if vision
+                else "-",
+                f"{prefill['per_chip_peak_bytes'] / GiB:.2f} GiB, {both_times(prefill)}" if prefill else "-",
+                ms["ar_step"],
+                ms["draft_step"],
+                ms["verify"],
+                f"{run['tokens_per_round']:.2f}, {both_bases(run)}" if "predicted_speedup" in run else "-",
+                f"{run['per_chip_peak_bytes'] / GiB:.2f} GiB",
+                "yes" if run["fits"] else "no",
+            ]
+            yield "| " + " | ".join(cells) + " |"
+
+
 if __name__ == "__main__":
     files = sorted(HERE.glob("*.json"))
     stages = [f for f in files if f.name.startswith("stages_")]
-    batches = [f for f in files if f.name.startswith("decode_batches_")]
+    batches = [f for f in files if f.name.startswith("decode_batches_") and "_img" not in f.name]
+    prefills = [f for f in files if f.name.startswith("decode_batches_") and "_img" in f.name]
     train = [f for f in files if f.name.startswith("llava15_")]
     decode = [f for f in files if f.name.startswith("decode_llava15_")]
-    for rows, group in ((stage_rows, stages), (batch_rows, batches), (train_rows, train), (decode_rows, decode)):
+    for rows, group in (
+        (stage_rows, stages),
+        (batch_rows, batches),
+        (prefill_rows, prefills),
+        (train_rows, train),
+        (decode_rows, decode),
+    ):
         if group:
             print("\n".join(rows(group)))
             print()

@@ -272,6 +272,20 @@ def build_parser() -> argparse.ArgumentParser:
     compile_group.add_argument(
         "--no-generate", action="store_true", help="compile the round's pieces only, not the whole generate programs"
     )
+    compile_group.add_argument(
+        "--image-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="a model whose images have no fixed size (Qwen2.5-VL): N image tokens per prompt row, the patch "
+        "bucket of N * merge^2 patches its images are padded to (default: the most one image may become)",
+    )
+    compile_group.add_argument(
+        "--prefill",
+        action="store_true",
+        help="also compile the prompts' prefill (the engine's: vision tower, every layer, the drafter's prefill) "
+        "and the vision tower alone, for their FLOPs, time bounds and memory",
+    )
     return parser
 
 

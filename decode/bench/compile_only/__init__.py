@@ -65,6 +65,14 @@ decode.run --stats / decode.bench JSON measured elsewhere (its mean_accepted_len
 acceptance_rate; per drafter from a decode.bench --drafter JSON of several drafters).
 Every such number is a compiler-model prediction, not a measurement.
 
+Images: every program that takes them gets `batch` rows of abstract images
+(programs.abstract_images): pixels [batch, size, size, 3] for a vision tower with a fixed image
+size, else (Qwen2.5-VL) PatchImages (patches [batch, N * merge^2, patch_dim] float32, grid
+[batch, 3] int32), every row padded to the patch bucket of `--image-tokens N` image tokens
+(default the most one image may become); the prompt is the image's tokens + 13 text tokens.
+`--prefill` adds two pieces: the vision tower alone (`encode_images`) and the engine's prefill
+(`prefill`: vision tower, every layer, the drafter's prefill), both compute-bound.
+
 `--quantize int8` compiles the model with int8 decoding weights (fastvlm_jax.nn.quant): the
 params' shapes and dtypes, and so the must-read bytes, are the int8 model's.
 

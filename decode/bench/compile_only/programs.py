@@ -21,10 +21,12 @@ from decode.bench.compile_only.explain import explain_hlo
 from decode.bench.models import RANDOM_PRESETS
 from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate, steps
 from decode.engine.drafters import EagleCarry, EagleDrafter, ImitationDrafter, ModelCarry, ModelDrafter, RoundContext
+from decode.engine.loop import _prefill
 from decode.engine.tree import TreeShape, tree_slots
 from fastvlm_jax import tpu
 from fastvlm_jax.ckpt.checkpoint import CheckpointError, load_without_params
 from fastvlm_jax.demo import DemoMissingError, demo_checkpoint
+from fastvlm_jax.image.patches import PatchImages
 from fastvlm_jax.nn.architectures import architecture
 from fastvlm_jax.nn.config import ConfigError
 from fastvlm_jax.nn.kv_cache import KVCache
@@ -164,6 +166,51 @@ def _sds(shape, dtype, mesh, logical):
     return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding.logical_to_sharding(logical, shape, mesh))
 
 
+def fixed_image_size(config) -> int | None:
+    """The side of the vision tower's square pixel input, or None for a tower without a fixed
+    size (Qwen2.5-VL's: an image becomes as many patches as its size gives, fed as PatchImages)."""
+    try:
+        return config.vision.image_size
+    except ConfigError:
+        return None
+
+
+def prompt_image_tokens(config, image_tokens: int | None = None) -> int:
+    """Image tokens in each prompt row of a compile-only point. A fixed-size tower's images
+    always give config.num_image_tokens; a patch-image tower's give `image_tokens` (its patch
+    bucket: image_tokens * merge^2 patches per row), by default the most one image may become
+    (config.num_image_tokens). CompileOnlyError (one line) for a count the model cannot take."""
+    most = config.num_image_tokens
+    if image_tokens is None:
+        return most
+    if fixed_image_size(config) is not None:
+        if image_tokens != most:
+            raise CompileOnlyError(
+                f"--image-tokens {image_tokens}: this model's images have a fixed size and always give {most} tokens"
+            )
+        return most
+    if not 1 <= image_tokens <= most:
+        raise CompileOnlyError(f"--image-tokens {image_tokens} must be in [1, {most}] (the most one image may become)")
+    return image_tokens
+
+
+def abstract_images(config, batch: int, mesh, image_tokens: int | None = None) -> Any:
+    """ShapeDtypeStructs of `batch` rows of images as the model's vision tower takes them, the
+    rows sharded over the batch axes like every other per-row input: pixels [batch, size, size,
+    3] float32 for a tower with a fixed image size; else PatchImages (patches [batch, image_tokens
+    * merge^2, patch_dim] float32, grid [batch, 3] int32), every row padded to one patch bucket
+    of `image_tokens` tokens (prompt_image_tokens)."""
+    size = fixed_image_size(config)
+    if size is not None:
+        return _sds((batch, size, size, 3), jnp.float32, mesh, ("batch", None, None, None))
+    vision = config.vision
+    patches = prompt_image_tokens(config, image_tokens) * vision.merge_unit
+    return PatchImages(
+        patches=_sds((batch, patches, vision.patch_dim), jnp.float32, mesh, ("batch", None, None)),
+        grid=_sds((batch, 3), jnp.int32, mesh, ("batch", None)),
+    )
+
+
 def abstract_cache(num_layers: int, batch: int, slots: int, config, dtype, mesh) -> KVCache:
     """KVCache of ShapeDtypeStructs: [num_layers, batch, kv_heads, slots, head_dim], sharded
     over the batch (data) and the kv heads (tensor) where they divide."""
@@ -186,6 +233,7 @@ class ReadBytes:
     head: int  # final norm + LM head (the tied embedding table when tied)
     imitation: int  # the imitation network, with its own cache if it has one
     eagle: int = 0  # the EAGLE head's weights (its cache is counted by the caller)
+    vision: int = 0  # the vision tower's and projector's weights (everything outside the decoder)
 
     def span(self, start: int, stop: int, num_layers: int) -> float:
         return (self.layers + self.cache) * (stop - start) / num_layers
@@ -195,7 +243,7 @@ def read_bytes(params, config, cache: KVCache, draft_cache: KVCache | None) -> R
     def size(x):
         return tpu.shard_bytes(x.shape, x.dtype, x.sharding)
 
-    parts = {"layers": 0, "head": 0, "imitation": 0, "eagle": 0}
+    parts = {"layers": 0, "head": 0, "imitation": 0, "eagle": 0, "vision": 0}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         keys = [str(getattr(k, "key", k)) for k in path]
         if keys[0] in ("imitation", "eagle"):
@@ -208,6 +256,8 @@ def read_bytes(params, config, cache: KVCache, draft_cache: KVCache | None) -> R
                 parts["head"] += size(leaf)
         elif keys[0] == "language_model":
             parts["head"] += size(leaf)
+        else:
+            parts["vision"] += size(leaf)
     cache_bytes = size(cache.keys) + size(cache.values)
     if draft_cache is not None:
         parts["imitation"] += size(draft_cache.keys) + size(draft_cache.values)
@@ -263,6 +313,7 @@ class Point:
     batch: int
     draft_len: int
     max_new: int
+    image_tokens: int  # image tokens per prompt row (prompt_image_tokens)
     prompt_len: int
     generate: bool  # also compile the whole generate programs
     ssd_spec: DecodeSpec
@@ -285,14 +336,17 @@ class Point:
         """A model of `config` in this point's dtype and layer form (scanned or unrolled)."""
         return VLM(config, self.model.dtype, unroll_layers=self.model.unroll_layers)
 
+    def prompts(self, rows: int) -> Prompts:
+        """`rows` prompts of prompt_len tokens with their images (abstract_images), sharded by rows."""
+        return Prompts(
+            input_ids=_sds((rows, self.prompt_len), jnp.int32, self.mesh, ("batch", None)),
+            lengths=_sds((rows,), jnp.int32, self.mesh, ("batch",)),
+            pixels=abstract_images(self.model.config, rows, self.mesh, self.image_tokens),
+        )
+
     def generate_program(self, model: VLM, spec: DecodeSpec, draft_params=None) -> Program:
         """The whole generate program (prefill + while loop) for `spec`."""
-        size = model.config.vision.image_size
-        prompts = Prompts(
-            input_ids=_sds((self.batch, self.prompt_len), jnp.int32, self.mesh, ("batch", None)),
-            lengths=_sds((self.batch,), jnp.int32, self.mesh, ("batch",)),
-            pixels=_sds((self.batch, size, size, 3), jnp.float32, self.mesh, ("batch", None, None, None)),
-        )
+        prompts = self.prompts(self.batch)
         max_new = self.max_new
 
         def whole(params, draft_params, prompts):
@@ -302,10 +356,18 @@ class Point:
 
 
 def make_point(
-    shapes: ModelShapes, mesh, batch: int, draft_len: int, max_new: int, generate: bool, unroll: bool = False
+    shapes: ModelShapes,
+    mesh,
+    batch: int,
+    draft_len: int,
+    max_new: int,
+    generate: bool,
+    unroll: bool = False,
+    image_tokens: int | None = None,
 ) -> Point:
     """The point's shared inputs; unroll: its models run their layers as straight-line code
-    (the counting twin of the engine's scanned programs, see compile_programs)."""
+    (the counting twin of the engine's scanned programs, see compile_programs); image_tokens:
+    a patch-image model's tokens per image (prompt_image_tokens; default its most)."""
     config = shapes.config
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch % data_parallel:
@@ -314,7 +376,8 @@ def make_point(
             f"shards of mesh {dict(mesh.shape)}"
         )
     params = _place(shapes.params, config, mesh)
-    prompt_len = config.num_image_tokens + PROMPT_TEXT_TOKENS
+    image_tokens = prompt_image_tokens(config, image_tokens)
+    prompt_len = image_tokens + PROMPT_TEXT_TOKENS
     ssd_spec = DecodeSpec(mode="ssd", capacity=max_new, eos_ids=(), policy=DraftPolicy(draft_len=draft_len))
     slots = ssd_spec.cache_slots(prompt_len)
     # A step in the middle of a generation: the caches the engine's programs carry.
@@ -329,6 +392,7 @@ def make_point(
         batch=batch,
         draft_len=draft_len,
         max_new=max_new,
+        image_tokens=image_tokens,
         prompt_len=prompt_len,
         generate=generate,
         ssd_spec=ssd_spec,
@@ -368,6 +432,41 @@ def ar_programs(point: Point) -> tuple[dict[str, Program], dict[str, Any]]:
     if point.generate:
         programs["generate_ar"] = point.generate_program(model, ar_spec)
     return programs, {"ar_kv_cache_bytes_per_device": ar_reads.cache}
+
+
+def prefill_programs(point: Point) -> dict[str, Program]:
+    """`--prefill`: the prompts' prefill and its vision tower, for their FLOPs, time bound and memory.
+
+    encode_images(params, images) -> image tokens: the vision tower (and projector) alone on the
+      point's batch of images (abstract_images), straight-line code (the towers loop in Python);
+    prefill(params, prompts) -> loop state: the engine's own prefill (decode.engine.loop._prefill
+      with the imitation drafter's SSD spec: vision tower, every layer, the LM head on each row's
+      last token, the drafter's prefill) into caches of the chain's slots.
+
+    Must read: the weights they use (and the caches prefill writes); both are compute-bound, so
+    their bound is FLOPs / peak.
+    """
+    model, spec, reads, batch = point.model, point.ssd_spec, point.reads, point.batch
+    prompts = point.prompts(batch)
+
+    def encode_images(params, images):
+        return model.encode_images(params, images)
+
+    def prefill(params, prompts):
+        ctx = RoundContext(model, params, None, spec.draft_depth)
+        budgets = jnp.full((batch,), point.max_new, jnp.int32)
+        return _prefill(ctx, prompts, spec, jax.random.key(0), budgets, point.cache.slots)
+
+    return {
+        "encode_images": Program(encode_images, (), (point.params, prompts.pixels), reads.vision),
+        "prefill": Program(
+            prefill,
+            (),
+            (point.params, prompts),
+            reads.vision + reads.span(0, point.num_layers, point.num_layers) + reads.head + reads.imitation,
+            scanned=True,
+        ),
+    }
 
 
 @dataclasses.dataclass(frozen=True)

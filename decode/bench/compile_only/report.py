@@ -28,9 +28,12 @@ from decode.bench.compile_only.programs import (
     ModelShapes,
     ar_programs,
     compile_programs,
+    fixed_image_size,
     load_shapes,
     make_point,
     parse_drafter,
+    prefill_programs,
+    prompt_image_tokens,
     tree_programs,
     with_eagle_head,
 )
@@ -55,6 +58,8 @@ def compile_point(
     trees: dict[TreeShape, TreeAcceptance] | None = None,
     slot_rows: int | None = None,
     explain: int = 0,
+    image_tokens: int | None = None,
+    prefill: bool = False,
 ) -> dict[str, Any]:
     """Every program of one (batch, draft_len) point, and the speedup they predict per drafter.
 
@@ -64,6 +69,9 @@ def compile_point(
     `trees` (shape -> its tokens per round): the imitation drafter's draft trees, each
     under `trees["NxK"]` with its pieces and predicted speedup (programs.tree_programs).
     explain > 0: each piece also says where its bytes go (its `explain` biggest op groups).
+    image_tokens: a patch-image model's tokens per image (its patch bucket; default its most).
+    prefill: also the prompts' prefill and the vision tower alone (programs.prefill_programs),
+    among the pieces; they count in the point's fit.
 
     `pieces` holds the AR programs and the imitation drafter's (under their names of
     before drafters); `drafters` holds, per drafter, its own pieces (the imitation's
@@ -78,8 +86,10 @@ def compile_point(
     # scanned), whose point, sizes and roles the JSON reports.
     programs, twins = {}, {}
     for unroll, out in ((True, twins), (False, programs)):
-        point = make_point(shapes, mesh, batch, draft_len, max_new, generate and not unroll, unroll)
+        point = make_point(shapes, mesh, batch, draft_len, max_new, generate and not unroll, unroll, image_tokens)
         ar, ar_extra = ar_programs(point)
+        if prefill:
+            out.update(prefill_programs(point))
         per_drafter = {d.name: DRAFTER_PROGRAMS[d.kind](point, d) for d in drafters}
         per_tree = {tree_label(shape): tree_programs(point, shape) for shape in trees or {}}
         out.update(ar)
@@ -147,6 +157,12 @@ def compile_point(
         "draft_len": draft_len,
         "exit_layer": point.exit_layer,
         "prompt_len": point.prompt_len,
+        # Images of no fixed size (patch rows): the point's patch bucket.
+        **(
+            {"image_tokens": point.image_tokens, "image_patches": point.prompts(1).pixels.patches.shape[1]}
+            if fixed_image_size(shapes.config) is None
+            else {}
+        ),
         "max_new_tokens": max_new,
         "kv_cache_bytes_per_device": point.reads.cache,
         **ar_extra,
@@ -180,6 +196,8 @@ def run(args) -> int:
         if args.exit_layer:
             shapes = dataclasses.replace(shapes, config=shapes.config.with_draft(exit_layer=args.exit_layer[0]))
         drafters = tuple(parse_drafter(name, shapes) for name in args.drafter)
+        image_tokens = getattr(args, "image_tokens", None)
+        prompt_image_tokens(shapes.config, image_tokens)  # a count the model cannot take: one line, before compiling
         shape_list = parse_trees(args.tree_nodes, args.tree_width, list(args.drafter))
         trees = {
             shape: parse_tree_acceptance(args.acceptance, shape, acceptance.for_drafter("imitation"))
@@ -213,6 +231,8 @@ def run(args) -> int:
                     if "continuous" in (args.batching or ())
                     else None,
                     explain=args.explain,
+                    image_tokens=image_tokens,
+                    prefill=getattr(args, "prefill", False),
                 )
                 point["paper_implied"] = paper_implied(point, args.paper_speedup, shapes.config.text.num_layers)
                 runs.append(point)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from decode.bench.compile_only.programs import KV_CACHE_AXES, Point, Program, _sds
 from decode.engine.drafters import RoundContext
-from decode.engine.loop import Prompts, _prefill
+from decode.engine.loop import _prefill
 from decode.engine.slots import empty_slots, insert, run_rounds
 from fastvlm_jax.nn.kv_cache import KVCache
 from fastvlm_jax.runtime import sharding
@@ -54,12 +54,7 @@ def slot_programs(point: Point, prefill_rows: int) -> dict[str, Program]:
     drafter's SSD spec (point.ssd_spec), prefill_rows (P) prompts prefilled together."""
     model, spec, mesh, batch = point.model, point.ssd_spec, point.mesh, point.batch
     rows = int(prefill_rows)
-    size = model.config.vision.image_size
-    prompts = Prompts(
-        input_ids=_sds((rows, point.prompt_len), jnp.int32, mesh, ("batch", None)),
-        lengths=_sds((rows,), jnp.int32, mesh, ("batch",)),
-        pixels=_sds((rows, size, size, 3), jnp.float32, mesh, ("batch", None, None, None)),
-    )
+    prompts = point.prompts(rows)
     key_shape = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), rows))
     keys = jax.ShapeDtypeStruct(
         key_shape.shape, key_shape.dtype, sharding=sharding.logical_to_sharding(("batch",), (rows,), mesh)
