@@ -178,6 +178,8 @@ def test_greedy_captions_match_transformers_for_ar_and_every_drafter(folder):
             small_params,
         ),
     ]
+    if name == "B":  # every drafter runs on A; B (another structure) keeps AR, a chain and a tree
+        cases = [case for case in cases if case[0] in ("ar", "ssd exit 2, draft 3", "tree")]
     for label, spec, run_model, draft_params in cases:
         out = generate(run_model, params, prompts, spec, STEPS, draft_params=draft_params)
         got = [np.asarray(out.tokens[row, :STEPS]).tolist() for row in range(2)]

@@ -188,8 +188,8 @@ def test_greedy_captions_match_transformers_for_ar_and_every_drafter(folder):
             small_params,
         ),
     ]
-    if name == "B":  # every drafter runs on A; B (another structure) keeps AR, a chain and a tree
-        cases = [case for case in cases if case[0] in ("ar", "ssd exit 1, draft 5", "tree")]
+    if name == "B":  # every drafter runs on A; B (another structure) keeps AR and a tree
+        cases = [case for case in cases if case[0] in ("ar", "tree")]
     for label, spec, run_model, draft_params in cases:
         out = generate(run_model, params, prompts, spec, STEPS, draft_params=draft_params)
         got = [np.asarray(out.tokens[row, :STEPS]).tolist() for row in range(len(rows))]
@@ -349,7 +349,7 @@ def test_speculative_sampling_is_exact_with_mrope():
 
     model, params, image = _sampling_model()
     prompt = [2] + [IMAGE_ID] * 9 + [3]
-    steps, draft_len, rows = 4, 2, 20_000
+    steps, draft_len, rows = 4, 2, 8_000
     sampling = SamplingConfig(temperature=1.0)
     prefixes = np.array(list(itertools.product(range(SAMPLING_VOCAB), repeat=steps - 1)), np.int32)
     ids = np.concatenate([np.tile(prompt, (len(prefixes), 1)), prefixes], axis=1)
@@ -391,6 +391,7 @@ def test_speculative_sampling_is_exact_with_mrope():
     # Power: the same samples tell the model from one whose sampled tokens sit at plain slots
     # (without the rope offset).
     wrong_pvalue, _ = _chi_square(tokens, exact_joint(6))
+    print(f"against plain slots: p = {wrong_pvalue:.3g}")
     assert wrong_pvalue < 1e-6, wrong_pvalue
 
 
