@@ -166,11 +166,7 @@ class Blip2Config(ModelConfigMixin):
     def __post_init__(self):
         if self.model_type != "blip-2":
             raise ConfigError(f"Blip2Config.model_type must be 'blip-2', got {self.model_type!r}")
-        if not 1 <= self.draft.exit_layer < self.text.num_layers:
-            raise ConfigError(
-                f"draft.exit_layer={self.draft.exit_layer} must be in [1, {self.text.num_layers - 1}] "
-                f"for a decoder of {self.text.num_layers} layers"
-            )
+        self.check_exit_layer()
         if self.text.embed_dim != self.text.hidden_size:
             # HF's language projection outputs hidden_size features but scatters them into
             # word_embed_proj_dim-wide embeddings: no consistent model exists to match.

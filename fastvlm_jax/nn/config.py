@@ -126,9 +126,19 @@ class ModelConfigMixin:
     __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
     SUB_CONFIGS: ClassVar[dict[str, type]]  # field name -> the config class of that field
     draft: DraftConfig
+    text: Any  # the family's decoder config (DecoderConfig)
 
     def replace(self: _ConfigT, **changes) -> _ConfigT:
         return dataclasses.replace(self, **changes)
+
+    def check_exit_layer(self) -> None:
+        """Raises ConfigError unless the draft exits inside the decoder: 1 <= exit_layer < L."""
+        num_layers = self.text.num_layers
+        if not 1 <= self.draft.exit_layer < num_layers:
+            raise ConfigError(
+                f"draft.exit_layer={self.draft.exit_layer} must be in [1, {num_layers - 1}] "
+                f"for a decoder of {num_layers} layers"
+            )
 
     def with_draft(self: _ConfigT, **changes) -> _ConfigT:
         return dataclasses.replace(self, draft=dataclasses.replace(self.draft, **changes))

@@ -161,11 +161,7 @@ class Gemma3Config(ModelConfigMixin):
     SUB_CONFIGS: ClassVar[dict[str, type]] = {"vision": VisionConfig, "text": Gemma3TextConfig, "draft": DraftConfig}
 
     def __post_init__(self):
-        if not 1 <= self.draft.exit_layer < self.text.num_layers:
-            raise ConfigError(
-                f"draft.exit_layer={self.draft.exit_layer} must be in [1, {self.text.num_layers - 1}] "
-                f"for a decoder of {self.text.num_layers} layers"
-            )
+        self.check_exit_layer()
         if self.vision.kind != "siglip":
             raise ConfigError(f"Gemma 3's vision tower is SigLIP, got kind {self.vision.kind!r}")
         side = self.tokens_per_side

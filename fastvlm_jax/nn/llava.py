@@ -60,11 +60,7 @@ class LlavaConfig(ModelConfigMixin):
     def __post_init__(self):
         if isinstance(self.vision_feature_layer, list):
             object.__setattr__(self, "vision_feature_layer", tuple(self.vision_feature_layer))
-        if not 1 <= self.draft.exit_layer < self.text.num_layers:
-            raise ConfigError(
-                f"draft.exit_layer={self.draft.exit_layer} must be in [1, {self.text.num_layers - 1}] "
-                f"for a decoder of {self.text.num_layers} layers"
-            )
+        self.check_exit_layer()
         if self.vision_feature_select_strategy not in ("default", "full"):
             raise ConfigError(
                 f"vision_feature_select_strategy={self.vision_feature_select_strategy!r}: use 'default' or 'full'"

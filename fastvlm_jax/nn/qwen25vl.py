@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastvlm_jax.image.patches import PatchImages
-from fastvlm_jax.nn.common import FamilyModule, init_imitation_params, merge_image_features
+from fastvlm_jax.nn.common import FamilyModule, image_token_span, init_imitation_params, merge_image_features
 from fastvlm_jax.nn.config import ConfigError, DraftConfig, ModelConfigMixin, TextConfig
 from fastvlm_jax.nn.eagle import make_eagle_head
 from fastvlm_jax.nn.kv_cache import KVCache, TreeSlots
@@ -82,11 +82,7 @@ class Qwen25VLConfig(ModelConfigMixin):
     def __post_init__(self):
         if isinstance(self.mrope_section, list):
             object.__setattr__(self, "mrope_section", tuple(self.mrope_section))
-        if not 1 <= self.draft.exit_layer < self.text.num_layers:
-            raise ConfigError(
-                f"draft.exit_layer={self.draft.exit_layer} must be in [1, {self.text.num_layers - 1}] "
-                f"for a decoder of {self.text.num_layers} layers"
-            )
+        self.check_exit_layer()
         half = self.text.resolved_head_dim // 2
         if len(self.mrope_section) != 3 or sum(self.mrope_section) != half:
             raise ConfigError(
@@ -117,14 +113,8 @@ def mrope_span(input_ids: Array, grid: Array, image_token_id: int, merge_size: i
     """[batch, seq] ids and [batch, 3] patch grids (t, h, w) -> [batch, 4] int32 (first, end,
     rows, columns): where each row's image tokens lie and their token grid (h and w over
     merge_size). A row without an image has first == end == 0. One image per prompt."""
-    is_image = input_ids == image_token_id
-    seq = input_ids.shape[1]
-    index = jnp.arange(seq, dtype=jnp.int32)
-    end = jnp.max(jnp.where(is_image, index + 1, 0), axis=1)
-    first = jnp.where(end > 0, jnp.min(jnp.where(is_image, index, seq), axis=1), 0)
-    rows = grid[:, 1] // merge_size
-    columns = grid[:, 2] // merge_size
-    return jnp.stack([first, end, rows, columns], axis=1).astype(jnp.int32)
+    rows_and_columns = jnp.stack([grid[:, 1] // merge_size, grid[:, 2] // merge_size], axis=1)
+    return jnp.concatenate([image_token_span(input_ids, image_token_id), rows_and_columns.astype(jnp.int32)], axis=1)
 
 
 def rope_offset(span: Array) -> Array:
