@@ -33,11 +33,6 @@ class PatchImages:
         """[batch, max_patches, patch_dim], the patches' shape (the program's shape key)."""
         return tuple(self.patches.shape)
 
-    @property
-    def num_patches(self) -> np.ndarray:
-        """[batch] real patches per row."""
-        return np.prod(np.asarray(self.grid), axis=-1)
-
 
 def stack_patch_images(images: Sequence[tuple[np.ndarray, Any]], max_patches: int) -> PatchImages:
     """One batch from (patches [n, patch_dim], (t, h, w)) pairs, each padded to max_patches rows."""
