@@ -938,7 +938,6 @@ def _caption_all(args, ckpt: str, pending: list, skipped: int, input_errors: lis
         try:
             prompt = captioner.default_prompt if args.prompt is None else args.prompt
             captioner.prompt_ids(prompt, captioner.dummy_pixels())  # a bad prompt fails here, once
-            captioner.use_prompts([prompt])
         except ValueError as e:  # e.g. the prompt contains the image placeholder
             raise UsageError(f"--prompt: {e}") from None
 

@@ -38,7 +38,7 @@ from decode.engine.autodraft import AutoDraft, AutoDraftConfig, Choice, choice_l
 from decode.engine.drafters import EagleDrafter, ImitationDrafter, ModelDrafter
 from decode.engine.loop import Mode
 from decode.engine.sampling import SamplingConfig
-from decode.engine.slots import Finished, Request, SlotEngine, default_prefill_rows, padded_width
+from decode.engine.slots import Finished, Request, SlotEngine, default_prefill_rows
 from decode.engine.tree import TreeShape
 from fastvlm_jax import demo
 from fastvlm_jax.ckpt.checkpoint import Checkpoint, CheckpointError, load_checkpoint
@@ -352,7 +352,7 @@ class Captioner:
         self.batch_size = int(batch_size)
         self.prompt_bucket = int(prompt_bucket)
         self._warm: set[tuple] = set()  # program shapes already compiled (see _warm_up)
-        self._widths: tuple[int, ...] = ()  # prompt widths of sized images (use_prompts)
+        self._prompt_ids: dict[tuple[str, int], tuple[int, ...]] = {}  # (question, image tokens) -> ids
         self._engine: SlotEngine | None = None  # the last continuous-batching engine
         self.auto_draft: AutoDraft | None = None  # the state of auto draft lengths, once used
 
@@ -407,7 +407,10 @@ class Captioner:
         in the model family's layout (fastvlm_jax.nn.families). pixels: the image (`preprocess`),
         needed when its size sets its token count (`sized_images`)."""
         question = self.default_prompt if prompt is None else prompt
-        return prompt_ids_for(self.config.model_type, self.tokenizer, question, self.image_tokens(pixels))
+        key = (question, self.image_tokens(pixels))
+        if key not in self._prompt_ids:  # one tokenization per question and image size, not per image
+            self._prompt_ids[key] = tuple(prompt_ids_for(self.config.model_type, self.tokenizer, *key))
+        return list(self._prompt_ids[key])
 
     def image_tokens(self, pixels: Any = None) -> int:
         """How many tokens an image becomes: the config's count, or, for `sized_images`, its
@@ -418,18 +421,17 @@ class Captioner:
             raise ValueError("this model's images become as many tokens as their size gives: pass the image's pixels")
         return int(np.prod(np.asarray(pixels.grid))) // self.config.vision.spatial_merge_size**2
 
-    def use_prompts(self, prompts: Iterable[str | None]) -> None:
-        """Declares the questions this captioner will ask, so that prompts of `sized_images` pad
-        to one width per patch bucket (a program per bucket, not per image size)."""
-        if not self.sized_images:
-            return
-        merge = self.config.vision.spatial_merge_size
-        text = {self.longest_prompt(p) - self.config.num_image_tokens for p in set(prompts)}
-        self._widths = tuple(
-            sorted(
-                {round_up(t + bucket // merge**2, self.prompt_bucket) for t in text for bucket in self.patch_buckets}
-            )
-        )
+    def _bucket_length(self, prompt_ids: Sequence[Sequence[int]], images: Any) -> int:
+        """The prompt length a batch pads to (before rounding to prompt_bucket): its longest
+        prompt, or, for `sized_images`, its longest question with as many image tokens as the
+        batch's patch rows hold, so that the width follows the patch bucket (a program per
+        bucket, not per image size). images: the batch (`batch_pixels`)."""
+        if not isinstance(images, PatchImages):
+            return max(len(p) for p in prompt_ids)
+        merge = self.config.vision.spatial_merge_size**2
+        tokens = np.prod(np.asarray(images.grid)[: len(prompt_ids)], axis=1) // merge
+        text = max(len(p) - int(n) for p, n in zip(prompt_ids, tokens))
+        return text + images.patches.shape[1] // merge
 
     def longest_prompt(self, prompt: str | None = None) -> int:
         """The most tokens a prompt for `prompt` can take (the largest image, for `sized_images`)."""
@@ -500,7 +502,8 @@ class Captioner:
             raise ValueError(f"a batch holds 1..{self.batch_size} images, got {n}")
         if len(pixels) != n:
             raise ValueError(f"{len(pixels)} images but {n} prompts")
-        width = padded_width(max(len(p) for p in prompt_ids), self.prompt_bucket, self._widths)
+        full = batch_pixels(list(pixels), self.batch_size)
+        width = round_up(self._bucket_length(prompt_ids, full), self.prompt_bucket)
         ids = np.full((self.batch_size, width), self.tokenizer.pad_id, np.int32)
         lengths = np.zeros((self.batch_size,), np.int32)
         for row in range(self.batch_size):
@@ -508,7 +511,6 @@ class Captioner:
             p = prompt_ids[row] if row < n else prompt_ids[0]
             ids[row, : len(p)] = p
             lengths[row] = len(p)
-        full = batch_pixels(list(pixels), self.batch_size)
         return Prompts(*self._place((ids, lengths, full))), n
 
     def _place(self, tree):
@@ -659,6 +661,11 @@ class Captioner:
         # Prefilled rows are split over the mesh's data x fsdp devices like the slots.
         multiple = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         prefill_rows = default_prefill_rows(self.batch_size, multiple, prefill_rows)
+        widths: tuple[int, ...] = ()
+        if self.sized_images:  # prefills pad to one width per patch bucket, as static batches do
+            merge = self.config.vision.spatial_merge_size**2
+            text = prompt_len - self.config.num_image_tokens
+            widths = tuple(round_up(text + bucket // merge, self.prompt_bucket) for bucket in self.patch_buckets)
         self._engine = SlotEngine(
             self.model,
             self.params,
@@ -667,7 +674,7 @@ class Captioner:
             prompt_len,
             pad_id=self.tokenizer.pad_id,
             prompt_bucket=self.prompt_bucket,
-            prompt_widths=self._widths,
+            prompt_widths=widths,
             prefill_rows=prefill_rows,
             draft_params=self.draft_params,
             place=self._place,
@@ -699,7 +706,6 @@ class Captioner:
         prompts = [prompt] * len(images) if prompt is None or isinstance(prompt, str) else list(prompt)
         if len(prompts) != len(images):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        self.use_prompts(prompts)
         engine = self.slot_engine(options, max(self.longest_prompt(p) for p in set(prompts)))
         base = jax.random.key(seed)
 
@@ -731,7 +737,6 @@ class Captioner:
         prompts = [prompt] * len(images) if prompt is None or isinstance(prompt, str) else list(prompt)
         if len(prompts) != len(images):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        self.use_prompts(prompts)
         base = jax.random.key(seed)
         for index, start in enumerate(range(0, len(images), self.batch_size)):
             chunk = slice(start, start + self.batch_size)
