@@ -31,7 +31,7 @@ class KVCache:
     keys: Array
     values: Array
     pos: Array
-    rope_offset: Array | None = None
+    rope_offset: Array
 
     if TYPE_CHECKING:  # flax.struct.dataclass adds it at runtime (dataclasses.replace)
 

@@ -214,7 +214,7 @@ class Qwen25VLModule(FamilyModule):
             rope = per_frequency(mrope_coordinates(positions, image_span), self.config.mrope_section)
             if cache is not None:
                 cache = cache.replace(rope_offset=rope_offset(image_span))
-        elif cache is not None and cache.rope_offset is not None:
+        elif cache is not None:
             rope = positions + cache.rope_offset[:, None]
         else:
             rope = positions
