@@ -190,8 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--draft-len",
         type=parse_draft_len,
         default=5,
-        help="SSD: most tokens drafted per round, or 'auto': each batch's setting chosen "
-        "among --auto-choices from measured round costs and running acceptance",
+        help="SSD: most tokens drafted per round, or 'auto': the setting chosen among --auto-choices "
+        "from measured round costs and running acceptance (per batch with static batching, between "
+        "calls of the rounds with continuous batching)",
     )
     parser.add_argument(
         "--auto-choices",
@@ -264,8 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="continuous: --batch-size slots, each refilled with the next image as soon as its "
         "caption ends (results are written as they finish, not in input order); static: "
-        f"batches decoded in lockstep until their longest caption ends (default {DEFAULT_BATCHING}, "
-        "static with --draft-len auto, which chooses per batch)",
+        f"batches decoded in lockstep until their longest caption ends (default {DEFAULT_BATCHING}). "
+        "With --draft-len auto, static batching chooses per batch (AR among the choices), continuous "
+        "batching between rounds (among draft lengths >= 1 and trees)",
     )
     parser.add_argument(
         "--mesh",
@@ -343,12 +345,20 @@ def _check_args(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise UsageError(str(e)) from None
     _tree_options(args)
-    _auto_options(args)
-    auto = args.mode == "ssd" and args.draft_len == "auto"
-    if args.batching is None:  # auto draft lengths choose per batch: static batching
-        args.batching = "static" if auto else DEFAULT_BATCHING
-    elif args.batching == "continuous" and auto:
-        raise UsageError("--draft-len auto chooses a draft length per batch: use it with --batching static")
+    auto_config = _auto_options(args)
+    if args.batching is None:
+        args.batching = DEFAULT_BATCHING
+    if args.batching == "continuous" and args.mode == "ssd" and auto_config is not None:
+        if args.drafter == "eagle":
+            raise UsageError(
+                "--draft-len auto with --batching continuous: the eagle drafter's state depends on the draft "
+                "length; use a fixed --draft-len or --batching static"
+            )
+        if all(choice == 0 for choice in auto_config.choices):
+            raise UsageError(
+                "--draft-len auto with --batching continuous chooses among draft lengths >= 1 and trees "
+                "(AR rounds, choice 0, are static batching's only): add one to --auto-choices"
+            )
     if os.path.isdir(args.out):
         raise UsageError(
             f"--out {args.out} is a folder; pass a file name such as {args.out.rstrip('/')}/captions.jsonl"
@@ -874,7 +884,8 @@ def _caption_continuous(args, captioner, options, prompt, stream, base_rng, reco
             compile_seconds=compile_seconds,
             position_attempts=slot_stats.position_attempts,
             position_accepts=slot_stats.position_accepts,
-            verified=counts["rounds"] * (engine.spec.lookahead if options.mode == "ssd" else 1),
+            verified=slot_stats.verified,
+            draft_len_rounds=tuple(slot_stats.choice_rounds.items()),
             slot_rounds=slot_stats.rounds * slot_stats.slots,
             busy_rounds=slot_stats.busy,
             inserts=slot_stats.inserts,

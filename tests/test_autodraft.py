@@ -139,29 +139,22 @@ def test_run_cli_auto_draft_len_equals_ar_and_reports_choices(tmp_path):
     images = [str(write_image(tmp_path / "in" / f"{i}.png", seed=i)) for i in range(4)]
     common = ["--ckpt", ckpt, "--images", *images, "--batch-size", "2", "--max-new-tokens", "8", "--no-progress"]
     assert run.main([*common, "--out", str(tmp_path / "ar.jsonl"), "--mode", "ar"]) == run.EXIT_OK
-    assert (
-        run.main(
-            [
-                *common,
-                "--out",
-                str(tmp_path / "auto.jsonl"),
-                "--draft-len",
-                "auto",
-                "--auto-choices",
-                "0",
-                "2",
-                "--stats",
-                str(tmp_path / "stats.json"),
-            ]
-        )
-        == run.EXIT_OK
-    )
+    auto = ["--draft-len", "auto", "--auto-choices", "0", "2"]
+    static = ["--batching", "static", "--out", str(tmp_path / "auto.jsonl"), "--stats", str(tmp_path / "stats.json")]
+    assert run.main([*common, *auto, *static]) == run.EXIT_OK
+    # Continuous batching chooses between calls of the rounds, among the chains (0, AR, is
+    # static batching's only).
+    continuous = ["--batching", "continuous", "--out", str(tmp_path / "slots.jsonl")]
+    assert run.main([*common, *auto, *continuous, "--stats", str(tmp_path / "slots.json")]) == run.EXIT_OK
 
     def token_ids(name):
         lines = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
         return {line["image"]: line["token_ids"] for line in lines}
 
-    assert token_ids("auto.jsonl") == token_ids("ar.jsonl")
+    assert token_ids("auto.jsonl") == token_ids("ar.jsonl") == token_ids("slots.jsonl")
+    slots = json.loads((tmp_path / "slots.json").read_text())
+    assert slots["batching"] == "continuous" and list(slots["draft_len_rounds"]) == ["2"]
+    assert slots["draft_len_rounds"]["2"] > 0 and slots["auto_draft"]["choices"] == [2]
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["draft_len"] == "auto"
     assert len(stats["draft_len_per_batch"]) == 2 and set(stats["draft_len_per_batch"]) <= {0, 2}
@@ -243,6 +236,7 @@ def test_run_cli_auto_chooses_among_chains_and_trees(tmp_path):
     ckpt = str(make_tiny_checkpoint(tmp_path / "ckpt"))
     images = [str(write_image(tmp_path / "in" / f"{i}.png", seed=i)) for i in range(4)]
     common = ["--ckpt", ckpt, "--images", *images, "--batch-size", "2", "--max-new-tokens", "8", "--no-progress"]
+    common += ["--batching", "static"]  # a choice per batch
     assert run.main([*common, "--out", str(tmp_path / "ar.jsonl"), "--mode", "ar"]) == run.EXIT_OK
     # The choice itself, and a tree as the only choice (so a tree surely decodes the batches).
     for name, choices in (("mixed", ["0", "2", "tree:4x2"]), ("tree", ["tree:4x2"])):

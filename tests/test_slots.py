@@ -4,6 +4,8 @@ per-request deterministic."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,10 +124,13 @@ def test_sampled_requests_do_not_depend_on_batch_or_order():
 
 
 @pytest.mark.slow
-def test_speculative_sampling_is_exact_under_continuous_batching():
+@pytest.mark.parametrize("auto", [False, True])
+def test_speculative_sampling_is_exact_under_continuous_batching(auto):
     """Chi-square of the 3-token samples of requests decoded in slots, amid requests of other
     budgets that finish and free their slots at other rounds, against the enumerated
-    distribution (test_sampling's 6-token model)."""
+    distribution (test_sampling's 6-token model). With auto draft lengths, draft lengths 1
+    and 2 take turns, chosen from the acceptance of rounds already run."""
+    from decode.engine.autodraft import AutoDraft, AutoDraftConfig
     from tests.test_sampling import PROMPT, _chi_square, _exact_joint
     from tests.tiny import tiny_config
 
@@ -141,12 +146,70 @@ def test_speculative_sampling_is_exact_under_continuous_batching():
         Request(tuple(PROMPT), None, jax.random.fold_in(base, i), steps if i % 2 == 0 else 1 + i % 4 // 2, tag=i)
         for i in range(8000)
     ]
-    engine = SlotEngine(model, params, spec, 512, prompt_len=len(PROMPT), prompt_bucket=len(PROMPT), prefill_rows=128)
+    choices = {g: dataclasses.replace(spec, policy=DraftPolicy(draft_len=g)) for g in (1, 2)} if auto else None
+    engine = SlotEngine(
+        model,
+        params,
+        spec,
+        512,
+        prompt_len=len(PROMPT),
+        prompt_bucket=len(PROMPT),
+        prefill_rows=128,
+        auto=AutoDraft(AutoDraftConfig((1, 2))) if auto else None,
+        choices=choices,
+    )
     stats = SlotStats(512)
     finished = [f for f in engine.stream(requests, stats) if f.request.max_new_tokens == steps]
     assert len(finished) == 4000 and stats.inserts == 8000
+    if auto:
+        assert set(stats.choice_rounds) == {1, 2}
     assert 0 < sum(stats.position_accepts) < sum(stats.position_attempts)
     joint = _exact_joint((model, params, {}), steps, sampling)
     pvalue, impossible = _chi_square(np.asarray([f.token_ids for f in finished]), joint)
     print(f"continuous SSD, {steps} steps: p = {pvalue:.3g}")
     assert impossible == 0 and pvalue > 1e-3, pvalue
+
+
+@pytest.mark.slow
+def test_auto_draft_lengths_take_turns_on_the_slots():
+    """--draft-len auto under continuous batching: chains of two lengths and a tree take turns
+    on one slot state (sized for the deepest), every choice runs, and each request still gets
+    exactly the tokens it gets decoded alone."""
+    from decode.engine.autodraft import AutoDraft, AutoDraftConfig
+
+    model, params = _model()
+    requests = _requests(model.config, 9, seed=4)
+    eos = int(_alone(model, params, DecodeSpec("ar", capacity=CAPACITY, eos_ids=()), requests[0])[2])
+    ar = DecodeSpec("ar", capacity=CAPACITY, eos_ids=(eos,))
+    want = {r.tag: _alone(model, params, ar, r) for r in requests}
+    tree = TreeShape(nodes=4, width=2)
+    choices = {
+        1: DecodeSpec("ssd", capacity=CAPACITY, eos_ids=(eos,), policy=DraftPolicy(draft_len=1)),
+        4: DecodeSpec("ssd", capacity=CAPACITY, eos_ids=(eos,), policy=DraftPolicy(draft_len=4)),
+        tree: DecodeSpec("ssd", capacity=CAPACITY, eos_ids=(eos,), tree=tree),
+    }
+    auto = AutoDraft(AutoDraftConfig(choices=tuple(choices)))
+    stats = SlotStats(4)
+    engine = SlotEngine(model, params, ar, 4, prompt_len=PROMPT_LEN, prefill_rows=2, auto=auto, choices=choices)
+    assert engine.cache_slots == PROMPT_LEN + CAPACITY + max(s.lookahead for s in choices.values())
+    got = {f.request.tag: f.token_ids for f in engine.stream(requests, stats)}
+    assert got == want
+    assert set(stats.choice_rounds) == {1, 4, "tree:4x2"} and sum(stats.choice_rounds.values()) == stats.rounds
+    assert set(auto.round_seconds[("slots", 4, engine.cache_slots)]) == set(choices)
+    # The counters grew at every depth the deepest choice drafts.
+    assert len(stats.position_attempts) == 4 and min(stats.position_attempts) > 0
+
+
+def test_auto_draft_lengths_refuse_what_cannot_share_slots():
+    from decode.engine.autodraft import AutoDraft, AutoDraftConfig
+
+    model, params = _model()
+    eagle = {
+        g: DecodeSpec("ssd", capacity=CAPACITY, eos_ids=(), policy=DraftPolicy(draft_len=g), drafter=EagleDrafter())
+        for g in (2, 4)
+    }
+    with pytest.raises(ValueError, match="eagle drafter's state depends on the draft length"):
+        SlotEngine(model, params, eagle[2], 4, PROMPT_LEN, auto=AutoDraft(AutoDraftConfig((2, 4))), choices=eagle)
+    with_ar = {0: DecodeSpec("ar", capacity=CAPACITY, eos_ids=()), 2: DecodeSpec("ssd", capacity=CAPACITY, eos_ids=())}
+    with pytest.raises(ValueError, match="AR rounds would leave the drafter's cache behind"):
+        SlotEngine(model, params, with_ar[2], 4, PROMPT_LEN, auto=AutoDraft(AutoDraftConfig((0, 2))), choices=with_ar)

@@ -183,6 +183,12 @@ case "${1:-}" in
         --mesh data=1,tensor=4 --batch-size 32 64 --draft-len 5 --max-new-tokens 64 \
         --acceptance benchmarks/trees/demo_batch1_8_32_chain5_tree8x2_16x2_quiet.json --no-generate \
         --batching continuous --json $OUT/decode_slots_llava15_7b_v5e_2x2.json
+    # The prefill of 8 prompts (--prefill), what benchmarks/batching/tpu_predict.py scales to a
+    # prefill of P or B prompts when it predicts continuous against static batching.
+    run decode_prefill_llava15_7b_v5e_2x2 $PY -m decode.bench --ckpt shapes:llava15_7b --compile-only v5e:2x2 \
+        --mesh data=1,tensor=4 --batch-size 8 --draft-len 5 --max-new-tokens 64 \
+        --acceptance benchmarks/trees/demo_batch1_8_32_chain5_tree8x2_16x2_quiet.json --no-generate \
+        --prefill --json $OUT/decode_prefill_llava15_7b_v5e_2x2.json
     ;;
   *) echo "usage: $0 train|train-stages|refine-stages|decode|decode-batches|drafters|trees|gemma3-decode|gemma3-train|qwen25vl-decode|qwen25vl-plan|qwen25vl-train|continuous|bytes|int8" >&2; exit 2 ;;
 esac

@@ -221,12 +221,22 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["static", "continuous"],
         default=None,
         help="compare batchings instead of the sweep: --num-images prompts captioned at each --batch-size "
-        "with each batching, AR and SSD (draft length: the first --draft-len), interleaved (decode/bench/batching.py); "
+        "with each batching, AR and SSD (draft length: the first integer --draft-len; with auto among them, also SSD "
+        "with auto draft lengths under continuous batching), interleaved (decode/bench/batching.py); "
         "with --compile-only, 'continuous' also compiles continuous batching's prefill, insert and rounds "
         "programs over --batch-size slots",
     )
     parser.add_argument(
         "--num-images", type=int, default=256, help="--batching: the workload's size (synthetic test scenes by default)"
+    )
+    parser.add_argument(
+        "--length-range",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("SHORTEST", "LONGEST"),
+        help="--batching: a workload of longer, varied captions: each prompt's budget drawn uniformly from "
+        "[SHORTEST, LONGEST] (seeded by --seed) and EOS ignored, so each caption has its budget's tokens",
     )
     parser.add_argument("--json", required=True, help="output JSON file")
     compile_group = parser.add_argument_group(
@@ -315,6 +325,9 @@ def run_line(result: dict, policy_name: str) -> str:
 def _compare_batchings(args: argparse.Namespace, argv, bench) -> int:
     """--batching: static vs continuous on the same workload (decode/bench/batching.py)."""
     draft_len = next((d for d in args.draft_len if d != "auto"), 5)
+    auto_choices = tuple(args.auto_choices) if "auto" in args.draft_len else ()
+    if auto_choices and "continuous" not in args.batching:
+        raise SystemExit("decode.bench: --batching with --draft-len auto compares auto under continuous batching")
     info = machine_info()
     runs = bench_batching(
         bench,
@@ -322,6 +335,8 @@ def _compare_batchings(args: argparse.Namespace, argv, bench) -> int:
         batch_sizes=args.batch_size,
         batchings=tuple(args.batching),
         draft_len=draft_len,
+        auto_choices=auto_choices,
+        length_range=None if args.length_range is None else tuple(args.length_range),
         max_new_tokens=args.max_new_tokens,
         repeats=args.repeats,
         images=args.images,
@@ -337,6 +352,8 @@ def _compare_batchings(args: argparse.Namespace, argv, bench) -> int:
         "num_images": args.num_images,
         "max_new_tokens": args.max_new_tokens,
         "draft_len": draft_len,
+        "auto_choices": [str(choice_label(c)) for c in auto_choices],
+        "length_range": args.length_range,
         "repeats": args.repeats,
         "argv": sys.argv[1:] if argv is None else list(argv),
         "runs": runs,
@@ -354,6 +371,8 @@ def _compare_batchings(args: argparse.Namespace, argv, bench) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.length_range is not None and not args.batching:
+        parser.error("--length-range is a --batching workload: add --batching static continuous")
     if args.compile_only:
         args.argv = sys.argv[1:] if argv is None else list(argv)
         return compile_only.run(args)

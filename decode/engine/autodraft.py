@@ -133,6 +133,7 @@ class AutoDraft:
         self.tree_rounds = {tree: 0.0 for tree in config.trees}
         self.tree_accepts = {tree: np.zeros(tree.steps, np.float64) for tree in config.trees}
         self.round_seconds: dict[tuple, dict[Choice, float]] = {}
+        self._round_totals: dict[tuple, dict[Choice, tuple[float, int]]] = {}  # observe_rounds'
 
     def observe(self, choice: Choice, position_attempts, position_accepts) -> None:
         """Adds the counters of one batch decoded with `choice` (nothing for AR rounds)."""
@@ -186,6 +187,14 @@ class AutoDraft:
             costs[choice] = max(seconds - prefill_seconds, 1e-9) / loop_rounds
             self.observe(choice, out.position_attempts, out.position_accepts)
         self.round_seconds[shape] = costs
+
+    def observe_rounds(self, shape: tuple, choice: Choice, seconds: float, rounds: int) -> None:
+        """Adds `rounds` rounds of `choice` that took `seconds` on program shape `shape` (continuous
+        batching measures its choices on the slots as they decode): their mean is the cost."""
+        totals = self._round_totals.setdefault(shape, {})
+        total_seconds, total_rounds = totals.get(choice, (0.0, 0))
+        totals[choice] = (total_seconds + seconds, total_rounds + rounds)
+        self.round_seconds.setdefault(shape, {})[choice] = (total_seconds + seconds) / (total_rounds + rounds)
 
     def choose(self, shape: tuple) -> Choice:
         """The choice of highest expected tokens per second for a measured shape (the first

@@ -126,6 +126,8 @@ class BatchStats:
     verified: int = 0
     # With auto draft lengths: each batch's choice (a chain's length, or 'tree:NODESxWIDTH').
     draft_lens: tuple[int | str, ...] = ()
+    # Continuous batching with auto draft lengths: (choice, rounds run with it) pairs.
+    draft_len_rounds: tuple[tuple[int | str, int], ...] = ()
     # Slot-rounds the programs ran (batch rows x rounds), and those of a row still decoding a
     # real image (each emits at least one token): slot utilization = busy / slot_rounds.
     slot_rounds: int = 0
@@ -155,12 +157,20 @@ class BatchStats:
             position_accepts=add_lists(self.position_accepts, other.position_accepts),
             verified=self.verified + other.verified,
             draft_lens=self.draft_lens + other.draft_lens,
+            draft_len_rounds=_merge_counts(self.draft_len_rounds, other.draft_len_rounds),
             slot_rounds=self.slot_rounds + other.slot_rounds,
             busy_rounds=self.busy_rounds + other.busy_rounds,
             inserts=self.inserts + other.inserts,
             prefills=self.prefills + other.prefills,
             prefill_seconds=self.prefill_seconds + other.prefill_seconds,
         )
+
+
+def _merge_counts(a: tuple[tuple[Any, int], ...], b: tuple[tuple[Any, int], ...]) -> tuple[tuple[Any, int], ...]:
+    merged = dict(a)
+    for key, count in b:
+        merged[key] = merged.get(key, 0) + count
+    return tuple(merged.items())
 
 
 def _ratio(numerator: float, denominator: float) -> float | None:
@@ -191,6 +201,8 @@ def summarize(stats: BatchStats | Iterable[BatchStats]) -> dict[str, Any]:
     acceptance_per_position[j]: acceptance rate of the j-th drafted token of a round (trees:
       of a node at depth j + 1 on the accepted path, given the tree reached that depth).
     accepted_depth_histogram[a]: rounds that accepted exactly a drafted tokens.
+    draft_len_per_batch / draft_len_rounds: auto draft lengths' choice per static batch / the
+      rounds run with each choice under continuous batching.
     slot_utilization: slot-rounds that decoded a real image (and so emitted a token) over all
       slot-rounds run; inserts / prefills / prefill_share: continuous batching's refills, its
       prefill calls, and their share of `seconds`.
@@ -219,6 +231,7 @@ def summarize(stats: BatchStats | Iterable[BatchStats]) -> dict[str, Any]:
         "position_accepts": list(stats.position_accepts),
         "accepted_depth_histogram": accepted_depth_histogram(stats.rounds, stats.position_accepts),
         "draft_len_per_batch": list(stats.draft_lens),
+        "draft_len_rounds": {str(choice): rounds for choice, rounds in stats.draft_len_rounds},
         "slot_utilization": _ratio(stats.busy_rounds, stats.slot_rounds),
         "inserts": stats.inserts,
         "prefills": stats.prefills,
@@ -655,9 +668,19 @@ class Captioner:
 
     def slot_engine(self, options: GenerationOptions, prompt_len: int, prefill_rows: int | None = None) -> SlotEngine:
         """Continuous batching over batch_size slots (decode.engine.slots) for prompts of up to
-        prompt_len tokens; auto draft lengths are static batching's only."""
+        prompt_len tokens. Auto draft lengths choose among the chains (draft length >= 1) and
+        trees of `options.auto_draft` between calls of the rounds: AR rounds (choice 0) would
+        leave the drafter's cache behind, so they are not among them."""
+        auto, choices = None, None
         if options.mode == "ssd" and options.auto_draft is not None:
-            raise ValueError("auto draft lengths choose per batch: use static batching with them")
+            kept = tuple(c for c in options.auto_draft.choices if is_tree(c) or c > 0)
+            if not kept:
+                raise ValueError("--draft-len auto with continuous batching needs a choice other than 0 (AR)")
+            config = dataclasses.replace(options.auto_draft, choices=kept)
+            if self.auto_draft is None or self.auto_draft.config != config:
+                self.auto_draft = AutoDraft(config)
+            auto = self.auto_draft
+            choices = {choice: self._spec_with_draft_len(options, choice) for choice in kept}
         # Prefilled rows are split over the mesh's data x fsdp devices like the slots.
         multiple = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         prefill_rows = default_prefill_rows(self.batch_size, multiple, prefill_rows)
@@ -669,7 +692,7 @@ class Captioner:
         self._engine = SlotEngine(
             self.model,
             self.params,
-            self.spec(options),
+            self.spec(dataclasses.replace(options, auto_draft=None)),
             self.batch_size,
             prompt_len,
             pad_id=self.tokenizer.pad_id,
@@ -678,6 +701,8 @@ class Captioner:
             prefill_rows=prefill_rows,
             draft_params=self.draft_params,
             place=self._place,
+            auto=auto,
+            choices=choices,
         )
         return self._engine
 

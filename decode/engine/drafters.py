@@ -129,6 +129,11 @@ class Drafter(abc.ABC):
 
     name: str
 
+    def carry_follows_draft_len(self) -> bool:
+        """Whether the carry's shapes depend on the draft length: then several draft lengths
+        cannot take turns on one slot state (continuous batching with auto draft lengths)."""
+        return False
+
     @abc.abstractmethod
     def verify_from(self, model: VLM) -> int:
         """The layer verification starts at: from `DraftOut.kept` if > 0, else the tokens."""
@@ -284,6 +289,9 @@ class EagleDrafter(Drafter):
     first call feeds the head the states that verification produced."""
 
     name: str = "eagle"
+
+    def carry_follows_draft_len(self) -> bool:
+        return True  # the pending (feature, token) pairs of a round: [batch, draft_len + 1, ...]
 
     def verify_from(self, model: VLM) -> int:
         return 0

@@ -463,8 +463,12 @@ def _commit_round(
     # Count only the accepted drafts that were emitted (not those past an EOS or the budget);
     # the emitted tokens are the first `emitted` of [accepted drafts..., final].
     emitted_drafts = jnp.minimum(accepted, state.num_tokens - before)
-    level = jnp.arange(drafted_tokens.shape[1])[None]
     stats = state.stats
+    # The counters may be wider than this round's depth: a slot state shared by several draft
+    # settings (continuous batching with auto draft lengths) is sized for the deepest.
+    width = stats.position_attempts.shape[0]
+    attempts = jnp.pad(attempts, (0, width - attempts.shape[0]))
+    level = jnp.arange(width)[None]
     state = state.replace(
         stats=stats.replace(
             rounds=stats.rounds + live,

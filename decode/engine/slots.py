@@ -12,9 +12,14 @@ is compiled once per shape, in three programs (JetStream's prefill / insert / ge
            state (KV caches, positions, budgets, per-row RNG keys, counters, the drafter's
            carry) takes the new rows; a row aimed at slot B is dropped (padding);
   run      rounds of the spec's mode (AR, SSD chain, draft tree; any drafter) in one
-           `lax.while_loop`, until enough slots have finished for the waiting requests (or
-           none is left running, or a round budget is spent): the host is consulted once per
-           refill, not once per token.
+           `lax.while_loop`, until a few slots have finished and prefilled rows wait for
+           them (or none is left running, or a round budget is spent): the host is consulted
+           once per refill, not once per token.
+
+Prefills run ahead: the next P requests are prefilled while the slots still decode, and
+their rows wait on the device until slots free up, so a finished slot is refilled by one
+insert as soon as the rounds return, and every prefilled row is used (JetStream's engine
+likewise keeps prefill results queued for its generate slots).
 
 Rounds are the engine's own (decode.engine.loop), which already advance each row on its own.
 Every row samples from its own key (decode.engine.keys), derived from its request by the
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import flax.struct
@@ -38,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from decode.engine.autodraft import AutoDraft, Choice, choice_label
 from decode.engine.drafters import RoundContext
 from decode.engine.loop import DecodeSpec, Prompts, RoundStats, _LoopState, _prefill, _round_fn
 from fastvlm_jax.image.patches import PatchImages, batch_pixels
@@ -238,6 +244,9 @@ class SlotStats:
     round_seconds: float = 0.0
     position_attempts: tuple[int, ...] = ()
     position_accepts: tuple[int, ...] = ()
+    verified: int = 0  # positions the full model scored for occupied slots
+    # Auto draft lengths: rounds run with each choice (by its label).
+    choice_rounds: dict[int | str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def utilization(self) -> float | None:
@@ -275,6 +284,32 @@ def _run_program(layout) -> Callable:
     return jax.jit(_run, static_argnums=(0, 1), donate_argnums=(4,), out_shardings=layout)
 
 
+# Rounds a choice runs when it is measured (its first calls under auto draft lengths).
+AUTO_MEASURE_ROUNDS = 4
+
+
+def _check_choices(choices: Mapping[Choice, DecodeSpec]) -> None:
+    """Auto draft settings must be able to take turns on one slot state."""
+    if not choices:
+        raise ValueError("auto draft lengths need their choices' specs")
+    specs = list(choices.values())
+    first = specs[0]
+    for choice, spec in choices.items():
+        if spec.mode != "ssd":
+            raise ValueError(
+                f"auto draft choice {choice_label(choice)!r}: plain AR rounds would leave the drafter's cache "
+                "behind in continuous batching; choose among draft lengths >= 1 and trees"
+            )
+        same = (spec.capacity, spec.sampling, spec.eos_ids, spec.drafter)
+        if same != (first.capacity, first.sampling, first.eos_ids, first.drafter):
+            raise ValueError("auto draft choices must share capacity, sampling, EOS ids and drafter")
+    if first.drafter.carry_follows_draft_len():
+        raise ValueError(
+            f"--draft-len auto with continuous batching: the {first.drafter.name} drafter's state depends on "
+            "the draft length; use a fixed --draft-len or --batching static"
+        )
+
+
 def padded_width(longest: int, bucket: int, widths: Sequence[int] = ()) -> int:
     """The width a batch of prompts whose longest has `longest` tokens is padded to: the smallest
     of `widths` that holds it (images that become as many tokens as their size gives: a width per
@@ -286,11 +321,19 @@ def padded_width(longest: int, bucket: int, widths: Sequence[int] = ()) -> int:
 
 
 def default_prefill_rows(batch: int, data_parallel: int = 1, rows: int | None = None) -> int:
-    """Requests prefilled together: `rows`, else a quarter of the `batch` slots, rounded up to a
-    multiple of the mesh's data-parallel shards (prefilled rows are split over them like the
-    slots), at most `batch`."""
-    rows = max(1, batch // 4) if rows is None else rows
+    """Requests prefilled together: `rows`, else a quarter of the `batch` slots but at least 4,
+    rounded up to a multiple of the mesh's data-parallel shards (prefilled rows are split over
+    them like the slots), at most `batch`. (Prefilled rows wait to be inserted, so P costs no
+    slot time; smaller prefills cost more per row: on the demo at 8 slots, P = 2 took 9.5-10.5 s
+    for 256 captions, P = 4 8.9-9.4 s.)"""
+    rows = max(4, batch // 4) if rows is None else rows
     return min(batch, -(-rows // data_parallel) * data_parallel)
+
+
+def default_refill_at(batch: int) -> int:
+    """Finished slots the rounds wait for before returning to the host (when prefilled rows
+    wait): a sixteenth of the slots, at least 1."""
+    return max(1, batch // 16)
 
 
 class SlotEngine:
@@ -300,9 +343,20 @@ class SlotEngine:
       prompt_len + capacity + lookahead positions); prompt_bucket: prompts are right-padded to
       a multiple of it for prefill (a program per bucket); prompt_widths: the widths to pad to
       instead, where they hold the prompts (`padded_width`).
-    prefill_rows: requests prefilled together (P); the loop returns to the host once
-      min(P, waiting) slots have finished. Default: a quarter of the slots.
+    prefill_rows: requests prefilled together (P). Default: `default_prefill_rows`.
+    refill_at: the rounds return to the host once this many slots have finished (fewer if
+      fewer prefilled rows wait): each return costs a host round trip and an insert, each
+      finished slot idles until it. Default: `default_refill_at`.
     place: host arrays -> device arrays (e.g. rows split over a mesh); default jnp.asarray.
+    auto: `--draft-len auto` (decode.engine.autodraft.AutoDraft) choosing, before every call of
+      the rounds, among `choices` (choice -> its SSD spec: chains and trees of one drafter).
+      They take turns on one slot state, sized for the deepest (its cache holds the largest
+      lookahead, its counters the deepest draft). Every choice's program is compiled with the
+      first slot state; its seconds per round are measured on the slots themselves: every
+      choice runs a few rounds first, then the choice of highest expected tokens per second is
+      taken, with the acceptance observed so far. A choice depends only on rounds already
+      run, so sampling stays exact; but which setting decoded a request then depends on what
+      else was in flight, so sampled tokens (not their distribution) depend on the batch.
     """
 
     def __init__(
@@ -320,22 +374,47 @@ class SlotEngine:
         draft_params=None,
         place: Callable[[Any], Any] | None = None,
         max_rounds: int = 1 << 20,
+        refill_at: int | None = None,
+        auto: AutoDraft | None = None,
+        choices: Mapping[Choice, DecodeSpec] | None = None,
     ):
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
+        self.auto = auto
+        self.choices = dict(choices or {})
+        if auto is not None:
+            _check_choices(self.choices)
+            # Prefill with the deepest setting: its counters are the widest.
+            spec = max(self.choices.values(), key=lambda choice_spec: choice_spec.draft_depth)
         self.model, self.params, self.spec, self.batch = model, params, spec, int(batch)
         self.prompt_bucket = int(prompt_bucket)
         self.prompt_widths = tuple(prompt_widths)
         self.prompt_len = padded_width(int(prompt_len), self.prompt_bucket, self.prompt_widths)
-        self.cache_slots = spec.cache_slots(self.prompt_len)
+        self.cache_slots = max(s.cache_slots(self.prompt_len) for s in [spec, *self.choices.values()])
         self.prefill_rows = max(1, default_prefill_rows(self.batch, rows=prefill_rows or None))
         self.pad_id = int(pad_id)
         self.draft_params = draft_params
         self.place = place or (lambda tree: jax.tree.map(jnp.asarray, tree))
         self.max_rounds = int(max_rounds)
+        self.refill_at = default_refill_at(self.batch) if refill_at is None else max(1, int(refill_at))
         # The programs this engine has run, one per input shapes and slot layout: what it
         # compiled, unless an engine of the same model and spec compiled it first.
         self.programs: set[tuple] = set()
+
+    def _next_choice(self) -> tuple[Choice | None, DecodeSpec, int]:
+        """The setting of the next call of the rounds, its spec and its round budget."""
+        if self.auto is None:
+            return None, self.spec, self.max_rounds
+        measured = self.auto.round_seconds.get(self._auto_shape, {})
+        for choice in self.choices:
+            if choice not in measured:  # measured over a few rounds before it is chosen
+                return choice, self.choices[choice], min(self.max_rounds, AUTO_MEASURE_ROUNDS)
+        choice = self.auto.choose(self._auto_shape)
+        return choice, self.choices[choice], self.max_rounds
+
+    @property
+    def _auto_shape(self) -> tuple:
+        return ("slots", self.batch, self.cache_slots)
 
     # -- host side -------------------------------------------------------------------------------
 
@@ -366,11 +445,26 @@ class SlotEngine:
             self.model, self.spec, self.params, self.draft_params, prompts, (keys, budgets), self.cache_slots
         )
 
+    def _observe(self, choice: Choice, seconds: float, rounds: int, counters_before, slots: SlotState, stats) -> None:
+        """Books a call of the rounds with an auto choice: its acceptance counters and its
+        seconds per round."""
+        assert self.auto is not None
+        before = counters_before
+        after = jax.device_get((slots.loop.stats.position_attempts, slots.loop.stats.position_accepts))
+        self.auto.observe(choice, after[0] - before[0], after[1] - before[1])
+        self.auto.observe_rounds(self._auto_shape, choice, seconds, rounds)
+        label = choice_label(choice)
+        stats.choice_rounds[label] = stats.choice_rounds.get(label, 0) + rounds
+
     def stream(self, requests: Iterable[Request], stats: SlotStats | None = None) -> Iterator[Finished]:
         """Decodes every request; yields each as it finishes (not in input order).
 
         Requests are pulled from `requests` only as slots free up, so it may be a lazy
         iterator (images loaded in the background). `stats` (if given) is updated in place.
+
+        Prefills run P requests at a time, and their rows wait on the device (`ready`) until
+        slots free up: a slot is refilled as soon as the rounds return, one row at a time if
+        need be, and no prefilled row is thrown away (only the last prefill may be short).
         """
         import time
 
@@ -389,60 +483,91 @@ class SlotEngine:
                     )
                 waiting.append(request)
 
-        refill_queue(self.batch)
+        rows = self.prefill_rows
+        refill_queue(rows)
         if not waiting:
             return
         slots = None  # made from the first prefill's rows (its structure, at the engine's shapes)
+        insert_program = run_program = layout = None
+        ready: _LoopState | None = None  # the last prefill's P rows, on the device
+        ready_rows: list[tuple[int, Request]] = []  # (row of `ready`, request) not yet inserted
         occupant: dict[int, Request] = {}  # slot -> request
         next_index = 0
         free = list(range(self.batch))
-        while waiting or occupant:
-            # Fill free slots, prefill_rows requests per prefill call.
+
+        def prefill_next() -> None:
+            nonlocal ready, ready_rows
+            take = waiting[:rows]
+            del waiting[: len(take)]
+            ready = self._prefill(take, rows)
+            ready_rows = list(enumerate(take))
+            stats.prefills += 1
+            refill_queue(rows)
+
+        while waiting or ready_rows or occupant:
             begin = time.perf_counter()
-            while waiting and free:
-                take = waiting[: min(self.prefill_rows, len(free))]
-                del waiting[: len(take)]
-                targets = free[: len(take)]
-                del free[: len(take)]
-                new = self._prefill(take, self.prefill_rows)
+            while free and (ready_rows or waiting):
+                if not ready_rows:
+                    prefill_next()
+                assert ready is not None
                 if slots is None:
-                    slots = _empty_jit(new, self.batch)
+                    slots = _empty_jit(ready, self.batch)
                     layout = jax.tree.map(lambda leaf: leaf.sharding, slots)
                     insert_program, run_program = _insert_program(layout), _run_program(layout)
-                    self.programs |= {("empty", layout), ("insert", layout), ("rounds", layout)}
-                pad = self.prefill_rows - len(take)
-                target_array = np.asarray(targets + [self.batch] * pad, np.int32)
-                indices = np.asarray(list(range(next_index, next_index + len(take))) + [-1] * pad, np.int32)
-                budgets = np.asarray([r.max_new_tokens for r in take] + [0] * pad, np.int32)
-                slots = insert_program(slots, new, *self.place((target_array, indices, budgets)))
-                for slot, request in zip(targets, take):
+                    self.programs |= {("empty", layout), ("insert", layout)}
+                    # Auto draft lengths: every choice's rounds compiled now (no round run), so
+                    # that the measured seconds per round are never a compilation's.
+                    for choice, spec in self.choices.items():
+                        slots = run_program(
+                            self.model, spec, self.params, self.draft_params, slots, jnp.int32(0), jnp.int32(0)
+                        )
+                        self.programs.add(("rounds", layout, choice_label(choice)))
+                use, ready_rows = ready_rows[: len(free)], ready_rows[len(free) :]
+                # Row r of `ready` goes to targets[r]; the rows not inserted now aim past the
+                # last slot (dropped) and stay in `ready` for the next refill.
+                targets = np.full((rows,), self.batch, np.int32)
+                indices = np.full((rows,), -1, np.int32)
+                budgets = np.zeros((rows,), np.int32)
+                for (row, request), slot in zip(use, free):
+                    targets[row], indices[row], budgets[row] = slot, next_index, request.max_new_tokens
                     occupant[slot] = request
-                next_index += len(take)
-                stats.prefills += 1
-                stats.inserts += len(take)
-                refill_queue(len(free) + self.prefill_rows)
-            assert slots is not None  # the first pass of this loop inserted the first requests
+                    next_index += 1
+                del free[: len(use)]
+                assert insert_program is not None
+                slots = insert_program(slots, ready, *self.place((targets, indices, budgets)))
+                stats.inserts += len(use)
+            # The next P requests are prefilled now, while nothing waits on them: when slots
+            # free up, the rounds can return at once and the refill is one insert.
+            if not ready_rows and waiting:
+                prefill_next()
+            assert slots is not None and run_program is not None  # the first pass inserted the first requests
             jax.block_until_ready(slots)
             stats.prefill_seconds += time.perf_counter() - begin
-            # Run rounds until enough slots finish for what is waiting.
+            # Run rounds until enough slots finish for the prefilled rows (all of them: none).
+            choice, spec, max_rounds = self._next_choice()
+            self.programs.add(("rounds", layout, None if choice is None else choice_label(choice)))
             begin = time.perf_counter()
-            wanted = min(self.prefill_rows, len(waiting)) if waiting else 0
+            wanted = min(self.refill_at, len(ready_rows)) if ready_rows else 0
             rounds_before, busy_before = int(slots.rounds), int(slots.busy)
+            counters_before = None  # auto: read before the call, which donates the slot state
+            if choice is not None:
+                counters_before = jax.device_get(
+                    (slots.loop.stats.position_attempts, slots.loop.stats.position_accepts)
+                )
             slots = run_program(
-                self.model,
-                self.spec,
-                self.params,
-                self.draft_params,
-                slots,
-                jnp.int32(self.max_rounds),
-                jnp.int32(wanted),
+                self.model, spec, self.params, self.draft_params, slots, jnp.int32(max_rounds), jnp.int32(wanted)
             )
             done, request_ids, num_tokens, rounds, busy = jax.device_get(
                 (slots.loop.done, slots.request, slots.loop.num_tokens, slots.rounds, slots.busy)
             )
-            stats.round_seconds += time.perf_counter() - begin
-            stats.rounds += int(rounds) - rounds_before
-            stats.busy += int(busy) - busy_before
+            seconds = time.perf_counter() - begin
+            stats.round_seconds += seconds
+            ran, busy_ran = int(rounds) - rounds_before, int(busy) - busy_before
+            stats.rounds += ran
+            stats.busy += busy_ran
+            stats.verified += busy_ran * (spec.lookahead if spec.mode == "ssd" else 1)
+            if choice is not None and ran:
+                self._observe(choice, seconds, ran, counters_before, slots, stats)
             finished_slots = [s for s in range(self.batch) if done[s] and request_ids[s] >= 0]
             if not finished_slots:
                 continue
@@ -466,7 +591,6 @@ class SlotEngine:
             # programs (a differently placed input would compile them again).
             slots = slots.replace(request=jax.device_put(keep.astype(np.int32), slots.request.sharding))
             free.extend(finished_slots)
-            refill_queue(len(free))
         assert slots is not None
         attempts, accepts = jax.device_get((slots.loop.stats.position_attempts, slots.loop.stats.position_accepts))
         stats.position_attempts = tuple(int(x) for x in attempts)
