@@ -116,15 +116,17 @@ def apply_rope(x: Array, positions: Array, theta: float | None = None, inv_freq:
 
 
 def projections_apart(*projected: Array) -> tuple[Array, ...]:
-    """The attention's q/k/v projections, kept out of the fusions of what follows them (RoPE,
-    the cache write): returns its arguments unchanged, behind `jax.lax.optimization_barrier`.
+    """The attention's q/k/v projections, kept apart from what follows them (RoPE, the cache
+    write): returns its arguments unchanged, behind `jax.lax.optimization_barrier`.
 
-    Why: when the TPU compiler for v5p fuses a projection with RoPE, it asks for the layer's
-    kernel slice in the transposed layout ({1,2,0} of the stacked [layers, embed, heads x
-    head_dim]) and makes that copy through HBM before every matmul, so the q/k/v weights are
-    read about three times per decoding step (issue 28; the v5e compiler keeps the copy on
-    chip). Apart, the projections read the kernels as stored; what goes through HBM instead
-    is their outputs, [batch, seq, heads x head_dim] each, a few hundred KB at decode sizes.
+    Why: otherwise the TPU compiler for v5p, laying out each projection together with its
+    consumers, asks for the layer's kernel slice in the transposed layout ({1,2,0} of the
+    stacked [layers, embed, heads x head_dim]) and makes that copy through HBM before every
+    matmul once more than one row is projected, so the q/k/v weights are read about three
+    times per decoding step (issue 28; the v5e compiler keeps its copy on chip). Behind the
+    barrier the projections read the kernels as stored; what goes through HBM instead is
+    their outputs, [batch, seq, heads x head_dim] each, a few hundred KB at decode sizes.
+    benchmarks/tpu_compile/qkv_probe.py compares this with other forms (BENCHMARKS.md).
     """
     return jax.lax.optimization_barrier(projected)
 
