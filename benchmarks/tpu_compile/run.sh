@@ -73,13 +73,21 @@ case "${1:-}" in
   bytes)
     # Issue 28: where each piece's compiled bytes go (--explain), LLaVA-1.5-7B at batch 1, 8, 32
     # on v5e and v5p (the decode-batches pieces, with the named scopes and the HBM estimate).
+    # Writes decode_bytes_qkv_*: the programs with the q/k/v projections kept apart from RoPE
+    # (fastvlm_jax.nn.layers.projections_apart). decode_bytes_llava15_7b_* are the same command's
+    # reports from before that change (commit 72358c9), kept for the comparison.
     ACC=benchmarks/trees/demo_batch1_8_32_chain5_tree8x2_16x2_quiet.json
     for spec in "v5e:2x2 v5e_2x2" "v5p:2x2x1 v5p_2x2x1"; do
       set -- $spec
-      run decode_bytes_llava15_7b_$2 $PY -m decode.bench --ckpt shapes:llava15_7b --compile-only $1 \
+      run decode_bytes_qkv_llava15_7b_$2 $PY -m decode.bench --ckpt shapes:llava15_7b --compile-only $1 \
           --mesh data=1,tensor=4 --batch-size 1 8 32 --draft-len 5 --max-new-tokens 64 --acceptance $ACC \
-          --no-generate --explain 12 --json $OUT/decode_bytes_llava15_7b_$2.json
+          --no-generate --explain 12 --json $OUT/decode_bytes_qkv_llava15_7b_$2.json
     done
+    # Gemma 3 4B at batch 8 on v5p (its q kernels were copied the same way; *_b8 without _qkv:
+    # the same command before the change).
+    run decode_bytes_qkv_gemma3_4b_v5p_2x2x1_b8 $PY -m decode.bench --ckpt shapes:gemma3_4b --compile-only v5p:2x2x1 \
+        --mesh data=1,tensor=4 --batch-size 8 --draft-len 5 --max-new-tokens 64 --acceptance $ACC \
+        --no-generate --explain 12 --json $OUT/decode_bytes_qkv_gemma3_4b_v5p_2x2x1_b8.json
     ;;
   int8)
     # Int8 weight-only decoding (fastvlm_jax.nn.quant) against bfloat16: LLaVA-1.5-7B and 13B

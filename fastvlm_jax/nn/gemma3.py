@@ -44,6 +44,7 @@ from fastvlm_jax.nn.layers import (
     causal_attention,
     dense,
     layer_stack_param,
+    projections_apart,
     rope_frequencies,
     run_layer_stack,
 )
@@ -224,9 +225,11 @@ class Gemma3Attention(nn.Module):
         def project(features, axes, name):
             return dense(features, axes, use_bias=cfg.attention_bias, dtype=self.dtype, name=name)(x)
 
-        q = project(cfg.num_heads * head_dim, ("embed", "heads"), "q_proj").reshape(batch, seq, cfg.num_heads, head_dim)
+        q = project(cfg.num_heads * head_dim, ("embed", "heads"), "q_proj")
         k = project(cfg.num_kv_heads * head_dim, ("embed", "kv_heads"), "k_proj")
         v = project(cfg.num_kv_heads * head_dim, ("embed", "kv_heads"), "v_proj")
+        q, k, v = projections_apart(q, k, v)
+        q = q.reshape(batch, seq, cfg.num_heads, head_dim)
         k = k.reshape(batch, seq, cfg.num_kv_heads, head_dim)
         v = v.reshape(batch, seq, cfg.num_kv_heads, head_dim)
         q = GemmaRMSNorm(cfg.rms_norm_eps, name="q_norm")(q)

@@ -115,6 +115,22 @@ def apply_rope(x: Array, positions: Array, theta: float | None = None, inv_freq:
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
+def projections_apart(*projected: Array) -> tuple[Array, ...]:
+    """The attention's q/k/v projections, kept apart from what follows them (RoPE, the cache
+    write): returns its arguments unchanged, behind `jax.lax.optimization_barrier`.
+
+    Why: otherwise the TPU compiler for v5p, laying out each projection together with its
+    consumers, asks for the layer's kernel slice in the transposed layout ({1,2,0} of the
+    stacked [layers, embed, heads x head_dim]) and makes that copy through HBM before every
+    matmul once more than one row is projected, so the q/k/v weights are read about three
+    times per decoding step (issue 28; the v5e compiler keeps its copy on chip). Behind the
+    barrier the projections read the kernels as stored; what goes through HBM instead is
+    their outputs, [batch, seq, heads x head_dim] each, a few hundred KB at decode sizes.
+    benchmarks/tpu_compile/qkv_probe.py compares this with other forms (BENCHMARKS.md).
+    """
+    return jax.lax.optimization_barrier(projected)
+
+
 def split_heads(x: Array, num_heads: int) -> Array:
     """[batch, seq, dim] -> [batch, seq, heads, dim // heads]."""
     return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
@@ -277,6 +293,7 @@ class TextAttention(nn.Module):
         v = dense(
             cfg.num_kv_heads * head_dim, ("embed", "kv_heads"), use_bias=qkv_bias, dtype=self.dtype, name="v_proj"
         )(x)
+        q, k, v = projections_apart(q, k, v)
         rotate_by = positions if rope_positions is None else rope_positions
         q = apply_rope(q.reshape(batch, seq, cfg.num_heads, head_dim), rotate_by, cfg.rope_theta)
         k = apply_rope(k.reshape(batch, seq, cfg.num_kv_heads, head_dim), rotate_by, cfg.rope_theta)
