@@ -124,7 +124,7 @@ def simulate_continuous(rounds: list[int], batch: int, prefill_rows: int, refill
     }
 
 
-def predict(measured: dict, pieces: dict, prefill: dict, batch: int, draft_len: int) -> dict:
+def predict(measured: dict, pieces: dict, prefill: dict, batch: int, draft_len: int, copies: int = 1) -> dict:
     run = measured["runs"][0]
     kv_per_slot = _run_at(pieces, batch)["kv_cache_bytes_per_device"] / batch
     bandwidth = pieces["hbm_bandwidth_per_chip"]
@@ -132,7 +132,7 @@ def predict(measured: dict, pieces: dict, prefill: dict, batch: int, draft_len: 
     refill_at = default_refill_at(batch)
     out: dict = {"slots": batch, "prefill_rows": prefill_rows, "refill_at": refill_at, "modes": {}}
     for mode in ("ar", "ssd"):
-        rounds = run["continuous"][mode]["request_rounds"]
+        rounds = run["continuous"][mode]["request_rounds"] * copies
         static = simulate_static(rounds, batch)
         continuous = simulate_continuous(rounds, batch, prefill_rows, refill_at)
         entry: dict = {
@@ -147,7 +147,8 @@ def predict(measured: dict, pieces: dict, prefill: dict, batch: int, draft_len: 
         for basis, key in BASES.items():
             per_round = round_seconds(pieces, batch, mode, draft_len, key)
             insert = 2 * continuous["inserted"] * kv_per_slot / bandwidth
-            static_s = static["rounds"] * per_round + static["prefills"] * prefill_seconds(prefill, batch, key)
+            static_prefill = static["prefills"] * prefill_seconds(prefill, batch, key)
+            static_s = static["rounds"] * per_round + static_prefill
             continuous_s = (
                 continuous["rounds"] * per_round
                 + continuous["prefills"] * prefill_seconds(prefill, prefill_rows, key)
@@ -158,6 +159,8 @@ def predict(measured: dict, pieces: dict, prefill: dict, batch: int, draft_len: 
                 "static_images_per_s": len(rounds) / static_s,
                 "continuous_images_per_s": len(rounds) / continuous_s,
                 "continuous_over_static": static_s / continuous_s,
+                "static_prefill_share": static_prefill / static_s,
+                "prefill_ms_per_prompt": 1000 * prefill_seconds(prefill, 1, key),
                 "continuous_insert_share": insert / continuous_s,
             }
         out["modes"][mode] = entry
@@ -176,6 +179,12 @@ def main(argv=None) -> int:
     parser.add_argument("--pieces", required=True, help="compile-only JSON with the round's pieces at each --slots")
     parser.add_argument("--prefill", required=True, help="compile-only JSON with a 'prefill' piece (--prefill)")
     parser.add_argument("--slots", type=int, nargs="+", default=[32, 64])
+    parser.add_argument(
+        "--copies",
+        type=int,
+        default=1,
+        help="the workload repeated this many times (a longer run: the last slots' drain weighs less)",
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     measured = json.loads(Path(args.measured).read_text())
@@ -190,10 +199,11 @@ def main(argv=None) -> int:
         "model": pieces["model"],
         "topology": pieces["topology"],
         "draft_len": draft_len,
+        "copies": args.copies,
         "mean_request_rounds": {
             mode: statistics.mean(measured["runs"][0]["continuous"][mode]["request_rounds"]) for mode in ("ar", "ssd")
         },
-        "predictions": [predict(measured, pieces, prefill, batch, draft_len) for batch in args.slots],
+        "predictions": [predict(measured, pieces, prefill, batch, draft_len, args.copies) for batch in args.slots],
     }
     Path(args.out).write_text(json.dumps(report, indent=2))
     for point in report["predictions"]:
