@@ -473,10 +473,11 @@ def test_decode_compile_only_pieces_cache_sharding_and_speedup(tmp_path):
     verify_scopes = [row["scope"] for row in verify["explain"]["top"]]
     assert any("/self_attn/attend/" in s for s in verify_scopes) and any("/mlp/" in s for s in verify_scopes)
     assert "explain" not in run["pieces"]["generate_ssd"]  # whole programs: memory only
-    # Continuous batching's programs over the 4 slots (one prompt per prefill): the insert
-    # and the rounds update the donated slot state in place, the rounds run a while loop.
+    # Continuous batching's programs over the 4 slots (4 prompts per prefill, the default's
+    # least): the insert and the rounds update the donated slot state in place, the rounds run
+    # a while loop.
     slots = run["slots"]
-    assert slots["prefill_rows"] == 1 and set(slots["pieces"]) == {"slot_prefill", "slot_insert", "slot_rounds"}
+    assert slots["prefill_rows"] == 4 and set(slots["pieces"]) == {"slot_prefill", "slot_insert", "slot_rounds"}
     for name in ("slot_insert", "slot_rounds"):
         memory = slots["pieces"][name]["memory_per_device"]
         assert memory["aliased"] >= run["kv_cache_bytes_per_device"]  # the cache is written in place
