@@ -51,14 +51,6 @@ def pytest_configure(config):
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def pytest_collection_modifyitems(config, items):
-    """Modules with slow tests first, each module's tests in their order: xdist hands tests out
-    in this order, so the long ones start early and the suite ends on short ones (a module kept
-    together builds its module fixtures once per worker)."""
-    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.module.__name__ not in slow_modules)
-
-
 def pytest_unconfigure(config):
     if getattr(config, "_fastvlm_cache_owner", False):
         shutil.rmtree(os.environ.pop(_CACHE_VARIABLE), ignore_errors=True)

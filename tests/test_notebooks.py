@@ -81,7 +81,7 @@ def overrides(name: str, ckpt: str, tmp: Path) -> dict:
         return dict(
             BASE_CKPT=ckpt,
             WORK_DIR=str(tmp / "work"),
-            NUM_TRAIN_IMAGES=256,
+            NUM_TRAIN_IMAGES=160,  # one pass of 20 steps of 8
             STEPS=20,
             BATCH_SIZE=8,
             EVAL_IMAGES=4,

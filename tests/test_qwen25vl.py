@@ -171,12 +171,6 @@ def test_greedy_captions_match_transformers_for_ar_and_every_drafter(folder):
     cases = [
         ("ar", DecodeSpec("ar", capacity=STEPS, eos_ids=()), model, None),
         ("ssd exit 2, draft 3", DecodeSpec("ssd", capacity=STEPS, eos_ids=(), policy=chain), model, None),
-        (
-            "ssd exit 1, draft 5",
-            DecodeSpec("ssd", capacity=STEPS, eos_ids=(), policy=DraftPolicy(draft_len=5)),
-            VLM(config.with_draft(exit_layer=1)),
-            None,
-        ),
         ("tree", DecodeSpec("ssd", capacity=STEPS, eos_ids=(), tree=TreeShape(nodes=6, width=2)), model, None),
         ("eagle", DecodeSpec("ssd", capacity=STEPS, eos_ids=(), policy=chain, drafter=EagleDrafter()), model, None),
         (
