@@ -339,6 +339,7 @@ def default_refill_at(batch: int) -> int:
 class SlotEngine:
     """Continuous batching of one model and spec over `batch` slots.
 
+    spec: what every round runs (with `auto`: unused, the deepest choice's spec prefills).
     prompt_len: the longest prompt bucket any request will need (every slot's KV cache holds
       prompt_len + capacity + lookahead positions); prompt_bucket: prompts are right-padded to
       a multiple of it for prefill (a program per bucket); prompt_widths: the widths to pad to
