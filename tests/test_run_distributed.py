@@ -134,8 +134,15 @@ def test_mesh_usage_errors(setup, tmp_path, capsys):
         assert expected in err[-1], (mesh, err)
 
 
-def _launch(root, ckpt, images, out, count: int, devices: int = 1, extra=()) -> list[subprocess.Popen]:
-    """`count` decode.run processes joined by --coordinator, each on `devices` CPU devices."""
+def _launch(
+    root, ckpt, images, out, count: int, devices: int = 1, extra=(), peer_timeout: float = 60.0
+) -> list[subprocess.Popen]:
+    """`count` decode.run processes joined by --coordinator, each on `devices` CPU devices.
+
+    peer_timeout: how long process 0 waits on a silent heartbeat before it leaves (and the
+    coordinator with it, which aborts the rest). Short only where a process is killed: on a
+    loaded machine (the suite's other workers) a live process's heartbeat thread can miss a
+    few seconds, and a 5 s timeout then took it for dead."""
     port = _free_port()
     return [
         subprocess.Popen(
@@ -152,7 +159,7 @@ def _launch(root, ckpt, images, out, count: int, devices: int = 1, extra=()) -> 
                 *COMMON,
                 *extra,
                 "--peer-timeout",
-                "5",
+                str(peer_timeout),
                 "--coordinator",
                 f"localhost:{port}",
                 "--num-processes",
@@ -213,7 +220,7 @@ def test_a_killed_process_is_rerun_and_out_holds_every_image_once(setup, many, t
     extra = ["--batch-size", "2"] + (["--mesh", "data=2"] if devices == 2 else [])
     part = tmp_path / f"captions.part-{victim}-of-2.jsonl"
     kill_at = random.Random().choice([2, 4, 6])  # lines of its 8 (each batch of 2 is written whole)
-    procs = _launch(root, ckpt, folder, out, 2, devices, extra)
+    procs = _launch(root, ckpt, folder, out, 2, devices, extra, peer_timeout=5.0)
     deadline = time.monotonic() + 240
     while _lines(part) < kill_at and procs[victim].poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
