@@ -43,7 +43,7 @@ from decode.engine.captioner import (
     summarize,
 )
 from decode.engine.sampling import SamplingConfig
-from decode.engine.slots import Request, SlotStats
+from decode.engine.slots import Request, SlotStats, slot_choices
 from decode.engine.tree import TreeShape, check_width
 from decode.inputs import expand_inputs
 from fastvlm_jax import demo
@@ -354,11 +354,10 @@ def _check_args(args: argparse.Namespace) -> None:
                 "--draft-len auto with --batching continuous: the eagle drafter's state depends on the draft "
                 "length; use a fixed --draft-len or --batching static"
             )
-        if all(choice == 0 for choice in auto_config.choices):
-            raise UsageError(
-                "--draft-len auto with --batching continuous chooses among draft lengths >= 1 and trees "
-                "(AR rounds, choice 0, are static batching's only): add one to --auto-choices"
-            )
+        try:
+            slot_choices(auto_config.choices)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     if os.path.isdir(args.out):
         raise UsageError(
             f"--out {args.out} is a folder; pass a file name such as {args.out.rstrip('/')}/captions.jsonl"

@@ -25,7 +25,7 @@ from decode.bench.models import BenchModel, eos_ids, make_prompts
 from decode.engine import DecodeSpec, DraftPolicy, Prompts, generate
 from decode.engine.autodraft import AutoDraft, AutoDraftConfig, Choice, is_tree
 from decode.engine.captioner import capacity_bucket
-from decode.engine.slots import Request, SlotEngine, SlotStats
+from decode.engine.slots import Request, SlotEngine, SlotStats, slot_choices
 from decode.engine.tree import TreeShape
 from fastvlm_jax.nn.model import VLM
 
@@ -129,11 +129,8 @@ def bench_batching(
             policy=DraftPolicy() if is_tree(choice) else DraftPolicy(draft_len=choice),
             tree=choice if is_tree(choice) else TreeShape(),
         )
-        for choice in auto_choices
-        if is_tree(choice) or choice > 0
+        for choice in (slot_choices(auto_choices) if auto_choices else ())
     }
-    if auto_choices and not choice_specs:
-        raise ValueError("--draft-len auto with continuous batching needs a choice other than 0 (AR)")
     results = []
     for batch in batch_sizes:
         # Prompts of the same width as the static batches' (the workload's longest), not the

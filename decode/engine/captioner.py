@@ -38,7 +38,7 @@ from decode.engine.autodraft import AutoDraft, AutoDraftConfig, Choice, choice_l
 from decode.engine.drafters import EagleDrafter, ImitationDrafter, ModelDrafter
 from decode.engine.loop import Mode
 from decode.engine.sampling import SamplingConfig
-from decode.engine.slots import Finished, Request, SlotEngine, default_prefill_rows
+from decode.engine.slots import Finished, Request, SlotEngine, default_prefill_rows, slot_choices
 from decode.engine.tree import TreeShape
 from fastvlm_jax import demo
 from fastvlm_jax.ckpt.checkpoint import Checkpoint, CheckpointError, load_checkpoint
@@ -655,7 +655,7 @@ class Captioner:
             # Dummy rows are done from the start, so these engine-wide sums count real rows only.
             position_attempts=tuple(int(x) for x in out.position_attempts),
             position_accepts=tuple(int(x) for x in out.position_accepts),
-            verified=sum(r.rounds for r in results) * (spec.lookahead if spec.mode == "ssd" else 1),
+            verified=sum(r.rounds for r in results) * spec.lookahead,
             draft_lens=() if chosen is None else (choice_label(chosen),),
             # The loop runs until its slowest row is done: every row pays for those rounds.
             slot_rounds=self.batch_size * int(np.max(out.rounds)),
@@ -673,9 +673,7 @@ class Captioner:
         leave the drafter's cache behind, so they are not among them."""
         auto, choices = None, None
         if options.mode == "ssd" and options.auto_draft is not None:
-            kept = tuple(c for c in options.auto_draft.choices if is_tree(c) or c > 0)
-            if not kept:
-                raise ValueError("--draft-len auto with continuous batching needs a choice other than 0 (AR)")
+            kept = slot_choices(options.auto_draft.choices)
             config = dataclasses.replace(options.auto_draft, choices=kept)
             if self.auto_draft is None or self.auto_draft.config != config:
                 self.auto_draft = AutoDraft(config)
@@ -692,7 +690,7 @@ class Captioner:
         self._engine = SlotEngine(
             self.model,
             self.params,
-            self.spec(dataclasses.replace(options, auto_draft=None)),
+            self.spec(options),
             self.batch_size,
             prompt_len,
             pad_id=self.tokenizer.pad_id,

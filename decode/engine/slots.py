@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decode.engine.autodraft import AutoDraft, Choice, choice_label
+from decode.engine.autodraft import AutoDraft, Choice, choice_label, is_tree
 from decode.engine.drafters import RoundContext
 from decode.engine.loop import DecodeSpec, Prompts, RoundStats, _LoopState, _prefill, _round_fn
 from fastvlm_jax.image.patches import PatchImages, batch_pixels
@@ -288,6 +288,18 @@ def _run_program(layout) -> Callable:
 AUTO_MEASURE_ROUNDS = 4
 
 
+def slot_choices(choices: Iterable[Choice]) -> tuple[Choice, ...]:
+    """The auto draft choices that can take turns on the slots: chains of draft length >= 1 and
+    trees (AR rounds, choice 0, would leave the drafter's cache behind); raises if none is."""
+    kept = tuple(choice for choice in choices if is_tree(choice) or choice > 0)
+    if not kept:
+        raise ValueError(
+            "--draft-len auto with continuous batching chooses among draft lengths >= 1 and trees "
+            "(AR rounds, choice 0, are static batching's only): add one to --auto-choices"
+        )
+    return kept
+
+
 def _check_choices(choices: Mapping[Choice, DecodeSpec]) -> None:
     """Auto draft settings must be able to take turns on one slot state."""
     if not choices:
@@ -446,13 +458,11 @@ class SlotEngine:
             self.model, self.spec, self.params, self.draft_params, prompts, (keys, budgets), self.cache_slots
         )
 
-    def _observe(self, choice: Choice, seconds: float, rounds: int, counters_before, slots: SlotState, stats) -> None:
-        """Books a call of the rounds with an auto choice: its acceptance counters and its
-        seconds per round."""
+    def _observe(self, choice: Choice, seconds: float, rounds: int, attempts, accepts, stats: SlotStats) -> None:
+        """Books a call of the rounds with an auto choice: the per-position counters it added
+        (attempts, accepts) and its seconds per round."""
         assert self.auto is not None
-        before = counters_before
-        after = jax.device_get((slots.loop.stats.position_attempts, slots.loop.stats.position_accepts))
-        self.auto.observe(choice, after[0] - before[0], after[1] - before[1])
+        self.auto.observe(choice, attempts, accepts)
         self.auto.observe_rounds(self._auto_shape, choice, seconds, rounds)
         label = choice_label(choice)
         stats.choice_rounds[label] = stats.choice_rounds.get(label, 0) + rounds
@@ -489,7 +499,9 @@ class SlotEngine:
         if not waiting:
             return
         slots = None  # made from the first prefill's rows (its structure, at the engine's shapes)
-        insert_program = run_program = layout = None
+        insert_program = run_program = None
+        # The engine-wide per-position counters as last read (insert keeps the slots' own).
+        attempts = accepts = np.zeros((), np.int32)
         ready: _LoopState | None = None  # the last prefill's P rows, on the device
         ready_rows: list[tuple[int, Request]] = []  # (row of `ready`, request) not yet inserted
         occupant: dict[int, Request] = {}  # slot -> request
@@ -516,6 +528,8 @@ class SlotEngine:
                     layout = jax.tree.map(lambda leaf: leaf.sharding, slots)
                     insert_program, run_program = _insert_program(layout), _run_program(layout)
                     self.programs |= {("empty", layout), ("insert", layout)}
+                    if not self.choices:
+                        self.programs.add(("rounds", layout, None))
                     # Auto draft lengths: every choice's rounds compiled now (no round run), so
                     # that the measured seconds per round are never a compilation's.
                     for choice, spec in self.choices.items():
@@ -546,29 +560,32 @@ class SlotEngine:
             stats.prefill_seconds += time.perf_counter() - begin
             # Run rounds until enough slots finish for the prefilled rows (all of them: none).
             choice, spec, max_rounds = self._next_choice()
-            self.programs.add(("rounds", layout, None if choice is None else choice_label(choice)))
             begin = time.perf_counter()
             wanted = min(self.refill_at, len(ready_rows)) if ready_rows else 0
             rounds_before, busy_before = int(slots.rounds), int(slots.busy)
-            counters_before = None  # auto: read before the call, which donates the slot state
-            if choice is not None:
-                counters_before = jax.device_get(
-                    (slots.loop.stats.position_attempts, slots.loop.stats.position_accepts)
-                )
+            attempts_before, accepts_before = attempts, accepts
             slots = run_program(
                 self.model, spec, self.params, self.draft_params, slots, jnp.int32(max_rounds), jnp.int32(wanted)
             )
-            done, request_ids, num_tokens, rounds, busy = jax.device_get(
-                (slots.loop.done, slots.request, slots.loop.num_tokens, slots.rounds, slots.busy)
+            done, request_ids, num_tokens, rounds, busy, attempts, accepts = jax.device_get(
+                (
+                    slots.loop.done,
+                    slots.request,
+                    slots.loop.num_tokens,
+                    slots.rounds,
+                    slots.busy,
+                    slots.loop.stats.position_attempts,
+                    slots.loop.stats.position_accepts,
+                )
             )
             seconds = time.perf_counter() - begin
             stats.round_seconds += seconds
             ran, busy_ran = int(rounds) - rounds_before, int(busy) - busy_before
             stats.rounds += ran
             stats.busy += busy_ran
-            stats.verified += busy_ran * (spec.lookahead if spec.mode == "ssd" else 1)
+            stats.verified += busy_ran * spec.lookahead
             if choice is not None and ran:
-                self._observe(choice, seconds, ran, counters_before, slots, stats)
+                self._observe(choice, seconds, ran, attempts - attempts_before, accepts - accepts_before, stats)
             finished_slots = [s for s in range(self.batch) if done[s] and request_ids[s] >= 0]
             if not finished_slots:
                 continue
@@ -592,7 +609,5 @@ class SlotEngine:
             # programs (a differently placed input would compile them again).
             slots = slots.replace(request=jax.device_put(keep.astype(np.int32), slots.request.sharding))
             free.extend(finished_slots)
-        assert slots is not None
-        attempts, accepts = jax.device_get((slots.loop.stats.position_attempts, slots.loop.stats.position_accepts))
         stats.position_attempts = tuple(int(x) for x in attempts)
         stats.position_accepts = tuple(int(x) for x in accepts)
